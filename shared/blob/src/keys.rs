@@ -1,0 +1,75 @@
+//! Object keys. User ids and file ids are validated before they reach a key; display names
+//! never do.
+
+use object_store::path::Path;
+
+/// Longest user id we accept.
+pub const MAX_USER_ID_LEN: usize = 128;
+
+/// Checks a user id against the strict charset allowed in keys: `[A-Za-z0-9_.@-]`, 1..=128
+/// characters, not starting with a dot.
+pub fn validate_user_id(user_id: &str) -> Result<(), &'static str> {
+    if user_id.is_empty() {
+        return Err("must not be empty");
+    }
+    if user_id.len() > MAX_USER_ID_LEN {
+        return Err("must be at most 128 characters");
+    }
+    if user_id.starts_with('.') {
+        return Err("must not start with a dot");
+    }
+    if !user_id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
+    {
+        return Err("may contain only letters, digits and _ - . @");
+    }
+    Ok(())
+}
+
+/// Key of an original: `users/{user}/{kind}/{yyyy}/{mm}/{file_id}.{ext}`.
+///
+/// `user` must have passed [`validate_user_id`]; `kind` and `ext` come from the sniffer.
+pub fn original(user: &str, kind: &str, year: i32, month: u32, file_id: &str, ext: &str) -> Path {
+    Path::from(format!("users/{user}/{kind}/{year:04}/{month:02}/{file_id}.{ext}"))
+}
+
+/// Key of a variant: `users/{user}/variants/{yyyy}/{mm}/{file_id}_{variant}.{ext}`.
+pub fn variant(user: &str, year: i32, month: u32, file_id: &str, variant: &str, ext: &str) -> Path {
+    Path::from(format!(
+        "users/{user}/variants/{year:04}/{month:02}/{file_id}_{variant}.{ext}"
+    ))
+}
+
+/// Prefix of an upload's staging parts: `staging/{upload_id}/`.
+pub fn staging_prefix(upload_id: &str) -> Path {
+    Path::from(format!("staging/{upload_id}"))
+}
+
+/// Key of one staging part: `staging/{upload_id}/{part:08}`.
+pub fn staging_part(upload_id: &str, part: u32) -> Path {
+    Path::from(format!("staging/{upload_id}/{part:08}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_strict() {
+        assert!(validate_user_id("alice").is_ok());
+        assert!(validate_user_id("a.b-c_d@e").is_ok());
+        assert!(validate_user_id("").is_err());
+        assert!(validate_user_id("../etc").is_err());
+        assert!(validate_user_id("a/b").is_err());
+        assert!(validate_user_id(".hidden").is_err());
+        assert!(validate_user_id(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn original_key_has_the_documented_shape() {
+        let key = original("alice", "image", 2026, 3, "f1", "png");
+        assert_eq!(key.as_ref(), "users/alice/image/2026/03/f1.png");
+        assert_eq!(staging_part("u1", 7).as_ref(), "staging/u1/00000007");
+    }
+}

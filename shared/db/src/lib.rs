@@ -1,0 +1,95 @@
+//! PostgreSQL pools and per-schema migrations shared by every Stowage service.
+//!
+//! Each service owns one schema and embeds its numbered SQL migrations with
+//! `refinery::embed_migrations!`; [`migrate`] applies them under an advisory lock so that
+//! any number of replicas can start at once.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+pub use deadpool_postgres::{Object as Connection, Pool as PgPool, Transaction};
+pub use refinery::Runner as MigrationRunner;
+use tokio_postgres::NoTls;
+
+/// Errors of pool creation and migrations.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database URL could not be parsed.
+    #[error("invalid database url: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    /// The pool could not be built.
+    #[error("cannot build the connection pool: {0}")]
+    Build(#[from] deadpool_postgres::BuildError),
+    /// No connection could be taken from the pool.
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A statement failed.
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// A migration failed.
+    #[error("migration of schema {schema} failed: {source}")]
+    Migration {
+        /// Schema being migrated.
+        schema: String,
+        /// What refinery reported.
+        #[source]
+        source: refinery::Error,
+    },
+}
+
+/// Builds a pool for `url` with at most `max_size` connections.
+///
+/// Connections are checked before reuse, so a restarted server costs one failed check, not a
+/// failed request.
+pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
+    let pg_config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    let manager = Manager::from_config(
+        pg_config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()?)
+}
+
+/// Applies `runner`'s migrations to `schema`, creating the schema first.
+///
+/// The history table lives inside the schema (`{schema}.schema_history`), so services never
+/// share one. A transaction-level advisory lock serialises concurrent starters.
+pub async fn migrate(pool: &Pool, schema: &str, runner: MigrationRunner) -> Result<(), DbError> {
+    let mut conn = pool.get().await?;
+    // One lock for all schemas: migrations are rare and short, and `CREATE SCHEMA IF NOT
+    // EXISTS` itself races between sessions.
+    conn.execute("SELECT pg_advisory_lock(7469347)", &[]).await?;
+    let result = async {
+        conn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .await?;
+        let client: &mut tokio_postgres::Client = &mut conn;
+        runner
+            .set_migration_table_name(format!("{schema}.schema_history"))
+            .run_async(client)
+            .await
+            .map_err(|source| DbError::Migration {
+                schema: schema.to_owned(),
+                source,
+            })?;
+        Ok::<_, DbError>(())
+    }
+    .await;
+    conn.execute("SELECT pg_advisory_unlock(7469347)", &[]).await?;
+    result
+}
+
+/// Checks that the database answers, for readiness probes.
+pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+    let conn = pool.get().await?;
+    conn.simple_query("SELECT 1").await?;
+    Ok(())
+}

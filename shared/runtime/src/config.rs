@@ -1,0 +1,328 @@
+//! Configuration from the environment and an optional TOML file, one typed struct per
+//! service, validated at start.
+//!
+//! Sources, later ones winning: built-in defaults, the TOML file named by `STOWAGE_CONFIG`
+//! (or `--config`), `DATABASE_URL` / `REDIS_URL`, then `STOWAGE_*` variables. Nested keys use a
+//! double underscore: `STOWAGE_QUOTA__DEFAULT_LIMIT=20GiB` sets `quota.default_limit`.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use bytesize::ByteSize;
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A configuration error, naming the variable (or TOML key) at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// The whole configuration of a Stowage process.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `STOWAGE_ADDR`: address gRPC, grpc-web and HTTP listen on.
+    pub addr: SocketAddr,
+    /// `DATABASE_URL`: PostgreSQL; `stowage dev` starts a throwaway server when unset.
+    pub database_url: Option<String>,
+    /// `REDIS_URL`: Redis; `stowage dev` starts a throwaway server when unset.
+    pub redis_url: Option<String>,
+    /// `STOWAGE_BLOB_URL`: object store (`file://`, `memory://`, `s3://`).
+    pub blob_url: String,
+    /// `STOWAGE_PUBLIC_URL`: base of signed download URLs (default `http://{addr}`).
+    pub public_url: Option<String>,
+    /// `STOWAGE_URL_SIGNING_KEY`: HMAC key of signed URLs (default: derived from the HS256
+    /// secret; required with JWKS auth).
+    pub url_signing_key: Option<String>,
+    /// `STOWAGE_SERVICE_TOKEN`: bearer token services present to each other over gRPC when
+    /// tokens cannot be minted locally (JWKS mode).
+    pub service_token: Option<String>,
+    /// `STOWAGE_CORS_ORIGINS`: comma-separated origins allowed to call over grpc-web; `*` for
+    /// any.
+    #[serde(deserialize_with = "comma_list")]
+    pub cors_origins: Vec<String>,
+    /// `STOWAGE_MAX_MESSAGE_SIZE`: largest gRPC message accepted (default 8 MiB).
+    pub max_message_size: ByteSize,
+    /// `STOWAGE_DB_POOL_SIZE`: PostgreSQL connections per process.
+    pub db_pool_size: usize,
+    /// `STOWAGE_LOG_FORMAT`: `text` or `json`.
+    pub log_format: LogFormat,
+    /// `STOWAGE_SHUTDOWN_GRACE`: how long in-flight calls may finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// `STOWAGE_AUTH__*`.
+    pub auth: AuthConfig,
+    /// `STOWAGE_PEERS__*`: where the other services are in `serve <one>` mode.
+    pub peers: PeersConfig,
+    /// `STOWAGE_FILES__*`.
+    pub files: FilesConfig,
+    /// `STOWAGE_QUOTA__*`.
+    pub quota: QuotaConfig,
+    /// `STOWAGE_INGEST__*`.
+    pub ingest: IngestConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 7070)),
+            database_url: None,
+            redis_url: None,
+            blob_url: "file:///var/lib/stowage".into(),
+            public_url: None,
+            url_signing_key: None,
+            service_token: None,
+            cors_origins: Vec::new(),
+            max_message_size: ByteSize::mib(8),
+            db_pool_size: 16,
+            log_format: LogFormat::Text,
+            shutdown_grace: Duration::from_secs(30),
+            auth: AuthConfig::default(),
+            peers: PeersConfig::default(),
+            files: FilesConfig::default(),
+            quota: QuotaConfig::default(),
+            ingest: IngestConfig::default(),
+        }
+    }
+}
+
+/// Token verification.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `STOWAGE_AUTH__HS256_SECRET`: shared secret (dev and single-tenant installs).
+    pub hs256_secret: Option<String>,
+    /// `STOWAGE_AUTH__JWKS_URL`: JWKS of an OIDC provider (RS256 / ES256).
+    pub jwks_url: Option<String>,
+    /// `STOWAGE_AUTH__ISSUER`: required `iss`, when set.
+    pub issuer: Option<String>,
+    /// `STOWAGE_AUTH__AUDIENCE`: required `aud`, when set.
+    pub audience: Option<String>,
+}
+
+/// Addresses of the other services, used by `serve <one>`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeersConfig {
+    /// `STOWAGE_PEERS__QUOTA`, e.g. `http://quota:7070`.
+    pub quota: Option<String>,
+    /// `STOWAGE_PEERS__FILES`.
+    pub files: Option<String>,
+    /// `STOWAGE_PEERS__INGEST`.
+    pub ingest: Option<String>,
+    /// `STOWAGE_PEERS__MEDIA`.
+    pub media: Option<String>,
+    /// `STOWAGE_PEERS__LIFECYCLE`.
+    pub lifecycle: Option<String>,
+    /// `STOWAGE_PEERS__TIMEOUT`: deadline of each call to another service.
+    #[serde(with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+}
+
+/// Files service settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// `STOWAGE_FILES__MAX_URL_TTL`: longest lifetime of a signed URL.
+    #[serde(with = "humantime_serde")]
+    pub max_url_ttl: Duration,
+    /// `STOWAGE_FILES__DOWNLOAD_CHUNK`: bytes per Download message.
+    pub download_chunk: ByteSize,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            max_url_ttl: Duration::from_secs(7 * 24 * 3600),
+            download_chunk: ByteSize::kib(256),
+        }
+    }
+}
+
+/// Quota service settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// `STOWAGE_QUOTA__DEFAULT_LIMIT`: limit of a new account (default 10 GiB).
+    pub default_limit: ByteSize,
+    /// `STOWAGE_QUOTA__RESERVATION_TTL`: default lifetime of a reservation.
+    #[serde(with = "humantime_serde")]
+    pub reservation_ttl: Duration,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            default_limit: ByteSize::gib(10),
+            reservation_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Ingest service settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// `STOWAGE_INGEST__MAX_FILE_SIZE`: largest file accepted.
+    pub max_file_size: ByteSize,
+    /// `STOWAGE_INGEST__PART_SIZE`: multipart part size towards the store.
+    pub part_size: ByteSize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_file_size: ByteSize::gib(50),
+            part_size: ByteSize::mib(8),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `toml_file` when given, then the environment, and validates.
+    pub fn load(toml_file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(toml_file, |figment| figment)
+    }
+
+    /// Like [`Config::load`], with a last layer of overrides (command-line flags).
+    pub fn load_with(
+        toml_file: Option<&Path>,
+        overrides: impl FnOnce(Figment) -> Figment,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let file = toml_file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("STOWAGE_CONFIG").map(Into::into));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(format!(
+                    "STOWAGE_CONFIG: file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment
+            .merge(Env::raw().only(&["DATABASE_URL", "REDIS_URL"]))
+            .merge(
+                Env::prefixed("STOWAGE_")
+                    .ignore(&["CONFIG", "TOKEN"])
+                    .split("__"),
+            );
+        let config: Config = overrides(figment).extract().map_err(describe)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense, naming the variable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |var: &str, why: &str| Err(ConfigError(format!("{var}: {why}")));
+        if self.auth.hs256_secret.is_none() && self.auth.jwks_url.is_none() {
+            return fail(
+                "STOWAGE_AUTH__HS256_SECRET",
+                "set it or STOWAGE_AUTH__JWKS_URL; calls cannot be authenticated otherwise",
+            );
+        }
+        if let Some(secret) = &self.auth.hs256_secret {
+            if secret.len() < 16 {
+                return fail("STOWAGE_AUTH__HS256_SECRET", "must be at least 16 bytes");
+            }
+        }
+        if self.auth.jwks_url.is_some() && self.url_signing_key.is_none() {
+            return fail(
+                "STOWAGE_URL_SIGNING_KEY",
+                "required when tokens are verified with STOWAGE_AUTH__JWKS_URL",
+            );
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return fail("STOWAGE_PUBLIC_URL", "must start with http:// or https://");
+            }
+        }
+        if self.max_message_size.as_u64() < 1024 * 1024 {
+            return fail("STOWAGE_MAX_MESSAGE_SIZE", "must be at least 1 MiB");
+        }
+        if self.db_pool_size == 0 {
+            return fail("STOWAGE_DB_POOL_SIZE", "must be at least 1");
+        }
+        if self.quota.default_limit.as_u64() == 0 {
+            return fail("STOWAGE_QUOTA__DEFAULT_LIMIT", "must be above zero");
+        }
+        if self.ingest.part_size.as_u64() < 5 * 1024 * 1024 {
+            return fail(
+                "STOWAGE_INGEST__PART_SIZE",
+                "must be at least 5 MiB (the S3 minimum part size)",
+            );
+        }
+        if self.files.download_chunk.as_u64() == 0
+            || self.files.download_chunk.as_u64() > self.max_message_size.as_u64() / 2
+        {
+            return fail(
+                "STOWAGE_FILES__DOWNLOAD_CHUNK",
+                "must be above zero and at most half of STOWAGE_MAX_MESSAGE_SIZE",
+            );
+        }
+        Ok(())
+    }
+
+    /// Base URL of signed links.
+    pub fn public_base_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// Deadline of calls between services (default 30 s).
+    pub fn peer_timeout(&self) -> Duration {
+        self.peers.timeout.unwrap_or(Duration::from_secs(30))
+    }
+}
+
+/// Turns figment's errors into one message per variable.
+fn describe(error: figment::Error) -> ConfigError {
+    let lines: Vec<String> = error
+        .into_iter()
+        .map(|e| {
+            let name = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.interpolate(&e.profile.clone().unwrap_or_default(), &e.path).into())
+                .unwrap_or_else(|| e.path.join("."));
+            format!("{name}: {}", e.kind)
+        })
+        .collect();
+    ConfigError(lines.join("; "))
+}
+
+/// Accepts `"a,b"` (environment) or `["a", "b"]` (TOML).
+fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Raw::deserialize(deserializer)? {
+        Raw::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Raw::Many(v) => v,
+    })
+}

@@ -1,0 +1,168 @@
+//! Calls between services. Each dependency is a small trait with two implementations: an
+//! in-process one that calls the other service's handler directly (`serve all`, `dev`,
+//! tests) and a gRPC one that calls it over the network (`serve <one>`, Kubernetes). Both
+//! carry a deadline and the internal service identity.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use stowage_proto::v1::{
+    CommitRequest, CommitResponse, DebitRequest, DebitResponse, GetFileRequest, GetFileResponse,
+    GetUsageRequest, GetUsageResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest,
+    ReleaseResponse, ReserveRequest, ReserveResponse, files_client::FilesClient,
+    files_server::Files as FilesRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
+};
+use tonic::{
+    Request, Response, Status,
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+};
+
+use crate::auth::{Identity, Minter, SERVICE_SUBJECT};
+
+/// How a process proves it is a Stowage service when it calls another one over gRPC.
+#[derive(Clone)]
+pub enum ServiceAuth {
+    /// Mint short-lived HS256 service tokens with the shared secret.
+    Mint(Minter),
+    /// Present a fixed token (`STOWAGE_SERVICE_TOKEN`, JWKS deployments).
+    Static(String),
+}
+
+impl ServiceAuth {
+    fn token(&self) -> String {
+        match self {
+            Self::Mint(minter) => minter.mint(SERVICE_SUBJECT, &["service"], Duration::from_secs(300)),
+            Self::Static(token) => token.clone(),
+        }
+    }
+
+    fn request<T>(&self, message: T, timeout: Duration) -> Result<Request<T>, Status> {
+        let mut request = Request::new(message);
+        let value = MetadataValue::try_from(format!("Bearer {}", self.token()))
+            .map_err(|_| Status::internal("service token is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+        request.set_timeout(timeout);
+        Ok(request)
+    }
+}
+
+/// A lazily connected channel to `url` (`http://host:port`).
+pub fn channel(url: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+fn local_request<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.extensions_mut().insert(Identity::internal_service());
+    request
+}
+
+async fn with_deadline<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map(Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded("call to another service timed out")),
+    }
+}
+
+macro_rules! peer {
+    (
+        $(#[$doc:meta])* trait $api:ident;
+        local $local:ident: $server:ident;
+        remote $remote:ident: $client:ident;
+        { $( $(#[$mdoc:meta])* fn $method:ident($req:ty) -> $resp:ty; )* }
+    ) => {
+        $(#[$doc])*
+        #[async_trait]
+        pub trait $api: Send + Sync + 'static {
+            $( $(#[$mdoc])* async fn $method(&self, request: $req) -> Result<$resp, Status>; )*
+        }
+
+        /// In-process implementation: calls the service's handler directly.
+        pub struct $local<S> {
+            service: Arc<S>,
+            timeout: Duration,
+        }
+
+        impl<S> $local<S> {
+            /// Calls `service` with the internal identity and `timeout` per call.
+            pub fn new(service: Arc<S>, timeout: Duration) -> Self {
+                Self { service, timeout }
+            }
+        }
+
+        #[async_trait]
+        impl<S: $server> $api for $local<S> {
+            $(
+                async fn $method(&self, request: $req) -> Result<$resp, Status> {
+                    with_deadline(self.timeout, self.service.$method(local_request(request))).await
+                }
+            )*
+        }
+
+        /// gRPC implementation: calls the service over the network.
+        #[derive(Clone)]
+        pub struct $remote {
+            client: $client<Channel>,
+            auth: ServiceAuth,
+            timeout: Duration,
+        }
+
+        impl $remote {
+            /// Calls the service behind `channel`, authenticating with `auth`.
+            pub fn new(channel: Channel, auth: ServiceAuth, timeout: Duration) -> Self {
+                Self { client: $client::new(channel), auth, timeout }
+            }
+        }
+
+        #[async_trait]
+        impl $api for $remote {
+            $(
+                async fn $method(&self, request: $req) -> Result<$resp, Status> {
+                    let request = self.auth.request(request, self.timeout)?;
+                    with_deadline(self.timeout, self.client.clone().$method(request)).await
+                }
+            )*
+        }
+    };
+}
+
+peer! {
+    /// What other services need from Quota.
+    trait QuotaApi;
+    local LocalQuota: QuotaRpc;
+    remote GrpcQuota: QuotaClient;
+    {
+        /// Holds bytes for an upload.
+        fn reserve(ReserveRequest) -> ReserveResponse;
+        /// Turns a reservation into usage.
+        fn commit(CommitRequest) -> CommitResponse;
+        /// Gives a reservation back.
+        fn release(ReleaseRequest) -> ReleaseResponse;
+        /// Lowers usage after bytes are removed for good.
+        fn debit(DebitRequest) -> DebitResponse;
+        /// Reads an account.
+        fn get_usage(GetUsageRequest) -> GetUsageResponse;
+    }
+}
+
+peer! {
+    /// What other services need from Files.
+    trait FilesApi;
+    local LocalFiles: FilesRpc;
+    remote GrpcFiles: FilesClient;
+    {
+        /// Records a stored blob as a file.
+        fn register_file(RegisterFileRequest) -> RegisterFileResponse;
+        /// Reads a file's metadata.
+        fn get_file(GetFileRequest) -> GetFileResponse;
+    }
+}

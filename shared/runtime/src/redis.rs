@@ -1,0 +1,27 @@
+//! Redis connection (fred). Redis only ever holds what can be rebuilt.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+
+/// Connects to `url` and waits until the connection is up (at most 10 s).
+pub async fn connect(url: &str) -> Result<Client, Error> {
+    let config = Config::from_url(url)?;
+    let client = Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+            c.internal_command_timeout = Duration::from_secs(5);
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build()?;
+    client.init().await?;
+    Ok(client)
+}
+
+/// Checks that Redis answers, for readiness probes.
+pub async fn ping(client: &Client) -> Result<(), Error> {
+    let _: String = tokio::time::timeout(Duration::from_secs(2), client.ping(None))
+        .await
+        .map_err(|_| Error::new(ErrorKind::Timeout, "ping timed out"))??;
+    Ok(())
+}

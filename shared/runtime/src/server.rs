@@ -1,0 +1,270 @@
+//! One listener for everything a process serves: the Stowage gRPC services (behind auth),
+//! grpc.health.v1, reflection, grpc-web with CORS, and plain HTTP routes (signed downloads).
+
+use std::{convert::Infallible, time::Duration};
+
+use http::{HeaderName, HeaderValue, Method};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::{Routes, RoutesBuilder, interceptor::InterceptedService},
+    transport::Server,
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::Service;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{auth::Verifier, tasks::Background};
+
+/// Errors of serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Reflection could not be built from the descriptor sets.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A CORS origin is not a valid header value.
+    #[error("STOWAGE_CORS_ORIGINS: invalid origin {0:?}")]
+    Cors(String),
+}
+
+/// What a readiness probe depends on.
+#[derive(Clone)]
+pub enum Dependency {
+    /// A PostgreSQL pool.
+    Postgres(deadpool_postgres::Pool),
+    /// A Redis client.
+    Redis(fred::clients::Client),
+}
+
+impl Dependency {
+    async fn check(&self) -> Result<(), String> {
+        match self {
+            Self::Postgres(pool) => stowage_db_ping(pool).await,
+            Self::Redis(client) => crate::redis::ping(client).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Redis(_) => "redis",
+        }
+    }
+}
+
+async fn stowage_db_ping(pool: &deadpool_postgres::Pool) -> Result<(), String> {
+    let conn = pool.get().await.map_err(|e| e.to_string())?;
+    conn.simple_query("SELECT 1")
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Collects services and routes, then serves them on one listener.
+pub struct GrpcServer {
+    routes: RoutesBuilder,
+    http: axum::Router,
+    names: Vec<&'static str>,
+    health: HealthReporter,
+    verifier: Verifier,
+    cors_origins: Vec<String>,
+    grace: Duration,
+}
+
+impl GrpcServer {
+    /// A server that authenticates Stowage calls with `verifier`.
+    pub fn new(verifier: Verifier, cors_origins: Vec<String>, grace: Duration) -> Self {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(health_service);
+        Self {
+            routes,
+            http: axum::Router::new(),
+            names: Vec::new(),
+            health,
+            verifier,
+            cors_origins,
+            grace,
+        }
+    }
+
+    /// The health reporter, to mark services serving or not.
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// Adds a Stowage service behind the auth interceptor.
+    pub fn add_service<S>(&mut self, service: S) -> &mut Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes
+            .add_service(InterceptedService::new(service, self.verifier.interceptor()));
+        self
+    }
+
+    /// Adds plain HTTP routes (they do their own authentication).
+    pub fn merge_http(&mut self, router: axum::Router) -> &mut Self {
+        self.http = std::mem::take(&mut self.http).merge(router);
+        self
+    }
+
+    /// Names of the Stowage services added so far.
+    pub fn service_names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// Keeps each service's health status in step with its dependencies: NOT_SERVING while any
+    /// of them does not answer, SERVING once all do.
+    pub fn watch_readiness(&self, background: &Background, dependencies: Vec<Dependency>) {
+        let health = self.health.clone();
+        let names = self.names.clone();
+        let shutdown = background.shutdown().clone();
+        background.spawn("readiness", async move {
+            let mut last: Option<bool> = None;
+            loop {
+                let mut ready = true;
+                for dependency in &dependencies {
+                    if let Err(error) = dependency.check().await {
+                        if last != Some(false) {
+                            tracing::warn!(dependency = dependency.name(), %error, "dependency down, not ready");
+                        }
+                        ready = false;
+                    }
+                }
+                if shutdown.is_cancelled() {
+                    ready = false;
+                }
+                if last != Some(ready) {
+                    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    for name in &names {
+                        health.set_service_status(name, status).await;
+                    }
+                    last = Some(ready);
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        for name in &names {
+                            health.set_service_status(name, ServingStatus::NotServing).await;
+                        }
+                        return;
+                    }
+                    () = tokio::time::sleep(Duration::from_secs(if ready { 5 } else { 1 })) => {}
+                }
+            }
+        });
+    }
+
+    /// Serves until `shutdown`, then lets in-flight calls finish for at most the grace period.
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
+        let mut reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(stowage_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection");
+        for name in &self.names {
+            reflection = reflection.with_service_name(*name);
+        }
+        let mut reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(stowage_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for name in &self.names {
+            reflection_alpha = reflection_alpha.with_service_name(*name);
+        }
+        self.routes.add_service(reflection.build_v1()?);
+        self.routes.add_service(reflection_alpha.build_v1alpha()?);
+
+        let router = self.routes.routes().prepare().into_axum_router().merge(self.http);
+        let routes = Routes::from(router);
+        let cors = cors_layer(&self.cors_origins)?;
+
+        let builder = Server::builder()
+            .accept_http1(true)
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        let drain = shutdown.clone();
+        let server = builder
+            .layer(tower::util::option_layer(cors))
+            .layer(tonic_web::GrpcWebLayer::new())
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                drain.cancelled().await;
+            });
+        let grace = self.grace;
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => Ok(result?),
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace = ?grace, "in-flight calls did not finish in time, closing");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let values = origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).map_err(|_| ServerError::Cors(o.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(values)
+    };
+    let header = HeaderName::from_static;
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::HEAD, Method::DELETE, Method::OPTIONS])
+            .allow_headers([
+                header("authorization"),
+                header("content-type"),
+                header("x-grpc-web"),
+                header("x-user-agent"),
+                header("grpc-timeout"),
+                header("range"),
+                header("tus-resumable"),
+                header("upload-length"),
+                header("upload-offset"),
+                header("upload-metadata"),
+                header("upload-checksum"),
+                header("upload-defer-length"),
+            ])
+            .expose_headers([
+                header("grpc-status"),
+                header("grpc-message"),
+                header("grpc-status-details-bin"),
+                header("content-range"),
+                header("etag"),
+                header("location"),
+                header("upload-offset"),
+                header("upload-length"),
+                header("tus-resumable"),
+            ])
+            .max_age(Duration::from_secs(3600)),
+    ))
+}
