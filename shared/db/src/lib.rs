@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-pub use deadpool_postgres::{Object as Connection, Pool as PgPool, Transaction};
+pub use deadpool_postgres::{GenericClient, Object as Connection, Pool as PgPool, Transaction};
 pub use refinery::Runner as MigrationRunner;
 use tokio_postgres::NoTls;
 
@@ -63,14 +63,17 @@ pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
 ///
 /// The history table lives inside the schema (`{schema}.schema_history`), so services never
 /// share one. A transaction-level advisory lock serialises concurrent starters.
-pub async fn migrate(pool: &Pool, schema: &str, runner: MigrationRunner) -> Result<(), DbError> {
+pub async fn migrate(pool: &Pool, schema: &str, mut runner: MigrationRunner) -> Result<(), DbError> {
     let mut conn = pool.get().await?;
     // One lock for all schemas: migrations are rare and short, and `CREATE SCHEMA IF NOT
     // EXISTS` itself races between sessions.
     conn.execute("SELECT pg_advisory_lock(7469347)", &[]).await?;
     let result = async {
-        conn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-            .await?;
+        // Migrations name their tables without a schema; the search path puts them in ours.
+        conn.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
+        ))
+        .await?;
         let client: &mut tokio_postgres::Client = &mut conn;
         runner
             .set_migration_table_name(format!("{schema}.schema_history"))
@@ -83,7 +86,8 @@ pub async fn migrate(pool: &Pool, schema: &str, runner: MigrationRunner) -> Resu
         Ok::<_, DbError>(())
     }
     .await;
-    conn.execute("SELECT pg_advisory_unlock(7469347)", &[]).await?;
+    conn.batch_execute("RESET search_path; SELECT pg_advisory_unlock(7469347)")
+        .await?;
     result
 }
 

@@ -5,11 +5,14 @@
 pub mod auth;
 pub mod config;
 pub mod mesh;
+pub mod paging;
 pub mod redis;
 pub mod server;
 pub mod status;
 pub mod tasks;
 pub mod telemetry;
+pub mod time;
+pub mod validate;
 
 pub use auth::{Identity, Minter, Verifier, identity};
 pub use config::Config;

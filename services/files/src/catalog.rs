@@ -1,0 +1,558 @@
+//! File metadata in PostgreSQL (schema `files`). Every change that announces itself writes
+//! its outbox row in the same transaction.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use stowage_db::{GenericClient, PgPool};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::{
+    error::{Error, Result},
+    model::{FileRecord, FileStatus, Kind, VariantRecord, to_u64},
+};
+
+/// Who is asking: an owner sees only their own visible files; privileged callers see all.
+#[derive(Clone, Copy, Debug)]
+pub enum Viewer<'a> {
+    /// An end user.
+    Owner(&'a str),
+    /// A service or an admin.
+    Privileged,
+}
+
+impl Viewer<'_> {
+    fn owner(&self) -> Option<&str> {
+        match self {
+            Viewer::Owner(o) => Some(o),
+            Viewer::Privileged => None,
+        }
+    }
+}
+
+/// A new file to record.
+#[derive(Clone, Debug)]
+pub struct NewFile {
+    /// Id chosen by the uploader (already part of the key).
+    pub id: Uuid,
+    /// Owner.
+    pub owner_id: String,
+    /// Display name.
+    pub display_name: String,
+    /// Kind.
+    pub kind: Kind,
+    /// MIME type.
+    pub mime_type: String,
+    /// Size.
+    pub size_bytes: u64,
+    /// SHA-256 hex.
+    pub sha256: String,
+    /// Key in the store.
+    pub storage_key: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Producing app.
+    pub package_name: String,
+    /// Initial status.
+    pub status: FileStatus,
+    /// Idempotency key (upload id).
+    pub idempotency_key: Option<String>,
+}
+
+/// What ListFiles sorts by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SortField {
+    /// Creation time.
+    Created,
+    /// Display name, byte order.
+    Name,
+    /// Size.
+    Size,
+}
+
+/// Position after the last row of a page.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Cursor {
+    /// Created-at cursor.
+    Created(DateTime<Utc>, Uuid),
+    /// Name cursor.
+    Name(String, Uuid),
+    /// Size cursor.
+    Size(i64, Uuid),
+}
+
+/// Filters and order of ListFiles.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ListQuery {
+    /// Kind filter.
+    pub kind: Option<Kind>,
+    /// Any-of tags filter.
+    pub any_tags: Vec<String>,
+    /// Favourite filter.
+    pub favorite: Option<bool>,
+    /// Name substring (case-insensitive).
+    pub name_contains: Option<String>,
+    /// Status filter.
+    pub status: Option<FileStatus>,
+    /// Sort key.
+    pub sort: SortField,
+    /// Ascending?
+    pub ascending: bool,
+}
+
+impl ListQuery {
+    /// The cursor after `file` for this query's sort.
+    pub fn cursor_after(&self, file: &FileRecord) -> Cursor {
+        match self.sort {
+            SortField::Created => Cursor::Created(file.created_at, file.id),
+            SortField::Name => Cursor::Name(file.display_name.clone(), file.id),
+            SortField::Size => Cursor::Size(i64::try_from(file.size_bytes).unwrap_or(i64::MAX), file.id),
+        }
+    }
+}
+
+/// Totals for StorageStats.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    /// Bytes of originals.
+    pub total_bytes: u64,
+    /// Files.
+    pub file_count: u64,
+    /// Bytes of variants.
+    pub variant_bytes: u64,
+    /// Files in trash.
+    pub trashed_count: u64,
+    /// Files per kind.
+    pub by_kind: Vec<(String, u64)>,
+}
+
+/// Data a purge must clean up after the row is gone.
+#[derive(Clone, Debug)]
+pub struct Purged {
+    /// Owner.
+    pub owner_id: String,
+    /// Keys to delete from the store.
+    pub keys: Vec<String>,
+    /// Bytes freed (original plus variants).
+    pub bytes: u64,
+}
+
+/// The Files catalog.
+#[derive(Clone, Debug)]
+pub struct Catalog {
+    pool: PgPool,
+}
+
+fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+async fn outbox(
+    tx: &impl GenericClient,
+    topic: &str,
+    file: &FileRecord,
+    extra: serde_json::Value,
+) -> Result<()> {
+    let mut payload = json!({
+        "file_id": file.id,
+        "owner_id": file.owner_id,
+        "kind": file.kind.as_str(),
+        "mime_type": file.mime_type,
+        "size_bytes": file.size_bytes,
+        "storage_key": file.storage_key,
+    });
+    if let (Some(obj), serde_json::Value::Object(more)) = (payload.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    tx.execute(
+        "INSERT INTO files.outbox (topic, key, payload) VALUES ($1, $2, $3)",
+        &[&topic, &file.id.to_string(), &payload],
+    )
+    .await?;
+    Ok(())
+}
+
+impl Catalog {
+    /// A catalog over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Records a new file and its `file.created` event. A retry with the same idempotency
+    /// key returns the file recorded the first time.
+    pub async fn register(&self, new: NewFile) -> Result<FileRecord> {
+        let size = i64::try_from(new.size_bytes).map_err(|_| Error::invalid("size_bytes", "is too large"))?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let row = tx
+            .query_opt(
+                "INSERT INTO files.files (id, owner_id, display_name, kind, mime_type, size_bytes,
+                     sha256, storage_key, status, tags, package_name, idempotency_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT DO NOTHING
+                 RETURNING *",
+                &[
+                    &new.id,
+                    &new.owner_id,
+                    &new.display_name,
+                    &new.kind.as_str(),
+                    &new.mime_type,
+                    &size,
+                    &new.sha256,
+                    &new.storage_key,
+                    &new.status.as_str(),
+                    &new.tags,
+                    &new.package_name,
+                    &new.idempotency_key,
+                ],
+            )
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            // Same key or same id: a retry of this registration, if it names the same blob.
+            let conn = self.pool.get().await?;
+            let existing = conn
+                .query_opt(
+                    "SELECT * FROM files.files
+                     WHERE id = $1 OR (owner_id = $2 AND idempotency_key = $3)",
+                    &[&new.id, &new.owner_id, &new.idempotency_key],
+                )
+                .await?
+                .map(|r| FileRecord::from_row(&r));
+            return match existing {
+                Some(file) if file.storage_key == new.storage_key && file.owner_id == new.owner_id => Ok(file),
+                _ => Err(Error::AlreadyExists),
+            };
+        };
+        let file = FileRecord::from_row(&row);
+        outbox(&tx, "file.created", &file, json!({ "sha256": file.sha256 })).await?;
+        tx.commit().await?;
+        Ok(file)
+    }
+
+    /// One file with its variants. Owners do not see quarantined files.
+    pub async fn get(&self, id: Uuid, viewer: Viewer<'_>) -> Result<FileRecord> {
+        let conn = self.pool.get().await?;
+        get_on(&conn, id, viewer).await
+    }
+
+    /// One page of files matching `query`.
+    pub async fn list(
+        &self,
+        owner: &str,
+        query: &ListQuery,
+        after: Option<&Cursor>,
+        limit: i64,
+    ) -> Result<Vec<FileRecord>> {
+        let mut sql = String::from("SELECT * FROM files.files WHERE owner_id = $1 AND deleted_at IS NULL");
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(owner.to_owned())];
+        let bind = |params: &mut Vec<Box<dyn ToSql + Sync + Send>>, v: Box<dyn ToSql + Sync + Send>| {
+            params.push(v);
+            format!("${}", params.len())
+        };
+        match query.status {
+            Some(status) => {
+                let p = bind(&mut params, Box::new(status.as_str()));
+                sql += &format!(" AND status = {p}");
+            }
+            None => sql += " AND status <> 'quarantined'",
+        }
+        if let Some(kind) = query.kind {
+            let p = bind(&mut params, Box::new(kind.as_str()));
+            sql += &format!(" AND kind = {p}");
+        }
+        if !query.any_tags.is_empty() {
+            let p = bind(&mut params, Box::new(query.any_tags.clone()));
+            sql += &format!(" AND tags && {p}::text[]");
+        }
+        if let Some(favorite) = query.favorite {
+            let p = bind(&mut params, Box::new(favorite));
+            sql += &format!(" AND favorite = {p}");
+        }
+        if let Some(needle) = &query.name_contains {
+            let p = bind(&mut params, Box::new(format!("%{}%", escape_like(needle))));
+            sql += &format!(" AND display_name ILIKE {p} ESCAPE '\\'");
+        }
+        let column = match query.sort {
+            SortField::Created => "created_at",
+            SortField::Name => "(display_name COLLATE \"C\")",
+            SortField::Size => "size_bytes",
+        };
+        let (cmp, dir) = if query.ascending { (">", "ASC") } else { ("<", "DESC") };
+        if let Some(cursor) = after {
+            let (value, id): (Box<dyn ToSql + Sync + Send>, Uuid) = match (cursor, query.sort) {
+                (Cursor::Created(at, id), SortField::Created) => (Box::new(*at), *id),
+                (Cursor::Name(name, id), SortField::Name) => (Box::new(name.clone()), *id),
+                (Cursor::Size(size, id), SortField::Size) => (Box::new(*size), *id),
+                _ => return Err(Error::invalid("page_token", "is not a token of this query")),
+            };
+            let v = bind(&mut params, value);
+            let i = bind(&mut params, Box::new(id));
+            sql += &format!(" AND ({column}, id) {cmp} ({v}, {i})");
+        }
+        let l = bind(&mut params, Box::new(limit));
+        sql += &format!(" ORDER BY {column} {dir}, id {dir} LIMIT {l}");
+        let conn = self.pool.get().await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+        let rows = conn.query(&sql, &refs).await?;
+        Ok(rows.iter().map(FileRecord::from_row).collect())
+    }
+
+    /// Renames, re-tags or (un)favourites a file that is not in trash.
+    pub async fn update(
+        &self,
+        id: Uuid,
+        owner: &str,
+        display_name: Option<&str>,
+        tags: Option<&[String]>,
+        favorite: Option<bool>,
+    ) -> Result<FileRecord> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_opt(
+                "UPDATE files.files
+                 SET display_name = COALESCE($3, display_name),
+                     tags = COALESCE($4, tags),
+                     favorite = COALESCE($5, favorite),
+                     updated_at = now()
+                 WHERE id = $1 AND owner_id = $2 AND status <> 'quarantined' AND deleted_at IS NULL
+                 RETURNING *",
+                &[&id, &owner, &display_name, &tags, &favorite],
+            )
+            .await?;
+        match row {
+            Some(row) => get_on(&conn, FileRecord::from_row(&row).id, Viewer::Owner(owner)).await,
+            None => {
+                // Tell "in trash" apart from "not yours / not there".
+                let file = get_on(&conn, id, Viewer::Owner(owner)).await?;
+                if file.deleted_at.is_some() {
+                    Err(Error::FailedPrecondition("file is in trash; restore it first"))
+                } else {
+                    Err(Error::NotFound)
+                }
+            }
+        }
+    }
+
+    /// Moves a file to trash (a second call changes nothing).
+    pub async fn soft_delete(&self, id: Uuid, owner: &str) -> Result<FileRecord> {
+        self.set_trashed(id, owner, true).await
+    }
+
+    /// Brings a file back from trash (a second call changes nothing).
+    pub async fn restore(&self, id: Uuid, owner: &str) -> Result<FileRecord> {
+        self.set_trashed(id, owner, false).await
+    }
+
+    async fn set_trashed(&self, id: Uuid, owner: &str, trashed: bool) -> Result<FileRecord> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let sql = if trashed {
+            "UPDATE files.files SET deleted_at = now(), updated_at = now()
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL AND status <> 'quarantined'
+             RETURNING *"
+        } else {
+            "UPDATE files.files SET deleted_at = NULL, updated_at = now()
+             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NOT NULL AND status <> 'quarantined'
+             RETURNING *"
+        };
+        match tx.query_opt(sql, &[&id, &owner]).await? {
+            Some(row) => {
+                let file = FileRecord::from_row(&row);
+                let topic = if trashed { "file.deleted" } else { "file.restored" };
+                outbox(&tx, topic, &file, json!({})).await?;
+                tx.commit().await?;
+                get_on(&conn, id, Viewer::Owner(owner)).await
+            }
+            None => {
+                tx.rollback().await?;
+                get_on(&conn, id, Viewer::Owner(owner)).await
+            }
+        }
+    }
+
+    /// One page of the owner's trash, most recently deleted first.
+    pub async fn list_trash(
+        &self,
+        owner: &str,
+        after: Option<&(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<Vec<FileRecord>> {
+        let conn = self.pool.get().await?;
+        let rows = match after {
+            None => {
+                conn.query(
+                    "SELECT * FROM files.files
+                     WHERE owner_id = $1 AND deleted_at IS NOT NULL AND status <> 'quarantined'
+                     ORDER BY deleted_at DESC, id DESC LIMIT $2",
+                    &[&owner, &limit],
+                )
+                .await?
+            }
+            Some((at, id)) => {
+                conn.query(
+                    "SELECT * FROM files.files
+                     WHERE owner_id = $1 AND deleted_at IS NOT NULL AND status <> 'quarantined'
+                       AND (deleted_at, id) < ($2, $3)
+                     ORDER BY deleted_at DESC, id DESC LIMIT $4",
+                    &[&owner, at, id, &limit],
+                )
+                .await?
+            }
+        };
+        Ok(rows.iter().map(FileRecord::from_row).collect())
+    }
+
+    /// Deletes the row of a file (and its variants) and records `file.purged`.
+    ///
+    /// Owners may only purge what is in trash. Returns what the caller must still remove
+    /// from the store.
+    pub async fn delete_row(&self, id: Uuid, viewer: Viewer<'_>) -> Result<Purged> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let file = get_on(&tx, id, viewer).await?;
+        if matches!(viewer, Viewer::Owner(_)) && file.deleted_at.is_none() {
+            return Err(Error::FailedPrecondition("only files in trash can be purged; delete it first"));
+        }
+        let mut keys = vec![file.storage_key.clone()];
+        let mut bytes = file.size_bytes;
+        for v in &file.variants {
+            bytes += v.size_bytes;
+            if !v.storage_key.is_empty() {
+                keys.push(v.storage_key.clone());
+            }
+        }
+        tx.execute("DELETE FROM files.files WHERE id = $1", &[&id]).await?;
+        outbox(&tx, "file.purged", &file, json!({ "keys": keys, "freed_bytes": bytes })).await?;
+        tx.commit().await?;
+        Ok(Purged {
+            owner_id: file.owner_id,
+            keys,
+            bytes,
+        })
+    }
+
+    /// Records variants and media metadata.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn set_variants(
+        &self,
+        id: Uuid,
+        variants: &[VariantRecord],
+        status: Option<FileStatus>,
+        status_reason: &str,
+        width: u32,
+        height: u32,
+        duration_ms: u64,
+        codec: &str,
+    ) -> Result<FileRecord> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let updated = tx
+            .execute(
+                "UPDATE files.files SET
+                     status = COALESCE($2, status),
+                     status_reason = CASE WHEN $2::text IS NULL THEN status_reason ELSE $3 END,
+                     width = CASE WHEN $4 = 0 THEN width ELSE $4 END,
+                     height = CASE WHEN $5 = 0 THEN height ELSE $5 END,
+                     duration_ms = CASE WHEN $6 = 0 THEN duration_ms ELSE $6 END,
+                     codec = CASE WHEN $7 = '' THEN codec ELSE $7 END,
+                     updated_at = now()
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &status.map(FileStatus::as_str),
+                    &status_reason,
+                    &i32::try_from(width).unwrap_or(i32::MAX),
+                    &i32::try_from(height).unwrap_or(i32::MAX),
+                    &i64::try_from(duration_ms).unwrap_or(i64::MAX),
+                    &codec,
+                ],
+            )
+            .await?;
+        if updated == 0 {
+            return Err(Error::NotFound);
+        }
+        for v in variants {
+            tx.execute(
+                "INSERT INTO files.variants (file_id, name, mime_type, size_bytes, width, height, storage_key, inline_data)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (file_id, name) DO UPDATE SET mime_type = $3, size_bytes = $4,
+                     width = $5, height = $6, storage_key = $7, inline_data = $8",
+                &[
+                    &id,
+                    &v.name,
+                    &v.mime_type,
+                    &i64::try_from(v.size_bytes).unwrap_or(i64::MAX),
+                    &i32::try_from(v.width).unwrap_or(i32::MAX),
+                    &i32::try_from(v.height).unwrap_or(i32::MAX),
+                    &v.storage_key,
+                    &v.inline_data,
+                ],
+            )
+            .await?;
+        }
+        let file = get_on(&tx, id, Viewer::Privileged).await?;
+        tx.commit().await?;
+        Ok(file)
+    }
+
+    /// Totals of `owner` (or everyone).
+    pub async fn totals(&self, owner: Option<&str>) -> Result<Totals> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_one(
+                "SELECT COALESCE(sum(size_bytes), 0)::bigint AS total,
+                        count(*) AS files,
+                        count(*) FILTER (WHERE deleted_at IS NOT NULL) AS trashed,
+                        (SELECT COALESCE(sum(v.size_bytes), 0)::bigint FROM files.variants v
+                           JOIN files.files f ON f.id = v.file_id
+                          WHERE $1::text IS NULL OR f.owner_id = $1) AS variant_bytes
+                 FROM files.files WHERE $1::text IS NULL OR owner_id = $1",
+                &[&owner],
+            )
+            .await?;
+        let by_kind = conn
+            .query(
+                "SELECT kind, count(*) FROM files.files
+                 WHERE $1::text IS NULL OR owner_id = $1 GROUP BY kind ORDER BY kind",
+                &[&owner],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), to_u64(r.get(1))))
+            .collect();
+        Ok(Totals {
+            total_bytes: to_u64(row.get("total")),
+            file_count: to_u64(row.get("files")),
+            variant_bytes: to_u64(row.get("variant_bytes")),
+            trashed_count: to_u64(row.get("trashed")),
+            by_kind,
+        })
+    }
+}
+
+async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Result<FileRecord> {
+    let row = conn
+        .query_opt(
+            "SELECT * FROM files.files
+             WHERE id = $1 AND ($2::text IS NULL OR (owner_id = $2 AND status <> 'quarantined'))",
+            &[&id, &viewer.owner()],
+        )
+        .await?
+        .ok_or(Error::NotFound)?;
+    let mut file = FileRecord::from_row(&row);
+    file.variants = conn
+        .query("SELECT * FROM files.variants WHERE file_id = $1 ORDER BY name", &[&id])
+        .await?
+        .iter()
+        .map(VariantRecord::from_row)
+        .collect();
+    Ok(file)
+}

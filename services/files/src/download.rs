@@ -1,0 +1,346 @@
+//! Reading stored bytes: byte ranges for gRPC Download and signed HTTP URLs served by the
+//! same process (Range, ETag, Content-Type, Content-Disposition).
+
+use std::{ops::Range, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt, stream::BoxStream};
+use hmac::{Hmac, KeyInit, Mac};
+use object_store::{GetOptions, GetRange, ObjectStore, path::Path as ObjectPath};
+use sha2::Sha256;
+use uuid::Uuid;
+
+use crate::{
+    catalog::{Catalog, Viewer},
+    error::{Error, Result},
+    model::FileRecord,
+};
+
+/// The object a download reads: the original or one variant.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Key in the store (empty for inline variants).
+    pub key: String,
+    /// Inline bytes of tiny variants.
+    pub inline: Option<Bytes>,
+    /// Total size.
+    pub size: u64,
+    /// MIME type.
+    pub mime_type: String,
+    /// Strong validator.
+    pub etag: String,
+}
+
+/// Picks the original (`variant` empty) or the named variant of `file`.
+pub fn target(file: &FileRecord, variant: &str) -> Result<Target> {
+    if variant.is_empty() {
+        return Ok(Target {
+            key: file.storage_key.clone(),
+            inline: None,
+            size: file.size_bytes,
+            mime_type: file.mime_type.clone(),
+            etag: format!("\"{}\"", file.sha256),
+        });
+    }
+    let v = file
+        .variants
+        .iter()
+        .find(|v| v.name == variant)
+        .ok_or_else(|| Error::VariantNotFound(variant.to_owned()))?;
+    Ok(Target {
+        key: v.storage_key.clone(),
+        inline: v.inline_data.clone().map(Bytes::from),
+        size: v.size_bytes,
+        mime_type: v.mime_type.clone(),
+        etag: format!("\"{}-{}-{}\"", file.id, v.name, v.size_bytes),
+    })
+}
+
+/// Resolves a requested `offset` / `length` against an object of `size` bytes.
+///
+/// A length running past the end is cut at the end (as HTTP does); an offset past the end is
+/// OUT_OF_RANGE; a zero length is refused.
+pub fn resolve_range(size: u64, offset: u64, length: Option<u64>) -> Result<Range<u64>> {
+    if offset > size || (offset == size && size > 0) {
+        return Err(Error::RangeNotSatisfiable { offset, size });
+    }
+    match length {
+        Some(0) => Err(Error::invalid("range.length", "must be above zero; leave it unset to read to the end")),
+        Some(len) => Ok(offset..offset.saturating_add(len).min(size)),
+        None => Ok(offset..size),
+    }
+}
+
+/// Streams `range` of `target` in chunks of at most `chunk` bytes.
+pub async fn read(
+    store: Arc<dyn ObjectStore>,
+    target: &Target,
+    range: Range<u64>,
+    chunk: usize,
+) -> Result<BoxStream<'static, Result<Bytes>>> {
+    if range.is_empty() {
+        return Ok(futures::stream::empty().boxed());
+    }
+    if let Some(inline) = &target.inline {
+        let start = usize::try_from(range.start).unwrap_or(usize::MAX).min(inline.len());
+        let end = usize::try_from(range.end).unwrap_or(usize::MAX).min(inline.len());
+        let bytes = inline.slice(start..end);
+        return Ok(futures::stream::once(async move { Ok(bytes) }).boxed());
+    }
+    let options = GetOptions {
+        range: Some(GetRange::Bounded(range)),
+        ..GetOptions::default()
+    };
+    let result = store.get_opts(&ObjectPath::from(target.key.as_str()), options).await?;
+    Ok(rechunk(result.into_stream().map_err(Error::from), chunk).boxed())
+}
+
+/// Splits large buffers so no message exceeds `chunk` bytes.
+fn rechunk(
+    stream: impl Stream<Item = Result<Bytes>> + Send + 'static,
+    chunk: usize,
+) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+    stream.flat_map(move |item| {
+        let pieces: Vec<Result<Bytes>> = match item {
+            Ok(mut bytes) => {
+                let mut out = Vec::with_capacity(bytes.len() / chunk + 1);
+                while bytes.len() > chunk {
+                    out.push(Ok(bytes.split_to(chunk)));
+                }
+                if !bytes.is_empty() {
+                    out.push(Ok(bytes));
+                }
+                out
+            }
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(pieces)
+    })
+}
+
+/// Signs and checks download URLs.
+#[derive(Clone)]
+pub struct UrlSigner {
+    key: Vec<u8>,
+    base: String,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl UrlSigner {
+    /// Signs with `key`; URLs start with `base` (e.g. `https://files.example.com`).
+    pub fn new(key: &[u8], base: String) -> Self {
+        Self {
+            key: key.to_vec(),
+            base,
+        }
+    }
+
+    fn mac(&self, file_id: &Uuid, variant: &str, expires: i64, attachment: bool) -> HmacSha256 {
+        // HMAC accepts keys of any length.
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.key).unwrap_or_else(|_| {
+            <HmacSha256 as KeyInit>::new_from_slice(b"stowage").unwrap_or_else(|_| unreachable!())
+        });
+        mac.update(format!("{file_id}\n{variant}\n{expires}\n{}", u8::from(attachment)).as_bytes());
+        mac
+    }
+
+    /// A URL valid until `expires` (unix seconds).
+    pub fn sign(&self, file_id: &Uuid, variant: &str, expires: i64, attachment: bool) -> String {
+        let sig = hex::encode(self.mac(file_id, variant, expires, attachment).finalize().into_bytes());
+        let mut url = format!(
+            "{}/v1/blobs/{file_id}?exp={expires}&sig={sig}",
+            self.base
+        );
+        if !variant.is_empty() {
+            url.push_str(&format!("&variant={}", percent_encoding::utf8_percent_encode(variant, percent_encoding::NON_ALPHANUMERIC)));
+        }
+        if attachment {
+            url.push_str("&dl=1");
+        }
+        url
+    }
+
+    fn verify(&self, file_id: &Uuid, query: &SignedQuery) -> bool {
+        let Ok(sig) = hex::decode(&query.sig) else { return false };
+        let attachment = query.dl.as_deref() == Some("1");
+        let variant = query.variant.as_deref().unwrap_or("");
+        self.mac(file_id, variant, query.exp, attachment)
+            .verify_slice(&sig)
+            .is_ok()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SignedQuery {
+    exp: i64,
+    sig: String,
+    variant: Option<String>,
+    dl: Option<String>,
+}
+
+#[derive(Clone)]
+struct HttpState {
+    catalog: Catalog,
+    store: Arc<dyn ObjectStore>,
+    signer: UrlSigner,
+}
+
+/// HTTP routes that serve signed URLs: `GET|HEAD /v1/blobs/{file_id}`.
+pub fn routes(catalog: Catalog, store: Arc<dyn ObjectStore>, signer: UrlSigner) -> Router {
+    Router::new()
+        .route("/v1/blobs/{file_id}", get(serve_signed))
+        .with_state(HttpState {
+            catalog,
+            store,
+            signer,
+        })
+}
+
+fn plain(status: StatusCode, message: &'static str) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], message).into_response()
+}
+
+/// Types a browser would render as active content; always sent as attachments.
+fn is_active_content(mime: &str) -> bool {
+    let m = mime.to_ascii_lowercase();
+    m.contains("html") || m.contains("svg") || m.contains("xml") || m.contains("javascript")
+}
+
+async fn serve_signed(
+    State(state): State<HttpState>,
+    Path(file_id): Path<String>,
+    Query(query): Query<SignedQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Ok(file_id) = Uuid::parse_str(&file_id) else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    if !state.signer.verify(&file_id, &query) {
+        return plain(StatusCode::FORBIDDEN, "bad signature\n");
+    }
+    if query.exp < chrono::Utc::now().timestamp() {
+        return plain(StatusCode::FORBIDDEN, "link expired\n");
+    }
+    let file = match state.catalog.get(file_id, Viewer::Privileged).await {
+        Ok(f) if f.deleted_at.is_none() && f.status != crate::model::FileStatus::Quarantined => f,
+        Ok(_) | Err(Error::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
+        Err(e) => {
+            tracing::error!(error = %e, "signed download lookup failed");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "unavailable\n");
+        }
+    };
+    let variant = query.variant.as_deref().unwrap_or("");
+    let Ok(target) = target(&file, variant) else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == target.etag || t.trim() == "*"))
+    {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, target.etag.clone())]).into_response();
+    }
+    let (status, range) = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => (StatusCode::OK, 0..target.size),
+        Some(value) => match http_range_header::parse_range_header(value)
+            .and_then(|r| r.validate(target.size))
+        {
+            Ok(ranges) if ranges.len() == 1 => {
+                let r = &ranges[0];
+                (StatusCode::PARTIAL_CONTENT, *r.start()..r.end() + 1)
+            }
+            Ok(ranges) if ranges.is_empty() => (StatusCode::OK, 0..target.size),
+            _ => {
+                return (
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{}", target.size))],
+                )
+                    .into_response();
+            }
+        },
+    };
+    let attachment = query.dl.as_deref() == Some("1") || (variant.is_empty() && is_active_content(&target.mime_type));
+    let disposition = format!(
+        "{}; filename*=UTF-8''{}",
+        if attachment { "attachment" } else { "inline" },
+        percent_encoding::utf8_percent_encode(&file.display_name, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, &target.mime_type)
+        .header(header::CONTENT_LENGTH, range.end - range.start)
+        .header(header::ETAG, &target.etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_DISPOSITION, disposition)
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::CONTENT_SECURITY_POLICY, "sandbox")
+        .header(header::CACHE_CONTROL, "private, max-age=300");
+    if status == StatusCode::PARTIAL_CONTENT {
+        response = response.header(
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{}", range.start, range.end - 1, target.size),
+        );
+    }
+    let body = match read(Arc::clone(&state.store), &target, range, 256 * 1024).await {
+        Ok(stream) => Body::from_stream(stream.map_err(|e| std::io::Error::other(e.to_string()))),
+        Err(e) => {
+            tracing::error!(error = %e, "signed download read failed");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "unavailable\n");
+        }
+    };
+    response
+        .body(body)
+        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"))
+}
+
+/// Seconds to add for a requested URL lifetime (default one hour), within `max`.
+pub fn url_ttl(requested_seconds: u32, max: Duration) -> Result<Duration> {
+    let ttl = if requested_seconds == 0 {
+        Duration::from_secs(3600)
+    } else {
+        Duration::from_secs(u64::from(requested_seconds))
+    };
+    if ttl > max {
+        return Err(Error::invalid(
+            "expires_in_seconds",
+            format!("must be at most {}", max.as_secs()),
+        ));
+    }
+    Ok(ttl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_cut_at_the_end_and_refused_past_it() {
+        assert_eq!(resolve_range(100, 10, Some(20)).unwrap(), 10..30);
+        assert_eq!(resolve_range(100, 90, Some(20)).unwrap(), 90..100);
+        assert_eq!(resolve_range(100, 0, None).unwrap(), 0..100);
+        assert_eq!(resolve_range(0, 0, None).unwrap(), 0..0);
+        assert!(matches!(resolve_range(100, 100, None), Err(Error::RangeNotSatisfiable { .. })));
+        assert!(matches!(resolve_range(100, 5, Some(0)), Err(Error::InvalidArgument { .. })));
+    }
+
+    #[test]
+    fn signatures_bind_file_variant_and_expiry() {
+        let signer = UrlSigner::new(b"k", "http://x".into());
+        let id = Uuid::now_v7();
+        let url = signer.sign(&id, "", 100, false);
+        let sig = url.split("sig=").nth(1).unwrap().to_owned();
+        let ok = SignedQuery { exp: 100, sig: sig.clone(), variant: None, dl: None };
+        assert!(signer.verify(&id, &ok));
+        let later = SignedQuery { exp: 101, sig, variant: None, dl: None };
+        assert!(!signer.verify(&id, &later));
+    }
+}

@@ -1,0 +1,431 @@
+//! The Files gRPC service: thin handlers over [`Catalog`] and the store.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, path::Path as ObjectPath};
+use stowage_blob::Blobs;
+use stowage_proto::v1::{self as pb, files_server};
+use stowage_runtime::{
+    Identity, identity,
+    mesh::QuotaApi,
+    paging,
+    status::{invalid_argument, page_size, parse_uuid},
+    time::timestamp,
+    validate,
+};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    catalog::{Catalog, Cursor, ListQuery, NewFile, SortField, Viewer},
+    download::{self, UrlSigner},
+    error::Error,
+    model::{FileStatus, Kind, VariantRecord},
+};
+
+/// The tonic service of Files.
+#[derive(Clone)]
+pub struct FilesGrpc {
+    catalog: Catalog,
+    blobs: Blobs,
+    quota: Arc<dyn QuotaApi>,
+    signer: UrlSigner,
+    max_url_ttl: Duration,
+    chunk: usize,
+}
+
+impl FilesGrpc {
+    /// Files over `catalog` and `blobs`; purges debit usage through `quota`.
+    pub fn new(
+        catalog: Catalog,
+        blobs: Blobs,
+        quota: Arc<dyn QuotaApi>,
+        signer: UrlSigner,
+        max_url_ttl: Duration,
+        chunk: usize,
+    ) -> Self {
+        Self {
+            catalog,
+            blobs,
+            quota,
+            signer,
+            max_url_ttl,
+            chunk,
+        }
+    }
+
+    /// The tonic server, with message limits.
+    pub fn into_server(self, max_message: usize) -> files_server::FilesServer<Self> {
+        files_server::FilesServer::new(self)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+    }
+
+    fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.blobs.store)
+    }
+}
+
+fn viewer(caller: &Identity) -> Viewer<'_> {
+    if caller.is_privileged() {
+        Viewer::Privileged
+    } else {
+        Viewer::Owner(&caller.user_id)
+    }
+}
+
+fn file_id(value: &str) -> Result<Uuid, Status> {
+    parse_uuid("file_id", value)
+}
+
+#[tonic::async_trait]
+impl files_server::Files for FilesGrpc {
+    async fn register_file(
+        &self,
+        request: Request<pb::RegisterFileRequest>,
+    ) -> Result<Response<pb::RegisterFileResponse>, Status> {
+        identity(&request)?.require_service()?;
+        let req = request.into_inner();
+        stowage_blob::keys::validate_user_id(&req.owner_id)
+            .map_err(|why| invalid_argument("owner_id", why))?;
+        validate::display_name(&req.display_name).map_err(|why| invalid_argument("display_name", why))?;
+        let tags = validate::tags(&req.tags).map_err(|why| invalid_argument("tags", why))?;
+        if req.storage_key.is_empty() {
+            return Err(invalid_argument("storage_key", "is required"));
+        }
+        if req.sha256.len() != 64 || !req.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid_argument("sha256", "must be 64 hex characters"));
+        }
+        let new = NewFile {
+            id: file_id(&req.file_id)?,
+            owner_id: req.owner_id,
+            display_name: req.display_name,
+            kind: Kind::from_proto(req.kind).unwrap_or(Kind::Other),
+            mime_type: req.mime_type,
+            size_bytes: req.size_bytes,
+            sha256: req.sha256.to_ascii_lowercase(),
+            storage_key: req.storage_key,
+            tags,
+            package_name: req.package_name,
+            status: FileStatus::from_proto(req.status).unwrap_or(FileStatus::Ready),
+            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+        };
+        let file = self.catalog.register(new).await?;
+        Ok(Response::new(pb::RegisterFileResponse {
+            file: Some(file.to_proto(true)),
+        }))
+    }
+
+    async fn get_file(
+        &self,
+        request: Request<pb::GetFileRequest>,
+    ) -> Result<Response<pb::GetFileResponse>, Status> {
+        let caller = identity(&request)?;
+        let id = file_id(&request.get_ref().file_id)?;
+        let file = self.catalog.get(id, viewer(&caller)).await?;
+        Ok(Response::new(pb::GetFileResponse {
+            file: Some(file.to_proto(caller.is_privileged())),
+        }))
+    }
+
+    async fn list_files(
+        &self,
+        request: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let caller = identity(&request)?;
+        let req = request.into_inner();
+        let size = page_size(req.page_size, 50, 1000)?;
+        let sort = match pb::FileSortField::try_from(req.sort_by) {
+            Ok(pb::FileSortField::Unspecified | pb::FileSortField::CreatedAt) => SortField::Created,
+            Ok(pb::FileSortField::Name) => SortField::Name,
+            Ok(pb::FileSortField::Size) => SortField::Size,
+            Err(_) => return Err(invalid_argument("sort_by", "unknown sort field")),
+        };
+        let ascending = match pb::SortDirection::try_from(req.direction) {
+            Ok(pb::SortDirection::Asc) => true,
+            Ok(pb::SortDirection::Desc) => false,
+            Ok(pb::SortDirection::Unspecified) => sort == SortField::Name,
+            Err(_) => return Err(invalid_argument("direction", "unknown direction")),
+        };
+        if req.kind != 0 && Kind::from_proto(req.kind).is_none() {
+            return Err(invalid_argument("kind", "unknown kind"));
+        }
+        if req.status != 0 && FileStatus::from_proto(req.status).is_none() {
+            return Err(invalid_argument("status", "unknown status"));
+        }
+        let status = FileStatus::from_proto(req.status);
+        if status == Some(FileStatus::Quarantined) && !caller.is_privileged() {
+            return Err(Status::permission_denied("listing quarantined files needs the admin scope"));
+        }
+        if req.name_contains.chars().count() > validate::MAX_NAME_CHARS {
+            return Err(invalid_argument("name_contains", "must be at most 255 characters"));
+        }
+        let mut any_tags = validate::tags(&req.any_tags).map_err(|why| invalid_argument("any_tags", why))?;
+        any_tags.sort();
+        let query = ListQuery {
+            kind: Kind::from_proto(req.kind),
+            any_tags,
+            favorite: req.favorite,
+            name_contains: (!req.name_contains.is_empty()).then_some(req.name_contains),
+            status,
+            sort,
+            ascending,
+        };
+        let fingerprint = paging::fingerprint(&query);
+        let after: Option<Cursor> = paging::decode(&req.page_token, &fingerprint)?;
+        let mut files = self
+            .catalog
+            .list(&caller.user_id, &query, after.as_ref(), size + 1)
+            .await?;
+        let next_page_token = if files.len() as i64 > size {
+            files.truncate(size as usize);
+            files
+                .last()
+                .map(|f| paging::encode(&fingerprint, &query.cursor_after(f)))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListFilesResponse {
+            files: files.iter().map(|f| f.to_proto(false)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_file(
+        &self,
+        request: Request<pb::UpdateFileRequest>,
+    ) -> Result<Response<pb::UpdateFileResponse>, Status> {
+        let caller = identity(&request)?;
+        let req = request.into_inner();
+        let id = file_id(&req.file_id)?;
+        if let Some(name) = &req.display_name {
+            validate::display_name(name).map_err(|why| invalid_argument("display_name", why))?;
+        }
+        let tags = if req.replace_tags {
+            Some(validate::tags(&req.tags).map_err(|why| invalid_argument("tags", why))?)
+        } else if !req.tags.is_empty() {
+            return Err(invalid_argument("replace_tags", "must be true when tags are given"));
+        } else {
+            None
+        };
+        let file = self
+            .catalog
+            .update(id, &caller.user_id, req.display_name.as_deref(), tags.as_deref(), req.favorite)
+            .await?;
+        Ok(Response::new(pb::UpdateFileResponse {
+            file: Some(file.to_proto(false)),
+        }))
+    }
+
+    async fn delete_file(
+        &self,
+        request: Request<pb::DeleteFileRequest>,
+    ) -> Result<Response<pb::DeleteFileResponse>, Status> {
+        let caller = identity(&request)?;
+        let id = file_id(&request.get_ref().file_id)?;
+        let file = self.catalog.soft_delete(id, &caller.user_id).await?;
+        Ok(Response::new(pb::DeleteFileResponse {
+            file: Some(file.to_proto(false)),
+        }))
+    }
+
+    async fn restore_file(
+        &self,
+        request: Request<pb::RestoreFileRequest>,
+    ) -> Result<Response<pb::RestoreFileResponse>, Status> {
+        let caller = identity(&request)?;
+        let id = file_id(&request.get_ref().file_id)?;
+        let file = self.catalog.restore(id, &caller.user_id).await?;
+        Ok(Response::new(pb::RestoreFileResponse {
+            file: Some(file.to_proto(false)),
+        }))
+    }
+
+    async fn list_trash(
+        &self,
+        request: Request<pb::ListTrashRequest>,
+    ) -> Result<Response<pb::ListTrashResponse>, Status> {
+        let caller = identity(&request)?;
+        let req = request.into_inner();
+        let size = page_size(req.page_size, 50, 1000)?;
+        let fingerprint = paging::fingerprint(&"trash");
+        let after: Option<(DateTime<Utc>, Uuid)> = paging::decode(&req.page_token, &fingerprint)?;
+        let mut files = self
+            .catalog
+            .list_trash(&caller.user_id, after.as_ref(), size + 1)
+            .await?;
+        let next_page_token = if files.len() as i64 > size {
+            files.truncate(size as usize);
+            files
+                .last()
+                .and_then(|f| f.deleted_at.map(|at| paging::encode(&fingerprint, &(at, f.id))))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTrashResponse {
+            files: files.iter().map(|f| f.to_proto(false)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn purge_file(
+        &self,
+        request: Request<pb::PurgeFileRequest>,
+    ) -> Result<Response<pb::PurgeFileResponse>, Status> {
+        let caller = identity(&request)?;
+        let id = file_id(&request.get_ref().file_id)?;
+        let purged = self.catalog.delete_row(id, viewer(&caller)).await?;
+        // The row is gone: usage and bytes follow. Both are idempotent and, should either
+        // fail here, Lifecycle's reconcilers (usage recount, unreferenced-blob GC) finish it.
+        let debit = self
+            .quota
+            .debit(pb::DebitRequest {
+                user_id: purged.owner_id.clone(),
+                bytes: purged.bytes,
+                idempotency_key: format!("purge:{id}"),
+                reason: "file purged".into(),
+            })
+            .await;
+        if let Err(status) = debit {
+            tracing::warn!(file_id = %id, %status, "usage debit after purge failed; reconciliation will repair it");
+        }
+        for key in &purged.keys {
+            if let Err(error) = self.blobs.store.delete(&ObjectPath::from(key.as_str())).await {
+                tracing::warn!(file_id = %id, key, %error, "blob delete after purge failed; gc will retry");
+            }
+        }
+        Ok(Response::new(pb::PurgeFileResponse {
+            freed_bytes: purged.bytes,
+        }))
+    }
+
+    async fn download(
+        &self,
+        request: Request<pb::DownloadRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<pb::DownloadResponse>>, Status> {
+        let caller = identity(&request)?;
+        let req = request.into_inner();
+        let id = file_id(&req.file_id)?;
+        let file = self.catalog.get(id, viewer(&caller)).await?;
+        if file.deleted_at.is_some() && !caller.is_privileged() {
+            return Err(Error::FailedPrecondition("file is in trash; restore it first").into());
+        }
+        let target = download::target(&file, &req.variant)?;
+        let (offset, length) = req.range.map_or((0, None), |r| (r.offset, r.length));
+        let range = download::resolve_range(target.size, offset, length)?;
+        let header = pb::DownloadResponse {
+            header: Some(pb::DownloadHeader {
+                file: Some(file.to_proto(caller.is_privileged())),
+                total_size: target.size,
+                offset: range.start,
+                length: range.end - range.start,
+                mime_type: target.mime_type.clone(),
+            }),
+            data: Vec::new(),
+        };
+        let body = download::read(self.store(), &target, range, self.chunk).await?;
+        let stream = futures::stream::once(async move { Ok(header) }).chain(body.map(|chunk| {
+            chunk
+                .map(|data| pb::DownloadResponse {
+                    header: None,
+                    data: data.to_vec(),
+                })
+                .map_err(Status::from)
+        }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_download_url(
+        &self,
+        request: Request<pb::GetDownloadUrlRequest>,
+    ) -> Result<Response<pb::GetDownloadUrlResponse>, Status> {
+        let caller = identity(&request)?;
+        let req = request.into_inner();
+        let id = file_id(&req.file_id)?;
+        let ttl = download::url_ttl(req.expires_in_seconds, self.max_url_ttl)?;
+        let file = self.catalog.get(id, viewer(&caller)).await?;
+        if file.deleted_at.is_some() {
+            return Err(Error::FailedPrecondition("file is in trash; restore it first").into());
+        }
+        download::target(&file, &req.variant)?;
+        let expires_at = Utc::now() + chrono::Duration::seconds(i64::try_from(ttl.as_secs()).unwrap_or(3600));
+        let url = self.signer.sign(&id, &req.variant, expires_at.timestamp(), req.attachment);
+        Ok(Response::new(pb::GetDownloadUrlResponse {
+            url,
+            expires_at: Some(timestamp(expires_at)),
+        }))
+    }
+
+    async fn set_variants(
+        &self,
+        request: Request<pb::SetVariantsRequest>,
+    ) -> Result<Response<pb::SetVariantsResponse>, Status> {
+        identity(&request)?.require_service()?;
+        let req = request.into_inner();
+        let id = file_id(&req.file_id)?;
+        if req.status != 0 && FileStatus::from_proto(req.status).is_none() {
+            return Err(invalid_argument("status", "unknown status"));
+        }
+        let variants: Vec<VariantRecord> = req
+            .variants
+            .into_iter()
+            .map(|v| {
+                if v.name.is_empty() || v.name.len() > 64 || !v.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(invalid_argument("variants.name", "must be 1..=64 of [A-Za-z0-9_]"));
+                }
+                Ok(VariantRecord {
+                    name: v.name,
+                    mime_type: v.mime_type,
+                    size_bytes: v.size_bytes,
+                    width: v.width,
+                    height: v.height,
+                    storage_key: v.storage_key,
+                    inline_data: (!v.inline_data.is_empty()).then_some(v.inline_data),
+                })
+            })
+            .collect::<Result<_, Status>>()?;
+        let file = self
+            .catalog
+            .set_variants(
+                id,
+                &variants,
+                FileStatus::from_proto(req.status),
+                &req.status_reason,
+                req.width,
+                req.height,
+                req.duration_ms,
+                &req.codec,
+            )
+            .await?;
+        Ok(Response::new(pb::SetVariantsResponse {
+            file: Some(file.to_proto(true)),
+        }))
+    }
+
+    async fn storage_stats(
+        &self,
+        request: Request<pb::StorageStatsRequest>,
+    ) -> Result<Response<pb::StorageStatsResponse>, Status> {
+        let caller = identity(&request)?;
+        let owner = if request.get_ref().all_users {
+            caller.require_admin()?;
+            None
+        } else {
+            Some(caller.user_id.as_str())
+        };
+        let totals = self.catalog.totals(owner).await?;
+        Ok(Response::new(pb::StorageStatsResponse {
+            total_bytes: totals.total_bytes,
+            file_count: totals.file_count,
+            variant_bytes: totals.variant_bytes,
+            trashed_count: totals.trashed_count,
+            available_bytes: self.blobs.available_bytes(),
+            count_by_kind: totals.by_kind.into_iter().collect(),
+            as_of: Some(timestamp(Utc::now())),
+        }))
+    }
+}

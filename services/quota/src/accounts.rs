@@ -1,0 +1,580 @@
+//! Accounts, reservations and the ledger in PostgreSQL.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use stowage_db::PgPool;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// Longest reservation we grant.
+const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// One user's account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    /// User id.
+    pub user_id: String,
+    /// Limit in bytes.
+    pub limit_bytes: u64,
+    /// Committed bytes.
+    pub used_bytes: u64,
+    /// Bytes held by live reservations.
+    pub reserved_bytes: u64,
+    /// Created on first use.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Account {
+    /// Bytes that can still be reserved.
+    pub fn available_bytes(&self) -> u64 {
+        self.limit_bytes
+            .saturating_sub(self.used_bytes)
+            .saturating_sub(self.reserved_bytes)
+    }
+
+    fn from_row(row: &Row) -> Self {
+        Self {
+            user_id: row.get("user_id"),
+            limit_bytes: to_u64(row.get("limit_bytes")),
+            used_bytes: to_u64(row.get("used_bytes")),
+            reserved_bytes: to_u64(row.get("reserved_bytes")),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+        }
+    }
+}
+
+/// State of a reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReservationState {
+    /// Bytes held.
+    Held,
+    /// Turned into usage.
+    Committed,
+    /// Given back.
+    Released,
+    /// Expired before commit.
+    Expired,
+}
+
+impl ReservationState {
+    fn parse(s: &str) -> Self {
+        match s {
+            "committed" => Self::Committed,
+            "released" => Self::Released,
+            "expired" => Self::Expired,
+            _ => Self::Held,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Held => "held",
+            Self::Committed => "committed",
+            Self::Released => "released",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// A hold on part of a user's quota.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// Id.
+    pub id: Uuid,
+    /// User id.
+    pub user_id: String,
+    /// Bytes held.
+    pub bytes: u64,
+    /// State.
+    pub state: ReservationState,
+    /// Bytes committed, once committed.
+    pub committed_bytes: Option<u64>,
+    /// Expiry of an uncommitted hold.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Reservation {
+    fn from_row(row: &Row) -> Self {
+        Self {
+            id: row.get("id"),
+            user_id: row.get("user_id"),
+            bytes: to_u64(row.get("bytes")),
+            state: ReservationState::parse(row.get("state")),
+            committed_bytes: row.get::<_, Option<i64>>("committed_bytes").map(to_u64),
+            expires_at: row.get("expires_at"),
+        }
+    }
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(field: &'static str, v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid(field, "is too large"))
+}
+
+fn check_user(field: &'static str, user_id: &str) -> Result<()> {
+    stowage_blob::keys::validate_user_id(user_id).map_err(|why| Error::invalid(field, why))
+}
+
+/// Quota's state, in its own schema.
+#[derive(Clone, Debug)]
+pub struct Quota {
+    pool: PgPool,
+    default_limit: u64,
+    default_ttl: Duration,
+}
+
+impl Quota {
+    /// Quota over `pool`; new accounts get `default_limit` bytes.
+    pub fn new(pool: PgPool, default_limit: u64, default_ttl: Duration) -> Self {
+        Self {
+            pool,
+            default_limit,
+            default_ttl,
+        }
+    }
+
+    async fn ensure_account(&self, conn: &tokio_postgres::Client, user_id: &str) -> Result<()> {
+        conn.execute(
+            "INSERT INTO quota.accounts (user_id, limit_bytes) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO NOTHING",
+            &[&user_id, &to_i64("limit_bytes", self.default_limit)?],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The account of `user_id`, created with the default limit on first use.
+    pub async fn account(&self, user_id: &str) -> Result<Account> {
+        check_user("user_id", user_id)?;
+        let conn = self.pool.get().await?;
+        self.ensure_account(&conn, user_id).await?;
+        let row = conn
+            .query_one("SELECT * FROM quota.accounts WHERE user_id = $1", &[&user_id])
+            .await?;
+        Ok(Account::from_row(&row))
+    }
+
+    /// Holds `bytes` of `user_id`'s quota for `ttl` (default when `None`).
+    ///
+    /// The hold is one conditional `UPDATE` on the account row: PostgreSQL re-checks the
+    /// condition after waiting for the row lock, so concurrent reservations are serialised and
+    /// the sum of holds plus usage never passes the limit. A repeated `idempotency_key` returns
+    /// the first reservation.
+    pub async fn reserve(
+        &self,
+        user_id: &str,
+        bytes: u64,
+        ttl: Option<Duration>,
+        idempotency_key: Option<&str>,
+    ) -> Result<(Reservation, Account)> {
+        check_user("user_id", user_id)?;
+        let amount = to_i64("bytes", bytes)?;
+        let ttl = ttl.unwrap_or(self.default_ttl);
+        if ttl.is_zero() || ttl > MAX_TTL {
+            return Err(Error::invalid("ttl_seconds", "must be between 1 and 604800"));
+        }
+        if let Some(key) = idempotency_key {
+            if key.len() > 200 {
+                return Err(Error::invalid("idempotency_key", "must be at most 200 characters"));
+            }
+        }
+        let mut conn = self.pool.get().await?;
+        self.ensure_account(&conn, user_id).await?;
+        let tx = conn.transaction().await?;
+        if let Some(existing) = find_by_key(&tx, user_id, idempotency_key).await? {
+            let account = tx
+                .query_one("SELECT * FROM quota.accounts WHERE user_id = $1", &[&user_id])
+                .await?;
+            return Ok((existing, Account::from_row(&account)));
+        }
+        // Holds past their expiry give their bytes back before we decide.
+        tx.execute(
+            "WITH expired AS (
+                 UPDATE quota.reservations SET state = 'expired', updated_at = now()
+                 WHERE user_id = $1 AND state = 'held' AND expires_at < now()
+                 RETURNING bytes)
+             UPDATE quota.accounts
+             SET reserved_bytes = reserved_bytes - (SELECT COALESCE(sum(bytes), 0) FROM expired)
+             WHERE user_id = $1 AND EXISTS (SELECT 1 FROM expired)",
+            &[&user_id],
+        )
+        .await?;
+        let updated = tx
+            .query_opt(
+                "UPDATE quota.accounts
+                 SET reserved_bytes = reserved_bytes + $2, updated_at = now()
+                 WHERE user_id = $1 AND used_bytes + reserved_bytes + $2 <= limit_bytes
+                 RETURNING *",
+                &[&user_id, &amount],
+            )
+            .await?;
+        let Some(account) = updated else {
+            let row = tx
+                .query_one("SELECT * FROM quota.accounts WHERE user_id = $1", &[&user_id])
+                .await?;
+            tx.rollback().await?;
+            return Err(Error::Exhausted {
+                requested: bytes,
+                available: Account::from_row(&row).available_bytes(),
+            });
+        };
+        let ttl_secs = f64::from(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX));
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO quota.reservations (id, user_id, bytes, state, idempotency_key, expires_at)
+                 VALUES ($1, $2, $3, 'held', $4, now() + make_interval(secs => $5))
+                 ON CONFLICT (user_id, idempotency_key) DO NOTHING
+                 RETURNING *",
+                &[&Uuid::now_v7(), &user_id, &amount, &idempotency_key, &ttl_secs],
+            )
+            .await?;
+        match inserted {
+            Some(row) => {
+                tx.commit().await?;
+                Ok((Reservation::from_row(&row), Account::from_row(&account)))
+            }
+            None => {
+                // A concurrent call with the same key won; undo our hold and return theirs.
+                tx.rollback().await?;
+                let conn = self.pool.get().await?;
+                let existing = find_by_key(&conn, user_id, idempotency_key)
+                    .await?
+                    .ok_or(Error::ReservationNotFound)?;
+                let account = conn
+                    .query_one("SELECT * FROM quota.accounts WHERE user_id = $1", &[&user_id])
+                    .await?;
+                Ok((existing, Account::from_row(&account)))
+            }
+        }
+    }
+
+    /// Turns a reservation into `bytes` of usage. Committing again returns the first commit.
+    ///
+    /// An expired hold may still be committed if the bytes fit under the limit: the upload
+    /// finished, and refusing it now would lose the user's file.
+    pub async fn commit(&self, reservation_id: Uuid, bytes: u64) -> Result<(Reservation, Account)> {
+        let amount = to_i64("bytes", bytes)?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT * FROM quota.reservations WHERE id = $1 FOR UPDATE",
+                &[&reservation_id],
+            )
+            .await?
+            .ok_or(Error::ReservationNotFound)?;
+        let reservation = Reservation::from_row(&row);
+        let held = match reservation.state {
+            ReservationState::Committed => {
+                let account = tx
+                    .query_one(
+                        "SELECT * FROM quota.accounts WHERE user_id = $1",
+                        &[&reservation.user_id],
+                    )
+                    .await?;
+                return Ok((reservation, Account::from_row(&account)));
+            }
+            ReservationState::Released => return Err(Error::WrongState("released".into())),
+            ReservationState::Held => to_i64("bytes", reservation.bytes)?,
+            ReservationState::Expired => 0,
+        };
+        let updated = tx
+            .query_opt(
+                "UPDATE quota.accounts
+                 SET reserved_bytes = reserved_bytes - $2, used_bytes = used_bytes + $3,
+                     updated_at = now()
+                 WHERE user_id = $1
+                   AND ($3 <= $2 OR used_bytes + reserved_bytes - $2 + $3 <= limit_bytes)
+                 RETURNING *",
+                &[&reservation.user_id, &held, &amount],
+            )
+            .await?;
+        let Some(account) = updated else {
+            let row = tx
+                .query_one(
+                    "SELECT * FROM quota.accounts WHERE user_id = $1",
+                    &[&reservation.user_id],
+                )
+                .await?;
+            tx.rollback().await?;
+            let account = Account::from_row(&row);
+            return Err(Error::Exhausted {
+                requested: bytes,
+                available: account.available_bytes() + reservation.bytes,
+            });
+        };
+        let row = tx
+            .query_one(
+                "UPDATE quota.reservations
+                 SET state = 'committed', committed_bytes = $2, updated_at = now()
+                 WHERE id = $1 RETURNING *",
+                &[&reservation_id, &amount],
+            )
+            .await?;
+        tx.execute(
+            "INSERT INTO quota.ledger (user_id, delta_bytes, kind, reservation_id, idempotency_key)
+             VALUES ($1, $2, 'commit', $3, $4)",
+            &[
+                &reservation.user_id,
+                &amount,
+                &reservation_id,
+                &format!("commit:{reservation_id}"),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((Reservation::from_row(&row), Account::from_row(&account)))
+    }
+
+    /// Gives a held reservation's bytes back; releasing twice is a no-op.
+    pub async fn release(&self, reservation_id: Uuid) -> Result<Reservation> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT * FROM quota.reservations WHERE id = $1 FOR UPDATE",
+                &[&reservation_id],
+            )
+            .await?
+            .ok_or(Error::ReservationNotFound)?;
+        let reservation = Reservation::from_row(&row);
+        match reservation.state {
+            ReservationState::Released | ReservationState::Expired => return Ok(reservation),
+            ReservationState::Committed => return Err(Error::WrongState("committed".into())),
+            ReservationState::Held => {}
+        }
+        tx.execute(
+            "UPDATE quota.accounts SET reserved_bytes = reserved_bytes - $2, updated_at = now()
+             WHERE user_id = $1",
+            &[&reservation.user_id, &to_i64("bytes", reservation.bytes)?],
+        )
+        .await?;
+        let row = tx
+            .query_one(
+                "UPDATE quota.reservations SET state = $2, updated_at = now()
+                 WHERE id = $1 RETURNING *",
+                &[&reservation_id, &ReservationState::Released.as_str()],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Reservation::from_row(&row))
+    }
+
+    /// Lowers usage by `bytes` once per `idempotency_key`.
+    pub async fn debit(
+        &self,
+        user_id: &str,
+        bytes: u64,
+        idempotency_key: &str,
+        reason: &str,
+    ) -> Result<Account> {
+        check_user("user_id", user_id)?;
+        if idempotency_key.is_empty() {
+            return Err(Error::invalid("idempotency_key", "is required"));
+        }
+        let amount = to_i64("bytes", bytes)?;
+        let mut conn = self.pool.get().await?;
+        self.ensure_account(&conn, user_id).await?;
+        let tx = conn.transaction().await?;
+        let account = tx
+            .query_one(
+                "SELECT * FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
+                &[&user_id],
+            )
+            .await?;
+        // Usage cannot go below zero; if it would, the ledger records what really moved and
+        // reconciliation reports the drift.
+        let delta = amount.min(Account::from_row(&account).used_bytes as i64);
+        let inserted = tx
+            .execute(
+                "INSERT INTO quota.ledger (user_id, delta_bytes, kind, idempotency_key, reason)
+                 VALUES ($1, $2, 'debit', $3, $4) ON CONFLICT (idempotency_key) DO NOTHING",
+                &[&user_id, &-delta, &idempotency_key, &reason],
+            )
+            .await?;
+        let row = if inserted == 1 {
+            tx.query_one(
+                "UPDATE quota.accounts SET used_bytes = used_bytes - $2, updated_at = now()
+                 WHERE user_id = $1 RETURNING *",
+                &[&user_id, &delta],
+            )
+            .await?
+        } else {
+            account
+        };
+        tx.commit().await?;
+        Ok(Account::from_row(&row))
+    }
+
+    /// Sets `user_id`'s usage to `actual_bytes`, recording the drift; returns the drift.
+    pub async fn reconcile(
+        &self,
+        user_id: &str,
+        actual_bytes: u64,
+        idempotency_key: &str,
+    ) -> Result<(i64, Account)> {
+        check_user("user_id", user_id)?;
+        if idempotency_key.is_empty() {
+            return Err(Error::invalid("idempotency_key", "is required"));
+        }
+        let actual = to_i64("actual_bytes", actual_bytes)?;
+        let mut conn = self.pool.get().await?;
+        self.ensure_account(&conn, user_id).await?;
+        let tx = conn.transaction().await?;
+        let row = tx
+            .query_one(
+                "SELECT * FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
+                &[&user_id],
+            )
+            .await?;
+        let recorded: i64 = row.get("used_bytes");
+        let drift = actual - recorded;
+        if drift == 0 {
+            tx.commit().await?;
+            return Ok((0, Account::from_row(&row)));
+        }
+        let inserted = tx
+            .execute(
+                "INSERT INTO quota.ledger (user_id, delta_bytes, kind, idempotency_key, reason)
+                 VALUES ($1, $2, 'reconcile', $3, 'usage recount')
+                 ON CONFLICT (idempotency_key) DO NOTHING",
+                &[&user_id, &drift, &idempotency_key],
+            )
+            .await?;
+        if inserted == 0 {
+            tx.commit().await?;
+            return Ok((0, Account::from_row(&row)));
+        }
+        let row = tx
+            .query_one(
+                "UPDATE quota.accounts SET used_bytes = $2, updated_at = now()
+                 WHERE user_id = $1 RETURNING *",
+                &[&user_id, &actual],
+            )
+            .await?;
+        tx.commit().await?;
+        tracing::warn!(user_id, drift, "usage drift repaired");
+        Ok((drift, Account::from_row(&row)))
+    }
+
+    /// Sets a user's limit.
+    pub async fn set_limit(&self, user_id: &str, limit_bytes: u64) -> Result<Account> {
+        check_user("user_id", user_id)?;
+        let limit = to_i64("limit_bytes", limit_bytes)?;
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_one(
+                "INSERT INTO quota.accounts (user_id, limit_bytes) VALUES ($1, $2)
+                 ON CONFLICT (user_id) DO UPDATE SET limit_bytes = $2, updated_at = now()
+                 RETURNING *",
+                &[&user_id, &limit],
+            )
+            .await?;
+        Ok(Account::from_row(&row))
+    }
+
+    /// Accounts with `used / limit >= min_percent`, by user id, after `after`.
+    pub async fn list_accounts(
+        &self,
+        min_percent: f64,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Account>> {
+        if !(0.0..=1000.0).contains(&min_percent) {
+            return Err(Error::invalid("min_used_percent", "must be between 0 and 1000"));
+        }
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT * FROM quota.accounts
+                 WHERE user_id > $1
+                   AND used_bytes::float8 * 100 >= $2 * GREATEST(limit_bytes, 1)::float8
+                 ORDER BY user_id LIMIT $3",
+                &[&after.unwrap_or(""), &min_percent, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(Account::from_row).collect())
+    }
+
+    /// Platform totals.
+    pub async fn stats(&self) -> Result<Stats> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_one(
+                "SELECT count(*) AS accounts,
+                        COALESCE(sum(used_bytes), 0)::bigint AS used,
+                        COALESCE(sum(reserved_bytes), 0)::bigint AS reserved,
+                        COALESCE(sum(limit_bytes), 0)::bigint AS limits,
+                        count(*) FILTER (WHERE used_bytes * 5 >= limit_bytes * 4) AS above80,
+                        count(*) FILTER (WHERE used_bytes >= limit_bytes) AS full,
+                        (SELECT count(*) FROM quota.reservations WHERE state = 'held') AS held
+                 FROM quota.accounts",
+                &[],
+            )
+            .await?;
+        Ok(Stats {
+            accounts: to_u64(row.get("accounts")),
+            used: to_u64(row.get("used")),
+            reserved: to_u64(row.get("reserved")),
+            limits: to_u64(row.get("limits")),
+            above_80: to_u64(row.get("above80")),
+            full: to_u64(row.get("full")),
+            held: to_u64(row.get("held")),
+        })
+    }
+
+    /// Sum of the ledger for `user_id`: what usage must be if nothing drifted.
+    pub async fn ledger_total(&self, user_id: &str) -> Result<i64> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_one(
+                "SELECT COALESCE(sum(delta_bytes), 0)::bigint FROM quota.ledger WHERE user_id = $1",
+                &[&user_id],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+}
+
+/// Platform totals.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// Accounts.
+    pub accounts: u64,
+    /// Sum of usage.
+    pub used: u64,
+    /// Sum of holds.
+    pub reserved: u64,
+    /// Sum of limits.
+    pub limits: u64,
+    /// Accounts at 80 % or more.
+    pub above_80: u64,
+    /// Accounts at or over their limit.
+    pub full: u64,
+    /// Holds outstanding.
+    pub held: u64,
+}
+
+async fn find_by_key(
+    conn: &impl stowage_db::GenericClient,
+    user_id: &str,
+    key: Option<&str>,
+) -> Result<Option<Reservation>> {
+    let Some(key) = key else { return Ok(None) };
+    let row = conn
+        .query_opt(
+            "SELECT * FROM quota.reservations WHERE user_id = $1 AND idempotency_key = $2",
+            &[&user_id, &key],
+        )
+        .await?;
+    Ok(row.as_ref().map(Reservation::from_row))
+}

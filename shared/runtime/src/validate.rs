@@ -1,0 +1,67 @@
+//! Checks on user-supplied names and tags shared by Ingest and Files.
+
+/// Longest display name, in characters.
+pub const MAX_NAME_CHARS: usize = 255;
+/// Most tags on one file.
+pub const MAX_TAGS: usize = 32;
+/// Longest tag, in characters.
+pub const MAX_TAG_CHARS: usize = 64;
+
+/// A display name is 1..=255 characters without control characters. It is only ever
+/// metadata, so `../../etc/passwd` is a valid (if odd) name.
+pub fn display_name(name: &str) -> Result<(), String> {
+    let chars = name.chars().count();
+    if chars == 0 || name.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if chars > MAX_NAME_CHARS {
+        return Err(format!("must be at most {MAX_NAME_CHARS} characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// Tags are trimmed, deduplicated and checked: at most 32, each 1..=64 characters without
+/// control characters.
+pub fn tags(tags: &[String]) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::with_capacity(tags.len());
+    for tag in tags {
+        let tag = tag.trim();
+        if tag.is_empty() {
+            return Err("must not contain empty tags".into());
+        }
+        if tag.chars().count() > MAX_TAG_CHARS || tag.chars().any(char::is_control) {
+            return Err(format!(
+                "each tag must be at most {MAX_TAG_CHARS} characters without control characters"
+            ));
+        }
+        if !out.iter().any(|t| t == tag) {
+            out.push(tag.to_owned());
+        }
+    }
+    if out.len() > MAX_TAGS {
+        return Err(format!("at most {MAX_TAGS} tags"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_metadata_not_paths() {
+        assert!(super::display_name("../../etc/passwd").is_ok());
+        assert!(super::display_name("").is_err());
+        assert!(super::display_name("a\nb").is_err());
+        assert!(super::display_name(&"é".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn tags_are_deduplicated_and_bounded() {
+        let t = super::tags(&["a".into(), " a ".into(), "b".into()]).unwrap();
+        assert_eq!(t, vec!["a", "b"]);
+        assert!(super::tags(&[String::new()]).is_err());
+        assert!(super::tags(&(0..33).map(|i| i.to_string()).collect::<Vec<_>>()).is_err());
+    }
+}
