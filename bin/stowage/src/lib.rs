@@ -1,1 +1,210 @@
+//! Wires the five Stowage services into one process: `serve(roles, config, listener,
+//! shutdown)` is what `stowage serve`, `stowage dev` and the tests call.
 
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
+use stowage_blob::Blobs;
+use stowage_files::{Catalog, FilesGrpc, UrlSigner};
+use stowage_ingest::{IngestGrpc, Uploader, Uploads};
+use stowage_lifecycle::LifecycleGrpc;
+use stowage_media::MediaGrpc;
+use stowage_quota::{Quota, QuotaGrpc};
+use stowage_runtime::{
+    Background, Config, Dependency, GrpcServer, Minter, Verifier,
+    mesh::{self, FilesApi, GrpcFiles, GrpcQuota, LocalFiles, LocalQuota, QuotaApi, ServiceAuth},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub mod cli;
+pub mod client;
+pub mod dev;
+
+/// A service a process can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Uploads and event streams.
+    Ingest,
+    /// File metadata and downloads.
+    Files,
+    /// Limits and usage.
+    Quota,
+    /// Derivatives and antivirus.
+    Media,
+    /// Scheduled clean-up and history.
+    Lifecycle,
+}
+
+impl Role {
+    /// All five.
+    pub const ALL: [Role; 5] = [Role::Ingest, Role::Files, Role::Quota, Role::Media, Role::Lifecycle];
+}
+
+/// Applies the migrations of `roles`' schemas.
+pub async fn migrate(pool: &stowage_db::PgPool, roles: &[Role]) -> anyhow::Result<()> {
+    for role in roles {
+        match role {
+            Role::Ingest => stowage_ingest::migrate(pool).await?,
+            Role::Files => stowage_files::migrate(pool).await?,
+            Role::Quota => stowage_quota::migrate(pool).await?,
+            Role::Media | Role::Lifecycle => {}
+        }
+    }
+    Ok(())
+}
+
+/// HMAC key of signed URLs: configured, or derived from the HS256 secret.
+fn url_signing_key(config: &Config) -> anyhow::Result<Vec<u8>> {
+    if let Some(key) = &config.url_signing_key {
+        return Ok(key.as_bytes().to_vec());
+    }
+    let secret = config
+        .auth
+        .hs256_secret
+        .as_ref()
+        .context("STOWAGE_URL_SIGNING_KEY: required")?;
+    Ok(Sha256::digest(format!("stowage-url-signing\0{secret}")).to_vec())
+}
+
+fn peer_url<'a>(url: &'a Option<String>, var: &str) -> anyhow::Result<&'a str> {
+    url.as_deref()
+        .with_context(|| format!("{var}: required when this process does not run that service"))
+}
+
+/// Serves `roles` on `listener` until `shutdown`, then drains.
+pub async fn serve(
+    roles: &[Role],
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let database_url = config.database_url.as_deref().context("DATABASE_URL: required")?;
+    let pool = stowage_db::connect(database_url, config.db_pool_size).context("DATABASE_URL")?;
+    migrate(&pool, roles).await.context("migrations")?;
+    let blobs = Blobs::from_url(&config.blob_url)?;
+    let background = Background::new(shutdown.clone());
+    let verifier = Verifier::new(&config.auth, shutdown.clone()).await?;
+    let service_auth = match (Minter::from_config(&config.auth), &config.service_token) {
+        (_, Some(token)) => ServiceAuth::Static(token.clone()),
+        (Some(minter), None) => ServiceAuth::Mint(minter),
+        (None, None) => ServiceAuth::Static(String::new()),
+    };
+    let timeout = config.peer_timeout();
+    let max_message = usize::try_from(config.max_message_size.as_u64()).unwrap_or(usize::MAX);
+    let mut server = GrpcServer::new(verifier, config.cors_origins.clone(), config.shutdown_grace);
+
+    let quota_local = roles.contains(&Role::Quota).then(|| {
+        Arc::new(QuotaGrpc::new(Quota::new(
+            pool.clone(),
+            config.quota.default_limit.as_u64(),
+            config.quota.reservation_ttl,
+        )))
+    });
+    let quota_api = || -> anyhow::Result<Arc<dyn QuotaApi>> {
+        Ok(match &quota_local {
+            Some(q) => Arc::new(LocalQuota::new(Arc::clone(q), timeout)),
+            None => Arc::new(GrpcQuota::new(
+                mesh::channel(peer_url(&config.peers.quota, "STOWAGE_PEERS__QUOTA")?, timeout)?,
+                service_auth.clone(),
+                timeout,
+            )),
+        })
+    };
+    let catalog = Catalog::new(pool.clone());
+    let files_local = if roles.contains(&Role::Files) {
+        let signer = UrlSigner::new(&url_signing_key(&config)?, config.public_base_url());
+        server.merge_http(stowage_files::http_routes(catalog.clone(), Arc::clone(&blobs.store), signer.clone()));
+        Some(Arc::new(FilesGrpc::new(
+            catalog,
+            blobs.clone(),
+            quota_api()?,
+            signer,
+            config.files.max_url_ttl,
+            usize::try_from(config.files.download_chunk.as_u64()).unwrap_or(256 * 1024),
+        )))
+    } else {
+        None
+    };
+    let files_api = || -> anyhow::Result<Arc<dyn FilesApi>> {
+        Ok(match &files_local {
+            Some(f) => Arc::new(LocalFiles::new(Arc::clone(f), timeout)),
+            None => Arc::new(GrpcFiles::new(
+                mesh::channel(peer_url(&config.peers.files, "STOWAGE_PEERS__FILES")?, timeout)?,
+                service_auth.clone(),
+                timeout,
+            )),
+        })
+    };
+
+    for role in roles {
+        match role {
+            Role::Quota => {
+                if let Some(q) = &quota_local {
+                    server.add_service(
+                        stowage_proto::v1::quota_server::QuotaServer::from_arc(Arc::clone(q))
+                            .max_decoding_message_size(max_message)
+                            .max_encoding_message_size(max_message),
+                    );
+                }
+            }
+            Role::Files => {
+                if let Some(f) = &files_local {
+                    server.add_service(
+                        stowage_proto::v1::files_server::FilesServer::from_arc(Arc::clone(f))
+                            .max_decoding_message_size(max_message)
+                            .max_encoding_message_size(max_message),
+                    );
+                }
+            }
+            Role::Ingest => {
+                let uploader = Uploader {
+                    uploads: Uploads::new(pool.clone()),
+                    store: Arc::clone(&blobs.store),
+                    quota: quota_api()?,
+                    files: files_api()?,
+                    max_file_size: config.ingest.max_file_size.as_u64(),
+                    part_size: usize::try_from(config.ingest.part_size.as_u64()).unwrap_or(8 << 20),
+                    shutdown: shutdown.clone(),
+                };
+                server.add_service(IngestGrpc::new(uploader).into_server(max_message));
+            }
+            Role::Media => {
+                server.add_service(MediaGrpc.into_server(max_message));
+            }
+            Role::Lifecycle => {
+                server.add_service(LifecycleGrpc.into_server(max_message));
+            }
+        }
+    }
+
+    let mut dependencies = vec![Dependency::Postgres(pool.clone())];
+    if let Some(url) = &config.redis_url {
+        dependencies.push(Dependency::Redis(
+            stowage_runtime::redis::connect(url).await.context("REDIS_URL")?,
+        ));
+    }
+    server.watch_readiness(&background, dependencies);
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        services = ?server.service_names(),
+        store = %blobs.url,
+        "serving"
+    );
+    server.serve(listener, shutdown).await?;
+    background.wait().await;
+    Ok(())
+}
+
+/// Parses `all` or one role name.
+pub fn roles_of(name: &str) -> anyhow::Result<Vec<Role>> {
+    use clap::ValueEnum;
+    if name == "all" {
+        return Ok(Role::ALL.to_vec());
+    }
+    match Role::from_str(name, true) {
+        Ok(role) => Ok(vec![role]),
+        Err(_) => bail!("unknown service {name:?}: use ingest, files, quota, media, lifecycle or all"),
+    }
+}

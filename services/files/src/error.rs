@@ -65,7 +65,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
             Error::AlreadyExists => Status::already_exists(error.to_string()),
             Error::Db(ref e) => {
-                tracing::error!(error = %e, "files database error");
+                tracing::error!(error = ?e, "files database error");
                 Status::unavailable("file metadata unavailable")
             }
             Error::Pool(ref e) => {

@@ -290,10 +290,11 @@ impl Quota {
         let updated = tx
             .query_opt(
                 "UPDATE quota.accounts
-                 SET reserved_bytes = reserved_bytes - $2, used_bytes = used_bytes + $3,
-                     updated_at = now()
+                 SET reserved_bytes = reserved_bytes - $2::bigint,
+                     used_bytes = used_bytes + $3::bigint, updated_at = now()
                  WHERE user_id = $1
-                   AND ($3 <= $2 OR used_bytes + reserved_bytes - $2 + $3 <= limit_bytes)
+                   AND ($3::bigint <= $2::bigint
+                        OR used_bytes + reserved_bytes - $2::bigint + $3::bigint <= limit_bytes)
                  RETURNING *",
                 &[&reservation.user_id, &held, &amount],
             )

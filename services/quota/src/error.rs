@@ -52,7 +52,7 @@ impl From<Error> for Status {
             Error::ReservationNotFound => Status::not_found(error.to_string()),
             Error::WrongState(_) => Status::failed_precondition(error.to_string()),
             Error::Db(ref e) => {
-                tracing::error!(error = %e, "quota database error");
+                tracing::error!(error = ?e, "quota database error");
                 Status::unavailable("quota storage unavailable")
             }
             Error::Pool(ref e) => {

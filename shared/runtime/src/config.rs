@@ -194,15 +194,17 @@ impl Default for IngestConfig {
 impl Config {
     /// Loads defaults, then `toml_file` when given, then the environment, and validates.
     pub fn load(toml_file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_with(toml_file, |figment| figment)
+        Self::load_with(toml_file, |figment| figment, |figment| figment)
     }
 
-    /// Like [`Config::load`], with a last layer of overrides (command-line flags).
+    /// Like [`Config::load`], with a layer of mode defaults right above the built-in ones
+    /// (`stowage dev`) and a last layer of overrides (command-line flags).
     pub fn load_with(
         toml_file: Option<&Path>,
+        mode_defaults: impl FnOnce(Figment) -> Figment,
         overrides: impl FnOnce(Figment) -> Figment,
     ) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let mut figment = mode_defaults(Figment::from(Serialized::defaults(Config::default())));
         let file = toml_file
             .map(Path::to_path_buf)
             .or_else(|| std::env::var_os("STOWAGE_CONFIG").map(Into::into));

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use fred::prelude::*;
 
-/// Connects to `url` and waits until the connection is up (at most 10 s).
+/// A client for `url` that keeps reconnecting in the background. It waits up to 5 s for the
+/// first connection, then returns anyway: a process starts without Redis and its readiness
+/// says so until Redis answers.
 pub async fn connect(url: &str) -> Result<Client, Error> {
     let config = Config::from_url(url)?;
     let client = Builder::from_config(config)
@@ -14,7 +16,14 @@ pub async fn connect(url: &str) -> Result<Client, Error> {
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
         .build()?;
-    client.init().await?;
+    // The connection task lives as long as the client.
+    let _task = client.connect();
+    if tokio::time::timeout(Duration::from_secs(5), client.wait_for_connect())
+        .await
+        .is_err()
+    {
+        tracing::warn!("redis not reachable yet; not ready until it is");
+    }
     Ok(client)
 }
 

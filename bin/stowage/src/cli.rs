@@ -1,0 +1,297 @@
+//! The command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use figment::providers::Serialized;
+use stowage_proto::v1 as pb;
+use stowage_runtime::{Config, Minter, config::AuthConfig, telemetry};
+
+use crate::{Role, client::Client, dev, roles_of};
+
+/// Stowage: uploads, files, quotas, media and lifecycle.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// TOML configuration file (also `STOWAGE_CONFIG`).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs all five services on one port with embedded defaults.
+    Dev {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        addr: String,
+        /// Where blobs, the dev database and the dev secret live.
+        #[arg(long, default_value = ".stowage")]
+        data_dir: PathBuf,
+    },
+    /// Runs one service, or all of them, from the configuration.
+    Serve {
+        /// ingest, files, quota, media, lifecycle or all.
+        service: String,
+    },
+    /// Applies every service's database migrations and exits.
+    Migrate,
+    /// Mints a token (HS256 secret from the configuration, or the dev secret).
+    Token {
+        /// User id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Scopes to grant (admin, service).
+        #[arg(long)]
+        scope: Vec<String>,
+        /// Lifetime, e.g. `24h`, `30d`.
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        /// Data directory of `stowage dev`, for its secret.
+        #[arg(long, default_value = ".stowage")]
+        data_dir: PathBuf,
+    },
+    /// Uploads files.
+    Upload {
+        /// Files to upload.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Tags for every file.
+        #[arg(long)]
+        tag: Vec<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Lists files (or trash).
+    Ls {
+        /// Only this kind (video, image, audio, document, other).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only files with this tag (repeat for any-of).
+        #[arg(long)]
+        tag: Vec<String>,
+        /// Names containing this text.
+        #[arg(long)]
+        name: Option<String>,
+        /// Sort by created, name or size.
+        #[arg(long, default_value = "created")]
+        sort: String,
+        /// Ascending order.
+        #[arg(long)]
+        asc: bool,
+        /// Show trash instead.
+        #[arg(long)]
+        trash: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Downloads a file, verifying its checksum.
+    Get {
+        /// File id.
+        id: String,
+        /// Output path (`-` for stdout; default: the file's name).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Moves a file to trash.
+    Rm {
+        /// File id.
+        id: String,
+        /// Remove it for good.
+        #[arg(long)]
+        purge: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Restores a file from trash.
+    Restore {
+        /// File id.
+        id: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Shows usage against the quota.
+    Usage {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Endpoint {
+    /// Stowage address.
+    #[arg(long, default_value = "http://127.0.0.1:7070", env = "STOWAGE_ADDR_CLIENT")]
+    addr: String,
+    /// Bearer token.
+    #[arg(long, env = "STOWAGE_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+impl Endpoint {
+    async fn client(&self) -> anyhow::Result<Client> {
+        Client::connect(&self.addr, &self.token).await
+    }
+}
+
+/// Runs a parsed command line; errors are printed, and the exit code says whether it worked.
+pub async fn run(cli: Cli) -> ExitCode {
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let config_file = cli.config.as_deref();
+    match cli.command {
+        Command::Dev { addr, data_dir } => {
+            let data_dir = dev::data_dir(&data_dir)?;
+            let secret = dev::dev_secret(&data_dir)?;
+            let mut config = Config::load_with(
+                config_file,
+                |f| f.merge(dev::defaults(&data_dir, &secret)),
+                |f| f.merge(Serialized::default("addr", &addr)),
+            )?;
+            telemetry::init(config.log_format);
+            let servers = dev::start_servers(&mut config, &data_dir).await?;
+            let listener = tokio::net::TcpListener::bind(config.addr)
+                .await
+                .with_context(|| format!("--addr: cannot listen on {}", config.addr))?;
+            let token = Minter::from_config(&config.auth)
+                .map(|m| m.mint("dev", &[], Duration::from_secs(30 * 24 * 3600)))
+                .unwrap_or_default();
+            println!("Stowage dev is up: all five services on http://{}", listener.local_addr()?);
+            println!("  object store: {}", config.blob_url);
+            println!("  data:         {}", data_dir.display());
+            println!("  dev token (user \"dev\", 30 days):");
+            println!("    export STOWAGE_TOKEN={token}");
+            println!("  try: stowage upload ./some-file && stowage ls && stowage usage");
+            let shutdown = stowage_runtime::tasks::shutdown_on_signals();
+            let result = crate::serve(&Role::ALL, config, listener, shutdown).await;
+            servers.stop().await;
+            result
+        }
+        Command::Serve { service } => {
+            let roles = roles_of(&service)?;
+            let config = Config::load(config_file)?;
+            telemetry::init(config.log_format);
+            let listener = tokio::net::TcpListener::bind(config.addr)
+                .await
+                .with_context(|| format!("STOWAGE_ADDR: cannot listen on {}", config.addr))?;
+            let shutdown = stowage_runtime::tasks::shutdown_on_signals();
+            crate::serve(&roles, config, listener, shutdown).await
+        }
+        Command::Migrate => {
+            let config = Config::load(config_file)?;
+            telemetry::init(config.log_format);
+            let url = config.database_url.as_deref().context("DATABASE_URL: required")?;
+            let pool = stowage_db::connect(url, 2)?;
+            crate::migrate(&pool, &Role::ALL).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Token { user, scope, ttl, data_dir } => {
+            stowage_blob::keys::validate_user_id(&user).map_err(|why| anyhow::anyhow!("--user: {why}"))?;
+            let ttl = humantime::parse_duration(&ttl).with_context(|| format!("--ttl: {ttl:?} is not like 30d, 24h, 15m"))?;
+            let secret = match std::env::var("STOWAGE_AUTH__HS256_SECRET") {
+                Ok(secret) => secret,
+                Err(_) => {
+                    let path = data_dir.join("dev-secret");
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("STOWAGE_AUTH__HS256_SECRET is unset and {} does not exist (run `stowage dev` first)", path.display()))?
+                        .trim()
+                        .to_owned()
+                }
+            };
+            let minter = Minter::from_config(&AuthConfig {
+                hs256_secret: Some(secret),
+                issuer: std::env::var("STOWAGE_AUTH__ISSUER").ok(),
+                audience: std::env::var("STOWAGE_AUTH__AUDIENCE").ok(),
+                ..AuthConfig::default()
+            })
+            .context("no secret")?;
+            let scopes: Vec<&str> = scope.iter().map(String::as_str).collect();
+            println!("{}", minter.mint(&user, &scopes, ttl));
+            Ok(())
+        }
+        Command::Upload { paths, tag, endpoint } => {
+            let client = endpoint.client().await?;
+            for path in paths {
+                let file = client.upload(&path, &tag, false).await?;
+                println!("{}  {}  {}", file.id, crate::client::human(file.size_bytes), file.display_name);
+            }
+            Ok(())
+        }
+        Command::Ls { kind, tag, name, sort, asc, trash, endpoint } => {
+            let client = endpoint.client().await?;
+            if trash {
+                crate::client::print_files(&client.trash().await?);
+                return Ok(());
+            }
+            let kind = match kind.as_deref() {
+                None => pb::FileKind::Unspecified,
+                Some(k) => pb::FileKind::from_str_name(&format!("FILE_KIND_{}", k.to_uppercase()))
+                    .with_context(|| format!("--kind: unknown kind {k:?}"))?,
+            };
+            let sort_by = match sort.as_str() {
+                "created" => pb::FileSortField::CreatedAt,
+                "name" => pb::FileSortField::Name,
+                "size" => pb::FileSortField::Size,
+                other => anyhow::bail!("--sort: unknown field {other:?} (created, name, size)"),
+            };
+            let mut request = pb::ListFilesRequest {
+                kind: kind as i32,
+                any_tags: tag,
+                name_contains: name.unwrap_or_default(),
+                sort_by: sort_by as i32,
+                direction: if asc { pb::SortDirection::Asc } else { pb::SortDirection::Desc } as i32,
+                page_size: 200,
+                ..Default::default()
+            };
+            loop {
+                let page = client.list(request.clone()).await?;
+                crate::client::print_files(&page.files);
+                if page.next_page_token.is_empty() {
+                    return Ok(());
+                }
+                request.page_token = page.next_page_token;
+            }
+        }
+        Command::Get { id, output, endpoint } => {
+            let file = endpoint.client().await?.get(&id, output.as_deref()).await?;
+            eprintln!("{}  {}  sha256 ok", file.display_name, crate::client::human(file.size_bytes));
+            Ok(())
+        }
+        Command::Rm { id, purge, endpoint } => {
+            endpoint.client().await?.remove(&id, purge).await?;
+            println!("{} {id}", if purge { "purged" } else { "moved to trash" });
+            Ok(())
+        }
+        Command::Restore { id, endpoint } => {
+            let file = endpoint.client().await?.restore(&id).await?;
+            println!("restored {}  {}", file.id, file.display_name);
+            Ok(())
+        }
+        Command::Usage { endpoint } => {
+            let a = endpoint.client().await?.usage().await?;
+            println!(
+                "{}: {} used of {} ({:.1} %), {} reserved, {} available",
+                a.user_id,
+                crate::client::human(a.used_bytes),
+                crate::client::human(a.limit_bytes),
+                a.used_percent,
+                crate::client::human(a.reserved_bytes),
+                crate::client::human(a.available_bytes)
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Client commands: `upload`, `ls`, `get`, `rm`, `restore`, `usage`.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use stowage_proto::v1::{
+    self as pb, files_client::FilesClient, ingest_client::IngestClient,
+    quota_client::QuotaClient, upload_request::Part,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+
+/// Bytes per upload message.
+const CHUNK: usize = 1 << 20;
+
+/// A connection to a Stowage endpoint with a bearer token.
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+    token: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Client {
+    /// Connects to `addr` (`http://host:port`) with `token`.
+    pub async fn connect(addr: &str, token: &str) -> anyhow::Result<Self> {
+        let addr = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach Stowage at {addr}"))?;
+        let token = MetadataValue::try_from(format!("Bearer {token}")).context("STOWAGE_TOKEN is not a valid token")?;
+        Ok(Self { channel, token })
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert("authorization", self.token.clone());
+        request
+    }
+
+    fn files(&self) -> FilesClient<Channel> {
+        FilesClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
+    }
+
+    /// Uploads one file with a progress bar; returns the stored file.
+    pub async fn upload(&self, path: &Path, tags: &[String], quiet: bool) -> anyhow::Result<pb::File> {
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let size = file.metadata().await?.len();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "upload".into());
+        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
+        bar.set_style(
+            ProgressStyle::with_template("{msg:20!} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(name.clone());
+        let header = pb::UploadRequest {
+            part: Some(Part::Header(pb::UploadHeader {
+                size_bytes: size,
+                metadata: Some(pb::UploadMetadata {
+                    display_name: name,
+                    tags: tags.to_vec(),
+                    ..Default::default()
+                }),
+                idempotency_key: String::new(),
+            })),
+        };
+        let progress = bar.clone();
+        let chunks = futures::stream::unfold(file_reader(&mut file).await?, move |mut reader| {
+            let progress = progress.clone();
+            async move {
+                let mut buf = vec![0u8; CHUNK];
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        progress.inc(n as u64);
+                        Some((pb::UploadRequest { part: Some(Part::Data(buf)) }, reader))
+                    }
+                }
+            }
+        });
+        let stream = futures::stream::once(async { header }).chain(chunks);
+        let response = IngestClient::new(self.channel.clone())
+            .upload(self.request(stream))
+            .await
+            .map_err(|s| anyhow::anyhow!("upload of {} failed: {}", path.display(), s.message()))?;
+        bar.finish();
+        response.into_inner().file.context("server sent no file")
+    }
+
+    /// Lists files.
+    pub async fn list(&self, request: pb::ListFilesRequest) -> anyhow::Result<pb::ListFilesResponse> {
+        Ok(self.files().list_files(self.request(request)).await.map_err(status)?.into_inner())
+    }
+
+    /// Lists trash.
+    pub async fn trash(&self) -> anyhow::Result<Vec<pb::File>> {
+        let response = self
+            .files()
+            .list_trash(self.request(pb::ListTrashRequest::default()))
+            .await
+            .map_err(status)?;
+        Ok(response.into_inner().files)
+    }
+
+    /// Downloads a file to `out` (or stdout for `-`), checking its SHA-256.
+    pub async fn get(&self, id: &str, out: Option<&Path>) -> anyhow::Result<pb::File> {
+        let mut stream = self
+            .files()
+            .download(self.request(pb::DownloadRequest {
+                file_id: id.to_owned(),
+                ..Default::default()
+            }))
+            .await
+            .map_err(status)?
+            .into_inner();
+        let first = stream.message().await.map_err(status)?.context("empty download")?;
+        let header = first.header.context("download without header")?;
+        let file = header.file.context("download without file")?;
+        let target = match out {
+            Some(p) => p.to_path_buf(),
+            None => std::path::PathBuf::from(sanitize(&file.display_name)),
+        };
+        let mut writer: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if target.as_os_str() == "-" {
+            Box::new(tokio::io::stdout())
+        } else {
+            Box::new(tokio::fs::File::create(&target).await.with_context(|| format!("cannot create {}", target.display()))?)
+        };
+        let mut hasher = Sha256::new();
+        while let Some(message) = stream.message().await.map_err(status)? {
+            hasher.update(&message.data);
+            writer.write_all(&message.data).await?;
+        }
+        writer.flush().await?;
+        let digest = hex::encode(hasher.finalize());
+        if digest != file.sha256 {
+            bail!("checksum mismatch: got {digest}, expected {}", file.sha256);
+        }
+        Ok(file)
+    }
+
+    /// Moves a file to trash, or purges it.
+    pub async fn remove(&self, id: &str, purge: bool) -> anyhow::Result<()> {
+        let mut files = self.files();
+        files
+            .delete_file(self.request(pb::DeleteFileRequest { file_id: id.to_owned() }))
+            .await
+            .map_err(status)?;
+        if purge {
+            files
+                .purge_file(self.request(pb::PurgeFileRequest { file_id: id.to_owned() }))
+                .await
+                .map_err(status)?;
+        }
+        Ok(())
+    }
+
+    /// Restores a file from trash.
+    pub async fn restore(&self, id: &str) -> anyhow::Result<pb::File> {
+        let response = self
+            .files()
+            .restore_file(self.request(pb::RestoreFileRequest { file_id: id.to_owned() }))
+            .await
+            .map_err(status)?;
+        response.into_inner().file.context("no file in response")
+    }
+
+    /// The caller's quota account.
+    pub async fn usage(&self) -> anyhow::Result<pb::Account> {
+        let response = QuotaClient::new(self.channel.clone())
+            .get_usage(self.request(pb::GetUsageRequest::default()))
+            .await
+            .map_err(status)?;
+        response.into_inner().account.context("no account in response")
+    }
+}
+
+async fn file_reader(file: &mut tokio::fs::File) -> anyhow::Result<tokio::fs::File> {
+    Ok(file.try_clone().await?)
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// A display name made safe to use as a local file name.
+fn sanitize(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("download");
+    let cleaned: String = base.chars().filter(|c| !c.is_control()).collect();
+    match cleaned.as_str() {
+        "" | "." | ".." => "download".into(),
+        _ => cleaned,
+    }
+}
+
+/// Human-readable size.
+pub fn human(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
+}
+
+/// One line per file.
+pub fn print_files(files: &[pb::File]) {
+    for f in files {
+        let kind = pb::FileKind::try_from(f.kind)
+            .map(|k| k.as_str_name().trim_start_matches("FILE_KIND_").to_lowercase())
+            .unwrap_or_default();
+        let created = f
+            .created_at
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0))
+            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_default();
+        println!("{}  {:9}  {:>10}  {}  {}", f.id, kind, human(f.size_bytes), created, f.display_name);
+    }
+}

@@ -1,0 +1,82 @@
+//! `stowage dev`: everything on one laptop. Data lives under one directory (default
+//! `./.stowage`): blobs, a PostgreSQL cluster started from the system's binaries when no
+//! `DATABASE_URL` is given, and the dev signing secret. Redis is started throwaway when no
+//! `REDIS_URL` is given (it holds nothing that must survive).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rand::RngCore;
+use stowage_local::{LocalPostgres, LocalRedis};
+use stowage_runtime::Config;
+
+/// Servers started for a dev session; stopped by [`DevServers::stop`].
+#[derive(Debug, Default)]
+pub struct DevServers {
+    postgres: Option<LocalPostgres>,
+    redis: Option<LocalRedis>,
+}
+
+impl DevServers {
+    /// Stops what was started.
+    pub async fn stop(self) {
+        if let Some(redis) = self.redis {
+            redis.stop().await;
+        }
+        if let Some(pg) = self.postgres {
+            pg.stop().await;
+        }
+    }
+}
+
+/// Absolute form of `dir`, created if missing.
+pub fn data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--data-dir: cannot create {}", dir.display()))?;
+    Ok(std::fs::canonicalize(dir)?)
+}
+
+/// The dev HS256 secret, created once and kept in `{data_dir}/dev-secret`.
+pub fn dev_secret(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("dev-secret");
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        let secret = secret.trim().to_owned();
+        if secret.len() >= 16 {
+            return Ok(secret);
+        }
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = hex::encode(bytes);
+    std::fs::write(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(secret)
+}
+
+/// Dev defaults: loopback address, local-disk store under `data_dir`, the dev secret, any
+/// grpc-web origin. Environment variables and flags still win.
+pub fn defaults(data_dir: &Path, secret: &str) -> figment::Figment {
+    use figment::providers::Serialized;
+    figment::Figment::new()
+        .merge(Serialized::default("addr", "127.0.0.1:7070"))
+        .merge(Serialized::default("blob_url", format!("file://{}/blobs", data_dir.display())))
+        .merge(Serialized::default("auth.hs256_secret", secret))
+        .merge(Serialized::default("cors_origins", vec!["*"]))
+}
+
+/// Starts PostgreSQL and Redis for whatever `config` has no URL for.
+pub async fn start_servers(config: &mut Config, data_dir: &Path) -> anyhow::Result<DevServers> {
+    let mut servers = DevServers::default();
+    if config.database_url.is_none() {
+        let pg = LocalPostgres::start(&data_dir.join("postgres"), true)
+            .await
+            .context("starting PostgreSQL")?;
+        pg.create_database("stowage").await?;
+        config.database_url = Some(pg.url("stowage"));
+        servers.postgres = Some(pg);
+    }
+    if config.redis_url.is_none() {
+        let redis = LocalRedis::start().await.context("starting Redis")?;
+        config.redis_url = Some(redis.url());
+        servers.redis = Some(redis);
+    }
+    Ok(servers)
+}

@@ -1,0 +1,344 @@
+//! The one-shot upload: reserve → stream to the store while hashing → sniff → register →
+//! commit. Any failure before registration releases the reservation and removes the blob.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use chrono::{Datelike, Utc};
+use futures::{Stream, StreamExt};
+use object_store::{ObjectStoreExt, WriteMultipart, path::Path as ObjectPath};
+use sha2::{Digest, Sha256};
+use stowage_blob::keys;
+use stowage_proto::v1::{self as pb, upload_request::Part};
+use stowage_runtime::{
+    mesh::{FilesApi, QuotaApi},
+    validate,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::{
+    error::{Error, Result},
+    sniff::{SNIFF_LEN, Sniffed, sniff},
+    uploads::Uploads,
+};
+
+/// Everything an upload needs.
+#[derive(Clone)]
+pub struct Uploader {
+    /// Upload rows.
+    pub uploads: Uploads,
+    /// The object store.
+    pub store: Arc<dyn object_store::ObjectStore>,
+    /// Quota.
+    pub quota: Arc<dyn QuotaApi>,
+    /// Files.
+    pub files: Arc<dyn FilesApi>,
+    /// Largest file accepted.
+    pub max_file_size: u64,
+    /// Multipart part size.
+    pub part_size: usize,
+    /// Cancelled at shutdown: in-flight uploads stop and clean up.
+    pub shutdown: CancellationToken,
+}
+
+/// Validated header of an upload.
+struct Header {
+    size: u64,
+    meta: pb::UploadMetadata,
+    tags: Vec<String>,
+    expected_sha256: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+fn check_header(h: pb::UploadHeader, max: u64) -> Result<Header> {
+    let meta = h.metadata.unwrap_or_default();
+    validate::display_name(&meta.display_name)
+        .map_err(|why| Error::invalid("header.metadata.display_name", why))?;
+    let tags = validate::tags(&meta.tags).map_err(|why| Error::invalid("header.metadata.tags", why))?;
+    if h.size_bytes > max {
+        return Err(Error::invalid(
+            "header.size_bytes",
+            format!("{} bytes is above the limit of {max}", h.size_bytes),
+        ));
+    }
+    let expected_sha256 = if meta.expected_sha256.is_empty() {
+        None
+    } else if meta.expected_sha256.len() == 64 && meta.expected_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some(meta.expected_sha256.to_ascii_lowercase())
+    } else {
+        return Err(Error::invalid("header.metadata.expected_sha256", "must be 64 hex characters"));
+    };
+    if h.idempotency_key.len() > 200 {
+        return Err(Error::invalid("header.idempotency_key", "must be at most 200 characters"));
+    }
+    Ok(Header {
+        size: h.size_bytes,
+        tags,
+        expected_sha256,
+        idempotency_key: (!h.idempotency_key.is_empty()).then_some(h.idempotency_key),
+        meta,
+    })
+}
+
+fn kind_proto(kind: &str) -> pb::FileKind {
+    match kind {
+        "video" => pb::FileKind::Video,
+        "image" => pb::FileKind::Image,
+        "audio" => pb::FileKind::Audio,
+        "document" => pb::FileKind::Document,
+        _ => pb::FileKind::Other,
+    }
+}
+
+/// What the byte-receiving phase produced.
+struct Received {
+    key: ObjectPath,
+    sniffed: Sniffed,
+    size: u64,
+    sha256: String,
+}
+
+impl Uploader {
+    /// Runs a one-shot upload from `stream` for `owner`.
+    pub async fn upload<S>(&self, owner: &str, mut stream: S) -> Result<pb::File>
+    where
+        S: Stream<Item = Result<pb::UploadRequest, Status>> + Unpin + Send,
+    {
+        keys::validate_user_id(owner).map_err(|why| Error::invalid("user_id", why))?;
+        let first = match stream.next().await {
+            Some(Ok(msg)) => msg,
+            Some(Err(status)) => return Err(Error::Stream(status)),
+            None => return Err(Error::invalid("header", "the stream ended before the header")),
+        };
+        let Some(Part::Header(header)) = first.part else {
+            return Err(Error::invalid("header", "the first message must be the header"));
+        };
+        let header = check_header(header, self.max_file_size)?;
+        let (row, fresh) = self
+            .uploads
+            .start(owner, header.idempotency_key.as_deref(), header.size, &header.meta.display_name)
+            .await?;
+        if !fresh {
+            return match row.state.as_str() {
+                "completed" => {
+                    let file = self
+                        .files
+                        .get_file(pb::GetFileRequest { file_id: row.file_id.to_string() })
+                        .await?;
+                    file.file.ok_or_else(|| Status::internal("file missing from response").into())
+                }
+                "receiving" | "registered" => Err(Error::InProgress),
+                _ => Err(Error::invalid("header.idempotency_key", "was used by an upload that failed; use a new key")),
+            };
+        }
+        let reservation = match self
+            .quota
+            .reserve(pb::ReserveRequest {
+                user_id: owner.to_owned(),
+                bytes: header.size,
+                ttl_seconds: 0,
+                idempotency_key: format!("upload:{}", row.id),
+            })
+            .await
+        {
+            Ok(r) => r.reservation.map(|r| r.id).unwrap_or_default(),
+            Err(status) => {
+                // Nothing was held or stored: forget the attempt so the key can be reused.
+                self.uploads.forget(row.id).await?;
+                return Err(status.into());
+            }
+        };
+        let reservation_id = Uuid::parse_str(&reservation).map_err(|_| Status::internal("bad reservation id"))?;
+        self.uploads.set_reservation(row.id, reservation_id).await?;
+
+        let received = match self.receive(owner, row.file_id, &header, &mut stream).await {
+            Ok(received) => received,
+            Err(error) => {
+                self.fail(row.id, &reservation, None, &error).await;
+                return Err(error);
+            }
+        };
+        let registered = self
+            .files
+            .register_file(pb::RegisterFileRequest {
+                owner_id: owner.to_owned(),
+                file_id: row.file_id.to_string(),
+                display_name: header.meta.display_name.clone(),
+                kind: kind_proto(received.sniffed.kind) as i32,
+                mime_type: received.sniffed.mime_type.clone(),
+                size_bytes: received.size,
+                sha256: received.sha256.clone(),
+                storage_key: received.key.to_string(),
+                tags: header.tags.clone(),
+                package_name: header.meta.package_name.clone(),
+                status: pb::FileStatus::Ready as i32,
+                idempotency_key: row.id.to_string(),
+            })
+            .await;
+        let file = match registered {
+            Ok(r) => r.file.ok_or_else(|| Status::internal("file missing from response"))?,
+            Err(status) => {
+                let error = Error::Peer(status);
+                self.fail(row.id, &reservation, Some(&received.key), &error).await;
+                return Err(error);
+            }
+        };
+        self.uploads
+            .set_state(row.id, "registered", Some(received.key.as_ref()), received.size, None)
+            .await?;
+        // The file is visible now; the charge must follow. Commit is idempotent per
+        // reservation, so retrying is safe; if Quota stays down the row stays `registered`
+        // and the reservation keeps the bytes held until a retry commits them.
+        let mut attempt = 0;
+        loop {
+            match self
+                .quota
+                .commit(pb::CommitRequest {
+                    reservation_id: reservation.clone(),
+                    bytes: received.size,
+                })
+                .await
+            {
+                Ok(_) => break,
+                Err(status) if attempt < 4 && status.code() != tonic::Code::ResourceExhausted => {
+                    attempt += 1;
+                    tracing::warn!(upload_id = %row.id, %status, attempt, "quota commit failed, retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                }
+                Err(status) => {
+                    tracing::error!(upload_id = %row.id, %status, "quota commit failed; upload left registered");
+                    return Err(status.into());
+                }
+            }
+        }
+        self.uploads
+            .set_state(row.id, "completed", None, received.size, None)
+            .await?;
+        Ok(file)
+    }
+
+    /// Receives the bytes into the store, hashing them on the way.
+    async fn receive<S>(&self, owner: &str, file_id: Uuid, header: &Header, stream: &mut S) -> Result<Received>
+    where
+        S: Stream<Item = Result<pb::UploadRequest, Status>> + Unpin + Send,
+    {
+        let mut hasher = Sha256::new();
+        let mut head = BytesMut::new();
+        let mut received: u64 = 0;
+        let mut writer: Option<(WriteMultipart, ObjectPath, Sniffed)> = None;
+        let outcome: Result<()> = async {
+            loop {
+                let message = tokio::select! {
+                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+                    message = stream.next() => message,
+                };
+                let data = match message {
+                    None => break,
+                    Some(Err(status)) => return Err(Error::Stream(status)),
+                    Some(Ok(pb::UploadRequest { part: Some(Part::Data(data)) })) => Bytes::from(data),
+                    Some(Ok(_)) => return Err(Error::invalid("data", "only the first message may be a header")),
+                };
+                received += data.len() as u64;
+                if received > header.size {
+                    return Err(Error::invalid(
+                        "header.size_bytes",
+                        format!("the stream carries more than the declared {} bytes", header.size),
+                    ));
+                }
+                hasher.update(&data);
+                match writer.as_mut() {
+                    Some((w, _, _)) => {
+                        w.wait_for_capacity(4).await?;
+                        w.put(data);
+                    }
+                    None => {
+                        head.extend_from_slice(&data);
+                        if head.len() >= SNIFF_LEN {
+                            writer = Some(self.open(owner, file_id, &header.meta.display_name, &mut head).await?);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(error) = outcome {
+            if let Some((w, _, _)) = writer {
+                if let Err(e) = w.abort().await {
+                    tracing::warn!(error = %e, "abort of a partial upload failed; gc will remove it");
+                }
+            }
+            return Err(error);
+        }
+        let (w, key, sniffed) = match writer {
+            Some(w) => w,
+            None => self.open(owner, file_id, &header.meta.display_name, &mut head).await?,
+        };
+        let sha256 = hex::encode(hasher.finalize());
+        let check = if received != header.size {
+            Err(Error::invalid(
+                "header.size_bytes",
+                format!("declared {} bytes but the stream carried {received}", header.size),
+            ))
+        } else if header.expected_sha256.as_ref().is_some_and(|e| *e != sha256) {
+            Err(Error::invalid("header.metadata.expected_sha256", "does not match the bytes received"))
+        } else {
+            Ok(())
+        };
+        if let Err(error) = check {
+            let _ = w.abort().await;
+            return Err(error);
+        }
+        w.finish().await?;
+        Ok(Received {
+            key,
+            sniffed,
+            size: received,
+            sha256,
+        })
+    }
+
+    /// Sniffs the first bytes, picks the key and starts the multipart write with them.
+    async fn open(
+        &self,
+        owner: &str,
+        file_id: Uuid,
+        display_name: &str,
+        head: &mut BytesMut,
+    ) -> Result<(WriteMultipart, ObjectPath, Sniffed)> {
+        let sniffed = sniff(head, display_name);
+        let now = Utc::now();
+        let key = keys::original(owner, sniffed.kind, now.year(), now.month(), &file_id.to_string(), &sniffed.extension);
+        let upload = self.store.put_multipart(&key).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        writer.put(head.split().freeze());
+        Ok((writer, key, sniffed))
+    }
+
+    /// Undoes what a failed upload left: blob, reservation, row state.
+    async fn fail(&self, upload_id: Uuid, reservation: &str, key: Option<&ObjectPath>, error: &Error) {
+        if let Some(key) = key {
+            if let Err(e) = self.store.delete(key).await {
+                tracing::warn!(%upload_id, error = %e, "blob delete after failed upload failed; gc will remove it");
+            }
+        }
+        if let Err(status) = self
+            .quota
+            .release(pb::ReleaseRequest {
+                reservation_id: reservation.to_owned(),
+            })
+            .await
+        {
+            tracing::warn!(%upload_id, %status, "release after failed upload failed; it expires on its own");
+        }
+        if let Err(e) = self
+            .uploads
+            .set_state(upload_id, "failed", None, 0, Some(&error.to_string()))
+            .await
+        {
+            tracing::warn!(%upload_id, error = %e, "cannot mark upload failed");
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Throwaway PostgreSQL and Redis servers started from the system's own binaries (`initdb`,
+//! `postgres`, `redis-server`), for `stowage dev` and the test kit.
+//!
+//! PostgreSQL refuses to run as root; when we are root the server runs as the `postgres`
+//! user (or `nobody`) and its data directory is handed to that user.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::{Pid, User, chown},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+/// Errors of starting a local server.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// A binary is missing.
+    #[error("{0} not found on PATH; install it (scripts/setup does) or set DATABASE_URL / REDIS_URL")]
+    Missing(&'static str),
+    /// A command failed.
+    #[error("{what} failed: {detail}")]
+    Failed {
+        /// What was run.
+        what: &'static str,
+        /// Its output.
+        detail: String,
+    },
+    /// The server did not come up in time.
+    #[error("{0} did not become ready within 30 s")]
+    Timeout(&'static str),
+    /// I/O.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn on_path(binary: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
+}
+
+/// The user PostgreSQL runs as when we are root.
+fn unprivileged_user() -> Option<User> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    User::from_name("postgres")
+        .ok()
+        .flatten()
+        .or_else(|| User::from_name("nobody").ok().flatten())
+}
+
+fn chown_tree(path: &Path, user: &User) -> std::io::Result<()> {
+    chown(path, Some(user.uid), Some(user.gid)).map_err(std::io::Error::from)?;
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
+fn command(program: &str, user: Option<&User>) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some(user) = user {
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// A PostgreSQL server in a directory of ours.
+#[derive(Debug)]
+pub struct LocalPostgres {
+    child: Child,
+    port: u16,
+    data_dir: PathBuf,
+}
+
+impl LocalPostgres {
+    /// Starts PostgreSQL on a free port with its data in `data_dir` (created with `initdb`
+    /// when empty). `durable: false` turns fsync off, for tests.
+    pub async fn start(data_dir: &Path, durable: bool) -> Result<Self, LocalError> {
+        for bin in ["initdb", "postgres"] {
+            if !on_path(bin) {
+                return Err(LocalError::Missing(if bin == "initdb" { "initdb" } else { "postgres" }));
+            }
+        }
+        let user = unprivileged_user();
+        std::fs::create_dir_all(data_dir)?;
+        if let Some(user) = &user {
+            // The parent must be traversable by the server's user.
+            if let Some(parent) = data_dir.parent() {
+                let _ = chown(parent, Some(user.uid), Some(user.gid));
+            }
+            chown_tree(data_dir, user)?;
+        }
+        if !data_dir.join("PG_VERSION").exists() {
+            let out = command("initdb", user.as_ref())
+                .args(["-D"])
+                .arg(data_dir)
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+                .output()
+                .await?;
+            if !out.status.success() {
+                return Err(LocalError::Failed {
+                    what: "initdb",
+                    detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+        }
+        let port = free_port()?;
+        let log = std::fs::File::create(data_dir.join("server.log"))?;
+        if let Some(user) = &user {
+            chown(&data_dir.join("server.log"), Some(user.uid), Some(user.gid)).map_err(std::io::Error::from)?;
+        }
+        let mut cmd = command("postgres", user.as_ref());
+        cmd.arg("-D")
+            .arg(data_dir)
+            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k", ""])
+            .args(["-c", "max_connections=400", "-c", "shared_buffers=128MB"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        if !durable {
+            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+        }
+        let child = cmd.spawn()?;
+        let server = Self {
+            child,
+            port,
+            data_dir: data_dir.to_owned(),
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&self) -> Result<(), LocalError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
+        tracing::error!(%log, "postgres did not start");
+        Err(LocalError::Timeout("postgres"))
+    }
+
+    /// URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Creates database `db` unless it exists.
+    pub async fn create_database(&self, db: &str) -> Result<(), LocalError> {
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .map_err(|e| LocalError::Failed { what: "connect", detail: e.to_string() })?;
+        let driver = tokio::spawn(conn);
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+            .await
+            .map_err(|e| LocalError::Failed { what: "query", detail: e.to_string() })?
+            .is_some();
+        if !exists {
+            client
+                .batch_execute(&format!("CREATE DATABASE \"{}\"", db.replace('"', "")))
+                .await
+                .map_err(|e| LocalError::Failed { what: "create database", detail: e.to_string() })?;
+        }
+        drop(client);
+        let _ = driver.await;
+        Ok(())
+    }
+
+    /// Stops the server cleanly (fast shutdown) and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGINT);
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// A Redis server without persistence.
+#[derive(Debug)]
+pub struct LocalRedis {
+    child: Child,
+    port: u16,
+}
+
+impl LocalRedis {
+    /// Starts `redis-server` on a free port.
+    pub async fn start() -> Result<Self, LocalError> {
+        if !on_path("redis-server") {
+            return Err(LocalError::Missing("redis-server"));
+        }
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "yes", "--loglevel", "warning"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let server = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if ping(SocketAddr::from(([127, 0, 0, 1], port))).await {
+                return Ok(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(LocalError::Timeout("redis-server"))
+    }
+
+    /// URL of the server.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+async fn ping(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
+    if stream.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    matches!(stream.read_exact(&mut buf).await, Ok(_) if &buf == b"+PONG\r\n")
+}
