@@ -125,7 +125,11 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct Endpoint {
     /// Stowage address.
-    #[arg(long, default_value = "http://127.0.0.1:7070", env = "STOWAGE_ADDR_CLIENT")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:7070",
+        env = "STOWAGE_ADDR_CLIENT"
+    )]
     addr: String,
     /// Bearer token.
     #[arg(long, env = "STOWAGE_TOKEN", hide_env_values = true)]
@@ -168,7 +172,10 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let token = Minter::from_config(&config.auth)
                 .map(|m| m.mint("dev", &[], Duration::from_secs(30 * 24 * 3600)))
                 .unwrap_or_default();
-            println!("Stowage dev is up: all five services on http://{}", listener.local_addr()?);
+            println!(
+                "Stowage dev is up: all five services on http://{}",
+                listener.local_addr()?
+            );
             println!("  object store: {}", config.blob_url);
             println!("  data:         {}", data_dir.display());
             println!("  dev token (user \"dev\", 30 days):");
@@ -192,15 +199,25 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             let config = Config::load(config_file)?;
             telemetry::init(config.log_format);
-            let url = config.database_url.as_deref().context("DATABASE_URL: required")?;
+            let url = config
+                .database_url
+                .as_deref()
+                .context("DATABASE_URL: required")?;
             let pool = stowage_db::connect(url, 2)?;
             crate::migrate(&pool, &Role::ALL).await?;
             println!("migrations applied");
             Ok(())
         }
-        Command::Token { user, scope, ttl, data_dir } => {
-            stowage_blob::keys::validate_user_id(&user).map_err(|why| anyhow::anyhow!("--user: {why}"))?;
-            let ttl = humantime::parse_duration(&ttl).with_context(|| format!("--ttl: {ttl:?} is not like 30d, 24h, 15m"))?;
+        Command::Token {
+            user,
+            scope,
+            ttl,
+            data_dir,
+        } => {
+            stowage_blob::keys::validate_user_id(&user)
+                .map_err(|why| anyhow::anyhow!("--user: {why}"))?;
+            let ttl = humantime::parse_duration(&ttl)
+                .with_context(|| format!("--ttl: {ttl:?} is not like 30d, 24h, 15m"))?;
             let secret = match std::env::var("STOWAGE_AUTH__HS256_SECRET") {
                 Ok(secret) => secret,
                 Err(_) => {
@@ -222,15 +239,32 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("{}", minter.mint(&user, &scopes, ttl));
             Ok(())
         }
-        Command::Upload { paths, tag, endpoint } => {
+        Command::Upload {
+            paths,
+            tag,
+            endpoint,
+        } => {
             let client = endpoint.client().await?;
             for path in paths {
                 let file = client.upload(&path, &tag, false).await?;
-                println!("{}  {}  {}", file.id, crate::client::human(file.size_bytes), file.display_name);
+                println!(
+                    "{}  {}  {}",
+                    file.id,
+                    crate::client::human(file.size_bytes),
+                    file.display_name
+                );
             }
             Ok(())
         }
-        Command::Ls { kind, tag, name, sort, asc, trash, endpoint } => {
+        Command::Ls {
+            kind,
+            tag,
+            name,
+            sort,
+            asc,
+            trash,
+            endpoint,
+        } => {
             let client = endpoint.client().await?;
             if trash {
                 crate::client::print_files(&client.trash().await?);
@@ -252,7 +286,11 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 any_tags: tag,
                 name_contains: name.unwrap_or_default(),
                 sort_by: sort_by as i32,
-                direction: if asc { pb::SortDirection::Asc } else { pb::SortDirection::Desc } as i32,
+                direction: if asc {
+                    pb::SortDirection::Asc
+                } else {
+                    pb::SortDirection::Desc
+                } as i32,
                 page_size: 200,
                 ..Default::default()
             };
@@ -265,12 +303,24 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 request.page_token = page.next_page_token;
             }
         }
-        Command::Get { id, output, endpoint } => {
+        Command::Get {
+            id,
+            output,
+            endpoint,
+        } => {
             let file = endpoint.client().await?.get(&id, output.as_deref()).await?;
-            eprintln!("{}  {}  sha256 ok", file.display_name, crate::client::human(file.size_bytes));
+            eprintln!(
+                "{}  {}  sha256 ok",
+                file.display_name,
+                crate::client::human(file.size_bytes)
+            );
             Ok(())
         }
-        Command::Rm { id, purge, endpoint } => {
+        Command::Rm {
+            id,
+            purge,
+            endpoint,
+        } => {
             endpoint.client().await?.remove(&id, purge).await?;
             println!("{} {id}", if purge { "purged" } else { "moved to trash" });
             Ok(())

@@ -7,8 +7,8 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use stowage_proto::v1::{
-    self as pb, files_client::FilesClient, ingest_client::IngestClient,
-    quota_client::QuotaClient, upload_request::Part,
+    self as pb, files_client::FilesClient, ingest_client::IngestClient, quota_client::QuotaClient,
+    upload_request::Part,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
@@ -26,19 +26,26 @@ pub struct Client {
 impl Client {
     /// Connects to `addr` (`http://host:port`) with `token`.
     pub async fn connect(addr: &str, token: &str) -> anyhow::Result<Self> {
-        let addr = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+        let addr = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
         let channel = tonic::transport::Endpoint::from_shared(addr.clone())?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
             .with_context(|| format!("cannot reach Stowage at {addr}"))?;
-        let token = MetadataValue::try_from(format!("Bearer {token}")).context("STOWAGE_TOKEN is not a valid token")?;
+        let token = MetadataValue::try_from(format!("Bearer {token}"))
+            .context("STOWAGE_TOKEN is not a valid token")?;
         Ok(Self { channel, token })
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
-        request.metadata_mut().insert("authorization", self.token.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", self.token.clone());
         request
     }
 
@@ -47,7 +54,12 @@ impl Client {
     }
 
     /// Uploads one file with a progress bar; returns the stored file.
-    pub async fn upload(&self, path: &Path, tags: &[String], quiet: bool) -> anyhow::Result<pb::File> {
+    pub async fn upload(
+        &self,
+        path: &Path,
+        tags: &[String],
+        quiet: bool,
+    ) -> anyhow::Result<pb::File> {
         let mut file = tokio::fs::File::open(path)
             .await
             .with_context(|| format!("cannot open {}", path.display()))?;
@@ -56,10 +68,16 @@ impl Client {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "upload".into());
-        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(size)
+        };
         bar.set_style(
-            ProgressStyle::with_template("{msg:20!} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{msg:20!} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(name.clone());
         let header = pb::UploadRequest {
@@ -83,7 +101,12 @@ impl Client {
                     Ok(n) => {
                         buf.truncate(n);
                         progress.inc(n as u64);
-                        Some((pb::UploadRequest { part: Some(Part::Data(buf)) }, reader))
+                        Some((
+                            pb::UploadRequest {
+                                part: Some(Part::Data(buf)),
+                            },
+                            reader,
+                        ))
                     }
                 }
             }
@@ -98,8 +121,16 @@ impl Client {
     }
 
     /// Lists files.
-    pub async fn list(&self, request: pb::ListFilesRequest) -> anyhow::Result<pb::ListFilesResponse> {
-        Ok(self.files().list_files(self.request(request)).await.map_err(status)?.into_inner())
+    pub async fn list(
+        &self,
+        request: pb::ListFilesRequest,
+    ) -> anyhow::Result<pb::ListFilesResponse> {
+        Ok(self
+            .files()
+            .list_files(self.request(request))
+            .await
+            .map_err(status)?
+            .into_inner())
     }
 
     /// Lists trash.
@@ -123,17 +154,26 @@ impl Client {
             .await
             .map_err(status)?
             .into_inner();
-        let first = stream.message().await.map_err(status)?.context("empty download")?;
+        let first = stream
+            .message()
+            .await
+            .map_err(status)?
+            .context("empty download")?;
         let header = first.header.context("download without header")?;
         let file = header.file.context("download without file")?;
         let target = match out {
             Some(p) => p.to_path_buf(),
             None => std::path::PathBuf::from(sanitize(&file.display_name)),
         };
-        let mut writer: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if target.as_os_str() == "-" {
+        let mut writer: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if target.as_os_str() == "-"
+        {
             Box::new(tokio::io::stdout())
         } else {
-            Box::new(tokio::fs::File::create(&target).await.with_context(|| format!("cannot create {}", target.display()))?)
+            Box::new(
+                tokio::fs::File::create(&target)
+                    .await
+                    .with_context(|| format!("cannot create {}", target.display()))?,
+            )
         };
         let mut hasher = Sha256::new();
         while let Some(message) = stream.message().await.map_err(status)? {
@@ -152,12 +192,16 @@ impl Client {
     pub async fn remove(&self, id: &str, purge: bool) -> anyhow::Result<()> {
         let mut files = self.files();
         files
-            .delete_file(self.request(pb::DeleteFileRequest { file_id: id.to_owned() }))
+            .delete_file(self.request(pb::DeleteFileRequest {
+                file_id: id.to_owned(),
+            }))
             .await
             .map_err(status)?;
         if purge {
             files
-                .purge_file(self.request(pb::PurgeFileRequest { file_id: id.to_owned() }))
+                .purge_file(self.request(pb::PurgeFileRequest {
+                    file_id: id.to_owned(),
+                }))
                 .await
                 .map_err(status)?;
         }
@@ -168,7 +212,9 @@ impl Client {
     pub async fn restore(&self, id: &str) -> anyhow::Result<pb::File> {
         let response = self
             .files()
-            .restore_file(self.request(pb::RestoreFileRequest { file_id: id.to_owned() }))
+            .restore_file(self.request(pb::RestoreFileRequest {
+                file_id: id.to_owned(),
+            }))
             .await
             .map_err(status)?;
         response.into_inner().file.context("no file in response")
@@ -180,7 +226,10 @@ impl Client {
             .get_usage(self.request(pb::GetUsageRequest::default()))
             .await
             .map_err(status)?;
-        response.into_inner().account.context("no account in response")
+        response
+            .into_inner()
+            .account
+            .context("no account in response")
     }
 }
 
@@ -211,7 +260,11 @@ pub fn human(bytes: u64) -> String {
 pub fn print_files(files: &[pb::File]) {
     for f in files {
         let kind = pb::FileKind::try_from(f.kind)
-            .map(|k| k.as_str_name().trim_start_matches("FILE_KIND_").to_lowercase())
+            .map(|k| {
+                k.as_str_name()
+                    .trim_start_matches("FILE_KIND_")
+                    .to_lowercase()
+            })
             .unwrap_or_default();
         let created = f
             .created_at
@@ -219,6 +272,13 @@ pub fn print_files(files: &[pb::File]) {
             .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0))
             .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
             .unwrap_or_default();
-        println!("{}  {:9}  {:>10}  {}  {}", f.id, kind, human(f.size_bytes), created, f.display_name);
+        println!(
+            "{}  {:9}  {:>10}  {}  {}",
+            f.id,
+            kind,
+            human(f.size_bytes),
+            created,
+            f.display_name
+        );
     }
 }

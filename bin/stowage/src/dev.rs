@@ -31,7 +31,8 @@ impl DevServers {
 
 /// Absolute form of `dir`, created if missing.
 pub fn data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("--data-dir: cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--data-dir: cannot create {}", dir.display()))?;
     Ok(std::fs::canonicalize(dir)?)
 }
 
@@ -57,7 +58,10 @@ pub fn defaults(data_dir: &Path, secret: &str) -> figment::Figment {
     use figment::providers::Serialized;
     figment::Figment::new()
         .merge(Serialized::default("addr", "127.0.0.1:7070"))
-        .merge(Serialized::default("blob_url", format!("file://{}/blobs", data_dir.display())))
+        .merge(Serialized::default(
+            "blob_url",
+            format!("file://{}/blobs", data_dir.display()),
+        ))
         .merge(Serialized::default("auth.hs256_secret", secret))
         .merge(Serialized::default("cors_origins", vec!["*"]))
 }

@@ -39,7 +39,13 @@ pub enum Role {
 
 impl Role {
     /// All five.
-    pub const ALL: [Role; 5] = [Role::Ingest, Role::Files, Role::Quota, Role::Media, Role::Lifecycle];
+    pub const ALL: [Role; 5] = [
+        Role::Ingest,
+        Role::Files,
+        Role::Quota,
+        Role::Media,
+        Role::Lifecycle,
+    ];
 }
 
 /// Applies the migrations of `roles`' schemas.
@@ -80,7 +86,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let database_url = config.database_url.as_deref().context("DATABASE_URL: required")?;
+    let database_url = config
+        .database_url
+        .as_deref()
+        .context("DATABASE_URL: required")?;
     let pool = stowage_db::connect(database_url, config.db_pool_size).context("DATABASE_URL")?;
     migrate(&pool, roles).await.context("migrations")?;
     let blobs = Blobs::from_url(&config.blob_url)?;
@@ -106,7 +115,10 @@ pub async fn serve(
         Ok(match &quota_local {
             Some(q) => Arc::new(LocalQuota::new(Arc::clone(q), timeout)),
             None => Arc::new(GrpcQuota::new(
-                mesh::channel(peer_url(&config.peers.quota, "STOWAGE_PEERS__QUOTA")?, timeout)?,
+                mesh::channel(
+                    peer_url(&config.peers.quota, "STOWAGE_PEERS__QUOTA")?,
+                    timeout,
+                )?,
                 service_auth.clone(),
                 timeout,
             )),
@@ -115,7 +127,11 @@ pub async fn serve(
     let catalog = Catalog::new(pool.clone());
     let files_local = if roles.contains(&Role::Files) {
         let signer = UrlSigner::new(&url_signing_key(&config)?, config.public_base_url());
-        server.merge_http(stowage_files::http_routes(catalog.clone(), Arc::clone(&blobs.store), signer.clone()));
+        server.merge_http(stowage_files::http_routes(
+            catalog.clone(),
+            Arc::clone(&blobs.store),
+            signer.clone(),
+        ));
         Some(Arc::new(FilesGrpc::new(
             catalog,
             blobs.clone(),
@@ -131,7 +147,10 @@ pub async fn serve(
         Ok(match &files_local {
             Some(f) => Arc::new(LocalFiles::new(Arc::clone(f), timeout)),
             None => Arc::new(GrpcFiles::new(
-                mesh::channel(peer_url(&config.peers.files, "STOWAGE_PEERS__FILES")?, timeout)?,
+                mesh::channel(
+                    peer_url(&config.peers.files, "STOWAGE_PEERS__FILES")?,
+                    timeout,
+                )?,
                 service_auth.clone(),
                 timeout,
             )),
@@ -182,7 +201,9 @@ pub async fn serve(
     let mut dependencies = vec![Dependency::Postgres(pool.clone())];
     if let Some(url) = &config.redis_url {
         dependencies.push(Dependency::Redis(
-            stowage_runtime::redis::connect(url).await.context("REDIS_URL")?,
+            stowage_runtime::redis::connect(url)
+                .await
+                .context("REDIS_URL")?,
         ));
     }
     server.watch_readiness(&background, dependencies);
@@ -205,6 +226,8 @@ pub fn roles_of(name: &str) -> anyhow::Result<Vec<Role>> {
     }
     match Role::from_str(name, true) {
         Ok(role) => Ok(vec![role]),
-        Err(_) => bail!("unknown service {name:?}: use ingest, files, quota, media, lifecycle or all"),
+        Err(_) => {
+            bail!("unknown service {name:?}: use ingest, files, quota, media, lifecycle or all")
+        }
     }
 }

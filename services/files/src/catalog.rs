@@ -106,7 +106,9 @@ impl ListQuery {
         match self.sort {
             SortField::Created => Cursor::Created(file.created_at, file.id),
             SortField::Name => Cursor::Name(file.display_name.clone(), file.id),
-            SortField::Size => Cursor::Size(i64::try_from(file.size_bytes).unwrap_or(i64::MAX), file.id),
+            SortField::Size => {
+                Cursor::Size(i64::try_from(file.size_bytes).unwrap_or(i64::MAX), file.id)
+            }
         }
     }
 }
@@ -188,7 +190,8 @@ impl Catalog {
     /// Records a new file and its `file.created` event. A retry with the same idempotency
     /// key returns the file recorded the first time.
     pub async fn register(&self, new: NewFile) -> Result<FileRecord> {
-        let size = i64::try_from(new.size_bytes).map_err(|_| Error::invalid("size_bytes", "is too large"))?;
+        let size = i64::try_from(new.size_bytes)
+            .map_err(|_| Error::invalid("size_bytes", "is too large"))?;
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let row = tx
@@ -227,7 +230,11 @@ impl Catalog {
                 .await?
                 .map(|r| FileRecord::from_row(&r));
             return match existing {
-                Some(file) if file.storage_key == new.storage_key && file.owner_id == new.owner_id => Ok(file),
+                Some(file)
+                    if file.storage_key == new.storage_key && file.owner_id == new.owner_id =>
+                {
+                    Ok(file)
+                }
                 _ => Err(Error::AlreadyExists),
             };
         };
@@ -251,9 +258,11 @@ impl Catalog {
         after: Option<&Cursor>,
         limit: i64,
     ) -> Result<Vec<FileRecord>> {
-        let mut sql = String::from("SELECT * FROM files.files WHERE owner_id = $1 AND deleted_at IS NULL");
+        let mut sql =
+            String::from("SELECT * FROM files.files WHERE owner_id = $1 AND deleted_at IS NULL");
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(owner.to_owned())];
-        let bind = |params: &mut Vec<Box<dyn ToSql + Sync + Send>>, v: Box<dyn ToSql + Sync + Send>| {
+        let bind = |params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
+                    v: Box<dyn ToSql + Sync + Send>| {
             params.push(v);
             format!("${}", params.len())
         };
@@ -285,7 +294,11 @@ impl Catalog {
             SortField::Name => "(display_name COLLATE \"C\")",
             SortField::Size => "size_bytes",
         };
-        let (cmp, dir) = if query.ascending { (">", "ASC") } else { ("<", "DESC") };
+        let (cmp, dir) = if query.ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
         if let Some(cursor) = after {
             let (value, id): (Box<dyn ToSql + Sync + Send>, Uuid) = match (cursor, query.sort) {
                 (Cursor::Created(at, id), SortField::Created) => (Box::new(*at), *id),
@@ -300,7 +313,10 @@ impl Catalog {
         let l = bind(&mut params, Box::new(limit));
         sql += &format!(" ORDER BY {column} {dir}, id {dir} LIMIT {l}");
         let conn = self.pool.get().await?;
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
         let rows = conn.query(&sql, &refs).await?;
         Ok(rows.iter().map(FileRecord::from_row).collect())
     }
@@ -333,7 +349,9 @@ impl Catalog {
                 // Tell "in trash" apart from "not yours / not there".
                 let file = get_on(&conn, id, Viewer::Owner(owner)).await?;
                 if file.deleted_at.is_some() {
-                    Err(Error::FailedPrecondition("file is in trash; restore it first"))
+                    Err(Error::FailedPrecondition(
+                        "file is in trash; restore it first",
+                    ))
                 } else {
                     Err(Error::NotFound)
                 }
@@ -366,7 +384,11 @@ impl Catalog {
         match tx.query_opt(sql, &[&id, &owner]).await? {
             Some(row) => {
                 let file = FileRecord::from_row(&row);
-                let topic = if trashed { "file.deleted" } else { "file.restored" };
+                let topic = if trashed {
+                    "file.deleted"
+                } else {
+                    "file.restored"
+                };
                 outbox(&tx, topic, &file, json!({})).await?;
                 tx.commit().await?;
                 get_on(&conn, id, Viewer::Owner(owner)).await
@@ -419,7 +441,9 @@ impl Catalog {
         let tx = conn.transaction().await?;
         let file = get_on(&tx, id, viewer).await?;
         if matches!(viewer, Viewer::Owner(_)) && file.deleted_at.is_none() {
-            return Err(Error::FailedPrecondition("only files in trash can be purged; delete it first"));
+            return Err(Error::FailedPrecondition(
+                "only files in trash can be purged; delete it first",
+            ));
         }
         let mut keys = vec![file.storage_key.clone()];
         let mut bytes = file.size_bytes;
@@ -429,8 +453,15 @@ impl Catalog {
                 keys.push(v.storage_key.clone());
             }
         }
-        tx.execute("DELETE FROM files.files WHERE id = $1", &[&id]).await?;
-        outbox(&tx, "file.purged", &file, json!({ "keys": keys, "freed_bytes": bytes })).await?;
+        tx.execute("DELETE FROM files.files WHERE id = $1", &[&id])
+            .await?;
+        outbox(
+            &tx,
+            "file.purged",
+            &file,
+            json!({ "keys": keys, "freed_bytes": bytes }),
+        )
+        .await?;
         tx.commit().await?;
         Ok(Purged {
             owner_id: file.owner_id,
@@ -549,7 +580,10 @@ async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Resu
         .ok_or(Error::NotFound)?;
     let mut file = FileRecord::from_row(&row);
     file.variants = conn
-        .query("SELECT * FROM files.variants WHERE file_id = $1 ORDER BY name", &[&id])
+        .query(
+            "SELECT * FROM files.variants WHERE file_id = $1 ORDER BY name",
+            &[&id],
+        )
         .await?
         .iter()
         .map(VariantRecord::from_row)

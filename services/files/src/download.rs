@@ -73,7 +73,10 @@ pub fn resolve_range(size: u64, offset: u64, length: Option<u64>) -> Result<Rang
         return Err(Error::RangeNotSatisfiable { offset, size });
     }
     match length {
-        Some(0) => Err(Error::invalid("range.length", "must be above zero; leave it unset to read to the end")),
+        Some(0) => Err(Error::invalid(
+            "range.length",
+            "must be above zero; leave it unset to read to the end",
+        )),
         Some(len) => Ok(offset..offset.saturating_add(len).min(size)),
         None => Ok(offset..size),
     }
@@ -90,8 +93,12 @@ pub async fn read(
         return Ok(futures::stream::empty().boxed());
     }
     if let Some(inline) = &target.inline {
-        let start = usize::try_from(range.start).unwrap_or(usize::MAX).min(inline.len());
-        let end = usize::try_from(range.end).unwrap_or(usize::MAX).min(inline.len());
+        let start = usize::try_from(range.start)
+            .unwrap_or(usize::MAX)
+            .min(inline.len());
+        let end = usize::try_from(range.end)
+            .unwrap_or(usize::MAX)
+            .min(inline.len());
         let bytes = inline.slice(start..end);
         return Ok(futures::stream::once(async move { Ok(bytes) }).boxed());
     }
@@ -99,7 +106,9 @@ pub async fn read(
         range: Some(GetRange::Bounded(range)),
         ..GetOptions::default()
     };
-    let result = store.get_opts(&ObjectPath::from(target.key.as_str()), options).await?;
+    let result = store
+        .get_opts(&ObjectPath::from(target.key.as_str()), options)
+        .await?;
     Ok(rechunk(result.into_stream().map_err(Error::from), chunk).boxed())
 }
 
@@ -155,13 +164,17 @@ impl UrlSigner {
 
     /// A URL valid until `expires` (unix seconds).
     pub fn sign(&self, file_id: &Uuid, variant: &str, expires: i64, attachment: bool) -> String {
-        let sig = hex::encode(self.mac(file_id, variant, expires, attachment).finalize().into_bytes());
-        let mut url = format!(
-            "{}/v1/blobs/{file_id}?exp={expires}&sig={sig}",
-            self.base
+        let sig = hex::encode(
+            self.mac(file_id, variant, expires, attachment)
+                .finalize()
+                .into_bytes(),
         );
+        let mut url = format!("{}/v1/blobs/{file_id}?exp={expires}&sig={sig}", self.base);
         if !variant.is_empty() {
-            url.push_str(&format!("&variant={}", percent_encoding::utf8_percent_encode(variant, percent_encoding::NON_ALPHANUMERIC)));
+            url.push_str(&format!(
+                "&variant={}",
+                percent_encoding::utf8_percent_encode(variant, percent_encoding::NON_ALPHANUMERIC)
+            ));
         }
         if attachment {
             url.push_str("&dl=1");
@@ -170,7 +183,9 @@ impl UrlSigner {
     }
 
     fn verify(&self, file_id: &Uuid, query: &SignedQuery) -> bool {
-        let Ok(sig) = hex::decode(&query.sig) else { return false };
+        let Ok(sig) = hex::decode(&query.sig) else {
+            return false;
+        };
         let attachment = query.dl.as_deref() == Some("1");
         let variant = query.variant.as_deref().unwrap_or("");
         self.mac(file_id, variant, query.exp, attachment)
@@ -206,7 +221,12 @@ pub fn routes(catalog: Catalog, store: Arc<dyn ObjectStore>, signer: UrlSigner) 
 }
 
 fn plain(status: StatusCode, message: &'static str) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], message).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        message,
+    )
+        .into_response()
 }
 
 /// Types a browser would render as active content; always sent as attachments.
@@ -245,9 +265,16 @@ async fn serve_signed(
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == target.etag || t.trim() == "*"))
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim() == target.etag || t.trim() == "*")
+        })
     {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, target.etag.clone())]).into_response();
+        return (
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, target.etag.clone())],
+        )
+            .into_response();
     }
     let (status, range) = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => (StatusCode::OK, 0..target.size),
@@ -268,11 +295,15 @@ async fn serve_signed(
             }
         },
     };
-    let attachment = query.dl.as_deref() == Some("1") || (variant.is_empty() && is_active_content(&target.mime_type));
+    let attachment = query.dl.as_deref() == Some("1")
+        || (variant.is_empty() && is_active_content(&target.mime_type));
     let disposition = format!(
         "{}; filename*=UTF-8''{}",
         if attachment { "attachment" } else { "inline" },
-        percent_encoding::utf8_percent_encode(&file.display_name, percent_encoding::NON_ALPHANUMERIC)
+        percent_encoding::utf8_percent_encode(
+            &file.display_name,
+            percent_encoding::NON_ALPHANUMERIC
+        )
     );
     let mut response = Response::builder()
         .status(status)
@@ -328,8 +359,14 @@ mod tests {
         assert_eq!(resolve_range(100, 90, Some(20)).unwrap(), 90..100);
         assert_eq!(resolve_range(100, 0, None).unwrap(), 0..100);
         assert_eq!(resolve_range(0, 0, None).unwrap(), 0..0);
-        assert!(matches!(resolve_range(100, 100, None), Err(Error::RangeNotSatisfiable { .. })));
-        assert!(matches!(resolve_range(100, 5, Some(0)), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            resolve_range(100, 100, None),
+            Err(Error::RangeNotSatisfiable { .. })
+        ));
+        assert!(matches!(
+            resolve_range(100, 5, Some(0)),
+            Err(Error::InvalidArgument { .. })
+        ));
     }
 
     #[test]
@@ -338,9 +375,19 @@ mod tests {
         let id = Uuid::now_v7();
         let url = signer.sign(&id, "", 100, false);
         let sig = url.split("sig=").nth(1).unwrap().to_owned();
-        let ok = SignedQuery { exp: 100, sig: sig.clone(), variant: None, dl: None };
+        let ok = SignedQuery {
+            exp: 100,
+            sig: sig.clone(),
+            variant: None,
+            dl: None,
+        };
         assert!(signer.verify(&id, &ok));
-        let later = SignedQuery { exp: 101, sig, variant: None, dl: None };
+        let later = SignedQuery {
+            exp: 101,
+            sig,
+            variant: None,
+            dl: None,
+        };
         assert!(!signer.verify(&id, &later));
     }
 }

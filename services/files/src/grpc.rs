@@ -90,7 +90,8 @@ impl files_server::Files for FilesGrpc {
         let req = request.into_inner();
         stowage_blob::keys::validate_user_id(&req.owner_id)
             .map_err(|why| invalid_argument("owner_id", why))?;
-        validate::display_name(&req.display_name).map_err(|why| invalid_argument("display_name", why))?;
+        validate::display_name(&req.display_name)
+            .map_err(|why| invalid_argument("display_name", why))?;
         let tags = validate::tags(&req.tags).map_err(|why| invalid_argument("tags", why))?;
         if req.storage_key.is_empty() {
             return Err(invalid_argument("storage_key", "is required"));
@@ -157,12 +158,18 @@ impl files_server::Files for FilesGrpc {
         }
         let status = FileStatus::from_proto(req.status);
         if status == Some(FileStatus::Quarantined) && !caller.is_privileged() {
-            return Err(Status::permission_denied("listing quarantined files needs the admin scope"));
+            return Err(Status::permission_denied(
+                "listing quarantined files needs the admin scope",
+            ));
         }
         if req.name_contains.chars().count() > validate::MAX_NAME_CHARS {
-            return Err(invalid_argument("name_contains", "must be at most 255 characters"));
+            return Err(invalid_argument(
+                "name_contains",
+                "must be at most 255 characters",
+            ));
         }
-        let mut any_tags = validate::tags(&req.any_tags).map_err(|why| invalid_argument("any_tags", why))?;
+        let mut any_tags =
+            validate::tags(&req.any_tags).map_err(|why| invalid_argument("any_tags", why))?;
         any_tags.sort();
         let query = ListQuery {
             kind: Kind::from_proto(req.kind),
@@ -207,13 +214,22 @@ impl files_server::Files for FilesGrpc {
         let tags = if req.replace_tags {
             Some(validate::tags(&req.tags).map_err(|why| invalid_argument("tags", why))?)
         } else if !req.tags.is_empty() {
-            return Err(invalid_argument("replace_tags", "must be true when tags are given"));
+            return Err(invalid_argument(
+                "replace_tags",
+                "must be true when tags are given",
+            ));
         } else {
             None
         };
         let file = self
             .catalog
-            .update(id, &caller.user_id, req.display_name.as_deref(), tags.as_deref(), req.favorite)
+            .update(
+                id,
+                &caller.user_id,
+                req.display_name.as_deref(),
+                tags.as_deref(),
+                req.favorite,
+            )
             .await?;
         Ok(Response::new(pb::UpdateFileResponse {
             file: Some(file.to_proto(false)),
@@ -261,7 +277,10 @@ impl files_server::Files for FilesGrpc {
             files.truncate(size as usize);
             files
                 .last()
-                .and_then(|f| f.deleted_at.map(|at| paging::encode(&fingerprint, &(at, f.id))))
+                .and_then(|f| {
+                    f.deleted_at
+                        .map(|at| paging::encode(&fingerprint, &(at, f.id)))
+                })
                 .unwrap_or_default()
         } else {
             String::new()
@@ -294,7 +313,12 @@ impl files_server::Files for FilesGrpc {
             tracing::warn!(file_id = %id, %status, "usage debit after purge failed; reconciliation will repair it");
         }
         for key in &purged.keys {
-            if let Err(error) = self.blobs.store.delete(&ObjectPath::from(key.as_str())).await {
+            if let Err(error) = self
+                .blobs
+                .store
+                .delete(&ObjectPath::from(key.as_str()))
+                .await
+            {
                 tracing::warn!(file_id = %id, key, %error, "blob delete after purge failed; gc will retry");
             }
         }
@@ -352,8 +376,11 @@ impl files_server::Files for FilesGrpc {
             return Err(Error::FailedPrecondition("file is in trash; restore it first").into());
         }
         download::target(&file, &req.variant)?;
-        let expires_at = Utc::now() + chrono::Duration::seconds(i64::try_from(ttl.as_secs()).unwrap_or(3600));
-        let url = self.signer.sign(&id, &req.variant, expires_at.timestamp(), req.attachment);
+        let expires_at =
+            Utc::now() + chrono::Duration::seconds(i64::try_from(ttl.as_secs()).unwrap_or(3600));
+        let url = self
+            .signer
+            .sign(&id, &req.variant, expires_at.timestamp(), req.attachment);
         Ok(Response::new(pb::GetDownloadUrlResponse {
             url,
             expires_at: Some(timestamp(expires_at)),
@@ -374,8 +401,17 @@ impl files_server::Files for FilesGrpc {
             .variants
             .into_iter()
             .map(|v| {
-                if v.name.is_empty() || v.name.len() > 64 || !v.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                    return Err(invalid_argument("variants.name", "must be 1..=64 of [A-Za-z0-9_]"));
+                if v.name.is_empty()
+                    || v.name.len() > 64
+                    || !v
+                        .name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
+                    return Err(invalid_argument(
+                        "variants.name",
+                        "must be 1..=64 of [A-Za-z0-9_]",
+                    ));
                 }
                 Ok(VariantRecord {
                     name: v.name,

@@ -159,7 +159,11 @@ impl VariantRecord {
             size_bytes: self.size_bytes,
             width: self.width,
             height: self.height,
-            storage_key: if privileged { self.storage_key.clone() } else { String::new() },
+            storage_key: if privileged {
+                self.storage_key.clone()
+            } else {
+                String::new()
+            },
             inline_data: self.inline_data.clone().unwrap_or_default(),
         }
     }
@@ -259,8 +263,16 @@ impl FileRecord {
             created_at: Some(timestamp(self.created_at)),
             updated_at: Some(timestamp(self.updated_at)),
             deleted_at: timestamp_opt(self.deleted_at),
-            variants: self.variants.iter().map(|v| v.to_proto(privileged)).collect(),
-            storage_key: if privileged { self.storage_key.clone() } else { String::new() },
+            variants: self
+                .variants
+                .iter()
+                .map(|v| v.to_proto(privileged))
+                .collect(),
+            storage_key: if privileged {
+                self.storage_key.clone()
+            } else {
+                String::new()
+            },
             status_reason: self.status_reason.clone(),
             codec: self.codec.clone(),
         }

@@ -56,7 +56,8 @@ fn check_header(h: pb::UploadHeader, max: u64) -> Result<Header> {
     let meta = h.metadata.unwrap_or_default();
     validate::display_name(&meta.display_name)
         .map_err(|why| Error::invalid("header.metadata.display_name", why))?;
-    let tags = validate::tags(&meta.tags).map_err(|why| Error::invalid("header.metadata.tags", why))?;
+    let tags =
+        validate::tags(&meta.tags).map_err(|why| Error::invalid("header.metadata.tags", why))?;
     if h.size_bytes > max {
         return Err(Error::invalid(
             "header.size_bytes",
@@ -65,13 +66,21 @@ fn check_header(h: pb::UploadHeader, max: u64) -> Result<Header> {
     }
     let expected_sha256 = if meta.expected_sha256.is_empty() {
         None
-    } else if meta.expected_sha256.len() == 64 && meta.expected_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+    } else if meta.expected_sha256.len() == 64
+        && meta.expected_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         Some(meta.expected_sha256.to_ascii_lowercase())
     } else {
-        return Err(Error::invalid("header.metadata.expected_sha256", "must be 64 hex characters"));
+        return Err(Error::invalid(
+            "header.metadata.expected_sha256",
+            "must be 64 hex characters",
+        ));
     };
     if h.idempotency_key.len() > 200 {
-        return Err(Error::invalid("header.idempotency_key", "must be at most 200 characters"));
+        return Err(Error::invalid(
+            "header.idempotency_key",
+            "must be at most 200 characters",
+        ));
     }
     Ok(Header {
         size: h.size_bytes,
@@ -110,27 +119,46 @@ impl Uploader {
         let first = match stream.next().await {
             Some(Ok(msg)) => msg,
             Some(Err(status)) => return Err(Error::Stream(status)),
-            None => return Err(Error::invalid("header", "the stream ended before the header")),
+            None => {
+                return Err(Error::invalid(
+                    "header",
+                    "the stream ended before the header",
+                ));
+            }
         };
         let Some(Part::Header(header)) = first.part else {
-            return Err(Error::invalid("header", "the first message must be the header"));
+            return Err(Error::invalid(
+                "header",
+                "the first message must be the header",
+            ));
         };
         let header = check_header(header, self.max_file_size)?;
         let (row, fresh) = self
             .uploads
-            .start(owner, header.idempotency_key.as_deref(), header.size, &header.meta.display_name)
+            .start(
+                owner,
+                header.idempotency_key.as_deref(),
+                header.size,
+                &header.meta.display_name,
+            )
             .await?;
         if !fresh {
             return match row.state.as_str() {
                 "completed" => {
                     let file = self
                         .files
-                        .get_file(pb::GetFileRequest { file_id: row.file_id.to_string() })
+                        .get_file(pb::GetFileRequest {
+                            file_id: row.file_id.to_string(),
+                        })
                         .await?;
-                    file.file.ok_or_else(|| Status::internal("file missing from response").into())
+                    file.file
+                        .ok_or_else(|| Status::internal("file missing from response").into())
                 }
                 "receiving" | "registered" => Err(Error::InProgress),
-                _ => Err(Error::invalid("header.idempotency_key", "was used by an upload that failed; use a new key")),
+                _ => Err(Error::invalid(
+                    "header.idempotency_key",
+                    "was used by an upload that failed; use a new key",
+                )),
             };
         }
         let reservation = match self
@@ -150,7 +178,8 @@ impl Uploader {
                 return Err(status.into());
             }
         };
-        let reservation_id = Uuid::parse_str(&reservation).map_err(|_| Status::internal("bad reservation id"))?;
+        let reservation_id =
+            Uuid::parse_str(&reservation).map_err(|_| Status::internal("bad reservation id"))?;
         self.uploads.set_reservation(row.id, reservation_id).await?;
 
         let received = match self.receive(owner, row.file_id, &header, &mut stream).await {
@@ -178,15 +207,24 @@ impl Uploader {
             })
             .await;
         let file = match registered {
-            Ok(r) => r.file.ok_or_else(|| Status::internal("file missing from response"))?,
+            Ok(r) => r
+                .file
+                .ok_or_else(|| Status::internal("file missing from response"))?,
             Err(status) => {
                 let error = Error::Peer(status);
-                self.fail(row.id, &reservation, Some(&received.key), &error).await;
+                self.fail(row.id, &reservation, Some(&received.key), &error)
+                    .await;
                 return Err(error);
             }
         };
         self.uploads
-            .set_state(row.id, "registered", Some(received.key.as_ref()), received.size, None)
+            .set_state(
+                row.id,
+                "registered",
+                Some(received.key.as_ref()),
+                received.size,
+                None,
+            )
             .await?;
         // The file is visible now; the charge must follow. Commit is idempotent per
         // reservation, so retrying is safe; if Quota stays down the row stays `registered`
@@ -220,7 +258,13 @@ impl Uploader {
     }
 
     /// Receives the bytes into the store, hashing them on the way.
-    async fn receive<S>(&self, owner: &str, file_id: Uuid, header: &Header, stream: &mut S) -> Result<Received>
+    async fn receive<S>(
+        &self,
+        owner: &str,
+        file_id: Uuid,
+        header: &Header,
+        stream: &mut S,
+    ) -> Result<Received>
     where
         S: Stream<Item = Result<pb::UploadRequest, Status>> + Unpin + Send,
     {
@@ -237,14 +281,24 @@ impl Uploader {
                 let data = match message {
                     None => break,
                     Some(Err(status)) => return Err(Error::Stream(status)),
-                    Some(Ok(pb::UploadRequest { part: Some(Part::Data(data)) })) => Bytes::from(data),
-                    Some(Ok(_)) => return Err(Error::invalid("data", "only the first message may be a header")),
+                    Some(Ok(pb::UploadRequest {
+                        part: Some(Part::Data(data)),
+                    })) => Bytes::from(data),
+                    Some(Ok(_)) => {
+                        return Err(Error::invalid(
+                            "data",
+                            "only the first message may be a header",
+                        ));
+                    }
                 };
                 received += data.len() as u64;
                 if received > header.size {
                     return Err(Error::invalid(
                         "header.size_bytes",
-                        format!("the stream carries more than the declared {} bytes", header.size),
+                        format!(
+                            "the stream carries more than the declared {} bytes",
+                            header.size
+                        ),
                     ));
                 }
                 hasher.update(&data);
@@ -256,7 +310,10 @@ impl Uploader {
                     None => {
                         head.extend_from_slice(&data);
                         if head.len() >= SNIFF_LEN {
-                            writer = Some(self.open(owner, file_id, &header.meta.display_name, &mut head).await?);
+                            writer = Some(
+                                self.open(owner, file_id, &header.meta.display_name, &mut head)
+                                    .await?,
+                            );
                         }
                     }
                 }
@@ -274,16 +331,29 @@ impl Uploader {
         }
         let (w, key, sniffed) = match writer {
             Some(w) => w,
-            None => self.open(owner, file_id, &header.meta.display_name, &mut head).await?,
+            None => {
+                self.open(owner, file_id, &header.meta.display_name, &mut head)
+                    .await?
+            }
         };
         let sha256 = hex::encode(hasher.finalize());
         let check = if received != header.size {
             Err(Error::invalid(
                 "header.size_bytes",
-                format!("declared {} bytes but the stream carried {received}", header.size),
+                format!(
+                    "declared {} bytes but the stream carried {received}",
+                    header.size
+                ),
             ))
-        } else if header.expected_sha256.as_ref().is_some_and(|e| *e != sha256) {
-            Err(Error::invalid("header.metadata.expected_sha256", "does not match the bytes received"))
+        } else if header
+            .expected_sha256
+            .as_ref()
+            .is_some_and(|e| *e != sha256)
+        {
+            Err(Error::invalid(
+                "header.metadata.expected_sha256",
+                "does not match the bytes received",
+            ))
         } else {
             Ok(())
         };
@@ -310,7 +380,14 @@ impl Uploader {
     ) -> Result<(WriteMultipart, ObjectPath, Sniffed)> {
         let sniffed = sniff(head, display_name);
         let now = Utc::now();
-        let key = keys::original(owner, sniffed.kind, now.year(), now.month(), &file_id.to_string(), &sniffed.extension);
+        let key = keys::original(
+            owner,
+            sniffed.kind,
+            now.year(),
+            now.month(),
+            &file_id.to_string(),
+            &sniffed.extension,
+        );
         let upload = self.store.put_multipart(&key).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
         writer.put(head.split().freeze());
@@ -318,7 +395,13 @@ impl Uploader {
     }
 
     /// Undoes what a failed upload left: blob, reservation, row state.
-    async fn fail(&self, upload_id: Uuid, reservation: &str, key: Option<&ObjectPath>, error: &Error) {
+    async fn fail(
+        &self,
+        upload_id: Uuid,
+        reservation: &str,
+        key: Option<&ObjectPath>,
+        error: &Error,
+    ) {
         if let Some(key) = key {
             if let Err(e) = self.store.delete(key).await {
                 tracing::warn!(%upload_id, error = %e, "blob delete after failed upload failed; gc will remove it");

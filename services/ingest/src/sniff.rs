@@ -41,7 +41,9 @@ pub fn sniff(head: &[u8], display_name: &str) -> Sniffed {
             infer::MatcherType::Image => "image",
             infer::MatcherType::Video => "video",
             infer::MatcherType::Audio => "audio",
-            infer::MatcherType::Doc | infer::MatcherType::Book | infer::MatcherType::Text => "document",
+            infer::MatcherType::Doc | infer::MatcherType::Book | infer::MatcherType::Text => {
+                "document"
+            }
             _ => "other",
         };
         return Sniffed {
@@ -72,7 +74,10 @@ mod tests {
     fn bytes_win_over_names() {
         let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
         let s = sniff(png, "holiday.exe");
-        assert_eq!((s.mime_type.as_str(), s.kind, s.extension.as_str()), ("image/png", "image", "png"));
+        assert_eq!(
+            (s.mime_type.as_str(), s.kind, s.extension.as_str()),
+            ("image/png", "image", "png")
+        );
         let t = sniff(b"hello world\n", "../../etc/passwd");
         assert_eq!(t.kind, "document");
         assert_eq!(t.extension, "txt");

@@ -106,7 +106,13 @@ impl Uploads {
              SET state = $2, storage_key = COALESCE($3, storage_key), received_bytes = $4,
                  failure = $5, updated_at = now()
              WHERE id = $1",
-            &[&id, &state, &storage_key, &i64::try_from(received).unwrap_or(i64::MAX), &failure],
+            &[
+                &id,
+                &state,
+                &storage_key,
+                &i64::try_from(received).unwrap_or(i64::MAX),
+                &failure,
+            ],
         )
         .await?;
         Ok(())

@@ -158,7 +158,10 @@ impl Quota {
         let conn = self.pool.get().await?;
         self.ensure_account(&conn, user_id).await?;
         let row = conn
-            .query_one("SELECT * FROM quota.accounts WHERE user_id = $1", &[&user_id])
+            .query_one(
+                "SELECT * FROM quota.accounts WHERE user_id = $1",
+                &[&user_id],
+            )
             .await?;
         Ok(Account::from_row(&row))
     }
@@ -180,11 +183,17 @@ impl Quota {
         let amount = to_i64("bytes", bytes)?;
         let ttl = ttl.unwrap_or(self.default_ttl);
         if ttl.is_zero() || ttl > MAX_TTL {
-            return Err(Error::invalid("ttl_seconds", "must be between 1 and 604800"));
+            return Err(Error::invalid(
+                "ttl_seconds",
+                "must be between 1 and 604800",
+            ));
         }
         if let Some(key) = idempotency_key {
             if key.len() > 200 {
-                return Err(Error::invalid("idempotency_key", "must be at most 200 characters"));
+                return Err(Error::invalid(
+                    "idempotency_key",
+                    "must be at most 200 characters",
+                ));
             }
         }
         let mut conn = self.pool.get().await?;
@@ -192,7 +201,10 @@ impl Quota {
         let tx = conn.transaction().await?;
         if let Some(existing) = find_by_key(&tx, user_id, idempotency_key).await? {
             let account = tx
-                .query_one("SELECT * FROM quota.accounts WHERE user_id = $1", &[&user_id])
+                .query_one(
+                    "SELECT * FROM quota.accounts WHERE user_id = $1",
+                    &[&user_id],
+                )
                 .await?;
             return Ok((existing, Account::from_row(&account)));
         }
@@ -219,7 +231,10 @@ impl Quota {
             .await?;
         let Some(account) = updated else {
             let row = tx
-                .query_one("SELECT * FROM quota.accounts WHERE user_id = $1", &[&user_id])
+                .query_one(
+                    "SELECT * FROM quota.accounts WHERE user_id = $1",
+                    &[&user_id],
+                )
                 .await?;
             tx.rollback().await?;
             return Err(Error::Exhausted {
@@ -250,7 +265,10 @@ impl Quota {
                     .await?
                     .ok_or(Error::ReservationNotFound)?;
                 let account = conn
-                    .query_one("SELECT * FROM quota.accounts WHERE user_id = $1", &[&user_id])
+                    .query_one(
+                        "SELECT * FROM quota.accounts WHERE user_id = $1",
+                        &[&user_id],
+                    )
                     .await?;
                 Ok((existing, Account::from_row(&account)))
             }
@@ -491,7 +509,10 @@ impl Quota {
         limit: i64,
     ) -> Result<Vec<Account>> {
         if !(0.0..=1000.0).contains(&min_percent) {
-            return Err(Error::invalid("min_used_percent", "must be between 0 and 1000"));
+            return Err(Error::invalid(
+                "min_used_percent",
+                "must be between 0 and 1000",
+            ));
         }
         let conn = self.pool.get().await?;
         let rows = conn

@@ -100,7 +100,10 @@ impl quota_server::Quota for QuotaGrpc {
         let req = request.into_inner();
         let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(req.ttl_seconds)));
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key.as_str());
-        let (reservation, account) = self.quota.reserve(&req.user_id, req.bytes, ttl, key).await?;
+        let (reservation, account) = self
+            .quota
+            .reserve(&req.user_id, req.bytes, ttl, key)
+            .await?;
         Ok(Response::new(pb::ReserveResponse {
             reservation: Some(reservation.into()),
             account: Some(account.into()),
@@ -212,7 +215,9 @@ impl quota_server::Quota for QuotaGrpc {
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
         let caller = identity(&request)?;
         if !caller.is_privileged() {
-            return Err(Status::permission_denied("this call needs the admin or service scope"));
+            return Err(Status::permission_denied(
+                "this call needs the admin or service scope",
+            ));
         }
         let req = request.into_inner();
         let (drift_bytes, account) = self

@@ -31,7 +31,9 @@ pub fn validate_user_id(user_id: &str) -> Result<(), &'static str> {
 ///
 /// `user` must have passed [`validate_user_id`]; `kind` and `ext` come from the sniffer.
 pub fn original(user: &str, kind: &str, year: i32, month: u32, file_id: &str, ext: &str) -> Path {
-    Path::from(format!("users/{user}/{kind}/{year:04}/{month:02}/{file_id}.{ext}"))
+    Path::from(format!(
+        "users/{user}/{kind}/{year:04}/{month:02}/{file_id}.{ext}"
+    ))
 }
 
 /// Key of a variant: `users/{user}/variants/{yyyy}/{mm}/{file_id}_{variant}.{ext}`.

@@ -10,7 +10,9 @@
 use std::{path::PathBuf, sync::Arc};
 
 pub use object_store::{ObjectStore, path::Path as ObjectPath};
-use object_store::{aws::AmazonS3Builder, local::LocalFileSystem, memory::InMemory, prefix::PrefixStore};
+use object_store::{
+    aws::AmazonS3Builder, local::LocalFileSystem, memory::InMemory, prefix::PrefixStore,
+};
 
 pub mod keys;
 
@@ -59,9 +61,9 @@ impl Blobs {
                 url: url.to_owned(),
             }),
             "file" => {
-                let root = parsed
-                    .to_file_path()
-                    .map_err(|()| BlobError::Url(format!("{url:?} is not an absolute file path")))?;
+                let root = parsed.to_file_path().map_err(|()| {
+                    BlobError::Url(format!("{url:?} is not an absolute file path"))
+                })?;
                 std::fs::create_dir_all(&root).map_err(|source| BlobError::Io {
                     path: root.clone(),
                     source,

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 pub use deadpool_postgres::{GenericClient, Object as Connection, Pool as PgPool, Transaction};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 pub use refinery::Runner as MigrationRunner;
 use tokio_postgres::NoTls;
 
@@ -63,11 +63,16 @@ pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
 ///
 /// The history table lives inside the schema (`{schema}.schema_history`), so services never
 /// share one. A transaction-level advisory lock serialises concurrent starters.
-pub async fn migrate(pool: &Pool, schema: &str, mut runner: MigrationRunner) -> Result<(), DbError> {
+pub async fn migrate(
+    pool: &Pool,
+    schema: &str,
+    mut runner: MigrationRunner,
+) -> Result<(), DbError> {
     let mut conn = pool.get().await?;
     // One lock for all schemas: migrations are rare and short, and `CREATE SCHEMA IF NOT
     // EXISTS` itself races between sessions.
-    conn.execute("SELECT pg_advisory_lock(7469347)", &[]).await?;
+    conn.execute("SELECT pg_advisory_lock(7469347)", &[])
+        .await?;
     let result = async {
         // Migrations name their tables without a schema; the search path puts them in ours.
         conn.batch_execute(&format!(

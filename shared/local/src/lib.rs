@@ -25,7 +25,9 @@ use tokio::{
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     /// A binary is missing.
-    #[error("{0} not found on PATH; install it (scripts/setup does) or set DATABASE_URL / REDIS_URL")]
+    #[error(
+        "{0} not found on PATH; install it (scripts/setup does) or set DATABASE_URL / REDIS_URL"
+    )]
     Missing(&'static str),
     /// A command failed.
     #[error("{what} failed: {detail}")]
@@ -97,7 +99,11 @@ impl LocalPostgres {
     pub async fn start(data_dir: &Path, durable: bool) -> Result<Self, LocalError> {
         for bin in ["initdb", "postgres"] {
             if !on_path(bin) {
-                return Err(LocalError::Missing(if bin == "initdb" { "initdb" } else { "postgres" }));
+                return Err(LocalError::Missing(if bin == "initdb" {
+                    "initdb"
+                } else {
+                    "postgres"
+                }));
             }
         }
         let user = unprivileged_user();
@@ -113,7 +119,15 @@ impl LocalPostgres {
             let out = command("initdb", user.as_ref())
                 .args(["-D"])
                 .arg(data_dir)
-                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ])
                 .output()
                 .await?;
             if !out.status.success() {
@@ -126,7 +140,8 @@ impl LocalPostgres {
         let port = free_port()?;
         let log = std::fs::File::create(data_dir.join("server.log"))?;
         if let Some(user) = &user {
-            chown(&data_dir.join("server.log"), Some(user.uid), Some(user.gid)).map_err(std::io::Error::from)?;
+            chown(&data_dir.join("server.log"), Some(user.uid), Some(user.gid))
+                .map_err(std::io::Error::from)?;
         }
         let mut cmd = command("postgres", user.as_ref());
         cmd.arg("-D")
@@ -137,7 +152,14 @@ impl LocalPostgres {
             .stderr(log)
             .kill_on_drop(true);
         if !durable {
-            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            cmd.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         }
         let child = cmd.spawn()?;
         let server = Self {
@@ -152,7 +174,10 @@ impl LocalPostgres {
     async fn wait_ready(&self) -> Result<(), LocalError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.is_ok() {
+            if tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -176,18 +201,27 @@ impl LocalPostgres {
     pub async fn create_database(&self, db: &str) -> Result<(), LocalError> {
         let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
             .await
-            .map_err(|e| LocalError::Failed { what: "connect", detail: e.to_string() })?;
+            .map_err(|e| LocalError::Failed {
+                what: "connect",
+                detail: e.to_string(),
+            })?;
         let driver = tokio::spawn(conn);
         let exists = client
             .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
             .await
-            .map_err(|e| LocalError::Failed { what: "query", detail: e.to_string() })?
+            .map_err(|e| LocalError::Failed {
+                what: "query",
+                detail: e.to_string(),
+            })?
             .is_some();
         if !exists {
             client
                 .batch_execute(&format!("CREATE DATABASE \"{}\"", db.replace('"', "")))
                 .await
-                .map_err(|e| LocalError::Failed { what: "create database", detail: e.to_string() })?;
+                .map_err(|e| LocalError::Failed {
+                    what: "create database",
+                    detail: e.to_string(),
+                })?;
         }
         drop(client);
         let _ = driver.await;
@@ -199,7 +233,10 @@ impl LocalPostgres {
         if let Some(pid) = self.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGINT);
         }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.kill().await;
         }
     }
@@ -220,7 +257,16 @@ impl LocalRedis {
         }
         let port = free_port()?;
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--protected-mode", "yes", "--loglevel", "warning"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -254,7 +300,9 @@ impl LocalRedis {
 }
 
 async fn ping(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return false;
+    };
     if stream.write_all(b"PING\r\n").await.is_err() {
         return false;
     }

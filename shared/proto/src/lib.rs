@@ -10,7 +10,8 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every Stowage proto, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/stowage_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/stowage_descriptor.bin"));
 
 /// Fully qualified gRPC service names, as used by health checks and reflection.
 pub mod service_names {

@@ -57,7 +57,9 @@ impl Identity {
         if self.service {
             Ok(())
         } else {
-            Err(Status::permission_denied("this call needs the service scope"))
+            Err(Status::permission_denied(
+                "this call needs the service scope",
+            ))
         }
     }
 
@@ -225,7 +227,9 @@ impl Verifier {
 /// Strips the `Bearer ` prefix (case-insensitive).
 pub fn bearer(header_value: &str) -> Option<&str> {
     let (scheme, token) = header_value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Interceptor installed in front of every Stowage service (not health or reflection).
@@ -270,10 +274,16 @@ impl Minter {
     /// A token for `user` with `scopes`, valid for `ttl`.
     pub fn mint(&self, user: &str, scopes: &[&str], ttl: Duration) -> String {
         let now = jsonwebtoken::get_current_timestamp();
+        self.mint_until(user, scopes, now + ttl.as_secs())
+    }
+
+    /// A token for `user` with `scopes` that expires at `exp` (seconds since the epoch).
+    pub fn mint_until(&self, user: &str, scopes: &[&str], exp: u64) -> String {
+        let now = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
             sub: user.to_owned(),
-            iat: now,
-            exp: now + ttl.as_secs(),
+            iat: now.min(exp),
+            exp,
             scope: scopes.join(" "),
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
@@ -333,7 +343,9 @@ mod tests {
 
     #[tokio::test]
     async fn minted_tokens_verify_with_their_scopes() {
-        let verifier = Verifier::new(&config(), CancellationToken::new()).await.unwrap();
+        let verifier = Verifier::new(&config(), CancellationToken::new())
+            .await
+            .unwrap();
         let minter = Minter::from_config(&config()).unwrap();
         let token = minter.mint("alice", &["admin"], Duration::from_secs(60));
         let id = verifier.verify(&token).unwrap();
@@ -343,19 +355,25 @@ mod tests {
 
     #[tokio::test]
     async fn other_secrets_and_expired_tokens_are_refused() {
-        let verifier = Verifier::new(&config(), CancellationToken::new()).await.unwrap();
+        let verifier = Verifier::new(&config(), CancellationToken::new())
+            .await
+            .unwrap();
         let other = Minter::from_config(&AuthConfig {
             hs256_secret: Some("another-secret-of-16b".into()),
             ..AuthConfig::default()
         })
         .unwrap();
-        assert!(verifier.verify(&other.mint("alice", &[], Duration::from_secs(60))).is_err());
+        assert!(
+            verifier
+                .verify(&other.mint("alice", &[], Duration::from_secs(60)))
+                .is_err()
+        );
         let minter = Minter::from_config(&config()).unwrap();
-        let expired = minter.mint("alice", &[], Duration::ZERO);
-        // exp == now passes only within the leeway; push it well into the past.
-        let mut claims: Claims = jsonwebtoken::dangerous::insecure_decode_claims(&expired).unwrap().claims;
-        claims.exp -= 3600;
-        let token = encode(&Header::new(Algorithm::HS256), &claims, &minter.key).unwrap();
-        assert!(verifier.verify(&token).is_err());
+        // Past the 30 s leeway.
+        let expired = minter.mint_until("alice", &[], jsonwebtoken::get_current_timestamp() - 60);
+        assert!(verifier.verify(&expired).is_err());
+        let within_leeway =
+            minter.mint_until("alice", &[], jsonwebtoken::get_current_timestamp() - 5);
+        assert!(verifier.verify(&within_leeway).is_ok());
     }
 }

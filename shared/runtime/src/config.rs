@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use bytesize::ByteSize;
+pub use bytesize::ByteSize;
 use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
@@ -302,7 +302,10 @@ fn describe(error: figment::Error) -> ConfigError {
             let name = e
                 .metadata
                 .as_ref()
-                .and_then(|m| m.interpolate(&e.profile.clone().unwrap_or_default(), &e.path).into())
+                .and_then(|m| {
+                    m.interpolate(&e.profile.clone().unwrap_or_default(), &e.path)
+                        .into()
+                })
                 .unwrap_or_else(|| e.path.join("."));
             format!("{name}: {}", e.kind)
         })

@@ -32,7 +32,9 @@ pub enum ServiceAuth {
 impl ServiceAuth {
     fn token(&self) -> String {
         match self {
-            Self::Mint(minter) => minter.mint(SERVICE_SUBJECT, &["service"], Duration::from_secs(300)),
+            Self::Mint(minter) => {
+                minter.mint(SERVICE_SUBJECT, &["service"], Duration::from_secs(300))
+            }
             Self::Static(token) => token.clone(),
         }
     }
@@ -59,7 +61,9 @@ pub fn channel(url: &str, timeout: Duration) -> Result<Channel, tonic::transport
 
 fn local_request<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
-    request.extensions_mut().insert(Identity::internal_service());
+    request
+        .extensions_mut()
+        .insert(Identity::internal_service());
     request
 }
 
@@ -69,7 +73,9 @@ async fn with_deadline<T>(
 ) -> Result<T, Status> {
     match tokio::time::timeout(timeout, call).await {
         Ok(result) => result.map(Response::into_inner),
-        Err(_) => Err(Status::deadline_exceeded("call to another service timed out")),
+        Err(_) => Err(Status::deadline_exceeded(
+            "call to another service timed out",
+        )),
     }
 }
 

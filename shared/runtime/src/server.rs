@@ -14,7 +14,8 @@ use tonic::{
     transport::Server,
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tower::Service;
+use tonic_web::GrpcWebLayer;
+use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{auth::Verifier, tasks::Background};
@@ -82,7 +83,9 @@ impl GrpcServer {
     pub fn new(verifier: Verifier, cors_origins: Vec<String>, grace: Duration) -> Self {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
-        routes.add_service(health_service);
+        // grpc-web is enabled per gRPC service, not for the whole server: it answers 400 to any
+        // HTTP/1 request that is not grpc-web, which would break the plain HTTP routes.
+        routes.add_service(GrpcWebLayer::new().layer(health_service));
         Self {
             routes,
             http: axum::Router::new(),
@@ -112,7 +115,10 @@ impl GrpcServer {
     {
         self.names.push(S::NAME);
         self.routes
-            .add_service(InterceptedService::new(service, self.verifier.interceptor()));
+            .add_service(GrpcWebLayer::new().layer(InterceptedService::new(
+                service,
+                self.verifier.interceptor(),
+            )));
         self
     }
 
@@ -190,10 +196,17 @@ impl GrpcServer {
         for name in &self.names {
             reflection_alpha = reflection_alpha.with_service_name(*name);
         }
-        self.routes.add_service(reflection.build_v1()?);
-        self.routes.add_service(reflection_alpha.build_v1alpha()?);
+        self.routes
+            .add_service(GrpcWebLayer::new().layer(reflection.build_v1()?));
+        self.routes
+            .add_service(GrpcWebLayer::new().layer(reflection_alpha.build_v1alpha()?));
 
-        let router = self.routes.routes().prepare().into_axum_router().merge(self.http);
+        let router = self
+            .routes
+            .routes()
+            .prepare()
+            .into_axum_router()
+            .merge(self.http);
         let routes = Routes::from(router);
         let cors = cors_layer(&self.cors_origins)?;
 
@@ -205,7 +218,6 @@ impl GrpcServer {
         let drain = shutdown.clone();
         let server = builder
             .layer(tower::util::option_layer(cors))
-            .layer(tonic_web::GrpcWebLayer::new())
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 drain.cancelled().await;
@@ -239,7 +251,14 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
     Ok(Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::HEAD, Method::DELETE, Method::OPTIONS])
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PATCH,
+                Method::HEAD,
+                Method::DELETE,
+                Method::OPTIONS,
+            ])
             .allow_headers([
                 header("authorization"),
                 header("content-type"),

@@ -25,7 +25,10 @@ pub fn parse_uuid(field: &str, value: &str) -> Result<uuid::Uuid, Status> {
 pub fn page_size(value: u32, default: u32, max: u32) -> Result<i64, Status> {
     match value {
         0 => Ok(i64::from(default)),
-        v if v > max => Err(invalid_argument("page_size", format!("must be at most {max}"))),
+        v if v > max => Err(invalid_argument(
+            "page_size",
+            format!("must be at most {max}"),
+        )),
         v => Ok(i64::from(v)),
     }
 }

@@ -1,1 +1,496 @@
+//! Test kit: real PostgreSQL and Redis (started once per test run by `stowage-testenv`, or
+//! once per test process when run without it), a fresh database per test, an in-process mesh
+//! and a harness that runs the real `stowage` binary, one process per service.
 
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use stowage::Role;
+use stowage_local::{LocalPostgres, LocalRedis};
+pub use stowage_runtime::Minter;
+use stowage_runtime::{Config, config::AuthConfig};
+use tokio::{
+    process::{Child, Command},
+    sync::OnceCell,
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// HS256 secret every test process shares.
+pub const TEST_SECRET: &str = "stowage-test-secret-0123456789abcdef";
+
+/// Where the shared servers are.
+#[derive(Debug)]
+pub struct Servers {
+    /// URL of the `postgres` admin database.
+    pub postgres_admin_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+}
+
+static SERVERS: OnceCell<Servers> = OnceCell::const_new();
+
+/// The shared servers: from `STOWAGE_TEST_DATABASE_URL` / `STOWAGE_TEST_REDIS_URL` (set by
+/// `stowage-testenv`), or started now for this process and stopped by a watchdog when it
+/// exits.
+pub async fn servers() -> &'static Servers {
+    SERVERS
+        .get_or_init(|| async {
+            match start_servers().await {
+                Ok(s) => s,
+                Err(e) => panic!("test servers unavailable: {e:#}"),
+            }
+        })
+        .await
+}
+
+async fn start_servers() -> anyhow::Result<Servers> {
+    if let (Ok(pg), Ok(redis)) = (
+        std::env::var("STOWAGE_TEST_DATABASE_URL"),
+        std::env::var("STOWAGE_TEST_REDIS_URL"),
+    ) {
+        return Ok(Servers {
+            postgres_admin_url: pg,
+            redis_url: redis,
+        });
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("stowage-test-")
+        .tempdir()?
+        .keep();
+    let pg = LocalPostgres::start(&dir.join("pg"), false).await?;
+    let redis = LocalRedis::start().await?;
+    let servers = Servers {
+        postgres_admin_url: pg.url("postgres"),
+        redis_url: redis.url(),
+    };
+    // Statics are never dropped: a watchdog stops the servers when this process ends.
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -INT {pg} {redis} 2>/dev/null; sleep 2; rm -rf {dir}",
+        me = std::process::id(),
+        pg = pg_pid(&pg),
+        redis = redis_pid(&redis),
+        dir = dir.display()
+    );
+    std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::mem::forget(pg);
+    std::mem::forget(redis);
+    Ok(servers)
+}
+
+fn pg_pid(pg: &LocalPostgres) -> String {
+    format!("$(pgrep -f 'postgres -D .* -p {}' | head -1)", pg.port())
+}
+
+fn redis_pid(redis: &LocalRedis) -> String {
+    format!("$(pgrep -f 'redis-server .*:{}' | head -1)", redis.port())
+}
+
+/// Creates an empty database for one test and returns its URL.
+pub async fn fresh_database() -> anyhow::Result<String> {
+    let servers = servers().await;
+    let (client, conn) =
+        tokio_postgres::connect(&servers.postgres_admin_url, tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(conn);
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    drop(client);
+    let _ = driver.await;
+    let (base, _) = servers
+        .postgres_admin_url
+        .rsplit_once('/')
+        .context("database url without a path")?;
+    Ok(format!("{base}/{name}"))
+}
+
+/// A token for `user` with `scopes`, valid for an hour.
+pub fn token(user: &str, scopes: &[&str]) -> String {
+    minter().mint(user, scopes, Duration::from_secs(3600))
+}
+
+/// The minter of [`TEST_SECRET`].
+pub fn minter() -> Minter {
+    minter_with(TEST_SECRET)
+}
+
+/// A minter of another secret (for forged tokens).
+pub fn minter_with(secret: &str) -> Minter {
+    Minter::from_config(&AuthConfig {
+        hs256_secret: Some(secret.into()),
+        ..AuthConfig::default()
+    })
+    .unwrap_or_else(|| unreachable!("a secret is configured"))
+}
+
+/// A token for `user` that expired `ago`.
+pub fn expired_token(user: &str, ago: Duration) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    minter().mint_until(user, &[], now.saturating_sub(ago).as_secs())
+}
+
+/// `message` with `authorization: Bearer {token}`.
+pub fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Ok(value) = MetadataValue::try_from(format!("Bearer {token}")) {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// A lazily connected channel to `http://{addr}`.
+pub fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(|_| unreachable!("a socket address is a valid uri"))
+        .connect_lazy()
+}
+
+/// Where a test's data lives: its own database and its own object store.
+#[derive(Debug)]
+pub struct Setup {
+    /// Database URL.
+    pub database_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Object store URL.
+    pub blob_url: String,
+    /// Directory of a `file://` store (removed at drop).
+    pub blob_dir: Option<tempfile::TempDir>,
+    /// Default quota limit, if not the built-in one.
+    pub default_limit: Option<u64>,
+}
+
+impl Setup {
+    /// A fresh database and a fresh local-disk store.
+    pub async fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("stowage-blobs-")
+            .tempdir()?;
+        Ok(Self {
+            database_url: fresh_database().await?,
+            redis_url: servers().await.redis_url.clone(),
+            blob_url: format!("file://{}", dir.path().display()),
+            blob_dir: Some(dir),
+            default_limit: None,
+        })
+    }
+
+    /// Sets the default quota of new accounts.
+    pub fn with_default_limit(mut self, bytes: u64) -> Self {
+        self.default_limit = Some(bytes);
+        self
+    }
+
+    /// Every object under `prefix` of a `file://` store, as relative paths.
+    pub fn stored_objects(&self, prefix: &str) -> Vec<String> {
+        let Some(dir) = &self.blob_dir else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![dir.path().join(prefix)];
+        while let Some(p) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&p) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(dir.path()) {
+                    out.push(rel.display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The configuration a process of this setup runs with.
+    pub fn config(&self, addr: SocketAddr) -> Config {
+        let mut config = Config {
+            addr,
+            database_url: Some(self.database_url.clone()),
+            redis_url: Some(self.redis_url.clone()),
+            blob_url: self.blob_url.clone(),
+            db_pool_size: 8,
+            shutdown_grace: Duration::from_secs(5),
+            ..Config::default()
+        };
+        config.auth.hs256_secret = Some(TEST_SECRET.into());
+        if let Some(limit) = self.default_limit {
+            config.quota.default_limit = stowage_runtime::config::ByteSize::b(limit);
+        }
+        config
+    }
+}
+
+/// All five services in this process (`serve all` wiring), on a free port.
+pub struct Mesh {
+    /// Address of every service.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Mesh {
+    /// Starts the mesh over `setup`.
+    pub async fn start(setup: &Setup) -> anyhow::Result<Self> {
+        Self::start_with(setup, |_| {}).await
+    }
+
+    /// Starts the mesh over `setup` with `tweak` applied to its configuration.
+    pub async fn start_with(
+        setup: &Setup,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut config = setup.config(addr);
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(stowage::serve(
+            &Role::ALL,
+            config,
+            listener,
+            shutdown.clone(),
+        ));
+        let mesh = Self {
+            addr,
+            shutdown,
+            task,
+        };
+        wait_serving(addr, "stowage.v1.Files").await?;
+        Ok(mesh)
+    }
+
+    /// A channel to the mesh.
+    pub fn channel(&self) -> Channel {
+        channel(self.addr)
+    }
+
+    /// Stops the mesh and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}
+
+/// Waits until `service` reports SERVING on `addr` (at most 30 s).
+pub async fn wait_serving(addr: SocketAddr, service: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut client = HealthClient::new(channel(addr));
+    loop {
+        let status = client
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if matches!(status, Ok(s) if s == ServingStatus::Serving as i32) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{service} on {addr} not serving after 30 s: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Path of the `stowage` binary built next to the test executable (or `STOWAGE_BIN`).
+pub fn binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("STOWAGE_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/test-binary → target/<profile>/stowage
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("unexpected test binary location")?;
+    let path = dir.join("stowage");
+    if !path.exists() {
+        bail!(
+            "{} does not exist; build it with `cargo build -p stowage`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// One running `stowage serve` process.
+pub struct Process {
+    /// Roles it serves.
+    pub roles: Vec<Role>,
+    /// Its address.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Process {
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already gone")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit (at most `timeout`) and returns whether it exited 0.
+    pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("process did not exit in time")??;
+        Ok(status.success())
+    }
+}
+
+/// Real `stowage` processes over one [`Setup`].
+pub struct Processes {
+    /// The processes.
+    pub processes: Vec<Process>,
+}
+
+impl Processes {
+    /// One process per service, each calling the others over gRPC.
+    pub async fn split(setup: &Setup) -> anyhow::Result<Self> {
+        let ports: Vec<(Role, SocketAddr)> = Role::ALL
+            .iter()
+            .map(|r| {
+                Ok((
+                    *r,
+                    SocketAddr::from(([127, 0, 0, 1], stowage_local::free_port()?)),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let peer = |role: Role| {
+            ports
+                .iter()
+                .find(|(r, _)| *r == role)
+                .map(|(_, a)| format!("http://{a}"))
+                .unwrap_or_default()
+        };
+        let peers = [
+            ("STOWAGE_PEERS__QUOTA", peer(Role::Quota)),
+            ("STOWAGE_PEERS__FILES", peer(Role::Files)),
+            ("STOWAGE_PEERS__INGEST", peer(Role::Ingest)),
+            ("STOWAGE_PEERS__MEDIA", peer(Role::Media)),
+            ("STOWAGE_PEERS__LIFECYCLE", peer(Role::Lifecycle)),
+        ];
+        let mut processes = Vec::new();
+        for (role, addr) in &ports {
+            processes.push(spawn(setup, &[*role], *addr, &peers)?);
+        }
+        let this = Self { processes };
+        this.wait_ready().await?;
+        Ok(this)
+    }
+
+    /// One `serve all` process.
+    pub async fn all(setup: &Setup) -> anyhow::Result<Self> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], stowage_local::free_port()?));
+        let this = Self {
+            processes: vec![spawn(setup, &Role::ALL, addr, &[])?],
+        };
+        this.wait_ready().await?;
+        Ok(this)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        for p in &self.processes {
+            for role in &p.roles {
+                wait_serving(p.addr, service_name(*role)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Address of the process serving `role`.
+    pub fn addr(&self, role: Role) -> SocketAddr {
+        self.process(role).addr
+    }
+
+    /// The process serving `role`.
+    pub fn process(&self, role: Role) -> &Process {
+        self.processes
+            .iter()
+            .find(|p| p.roles.contains(&role))
+            .unwrap_or_else(|| unreachable!("every role is served"))
+    }
+
+    /// Mutable access to the process serving `role`.
+    pub fn process_mut(&mut self, role: Role) -> &mut Process {
+        self.processes
+            .iter_mut()
+            .find(|p| p.roles.contains(&role))
+            .unwrap_or_else(|| unreachable!("every role is served"))
+    }
+}
+
+/// The gRPC name of a role's service.
+pub fn service_name(role: Role) -> &'static str {
+    use stowage_proto::service_names as n;
+    match role {
+        Role::Ingest => n::INGEST,
+        Role::Files => n::FILES,
+        Role::Quota => n::QUOTA,
+        Role::Media => n::MEDIA,
+        Role::Lifecycle => n::LIFECYCLE,
+    }
+}
+
+fn spawn(
+    setup: &Setup,
+    roles: &[Role],
+    addr: SocketAddr,
+    peers: &[(&str, String)],
+) -> anyhow::Result<Process> {
+    let service = if roles.len() == 1 {
+        format!("{:?}", roles[0]).to_lowercase()
+    } else {
+        "all".to_owned()
+    };
+    let mut cmd = Command::new(binary()?);
+    cmd.args(["serve", &service])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("STOWAGE_ADDR", addr.to_string())
+        .env("DATABASE_URL", &setup.database_url)
+        .env("REDIS_URL", &setup.redis_url)
+        .env("STOWAGE_BLOB_URL", &setup.blob_url)
+        .env("STOWAGE_AUTH__HS256_SECRET", TEST_SECRET)
+        .env("STOWAGE_DB_POOL_SIZE", "8")
+        .env("STOWAGE_SHUTDOWN_GRACE", "5s")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(limit) = setup.default_limit {
+        cmd.env("STOWAGE_QUOTA__DEFAULT_LIMIT", limit.to_string());
+    }
+    for (k, v) in peers {
+        cmd.env(k, v);
+    }
+    Ok(Process {
+        roles: roles.to_vec(),
+        addr,
+        child: cmd.spawn()?,
+    })
+}

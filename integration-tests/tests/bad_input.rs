@@ -1,0 +1,292 @@
+//! Bad input gets a clear status naming the field, and leaves nothing behind.
+
+use stowage_integration_tests::{download, random_bytes, upload, upload_declaring, usage};
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Mesh, Setup, authed, token};
+use tonic::Code;
+
+#[tokio::test]
+async fn upload_over_quota_leaves_no_blob_no_reservation_no_row() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(1 << 20);
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    upload(
+        mesh.channel(),
+        &alice,
+        "fits.bin",
+        &random_bytes(700_000),
+        &[],
+    )
+    .await?;
+    let err = upload(
+        mesh.channel(),
+        &alice,
+        "too-big.bin",
+        &random_bytes(500_000),
+        &[],
+    )
+    .await
+    .expect_err("over quota");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("quota"),
+        "message says why: {}",
+        err.message()
+    );
+
+    assert_eq!(
+        setup.stored_objects("users").len(),
+        1,
+        "only the first blob"
+    );
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (700_000, 0));
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert_eq!(listed.files.len(), 1);
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn short_or_long_streams_are_refused_and_cleaned_up() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    // Declares more than it sends (the sniffing buffer is flushed to the store first).
+    let short = upload_declaring(
+        mesh.channel(),
+        &alice,
+        "short.bin",
+        &random_bytes(3 << 20),
+        4 << 20,
+        &[],
+    )
+    .await;
+    let status = short.expect_err("short stream");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("header.size_bytes"),
+        "{}",
+        status.message()
+    );
+    // Sends more than it declares.
+    let long = upload_declaring(
+        mesh.channel(),
+        &alice,
+        "long.bin",
+        &random_bytes(2 << 20),
+        1 << 20,
+        &[],
+    )
+    .await;
+    assert_eq!(long.err().map(|s| s.code()), Some(Code::InvalidArgument));
+
+    assert!(
+        setup
+            .stored_objects("")
+            .iter()
+            .all(|p| !p.starts_with("users/")),
+        "no blob left: {:?}",
+        setup.stored_objects("")
+    );
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0));
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn empty_user_id_is_invalid_argument() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let service = token("ingest", &["service"]);
+    let r = stowage_integration_tests::quota(mesh.channel())
+        .reserve(authed(
+            pb::ReserveRequest {
+                user_id: String::new(),
+                bytes: 10,
+                ..Default::default()
+            },
+            &service,
+        ))
+        .await;
+    let status = r.expect_err("empty user id");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("user_id"),
+        "{}",
+        status.message()
+    );
+    // A user id that would walk out of its prefix is refused the same way.
+    let r = stowage_integration_tests::quota(mesh.channel())
+        .reserve(authed(
+            pb::ReserveRequest {
+                user_id: "../x".into(),
+                bytes: 10,
+                ..Default::default()
+            },
+            &service,
+        ))
+        .await;
+    assert_eq!(r.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    // A token whose subject is empty is not a caller at all.
+    let empty_sub = token("", &[]);
+    let r = upload(mesh.channel(), &empty_sub, "x", b"x", &[]).await;
+    assert_eq!(r.err().map(|s| s.code()), Some(Code::Unauthenticated));
+    let stats = stowage_integration_tests::quota(mesh.channel())
+        .stats(authed(pb::StatsRequest {}, &token("root", &["admin"])))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (stats.account_count, stats.held_reservations),
+        (0, 0),
+        "nothing was created"
+    );
+    assert!(setup.stored_objects("").is_empty());
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn a_path_as_display_name_is_only_a_name() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let file = upload(
+        mesh.channel(),
+        &alice,
+        "../../etc/passwd",
+        b"root:x:0:0\n",
+        &[],
+    )
+    .await?;
+    assert_eq!(file.display_name, "../../etc/passwd");
+    let objects = setup.stored_objects("");
+    assert_eq!(objects.len(), 1);
+    assert!(
+        objects[0].starts_with(&format!("users/alice/document/")),
+        "{objects:?}"
+    );
+    assert!(
+        objects[0].ends_with(&format!("{}.txt", file.id)),
+        "{objects:?}"
+    );
+    assert!(!objects[0].contains("passwd") && !objects[0].contains(".."));
+    // The name round-trips as metadata.
+    let (header, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
+    assert_eq!(
+        header.file.map(|f| f.display_name),
+        Some("../../etc/passwd".to_owned())
+    );
+    assert_eq!(bytes, b"root:x:0:0\n");
+    // An empty or control-character name is refused, naming the field.
+    let r = upload(mesh.channel(), &alice, "", b"x", &[]).await;
+    let status = r.expect_err("empty name");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("display_name"),
+        "{}",
+        status.message()
+    );
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn page_tokens_and_ranges_are_checked() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let file = upload(mesh.channel(), &alice, "a.bin", &random_bytes(1000), &["t"]).await?;
+    upload(mesh.channel(), &alice, "b.bin", &random_bytes(10), &["t"]).await?;
+    let mut files = stowage_integration_tests::files(mesh.channel());
+    let page = files
+        .list_files(authed(
+            pb::ListFilesRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner();
+    assert!(!page.next_page_token.is_empty());
+    // The same token with another filter or sort is refused.
+    let other = files
+        .list_files(authed(
+            pb::ListFilesRequest {
+                page_size: 1,
+                sort_by: pb::FileSortField::Size as i32,
+                page_token: page.next_page_token.clone(),
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await;
+    let status = other.expect_err("token of another query");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("page_token"),
+        "{}",
+        status.message()
+    );
+    let garbage = files
+        .list_files(authed(
+            pb::ListFilesRequest {
+                page_token: "%%%".into(),
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await;
+    assert_eq!(garbage.err().map(|s| s.code()), Some(Code::InvalidArgument));
+
+    let past_end = download(
+        mesh.channel(),
+        &alice,
+        &file.id,
+        Some(pb::ByteRange {
+            offset: 1000,
+            length: None,
+        }),
+    )
+    .await;
+    let status = past_end.expect_err("offset at the end");
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert!(
+        status.message().contains("range.offset"),
+        "{}",
+        status.message()
+    );
+    let zero = download(
+        mesh.channel(),
+        &alice,
+        &file.id,
+        Some(pb::ByteRange {
+            offset: 5,
+            length: Some(0),
+        }),
+    )
+    .await;
+    let status = zero.expect_err("zero length");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("range.length"),
+        "{}",
+        status.message()
+    );
+    let bad_id = files
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: "not-a-uuid".into(),
+            },
+            &alice,
+        ))
+        .await;
+    let status = bad_id.expect_err("bad id");
+    assert!(
+        status.message().starts_with("file_id"),
+        "{}",
+        status.message()
+    );
+    mesh.stop().await
+}

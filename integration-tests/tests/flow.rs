@@ -1,0 +1,157 @@
+//! The newcomer's flow, against the real binary: five processes, then one `serve all`.
+
+use stowage::Role;
+use stowage_integration_tests::{download, random_bytes, sha256, upload, usage};
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Processes, Setup, authed, channel, token};
+
+async fn run_flow(processes: &Processes, setup: &Setup) -> anyhow::Result<()> {
+    let ingest = channel(processes.addr(Role::Ingest));
+    let files = channel(processes.addr(Role::Files));
+    let quota = channel(processes.addr(Role::Quota));
+    let alice = token("alice", &[]);
+
+    let empty = Vec::new();
+    let small = random_bytes(1 << 20);
+    let large = random_bytes(64 << 20);
+    let f0 = upload(ingest.clone(), &alice, "empty.bin", &empty, &["keep"]).await?;
+    let f1 = upload(ingest.clone(), &alice, "small.bin", &small, &["keep", "x"]).await?;
+    let f2 = upload(ingest.clone(), &alice, "large.bin", &large, &["other"]).await?;
+    assert_eq!(
+        (f0.size_bytes, f1.size_bytes, f2.size_bytes),
+        (0, 1 << 20, 64 << 20)
+    );
+    assert_eq!(f1.sha256, sha256(&small));
+    assert_eq!(setup.stored_objects("users").len(), 3, "one blob per file");
+
+    // Filter (tag "keep") and sort (size, descending) across two pages of one.
+    let mut client = stowage_integration_tests::files(files.clone());
+    let query = pb::ListFilesRequest {
+        any_tags: vec!["keep".into()],
+        sort_by: pb::FileSortField::Size as i32,
+        direction: pb::SortDirection::Desc as i32,
+        page_size: 1,
+        ..Default::default()
+    };
+    let page1 = client
+        .list_files(authed(query.clone(), &alice))
+        .await?
+        .into_inner();
+    assert_eq!(
+        page1.files.iter().map(|f| f.id.clone()).collect::<Vec<_>>(),
+        vec![f1.id.clone()]
+    );
+    assert!(!page1.next_page_token.is_empty());
+    let page2 = client
+        .list_files(authed(
+            pb::ListFilesRequest {
+                page_token: page1.next_page_token,
+                ..query.clone()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        page2.files.iter().map(|f| f.id.clone()).collect::<Vec<_>>(),
+        vec![f0.id.clone()]
+    );
+    assert!(
+        page2.next_page_token.is_empty(),
+        "two matching files, two pages"
+    );
+
+    // Byte for byte.
+    for (file, data) in [(&f0, &empty), (&f1, &small), (&f2, &large)] {
+        let (header, bytes) = download(files.clone(), &alice, &file.id, None).await?;
+        assert_eq!(header.total_size, data.len() as u64);
+        assert_eq!(
+            sha256(&bytes),
+            sha256(data),
+            "{} differs",
+            file.display_name
+        );
+    }
+    // A range.
+    let (header, part) = download(
+        files.clone(),
+        &alice,
+        &f2.id,
+        Some(pb::ByteRange {
+            offset: 1_000_000,
+            length: Some(123_457),
+        }),
+    )
+    .await?;
+    assert_eq!((header.offset, header.length), (1_000_000, 123_457));
+    assert_eq!(part, large[1_000_000..1_123_457]);
+
+    // Usage is exactly the sum.
+    let account = usage(quota.clone(), &alice).await?;
+    assert_eq!(account.used_bytes, (1 << 20) + (64 << 20));
+    assert_eq!(account.reserved_bytes, 0);
+    assert_eq!(account.limit_bytes, 10 << 30, "10 GiB default");
+
+    // Delete → trash → restore.
+    client
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: f1.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    let live = client
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert!(
+        live.files.iter().all(|f| f.id != f1.id),
+        "deleted file left the list"
+    );
+    let trash = client
+        .list_trash(authed(pb::ListTrashRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert_eq!(
+        trash.files.iter().map(|f| f.id.clone()).collect::<Vec<_>>(),
+        vec![f1.id.clone()]
+    );
+    client
+        .restore_file(authed(
+            pb::RestoreFileRequest {
+                file_id: f1.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    let trash = client
+        .list_trash(authed(pb::ListTrashRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert!(trash.files.is_empty());
+    let live = client
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert_eq!(live.files.len(), 3);
+    let (_, again) = download(files, &alice, &f1.id, None).await?;
+    assert_eq!(again, small);
+    Ok(())
+}
+
+#[tokio::test]
+async fn five_processes_upload_list_download_trash_restore() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let processes = Processes::split(&setup).await?;
+    assert_eq!(processes.processes.len(), 5);
+    run_flow(&processes, &setup).await
+}
+
+#[tokio::test]
+async fn serve_all_upload_list_download_trash_restore() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let processes = Processes::all(&setup).await?;
+    assert_eq!(processes.processes.len(), 1);
+    run_flow(&processes, &setup).await
+}

@@ -1,0 +1,98 @@
+//! SIGTERM during an upload: the client gets an error and nothing stays charged or stored.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use stowage::Role;
+use stowage_integration_tests::{random_bytes, usage};
+use stowage_proto::v1::{self as pb, ingest_client::IngestClient, upload_request::Part};
+use stowage_testkit::{Processes, Setup, authed, channel, token};
+
+#[tokio::test]
+async fn sigterm_mid_upload_fails_the_client_and_leaves_nothing() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mut processes = Processes::all(&setup).await?;
+    let addr = processes.addr(Role::Ingest);
+    let alice = token("alice", &[]);
+    let data = random_bytes(64 << 20);
+
+    // A slow client: one 1 MiB message every 20 ms.
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let upload = tokio::spawn({
+        let alice = alice.clone();
+        async move {
+            IngestClient::new(channel(addr))
+                .upload(authed(stream, &alice))
+                .await
+        }
+    });
+    let feeder = tokio::spawn(async move {
+        let header = pb::UploadRequest {
+            part: Some(Part::Header(pb::UploadHeader {
+                size_bytes: data.len() as u64,
+                metadata: Some(pb::UploadMetadata {
+                    display_name: "big.bin".into(),
+                    ..Default::default()
+                }),
+                idempotency_key: String::new(),
+            })),
+        };
+        if tx.send(header).await.is_err() {
+            return;
+        }
+        for chunk in data.chunks(1 << 20) {
+            if tx
+                .send(pb::UploadRequest {
+                    part: Some(Part::Data(chunk.to_vec())),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+
+    // Let about 16 MiB go through, then ask the server to stop.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    processes.process(Role::Ingest).signal(Signal::SIGTERM)?;
+    let result = tokio::time::timeout(Duration::from_secs(30), upload).await??;
+    let status = result.expect_err("the upload must fail");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        ),
+        "got {status:?}"
+    );
+    feeder.abort();
+    assert!(
+        processes
+            .process_mut(Role::Ingest)
+            .wait(Duration::from_secs(20))
+            .await?,
+        "clean exit code"
+    );
+
+    // Restart on the same data and look.
+    let processes = Processes::all(&setup).await?;
+    let account = usage(channel(processes.addr(Role::Quota)), &alice).await?;
+    assert_eq!(
+        (account.used_bytes, account.reserved_bytes),
+        (0, 0),
+        "nothing charged or held"
+    );
+    let listed = stowage_integration_tests::files(channel(processes.addr(Role::Files)))
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert!(listed.files.is_empty());
+    assert!(
+        setup.stored_objects("users").is_empty(),
+        "no blob: {:?}",
+        setup.stored_objects("users")
+    );
+    Ok(())
+}

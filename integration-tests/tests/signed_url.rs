@@ -1,0 +1,139 @@
+//! Signed download URLs served over plain HTTP by the Files process.
+
+use stowage_integration_tests::{random_bytes, upload};
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Mesh, Setup, authed, token};
+
+#[tokio::test]
+async fn signed_urls_serve_ranges_etags_and_expire() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(300_000);
+    let file = upload(mesh.channel(), &alice, "report 2026.pdf.bin", &data, &[]).await?;
+    let url = stowage_integration_tests::files(mesh.channel())
+        .get_download_url(authed(
+            pb::GetDownloadUrlRequest {
+                file_id: file.id.clone(),
+                expires_in_seconds: 60,
+                attachment: true,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .url;
+    assert!(
+        url.starts_with(&format!("http://{}/v1/blobs/{}", mesh.addr, file.id)),
+        "{url}"
+    );
+
+    let http = reqwest::Client::new();
+    let full = http.get(&url).send().await?;
+    assert_eq!(full.status(), 200);
+    let etag = full
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    assert_eq!(
+        etag.as_deref(),
+        Some(format!("\"{}\"", file.sha256).as_str())
+    );
+    let disposition = full
+        .headers()
+        .get("content-disposition")
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    assert!(
+        disposition.starts_with("attachment; filename*=UTF-8''report%202026"),
+        "{disposition}"
+    );
+    assert_eq!(
+        full.headers()
+            .get("content-type")
+            .map(|v| v.as_bytes().to_vec()),
+        Some(b"application/octet-stream".to_vec())
+    );
+    assert_eq!(full.bytes().await?.as_ref(), data.as_slice());
+
+    let part = http
+        .get(&url)
+        .header("range", "bytes=100-199")
+        .send()
+        .await?;
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        part.headers()
+            .get("content-range")
+            .map(|v| v.as_bytes().to_vec()),
+        Some(b"bytes 100-199/300000".to_vec())
+    );
+    assert_eq!(part.bytes().await?.as_ref(), &data[100..200]);
+
+    let suffix = http.get(&url).header("range", "bytes=-10").send().await?;
+    assert_eq!(suffix.status(), 206);
+    assert_eq!(suffix.bytes().await?.as_ref(), &data[data.len() - 10..]);
+
+    let unsatisfiable = http
+        .get(&url)
+        .header("range", "bytes=400000-")
+        .send()
+        .await?;
+    assert_eq!(unsatisfiable.status(), 416);
+
+    let cached = http
+        .get(&url)
+        .header("if-none-match", etag.unwrap_or_default())
+        .send()
+        .await?;
+    assert_eq!(cached.status(), 304);
+
+    let tampered = url.replace(&file.id, &uuid::Uuid::now_v7().to_string());
+    assert_eq!(http.get(&tampered).send().await?.status(), 403);
+    let longer = url.replace("exp=", "exp=9");
+    assert_eq!(http.get(&longer).send().await?.status(), 403);
+
+    // An expired link: asking for more than the maximum lifetime is refused outright…
+    let too_long = stowage_integration_tests::files(mesh.channel())
+        .get_download_url(authed(
+            pb::GetDownloadUrlRequest {
+                file_id: file.id.clone(),
+                expires_in_seconds: 8 * 24 * 3600,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await;
+    assert_eq!(
+        too_long.err().map(|s| s.code()),
+        Some(tonic::Code::InvalidArgument)
+    );
+    // …and a one-second link stops working.
+    let short = stowage_integration_tests::files(mesh.channel())
+        .get_download_url(authed(
+            pb::GetDownloadUrlRequest {
+                file_id: file.id.clone(),
+                expires_in_seconds: 1,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .url;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(http.get(&short).send().await?.status(), 403);
+
+    // Trashed files stop being served.
+    stowage_integration_tests::files(mesh.channel())
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: file.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    assert_eq!(http.get(&url).send().await?.status(), 404);
+    mesh.stop().await
+}
