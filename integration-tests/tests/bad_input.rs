@@ -164,7 +164,7 @@ async fn a_path_as_display_name_is_only_a_name() -> anyhow::Result<()> {
     let objects = setup.stored_objects("");
     assert_eq!(objects.len(), 1);
     assert!(
-        objects[0].starts_with(&format!("users/alice/document/")),
+        objects[0].starts_with(&"users/alice/document/".to_string()),
         "{objects:?}"
     );
     assert!(

@@ -322,10 +322,10 @@ impl Uploader {
         }
         .await;
         if let Err(error) = outcome {
-            if let Some((w, _, _)) = writer {
-                if let Err(e) = w.abort().await {
-                    tracing::warn!(error = %e, "abort of a partial upload failed; gc will remove it");
-                }
+            if let Some((w, _, _)) = writer
+                && let Err(e) = w.abort().await
+            {
+                tracing::warn!(error = %e, "abort of a partial upload failed; gc will remove it");
             }
             return Err(error);
         }
@@ -402,10 +402,10 @@ impl Uploader {
         key: Option<&ObjectPath>,
         error: &Error,
     ) {
-        if let Some(key) = key {
-            if let Err(e) = self.store.delete(key).await {
-                tracing::warn!(%upload_id, error = %e, "blob delete after failed upload failed; gc will remove it");
-            }
+        if let Some(key) = key
+            && let Err(e) = self.store.delete(key).await
+        {
+            tracing::warn!(%upload_id, error = %e, "blob delete after failed upload failed; gc will remove it");
         }
         if let Err(status) = self
             .quota

@@ -188,13 +188,13 @@ impl Quota {
                 "must be between 1 and 604800",
             ));
         }
-        if let Some(key) = idempotency_key {
-            if key.len() > 200 {
-                return Err(Error::invalid(
-                    "idempotency_key",
-                    "must be at most 200 characters",
-                ));
-            }
+        if let Some(key) = idempotency_key
+            && key.len() > 200
+        {
+            return Err(Error::invalid(
+                "idempotency_key",
+                "must be at most 200 characters",
+            ));
         }
         let mut conn = self.pool.get().await?;
         self.ensure_account(&conn, user_id).await?;

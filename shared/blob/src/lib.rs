@@ -107,6 +107,6 @@ impl Blobs {
     pub fn available_bytes(&self) -> Option<u64> {
         let root = self.local_root.as_ref()?;
         let stat = nix::sys::statvfs::statvfs(root).ok()?;
-        Some(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
+        Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
     }
 }

@@ -307,5 +307,5 @@ async fn ping(addr: SocketAddr) -> bool {
         return false;
     }
     let mut buf = [0u8; 7];
-    matches!(stream.read_exact(&mut buf).await, Ok(_) if &buf == b"+PONG\r\n")
+    stream.read_exact(&mut buf).await.is_ok() && (&buf == b"+PONG\r\n")
 }

@@ -238,10 +238,10 @@ impl Config {
                 "set it or STOWAGE_AUTH__JWKS_URL; calls cannot be authenticated otherwise",
             );
         }
-        if let Some(secret) = &self.auth.hs256_secret {
-            if secret.len() < 16 {
-                return fail("STOWAGE_AUTH__HS256_SECRET", "must be at least 16 bytes");
-            }
+        if let Some(secret) = &self.auth.hs256_secret
+            && secret.len() < 16
+        {
+            return fail("STOWAGE_AUTH__HS256_SECRET", "must be at least 16 bytes");
         }
         if self.auth.jwks_url.is_some() && self.url_signing_key.is_none() {
             return fail(
@@ -249,10 +249,10 @@ impl Config {
                 "required when tokens are verified with STOWAGE_AUTH__JWKS_URL",
             );
         }
-        if let Some(url) = &self.public_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return fail("STOWAGE_PUBLIC_URL", "must start with http:// or https://");
-            }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return fail("STOWAGE_PUBLIC_URL", "must start with http:// or https://");
         }
         if self.max_message_size.as_u64() < 1024 * 1024 {
             return fail("STOWAGE_MAX_MESSAGE_SIZE", "must be at least 1 MiB");
