@@ -128,7 +128,7 @@ struct Endpoint {
     #[arg(
         long,
         default_value = "http://127.0.0.1:7070",
-        env = "STOWAGE_ADDR_CLIENT"
+        env = "STOWAGE_ENDPOINT"
     )]
     addr: String,
     /// Bearer token.

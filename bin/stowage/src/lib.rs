@@ -86,13 +86,16 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Everything that can be checked without a network goes first, so a bad value fails fast.
+    let blobs = Blobs::from_url(&config.blob_url)?;
     let database_url = config
         .database_url
         .as_deref()
         .context("DATABASE_URL: required")?;
     let pool = stowage_db::connect(database_url, config.db_pool_size).context("DATABASE_URL")?;
-    migrate(&pool, roles).await.context("migrations")?;
-    let blobs = Blobs::from_url(&config.blob_url)?;
+    migrate(&pool, roles)
+        .await
+        .context("DATABASE_URL: cannot apply migrations")?;
     let background = Background::new(shutdown.clone());
     let verifier = Verifier::new(&config.auth, shutdown.clone()).await?;
     let service_auth = match (Minter::from_config(&config.auth), &config.service_token) {

@@ -1,3 +1,4 @@
+use stowage_runtime::status::dependency_failed;
 use tonic::Status;
 
 /// What can go wrong in Files.
@@ -64,22 +65,13 @@ impl From<Error> for Status {
             Error::NotFound | Error::VariantNotFound(_) => Status::not_found(error.to_string()),
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
             Error::AlreadyExists => Status::already_exists(error.to_string()),
-            Error::Db(ref e) => {
-                tracing::error!(error = ?e, "files database error");
-                Status::unavailable("file metadata unavailable")
-            }
-            Error::Pool(ref e) => {
-                tracing::error!(error = %e, "files pool error");
-                Status::unavailable("file metadata unavailable")
-            }
+            Error::Db(ref e) => dependency_failed("file metadata", e),
+            Error::Pool(ref e) => dependency_failed("file metadata", e),
             Error::Store(object_store::Error::NotFound { ref path, .. }) => {
                 tracing::error!(path, "blob of a registered file is missing");
                 Status::data_loss("the file's bytes are missing from the store")
             }
-            Error::Store(ref e) => {
-                tracing::error!(error = %e, "object store error");
-                Status::unavailable("object store unavailable")
-            }
+            Error::Store(ref e) => dependency_failed("object store", e),
             Error::Peer(status) => status,
         }
     }

@@ -186,15 +186,9 @@ impl files_server::Files for FilesGrpc {
             .catalog
             .list(&caller.user_id, &query, after.as_ref(), size + 1)
             .await?;
-        let next_page_token = if files.len() as i64 > size {
-            files.truncate(size as usize);
-            files
-                .last()
-                .map(|f| paging::encode(&fingerprint, &query.cursor_after(f)))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = paging::finish_page(&mut files, size, &fingerprint, |f| {
+            Some(query.cursor_after(f))
+        });
         Ok(Response::new(pb::ListFilesResponse {
             files: files.iter().map(|f| f.to_proto(false)).collect(),
             next_page_token,
@@ -273,18 +267,9 @@ impl files_server::Files for FilesGrpc {
             .catalog
             .list_trash(&caller.user_id, after.as_ref(), size + 1)
             .await?;
-        let next_page_token = if files.len() as i64 > size {
-            files.truncate(size as usize);
-            files
-                .last()
-                .and_then(|f| {
-                    f.deleted_at
-                        .map(|at| paging::encode(&fingerprint, &(at, f.id)))
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = paging::finish_page(&mut files, size, &fingerprint, |f| {
+            f.deleted_at.map(|at| (at, f.id))
+        });
         Ok(Response::new(pb::ListTrashResponse {
             files: files.iter().map(|f| f.to_proto(false)).collect(),
             next_page_token,

@@ -1,3 +1,4 @@
+use stowage_runtime::status::dependency_failed;
 use tonic::Status;
 
 /// What can go wrong in Ingest.
@@ -52,18 +53,9 @@ impl From<Error> for Status {
             Error::InProgress => Status::aborted(error.to_string()),
             Error::ShuttingDown => Status::unavailable(error.to_string()),
             Error::Stream(status) => status,
-            Error::Db(ref e) => {
-                tracing::error!(error = ?e, "ingest database error");
-                Status::unavailable("upload storage unavailable")
-            }
-            Error::Pool(ref e) => {
-                tracing::error!(error = %e, "ingest pool error");
-                Status::unavailable("upload storage unavailable")
-            }
-            Error::Store(ref e) => {
-                tracing::error!(error = %e, "object store error");
-                Status::unavailable("object store unavailable")
-            }
+            Error::Db(ref e) => dependency_failed("upload storage", e),
+            Error::Pool(ref e) => dependency_failed("upload storage", e),
+            Error::Store(ref e) => dependency_failed("object store", e),
             Error::Peer(status) => status,
         }
     }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use stowage_db::PgPool;
+use stowage_db::{GenericClient, PgPool};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -157,12 +157,7 @@ impl Quota {
         check_user("user_id", user_id)?;
         let conn = self.pool.get().await?;
         self.ensure_account(&conn, user_id).await?;
-        let row = conn
-            .query_one(
-                "SELECT * FROM quota.accounts WHERE user_id = $1",
-                &[&user_id],
-            )
-            .await?;
+        let row = account_row(&conn, user_id).await?;
         Ok(Account::from_row(&row))
     }
 
@@ -200,12 +195,7 @@ impl Quota {
         self.ensure_account(&conn, user_id).await?;
         let tx = conn.transaction().await?;
         if let Some(existing) = find_by_key(&tx, user_id, idempotency_key).await? {
-            let account = tx
-                .query_one(
-                    "SELECT * FROM quota.accounts WHERE user_id = $1",
-                    &[&user_id],
-                )
-                .await?;
+            let account = account_row(&tx, user_id).await?;
             return Ok((existing, Account::from_row(&account)));
         }
         // Holds past their expiry give their bytes back before we decide.
@@ -230,12 +220,7 @@ impl Quota {
             )
             .await?;
         let Some(account) = updated else {
-            let row = tx
-                .query_one(
-                    "SELECT * FROM quota.accounts WHERE user_id = $1",
-                    &[&user_id],
-                )
-                .await?;
+            let row = account_row(&tx, user_id).await?;
             tx.rollback().await?;
             return Err(Error::Exhausted {
                 requested: bytes,
@@ -264,12 +249,7 @@ impl Quota {
                 let existing = find_by_key(&conn, user_id, idempotency_key)
                     .await?
                     .ok_or(Error::ReservationNotFound)?;
-                let account = conn
-                    .query_one(
-                        "SELECT * FROM quota.accounts WHERE user_id = $1",
-                        &[&user_id],
-                    )
-                    .await?;
+                let account = account_row(&conn, user_id).await?;
                 Ok((existing, Account::from_row(&account)))
             }
         }
@@ -293,12 +273,7 @@ impl Quota {
         let reservation = Reservation::from_row(&row);
         let held = match reservation.state {
             ReservationState::Committed => {
-                let account = tx
-                    .query_one(
-                        "SELECT * FROM quota.accounts WHERE user_id = $1",
-                        &[&reservation.user_id],
-                    )
-                    .await?;
+                let account = account_row(&tx, &reservation.user_id).await?;
                 return Ok((reservation, Account::from_row(&account)));
             }
             ReservationState::Released => return Err(Error::WrongState("released".into())),
@@ -318,12 +293,7 @@ impl Quota {
             )
             .await?;
         let Some(account) = updated else {
-            let row = tx
-                .query_one(
-                    "SELECT * FROM quota.accounts WHERE user_id = $1",
-                    &[&reservation.user_id],
-                )
-                .await?;
+            let row = account_row(&tx, &reservation.user_id).await?;
             tx.rollback().await?;
             let account = Account::from_row(&row);
             return Err(Error::Exhausted {
@@ -587,7 +557,7 @@ pub struct Stats {
 }
 
 async fn find_by_key(
-    conn: &impl stowage_db::GenericClient,
+    conn: &impl GenericClient,
     user_id: &str,
     key: Option<&str>,
 ) -> Result<Option<Reservation>> {
@@ -599,4 +569,13 @@ async fn find_by_key(
         )
         .await?;
     Ok(row.as_ref().map(Reservation::from_row))
+}
+
+async fn account_row(conn: &impl GenericClient, user_id: &str) -> Result<Row> {
+    Ok(conn
+        .query_one(
+            "SELECT * FROM quota.accounts WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await?)
 }

@@ -1,3 +1,4 @@
+use stowage_runtime::status::dependency_failed;
 use tonic::Status;
 
 /// What can go wrong in Quota.
@@ -51,14 +52,8 @@ impl From<Error> for Status {
             Error::Exhausted { .. } => Status::resource_exhausted(error.to_string()),
             Error::ReservationNotFound => Status::not_found(error.to_string()),
             Error::WrongState(_) => Status::failed_precondition(error.to_string()),
-            Error::Db(ref e) => {
-                tracing::error!(error = ?e, "quota database error");
-                Status::unavailable("quota storage unavailable")
-            }
-            Error::Pool(ref e) => {
-                tracing::error!(error = %e, "quota pool error");
-                Status::unavailable("quota storage unavailable")
-            }
+            Error::Db(ref e) => dependency_failed("quota storage", e),
+            Error::Pool(ref e) => dependency_failed("quota storage", e),
         }
     }
 }

@@ -177,15 +177,8 @@ impl quota_server::Quota for QuotaGrpc {
             .quota
             .list_accounts(req.min_used_percent, after.as_deref(), size + 1)
             .await?;
-        let next_page_token = if accounts.len() as i64 > size {
-            accounts.truncate(size as usize);
-            accounts
-                .last()
-                .map(|a| paging::encode(&query, &a.user_id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token =
+            paging::finish_page(&mut accounts, size, &query, |a| Some(a.user_id.clone()));
         Ok(Response::new(pb::ListAccountsResponse {
             accounts: accounts.into_iter().map(Into::into).collect(),
             next_page_token,

@@ -294,19 +294,25 @@ impl Config {
     }
 }
 
-/// Turns figment's errors into one message per variable.
+/// Turns figment's errors into one message per variable, named as the operator wrote it.
 fn describe(error: figment::Error) -> ConfigError {
     let lines: Vec<String> = error
         .into_iter()
         .map(|e| {
-            let name = e
+            let source = e
                 .metadata
                 .as_ref()
-                .and_then(|m| {
-                    m.interpolate(&e.profile.clone().unwrap_or_default(), &e.path)
-                        .into()
-                })
-                .unwrap_or_else(|| e.path.join("."));
+                .map(|m| m.name.to_string())
+                .unwrap_or_default();
+            let name = if source.contains("STOWAGE_") {
+                format!("STOWAGE_{}", e.path.join("__").to_uppercase())
+            } else if source.contains("environment") {
+                e.path.join("_").to_uppercase()
+            } else if source.is_empty() {
+                e.path.join(".")
+            } else {
+                format!("{} ({source})", e.path.join("."))
+            };
             format!("{name}: {}", e.kind)
         })
         .collect();

@@ -52,6 +52,25 @@ pub fn decode<C: DeserializeOwned>(token: &str, query: &str) -> Result<Option<C>
     Ok(Some(envelope.c))
 }
 
+/// Cuts `rows` (fetched with one row more than `size`) to one page and returns the token of
+/// the next page: empty when there is none.
+pub fn finish_page<T, C: Serialize>(
+    rows: &mut Vec<T>,
+    size: i64,
+    query: &str,
+    cursor: impl Fn(&T) -> Option<C>,
+) -> String {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    if rows.len() <= size {
+        return String::new();
+    }
+    rows.truncate(size);
+    rows.last()
+        .and_then(cursor)
+        .map(|c| encode(query, &c))
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,3 +32,9 @@ pub fn page_size(value: u32, default: u32, max: u32) -> Result<i64, Status> {
         v => Ok(i64::from(v)),
     }
 }
+
+/// UNAVAILABLE for a dependency that failed. The detail goes to the log, never to the caller.
+pub fn dependency_failed(what: &'static str, error: &dyn std::fmt::Debug) -> Status {
+    tracing::error!(?error, what, "dependency failed");
+    Status::unavailable(format!("{what} unavailable"))
+}

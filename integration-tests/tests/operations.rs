@@ -1,0 +1,75 @@
+//! What an operator sees: configuration errors that name the variable, readiness that follows
+//! the dependencies.
+
+use std::time::{Duration, Instant};
+
+use stowage_local::LocalRedis;
+use stowage_testkit::{Mesh, Setup, binary, channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+async fn serve_with(vars: &[(&str, &str)]) -> anyhow::Result<(bool, String)> {
+    let out = tokio::process::Command::new(binary()?)
+        .args(["serve", "all"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("STOWAGE_AUTH__HS256_SECRET", "0123456789abcdef0123")
+        .envs(vars.iter().copied())
+        .output()
+        .await?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_non_zero_naming_the_variable() -> anyhow::Result<()> {
+    for (var, value) in [
+        ("STOWAGE_QUOTA__DEFAULT_LIMIT", "banana"),
+        ("STOWAGE_ADDR", "not-an-address"),
+        ("STOWAGE_AUTH__HS256_SECRET", "short"),
+        ("STOWAGE_INGEST__PART_SIZE", "1KiB"),
+        ("STOWAGE_PUBLIC_URL", "ftp://x"),
+        ("STOWAGE_BLOB_URL", "ftp://bucket"),
+    ] {
+        let (ok, stderr) = serve_with(&[(var, value)]).await?;
+        assert!(!ok, "{var}={value} must stop the process");
+        assert!(
+            stderr.contains(var),
+            "{var}={value}: message does not name it: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+async fn status(addr: std::net::SocketAddr) -> Option<i32> {
+    HealthClient::new(channel(addr))
+        .check(HealthCheckRequest {
+            service: "stowage.v1.Files".into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+#[tokio::test]
+async fn readiness_follows_redis() -> anyhow::Result<()> {
+    let redis = LocalRedis::start().await?;
+    let setup = Setup::new().await?;
+    let url = redis.url();
+    let mesh = Mesh::start_with(&setup, |c| c.redis_url = Some(url)).await?;
+    assert_eq!(status(mesh.addr).await, Some(ServingStatus::Serving as i32));
+    redis.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(mesh.addr).await != Some(ServingStatus::NotServing as i32) {
+        assert!(
+            Instant::now() < deadline,
+            "still SERVING 20 s after Redis stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    mesh.stop().await
+}
