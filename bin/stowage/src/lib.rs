@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use stowage_blob::Blobs;
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
-use stowage_ingest::{IngestGrpc, Uploader, Uploads};
+use stowage_ingest::{IngestGrpc, SessionSettings, Sessions, Staging, Uploader, Uploads};
 use stowage_lifecycle::LifecycleGrpc;
 use stowage_media::MediaGrpc;
 use stowage_quota::{Quota, QuotaGrpc};
@@ -86,8 +86,23 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with(roles, config, None, listener, shutdown).await
+}
+
+/// Like [`serve`], over an object store built by the caller (tests share one in-memory store
+/// between several in-process replicas).
+pub async fn serve_with(
+    roles: &[Role],
+    config: Config,
+    blobs: Option<Blobs>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Everything that can be checked without a network goes first, so a bad value fails fast.
-    let blobs = Blobs::from_url(&config.blob_url)?;
+    let blobs = match blobs {
+        Some(b) => b,
+        None => Blobs::from_url(&config.blob_url)?,
+    };
     let database_url = config
         .database_url
         .as_deref()
@@ -98,6 +113,7 @@ pub async fn serve(
         .context("DATABASE_URL: cannot apply migrations")?;
     let background = Background::new(shutdown.clone());
     let verifier = Verifier::new(&config.auth, shutdown.clone()).await?;
+    let tus_verifier = verifier.clone();
     let service_auth = match (Minter::from_config(&config.auth), &config.service_token) {
         (_, Some(token)) => ServiceAuth::Static(token.clone()),
         (Some(minter), None) => ServiceAuth::Mint(minter),
@@ -181,16 +197,40 @@ pub async fn serve(
                 }
             }
             Role::Ingest => {
+                let (quota, files) = (quota_api()?, files_api()?);
                 let uploader = Uploader {
                     uploads: Uploads::new(pool.clone()),
                     store: Arc::clone(&blobs.store),
-                    quota: quota_api()?,
-                    files: files_api()?,
+                    quota: Arc::clone(&quota),
+                    files: Arc::clone(&files),
                     max_file_size: config.ingest.max_file_size.as_u64(),
                     part_size: usize::try_from(config.ingest.part_size.as_u64()).unwrap_or(8 << 20),
                     shutdown: shutdown.clone(),
                 };
-                server.add_service(IngestGrpc::new(uploader).into_server(max_message));
+                let sessions = Sessions::new(
+                    pool.clone(),
+                    Staging::new(&blobs),
+                    Arc::clone(&blobs.store),
+                    quota,
+                    files,
+                    SessionSettings {
+                        ttl: config.ingest.session_ttl,
+                        chunk_size_hint: u32::try_from(config.ingest.chunk_size.as_u64())
+                            .unwrap_or(8 << 20),
+                        max_file_size: config.ingest.max_file_size.as_u64(),
+                        max_chunk: usize::try_from(config.ingest.max_chunk.as_u64())
+                            .unwrap_or(64 << 20),
+                    },
+                );
+                server.merge_http(stowage_ingest::tus_routes(
+                    sessions.clone(),
+                    tus_verifier.clone(),
+                    &config.ingest.tus_path,
+                ));
+                spawn_sweeper(&background, sessions.clone(), config.ingest.sweep_interval);
+                server.add_service(
+                    IngestGrpc::new(uploader, sessions, shutdown.clone()).into_server(max_message),
+                );
             }
             Role::Media => {
                 server.add_service(MediaGrpc.into_server(max_message));
@@ -219,6 +259,22 @@ pub async fn serve(
     server.serve(listener, shutdown).await?;
     background.wait().await;
     Ok(())
+}
+
+/// Sweeps expired upload sessions every `interval` (Lifecycle will schedule it later).
+fn spawn_sweeper(background: &Background, sessions: Sessions, interval: std::time::Duration) {
+    let shutdown = background.shutdown().clone();
+    background.spawn("upload-sweeper", async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            if let Err(error) = sessions.sweep_expired(100).await {
+                tracing::warn!(%error, "upload sweep failed");
+            }
+        }
+    });
 }
 
 /// Parses `all` or one role name.

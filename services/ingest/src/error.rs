@@ -1,5 +1,6 @@
 use stowage_runtime::status::dependency_failed;
 use tonic::Status;
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// What can go wrong in Ingest.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,37 @@ pub enum Error {
     /// The process is shutting down.
     #[error("server is shutting down; retry the upload")]
     ShuttingDown,
+    /// No such session for this caller.
+    #[error("upload session not found")]
+    SessionNotFound,
+    /// Another writer holds the session right now.
+    #[error("another writer is writing this session; read its offset with GetUpload and retry")]
+    Busy,
+    /// The session is not open.
+    #[error("session is {0}")]
+    SessionState(String),
+    /// A chunk not at the session's offset.
+    #[error("chunk.offset: expected {expected}, got {got}")]
+    WrongOffset {
+        /// The session's offset.
+        expected: u64,
+        /// The chunk's offset.
+        got: u64,
+    },
+    /// A chunk whose checksum does not match its bytes.
+    #[error("chunk checksum does not match its bytes")]
+    ChecksumMismatch,
+    /// Complete before all bytes arrived.
+    #[error("upload incomplete: {received} of {size} bytes received")]
+    Incomplete {
+        /// Bytes received.
+        received: u64,
+        /// Declared size.
+        size: u64,
+    },
+    /// A broken invariant.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// The client's stream broke.
     #[error("upload stream broken: {0}")]
     Stream(Status),
@@ -53,6 +85,34 @@ impl From<Error> for Status {
             Error::InProgress => Status::aborted(error.to_string()),
             Error::ShuttingDown => Status::unavailable(error.to_string()),
             Error::Stream(status) => status,
+            Error::SessionNotFound => Status::not_found(error.to_string()),
+            Error::Busy => Status::aborted(error.to_string()),
+            Error::SessionState(_) | Error::Incomplete { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
+            Error::WrongOffset { expected, .. } => {
+                let mut status = Status::with_error_details(
+                    tonic::Code::FailedPrecondition,
+                    error.to_string(),
+                    ErrorDetails::with_precondition_failure_violation(
+                        "OFFSET",
+                        "chunk.offset",
+                        format!("the session's offset is {expected}"),
+                    ),
+                );
+                if let Ok(v) = expected.to_string().parse() {
+                    status.metadata_mut().insert("upload-offset", v);
+                }
+                status
+            }
+            Error::ChecksumMismatch => stowage_runtime::status::invalid_argument(
+                "chunk.sha256",
+                "does not match the chunk's bytes",
+            ),
+            Error::Internal(why) => {
+                tracing::error!(why, "ingest invariant broken");
+                Status::internal("internal error")
+            }
             Error::Db(ref e) => dependency_failed("upload storage", e),
             Error::Pool(ref e) => dependency_failed("upload storage", e),
             Error::Store(ref e) => dependency_failed("object store", e),

@@ -1,22 +1,38 @@
-//! The Ingest gRPC service. The one-shot `Upload` is implemented; resumable sessions and
-//! event streams answer UNIMPLEMENTED until they land.
+//! The Ingest gRPC service: thin handlers over [`Uploader`] and [`Sessions`]. Event streams
+//! answer UNIMPLEMENTED until they land.
 
+use bytes::Bytes;
+use futures::StreamExt;
 use stowage_proto::v1::{self as pb, ingest_server};
-use stowage_runtime::identity;
+use stowage_runtime::{identity, status::parse_uuid};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::oneshot::Uploader;
+use crate::{
+    error::Error,
+    oneshot::Uploader,
+    sessions::{Checksum, ChunkIn, Meta, Sessions},
+};
+
+/// Largest chunk of a unary PutChunk (grpc-web).
+pub const MAX_PUT_CHUNK: usize = 4 * 1024 * 1024;
 
 /// The tonic service of Ingest.
 #[derive(Clone)]
 pub struct IngestGrpc {
     uploader: Uploader,
+    sessions: Sessions,
+    shutdown: CancellationToken,
 }
 
 impl IngestGrpc {
-    /// Serves uploads through `uploader`.
-    pub fn new(uploader: Uploader) -> Self {
-        Self { uploader }
+    /// Serves one-shot uploads through `uploader` and sessions through `sessions`.
+    pub fn new(uploader: Uploader, sessions: Sessions, shutdown: CancellationToken) -> Self {
+        Self {
+            uploader,
+            sessions,
+            shutdown,
+        }
     }
 
     /// The tonic server, with message limits.
@@ -27,8 +43,157 @@ impl IngestGrpc {
     }
 }
 
+fn chunk_in(chunk: Option<pb::Chunk>) -> Result<ChunkIn, Status> {
+    let chunk =
+        chunk.ok_or_else(|| stowage_runtime::status::invalid_argument("chunk", "is required"))?;
+    let checksum = if chunk.sha256.is_empty() {
+        None
+    } else {
+        let digest = hex::decode(&chunk.sha256)
+            .ok()
+            .filter(|d| d.len() == 32)
+            .ok_or_else(|| {
+                stowage_runtime::status::invalid_argument(
+                    "chunk.sha256",
+                    "must be 64 hex characters",
+                )
+            })?;
+        Some(Checksum::Sha256(digest))
+    };
+    Ok(ChunkIn {
+        offset: chunk.offset,
+        data: Bytes::from(chunk.data),
+        checksum,
+        size: chunk.size_bytes,
+    })
+}
+
+fn session(s: crate::sessions::Session) -> Option<pb::UploadSession> {
+    Some(s.to_proto())
+}
+
 #[tonic::async_trait]
 impl ingest_server::Ingest for IngestGrpc {
+    async fn create_upload(
+        &self,
+        request: Request<pb::CreateUploadRequest>,
+    ) -> Result<Response<pb::CreateUploadResponse>, Status> {
+        let caller = identity(&request)?;
+        let req = request.into_inner();
+        let meta = Meta::from_proto(req.metadata.unwrap_or_default(), "metadata")?;
+        let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key.as_str());
+        let s = self
+            .sessions
+            .create(&caller.user_id, req.size_bytes, meta, key)
+            .await?;
+        Ok(Response::new(pb::CreateUploadResponse {
+            session: session(s),
+        }))
+    }
+
+    async fn write_chunks(
+        &self,
+        request: Request<Streaming<pb::WriteChunksRequest>>,
+    ) -> Result<Response<pb::WriteChunksResponse>, Status> {
+        let caller = identity(&request)?;
+        let mut stream = request.into_inner();
+        let mut upload = None;
+        let mut last = None;
+        loop {
+            let message = tokio::select! {
+                () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
+                m = stream.next() => m,
+            };
+            let Some(message) = message else { break };
+            let message = message?;
+            let id = match upload {
+                Some(id) => id,
+                None => {
+                    let id = parse_uuid("upload_id", &message.upload_id)?;
+                    upload = Some(id);
+                    id
+                }
+            };
+            let s = self
+                .sessions
+                .write_chunk(id, &caller.user_id, chunk_in(message.chunk)?)
+                .await?;
+            last = Some(s);
+        }
+        let s = match (last, upload) {
+            (Some(s), _) => s,
+            (None, Some(id)) => self.sessions.get(id, &caller.user_id).await?,
+            (None, None) => {
+                return Err(stowage_runtime::status::invalid_argument(
+                    "upload_id",
+                    "the stream carried no message",
+                ));
+            }
+        };
+        Ok(Response::new(pb::WriteChunksResponse {
+            session: session(s),
+        }))
+    }
+
+    async fn put_chunk(
+        &self,
+        request: Request<pb::PutChunkRequest>,
+    ) -> Result<Response<pb::PutChunkResponse>, Status> {
+        let caller = identity(&request)?;
+        let req = request.into_inner();
+        let id = parse_uuid("upload_id", &req.upload_id)?;
+        let chunk = chunk_in(req.chunk)?;
+        if chunk.data.len() > MAX_PUT_CHUNK {
+            return Err(stowage_runtime::status::invalid_argument(
+                "chunk.data",
+                "at most 4 MiB per PutChunk",
+            ));
+        }
+        let s = self
+            .sessions
+            .write_chunk(id, &caller.user_id, chunk)
+            .await?;
+        Ok(Response::new(pb::PutChunkResponse {
+            session: session(s),
+        }))
+    }
+
+    async fn get_upload(
+        &self,
+        request: Request<pb::GetUploadRequest>,
+    ) -> Result<Response<pb::GetUploadResponse>, Status> {
+        let caller = identity(&request)?;
+        let id = parse_uuid("upload_id", &request.get_ref().upload_id)?;
+        let s = self.sessions.get(id, &caller.user_id).await?;
+        Ok(Response::new(pb::GetUploadResponse {
+            session: session(s),
+        }))
+    }
+
+    async fn complete_upload(
+        &self,
+        request: Request<pb::CompleteUploadRequest>,
+    ) -> Result<Response<pb::CompleteUploadResponse>, Status> {
+        let caller = identity(&request)?;
+        let id = parse_uuid("upload_id", &request.get_ref().upload_id)?;
+        let file = self.sessions.complete(id, &caller.user_id).await?;
+        Ok(Response::new(pb::CompleteUploadResponse {
+            file: Some(file),
+        }))
+    }
+
+    async fn abort_upload(
+        &self,
+        request: Request<pb::AbortUploadRequest>,
+    ) -> Result<Response<pb::AbortUploadResponse>, Status> {
+        let caller = identity(&request)?;
+        let id = parse_uuid("upload_id", &request.get_ref().upload_id)?;
+        let s = self.sessions.abort(id, &caller.user_id).await?;
+        Ok(Response::new(pb::AbortUploadResponse {
+            session: session(s),
+        }))
+    }
+
     async fn upload(
         &self,
         request: Request<Streaming<pb::UploadRequest>>,

@@ -1,15 +1,22 @@
-//! Ingest: uploads (one-shot now; resumable sessions and tus next) and event streams.
+//! Ingest: uploads (one-shot, resumable sessions over gRPC, grpc-web and tus) and event
+//! streams.
 
 mod error;
 mod grpc;
 mod oneshot;
+mod sessions;
 mod sniff;
+mod staging;
+mod tus;
 mod uploads;
 
 pub use error::{Error, Result};
 pub use grpc::IngestGrpc;
 pub use oneshot::Uploader;
+pub use sessions::{Checksum, ChunkIn, Meta, Session, SessionSettings, Sessions};
 pub use sniff::{Sniffed, sniff};
+pub use staging::{MIN_NATIVE_PART, Staging};
+pub use tus::routes as tus_routes;
 pub use uploads::Uploads;
 
 /// Name of the schema Ingest owns.

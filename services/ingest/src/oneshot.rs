@@ -91,7 +91,7 @@ fn check_header(h: pb::UploadHeader, max: u64) -> Result<Header> {
     })
 }
 
-fn kind_proto(kind: &str) -> pb::FileKind {
+pub(crate) fn kind_proto(kind: &str) -> pb::FileKind {
     match kind {
         "video" => pb::FileKind::Video,
         "image" => pb::FileKind::Image,

@@ -9,7 +9,7 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-pub use object_store::{ObjectStore, path::Path as ObjectPath};
+pub use object_store::{ObjectStore, multipart::MultipartStore, path::Path as ObjectPath};
 use object_store::{
     aws::AmazonS3Builder, local::LocalFileSystem, memory::InMemory, prefix::PrefixStore,
 };
@@ -37,16 +37,26 @@ pub enum BlobError {
 }
 
 /// An object store together with what we know about where it lives.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Blobs {
     /// The store.
     pub store: Arc<dyn ObjectStore>,
     /// Root directory when the store is on local disk (for free-space figures).
     pub local_root: Option<PathBuf>,
-    /// Whether the store offers native multipart uploads (`MultipartStore`).
-    pub native_multipart: bool,
+    /// The same store's native multipart API, where it has one (S3, memory). `None` for local
+    /// disk and for prefixed S3 stores: their uploads stage part objects instead.
+    pub multipart: Option<Arc<dyn MultipartStore>>,
     /// The URL the store was built from, for logs.
     pub url: String,
+}
+
+impl std::fmt::Debug for Blobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blobs")
+            .field("url", &self.url)
+            .field("native_multipart", &self.multipart.is_some())
+            .finish()
+    }
 }
 
 impl Blobs {
@@ -54,12 +64,15 @@ impl Blobs {
     pub fn from_url(url: &str) -> Result<Self, BlobError> {
         let parsed = url::Url::parse(url).map_err(|e| BlobError::Url(format!("{url:?}: {e}")))?;
         match parsed.scheme() {
-            "memory" => Ok(Self {
-                store: Arc::new(InMemory::new()),
-                local_root: None,
-                native_multipart: true,
-                url: url.to_owned(),
-            }),
+            "memory" => {
+                let memory = Arc::new(InMemory::new());
+                Ok(Self {
+                    store: Arc::clone(&memory) as Arc<dyn ObjectStore>,
+                    local_root: None,
+                    multipart: Some(memory),
+                    url: url.to_owned(),
+                })
+            }
             "file" => {
                 let root = parsed.to_file_path().map_err(|()| {
                     BlobError::Url(format!("{url:?} is not an absolute file path"))
@@ -72,7 +85,7 @@ impl Blobs {
                 Ok(Self {
                     store: Arc::new(store),
                     local_root: Some(root),
-                    native_multipart: false,
+                    multipart: None,
                     url: url.to_owned(),
                 })
             }
@@ -81,19 +94,22 @@ impl Blobs {
                     .host_str()
                     .filter(|b| !b.is_empty())
                     .ok_or_else(|| BlobError::Url(format!("{url:?} names no bucket")))?;
-                let s3 = AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()?;
+                let s3 = Arc::new(
+                    AmazonS3Builder::from_env()
+                        .with_bucket_name(bucket)
+                        .build()?,
+                );
                 let prefix = parsed.path().trim_matches('/');
-                let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
-                    Arc::new(s3)
-                } else {
-                    Arc::new(PrefixStore::new(s3, prefix))
-                };
+                let (store, multipart): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) =
+                    if prefix.is_empty() {
+                        (Arc::clone(&s3) as Arc<dyn ObjectStore>, Some(s3))
+                    } else {
+                        (Arc::new(PrefixStore::new(Arc::clone(&s3), prefix)), None)
+                    };
                 Ok(Self {
                     store,
                     local_root: None,
-                    native_multipart: true,
+                    multipart,
                     url: url.to_owned(),
                 })
             }

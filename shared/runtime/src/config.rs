@@ -180,6 +180,18 @@ pub struct IngestConfig {
     pub max_file_size: ByteSize,
     /// `STOWAGE_INGEST__PART_SIZE`: multipart part size towards the store.
     pub part_size: ByteSize,
+    /// `STOWAGE_INGEST__SESSION_TTL`: how long an unfinished resumable upload lives.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// `STOWAGE_INGEST__CHUNK_SIZE`: chunk size suggested to clients.
+    pub chunk_size: ByteSize,
+    /// `STOWAGE_INGEST__MAX_CHUNK`: largest chunk (WriteChunks message, tus PATCH with a checksum).
+    pub max_chunk: ByteSize,
+    /// `STOWAGE_INGEST__SWEEP_INTERVAL`: how often expired sessions are swept.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// `STOWAGE_INGEST__TUS_PATH`: where the tus endpoint lives on the HTTP port.
+    pub tus_path: String,
 }
 
 impl Default for IngestConfig {
@@ -187,6 +199,11 @@ impl Default for IngestConfig {
         Self {
             max_file_size: ByteSize::gib(50),
             part_size: ByteSize::mib(8),
+            session_ttl: Duration::from_secs(24 * 3600),
+            chunk_size: ByteSize::mib(8),
+            max_chunk: ByteSize::mib(64),
+            sweep_interval: Duration::from_secs(60),
+            tus_path: "/tus".into(),
         }
     }
 }
@@ -267,6 +284,26 @@ impl Config {
             return fail(
                 "STOWAGE_INGEST__PART_SIZE",
                 "must be at least 5 MiB (the S3 minimum part size)",
+            );
+        }
+        if self.ingest.session_ttl.is_zero()
+            || self.ingest.session_ttl > Duration::from_secs(7 * 24 * 3600)
+        {
+            return fail(
+                "STOWAGE_INGEST__SESSION_TTL",
+                "must be between 1 s and 7 days",
+            );
+        }
+        if self.ingest.chunk_size.as_u64() == 0 || self.ingest.chunk_size > self.ingest.max_chunk {
+            return fail(
+                "STOWAGE_INGEST__CHUNK_SIZE",
+                "must be above zero and at most STOWAGE_INGEST__MAX_CHUNK",
+            );
+        }
+        if !self.ingest.tus_path.starts_with('/') || self.ingest.tus_path.len() < 2 {
+            return fail(
+                "STOWAGE_INGEST__TUS_PATH",
+                "must start with / and name a path",
             );
         }
         if self.files.download_chunk.as_u64() == 0

@@ -1,0 +1,814 @@
+//! Resumable upload sessions: one implementation behind WriteChunks, PutChunk and tus.
+//!
+//! A chunk is accepted only at the session's current offset, under a row lock taken with
+//! `FOR UPDATE NOWAIT`: of two writers on one session (on any replicas) one waits for nothing
+//! and is told to retry. The bytes are staged and the offset, the running SHA-256 state and
+//! the part list are updated in the same transaction, so a replica killed mid-chunk leaves the
+//! session at its last good offset.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use chrono::{DateTime, Datelike, Utc};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, path::Path as ObjectPath};
+use serde::{Deserialize, Serialize};
+use sha1::Sha1;
+use sha2::{
+    Digest, Sha256,
+    digest::common::hazmat::{SerializableState, SerializedState},
+};
+use stowage_blob::keys;
+use stowage_db::{GenericClient, PgPool};
+use stowage_proto::v1 as pb;
+use stowage_runtime::{
+    mesh::{FilesApi, QuotaApi},
+    validate,
+};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::{
+    error::{Error, Result},
+    sniff::{SNIFF_LEN, sniff},
+    staging::{Part, Staging, Target},
+};
+
+/// Settings of resumable sessions.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// How long an unfinished session lives.
+    pub ttl: Duration,
+    /// Suggested chunk size.
+    pub chunk_size_hint: u32,
+    /// Largest file.
+    pub max_file_size: u64,
+    /// Largest chunk through any door.
+    pub max_chunk: usize,
+}
+
+/// What a client said about the file at creation.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// Display name.
+    pub display_name: String,
+    /// Declared MIME type (hint).
+    pub declared_mime_type: String,
+    /// Declared kind (hint).
+    pub declared_kind: i32,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Expected whole-file SHA-256.
+    pub expected_sha256: String,
+    /// Producing app.
+    pub package_name: String,
+}
+
+impl Meta {
+    /// Checks and normalises what came from a client.
+    pub fn from_proto(m: pb::UploadMetadata, prefix: &'static str) -> Result<Self> {
+        let field = |f: &'static str| -> &'static str {
+            match (prefix, f) {
+                ("header.metadata", "display_name") => "header.metadata.display_name",
+                ("header.metadata", "tags") => "header.metadata.tags",
+                ("header.metadata", _) => "header.metadata.expected_sha256",
+                (_, "display_name") => "metadata.display_name",
+                (_, "tags") => "metadata.tags",
+                _ => "metadata.expected_sha256",
+            }
+        };
+        validate::display_name(&m.display_name)
+            .map_err(|why| Error::invalid(field("display_name"), why))?;
+        let tags = validate::tags(&m.tags).map_err(|why| Error::invalid(field("tags"), why))?;
+        let expected = m.expected_sha256.to_ascii_lowercase();
+        if !expected.is_empty()
+            && (expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(Error::invalid(
+                field("expected_sha256"),
+                "must be 64 hex characters",
+            ));
+        }
+        Ok(Self {
+            display_name: m.display_name,
+            declared_mime_type: m.declared_mime_type,
+            declared_kind: m.declared_kind,
+            tags,
+            expected_sha256: expected,
+            package_name: m.package_name,
+        })
+    }
+
+    fn to_proto(&self) -> pb::UploadMetadata {
+        pb::UploadMetadata {
+            display_name: self.display_name.clone(),
+            declared_mime_type: self.declared_mime_type.clone(),
+            declared_kind: self.declared_kind,
+            tags: self.tags.clone(),
+            expected_sha256: self.expected_sha256.clone(),
+            package_name: self.package_name.clone(),
+        }
+    }
+}
+
+/// A per-chunk checksum sent by the client.
+#[derive(Clone, Debug)]
+pub enum Checksum {
+    /// SHA-256 digest bytes.
+    Sha256(Vec<u8>),
+    /// SHA-1 digest bytes (tus).
+    Sha1(Vec<u8>),
+}
+
+/// One chunk at an explicit offset.
+#[derive(Clone, Debug)]
+pub struct ChunkIn {
+    /// Offset of its first byte.
+    pub offset: u64,
+    /// The bytes.
+    pub data: Bytes,
+    /// Optional checksum of `data`.
+    pub checksum: Option<Checksum>,
+    /// Total size, for deferred-length sessions.
+    pub size: Option<u64>,
+}
+
+/// A session as stored.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// Id.
+    pub id: Uuid,
+    /// Owner.
+    pub owner: String,
+    /// Declared size, if known.
+    pub size: Option<u64>,
+    /// Bytes durably received.
+    pub offset: u64,
+    /// State name.
+    pub state: String,
+    /// Expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// File id (chosen at creation).
+    pub file_id: Uuid,
+    /// Client metadata.
+    pub meta: Meta,
+    key: Option<String>,
+    multipart_id: Option<String>,
+    reservation_id: Option<Uuid>,
+    hash_state: Option<Vec<u8>>,
+    sha256: Option<String>,
+    placed: bool,
+    chunk_size_hint: u32,
+}
+
+impl Session {
+    fn from_row(row: &Row, chunk_size_hint: u32) -> Self {
+        let meta: serde_json::Value = row.get("metadata");
+        Self {
+            id: row.get("id"),
+            owner: row.get("owner_id"),
+            size: row.get::<_, Option<i64>>("declared_size").map(|v| v as u64),
+            offset: row.get::<_, i64>("received_bytes") as u64,
+            state: row.get("state"),
+            expires_at: row.get("expires_at"),
+            file_id: row.get("file_id"),
+            meta: serde_json::from_value(meta).unwrap_or_default(),
+            key: row.get("storage_key"),
+            multipart_id: row.get("multipart_id"),
+            reservation_id: row.get("reservation_id"),
+            hash_state: row.get("hash_state"),
+            sha256: row.get("sha256"),
+            placed: row.get("placed"),
+            chunk_size_hint,
+        }
+    }
+
+    /// Whether the session expired.
+    pub fn is_expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| at < Utc::now())
+    }
+
+    /// The proto form.
+    pub fn to_proto(&self) -> pb::UploadSession {
+        let state = match self.state.as_str() {
+            "open" => pb::UploadState::Open,
+            "completing" | "registered" => pb::UploadState::Completing,
+            "completed" => pb::UploadState::Completed,
+            "aborted" | "failed" => pb::UploadState::Aborted,
+            "expired" => pb::UploadState::Expired,
+            _ => pb::UploadState::Unspecified,
+        };
+        let state = if state == pb::UploadState::Open && self.is_expired() {
+            pb::UploadState::Expired
+        } else {
+            state
+        };
+        pb::UploadSession {
+            id: self.id.to_string(),
+            owner_id: self.owner.clone(),
+            size_bytes: self.size,
+            offset: self.offset,
+            state: state as i32,
+            chunk_size_hint: self.chunk_size_hint,
+            expires_at: self.expires_at.map(stowage_runtime::time::timestamp),
+            file_id: if self.state == "completed" {
+                self.file_id.to_string()
+            } else {
+                String::new()
+            },
+            metadata: Some(self.meta.to_proto()),
+        }
+    }
+}
+
+fn hasher_from(state: Option<&[u8]>) -> Result<Sha256> {
+    match state {
+        None => Ok(Sha256::new()),
+        Some(bytes) => {
+            let serialized = SerializedState::<Sha256>::try_from(bytes)
+                .map_err(|_| Error::Internal("stored hash state has the wrong size"))?;
+            Sha256::deserialize(&serialized)
+                .map_err(|_| Error::Internal("stored hash state is corrupt"))
+        }
+    }
+}
+
+/// Resumable sessions.
+#[derive(Clone)]
+pub struct Sessions {
+    pool: PgPool,
+    staging: Staging,
+    store: Arc<dyn ObjectStore>,
+    quota: Arc<dyn QuotaApi>,
+    files: Arc<dyn FilesApi>,
+    settings: SessionSettings,
+}
+
+const SELECT: &str = "SELECT * FROM ingest.uploads";
+
+impl Sessions {
+    /// Sessions over `pool`, staging through `staging`.
+    pub fn new(
+        pool: PgPool,
+        staging: Staging,
+        store: Arc<dyn ObjectStore>,
+        quota: Arc<dyn QuotaApi>,
+        files: Arc<dyn FilesApi>,
+        settings: SessionSettings,
+    ) -> Self {
+        Self {
+            pool,
+            staging,
+            store,
+            quota,
+            files,
+            settings,
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &SessionSettings {
+        &self.settings
+    }
+
+    /// Opens a session and reserves its quota (the whole declared size; nothing while the
+    /// length is deferred, the full size once it is given).
+    pub async fn create(
+        &self,
+        owner: &str,
+        size: Option<u64>,
+        meta: Meta,
+        idempotency_key: Option<&str>,
+    ) -> Result<Session> {
+        keys::validate_user_id(owner).map_err(|why| Error::invalid("user_id", why))?;
+        if let Some(size) = size
+            && size > self.settings.max_file_size
+        {
+            return Err(Error::invalid(
+                "size_bytes",
+                format!(
+                    "{size} bytes is above the limit of {}",
+                    self.settings.max_file_size
+                ),
+            ));
+        }
+        if idempotency_key.is_some_and(|k| k.len() > 200) {
+            return Err(Error::invalid(
+                "idempotency_key",
+                "must be at most 200 characters",
+            ));
+        }
+        let conn = self.pool.get().await?;
+        let ttl_secs = self.settings.ttl.as_secs_f64();
+        let row = conn
+            .query_opt(
+                "INSERT INTO ingest.uploads (id, owner_id, idempotency_key, state, declared_size, file_id,
+                     display_name, resumable, metadata, expires_at)
+                 VALUES ($1, $2, $3, 'open', $4, $5, $6, true, $7, now() + make_interval(secs => $8))
+                 ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING *",
+                &[
+                    &Uuid::now_v7(),
+                    &owner,
+                    &idempotency_key,
+                    &size.map(|s| s as i64),
+                    &Uuid::now_v7(),
+                    &meta.display_name,
+                    &serde_json::to_value(&meta).unwrap_or_default(),
+                    &ttl_secs,
+                ],
+            )
+            .await?;
+        let Some(row) = row else {
+            let row = conn
+                .query_one(
+                    &format!("{SELECT} WHERE owner_id = $1 AND idempotency_key = $2"),
+                    &[&owner, &idempotency_key],
+                )
+                .await?;
+            let existing = Session::from_row(&row, self.settings.chunk_size_hint);
+            if !row.get::<_, bool>("resumable") {
+                return Err(Error::invalid(
+                    "idempotency_key",
+                    "was used by a one-shot upload",
+                ));
+            }
+            return Ok(existing);
+        };
+        let session = Session::from_row(&row, self.settings.chunk_size_hint);
+        let reserved = self
+            .quota
+            .reserve(pb::ReserveRequest {
+                user_id: owner.to_owned(),
+                bytes: size.unwrap_or(0),
+                ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
+                idempotency_key: format!("upload:{}", session.id),
+            })
+            .await;
+        let reservation = match reserved {
+            Ok(r) => r.reservation.map(|r| r.id).unwrap_or_default(),
+            Err(status) => {
+                conn.execute("DELETE FROM ingest.uploads WHERE id = $1", &[&session.id])
+                    .await?;
+                return Err(status.into());
+            }
+        };
+        let reservation =
+            Uuid::parse_str(&reservation).map_err(|_| Error::Internal("bad reservation id"))?;
+        let row = conn
+            .query_one(
+                "UPDATE ingest.uploads SET reservation_id = $2 WHERE id = $1 RETURNING *",
+                &[&session.id, &reservation],
+            )
+            .await?;
+        Ok(Session::from_row(&row, self.settings.chunk_size_hint))
+    }
+
+    /// A session of `owner` (NOT_FOUND for anyone else's).
+    pub async fn get(&self, id: Uuid, owner: &str) -> Result<Session> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_opt(
+                &format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable"),
+                &[&id, &owner],
+            )
+            .await?
+            .ok_or(Error::SessionNotFound)?;
+        Ok(Session::from_row(&row, self.settings.chunk_size_hint))
+    }
+
+    async fn lock(
+        &self,
+        tx: &impl GenericClient,
+        id: Uuid,
+        owner: &str,
+        wait: bool,
+    ) -> Result<Session> {
+        let sql = format!(
+            "{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable FOR UPDATE{}",
+            if wait { "" } else { " NOWAIT" }
+        );
+        match tx.query_opt(&sql, &[&id, &owner]).await {
+            Ok(Some(row)) => Ok(Session::from_row(&row, self.settings.chunk_size_hint)),
+            Ok(None) => Err(Error::SessionNotFound),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                Err(Error::Busy)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn parts(&self, tx: &impl GenericClient, id: Uuid) -> Result<Vec<Part>> {
+        let rows = tx
+            .query(
+                "SELECT * FROM ingest.upload_parts WHERE upload_id = $1 ORDER BY part_number",
+                &[&id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Part {
+                number: r.get("part_number"),
+                start: r.get::<_, i64>("start_offset") as u64,
+                size: r.get::<_, i64>("size_bytes") as u64,
+                part_id: r.get("part_id"),
+                pending: r.get("pending"),
+            })
+            .collect())
+    }
+
+    /// Appends one chunk at its offset.
+    pub async fn write_chunk(&self, id: Uuid, owner: &str, chunk: ChunkIn) -> Result<Session> {
+        if chunk.data.len() > self.settings.max_chunk {
+            return Err(Error::invalid(
+                "chunk.data",
+                format!("at most {} bytes per chunk", self.settings.max_chunk),
+            ));
+        }
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let mut session = self.lock(&tx, id, owner, false).await?;
+        if session.state != "open" {
+            return Err(Error::SessionState(session.state.clone()));
+        }
+        if session.is_expired() {
+            return Err(Error::SessionState("expired".into()));
+        }
+        if chunk.offset != session.offset {
+            return Err(Error::WrongOffset {
+                expected: session.offset,
+                got: chunk.offset,
+            });
+        }
+        let end = chunk.offset + chunk.data.len() as u64;
+        match (session.size, chunk.size) {
+            (Some(declared), Some(given)) if declared != given => {
+                return Err(Error::invalid(
+                    "chunk.size_bytes",
+                    format!("differs from the declared {declared}"),
+                ));
+            }
+            (None, Some(given)) => {
+                if given < end || given > self.settings.max_file_size {
+                    return Err(Error::invalid(
+                        "chunk.size_bytes",
+                        "is below the bytes sent or above the limit",
+                    ));
+                }
+                self.size_known(&tx, &mut session, given).await?;
+            }
+            _ => {}
+        }
+        let limit = session.size.unwrap_or(self.settings.max_file_size);
+        if end > limit {
+            return Err(Error::invalid(
+                "chunk.data",
+                format!("runs past the declared length of {limit} bytes"),
+            ));
+        }
+        if let Some(sum) = &chunk.checksum {
+            let ok = match sum {
+                Checksum::Sha256(d) => Sha256::digest(&chunk.data).as_slice() == d.as_slice(),
+                Checksum::Sha1(d) => Sha1::digest(&chunk.data).as_slice() == d.as_slice(),
+            };
+            if !ok {
+                return Err(Error::ChecksumMismatch);
+            }
+        }
+        if chunk.data.is_empty() {
+            tx.commit().await?;
+            return Ok(session);
+        }
+        let mut hasher = hasher_from(session.hash_state.as_deref())?;
+        hasher.update(&chunk.data);
+        let hash_state = hasher.serialize().to_vec();
+
+        let key = match &session.key {
+            Some(k) => ObjectPath::from(k.as_str()),
+            None => {
+                let sniffed = sniff(
+                    &chunk.data[..chunk.data.len().min(SNIFF_LEN)],
+                    &session.meta.display_name,
+                );
+                let now = Utc::now();
+                let key = keys::original(
+                    owner,
+                    sniffed.kind,
+                    now.year(),
+                    now.month(),
+                    &session.file_id.to_string(),
+                    &sniffed.extension,
+                );
+                session.multipart_id = self.staging.begin(&key).await?;
+                tx.execute(
+                    "UPDATE ingest.uploads SET storage_key = $2, multipart_id = $3 WHERE id = $1",
+                    &[&id, &key.as_ref(), &session.multipart_id],
+                )
+                .await?;
+                key
+            }
+        };
+        let parts = self.parts(&tx, id).await?;
+        let last = session.size == Some(end);
+        let staged = self
+            .staging
+            .write(
+                Target {
+                    upload: id,
+                    key: &key,
+                    multipart_id: session.multipart_id.as_deref(),
+                },
+                &parts,
+                chunk.offset,
+                chunk.data,
+                last,
+            )
+            .await?;
+        for number in &staged.merged {
+            tx.execute(
+                "DELETE FROM ingest.upload_parts WHERE upload_id = $1 AND part_number = $2",
+                &[&id, number],
+            )
+            .await?;
+        }
+        if let Some(p) = &staged.part {
+            tx.execute(
+                "INSERT INTO ingest.upload_parts (upload_id, part_number, start_offset, size_bytes, part_id, pending)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&id, &p.number, &(p.start as i64), &(p.size as i64), &p.part_id, &p.pending],
+            )
+            .await?;
+        }
+        let row = tx
+            .query_one(
+                "UPDATE ingest.uploads SET received_bytes = $2, hash_state = $3, updated_at = now()
+                 WHERE id = $1 RETURNING *",
+                &[&id, &(end as i64), &hash_state],
+            )
+            .await?;
+        tx.commit().await?;
+        // Pending bytes merged into a native part are not needed any more.
+        for number in staged.merged {
+            let _ = self
+                .store
+                .delete(&keys::staging_part(&id.to_string(), number as u32))
+                .await;
+        }
+        Ok(Session::from_row(&row, self.settings.chunk_size_hint))
+    }
+
+    /// A deferred length became known: hold quota for all of it.
+    async fn size_known(
+        &self,
+        tx: &impl GenericClient,
+        session: &mut Session,
+        size: u64,
+    ) -> Result<()> {
+        let reserved = self
+            .quota
+            .reserve(pb::ReserveRequest {
+                user_id: session.owner.clone(),
+                bytes: size,
+                ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
+                idempotency_key: format!("upload:{}:sized", session.id),
+            })
+            .await?;
+        let new_id = reserved
+            .reservation
+            .and_then(|r| Uuid::parse_str(&r.id).ok())
+            .ok_or(Error::Internal("bad reservation id"))?;
+        if let Some(old) = session.reservation_id.filter(|old| *old != new_id) {
+            self.release(old, session.id).await;
+        }
+        tx.execute(
+            "UPDATE ingest.uploads SET declared_size = $2, reservation_id = $3 WHERE id = $1",
+            &[&session.id, &(size as i64), &new_id],
+        )
+        .await?;
+        session.size = Some(size);
+        session.reservation_id = Some(new_id);
+        Ok(())
+    }
+
+    async fn release(&self, reservation: Uuid, upload: Uuid) {
+        if let Err(status) = self
+            .quota
+            .release(pb::ReleaseRequest {
+                reservation_id: reservation.to_string(),
+            })
+            .await
+        {
+            tracing::warn!(%upload, %status, "reservation release failed; it expires on its own");
+        }
+    }
+
+    /// Verifies, places, registers and charges the upload. Calling it again after a crash at
+    /// any step converges to one file and one charge.
+    pub async fn complete(&self, id: Uuid, owner: &str) -> Result<pb::File> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let mut session = self.lock(&tx, id, owner, true).await?;
+        match session.state.as_str() {
+            "completed" => {
+                tx.commit().await?;
+                return self.file_of(&session).await;
+            }
+            "open" => {
+                if session.is_expired() {
+                    return Err(Error::SessionState("expired".into()));
+                }
+                let size = session.size.unwrap_or(session.offset);
+                if session.offset != size {
+                    return Err(Error::Incomplete {
+                        received: session.offset,
+                        size,
+                    });
+                }
+                let sha = hex::encode(hasher_from(session.hash_state.as_deref())?.finalize());
+                if !session.meta.expected_sha256.is_empty() && session.meta.expected_sha256 != sha {
+                    return Err(Error::invalid(
+                        "metadata.expected_sha256",
+                        "does not match the bytes received",
+                    ));
+                }
+                tx.execute(
+                    "UPDATE ingest.uploads SET state = 'completing', sha256 = $2, declared_size = $3, updated_at = now() WHERE id = $1",
+                    &[&id, &sha, &(size as i64)],
+                )
+                .await?;
+                session.state = "completing".into();
+                session.sha256 = Some(sha);
+                session.size = Some(size);
+            }
+            "completing" | "registered" => {}
+            other => return Err(Error::SessionState(other.to_owned())),
+        }
+        let size = session.size.unwrap_or(session.offset);
+        let parts = self.parts(&tx, id).await?;
+        if session.key.is_none() {
+            // Nothing was ever written: an empty file.
+            let sniffed = sniff(&[], &session.meta.display_name);
+            let now = Utc::now();
+            let key = keys::original(
+                owner,
+                sniffed.kind,
+                now.year(),
+                now.month(),
+                &session.file_id.to_string(),
+                &sniffed.extension,
+            );
+            session.multipart_id = self.staging.begin(&key).await?;
+            tx.execute(
+                "UPDATE ingest.uploads SET storage_key = $2, multipart_id = $3 WHERE id = $1",
+                &[&id, &key.as_ref(), &session.multipart_id],
+            )
+            .await?;
+            session.key = Some(key.to_string());
+        }
+        let key = ObjectPath::from(session.key.clone().unwrap_or_default());
+        if !session.placed {
+            self.staging
+                .compose(id, &key, session.multipart_id.as_deref(), &parts, size)
+                .await?;
+            tx.execute(
+                "UPDATE ingest.uploads SET placed = true WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        }
+        // The lock is held through registration so a concurrent Complete waits and then sees
+        // `completed`.
+        let head = if size == 0 {
+            Bytes::new()
+        } else {
+            let options = GetOptions {
+                range: Some(GetRange::Bounded(0..size.min(SNIFF_LEN as u64))),
+                ..GetOptions::default()
+            };
+            self.store.get_opts(&key, options).await?.bytes().await?
+        };
+        let sniffed = sniff(&head, &session.meta.display_name);
+        let registered = self
+            .files
+            .register_file(pb::RegisterFileRequest {
+                owner_id: owner.to_owned(),
+                file_id: session.file_id.to_string(),
+                display_name: session.meta.display_name.clone(),
+                kind: crate::oneshot::kind_proto(sniffed.kind) as i32,
+                mime_type: sniffed.mime_type,
+                size_bytes: size,
+                sha256: session.sha256.clone().unwrap_or_default(),
+                storage_key: key.to_string(),
+                tags: session.meta.tags.clone(),
+                package_name: session.meta.package_name.clone(),
+                status: pb::FileStatus::Ready as i32,
+                idempotency_key: id.to_string(),
+            })
+            .await?;
+        let file = registered
+            .file
+            .ok_or(Error::Internal("no file in response"))?;
+        tx.execute(
+            "UPDATE ingest.uploads SET state = 'registered' WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+        if let Some(reservation) = session.reservation_id {
+            self.quota
+                .commit(pb::CommitRequest {
+                    reservation_id: reservation.to_string(),
+                    bytes: size,
+                })
+                .await?;
+        }
+        tx.execute(
+            "UPDATE ingest.uploads SET state = 'completed', updated_at = now() WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+        tx.commit().await?;
+        if !self.staging.is_native() || parts.iter().any(|p| p.pending) {
+            self.staging.discard(id, None, None, &parts).await;
+        }
+        Ok(file)
+    }
+
+    async fn file_of(&self, session: &Session) -> Result<pb::File> {
+        let response = self
+            .files
+            .get_file(pb::GetFileRequest {
+                file_id: session.file_id.to_string(),
+            })
+            .await?;
+        response.file.ok_or(Error::Internal("no file in response"))
+    }
+
+    /// Abandons a session: staging removed, reservation released.
+    pub async fn abort(&self, id: Uuid, owner: &str) -> Result<Session> {
+        self.end(id, owner, "aborted").await
+    }
+
+    async fn end(&self, id: Uuid, owner: &str, state: &str) -> Result<Session> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let session = self.lock(&tx, id, owner, true).await?;
+        match session.state.as_str() {
+            "aborted" | "expired" | "failed" => return Ok(session),
+            "completed" | "registered" => return Err(Error::SessionState(session.state.clone())),
+            _ => {}
+        }
+        let parts = self.parts(&tx, id).await?;
+        let key = session.key.as_deref().map(ObjectPath::from);
+        self.staging
+            .discard(id, key.as_ref(), session.multipart_id.as_deref(), &parts)
+            .await;
+        if session.placed
+            && let Some(key) = &key
+        {
+            let _ = self.store.delete(key).await;
+        }
+        if let Some(reservation) = session.reservation_id {
+            self.release(reservation, id).await;
+        }
+        let row = tx
+            .query_one(
+                "UPDATE ingest.uploads SET state = $2, updated_at = now() WHERE id = $1 RETURNING *",
+                &[&id, &state],
+            )
+            .await?;
+        tx.execute(
+            "DELETE FROM ingest.upload_parts WHERE upload_id = $1",
+            &[&id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Session::from_row(&row, self.settings.chunk_size_hint))
+    }
+
+    /// Expires open sessions past their expiry: staging removed, reservation released.
+    /// Safe on any number of replicas (rows being written are skipped). Returns how many.
+    pub async fn sweep_expired(&self, limit: i64) -> Result<usize> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT id, owner_id FROM ingest.uploads
+                 WHERE resumable AND state = 'open' AND expires_at < now()
+                 ORDER BY expires_at LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        drop(conn);
+        let mut swept = 0;
+        for row in rows {
+            let (id, owner): (Uuid, String) = (row.get(0), row.get(1));
+            match self.end(id, &owner, "expired").await {
+                Ok(_) => swept += 1,
+                Err(error) => {
+                    tracing::warn!(upload_id = %id, %error, "expiry sweep skipped a session")
+                }
+            }
+        }
+        if swept > 0 {
+            tracing::info!(swept, "expired upload sessions swept");
+        }
+        Ok(swept)
+    }
+}

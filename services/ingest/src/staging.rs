@@ -1,0 +1,277 @@
+//! Where a session's bytes wait until completion.
+//!
+//! Stores with a native multipart API (S3, memory) receive each chunk as a part of a multipart
+//! upload at the final key. Those APIs refuse parts below a minimum size (5 MiB on S3) except
+//! the last one, while tus and grpc-web clients may send any chunk size: a chunk too small to be
+//! a part is kept as a staging object and merged into the next part. Stores without one (local
+//! disk) keep every chunk as a part object under `staging/{upload_id}/`, and completion streams
+//! them into the final key.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt;
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart, multipart::MultipartStore,
+    path::Path as ObjectPath,
+};
+use stowage_blob::{Blobs, keys};
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// Smallest native part that is not the last one (the S3 minimum).
+pub const MIN_NATIVE_PART: usize = 5 * 1024 * 1024;
+
+/// A staged part as recorded in `ingest.upload_parts`.
+#[derive(Clone, Debug)]
+pub struct Part {
+    /// Order of the part (0-based). Native parts use it as their part index.
+    pub number: i32,
+    /// Offset of its first byte in the file.
+    pub start: u64,
+    /// Its size.
+    pub size: u64,
+    /// The store's id of a native part; empty for part objects and pending bytes.
+    pub part_id: String,
+    /// Bytes kept aside until they can be merged into a native part.
+    pub pending: bool,
+}
+
+/// What writing a chunk changed, for the caller to record in the same transaction.
+#[derive(Debug, Default)]
+pub struct Staged {
+    /// Pending parts now merged into `part` (their rows go).
+    pub merged: Vec<i32>,
+    /// The new part row.
+    pub part: Option<Part>,
+}
+
+/// The upload being staged and where it will land.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    /// Upload id.
+    pub upload: Uuid,
+    /// Final key.
+    pub key: &'a ObjectPath,
+    /// Native multipart upload id, when the store has one.
+    pub multipart_id: Option<&'a str>,
+}
+
+/// Staging over the process's object store.
+#[derive(Clone)]
+pub struct Staging {
+    store: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
+}
+
+fn part_object(upload: Uuid, number: i32) -> ObjectPath {
+    keys::staging_part(&upload.to_string(), u32::try_from(number).unwrap_or(0))
+}
+
+impl Staging {
+    /// Staging for `blobs`.
+    pub fn new(blobs: &Blobs) -> Self {
+        Self {
+            store: Arc::clone(&blobs.store),
+            multipart: blobs.multipart.clone(),
+        }
+    }
+
+    /// Whether chunks go to a native multipart upload.
+    pub fn is_native(&self) -> bool {
+        self.multipart.is_some()
+    }
+
+    /// Starts a native multipart upload at `key`; `None` for part-object staging.
+    pub async fn begin(&self, key: &ObjectPath) -> Result<Option<String>> {
+        match &self.multipart {
+            Some(mp) => Ok(Some(mp.create_multipart(key).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stages `data` starting at `start`, given the parts staged so far. `last` says whether
+    /// the chunk ends the file (then pending bytes are flushed with it).
+    pub async fn write(
+        &self,
+        target: Target<'_>,
+        parts: &[Part],
+        start: u64,
+        data: Bytes,
+        last: bool,
+    ) -> Result<Staged> {
+        let Target {
+            upload,
+            key,
+            multipart_id,
+        } = target;
+        let next = parts.iter().map(|p| p.number + 1).max().unwrap_or(0);
+        let (Some(mp), Some(id)) = (&self.multipart, multipart_id) else {
+            let size = data.len() as u64;
+            self.store
+                .put(&part_object(upload, next), PutPayload::from(data))
+                .await?;
+            return Ok(Staged {
+                merged: Vec::new(),
+                part: Some(Part {
+                    number: next,
+                    start,
+                    size,
+                    part_id: String::new(),
+                    pending: false,
+                }),
+            });
+        };
+        let pending: Vec<&Part> = parts.iter().filter(|p| p.pending).collect();
+        let pending_size: u64 = pending.iter().map(|p| p.size).sum();
+        if !last && (pending_size + data.len() as u64) < MIN_NATIVE_PART as u64 {
+            let size = data.len() as u64;
+            self.store
+                .put(&part_object(upload, next), PutPayload::from(data))
+                .await?;
+            return Ok(Staged {
+                merged: Vec::new(),
+                part: Some(Part {
+                    number: next,
+                    start,
+                    size,
+                    part_id: String::new(),
+                    pending: true,
+                }),
+            });
+        }
+        // Merge what was held back (under one minimum part, so bounded) with this chunk.
+        let (payload, first_start) = if pending.is_empty() {
+            (PutPayload::from(data), start)
+        } else {
+            let mut buf = BytesMut::with_capacity(pending_size as usize + data.len());
+            for p in &pending {
+                buf.extend_from_slice(
+                    &self
+                        .store
+                        .get(&part_object(upload, p.number))
+                        .await?
+                        .bytes()
+                        .await?,
+                );
+            }
+            buf.extend_from_slice(&data);
+            (PutPayload::from(buf.freeze()), pending[0].start)
+        };
+        let size = payload.content_length() as u64;
+        let native_index = parts.iter().filter(|p| !p.pending).count();
+        let part_id = mp
+            .put_part(key, &id.to_owned(), native_index, payload)
+            .await?;
+        Ok(Staged {
+            merged: pending.iter().map(|p| p.number).collect(),
+            part: Some(Part {
+                number: next,
+                start: first_start,
+                size,
+                part_id: part_id.content_id,
+                pending: false,
+            }),
+        })
+    }
+
+    /// Places the staged bytes at `key`. Safe to call again after a crash: a completed
+    /// native upload or an already written key is detected by its size.
+    pub async fn compose(
+        &self,
+        upload: Uuid,
+        key: &ObjectPath,
+        multipart_id: Option<&str>,
+        parts: &[Part],
+        size: u64,
+    ) -> Result<()> {
+        if let Ok(meta) = self.store.head(key).await
+            && meta.size == size
+            && multipart_id.is_none()
+        {
+            return Ok(());
+        }
+        match (&self.multipart, multipart_id) {
+            (Some(mp), Some(id)) => {
+                let id = id.to_owned();
+                let mut ids: Vec<object_store::multipart::PartId> = parts
+                    .iter()
+                    .filter(|p| !p.pending)
+                    .map(|p| object_store::multipart::PartId {
+                        content_id: p.part_id.clone(),
+                    })
+                    .collect();
+                let pending: Vec<&Part> = parts.iter().filter(|p| p.pending).collect();
+                if !pending.is_empty() || ids.is_empty() {
+                    // Held-back bytes (or an empty file) become the last part.
+                    let mut buf = BytesMut::new();
+                    for p in &pending {
+                        buf.extend_from_slice(
+                            &self
+                                .store
+                                .get(&part_object(upload, p.number))
+                                .await?
+                                .bytes()
+                                .await?,
+                        );
+                    }
+                    let part = mp
+                        .put_part(key, &id, ids.len(), PutPayload::from(buf.freeze()))
+                        .await?;
+                    ids.push(part);
+                }
+                match mp.complete_multipart(key, &id, ids).await {
+                    Ok(_) => Ok(()),
+                    // Completed by an earlier attempt that crashed before recording it.
+                    Err(e) => match self.store.head(key).await {
+                        Ok(meta) if meta.size == size => Ok(()),
+                        _ => Err(e.into()),
+                    },
+                }
+            }
+            _ => {
+                let upload_to = self.store.put_multipart(key).await?;
+                let mut writer = WriteMultipart::new_with_chunk_size(upload_to, 8 << 20);
+                let mut ordered: Vec<&Part> = parts.iter().collect();
+                ordered.sort_by_key(|p| p.number);
+                for p in ordered {
+                    let mut stream = self
+                        .store
+                        .get(&part_object(upload, p.number))
+                        .await?
+                        .into_stream();
+                    while let Some(bytes) = stream.try_next().await? {
+                        writer.wait_for_capacity(4).await?;
+                        writer.put(bytes);
+                    }
+                }
+                writer.finish().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes everything staged for `upload` (part objects, pending bytes, native upload).
+    pub async fn discard(
+        &self,
+        upload: Uuid,
+        key: Option<&ObjectPath>,
+        multipart_id: Option<&str>,
+        parts: &[Part],
+    ) {
+        if let (Some(mp), Some(key), Some(id)) = (&self.multipart, key, multipart_id)
+            && let Err(e) = mp.abort_multipart(key, &id.to_owned()).await
+        {
+            tracing::debug!(%upload, error = %e, "abort of native multipart failed (maybe completed)");
+        }
+        for p in parts
+            .iter()
+            .filter(|p| p.pending || self.multipart.is_none())
+        {
+            if let Err(e) = self.store.delete(&part_object(upload, p.number)).await {
+                tracing::warn!(%upload, error = %e, "staging delete failed; the staging sweep will retry");
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! tus 1.0 over HTTP on the gRPC port: core protocol plus creation, creation-with-upload,
+//! creation-defer-length, termination, expiration and checksum (sha1, sha256). It is a third
+//! door onto [`Sessions`]; authentication is the same bearer token as gRPC.
+
+use std::collections::HashMap;
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{any, post},
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use stowage_proto::v1 as pb;
+use stowage_runtime::{Identity, Verifier, auth::bearer};
+use uuid::Uuid;
+
+use crate::{
+    error::Error,
+    sessions::{Checksum, ChunkIn, Meta, Session, Sessions},
+};
+
+const TUS_VERSION: &str = "1.0.0";
+const EXTENSIONS: &str =
+    "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum";
+
+#[derive(Clone)]
+struct Tus {
+    sessions: Sessions,
+    verifier: Verifier,
+    base: String,
+}
+
+/// The tus routes under `base` (e.g. `/tus`).
+pub fn routes(sessions: Sessions, verifier: Verifier, base: &str) -> Router {
+    let base = base.trim_end_matches('/').to_owned();
+    Router::new()
+        .route(&base, post(create).options(options))
+        .route(&format!("{base}/"), post(create).options(options))
+        .route(&format!("{base}/{{id}}"), any(resource))
+        .with_state(Tus {
+            sessions,
+            verifier,
+            base,
+        })
+}
+
+fn tus_response(status: StatusCode) -> axum::http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header("tus-resumable", TUS_VERSION)
+        .header(header::CACHE_CONTROL, "no-store")
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    tus_response(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(message.into() + "\n"))
+        .unwrap_or_else(|_| status.into_response())
+}
+
+fn error_response(error: Error) -> Response {
+    let status = match &error {
+        Error::InvalidArgument { field, .. } if field.starts_with("chunk.data") => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
+        Error::WrongOffset { .. } => StatusCode::CONFLICT,
+        Error::ChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
+        Error::SessionNotFound => StatusCode::NOT_FOUND,
+        Error::SessionState(s) if s == "expired" || s == "aborted" => StatusCode::GONE,
+        Error::SessionState(_) | Error::Incomplete { .. } | Error::InProgress => {
+            StatusCode::CONFLICT
+        }
+        Error::Busy => StatusCode::LOCKED,
+        Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Peer(s) if s.code() == tonic::Code::ResourceExhausted => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        Error::Peer(s) if s.code() == tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        Error::Stream(_) => StatusCode::BAD_REQUEST,
+        Error::Peer(_) | Error::Db(_) | Error::Pool(_) | Error::Store(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let message = match &error {
+        Error::Peer(s) => s.message().to_owned(),
+        Error::Db(_) | Error::Pool(_) | Error::Store(_) | Error::Internal(_) => {
+            tracing::error!(%error, "tus request failed");
+            "temporarily unavailable".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let mut response = refuse(status, message);
+    if let Error::WrongOffset { expected, .. } = error
+        && let Ok(v) = HeaderValue::from_str(&expected.to_string())
+    {
+        response.headers_mut().insert("upload-offset", v);
+    }
+    response
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn authenticate(tus: &Tus, headers: &HeaderMap) -> Result<Identity, Box<Response>> {
+    let token = header_str(headers, "authorization").and_then(bearer);
+    match token.map(|t| tus.verifier.verify(t)) {
+        Some(Ok(identity)) => Ok(identity),
+        _ => Err(Box::new(
+            tus_response(StatusCode::UNAUTHORIZED)
+                .header(header::WWW_AUTHENTICATE, "Bearer")
+                .body(Body::from("missing or invalid bearer token\n"))
+                .unwrap_or_else(|_| StatusCode::UNAUTHORIZED.into_response()),
+        )),
+    }
+}
+
+fn check_version(headers: &HeaderMap) -> Result<(), Box<Response>> {
+    match header_str(headers, "tus-resumable") {
+        Some(TUS_VERSION) => Ok(()),
+        _ => Err(Box::new(
+            tus_response(StatusCode::PRECONDITION_FAILED)
+                .header("tus-version", TUS_VERSION)
+                .body(Body::empty())
+                .unwrap_or_else(|_| StatusCode::PRECONDITION_FAILED.into_response()),
+        )),
+    }
+}
+
+async fn options(State(tus): State<Tus>) -> Response {
+    tus_response(StatusCode::NO_CONTENT)
+        .header("tus-version", TUS_VERSION)
+        .header("tus-extension", EXTENSIONS)
+        .header(
+            "tus-max-size",
+            tus.sessions.settings().max_file_size.to_string(),
+        )
+        .header("tus-checksum-algorithm", "sha1,sha256")
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::NO_CONTENT.into_response())
+}
+
+/// Parses `Upload-Metadata`: comma-separated `key base64value` pairs.
+fn parse_metadata(value: &str) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, encoded) = pair.split_once(' ').unwrap_or((pair, ""));
+        let decoded = STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| format!("Upload-Metadata: value of {key:?} is not base64"))?;
+        let text = String::from_utf8(decoded)
+            .map_err(|_| format!("Upload-Metadata: value of {key:?} is not UTF-8"))?;
+        out.insert(key.to_owned(), text);
+    }
+    Ok(out)
+}
+
+fn meta_from(map: &HashMap<String, String>) -> pb::UploadMetadata {
+    let pick = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| map.get(*k))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let name = pick(&["filename", "name"]);
+    pb::UploadMetadata {
+        display_name: if name.is_empty() {
+            "untitled".into()
+        } else {
+            name
+        },
+        declared_mime_type: pick(&["filetype", "type"]),
+        declared_kind: 0,
+        tags: pick(&["tags"])
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        expected_sha256: pick(&["sha256"]),
+        package_name: pick(&["package"]),
+    }
+}
+
+fn expires(session: &Session) -> Option<String> {
+    session
+        .expires_at
+        .map(|at| at.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+}
+
+async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Response {
+    if let Err(r) = check_version(&headers) {
+        return *r;
+    }
+    let caller = match authenticate(&tus, &headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let size = match (
+        header_str(&headers, "upload-length"),
+        header_str(&headers, "upload-defer-length"),
+    ) {
+        (Some(v), _) => match v.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => return refuse(StatusCode::BAD_REQUEST, "Upload-Length: not a number"),
+        },
+        (None, Some("1")) => None,
+        _ => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "Upload-Length or Upload-Defer-Length: 1 is required",
+            );
+        }
+    };
+    if size.is_some_and(|s| s > tus.sessions.settings().max_file_size) {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Upload-Length: above Tus-Max-Size",
+        );
+    }
+    let map = match header_str(&headers, "upload-metadata")
+        .map(parse_metadata)
+        .transpose()
+    {
+        Ok(m) => m.unwrap_or_default(),
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
+    };
+    let meta = match Meta::from_proto(meta_from(&map), "metadata") {
+        Ok(m) => m,
+        Err(e) => return error_response(e),
+    };
+    let mut session = match tus.sessions.create(&caller.user_id, size, meta, None).await {
+        Ok(s) => s,
+        Err(e) => return error_response(e),
+    };
+    let has_body = header_str(&headers, "content-type") == Some("application/offset+octet-stream");
+    if has_body {
+        match write_body(&tus, &caller, session.id, 0, None, &headers, body).await {
+            Ok(s) => session = s,
+            Err(e) => return error_response(e),
+        }
+    }
+    let mut response = tus_response(StatusCode::CREATED)
+        .header(header::LOCATION, format!("{}/{}", tus.base, session.id))
+        .header("upload-offset", session.offset.to_string());
+    if let Some(at) = expires(&session) {
+        response = response.header("upload-expires", at);
+    }
+    response
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::CREATED.into_response())
+}
+
+async fn resource(
+    State(tus): State<Tus>,
+    Path(id): Path<String>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if method == axum::http::Method::OPTIONS {
+        return options(State(tus)).await;
+    }
+    if let Err(r) = check_version(&headers) {
+        return *r;
+    }
+    let caller = match authenticate(&tus, &headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let Ok(id) = Uuid::parse_str(&id) else {
+        return refuse(StatusCode::NOT_FOUND, "no such upload");
+    };
+    match method.as_str() {
+        "HEAD" => match tus.sessions.get(id, &caller.user_id).await {
+            Ok(s) if s.is_expired() || s.state == "aborted" || s.state == "expired" => {
+                refuse(StatusCode::GONE, "upload expired")
+            }
+            Ok(s) => {
+                let mut r =
+                    tus_response(StatusCode::OK).header("upload-offset", s.offset.to_string());
+                r = match s.size {
+                    Some(size) => r.header("upload-length", size.to_string()),
+                    None => r.header("upload-defer-length", "1"),
+                };
+                if let Some(at) = expires(&s) {
+                    r = r.header("upload-expires", at);
+                }
+                r.body(Body::empty())
+                    .unwrap_or_else(|_| StatusCode::OK.into_response())
+            }
+            Err(e) => error_response(e),
+        },
+        "PATCH" => {
+            if header_str(&headers, "content-type") != Some("application/offset+octet-stream") {
+                return refuse(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Content-Type must be application/offset+octet-stream",
+                );
+            }
+            let Some(offset) =
+                header_str(&headers, "upload-offset").and_then(|v| v.parse::<u64>().ok())
+            else {
+                return refuse(StatusCode::BAD_REQUEST, "Upload-Offset: required");
+            };
+            let length = match header_str(&headers, "upload-length")
+                .map(str::parse::<u64>)
+                .transpose()
+            {
+                Ok(l) => l,
+                Err(_) => return refuse(StatusCode::BAD_REQUEST, "Upload-Length: not a number"),
+            };
+            match write_body(&tus, &caller, id, offset, length, &headers, body).await {
+                Ok(s) => {
+                    let mut r = tus_response(StatusCode::NO_CONTENT)
+                        .header("upload-offset", s.offset.to_string());
+                    if let Some(at) = expires(&s) {
+                        r = r.header("upload-expires", at);
+                    }
+                    r.body(Body::empty())
+                        .unwrap_or_else(|_| StatusCode::NO_CONTENT.into_response())
+                }
+                Err(e) => error_response(e),
+            }
+        }
+        "DELETE" => match tus.sessions.abort(id, &caller.user_id).await {
+            Ok(_) => tus_response(StatusCode::NO_CONTENT)
+                .body(Body::empty())
+                .unwrap_or_else(|_| StatusCode::NO_CONTENT.into_response()),
+            Err(e) => error_response(e),
+        },
+        _ => refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use HEAD, PATCH, DELETE or OPTIONS",
+        ),
+    }
+}
+
+fn parse_checksum(headers: &HeaderMap) -> Result<Option<Checksum>, Error> {
+    let Some(value) = header_str(headers, "upload-checksum") else {
+        return Ok(None);
+    };
+    let (alg, encoded) = value
+        .split_once(' ')
+        .ok_or_else(|| Error::invalid("Upload-Checksum", "expected `<algorithm> <base64>`"))?;
+    let digest = STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| Error::invalid("Upload-Checksum", "digest is not base64"))?;
+    match alg {
+        "sha256" => Ok(Some(Checksum::Sha256(digest))),
+        "sha1" => Ok(Some(Checksum::Sha1(digest))),
+        _ => Err(Error::invalid(
+            "Upload-Checksum",
+            "supported algorithms: sha1, sha256",
+        )),
+    }
+}
+
+/// Writes a request body at `offset`. With a checksum the body is one chunk (verified before
+/// anything is kept); without one it is cut into chunks of the session's chunk size, so a
+/// request cut off midway keeps what arrived. Completes the upload when its last byte lands.
+async fn write_body(
+    tus: &Tus,
+    caller: &Identity,
+    id: Uuid,
+    offset: u64,
+    length: Option<u64>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Session, Error> {
+    let checksum = parse_checksum(headers)?;
+    let settings = tus.sessions.settings().clone();
+    let piece = if checksum.is_some() {
+        settings.max_chunk
+    } else {
+        settings.chunk_size_hint as usize
+    };
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    let mut at = offset;
+    let mut session = None;
+    let mut cut_off = None;
+    loop {
+        let next = stream.next().await;
+        let done = match next {
+            None => true,
+            Some(Ok(bytes)) => {
+                buf.extend_from_slice(&bytes);
+                if checksum.is_some() && buf.len() > settings.max_chunk {
+                    return Err(Error::invalid(
+                        "chunk.data",
+                        format!(
+                            "a checksummed PATCH may carry at most {} bytes",
+                            settings.max_chunk
+                        ),
+                    ));
+                }
+                false
+            }
+            Some(Err(e)) => {
+                cut_off = Some(e.to_string());
+                true
+            }
+        };
+        // A checksummed body is verified whole: nothing of it is kept if it was cut off.
+        if checksum.is_some() {
+            if !done {
+                continue;
+            }
+            if cut_off.is_some() {
+                break;
+            }
+        }
+        while buf.len() >= piece || (done && !buf.is_empty()) {
+            let take = buf.len().min(piece);
+            let data: Bytes = buf.split_to(take).freeze();
+            let len = data.len() as u64;
+            let s = tus
+                .sessions
+                .write_chunk(
+                    id,
+                    &caller.user_id,
+                    ChunkIn {
+                        offset: at,
+                        data,
+                        checksum: checksum.clone(),
+                        size: length,
+                    },
+                )
+                .await?;
+            at += len;
+            session = Some(s);
+        }
+        if done {
+            break;
+        }
+    }
+    if let Some(why) = cut_off {
+        tracing::info!(upload_id = %id, offset = at, why, "tus body cut off; kept what arrived");
+    }
+    let session = match session {
+        Some(s) => s,
+        None => tus.sessions.get(id, &caller.user_id).await?,
+    };
+    if session.size == Some(session.offset) && session.state == "open" {
+        tus.sessions.complete(id, &caller.user_id).await?;
+        return tus.sessions.get(id, &caller.user_id).await;
+    }
+    Ok(session)
+}
