@@ -125,3 +125,130 @@ pub async fn usage(channel: Channel, token: &str) -> Result<pb::Account, Status>
 
 /// Default wait for things that happen in the background.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Client of Ingest.
+pub fn ingest(channel: Channel) -> stowage_proto::v1::ingest_client::IngestClient<Channel> {
+    stowage_proto::v1::ingest_client::IngestClient::new(channel).max_encoding_message_size(64 << 20)
+}
+
+/// Opens a resumable session for `size` bytes.
+pub async fn create_session(
+    channel: Channel,
+    token: &str,
+    name: &str,
+    size: Option<u64>,
+    expected_sha256: &str,
+) -> Result<pb::UploadSession, Status> {
+    let response = ingest(channel)
+        .create_upload(authed(
+            pb::CreateUploadRequest {
+                size_bytes: size,
+                metadata: Some(pb::UploadMetadata {
+                    display_name: name.to_owned(),
+                    expected_sha256: expected_sha256.to_owned(),
+                    ..Default::default()
+                }),
+                idempotency_key: String::new(),
+            },
+            token,
+        ))
+        .await?;
+    response
+        .into_inner()
+        .session
+        .ok_or_else(|| Status::internal("no session"))
+}
+
+/// Writes one chunk with PutChunk.
+pub async fn put_chunk(
+    channel: Channel,
+    token: &str,
+    upload_id: &str,
+    offset: u64,
+    data: &[u8],
+) -> Result<pb::UploadSession, Status> {
+    let response = ingest(channel)
+        .put_chunk(authed(
+            pb::PutChunkRequest {
+                upload_id: upload_id.to_owned(),
+                chunk: Some(pb::Chunk {
+                    offset,
+                    data: data.to_vec(),
+                    sha256: String::new(),
+                    size_bytes: None,
+                }),
+            },
+            token,
+        ))
+        .await?;
+    response
+        .into_inner()
+        .session
+        .ok_or_else(|| Status::internal("no session"))
+}
+
+/// Writes chunks with one WriteChunks stream.
+pub async fn write_chunks(
+    channel: Channel,
+    token: &str,
+    upload_id: &str,
+    chunks: Vec<(u64, Vec<u8>)>,
+) -> Result<pb::UploadSession, Status> {
+    let first = upload_id.to_owned();
+    let messages: Vec<pb::WriteChunksRequest> = chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, (offset, data))| pb::WriteChunksRequest {
+            upload_id: if i == 0 { first.clone() } else { String::new() },
+            chunk: Some(pb::Chunk {
+                offset,
+                data,
+                sha256: String::new(),
+                size_bytes: None,
+            }),
+        })
+        .collect();
+    let response = ingest(channel)
+        .write_chunks(authed(futures::stream::iter(messages), token))
+        .await?;
+    response
+        .into_inner()
+        .session
+        .ok_or_else(|| Status::internal("no session"))
+}
+
+/// The session's state.
+pub async fn get_session(
+    channel: Channel,
+    token: &str,
+    upload_id: &str,
+) -> Result<pb::UploadSession, Status> {
+    let response = ingest(channel)
+        .get_upload(authed(
+            pb::GetUploadRequest {
+                upload_id: upload_id.to_owned(),
+            },
+            token,
+        ))
+        .await?;
+    response
+        .into_inner()
+        .session
+        .ok_or_else(|| Status::internal("no session"))
+}
+
+/// Completes a session.
+pub async fn complete(channel: Channel, token: &str, upload_id: &str) -> Result<pb::File, Status> {
+    let response = ingest(channel)
+        .complete_upload(authed(
+            pb::CompleteUploadRequest {
+                upload_id: upload_id.to_owned(),
+            },
+            token,
+        ))
+        .await?;
+    response
+        .into_inner()
+        .file
+        .ok_or_else(|| Status::internal("no file"))
+}

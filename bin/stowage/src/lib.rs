@@ -107,7 +107,11 @@ pub async fn serve_with(
         .database_url
         .as_deref()
         .context("DATABASE_URL: required")?;
-    let pool = stowage_db::connect(database_url, config.db_pool_size).context("DATABASE_URL")?;
+    // One pool per service, as if each ran alone: a service waiting on another (Ingest on
+    // Quota, in process) must never wait for a connection its caller is holding.
+    let connect = || stowage_db::connect(database_url, config.db_pool_size).context("DATABASE_URL");
+    let pool = connect()?;
+    let (quota_pool, files_pool, ingest_pool) = (connect()?, connect()?, connect()?);
     migrate(&pool, roles)
         .await
         .context("DATABASE_URL: cannot apply migrations")?;
@@ -125,7 +129,7 @@ pub async fn serve_with(
 
     let quota_local = roles.contains(&Role::Quota).then(|| {
         Arc::new(QuotaGrpc::new(Quota::new(
-            pool.clone(),
+            quota_pool.clone(),
             config.quota.default_limit.as_u64(),
             config.quota.reservation_ttl,
         )))
@@ -143,7 +147,7 @@ pub async fn serve_with(
             )),
         })
     };
-    let catalog = Catalog::new(pool.clone());
+    let catalog = Catalog::new(files_pool.clone());
     let files_local = if roles.contains(&Role::Files) {
         let signer = UrlSigner::new(&url_signing_key(&config)?, config.public_base_url());
         server.merge_http(stowage_files::http_routes(
@@ -199,7 +203,7 @@ pub async fn serve_with(
             Role::Ingest => {
                 let (quota, files) = (quota_api()?, files_api()?);
                 let uploader = Uploader {
-                    uploads: Uploads::new(pool.clone()),
+                    uploads: Uploads::new(ingest_pool.clone()),
                     store: Arc::clone(&blobs.store),
                     quota: Arc::clone(&quota),
                     files: Arc::clone(&files),
@@ -208,7 +212,7 @@ pub async fn serve_with(
                     shutdown: shutdown.clone(),
                 };
                 let sessions = Sessions::new(
-                    pool.clone(),
+                    ingest_pool.clone(),
                     Staging::new(&blobs),
                     Arc::clone(&blobs.store),
                     quota,

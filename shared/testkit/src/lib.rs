@@ -192,6 +192,17 @@ impl Setup {
         })
     }
 
+    /// A fresh database and an in-memory store (in-process meshes only).
+    pub async fn memory() -> anyhow::Result<Self> {
+        Ok(Self {
+            database_url: fresh_database().await?,
+            redis_url: servers().await.redis_url.clone(),
+            blob_url: "memory://".into(),
+            blob_dir: None,
+            default_limit: None,
+        })
+    }
+
     /// Sets the default quota of new accounts.
     pub fn with_default_limit(mut self, bytes: u64) -> Self {
         self.default_limit = Some(bytes);
@@ -245,6 +256,8 @@ impl Setup {
 pub struct Mesh {
     /// Address of every service.
     pub addr: SocketAddr,
+    /// The mesh's object store (shared with it, also for `memory://`).
+    pub blobs: stowage_blob::Blobs,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -265,19 +278,37 @@ impl Mesh {
         let mut config = setup.config(addr);
         tweak(&mut config);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(stowage::serve(
+        let blobs = stowage_blob::Blobs::from_url(&setup.blob_url)?;
+        let task = tokio::spawn(stowage::serve_with(
             &Role::ALL,
             config,
+            Some(blobs.clone()),
             listener,
             shutdown.clone(),
         ));
         let mesh = Self {
             addr,
+            blobs,
             shutdown,
             task,
         };
         wait_serving(addr, "stowage.v1.Files").await?;
         Ok(mesh)
+    }
+
+    /// Keys of every object under `prefix` in the mesh's store.
+    pub async fn stored_objects(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        use futures::TryStreamExt;
+        let prefix = (!prefix.is_empty()).then(|| stowage_blob::ObjectPath::from(prefix));
+        let mut keys: Vec<String> = self
+            .blobs
+            .store
+            .list(prefix.as_ref())
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await?;
+        keys.sort();
+        Ok(keys)
     }
 
     /// A channel to the mesh.

@@ -1,0 +1,376 @@
+//! Resumable sessions on one mesh: offsets, checksums, concurrent writers, quota, expiry, on
+//! local disk (part objects) and memory (native multipart with held-back small chunks).
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use stowage_integration_tests::{
+    complete, create_session, download, get_session, put_chunk, random_bytes, sha256, usage,
+    write_chunks,
+};
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Mesh, Setup, authed, token};
+use tonic::Code;
+
+async fn setups() -> anyhow::Result<Vec<Setup>> {
+    Ok(vec![Setup::new().await?, Setup::memory().await?])
+}
+
+#[tokio::test]
+async fn chunks_through_both_doors_make_a_byte_exact_file() -> anyhow::Result<()> {
+    for setup in setups().await? {
+        let mesh = Mesh::start(&setup).await?;
+        let alice = token("alice", &[]);
+        // Sizes chosen to exercise held-back chunks below the native minimum part.
+        let data = random_bytes(13 * 1024 * 1024 + 123);
+        let s = create_session(
+            mesh.channel(),
+            &alice,
+            "video.bin",
+            Some(data.len() as u64),
+            &sha256(&data),
+        )
+        .await?;
+        assert_eq!(s.offset, 0);
+        assert!(s.chunk_size_hint > 0 && s.expires_at.is_some());
+        let mut offset = 0usize;
+        for (i, size) in [1 << 20, 3 << 20, 6 << 20].into_iter().enumerate() {
+            let chunk = &data[offset..offset + size];
+            let after = if i % 2 == 0 {
+                put_chunk(
+                    mesh.channel(),
+                    &alice,
+                    &s.id,
+                    offset as u64,
+                    &chunk[..size.min(4 << 20)],
+                )
+                .await?;
+                if size > 4 << 20 {
+                    put_chunk(
+                        mesh.channel(),
+                        &alice,
+                        &s.id,
+                        (offset + (4 << 20)) as u64,
+                        &chunk[4 << 20..],
+                    )
+                    .await?
+                } else {
+                    get_session(mesh.channel(), &alice, &s.id).await?
+                }
+            } else {
+                write_chunks(
+                    mesh.channel(),
+                    &alice,
+                    &s.id,
+                    vec![(offset as u64, chunk.to_vec())],
+                )
+                .await?
+            };
+            offset += size;
+            assert_eq!(after.offset, offset as u64);
+        }
+        write_chunks(
+            mesh.channel(),
+            &alice,
+            &s.id,
+            vec![(offset as u64, data[offset..].to_vec())],
+        )
+        .await?;
+        let file = complete(mesh.channel(), &alice, &s.id).await?;
+        assert_eq!(file.sha256, sha256(&data));
+        let again = complete(mesh.channel(), &alice, &s.id).await?;
+        assert_eq!(again.id, file.id, "Complete is idempotent");
+        let (_, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
+        assert_eq!(sha256(&bytes), sha256(&data));
+        let account = usage(mesh.channel(), &alice).await?;
+        assert_eq!(
+            (account.used_bytes, account.reserved_bytes),
+            (data.len() as u64, 0),
+            "{}",
+            setup.blob_url
+        );
+        assert!(
+            mesh.stored_objects("staging").await?.is_empty(),
+            "staging cleaned"
+        );
+        assert_eq!(mesh.stored_objects("users").await?.len(), 1);
+        mesh.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_chunks_are_refused_and_the_session_stays_resumable() -> anyhow::Result<()> {
+    for setup in setups().await? {
+        let mesh = Mesh::start(&setup).await?;
+        let alice = token("alice", &[]);
+        let data = random_bytes(3 << 20);
+        let s = create_session(
+            mesh.channel(),
+            &alice,
+            "a.bin",
+            Some(data.len() as u64),
+            &"0".repeat(64),
+        )
+        .await?;
+        put_chunk(mesh.channel(), &alice, &s.id, 0, &data[..1 << 20]).await?;
+
+        let wrong = put_chunk(mesh.channel(), &alice, &s.id, 5, &data[5..10])
+            .await
+            .expect_err("wrong offset");
+        assert_eq!(wrong.code(), Code::FailedPrecondition);
+        assert_eq!(
+            wrong
+                .metadata()
+                .get("upload-offset")
+                .map(|v| v.to_str().unwrap_or_default().to_owned()),
+            Some((1 << 20).to_string())
+        );
+        assert!(
+            wrong.message().contains("expected 1048576"),
+            "{}",
+            wrong.message()
+        );
+
+        let past = put_chunk(
+            mesh.channel(),
+            &alice,
+            &s.id,
+            1 << 20,
+            &random_bytes((2 << 20) + 1),
+        )
+        .await
+        .expect_err("past the end");
+        assert_eq!(past.code(), Code::InvalidArgument);
+        assert!(
+            past.message().starts_with("chunk.data"),
+            "{}",
+            past.message()
+        );
+
+        let bad_sum = stowage_integration_tests::ingest(mesh.channel())
+            .put_chunk(authed(
+                pb::PutChunkRequest {
+                    upload_id: s.id.clone(),
+                    chunk: Some(pb::Chunk {
+                        offset: 1 << 20,
+                        data: data[1 << 20..2 << 20].to_vec(),
+                        sha256: sha256(b"other"),
+                        size_bytes: None,
+                    }),
+                },
+                &alice,
+            ))
+            .await
+            .expect_err("bad checksum");
+        assert_eq!(bad_sum.code(), Code::InvalidArgument);
+        assert!(
+            bad_sum.message().starts_with("chunk.sha256"),
+            "{}",
+            bad_sum.message()
+        );
+
+        let early = complete(mesh.channel(), &alice, &s.id)
+            .await
+            .expect_err("incomplete");
+        assert_eq!(early.code(), Code::FailedPrecondition);
+        assert_eq!(
+            get_session(mesh.channel(), &alice, &s.id).await?.offset,
+            1 << 20,
+            "still at its last good offset"
+        );
+
+        put_chunk(mesh.channel(), &alice, &s.id, 1 << 20, &data[1 << 20..]).await?;
+        let wrong_sha = complete(mesh.channel(), &alice, &s.id)
+            .await
+            .expect_err("sha differs");
+        assert_eq!(wrong_sha.code(), Code::InvalidArgument);
+        assert!(
+            wrong_sha.message().contains("expected_sha256"),
+            "{}",
+            wrong_sha.message()
+        );
+        let after = get_session(mesh.channel(), &alice, &s.id).await?;
+        assert_eq!(
+            (after.offset, after.state),
+            (3 << 20, pb::UploadState::Open as i32)
+        );
+        let other = put_chunk(mesh.channel(), &token("bob", &[]), &s.id, 3 << 20, b"x")
+            .await
+            .expect_err("not bob's");
+        assert_eq!(other.code(), Code::NotFound);
+        mesh.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_writers_on_one_session_never_both_succeed() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let chunk = 512 * 1024;
+    let data = random_bytes(8 * chunk);
+    let s = create_session(
+        mesh.channel(),
+        &alice,
+        "race.bin",
+        Some(data.len() as u64),
+        "",
+    )
+    .await?;
+    let mut offset = 0;
+    while offset < data.len() {
+        let part = &data[offset..offset + chunk];
+        let attempts =
+            (0..2).map(|_| put_chunk(mesh.channel(), &alice, &s.id, offset as u64, part));
+        let results = join_all(attempts).await;
+        let accepted = results.iter().filter(|r| r.is_ok()).count();
+        assert!(accepted <= 1, "two writers succeeded at offset {offset}");
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                matches!(r.code(), Code::Aborted | Code::FailedPrecondition),
+                "{r:?}"
+            );
+        }
+        if accepted == 1 {
+            offset += chunk;
+        }
+    }
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    let (_, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
+    assert_eq!(bytes, data);
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn parallel_sessions_beyond_the_quota_fail_at_create() -> anyhow::Result<()> {
+    let setup = Setup::new()
+        .await?
+        .with_default_limit(10 * 100_000 + 99_999);
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let creates = (0..50).map(|i| {
+        let alice = alice.clone();
+        let channel = mesh.channel();
+        async move { create_session(channel, &alice, &format!("f{i}"), Some(100_000), "").await }
+    });
+    let results = join_all(creates).await;
+    let sessions: Vec<pb::UploadSession> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect();
+    assert_eq!(sessions.len(), 10);
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code() == Code::ResourceExhausted)
+    );
+    let uploads = sessions.iter().map(|s| {
+        let (alice, channel, id) = (alice.clone(), mesh.channel(), s.id.clone());
+        async move {
+            put_chunk(channel.clone(), &alice, &id, 0, &random_bytes(100_000)).await?;
+            complete(channel, &alice, &id).await
+        }
+    });
+    for r in join_all(uploads).await {
+        r?;
+    }
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (1_000_000, 0));
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn expired_sessions_are_swept_and_cannot_complete() -> anyhow::Result<()> {
+    for setup in setups().await? {
+        let mesh = Mesh::start_with(&setup, |c| {
+            c.ingest.session_ttl = Duration::from_secs(1);
+            c.ingest.sweep_interval = Duration::from_millis(300);
+        })
+        .await?;
+        let alice = token("alice", &[]);
+        let s = create_session(mesh.channel(), &alice, "late.bin", Some(2 << 20), "").await?;
+        put_chunk(mesh.channel(), &alice, &s.id, 0, &random_bytes(1 << 20)).await?;
+        assert_eq!(usage(mesh.channel(), &alice).await?.reserved_bytes, 2 << 20);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let account = usage(mesh.channel(), &alice).await?;
+        assert_eq!(
+            (account.used_bytes, account.reserved_bytes),
+            (0, 0),
+            "reservation released"
+        );
+        assert!(
+            mesh.stored_objects("").await?.is_empty(),
+            "staging gone: {:?}",
+            mesh.stored_objects("").await?
+        );
+        let state = get_session(mesh.channel(), &alice, &s.id).await?.state;
+        assert_eq!(state, pb::UploadState::Expired as i32);
+        let late = complete(mesh.channel(), &alice, &s.id)
+            .await
+            .expect_err("expired");
+        assert_eq!(late.code(), Code::FailedPrecondition);
+        mesh.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn deferred_length_and_abort() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(10 << 20);
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(3 << 20);
+    let s = create_session(mesh.channel(), &alice, "stream.bin", None, "").await?;
+    assert_eq!(s.size_bytes, None);
+    put_chunk(mesh.channel(), &alice, &s.id, 0, &data[..1 << 20]).await?;
+    let last = stowage_integration_tests::ingest(mesh.channel())
+        .put_chunk(authed(
+            pb::PutChunkRequest {
+                upload_id: s.id.clone(),
+                chunk: Some(pb::Chunk {
+                    offset: 1 << 20,
+                    data: data[1 << 20..].to_vec(),
+                    sha256: sha256(&data[1 << 20..]),
+                    size_bytes: Some(3 << 20),
+                }),
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .session
+        .unwrap_or_default();
+    assert_eq!(last.size_bytes, Some(3 << 20));
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    assert_eq!(file.sha256, sha256(&data));
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 3 << 20);
+
+    let aborted = create_session(mesh.channel(), &alice, "gone.bin", Some(2 << 20), "").await?;
+    put_chunk(
+        mesh.channel(),
+        &alice,
+        &aborted.id,
+        0,
+        &random_bytes(1 << 20),
+    )
+    .await?;
+    stowage_integration_tests::ingest(mesh.channel())
+        .abort_upload(authed(
+            pb::AbortUploadRequest {
+                upload_id: aborted.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (3 << 20, 0));
+    assert!(mesh.stored_objects("staging").await?.is_empty());
+    let after = put_chunk(mesh.channel(), &alice, &aborted.id, 1 << 20, b"x")
+        .await
+        .expect_err("aborted");
+    assert_eq!(after.code(), Code::FailedPrecondition);
+    mesh.stop().await
+}
