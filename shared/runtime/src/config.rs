@@ -54,7 +54,7 @@ pub struct Config {
     /// any.
     #[serde(deserialize_with = "comma_list")]
     pub cors_origins: Vec<String>,
-    /// `STOWAGE_MAX_MESSAGE_SIZE`: largest gRPC message accepted (default 8 MiB).
+    /// `STOWAGE_MAX_MESSAGE_SIZE`: largest gRPC message accepted (default 16 MiB, room for an 8 MiB chunk).
     pub max_message_size: ByteSize,
     /// `STOWAGE_DB_POOL_SIZE`: PostgreSQL connections per process.
     pub db_pool_size: usize,
@@ -86,7 +86,7 @@ impl Default for Config {
             url_signing_key: None,
             service_token: None,
             cors_origins: Vec::new(),
-            max_message_size: ByteSize::mib(8),
+            max_message_size: ByteSize::mib(16),
             db_pool_size: 16,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(30),
@@ -298,6 +298,12 @@ impl Config {
             return fail(
                 "STOWAGE_INGEST__CHUNK_SIZE",
                 "must be above zero and at most STOWAGE_INGEST__MAX_CHUNK",
+            );
+        }
+        if self.ingest.chunk_size.as_u64() + 64 * 1024 > self.max_message_size.as_u64() {
+            return fail(
+                "STOWAGE_INGEST__CHUNK_SIZE",
+                "must leave 64 KiB of STOWAGE_MAX_MESSAGE_SIZE for the message around it",
             );
         }
         if !self.ingest.tus_path.starts_with('/') || self.ingest.tus_path.len() < 2 {

@@ -175,6 +175,10 @@ pub struct Setup {
     pub blob_dir: Option<tempfile::TempDir>,
     /// Default quota limit, if not the built-in one.
     pub default_limit: Option<u64>,
+    /// Extra environment of spawned processes (S3 endpoint and credentials).
+    pub env: Vec<(String, String)>,
+    /// The S3-compatible server, kept alive with the setup.
+    pub s3: Option<S3Server>,
 }
 
 impl Setup {
@@ -189,6 +193,8 @@ impl Setup {
             blob_url: format!("file://{}", dir.path().display()),
             blob_dir: Some(dir),
             default_limit: None,
+            env: Vec::new(),
+            s3: None,
         })
     }
 
@@ -200,6 +206,23 @@ impl Setup {
             blob_url: "memory://".into(),
             blob_dir: None,
             default_limit: None,
+            env: Vec::new(),
+            s3: None,
+        })
+    }
+
+    /// A fresh database and a bucket on a fresh S3-compatible server (moto). Only processes
+    /// spawned by [`Processes`] can reach it: its settings travel in their environment.
+    pub async fn s3() -> anyhow::Result<Self> {
+        let server = S3Server::start().await?;
+        Ok(Self {
+            database_url: fresh_database().await?,
+            redis_url: servers().await.redis_url.clone(),
+            blob_url: format!("s3://{}", server.bucket),
+            blob_dir: None,
+            default_limit: None,
+            env: server.env(),
+            s3: Some(server),
         })
     }
 
@@ -400,6 +423,11 @@ pub struct Processes {
 impl Processes {
     /// One process per service, each calling the others over gRPC.
     pub async fn split(setup: &Setup) -> anyhow::Result<Self> {
+        Self::cluster(setup, 1).await
+    }
+
+    /// One process per service, with `ingest_replicas` Ingest processes.
+    pub async fn cluster(setup: &Setup, ingest_replicas: usize) -> anyhow::Result<Self> {
         let ports: Vec<(Role, SocketAddr)> = Role::ALL
             .iter()
             .map(|r| {
@@ -427,6 +455,10 @@ impl Processes {
         for (role, addr) in &ports {
             processes.push(spawn(setup, &[*role], *addr, &peers)?);
         }
+        for _ in 1..ingest_replicas {
+            let addr = SocketAddr::from(([127, 0, 0, 1], stowage_local::free_port()?));
+            processes.push(spawn(setup, &[Role::Ingest], addr, &peers)?);
+        }
         let this = Self { processes };
         this.wait_ready().await?;
         Ok(this)
@@ -449,6 +481,15 @@ impl Processes {
             }
         }
         Ok(())
+    }
+
+    /// Addresses of every process serving `role`.
+    pub fn addrs(&self, role: Role) -> Vec<SocketAddr> {
+        self.processes
+            .iter()
+            .filter(|p| p.roles.contains(&role))
+            .map(|p| p.addr)
+            .collect()
     }
 
     /// Address of the process serving `role`.
@@ -519,9 +560,154 @@ fn spawn(
     for (k, v) in peers {
         cmd.env(k, v);
     }
+    for (k, v) in &setup.env {
+        cmd.env(k, v);
+    }
     Ok(Process {
         roles: roles.to_vec(),
         addr,
         child: cmd.spawn()?,
     })
+}
+
+/// An S3-compatible server (moto, from PyPI) on a free port, with one bucket.
+#[derive(Debug)]
+pub struct S3Server {
+    child: Child,
+    /// Endpoint URL.
+    pub endpoint: String,
+    /// The bucket.
+    pub bucket: String,
+}
+
+impl S3Server {
+    /// Starts `moto_server` and creates a bucket.
+    pub async fn start() -> anyhow::Result<Self> {
+        let port = stowage_local::free_port()?;
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context(
+                "moto_server not found (scripts/setup installs it: pip install 'moto[server]')",
+            )?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let bucket = format!("b{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let created = tokio::process::Command::new("curl")
+                .args(["-sf", "-X", "PUT", &format!("{endpoint}/{bucket}")])
+                .output()
+                .await;
+            if matches!(created, Ok(ref o) if o.status.success()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("moto_server did not answer within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(Self {
+            child,
+            endpoint,
+            bucket,
+        })
+    }
+
+    /// The `AWS_*` variables a process needs to use this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Stops the server.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Services of one process running on a runtime of their own, so that [`Replica::kill`]
+/// can stop them at once, mid-request, as SIGKILL would (the in-memory store lives in the
+/// test process, so `memory://` replicas cannot be separate processes).
+pub struct Replica {
+    /// Address.
+    pub addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Replica {
+    /// Starts `roles` with `peers` (for the roles it does not run) over the shared `blobs`.
+    pub fn start(
+        setup: &Setup,
+        roles: &[Role],
+        blobs: &stowage_blob::Blobs,
+        peers: &[(Role, SocketAddr)],
+    ) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let mut config = setup.config(addr);
+        for (role, peer) in peers {
+            let url = Some(format!("http://{peer}"));
+            match role {
+                Role::Quota => config.peers.quota = url,
+                Role::Files => config.peers.files = url,
+                Role::Ingest => config.peers.ingest = url,
+                Role::Media => config.peers.media = url,
+                Role::Lifecycle => config.peers.lifecycle = url,
+            }
+        }
+        let roles = roles.to_vec();
+        let blobs = blobs.clone();
+        runtime.spawn(async move {
+            let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                Ok(l) => l,
+                Err(e) => return tracing::error!(error = %e, "replica listener"),
+            };
+            if let Err(e) = stowage::serve_with(
+                &roles,
+                config,
+                Some(blobs),
+                listener,
+                CancellationToken::new(),
+            )
+            .await
+            {
+                tracing::error!(error = %e, "replica stopped");
+            }
+        });
+        Ok(Self {
+            addr,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Stops everything at once: in-flight calls die, connections drop.
+    pub fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
