@@ -1,0 +1,49 @@
+// Uploads a file with tus-js-client, cuts the first request off halfway, then resumes it
+// from the server's offset. Prints one JSON line: {"url", "offsetAfterCut", "size"}.
+// Usage: node tus-upload.mjs <endpoint> <file> <name> <tags>   (token in STOWAGE_TOKEN)
+import * as tus from 'tus-js-client';
+import { readFileSync } from 'node:fs';
+
+const [endpoint, path, name, tags] = process.argv.slice(2);
+const token = process.env.STOWAGE_TOKEN;
+const data = readFileSync(path);
+const common = {
+  headers: { Authorization: `Bearer ${token}` },
+  metadata: { filename: name, filetype: 'application/octet-stream', tags },
+  retryDelays: null,
+  storeFingerprintForResuming: false,
+};
+
+function firstHalf() {
+  return new Promise((resolve, reject) => {
+    let cut = false;
+    const upload = new tus.Upload(data, {
+      ...common,
+      endpoint,
+      onProgress(sent, total) {
+        if (!cut && sent > total / 2) {
+          cut = true;
+          upload.abort(false).then(() => resolve(upload.url), reject);
+        }
+      },
+      onError: reject,
+      onSuccess: () => reject(new Error('the first request was not cut off')),
+    });
+    upload.start();
+  });
+}
+
+function resume(url) {
+  return new Promise((resolve, reject) => {
+    const upload = new tus.Upload(data, { ...common, uploadUrl: url, onError: reject, onSuccess: () => resolve() });
+    upload.start();
+  });
+}
+
+const url = await firstHalf();
+// Give the server a moment to notice the cut and keep what arrived.
+await new Promise((r) => setTimeout(r, 300));
+const head = await fetch(url, { method: 'HEAD', headers: { 'Tus-Resumable': '1.0.0', Authorization: `Bearer ${token}` } });
+const offsetAfterCut = Number(head.headers.get('upload-offset'));
+await resume(url);
+console.log(JSON.stringify({ url, offsetAfterCut, size: data.length }));

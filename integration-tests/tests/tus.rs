@@ -1,0 +1,218 @@
+//! tus 1.0: a client nobody here wrote (tus-js-client on node) uploads, is cut off, resumes;
+//! and the protocol's answers to bad requests, checked with plain HTTP.
+
+use stowage_integration_tests::{random_bytes, sha256, usage};
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Mesh, Setup, authed, token};
+
+fn js_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js")
+}
+
+#[tokio::test]
+async fn tus_js_client_uploads_and_resumes_after_a_cut() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(24 << 20);
+    let dir = tempfile_dir()?;
+    let path = dir.join("clip.bin");
+    std::fs::write(&path, &data)?;
+    let out = tokio::process::Command::new("node")
+        .arg(js_dir().join("tus-upload.mjs"))
+        .arg(format!("http://{}/tus/", mesh.addr))
+        .arg(&path)
+        .arg("holiday clip.mp4")
+        .arg("trip,2026")
+        .env("STOWAGE_TOKEN", &alice)
+        .current_dir(js_dir())
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "node failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = parse_report(&String::from_utf8_lossy(&out.stdout))?;
+    assert!(
+        report.offset_after_cut > 0 && report.offset_after_cut < data.len() as u64,
+        "cut at {}",
+        report.offset_after_cut
+    );
+
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(
+            pb::ListFilesRequest {
+                any_tags: vec!["trip".into()],
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(listed.files.len(), 1);
+    let file = &listed.files[0];
+    assert_eq!(file.display_name, "holiday clip.mp4");
+    assert_eq!(file.tags, vec!["trip", "2026"]);
+    assert_eq!(file.size_bytes, data.len() as u64);
+    assert_eq!(file.sha256, sha256(&data));
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!(
+        (account.used_bytes, account.reserved_bytes),
+        (data.len() as u64, 0)
+    );
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = format!("Bearer {}", token("alice", &[]));
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/tus", mesh.addr);
+
+    let options = http.request(reqwest::Method::OPTIONS, &base).send().await?;
+    assert_eq!(options.status(), 204);
+    assert!(
+        options.headers()["tus-extension"]
+            .to_str()?
+            .contains("creation-defer-length")
+    );
+
+    let anonymous = http
+        .post(&base)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "10")
+        .send()
+        .await?;
+    assert_eq!(anonymous.status(), 401);
+    let old = http
+        .post(&base)
+        .header("tus-resumable", "0.2.0")
+        .header("authorization", &alice)
+        .send()
+        .await?;
+    assert_eq!(old.status(), 412);
+
+    let created = http
+        .post(&base)
+        .header("tus-resumable", "1.0.0")
+        .header("authorization", &alice)
+        .header("upload-length", "100")
+        .header("upload-metadata", "filename bm90ZXMudHh0")
+        .send()
+        .await?;
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"].to_str()?.to_owned();
+    let url = format!("http://{}{location}", mesh.addr);
+    let patch = |offset: &str, body: Vec<u8>| {
+        http.patch(&url)
+            .header("tus-resumable", "1.0.0")
+            .header("authorization", &alice)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset)
+            .body(body)
+    };
+    let data = random_bytes(100);
+    assert_eq!(patch("0", data[..40].to_vec()).send().await?.status(), 204);
+    let wrong = patch("10", data[10..20].to_vec()).send().await?;
+    assert_eq!(wrong.status(), 409);
+    assert_eq!(wrong.headers()["upload-offset"].to_str()?, "40");
+    let too_long = patch("40", random_bytes(61)).send().await?;
+    assert_eq!(too_long.status(), 413);
+    let bad_sum = patch("40", data[40..60].to_vec())
+        .header("upload-checksum", "sha1 AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        .send()
+        .await?;
+    assert_eq!(bad_sum.status(), 460);
+    let head = http
+        .head(&url)
+        .header("tus-resumable", "1.0.0")
+        .header("authorization", &alice)
+        .send()
+        .await?;
+    assert_eq!(
+        head.headers()["upload-offset"].to_str()?,
+        "40",
+        "still at its last good offset"
+    );
+    assert_eq!(head.headers()["upload-length"].to_str()?, "100");
+
+    use base64::Engine;
+    let good = base64::engine::general_purpose::STANDARD.encode(sha1_of(&data[40..]));
+    let last = patch("40", data[40..].to_vec())
+        .header("upload-checksum", format!("sha1 {good}"))
+        .send()
+        .await?;
+    assert_eq!(last.status(), 204);
+    assert_eq!(last.headers()["upload-offset"].to_str()?, "100");
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(
+            pb::ListFilesRequest::default(),
+            &token("alice", &[]),
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        listed
+            .files
+            .iter()
+            .map(|f| f.display_name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["notes.txt"]
+    );
+    assert_eq!(listed.files[0].sha256, sha256(&data));
+
+    // Termination.
+    let doomed = http
+        .post(&base)
+        .header("tus-resumable", "1.0.0")
+        .header("authorization", &alice)
+        .header("upload-defer-length", "1")
+        .send()
+        .await?;
+    let doomed_url = format!(
+        "http://{}{}",
+        mesh.addr,
+        doomed.headers()["location"].to_str()?
+    );
+    let deleted = http
+        .delete(&doomed_url)
+        .header("tus-resumable", "1.0.0")
+        .header("authorization", &alice)
+        .send()
+        .await?;
+    assert_eq!(deleted.status(), 204);
+    let gone = http
+        .head(&doomed_url)
+        .header("tus-resumable", "1.0.0")
+        .header("authorization", &alice)
+        .send()
+        .await?;
+    assert_eq!(gone.status(), 410);
+    mesh.stop().await
+}
+
+fn sha1_of(data: &[u8]) -> Vec<u8> {
+    use sha1::Digest;
+    sha1::Sha1::digest(data).to_vec()
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("stowage-tus-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The one JSON line the node script prints.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    offset_after_cut: u64,
+}
+
+fn parse_report(text: &str) -> anyhow::Result<Report> {
+    let line = text.lines().last().unwrap_or_default();
+    Ok(serde_json::from_str(line)?)
+}
