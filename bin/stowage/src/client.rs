@@ -3,12 +3,10 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use stowage_proto::v1::{
     self as pb, files_client::FilesClient, ingest_client::IngestClient, quota_client::QuotaClient,
-    upload_request::Part,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
@@ -53,7 +51,9 @@ impl Client {
         FilesClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
     }
 
-    /// Uploads one file with a progress bar; returns the stored file.
+    /// Uploads one file through a resumable session, with a progress bar. The session id is
+    /// kept in the state directory until the upload completes, so running the same command
+    /// again continues from the server's offset instead of starting over.
     pub async fn upload(
         &self,
         path: &Path,
@@ -63,11 +63,55 @@ impl Client {
         let mut file = tokio::fs::File::open(path)
             .await
             .with_context(|| format!("cannot open {}", path.display()))?;
-        let size = file.metadata().await?.len();
+        let meta = file.metadata().await?;
+        let size = meta.len();
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "upload".into());
+        let state = resume_state_path(path, &meta)?;
+        let mut ingest =
+            IngestClient::new(self.channel.clone()).max_encoding_message_size(32 << 20);
+        let session = match std::fs::read_to_string(&state).ok() {
+            Some(id) => match ingest
+                .get_upload(self.request(pb::GetUploadRequest {
+                    upload_id: id.trim().to_owned(),
+                }))
+                .await
+            {
+                Ok(r) => r.into_inner().session.filter(|s| {
+                    s.state == pb::UploadState::Open as i32
+                        || s.state == pb::UploadState::Completing as i32
+                }),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let session = match session {
+            Some(s) => s,
+            None => {
+                let created = ingest
+                    .create_upload(self.request(pb::CreateUploadRequest {
+                        size_bytes: Some(size),
+                        metadata: Some(pb::UploadMetadata {
+                            display_name: name.clone(),
+                            tags: tags.to_vec(),
+                            ..Default::default()
+                        }),
+                        idempotency_key: String::new(),
+                    }))
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .session
+                    .context("server sent no session")?;
+                if let Some(dir) = state.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::write(&state, &created.id)?;
+                created
+            }
+        };
         let bar = if quiet {
             ProgressBar::hidden()
         } else {
@@ -79,45 +123,75 @@ impl Client {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        bar.set_message(name.clone());
-        let header = pb::UploadRequest {
-            part: Some(Part::Header(pb::UploadHeader {
-                size_bytes: size,
-                metadata: Some(pb::UploadMetadata {
-                    display_name: name,
-                    tags: tags.to_vec(),
-                    ..Default::default()
-                }),
-                idempotency_key: String::new(),
-            })),
-        };
+        bar.set_message(name);
+        bar.set_position(session.offset);
+        if session.offset > 0 && !quiet {
+            // Not through the bar: it draws nothing when stderr is not a terminal.
+            eprintln!("resuming {} at byte {}", path.display(), session.offset);
+        }
+        let chunk = usize::try_from(session.chunk_size_hint)
+            .unwrap_or(CHUNK)
+            .clamp(64 * 1024, 8 << 20);
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(session.offset)).await?;
         let progress = bar.clone();
-        let chunks = futures::stream::unfold(file_reader(&mut file).await?, move |mut reader| {
-            let progress = progress.clone();
-            async move {
-                let mut buf = vec![0u8; CHUNK];
-                match reader.read(&mut buf).await {
-                    Ok(0) | Err(_) => None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        progress.inc(n as u64);
-                        Some((
-                            pb::UploadRequest {
-                                part: Some(Part::Data(buf)),
-                            },
-                            reader,
-                        ))
+        let first_id = session.id.clone();
+        let chunks = futures::stream::unfold(
+            (file, session.offset, true),
+            move |(mut file, offset, first)| {
+                let progress = progress.clone();
+                let first_id = first_id.clone();
+                async move {
+                    let mut buf = vec![0u8; chunk];
+                    let mut filled = 0;
+                    while filled < chunk {
+                        match file.read(&mut buf[filled..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => filled += n,
+                        }
                     }
+                    if filled == 0 {
+                        return None;
+                    }
+                    buf.truncate(filled);
+                    progress.inc(filled as u64);
+                    let message = pb::WriteChunksRequest {
+                        upload_id: if first { first_id } else { String::new() },
+                        chunk: Some(pb::Chunk {
+                            offset,
+                            data: buf,
+                            sha256: String::new(),
+                            size_bytes: None,
+                        }),
+                    };
+                    Some((message, (file, offset + filled as u64, false)))
                 }
-            }
-        });
-        let stream = futures::stream::once(async { header }).chain(chunks);
-        let response = IngestClient::new(self.channel.clone())
-            .upload(self.request(stream))
+            },
+        );
+        if session.offset < size {
+            ingest
+                .write_chunks(self.request(chunks))
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "upload of {} interrupted ({}); run the same command to resume",
+                        path.display(),
+                        s.message()
+                    )
+                })?;
+        }
+        let file = ingest
+            .complete_upload(self.request(pb::CompleteUploadRequest {
+                upload_id: session.id.clone(),
+            }))
             .await
-            .map_err(|s| anyhow::anyhow!("upload of {} failed: {}", path.display(), s.message()))?;
+            .map_err(status)?
+            .into_inner()
+            .file
+            .context("server sent no file")?;
         bar.finish();
-        response.into_inner().file.context("server sent no file")
+        let _ = std::fs::remove_file(&state);
+        Ok(file)
     }
 
     /// Lists files.
@@ -233,8 +307,28 @@ impl Client {
     }
 }
 
-async fn file_reader(file: &mut tokio::fs::File) -> anyhow::Result<tokio::fs::File> {
-    Ok(file.try_clone().await?)
+/// Where the session of an upload of `path` is remembered: one file per (path, size,
+/// modification time) under `$XDG_STATE_HOME/stowage/uploads` (or `~/.local/state/...`).
+fn resume_state_path(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<std::path::PathBuf> {
+    let canonical = std::fs::canonicalize(path)?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let key = hex::encode(Sha256::digest(format!(
+        "{}\0{}\0{modified}",
+        canonical.display(),
+        meta.len()
+    )));
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state"))
+        })
+        .context("neither XDG_STATE_HOME nor HOME is set")?;
+    Ok(base.join("stowage/uploads").join(&key[..32]))
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {
