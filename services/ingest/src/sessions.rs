@@ -726,7 +726,7 @@ impl Sessions {
         .await?;
         tx.commit().await?;
         if !self.staging.is_native() || parts.iter().any(|p| p.pending) {
-            self.staging.discard(id, None, None, &parts).await;
+            self.staging.discard_all(id, None, None, &parts).await;
         }
         Ok(file)
     }
@@ -758,7 +758,7 @@ impl Sessions {
         let parts = self.parts(&tx, id).await?;
         let key = session.key.as_deref().map(ObjectPath::from);
         self.staging
-            .discard(id, key.as_ref(), session.multipart_id.as_deref(), &parts)
+            .discard_all(id, key.as_ref(), session.multipart_id.as_deref(), &parts)
             .await;
         if session.placed
             && let Some(key) = &key

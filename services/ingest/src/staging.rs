@@ -18,7 +18,7 @@ use object_store::{
 use stowage_blob::{Blobs, keys};
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Smallest native part that is not the last one (the S3 minimum).
 pub const MIN_NATIVE_PART: usize = 5 * 1024 * 1024;
@@ -63,6 +63,10 @@ pub struct Target<'a> {
 pub struct Staging {
     store: Arc<dyn ObjectStore>,
     multipart: Option<Arc<dyn MultipartStore>>,
+    /// Root of a local-disk store: chunks are written in place into one staging file per
+    /// upload (`staging/{upload_id}/data`) at their offsets, and completion is a rename, so
+    /// the bytes are written once.
+    local_root: Option<std::path::PathBuf>,
 }
 
 fn part_object(upload: Uuid, number: i32) -> ObjectPath {
@@ -75,6 +79,7 @@ impl Staging {
         Self {
             store: Arc::clone(&blobs.store),
             multipart: blobs.multipart.clone(),
+            local_root: blobs.local_root.clone(),
         }
     }
 
@@ -107,6 +112,23 @@ impl Staging {
             multipart_id,
         } = target;
         let next = parts.iter().map(|p| p.number + 1).max().unwrap_or(0);
+        if let Some(root) = &self.local_root {
+            let path = local_data(root, upload);
+            let size = data.len() as u64;
+            tokio::task::spawn_blocking(move || write_at(&path, start, &data))
+                .await
+                .map_err(|_| Error::Internal("staging writer panicked"))??;
+            return Ok(Staged {
+                merged: Vec::new(),
+                part: Some(Part {
+                    number: next,
+                    start,
+                    size,
+                    part_id: String::new(),
+                    pending: false,
+                }),
+            });
+        }
         let (Some(mp), Some(id)) = (&self.multipart, multipart_id) else {
             let size = data.len() as u64;
             self.store
@@ -192,6 +214,12 @@ impl Staging {
         {
             return Ok(());
         }
+        if let Some(root) = &self.local_root {
+            let (from, to) = (local_data(root, upload), root.join(key.as_ref()));
+            return tokio::task::spawn_blocking(move || place_local(&from, &to, size))
+                .await
+                .map_err(|_| Error::Internal("staging writer panicked"))?;
+        }
         match (&self.multipart, multipart_id) {
             (Some(mp), Some(id)) => {
                 let id = id.to_owned();
@@ -253,6 +281,22 @@ impl Staging {
     }
 
     /// Removes everything staged for `upload` (part objects, pending bytes, native upload).
+    pub async fn discard_all(
+        &self,
+        upload: Uuid,
+        key: Option<&ObjectPath>,
+        multipart_id: Option<&str>,
+        parts: &[Part],
+    ) {
+        if let Some(root) = &self.local_root {
+            let dir = root.join("staging").join(upload.to_string());
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            return;
+        }
+        self.discard(upload, key, multipart_id, parts).await;
+    }
+
+    /// Removes part objects and pending bytes (and the native upload, when `key` is given).
     pub async fn discard(
         &self,
         upload: Uuid,
@@ -274,4 +318,56 @@ impl Staging {
             }
         }
     }
+}
+
+fn local_data(root: &std::path::Path, upload: Uuid) -> std::path::PathBuf {
+    root.join("staging").join(upload.to_string()).join("data")
+}
+
+/// Writes `data` at `offset` of the staging file. Bytes past the committed offset left by a
+/// crashed writer are overwritten by the retry, or cut off at placement.
+fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_error)?;
+    file.write_all_at(data, offset).map_err(io_error)?;
+    Ok(())
+}
+
+/// Moves the staging file to its final key, cut to `size` (an empty file if nothing came).
+fn place_local(from: &std::path::Path, to: &std::path::Path, size: u64) -> Result<()> {
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error)?;
+    }
+    if !from.exists() {
+        if to.exists() {
+            return Ok(());
+        }
+        write_at(from, 0, &[])?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(from)
+        .map_err(io_error)?;
+    file.set_len(size).map_err(io_error)?;
+    file.sync_all().map_err(io_error)?;
+    std::fs::rename(from, to).map_err(io_error)?;
+    if let Some(dir) = from.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(())
+}
+
+fn io_error(e: std::io::Error) -> Error {
+    Error::Store(object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: Box::new(e),
+    })
 }

@@ -1,0 +1,285 @@
+//! Upload benchmark: prints figures, asserts nothing.
+//!
+//! In one run on one machine: MB/s of one 1 GiB upload through WriteChunks to local disk; raw
+//! sequential write of the same bytes to the same disk; uploads/s of 4 KiB files committed end
+//! to end; and the same two workloads against @tus/server with @tus/file-store (node), with
+//! the ratios. Run it with `scripts/bench` (release build, servers started for it).
+
+use std::{
+    io::Write,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use stowage_integration_tests::{complete, create_session, put_chunk, random_bytes, write_chunks};
+use stowage_testkit::{Mesh, Setup, token};
+
+const BIG: usize = 1 << 30;
+const CHUNK: usize = 8 << 20;
+const SMALL: usize = 4096;
+const CONCURRENCY: usize = 16;
+const SMALL_SECONDS: u64 = 5;
+
+fn mbps(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
+}
+
+fn raw_write(dir: &std::path::Path, data: &[u8]) -> anyhow::Result<Duration> {
+    let path = dir.join("raw.bin");
+    let start = Instant::now();
+    let mut file = std::fs::File::create(&path)?;
+    for chunk in data.chunks(CHUNK) {
+        file.write_all(chunk)?;
+    }
+    file.flush()?;
+    drop(file);
+    let elapsed = start.elapsed();
+    std::fs::remove_file(&path)?;
+    Ok(elapsed)
+}
+
+async fn stowage_big(mesh: &Mesh, alice: &str, data: &[u8]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let s = create_session(
+        mesh.channel(),
+        alice,
+        "big.bin",
+        Some(data.len() as u64),
+        "",
+    )
+    .await?;
+    // One WriteChunks stream carrying every chunk, as `stowage upload` does.
+    let chunks: Vec<(u64, Vec<u8>)> = data
+        .chunks(CHUNK)
+        .enumerate()
+        .map(|(i, c)| ((i * CHUNK) as u64, c.to_vec()))
+        .collect();
+    write_chunks(mesh.channel(), alice, &s.id, chunks).await?;
+    complete(mesh.channel(), alice, &s.id).await?;
+    Ok(start.elapsed())
+}
+
+async fn stowage_small(mesh: &Mesh, alice: &str) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(SMALL_SECONDS);
+    let start = Instant::now();
+    let workers = (0..CONCURRENCY).map(|w| {
+        let (channel, alice, done) = (mesh.channel(), alice.to_owned(), Arc::clone(&done));
+        tokio::spawn(async move {
+            let data = random_bytes(SMALL);
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let s = create_session(
+                    channel.clone(),
+                    &alice,
+                    &format!("s{w}-{i}"),
+                    Some(SMALL as u64),
+                    "",
+                )
+                .await?;
+                put_chunk(channel.clone(), &alice, &s.id, 0, &data).await?;
+                complete(channel.clone(), &alice, &s.id).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    });
+    for r in futures::future::join_all(workers).await {
+        r??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn tus_create(
+    http: &reqwest::Client,
+    endpoint: &str,
+    auth: Option<&str>,
+    length: usize,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<String> {
+    let mut request = http
+        .post(endpoint)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", length.to_string())
+        .header("upload-metadata", "filename YS5iaW4=");
+    if let Some(a) = auth {
+        request = request.header("authorization", a);
+    }
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/offset+octet-stream")
+            .body(body);
+    }
+    let response = request.send().await?;
+    anyhow::ensure!(
+        response.status() == 201,
+        "tus create: {}",
+        response.status()
+    );
+    Ok(response.headers()["location"].to_str()?.to_owned())
+}
+
+async fn tus_big(
+    http: &reqwest::Client,
+    base: &str,
+    endpoint: &str,
+    auth: Option<&str>,
+    data: Arc<Vec<u8>>,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let location = tus_create(http, endpoint, auth, data.len(), None).await?;
+    let url = if location.starts_with("http") {
+        location
+    } else {
+        format!("{base}{location}")
+    };
+    let len = data.len();
+    let body = futures::stream::iter((0..len).step_by(CHUNK).map(move |o| {
+        Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(
+            &data[o..(o + CHUNK).min(len)],
+        ))
+    }));
+    let mut request = http
+        .patch(&url)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-offset", "0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("content-length", len.to_string())
+        .body(reqwest::Body::wrap_stream(body));
+    if let Some(a) = auth {
+        request = request.header("authorization", a);
+    }
+    let response = request.send().await?;
+    anyhow::ensure!(response.status() == 204, "tus patch: {}", response.status());
+    Ok(start.elapsed())
+}
+
+async fn tus_small(
+    http: &reqwest::Client,
+    endpoint: &str,
+    auth: Option<&str>,
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(SMALL_SECONDS);
+    let start = Instant::now();
+    let workers = (0..CONCURRENCY).map(|_| {
+        let (http, endpoint, auth, done) = (
+            http.clone(),
+            endpoint.to_owned(),
+            auth.map(str::to_owned),
+            Arc::clone(&done),
+        );
+        tokio::spawn(async move {
+            let data = random_bytes(SMALL);
+            while Instant::now() < deadline {
+                tus_create(&http, &endpoint, auth.as_deref(), SMALL, Some(data.clone())).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    });
+    for r in futures::future::join_all(workers).await {
+        r??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(1 << 40);
+    let dir = setup
+        .blob_dir
+        .as_ref()
+        .map(|d| d.path().to_owned())
+        .unwrap_or_else(std::env::temp_dir);
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("bench", &[]);
+    let data = random_bytes(BIG);
+    println!(
+        "upload benchmark: 1 GiB in 8 MiB chunks, 4 KiB files with {CONCURRENCY} clients for {SMALL_SECONDS} s; store dir {}",
+        dir.display()
+    );
+
+    let raw = raw_write(&dir, &data)?;
+    let stowage = stowage_big(&mesh, &alice, &data).await?;
+
+    let peer_dir = tempfile::Builder::new()
+        .prefix("tus-peer-")
+        .tempdir_in(dir.parent().unwrap_or(&dir))?;
+    let port = stowage_local::free_port()?;
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
+    let mut peer = tokio::process::Command::new("node")
+        .arg(js.join("tus-server.mjs"))
+        .arg(port.to_string())
+        .arg(peer_dir.path())
+        .current_dir(&js)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut ready = tokio::io::BufReader::new(
+        peer.stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    );
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut ready, &mut line).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let peer_base = format!("http://127.0.0.1:{port}");
+    let shared = Arc::new(data);
+    let peer_big = tus_big(
+        &http,
+        &peer_base,
+        &format!("{peer_base}/files"),
+        None,
+        Arc::clone(&shared),
+    )
+    .await?;
+    let stowage_tus_big = {
+        let auth = format!("Bearer {alice}");
+        let base = format!("http://{}", mesh.addr);
+        tus_big(
+            &http,
+            &base,
+            &format!("{base}/tus"),
+            Some(&auth),
+            Arc::clone(&shared),
+        )
+        .await?
+    };
+
+    let stowage_small_rate = stowage_small(&mesh, &alice).await?;
+    let stowage_tus_small = tus_small(
+        &http,
+        &format!("http://{}/tus", mesh.addr),
+        Some(&format!("Bearer {alice}")),
+    )
+    .await?;
+    let peer_small = tus_small(&http, &format!("{peer_base}/files"), None).await?;
+
+    let (raw_mbps, st_mbps, peer_mbps) = (mbps(BIG, raw), mbps(BIG, stowage), mbps(BIG, peer_big));
+    println!("raw sequential write          {raw_mbps:>9.1} MB/s");
+    println!(
+        "stowage WriteChunks 1 GiB      {st_mbps:>9.1} MB/s   {:.2} x raw (target >= 0.8)   {:.2} x peer (target >= 2)",
+        st_mbps / raw_mbps,
+        st_mbps / peer_mbps
+    );
+    println!(
+        "stowage tus PATCH 1 GiB        {:>9.1} MB/s",
+        mbps(BIG, stowage_tus_big)
+    );
+    println!("@tus/server file-store 1 GiB   {peer_mbps:>9.1} MB/s");
+    println!(
+        "stowage 4 KiB sessions         {stowage_small_rate:>9.1} uploads/s   {:.2} x peer (target >= 3)",
+        stowage_small_rate / peer_small
+    );
+    println!("stowage 4 KiB tus create+body  {stowage_tus_small:>9.1} uploads/s");
+    println!("@tus/server 4 KiB create+body  {peer_small:>9.1} uploads/s");
+    let _ = peer.kill().await;
+    mesh.stop().await
+}
