@@ -40,12 +40,11 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
             .and_then(|mut d| d.next())
             .and_then(|e| e.ok())
             .and_then(|e| std::fs::read_to_string(e.path()).ok());
-        if let Some(id) = remembered {
-            if let Ok(s) = get_session(mesh.channel(), &alice, id.trim()).await {
-                if s.offset > 0 {
-                    break id.trim().to_owned();
-                }
-            }
+        if let Some(id) = remembered
+            && let Ok(s) = get_session(mesh.channel(), &alice, id.trim()).await
+            && s.offset > 0
+        {
+            break id.trim().to_owned();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };

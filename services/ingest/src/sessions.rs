@@ -220,6 +220,21 @@ impl Session {
     }
 }
 
+/// Checks `data` against the client's checksum and returns the SHA-256 state after it.
+fn hash_chunk(state: Option<&[u8]>, data: &[u8], checksum: Option<&Checksum>) -> Result<Vec<u8>> {
+    let ok = match checksum {
+        None => true,
+        Some(Checksum::Sha256(d)) => Sha256::digest(data).as_slice() == d.as_slice(),
+        Some(Checksum::Sha1(d)) => Sha1::digest(data).as_slice() == d.as_slice(),
+    };
+    if !ok {
+        return Err(Error::ChecksumMismatch);
+    }
+    let mut hasher = hasher_from(state)?;
+    hasher.update(data);
+    Ok(hasher.serialize().to_vec())
+}
+
 fn hasher_from(state: Option<&[u8]>) -> Result<Sha256> {
     match state {
         None => Ok(Sha256::new()),
@@ -464,22 +479,22 @@ impl Sessions {
                 format!("runs past the declared length of {limit} bytes"),
             ));
         }
-        if let Some(sum) = &chunk.checksum {
-            let ok = match sum {
-                Checksum::Sha256(d) => Sha256::digest(&chunk.data).as_slice() == d.as_slice(),
-                Checksum::Sha1(d) => Sha1::digest(&chunk.data).as_slice() == d.as_slice(),
-            };
-            if !ok {
-                return Err(Error::ChecksumMismatch);
-            }
-        }
         if chunk.data.is_empty() {
             tx.commit().await?;
             return Ok(session);
         }
-        let mut hasher = hasher_from(session.hash_state.as_deref())?;
-        hasher.update(&chunk.data);
-        let hash_state = hasher.serialize().to_vec();
+        // Hashing (and checking the client's checksum) runs off the async threads, while the
+        // bytes are being staged; nothing is recorded unless both succeed.
+        let hashing = {
+            let (data, state, checksum) = (
+                chunk.data.clone(),
+                session.hash_state.clone(),
+                chunk.checksum.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                hash_chunk(state.as_deref(), &data, checksum.as_ref())
+            })
+        };
 
         let key = match &session.key {
             Some(k) => ObjectPath::from(k.as_str()),
@@ -508,20 +523,20 @@ impl Sessions {
         };
         let parts = self.parts(&tx, id).await?;
         let last = session.size == Some(end);
-        let staged = self
-            .staging
-            .write(
-                Target {
-                    upload: id,
-                    key: &key,
-                    multipart_id: session.multipart_id.as_deref(),
-                },
-                &parts,
-                chunk.offset,
-                chunk.data,
-                last,
-            )
-            .await?;
+        let staging = self.staging.write(
+            Target {
+                upload: id,
+                key: &key,
+                multipart_id: session.multipart_id.as_deref(),
+            },
+            &parts,
+            chunk.offset,
+            chunk.data,
+            last,
+        );
+        let (staged, hashed) = tokio::join!(staging, hashing);
+        let hash_state = hashed.map_err(|_| Error::Internal("hashing panicked"))??;
+        let staged = staged?;
         for number in &staged.merged {
             tx.execute(
                 "DELETE FROM ingest.upload_parts WHERE upload_id = $1 AND part_number = $2",
