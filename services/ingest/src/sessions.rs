@@ -499,26 +499,8 @@ impl Sessions {
         let key = match &session.key {
             Some(k) => ObjectPath::from(k.as_str()),
             None => {
-                let sniffed = sniff(
-                    &chunk.data[..chunk.data.len().min(SNIFF_LEN)],
-                    &session.meta.display_name,
-                );
-                let now = Utc::now();
-                let key = keys::original(
-                    owner,
-                    sniffed.kind,
-                    now.year(),
-                    now.month(),
-                    &session.file_id.to_string(),
-                    &sniffed.extension,
-                );
-                session.multipart_id = self.staging.begin(&key).await?;
-                tx.execute(
-                    "UPDATE ingest.uploads SET storage_key = $2, multipart_id = $3 WHERE id = $1",
-                    &[&id, &key.as_ref(), &session.multipart_id],
-                )
-                .await?;
-                key
+                let head = &chunk.data[..chunk.data.len().min(SNIFF_LEN)];
+                self.choose_key(&tx, &mut session, head).await?
             }
         };
         let parts = self.parts(&tx, id).await?;
@@ -568,6 +550,34 @@ impl Sessions {
                 .await;
         }
         Ok(Session::from_row(&row, self.settings.chunk_size_hint))
+    }
+
+    /// Picks the final key from the first bytes and starts the native multipart upload there
+    /// (when the store has one), recording both on the session row.
+    async fn choose_key(
+        &self,
+        tx: &impl GenericClient,
+        session: &mut Session,
+        head: &[u8],
+    ) -> Result<ObjectPath> {
+        let sniffed = sniff(head, &session.meta.display_name);
+        let now = Utc::now();
+        let key = keys::original(
+            &session.owner,
+            sniffed.kind,
+            now.year(),
+            now.month(),
+            &session.file_id.to_string(),
+            &sniffed.extension,
+        );
+        session.multipart_id = self.staging.begin(&key).await?;
+        tx.execute(
+            "UPDATE ingest.uploads SET storage_key = $2, multipart_id = $3 WHERE id = $1",
+            &[&session.id, &key.as_ref(), &session.multipart_id],
+        )
+        .await?;
+        session.key = Some(key.to_string());
+        Ok(key)
     }
 
     /// A deferred length became known: hold quota for all of it.
@@ -660,23 +670,7 @@ impl Sessions {
         let parts = self.parts(&tx, id).await?;
         if session.key.is_none() {
             // Nothing was ever written: an empty file.
-            let sniffed = sniff(&[], &session.meta.display_name);
-            let now = Utc::now();
-            let key = keys::original(
-                owner,
-                sniffed.kind,
-                now.year(),
-                now.month(),
-                &session.file_id.to_string(),
-                &sniffed.extension,
-            );
-            session.multipart_id = self.staging.begin(&key).await?;
-            tx.execute(
-                "UPDATE ingest.uploads SET storage_key = $2, multipart_id = $3 WHERE id = $1",
-                &[&id, &key.as_ref(), &session.multipart_id],
-            )
-            .await?;
-            session.key = Some(key.to_string());
+            self.choose_key(&tx, &mut session, &[]).await?;
         }
         let key = ObjectPath::from(session.key.clone().unwrap_or_default());
         if !session.placed {
