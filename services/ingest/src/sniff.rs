@@ -34,7 +34,7 @@ fn looks_like_text(head: &[u8]) -> bool {
     }
 }
 
-/// Sniffs `head` (the first up to [`SNIFF_LEN`] bytes of the file).
+/// Sniffs `head` (the first up to 8 KiB of the file).
 pub fn sniff(head: &[u8], display_name: &str) -> Sniffed {
     if let Some(t) = infer::get(head) {
         let kind = match t.matcher_type() {
