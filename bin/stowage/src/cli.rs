@@ -172,15 +172,14 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let token = Minter::from_config(&config.auth)
                 .map(|m| m.mint("dev", &[], Duration::from_secs(30 * 24 * 3600)))
                 .unwrap_or_default();
-            println!(
-                "Stowage dev is up: all five services on http://{}",
-                listener.local_addr()?
-            );
-            println!("  object store: {}", config.blob_url);
-            println!("  data:         {}", data_dir.display());
-            println!("  dev token (user \"dev\", 30 days):");
-            println!("    export STOWAGE_TOKEN={token}");
-            println!("  try: stowage upload ./some-file && stowage ls && stowage usage");
+            let banner = Banner {
+                addr: listener.local_addr()?,
+                store: config.blob_url.clone(),
+                data: data_dir.display().to_string(),
+                token,
+            };
+            // Printed once the services answer, not before migrations have run.
+            stowage_runtime::tasks::spawn("dev-banner", banner.print_when_ready());
             let shutdown = stowage_runtime::tasks::shutdown_on_signals();
             let result = crate::serve(&Role::ALL, config, listener, shutdown).await;
             servers.stop().await;
@@ -343,5 +342,39 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// What `stowage dev` tells the developer once it is ready.
+struct Banner {
+    addr: std::net::SocketAddr,
+    store: String,
+    data: String,
+    token: String,
+}
+
+impl Banner {
+    async fn print_when_ready(self) {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)) else {
+            return;
+        };
+        let mut health = HealthClient::new(endpoint.connect_lazy());
+        loop {
+            let status = health
+                .check(HealthCheckRequest { service: stowage_proto::service_names::FILES.into() })
+                .await
+                .map(|r| r.into_inner().status);
+            if matches!(status, Ok(s) if s == ServingStatus::Serving as i32) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("Stowage dev is up: all five services on http://{}", self.addr);
+        println!("  object store: {}", self.store);
+        println!("  data:         {}", self.data);
+        println!("  dev token (user \"dev\", 30 days):");
+        println!("    export STOWAGE_TOKEN={}", self.token);
+        println!("  try: stowage upload ./some-file && stowage ls && stowage usage");
     }
 }
