@@ -22,7 +22,12 @@ async fn stowage_dev_runs_everything_and_the_printed_token_works() -> anyhow::Re
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let mut lines = BufReader::new(dev.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?).lines();
+    let mut lines = BufReader::new(
+        dev.stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    )
+    .lines();
     let mut banner = Vec::new();
     let token = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await? {
@@ -36,22 +41,43 @@ async fn stowage_dev_runs_everything_and_the_printed_token_works() -> anyhow::Re
     .await??;
     let text = banner.join("\n");
     assert!(text.contains(&format!("http://{addr}")), "{text}");
-    assert!(text.contains("object store: file://") && text.contains("/data/blobs"), "{text}");
+    assert!(
+        text.contains("object store: file://") && text.contains("/data/blobs"),
+        "{text}"
+    );
 
     let file = dir.join("hello.txt");
     std::fs::write(&file, b"hello from the quick start\n")?;
     let cli = |args: &[&str]| {
         let mut cmd = std::process::Command::new(binary().expect("binary"));
-        cmd.args(args).args(["--addr", &addr]).env("STOWAGE_TOKEN", &token).env("XDG_STATE_HOME", dir.join("state"));
+        cmd.args(args)
+            .args(["--addr", &addr])
+            .env("STOWAGE_TOKEN", &token)
+            .env("XDG_STATE_HOME", dir.join("state"));
         cmd
     };
     let up = cli(&["upload"]).arg(&file).output()?;
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    let id = String::from_utf8_lossy(&up.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let id = String::from_utf8_lossy(&up.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     let back = dir.join("back.txt");
     let got = cli(&["get", &id, "-o", &back.display().to_string()]).output()?;
-    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
-    assert_eq!(std::fs::read(dir.join("back.txt"))?, b"hello from the quick start\n");
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("back.txt"))?,
+        b"hello from the quick start\n"
+    );
     let usage = cli(&["usage"]).output()?;
     let usage = String::from_utf8_lossy(&usage.stdout);
     assert!(usage.contains("27 B used of 10.0 GiB"), "{usage}");
@@ -63,7 +89,10 @@ async fn stowage_dev_runs_everything_and_the_printed_token_works() -> anyhow::Re
     let status = tokio::time::timeout(Duration::from_secs(30), dev.wait()).await??;
     assert!(status.success(), "clean exit after SIGTERM");
     // Its PostgreSQL stopped with it.
-    assert!(!dir.join("data/postgres/postmaster.pid").exists(), "postgres still running");
+    assert!(
+        !dir.join("data/postgres/postmaster.pid").exists(),
+        "postgres still running"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

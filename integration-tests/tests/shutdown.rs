@@ -96,3 +96,70 @@ async fn sigterm_mid_upload_fails_the_client_and_leaves_nothing() -> anyhow::Res
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn sigkill_mid_upload_is_cleaned_up_by_the_sweeper() -> anyhow::Result<()> {
+    let mut setup = Setup::new().await?;
+    setup
+        .env
+        .push(("STOWAGE_INGEST__SESSION_TTL".into(), "1s".into()));
+    setup
+        .env
+        .push(("STOWAGE_INGEST__SWEEP_INTERVAL".into(), "300ms".into()));
+    let processes = Processes::all(&setup).await?;
+    let addr = processes.addr(Role::Ingest);
+    let alice = token("alice", &[]);
+    let data = random_bytes(64 << 20);
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let upload = tokio::spawn({
+        let alice = alice.clone();
+        async move {
+            IngestClient::new(channel(addr))
+                .upload(authed(stream, &alice))
+                .await
+        }
+    });
+    tx.send(pb::UploadRequest {
+        part: Some(Part::Header(pb::UploadHeader {
+            size_bytes: data.len() as u64,
+            metadata: Some(pb::UploadMetadata {
+                display_name: "big.bin".into(),
+                ..Default::default()
+            }),
+            idempotency_key: String::new(),
+        })),
+    })
+    .await?;
+    for chunk in data.chunks(1 << 20).take(20) {
+        tx.send(pb::UploadRequest {
+            part: Some(Part::Data(chunk.to_vec())),
+        })
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = usage(channel(processes.addr(Role::Quota)), &alice).await?;
+    assert_eq!(held.reserved_bytes, 64 << 20, "the upload holds its quota");
+    processes.process(Role::Ingest).signal(Signal::SIGKILL)?;
+    assert!(upload.await?.is_err());
+    drop(processes);
+
+    let processes = Processes::all(&setup).await?;
+    let quota = channel(processes.addr(Role::Quota));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let account = usage(quota.clone(), &alice).await?;
+        if account.reserved_bytes == 0 && setup.stored_objects("users").is_empty() {
+            assert_eq!(account.used_bytes, 0);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not swept: {account:?} {:?}",
+            setup.stored_objects("users")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -355,14 +355,19 @@ struct Banner {
 
 impl Banner {
     async fn print_when_ready(self) {
-        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)) else {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+        else {
             return;
         };
         let mut health = HealthClient::new(endpoint.connect_lazy());
         loop {
             let status = health
-                .check(HealthCheckRequest { service: stowage_proto::service_names::FILES.into() })
+                .check(HealthCheckRequest {
+                    service: stowage_proto::service_names::FILES.into(),
+                })
                 .await
                 .map(|r| r.into_inner().status);
             if matches!(status, Ok(s) if s == ServingStatus::Serving as i32) {
@@ -370,7 +375,10 @@ impl Banner {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        println!("Stowage dev is up: all five services on http://{}", self.addr);
+        println!(
+            "Stowage dev is up: all five services on http://{}",
+            self.addr
+        );
         println!("  object store: {}", self.store);
         println!("  data:         {}", self.data);
         println!("  dev token (user \"dev\", 30 days):");

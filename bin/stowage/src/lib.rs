@@ -210,6 +210,7 @@ pub async fn serve_with(
                     max_file_size: config.ingest.max_file_size.as_u64(),
                     part_size: usize::try_from(config.ingest.part_size.as_u64()).unwrap_or(8 << 20),
                     shutdown: shutdown.clone(),
+                    local_root: blobs.local_root.clone(),
                 };
                 let sessions = Sessions::new(
                     ingest_pool.clone(),
@@ -231,7 +232,13 @@ pub async fn serve_with(
                     tus_verifier.clone(),
                     &config.ingest.tus_path,
                 ));
-                spawn_sweeper(&background, sessions.clone(), config.ingest.sweep_interval);
+                spawn_sweeper(
+                    &background,
+                    sessions.clone(),
+                    uploader.clone(),
+                    config.ingest.sweep_interval,
+                    config.ingest.session_ttl,
+                );
                 server.add_service(
                     IngestGrpc::new(uploader, sessions, shutdown.clone()).into_server(max_message),
                 );
@@ -265,8 +272,15 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// Sweeps expired upload sessions every `interval` (Lifecycle will schedule it later).
-fn spawn_sweeper(background: &Background, sessions: Sessions, interval: std::time::Duration) {
+/// Every `interval`, sweeps expired upload sessions and one-shot uploads abandoned for
+/// longer than `abandoned_after` (Lifecycle will schedule this later).
+fn spawn_sweeper(
+    background: &Background,
+    sessions: Sessions,
+    uploader: Uploader,
+    interval: std::time::Duration,
+    abandoned_after: std::time::Duration,
+) {
     let shutdown = background.shutdown().clone();
     background.spawn("upload-sweeper", async move {
         loop {
@@ -276,6 +290,9 @@ fn spawn_sweeper(background: &Background, sessions: Sessions, interval: std::tim
             }
             if let Err(error) = sessions.sweep_expired(100).await {
                 tracing::warn!(%error, "upload sweep failed");
+            }
+            if let Err(error) = uploader.sweep_abandoned(abandoned_after).await {
+                tracing::warn!(%error, "abandoned upload sweep failed");
             }
         }
     });

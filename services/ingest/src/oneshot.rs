@@ -41,6 +41,9 @@ pub struct Uploader {
     pub part_size: usize,
     /// Cancelled at shutdown: in-flight uploads stop and clean up.
     pub shutdown: CancellationToken,
+    /// Root of a local-disk store, whose unfinished multipart writes are `{key}#{n}` files
+    /// that deleting the key does not remove.
+    pub local_root: Option<std::path::PathBuf>,
 }
 
 /// Validated header of an upload.
@@ -182,7 +185,10 @@ impl Uploader {
             Uuid::parse_str(&reservation).map_err(|_| Status::internal("bad reservation id"))?;
         self.uploads.set_reservation(row.id, reservation_id).await?;
 
-        let received = match self.receive(owner, row.file_id, &header, &mut stream).await {
+        let received = match self
+            .receive(owner, row.id, row.file_id, &header, &mut stream)
+            .await
+        {
             Ok(received) => received,
             Err(error) => {
                 self.fail(row.id, &reservation, None, &error).await;
@@ -261,6 +267,7 @@ impl Uploader {
     async fn receive<S>(
         &self,
         owner: &str,
+        upload_id: Uuid,
         file_id: Uuid,
         header: &Header,
         stream: &mut S,
@@ -311,8 +318,14 @@ impl Uploader {
                         head.extend_from_slice(&data);
                         if head.len() >= SNIFF_LEN {
                             writer = Some(
-                                self.open(owner, file_id, &header.meta.display_name, &mut head)
-                                    .await?,
+                                self.open(
+                                    owner,
+                                    upload_id,
+                                    file_id,
+                                    &header.meta.display_name,
+                                    &mut head,
+                                )
+                                .await?,
                             );
                         }
                     }
@@ -332,8 +345,14 @@ impl Uploader {
         let (w, key, sniffed) = match writer {
             Some(w) => w,
             None => {
-                self.open(owner, file_id, &header.meta.display_name, &mut head)
-                    .await?
+                self.open(
+                    owner,
+                    upload_id,
+                    file_id,
+                    &header.meta.display_name,
+                    &mut head,
+                )
+                .await?
             }
         };
         let sha256 = hex::encode(hasher.finalize());
@@ -374,6 +393,7 @@ impl Uploader {
     async fn open(
         &self,
         owner: &str,
+        upload_id: Uuid,
         file_id: Uuid,
         display_name: &str,
         head: &mut BytesMut,
@@ -388,10 +408,70 @@ impl Uploader {
             &file_id.to_string(),
             &sniffed.extension,
         );
+        // Recorded first, so that a crash from here on leaves a key the sweeper can remove.
+        self.uploads.set_key(upload_id, key.as_ref()).await?;
         let upload = self.store.put_multipart(&key).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
         writer.put(head.split().freeze());
         Ok((writer, key, sniffed))
+    }
+
+    /// Finishes what crashed one-shot uploads left, `older_than` after they were last touched:
+    /// a `receiving` upload loses its partial blob and its reservation; a `registered` one
+    /// (its file is visible) gets the quota commit it missed. Safe on any number of replicas:
+    /// each row is claimed by a conditional update. Returns how many were handled.
+    pub async fn sweep_abandoned(&self, older_than: std::time::Duration) -> Result<usize> {
+        let mut handled = 0;
+        for row in self.uploads.claim_abandoned(older_than).await? {
+            match row.state.as_str() {
+                "receiving" => {
+                    if let Some(key) = &row.storage_key {
+                        let _ = self.store.delete(&ObjectPath::from(key.as_str())).await;
+                        if let Some(root) = self.local_root.clone() {
+                            let key = key.clone();
+                            let _ = tokio::task::spawn_blocking(move || {
+                                remove_partial_writes(&root, &key)
+                            })
+                            .await;
+                        }
+                    }
+                    if let Some(reservation) = row.reservation_id {
+                        let _ = self
+                            .quota
+                            .release(pb::ReleaseRequest {
+                                reservation_id: reservation.to_string(),
+                            })
+                            .await;
+                    }
+                    tracing::info!(upload_id = %row.id, "abandoned one-shot upload cleaned up");
+                }
+                _ => {
+                    let Some(reservation) = row.reservation_id else {
+                        continue;
+                    };
+                    if let Err(status) = self
+                        .quota
+                        .commit(pb::CommitRequest {
+                            reservation_id: reservation.to_string(),
+                            bytes: row.received,
+                        })
+                        .await
+                    {
+                        tracing::warn!(upload_id = %row.id, %status, "late quota commit failed; will retry");
+                        self.uploads
+                            .set_state(row.id, "registered", None, row.received, None)
+                            .await?;
+                        continue;
+                    }
+                    self.uploads
+                        .set_state(row.id, "completed", None, row.received, None)
+                        .await?;
+                    tracing::info!(upload_id = %row.id, "missed quota commit applied");
+                }
+            }
+            handled += 1;
+        }
+        Ok(handled)
     }
 
     /// Undoes what a failed upload left: blob, reservation, row state.
@@ -422,6 +502,27 @@ impl Uploader {
             .await
         {
             tracing::warn!(%upload_id, error = %e, "cannot mark upload failed");
+        }
+    }
+}
+
+/// Removes the `{key}#{n}` files a local-disk multipart write leaves when its process dies.
+fn remove_partial_writes(root: &std::path::Path, key: &str) {
+    let path = root.join(key);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let prefix = format!("{name}#");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }

@@ -128,4 +128,62 @@ impl Uploads {
         .await?;
         Ok(())
     }
+
+    /// Records the key a one-shot upload writes to, before it writes.
+    pub async fn set_key(&self, id: Uuid, key: &str) -> Result<()> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "UPDATE ingest.uploads SET storage_key = $2, updated_at = now() WHERE id = $1",
+            &[&id, &key],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Claims one-shot uploads left `receiving` or `registered` for longer than `older_than`
+    /// (their process died): `receiving` ones become `failed`, `registered` ones are returned
+    /// for their commit to be retried. At most 100 per call.
+    pub async fn claim_abandoned(&self, older_than: std::time::Duration) -> Result<Vec<Abandoned>> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "UPDATE ingest.uploads u
+                 SET state = CASE WHEN u.state = 'receiving' THEN 'failed' ELSE u.state END,
+                     failure = CASE WHEN u.state = 'receiving' THEN 'abandoned' ELSE u.failure END,
+                     updated_at = now()
+                 FROM (SELECT id, state FROM ingest.uploads
+                       WHERE NOT resumable AND state IN ('receiving', 'registered')
+                         AND updated_at < now() - make_interval(secs => $1)
+                       ORDER BY updated_at LIMIT 100 FOR UPDATE SKIP LOCKED) old
+                 WHERE u.id = old.id
+                 RETURNING u.id, old.state, u.reservation_id, u.storage_key, u.received_bytes",
+                &[&older_than.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Abandoned {
+                id: r.get(0),
+                state: r.get(1),
+                reservation_id: r.get(2),
+                storage_key: r.get(3),
+                received: u64::try_from(r.get::<_, i64>(4)).unwrap_or(0),
+            })
+            .collect())
+    }
+}
+
+/// A one-shot upload whose process died.
+#[derive(Clone, Debug)]
+pub struct Abandoned {
+    /// Upload id.
+    pub id: Uuid,
+    /// State it was left in.
+    pub state: String,
+    /// Its reservation.
+    pub reservation_id: Option<Uuid>,
+    /// Key it was writing, if it got that far.
+    pub storage_key: Option<String>,
+    /// Bytes registered (for `registered` rows).
+    pub received: u64,
 }
