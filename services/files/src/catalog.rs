@@ -453,8 +453,18 @@ impl Catalog {
                 keys.push(v.storage_key.clone());
             }
         }
-        tx.execute("DELETE FROM files.files WHERE id = $1", &[&id])
+        // Conditional, so a restore (or another purge) that won the race is not undone.
+        let deleted = tx
+            .execute(
+                "DELETE FROM files.files WHERE id = $1 AND ($2 OR deleted_at IS NOT NULL)",
+                &[&id, &matches!(viewer, Viewer::Privileged)],
+            )
             .await?;
+        if deleted == 0 {
+            return Err(Error::FailedPrecondition(
+                "the file changed meanwhile; read it again",
+            ));
+        }
         outbox(
             &tx,
             "file.purged",

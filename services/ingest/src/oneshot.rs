@@ -216,6 +216,20 @@ impl Uploader {
             Ok(r) => r
                 .file
                 .ok_or_else(|| Status::internal("file missing from response"))?,
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                ) =>
+            {
+                // The file may have been registered anyway: keep bytes and hold; the sweeper
+                // asks Files later and either charges or cleans up.
+                tracing::warn!(upload_id = %row.id, %status, "registration outcome unknown; left for the sweeper");
+                return Err(Error::Peer(status));
+            }
             Err(status) => {
                 let error = Error::Peer(status);
                 self.fail(row.id, &reservation, Some(&received.key), &error)
@@ -423,8 +437,31 @@ impl Uploader {
     pub async fn sweep_abandoned(&self, older_than: std::time::Duration) -> Result<usize> {
         let mut handled = 0;
         for row in self.uploads.claim_abandoned(older_than).await? {
-            match row.state.as_str() {
-                "receiving" => {
+            // A registration whose answer was lost may have succeeded: ask Files first, and
+            // never delete the bytes of a file that exists.
+            let registered: Option<u64> = if row.state != "receiving" {
+                Some(row.received)
+            } else {
+                match self
+                    .files
+                    .get_file(pb::GetFileRequest {
+                        file_id: row.file_id.to_string(),
+                    })
+                    .await
+                {
+                    Ok(r) => r.file.map(|f| f.size_bytes),
+                    Err(status) if status.code() == tonic::Code::NotFound => None,
+                    Err(status) => {
+                        tracing::warn!(upload_id = %row.id, %status, "cannot tell whether an abandoned upload registered; later");
+                        self.uploads
+                            .set_state(row.id, "receiving", None, row.received, None)
+                            .await?;
+                        continue;
+                    }
+                }
+            };
+            match registered {
+                None => {
                     if let Some(key) = &row.storage_key {
                         let _ = self.store.delete(&ObjectPath::from(key.as_str())).await;
                         if let Some(root) = self.local_root.clone() {
@@ -445,7 +482,7 @@ impl Uploader {
                     }
                     tracing::info!(upload_id = %row.id, "abandoned one-shot upload cleaned up");
                 }
-                _ => {
+                Some(size) => {
                     let Some(reservation) = row.reservation_id else {
                         continue;
                     };
@@ -453,18 +490,18 @@ impl Uploader {
                         .quota
                         .commit(pb::CommitRequest {
                             reservation_id: reservation.to_string(),
-                            bytes: row.received,
+                            bytes: size,
                         })
                         .await
                     {
                         tracing::warn!(upload_id = %row.id, %status, "late quota commit failed; will retry");
                         self.uploads
-                            .set_state(row.id, "registered", None, row.received, None)
+                            .set_state(row.id, "registered", None, size, None)
                             .await?;
                         continue;
                     }
                     self.uploads
-                        .set_state(row.id, "completed", None, row.received, None)
+                        .set_state(row.id, "completed", None, size, None)
                         .await?;
                     tracing::info!(upload_id = %row.id, "missed quota commit applied");
                 }

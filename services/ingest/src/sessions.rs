@@ -220,16 +220,21 @@ impl Session {
     }
 }
 
-/// Checks `data` against the client's checksum and returns the SHA-256 state after it.
-fn hash_chunk(state: Option<&[u8]>, data: &[u8], checksum: Option<&Checksum>) -> Result<Vec<u8>> {
+/// Checks `data` against the client's checksum.
+fn verify_checksum(data: &[u8], checksum: &Checksum) -> Result<()> {
     let ok = match checksum {
-        None => true,
-        Some(Checksum::Sha256(d)) => Sha256::digest(data).as_slice() == d.as_slice(),
-        Some(Checksum::Sha1(d)) => Sha1::digest(data).as_slice() == d.as_slice(),
+        Checksum::Sha256(d) => Sha256::digest(data).as_slice() == d.as_slice(),
+        Checksum::Sha1(d) => Sha1::digest(data).as_slice() == d.as_slice(),
     };
-    if !ok {
-        return Err(Error::ChecksumMismatch);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::ChecksumMismatch)
     }
+}
+
+/// The SHA-256 state after `data`.
+fn hash_chunk(state: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>> {
     let mut hasher = hasher_from(state)?;
     hasher.update(data);
     Ok(hasher.serialize().to_vec())
@@ -349,10 +354,20 @@ impl Sessions {
             return Ok(existing);
         };
         let session = Session::from_row(&row, self.settings.chunk_size_hint);
+        self.reserve_for(&conn, session, size).await
+    }
+
+    /// Holds quota for a new session (idempotent per session); a refusal removes the row.
+    async fn reserve_for(
+        &self,
+        conn: &impl GenericClient,
+        session: Session,
+        size: Option<u64>,
+    ) -> Result<Session> {
         let reserved = self
             .quota
             .reserve(pb::ReserveRequest {
-                user_id: owner.to_owned(),
+                user_id: session.owner.clone(),
                 bytes: size.unwrap_or(0),
                 ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
                 idempotency_key: format!("upload:{}", session.id),
@@ -454,6 +469,7 @@ impl Sessions {
             });
         }
         let end = chunk.offset + chunk.data.len() as u64;
+        let mut replaced = None;
         match (session.size, chunk.size) {
             (Some(declared), Some(given)) if declared != given => {
                 return Err(Error::invalid(
@@ -468,7 +484,7 @@ impl Sessions {
                         "is below the bytes sent or above the limit",
                     ));
                 }
-                self.size_known(&tx, &mut session, given).await?;
+                replaced = self.size_known(&tx, &mut session, given).await?;
             }
             _ => {}
         }
@@ -481,21 +497,24 @@ impl Sessions {
         }
         if chunk.data.is_empty() {
             tx.commit().await?;
+            if let Some(old) = replaced {
+                self.release(old, id).await;
+            }
             return Ok(session);
         }
-        // Hashing (and checking the client's checksum) runs off the async threads, while the
-        // bytes are being staged; nothing is recorded unless both succeed.
+        // The client's checksum is checked before anything is staged; the running hash is then
+        // updated off the async threads while the bytes are being staged.
+        if let Some(checksum) = chunk.checksum.clone() {
+            let data = chunk.data.clone();
+            tokio::task::spawn_blocking(move || verify_checksum(&data, &checksum))
+                .await
+                .map_err(|_| Error::Internal("checksum panicked"))??;
+        }
         let hashing = {
-            let (data, state, checksum) = (
-                chunk.data.clone(),
-                session.hash_state.clone(),
-                chunk.checksum.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                hash_chunk(state.as_deref(), &data, checksum.as_ref())
-            })
+            let (data, state) = (chunk.data.clone(), session.hash_state.clone());
+            tokio::task::spawn_blocking(move || hash_chunk(state.as_deref(), &data))
         };
-
+        let fresh_key = session.key.is_none();
         let key = match &session.key {
             Some(k) => ObjectPath::from(k.as_str()),
             None => {
@@ -503,12 +522,48 @@ impl Sessions {
                 self.choose_key(&tx, &mut session, head).await?
             }
         };
+        let result = self
+            .stage_and_record(tx, id, &session, &key, chunk, end, hashing)
+            .await;
+        if result.is_err() && fresh_key {
+            // The key and multipart id were rolled back with the transaction: abort the
+            // native upload started for them, or it would never be cleaned up.
+            self.staging
+                .discard(id, Some(&key), session.multipart_id.as_deref(), &[])
+                .await;
+        }
+        let (row, merged) = result?;
+        if let Some(old) = replaced {
+            self.release(old, id).await;
+        }
+        // Pending bytes merged into a native part are not needed any more.
+        for number in merged {
+            let _ = self
+                .store
+                .delete(&keys::staging_part(&id.to_string(), number as u32))
+                .await;
+        }
+        Ok(Session::from_row(&row, self.settings.chunk_size_hint))
+    }
+
+    /// Stages a checked chunk and records it in the session's transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn stage_and_record(
+        &self,
+        tx: stowage_db::Transaction<'_>,
+        id: Uuid,
+        session: &Session,
+        key: &ObjectPath,
+        chunk: ChunkIn,
+        end: u64,
+        hashing: tokio::task::JoinHandle<Result<Vec<u8>>>,
+    ) -> Result<(Row, Vec<i32>)> {
         let parts = self.parts(&tx, id).await?;
         let last = session.size == Some(end);
         let staging = self.staging.write(
             Target {
                 upload: id,
-                key: &key,
+                key,
                 multipart_id: session.multipart_id.as_deref(),
             },
             &parts,
@@ -542,14 +597,7 @@ impl Sessions {
             )
             .await?;
         tx.commit().await?;
-        // Pending bytes merged into a native part are not needed any more.
-        for number in staged.merged {
-            let _ = self
-                .store
-                .delete(&keys::staging_part(&id.to_string(), number as u32))
-                .await;
-        }
-        Ok(Session::from_row(&row, self.settings.chunk_size_hint))
+        Ok((row, staged.merged))
     }
 
     /// Picks the final key from the first bytes and starts the native multipart upload there
@@ -586,23 +634,22 @@ impl Sessions {
         tx: &impl GenericClient,
         session: &mut Session,
         size: u64,
-    ) -> Result<()> {
+    ) -> Result<Option<Uuid>> {
         let reserved = self
             .quota
             .reserve(pb::ReserveRequest {
                 user_id: session.owner.clone(),
                 bytes: size,
                 ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
-                idempotency_key: format!("upload:{}:sized", session.id),
+                idempotency_key: format!("upload:{}:sized:{size}", session.id),
             })
             .await?;
         let new_id = reserved
             .reservation
             .and_then(|r| Uuid::parse_str(&r.id).ok())
             .ok_or(Error::Internal("bad reservation id"))?;
-        if let Some(old) = session.reservation_id.filter(|old| *old != new_id) {
-            self.release(old, session.id).await;
-        }
+        // The old hold is given back by the caller once this change is committed.
+        let old = session.reservation_id.filter(|old| *old != new_id);
         tx.execute(
             "UPDATE ingest.uploads SET declared_size = $2, reservation_id = $3 WHERE id = $1",
             &[&session.id, &(size as i64), &new_id],
@@ -610,7 +657,7 @@ impl Sessions {
         .await?;
         session.size = Some(size);
         session.reservation_id = Some(new_id);
-        Ok(())
+        Ok(old)
     }
 
     async fn release(&self, reservation: Uuid, upload: Uuid) {
@@ -628,9 +675,12 @@ impl Sessions {
     /// Verifies, places, registers and charges the upload. Calling it again after a crash at
     /// any step converges to one file and one charge.
     pub async fn complete(&self, id: Uuid, owner: &str) -> Result<pb::File> {
+        // 1. Under the row lock: check and move to `completing`, committed before anything
+        //    else happens, so no chunk can land any more and no rollback can undo a later step.
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let mut session = self.lock(&tx, id, owner, true).await?;
+        let mut replaced = None;
         match session.state.as_str() {
             "completed" => {
                 tx.commit().await?;
@@ -647,6 +697,13 @@ impl Sessions {
                         size,
                     });
                 }
+                if session.size.is_none() {
+                    // A deferred length ends here: hold quota for what arrived first.
+                    replaced = self.size_known(&tx, &mut session, size).await?;
+                }
+                if session.reservation_id.is_none() {
+                    return Err(Error::Internal("session holds no reservation"));
+                }
                 let sha = hex::encode(hasher_from(session.hash_state.as_deref())?.finalize());
                 if !session.meta.expected_sha256.is_empty() && session.meta.expected_sha256 != sha {
                     return Err(Error::invalid(
@@ -654,37 +711,84 @@ impl Sessions {
                         "does not match the bytes received",
                     ));
                 }
+                if session.key.is_none() {
+                    // Nothing was ever written: an empty file.
+                    self.choose_key(&tx, &mut session, &[]).await?;
+                }
                 tx.execute(
-                    "UPDATE ingest.uploads SET state = 'completing', sha256 = $2, declared_size = $3, updated_at = now() WHERE id = $1",
+                    "UPDATE ingest.uploads SET state = 'completing', sha256 = $2, declared_size = $3, updated_at = now()
+                     WHERE id = $1",
                     &[&id, &sha, &(size as i64)],
                 )
                 .await?;
-                session.state = "completing".into();
-                session.sha256 = Some(sha);
-                session.size = Some(size);
             }
             "completing" | "registered" => {}
             other => return Err(Error::SessionState(other.to_owned())),
         }
-        let size = session.size.unwrap_or(session.offset);
-        let parts = self.parts(&tx, id).await?;
-        if session.key.is_none() {
-            // Nothing was ever written: an empty file.
-            self.choose_key(&tx, &mut session, &[]).await?;
+        tx.commit().await?;
+        drop(conn);
+        if let Some(old) = replaced {
+            self.release(old, id).await;
         }
-        let key = ObjectPath::from(session.key.clone().unwrap_or_default());
+        self.finish(id, owner).await
+    }
+
+    /// Steps of a completion after `completing`, each recorded as it is done. Completers of
+    /// one session (a retry, another replica, the sweeper) take turns on an advisory lock.
+    async fn finish(&self, id: Uuid, owner: &str) -> Result<pb::File> {
+        // One connection: its session-level advisory lock serialises completers, and the steps
+        // are recorded on it as they happen.
+        let conn = self.pool.get().await?;
+        let lock_key = id.to_string();
+        conn.execute(
+            "SELECT pg_advisory_lock(hashtextextended($1::text, 7))",
+            &[&lock_key],
+        )
+        .await?;
+        let result = self.finish_locked(&conn, id, owner).await;
+        conn.execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1::text, 7))",
+            &[&lock_key],
+        )
+        .await?;
+        result
+    }
+
+    async fn finish_locked(
+        &self,
+        conn: &stowage_db::Connection,
+        id: Uuid,
+        owner: &str,
+    ) -> Result<pb::File> {
+        let row = conn
+            .query_opt(
+                &format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable"),
+                &[&id, &owner],
+            )
+            .await?
+            .ok_or(Error::SessionNotFound)?;
+        let session = Session::from_row(&row, self.settings.chunk_size_hint);
+        if session.state == "completed" {
+            return self.file_of(&session).await;
+        }
+        let size = session.size.unwrap_or(session.offset);
+        let key = ObjectPath::from(
+            session
+                .key
+                .clone()
+                .ok_or(Error::Internal("completing session without a key"))?,
+        );
+        let parts = self.parts(conn, id).await?;
         if !session.placed {
             self.staging
                 .compose(id, &key, session.multipart_id.as_deref(), &parts, size)
                 .await?;
-            tx.execute(
+            conn.execute(
                 "UPDATE ingest.uploads SET placed = true WHERE id = $1",
                 &[&id],
             )
             .await?;
         }
-        // The lock is held through registration so a concurrent Complete waits and then sees
-        // `completed`.
         let head = if size == 0 {
             Bytes::new()
         } else {
@@ -715,25 +819,25 @@ impl Sessions {
         let file = registered
             .file
             .ok_or(Error::Internal("no file in response"))?;
-        tx.execute(
-            "UPDATE ingest.uploads SET state = 'registered' WHERE id = $1",
+        conn.execute(
+            "UPDATE ingest.uploads SET state = 'registered', updated_at = now() WHERE id = $1",
             &[&id],
         )
         .await?;
-        if let Some(reservation) = session.reservation_id {
-            self.quota
-                .commit(pb::CommitRequest {
-                    reservation_id: reservation.to_string(),
-                    bytes: size,
-                })
-                .await?;
-        }
-        tx.execute(
+        let reservation = session
+            .reservation_id
+            .ok_or(Error::Internal("session holds no reservation"))?;
+        self.quota
+            .commit(pb::CommitRequest {
+                reservation_id: reservation.to_string(),
+                bytes: size,
+            })
+            .await?;
+        conn.execute(
             "UPDATE ingest.uploads SET state = 'completed', updated_at = now() WHERE id = $1",
             &[&id],
         )
         .await?;
-        tx.commit().await?;
         if !self.staging.is_native() || parts.iter().any(|p| p.pending) {
             self.staging.discard_all(id, None, None, &parts).await;
         }
@@ -761,7 +865,10 @@ impl Sessions {
         let session = self.lock(&tx, id, owner, true).await?;
         match session.state.as_str() {
             "aborted" | "expired" | "failed" => return Ok(session),
-            "completed" | "registered" => return Err(Error::SessionState(session.state.clone())),
+            // Past the point of no return: the sweeper or a retried Complete finishes it.
+            "completed" | "registered" | "completing" => {
+                return Err(Error::SessionState(session.state.clone()));
+            }
             _ => {}
         }
         let parts = self.parts(&tx, id).await?;
@@ -815,8 +922,28 @@ impl Sessions {
                 }
             }
         }
+        let conn = self.pool.get().await?;
+        let stuck = conn
+            .query(
+                "SELECT id, owner_id FROM ingest.uploads
+                 WHERE resumable AND state IN ('completing', 'registered')
+                   AND updated_at < now() - interval '1 minute'
+                 ORDER BY updated_at LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        drop(conn);
+        for row in stuck {
+            let (id, owner): (Uuid, String) = (row.get(0), row.get(1));
+            match self.finish(id, &owner).await {
+                Ok(_) => swept += 1,
+                Err(error) => {
+                    tracing::warn!(upload_id = %id, %error, "could not finish an interrupted completion")
+                }
+            }
+        }
         if swept > 0 {
-            tracing::info!(swept, "expired upload sessions swept");
+            tracing::info!(swept, "expired or interrupted upload sessions handled");
         }
         Ok(swept)
     }

@@ -244,7 +244,16 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
     if has_body {
         match write_body(&tus, &caller, session.id, 0, None, &headers, body).await {
             Ok(s) => session = s,
-            Err(e) => return error_response(e),
+            Err(e) => {
+                // The client never learns the upload's URL: do not leave it holding quota.
+                let _ = tus.sessions.abort(session.id, &caller.user_id).await;
+                return error_response(e);
+            }
+        }
+    } else if session.size == Some(0) {
+        // An empty file is complete as soon as it exists.
+        if let Err(e) = tus.sessions.complete(session.id, &caller.user_id).await {
+            return error_response(e);
         }
     }
     let mut response = tus_response(StatusCode::CREATED)
@@ -445,9 +454,24 @@ async fn write_body(
     if let Some(why) = cut_off {
         tracing::info!(upload_id = %id, offset = at, why, "tus body cut off; kept what arrived");
     }
-    let session = match session {
-        Some(s) => s,
-        None => tus.sessions.get(id, &caller.user_id).await?,
+    let session = match (session, length) {
+        (Some(s), _) => s,
+        // No bytes, but a deferred length given (a stream that ended on a chunk boundary).
+        (None, Some(size)) => {
+            tus.sessions
+                .write_chunk(
+                    id,
+                    &caller.user_id,
+                    ChunkIn {
+                        offset: at,
+                        data: Bytes::new(),
+                        checksum: None,
+                        size: Some(size),
+                    },
+                )
+                .await?
+        }
+        (None, None) => tus.sessions.get(id, &caller.user_id).await?,
     };
     if session.size == Some(session.offset) && session.state == "open" {
         tus.sessions.complete(id, &caller.user_id).await?;

@@ -156,7 +156,7 @@ impl Uploads {
                          AND updated_at < now() - make_interval(secs => $1)
                        ORDER BY updated_at LIMIT 100 FOR UPDATE SKIP LOCKED) old
                  WHERE u.id = old.id
-                 RETURNING u.id, old.state, u.reservation_id, u.storage_key, u.received_bytes",
+                 RETURNING u.id, old.state, u.reservation_id, u.storage_key, u.received_bytes, u.file_id",
                 &[&older_than.as_secs_f64()],
             )
             .await?;
@@ -168,6 +168,7 @@ impl Uploads {
                 reservation_id: r.get(2),
                 storage_key: r.get(3),
                 received: u64::try_from(r.get::<_, i64>(4)).unwrap_or(0),
+                file_id: r.get(5),
             })
             .collect())
     }
@@ -186,4 +187,6 @@ pub struct Abandoned {
     pub storage_key: Option<String>,
     /// Bytes registered (for `registered` rows).
     pub received: u64,
+    /// The file it was creating.
+    pub file_id: Uuid,
 }
