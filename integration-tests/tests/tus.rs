@@ -14,7 +14,7 @@ async fn tus_js_client_uploads_and_resumes_after_a_cut() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let mesh = Mesh::start(&setup).await?;
     let alice = token("alice", &[]);
-    let data = random_bytes(24 << 20);
+    let data = random_bytes(48 << 20);
     let dir = tempfile_dir()?;
     let path = dir.join("clip.bin");
     std::fs::write(&path, &data)?;
@@ -50,16 +50,19 @@ async fn tus_js_client_uploads_and_resumes_after_a_cut() -> anyhow::Result<()> {
         ))
         .await?
         .into_inner();
-    assert_eq!(listed.files.len(), 1);
-    let file = &listed.files[0];
-    assert_eq!(file.display_name, "holiday clip.mp4");
-    assert_eq!(file.tags, vec!["trip", "2026"]);
-    assert_eq!(file.size_bytes, data.len() as u64);
-    assert_eq!(file.sha256, sha256(&data));
+    // One file for the resumed upload, plus one per attempt that finished before its cut.
+    let uploads = 1 + report.uncut;
+    assert_eq!(listed.files.len() as u64, uploads);
+    for file in &listed.files {
+        assert_eq!(file.display_name, "holiday clip.mp4");
+        assert_eq!(file.tags, vec!["trip", "2026"]);
+        assert_eq!(file.size_bytes, data.len() as u64);
+        assert_eq!(file.sha256, sha256(&data));
+    }
     let account = usage(mesh.channel(), &alice).await?;
     assert_eq!(
         (account.used_bytes, account.reserved_bytes),
-        (data.len() as u64, 0)
+        (uploads * data.len() as u64, 0)
     );
     mesh.stop().await
 }
@@ -210,6 +213,7 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 #[serde(rename_all = "camelCase")]
 struct Report {
     offset_after_cut: u64,
+    uncut: u64,
 }
 
 fn parse_report(text: &str) -> anyhow::Result<Report> {
