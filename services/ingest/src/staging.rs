@@ -130,38 +130,12 @@ impl Staging {
             });
         }
         let (Some(mp), Some(id)) = (&self.multipart, multipart_id) else {
-            let size = data.len() as u64;
-            self.store
-                .put(&part_object(upload, next), PutPayload::from(data))
-                .await?;
-            return Ok(Staged {
-                merged: Vec::new(),
-                part: Some(Part {
-                    number: next,
-                    start,
-                    size,
-                    part_id: String::new(),
-                    pending: false,
-                }),
-            });
+            return self.put_part_object(upload, next, start, data, false).await;
         };
         let pending: Vec<&Part> = parts.iter().filter(|p| p.pending).collect();
         let pending_size: u64 = pending.iter().map(|p| p.size).sum();
         if !last && (pending_size + data.len() as u64) < MIN_NATIVE_PART as u64 {
-            let size = data.len() as u64;
-            self.store
-                .put(&part_object(upload, next), PutPayload::from(data))
-                .await?;
-            return Ok(Staged {
-                merged: Vec::new(),
-                part: Some(Part {
-                    number: next,
-                    start,
-                    size,
-                    part_id: String::new(),
-                    pending: true,
-                }),
-            });
+            return self.put_part_object(upload, next, start, data, true).await;
         }
         // Merge what was held back (under one minimum part, so bounded) with this chunk.
         let (payload, first_start) = if pending.is_empty() {
@@ -194,6 +168,32 @@ impl Staging {
                 size,
                 part_id: part_id.content_id,
                 pending: false,
+            }),
+        })
+    }
+
+    /// Keeps `data` as the part object `number`: a part of its own on stores without
+    /// multipart, or bytes held back (`pending`) until a native part can take them.
+    async fn put_part_object(
+        &self,
+        upload: Uuid,
+        number: i32,
+        start: u64,
+        data: Bytes,
+        pending: bool,
+    ) -> Result<Staged> {
+        let size = data.len() as u64;
+        self.store
+            .put(&part_object(upload, number), PutPayload::from(data))
+            .await?;
+        Ok(Staged {
+            merged: Vec::new(),
+            part: Some(Part {
+                number,
+                start,
+                size,
+                part_id: String::new(),
+                pending,
             }),
         })
     }
