@@ -164,7 +164,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 |f| f.merge(dev::defaults(&data_dir, &secret)),
                 |f| f.merge(Serialized::default("addr", &addr)),
             )?;
-            telemetry::init(config.log_format);
+            let telemetry = telemetry::init("stowage-dev", config.log_format);
             let servers = dev::start_servers(&mut config, &data_dir).await?;
             let listener = tokio::net::TcpListener::bind(config.addr)
                 .await
@@ -183,21 +183,24 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let shutdown = stowage_runtime::tasks::shutdown_on_signals();
             let result = crate::serve(&Role::ALL, config, listener, shutdown).await;
             servers.stop().await;
+            telemetry.shutdown();
             result
         }
         Command::Serve { service } => {
             let roles = roles_of(&service)?;
             let config = Config::load(config_file)?;
-            telemetry::init(config.log_format);
+            let telemetry = telemetry::init(&format!("stowage-{service}"), config.log_format);
             let listener = tokio::net::TcpListener::bind(config.addr)
                 .await
                 .with_context(|| format!("STOWAGE_ADDR: cannot listen on {}", config.addr))?;
             let shutdown = stowage_runtime::tasks::shutdown_on_signals();
-            crate::serve(&roles, config, listener, shutdown).await
+            let result = crate::serve(&roles, config, listener, shutdown).await;
+            telemetry.shutdown();
+            result
         }
         Command::Migrate => {
             let config = Config::load(config_file)?;
-            telemetry::init(config.log_format);
+            telemetry::init("stowage-migrate", config.log_format);
             let url = config
                 .database_url
                 .as_deref()

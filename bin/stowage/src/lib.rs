@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use stowage_blob::Blobs;
+use stowage_events::{Relay, RelaySettings};
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
 use stowage_ingest::{IngestGrpc, SessionSettings, Sessions, Staging, Uploader, Uploads};
 use stowage_lifecycle::LifecycleGrpc;
@@ -57,8 +58,21 @@ pub async fn migrate(pool: &stowage_db::PgPool, roles: &[Role]) -> anyhow::Resul
             Role::Quota => stowage_quota::migrate(pool).await?,
             Role::Media | Role::Lifecycle => {}
         }
+        if let Some(schema) = outbox_schema(*role) {
+            stowage_events::migrate(pool, schema).await?;
+        }
     }
     Ok(())
+}
+
+/// The schema whose outbox a role publishes, for the roles that produce events.
+fn outbox_schema(role: Role) -> Option<&'static str> {
+    match role {
+        Role::Ingest => Some(stowage_ingest::SCHEMA),
+        Role::Files => Some(stowage_files::SCHEMA),
+        Role::Quota => Some(stowage_quota::SCHEMA),
+        Role::Media | Role::Lifecycle => None,
+    }
 }
 
 /// HMAC key of signed URLs: configured, or derived from the HS256 secret.
@@ -116,6 +130,14 @@ pub async fn serve_with(
         .await
         .context("DATABASE_URL: cannot apply migrations")?;
     let background = Background::new(shutdown.clone());
+    let redis = match &config.redis_url {
+        Some(url) => Some(
+            stowage_runtime::redis::connect(url)
+                .await
+                .context("REDIS_URL")?,
+        ),
+        None => None,
+    };
     let verifier = Verifier::new(&config.auth, shutdown.clone()).await?;
     let tus_verifier = verifier.clone();
     let service_auth = match (Minter::from_config(&config.auth), &config.service_token) {
@@ -253,14 +275,44 @@ pub async fn serve_with(
     }
 
     let mut dependencies = vec![Dependency::Postgres(pool.clone())];
-    if let Some(url) = &config.redis_url {
-        dependencies.push(Dependency::Redis(
-            stowage_runtime::redis::connect(url)
-                .await
-                .context("REDIS_URL")?,
-        ));
+    if let Some(redis) = &redis {
+        dependencies.push(Dependency::Redis(redis.clone()));
+        for schema in roles.iter().filter_map(|r| outbox_schema(*r)) {
+            let relay = Relay::new(
+                pool.clone(),
+                database_url,
+                schema,
+                redis.clone(),
+                RelaySettings {
+                    stream_max_len: config.events.stream_max_len,
+                    replay_window: config.events.replay_window,
+                    ..RelaySettings::default()
+                },
+            );
+            background.spawn("outbox-relay", relay.run(shutdown.clone()));
+        }
+    } else {
+        tracing::warn!(
+            "REDIS_URL unset: events stay in the outboxes until a relay can publish them"
+        );
     }
-    server.watch_readiness(&background, dependencies);
+    server.watch_readiness(&background, dependencies, Vec::new());
+    match config.metrics_addr {
+        None => {
+            server.merge_http(stowage_runtime::server::metrics_routes());
+        }
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("STOWAGE_METRICS_ADDR: cannot listen on {addr}"))?;
+            let stop = shutdown.clone();
+            background.spawn("metrics", async move {
+                if let Err(error) = stowage_runtime::server::serve_metrics(listener, stop).await {
+                    tracing::error!(%error, "metrics endpoint failed");
+                }
+            });
+        }
+    }
     tracing::info!(
         addr = %listener.local_addr()?,
         services = ?server.service_names(),

@@ -173,11 +173,7 @@ async fn outbox(
     if let (Some(obj), serde_json::Value::Object(more)) = (payload.as_object_mut(), extra) {
         obj.extend(more);
     }
-    tx.execute(
-        "INSERT INTO files.outbox (topic, key, payload) VALUES ($1, $2, $3)",
-        &[&topic, &file.id.to_string(), &payload],
-    )
-    .await?;
+    stowage_events::stage(tx, crate::SCHEMA, topic, &file.id.to_string(), &payload).await?;
     Ok(())
 }
 

@@ -738,14 +738,14 @@ impl Sessions {
     async fn finish(&self, id: Uuid, owner: &str) -> Result<pb::File> {
         // One connection: its session-level advisory lock serialises completers, and the steps
         // are recorded on it as they happen.
-        let conn = self.pool.get().await?;
+        let mut conn = self.pool.get().await?;
         let lock_key = id.to_string();
         conn.execute(
             "SELECT pg_advisory_lock(hashtextextended($1::text, 7))",
             &[&lock_key],
         )
         .await?;
-        let result = self.finish_locked(&conn, id, owner).await;
+        let result = self.finish_locked(&mut conn, id, owner).await;
         conn.execute(
             "SELECT pg_advisory_unlock(hashtextextended($1::text, 7))",
             &[&lock_key],
@@ -756,7 +756,7 @@ impl Sessions {
 
     async fn finish_locked(
         &self,
-        conn: &stowage_db::Connection,
+        conn: &mut stowage_db::Connection,
         id: Uuid,
         owner: &str,
     ) -> Result<pb::File> {
@@ -833,11 +833,34 @@ impl Sessions {
                 bytes: size,
             })
             .await?;
-        conn.execute(
-            "UPDATE ingest.uploads SET state = 'completed', updated_at = now() WHERE id = $1",
-            &[&id],
-        )
-        .await?;
+        // The state change and its event commit together, on the connection that holds the
+        // completion lock (a second one could wait forever on a pool its callers exhausted).
+        let tx = conn.transaction().await?;
+        let changed = tx
+            .execute(
+                "UPDATE ingest.uploads SET state = 'completed', updated_at = now()
+                 WHERE id = $1 AND state <> 'completed'",
+                &[&id],
+            )
+            .await?;
+        if changed == 1 {
+            let payload = serde_json::json!({
+                "upload_id": id,
+                "owner_id": owner,
+                "file_id": file.id,
+                "size_bytes": size,
+                "sha256": file.sha256,
+            });
+            stowage_events::stage(
+                &tx,
+                crate::SCHEMA,
+                stowage_events::topics::UPLOAD_COMPLETED,
+                &id.to_string(),
+                &payload,
+            )
+            .await?;
+        }
+        tx.commit().await?;
         if !self.staging.is_native() || parts.iter().any(|p| p.pending) {
             self.staging.discard_all(id, None, None, &parts).await;
         }
@@ -895,6 +918,21 @@ impl Sessions {
             &[&id],
         )
         .await?;
+        if state == "expired" {
+            let payload = serde_json::json!({
+                "upload_id": id,
+                "owner_id": owner,
+                "received_bytes": session.offset,
+            });
+            stowage_events::stage(
+                &tx,
+                crate::SCHEMA,
+                stowage_events::topics::UPLOAD_EXPIRED,
+                &id.to_string(),
+                &payload,
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(Session::from_row(&row, self.settings.chunk_size_hint))
     }

@@ -320,8 +320,26 @@ impl Quota {
             ],
         )
         .await?;
+        let account = Account::from_row(&account);
+        let before = account.used_bytes.saturating_sub(bytes);
+        if let Some(percent) = crossed_threshold(before, account.used_bytes, account.limit_bytes) {
+            let payload = serde_json::json!({
+                "user_id": account.user_id,
+                "threshold_percent": percent,
+                "used_bytes": account.used_bytes,
+                "limit_bytes": account.limit_bytes,
+            });
+            stowage_events::stage(
+                &tx,
+                crate::SCHEMA,
+                stowage_events::topics::QUOTA_THRESHOLD_CROSSED,
+                &account.user_id,
+                &payload,
+            )
+            .await?;
+        }
         tx.commit().await?;
-        Ok((Reservation::from_row(&row), Account::from_row(&account)))
+        Ok((Reservation::from_row(&row), account))
     }
 
     /// Gives a held reservation's bytes back; releasing twice is a no-op.
@@ -578,4 +596,31 @@ async fn account_row(conn: &impl GenericClient, user_id: &str) -> Result<Row> {
             &[&user_id],
         )
         .await?)
+}
+
+/// Usage levels, in percent of the limit, whose crossing is announced.
+const NOTICE_THRESHOLDS: [u64; 3] = [80, 90, 100];
+
+/// The highest notice threshold that usage crossed going from `before` to `after`.
+fn crossed_threshold(before: u64, after: u64, limit: u64) -> Option<u64> {
+    let level = |used: u64| u128::from(used) * 100;
+    NOTICE_THRESHOLDS.into_iter().rev().find(|t| {
+        level(before) < u128::from(*t) * u128::from(limit)
+            && u128::from(*t) * u128::from(limit) <= level(after)
+    })
+}
+
+#[cfg(test)]
+mod threshold_tests {
+    use super::crossed_threshold;
+
+    #[test]
+    fn only_a_crossing_counts() {
+        assert_eq!(crossed_threshold(0, 79, 100), None);
+        assert_eq!(crossed_threshold(79, 80, 100), Some(80));
+        assert_eq!(crossed_threshold(80, 85, 100), None);
+        assert_eq!(crossed_threshold(10, 95, 100), Some(90));
+        assert_eq!(crossed_threshold(95, 100, 100), Some(100));
+        assert_eq!(crossed_threshold(0, 0, 0), None);
+    }
 }

@@ -63,9 +63,17 @@ pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
 ///
 /// The history table lives inside the schema (`{schema}.schema_history`), so services never
 /// share one. A transaction-level advisory lock serialises concurrent starters.
-pub async fn migrate(
+pub async fn migrate(pool: &Pool, schema: &str, runner: MigrationRunner) -> Result<(), DbError> {
+    migrate_named(pool, schema, "schema_history", runner).await
+}
+
+/// Like [`migrate`], with the history in `{schema}.{history}`: a shared crate that keeps its
+/// own tables in a service's schema (outbox, job queue) versions them apart from the
+/// service's own migrations.
+pub async fn migrate_named(
     pool: &Pool,
     schema: &str,
+    history: &str,
     mut runner: MigrationRunner,
 ) -> Result<(), DbError> {
     let mut conn = pool.get().await?;
@@ -81,7 +89,7 @@ pub async fn migrate(
         .await?;
         let client: &mut tokio_postgres::Client = &mut conn;
         runner
-            .set_migration_table_name(format!("{schema}.schema_history"))
+            .set_migration_table_name(format!("{schema}.{history}"))
             .run_async(client)
             .await
             .map_err(|source| DbError::Migration {

@@ -252,10 +252,14 @@ pub struct LocalRedis {
 impl LocalRedis {
     /// Starts `redis-server` on a free port.
     pub async fn start() -> Result<Self, LocalError> {
+        Self::start_on(free_port()?).await
+    }
+
+    /// Starts `redis-server` on `port` (tests restart a server where clients expect it).
+    pub async fn start_on(port: u16) -> Result<Self, LocalError> {
         if !on_path("redis-server") {
             return Err(LocalError::Missing("redis-server"));
         }
-        let port = free_port()?;
         let child = Command::new("redis-server")
             .args([
                 "--port",

@@ -19,16 +19,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line (for log collectors).
-    Json,
-}
+/// Log output format (`text` or `json`).
+pub use stowage_telemetry::LogFormat;
 
 /// The whole configuration of a Stowage process.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -63,6 +55,9 @@ pub struct Config {
     /// `STOWAGE_SHUTDOWN_GRACE`: how long in-flight calls may finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// `STOWAGE_METRICS_ADDR`: where Prometheus scrapes `/metrics` (e.g. `0.0.0.0:9090`);
+    /// unset, `/metrics` is served on `STOWAGE_ADDR`.
+    pub metrics_addr: Option<SocketAddr>,
     /// `STOWAGE_AUTH__*`.
     pub auth: AuthConfig,
     /// `STOWAGE_PEERS__*`: where the other services are in `serve <one>` mode.
@@ -73,6 +68,8 @@ pub struct Config {
     pub quota: QuotaConfig,
     /// `STOWAGE_INGEST__*`.
     pub ingest: IngestConfig,
+    /// `STOWAGE_EVENTS__*`.
+    pub events: EventsConfig,
 }
 
 impl Default for Config {
@@ -90,11 +87,39 @@ impl Default for Config {
             db_pool_size: 16,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(30),
+            metrics_addr: None,
             auth: AuthConfig::default(),
             peers: PeersConfig::default(),
             files: FilesConfig::default(),
             quota: QuotaConfig::default(),
             ingest: IngestConfig::default(),
+            events: EventsConfig::default(),
+        }
+    }
+}
+
+/// Events between services (outbox relay and consumers over Redis Streams).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// `STOWAGE_EVENTS__STREAM_MAX_LEN`: approximate length each topic's stream is trimmed to.
+    pub stream_max_len: u64,
+    /// `STOWAGE_EVENTS__REPLAY_WINDOW`: how far back events are published again when Redis
+    /// has lost its data.
+    #[serde(with = "humantime_serde")]
+    pub replay_window: Duration,
+    /// `STOWAGE_EVENTS__CLAIM_IDLE`: how long a delivery may stay unacknowledged before
+    /// another consumer takes it over.
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            stream_max_len: 1_000_000,
+            replay_window: Duration::from_secs(3600),
+            claim_idle: Duration::from_secs(30),
         }
     }
 }
@@ -273,6 +298,12 @@ impl Config {
         }
         if self.max_message_size.as_u64() < 1024 * 1024 {
             return fail("STOWAGE_MAX_MESSAGE_SIZE", "must be at least 1 MiB");
+        }
+        if self.events.stream_max_len < 1000 {
+            return fail("STOWAGE_EVENTS__STREAM_MAX_LEN", "must be at least 1000");
+        }
+        if self.events.claim_idle < Duration::from_secs(1) {
+            return fail("STOWAGE_EVENTS__CLAIM_IDLE", "must be at least 1 s");
         }
         if self.db_pool_size == 0 {
             return fail("STOWAGE_DB_POOL_SIZE", "must be at least 1");

@@ -16,5 +16,5 @@ pub mod validate;
 
 pub use auth::{Identity, Minter, Verifier, identity};
 pub use config::Config;
-pub use server::{Dependency, GrpcServer};
+pub use server::{DegradedProbe, Dependency, GrpcServer};
 pub use tasks::Background;

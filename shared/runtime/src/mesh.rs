@@ -45,7 +45,23 @@ impl ServiceAuth {
             .map_err(|_| Status::internal("service token is not a valid header value"))?;
         request.metadata_mut().insert("authorization", value);
         request.set_timeout(timeout);
+        inject_trace_context(request.metadata_mut());
         Ok(request)
+    }
+}
+
+/// Carries the current span's W3C trace context to the callee, which continues the trace.
+fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
+    let mut headers = http::HeaderMap::new();
+    stowage_telemetry::inject_headers(&mut headers);
+    for (name, value) in &headers {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::AsciiMetadataKey::from_bytes(name.as_str().as_bytes()),
+            value.to_str().map(MetadataValue::try_from),
+        ) && let Ok(value) = value
+        {
+            metadata.insert(key, value);
+        }
     }
 }
 

@@ -14,6 +14,9 @@ pub async fn connect(url: &str) -> Result<Client, Error> {
             c.connection_timeout = Duration::from_secs(5);
             c.internal_command_timeout = Duration::from_secs(5);
         })
+        // Without a timeout, commands wait for a reconnection that may never come, and a
+        // task stuck on one cannot even shut down.
+        .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
         .build()?;
     // The connection task lives as long as the client.

@@ -57,6 +57,47 @@ impl Dependency {
             Self::Redis(_) => "redis",
         }
     }
+
+    /// Whether the services cannot serve without it.
+    fn required(&self) -> bool {
+        match self {
+            Self::Postgres(_) => true,
+            Self::Redis(_) => false,
+        }
+    }
+}
+
+/// A part that can be degraded without stopping the service (e.g. a rate limiter failing
+/// open): `check` returns why, or `None` when all is well.
+pub struct DegradedProbe {
+    /// Name shown in `/healthz`.
+    pub name: &'static str,
+    /// The check.
+    pub check: Box<dyn Fn() -> Option<String> + Send + Sync>,
+}
+
+/// `GET /metrics` in the Prometheus text format.
+pub fn metrics_routes() -> axum::Router {
+    stowage_telemetry::install_recorder();
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                stowage_telemetry::render_metrics(),
+            )
+        }),
+    )
+}
+
+/// Serves [`metrics_routes`] alone on `listener` until `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_routes())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 async fn stowage_db_ping(pool: &deadpool_postgres::Pool) -> Result<(), String> {
@@ -133,34 +174,98 @@ impl GrpcServer {
         &self.names
     }
 
-    /// Keeps each service's health status in step with its dependencies: NOT_SERVING while any
-    /// of them does not answer, SERVING once all do.
-    pub fn watch_readiness(&self, background: &Background, dependencies: Vec<Dependency>) {
+    /// Keeps each service's health status in step with its dependencies and serves the
+    /// detail at `GET /healthz` (JSON). PostgreSQL is required: while it does not answer the
+    /// services are NOT_SERVING. Redis and the `degraded` probes only degrade: the services
+    /// keep serving (Redis holds nothing that cannot be rebuilt) and `/healthz` says what is
+    /// missing, as does the `stowage_dependency_up` gauge.
+    pub fn watch_readiness(
+        &mut self,
+        background: &Background,
+        dependencies: Vec<Dependency>,
+        degraded: Vec<DegradedProbe>,
+    ) {
         let health = self.health.clone();
         let names = self.names.clone();
         let shutdown = background.shutdown().clone();
+        let detail = std::sync::Arc::new(std::sync::RwLock::new(serde_json::json!({
+            "status": "starting"
+        })));
+        let shown = std::sync::Arc::clone(&detail);
+        self.http = std::mem::take(&mut self.http).route(
+            "/healthz",
+            axum::routing::get(move || {
+                let shown = std::sync::Arc::clone(&shown);
+                async move {
+                    let body = shown.read().map(|d| d.clone()).unwrap_or_default();
+                    let code = if body["status"] == "not_serving" || body["status"] == "starting" {
+                        http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        http::StatusCode::OK
+                    };
+                    (code, axum::Json(body))
+                }
+            }),
+        );
         background.spawn("readiness", async move {
             let mut last: Option<bool> = None;
+            let mut last_problems: Vec<String> = Vec::new();
             loop {
-                let mut ready = true;
+                let mut ready = !shutdown.is_cancelled();
+                let mut checks = serde_json::Map::new();
+                let mut problems = Vec::new();
                 for dependency in &dependencies {
-                    if let Err(error) = dependency.check().await {
-                        if last != Some(false) {
-                            tracing::warn!(dependency = dependency.name(), %error, "dependency down, not ready");
+                    let result = dependency.check().await;
+                    metrics::gauge!("stowage_dependency_up", "dependency" => dependency.name())
+                        .set(if result.is_ok() { 1.0 } else { 0.0 });
+                    let state = match result {
+                        Ok(()) => "up".to_owned(),
+                        Err(error) => {
+                            if dependency.required() {
+                                ready = false;
+                            }
+                            problems.push(format!("{}: {error}", dependency.name()));
+                            format!("down: {error}")
                         }
-                        ready = false;
-                    }
+                    };
+                    checks.insert(dependency.name().to_owned(), state.into());
                 }
-                if shutdown.is_cancelled() {
-                    ready = false;
+                for probe in &degraded {
+                    let state = match (probe.check)() {
+                        None => "ok".to_owned(),
+                        Some(why) => {
+                            problems.push(format!("{}: {why}", probe.name));
+                            format!("degraded: {why}")
+                        }
+                    };
+                    checks.insert(probe.name.to_owned(), state.into());
+                }
+                let status = match (ready, problems.is_empty()) {
+                    (false, _) => "not_serving",
+                    (true, true) => "serving",
+                    (true, false) => "degraded",
+                };
+                if let Ok(mut d) = detail.write() {
+                    *d = serde_json::json!({ "status": status, "checks": checks });
+                }
+                if problems != last_problems {
+                    for problem in problems.iter().filter(|p| !last_problems.contains(p)) {
+                        tracing::warn!(problem, "dependency check failed");
+                    }
+                    last_problems = problems;
                 }
                 if last != Some(ready) {
-                    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    let status = if ready {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
                     for name in &names {
                         health.set_service_status(name, status).await;
                     }
                     last = Some(ready);
                 }
+                let healthy = ready && last_problems.is_empty();
                 tokio::select! {
                     () = shutdown.cancelled() => {
                         for name in &names {
@@ -168,7 +273,7 @@ impl GrpcServer {
                         }
                         return;
                     }
-                    () = tokio::time::sleep(Duration::from_secs(if ready { 5 } else { 1 })) => {}
+                    () = tokio::time::sleep(Duration::from_secs(if healthy { 5 } else { 1 })) => {}
                 }
             }
         });
@@ -218,6 +323,7 @@ impl GrpcServer {
         let drain = shutdown.clone();
         let server = builder
             .layer(tower::util::option_layer(cors))
+            .layer(stowage_telemetry::RpcTelemetryLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 drain.cancelled().await;

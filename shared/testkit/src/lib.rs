@@ -2,6 +2,9 @@
 //! once per test process when run without it), a fresh database per test, an in-process mesh
 //! and a harness that runs the real `stowage` binary, one process per service.
 
+mod otlp;
+pub use otlp::{OtlpCollector, RecordedSpan};
+
 use std::{
     net::SocketAddr,
     path::PathBuf,

@@ -1,0 +1,187 @@
+//! Events between services: every `file.created` reaches a consumer at least once and is
+//! applied exactly once, even when Redis restarts without persistence in the middle.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use stowage_events::{Consumer, ConsumerSettings, Event, EventHandler, HandlerError, topics};
+use stowage_local::LocalRedis;
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Mesh, Setup, authed, token};
+use tokio_util::sync::CancellationToken;
+
+/// Counts deliveries and applies each event by bumping a per-file counter in its
+/// transaction: a second application would show as a count of 2.
+struct Recorder {
+    group: &'static str,
+    deliveries: AtomicUsize,
+}
+
+#[async_trait]
+impl EventHandler for Recorder {
+    async fn handle(
+        &self,
+        event: &Event,
+        tx: &stowage_db::Transaction<'_>,
+    ) -> Result<(), HandlerError> {
+        self.deliveries.fetch_add(1, Ordering::SeqCst);
+        let file_id: uuid::Uuid = event
+            .key
+            .parse()
+            .map_err(|e| HandlerError(format!("{e}")))?;
+        tx.execute(
+            "INSERT INTO probe.applied (grp, file_id, times) VALUES ($1, $2, 1)
+             ON CONFLICT (grp, file_id) DO UPDATE SET times = applied.times + 1",
+            &[&self.group, &file_id],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+async fn register(
+    files: &mut pb::files_client::FilesClient<tonic::transport::Channel>,
+    service: &str,
+    n: usize,
+) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    files
+        .register_file(authed(
+            pb::RegisterFileRequest {
+                owner_id: "alice".into(),
+                file_id: id.to_string(),
+                display_name: format!("f{n}.txt"),
+                kind: pb::FileKind::Document as i32,
+                mime_type: "text/plain".into(),
+                size_bytes: 1,
+                sha256: "00".repeat(32),
+                storage_key: format!("users/alice/document/2026/11/{id}.txt"),
+                status: pb::FileStatus::Ready as i32,
+                idempotency_key: id.to_string(),
+                ..Default::default()
+            },
+            service,
+        ))
+        .await
+        .expect("register");
+    id
+}
+
+#[tokio::test]
+async fn file_created_survives_a_redis_restart_and_is_applied_once() -> anyhow::Result<()> {
+    let redis = LocalRedis::start().await?;
+    let port = redis.port();
+    let redis_url = redis.url();
+    let setup = Setup::new().await?;
+    let url = redis_url.clone();
+    let mesh = Mesh::start_with(&setup, |c| c.redis_url = Some(url)).await?;
+
+    // A consumer group of its own, with its dedupe table and effect table in a schema.
+    let pool = stowage_db::connect(&setup.database_url, 4)?;
+    stowage_events::migrate(&pool, "probe").await?;
+    pool.get()
+        .await?
+        .batch_execute("CREATE TABLE probe.applied (grp text, file_id uuid, times int NOT NULL, PRIMARY KEY (grp, file_id))")
+        .await?;
+    let client = stowage_runtime::redis::connect(&redis_url).await?;
+    let stop = CancellationToken::new();
+    let start_group = |group: &'static str| {
+        let recorder = Arc::new(Recorder {
+            group,
+            deliveries: AtomicUsize::new(0),
+        });
+        let consumer = Consumer::new(
+            &client,
+            pool.clone(),
+            "probe",
+            group,
+            &[topics::FILE_CREATED],
+            Arc::clone(&recorder) as Arc<dyn EventHandler>,
+            ConsumerSettings {
+                block: Duration::from_millis(200),
+                claim_idle: Duration::from_secs(2),
+                ..ConsumerSettings::default()
+            },
+        );
+        (recorder, tokio::spawn(consumer.run(stop.clone())))
+    };
+    // One group reads throughout; the other starts only after the restart, so the events
+    // published before it exist nowhere but in the outbox when Redis comes back empty.
+    let (early, early_task) = start_group("early");
+
+    let service = token("svc", &["service"]);
+    let mut files = stowage_integration_tests::files(mesh.channel());
+    let mut created = HashSet::new();
+    for n in 0..300 {
+        created.insert(register(&mut files, &service, n).await);
+    }
+    // Stopped without persistence: streams, groups and pending deliveries are gone.
+    redis.stop().await;
+    for n in 300..700 {
+        created.insert(register(&mut files, &service, n).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let redis = LocalRedis::start_on(port).await?;
+    for n in 700..1000 {
+        created.insert(register(&mut files, &service, n).await);
+    }
+    let (late, late_task) = start_group("late");
+
+    let conn = pool.get().await?;
+    for (group, recorder) in [("early", &early), ("late", &late)] {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let applied: i64 = conn
+                .query_one(
+                    "SELECT count(*) FROM probe.applied WHERE grp = $1",
+                    &[&group],
+                )
+                .await?
+                .get(0);
+            if applied == 1000 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "group {group}: only {applied} of 1000 file.created events applied after 90 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let rows = conn
+            .query(
+                "SELECT file_id, times FROM probe.applied WHERE grp = $1",
+                &[&group],
+            )
+            .await?;
+        let applied: HashSet<uuid::Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(
+            applied, created,
+            "group {group}: every created file is applied"
+        );
+        let twice = rows.iter().filter(|r| r.get::<_, i32>(1) != 1).count();
+        assert_eq!(
+            twice, 0,
+            "group {group}: {twice} events applied more than once"
+        );
+        // Repeats (replay after the restart) are recognised before the handler runs.
+        assert_eq!(
+            recorder.deliveries.load(Ordering::SeqCst),
+            1000,
+            "group {group}"
+        );
+    }
+
+    stop.cancel();
+    early_task.await?;
+    late_task.await?;
+    mesh.stop().await?;
+    redis.stop().await;
+    Ok(())
+}

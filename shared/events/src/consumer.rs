@@ -1,0 +1,352 @@
+//! The consumer's side: a consumer group per service, each event applied in one PostgreSQL
+//! transaction together with its dedupe row, acknowledged only after that commits.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Pool, Transaction};
+use fred::{clients::Client, prelude::*, types::streams::XReadResponse};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{Event, event::stream_key, relay::pg_interval};
+
+/// Why a handler did not apply an event; it stays pending and is delivered again.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HandlerError(pub String);
+
+impl From<tokio_postgres::Error> for HandlerError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Self(format!("database: {error}"))
+    }
+}
+
+/// Applies events of the topics a [`Consumer`] reads.
+#[async_trait]
+pub trait EventHandler: Send + Sync + 'static {
+    /// Applies `event` inside `tx`, which also records that it was applied: what the handler
+    /// writes through `tx` happens exactly once per event. Effects outside the database must
+    /// be idempotent themselves.
+    async fn handle(&self, event: &Event, tx: &Transaction<'_>) -> Result<(), HandlerError>;
+}
+
+/// How a consumer behaves.
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings {
+    /// Entries read per call.
+    pub batch: u64,
+    /// How long a read waits for new entries.
+    pub block: Duration,
+    /// How long a delivery may stay unacknowledged before another consumer claims it.
+    pub claim_idle: Duration,
+    /// How long applied event ids are remembered (longer than any replay).
+    pub dedupe_retention: Duration,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            batch: 100,
+            block: Duration::from_secs(2),
+            claim_idle: Duration::from_secs(30),
+            dedupe_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A member of consumer group `group` over some topics, recording applied events in
+/// `schema.consumed_events`.
+pub struct Consumer {
+    redis: Client,
+    pool: Pool,
+    schema: String,
+    group: String,
+    name: String,
+    topics: Vec<String>,
+    handler: Arc<dyn EventHandler>,
+    settings: ConsumerSettings,
+}
+
+enum Applied {
+    Now,
+    Before,
+}
+
+impl Consumer {
+    /// A consumer of `topics` in group `group`. It opens its own Redis connection (a blocking
+    /// read holds a connection) with `redis`'s settings.
+    pub fn new(
+        redis: &Client,
+        pool: Pool,
+        schema: &str,
+        group: &str,
+        topics: &[&str],
+        handler: Arc<dyn EventHandler>,
+        settings: ConsumerSettings,
+    ) -> Self {
+        let name = format!(
+            "{}-{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Self {
+            redis: redis.clone_new(),
+            pool,
+            schema: schema.to_owned(),
+            group: group.to_owned(),
+            name,
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            handler,
+            settings,
+        }
+    }
+
+    /// Reads, applies and acknowledges until `shutdown`, finishing the event in hand.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let _connection = self.redis.connect();
+        let streams: Vec<String> = self.topics.iter().map(|t| stream_key(t)).collect();
+        let mut last_claim = tokio::time::Instant::now();
+        let mut last_housekeeping = tokio::time::Instant::now() - Duration::from_secs(3600);
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let read = tokio::select! {
+                () = shutdown.cancelled() => break,
+                read = self.read(&streams) => read,
+            };
+            match read {
+                Ok(entries) => {
+                    failures = 0;
+                    for (stream, id, fields) in entries {
+                        self.process(&stream, &id, &fields).await;
+                    }
+                }
+                Err(error) if error.details().starts_with("NOGROUP") => {
+                    if let Err(error) = self.create_groups(&streams).await {
+                        tracing::warn!(%error, group = %self.group, "cannot create consumer groups");
+                    }
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(%error, group = %self.group, "event read failed, retrying");
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(25)))) => {}
+                    }
+                    continue;
+                }
+            }
+            if last_claim.elapsed() >= self.settings.claim_idle / 2 {
+                last_claim = tokio::time::Instant::now();
+                self.claim_stuck(&streams).await;
+            }
+            if last_housekeeping.elapsed() >= Duration::from_secs(60) {
+                last_housekeeping = tokio::time::Instant::now();
+                self.observe_lag(&streams).await;
+                self.prune_dedupe().await;
+            }
+        }
+    }
+
+    async fn read(
+        &self,
+        streams: &[String],
+    ) -> Result<Vec<(String, String, HashMap<String, String>)>, fred::error::Error> {
+        let ids = vec![">"; streams.len()];
+        let block = u64::try_from(self.settings.block.as_millis()).unwrap_or(2000);
+        let call = self
+            .redis
+            .xreadgroup_map::<String, String, String, String, _, _, _, _>(
+                self.group.as_str(),
+                self.name.as_str(),
+                Some(self.settings.batch),
+                Some(block),
+                false,
+                streams.to_vec(),
+                ids,
+            );
+        // A read blocked on a connection that died must not hang forever.
+        let response: XReadResponse<String, String, String, String> =
+            match tokio::time::timeout(self.settings.block + Duration::from_secs(5), call).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(fred::error::Error::new(
+                        fred::error::ErrorKind::Timeout,
+                        "XREADGROUP timed out",
+                    ));
+                }
+            };
+        Ok(response
+            .into_iter()
+            .flat_map(|(stream, entries)| {
+                entries
+                    .into_iter()
+                    .map(move |(id, fields)| (stream.clone(), id, fields))
+            })
+            .collect())
+    }
+
+    async fn create_groups(&self, streams: &[String]) -> Result<(), fred::error::Error> {
+        for stream in streams {
+            // From the start of the stream: after a Redis restart the relay publishes again
+            // into a fresh stream, and every entry of it must be read.
+            match self
+                .redis
+                .xgroup_create::<(), _, _, _>(stream.as_str(), self.group.as_str(), "0", true)
+                .await
+            {
+                Ok(()) => tracing::info!(stream, group = %self.group, "consumer group created"),
+                Err(error) if error.details().starts_with("BUSYGROUP") => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    async fn process(&self, stream: &str, id: &str, fields: &HashMap<String, String>) {
+        let event = match Event::from_fields(fields) {
+            Ok(event) => event,
+            Err(reason) => {
+                // Retrying cannot fix an entry no producer of ours could have written.
+                tracing::error!(stream, id, %reason, "malformed event dropped");
+                metrics::counter!("stowage_events_malformed_total").increment(1);
+                self.ack(stream, id).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "event",
+            otel.name = %format!("consume {}", event.topic),
+            otel.kind = "consumer",
+            event.id = %event.id,
+            group = %self.group,
+        );
+        stowage_telemetry::set_parent_from_traceparent(&span, event.traceparent.as_deref());
+        match self.apply(&event).instrument(span).await {
+            Ok(applied) => {
+                let outcome = match applied {
+                    Applied::Now => "applied",
+                    Applied::Before => "duplicate",
+                };
+                metrics::counter!("stowage_events_consumed_total", "topic" => event.topic.clone(), "group" => self.group.clone(), "outcome" => outcome).increment(1);
+                self.ack(stream, id).await;
+            }
+            Err(error) => {
+                // Left pending: claimed again after `claim_idle`.
+                tracing::warn!(%error, event_id = %event.id, topic = %event.topic, "event not applied, will be retried");
+                metrics::counter!("stowage_events_failed_total", "topic" => event.topic.clone(), "group" => self.group.clone()).increment(1);
+            }
+        }
+    }
+
+    async fn apply(&self, event: &Event) -> Result<Applied, HandlerError> {
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| HandlerError(format!("database unavailable: {e}")))?;
+        let tx = conn.transaction().await?;
+        let fresh = tx
+            .execute(
+                &format!(
+                    "INSERT INTO {}.consumed_events (consumer, event_id) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    self.schema
+                ),
+                &[&self.group, &event.id],
+            )
+            .await?;
+        if fresh == 0 {
+            return Ok(Applied::Before);
+        }
+        self.handler.handle(event, &tx).await?;
+        tx.commit().await?;
+        Ok(Applied::Now)
+    }
+
+    async fn ack(&self, stream: &str, id: &str) {
+        if let Err(error) = self
+            .redis
+            .xack::<i64, _, _, _>(stream, self.group.as_str(), id)
+            .await
+        {
+            // Delivered again later and skipped as a duplicate.
+            tracing::warn!(%error, stream, id, "event acknowledgement failed");
+        }
+    }
+
+    /// Takes over deliveries another consumer left unacknowledged for `claim_idle`.
+    async fn claim_stuck(&self, streams: &[String]) {
+        let idle = u64::try_from(self.settings.claim_idle.as_millis()).unwrap_or(30_000);
+        for stream in streams {
+            let claimed = self
+                .redis
+                .xautoclaim_values::<String, String, String, _, _, _, _>(
+                    stream.as_str(),
+                    self.group.as_str(),
+                    self.name.as_str(),
+                    idle,
+                    "0-0",
+                    Some(self.settings.batch),
+                    false,
+                )
+                .await;
+            match claimed {
+                Ok((_, entries)) => {
+                    for (id, fields) in entries {
+                        tracing::info!(stream, id, "claimed a stuck event");
+                        self.process(stream, &id, &fields).await;
+                    }
+                }
+                Err(error) => tracing::debug!(%error, stream, "claim of stuck events failed"),
+            }
+        }
+    }
+
+    /// Sets `stowage_events_consumer_lag` (entries not yet delivered to the group) and
+    /// `stowage_events_consumer_pending` (delivered, not acknowledged) per topic.
+    async fn observe_lag(&self, streams: &[String]) {
+        for (stream, topic) in streams.iter().zip(&self.topics) {
+            let Ok(groups) = self
+                .redis
+                .xinfo_groups::<Vec<HashMap<String, Value>>, _>(stream.as_str())
+                .await
+            else {
+                continue;
+            };
+            let Some(info) = groups.iter().find(|g| {
+                g.get("name").and_then(|v| v.as_string()).as_deref() == Some(self.group.as_str())
+            }) else {
+                continue;
+            };
+            let number = |k: &str| info.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+            let labels = [("topic", topic.clone()), ("group", self.group.clone())];
+            metrics::gauge!("stowage_events_consumer_lag", &labels).set(number("lag"));
+            metrics::gauge!("stowage_events_consumer_pending", &labels).set(number("pending"));
+        }
+    }
+
+    async fn prune_dedupe(&self) {
+        let keep = chrono::Duration::from_std(self.settings.dedupe_retention)
+            .unwrap_or(chrono::Duration::days(7));
+        let Ok(conn) = self.pool.get().await else {
+            return;
+        };
+        if let Err(error) = conn
+            .execute(
+                &format!(
+                    "DELETE FROM {}.consumed_events
+                     WHERE consumer = $1 AND consumed_at < now() - ($2::float8 * interval '1 second')",
+                    self.schema
+                ),
+                &[&self.group, &pg_interval(keep)],
+            )
+            .await
+        {
+            tracing::warn!(%error, "dedupe prune failed");
+        }
+    }
+}

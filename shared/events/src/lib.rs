@@ -1,0 +1,62 @@
+//! Events between Stowage services, exactly once in effect.
+//!
+//! A producer writes an event into its own schema's `outbox` in the transaction that makes the
+//! change ([`stage`]); a [`Relay`] publishes unpublished rows to Redis Streams (one stream per
+//! topic, bounded length) and marks them sent. Consumers read through consumer groups
+//! ([`Consumer`]), apply each event in a PostgreSQL transaction that also records its id
+//! (duplicates are skipped), then acknowledge; deliveries left pending by a crashed consumer
+//! are claimed by another.
+//!
+//! Redis holds nothing that cannot be rebuilt: when a relay finds that Redis has lost its data
+//! (restart without persistence), it publishes again what it sent within the replay window, and
+//! the consumers' dedupe turns the repeats into no-ops.
+
+mod consumer;
+mod event;
+mod listen;
+mod outbox;
+mod relay;
+
+pub use consumer::{Consumer, ConsumerSettings, EventHandler, HandlerError};
+pub use event::{Event, stream_key};
+pub use outbox::stage;
+pub use relay::{Relay, RelayError, RelaySettings};
+
+/// Topics published by Stowage services.
+pub mod topics {
+    /// A file was registered (Files).
+    pub const FILE_CREATED: &str = "file.created";
+    /// A file went to the trash (Files).
+    pub const FILE_DELETED: &str = "file.deleted";
+    /// A file came back from the trash (Files).
+    pub const FILE_RESTORED: &str = "file.restored";
+    /// A file and its bytes were removed for good (Files).
+    pub const FILE_PURGED: &str = "file.purged";
+    /// An upload session completed (Ingest).
+    pub const UPLOAD_COMPLETED: &str = "upload.completed";
+    /// An upload session expired or was abandoned (Ingest).
+    pub const UPLOAD_EXPIRED: &str = "upload.expired";
+    /// An account's usage crossed a notice threshold (Quota).
+    pub const QUOTA_THRESHOLD_CROSSED: &str = "quota.threshold_crossed";
+    /// A file's derivatives are ready (Media).
+    pub const MEDIA_READY: &str = "media.ready";
+    /// A file could not be processed (Media).
+    pub const MEDIA_FAILED: &str = "media.failed";
+    /// A file was quarantined by the scanner (Media).
+    pub const MEDIA_QUARANTINED: &str = "media.quarantined";
+}
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Creates (or brings up to date) the outbox and the consumer dedupe table in `schema`.
+pub async fn migrate(pool: &stowage_db::PgPool, schema: &str) -> Result<(), stowage_db::DbError> {
+    stowage_db::migrate_named(
+        pool,
+        schema,
+        "events_schema_history",
+        embedded::migrations::runner(),
+    )
+    .await
+}

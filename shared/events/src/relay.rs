@@ -1,0 +1,296 @@
+//! The relay: unpublished outbox rows → Redis Streams, in id order, marked sent only after
+//! Redis took them. All its state is in PostgreSQL, so it survives restarts of itself and of
+//! Redis.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use fred::{clients::Client, interfaces::KeysInterface, prelude::*};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{Event, event::stream_key};
+
+/// Errors of one relay pass.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// PostgreSQL failed.
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// No connection could be taken from the pool.
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// Redis failed or is unreachable; the rows stay unpublished.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+}
+
+/// How a relay behaves.
+#[derive(Clone, Debug)]
+pub struct RelaySettings {
+    /// Rows published per pass.
+    pub batch: usize,
+    /// Approximate length each stream is trimmed to (`XADD MAXLEN ~`).
+    pub stream_max_len: u64,
+    /// Longest sleep while idle (notifications usually wake it first).
+    pub idle_poll: Duration,
+    /// How far back events are published again when Redis has lost its data.
+    pub replay_window: Duration,
+    /// How long published rows are kept (at least the replay window).
+    pub retention: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            batch: 500,
+            stream_max_len: 1_000_000,
+            idle_poll: Duration::from_secs(1),
+            replay_window: Duration::from_secs(3600),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Publishes one schema's outbox.
+#[derive(Clone)]
+pub struct Relay {
+    pool: Pool,
+    database_url: String,
+    schema: String,
+    redis: Client,
+    settings: RelaySettings,
+}
+
+impl Relay {
+    /// A relay of `schema`'s outbox in the database at `database_url` (a dedicated connection
+    /// listens for new rows), publishing through `redis`.
+    pub fn new(
+        pool: Pool,
+        database_url: &str,
+        schema: &str,
+        redis: Client,
+        settings: RelaySettings,
+    ) -> Self {
+        Self {
+            pool,
+            database_url: database_url.to_owned(),
+            schema: schema.to_owned(),
+            redis,
+            settings,
+        }
+    }
+
+    /// Publishes until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let wake = Arc::new(Notify::new());
+        let listener = tokio::spawn(crate::listen::listen(
+            self.database_url.clone(),
+            crate::listen::channel(&self.schema),
+            Arc::clone(&wake),
+            shutdown.child_token(),
+        ));
+        let mut last_prune = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let pass = async {
+                self.replay_if_redis_forgot().await?;
+                self.publish_pending().await
+            };
+            let outcome = tokio::select! {
+                () = shutdown.cancelled() => break,
+                outcome = pass => outcome,
+            };
+            let idle = match outcome {
+                Ok(n) => {
+                    failures = 0;
+                    n < self.settings.batch
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(schema = %self.schema, %error, "outbox relay pass failed, retrying");
+                    }
+                    true
+                }
+            };
+            if let Err(error) = self.observe_lag().await {
+                tracing::debug!(%error, "outbox lag not measured");
+            }
+            if last_prune.elapsed() > Duration::from_secs(600) {
+                last_prune = tokio::time::Instant::now();
+                if let Err(error) = self.prune().await {
+                    tracing::warn!(%error, "outbox prune failed");
+                }
+            }
+            if idle {
+                // After a failure back off up to 5 s; otherwise sleep until a new row or the
+                // idle poll.
+                let wait = if failures > 0 {
+                    Duration::from_millis(200 * u64::from(failures.min(25)))
+                } else {
+                    self.settings.idle_poll
+                };
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = wake.notified(), if failures == 0 => {}
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        listener.abort();
+    }
+
+    /// Publishes one batch of unpublished rows; returns how many. Only one relay of a schema
+    /// publishes at a time (an advisory lock), which keeps each stream in outbox order.
+    pub async fn publish_pending(&self) -> Result<usize, RelayError> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let locked: bool = tx
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                &[&format!("stowage-outbox:{}", self.schema)],
+            )
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(0);
+        }
+        let limit = i64::try_from(self.settings.batch).unwrap_or(i64::MAX);
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT id, event_id, topic, key, payload, traceparent, created_at
+                     FROM {}.outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
+                    self.schema
+                ),
+                &[&limit],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let pipeline = self.redis.pipeline();
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut topics = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let event = Event {
+                id: row.get::<_, Uuid>(1),
+                topic: row.get(2),
+                key: row.get(3),
+                payload: row.get(4),
+                traceparent: row.get(5),
+                occurred_at: row.get::<_, DateTime<Utc>>(6),
+            };
+            let fields = event.to_fields();
+            let cap = ("MAXLEN", "~", self.settings.stream_max_len as i64);
+            let _: () = pipeline
+                .xadd(stream_key(&event.topic), false, cap, "*", fields)
+                .await?;
+            ids.push(row.get::<_, i64>(0));
+            topics.push(event.topic);
+        }
+        for result in pipeline.try_all::<Value>().await {
+            // Rows stay unpublished; entries that did get in are repeated next pass, which
+            // consumers dedupe.
+            result?;
+        }
+        tx.execute(
+            &format!(
+                "UPDATE {}.outbox SET published_at = now() WHERE id = ANY($1)",
+                self.schema
+            ),
+            &[&ids],
+        )
+        .await?;
+        tx.commit().await?;
+        for topic in topics {
+            metrics::counter!("stowage_events_published_total", "topic" => topic).increment(1);
+        }
+        Ok(ids.len())
+    }
+
+    /// When Redis has no record of this schema's epoch key, it lost its data (or never saw
+    /// this relay): everything published within the replay window goes out again.
+    async fn replay_if_redis_forgot(&self) -> Result<(), RelayError> {
+        let key = format!("stowage:events:epoch:{}", self.schema);
+        let present: i64 = self.redis.exists(&key).await?;
+        if present > 0 {
+            return Ok(());
+        }
+        let window = chrono::Duration::from_std(self.settings.replay_window)
+            .unwrap_or(chrono::Duration::hours(1));
+        let conn = self.pool.get().await?;
+        let replayed = conn
+            .execute(
+                &format!(
+                    "UPDATE {}.outbox SET published_at = NULL
+                     WHERE published_at > now() - ($1::float8 * interval '1 second')",
+                    self.schema
+                ),
+                &[&pg_interval(window)],
+            )
+            .await?;
+        // Set only after the rows are queued again: a crash in between replays twice, never
+        // zero times.
+        let _: Option<String> = self
+            .redis
+            .set(
+                &key,
+                Utc::now().to_rfc3339(),
+                None,
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        if replayed > 0 {
+            tracing::info!(schema = %self.schema, replayed, "redis has no record of recent events, publishing them again");
+            metrics::counter!("stowage_events_replayed_total", "schema" => self.schema.clone())
+                .increment(replayed);
+        }
+        Ok(())
+    }
+
+    async fn observe_lag(&self) -> Result<(), RelayError> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_one(
+                &format!(
+                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
+                     FROM {}.outbox WHERE published_at IS NULL",
+                    self.schema
+                ),
+                &[],
+            )
+            .await?;
+        let schema = self.schema.clone();
+        metrics::gauge!("stowage_outbox_pending", "schema" => schema.clone())
+            .set(row.get::<_, i64>(0) as f64);
+        metrics::gauge!("stowage_outbox_lag_seconds", "schema" => schema).set(row.get::<_, f64>(1));
+        Ok(())
+    }
+
+    async fn prune(&self) -> Result<(), RelayError> {
+        let keep = self.settings.retention.max(self.settings.replay_window);
+        let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(7));
+        let conn = self.pool.get().await?;
+        let removed = conn
+            .execute(
+                &format!(
+                    "DELETE FROM {}.outbox WHERE published_at < now() - ($1::float8 * interval '1 second')",
+                    self.schema
+                ),
+                &[&pg_interval(keep)],
+            )
+            .await?;
+        tracing::debug!(schema = %self.schema, removed, "pruned published outbox rows");
+        Ok(())
+    }
+}
+
+/// Seconds of `d`, for `$n::float8 * interval '1 second'`.
+pub(crate) fn pg_interval(d: chrono::Duration) -> f64 {
+    d.num_milliseconds() as f64 / 1000.0
+}
