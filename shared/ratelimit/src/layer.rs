@@ -26,7 +26,7 @@ pub type Classifier = Arc<dyn Fn(&Parts) -> Option<(Class, Vec<Subject>)> + Send
 /// Wraps a service (a tonic service, or axum routes) in [`RateLimitService`].
 #[derive(Clone)]
 pub struct RateLimitLayer {
-    limiter: Limiter,
+    limiter: Option<Limiter>,
     classify: Classifier,
 }
 
@@ -37,8 +37,17 @@ impl RateLimitLayer {
         F: Fn(&Parts) -> Option<(Class, Vec<Subject>)> + Send + Sync + 'static,
     {
         Self {
-            limiter,
+            limiter: Some(limiter),
             classify: Arc::new(classify),
+        }
+    }
+
+    /// A layer that lets every request through, for a process without Redis: services keep
+    /// one type whether they are limited or not.
+    pub fn disabled() -> Self {
+        Self {
+            limiter: None,
+            classify: Arc::new(|_| None),
         }
     }
 }
@@ -62,7 +71,7 @@ impl<S> Layer<S> for RateLimitLayer {
 #[derive(Clone)]
 pub struct RateLimitService<S> {
     inner: S,
-    limiter: Limiter,
+    limiter: Option<Limiter>,
     classify: Classifier,
 }
 
@@ -86,12 +95,12 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let (parts, body) = request.into_parts();
-        let target = if self.limiter.limits().enabled {
-            (self.classify)(&parts)
-        } else {
-            None
+        let Some(limiter) = self.limiter.as_ref().filter(|l| l.limits().enabled) else {
+            return Box::pin(self.inner.call(request));
         };
+        let limiter = limiter.clone();
+        let (parts, body) = request.into_parts();
+        let target = (self.classify)(&parts);
         let request = Request::from_parts(parts, body);
         let Some((class, subjects)) = target else {
             return Box::pin(self.inner.call(request));
@@ -99,7 +108,6 @@ where
         // The clone is not ready yet; keep the one `poll_ready` readied for this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let limiter = self.limiter.clone();
         let grpc = is_grpc(request.headers());
         Box::pin(async move {
             match limiter.check(class, &subjects).await {

@@ -227,6 +227,29 @@ async fn over_the_limit_grpc_gets_resource_exhausted_and_http_gets_429_with_retr
     assert!((1..=10).contains(&retry_after), "Retry-After {retry_after}");
 }
 
+/// A service that only says it was reached.
+fn reached() -> impl Service<
+    http::Request<Body>,
+    Response = http::Response<Body>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(|_: http::Request<Body>| async {
+        let mut response = http::Response::new(Body::empty());
+        response
+            .headers_mut()
+            .insert("x-reached", http::HeaderValue::from_static("yes"));
+        Ok::<_, Infallible>(response)
+    })
+}
+
+fn request(path: &str, content_type: &str) -> http::Request<Body> {
+    http::Request::post(path)
+        .header("content-type", content_type)
+        .body(Body::empty())
+        .expect("request")
+}
+
 #[tokio::test]
 async fn fail_closed_without_redis_answers_unavailable_and_503() {
     let redis = LocalRedis::start().await.unwrap();
@@ -238,25 +261,41 @@ async fn fail_closed_without_redis_answers_unavailable_and_503() {
     );
     redis.stop().await;
     let mut service = RateLimitLayer::new(limiter, |parts| {
+        // Health checks are not limited.
+        if parts.uri.path().starts_with("/grpc.health.v1.Health/") {
+            return None;
+        }
         Some((
             classify_grpc_path(parts.uri.path()),
             vec![Subject::User("carol".into())],
         ))
     })
-    .layer(Files);
+    .layer(reached());
 
-    let grpc = http::Request::post("/stowage.v1.Files/GetFile")
-        .header("content-type", "application/grpc")
-        .body(Body::empty())
-        .unwrap();
+    let grpc = request("/stowage.v1.Files/GetFile", "application/grpc");
     let response = service.ready().await.unwrap().call(grpc).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["grpc-status"], "14");
+    assert!(response.headers().get("x-reached").is_none());
 
-    let plain = http::Request::get("/v1/blobs/f1")
-        .body(Body::empty())
-        .unwrap();
+    let plain = request("/tus", "application/offset+octet-stream");
     let response = service.ready().await.unwrap().call(plain).await.unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
+    assert!(response.headers().get("x-reached").is_none());
+
+    // What the classifier leaves out never waits for Redis.
+    let health = request("/grpc.health.v1.Health/Check", "application/grpc");
+    let response = service.ready().await.unwrap().call(health).await.unwrap();
+    assert_eq!(response.headers()["x-reached"], "yes");
+}
+
+#[tokio::test]
+async fn a_disabled_layer_lets_everything_through() {
+    let mut service = RateLimitLayer::disabled().layer(reached());
+    for _ in 0..3 {
+        let call = request("/stowage.v1.Files/ListFiles", "application/grpc");
+        let response = service.ready().await.unwrap().call(call).await.unwrap();
+        assert_eq!(response.headers()["x-reached"], "yes");
+    }
 }
