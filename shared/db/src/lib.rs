@@ -62,11 +62,20 @@ pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
 /// Applies `runner`'s migrations to `schema`, creating the schema first.
 ///
 /// The history table lives inside the schema (`{schema}.schema_history`), so services never
-/// share one. A transaction-level advisory lock serialises concurrent starters.
-pub async fn migrate(
+/// share one. A session-level advisory lock serialises concurrent starters.
+pub async fn migrate(pool: &Pool, schema: &str, runner: MigrationRunner) -> Result<(), DbError> {
+    migrate_with_history(pool, schema, runner, "schema_history").await
+}
+
+/// Like [`migrate`], with the history kept in `{schema}.{history_table}`.
+///
+/// For a shared crate whose tables live in a service's schema (the job queue) and whose
+/// migrations are numbered apart from the service's own.
+pub async fn migrate_with_history(
     pool: &Pool,
     schema: &str,
     mut runner: MigrationRunner,
+    history_table: &str,
 ) -> Result<(), DbError> {
     let mut conn = pool.get().await?;
     // One lock for all schemas: migrations are rare and short, and `CREATE SCHEMA IF NOT
@@ -81,7 +90,7 @@ pub async fn migrate(
         .await?;
         let client: &mut tokio_postgres::Client = &mut conn;
         runner
-            .set_migration_table_name(format!("{schema}.schema_history"))
+            .set_migration_table_name(format!("{schema}.{history_table}"))
             .run_async(client)
             .await
             .map_err(|source| DbError::Migration {
