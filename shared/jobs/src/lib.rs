@@ -17,6 +17,8 @@
 //! was lost. A job carries the W3C `traceparent` of whoever enqueued it; the handler decides
 //! how to join that trace.
 
+#![warn(missing_docs)]
+
 mod claim;
 mod config;
 mod error;
