@@ -62,19 +62,20 @@ pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
 /// Applies `runner`'s migrations to `schema`, creating the schema first.
 ///
 /// The history table lives inside the schema (`{schema}.schema_history`), so services never
-/// share one. A transaction-level advisory lock serialises concurrent starters.
+/// share one. A session-level advisory lock serialises concurrent starters.
 pub async fn migrate(pool: &Pool, schema: &str, runner: MigrationRunner) -> Result<(), DbError> {
-    migrate_named(pool, schema, "schema_history", runner).await
+    migrate_with_history(pool, schema, runner, "schema_history").await
 }
 
-/// Like [`migrate`], with the history in `{schema}.{history}`: a shared crate that keeps its
-/// own tables in a service's schema (outbox, job queue) versions them apart from the
-/// service's own migrations.
-pub async fn migrate_named(
+/// Like [`migrate`], with the history kept in `{schema}.{history_table}`.
+///
+/// For a shared crate whose tables live in a service's schema (the job queue) and whose
+/// migrations are numbered apart from the service's own.
+pub async fn migrate_with_history(
     pool: &Pool,
     schema: &str,
-    history: &str,
     mut runner: MigrationRunner,
+    history_table: &str,
 ) -> Result<(), DbError> {
     let mut conn = pool.get().await?;
     // One lock for all schemas: migrations are rare and short, and `CREATE SCHEMA IF NOT
@@ -89,7 +90,7 @@ pub async fn migrate_named(
         .await?;
         let client: &mut tokio_postgres::Client = &mut conn;
         runner
-            .set_migration_table_name(format!("{schema}.{history}"))
+            .set_migration_table_name(format!("{schema}.{history_table}"))
             .run_async(client)
             .await
             .map_err(|source| DbError::Migration {

@@ -52,11 +52,11 @@ mod embedded {
 
 /// Creates (or brings up to date) the outbox and the consumer dedupe table in `schema`.
 pub async fn migrate(pool: &stowage_db::PgPool, schema: &str) -> Result<(), stowage_db::DbError> {
-    stowage_db::migrate_named(
+    stowage_db::migrate_with_history(
         pool,
         schema,
-        "events_schema_history",
         embedded::migrations::runner(),
+        "events_schema_history",
     )
     .await
 }
