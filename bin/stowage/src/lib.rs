@@ -12,8 +12,9 @@ use stowage_ingest::{IngestGrpc, SessionSettings, Sessions, Staging, Uploader, U
 use stowage_lifecycle::LifecycleGrpc;
 use stowage_media::MediaGrpc;
 use stowage_quota::{Quota, QuotaGrpc};
+use stowage_ratelimit::Limiter;
 use stowage_runtime::{
-    Background, Config, Dependency, GrpcServer, Minter, Verifier,
+    Background, Config, DegradedProbe, Dependency, GrpcServer, Minter, Verifier,
     mesh::{self, FilesApi, GrpcFiles, GrpcQuota, LocalFiles, LocalQuota, QuotaApi, ServiceAuth},
 };
 use tokio::net::TcpListener;
@@ -148,6 +149,14 @@ pub async fn serve_with(
     let timeout = config.peer_timeout();
     let max_message = usize::try_from(config.max_message_size.as_u64()).unwrap_or(usize::MAX);
     let mut server = GrpcServer::new(verifier, config.cors_origins.clone(), config.shutdown_grace);
+    let limiter = match &redis {
+        Some(redis) if config.rate_limit.enabled => {
+            let limiter = Limiter::new(redis.clone(), config.rate_limit.clone());
+            server.limit_rate(limiter.clone(), &config.ingest.tus_path);
+            Some(limiter)
+        }
+        _ => None,
+    };
 
     let quota_local = roles.contains(&Role::Quota).then(|| {
         Arc::new(QuotaGrpc::new(Quota::new(
@@ -296,7 +305,24 @@ pub async fn serve_with(
             "REDIS_URL unset: events stay in the outboxes until a relay can publish them"
         );
     }
-    server.watch_readiness(&background, dependencies, Vec::new());
+    let degraded = limiter
+        .map(|limiter| DegradedProbe {
+            name: "rate_limiter",
+            check: Box::new(move || {
+                let open = limiter.limits().fail_open;
+                limiter.degraded().then(|| {
+                    if open {
+                        "redis unreachable, calls pass unlimited"
+                    } else {
+                        "redis unreachable, limited calls refused"
+                    }
+                    .to_owned()
+                })
+            }),
+        })
+        .into_iter()
+        .collect();
+    server.watch_readiness(&background, dependencies, degraded);
     match config.metrics_addr {
         None => {
             server.merge_http(stowage_runtime::server::metrics_routes());

@@ -70,6 +70,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// `STOWAGE_EVENTS__*`.
     pub events: EventsConfig,
+    /// `STOWAGE_RATE_LIMIT__*`: per-user and per-IP limits per call class, kept in Redis.
+    pub rate_limit: stowage_ratelimit::Limits,
 }
 
 impl Default for Config {
@@ -94,6 +96,7 @@ impl Default for Config {
             quota: QuotaConfig::default(),
             ingest: IngestConfig::default(),
             events: EventsConfig::default(),
+            rate_limit: stowage_ratelimit::Limits::default(),
         }
     }
 }
@@ -299,6 +302,9 @@ impl Config {
         if self.max_message_size.as_u64() < 1024 * 1024 {
             return fail("STOWAGE_MAX_MESSAGE_SIZE", "must be at least 1 MiB");
         }
+        self.rate_limit
+            .validate()
+            .map_err(|e| ConfigError(e.to_string()))?;
         if self.events.stream_max_len < 1000 {
             return fail("STOWAGE_EVENTS__STREAM_MAX_LEN", "must be at least 1000");
         }

@@ -18,6 +18,10 @@ use tonic_web::GrpcWebLayer;
 use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use stowage_ratelimit::{
+    Limiter, RateLimitLayer, Subject, classify_grpc_path, classify_http, client_ip,
+};
+
 use crate::{auth::Verifier, tasks::Background};
 
 /// Errors of serving.
@@ -117,6 +121,8 @@ pub struct GrpcServer {
     verifier: Verifier,
     cors_origins: Vec<String>,
     grace: Duration,
+    grpc_limit: RateLimitLayer,
+    http_limit: RateLimitLayer,
 }
 
 impl GrpcServer {
@@ -135,12 +141,42 @@ impl GrpcServer {
             verifier,
             cors_origins,
             grace,
+            grpc_limit: RateLimitLayer::disabled(),
+            http_limit: RateLimitLayer::disabled(),
         }
     }
 
     /// The health reporter, to mark services serving or not.
     pub fn health(&self) -> HealthReporter {
         self.health.clone()
+    }
+
+    /// Limits calls with `limiter`: gRPC calls per user and per client IP (after
+    /// authentication; calls between services are not limited), plain HTTP routes per client
+    /// IP. Call before adding services and routes.
+    pub fn limit_rate(&mut self, limiter: Limiter, tus_path: &str) -> &mut Self {
+        let trusted = limiter.limits().trusted_proxies;
+        self.grpc_limit = RateLimitLayer::new(limiter.clone(), move |parts| {
+            let identity = parts.extensions.get::<crate::Identity>()?;
+            if identity.service {
+                return None;
+            }
+            let mut subjects = vec![Subject::User(identity.user_id.clone())];
+            subjects.extend(client_ip(parts, trusted).map(Subject::Ip));
+            Some((classify_grpc_path(parts.uri.path()), subjects))
+        });
+        let tus_path = tus_path.to_owned();
+        self.http_limit = RateLimitLayer::new(limiter, move |parts| {
+            let class = classify_http(&parts.method, parts.uri.path(), &tus_path)?;
+            Some((
+                class,
+                client_ip(parts, trusted)
+                    .map(Subject::Ip)
+                    .into_iter()
+                    .collect(),
+            ))
+        });
+        self
     }
 
     /// Adds a Stowage service behind the auth interceptor.
@@ -157,7 +193,7 @@ impl GrpcServer {
         self.names.push(S::NAME);
         self.routes
             .add_service(GrpcWebLayer::new().layer(InterceptedService::new(
-                service,
+                self.grpc_limit.layer(service),
                 self.verifier.interceptor(),
             )));
         self
@@ -165,7 +201,7 @@ impl GrpcServer {
 
     /// Adds plain HTTP routes (they do their own authentication).
     pub fn merge_http(&mut self, router: axum::Router) -> &mut Self {
-        self.http = std::mem::take(&mut self.http).merge(router);
+        self.http = std::mem::take(&mut self.http).merge(router.layer(self.http_limit.clone()));
         self
     }
 
@@ -389,6 +425,7 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
                 header("upload-offset"),
                 header("upload-length"),
                 header("tus-resumable"),
+                header("retry-after"),
             ])
             .max_age(Duration::from_secs(3600)),
     ))

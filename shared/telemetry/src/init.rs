@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 use opentelemetry::{global, trace::TracerProvider as _};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
+use tracing::Level;
+use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -84,25 +85,36 @@ pub fn init(service_name: &str, format: LogFormat) -> Telemetry {
     let provider = PROVIDER.get_or_init(|| {
         global::set_text_map_propagator(TraceContextPropagator::new());
         let provider = tracer_provider(service_name);
+        // `RUST_LOG` filters logs only: a quiet log must not switch traces off.
         let filter = EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
         let otel = provider.as_ref().map(|p| {
             global::set_tracer_provider(p.clone());
             tracing_opentelemetry::layer()
                 .with_tracer(p.tracer("stowage"))
+                .with_filter(
+                    Targets::new()
+                        .with_default(Level::INFO)
+                        .with_target("h2", Level::WARN)
+                        .with_target("hyper", Level::WARN)
+                        .with_target("tower", Level::WARN),
+                )
                 .boxed()
         });
         let logs = match format {
-            LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+            LogFormat::Text => fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter)
+                .boxed(),
             LogFormat::Json => fmt::layer()
                 .json()
                 .with_current_span(true)
                 .with_writer(std::io::stderr)
+                .with_filter(filter)
                 .boxed(),
         };
         // Already initialised elsewhere in this process (tests): keep the first subscriber.
         let _ = tracing_subscriber::registry()
-            .with(filter)
             .with(otel)
             .with(logs)
             .try_init();

@@ -1,0 +1,102 @@
+//! What Prometheus scrapes from a process: per-call counts, latency and bytes, and the event
+//! relay's progress, moving as work is done.
+
+use std::time::{Duration, Instant};
+
+use stowage_integration_tests::{random_bytes, upload};
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Mesh, Setup, authed, token};
+
+async fn scrape(mesh: &Mesh) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("http://{}/metrics", mesh.addr))
+        .await?
+        .text()
+        .await?)
+}
+
+/// The value of the first sample whose line starts with `name` and contains every label.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let list = || async {
+        stowage_integration_tests::files(mesh.channel())
+            .list_files(authed(pb::ListFilesRequest::default(), &alice))
+            .await
+    };
+    list().await?;
+    let ok = ["method=\"ListFiles\"", "code=\"OK\""];
+    let before = sample(&scrape(&mesh).await?, "stowage_rpc_requests_total", &ok).unwrap_or(0.0);
+    list().await?;
+    list().await?;
+    let text = scrape(&mesh).await?;
+    assert_eq!(
+        sample(&text, "stowage_rpc_requests_total", &ok),
+        Some(before + 2.0),
+        "ListFiles count"
+    );
+    assert!(
+        sample(
+            &text,
+            "stowage_rpc_duration_seconds_count",
+            &["method=\"ListFiles\""]
+        )
+        .is_some_and(|n| n >= before + 2.0),
+        "latency histogram"
+    );
+    // A refused call is counted under its status code.
+    let denied = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), "garbage"))
+        .await;
+    assert!(denied.is_err());
+    let text = scrape(&mesh).await?;
+    assert!(
+        sample(
+            &text,
+            "stowage_rpc_requests_total",
+            &["method=\"ListFiles\"", "code=\"UNAUTHENTICATED\""]
+        )
+        .is_some(),
+        "status code label"
+    );
+
+    // An upload: bytes in, a file.created published by the outbox relay, lag back to 0.
+    let received = sample(&text, "stowage_rpc_received_bytes_total", &[]).unwrap_or(0.0);
+    upload(mesh.channel(), &alice, "a.bin", &random_bytes(300_000), &[]).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape(&mesh).await?;
+        let published = sample(
+            &text,
+            "stowage_events_published_total",
+            &["topic=\"file.created\""],
+        );
+        let pending = sample(&text, "stowage_outbox_pending", &["schema=\"files\""]);
+        if published.is_some_and(|n| n >= 1.0) && pending == Some(0.0) {
+            assert!(
+                sample(&text, "stowage_rpc_received_bytes_total", &[])
+                    .is_some_and(|n| n >= received + 300_000.0),
+                "bytes in"
+            );
+            assert!(sample(&text, "stowage_outbox_lag_seconds", &["schema=\"files\""]).is_some());
+            assert!(
+                sample(&text, "stowage_dependency_up", &["dependency=\"postgres\""]) == Some(1.0)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "file.created not published: {published:?} {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    mesh.stop().await
+}
