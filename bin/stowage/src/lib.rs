@@ -297,7 +297,8 @@ pub async fn serve_with(
                     replay_window: config.events.replay_window,
                     ..RelaySettings::default()
                 },
-            );
+            )
+            .context("DATABASE_URL")?;
             background.spawn("outbox-relay", relay.run(shutdown.clone()));
         }
     } else {

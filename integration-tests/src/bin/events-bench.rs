@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
         "bench",
         redis.clone(),
         RelaySettings::default(),
-    );
+    )?;
     let relay_task = tokio::spawn(relay.run(stop.clone()));
     let clock = Arc::new(Clock {
         staged: Mutex::new(vec![None; total]),

@@ -4,6 +4,9 @@
 //! `refinery::embed_migrations!`; [`migrate`] applies them under an advisory lock so that
 //! any number of replicas can start at once.
 
+mod listen;
+pub use listen::listen;
+
 use std::time::Duration;
 
 pub use deadpool_postgres::{GenericClient, Object as Connection, Pool as PgPool, Transaction};

@@ -13,7 +13,6 @@
 
 mod consumer;
 mod event;
-mod listen;
 mod outbox;
 mod relay;
 

@@ -27,7 +27,7 @@ pub async fn stage(
                 &key,
                 payload,
                 &traceparent,
-                &crate::listen::channel(schema),
+                &crate::relay::channel(schema),
             ],
         )
         .await?;

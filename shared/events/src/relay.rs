@@ -58,7 +58,7 @@ impl Default for RelaySettings {
 #[derive(Clone)]
 pub struct Relay {
     pool: Pool,
-    database_url: String,
+    listen: tokio_postgres::Config,
     schema: String,
     redis: Client,
     settings: RelaySettings,
@@ -73,22 +73,22 @@ impl Relay {
         schema: &str,
         redis: Client,
         settings: RelaySettings,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, RelayError> {
+        Ok(Self {
             pool,
-            database_url: database_url.to_owned(),
+            listen: database_url.parse().map_err(RelayError::Db)?,
             schema: schema.to_owned(),
             redis,
             settings,
-        }
+        })
     }
 
     /// Publishes until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(crate::listen::listen(
-            self.database_url.clone(),
-            crate::listen::channel(&self.schema),
+        let listener = tokio::spawn(stowage_db::listen(
+            self.listen.clone(),
+            channel(&self.schema),
             Arc::clone(&wake),
             shutdown.child_token(),
         ));
@@ -288,6 +288,11 @@ impl Relay {
         tracing::debug!(schema = %self.schema, removed, "pruned published outbox rows");
         Ok(())
     }
+}
+
+/// The notification channel of `schema`'s outbox.
+pub(crate) fn channel(schema: &str) -> String {
+    format!("stowage_outbox_{schema}")
 }
 
 /// Seconds of `d`, for `$n::float8 * interval '1 second'`.

@@ -23,7 +23,6 @@ mod claim;
 mod config;
 mod error;
 mod job;
-mod listen;
 pub mod metrics;
 mod queue;
 mod schedule;

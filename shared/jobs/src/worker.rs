@@ -16,7 +16,6 @@ use tracing::Instrument;
 use crate::{
     Job, JobState, Queue,
     claim::{self, Claimed, Report},
-    listen,
     metrics::{self, Outcome},
 };
 
@@ -146,8 +145,13 @@ impl Worker {
         let helpers = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(
-            listen::listen(queue.clone(), wake.clone(), helpers.clone())
-                .instrument(tracing::info_span!("task", name = "jobs-listener")),
+            stowage_db::listen(
+                queue.listen_config().clone(),
+                queue.channel().to_owned(),
+                wake.clone(),
+                helpers.clone(),
+            )
+            .instrument(tracing::info_span!("task", name = "jobs-listener")),
         );
         tasks.spawn(
             refresh_depth(queue.clone(), helpers.clone())

@@ -1,4 +1,5 @@
-//! LISTEN for new jobs on a connection of its own, so idle workers sleep instead of polling.
+//! LISTEN on a connection of its own (a pooled connection cannot receive notifications), so
+//! idle workers and relays sleep until something happens instead of polling.
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,25 +8,28 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use crate::Queue;
-
 /// First delay before reconnecting; it doubles up to [`MAX_RECONNECT_DELAY`].
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(250);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
 
-/// Wakes `wake` on every notification of `queue`'s channel until `stop`, reconnecting when
-/// the connection drops. Every (re)connection wakes it too, since notifications sent while
-/// no one listened are lost.
-pub(crate) async fn listen(queue: Queue, wake: Arc<Notify>, stop: CancellationToken) {
+/// Wakes `wake` on every notification of `channel` until `stop`, reconnecting with `config`
+/// (backing off up to 30 s) when the connection drops. Every (re)connection wakes it too,
+/// since notifications sent while no one listened are lost.
+pub async fn listen(
+    config: tokio_postgres::Config,
+    channel: String,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
     let mut delay = FIRST_RECONNECT_DELAY;
     loop {
-        match session(&queue, &wake, &stop, &mut delay).await {
+        match session(&config, &channel, &wake, &stop, &mut delay).await {
             Ended::Stopped => return,
             Ended::Lost(reason) => tracing::warn!(
-                queue = %queue.schema(),
+                %channel,
                 %reason,
                 retry_in = ?delay,
-                "job notification connection lost"
+                "notification connection lost"
             ),
         }
         tokio::select! {
@@ -42,12 +46,13 @@ enum Ended {
 }
 
 async fn session(
-    queue: &Queue,
+    config: &tokio_postgres::Config,
+    channel: &str,
     wake: &Notify,
     stop: &CancellationToken,
     delay: &mut Duration,
 ) -> Ended {
-    let connect = queue.listen_config().connect(NoTls);
+    let connect = config.connect(NoTls);
     let (client, mut connection) = tokio::select! {
         () = stop.cancelled() => return Ended::Stopped,
         connected = connect => match connected {
@@ -57,7 +62,7 @@ async fn session(
     };
     // The connection yields the notifications; it must be polled for LISTEN to complete too.
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let statement = format!("LISTEN \"{}\"", queue.channel());
+    let statement = format!("LISTEN \"{channel}\"");
     let listening = client.batch_execute(&statement);
     tokio::pin!(listening);
     loop {
@@ -72,7 +77,7 @@ async fn session(
             },
         }
     }
-    tracing::debug!(queue = %queue.schema(), channel = %queue.channel(), "listening for jobs");
+    tracing::debug!(channel, "listening for notifications");
     *delay = FIRST_RECONNECT_DELAY;
     wake.notify_one();
     loop {
