@@ -1,0 +1,191 @@
+//! A throwaway ClamAV daemon whose only signature is the EICAR test file, made on the spot:
+//! no signature download, so it starts offline and in well under the time a real database
+//! takes to load.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use md5::{Digest, Md5};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+/// The EICAR anti-virus test file (68 bytes): harmless, and detected by every scanner.
+pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+/// Name of the signature [`LocalClamd`] loads for [`EICAR`]. clamd reports it with
+/// `.UNOFFICIAL` appended, as it does every signature outside ClamAV's own databases.
+pub const EICAR_SIGNATURE: &str = "Stowage-Test-EICAR";
+
+/// How long [`LocalClamd::start`] waits for the daemon to answer PING.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A `clamd` on 127.0.0.1 with its configuration, database, log and temporary files in a
+/// directory of its own; killed when dropped.
+#[derive(Debug)]
+pub struct LocalClamd {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl LocalClamd {
+    /// Largest stream the daemon accepts (`StreamMaxLength`); it refuses longer ones with
+    /// `INSTREAM size limit exceeded`.
+    pub const STREAM_MAX_LENGTH: u64 = 64 * 1024 * 1024;
+
+    /// Starts `clamd` on a free port and waits until it answers PING.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on(stowage_local::free_port()?).await
+    }
+
+    /// Starts `clamd` on `port` (tests restart a daemon where clients expect it).
+    pub async fn start_on(port: u16) -> anyhow::Result<Self> {
+        let binary = clamd_binary().context(
+            "clamd not found on PATH nor in /usr/sbin (scripts/setup installs clamav-daemon)",
+        )?;
+        let dir = tempfile::Builder::new()
+            .prefix("stowage-clamd-")
+            .tempdir()?;
+        std::fs::write(dir.path().join("stowage-test.hdb"), eicar_signature())?;
+        let config = dir.path().join("clamd.conf");
+        std::fs::write(&config, config_text(dir.path(), port))?;
+        let child = Command::new(&binary)
+            .arg("--config-file")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", binary.display()))?;
+        let mut clamd = Self { child, port, dir };
+        clamd.wait_ready().await?;
+        Ok(clamd)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if ping(self.port).await {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "clamd exited with {status} before answering:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "clamd did not answer PING within {START_DEADLINE:?}:\n{}",
+                    self.log()
+                );
+            }
+            // clamd with one signature answers in about 10 ms; poll at that pace.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// What clamd wrote to its log file and to stderr, for a failing test to show.
+    pub fn log(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name));
+        format!(
+            "--- clamd.log ---\n{}\n--- stderr ---\n{}",
+            read("clamd.log").unwrap_or_default(),
+            read("stderr.log").unwrap_or_default()
+        )
+    }
+
+    /// URL of the daemon, `tcp://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Port the daemon listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the daemon and waits for it to exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
+fn clamd_binary() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("clamd"))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| {
+        let sbin = PathBuf::from("/usr/sbin/clamd");
+        sbin.is_file().then_some(sbin)
+    })
+}
+
+/// A hash signature (`.hdb`, `MD5:SIZE:NAME`) matching exactly the EICAR file.
+fn eicar_signature() -> String {
+    format!(
+        "{}:{}:{EICAR_SIGNATURE}\n",
+        hex::encode(Md5::digest(EICAR)),
+        EICAR.len()
+    )
+}
+
+fn config_text(dir: &Path, port: u16) -> String {
+    let dir = dir.display();
+    // No `User`: clamd then keeps the user that started it (root in containers), which owns
+    // the directory. No `LocalSocket`: TCP only.
+    format!(
+        "Foreground yes\n\
+         TCPSocket {port}\n\
+         TCPAddr 127.0.0.1\n\
+         DatabaseDirectory {dir}\n\
+         TemporaryDirectory {dir}\n\
+         PidFile {dir}/clamd.pid\n\
+         LogFile {dir}/clamd.log\n\
+         LogVerbose yes\n\
+         LogTime yes\n\
+         StreamMaxLength {max}\n\
+         SelfCheck 0\n\
+         MaxThreads 4\n",
+        max = LocalClamd::STREAM_MAX_LENGTH
+    )
+}
+
+async fn ping(port: u16) -> bool {
+    let exchange = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        stream.write_all(b"zPING\0").await.ok()?;
+        let mut reply = [0u8; 5];
+        stream.read_exact(&mut reply).await.ok()?;
+        Some(reply)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), exchange).await,
+        Ok(Some(reply)) if &reply == b"PONG\0"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_matches_eicar() {
+        assert_eq!(EICAR.len(), 68);
+        assert_eq!(
+            eicar_signature(),
+            "44d88612fea8a8f36de82e1278abb02f:68:Stowage-Test-EICAR\n"
+        );
+    }
+}
