@@ -78,16 +78,45 @@ pub async fn download(
     file_id: &str,
     range: Option<pb::ByteRange>,
 ) -> Result<(pb::DownloadHeader, Vec<u8>), Status> {
+    download_request(
+        channel,
+        token,
+        pb::DownloadRequest {
+            file_id: file_id.to_owned(),
+            range,
+            variant: String::new(),
+        },
+    )
+    .await
+}
+
+/// Downloads one variant (thumbnail, preview, poster) of a file.
+pub async fn download_variant(
+    channel: Channel,
+    token: &str,
+    file_id: &str,
+    variant: &str,
+) -> Result<(pb::DownloadHeader, Vec<u8>), Status> {
+    download_request(
+        channel,
+        token,
+        pb::DownloadRequest {
+            file_id: file_id.to_owned(),
+            range: None,
+            variant: variant.to_owned(),
+        },
+    )
+    .await
+}
+
+async fn download_request(
+    channel: Channel,
+    token: &str,
+    request: pb::DownloadRequest,
+) -> Result<(pb::DownloadHeader, Vec<u8>), Status> {
     let mut stream = FilesClient::new(channel)
         .max_decoding_message_size(16 << 20)
-        .download(authed(
-            pb::DownloadRequest {
-                file_id: file_id.to_owned(),
-                range,
-                variant: String::new(),
-            },
-            token,
-        ))
+        .download(authed(request, token))
         .await?
         .into_inner();
     let first = stream
@@ -100,6 +129,40 @@ pub async fn download(
         data.extend_from_slice(&message?.data);
     }
     Ok((header, data))
+}
+
+/// Reads `file_id` with `token` (an admin token sees quarantined files) until Media is done
+/// with it (status no longer PROCESSING), for at most `patience`.
+pub async fn wait_processed(
+    channel: Channel,
+    token: &str,
+    file_id: &str,
+    patience: Duration,
+) -> Result<pb::File, Status> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let file = FilesClient::new(channel.clone())
+            .get_file(authed(
+                pb::GetFileRequest {
+                    file_id: file_id.to_owned(),
+                },
+                token,
+            ))
+            .await?
+            .into_inner()
+            .file
+            .ok_or_else(|| Status::internal("no file"))?;
+        if file.status != pb::FileStatus::Processing as i32 {
+            return Ok(file);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Status::deadline_exceeded(format!(
+                "{} ({file_id}) still processing after {patience:?}",
+                file.display_name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Files client with a default deadline.

@@ -1,5 +1,5 @@
 //! What Prometheus scrapes from a process: per-call counts, latency and bytes, and the event
-//! relay's progress, moving as work is done.
+//! relay's progress, Media's consumer and job queue, moving as work is done.
 
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,40 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         assert!(
             Instant::now() < deadline,
             "file.created not published: {published:?} {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Media consumed the event and ran the job: consumer lag, jobs processed, queue depth.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape(&mesh).await?;
+        let media = ["queue=\"media\"", "kind=\"media.process\""];
+        let processed = sample(&text, "stowage_jobs_processed_total", &media);
+        let consumed = sample(
+            &text,
+            "stowage_events_consumed_total",
+            &["group=\"media\"", "topic=\"file.created\""],
+        );
+        // Workers refresh the depth gauges every few seconds.
+        let depth = sample(
+            &text,
+            "stowage_queue_depth",
+            &["queue=\"media\"", "state=\"succeeded\""],
+        );
+        if processed.is_some_and(|n| n >= 1.0)
+            && consumed.is_some_and(|n| n >= 1.0)
+            && depth.is_some_and(|n| n >= 1.0)
+        {
+            assert!(
+                sample(&text, "stowage_events_consumer_lag", &["group=\"media\""]).is_some(),
+                "consumer lag"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Media did not process: {processed:?} {consumed:?} {depth:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

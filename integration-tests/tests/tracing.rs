@@ -1,6 +1,7 @@
 //! One upload is one trace: the caller's W3C trace context reaches Ingest, Ingest's calls
 //! carry it to Quota and Files (separate processes, exporting over OTLP to a collector in the
-//! test kit), and the `file.created` event carries it on to its consumers.
+//! test kit), and the `file.created` event carries it on to its consumers: Media's job that
+//! processes the file joins the same trace.
 
 use std::{
     collections::HashSet,
@@ -111,9 +112,13 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
             .collect();
         let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
         let event = watch.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let media_job = spans
+            .iter()
+            .any(|s| s.service == "stowage-media" && s.name == "job");
         if ["stowage-ingest", "stowage-quota", "stowage-files"]
             .iter()
             .all(|s| services.contains(s))
+            && media_job
             && let Some(event) = event
         {
             break (spans, event);
@@ -154,6 +159,24 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
             );
         }
     }
+    // Media heard the event in the same trace, and its job's run hangs under the consumer
+    // span that enqueued it; the job's call back to Files (SetVariants) is in the trace too.
+    let media = ids_of(&spans, "stowage-media");
+    let job = spans
+        .iter()
+        .find(|s| s.service == "stowage-media" && s.name == "job")
+        .expect("job span");
+    assert!(
+        media.contains(job.parent_span_id.as_str()),
+        "job span's parent {} is not a Media span: {spans:#?}",
+        job.parent_span_id
+    );
+    assert!(
+        spans.iter().any(|s| s.service == "stowage-files"
+            && s.name.contains("SetVariants")
+            && media.contains(s.parent_span_id.as_str())),
+        "no Files.SetVariants span under Media: {spans:#?}"
+    );
     // The event carries the context of the Files span that registered the file.
     let event_parent = event_parent.expect("file.created carries a traceparent");
     let parts: Vec<&str> = event_parent.split('-').collect();

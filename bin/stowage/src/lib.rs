@@ -1,7 +1,7 @@
 //! Wires the five Stowage services into one process: `serve(roles, config, listener,
 //! shutdown)` is what `stowage serve`, `stowage dev` and the tests call.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
@@ -10,7 +10,11 @@ use stowage_events::{Relay, RelaySettings};
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
 use stowage_ingest::{IngestGrpc, SessionSettings, Sessions, Staging, Uploader, Uploads};
 use stowage_lifecycle::LifecycleGrpc;
-use stowage_media::MediaGrpc;
+use stowage_events::{Consumer, ConsumerSettings};
+use stowage_jobs::{Queue, QueueConfig, Worker};
+use stowage_media::{
+    FileEvents, Media, MediaGrpc, MediaSettings, clamd::Clamd, imaging::DecodeLimits, video::Tools,
+};
 use stowage_quota::{Quota, QuotaGrpc};
 use stowage_ratelimit::Limiter;
 use stowage_runtime::{
@@ -57,7 +61,8 @@ pub async fn migrate(pool: &stowage_db::PgPool, roles: &[Role]) -> anyhow::Resul
             Role::Ingest => stowage_ingest::migrate(pool).await?,
             Role::Files => stowage_files::migrate(pool).await?,
             Role::Quota => stowage_quota::migrate(pool).await?,
-            Role::Media | Role::Lifecycle => {}
+            Role::Media => stowage_media::migrate(pool).await?,
+            Role::Lifecycle => {}
         }
         if let Some(schema) = outbox_schema(*role) {
             stowage_events::migrate(pool, schema).await?;
@@ -72,7 +77,8 @@ fn outbox_schema(role: Role) -> Option<&'static str> {
         Role::Ingest => Some(stowage_ingest::SCHEMA),
         Role::Files => Some(stowage_files::SCHEMA),
         Role::Quota => Some(stowage_quota::SCHEMA),
-        Role::Media | Role::Lifecycle => None,
+        Role::Media => Some(stowage_media::SCHEMA),
+        Role::Lifecycle => None,
     }
 }
 
@@ -126,7 +132,8 @@ pub async fn serve_with(
     // Quota, in process) must never wait for a connection its caller is holding.
     let connect = || stowage_db::connect(database_url, config.db_pool_size).context("DATABASE_URL");
     let pool = connect()?;
-    let (quota_pool, files_pool, ingest_pool) = (connect()?, connect()?, connect()?);
+    let (quota_pool, files_pool, ingest_pool, media_pool) =
+        (connect()?, connect()?, connect()?, connect()?);
     migrate(&pool, roles)
         .await
         .context("DATABASE_URL: cannot apply migrations")?;
@@ -178,7 +185,12 @@ pub async fn serve_with(
             )),
         })
     };
-    let catalog = Catalog::new(files_pool.clone());
+    let catalog = Catalog::new(files_pool.clone()).hold_unscanned(config.media.clamd_url.is_some());
+    let register_status = if config.media.enabled {
+        stowage_proto::v1::FileStatus::Processing
+    } else {
+        stowage_proto::v1::FileStatus::Ready
+    };
     let files_local = if roles.contains(&Role::Files) {
         let signer = UrlSigner::new(&url_signing_key(&config)?, config.public_base_url());
         server.merge_http(stowage_files::http_routes(
@@ -242,6 +254,7 @@ pub async fn serve_with(
                     part_size: usize::try_from(config.ingest.part_size.as_u64()).unwrap_or(8 << 20),
                     shutdown: shutdown.clone(),
                     local_root: blobs.local_root.clone(),
+                    register_status,
                 };
                 let sessions = Sessions::new(
                     ingest_pool.clone(),
@@ -256,6 +269,7 @@ pub async fn serve_with(
                         max_file_size: config.ingest.max_file_size.as_u64(),
                         max_chunk: usize::try_from(config.ingest.max_chunk.as_u64())
                             .unwrap_or(64 << 20),
+                        register_status,
                     },
                 );
                 server.merge_http(stowage_ingest::tus_routes(
@@ -275,7 +289,16 @@ pub async fn serve_with(
                 );
             }
             Role::Media => {
-                server.add_service(MediaGrpc.into_server(max_message));
+                let media = start_media(
+                    &config,
+                    media_pool.clone(),
+                    database_url,
+                    files_api()?,
+                    Arc::clone(&blobs.store),
+                    redis.as_ref(),
+                    &background,
+                )?;
+                server.add_service(MediaGrpc::new(media).into_server(max_message));
             }
             Role::Lifecycle => {
                 server.add_service(LifecycleGrpc.into_server(max_message));
@@ -349,6 +372,88 @@ pub async fn serve_with(
     server.serve(listener, shutdown).await?;
     background.wait().await;
     Ok(())
+}
+
+/// Media's queue, worker and consumer of file events, started on `background`.
+fn start_media(
+    config: &Config,
+    pool: stowage_db::PgPool,
+    database_url: &str,
+    files: Arc<dyn FilesApi>,
+    store: Arc<dyn object_store::ObjectStore>,
+    redis: Option<&fred::clients::Client>,
+    background: &Background,
+) -> anyhow::Result<Arc<Media>> {
+    let settings = &config.media;
+    let queue = Queue::new(
+        pool.clone(),
+        database_url,
+        stowage_media::SCHEMA,
+        QueueConfig {
+            concurrency: settings.concurrency,
+            job_timeout: settings.job_timeout,
+            visibility_timeout: settings.job_timeout * 2,
+            max_attempts: settings.max_attempts,
+            backoff_base: settings.backoff_base,
+            backoff_cap: settings.backoff_cap,
+            ..QueueConfig::default()
+        },
+    )
+    .context("STOWAGE_MEDIA__*: bad queue settings")?;
+    let scanner = settings
+        .clamd_url
+        .as_deref()
+        .map(|url| Clamd::new(url, settings.scan_timeout))
+        .transpose()
+        .context("STOWAGE_MEDIA__CLAMD_URL")?;
+    let media = Arc::new(Media::new(
+        pool.clone(),
+        queue.clone(),
+        files,
+        store,
+        scanner,
+        MediaSettings {
+            limits: DecodeLimits {
+                max_pixels: settings.max_pixels,
+                max_input: settings.max_image_size.as_u64(),
+                ..DecodeLimits::default()
+            },
+            decode_timeout: settings.tool_timeout,
+            max_video_size: settings.max_video_size.as_u64(),
+            tools: Tools {
+                ffprobe: settings.ffprobe.clone(),
+                ffmpeg: settings.ffmpeg.clone(),
+                timeout: settings.tool_timeout,
+                memory: settings.tool_memory.as_u64(),
+            },
+            decode_slots: settings.concurrency,
+        },
+    ));
+    let handler: Arc<dyn stowage_jobs::Handler> = media.clone();
+    let worker = Worker::new(
+        queue.clone(),
+        HashMap::from([(stowage_media::PROCESS_JOB.to_owned(), handler)]),
+    );
+    background.spawn("media-worker", worker.run(background.shutdown().clone()));
+    match redis {
+        Some(redis) => {
+            let consumer = Consumer::new(
+                redis,
+                pool,
+                stowage_media::SCHEMA,
+                stowage_media::CONSUMER_GROUP,
+                FileEvents::TOPICS,
+                Arc::new(FileEvents::new(queue)),
+                ConsumerSettings {
+                    claim_idle: config.events.claim_idle,
+                    ..ConsumerSettings::default()
+                },
+            );
+            background.spawn("media-events", consumer.run(background.shutdown().clone()));
+        }
+        None => tracing::warn!("REDIS_URL unset: Media does not hear of new files"),
+    }
+    Ok(media)
 }
 
 /// Every `interval`, sweeps expired upload sessions and one-shot uploads abandoned for

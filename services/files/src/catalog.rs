@@ -143,6 +143,18 @@ pub struct Purged {
 #[derive(Clone, Debug)]
 pub struct Catalog {
     pool: PgPool,
+    hold_unscanned: bool,
+}
+
+/// Variant bytes of a file not yet charged to (or debited from) its owner's usage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingCharge {
+    /// Owner whose usage moves.
+    pub owner_id: String,
+    /// Bytes of variants charged so far.
+    pub charged: u64,
+    /// Bytes of the variants recorded now.
+    pub total: u64,
 }
 
 fn escape_like(s: &str) -> String {
@@ -180,7 +192,21 @@ async fn outbox(
 impl Catalog {
     /// A catalog over `pool`.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            hold_unscanned: false,
+        }
+    }
+
+    /// Holds back downloads of files still in processing (when a virus scanner runs).
+    pub fn hold_unscanned(mut self, hold: bool) -> Self {
+        self.hold_unscanned = hold;
+        self
+    }
+
+    /// Whether downloads of files in processing are held back.
+    pub fn holds_unscanned(&self) -> bool {
+        self.hold_unscanned
     }
 
     /// Records a new file and its `file.created` event. A retry with the same idempotency
@@ -442,13 +468,22 @@ impl Catalog {
             ));
         }
         let mut keys = vec![file.storage_key.clone()];
-        let mut bytes = file.size_bytes;
-        for v in &file.variants {
-            bytes += v.size_bytes;
-            if !v.storage_key.is_empty() {
-                keys.push(v.storage_key.clone());
-            }
-        }
+        // What the owner was charged: the original, and the variants' bytes once their charge
+        // went through (a charge still pending was never added, so it is not taken back).
+        let charged: i64 = tx
+            .query_one(
+                "SELECT variant_bytes_charged FROM files.files WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        let bytes = file.size_bytes + u64::try_from(charged).unwrap_or(0);
+        keys.extend(
+            file.variants
+                .iter()
+                .filter(|v| !v.storage_key.is_empty())
+                .map(|v| v.storage_key.clone()),
+        );
         // Conditional, so a restore (or another purge) that won the race is not undone.
         let deleted = tx
             .execute(
@@ -488,7 +523,7 @@ impl Catalog {
         height: u32,
         duration_ms: u64,
         codec: &str,
-    ) -> Result<FileRecord> {
+    ) -> Result<(FileRecord, PendingCharge)> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let updated = tx
@@ -536,8 +571,37 @@ impl Catalog {
             .await?;
         }
         let file = get_on(&tx, id, Viewer::Privileged).await?;
+        let charged: i64 = tx
+            .query_one(
+                "SELECT variant_bytes_charged FROM files.files WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .get(0);
         tx.commit().await?;
-        Ok(file)
+        let pending = PendingCharge {
+            owner_id: file.owner_id.clone(),
+            charged: u64::try_from(charged).unwrap_or(0),
+            total: file.variants.iter().map(|v| v.size_bytes).sum(),
+        };
+        Ok((file, pending))
+    }
+
+    /// Records that the owner's usage now includes `pending.total` bytes of variants, unless
+    /// another call moved the mark meanwhile.
+    pub async fn mark_charged(&self, id: Uuid, pending: &PendingCharge) -> Result<()> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "UPDATE files.files SET variant_bytes_charged = $3
+             WHERE id = $1 AND variant_bytes_charged = $2",
+            &[
+                &id,
+                &i64::try_from(pending.charged).unwrap_or(i64::MAX),
+                &i64::try_from(pending.total).unwrap_or(i64::MAX),
+            ],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Totals of `owner` (or everyone).

@@ -39,8 +39,15 @@ pub struct Target {
     pub etag: String,
 }
 
-/// Picks the original (`variant` empty) or the named variant of `file`.
-pub fn target(file: &FileRecord, variant: &str) -> Result<Target> {
+/// Picks the original (`variant` empty) or the named variant of `file`. While a scanner is
+/// configured (`hold_unscanned`), nothing of a file still in processing is served: it may
+/// turn out infected.
+pub fn target(file: &FileRecord, variant: &str, hold_unscanned: bool) -> Result<Target> {
+    if hold_unscanned && file.status == crate::model::FileStatus::Processing {
+        return Err(Error::FailedPrecondition(
+            "file is being scanned; try again in a moment",
+        ));
+    }
     if variant.is_empty() {
         return Ok(Target {
             key: file.storage_key.clone(),
@@ -259,8 +266,10 @@ async fn serve_signed(
         }
     };
     let variant = query.variant.as_deref().unwrap_or("");
-    let Ok(target) = target(&file, variant) else {
-        return plain(StatusCode::NOT_FOUND, "not found\n");
+    let target = match target(&file, variant, state.catalog.holds_unscanned()) {
+        Ok(t) => t,
+        Err(Error::FailedPrecondition(why)) => return plain(StatusCode::CONFLICT, why),
+        Err(_) => return plain(StatusCode::NOT_FOUND, "not found\n"),
     };
     if headers
         .get(header::IF_NONE_MATCH)

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
-    catalog::{Catalog, Cursor, ListQuery, NewFile, SortField, Viewer},
+    catalog::{Catalog, Cursor, ListQuery, NewFile, PendingCharge, SortField, Viewer},
     download::{self, UrlSigner},
     error::Error,
     model::{FileStatus, Kind, VariantRecord},
@@ -54,6 +54,37 @@ impl FilesGrpc {
             max_url_ttl,
             chunk,
         }
+    }
+
+    /// Brings the owner's usage in line with the file's variants. The key names the move
+    /// (from what was charged to the new total), so a retry after a lost reply moves usage
+    /// once; until the mark is updated, every SetVariants retries it.
+    async fn settle_variant_charge(&self, id: Uuid, pending: &PendingCharge) -> Result<(), Status> {
+        if pending.total == pending.charged {
+            return Ok(());
+        }
+        let idempotency_key = format!("variants:{id}:{}:{}", pending.charged, pending.total);
+        if pending.total > pending.charged {
+            self.quota
+                .charge(pb::ChargeRequest {
+                    user_id: pending.owner_id.clone(),
+                    bytes: pending.total - pending.charged,
+                    idempotency_key,
+                    reason: "variants".into(),
+                })
+                .await?;
+        } else {
+            self.quota
+                .debit(pb::DebitRequest {
+                    user_id: pending.owner_id.clone(),
+                    bytes: pending.charged - pending.total,
+                    idempotency_key,
+                    reason: "variants replaced".into(),
+                })
+                .await?;
+        }
+        self.catalog.mark_charged(id, pending).await?;
+        Ok(())
     }
 
     /// The tonic server, with message limits.
@@ -323,7 +354,7 @@ impl files_server::Files for FilesGrpc {
         if file.deleted_at.is_some() && !caller.is_privileged() {
             return Err(Error::FailedPrecondition("file is in trash; restore it first").into());
         }
-        let target = download::target(&file, &req.variant)?;
+        let target = download::target(&file, &req.variant, self.catalog.holds_unscanned())?;
         let (offset, length) = req.range.map_or((0, None), |r| (r.offset, r.length));
         let range = download::resolve_range(target.size, offset, length)?;
         let header = pb::DownloadResponse {
@@ -360,7 +391,7 @@ impl files_server::Files for FilesGrpc {
         if file.deleted_at.is_some() {
             return Err(Error::FailedPrecondition("file is in trash; restore it first").into());
         }
-        download::target(&file, &req.variant)?;
+        download::target(&file, &req.variant, self.catalog.holds_unscanned())?;
         let expires_at =
             Utc::now() + chrono::Duration::seconds(i64::try_from(ttl.as_secs()).unwrap_or(3600));
         let url = self
@@ -409,7 +440,7 @@ impl files_server::Files for FilesGrpc {
                 })
             })
             .collect::<Result<_, Status>>()?;
-        let file = self
+        let (file, pending) = self
             .catalog
             .set_variants(
                 id,
@@ -422,6 +453,7 @@ impl files_server::Files for FilesGrpc {
                 &req.codec,
             )
             .await?;
+        self.settle_variant_charge(id, &pending).await?;
         Ok(Response::new(pb::SetVariantsResponse {
             file: Some(file.to_proto(true)),
         }))

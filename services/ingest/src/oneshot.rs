@@ -44,6 +44,8 @@ pub struct Uploader {
     /// Root of a local-disk store, whose unfinished multipart writes are `{key}#{n}` files
     /// that deleting the key does not remove.
     pub local_root: Option<std::path::PathBuf>,
+    /// Status new files are registered with: PROCESSING when Media runs, READY otherwise.
+    pub register_status: pb::FileStatus,
 }
 
 /// Validated header of an upload.
@@ -208,7 +210,7 @@ impl Uploader {
                 storage_key: received.key.to_string(),
                 tags: header.tags.clone(),
                 package_name: header.meta.package_name.clone(),
-                status: pb::FileStatus::Ready as i32,
+                status: self.register_status as i32,
                 idempotency_key: row.id.to_string(),
             })
             .await;

@@ -44,6 +44,8 @@ pub struct SessionSettings {
     pub max_file_size: u64,
     /// Largest chunk through any door.
     pub max_chunk: usize,
+    /// Status new files are registered with: PROCESSING when Media runs, READY otherwise.
+    pub register_status: pb::FileStatus,
 }
 
 /// What a client said about the file at creation.
@@ -812,7 +814,7 @@ impl Sessions {
                 storage_key: key.to_string(),
                 tags: session.meta.tags.clone(),
                 package_name: session.meta.package_name.clone(),
-                status: pb::FileStatus::Ready as i32,
+                status: self.settings.register_status as i32,
                 idempotency_key: id.to_string(),
             })
             .await?;

@@ -1,22 +1,45 @@
-//! Media: its API is declared in `proto/stowage/v1/media.proto`; every RPC answers UNIMPLEMENTED
-//! until the service lands (see the issue tracker), never a made-up answer.
+//! Media: thumbnails, previews, video posters, media metadata and antivirus with quarantine.
+//!
+//! Media hears `file.created` through its consumer group and enqueues one `media.process`
+//! job per file in its own PostgreSQL queue (schema `media`). A worker scans the bytes when a
+//! scanner is configured, decodes within limits off the async runtime (images in process,
+//! video and audio with ffprobe / ffmpeg as bounded subprocesses), stores the variants under
+//! the owner's `variants/` prefix and hands them to `Files.SetVariants` with the file's final
+//! status, then announces `media.ready`, `media.failed` or `media.quarantined`.
 
 pub mod clamd;
+mod consumer;
+mod error;
+mod grpc;
+pub mod imaging;
+mod plan;
+mod process;
+pub mod video;
 
-use stowage_proto::v1::media_server;
+pub use consumer::FileEvents;
+pub use error::{Error, Result};
+pub use grpc::MediaGrpc;
+pub use plan::{Plan, plan};
+pub use process::{Media, MediaSettings, variant_key};
 
-/// The tonic service of Media.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct MediaGrpc;
+/// Name of the schema Media owns.
+pub const SCHEMA: &str = "media";
+/// Kind of the job that processes one file.
+pub const PROCESS_JOB: &str = "media.process";
+/// Consumer group Media reads file events with.
+pub const CONSUMER_GROUP: &str = "media";
 
-impl MediaGrpc {
-    /// The tonic server, with message limits.
-    pub fn into_server(self, max_message: usize) -> media_server::MediaServer<Self> {
-        media_server::MediaServer::new(self)
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
-    }
+mod embedded {
+    refinery::embed_migrations!("migrations");
 }
 
-#[tonic::async_trait]
-impl media_server::Media for MediaGrpc {}
+/// Applies Media's migrations: its own tables and the job queue's.
+pub async fn migrate(pool: &stowage_db::PgPool) -> Result<(), stowage_db::DbError> {
+    stowage_db::migrate(pool, SCHEMA, embedded::migrations::runner()).await?;
+    stowage_jobs::migrate(pool, SCHEMA).await
+}
+
+/// The unique key of the job that processes `file_id`.
+pub fn job_key(file_id: &uuid::Uuid) -> String {
+    format!("process:{file_id}")
+}

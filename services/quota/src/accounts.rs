@@ -321,23 +321,7 @@ impl Quota {
         )
         .await?;
         let account = Account::from_row(&account);
-        let before = account.used_bytes.saturating_sub(bytes);
-        if let Some(percent) = crossed_threshold(before, account.used_bytes, account.limit_bytes) {
-            let payload = serde_json::json!({
-                "user_id": account.user_id,
-                "threshold_percent": percent,
-                "used_bytes": account.used_bytes,
-                "limit_bytes": account.limit_bytes,
-            });
-            stowage_events::stage(
-                &tx,
-                crate::SCHEMA,
-                stowage_events::topics::QUOTA_THRESHOLD_CROSSED,
-                &account.user_id,
-                &payload,
-            )
-            .await?;
-        }
+        stage_threshold(&tx, &account, bytes).await?;
         tx.commit().await?;
         Ok((Reservation::from_row(&row), account))
     }
@@ -376,11 +360,36 @@ impl Quota {
         Ok(Reservation::from_row(&row))
     }
 
-    /// Lowers usage by `bytes` once per `idempotency_key`.
+    /// Lowers `user_id`'s usage by `bytes` (never below zero) once per `idempotency_key`.
     pub async fn debit(
         &self,
         user_id: &str,
         bytes: u64,
+        idempotency_key: &str,
+        reason: &str,
+    ) -> Result<Account> {
+        self.adjust(user_id, bytes, false, idempotency_key, reason)
+            .await
+    }
+
+    /// Raises `user_id`'s usage by `bytes` once per `idempotency_key`, without a limit
+    /// check: derived data (variants) of an upload that was admitted.
+    pub async fn charge(
+        &self,
+        user_id: &str,
+        bytes: u64,
+        idempotency_key: &str,
+        reason: &str,
+    ) -> Result<Account> {
+        self.adjust(user_id, bytes, true, idempotency_key, reason)
+            .await
+    }
+
+    async fn adjust(
+        &self,
+        user_id: &str,
+        bytes: u64,
+        raise: bool,
         idempotency_key: &str,
         reason: &str,
     ) -> Result<Account> {
@@ -400,26 +409,35 @@ impl Quota {
             .await?;
         // Usage cannot go below zero; if it would, the ledger records what really moved and
         // reconciliation reports the drift.
-        let delta = amount.min(Account::from_row(&account).used_bytes as i64);
+        let (delta, kind) = if raise {
+            (amount, "charge")
+        } else {
+            (-amount.min(Account::from_row(&account).used_bytes as i64), "debit")
+        };
         let inserted = tx
             .execute(
                 "INSERT INTO quota.ledger (user_id, delta_bytes, kind, idempotency_key, reason)
-                 VALUES ($1, $2, 'debit', $3, $4) ON CONFLICT (idempotency_key) DO NOTHING",
-                &[&user_id, &-delta, &idempotency_key, &reason],
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+                &[&user_id, &delta, &kind, &idempotency_key, &reason],
             )
             .await?;
-        let row = if inserted == 1 {
-            tx.query_one(
-                "UPDATE quota.accounts SET used_bytes = used_bytes - $2, updated_at = now()
+        if inserted == 0 {
+            tx.commit().await?;
+            return Ok(Account::from_row(&account));
+        }
+        let row = tx
+            .query_one(
+                "UPDATE quota.accounts SET used_bytes = used_bytes + $2, updated_at = now()
                  WHERE user_id = $1 RETURNING *",
                 &[&user_id, &delta],
             )
-            .await?
-        } else {
-            account
-        };
+            .await?;
+        let account = Account::from_row(&row);
+        if raise {
+            stage_threshold(&tx, &account, bytes).await?;
+        }
         tx.commit().await?;
-        Ok(Account::from_row(&row))
+        Ok(account)
     }
 
     /// Sets `user_id`'s usage to `actual_bytes`, recording the drift; returns the drift.
@@ -600,6 +618,33 @@ async fn account_row(conn: &impl GenericClient, user_id: &str) -> Result<Row> {
 
 /// Usage levels, in percent of the limit, whose crossing is announced.
 const NOTICE_THRESHOLDS: [u64; 3] = [80, 90, 100];
+
+/// Stages `quota.threshold_crossed` in `tx` when raising usage by `added` (to `account`'s
+/// usage) crossed a notice threshold.
+async fn stage_threshold(
+    tx: &impl GenericClient,
+    account: &Account,
+    added: u64,
+) -> Result<()> {
+    let before = account.used_bytes.saturating_sub(added);
+    if let Some(percent) = crossed_threshold(before, account.used_bytes, account.limit_bytes) {
+        let payload = serde_json::json!({
+            "user_id": account.user_id,
+            "threshold_percent": percent,
+            "used_bytes": account.used_bytes,
+            "limit_bytes": account.limit_bytes,
+        });
+        stowage_events::stage(
+            tx,
+            crate::SCHEMA,
+            stowage_events::topics::QUOTA_THRESHOLD_CROSSED,
+            &account.user_id,
+            &payload,
+        )
+        .await?;
+    }
+    Ok(())
+}
 
 /// The highest notice threshold that usage crossed going from `before` to `after`.
 fn crossed_threshold(before: u64, after: u64, limit: u64) -> Option<u64> {

@@ -152,6 +152,21 @@ impl quota_server::Quota for QuotaGrpc {
         }))
     }
 
+    async fn charge(
+        &self,
+        request: Request<pb::ChargeRequest>,
+    ) -> Result<Response<pb::ChargeResponse>, Status> {
+        identity(&request)?.require_service()?;
+        let req = request.into_inner();
+        let account = self
+            .quota
+            .charge(&req.user_id, req.bytes, &req.idempotency_key, &req.reason)
+            .await?;
+        Ok(Response::new(pb::ChargeResponse {
+            account: Some(account.into()),
+        }))
+    }
+
     async fn set_limit(
         &self,
         request: Request<pb::SetLimitRequest>,

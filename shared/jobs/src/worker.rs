@@ -223,7 +223,11 @@ impl Worker {
                     kind = %claimed.job.kind,
                     job_id = %claimed.job.id,
                     attempt = claimed.job.attempts,
-                    traceparent = claimed.job.traceparent.as_deref().unwrap_or(""),
+                );
+                // The run joins the trace of whoever enqueued the job.
+                stowage_telemetry::set_parent_from_traceparent(
+                    &span,
+                    claimed.job.traceparent.as_deref(),
                 );
                 tasks.spawn(
                     execute(queue.clone(), handler, claimed, permit, wake.clone()).instrument(span),

@@ -70,6 +70,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// `STOWAGE_EVENTS__*`.
     pub events: EventsConfig,
+    /// `STOWAGE_MEDIA__*`.
+    pub media: MediaConfig,
     /// `STOWAGE_RATE_LIMIT__*`: per-user and per-IP limits per call class, kept in Redis.
     pub rate_limit: stowage_ratelimit::Limits,
 }
@@ -96,6 +98,7 @@ impl Default for Config {
             quota: QuotaConfig::default(),
             ingest: IngestConfig::default(),
             events: EventsConfig::default(),
+            media: MediaConfig::default(),
             rate_limit: stowage_ratelimit::Limits::default(),
         }
     }
@@ -128,6 +131,71 @@ impl Default for EventsConfig {
 }
 
 /// Token verification.
+/// Media: derivatives, metadata and antivirus.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Whether Media runs in this mesh: new files are registered PROCESSING and wait for it.
+    /// Off, they are READY at once and have no variants.
+    pub enabled: bool,
+    /// clamd to scan every new file with (`tcp://host:3310` or `unix:///run/clamd.ctl`).
+    /// While set, files in processing are not served and infected files are quarantined.
+    pub clamd_url: Option<String>,
+    /// Longest wait for one scan.
+    #[serde(with = "humantime_serde")]
+    pub scan_timeout: Duration,
+    /// Jobs one Media process runs at once.
+    pub concurrency: usize,
+    /// Longest run of one job; a claim lasts twice as long.
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+    /// Attempts of a job (scanner down, store errors) before it is dead.
+    pub max_attempts: u32,
+    /// Delay before the first retry, doubled each time up to `backoff_cap`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// Longest delay between two attempts.
+    #[serde(with = "humantime_serde")]
+    pub backoff_cap: Duration,
+    /// Largest image decoded.
+    pub max_image_size: ByteSize,
+    /// Largest image in pixels (width × height).
+    pub max_pixels: u64,
+    /// Largest file copied to a temp file for ffprobe / ffmpeg.
+    pub max_video_size: ByteSize,
+    /// Longest run of one ffprobe or ffmpeg.
+    #[serde(with = "humantime_serde")]
+    pub tool_timeout: Duration,
+    /// Address-space limit of one ffprobe or ffmpeg.
+    pub tool_memory: ByteSize,
+    /// ffmpeg binary.
+    pub ffmpeg: String,
+    /// ffprobe binary.
+    pub ffprobe: String,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            clamd_url: None,
+            scan_timeout: Duration::from_secs(60),
+            concurrency: 3,
+            job_timeout: Duration::from_secs(5 * 60),
+            max_attempts: 12,
+            backoff_base: Duration::from_secs(2),
+            backoff_cap: Duration::from_secs(5 * 60),
+            max_image_size: ByteSize::mib(256),
+            max_pixels: 64_000_000,
+            max_video_size: ByteSize::gib(20),
+            tool_timeout: Duration::from_secs(120),
+            tool_memory: ByteSize::gib(2),
+            ffmpeg: "ffmpeg".into(),
+            ffprobe: "ffprobe".into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
@@ -310,6 +378,32 @@ impl Config {
         }
         if self.events.claim_idle < Duration::from_secs(1) {
             return fail("STOWAGE_EVENTS__CLAIM_IDLE", "must be at least 1 s");
+        }
+        if self.media.concurrency == 0 || self.media.concurrency > 64 {
+            return fail("STOWAGE_MEDIA__CONCURRENCY", "must be between 1 and 64");
+        }
+        if self.media.max_attempts == 0 {
+            return fail("STOWAGE_MEDIA__MAX_ATTEMPTS", "must be at least 1");
+        }
+        if self.media.job_timeout < Duration::from_secs(1) {
+            return fail("STOWAGE_MEDIA__JOB_TIMEOUT", "must be at least 1 s");
+        }
+        if self.media.tool_timeout >= self.media.job_timeout {
+            return fail(
+                "STOWAGE_MEDIA__TOOL_TIMEOUT",
+                "must be shorter than STOWAGE_MEDIA__JOB_TIMEOUT",
+            );
+        }
+        if self.media.max_pixels < 1_000_000 {
+            return fail("STOWAGE_MEDIA__MAX_PIXELS", "must be at least 1000000");
+        }
+        if let Some(url) = &self.media.clamd_url
+            && !(url.starts_with("tcp://") || url.starts_with("unix://"))
+        {
+            return fail(
+                "STOWAGE_MEDIA__CLAMD_URL",
+                "must start with tcp:// or unix://",
+            );
         }
         if self.db_pool_size == 0 {
             return fail("STOWAGE_DB_POOL_SIZE", "must be at least 1");

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use stowage_proto::v1::{
-    CommitRequest, CommitResponse, DebitRequest, DebitResponse, GetFileRequest, GetFileResponse,
+    ChargeRequest, ChargeResponse, SetVariantsRequest, SetVariantsResponse, CommitRequest, CommitResponse, DebitRequest, DebitResponse, GetFileRequest, GetFileResponse,
     GetUsageRequest, GetUsageResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest,
     ReleaseResponse, ReserveRequest, ReserveResponse, files_client::FilesClient,
     files_server::Files as FilesRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
@@ -171,6 +171,8 @@ peer! {
         fn release(ReleaseRequest) -> ReleaseResponse;
         /// Lowers usage after bytes are removed for good.
         fn debit(DebitRequest) -> DebitResponse;
+        /// Raises usage by derived bytes (variants).
+        fn charge(ChargeRequest) -> ChargeResponse;
         /// Reads an account.
         fn get_usage(GetUsageRequest) -> GetUsageResponse;
     }
@@ -186,5 +188,7 @@ peer! {
         fn register_file(RegisterFileRequest) -> RegisterFileResponse;
         /// Reads a file's metadata.
         fn get_file(GetFileRequest) -> GetFileResponse;
+        /// Records a file's variants, media metadata and status.
+        fn set_variants(SetVariantsRequest) -> SetVariantsResponse;
     }
 }

@@ -424,6 +424,7 @@ impl Process {
 pub struct Processes {
     /// The processes.
     pub processes: Vec<Process>,
+    peers: Vec<(&'static str, String)>,
 }
 
 impl Processes {
@@ -465,9 +466,24 @@ impl Processes {
             let addr = SocketAddr::from(([127, 0, 0, 1], stowage_local::free_port()?));
             processes.push(spawn(setup, &[Role::Ingest], addr, &peers)?);
         }
-        let this = Self { processes };
+        let this = Self {
+            processes,
+            peers: peers.to_vec(),
+        };
         this.wait_ready().await?;
         Ok(this)
+    }
+
+    /// Starts the process serving `role` again on its address (after a kill), and waits for
+    /// it to serve.
+    pub async fn restart(&mut self, setup: &Setup, role: Role) -> anyhow::Result<()> {
+        let peers = self.peers.clone();
+        let process = self.process_mut(role);
+        let (roles, addr) = (process.roles.clone(), process.addr);
+        let _ = process.child.start_kill();
+        let _ = process.child.wait().await;
+        *process = spawn(setup, &roles, addr, &peers)?;
+        wait_serving(addr, service_name(role)).await
     }
 
     /// One `serve all` process.
@@ -475,6 +491,7 @@ impl Processes {
         let addr = SocketAddr::from(([127, 0, 0, 1], stowage_local::free_port()?));
         let this = Self {
             processes: vec![spawn(setup, &Role::ALL, addr, &[])?],
+            peers: Vec::new(),
         };
         this.wait_ready().await?;
         Ok(this)

@@ -1,0 +1,452 @@
+//! Media end to end: uploads through Ingest become files with variants and metadata; hostile
+//! inputs end failed with a reason while the worker keeps serving; admins see and steer the
+//! queue; variants follow their source and count in usage.
+
+use std::{io::Cursor, process::Command, time::Duration};
+
+use image::{DynamicImage, GenericImageView, ImageFormat, Rgba, RgbaImage};
+use stowage_integration_tests::{download_variant, upload, usage, wait_processed};
+use stowage_proto::v1::{self as pb, files_client::FilesClient, media_client::MediaClient};
+use stowage_testkit::{Mesh, Setup, authed, token};
+use tonic::Code;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    image.write_to(&mut out, format).expect("encode test image");
+    out.into_inner()
+}
+
+/// An EXIF APP1 segment that says only "orientation = `orientation`" (big-endian TIFF).
+fn exif_orientation(orientation: u16) -> Vec<u8> {
+    let mut tiff = Vec::new();
+    tiff.extend_from_slice(b"MM\0\x2a\0\0\0\x08"); // header, first IFD at 8
+    tiff.extend_from_slice(&1u16.to_be_bytes()); // one entry
+    tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_be_bytes()); // count
+    tiff.extend_from_slice(&orientation.to_be_bytes());
+    tiff.extend_from_slice(&[0, 0]); // value padding
+    tiff.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+    let mut body = b"Exif\0\0".to_vec();
+    body.extend_from_slice(&tiff);
+    let mut segment = vec![0xFF, 0xE1];
+    segment.extend_from_slice(&u16::try_from(body.len() + 2).expect("small").to_be_bytes());
+    segment.extend_from_slice(&body);
+    segment
+}
+
+/// A 4000 × 3000 JPEG (12 MP) whose stored top half is red and bottom half blue, with EXIF
+/// orientation 6: shown upright it is 3000 × 4000 with red on the right, blue on the left.
+fn rotated_photo() -> Vec<u8> {
+    let img = RgbaImage::from_fn(4000, 3000, |x, y| {
+        // A little texture so the encoder works like on a photo.
+        let n = ((x * 7 + y * 13) % 23) as u8;
+        if y < 1500 {
+            Rgba([230 - n, 20 + n, 20, 255])
+        } else {
+            Rgba([20, 20 + n, 230 - n, 255])
+        }
+    });
+    let jpeg = encode(&DynamicImage::ImageRgba8(img).to_rgb8().into(), ImageFormat::Jpeg);
+    // SOI, then our APP1, then the rest.
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&exif_orientation(6));
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+fn ffmpeg(args: &[&str], out: &std::path::Path) -> Vec<u8> {
+    let status = Command::new("ffmpeg")
+        .args(["-v", "error", "-y"])
+        .args(args)
+        .arg(out)
+        .status()
+        .expect("ffmpeg runs (scripts/setup installs it)");
+    assert!(status.success(), "ffmpeg {args:?} failed");
+    std::fs::read(out).expect("ffmpeg output")
+}
+
+fn is_red(p: Rgba<u8>) -> bool {
+    p[0] > 150 && p[2] < 100
+}
+
+fn is_blue(p: Rgba<u8>) -> bool {
+    p[2] > 150 && p[0] < 100
+}
+
+async fn variant_image(mesh: &Mesh, token: &str, file: &pb::File, name: &str) -> DynamicImage {
+    let (header, bytes) = download_variant(mesh.channel(), token, &file.id, name)
+        .await
+        .unwrap_or_else(|s| panic!("{}: variant {name}: {s}", file.display_name));
+    assert!(header.mime_type.starts_with("image/"), "{name}: {}", header.mime_type);
+    image::load_from_memory(&bytes)
+        .unwrap_or_else(|e| panic!("{}: variant {name} does not decode: {e}", file.display_name))
+}
+
+#[tokio::test]
+async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let dir = tempfile::tempdir()?;
+
+    let png = encode(
+        &DynamicImage::ImageRgba8(RgbaImage::from_fn(300, 200, |x, _| {
+            Rgba([10, 200, 10, u8::try_from(x % 256).unwrap_or(0)])
+        })),
+        ImageFormat::Png,
+    );
+    let webp = encode(
+        &DynamicImage::ImageRgba8(RgbaImage::from_pixel(500, 400, Rgba([200, 100, 0, 255]))),
+        ImageFormat::WebP,
+    );
+    let gif = ffmpeg(
+        &["-f", "lavfi", "-i", "testsrc=duration=0.5:size=320x240:rate=10"],
+        &dir.path().join("a.gif"),
+    );
+    let mp4 = ffmpeg(
+        &[
+            "-f", "lavfi", "-i", "testsrc=duration=2:size=640x360:rate=25", "-pix_fmt", "yuv420p",
+            "-c:v", "libx264",
+        ],
+        &dir.path().join("clip.mp4"),
+    );
+    let mp3 = ffmpeg(
+        &["-f", "lavfi", "-i", "sine=frequency=440:duration=1.5", "-c:a", "libmp3lame"],
+        &dir.path().join("tone.mp3"),
+    );
+    let photo = rotated_photo();
+
+    // (name, bytes, upright width, height, codec, duration ms)
+    let cases: Vec<(&str, Vec<u8>, u32, u32, &str, u64)> = vec![
+        ("photo.jpg", photo, 3000, 4000, "jpeg", 0),
+        ("alpha.png", png, 300, 200, "png", 0),
+        ("picture.webp", webp, 500, 400, "webp", 0),
+        ("animation.gif", gif, 320, 240, "gif", 0),
+        ("clip.mp4", mp4, 640, 360, "h264", 2000),
+        ("tone.mp3", mp3, 0, 0, "mp3", 1500),
+    ];
+    let mut stored = 0;
+    let mut uploaded = Vec::new();
+    for (name, bytes, ..) in &cases {
+        let file = upload(mesh.channel(), &alice, name, bytes, &[]).await?;
+        assert_eq!(file.status, pb::FileStatus::Processing as i32, "{name}");
+        stored += bytes.len() as u64;
+        uploaded.push(file);
+    }
+    for ((name, _, width, height, codec, duration), file) in cases.iter().zip(&uploaded) {
+        let file = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+        assert_eq!(
+            file.status,
+            pb::FileStatus::Ready as i32,
+            "{name}: {}",
+            file.status_reason
+        );
+        assert_eq!((file.width, file.height), (*width, *height), "{name}");
+        assert_eq!(file.codec, *codec, "{name}");
+        assert!(
+            file.duration_ms.abs_diff(*duration) <= 100,
+            "{name}: duration {} ms, expected about {duration}",
+            file.duration_ms
+        );
+        let names: Vec<&str> = file.variants.iter().map(|v| v.name.as_str()).collect();
+        if *width == 0 {
+            assert!(names.is_empty(), "{name}: {names:?}");
+            continue;
+        }
+        for expected in ["thumb_256_jpeg", "thumb_256_webp", "preview_1280_webp", "thumbhash"] {
+            assert!(names.contains(&expected), "{name}: {names:?}");
+        }
+        let thumbhash = file.variants.iter().find(|v| v.name == "thumbhash");
+        assert!(
+            thumbhash.is_some_and(|v| !v.inline_data.is_empty() && v.inline_data.len() < 64),
+            "{name}: thumbhash inline"
+        );
+        // Sizes: the longest side is 256 (or 1280) unless the image is smaller; aspect kept.
+        let fit = |limit: u32| {
+            let scale = (f64::from(limit) / f64::from((*width).max(*height))).min(1.0);
+            (
+                (f64::from(*width) * scale).round() as u32,
+                (f64::from(*height) * scale).round() as u32,
+            )
+        };
+        for (variant, limit) in [
+            ("thumb_256_jpeg", 256),
+            ("thumb_256_webp", 256),
+            ("preview_1280_webp", 1280),
+        ] {
+            let img = variant_image(&mesh, &alice, &file, variant).await;
+            let (w, h) = img.dimensions();
+            let (ew, eh) = fit(limit);
+            assert!(
+                w.abs_diff(ew) <= 1 && h.abs_diff(eh) <= 1,
+                "{name} {variant}: {w}x{h}, expected {ew}x{eh}"
+            );
+            let recorded = file.variants.iter().find(|v| v.name == variant);
+            assert_eq!(recorded.map(|v| (v.width, v.height)), Some((w, h)), "{name}");
+        }
+        if *name == "clip.mp4" {
+            let poster = variant_image(&mesh, &alice, &file, "poster_jpeg").await;
+            assert_eq!(poster.dimensions(), (640, 360));
+        }
+        if *name == "alpha.png" {
+            let img = variant_image(&mesh, &alice, &file, "thumb_256_webp").await;
+            assert!(
+                img.to_rgba8().pixels().any(|p| p[3] < 128),
+                "WebP thumbnail of a PNG with alpha keeps transparency"
+            );
+        }
+        if *name == "photo.jpg" {
+            // Upright: what was the top (red) is now on the right, blue on the left.
+            for variant in ["thumb_256_jpeg", "preview_1280_webp"] {
+                let img = variant_image(&mesh, &alice, &file, variant).to_rgba8();
+                let (w, h) = img.dimensions();
+                let right = *img.get_pixel(w * 3 / 4, h / 2);
+                let left = *img.get_pixel(w / 4, h / 2);
+                assert!(
+                    is_red(right) && is_blue(left),
+                    "{variant}: right {right:?} left {left:?}"
+                );
+            }
+        }
+    }
+
+    // Usage counts originals and variants (stored variants, not the inline thumbhash).
+    let mut variant_bytes = 0;
+    for file in &uploaded {
+        let file = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+        variant_bytes += file
+            .variants
+            .iter()
+            .map(|v| v.size_bytes)
+            .sum::<u64>();
+    }
+    assert!(variant_bytes > 0);
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, stored + variant_bytes);
+
+    // Variants follow their source: trashed with it, back with it, purged with it.
+    let photo = &uploaded[0];
+    let mut files = FilesClient::new(mesh.channel());
+    files
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: photo.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    let trashed = download_variant(mesh.channel(), &alice, &photo.id, "thumb_256_jpeg").await;
+    assert_eq!(trashed.map(|_| ()).map_err(|s| s.code()), Err(Code::FailedPrecondition));
+    files
+        .restore_file(authed(
+            pb::RestoreFileRequest {
+                file_id: photo.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    download_variant(mesh.channel(), &alice, &photo.id, "thumb_256_jpeg").await?;
+    let keys = mesh
+        .stored_objects(&format!("users/alice/variants"))
+        .await?;
+    let photo_keys: Vec<&String> = keys.iter().filter(|k| k.contains(&photo.id)).collect();
+    assert_eq!(photo_keys.len(), 3, "{keys:?}");
+    let before = usage(mesh.channel(), &alice).await?.used_bytes;
+    let photo_now = wait_processed(mesh.channel(), &alice, &photo.id, PATIENCE).await?;
+    files
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: photo.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    let freed = files
+        .purge_file(authed(
+            pb::PurgeFileRequest {
+                file_id: photo.id.clone(),
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .freed_bytes;
+    let photo_variant_bytes: u64 = photo_now.variants.iter().map(|v| v.size_bytes).sum();
+    assert_eq!(freed, photo_now.size_bytes + photo_variant_bytes);
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, before - freed);
+    let keys = mesh.stored_objects("users/alice/variants").await?;
+    assert!(
+        !keys.iter().any(|k| k.contains(&photo.id)),
+        "purged variants still stored: {keys:?}"
+    );
+    mesh.stop().await
+}
+
+/// A PNG header (no pixels) declaring `width` × `height`.
+fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut png = encode(
+        &DynamicImage::ImageRgba8(RgbaImage::from_pixel(1, 1, Rgba([0, 0, 0, 255]))),
+        ImageFormat::Png,
+    );
+    // IHDR data starts at byte 16 (8 signature + 4 length + 4 type); its CRC follows it.
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32fast::hash(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+/// A small PNG that inflates to 20000 × 20000 grey pixels (400 MB).
+fn png_bomb() -> Vec<u8> {
+    let (w, h) = (20_000u32, 20_000u32);
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, w, h);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Fast);
+    let mut writer = encoder.write_header().expect("png header");
+    let mut stream = writer.stream_writer().expect("png stream");
+    let row = vec![0u8; w as usize];
+    for _ in 0..h {
+        std::io::Write::write_all(&mut stream, &row).expect("png row");
+    }
+    stream.finish().expect("png end");
+    drop(writer);
+    out
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+#[tokio::test]
+async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let mallory = token("mallory", &[]);
+    let admin = token("root", &["admin"]);
+
+    // A server that must never be contacted, and a local file that must never be read.
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let trap_addr = trap.local_addr()?;
+    let secret = tempfile::NamedTempFile::new()?;
+    std::fs::write(secret.path(), b"secret")?;
+    let playlist = format!(
+        "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile://{}\n#EXTINF:10,\nhttp://{trap_addr}/segment.ts\n#EXT-X-ENDLIST\n",
+        secret.path().display()
+    );
+    let photo = rotated_photo();
+    let truncated = photo[..photo.len() / 3].to_vec();
+    let svg = b"<svg xmlns=\"http://www.w3.org/2000/svg\"><script>alert(1)</script></svg>".to_vec();
+    let rss_before = peak_rss_bytes();
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("huge.png", png_declaring(100_000, 100_000)),
+        ("bomb.png", png_bomb()),
+        ("truncated.jpg", truncated),
+        ("random.jpg", stowage_integration_tests::random_bytes(64 * 1024)),
+        ("playlist.mp4", playlist.into_bytes()),
+        ("empty.jpg", Vec::new()),
+        ("drawing.svg", svg),
+    ];
+    let mut ids = Vec::new();
+    for (name, bytes) in &cases {
+        ids.push(upload(mesh.channel(), &mallory, name, bytes, &[]).await?.id);
+    }
+    for ((name, _), id) in cases.iter().zip(&ids) {
+        let file = wait_processed(mesh.channel(), &admin, id, PATIENCE).await?;
+        assert_eq!(
+            file.status,
+            pb::FileStatus::Failed as i32,
+            "{name} should fail, got status {} ({})",
+            file.status,
+            file.status_reason
+        );
+        assert!(!file.status_reason.is_empty(), "{name}: no reason");
+        assert!(file.variants.is_empty(), "{name}: {:?}", file.variants);
+        println!("{name}: {}", file.status_reason);
+    }
+    // Nothing fetched over the network.
+    let contacted = tokio::time::timeout(Duration::from_millis(200), trap.accept()).await;
+    assert!(contacted.is_err(), "the playlist's URL was fetched");
+    // Memory stayed bounded: the bomb was never inflated (400 MB).
+    let grown = peak_rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 300 << 20, "peak RSS grew by {} MiB", grown >> 20);
+
+    // The worker still serves.
+    let fine = encode(
+        &DynamicImage::ImageRgba8(RgbaImage::from_pixel(64, 48, Rgba([1, 2, 3, 255]))),
+        ImageFormat::Png,
+    );
+    let fine = upload(mesh.channel(), &mallory, "fine.png", &fine, &[]).await?;
+    let fine = wait_processed(mesh.channel(), &mallory, &fine.id, PATIENCE).await?;
+    assert_eq!(fine.status, pb::FileStatus::Ready as i32, "{}", fine.status_reason);
+
+    // Admins see the failures as dead jobs with their reasons, and can run one again.
+    let mut media = MediaClient::new(mesh.channel());
+    let dead = media
+        .list_jobs(authed(
+            pb::ListJobsRequest {
+                state: pb::JobState::Dead as i32,
+                page_size: 100,
+                page_token: String::new(),
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .jobs;
+    let mut dead_files: Vec<&str> = dead.iter().map(|j| j.file_id.as_str()).collect();
+    dead_files.sort_unstable();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(dead_files, expected);
+    assert!(dead.iter().all(|j| !j.last_error.is_empty() && j.attempts == 1));
+    let stats = media
+        .queue_stats(authed(pb::QueueStatsRequest {}, &admin))
+        .await?
+        .into_inner();
+    assert_eq!(stats.depth_by_state.get("dead"), Some(&(ids.len() as u64)));
+    assert_eq!(stats.depth_by_state.get("succeeded"), Some(&1));
+    let job = media
+        .get_job(authed(
+            pb::GetJobRequest {
+                job_id: dead[0].id.clone(),
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(job.kind, "media.process");
+    let retried = media
+        .retry_job(authed(
+            pb::RetryJobRequest {
+                job_id: job.id.clone(),
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(retried.state, pb::JobState::Queued as i32);
+    // Users cannot.
+    let refused = media
+        .queue_stats(authed(pb::QueueStatsRequest {}, &mallory))
+        .await
+        .map(|_| ());
+    assert_eq!(refused.map_err(|s| s.code()), Err(Code::PermissionDenied));
+    mesh.stop().await
+}

@@ -1,0 +1,210 @@
+//! Antivirus with a real clamd (signature database made here, no download) and a Media
+//! worker killed in the middle of its jobs.
+
+use std::time::Duration;
+
+use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
+use stowage::Role;
+use stowage_integration_tests::{download, files, upload, wait_processed};
+use stowage_proto::v1::{self as pb, media_client::MediaClient};
+use stowage_testkit::{EICAR, LocalClamd, Mesh, Processes, Setup, authed, channel, token};
+use tonic::Code;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn owner_sees(mesh: &Mesh, token: &str, file_id: &str) -> Result<pb::File, Code> {
+    files(mesh.channel())
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: file_id.to_owned(),
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner().file.unwrap_or_default())
+        .map_err(|s| s.code())
+}
+
+async fn listed(mesh: &Mesh, token: &str) -> anyhow::Result<Vec<String>> {
+    Ok(files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), token))
+        .await?
+        .into_inner()
+        .files
+        .into_iter()
+        .map(|f| f.id)
+        .collect())
+}
+
+async fn quarantine(mesh: &Mesh, admin: &str) -> anyhow::Result<Vec<pb::QuarantinedFile>> {
+    Ok(MediaClient::new(mesh.channel())
+        .list_quarantine(authed(pb::ListQuarantineRequest::default(), admin))
+        .await?
+        .into_inner()
+        .files)
+}
+
+#[tokio::test]
+async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back()
+-> anyhow::Result<()> {
+    let mut clamd = LocalClamd::start().await?;
+    let setup = Setup::new().await?;
+    let url = clamd.url();
+    let mesh = Mesh::start_with(&setup, |config| {
+        config.media.clamd_url = Some(url);
+        config.media.scan_timeout = Duration::from_secs(5);
+        config.media.backoff_base = Duration::from_millis(500);
+        config.media.backoff_cap = Duration::from_secs(2);
+        config.media.max_attempts = 100;
+    })
+    .await?;
+    let alice = token("alice", &[]);
+    let admin = token("root", &["admin"]);
+
+    let infected = upload(mesh.channel(), &alice, "eicar.com", EICAR, &[]).await?;
+    let clean = upload(mesh.channel(), &alice, "notes.txt", b"just words", &[]).await?;
+    let seen = wait_processed(mesh.channel(), &admin, &infected.id, PATIENCE).await?;
+    assert_eq!(seen.status, pb::FileStatus::Quarantined as i32);
+    assert!(seen.status_reason.contains("EICAR"), "{}", seen.status_reason);
+    let ready = wait_processed(mesh.channel(), &alice, &clean.id, PATIENCE).await?;
+    assert_eq!(ready.status, pb::FileStatus::Ready as i32, "{}", ready.status_reason);
+
+    // Invisible to its owner: not readable, not listed, not downloadable.
+    assert_eq!(
+        owner_sees(&mesh, &alice, &infected.id).await.map(|_| ()),
+        Err(Code::NotFound)
+    );
+    assert_eq!(listed(&mesh, &alice).await?, vec![clean.id.clone()]);
+    let fetched = download(mesh.channel(), &alice, &infected.id, None).await;
+    assert_eq!(fetched.map(|_| ()).map_err(|s| s.code()), Err(Code::NotFound));
+
+    // Admins list it and release it: processed without a second scan, then visible.
+    let held = quarantine(&mesh, &admin).await?;
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].file.as_ref().map(|f| f.id.as_str()), Some(infected.id.as_str()));
+    assert!(held[0].signature.contains("EICAR"), "{}", held[0].signature);
+    MediaClient::new(mesh.channel())
+        .release_quarantined(authed(
+            pb::ReleaseQuarantinedRequest {
+                file_id: infected.id.clone(),
+            },
+            &admin,
+        ))
+        .await?;
+    let released = wait_processed(mesh.channel(), &alice, &infected.id, PATIENCE).await?;
+    assert_eq!(released.status, pb::FileStatus::Ready as i32);
+    assert!(quarantine(&mesh, &admin).await?.is_empty());
+    let (_, bytes) = download(mesh.channel(), &alice, &infected.id, None).await?;
+    assert_eq!(bytes, EICAR);
+
+    // Another one, purged by an admin: row and bytes gone.
+    let second = upload(mesh.channel(), &alice, "again.com", EICAR, &[]).await?;
+    wait_processed(mesh.channel(), &admin, &second.id, PATIENCE).await?;
+    assert_eq!(quarantine(&mesh, &admin).await?.len(), 1);
+    files(mesh.channel())
+        .purge_file(authed(
+            pb::PurgeFileRequest {
+                file_id: second.id.clone(),
+            },
+            &admin,
+        ))
+        .await?;
+    assert!(quarantine(&mesh, &admin).await?.is_empty());
+    let stored = mesh.stored_objects("users/alice").await?;
+    assert!(!stored.iter().any(|k| k.contains(&second.id)), "{stored:?}");
+
+    // Scanner down: new files stay in processing and are not served...
+    let port = clamd.port();
+    clamd.stop().await;
+    let waiting = upload(mesh.channel(), &alice, "later.txt", b"scan me later", &[]).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let file = owner_sees(&mesh, &alice, &waiting.id).await?;
+    assert_eq!(file.status, pb::FileStatus::Processing as i32);
+    let fetched = download(mesh.channel(), &alice, &waiting.id, None).await;
+    assert_eq!(fetched.map(|_| ()).map_err(|s| s.code()), Err(Code::FailedPrecondition));
+    // ...and finish once it is back.
+    let _clamd = LocalClamd::start_on(port).await?;
+    let done = wait_processed(mesh.channel(), &alice, &waiting.id, PATIENCE).await?;
+    assert_eq!(done.status, pb::FileStatus::Ready as i32, "{}", done.status_reason);
+    download(mesh.channel(), &alice, &waiting.id, None).await?;
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn a_media_worker_killed_mid_job_leaves_no_duplicates_and_no_orphans() -> anyhow::Result<()>
+{
+    let mut setup = Setup::new().await?;
+    setup.env.extend([
+        ("STOWAGE_MEDIA__JOB_TIMEOUT".to_owned(), "4s".to_owned()),
+        ("STOWAGE_MEDIA__TOOL_TIMEOUT".to_owned(), "3s".to_owned()),
+        ("STOWAGE_MEDIA__BACKOFF_BASE".to_owned(), "200ms".to_owned()),
+        ("STOWAGE_MEDIA__CONCURRENCY".to_owned(), "2".to_owned()),
+    ]);
+    let mut processes = Processes::split(&setup).await?;
+    let alice = token("alice", &[]);
+    // Admins see variants' store keys.
+    let admin = token("root", &["admin"]);
+    let ingest = channel(processes.addr(Role::Ingest));
+    let files_channel = channel(processes.addr(Role::Files));
+
+    // Photo-sized images, so jobs are still running when the worker dies.
+    let mut ids = Vec::new();
+    for i in 0..6u8 {
+        let img = RgbImage::from_fn(3000, 2000, |x, y| {
+            Rgb([(x % 251) as u8 ^ i, (y % 241) as u8, ((x + y) % 239) as u8])
+        });
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(img).write_to(&mut jpeg, ImageFormat::Jpeg)?;
+        let file = upload(ingest.clone(), &alice, &format!("p{i}.jpg"), jpeg.get_ref(), &[]).await?;
+        ids.push(file.id);
+    }
+    // Kill Media as soon as one of its jobs runs.
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let running: i64 = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM media.jobs WHERE state = 'running'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if running > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no job ever ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    processes
+        .process(Role::Media)
+        .signal(nix::sys::signal::Signal::SIGKILL)?;
+    processes.restart(&setup, Role::Media).await?;
+
+    let mut referenced = Vec::new();
+    for id in &ids {
+        let file = wait_processed(files_channel.clone(), &admin, id, PATIENCE).await?;
+        assert_eq!(file.status, pb::FileStatus::Ready as i32, "{}", file.status_reason);
+        let mut names: Vec<&str> = file.variants.iter().map(|v| v.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["preview_1280_webp", "thumb_256_jpeg", "thumb_256_webp", "thumbhash"]
+        );
+        referenced.extend(
+            file.variants
+                .iter()
+                .filter(|v| !v.storage_key.is_empty())
+                .map(|v| v.storage_key.clone()),
+        );
+    }
+    // Every stored variant is referenced by a file, and nothing else lies under variants/.
+    referenced.sort();
+    let stored: Vec<String> = setup
+        .stored_objects("users/alice/variants")
+        .into_iter()
+        .collect();
+    assert_eq!(stored, referenced);
+    Ok(())
+}

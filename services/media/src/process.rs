@@ -1,0 +1,538 @@
+//! One file's processing: the `media.process` job.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, Utc};
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path as ObjectPath};
+use stowage_db::PgPool;
+use stowage_events::topics;
+use stowage_jobs::{Handler, Job, JobError, Queue};
+use stowage_proto::v1 as pb;
+use stowage_runtime::mesh::FilesApi;
+use tokio::{io::AsyncWriteExt, sync::Semaphore};
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::{
+    clamd::{Clamd, ScanError, Verdict},
+    imaging::{self, DecodeLimits, ImageError, Processed},
+    plan::{Plan, plan},
+    video::{ToolError, Tools},
+};
+
+/// How Media processes files.
+#[derive(Clone, Debug)]
+pub struct MediaSettings {
+    /// Limits of every image decode.
+    pub limits: DecodeLimits,
+    /// Longest image decode and render.
+    pub decode_timeout: Duration,
+    /// Largest file copied locally for ffprobe / ffmpeg.
+    pub max_video_size: u64,
+    /// ffprobe / ffmpeg.
+    pub tools: Tools,
+    /// Image decodes at once (a bounded pool off the async runtime).
+    pub decode_slots: usize,
+}
+
+/// Media's processing core, shared by the job handler and the admin API.
+pub struct Media {
+    pub(crate) pool: PgPool,
+    pub(crate) queue: Queue,
+    pub(crate) files: Arc<dyn FilesApi>,
+    store: Arc<dyn ObjectStore>,
+    scanner: Option<Clamd>,
+    settings: MediaSettings,
+    decode_slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Media {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Media")
+            .field("scanner", &self.scanner)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a run ends for the file.
+enum Outcome {
+    Ready(Derived),
+    Failed(String),
+    Quarantined(String),
+}
+
+/// What was derived from a file.
+#[derive(Default)]
+struct Derived {
+    variants: Vec<pb::Variant>,
+    width: u32,
+    height: u32,
+    duration_ms: u64,
+    codec: String,
+}
+
+/// The store key of `file_id`'s `variant`: beside the owner's files, dated like the original
+/// so a retried run writes the same keys (no duplicates, no orphans).
+pub fn variant_key(
+    owner: &str,
+    created_at: DateTime<Utc>,
+    file_id: &str,
+    variant: &str,
+    ext: &str,
+) -> String {
+    format!(
+        "users/{owner}/variants/{:04}/{:02}/{file_id}_{variant}.{ext}",
+        created_at.year(),
+        created_at.month()
+    )
+}
+
+fn retry_status(what: &str, status: &tonic::Status) -> JobError {
+    JobError::retry(format!("{what}: {} {}", status.code(), status.message()))
+}
+
+impl Media {
+    /// Media over its database, queue, Files, the store and an optional scanner.
+    pub fn new(
+        pool: PgPool,
+        queue: Queue,
+        files: Arc<dyn FilesApi>,
+        store: Arc<dyn ObjectStore>,
+        scanner: Option<Clamd>,
+        settings: MediaSettings,
+    ) -> Self {
+        let decode_slots = Arc::new(Semaphore::new(settings.decode_slots.max(1)));
+        Self {
+            pool,
+            queue,
+            files,
+            store,
+            scanner,
+            settings,
+            decode_slots,
+        }
+    }
+
+    /// The job queue.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    async fn get_file(&self, file_id: Uuid) -> Result<Option<pb::File>, JobError> {
+        match self
+            .files
+            .get_file(pb::GetFileRequest {
+                file_id: file_id.to_string(),
+            })
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().file),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(retry_status("Files.GetFile", &s)),
+        }
+    }
+
+    /// Runs the job of `file_id`.
+    async fn process(&self, file_id: Uuid) -> Result<(), JobError> {
+        let Some(file) = self.get_file(file_id).await? else {
+            tracing::info!(%file_id, "file gone before processing; nothing to do");
+            return Ok(());
+        };
+        if file.status != pb::FileStatus::Processing as i32 {
+            // Finished by an earlier run whose announcement may not have been written.
+            return self.announce_existing(&file).await;
+        }
+        if let Some(outcome) = self.scan(&file, file_id).await? {
+            return self.finish(&file, file_id, outcome).await;
+        }
+        let outcome = match plan(&file.mime_type, &file.display_name, file.size_bytes) {
+            Plan::Plain => Outcome::Ready(Derived::default()),
+            Plan::Refuse(reason) => Outcome::Failed(reason),
+            Plan::Image => self.image(&file).await?,
+            Plan::Video => self.video(&file, true).await?,
+            Plan::Audio => self.video(&file, false).await?,
+        };
+        self.finish(&file, file_id, outcome).await
+    }
+
+    /// Scans the file when a scanner is configured and the file was not released by an
+    /// admin. `Some` ends the run (quarantined); a scanner that cannot answer retries the job
+    /// and leaves the file in processing.
+    async fn scan(&self, file: &pb::File, file_id: Uuid) -> Result<Option<Outcome>, JobError> {
+        let Some(scanner) = &self.scanner else {
+            return Ok(None);
+        };
+        let conn = self.pool.get().await.map_err(JobError::retry)?;
+        let released = conn
+            .query_opt(
+                "SELECT 1 FROM media.quarantine WHERE file_id = $1 AND released_at IS NOT NULL",
+                &[&file_id],
+            )
+            .await
+            .map_err(JobError::retry)?
+            .is_some();
+        drop(conn);
+        if released {
+            tracing::info!(%file_id, "released by an admin; not scanned again");
+            return Ok(None);
+        }
+        let source = self
+            .store
+            .get(&ObjectPath::from(file.storage_key.as_str()))
+            .await
+            .map_err(JobError::retry)?;
+        let reader = tokio_util::io::StreamReader::new(
+            source.into_stream().map_err(std::io::Error::other),
+        );
+        let signature = match scanner.scan(reader).await {
+            Ok(Verdict::Clean) => return Ok(None),
+            Ok(Verdict::Infected(signature)) => signature,
+            // Too big or malformed for the scanner: held back, an admin decides.
+            Err(ScanError::Refused(why)) => format!("unscannable: {why}"),
+            Err(error @ ScanError::Input(_)) => return Err(JobError::retry(error)),
+            Err(error @ ScanError::Unavailable(_)) => {
+                metrics::counter!("stowage_media_scan_unavailable_total").increment(1);
+                return Err(JobError::retry(error));
+            }
+        };
+        let conn = self.pool.get().await.map_err(JobError::retry)?;
+        conn.execute(
+            "INSERT INTO media.quarantine (file_id, owner_id, signature) VALUES ($1, $2, $3)
+             ON CONFLICT (file_id) DO UPDATE SET signature = $3, quarantined_at = now(),
+                 released_at = NULL, released_by = NULL",
+            &[&file_id, &file.owner_id, &signature],
+        )
+        .await
+        .map_err(JobError::retry)?;
+        Ok(Some(Outcome::Quarantined(signature)))
+    }
+
+    async fn read_all(&self, key: &str, limit: u64) -> Result<bytes::Bytes, JobError> {
+        let source = self
+            .store
+            .get(&ObjectPath::from(key))
+            .await
+            .map_err(JobError::retry)?;
+        if source.meta.size > limit {
+            return Err(JobError::permanent(format!(
+                "{} bytes is more than the {limit} bytes Media decodes",
+                source.meta.size
+            )));
+        }
+        source.bytes().await.map_err(JobError::retry)
+    }
+
+    /// Decodes and renders in the bounded pool off the runtime, within the time bound.
+    async fn render(&self, bytes: bytes::Bytes) -> Result<Result<Processed, ImageError>, JobError> {
+        let _slot = self
+            .decode_slots
+            .acquire()
+            .await
+            .map_err(|_| JobError::retry("shutting down"))?;
+        let limits = self.settings.limits.clone();
+        let task = tokio::task::spawn_blocking(move || imaging::process(&bytes, &limits));
+        match tokio::time::timeout(self.settings.decode_timeout, task).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(panic)) => Ok(Err(ImageError::Corrupt(format!(
+                "decoder crashed: {panic}"
+            )))),
+            Err(_) => Ok(Err(ImageError::TooLarge(format!(
+                "decoding took longer than {:?}",
+                self.settings.decode_timeout
+            )))),
+        }
+    }
+
+    async fn image(&self, file: &pb::File) -> Result<Outcome, JobError> {
+        let limit = self.settings.limits.max_input;
+        if file.size_bytes > limit {
+            return Ok(Outcome::Failed(format!(
+                "image of {} bytes is above the {limit}-byte decode limit",
+                file.size_bytes
+            )));
+        }
+        let bytes = self.read_all(&file.storage_key, limit).await?;
+        match self.render(bytes).await? {
+            Ok(processed) => {
+                let mut derived = self.store_rendered(file, processed, true).await?;
+                derived.duration_ms = 0;
+                Ok(Outcome::Ready(derived))
+            }
+            Err(error) => Ok(Outcome::Failed(error.to_string())),
+        }
+    }
+
+    /// Stores the variants of `processed` and describes them for Files.
+    async fn store_rendered(
+        &self,
+        file: &pb::File,
+        processed: Processed,
+        with_size: bool,
+    ) -> Result<Derived, JobError> {
+        let created_at = file
+            .created_at
+            .as_ref()
+            .and_then(|t| DateTime::from_timestamp(t.seconds, 0))
+            .unwrap_or_else(Utc::now);
+        let mut variants = Vec::with_capacity(processed.variants.len() + 1);
+        for rendered in processed.variants {
+            let key = variant_key(
+                &file.owner_id,
+                created_at,
+                &file.id,
+                rendered.name,
+                rendered.ext,
+            );
+            let size = rendered.bytes.len() as u64;
+            self.store
+                .put(
+                    &ObjectPath::from(key.as_str()),
+                    PutPayload::from(rendered.bytes),
+                )
+                .await
+                .map_err(JobError::retry)?;
+            variants.push(pb::Variant {
+                name: rendered.name.to_owned(),
+                mime_type: rendered.mime_type.to_owned(),
+                size_bytes: size,
+                width: rendered.width,
+                height: rendered.height,
+                storage_key: key,
+                inline_data: Vec::new(),
+            });
+        }
+        if !processed.thumbhash.is_empty() {
+            variants.push(pb::Variant {
+                name: "thumbhash".into(),
+                mime_type: "application/x-thumbhash".into(),
+                size_bytes: processed.thumbhash.len() as u64,
+                width: 0,
+                height: 0,
+                storage_key: String::new(),
+                inline_data: processed.thumbhash,
+            });
+        }
+        let (width, height) = if with_size {
+            (processed.width, processed.height)
+        } else {
+            (0, 0)
+        };
+        Ok(Derived {
+            variants,
+            width,
+            height,
+            duration_ms: 0,
+            codec: if with_size {
+                processed.format.to_owned()
+            } else {
+                String::new()
+            },
+        })
+    }
+
+    async fn video(&self, file: &pb::File, is_video: bool) -> Result<Outcome, JobError> {
+        if file.size_bytes > self.settings.max_video_size {
+            return Ok(Outcome::Failed(format!(
+                "{} bytes is above the {}-byte limit of video and audio processing",
+                file.size_bytes, self.settings.max_video_size
+            )));
+        }
+        // A private directory: the tools read this one file and nothing else.
+        let dir = tempfile::Builder::new()
+            .prefix("stowage-media-")
+            .tempdir()
+            .map_err(JobError::retry)?;
+        let path = dir.path().join("input");
+        let source = self
+            .store
+            .get(&ObjectPath::from(file.storage_key.as_str()))
+            .await
+            .map_err(JobError::retry)?;
+        let mut out = tokio::fs::File::create(&path)
+            .await
+            .map_err(JobError::retry)?;
+        let mut stream = source.into_stream();
+        while let Some(chunk) = stream.try_next().await.map_err(JobError::retry)? {
+            out.write_all(&chunk).await.map_err(JobError::retry)?;
+        }
+        out.flush().await.map_err(JobError::retry)?;
+        drop(out);
+        let tools = &self.settings.tools;
+        let probe = match tools.probe(&path).await {
+            Ok(p) => p,
+            Err(ToolError::Unreadable(why)) => return Ok(Outcome::Failed(why)),
+            Err(e @ ToolError::Unavailable(_)) => return Err(JobError::retry(e)),
+        };
+        if is_video && !probe.has_video {
+            return Ok(Outcome::Failed("no video stream in the file".into()));
+        }
+        let mut derived = Derived {
+            width: probe.width,
+            height: probe.height,
+            duration_ms: probe.duration_ms,
+            codec: probe.codec.clone(),
+            ..Derived::default()
+        };
+        if probe.has_video {
+            // A frame a little into the clip (past fades from black), never past its end.
+            let at = (probe.duration_ms / 10).min(3000);
+            let frame = match tools.poster(&path, at).await {
+                Ok(f) => f,
+                Err(ToolError::Unreadable(why)) => return Ok(Outcome::Failed(why)),
+                Err(e @ ToolError::Unavailable(_)) => return Err(JobError::retry(e)),
+            };
+            let poster = bytes::Bytes::from(frame);
+            match self.render(poster.clone()).await? {
+                Ok(processed) => {
+                    let (w, h) = (processed.width, processed.height);
+                    let rendered = self.store_rendered(file, processed, false).await?;
+                    derived.variants = rendered.variants;
+                    let created_at = file
+                        .created_at
+                        .as_ref()
+                        .and_then(|t| DateTime::from_timestamp(t.seconds, 0))
+                        .unwrap_or_else(Utc::now);
+                    let key = variant_key(&file.owner_id, created_at, &file.id, "poster", "jpg");
+                    let size = poster.len() as u64;
+                    self.store
+                        .put(&ObjectPath::from(key.as_str()), PutPayload::from(poster))
+                        .await
+                        .map_err(JobError::retry)?;
+                    derived.variants.push(pb::Variant {
+                        name: "poster_jpeg".into(),
+                        mime_type: "image/jpeg".into(),
+                        size_bytes: size,
+                        width: w,
+                        height: h,
+                        storage_key: key,
+                        inline_data: Vec::new(),
+                    });
+                }
+                Err(error) => return Ok(Outcome::Failed(format!("poster frame: {error}"))),
+            }
+        }
+        Ok(Outcome::Ready(derived))
+    }
+
+    /// Records the outcome in Files, then announces it once.
+    async fn finish(&self, file: &pb::File, file_id: Uuid, outcome: Outcome) -> Result<(), JobError> {
+        let (status, reason, derived) = match outcome {
+            Outcome::Ready(d) => (pb::FileStatus::Ready, String::new(), d),
+            Outcome::Failed(r) => (pb::FileStatus::Failed, r, Derived::default()),
+            Outcome::Quarantined(s) => (pb::FileStatus::Quarantined, s, Derived::default()),
+        };
+        let variant_names: Vec<String> = derived.variants.iter().map(|v| v.name.clone()).collect();
+        let set = self
+            .files
+            .set_variants(pb::SetVariantsRequest {
+                file_id: file_id.to_string(),
+                variants: derived.variants,
+                status: status as i32,
+                status_reason: reason.clone(),
+                width: derived.width,
+                height: derived.height,
+                duration_ms: derived.duration_ms,
+                codec: derived.codec,
+            })
+            .await;
+        match set {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {
+                tracing::info!(%file_id, "file purged while processing; variants left for gc");
+                return Ok(());
+            }
+            Err(s) => return Err(retry_status("Files.SetVariants", &s)),
+        }
+        self.announce(file, file_id, status, &reason, &variant_names)
+            .await?;
+        metrics::counter!("stowage_media_files_total", "status" => status_name(status))
+            .increment(1);
+        if status == pb::FileStatus::Failed {
+            tracing::warn!(%file_id, %reason, "media processing failed for good");
+            // Dead at once with the reason, visible in ListJobs; RetryJob runs it again.
+            return Err(JobError::permanent(reason));
+        }
+        Ok(())
+    }
+
+    /// Announces a file that an earlier run finished, unless that run already did.
+    async fn announce_existing(&self, file: &pb::File) -> Result<(), JobError> {
+        let status = pb::FileStatus::try_from(file.status).unwrap_or(pb::FileStatus::Unspecified);
+        if !matches!(
+            status,
+            pb::FileStatus::Ready | pb::FileStatus::Failed | pb::FileStatus::Quarantined
+        ) {
+            return Ok(());
+        }
+        let file_id = Uuid::parse_str(&file.id).map_err(JobError::permanent)?;
+        let names: Vec<String> = file.variants.iter().map(|v| v.name.clone()).collect();
+        self.announce(file, file_id, status, &file.status_reason, &names)
+            .await
+    }
+
+    async fn announce(
+        &self,
+        file: &pb::File,
+        file_id: Uuid,
+        status: pb::FileStatus,
+        reason: &str,
+        variants: &[String],
+    ) -> Result<(), JobError> {
+        let name = status_name(status);
+        let topic = match status {
+            pb::FileStatus::Ready => topics::MEDIA_READY,
+            pb::FileStatus::Quarantined => topics::MEDIA_QUARANTINED,
+            _ => topics::MEDIA_FAILED,
+        };
+        let mut conn = self.pool.get().await.map_err(JobError::retry)?;
+        let tx = conn.transaction().await.map_err(JobError::retry)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO media.outcomes (file_id, status, reason) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&file_id, &name, &reason],
+            )
+            .await
+            .map_err(JobError::retry)?;
+        if inserted == 1 {
+            let payload = serde_json::json!({
+                "file_id": file_id,
+                "owner_id": file.owner_id,
+                "status": name,
+                "reason": reason,
+                "variants": variants,
+            });
+            stowage_events::stage(&tx, crate::SCHEMA, topic, &file.id, &payload)
+                .await
+                .map_err(JobError::retry)?;
+        }
+        tx.commit().await.map_err(JobError::retry)?;
+        Ok(())
+    }
+}
+
+fn status_name(status: pb::FileStatus) -> &'static str {
+    match status {
+        pb::FileStatus::Ready => "ready",
+        pb::FileStatus::Quarantined => "quarantined",
+        pb::FileStatus::Failed => "failed",
+        pb::FileStatus::Processing | pb::FileStatus::Unspecified => "processing",
+    }
+}
+
+/// The `media.process` job handler.
+#[async_trait]
+impl Handler for Media {
+    async fn run(&self, job: &Job) -> Result<(), JobError> {
+        let file_id = job
+            .payload
+            .get("file_id")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| JobError::permanent("payload.file_id: missing or not a UUID"))?;
+        self.process(file_id).await
+    }
+}

@@ -1,0 +1,267 @@
+//! ffprobe and ffmpeg as subprocesses: a time bound, an address-space bound, local files
+//! only (`-protocol_whitelist file`) and a whitelist of demuxers, so a playlist or a
+//! concat script cannot make them read other files or the network.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use serde::Deserialize;
+use tokio::{io::AsyncReadExt, process::Command};
+
+/// Demuxers ffprobe and ffmpeg may use on user files: containers only, no playlists (`hls`,
+/// `concat`, `dash`), no image sequences.
+const DEMUXERS: &str = "mov,mp4,m4a,3gp,matroska,webm,avi,flv,mpeg,mpegts,mp3,ogg,flac,wav,aac";
+/// Largest output kept from a tool (a poster frame, a probe's JSON).
+const MAX_OUTPUT: u64 = 32 << 20;
+
+/// Why a tool did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// The input is not something the tool can read; running again will not help.
+    #[error("{0}")]
+    Unreadable(String),
+    /// The tool could not run (missing binary, out of processes); worth a retry.
+    #[error("cannot run {0}")]
+    Unavailable(String),
+}
+
+/// How to run ffprobe and ffmpeg.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    /// ffprobe binary.
+    pub ffprobe: String,
+    /// ffmpeg binary.
+    pub ffmpeg: String,
+    /// Longest run.
+    pub timeout: Duration,
+    /// Address-space limit in bytes, applied with `prlimit` when it is installed.
+    pub memory: u64,
+}
+
+/// What ffprobe says about a file.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Probe {
+    /// Duration in milliseconds.
+    pub duration_ms: u64,
+    /// Codec of the first video stream, else of the first audio stream.
+    pub codec: String,
+    /// Width of the first video stream as displayed (rotation applied).
+    pub width: u32,
+    /// Height of the first video stream as displayed.
+    pub height: u32,
+    /// Whether a video stream exists (not only cover art).
+    pub has_video: bool,
+}
+
+#[derive(Deserialize)]
+struct ProbeJson {
+    #[serde(default)]
+    streams: Vec<StreamJson>,
+    format: Option<FormatJson>,
+}
+
+#[derive(Deserialize)]
+struct StreamJson {
+    codec_type: Option<String>,
+    codec_name: Option<String>,
+    width: Option<u32>,
+    height: Option<u32>,
+    duration: Option<String>,
+    #[serde(default)]
+    disposition: std::collections::HashMap<String, i64>,
+    #[serde(default)]
+    side_data_list: Vec<serde_json::Value>,
+    #[serde(default)]
+    tags: std::collections::HashMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct FormatJson {
+    duration: Option<String>,
+}
+
+impl StreamJson {
+    /// Rotation in degrees from the display matrix or the legacy `rotate` tag.
+    fn rotation(&self) -> i64 {
+        let side = self
+            .side_data_list
+            .iter()
+            .find_map(|d| d.get("rotation").and_then(serde_json::Value::as_f64));
+        let tag = self.tags.get("rotate").and_then(|r| r.parse::<f64>().ok());
+        side.or(tag).map_or(0, |r| r.round() as i64)
+    }
+}
+
+fn seconds_to_ms(s: Option<&str>) -> Option<u64> {
+    let secs: f64 = s?.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0).round() as u64)
+}
+
+/// Reads ffprobe's JSON.
+pub fn parse_probe(json: &[u8]) -> Result<Probe, ToolError> {
+    let parsed: ProbeJson = serde_json::from_slice(json)
+        .map_err(|e| ToolError::Unreadable(format!("ffprobe output: {e}")))?;
+    let video = parsed.streams.iter().find(|s| {
+        s.codec_type.as_deref() == Some("video")
+            && s.disposition.get("attached_pic").copied().unwrap_or(0) == 0
+    });
+    let audio = parsed
+        .streams
+        .iter()
+        .find(|s| s.codec_type.as_deref() == Some("audio"));
+    let Some(main) = video.or(audio) else {
+        return Err(ToolError::Unreadable(
+            "no video or audio stream in the file".into(),
+        ));
+    };
+    let duration_ms = parsed
+        .format
+        .as_ref()
+        .and_then(|f| seconds_to_ms(f.duration.as_deref()))
+        .or_else(|| seconds_to_ms(main.duration.as_deref()))
+        .unwrap_or(0);
+    let (mut width, mut height) = video.map_or((0, 0), |v| {
+        (v.width.unwrap_or(0), v.height.unwrap_or(0))
+    });
+    if video.is_some_and(|v| v.rotation().rem_euclid(180) == 90) {
+        std::mem::swap(&mut width, &mut height);
+    }
+    Ok(Probe {
+        duration_ms,
+        codec: main.codec_name.clone().unwrap_or_default(),
+        width,
+        height,
+        has_video: video.is_some(),
+    })
+}
+
+impl Tools {
+    fn command(&self, program: &str) -> Command {
+        let mut command = if self.memory > 0 && Path::new("/usr/bin/prlimit").exists() {
+            let mut c = Command::new("/usr/bin/prlimit");
+            c.arg(format!("--as={}", self.memory)).arg("--").arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs `command`, returns its stdout (at most [`MAX_OUTPUT`] bytes) or why it failed.
+    async fn run(&self, what: &str, mut command: Command) -> Result<Vec<u8>, ToolError> {
+        let mut child = command
+            .spawn()
+            .map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(ToolError::Unavailable(format!("{what}: no pipes")));
+        };
+        let collect = async {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let (read_out, read_err) = tokio::join!(
+                stdout.take(MAX_OUTPUT).read_to_end(&mut out),
+                stderr.take(64 * 1024).read_to_end(&mut err),
+            );
+            read_out.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
+            read_err.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
+            Ok::<_, ToolError>((status, out, err))
+        };
+        // On timeout the future is dropped, and with it the child (kill_on_drop).
+        let (status, out, err) = tokio::time::timeout(self.timeout, collect)
+            .await
+            .map_err(|_| {
+                ToolError::Unreadable(format!("{what} took longer than {:?}", self.timeout))
+            })??;
+        if !status.success() {
+            let detail = String::from_utf8_lossy(&err);
+            let detail = detail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            return Err(ToolError::Unreadable(format!(
+                "{what} failed ({status}): {}",
+                detail.chars().take(300).collect::<String>()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Duration, codec and dimensions of the local file `path`.
+    pub async fn probe(&self, path: &Path) -> Result<Probe, ToolError> {
+        let mut command = self.command(&self.ffprobe);
+        command
+            .args(["-v", "error", "-protocol_whitelist", "file"])
+            .args(["-format_whitelist", DEMUXERS])
+            .args(["-print_format", "json", "-show_format", "-show_streams"])
+            .arg("-i")
+            .arg(path);
+        parse_probe(&self.run("ffprobe", command).await?)
+    }
+
+    /// A JPEG of the frame at `at_ms` (or the first frame when the file is shorter), at most
+    /// 1280 px wide or high.
+    pub async fn poster(&self, path: &Path, at_ms: u64) -> Result<Vec<u8>, ToolError> {
+        let mut command = self.command(&self.ffmpeg);
+        command
+            .args(["-nostdin", "-v", "error", "-protocol_whitelist", "file"])
+            .args(["-format_whitelist", DEMUXERS, "-threads", "2"])
+            .args(["-ss", &format!("{:.3}", at_ms as f64 / 1000.0)])
+            .arg("-i")
+            .arg(path)
+            .args(["-map", "0:v:0", "-frames:v", "1"])
+            .args([
+                "-vf",
+                "scale='min(1280,iw)':'min(1280,ih)':force_original_aspect_ratio=decrease",
+            ])
+            .args(["-c:v", "mjpeg", "-q:v", "3", "-f", "image2pipe", "pipe:1"]);
+        let frame = self.run("ffmpeg", command).await?;
+        if frame.is_empty() {
+            return Err(ToolError::Unreadable("ffmpeg produced no frame".into()));
+        }
+        Ok(frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_json_gives_duration_codec_and_upright_size() {
+        let json = br#"{"streams":[
+            {"codec_type":"video","codec_name":"h264","width":1920,"height":1080,
+             "side_data_list":[{"rotation":-90}]},
+            {"codec_type":"audio","codec_name":"aac"}],
+            "format":{"duration":"2.500000"}}"#;
+        let probe = parse_probe(json).expect("parses");
+        assert_eq!(
+            probe,
+            Probe {
+                duration_ms: 2500,
+                codec: "h264".into(),
+                width: 1080,
+                height: 1920,
+                has_video: true,
+            }
+        );
+    }
+
+    #[test]
+    fn audio_with_cover_art_is_audio() {
+        let json = br#"{"streams":[
+            {"codec_type":"audio","codec_name":"mp3","duration":"1.25"},
+            {"codec_type":"video","codec_name":"mjpeg","width":500,"height":500,
+             "disposition":{"attached_pic":1}}],
+            "format":{}}"#;
+        let probe = parse_probe(json).expect("parses");
+        assert_eq!(probe.codec, "mp3");
+        assert_eq!(probe.duration_ms, 1250);
+        assert!(!probe.has_video);
+        assert!(parse_probe(br#"{"streams":[],"format":{}}"#).is_err());
+    }
+}
