@@ -1,6 +1,8 @@
 //! Media: its API is declared in `proto/stowage/v1/media.proto`; every RPC answers UNIMPLEMENTED
 //! until the service lands (see the issue tracker), never a made-up answer.
 
+pub mod imaging;
+
 use stowage_proto::v1::media_server;
 
 /// The tonic service of Media.
