@@ -48,7 +48,7 @@ impl EventHandler for FileEvents {
                 );
                 job.traceparent = stowage_telemetry::current_traceparent();
                 self.queue
-                    .enqueue_in(&**tx, job)
+                    .enqueue_in(tx, job)
                     .await
                     .map_err(|e| HandlerError(format!("enqueue: {e}")))?;
             }

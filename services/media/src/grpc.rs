@@ -140,7 +140,7 @@ impl Media {
                 })
                 .await
             {
-                Ok(r) => r.into_inner().file,
+                Ok(r) => r.file,
                 Err(s) if s.code() == tonic::Code::NotFound => None,
                 Err(s) => return Err(s.into()),
             };
@@ -184,7 +184,6 @@ impl Media {
                 ..Default::default()
             })
             .await?
-            .into_inner()
             .file;
         match self.queue.requeue_key(&job_key(&file_id)).await {
             Ok(_) => {}
@@ -305,7 +304,7 @@ impl media_server::Media for MediaGrpc {
                 })
                 .await
             {
-                Ok(r) => r.into_inner().file,
+                Ok(r) => r.file,
                 // Purged meanwhile; its row goes with the file.purged event.
                 Err(s) if s.code() == tonic::Code::NotFound => continue,
                 Err(s) => return Err(s),

@@ -129,7 +129,7 @@ impl Media {
             })
             .await
         {
-            Ok(r) => Ok(r.into_inner().file),
+            Ok(r) => Ok(r.file),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(retry_status("Files.GetFile", &s)),
         }

@@ -162,9 +162,10 @@ impl Tools {
         let collect = async {
             let mut out = Vec::new();
             let mut err = Vec::new();
+            let (mut stdout, mut stderr) = (stdout.take(MAX_OUTPUT), stderr.take(64 * 1024));
             let (read_out, read_err) = tokio::join!(
-                stdout.take(MAX_OUTPUT).read_to_end(&mut out),
-                stderr.take(64 * 1024).read_to_end(&mut err),
+                stdout.read_to_end(&mut out),
+                stderr.read_to_end(&mut err),
             );
             read_out.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
             read_err.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;

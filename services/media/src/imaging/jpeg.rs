@@ -1,0 +1,170 @@
+//! JPEG through libjpeg-turbo: decode downscaled by the DCT, read the EXIF orientation, encode
+//! the thumbnail.
+
+use std::io::Cursor;
+
+use image::metadata::Orientation;
+use image::{DynamicImage, RgbImage};
+use turbojpeg::{Colorspace, Compressor, Decompressor, PixelFormat, ScalingFactor, Subsamp};
+
+use super::decode::{Decoded, check_alloc, check_dimensions};
+use super::render::{fit, flatten_on_white};
+use super::{DecodeLimits, ImageError};
+
+/// Real progressive JPEGs have about ten scans; thousands of tiny ones are a known way to make a
+/// small file cost minutes of CPU.
+const MAX_SCANS: u32 = 100;
+
+/// Quality, subsampling and Huffman optimisation of our JPEG output: the usual web defaults
+/// (and the ones sharp uses), which keep 256 px thumbnails small.
+const QUALITY: i32 = 80;
+
+/// Decodes a JPEG downscaled by the largest DCT factor (1/2, 1/4, 1/8) that keeps it at least as
+/// large as a variant fitting in `target`×`target`, so the resize after it only refines.
+pub(super) fn decode(
+    bytes: &[u8],
+    target: u32,
+    limits: &DecodeLimits,
+) -> Result<Decoded, ImageError> {
+    let mut decompressor = Decompressor::new().map_err(corrupt)?;
+    // Reads the markers up to the first scan only: no pixel is allocated yet.
+    let header = decompressor.read_header(bytes).map_err(corrupt)?;
+    let width = u32::try_from(header.width).map_err(|_| too_wide(header.width))?;
+    let height = u32::try_from(header.height).map_err(|_| too_wide(header.height))?;
+    check_dimensions(width, height, limits)?;
+
+    let scale = if header.is_lossless {
+        // libjpeg-turbo cannot scale lossless JPEG.
+        ScalingFactor::ONE
+    } else {
+        scale_for(width, height, fit(width, height, target))
+    };
+    let (scaled_w, scaled_h) = (scale.scale(header.width), scale.scale(header.height));
+    let cmyk = matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK);
+    let format = if cmyk {
+        // TurboJPEG will not convert CMYK to RGB; we do, below.
+        PixelFormat::CMYK
+    } else {
+        PixelFormat::RGB
+    };
+    let output_len = scaled_w * scaled_h * format.size();
+    // Multi-scan JPEGs (progressive, or baseline with one scan per component) keep every DCT
+    // coefficient of the full-size image, 2 bytes each per component, whatever the scaling.
+    // The header does not tell the second kind apart, so count it always.
+    let components: u64 = if cmyk { 4 } else { 3 };
+    let coefficients = u64::from(width) * u64::from(height) * components * 2;
+    check_alloc(coefficients + output_len as u64, limits)?;
+
+    decompressor.set_scaling_factor(scale).map_err(corrupt)?;
+    decompressor.set_scan_limit(MAX_SCANS).map_err(corrupt)?;
+    let mut pixels = vec![0; output_len];
+    let output = turbojpeg::Image {
+        pixels: pixels.as_mut_slice(),
+        width: scaled_w,
+        pitch: scaled_w * format.size(),
+        height: scaled_h,
+        format,
+    };
+    // Warnings (a truncated scan, garbage between markers) fail the decode too, as in sharp's
+    // default: a half-grey thumbnail is worse than a clear error.
+    decompressor.decompress(bytes, output).map_err(corrupt)?;
+    if cmyk {
+        pixels = cmyk_to_rgb(&pixels);
+    }
+    let pixels = RgbImage::from_raw(scale_u32(scaled_w)?, scale_u32(scaled_h)?, pixels)
+        .ok_or_else(|| ImageError::Corrupt("decoded buffer of the wrong size".to_owned()))?;
+
+    Ok(Decoded {
+        format: "jpeg",
+        stored_size: (width, height),
+        pixels: DynamicImage::ImageRgb8(pixels),
+        orientation: orientation(bytes),
+    })
+}
+
+/// Encodes a variant as a baseline JPEG, alpha flattened on white.
+pub(super) fn encode(image: &DynamicImage) -> Result<Vec<u8>, ImageError> {
+    let rgb;
+    let rgb = match image {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => {
+            rgb = flatten_on_white(other);
+            &rgb
+        }
+    };
+    let mut compressor = Compressor::new().map_err(encode_failed)?;
+    compressor.set_quality(QUALITY).map_err(encode_failed)?;
+    compressor
+        .set_subsamp(Subsamp::Sub2x2)
+        .map_err(encode_failed)?;
+    compressor.set_optimize(true).map_err(encode_failed)?;
+    let (width, height) = (rgb.width() as usize, rgb.height() as usize);
+    compressor
+        .compress_to_vec(turbojpeg::Image {
+            pixels: rgb.as_raw().as_slice(),
+            width,
+            pitch: width * 3,
+            height,
+            format: PixelFormat::RGB,
+        })
+        .map_err(encode_failed)
+}
+
+/// The largest DCT downscale whose output still covers `target` in both axes.
+pub(super) fn scale_for(width: u32, height: u32, target: (u32, u32)) -> ScalingFactor {
+    [
+        ScalingFactor::ONE_EIGHTH,
+        ScalingFactor::ONE_QUARTER,
+        ScalingFactor::ONE_HALF,
+    ]
+    .into_iter()
+    .find(|s| {
+        s.scale(width as usize) >= target.0 as usize
+            && s.scale(height as usize) >= target.1 as usize
+    })
+    .unwrap_or(ScalingFactor::ONE)
+}
+
+/// The EXIF orientation, if the file has a valid one; a damaged EXIF block is no reason to refuse
+/// a picture that decodes.
+fn orientation(bytes: &[u8]) -> Orientation {
+    let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {
+        return Orientation::NoTransforms;
+    };
+    exif.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
+        .and_then(|field| field.value.get_uint(0))
+        .and_then(|value| u8::try_from(value).ok())
+        .and_then(Orientation::from_exif)
+        .unwrap_or(Orientation::NoTransforms)
+}
+
+/// CMYK JPEGs come almost only from Adobe software, which stores the channels inverted; without
+/// a colour profile this plain conversion is what browsers show too.
+fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for px in cmyk.chunks_exact(4) {
+        let k = u16::from(px[3]);
+        for &c in &px[..3] {
+            // (c * k) / 255 rounded, without the division.
+            let v = u16::from(c) * k + 128;
+            rgb.push(((v + (v >> 8)) >> 8) as u8);
+        }
+    }
+    rgb
+}
+
+fn scale_u32(value: usize) -> Result<u32, ImageError> {
+    u32::try_from(value).map_err(|_| too_wide(value))
+}
+
+fn too_wide(value: usize) -> ImageError {
+    ImageError::TooLarge(format!("dimension {value}"))
+}
+
+fn corrupt(error: turbojpeg::Error) -> ImageError {
+    ImageError::Corrupt(error.to_string())
+}
+
+fn encode_failed(error: turbojpeg::Error) -> ImageError {
+    ImageError::Corrupt(format!("jpeg encoding failed: {error}"))
+}
