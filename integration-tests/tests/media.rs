@@ -201,7 +201,7 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         if *name == "photo.jpg" {
             // Upright: what was the top (red) is now on the right, blue on the left.
             for variant in ["thumb_256_jpeg", "preview_1280_webp"] {
-                let img = variant_image(&mesh, &alice, &file, variant).to_rgba8();
+                let img = variant_image(&mesh, &alice, &file, variant).await.to_rgba8();
                 let (w, h) = img.dimensions();
                 let right = *img.get_pixel(w * 3 / 4, h / 2);
                 let left = *img.get_pixel(w / 4, h / 2);

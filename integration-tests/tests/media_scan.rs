@@ -47,7 +47,7 @@ async fn quarantine(mesh: &Mesh, admin: &str) -> anyhow::Result<Vec<pb::Quaranti
 #[tokio::test]
 async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back()
 -> anyhow::Result<()> {
-    let mut clamd = LocalClamd::start().await?;
+    let clamd = LocalClamd::start().await?;
     let setup = Setup::new().await?;
     let url = clamd.url();
     let mesh = Mesh::start_with(&setup, |config| {
@@ -115,10 +115,12 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back()
 
     // Scanner down: new files stay in processing and are not served...
     let port = clamd.port();
-    clamd.stop().await;
+    clamd.stop().await?;
     let waiting = upload(mesh.channel(), &alice, "later.txt", b"scan me later", &[]).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let file = owner_sees(&mesh, &alice, &waiting.id).await?;
+    let file = owner_sees(&mesh, &alice, &waiting.id)
+        .await
+        .map_err(|c| anyhow::anyhow!("{c:?}"))?;
     assert_eq!(file.status, pb::FileStatus::Processing as i32);
     let fetched = download(mesh.channel(), &alice, &waiting.id, None).await;
     assert_eq!(fetched.map(|_| ()).map_err(|s| s.code()), Err(Code::FailedPrecondition));

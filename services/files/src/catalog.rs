@@ -533,7 +533,7 @@ impl Catalog {
                      status_reason = CASE WHEN $2::text IS NULL THEN status_reason ELSE $3 END,
                      width = CASE WHEN $4 = 0 THEN width ELSE $4 END,
                      height = CASE WHEN $5 = 0 THEN height ELSE $5 END,
-                     duration_ms = CASE WHEN $6 = 0 THEN duration_ms ELSE $6 END,
+                     duration_ms = CASE WHEN $6::bigint = 0 THEN duration_ms ELSE $6::bigint END,
                      codec = CASE WHEN $7 = '' THEN codec ELSE $7 END,
                      updated_at = now()
                  WHERE id = $1",

@@ -159,7 +159,7 @@ impl Consumer {
         let block = u64::try_from(self.settings.block.as_millis()).unwrap_or(2000);
         let call = self
             .redis
-            .xreadgroup_map::<String, String, String, String, _, _, _, _>(
+            .xreadgroup::<fred::types::Value, _, _, _, _>(
                 self.group.as_str(),
                 self.name.as_str(),
                 Some(self.settings.batch),
@@ -169,16 +169,24 @@ impl Consumer {
                 ids,
             );
         // A read blocked on a connection that died must not hang forever.
+        let value = match tokio::time::timeout(self.settings.block + Duration::from_secs(5), call)
+            .await
+        {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(fred::error::Error::new(
+                    fred::error::ErrorKind::Timeout,
+                    "XREADGROUP timed out",
+                ));
+            }
+        };
+        // A read that times out without entries answers nil, which fred does not turn into an
+        // empty map.
+        if value.is_null() {
+            return Ok(Vec::new());
+        }
         let response: XReadResponse<String, String, String, String> =
-            match tokio::time::timeout(self.settings.block + Duration::from_secs(5), call).await {
-                Ok(result) => result?,
-                Err(_) => {
-                    return Err(fred::error::Error::new(
-                        fred::error::ErrorKind::Timeout,
-                        "XREADGROUP timed out",
-                    ));
-                }
-            };
+            value.into_xread_response()?;
         Ok(response
             .into_iter()
             .flat_map(|(stream, entries)| {
