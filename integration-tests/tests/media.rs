@@ -49,7 +49,10 @@ fn rotated_photo() -> Vec<u8> {
             Rgba([20, 20 + n, 230 - n, 255])
         }
     });
-    let jpeg = encode(&DynamicImage::ImageRgba8(img).to_rgb8().into(), ImageFormat::Jpeg);
+    let jpeg = encode(
+        &DynamicImage::ImageRgba8(img).to_rgb8().into(),
+        ImageFormat::Jpeg,
+    );
     // SOI, then our APP1, then the rest.
     let mut out = jpeg[..2].to_vec();
     out.extend_from_slice(&exif_orientation(6));
@@ -80,7 +83,11 @@ async fn variant_image(mesh: &Mesh, token: &str, file: &pb::File, name: &str) ->
     let (header, bytes) = download_variant(mesh.channel(), token, &file.id, name)
         .await
         .unwrap_or_else(|s| panic!("{}: variant {name}: {s}", file.display_name));
-    assert!(header.mime_type.starts_with("image/"), "{name}: {}", header.mime_type);
+    assert!(
+        header.mime_type.starts_with("image/"),
+        "{name}: {}",
+        header.mime_type
+    );
     image::load_from_memory(&bytes)
         .unwrap_or_else(|e| panic!("{}: variant {name} does not decode: {e}", file.display_name))
 }
@@ -103,24 +110,43 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         ImageFormat::WebP,
     );
     let gif = ffmpeg(
-        &["-f", "lavfi", "-i", "testsrc=duration=0.5:size=320x240:rate=10"],
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=duration=0.5:size=320x240:rate=10",
+        ],
         &dir.path().join("a.gif"),
     );
     let mp4 = ffmpeg(
         &[
-            "-f", "lavfi", "-i", "testsrc=duration=2:size=640x360:rate=25", "-pix_fmt", "yuv420p",
-            "-c:v", "libx264",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=duration=2:size=640x360:rate=25",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:v",
+            "libx264",
         ],
         &dir.path().join("clip.mp4"),
     );
     let mp3 = ffmpeg(
-        &["-f", "lavfi", "-i", "sine=frequency=440:duration=1.5", "-c:a", "libmp3lame"],
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=1.5",
+            "-c:a",
+            "libmp3lame",
+        ],
         &dir.path().join("tone.mp3"),
     );
     let photo = rotated_photo();
 
     // (name, bytes, upright width, height, codec, duration ms)
-    let cases: Vec<(&str, Vec<u8>, u32, u32, &str, u64)> = vec![
+    type Case = (&'static str, Vec<u8>, u32, u32, &'static str, u64);
+    let cases: Vec<Case> = vec![
         ("photo.jpg", photo, 3000, 4000, "jpeg", 0),
         ("alpha.png", png, 300, 200, "png", 0),
         ("picture.webp", webp, 500, 400, "webp", 0),
@@ -156,7 +182,12 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
             assert!(names.is_empty(), "{name}: {names:?}");
             continue;
         }
-        for expected in ["thumb_256_jpeg", "thumb_256_webp", "preview_1280_webp", "thumbhash"] {
+        for expected in [
+            "thumb_256_jpeg",
+            "thumb_256_webp",
+            "preview_1280_webp",
+            "thumbhash",
+        ] {
             assert!(names.contains(&expected), "{name}: {names:?}");
         }
         let thumbhash = file.variants.iter().find(|v| v.name == "thumbhash");
@@ -185,7 +216,11 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
                 "{name} {variant}: {w}x{h}, expected {ew}x{eh}"
             );
             let recorded = file.variants.iter().find(|v| v.name == variant);
-            assert_eq!(recorded.map(|v| (v.width, v.height)), Some((w, h)), "{name}");
+            assert_eq!(
+                recorded.map(|v| (v.width, v.height)),
+                Some((w, h)),
+                "{name}"
+            );
         }
         if *name == "clip.mp4" {
             let poster = variant_image(&mesh, &alice, &file, "poster_jpeg").await;
@@ -201,7 +236,9 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         if *name == "photo.jpg" {
             // Upright: what was the top (red) is now on the right, blue on the left.
             for variant in ["thumb_256_jpeg", "preview_1280_webp"] {
-                let img = variant_image(&mesh, &alice, &file, variant).await.to_rgba8();
+                let img = variant_image(&mesh, &alice, &file, variant)
+                    .await
+                    .to_rgba8();
                 let (w, h) = img.dimensions();
                 let right = *img.get_pixel(w * 3 / 4, h / 2);
                 let left = *img.get_pixel(w / 4, h / 2);
@@ -217,14 +254,13 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
     let mut variant_bytes = 0;
     for file in &uploaded {
         let file = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
-        variant_bytes += file
-            .variants
-            .iter()
-            .map(|v| v.size_bytes)
-            .sum::<u64>();
+        variant_bytes += file.variants.iter().map(|v| v.size_bytes).sum::<u64>();
     }
     assert!(variant_bytes > 0);
-    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, stored + variant_bytes);
+    assert_eq!(
+        usage(mesh.channel(), &alice).await?.used_bytes,
+        stored + variant_bytes
+    );
 
     // Variants follow their source: trashed with it, back with it, purged with it.
     let photo = &uploaded[0];
@@ -238,7 +274,10 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         ))
         .await?;
     let trashed = download_variant(mesh.channel(), &alice, &photo.id, "thumb_256_jpeg").await;
-    assert_eq!(trashed.map(|_| ()).map_err(|s| s.code()), Err(Code::FailedPrecondition));
+    assert_eq!(
+        trashed.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::FailedPrecondition)
+    );
     files
         .restore_file(authed(
             pb::RestoreFileRequest {
@@ -248,9 +287,7 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         ))
         .await?;
     download_variant(mesh.channel(), &alice, &photo.id, "thumb_256_jpeg").await?;
-    let keys = mesh
-        .stored_objects(&format!("users/alice/variants"))
-        .await?;
+    let keys = mesh.stored_objects("users/alice/variants").await?;
     let photo_keys: Vec<&String> = keys.iter().filter(|k| k.contains(&photo.id)).collect();
     assert_eq!(photo_keys.len(), 3, "{keys:?}");
     let before = usage(mesh.channel(), &alice).await?.used_bytes;
@@ -275,7 +312,10 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         .freed_bytes;
     let photo_variant_bytes: u64 = photo_now.variants.iter().map(|v| v.size_bytes).sum();
     assert_eq!(freed, photo_now.size_bytes + photo_variant_bytes);
-    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, before - freed);
+    assert_eq!(
+        usage(mesh.channel(), &alice).await?.used_bytes,
+        before - freed
+    );
     let keys = mesh.stored_objects("users/alice/variants").await?;
     assert!(
         !keys.iter().any(|k| k.contains(&photo.id)),
@@ -354,7 +394,10 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
         ("huge.png", png_declaring(100_000, 100_000)),
         ("bomb.png", png_bomb()),
         ("truncated.jpg", truncated),
-        ("random.jpg", stowage_integration_tests::random_bytes(64 * 1024)),
+        (
+            "random.jpg",
+            stowage_integration_tests::random_bytes(64 * 1024),
+        ),
         ("playlist.mp4", playlist.into_bytes()),
         ("empty.jpg", Vec::new()),
         ("drawing.svg", svg),
@@ -390,7 +433,12 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
     );
     let fine = upload(mesh.channel(), &mallory, "fine.png", &fine, &[]).await?;
     let fine = wait_processed(mesh.channel(), &mallory, &fine.id, PATIENCE).await?;
-    assert_eq!(fine.status, pb::FileStatus::Ready as i32, "{}", fine.status_reason);
+    assert_eq!(
+        fine.status,
+        pb::FileStatus::Ready as i32,
+        "{}",
+        fine.status_reason
+    );
 
     // Admins see the failures as dead jobs with their reasons, and can run one again.
     let mut media = MediaClient::new(mesh.channel());
@@ -411,7 +459,10 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
     let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
     expected.sort_unstable();
     assert_eq!(dead_files, expected);
-    assert!(dead.iter().all(|j| !j.last_error.is_empty() && j.attempts == 1));
+    assert!(
+        dead.iter()
+            .all(|j| !j.last_error.is_empty() && j.attempts == 1)
+    );
     let stats = media
         .queue_stats(authed(pb::QueueStatsRequest {}, &admin))
         .await?

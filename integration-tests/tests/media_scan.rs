@@ -45,8 +45,8 @@ async fn quarantine(mesh: &Mesh, admin: &str) -> anyhow::Result<Vec<pb::Quaranti
 }
 
 #[tokio::test]
-async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back()
--> anyhow::Result<()> {
+async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() -> anyhow::Result<()>
+{
     let clamd = LocalClamd::start().await?;
     let setup = Setup::new().await?;
     let url = clamd.url();
@@ -65,9 +65,18 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back()
     let clean = upload(mesh.channel(), &alice, "notes.txt", b"just words", &[]).await?;
     let seen = wait_processed(mesh.channel(), &admin, &infected.id, PATIENCE).await?;
     assert_eq!(seen.status, pb::FileStatus::Quarantined as i32);
-    assert!(seen.status_reason.contains("EICAR"), "{}", seen.status_reason);
+    assert!(
+        seen.status_reason.contains("EICAR"),
+        "{}",
+        seen.status_reason
+    );
     let ready = wait_processed(mesh.channel(), &alice, &clean.id, PATIENCE).await?;
-    assert_eq!(ready.status, pb::FileStatus::Ready as i32, "{}", ready.status_reason);
+    assert_eq!(
+        ready.status,
+        pb::FileStatus::Ready as i32,
+        "{}",
+        ready.status_reason
+    );
 
     // Invisible to its owner: not readable, not listed, not downloadable.
     assert_eq!(
@@ -76,12 +85,18 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back()
     );
     assert_eq!(listed(&mesh, &alice).await?, vec![clean.id.clone()]);
     let fetched = download(mesh.channel(), &alice, &infected.id, None).await;
-    assert_eq!(fetched.map(|_| ()).map_err(|s| s.code()), Err(Code::NotFound));
+    assert_eq!(
+        fetched.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::NotFound)
+    );
 
     // Admins list it and release it: processed without a second scan, then visible.
     let held = quarantine(&mesh, &admin).await?;
     assert_eq!(held.len(), 1);
-    assert_eq!(held[0].file.as_ref().map(|f| f.id.as_str()), Some(infected.id.as_str()));
+    assert_eq!(
+        held[0].file.as_ref().map(|f| f.id.as_str()),
+        Some(infected.id.as_str())
+    );
     assert!(held[0].signature.contains("EICAR"), "{}", held[0].signature);
     MediaClient::new(mesh.channel())
         .release_quarantined(authed(
@@ -123,18 +138,25 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back()
         .map_err(|c| anyhow::anyhow!("{c:?}"))?;
     assert_eq!(file.status, pb::FileStatus::Processing as i32);
     let fetched = download(mesh.channel(), &alice, &waiting.id, None).await;
-    assert_eq!(fetched.map(|_| ()).map_err(|s| s.code()), Err(Code::FailedPrecondition));
+    assert_eq!(
+        fetched.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::FailedPrecondition)
+    );
     // ...and finish once it is back.
     let _clamd = LocalClamd::start_on(port).await?;
     let done = wait_processed(mesh.channel(), &alice, &waiting.id, PATIENCE).await?;
-    assert_eq!(done.status, pb::FileStatus::Ready as i32, "{}", done.status_reason);
+    assert_eq!(
+        done.status,
+        pb::FileStatus::Ready as i32,
+        "{}",
+        done.status_reason
+    );
     download(mesh.channel(), &alice, &waiting.id, None).await?;
     mesh.stop().await
 }
 
 #[tokio::test]
-async fn a_media_worker_killed_mid_job_leaves_no_duplicates_and_no_orphans() -> anyhow::Result<()>
-{
+async fn a_media_worker_killed_mid_job_leaves_no_duplicates_and_no_orphans() -> anyhow::Result<()> {
     let mut setup = Setup::new().await?;
     setup.env.extend([
         ("STOWAGE_MEDIA__JOB_TIMEOUT".to_owned(), "4s".to_owned()),
@@ -157,7 +179,14 @@ async fn a_media_worker_killed_mid_job_leaves_no_duplicates_and_no_orphans() -> 
         });
         let mut jpeg = std::io::Cursor::new(Vec::new());
         DynamicImage::ImageRgb8(img).write_to(&mut jpeg, ImageFormat::Jpeg)?;
-        let file = upload(ingest.clone(), &alice, &format!("p{i}.jpg"), jpeg.get_ref(), &[]).await?;
+        let file = upload(
+            ingest.clone(),
+            &alice,
+            &format!("p{i}.jpg"),
+            jpeg.get_ref(),
+            &[],
+        )
+        .await?;
         ids.push(file.id);
     }
     // Kill Media as soon as one of its jobs runs.
@@ -187,12 +216,22 @@ async fn a_media_worker_killed_mid_job_leaves_no_duplicates_and_no_orphans() -> 
     let mut referenced = Vec::new();
     for id in &ids {
         let file = wait_processed(files_channel.clone(), &admin, id, PATIENCE).await?;
-        assert_eq!(file.status, pb::FileStatus::Ready as i32, "{}", file.status_reason);
+        assert_eq!(
+            file.status,
+            pb::FileStatus::Ready as i32,
+            "{}",
+            file.status_reason
+        );
         let mut names: Vec<&str> = file.variants.iter().map(|v| v.name.as_str()).collect();
         names.sort_unstable();
         assert_eq!(
             names,
-            ["preview_1280_webp", "thumb_256_jpeg", "thumb_256_webp", "thumbhash"]
+            [
+                "preview_1280_webp",
+                "thumb_256_jpeg",
+                "thumb_256_webp",
+                "thumbhash"
+            ]
         );
         referenced.extend(
             file.variants

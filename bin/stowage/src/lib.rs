@@ -6,12 +6,12 @@ use std::{collections::HashMap, sync::Arc};
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use stowage_blob::Blobs;
+use stowage_events::{Consumer, ConsumerSettings};
 use stowage_events::{Relay, RelaySettings};
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
 use stowage_ingest::{IngestGrpc, SessionSettings, Sessions, Staging, Uploader, Uploads};
-use stowage_lifecycle::LifecycleGrpc;
-use stowage_events::{Consumer, ConsumerSettings};
 use stowage_jobs::{Queue, QueueConfig, Worker};
+use stowage_lifecycle::LifecycleGrpc;
 use stowage_media::{
     FileEvents, Media, MediaGrpc, MediaSettings, clamd::Clamd, imaging::DecodeLimits, video::Tools,
 };

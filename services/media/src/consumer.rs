@@ -30,7 +30,12 @@ fn file_id(event: &Event) -> Result<Uuid, HandlerError> {
         .get("file_id")
         .and_then(serde_json::Value::as_str)
         .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| HandlerError(format!("{} event {} without file_id", event.topic, event.id)))
+        .ok_or_else(|| {
+            HandlerError(format!(
+                "{} event {} without file_id",
+                event.topic, event.id
+            ))
+        })
 }
 
 #[async_trait]

@@ -49,7 +49,9 @@ impl From<Error> for Status {
             }
             Error::NotFound(_) => Status::not_found(error.to_string()),
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
-            Error::Jobs(stowage_jobs::Error::JobNotFound(_)) => Status::not_found(error.to_string()),
+            Error::Jobs(stowage_jobs::Error::JobNotFound(_)) => {
+                Status::not_found(error.to_string())
+            }
             Error::Jobs(stowage_jobs::Error::NotRequeueable { .. }) => {
                 Status::failed_precondition(error.to_string())
             }

@@ -329,6 +329,8 @@ impl media_server::Media for MediaGrpc {
         caller.require_admin()?;
         let id = parse_uuid("file_id", &request.get_ref().file_id)?;
         let file = self.media.release(id, &caller.user_id).await?;
-        Ok(Response::new(pb::ReleaseQuarantinedResponse { file: Some(file) }))
+        Ok(Response::new(pb::ReleaseQuarantinedResponse {
+            file: Some(file),
+        }))
     }
 }

@@ -65,8 +65,7 @@ pub fn plan(mime_type: &str, name: &str, size: u64) -> Plan {
     }
     if mime == "image/svg+xml" || extension(name).as_deref() == Some("svg") {
         return Plan::Refuse(
-            "SVG is active content (it can carry scripts): no variants are rendered from it"
-                .into(),
+            "SVG is active content (it can carry scripts): no variants are rendered from it".into(),
         );
     }
     if IMAGE_TYPES.contains(&mime.as_str()) {
@@ -106,7 +105,10 @@ mod tests {
         assert_eq!(plan("video/mp4", "clip.mp4", 10), Plan::Video);
         assert_eq!(plan("audio/mpeg", "song.mp3", 10), Plan::Audio);
         assert_eq!(plan("application/pdf", "doc.pdf", 10), Plan::Plain);
-        assert_eq!(plan("text/plain; charset=utf-8", "notes.txt", 10), Plan::Plain);
+        assert_eq!(
+            plan("text/plain; charset=utf-8", "notes.txt", 10),
+            Plan::Plain
+        );
     }
 
     #[test]

@@ -184,9 +184,8 @@ impl Media {
             .get(&ObjectPath::from(file.storage_key.as_str()))
             .await
             .map_err(JobError::retry)?;
-        let reader = tokio_util::io::StreamReader::new(
-            source.into_stream().map_err(std::io::Error::other),
-        );
+        let reader =
+            tokio_util::io::StreamReader::new(source.into_stream().map_err(std::io::Error::other));
         let signature = match scanner.scan(reader).await {
             Ok(Verdict::Clean) => return Ok(None),
             Ok(Verdict::Infected(signature)) => signature,
@@ -418,7 +417,12 @@ impl Media {
     }
 
     /// Records the outcome in Files, then announces it once.
-    async fn finish(&self, file: &pb::File, file_id: Uuid, outcome: Outcome) -> Result<(), JobError> {
+    async fn finish(
+        &self,
+        file: &pb::File,
+        file_id: Uuid,
+        outcome: Outcome,
+    ) -> Result<(), JobError> {
         let (status, reason, derived) = match outcome {
             Outcome::Ready(d) => (pb::FileStatus::Ready, String::new(), d),
             Outcome::Failed(r) => (pb::FileStatus::Failed, r, Derived::default()),

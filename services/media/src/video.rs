@@ -119,9 +119,8 @@ pub fn parse_probe(json: &[u8]) -> Result<Probe, ToolError> {
         .and_then(|f| seconds_to_ms(f.duration.as_deref()))
         .or_else(|| seconds_to_ms(main.duration.as_deref()))
         .unwrap_or(0);
-    let (mut width, mut height) = video.map_or((0, 0), |v| {
-        (v.width.unwrap_or(0), v.height.unwrap_or(0))
-    });
+    let (mut width, mut height) =
+        video.map_or((0, 0), |v| (v.width.unwrap_or(0), v.height.unwrap_or(0)));
     if video.is_some_and(|v| v.rotation().rem_euclid(180) == 90) {
         std::mem::swap(&mut width, &mut height);
     }
@@ -138,7 +137,9 @@ impl Tools {
     fn command(&self, program: &str) -> Command {
         let mut command = if self.memory > 0 && Path::new("/usr/bin/prlimit").exists() {
             let mut c = Command::new("/usr/bin/prlimit");
-            c.arg(format!("--as={}", self.memory)).arg("--").arg(program);
+            c.arg(format!("--as={}", self.memory))
+                .arg("--")
+                .arg(program);
             c
         } else {
             Command::new(program)
@@ -163,10 +164,8 @@ impl Tools {
             let mut out = Vec::new();
             let mut err = Vec::new();
             let (mut stdout, mut stderr) = (stdout.take(MAX_OUTPUT), stderr.take(64 * 1024));
-            let (read_out, read_err) = tokio::join!(
-                stdout.read_to_end(&mut out),
-                stderr.read_to_end(&mut err),
-            );
+            let (read_out, read_err) =
+                tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err),);
             read_out.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
             read_err.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
             let status = child
@@ -176,14 +175,19 @@ impl Tools {
             Ok::<_, ToolError>((status, out, err))
         };
         // On timeout the future is dropped, and with it the child (kill_on_drop).
-        let (status, out, err) = tokio::time::timeout(self.timeout, collect)
-            .await
-            .map_err(|_| {
-                ToolError::Unreadable(format!("{what} took longer than {:?}", self.timeout))
-            })??;
+        let (status, out, err) =
+            tokio::time::timeout(self.timeout, collect)
+                .await
+                .map_err(|_| {
+                    ToolError::Unreadable(format!("{what} took longer than {:?}", self.timeout))
+                })??;
         if !status.success() {
             let detail = String::from_utf8_lossy(&err);
-            let detail = detail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let detail = detail
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
             return Err(ToolError::Unreadable(format!(
                 "{what} failed ({status}): {}",
                 detail.chars().take(300).collect::<String>()

@@ -412,7 +412,10 @@ impl Quota {
         let (delta, kind) = if raise {
             (amount, "charge")
         } else {
-            (-amount.min(Account::from_row(&account).used_bytes as i64), "debit")
+            (
+                -amount.min(Account::from_row(&account).used_bytes as i64),
+                "debit",
+            )
         };
         let inserted = tx
             .execute(
@@ -621,11 +624,7 @@ const NOTICE_THRESHOLDS: [u64; 3] = [80, 90, 100];
 
 /// Stages `quota.threshold_crossed` in `tx` when raising usage by `added` (to `account`'s
 /// usage) crossed a notice threshold.
-async fn stage_threshold(
-    tx: &impl GenericClient,
-    account: &Account,
-    added: u64,
-) -> Result<()> {
+async fn stage_threshold(tx: &impl GenericClient, account: &Account, added: u64) -> Result<()> {
     let before = account.used_bytes.saturating_sub(added);
     if let Some(percent) = crossed_threshold(before, account.used_bytes, account.limit_bytes) {
         let payload = serde_json::json!({

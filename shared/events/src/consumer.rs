@@ -157,29 +157,26 @@ impl Consumer {
     ) -> Result<Vec<(String, String, HashMap<String, String>)>, fred::error::Error> {
         let ids = vec![">"; streams.len()];
         let block = u64::try_from(self.settings.block.as_millis()).unwrap_or(2000);
-        let call = self
-            .redis
-            .xreadgroup::<fred::types::Value, _, _, _, _>(
-                self.group.as_str(),
-                self.name.as_str(),
-                Some(self.settings.batch),
-                Some(block),
-                false,
-                streams.to_vec(),
-                ids,
-            );
+        let call = self.redis.xreadgroup::<fred::types::Value, _, _, _, _>(
+            self.group.as_str(),
+            self.name.as_str(),
+            Some(self.settings.batch),
+            Some(block),
+            false,
+            streams.to_vec(),
+            ids,
+        );
         // A read blocked on a connection that died must not hang forever.
-        let value = match tokio::time::timeout(self.settings.block + Duration::from_secs(5), call)
-            .await
-        {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(fred::error::Error::new(
-                    fred::error::ErrorKind::Timeout,
-                    "XREADGROUP timed out",
-                ));
-            }
-        };
+        let value =
+            match tokio::time::timeout(self.settings.block + Duration::from_secs(5), call).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(fred::error::Error::new(
+                        fred::error::ErrorKind::Timeout,
+                        "XREADGROUP timed out",
+                    ));
+                }
+            };
         // A read that times out without entries answers nil, which fred does not turn into an
         // empty map.
         if value.is_null() {

@@ -7,9 +7,10 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use stowage_proto::v1::{
-    ChargeRequest, ChargeResponse, SetVariantsRequest, SetVariantsResponse, CommitRequest, CommitResponse, DebitRequest, DebitResponse, GetFileRequest, GetFileResponse,
-    GetUsageRequest, GetUsageResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest,
-    ReleaseResponse, ReserveRequest, ReserveResponse, files_client::FilesClient,
+    ChargeRequest, ChargeResponse, CommitRequest, CommitResponse, DebitRequest, DebitResponse,
+    GetFileRequest, GetFileResponse, GetUsageRequest, GetUsageResponse, RegisterFileRequest,
+    RegisterFileResponse, ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse,
+    SetVariantsRequest, SetVariantsResponse, files_client::FilesClient,
     files_server::Files as FilesRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
 };
 use tonic::{
