@@ -1,8 +1,6 @@
 //! JPEG through libjpeg-turbo: decode downscaled by the DCT, read the EXIF orientation, encode
 //! the thumbnail.
 
-use std::io::Cursor;
-
 use image::metadata::Orientation;
 use image::{DynamicImage, RgbImage};
 use turbojpeg::{Colorspace, Compressor, Decompressor, PixelFormat, ScalingFactor, Subsamp};
@@ -128,14 +126,46 @@ pub(super) fn scale_for(width: u32, height: u32, target: (u32, u32)) -> ScalingF
 /// The EXIF orientation, if the file has a valid one; a damaged EXIF block is no reason to refuse
 /// a picture that decodes.
 fn orientation(bytes: &[u8]) -> Orientation {
-    let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {
-        return Orientation::NoTransforms;
-    };
-    exif.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
-        .and_then(|field| field.value.get_uint(0))
-        .and_then(|value| u8::try_from(value).ok())
-        .and_then(Orientation::from_exif)
+    exif_block(bytes)
+        .and_then(Orientation::from_exif_chunk)
         .unwrap_or(Orientation::NoTransforms)
+}
+
+/// The TIFF block of the EXIF APP1 segment. Only the segments before the first scan are walked:
+/// APP1 belongs there, and scanning a photo's entropy-coded data for markers (what generic EXIF
+/// readers do when there is no EXIF) costs about a tenth of a whole thumbnail.
+fn exif_block(bytes: &[u8]) -> Option<&[u8]> {
+    const SOI: u8 = 0xD8;
+    const EOI: u8 = 0xD9;
+    const SOS: u8 = 0xDA;
+    const APP1: u8 = 0xE1;
+    let mut at = 2; // past SOI
+    loop {
+        if *bytes.get(at)? != 0xFF {
+            return None;
+        }
+        // A marker may be preceded by any number of 0xFF fill bytes.
+        while *bytes.get(at)? == 0xFF {
+            at += 1;
+        }
+        let code = *bytes.get(at)?;
+        at += 1;
+        match code {
+            0x00 | SOI | EOI | SOS => return None,
+            // Stand-alone markers: TEM, RST0..RST7.
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        // The length counts its own two bytes.
+        let len = usize::from(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]));
+        let segment = bytes.get(at + 2..at + len)?;
+        if code == APP1
+            && let Some(tiff) = segment.strip_prefix(b"Exif\0\0")
+        {
+            return Some(tiff);
+        }
+        at += len;
+    }
 }
 
 /// CMYK JPEGs come almost only from Adobe software, which stores the channels inverted; without

@@ -46,6 +46,21 @@ fn jpeg_with(
 
 /// Inserts an EXIF APP1 segment holding only an orientation tag right after SOI.
 fn with_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+    with_app1(jpeg, 2, &exif_orientation(orientation))
+}
+
+/// Inserts an APP1 segment with `payload` at `at`, which must be a segment boundary.
+fn with_app1(jpeg: &[u8], at: usize, payload: &[u8]) -> Vec<u8> {
+    let mut out = jpeg[..at].to_vec();
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&u16::try_from(payload.len() + 2).unwrap().to_be_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&jpeg[at..]);
+    out
+}
+
+/// An EXIF APP1 payload holding only an orientation tag.
+fn exif_orientation(orientation: u16) -> Vec<u8> {
     let mut tiff = Vec::new();
     tiff.extend_from_slice(b"II");
     tiff.extend_from_slice(&42u16.to_le_bytes());
@@ -59,13 +74,7 @@ fn with_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
     tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
     let mut payload = b"Exif\0\0".to_vec();
     payload.extend_from_slice(&tiff);
-
-    let mut out = jpeg[..2].to_vec();
-    out.extend_from_slice(&[0xFF, 0xE1]);
-    out.extend_from_slice(&u16::try_from(payload.len() + 2).unwrap().to_be_bytes());
-    out.extend_from_slice(&payload);
-    out.extend_from_slice(&jpeg[2..]);
-    out
+    payload
 }
 
 fn png_rgba(image: &RgbaImage) -> Vec<u8> {
@@ -253,6 +262,29 @@ fn every_exif_orientation_is_applied() {
         assert_colour(&image, x, y, RED);
         let (x, y) = at(1.0 - fx, 1.0 - fy);
         assert_colour(&image, x, y, BLUE);
+    }
+}
+
+#[test]
+fn exif_is_found_after_other_segments_and_a_damaged_one_is_ignored() {
+    let stored = jpeg(400, 200, |_, _| GREEN);
+    // turbojpeg writes a JFIF APP0 first; put the EXIF segment after it, behind fill bytes.
+    assert_eq!(&stored[2..4], &[0xFF, 0xE0]);
+    let app0_end = 4 + usize::from(u16::from_be_bytes([stored[4], stored[5]]));
+    let mut after_app0 = with_app1(&stored, app0_end, &exif_orientation(8));
+    after_app0.insert(app0_end, 0xFF);
+    let processed = process(&after_app0, &DecodeLimits::default()).unwrap();
+    assert_eq!((processed.width, processed.height), (200, 400));
+
+    let mut rng = SmallRng::seed_from_u64(3);
+    for len in [0, 1, 8, 14, 100] {
+        let mut junk = b"Exif\0\0".to_vec();
+        if len >= 8 {
+            junk.extend_from_slice(b"MM\0\x2a\xff\xff\xff\xf0");
+        }
+        junk.extend((0..len).map(|_| rng.random::<u8>()));
+        let processed = process(&with_app1(&stored, 2, &junk), &DecodeLimits::default()).unwrap();
+        assert_eq!((processed.width, processed.height), (400, 200), "{junk:?}");
     }
 }
 
