@@ -11,6 +11,11 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 
+# Media's JPEG codec builds libjpeg-turbo (with its SIMD code) and libwebp from source.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake nasm \
+ && rm -rf /var/lib/apt/lists/*
+
 # Every workspace member must be present for cargo to load the workspace.
 COPY Cargo.toml Cargo.lock ./
 COPY proto ./proto
