@@ -107,6 +107,7 @@ async fn file_created_survives_a_redis_restart_and_is_applied_once() -> anyhow::
             ConsumerSettings {
                 block: Duration::from_millis(200),
                 claim_idle: Duration::from_secs(2),
+                namespace: setup.namespace(),
                 ..ConsumerSettings::default()
             },
         );

@@ -98,6 +98,7 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
         Arc::clone(&watch) as Arc<dyn EventHandler>,
         ConsumerSettings {
             block: Duration::from_millis(200),
+            namespace: setup.namespace(),
             ..ConsumerSettings::default()
         },
     );

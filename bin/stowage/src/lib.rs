@@ -318,6 +318,7 @@ pub async fn serve_with(
                 RelaySettings {
                     stream_max_len: config.events.stream_max_len,
                     replay_window: config.events.replay_window,
+                    namespace: config.events.namespace.clone(),
                     ..RelaySettings::default()
                 },
             )
@@ -446,6 +447,7 @@ fn start_media(
                 Arc::new(FileEvents::new(queue)),
                 ConsumerSettings {
                     claim_idle: config.events.claim_idle,
+                    namespace: config.events.namespace.clone(),
                     ..ConsumerSettings::default()
                 },
             );

@@ -42,6 +42,8 @@ pub struct ConsumerSettings {
     pub claim_idle: Duration,
     /// How long applied event ids are remembered (longer than any replay).
     pub dedupe_retention: Duration,
+    /// Prefix of the Redis keys (as the relay's).
+    pub namespace: String,
 }
 
 impl Default for ConsumerSettings {
@@ -51,6 +53,7 @@ impl Default for ConsumerSettings {
             block: Duration::from_secs(2),
             claim_idle: Duration::from_secs(30),
             dedupe_retention: Duration::from_secs(7 * 24 * 3600),
+            namespace: crate::DEFAULT_NAMESPACE.to_owned(),
         }
     }
 }
@@ -106,7 +109,11 @@ impl Consumer {
     /// Reads, applies and acknowledges until `shutdown`, finishing the event in hand.
     pub async fn run(self, shutdown: CancellationToken) {
         let _connection = self.redis.connect();
-        let streams: Vec<String> = self.topics.iter().map(|t| stream_key(t)).collect();
+        let streams: Vec<String> = self
+            .topics
+            .iter()
+            .map(|t| stream_key(&self.settings.namespace, t))
+            .collect();
         let mut last_claim = tokio::time::Instant::now();
         let mut last_housekeeping = tokio::time::Instant::now() - Duration::from_secs(3600);
         let mut failures = 0u32;

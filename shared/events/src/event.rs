@@ -22,10 +22,13 @@ pub struct Event {
     pub occurred_at: DateTime<Utc>,
 }
 
-/// The Redis stream that carries `topic`.
-pub fn stream_key(topic: &str) -> String {
-    format!("stowage:events:{topic}")
+/// The Redis stream that carries `topic` in `namespace` (`{namespace}:events:{topic}`).
+pub fn stream_key(namespace: &str, topic: &str) -> String {
+    format!("{namespace}:events:{topic}")
 }
+
+/// Namespace of the keys of a mesh when nothing else is configured.
+pub const DEFAULT_NAMESPACE: &str = "stowage";
 
 impl Event {
     /// The fields of its stream entry.

@@ -17,7 +17,7 @@ mod outbox;
 mod relay;
 
 pub use consumer::{Consumer, ConsumerSettings, EventHandler, HandlerError};
-pub use event::{Event, stream_key};
+pub use event::{DEFAULT_NAMESPACE, Event, stream_key};
 pub use outbox::stage;
 pub use relay::{Relay, RelayError, RelaySettings};
 

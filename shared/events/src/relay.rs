@@ -40,6 +40,8 @@ pub struct RelaySettings {
     pub replay_window: Duration,
     /// How long published rows are kept (at least the replay window).
     pub retention: Duration,
+    /// Prefix of the Redis keys, so meshes (or test runs) can share one Redis.
+    pub namespace: String,
 }
 
 impl Default for RelaySettings {
@@ -50,6 +52,7 @@ impl Default for RelaySettings {
             idle_poll: Duration::from_secs(1),
             replay_window: Duration::from_secs(3600),
             retention: Duration::from_secs(7 * 24 * 3600),
+            namespace: crate::DEFAULT_NAMESPACE.to_owned(),
         }
     }
 }
@@ -187,7 +190,13 @@ impl Relay {
             let fields = event.to_fields();
             let cap = ("MAXLEN", "~", self.settings.stream_max_len as i64);
             let _: () = pipeline
-                .xadd(stream_key(&event.topic), false, cap, "*", fields)
+                .xadd(
+                    stream_key(&self.settings.namespace, &event.topic),
+                    false,
+                    cap,
+                    "*",
+                    fields,
+                )
                 .await?;
             ids.push(row.get::<_, i64>(0));
             topics.push(event.topic);
@@ -215,7 +224,7 @@ impl Relay {
     /// When Redis has no record of this schema's epoch key, it lost its data (or never saw
     /// this relay): everything published within the replay window goes out again.
     async fn replay_if_redis_forgot(&self) -> Result<(), RelayError> {
-        let key = format!("stowage:events:epoch:{}", self.schema);
+        let key = format!("{}:events:epoch:{}", self.settings.namespace, self.schema);
         let present: i64 = self.redis.exists(&key).await?;
         if present > 0 {
             return Ok(());

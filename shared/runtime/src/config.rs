@@ -118,6 +118,9 @@ pub struct EventsConfig {
     /// another consumer takes it over.
     #[serde(with = "humantime_serde")]
     pub claim_idle: Duration,
+    /// Prefix of the Redis keys of this mesh (`{namespace}:events:{topic}`), so several meshes
+    /// can share one Redis.
+    pub namespace: String,
 }
 
 impl Default for EventsConfig {
@@ -126,6 +129,7 @@ impl Default for EventsConfig {
             stream_max_len: 1_000_000,
             replay_window: Duration::from_secs(3600),
             claim_idle: Duration::from_secs(30),
+            namespace: "stowage".into(),
         }
     }
 }
@@ -375,6 +379,19 @@ impl Config {
             .map_err(|e| ConfigError(e.to_string()))?;
         if self.events.stream_max_len < 1000 {
             return fail("STOWAGE_EVENTS__STREAM_MAX_LEN", "must be at least 1000");
+        }
+        if self.events.namespace.is_empty()
+            || self.events.namespace.len() > 64
+            || !self
+                .events
+                .namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return fail(
+                "STOWAGE_EVENTS__NAMESPACE",
+                "must be 1..=64 of [A-Za-z0-9_.-]",
+            );
         }
         if self.events.claim_idle < Duration::from_secs(1) {
             return fail("STOWAGE_EVENTS__CLAIM_IDLE", "must be at least 1 s");

@@ -262,6 +262,17 @@ impl Setup {
         out
     }
 
+    /// Prefix of this setup's Redis keys: tests share one Redis, and each mesh must hear only
+    /// its own events (its database's name).
+    pub fn namespace(&self) -> String {
+        self.database_url
+            .rsplit('/')
+            .next()
+            .and_then(|db| db.split('?').next())
+            .unwrap_or("stowage")
+            .to_owned()
+    }
+
     /// The configuration a process of this setup runs with.
     pub fn config(&self, addr: SocketAddr) -> Config {
         let mut config = Config {
@@ -274,6 +285,7 @@ impl Setup {
             ..Config::default()
         };
         config.auth.hs256_secret = Some(TEST_SECRET.into());
+        config.events.namespace = self.namespace();
         if let Some(limit) = self.default_limit {
             config.quota.default_limit = stowage_runtime::config::ByteSize::b(limit);
         }
@@ -575,6 +587,7 @@ fn spawn(
         .env("STOWAGE_AUTH__HS256_SECRET", TEST_SECRET)
         .env("STOWAGE_DB_POOL_SIZE", "8")
         .env("STOWAGE_SHUTDOWN_GRACE", "5s")
+        .env("STOWAGE_EVENTS__NAMESPACE", setup.namespace())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if let Some(limit) = setup.default_limit {
