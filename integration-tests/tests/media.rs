@@ -79,6 +79,20 @@ fn is_blue(p: Rgba<u8>) -> bool {
     p[2] > 150 && p[0] < 100
 }
 
+/// Topics Media announced for `file_id` (its outbox, published or not).
+async fn announced(setup: &Setup, file_id: &str) -> anyhow::Result<Vec<String>> {
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let rows = pool
+        .get()
+        .await?
+        .query(
+            "SELECT topic FROM media.outbox WHERE key = $1 ORDER BY id",
+            &[&file_id],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 async fn variant_image(mesh: &Mesh, token: &str, file: &pb::File, name: &str) -> DynamicImage {
     let (header, bytes) = download_variant(mesh.channel(), token, &file.id, name)
         .await
@@ -171,6 +185,11 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
             file.status_reason
         );
         assert_eq!((file.width, file.height), (*width, *height), "{name}");
+        assert_eq!(
+            announced(&setup, &file.id).await?,
+            ["media.ready"],
+            "{name}"
+        );
         assert_eq!(file.codec, *codec, "{name}");
         assert!(
             file.duration_ms.abs_diff(*duration) <= 100,
@@ -417,6 +436,7 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
         );
         assert!(!file.status_reason.is_empty(), "{name}: no reason");
         assert!(file.variants.is_empty(), "{name}: {:?}", file.variants);
+        assert_eq!(announced(&setup, id).await?, ["media.failed"], "{name}");
         println!("{name}: {}", file.status_reason);
     }
     // Nothing fetched over the network.

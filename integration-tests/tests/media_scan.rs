@@ -70,6 +70,26 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         "{}",
         seen.status_reason
     );
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let topics = |id: String| {
+        let pool = pool.clone();
+        async move {
+            let rows = pool
+                .get()
+                .await?
+                .query(
+                    "SELECT topic FROM media.outbox WHERE key = $1 ORDER BY id",
+                    &[&id],
+                )
+                .await?;
+            anyhow::Ok(
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    assert_eq!(topics(infected.id.clone()).await?, ["media.quarantined"]);
     let ready = wait_processed(mesh.channel(), &alice, &clean.id, PATIENCE).await?;
     assert_eq!(
         ready.status,
@@ -108,6 +128,10 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         .await?;
     let released = wait_processed(mesh.channel(), &alice, &infected.id, PATIENCE).await?;
     assert_eq!(released.status, pb::FileStatus::Ready as i32);
+    assert_eq!(
+        topics(infected.id.clone()).await?,
+        ["media.quarantined", "media.ready"]
+    );
     assert!(quarantine(&mesh, &admin).await?.is_empty());
     let (_, bytes) = download(mesh.channel(), &alice, &infected.id, None).await?;
     assert_eq!(bytes, EICAR);
