@@ -60,14 +60,15 @@ fn rotated_photo() -> Vec<u8> {
     out
 }
 
-fn ffmpeg(args: &[&str], out: &std::path::Path) -> Vec<u8> {
+/// Runs ffmpeg with `args` (split on spaces) writing `out`, and returns what it wrote.
+fn ffmpeg(args: &str, out: &std::path::Path) -> Vec<u8> {
     let status = Command::new("ffmpeg")
         .args(["-v", "error", "-y"])
-        .args(args)
+        .args(args.split_whitespace())
         .arg(out)
         .status()
         .expect("ffmpeg runs (scripts/setup installs it)");
-    assert!(status.success(), "ffmpeg {args:?} failed");
+    assert!(status.success(), "ffmpeg {args} failed");
     std::fs::read(out).expect("ffmpeg output")
 }
 
@@ -124,36 +125,15 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         ImageFormat::WebP,
     );
     let gif = ffmpeg(
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=duration=0.5:size=320x240:rate=10",
-        ],
+        "-f lavfi -i testsrc=duration=0.5:size=320x240:rate=10",
         &dir.path().join("a.gif"),
     );
     let mp4 = ffmpeg(
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=duration=2:size=640x360:rate=25",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:v",
-            "libx264",
-        ],
+        "-f lavfi -i testsrc=duration=2:size=640x360:rate=25 -pix_fmt yuv420p -c:v libx264",
         &dir.path().join("clip.mp4"),
     );
     let mp3 = ffmpeg(
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:duration=1.5",
-            "-c:a",
-            "libmp3lame",
-        ],
+        "-f lavfi -i sine=frequency=440:duration=1.5 -c:a libmp3lame",
         &dir.path().join("tone.mp3"),
     );
     let photo = rotated_photo();

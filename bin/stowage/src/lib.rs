@@ -10,8 +10,8 @@ use stowage_events::{Consumer, ConsumerSettings};
 use stowage_events::{Relay, RelaySettings};
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
 use stowage_ingest::{IngestGrpc, SessionSettings, Sessions, Staging, Uploader, Uploads};
-use stowage_jobs::{Queue, QueueConfig, Worker};
-use stowage_lifecycle::LifecycleGrpc;
+use stowage_jobs::{Queue, QueueConfig, Scheduler, Worker};
+use stowage_lifecycle::{Lifecycle, LifecycleGrpc};
 use stowage_media::{
     FileEvents, Media, MediaGrpc, MediaSettings, clamd::Clamd, imaging::DecodeLimits, video::Tools,
 };
@@ -19,7 +19,10 @@ use stowage_quota::{Quota, QuotaGrpc};
 use stowage_ratelimit::Limiter;
 use stowage_runtime::{
     Background, Config, DegradedProbe, Dependency, GrpcServer, Minter, Verifier,
-    mesh::{self, FilesApi, GrpcFiles, GrpcQuota, LocalFiles, LocalQuota, QuotaApi, ServiceAuth},
+    mesh::{
+        self, FilesApi, GrpcFiles, GrpcIngest, GrpcQuota, IngestApi, LocalFiles, LocalIngest,
+        LocalQuota, QuotaApi, ServiceAuth,
+    },
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +65,7 @@ pub async fn migrate(pool: &stowage_db::PgPool, roles: &[Role]) -> anyhow::Resul
             Role::Files => stowage_files::migrate(pool).await?,
             Role::Quota => stowage_quota::migrate(pool).await?,
             Role::Media => stowage_media::migrate(pool).await?,
-            Role::Lifecycle => {}
+            Role::Lifecycle => stowage_lifecycle::migrate(pool).await?,
         }
         if let Some(schema) = outbox_schema(*role) {
             stowage_events::migrate(pool, schema).await?;
@@ -132,8 +135,8 @@ pub async fn serve_with(
     // Quota, in process) must never wait for a connection its caller is holding.
     let connect = || stowage_db::connect(database_url, config.db_pool_size).context("DATABASE_URL");
     let pool = connect()?;
-    let (quota_pool, files_pool, ingest_pool, media_pool) =
-        (connect()?, connect()?, connect()?, connect()?);
+    let (quota_pool, files_pool, ingest_pool, media_pool, lifecycle_pool) =
+        (connect()?, connect()?, connect()?, connect()?, connect()?);
     migrate(&pool, roles)
         .await
         .context("DATABASE_URL: cannot apply migrations")?;
@@ -223,6 +226,68 @@ pub async fn serve_with(
         })
     };
 
+    let ingest_local = if roles.contains(&Role::Ingest) {
+        let (quota, files) = (quota_api()?, files_api()?);
+        let uploader = Uploader {
+            uploads: Uploads::new(ingest_pool.clone()),
+            store: Arc::clone(&blobs.store),
+            quota: Arc::clone(&quota),
+            files: Arc::clone(&files),
+            max_file_size: config.ingest.max_file_size.as_u64(),
+            part_size: usize::try_from(config.ingest.part_size.as_u64()).unwrap_or(8 << 20),
+            shutdown: shutdown.clone(),
+            local_root: blobs.local_root.clone(),
+            register_status,
+        };
+        let sessions = Sessions::new(
+            ingest_pool.clone(),
+            Staging::new(&blobs),
+            Arc::clone(&blobs.store),
+            quota,
+            files,
+            SessionSettings {
+                ttl: config.ingest.session_ttl,
+                chunk_size_hint: u32::try_from(config.ingest.chunk_size.as_u64())
+                    .unwrap_or(8 << 20),
+                max_file_size: config.ingest.max_file_size.as_u64(),
+                max_chunk: usize::try_from(config.ingest.max_chunk.as_u64()).unwrap_or(64 << 20),
+                register_status,
+            },
+        );
+        server.merge_http(stowage_ingest::tus_routes(
+            sessions.clone(),
+            tus_verifier.clone(),
+            &config.ingest.tus_path,
+        ));
+        spawn_sweeper(
+            &background,
+            sessions.clone(),
+            uploader.clone(),
+            config.ingest.sweep_interval,
+            config.ingest.session_ttl,
+        );
+        Some(Arc::new(IngestGrpc::new(
+            uploader,
+            sessions,
+            shutdown.clone(),
+        )))
+    } else {
+        None
+    };
+    let ingest_api = || -> anyhow::Result<Arc<dyn IngestApi>> {
+        Ok(match &ingest_local {
+            Some(i) => Arc::new(LocalIngest::new(Arc::clone(i), timeout)),
+            None => Arc::new(GrpcIngest::new(
+                mesh::channel(
+                    peer_url(&config.peers.ingest, "STOWAGE_PEERS__INGEST")?,
+                    timeout,
+                )?,
+                service_auth.clone(),
+                timeout,
+            )),
+        })
+    };
+
     for role in roles {
         match role {
             Role::Quota => {
@@ -244,49 +309,13 @@ pub async fn serve_with(
                 }
             }
             Role::Ingest => {
-                let (quota, files) = (quota_api()?, files_api()?);
-                let uploader = Uploader {
-                    uploads: Uploads::new(ingest_pool.clone()),
-                    store: Arc::clone(&blobs.store),
-                    quota: Arc::clone(&quota),
-                    files: Arc::clone(&files),
-                    max_file_size: config.ingest.max_file_size.as_u64(),
-                    part_size: usize::try_from(config.ingest.part_size.as_u64()).unwrap_or(8 << 20),
-                    shutdown: shutdown.clone(),
-                    local_root: blobs.local_root.clone(),
-                    register_status,
-                };
-                let sessions = Sessions::new(
-                    ingest_pool.clone(),
-                    Staging::new(&blobs),
-                    Arc::clone(&blobs.store),
-                    quota,
-                    files,
-                    SessionSettings {
-                        ttl: config.ingest.session_ttl,
-                        chunk_size_hint: u32::try_from(config.ingest.chunk_size.as_u64())
-                            .unwrap_or(8 << 20),
-                        max_file_size: config.ingest.max_file_size.as_u64(),
-                        max_chunk: usize::try_from(config.ingest.max_chunk.as_u64())
-                            .unwrap_or(64 << 20),
-                        register_status,
-                    },
-                );
-                server.merge_http(stowage_ingest::tus_routes(
-                    sessions.clone(),
-                    tus_verifier.clone(),
-                    &config.ingest.tus_path,
-                ));
-                spawn_sweeper(
-                    &background,
-                    sessions.clone(),
-                    uploader.clone(),
-                    config.ingest.sweep_interval,
-                    config.ingest.session_ttl,
-                );
-                server.add_service(
-                    IngestGrpc::new(uploader, sessions, shutdown.clone()).into_server(max_message),
-                );
+                if let Some(i) = &ingest_local {
+                    server.add_service(
+                        stowage_proto::v1::ingest_server::IngestServer::from_arc(Arc::clone(i))
+                            .max_decoding_message_size(max_message)
+                            .max_encoding_message_size(max_message),
+                    );
+                }
             }
             Role::Media => {
                 let media = start_media(
@@ -301,7 +330,15 @@ pub async fn serve_with(
                 server.add_service(MediaGrpc::new(media).into_server(max_message));
             }
             Role::Lifecycle => {
-                server.add_service(LifecycleGrpc.into_server(max_message));
+                let lifecycle = start_lifecycle(
+                    lifecycle_pool.clone(),
+                    database_url,
+                    ingest_api()?,
+                    files_api()?,
+                    quota_api()?,
+                    &background,
+                )?;
+                server.add_service(LifecycleGrpc::new(lifecycle).into_server(max_message));
             }
         }
     }
@@ -373,6 +410,46 @@ pub async fn serve_with(
     server.serve(listener, shutdown).await?;
     background.wait().await;
     Ok(())
+}
+
+/// Lifecycle's queue, schedules and worker, started on `background`.
+fn start_lifecycle(
+    pool: stowage_db::PgPool,
+    database_url: &str,
+    ingest: Arc<dyn IngestApi>,
+    files: Arc<dyn FilesApi>,
+    quota: Arc<dyn QuotaApi>,
+    background: &Background,
+) -> anyhow::Result<Arc<Lifecycle>> {
+    let queue = Queue::new(
+        pool.clone(),
+        database_url,
+        stowage_lifecycle::SCHEMA,
+        QueueConfig {
+            // A run pages through every user: minutes, not seconds.
+            job_timeout: std::time::Duration::from_secs(30 * 60),
+            visibility_timeout: std::time::Duration::from_secs(60 * 60),
+            ..QueueConfig::default()
+        },
+    )
+    .context("lifecycle queue")?;
+    let lifecycle = Arc::new(Lifecycle::new(pool, queue.clone(), ingest, files, quota));
+    let handler: Arc<dyn stowage_jobs::Handler> = lifecycle.clone();
+    let worker = Worker::new(
+        queue.clone(),
+        HashMap::from([(stowage_lifecycle::TASK_JOB.to_owned(), handler)]),
+    );
+    background.spawn(
+        "lifecycle-worker",
+        worker.run(background.shutdown().clone()),
+    );
+    let scheduler =
+        Scheduler::new(queue, stowage_lifecycle::schedules()).context("lifecycle schedules")?;
+    background.spawn(
+        "lifecycle-scheduler",
+        scheduler.run(background.shutdown().clone()),
+    );
+    Ok(lifecycle)
 }
 
 /// Media's queue, worker and consumer of file events, started on `background`.

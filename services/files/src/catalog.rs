@@ -454,6 +454,52 @@ impl Catalog {
         Ok(rows.iter().map(FileRecord::from_row).collect())
     }
 
+    /// Files of every owner in trash since before `before`, oldest first, after `after`.
+    pub async fn expired_trash(
+        &self,
+        before: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<Vec<FileRecord>> {
+        let conn = self.pool.get().await?;
+        let (at, id) = after.unzip();
+        let rows = conn
+            .query(
+                "SELECT * FROM files.files
+                 WHERE deleted_at IS NOT NULL AND deleted_at < $1
+                   AND ($2::timestamptz IS NULL OR (deleted_at, id) > ($2, $3))
+                 ORDER BY deleted_at, id LIMIT $4",
+                &[&before, &at, &id, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(FileRecord::from_row).collect())
+    }
+
+    /// Per owner after `after` (by id): bytes stored (originals, trash included, plus the
+    /// variant bytes charged) and file count.
+    pub async fn usage_by_owner(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT owner_id,
+                        (sum(size_bytes) + sum(variant_bytes_charged))::bigint AS bytes,
+                        count(*) AS files
+                 FROM files.files
+                 WHERE $1::text IS NULL OR owner_id > $1
+                 GROUP BY owner_id ORDER BY owner_id LIMIT $2",
+                &[&after, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), to_u64(r.get(1)), to_u64(r.get(2))))
+            .collect())
+    }
+
     /// Deletes the row of a file (and its variants) and records `file.purged`.
     ///
     /// Owners may only purge what is in trash. Returns what the caller must still remove

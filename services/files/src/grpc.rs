@@ -25,6 +25,17 @@ use crate::{
     model::{FileStatus, Kind, VariantRecord},
 };
 
+/// Refuses callers without the admin or service scope.
+fn privileged<T>(request: &Request<T>) -> Result<(), Status> {
+    if identity(request)?.is_privileged() {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(
+            "this call needs the admin or service scope",
+        ))
+    }
+}
+
 /// The tonic service of Files.
 #[derive(Clone)]
 pub struct FilesGrpc {
@@ -456,6 +467,59 @@ impl files_server::Files for FilesGrpc {
         self.settle_variant_charge(id, &pending).await?;
         Ok(Response::new(pb::SetVariantsResponse {
             file: Some(file.to_proto(true)),
+        }))
+    }
+
+    async fn list_expired_trash(
+        &self,
+        request: Request<pb::ListExpiredTrashRequest>,
+    ) -> Result<Response<pb::ListExpiredTrashResponse>, Status> {
+        privileged(&request)?;
+        let req = request.into_inner();
+        let before = req
+            .deleted_before
+            .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+            .ok_or_else(|| invalid_argument("deleted_before", "is required"))?;
+        let size = page_size(req.page_size, 100, 1000)?;
+        let fingerprint = paging::fingerprint(&("expired_trash", before));
+        let after: Option<(DateTime<Utc>, Uuid)> = paging::decode(&req.page_token, &fingerprint)?;
+        let mut files = self.catalog.expired_trash(before, after, size + 1).await?;
+        let next_page_token = paging::finish_page(&mut files, size, &fingerprint, |f| {
+            f.deleted_at.map(|at| (at, f.id))
+        });
+        Ok(Response::new(pb::ListExpiredTrashResponse {
+            files: files.iter().map(|f| f.to_proto(true)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn usage_by_owner(
+        &self,
+        request: Request<pb::UsageByOwnerRequest>,
+    ) -> Result<Response<pb::UsageByOwnerResponse>, Status> {
+        privileged(&request)?;
+        let req = request.into_inner();
+        let size = page_size(req.page_size, 100, 1000)?;
+        let fingerprint = paging::fingerprint(&"usage_by_owner");
+        let after: Option<String> = paging::decode(&req.page_token, &fingerprint)?;
+        let mut owners = self
+            .catalog
+            .usage_by_owner(after.as_deref(), size + 1)
+            .await?;
+        let next_page_token =
+            paging::finish_page(&mut owners, size, &fingerprint, |(owner, ..)| {
+                Some(owner.clone())
+            });
+        Ok(Response::new(pb::UsageByOwnerResponse {
+            owners: owners
+                .into_iter()
+                .map(|(owner_id, stored_bytes, file_count)| pb::OwnerUsage {
+                    owner_id,
+                    stored_bytes,
+                    file_count,
+                })
+                .collect(),
+            next_page_token,
         }))
     }
 

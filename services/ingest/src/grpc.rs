@@ -74,6 +74,62 @@ fn session(s: crate::sessions::Session) -> Option<pb::UploadSession> {
 
 #[tonic::async_trait]
 impl ingest_server::Ingest for IngestGrpc {
+    async fn sweep_uploads(
+        &self,
+        request: Request<pb::SweepUploadsRequest>,
+    ) -> Result<Response<pb::SweepUploadsResponse>, Status> {
+        if !identity(&request)?.is_privileged() {
+            return Err(Status::permission_denied(
+                "this call needs the admin or service scope",
+            ));
+        }
+        let req = request.into_inner();
+        if req.idle_seconds < 60 {
+            return Err(stowage_runtime::status::invalid_argument(
+                "idle_seconds",
+                "must be at least 60",
+            ));
+        }
+        let limit = match req.limit {
+            0 => 1000,
+            n if n > 10_000 => {
+                return Err(stowage_runtime::status::invalid_argument(
+                    "limit",
+                    "must be at most 10000",
+                ));
+            }
+            n => i64::from(n),
+        };
+        let idle = std::time::Duration::from_secs(req.idle_seconds);
+        let (mut examined, ended, mut failed) = self
+            .sessions
+            .sweep_idle(idle, limit, req.dry_run)
+            .await
+            .map_err(Status::from)?;
+        let mut upload_ids: Vec<String> = ended.iter().map(ToString::to_string).collect();
+        if !req.dry_run {
+            // One-shot uploads whose connection died long ago (their bytes never completed).
+            match self.uploader.sweep_abandoned(idle).await {
+                Ok(n) => examined += n as u64,
+                Err(error) => {
+                    failed += 1;
+                    tracing::warn!(%error, "abandoned one-shot uploads not swept");
+                }
+            }
+            // Completions interrupted by a crash are finished, not abandoned.
+            if let Err(error) = self.sessions.sweep_expired(limit).await {
+                failed += 1;
+                tracing::warn!(%error, "expired sessions not swept");
+            }
+        }
+        upload_ids.sort();
+        Ok(Response::new(pb::SweepUploadsResponse {
+            examined,
+            upload_ids,
+            failed,
+        }))
+    }
+
     async fn create_upload(
         &self,
         request: Request<pb::CreateUploadRequest>,

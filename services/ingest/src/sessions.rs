@@ -939,6 +939,47 @@ impl Sessions {
         Ok(Session::from_row(&row, self.settings.chunk_size_hint))
     }
 
+    /// Ends open sessions nobody wrote to for `idle` (or past their expiry), at most
+    /// `limit`; with `dry_run` only lists them. Returns (examined, ended ids, failures).
+    pub async fn sweep_idle(
+        &self,
+        idle: Duration,
+        limit: i64,
+        dry_run: bool,
+    ) -> Result<(u64, Vec<Uuid>, u64)> {
+        let idle_secs = i64::try_from(idle.as_secs()).unwrap_or(i64::MAX);
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT id, owner_id FROM ingest.uploads
+                 WHERE resumable AND state = 'open'
+                   AND (updated_at < now() - make_interval(secs => $1) OR expires_at < now())
+                 ORDER BY updated_at LIMIT $2",
+                &[&(idle_secs as f64), &limit],
+            )
+            .await?;
+        drop(conn);
+        let examined = rows.len() as u64;
+        let (mut ended, mut failed) = (Vec::new(), 0);
+        for row in rows {
+            let (id, owner): (Uuid, String) = (row.get(0), row.get(1));
+            if dry_run {
+                ended.push(id);
+                continue;
+            }
+            // Locked (someone is writing right now) or finished meanwhile: not abandoned.
+            match self.end(id, &owner, "expired").await {
+                Ok(session) if session.state == "expired" => ended.push(id),
+                Ok(_) => {}
+                Err(error) => {
+                    failed += 1;
+                    tracing::info!(upload_id = %id, %error, "idle sweep skipped a session");
+                }
+            }
+        }
+        Ok((examined, ended, failed))
+    }
+
     /// Expires open sessions past their expiry: staging removed, reservation released.
     /// Safe on any number of replicas (rows being written are skipped). Returns how many.
     pub async fn sweep_expired(&self, limit: i64) -> Result<usize> {

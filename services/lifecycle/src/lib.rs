@@ -1,20 +1,254 @@
-//! Lifecycle: its API is declared in `proto/stowage/v1/lifecycle.proto`; every RPC answers UNIMPLEMENTED
-//! until the service lands (see the issue tracker), never a made-up answer.
+//! Lifecycle: scheduled clean-up that never deletes what a user owns, and usage that never
+//! drifts.
+//!
+//! Its jobs are interval schedules on the mesh's PostgreSQL job queue (schema `lifecycle`):
+//! each tick fires once across any number of replicas, and every run is recorded (start, end,
+//! items examined / acted on / failed, dry run). The jobs own no data: they act through the
+//! APIs of the services that do (Ingest ends abandoned uploads, Files purges expired trash and
+//! counts what each owner stores, Quota repairs usage), whose calls are conditional and keyed,
+//! so a run repeated or racing another is harmless.
 
-use stowage_proto::v1::lifecycle_server;
+mod grpc;
+pub mod policy;
+pub mod tasks;
 
-/// The tonic service of Lifecycle.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LifecycleGrpc;
+use std::sync::Arc;
 
-impl LifecycleGrpc {
-    /// The tonic server, with message limits.
-    pub fn into_server(self, max_message: usize) -> lifecycle_server::LifecycleServer<Self> {
-        lifecycle_server::LifecycleServer::new(self)
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
+use chrono::{DateTime, Utc};
+use stowage_db::PgPool;
+use stowage_jobs::{Handler, Job, JobError, Queue, Schedule};
+use stowage_runtime::mesh::{FilesApi, IngestApi, QuotaApi};
+use uuid::Uuid;
+
+pub use grpc::LifecycleGrpc;
+pub use policy::Policy;
+pub use tasks::{TASKS, Tally};
+
+/// Name of the schema Lifecycle owns.
+pub const SCHEMA: &str = "lifecycle";
+/// Kind of the jobs its schedules enqueue.
+pub const TASK_JOB: &str = "lifecycle.task";
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Applies Lifecycle's migrations: its own tables and the job queue's.
+pub async fn migrate(pool: &PgPool) -> Result<(), stowage_db::DbError> {
+    stowage_db::migrate(pool, SCHEMA, embedded::migrations::runner()).await?;
+    stowage_jobs::migrate(pool, SCHEMA).await
+}
+
+/// The schedules of every task, at their default intervals.
+pub fn schedules() -> Vec<Schedule> {
+    TASKS
+        .iter()
+        .map(|t| {
+            Schedule::new(
+                t.name,
+                t.interval,
+                TASK_JOB,
+                serde_json::json!({ "name": t.name }),
+            )
+        })
+        .collect()
+}
+
+/// One recorded run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRecord {
+    /// Run id.
+    pub id: Uuid,
+    /// Task name.
+    pub name: String,
+    /// Start.
+    pub started_at: DateTime<Utc>,
+    /// End, once finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// What it did.
+    pub tally: Tally,
+    /// Dry run?
+    pub dry_run: bool,
+    /// Error of the run as a whole.
+    pub error: String,
+}
+
+impl RunRecord {
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        let count = |c: &str| u64::try_from(row.get::<_, i64>(c)).unwrap_or(0);
+        Self {
+            id: row.get("id"),
+            name: row.get("name"),
+            started_at: row.get("started_at"),
+            finished_at: row.get("finished_at"),
+            tally: Tally {
+                examined: count("examined"),
+                acted: count("acted"),
+                failed: count("failed"),
+                report: row.get("report"),
+            },
+            dry_run: row.get("dry_run"),
+            error: row.get("error"),
+        }
     }
 }
 
-#[tonic::async_trait]
-impl lifecycle_server::Lifecycle for LifecycleGrpc {}
+/// Lifecycle's core: the tasks, their runs and the policy.
+pub struct Lifecycle {
+    pool: PgPool,
+    queue: Queue,
+    ingest: Arc<dyn IngestApi>,
+    files: Arc<dyn FilesApi>,
+    quota: Arc<dyn QuotaApi>,
+}
+
+impl std::fmt::Debug for Lifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("queue", &self.queue.schema())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lifecycle {
+    /// Lifecycle over its database and queue, acting through the other services.
+    pub fn new(
+        pool: PgPool,
+        queue: Queue,
+        ingest: Arc<dyn IngestApi>,
+        files: Arc<dyn FilesApi>,
+        quota: Arc<dyn QuotaApi>,
+    ) -> Self {
+        Self {
+            pool,
+            queue,
+            ingest,
+            files,
+            quota,
+        }
+    }
+
+    /// The job queue (schedules live there).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The policy in force.
+    pub async fn policy(&self) -> Result<Policy, tonic::Status> {
+        let conn = self.pool.get().await.map_err(db)?;
+        let row = conn
+            .query_opt("SELECT policy FROM lifecycle.policy", &[])
+            .await
+            .map_err(db)?;
+        Ok(row
+            .and_then(|r| serde_json::from_value(r.get(0)).ok())
+            .unwrap_or_default())
+    }
+
+    /// Replaces the policy.
+    pub async fn set_policy(&self, policy: &Policy) -> Result<Policy, tonic::Status> {
+        let value = serde_json::to_value(policy)
+            .map_err(|e| tonic::Status::internal(format!("policy: {e}")))?;
+        let conn = self.pool.get().await.map_err(db)?;
+        conn.execute(
+            "INSERT INTO lifecycle.policy (policy) VALUES ($1)
+             ON CONFLICT (id) DO UPDATE SET policy = $1, updated_at = now()",
+            &[&value],
+        )
+        .await
+        .map_err(db)?;
+        tracing::info!(?policy, "lifecycle policy changed");
+        Ok(policy.clone())
+    }
+
+    /// Runs task `name` now and records the run.
+    pub async fn execute(&self, name: &str, dry_run: bool) -> Result<RunRecord, tonic::Status> {
+        if !TASKS.iter().any(|t| t.name == name) {
+            return Err(stowage_runtime::status::invalid_argument(
+                "name",
+                format!("no scheduled job {name:?}"),
+            ));
+        }
+        let policy = self.policy().await?;
+        let id = Uuid::now_v7();
+        let conn = self.pool.get().await.map_err(db)?;
+        conn.execute(
+            "INSERT INTO lifecycle.runs (id, name, dry_run) VALUES ($1, $2, $3)",
+            &[&id, &name, &dry_run],
+        )
+        .await
+        .map_err(db)?;
+        drop(conn);
+        let outcome = self.run_task(name, &policy, dry_run).await;
+        let (tally, error) = match &outcome {
+            Ok(t) => (t.clone(), String::new()),
+            Err(s) => (Tally::default(), format!("{}: {}", s.code(), s.message())),
+        };
+        let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let conn = self.pool.get().await.map_err(db)?;
+        let row = conn
+            .query_one(
+                "UPDATE lifecycle.runs SET finished_at = now(), examined = $2, acted = $3,
+                     failed = $4, error = $5, report = $6
+                 WHERE id = $1 RETURNING *",
+                &[
+                    &id,
+                    &to_i64(tally.examined),
+                    &to_i64(tally.acted),
+                    &to_i64(tally.failed),
+                    &error,
+                    &tally.report,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        metrics::counter!("stowage_cleanup_runs_total", "job" => name.to_owned(), "outcome" => if error.is_empty() { "ok" } else { "error" })
+            .increment(1);
+        tracing::info!(run_id = %id, name, dry_run, examined = tally.examined, acted = tally.acted, failed = tally.failed, error, "lifecycle run finished");
+        outcome?;
+        Ok(RunRecord::from_row(&row))
+    }
+
+    /// Runs newest first, optionally of one task, after `before` (keyset).
+    pub async fn runs(
+        &self,
+        name: Option<&str>,
+        before: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<Vec<RunRecord>, tonic::Status> {
+        let conn = self.pool.get().await.map_err(db)?;
+        let (at, id) = before.unzip();
+        let rows = conn
+            .query(
+                "SELECT * FROM lifecycle.runs
+                 WHERE ($1::text IS NULL OR name = $1)
+                   AND ($2::timestamptz IS NULL OR (started_at, id) < ($2, $3))
+                 ORDER BY started_at DESC, id DESC LIMIT $4",
+                &[&name, &at, &id, &limit],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(RunRecord::from_row).collect())
+    }
+}
+
+fn db(error: impl std::fmt::Debug) -> tonic::Status {
+    stowage_runtime::status::dependency_failed("lifecycle database", &error)
+}
+
+/// The handler of scheduled ticks: runs the task the job names.
+#[async_trait::async_trait]
+impl Handler for Lifecycle {
+    async fn run(&self, job: &Job) -> Result<(), JobError> {
+        let name = job
+            .payload
+            .get("name")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| JobError::permanent("payload.name: missing"))?;
+        match self.execute(name, false).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => Err(JobError::permanent(s)),
+            Err(s) => Err(JobError::retry(s)),
+        }
+    }
+}

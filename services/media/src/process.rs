@@ -255,11 +255,9 @@ impl Media {
         }
         let bytes = self.read_all(&file.storage_key, limit).await?;
         match self.render(bytes).await? {
-            Ok(processed) => {
-                let mut derived = self.store_rendered(file, processed, true).await?;
-                derived.duration_ms = 0;
-                Ok(Outcome::Ready(derived))
-            }
+            Ok(processed) => Ok(Outcome::Ready(
+                self.store_rendered(file, processed, true).await?,
+            )),
             Err(error) => Ok(Outcome::Failed(error.to_string())),
         }
     }
@@ -429,6 +427,12 @@ impl Media {
             Outcome::Quarantined(s) => (pb::FileStatus::Quarantined, s, Derived::default()),
         };
         let variant_names: Vec<String> = derived.variants.iter().map(|v| v.name.clone()).collect();
+        let stored_keys: Vec<String> = derived
+            .variants
+            .iter()
+            .filter(|v| !v.storage_key.is_empty())
+            .map(|v| v.storage_key.clone())
+            .collect();
         let set = self
             .files
             .set_variants(pb::SetVariantsRequest {
@@ -445,7 +449,13 @@ impl Media {
         match set {
             Ok(_) => {}
             Err(s) if s.code() == Code::NotFound => {
-                tracing::info!(%file_id, "file purged while processing; variants left for gc");
+                // Purged while we worked: what we stored belongs to nobody.
+                for key in &stored_keys {
+                    if let Err(error) = self.store.delete(&ObjectPath::from(key.as_str())).await {
+                        tracing::warn!(%file_id, key, %error, "variant of a purged file not deleted; gc will");
+                    }
+                }
+                tracing::info!(%file_id, "file purged while processing");
                 return Ok(());
             }
             Err(s) => return Err(retry_status("Files.SetVariants", &s)),

@@ -443,6 +443,38 @@ impl Quota {
         Ok(account)
     }
 
+    /// Expires every held reservation past its time, giving its bytes back; with `dry_run`
+    /// only lists them. Returns the ids (at most 1000) and the count.
+    pub async fn expire_reservations(&self, dry_run: bool) -> Result<(Vec<Uuid>, u64)> {
+        let conn = self.pool.get().await?;
+        let rows = if dry_run {
+            conn.query(
+                "SELECT id FROM quota.reservations WHERE state = 'held' AND expires_at < now()",
+                &[],
+            )
+            .await?
+        } else {
+            conn.query(
+                "WITH expired AS (
+                     UPDATE quota.reservations SET state = 'expired', updated_at = now()
+                     WHERE state = 'held' AND expires_at < now()
+                     RETURNING id, user_id, bytes
+                 ), per_user AS (
+                     SELECT user_id, sum(bytes)::bigint AS bytes FROM expired GROUP BY user_id
+                 ), released AS (
+                     UPDATE quota.accounts a
+                     SET reserved_bytes = a.reserved_bytes - p.bytes, updated_at = now()
+                     FROM per_user p WHERE a.user_id = p.user_id
+                 )
+                 SELECT id FROM expired",
+                &[],
+            )
+            .await?
+        };
+        let count = rows.len() as u64;
+        Ok((rows.iter().take(1000).map(|r| r.get(0)).collect(), count))
+    }
+
     /// Sets `user_id`'s usage to `actual_bytes`, recording the drift; returns the drift.
     pub async fn reconcile(
         &self,

@@ -167,6 +167,25 @@ impl quota_server::Quota for QuotaGrpc {
         }))
     }
 
+    async fn expire_reservations(
+        &self,
+        request: Request<pb::ExpireReservationsRequest>,
+    ) -> Result<Response<pb::ExpireReservationsResponse>, Status> {
+        if !identity(&request)?.is_privileged() {
+            return Err(Status::permission_denied(
+                "this call needs the admin or service scope",
+            ));
+        }
+        let (ids, count) = self
+            .quota
+            .expire_reservations(request.get_ref().dry_run)
+            .await?;
+        Ok(Response::new(pb::ExpireReservationsResponse {
+            reservation_ids: ids.iter().map(ToString::to_string).collect(),
+            count,
+        }))
+    }
+
     async fn set_limit(
         &self,
         request: Request<pb::SetLimitRequest>,
@@ -183,7 +202,11 @@ impl quota_server::Quota for QuotaGrpc {
         &self,
         request: Request<pb::ListAccountsRequest>,
     ) -> Result<Response<pb::ListAccountsResponse>, Status> {
-        identity(&request)?.require_admin()?;
+        if !identity(&request)?.is_privileged() {
+            return Err(Status::permission_denied(
+                "this call needs the admin or service scope",
+            ));
+        }
         let req = request.into_inner();
         let size = stowage_runtime::status::page_size(req.page_size, 100, 1000)?;
         let query = paging::fingerprint(&("accounts", req.min_used_percent.to_bits()));

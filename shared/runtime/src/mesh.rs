@@ -8,10 +8,14 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use stowage_proto::v1::{
     ChargeRequest, ChargeResponse, CommitRequest, CommitResponse, DebitRequest, DebitResponse,
-    GetFileRequest, GetFileResponse, GetUsageRequest, GetUsageResponse, RegisterFileRequest,
-    RegisterFileResponse, ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse,
-    SetVariantsRequest, SetVariantsResponse, files_client::FilesClient,
-    files_server::Files as FilesRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
+    ExpireReservationsRequest, ExpireReservationsResponse, GetFileRequest, GetFileResponse,
+    GetUsageRequest, GetUsageResponse, ListAccountsRequest, ListAccountsResponse,
+    ListExpiredTrashRequest, ListExpiredTrashResponse, PurgeFileRequest, PurgeFileResponse,
+    ReconcileRequest, ReconcileResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest,
+    ReleaseResponse, ReserveRequest, ReserveResponse, SetVariantsRequest, SetVariantsResponse,
+    SweepUploadsRequest, SweepUploadsResponse, UsageByOwnerRequest, UsageByOwnerResponse,
+    files_client::FilesClient, files_server::Files as FilesRpc, ingest_client::IngestClient,
+    ingest_server::Ingest as IngestRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
 };
 use tonic::{
     Request, Response, Status,
@@ -176,6 +180,12 @@ peer! {
         fn charge(ChargeRequest) -> ChargeResponse;
         /// Reads an account.
         fn get_usage(GetUsageRequest) -> GetUsageResponse;
+        /// Pages through accounts.
+        fn list_accounts(ListAccountsRequest) -> ListAccountsResponse;
+        /// Sets a user's usage to a recount.
+        fn reconcile(ReconcileRequest) -> ReconcileResponse;
+        /// Gives back the bytes of expired reservations.
+        fn expire_reservations(ExpireReservationsRequest) -> ExpireReservationsResponse;
     }
 }
 
@@ -191,5 +201,22 @@ peer! {
         fn get_file(GetFileRequest) -> GetFileResponse;
         /// Records a file's variants, media metadata and status.
         fn set_variants(SetVariantsRequest) -> SetVariantsResponse;
+        /// Files in trash since before a time, all users.
+        fn list_expired_trash(ListExpiredTrashRequest) -> ListExpiredTrashResponse;
+        /// Removes a file for good.
+        fn purge_file(PurgeFileRequest) -> PurgeFileResponse;
+        /// What each owner stores.
+        fn usage_by_owner(UsageByOwnerRequest) -> UsageByOwnerResponse;
+    }
+}
+
+peer! {
+    /// What other services need from Ingest.
+    trait IngestApi;
+    local LocalIngest: IngestRpc;
+    remote GrpcIngest: IngestClient;
+    {
+        /// Ends abandoned uploads.
+        fn sweep_uploads(SweepUploadsRequest) -> SweepUploadsResponse;
     }
 }

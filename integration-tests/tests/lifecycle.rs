@@ -1,0 +1,327 @@
+//! Lifecycle's scheduled jobs, run on demand with short thresholds: timestamps are moved into
+//! the past in the owning service's table (the test's controllable clock), the job runs, and
+//! the test checks what a user would: sessions, blobs, rows and usage.
+
+use std::time::Duration;
+
+use stowage_integration_tests::{
+    complete, create_session, files, get_session, put_chunk, random_bytes, upload, usage,
+    wait_processed,
+};
+use stowage_proto::v1::{self as pb, lifecycle_client::LifecycleClient};
+use stowage_testkit::{Mesh, Setup, authed, token};
+use tonic::Code;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn run_now(mesh: &Mesh, name: &str, dry_run: bool) -> anyhow::Result<pb::Run> {
+    Ok(LifecycleClient::new(mesh.channel())
+        .run_now(authed(
+            pb::RunNowRequest {
+                name: name.to_owned(),
+                dry_run,
+            },
+            &token("root", &["admin"]),
+        ))
+        .await?
+        .into_inner()
+        .run
+        .expect("run"))
+}
+
+async fn sql(setup: &Setup, statement: &str, id: &str) -> anyhow::Result<u64> {
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let id = uuid::Uuid::parse_str(id)?;
+    Ok(pool.get().await?.execute(statement, &[&id]).await?)
+}
+
+#[tokio::test]
+async fn abandoned_sessions_are_swept_and_sessions_in_use_are_not() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(300_000);
+    let abandoned = create_session(mesh.channel(), &alice, "a.bin", Some(300_000), "").await?;
+    let active = create_session(mesh.channel(), &alice, "b.bin", Some(300_000), "").await?;
+    put_chunk(mesh.channel(), &alice, &abandoned.id, 0, &data[..100_000]).await?;
+    put_chunk(mesh.channel(), &alice, &active.id, 0, &data[..100_000]).await?;
+    assert_eq!(usage(mesh.channel(), &alice).await?.reserved_bytes, 600_000);
+    // Nobody wrote to the first one for three hours (policy: two).
+    let moved = sql(
+        &setup,
+        "UPDATE ingest.uploads SET updated_at = now() - interval '3 hours' WHERE id = $1",
+        &abandoned.id,
+    )
+    .await?;
+    assert_eq!(moved, 1);
+
+    // A dry run lists it and changes nothing.
+    let dry = run_now(&mesh, "orphan_uploads", true).await?;
+    assert_eq!(dry.acted, 1);
+    assert_eq!(dry.report, [format!("upload {}", abandoned.id)]);
+    let still = get_session(mesh.channel(), &alice, &abandoned.id).await?;
+    assert_eq!(still.state, pb::UploadState::Open as i32);
+
+    let run = run_now(&mesh, "orphan_uploads", false).await?;
+    assert_eq!((run.acted, run.failed, run.dry_run), (1, 0, false));
+    let swept = get_session(mesh.channel(), &alice, &abandoned.id).await?;
+    assert_eq!(swept.state, pb::UploadState::Expired as i32);
+    assert_eq!(usage(mesh.channel(), &alice).await?.reserved_bytes, 300_000);
+    let staged = setup.stored_objects(&format!("staging/{}", abandoned.id));
+    assert!(staged.is_empty(), "staging left: {staged:?}");
+    let refused = complete(mesh.channel(), &alice, &abandoned.id).await;
+    assert_eq!(
+        refused.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::FailedPrecondition)
+    );
+
+    // The session in use finishes intact.
+    put_chunk(
+        mesh.channel(),
+        &alice,
+        &active.id,
+        100_000,
+        &data[100_000..],
+    )
+    .await?;
+    let file = complete(mesh.channel(), &alice, &active.id).await?;
+    assert_eq!(file.size_bytes, 300_000);
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 300_000);
+
+    // Runs are recorded, newest first.
+    let runs = LifecycleClient::new(mesh.channel())
+        .list_runs(authed(
+            pb::ListRunsRequest {
+                name: "orphan_uploads".into(),
+                ..Default::default()
+            },
+            &token("root", &["admin"]),
+        ))
+        .await?
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 2);
+    assert_eq!(
+        (runs[0].id.as_str(), runs[1].dry_run),
+        (run.id.as_str(), true)
+    );
+    assert!(runs.iter().all(|r| r.finished_at.is_some()));
+
+    // A reservation past its expiry gives its bytes back.
+    let carol = token("carol", &[]);
+    create_session(mesh.channel(), &carol, "c.bin", Some(5_000), "").await?;
+    assert_eq!(usage(mesh.channel(), &carol).await?.reserved_bytes, 5_000);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE quota.reservations SET expires_at = now() - interval '1 minute'
+             WHERE user_id = 'carol'",
+            &[],
+        )
+        .await?;
+    let run = run_now(&mesh, "reservations_expire", false).await?;
+    assert_eq!(run.acted, 1);
+    assert_eq!(usage(mesh.channel(), &carol).await?.reserved_bytes, 0);
+    assert_eq!(usage(mesh.channel(), &alice).await?.reserved_bytes, 0);
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn expired_trash_is_purged_once_even_by_two_runs_at_once() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let png = {
+        let img = image::RgbImage::from_pixel(400, 300, image::Rgb([9, 99, 199]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(img).write_to(&mut out, image::ImageFormat::Png)?;
+        out.into_inner()
+    };
+    let old_picture = upload(mesh.channel(), &alice, "old.png", &png, &[]).await?;
+    let old_data = upload(
+        mesh.channel(),
+        &alice,
+        "old.bin",
+        &random_bytes(50_000),
+        &[],
+    )
+    .await?;
+    let recent = upload(
+        mesh.channel(),
+        &alice,
+        "recent.bin",
+        &random_bytes(20_000),
+        &[],
+    )
+    .await?;
+    let kept = upload(
+        mesh.channel(),
+        &alice,
+        "kept.bin",
+        &random_bytes(10_000),
+        &[],
+    )
+    .await?;
+    let picture = wait_processed(mesh.channel(), &alice, &old_picture.id, PATIENCE).await?;
+    assert!(!picture.variants.is_empty());
+    for file in [&old_picture, &old_data, &recent] {
+        files(mesh.channel())
+            .delete_file(authed(
+                pb::DeleteFileRequest {
+                    file_id: file.id.clone(),
+                },
+                &alice,
+            ))
+            .await?;
+    }
+    // Two of them went to trash 31 days ago (retention: 30).
+    for file in [&old_picture, &old_data] {
+        sql(
+            &setup,
+            "UPDATE files.files SET deleted_at = now() - interval '31 days' WHERE id = $1",
+            &file.id,
+        )
+        .await?;
+    }
+    let before = usage(mesh.channel(), &alice).await?.used_bytes;
+    let expected_drop = picture.size_bytes
+        + picture.variants.iter().map(|v| v.size_bytes).sum::<u64>()
+        + old_data.size_bytes;
+
+    let (a, b) = tokio::join!(
+        run_now(&mesh, "trash_purge", false),
+        run_now(&mesh, "trash_purge", false)
+    );
+    let (a, b) = (a?, b?);
+    assert_eq!(a.acted + b.acted, 2, "{a:?} {b:?}");
+    assert_eq!(
+        usage(mesh.channel(), &alice).await?.used_bytes,
+        before - expected_drop
+    );
+    let stored = setup.stored_objects("users/alice");
+    for gone in [&old_picture, &old_data] {
+        assert!(!stored.iter().any(|k| k.contains(&gone.id)), "{stored:?}");
+        let read = files(mesh.channel())
+            .get_file(authed(
+                pb::GetFileRequest {
+                    file_id: gone.id.clone(),
+                },
+                &alice,
+            ))
+            .await;
+        assert_eq!(read.map(|_| ()).map_err(|s| s.code()), Err(Code::NotFound));
+    }
+    // Recent trash and live files stay.
+    for file in [&recent, &kept] {
+        assert!(stored.iter().any(|k| k.contains(&file.id)), "{stored:?}");
+    }
+    // A third run has nothing left to do.
+    assert_eq!(run_now(&mesh, "trash_purge", false).await?.acted, 0);
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let (alice, bob) = (token("alice", &[]), token("bob", &[]));
+    upload(mesh.channel(), &alice, "a.bin", &random_bytes(70_000), &[]).await?;
+    upload(mesh.channel(), &bob, "b.bin", &random_bytes(30_000), &[]).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 12345 WHERE user_id = 'alice'",
+        &[],
+    )
+    .await?;
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 82_345);
+
+    let run = run_now(&mesh, "usage_reconcile", false).await?;
+    assert_eq!((run.acted, run.failed), (1, 0), "{run:?}");
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 70_000);
+    assert_eq!(usage(mesh.channel(), &bob).await?.used_bytes, 30_000);
+    let repairs: Vec<(String, i64)> = conn
+        .query(
+            "SELECT user_id, delta_bytes FROM quota.ledger WHERE kind = 'reconcile'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(repairs, [("alice".to_owned(), -12_345)]);
+    let metrics = reqwest::get(format!("http://{}/metrics", mesh.addr))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("stowage_usage_drift_bytes") && l.ends_with(" 12345")),
+        "drift metric"
+    );
+    // Nothing drifts any more.
+    assert_eq!(run_now(&mesh, "usage_reconcile", false).await?.acted, 0);
+
+    // Operators see the schedules and can change the policy; bad values name their field.
+    let admin = token("root", &["admin"]);
+    let mut client = LifecycleClient::new(mesh.channel());
+    let schedules = client
+        .list_schedules(authed(pb::ListSchedulesRequest {}, &admin))
+        .await?
+        .into_inner()
+        .schedules;
+    let mut names: Vec<&str> = schedules.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "orphan_uploads",
+            "reservations_expire",
+            "trash_purge",
+            "usage_reconcile"
+        ]
+    );
+    let mut policy = client
+        .get_policy(authed(pb::GetPolicyRequest {}, &admin))
+        .await?
+        .into_inner()
+        .policy
+        .expect("policy");
+    assert_eq!(policy.trash_retention_days, 30);
+    policy.trash_retention_days = 7;
+    let set = client
+        .set_policy(authed(
+            pb::SetPolicyRequest {
+                policy: Some(policy),
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .policy;
+    assert_eq!(set.map(|p| p.trash_retention_days), Some(7));
+    policy.gc_safety_minutes = 0;
+    let refused = client
+        .set_policy(authed(
+            pb::SetPolicyRequest {
+                policy: Some(policy),
+            },
+            &admin,
+        ))
+        .await
+        .expect_err("zero safety age");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("gc_safety_minutes"),
+        "{}",
+        refused.message()
+    );
+    let denied = client
+        .list_schedules(authed(pb::ListSchedulesRequest {}, &alice))
+        .await
+        .map(|_| ());
+    assert_eq!(denied.map_err(|s| s.code()), Err(Code::PermissionDenied));
+    mesh.stop().await
+}

@@ -1,0 +1,142 @@
+//! The Lifecycle gRPC service (admin).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use stowage_proto::v1::{self as pb, lifecycle_server};
+use stowage_runtime::{
+    identity, paging,
+    status::{invalid_argument, page_size},
+    time::{timestamp, timestamp_opt},
+};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{Lifecycle, Policy, RunRecord};
+
+/// The tonic service of Lifecycle.
+#[derive(Clone, Debug)]
+pub struct LifecycleGrpc {
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl LifecycleGrpc {
+    /// The API over `lifecycle`.
+    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
+        Self { lifecycle }
+    }
+
+    /// The tonic server, with message limits.
+    pub fn into_server(self, max_message: usize) -> lifecycle_server::LifecycleServer<Self> {
+        lifecycle_server::LifecycleServer::new(self)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+    }
+}
+
+fn run_to_proto(run: &RunRecord) -> pb::Run {
+    pb::Run {
+        id: run.id.to_string(),
+        name: run.name.clone(),
+        started_at: Some(timestamp(run.started_at)),
+        finished_at: timestamp_opt(run.finished_at),
+        examined: run.tally.examined,
+        acted: run.tally.acted,
+        failed: run.tally.failed,
+        dry_run: run.dry_run,
+        error: run.error.clone(),
+        report: run.tally.report.clone(),
+    }
+}
+
+fn jobs_error(error: stowage_jobs::Error) -> Status {
+    stowage_runtime::status::dependency_failed("lifecycle schedules", &error)
+}
+
+#[tonic::async_trait]
+impl lifecycle_server::Lifecycle for LifecycleGrpc {
+    async fn list_schedules(
+        &self,
+        request: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        identity(&request)?.require_admin()?;
+        let schedules = self
+            .lifecycle
+            .queue()
+            .list_schedules()
+            .await
+            .map_err(jobs_error)?;
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: schedules
+                .into_iter()
+                .map(|s| pb::Schedule {
+                    name: s.name,
+                    interval_seconds: s.interval.as_secs(),
+                    enabled: s.enabled,
+                    next_run_at: Some(timestamp(s.next_run_at)),
+                    last_run_at: timestamp_opt(s.last_run_at),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn run_now(
+        &self,
+        request: Request<pb::RunNowRequest>,
+    ) -> Result<Response<pb::RunNowResponse>, Status> {
+        identity(&request)?.require_admin()?;
+        let req = request.into_inner();
+        let run = self.lifecycle.execute(&req.name, req.dry_run).await?;
+        Ok(Response::new(pb::RunNowResponse {
+            run: Some(run_to_proto(&run)),
+        }))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        identity(&request)?.require_admin()?;
+        let req = request.into_inner();
+        let size = page_size(req.page_size, 100, 1000)?;
+        let fingerprint = paging::fingerprint(&("runs", &req.name));
+        let before: Option<(DateTime<Utc>, Uuid)> = paging::decode(&req.page_token, &fingerprint)?;
+        let name = (!req.name.is_empty()).then_some(req.name.as_str());
+        let mut runs = self.lifecycle.runs(name, before, size + 1).await?;
+        let next_page_token = paging::finish_page(&mut runs, size, &fingerprint, |r| {
+            Some((r.started_at, r.id))
+        });
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: runs.iter().map(run_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        identity(&request)?.require_admin()?;
+        let policy = self.lifecycle.policy().await?;
+        Ok(Response::new(pb::GetPolicyResponse {
+            policy: Some(policy.to_proto()),
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        identity(&request)?.require_admin()?;
+        let req = request.into_inner();
+        let proto = req
+            .policy
+            .ok_or_else(|| invalid_argument("policy", "is required"))?;
+        let policy =
+            Policy::from_proto(&proto).map_err(|(field, why)| invalid_argument(field, why))?;
+        let policy = self.lifecycle.set_policy(&policy).await?;
+        Ok(Response::new(pb::SetPolicyResponse {
+            policy: Some(policy.to_proto()),
+        }))
+    }
+}

@@ -1,0 +1,284 @@
+//! The scheduled jobs. Each is idempotent and safe on any number of replicas: every effect
+//! goes through a conditional, keyed call of the service that owns the data.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use stowage_proto::v1 as pb;
+use tonic::Code;
+
+use crate::{Lifecycle, policy::Policy};
+
+/// Longest report of a dry run.
+const MAX_REPORT: usize = 1000;
+/// Items fetched per page from another service.
+const PAGE: u32 = 500;
+
+/// A scheduled job: its name and default interval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// Name, as in the API.
+    pub name: &'static str,
+    /// Default time between runs.
+    pub interval: Duration,
+}
+
+/// Every scheduled job.
+pub const TASKS: [Task; 4] = [
+    Task {
+        name: "orphan_uploads",
+        interval: Duration::from_secs(15 * 60),
+    },
+    Task {
+        name: "trash_purge",
+        interval: Duration::from_secs(3600),
+    },
+    Task {
+        name: "reservations_expire",
+        interval: Duration::from_secs(15 * 60),
+    },
+    Task {
+        name: "usage_reconcile",
+        interval: Duration::from_secs(6 * 3600),
+    },
+];
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Items looked at.
+    pub examined: u64,
+    /// Items acted on (or that a dry run would act on).
+    pub acted: u64,
+    /// Items that failed (retried on the next run).
+    pub failed: u64,
+    /// What a dry run would do (bounded).
+    pub report: Vec<String>,
+}
+
+impl Tally {
+    fn note(&mut self, dry_run: bool, item: String) {
+        self.acted += 1;
+        if dry_run && self.report.len() < MAX_REPORT {
+            self.report.push(item);
+        }
+    }
+}
+
+impl Lifecycle {
+    /// Runs task `name` once.
+    pub(crate) async fn run_task(
+        &self,
+        name: &str,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<Tally, tonic::Status> {
+        match name {
+            "orphan_uploads" => self.orphan_uploads(policy, dry_run).await,
+            "trash_purge" => self.trash_purge(policy, dry_run).await,
+            "usage_reconcile" => self.usage_reconcile(dry_run).await,
+            "reservations_expire" => self.reservations_expire(dry_run).await,
+            other => Err(stowage_runtime::status::invalid_argument(
+                "name",
+                format!("no scheduled job {other:?}"),
+            )),
+        }
+    }
+
+    /// Sessions nobody wrote to for `orphan_upload_hours`: staging removed, reservation
+    /// released, session expired (Ingest does it; a session being written is locked and
+    /// skipped).
+    async fn orphan_uploads(&self, policy: &Policy, dry_run: bool) -> Result<Tally, tonic::Status> {
+        let swept = self
+            .ingest
+            .sweep_uploads(pb::SweepUploadsRequest {
+                idle_seconds: u64::from(policy.orphan_upload_hours) * 3600,
+                limit: 10_000,
+                dry_run,
+            })
+            .await?;
+        let mut tally = Tally {
+            examined: swept.examined,
+            failed: swept.failed,
+            ..Tally::default()
+        };
+        for id in swept.upload_ids {
+            tally.note(dry_run, format!("upload {id}"));
+        }
+        Ok(tally)
+    }
+
+    /// Files in trash longer than the retention: purged through Files (row, blob, variants;
+    /// usage debited once, keyed by the file, so two runs at once cannot debit twice).
+    async fn trash_purge(&self, policy: &Policy, dry_run: bool) -> Result<Tally, tonic::Status> {
+        let before = Utc::now() - chrono::Duration::days(i64::from(policy.trash_retention_days));
+        let mut tally = Tally::default();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .files
+                .list_expired_trash(pb::ListExpiredTrashRequest {
+                    deleted_before: Some(stowage_runtime::time::timestamp(before)),
+                    page_size: PAGE,
+                    page_token: page_token.clone(),
+                })
+                .await?;
+            for file in page.files {
+                tally.examined += 1;
+                if dry_run {
+                    tally.note(true, format!("file {} of {}", file.id, file.owner_id));
+                    continue;
+                }
+                match self
+                    .files
+                    .purge_file(pb::PurgeFileRequest {
+                        file_id: file.id.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => tally.note(false, String::new()),
+                    // Purged or restored by someone else meanwhile.
+                    Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {}
+                    Err(s) => {
+                        tally.failed += 1;
+                        tracing::warn!(file_id = %file.id, status = %s, "trash purge failed; next run");
+                    }
+                }
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(tally);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Held quota reservations past their expiry give their bytes back (an upload that never
+    /// completed and was never swept must not hold its owner's quota).
+    async fn reservations_expire(&self, dry_run: bool) -> Result<Tally, tonic::Status> {
+        let expired = self
+            .quota
+            .expire_reservations(pb::ExpireReservationsRequest { dry_run })
+            .await?;
+        let mut tally = Tally {
+            examined: expired.count,
+            ..Tally::default()
+        };
+        tally.acted = expired.count;
+        if dry_run {
+            tally.report = expired
+                .reservation_ids
+                .into_iter()
+                .map(|id| format!("reservation {id}"))
+                .collect();
+        }
+        Ok(tally)
+    }
+
+    /// Every user's usage recounted from Files (originals, trash included, plus charged
+    /// variants) and set in Quota where it drifted, with a ledger entry saying so. Accounts
+    /// with an upload in flight (bytes reserved) are left for the next run: their files and
+    /// their usage may be between two steps of a commit.
+    async fn usage_reconcile(&self, dry_run: bool) -> Result<Tally, tonic::Status> {
+        let mut stored = std::collections::BTreeMap::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .files
+                .usage_by_owner(pb::UsageByOwnerRequest {
+                    page_size: 1000,
+                    page_token: page_token.clone(),
+                })
+                .await?;
+            for owner in page.owners {
+                stored.insert(owner.owner_id, owner.stored_bytes);
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let run = uuid::Uuid::now_v7();
+        let mut tally = Tally::default();
+        let mut total_drift = 0i64;
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .quota
+                .list_accounts(pb::ListAccountsRequest {
+                    min_used_percent: 0.0,
+                    page_size: 1000,
+                    page_token: page_token.clone(),
+                })
+                .await?;
+            for account in page.accounts {
+                tally.examined += 1;
+                let actual = stored.remove(&account.user_id).unwrap_or(0);
+                if account.reserved_bytes > 0 || actual == account.used_bytes {
+                    continue;
+                }
+                total_drift += self
+                    .repair(
+                        run,
+                        &account.user_id,
+                        actual,
+                        account.used_bytes,
+                        dry_run,
+                        &mut tally,
+                    )
+                    .await;
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        // Owners with files but no account: their usage is 0 where it should not be.
+        for (user_id, actual) in stored {
+            tally.examined += 1;
+            if actual > 0 {
+                total_drift += self
+                    .repair(run, &user_id, actual, 0, dry_run, &mut tally)
+                    .await;
+            }
+        }
+        metrics::gauge!("stowage_usage_drift_bytes").set(total_drift as f64);
+        Ok(tally)
+    }
+
+    /// Sets `user_id`'s usage from `recorded` to `actual`; returns the drift's size.
+    async fn repair(
+        &self,
+        run: uuid::Uuid,
+        user_id: &str,
+        actual: u64,
+        recorded: u64,
+        dry_run: bool,
+        tally: &mut Tally,
+    ) -> i64 {
+        let drift =
+            i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(recorded).unwrap_or(i64::MAX);
+        if dry_run {
+            tally.note(true, format!("user {user_id} drift {drift}"));
+            return drift.abs();
+        }
+        match self
+            .quota
+            .reconcile(pb::ReconcileRequest {
+                user_id: user_id.to_owned(),
+                actual_bytes: actual,
+                idempotency_key: format!("reconcile:{run}:{user_id}"),
+            })
+            .await
+        {
+            Ok(r) => {
+                tally.note(false, String::new());
+                tracing::warn!(user_id, drift = r.drift_bytes, "usage drift repaired");
+            }
+            Err(s) => {
+                tally.failed += 1;
+                tracing::warn!(user_id, status = %s, "usage repair failed; next run");
+            }
+        }
+        drift.abs()
+    }
+}
