@@ -325,3 +325,97 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
     assert_eq!(denied.map_err(|s| s.code()), Err(Code::PermissionDenied));
     mesh.stop().await
 }
+
+/// Moves a local-disk object's modification time `ago` into the past.
+fn age(setup: &Setup, key: &str, ago: Duration) -> anyhow::Result<()> {
+    let dir = setup.blob_dir.as_ref().expect("local-disk store");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(dir.path().join(key))?;
+    file.set_modified(std::time::SystemTime::now() - ago)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_in_flight()
+-> anyhow::Result<()> {
+    use object_store::{ObjectStoreExt, PutPayload, path::Path};
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let kept_bytes = random_bytes(40_000);
+    let kept = upload(mesh.channel(), &alice, "kept.bin", &kept_bytes, &[]).await?;
+    let lost = upload(mesh.channel(), &alice, "lost.bin", &random_bytes(1_000), &[]).await?;
+    let planted = "users/alice/other/2020/01/planted.bin";
+    mesh.blobs
+        .store
+        .put(&Path::from(planted), PutPayload::from(vec![7u8; 1234]))
+        .await?;
+    // An upload in flight: half its bytes staged.
+    let flight_bytes = random_bytes(200_000);
+    let flight = create_session(mesh.channel(), &alice, "flight.bin", Some(200_000), "").await?;
+    put_chunk(mesh.channel(), &alice, &flight.id, 0, &flight_bytes[..100_000]).await?;
+
+    // Young: nothing is touched.
+    let run = run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!(run.acted, 0, "{run:?}");
+    assert!(setup.stored_objects("users/alice").contains(&planted.to_owned()));
+
+    // Two hours later (safety age: one hour), for every blob under users/ and staging/.
+    for key in setup
+        .stored_objects("users")
+        .into_iter()
+        .chain(setup.stored_objects("staging"))
+    {
+        age(&setup, &key, Duration::from_secs(2 * 3600))?;
+    }
+    let dry = run_now(&mesh, "blob_gc", true).await?;
+    assert_eq!(dry.report, [format!("unreferenced {planted}")]);
+    assert!(setup.stored_objects("users/alice").contains(&planted.to_owned()));
+    let run = run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!((run.acted, run.failed), (1, 0), "{run:?}");
+    assert!(!setup.stored_objects("users/alice").contains(&planted.to_owned()));
+    let (_, bytes) =
+        stowage_integration_tests::download(mesh.channel(), &alice, &kept.id, None).await?;
+    assert_eq!(bytes, kept_bytes);
+
+    // Staging: an orphan directory a day old goes, the live session's staging stays.
+    let orphan = format!("staging/{}/data", uuid::Uuid::new_v4());
+    mesh.blobs
+        .store
+        .put(&Path::from(orphan.as_str()), PutPayload::from(vec![1u8; 10]))
+        .await?;
+    for key in setup.stored_objects("staging") {
+        age(&setup, &key, Duration::from_secs(25 * 3600))?;
+    }
+    let run = run_now(&mesh, "staging_cleanup", false).await?;
+    assert_eq!(run.acted, 1, "{run:?}");
+    let staged = setup.stored_objects("staging");
+    assert!(!staged.contains(&orphan), "{staged:?}");
+    assert!(staged.iter().any(|k| k.contains(&flight.id)), "{staged:?}");
+    put_chunk(mesh.channel(), &alice, &flight.id, 100_000, &flight_bytes[100_000..]).await?;
+    let finished = complete(mesh.channel(), &alice, &flight.id).await?;
+    let (_, bytes) =
+        stowage_integration_tests::download(mesh.channel(), &alice, &finished.id, None).await?;
+    assert_eq!(bytes, flight_bytes);
+
+    // The other way: a row whose blob vanished is reported and marked.
+    let lost_key = setup
+        .stored_objects("users/alice")
+        .into_iter()
+        .find(|k| k.contains(&lost.id))
+        .expect("lost file's blob");
+    mesh.blobs.store.delete(&Path::from(lost_key.as_str())).await?;
+    sql(
+        &setup,
+        "UPDATE files.files SET created_at = now() - interval '2 hours' WHERE id = $1",
+        &lost.id,
+    )
+    .await?;
+    let run = run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!(run.acted, 1, "{run:?}");
+    let marked = wait_processed(mesh.channel(), &alice, &lost.id, PATIENCE).await?;
+    assert_eq!(marked.status, pb::FileStatus::Failed as i32);
+    assert!(marked.status_reason.contains("missing"), "{}", marked.status_reason);
+    mesh.stop().await
+}

@@ -336,6 +336,7 @@ pub async fn serve_with(
                     ingest_api()?,
                     files_api()?,
                     quota_api()?,
+                    Arc::clone(&blobs.store),
                     &background,
                 )?;
                 server.add_service(LifecycleGrpc::new(lifecycle).into_server(max_message));
@@ -419,6 +420,7 @@ fn start_lifecycle(
     ingest: Arc<dyn IngestApi>,
     files: Arc<dyn FilesApi>,
     quota: Arc<dyn QuotaApi>,
+    store: Arc<dyn object_store::ObjectStore>,
     background: &Background,
 ) -> anyhow::Result<Arc<Lifecycle>> {
     let queue = Queue::new(
@@ -433,7 +435,14 @@ fn start_lifecycle(
         },
     )
     .context("lifecycle queue")?;
-    let lifecycle = Arc::new(Lifecycle::new(pool, queue.clone(), ingest, files, quota));
+    let lifecycle = Arc::new(Lifecycle::new(
+        pool,
+        queue.clone(),
+        ingest,
+        files,
+        quota,
+        store,
+    ));
     let handler: Arc<dyn stowage_jobs::Handler> = lifecycle.clone();
     let worker = Worker::new(
         queue.clone(),

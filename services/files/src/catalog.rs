@@ -500,6 +500,39 @@ impl Catalog {
             .collect())
     }
 
+    /// Which of `keys` a file or a variant references.
+    pub async fn find_keys(&self, keys: &[String]) -> Result<Vec<String>> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT storage_key FROM files.files WHERE storage_key = ANY($1)
+                 UNION
+                 SELECT storage_key FROM files.variants WHERE storage_key = ANY($1)",
+                &[&keys],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Originals of files registered before `before`, by id after `after`.
+    pub async fn list_originals(
+        &self,
+        before: DateTime<Utc>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<FileRecord>> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT * FROM files.files
+                 WHERE created_at < $1 AND ($2::uuid IS NULL OR id > $2)
+                 ORDER BY id LIMIT $3",
+                &[&before, &after, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(FileRecord::from_row).collect())
+    }
+
     /// Deletes the row of a file (and its variants) and records `file.purged`.
     ///
     /// Owners may only purge what is in trash. Returns what the caller must still remove

@@ -523,6 +523,49 @@ impl files_server::Files for FilesGrpc {
         }))
     }
 
+    async fn find_keys(
+        &self,
+        request: Request<pb::FindKeysRequest>,
+    ) -> Result<Response<pb::FindKeysResponse>, Status> {
+        privileged(&request)?;
+        let keys = request.into_inner().keys;
+        if keys.is_empty() || keys.len() > 1000 {
+            return Err(invalid_argument("keys", "must hold 1..=1000 keys"));
+        }
+        let referenced = self.catalog.find_keys(&keys).await?;
+        Ok(Response::new(pb::FindKeysResponse { referenced }))
+    }
+
+    async fn list_originals(
+        &self,
+        request: Request<pb::ListOriginalsRequest>,
+    ) -> Result<Response<pb::ListOriginalsResponse>, Status> {
+        privileged(&request)?;
+        let req = request.into_inner();
+        let before = req
+            .created_before
+            .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+            .ok_or_else(|| invalid_argument("created_before", "is required"))?;
+        let size = page_size(req.page_size, 100, 1000)?;
+        let fingerprint = paging::fingerprint(&("originals", before));
+        let after: Option<Uuid> = paging::decode(&req.page_token, &fingerprint)?;
+        let mut files = self.catalog.list_originals(before, after, size + 1).await?;
+        let next_page_token =
+            paging::finish_page(&mut files, size, &fingerprint, |f| Some(f.id));
+        Ok(Response::new(pb::ListOriginalsResponse {
+            originals: files
+                .iter()
+                .map(|f| pb::Original {
+                    file_id: f.id.to_string(),
+                    storage_key: f.storage_key.clone(),
+                    size_bytes: f.size_bytes,
+                    status: f.status.to_proto() as i32,
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
     async fn storage_stats(
         &self,
         request: Request<pb::StorageStatsRequest>,

@@ -110,7 +110,7 @@ impl FileStatus {
         }
     }
 
-    fn to_proto(self) -> pb::FileStatus {
+    pub(crate) fn to_proto(self) -> pb::FileStatus {
         match self {
             Self::Processing => pb::FileStatus::Processing,
             Self::Ready => pb::FileStatus::Ready,

@@ -74,6 +74,35 @@ fn session(s: crate::sessions::Session) -> Option<pb::UploadSession> {
 
 #[tonic::async_trait]
 impl ingest_server::Ingest for IngestGrpc {
+    async fn sweep_staging(
+        &self,
+        request: Request<pb::SweepStagingRequest>,
+    ) -> Result<Response<pb::SweepStagingResponse>, Status> {
+        if !identity(&request)?.is_privileged() {
+            return Err(Status::permission_denied(
+                "this call needs the admin or service scope",
+            ));
+        }
+        let req = request.into_inner();
+        if req.max_age_seconds < 3600 {
+            return Err(stowage_runtime::status::invalid_argument(
+                "max_age_seconds",
+                "must be at least 3600",
+            ));
+        }
+        let (examined, keys, removed, failed) = self
+            .sessions
+            .sweep_staging(std::time::Duration::from_secs(req.max_age_seconds), req.dry_run)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::SweepStagingResponse {
+            examined,
+            keys,
+            removed,
+            failed,
+        }))
+    }
+
     async fn sweep_uploads(
         &self,
         request: Request<pb::SweepUploadsRequest>,

@@ -939,6 +939,64 @@ impl Sessions {
         Ok(Session::from_row(&row, self.settings.chunk_size_hint))
     }
 
+    /// Removes objects under `staging/` older than `max_age` whose upload is not live (no row,
+    /// or a row that ended); with `dry_run` only lists them. Returns (examined, keys listed
+    /// (at most 1000), removed or removable, failures).
+    pub async fn sweep_staging(
+        &self,
+        max_age: Duration,
+        dry_run: bool,
+    ) -> Result<(u64, Vec<String>, u64, u64)> {
+        use futures::TryStreamExt;
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::days(1));
+        let prefix = ObjectPath::from("staging");
+        let objects: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&prefix)).try_collect().await?;
+        let examined = objects.len() as u64;
+        let mut stale: std::collections::BTreeMap<Option<Uuid>, Vec<ObjectPath>> =
+            std::collections::BTreeMap::new();
+        for meta in objects.into_iter().filter(|m| m.last_modified < cutoff) {
+            let upload = meta
+                .location
+                .parts()
+                .nth(1)
+                .and_then(|p| Uuid::parse_str(p.as_ref()).ok());
+            stale.entry(upload).or_default().push(meta.location);
+        }
+        let ids: Vec<Uuid> = stale.keys().flatten().copied().collect();
+        let conn = self.pool.get().await?;
+        let live: std::collections::HashSet<Uuid> = conn
+            .query(
+                "SELECT id FROM ingest.uploads WHERE id = ANY($1)
+                   AND state IN ('receiving', 'open', 'completing', 'registered')",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(conn);
+        let (mut keys, mut removed, mut failed) = (Vec::new(), 0, 0);
+        for (upload, paths) in stale {
+            if upload.is_some_and(|id| live.contains(&id)) {
+                continue;
+            }
+            for path in paths {
+                if !dry_run && let Err(error) = self.store.delete(&path).await {
+                    failed += 1;
+                    tracing::warn!(key = %path, %error, "stale staging object not removed");
+                    continue;
+                }
+                removed += 1;
+                if keys.len() < 1000 {
+                    keys.push(path.to_string());
+                }
+            }
+        }
+        Ok((examined, keys, removed, failed))
+    }
+
     /// Ends open sessions nobody wrote to for `idle` (or past their expiry), at most
     /// `limit`; with `dry_run` only lists them. Returns (examined, ended ids, failures).
     pub async fn sweep_idle(

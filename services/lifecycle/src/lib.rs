@@ -100,6 +100,7 @@ pub struct Lifecycle {
     ingest: Arc<dyn IngestApi>,
     files: Arc<dyn FilesApi>,
     quota: Arc<dyn QuotaApi>,
+    store: Arc<dyn object_store::ObjectStore>,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -111,13 +112,15 @@ impl std::fmt::Debug for Lifecycle {
 }
 
 impl Lifecycle {
-    /// Lifecycle over its database and queue, acting through the other services.
+    /// Lifecycle over its database and queue, acting through the other services (and on the
+    /// store for blobs nobody references).
     pub fn new(
         pool: PgPool,
         queue: Queue,
         ingest: Arc<dyn IngestApi>,
         files: Arc<dyn FilesApi>,
         quota: Arc<dyn QuotaApi>,
+        store: Arc<dyn object_store::ObjectStore>,
     ) -> Self {
         Self {
             pool,
@@ -125,6 +128,7 @@ impl Lifecycle {
             ingest,
             files,
             quota,
+            store,
         }
     }
 

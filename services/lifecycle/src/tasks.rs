@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use object_store::ObjectStoreExt;
 use stowage_proto::v1 as pb;
 use tonic::Code;
 
@@ -24,7 +25,7 @@ pub struct Task {
 }
 
 /// Every scheduled job.
-pub const TASKS: [Task; 4] = [
+pub const TASKS: [Task; 6] = [
     Task {
         name: "orphan_uploads",
         interval: Duration::from_secs(15 * 60),
@@ -32,6 +33,14 @@ pub const TASKS: [Task; 4] = [
     Task {
         name: "trash_purge",
         interval: Duration::from_secs(3600),
+    },
+    Task {
+        name: "staging_cleanup",
+        interval: Duration::from_secs(3600),
+    },
+    Task {
+        name: "blob_gc",
+        interval: Duration::from_secs(6 * 3600),
     },
     Task {
         name: "reservations_expire",
@@ -78,6 +87,8 @@ impl Lifecycle {
             "trash_purge" => self.trash_purge(policy, dry_run).await,
             "usage_reconcile" => self.usage_reconcile(dry_run).await,
             "reservations_expire" => self.reservations_expire(dry_run).await,
+            "staging_cleanup" => self.staging_cleanup(policy, dry_run).await,
+            "blob_gc" => self.blob_gc(policy, dry_run).await,
             other => Err(stowage_runtime::status::invalid_argument(
                 "name",
                 format!("no scheduled job {other:?}"),
@@ -150,6 +161,142 @@ impl Lifecycle {
             }
             page_token = page.next_page_token;
         }
+    }
+
+    /// Staging data older than `staging_max_age_hours` that no live session owns (Ingest
+    /// decides what is live; it owns the sessions).
+    async fn staging_cleanup(
+        &self,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<Tally, tonic::Status> {
+        let swept = self
+            .ingest
+            .sweep_staging(pb::SweepStagingRequest {
+                max_age_seconds: u64::from(policy.staging_max_age_hours) * 3600,
+                dry_run,
+            })
+            .await?;
+        Ok(Tally {
+            examined: swept.examined,
+            acted: swept.removed,
+            failed: swept.failed,
+            report: if dry_run {
+                swept.keys.into_iter().map(|k| format!("staging {k}")).collect()
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Unreferenced blobs, both ways. Objects under `users/` that no file or variant
+    /// references and that are older than the safety age (an upload writes its bytes before
+    /// it registers the file) are deleted; files whose original is missing from the store are
+    /// reported and marked failed with the reason. A dry run lists both and changes nothing.
+    async fn blob_gc(&self, policy: &Policy, dry_run: bool) -> Result<Tally, tonic::Status> {
+        use futures::TryStreamExt;
+        let safety = chrono::Duration::minutes(i64::from(policy.gc_safety_minutes));
+        let cutoff = Utc::now() - safety;
+        let mut tally = Tally::default();
+        let prefix = object_store::path::Path::from("users");
+        let mut listing = self.store.list(Some(&prefix));
+        let mut batch: Vec<object_store::ObjectMeta> = Vec::new();
+        loop {
+            let next = listing
+                .try_next()
+                .await
+                .map_err(|e| stowage_runtime::status::dependency_failed("object store", &e))?;
+            let done = next.is_none();
+            if let Some(meta) = next {
+                tally.examined += 1;
+                if meta.last_modified < cutoff {
+                    batch.push(meta);
+                }
+            }
+            if batch.len() >= 500 || (done && !batch.is_empty()) {
+                self.collect_unreferenced(std::mem::take(&mut batch), dry_run, &mut tally)
+                    .await?;
+            }
+            if done {
+                break;
+            }
+        }
+        // The other way: rows whose blob is gone.
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .files
+                .list_originals(pb::ListOriginalsRequest {
+                    created_before: Some(stowage_runtime::time::timestamp(cutoff)),
+                    page_size: PAGE,
+                    page_token: page_token.clone(),
+                })
+                .await?;
+            for original in page.originals {
+                tally.examined += 1;
+                let path = object_store::path::Path::from(original.storage_key.as_str());
+                match self.store.head(&path).await {
+                    Ok(_) => continue,
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        tally.failed += 1;
+                        tracing::warn!(key = %original.storage_key, error = %e, "cannot check a blob");
+                        continue;
+                    }
+                }
+                tracing::error!(file_id = %original.file_id, key = %original.storage_key, "original missing from the store");
+                tally.note(dry_run, format!("missing {} of file {}", original.storage_key, original.file_id));
+                if dry_run || original.status == pb::FileStatus::Failed as i32 {
+                    continue;
+                }
+                if let Err(s) = self
+                    .files
+                    .set_variants(pb::SetVariantsRequest {
+                        file_id: original.file_id.clone(),
+                        status: pb::FileStatus::Failed as i32,
+                        status_reason: "the original's bytes are missing from the store".into(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    tally.failed += 1;
+                    tracing::warn!(file_id = %original.file_id, status = %s, "could not mark a file whose blob is missing");
+                }
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        Ok(tally)
+    }
+
+    async fn collect_unreferenced(
+        &self,
+        batch: Vec<object_store::ObjectMeta>,
+        dry_run: bool,
+        tally: &mut Tally,
+    ) -> Result<(), tonic::Status> {
+        let keys: Vec<String> = batch.iter().map(|m| m.location.to_string()).collect();
+        let referenced: std::collections::HashSet<String> = self
+            .files
+            .find_keys(pb::FindKeysRequest { keys: keys.clone() })
+            .await?
+            .referenced
+            .into_iter()
+            .collect();
+        for (meta, key) in batch.iter().zip(keys) {
+            if referenced.contains(&key) {
+                continue;
+            }
+            if !dry_run && let Err(e) = self.store.delete(&meta.location).await {
+                tally.failed += 1;
+                tracing::warn!(key, error = %e, "unreferenced blob not deleted");
+                continue;
+            }
+            tally.note(dry_run, format!("unreferenced {key}"));
+        }
+        Ok(())
     }
 
     /// Held quota reservations past their expiry give their bytes back (an upload that never

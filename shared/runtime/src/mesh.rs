@@ -8,7 +8,8 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use stowage_proto::v1::{
     ChargeRequest, ChargeResponse, CommitRequest, CommitResponse, DebitRequest, DebitResponse,
-    ExpireReservationsRequest, ExpireReservationsResponse, GetFileRequest, GetFileResponse,
+    ExpireReservationsRequest, ExpireReservationsResponse, FindKeysRequest, FindKeysResponse,
+    ListOriginalsRequest, ListOriginalsResponse, SweepStagingRequest, SweepStagingResponse, GetFileRequest, GetFileResponse,
     GetUsageRequest, GetUsageResponse, ListAccountsRequest, ListAccountsResponse,
     ListExpiredTrashRequest, ListExpiredTrashResponse, PurgeFileRequest, PurgeFileResponse,
     ReconcileRequest, ReconcileResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest,
@@ -207,6 +208,10 @@ peer! {
         fn purge_file(PurgeFileRequest) -> PurgeFileResponse;
         /// What each owner stores.
         fn usage_by_owner(UsageByOwnerRequest) -> UsageByOwnerResponse;
+        /// Which store keys files reference.
+        fn find_keys(FindKeysRequest) -> FindKeysResponse;
+        /// Every file's original key.
+        fn list_originals(ListOriginalsRequest) -> ListOriginalsResponse;
     }
 }
 
@@ -218,5 +223,7 @@ peer! {
     {
         /// Ends abandoned uploads.
         fn sweep_uploads(SweepUploadsRequest) -> SweepUploadsResponse;
+        /// Removes stale staging data.
+        fn sweep_staging(SweepStagingRequest) -> SweepStagingResponse;
     }
 }
