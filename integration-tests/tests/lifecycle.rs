@@ -277,8 +277,10 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
     assert_eq!(
         names,
         [
+            "blob_gc",
             "orphan_uploads",
             "reservations_expire",
+            "staging_cleanup",
             "trash_purge",
             "usage_reconcile"
         ]
@@ -345,7 +347,14 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     let alice = token("alice", &[]);
     let kept_bytes = random_bytes(40_000);
     let kept = upload(mesh.channel(), &alice, "kept.bin", &kept_bytes, &[]).await?;
-    let lost = upload(mesh.channel(), &alice, "lost.bin", &random_bytes(1_000), &[]).await?;
+    let lost = upload(
+        mesh.channel(),
+        &alice,
+        "lost.bin",
+        &random_bytes(1_000),
+        &[],
+    )
+    .await?;
     let planted = "users/alice/other/2020/01/planted.bin";
     mesh.blobs
         .store
@@ -354,12 +363,23 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     // An upload in flight: half its bytes staged.
     let flight_bytes = random_bytes(200_000);
     let flight = create_session(mesh.channel(), &alice, "flight.bin", Some(200_000), "").await?;
-    put_chunk(mesh.channel(), &alice, &flight.id, 0, &flight_bytes[..100_000]).await?;
+    put_chunk(
+        mesh.channel(),
+        &alice,
+        &flight.id,
+        0,
+        &flight_bytes[..100_000],
+    )
+    .await?;
 
     // Young: nothing is touched.
     let run = run_now(&mesh, "blob_gc", false).await?;
     assert_eq!(run.acted, 0, "{run:?}");
-    assert!(setup.stored_objects("users/alice").contains(&planted.to_owned()));
+    assert!(
+        setup
+            .stored_objects("users/alice")
+            .contains(&planted.to_owned())
+    );
 
     // Two hours later (safety age: one hour), for every blob under users/ and staging/.
     for key in setup
@@ -371,10 +391,18 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     }
     let dry = run_now(&mesh, "blob_gc", true).await?;
     assert_eq!(dry.report, [format!("unreferenced {planted}")]);
-    assert!(setup.stored_objects("users/alice").contains(&planted.to_owned()));
+    assert!(
+        setup
+            .stored_objects("users/alice")
+            .contains(&planted.to_owned())
+    );
     let run = run_now(&mesh, "blob_gc", false).await?;
     assert_eq!((run.acted, run.failed), (1, 0), "{run:?}");
-    assert!(!setup.stored_objects("users/alice").contains(&planted.to_owned()));
+    assert!(
+        !setup
+            .stored_objects("users/alice")
+            .contains(&planted.to_owned())
+    );
     let (_, bytes) =
         stowage_integration_tests::download(mesh.channel(), &alice, &kept.id, None).await?;
     assert_eq!(bytes, kept_bytes);
@@ -383,7 +411,10 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     let orphan = format!("staging/{}/data", uuid::Uuid::new_v4());
     mesh.blobs
         .store
-        .put(&Path::from(orphan.as_str()), PutPayload::from(vec![1u8; 10]))
+        .put(
+            &Path::from(orphan.as_str()),
+            PutPayload::from(vec![1u8; 10]),
+        )
         .await?;
     for key in setup.stored_objects("staging") {
         age(&setup, &key, Duration::from_secs(25 * 3600))?;
@@ -393,7 +424,14 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     let staged = setup.stored_objects("staging");
     assert!(!staged.contains(&orphan), "{staged:?}");
     assert!(staged.iter().any(|k| k.contains(&flight.id)), "{staged:?}");
-    put_chunk(mesh.channel(), &alice, &flight.id, 100_000, &flight_bytes[100_000..]).await?;
+    put_chunk(
+        mesh.channel(),
+        &alice,
+        &flight.id,
+        100_000,
+        &flight_bytes[100_000..],
+    )
+    .await?;
     let finished = complete(mesh.channel(), &alice, &flight.id).await?;
     let (_, bytes) =
         stowage_integration_tests::download(mesh.channel(), &alice, &finished.id, None).await?;
@@ -405,7 +443,10 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
         .into_iter()
         .find(|k| k.contains(&lost.id))
         .expect("lost file's blob");
-    mesh.blobs.store.delete(&Path::from(lost_key.as_str())).await?;
+    mesh.blobs
+        .store
+        .delete(&Path::from(lost_key.as_str()))
+        .await?;
     sql(
         &setup,
         "UPDATE files.files SET created_at = now() - interval '2 hours' WHERE id = $1",
@@ -416,6 +457,130 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     assert_eq!(run.acted, 1, "{run:?}");
     let marked = wait_processed(mesh.channel(), &alice, &lost.id, PATIENCE).await?;
     assert_eq!(marked.status, pb::FileStatus::Failed as i32);
-    assert!(marked.status_reason.contains("missing"), "{}", marked.status_reason);
+    assert!(
+        marked.status_reason.contains("missing"),
+        "{}",
+        marked.status_reason
+    );
     mesh.stop().await
+}
+
+#[tokio::test]
+async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing_owned()
+-> anyhow::Result<()> {
+    use stowage::Role;
+    use stowage_testkit::{Processes, channel};
+    let setup = Setup::new().await?;
+    let mut processes = Processes::split(&setup).await?;
+    let alice = token("alice", &[]);
+    let admin = token("root", &["admin"]);
+    let ingest = channel(processes.addr(Role::Ingest));
+    let files_channel = channel(processes.addr(Role::Files));
+    let mut live = Vec::new();
+    for i in 0..5 {
+        let data = random_bytes(3_000 + i);
+        let file = upload(ingest.clone(), &alice, &format!("live{i}.bin"), &data, &[]).await?;
+        live.push((file, data));
+    }
+    let mut trashed = Vec::new();
+    for i in 0..300 {
+        let file = upload(
+            ingest.clone(),
+            &alice,
+            &format!("old{i}.bin"),
+            &random_bytes(1_000),
+            &[],
+        )
+        .await?;
+        files(files_channel.clone())
+            .delete_file(authed(
+                pb::DeleteFileRequest {
+                    file_id: file.id.clone(),
+                },
+                &alice,
+            ))
+            .await?;
+        trashed.push(file.id);
+    }
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let conn = pool.get().await?;
+    conn.execute(
+        "UPDATE files.files SET deleted_at = now() - interval '31 days' WHERE deleted_at IS NOT NULL",
+        &[],
+    )
+    .await?;
+    let count = || async {
+        let n: i64 = pool
+            .get()
+            .await?
+            .query_one("SELECT count(*) FROM files.files", &[])
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    assert_eq!(count().await?, 305);
+
+    // Kill Lifecycle while its purge run is under way.
+    let lifecycle = channel(processes.addr(Role::Lifecycle));
+    let run = tokio::spawn({
+        let admin = admin.clone();
+        async move {
+            LifecycleClient::new(lifecycle)
+                .run_now(authed(
+                    pb::RunNowRequest {
+                        name: "trash_purge".into(),
+                        dry_run: false,
+                    },
+                    &admin,
+                ))
+                .await
+        }
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while count().await? > 280 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "purge never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    processes
+        .process(Role::Lifecycle)
+        .signal(nix::sys::signal::Signal::SIGKILL)?;
+    assert!(run.await?.is_err(), "the run was cut off");
+    let left = count().await?;
+    assert!(
+        left > 5,
+        "the run finished before the kill ({left} rows left)"
+    );
+
+    // The next run finishes the work.
+    processes.restart(&setup, Role::Lifecycle).await?;
+    let run = LifecycleClient::new(channel(processes.addr(Role::Lifecycle)))
+        .run_now(authed(
+            pb::RunNowRequest {
+                name: "trash_purge".into(),
+                dry_run: false,
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .run
+        .expect("run");
+    assert_eq!(run.acted, u64::try_from(left - 5)?, "{run:?}");
+    assert_eq!(count().await?, 5);
+    // Nothing the user still owns was touched, and usage is exactly what is left.
+    let quota = channel(processes.addr(Role::Quota));
+    let expected: u64 = live.iter().map(|(f, _)| f.size_bytes).sum();
+    assert_eq!(usage(quota, &alice).await?.used_bytes, expected);
+    for (file, data) in &live {
+        let (_, bytes) =
+            stowage_integration_tests::download(files_channel.clone(), &alice, &file.id, None)
+                .await?;
+        assert_eq!(&bytes, data);
+    }
+    let stored = setup.stored_objects("users/alice");
+    assert_eq!(stored.len(), 5, "{stored:?}");
+    Ok(())
 }

@@ -16,10 +16,11 @@ use stowage_runtime::{
     validate,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    catalog::{Catalog, Cursor, ListQuery, NewFile, PendingCharge, SortField, Viewer},
+    catalog::{Catalog, Cursor, ListQuery, NewFile, PendingCharge, Purged, SortField, Viewer},
     download::{self, UrlSigner},
     error::Error,
     model::{FileStatus, Kind, VariantRecord},
@@ -64,6 +65,33 @@ impl FilesGrpc {
             signer,
             max_url_ttl,
             chunk,
+        }
+    }
+
+    /// Debits the usage and removes the bytes of a purged file. Both are idempotent and,
+    /// should either fail, Lifecycle's reconcilers (usage recount, blob GC) finish it.
+    async fn after_purge(&self, id: Uuid, purged: &Purged) {
+        let debit = self
+            .quota
+            .debit(pb::DebitRequest {
+                user_id: purged.owner_id.clone(),
+                bytes: purged.bytes,
+                idempotency_key: format!("purge:{id}"),
+                reason: "file purged".into(),
+            })
+            .await;
+        if let Err(status) = debit {
+            tracing::warn!(file_id = %id, %status, "usage debit after purge failed; reconciliation will repair it");
+        }
+        for key in &purged.keys {
+            if let Err(error) = self
+                .blobs
+                .store
+                .delete(&ObjectPath::from(key.as_str()))
+                .await
+            {
+                tracing::warn!(file_id = %id, key, %error, "blob delete after purge failed; gc will retry");
+            }
         }
     }
 
@@ -324,31 +352,27 @@ impl files_server::Files for FilesGrpc {
     ) -> Result<Response<pb::PurgeFileResponse>, Status> {
         let caller = identity(&request)?;
         let id = file_id(&request.get_ref().file_id)?;
-        let purged = self.catalog.delete_row(id, viewer(&caller)).await?;
-        // The row is gone: usage and bytes follow. Both are idempotent and, should either
-        // fail here, Lifecycle's reconcilers (usage recount, unreferenced-blob GC) finish it.
-        let debit = self
-            .quota
-            .debit(pb::DebitRequest {
-                user_id: purged.owner_id.clone(),
-                bytes: purged.bytes,
-                idempotency_key: format!("purge:{id}"),
-                reason: "file purged".into(),
-            })
-            .await;
-        if let Err(status) = debit {
-            tracing::warn!(file_id = %id, %status, "usage debit after purge failed; reconciliation will repair it");
-        }
-        for key in &purged.keys {
-            if let Err(error) = self
-                .blobs
-                .store
-                .delete(&ObjectPath::from(key.as_str()))
-                .await
-            {
-                tracing::warn!(file_id = %id, key, %error, "blob delete after purge failed; gc will retry");
+        // Once the row is gone there is no second chance (a retry finds nothing), so the
+        // whole purge runs in its own task: a caller that hangs up mid-way cannot leave the
+        // usage or the bytes behind.
+        let this = self.clone();
+        let viewer_owner = match viewer(&caller) {
+            Viewer::Owner(owner) => Some(owner.to_owned()),
+            Viewer::Privileged => None,
+        };
+        let purged = tokio::spawn(
+            async move {
+                let viewer = viewer_owner
+                    .as_deref()
+                    .map_or(Viewer::Privileged, Viewer::Owner);
+                let purged = this.catalog.delete_row(id, viewer).await?;
+                this.after_purge(id, &purged).await;
+                Ok::<_, Error>(purged)
             }
-        }
+            .instrument(tracing::Span::current()),
+        )
+        .await
+        .map_err(|e| Status::internal(format!("purge task: {e}")))??;
         Ok(Response::new(pb::PurgeFileResponse {
             freed_bytes: purged.bytes,
         }))
@@ -550,8 +574,7 @@ impl files_server::Files for FilesGrpc {
         let fingerprint = paging::fingerprint(&("originals", before));
         let after: Option<Uuid> = paging::decode(&req.page_token, &fingerprint)?;
         let mut files = self.catalog.list_originals(before, after, size + 1).await?;
-        let next_page_token =
-            paging::finish_page(&mut files, size, &fingerprint, |f| Some(f.id));
+        let next_page_token = paging::finish_page(&mut files, size, &fingerprint, |f| Some(f.id));
         Ok(Response::new(pb::ListOriginalsResponse {
             originals: files
                 .iter()

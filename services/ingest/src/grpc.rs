@@ -92,7 +92,10 @@ impl ingest_server::Ingest for IngestGrpc {
         }
         let (examined, keys, removed, failed) = self
             .sessions
-            .sweep_staging(std::time::Duration::from_secs(req.max_age_seconds), req.dry_run)
+            .sweep_staging(
+                std::time::Duration::from_secs(req.max_age_seconds),
+                req.dry_run,
+            )
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::SweepStagingResponse {

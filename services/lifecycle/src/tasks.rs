@@ -182,7 +182,11 @@ impl Lifecycle {
             acted: swept.removed,
             failed: swept.failed,
             report: if dry_run {
-                swept.keys.into_iter().map(|k| format!("staging {k}")).collect()
+                swept
+                    .keys
+                    .into_iter()
+                    .map(|k| format!("staging {k}"))
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -245,7 +249,13 @@ impl Lifecycle {
                     }
                 }
                 tracing::error!(file_id = %original.file_id, key = %original.storage_key, "original missing from the store");
-                tally.note(dry_run, format!("missing {} of file {}", original.storage_key, original.file_id));
+                tally.note(
+                    dry_run,
+                    format!(
+                        "missing {} of file {}",
+                        original.storage_key, original.file_id
+                    ),
+                );
                 if dry_run || original.status == pb::FileStatus::Failed as i32 {
                     continue;
                 }

@@ -9,14 +9,15 @@ use async_trait::async_trait;
 use stowage_proto::v1::{
     ChargeRequest, ChargeResponse, CommitRequest, CommitResponse, DebitRequest, DebitResponse,
     ExpireReservationsRequest, ExpireReservationsResponse, FindKeysRequest, FindKeysResponse,
-    ListOriginalsRequest, ListOriginalsResponse, SweepStagingRequest, SweepStagingResponse, GetFileRequest, GetFileResponse,
-    GetUsageRequest, GetUsageResponse, ListAccountsRequest, ListAccountsResponse,
-    ListExpiredTrashRequest, ListExpiredTrashResponse, PurgeFileRequest, PurgeFileResponse,
-    ReconcileRequest, ReconcileResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest,
-    ReleaseResponse, ReserveRequest, ReserveResponse, SetVariantsRequest, SetVariantsResponse,
-    SweepUploadsRequest, SweepUploadsResponse, UsageByOwnerRequest, UsageByOwnerResponse,
-    files_client::FilesClient, files_server::Files as FilesRpc, ingest_client::IngestClient,
-    ingest_server::Ingest as IngestRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
+    GetFileRequest, GetFileResponse, GetUsageRequest, GetUsageResponse, ListAccountsRequest,
+    ListAccountsResponse, ListExpiredTrashRequest, ListExpiredTrashResponse, ListOriginalsRequest,
+    ListOriginalsResponse, PurgeFileRequest, PurgeFileResponse, ReconcileRequest,
+    ReconcileResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest, ReleaseResponse,
+    ReserveRequest, ReserveResponse, SetVariantsRequest, SetVariantsResponse, SweepStagingRequest,
+    SweepStagingResponse, SweepUploadsRequest, SweepUploadsResponse, UsageByOwnerRequest,
+    UsageByOwnerResponse, files_client::FilesClient, files_server::Files as FilesRpc,
+    ingest_client::IngestClient, ingest_server::Ingest as IngestRpc, quota_client::QuotaClient,
+    quota_server::Quota as QuotaRpc,
 };
 use tonic::{
     Request, Response, Status,
