@@ -278,6 +278,7 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
         names,
         [
             "blob_gc",
+            "inactivity",
             "orphan_uploads",
             "reservations_expire",
             "staging_cleanup",
@@ -583,4 +584,328 @@ async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing
     let stored = setup.stored_objects("users/alice");
     assert_eq!(stored.len(), 5, "{stored:?}");
     Ok(())
+}
+
+async fn set_policy(mesh: &Mesh, change: impl FnOnce(&mut pb::Policy)) -> anyhow::Result<()> {
+    let admin = token("root", &["admin"]);
+    let mut client = LifecycleClient::new(mesh.channel());
+    let mut policy = client
+        .get_policy(authed(pb::GetPolicyRequest {}, &admin))
+        .await?
+        .into_inner()
+        .policy
+        .expect("policy");
+    change(&mut policy);
+    client
+        .set_policy(authed(
+            pb::SetPolicyRequest {
+                policy: Some(policy),
+            },
+            &admin,
+        ))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_thousand_quiet_users_get_one_notice_each_spread_over_the_grace_window()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    set_policy(&mesh, |p| p.notice_grace_hours = 2).await?;
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let conn = pool.get().await?;
+    // 1,000 users whose last activity was 400 days ago (inactivity threshold: 365).
+    conn.execute(
+        "INSERT INTO lifecycle.activity (user_id, last_active_at)
+         SELECT 'quiet' || i, now() - interval '400 days' FROM generate_series(1, 1000) i",
+        &[],
+    )
+    .await?;
+    let first = run_now(&mesh, "inactivity", false).await?;
+    assert_eq!(first.examined, 1000);
+    // Due times: spread over the two hours, no minute above its share (1000 / 120) plus 2.
+    let per_minute: Vec<i64> = conn
+        .query(
+            "SELECT count(*) FROM lifecycle.activity
+             GROUP BY floor(extract(epoch FROM notice_due_at - (SELECT min(notice_due_at)
+                 FROM lifecycle.activity)) / 60)",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(per_minute.len() >= 119, "{} minutes", per_minute.len());
+    assert!(
+        per_minute.iter().all(|&n| n <= 1000 / 120 + 2),
+        "{per_minute:?}"
+    );
+    // Only the notices already due went out.
+    assert!(first.acted < 5, "{first:?}");
+
+    // Three hours later, two runs at once: every user has had exactly one notice.
+    conn.execute(
+        "UPDATE lifecycle.activity SET notice_due_at = notice_due_at - interval '3 hours'",
+        &[],
+    )
+    .await?;
+    let (a, b) = tokio::join!(
+        run_now(&mesh, "inactivity", false),
+        run_now(&mesh, "inactivity", false)
+    );
+    assert_eq!(first.acted + a?.acted + b?.acted, 1000);
+    let counts: Vec<i64> = conn
+        .query(
+            "SELECT count(*) FROM lifecycle.history WHERE event = 'notice_sent' GROUP BY user_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(counts.len(), 1000);
+    assert!(counts.iter().all(|&n| n == 1));
+    let notices: i64 = conn
+        .query_one(
+            "SELECT count(DISTINCT key) FROM lifecycle.outbox WHERE topic = 'lifecycle.notice'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(notices, 1000);
+    assert_eq!(run_now(&mesh, "inactivity", false).await?.acted, 0);
+
+    // Activity ends the cycle: a user who comes back is not quiet any more.
+    let back = pb::RecordActivityRequest {
+        user_id: "quiet7".into(),
+        kind: pb::ActivityKind::Login as i32,
+        ..Default::default()
+    };
+    LifecycleClient::new(mesh.channel())
+        .record_activity(authed(back, &token("root", &["admin"])))
+        .await?;
+    let reset: Option<chrono::DateTime<chrono::Utc>> = conn
+        .query_one(
+            "SELECT notice_sent_at FROM lifecycle.activity WHERE user_id = 'quiet7'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(reset, None);
+    mesh.stop().await
+}
+
+fn rechecks(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("stowage_lifecycle_rechecks_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let scrape = || async {
+        anyhow::Ok(
+            reqwest::get(format!("http://{}/metrics", mesh.addr))
+                .await?
+                .text()
+                .await?,
+        )
+    };
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        ids.push(
+            upload(
+                mesh.channel(),
+                &alice,
+                &format!("f{i}.bin"),
+                &[i as u8; 100],
+                &[],
+            )
+            .await?
+            .id,
+        );
+    }
+    // Let the uploads' own recheck settle.
+    let mut settled = rechecks(&scrape().await?);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = rechecks(&scrape().await?);
+        if now == settled && now > 0.0 {
+            break;
+        }
+        settled = now;
+    }
+    // Usage drifted meanwhile; the recheck after the burst repairs it.
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE quota.accounts SET used_bytes = used_bytes + 999 WHERE user_id = 'alice'",
+            &[],
+        )
+        .await?;
+    let started = std::time::Instant::now();
+    let deletions = ids.iter().map(|id| {
+        let mut client = files(mesh.channel());
+        let request = authed(
+            pb::DeleteFileRequest {
+                file_id: id.clone(),
+            },
+            &alice,
+        );
+        async move { client.delete_file(request).await }
+    });
+    for result in futures::future::join_all(deletions).await {
+        result?;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while usage(mesh.channel(), &alice).await?.used_bytes != 10_000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "usage never repaired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Quiet for longer than the debounce: exactly one more recheck ran.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rechecks(&scrape().await?), settled + 1.0);
+    let history = LifecycleClient::new(mesh.channel())
+        .user_events(authed(pb::UserEventsRequest::default(), &alice))
+        .await?
+        .into_inner()
+        .events;
+    let repaired: Vec<&pb::UserEvent> = history
+        .iter()
+        .filter(|e| e.event == "drift_repaired")
+        .collect();
+    assert_eq!(repaired.len(), 1, "{history:?}");
+    assert!(
+        repaired[0].detail_json.contains("-999"),
+        "{}",
+        repaired[0].detail_json
+    );
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let admin = token("root", &["admin"]);
+    let mut client = LifecycleClient::new(mesh.channel());
+    let base = chrono::Utc::now() - chrono::Duration::hours(1);
+    let report = |user: &str, kind: pb::ActivityKind, minutes: i64, key: &str| {
+        authed(
+            pb::RecordActivityRequest {
+                user_id: user.into(),
+                kind: kind as i32,
+                at: Some(stowage_runtime::time::timestamp(
+                    base + chrono::Duration::minutes(minutes),
+                )),
+                idempotency_key: key.into(),
+            },
+            &admin,
+        )
+    };
+    use pb::ActivityKind::{SessionDown, SessionUp};
+    for (user, kind, minute, key) in [
+        ("alice", SessionUp, 1, "s1"),
+        ("alice", SessionUp, 1, "s1"), // the same report again
+        ("bob", SessionUp, 2, "b1"),
+        ("alice", SessionDown, 3, "s1"),
+        ("alice", SessionUp, 5, "s2"),
+        ("bob", SessionDown, 4, "b1"),
+    ] {
+        client
+            .record_activity(report(user, kind, minute, key))
+            .await?;
+    }
+    let alice: Vec<(String, i64)> = client
+        .user_events(authed(
+            pb::UserEventsRequest {
+                user_id: "alice".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| (e.event, e.at.map_or(0, |t| t.seconds)))
+        .collect();
+    let at = |m: i64| (base + chrono::Duration::minutes(m)).timestamp();
+    assert_eq!(
+        alice,
+        [
+            ("session_up".to_owned(), at(5)),
+            ("session_down".to_owned(), at(3)),
+            ("session_up".to_owned(), at(1)),
+        ]
+    );
+    // Users read their own history; another user's needs the admin scope.
+    let own = client
+        .user_events(authed(pb::UserEventsRequest::default(), &token("bob", &[])))
+        .await?
+        .into_inner()
+        .events;
+    assert_eq!(own.len(), 2);
+    let denied = client
+        .user_events(authed(
+            pb::UserEventsRequest {
+                user_id: "alice".into(),
+                ..Default::default()
+            },
+            &token("bob", &[]),
+        ))
+        .await
+        .map(|_| ());
+    assert_eq!(denied.map_err(|s| s.code()), Err(Code::PermissionDenied));
+
+    // The latest event of each user, one page of one at a time.
+    let mut latest = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .most_recent_events(authed(
+                pb::MostRecentEventsRequest {
+                    page_size: 1,
+                    page_token: page_token.clone(),
+                },
+                &admin,
+            ))
+            .await?
+            .into_inner();
+        latest.extend(page.events.into_iter().map(|e| (e.user_id, e.event)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(
+        latest,
+        [
+            ("alice".to_owned(), "session_up".to_owned()),
+            ("bob".to_owned(), "session_down".to_owned())
+        ]
+    );
+    // The live session state is in Redis: alice is up, bob is down.
+    let redis = stowage_runtime::redis::connect(&setup.redis_url).await?;
+    use fred::interfaces::KeysInterface;
+    let ns = setup.namespace();
+    let up: Option<String> = redis.get(format!("{ns}:lifecycle:session:alice")).await?;
+    let down: Option<String> = redis.get(format!("{ns}:lifecycle:session:bob")).await?;
+    assert_eq!((up.as_deref(), down), (Some("up"), None));
+    mesh.stop().await
 }

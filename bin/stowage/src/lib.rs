@@ -11,7 +11,7 @@ use stowage_events::{Relay, RelaySettings};
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
 use stowage_ingest::{IngestGrpc, SessionSettings, Sessions, Staging, Uploader, Uploads};
 use stowage_jobs::{Queue, QueueConfig, Scheduler, Worker};
-use stowage_lifecycle::{Lifecycle, LifecycleGrpc};
+use stowage_lifecycle::{ActivityEvents, Lifecycle, LifecycleGrpc};
 use stowage_media::{
     FileEvents, Media, MediaGrpc, MediaSettings, clamd::Clamd, imaging::DecodeLimits, video::Tools,
 };
@@ -81,7 +81,7 @@ fn outbox_schema(role: Role) -> Option<&'static str> {
         Role::Files => Some(stowage_files::SCHEMA),
         Role::Quota => Some(stowage_quota::SCHEMA),
         Role::Media => Some(stowage_media::SCHEMA),
-        Role::Lifecycle => None,
+        Role::Lifecycle => Some(stowage_lifecycle::SCHEMA),
     }
 }
 
@@ -331,6 +331,8 @@ pub async fn serve_with(
             }
             Role::Lifecycle => {
                 let lifecycle = start_lifecycle(
+                    &config,
+                    redis.as_ref(),
                     lifecycle_pool.clone(),
                     database_url,
                     ingest_api()?,
@@ -414,7 +416,10 @@ pub async fn serve_with(
 }
 
 /// Lifecycle's queue, schedules and worker, started on `background`.
+#[allow(clippy::too_many_arguments)]
 fn start_lifecycle(
+    config: &Config,
+    redis: Option<&fred::clients::Client>,
     pool: stowage_db::PgPool,
     database_url: &str,
     ingest: Arc<dyn IngestApi>,
@@ -435,14 +440,38 @@ fn start_lifecycle(
         },
     )
     .context("lifecycle queue")?;
-    let lifecycle = Arc::new(Lifecycle::new(
-        pool,
-        queue.clone(),
-        ingest,
-        files,
-        quota,
-        store,
-    ));
+    let mut lifecycle = Lifecycle::new(pool.clone(), queue.clone(), ingest, files, quota, store);
+    match redis {
+        Some(redis) => {
+            lifecycle = lifecycle.with_redis(redis.clone(), &config.events.namespace);
+            let consumer = Consumer::new(
+                redis,
+                pool,
+                stowage_lifecycle::SCHEMA,
+                stowage_lifecycle::CONSUMER_GROUP,
+                ActivityEvents::TOPICS,
+                Arc::new(ActivityEvents::new(config.lifecycle.recheck_debounce)),
+                ConsumerSettings {
+                    claim_idle: config.events.claim_idle,
+                    namespace: config.events.namespace.clone(),
+                    ..ConsumerSettings::default()
+                },
+            );
+            background.spawn(
+                "lifecycle-events",
+                consumer.run(background.shutdown().clone()),
+            );
+        }
+        None => tracing::warn!("REDIS_URL unset: Lifecycle does not see activity"),
+    }
+    let lifecycle = Arc::new(lifecycle);
+    background.spawn(
+        "lifecycle-rechecks",
+        Arc::clone(&lifecycle).run_rechecks(
+            std::time::Duration::from_millis(200),
+            background.shutdown().clone(),
+        ),
+    );
     let handler: Arc<dyn stowage_jobs::Handler> = lifecycle.clone();
     let worker = Worker::new(
         queue.clone(),

@@ -479,6 +479,7 @@ impl Catalog {
     /// variant bytes charged) and file count.
     pub async fn usage_by_owner(
         &self,
+        only: Option<&str>,
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(String, u64, u64)>> {
@@ -489,9 +490,9 @@ impl Catalog {
                         (sum(size_bytes) + sum(variant_bytes_charged))::bigint AS bytes,
                         count(*) AS files
                  FROM files.files
-                 WHERE $1::text IS NULL OR owner_id > $1
+                 WHERE ($1::text IS NULL OR owner_id > $1) AND ($3::text IS NULL OR owner_id = $3)
                  GROUP BY owner_id ORDER BY owner_id LIMIT $2",
-                &[&after, &limit],
+                &[&after, &limit, &only],
             )
             .await?;
         Ok(rows

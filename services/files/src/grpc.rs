@@ -524,11 +524,12 @@ impl files_server::Files for FilesGrpc {
         privileged(&request)?;
         let req = request.into_inner();
         let size = page_size(req.page_size, 100, 1000)?;
-        let fingerprint = paging::fingerprint(&"usage_by_owner");
+        let fingerprint = paging::fingerprint(&("usage_by_owner", &req.owner_id));
         let after: Option<String> = paging::decode(&req.page_token, &fingerprint)?;
+        let only = (!req.owner_id.is_empty()).then_some(req.owner_id.as_str());
         let mut owners = self
             .catalog
-            .usage_by_owner(after.as_deref(), size + 1)
+            .usage_by_owner(only, after.as_deref(), size + 1)
             .await?;
         let next_page_token =
             paging::finish_page(&mut owners, size, &fingerprint, |(owner, ..)| {

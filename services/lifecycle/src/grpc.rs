@@ -12,7 +12,7 @@ use stowage_runtime::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::{Lifecycle, Policy, RunRecord};
+use crate::{HistoryEvent, Lifecycle, Policy, RunRecord};
 
 /// The tonic service of Lifecycle.
 #[derive(Clone, Debug)]
@@ -55,6 +55,85 @@ fn jobs_error(error: stowage_jobs::Error) -> Status {
 
 #[tonic::async_trait]
 impl lifecycle_server::Lifecycle for LifecycleGrpc {
+    async fn most_recent_events(
+        &self,
+        request: Request<pb::MostRecentEventsRequest>,
+    ) -> Result<Response<pb::MostRecentEventsResponse>, Status> {
+        identity(&request)?.require_admin()?;
+        let req = request.into_inner();
+        let size = page_size(req.page_size, 100, 1000)?;
+        let fingerprint = paging::fingerprint(&"most_recent_events");
+        let after: Option<String> = paging::decode(&req.page_token, &fingerprint)?;
+        let mut events = self
+            .lifecycle
+            .most_recent_events(after.as_deref(), size + 1)
+            .await?;
+        let next_page_token =
+            paging::finish_page(&mut events, size, &fingerprint, |e| Some(e.user_id.clone()));
+        Ok(Response::new(pb::MostRecentEventsResponse {
+            events: events.iter().map(HistoryEvent::to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn user_events(
+        &self,
+        request: Request<pb::UserEventsRequest>,
+    ) -> Result<Response<pb::UserEventsResponse>, Status> {
+        let caller = identity(&request)?;
+        let req = request.into_inner();
+        let user = if req.user_id.is_empty() || req.user_id == caller.user_id {
+            caller.user_id.clone()
+        } else {
+            caller.require_admin()?;
+            req.user_id.clone()
+        };
+        let size = page_size(req.page_size, 100, 1000)?;
+        let fingerprint = paging::fingerprint(&("user_events", &user));
+        let before: Option<(DateTime<Utc>, i64)> = paging::decode(&req.page_token, &fingerprint)?;
+        let mut events = self.lifecycle.user_events(&user, before, size + 1).await?;
+        let next_page_token =
+            paging::finish_page(&mut events, size, &fingerprint, |e| Some((e.at, e.id)));
+        Ok(Response::new(pb::UserEventsResponse {
+            events: events.iter().map(HistoryEvent::to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn record_activity(
+        &self,
+        request: Request<pb::RecordActivityRequest>,
+    ) -> Result<Response<pb::RecordActivityResponse>, Status> {
+        if !identity(&request)?.is_privileged() {
+            return Err(Status::permission_denied(
+                "this call needs the admin or service scope",
+            ));
+        }
+        let req = request.into_inner();
+        stowage_blob::keys::validate_user_id(&req.user_id)
+            .map_err(|why| invalid_argument("user_id", why))?;
+        let kind = pb::ActivityKind::try_from(req.kind)
+            .map_err(|_| invalid_argument("kind", "unknown activity"))?;
+        let at = match req.at {
+            None => Utc::now(),
+            Some(t) => DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+                .ok_or_else(|| invalid_argument("at", "out of range"))?,
+        };
+        if at > Utc::now() + chrono::Duration::minutes(5) {
+            return Err(invalid_argument("at", "is in the future"));
+        }
+        if req.idempotency_key.len() > 200 {
+            return Err(invalid_argument(
+                "idempotency_key",
+                "is longer than 200 bytes",
+            ));
+        }
+        self.lifecycle
+            .record_activity(&req.user_id, kind, at, &req.idempotency_key)
+            .await?;
+        Ok(Response::new(pb::RecordActivityResponse {}))
+    }
+
     async fn list_schedules(
         &self,
         request: Request<pb::ListSchedulesRequest>,

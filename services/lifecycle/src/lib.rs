@@ -8,6 +8,7 @@
 //! counts what each owner stores, Quota repairs usage), whose calls are conditional and keyed,
 //! so a run repeated or racing another is harmless.
 
+pub mod activity;
 mod grpc;
 pub mod policy;
 pub mod tasks;
@@ -20,12 +21,15 @@ use stowage_jobs::{Handler, Job, JobError, Queue, Schedule};
 use stowage_runtime::mesh::{FilesApi, IngestApi, QuotaApi};
 use uuid::Uuid;
 
+pub use activity::{ActivityEvents, HistoryEvent, NOTICE_TOPIC};
 pub use grpc::LifecycleGrpc;
 pub use policy::Policy;
 pub use tasks::{TASKS, Tally};
 
 /// Name of the schema Lifecycle owns.
 pub const SCHEMA: &str = "lifecycle";
+/// Consumer group Lifecycle reads file and upload events with.
+pub const CONSUMER_GROUP: &str = "lifecycle";
 /// Kind of the jobs its schedules enqueue.
 pub const TASK_JOB: &str = "lifecycle.task";
 
@@ -101,6 +105,8 @@ pub struct Lifecycle {
     files: Arc<dyn FilesApi>,
     quota: Arc<dyn QuotaApi>,
     store: Arc<dyn object_store::ObjectStore>,
+    redis: Option<fred::clients::Client>,
+    namespace: String,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -129,6 +135,32 @@ impl Lifecycle {
             files,
             quota,
             store,
+            redis: None,
+            namespace: stowage_events::DEFAULT_NAMESPACE.to_owned(),
+        }
+    }
+
+    /// Keeps users' live session state in `redis`, under `namespace`.
+    pub fn with_redis(mut self, redis: fred::clients::Client, namespace: &str) -> Self {
+        self.redis = Some(redis);
+        self.namespace = namespace.to_owned();
+        self
+    }
+
+    /// Runs due rechecks until `shutdown`, looking every `every`.
+    pub async fn run_rechecks(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if let Err(status) = self.run_due_rechecks().await {
+                tracing::warn!(%status, "rechecks not run; retrying");
+            }
         }
     }
 

@@ -25,7 +25,11 @@ pub struct Task {
 }
 
 /// Every scheduled job.
-pub const TASKS: [Task; 6] = [
+pub const TASKS: [Task; 7] = [
+    Task {
+        name: "inactivity",
+        interval: Duration::from_secs(60),
+    },
     Task {
         name: "orphan_uploads",
         interval: Duration::from_secs(15 * 60),
@@ -66,7 +70,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn note(&mut self, dry_run: bool, item: String) {
+    pub(crate) fn note(&mut self, dry_run: bool, item: String) {
         self.acted += 1;
         if dry_run && self.report.len() < MAX_REPORT {
             self.report.push(item);
@@ -89,6 +93,7 @@ impl Lifecycle {
             "reservations_expire" => self.reservations_expire(dry_run).await,
             "staging_cleanup" => self.staging_cleanup(policy, dry_run).await,
             "blob_gc" => self.blob_gc(policy, dry_run).await,
+            "inactivity" => self.inactivity(policy, dry_run).await,
             other => Err(stowage_runtime::status::invalid_argument(
                 "name",
                 format!("no scheduled job {other:?}"),
@@ -344,6 +349,7 @@ impl Lifecycle {
                 .usage_by_owner(pb::UsageByOwnerRequest {
                     page_size: 1000,
                     page_token: page_token.clone(),
+                    owner_id: String::new(),
                 })
                 .await?;
             for owner in page.owners {

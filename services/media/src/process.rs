@@ -83,11 +83,15 @@ pub fn variant_key(
     variant: &str,
     ext: &str,
 ) -> String {
-    format!(
-        "users/{owner}/variants/{:04}/{:02}/{file_id}_{variant}.{ext}",
+    stowage_blob::keys::variant(
+        owner,
         created_at.year(),
-        created_at.month()
+        created_at.month(),
+        file_id,
+        variant,
+        ext,
     )
+    .to_string()
 }
 
 fn retry_status(what: &str, status: &tonic::Status) -> JobError {

@@ -72,6 +72,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// `STOWAGE_MEDIA__*`.
     pub media: MediaConfig,
+    /// `STOWAGE_LIFECYCLE__*`.
+    pub lifecycle: LifecycleConfig,
     /// `STOWAGE_RATE_LIMIT__*`: per-user and per-IP limits per call class, kept in Redis.
     pub rate_limit: stowage_ratelimit::Limits,
 }
@@ -99,6 +101,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             events: EventsConfig::default(),
             media: MediaConfig::default(),
+            lifecycle: LifecycleConfig::default(),
             rate_limit: stowage_ratelimit::Limits::default(),
         }
     }
@@ -135,6 +138,23 @@ impl Default for EventsConfig {
 }
 
 /// Token verification.
+/// Lifecycle: its clean-up thresholds live in its policy (an API); these are process settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// A user's recheck runs this long after the last file event of a burst.
+    #[serde(with = "humantime_serde")]
+    pub recheck_debounce: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            recheck_debounce: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Media: derivatives, metadata and antivirus.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -395,6 +415,14 @@ impl Config {
         }
         if self.events.claim_idle < Duration::from_secs(1) {
             return fail("STOWAGE_EVENTS__CLAIM_IDLE", "must be at least 1 s");
+        }
+        if self.lifecycle.recheck_debounce < Duration::from_millis(100)
+            || self.lifecycle.recheck_debounce > Duration::from_secs(3600)
+        {
+            return fail(
+                "STOWAGE_LIFECYCLE__RECHECK_DEBOUNCE",
+                "must be between 100 ms and 1 h",
+            );
         }
         if self.media.concurrency == 0 || self.media.concurrency > 64 {
             return fail("STOWAGE_MEDIA__CONCURRENCY", "must be between 1 and 64");

@@ -1,0 +1,423 @@
+//! Activity, inactivity notices spread over a grace window, debounced per-user rechecks and
+//! the per-user history (seed 000, in the mesh's shape).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+use stowage_db::GenericClient;
+use stowage_events::{Event, EventHandler, HandlerError, topics};
+use stowage_proto::v1 as pb;
+use uuid::Uuid;
+
+use crate::{Lifecycle, policy::Policy, tasks::Tally};
+
+/// Topic of the notice a quiet user gets (for the product's mailer).
+pub const NOTICE_TOPIC: &str = "lifecycle.notice";
+/// Longest a recheck waits under a steady stream of events.
+const MAX_DEBOUNCE_WAIT: &str = "10 seconds";
+/// Users given a notice time per pass.
+const BATCH: i64 = 10_000;
+
+/// Records `user`'s activity at `at` in `client`'s transaction. Activity after a notice
+/// ends that notice cycle: the user may be found quiet again later.
+pub(crate) async fn touch(
+    client: &impl GenericClient,
+    user: &str,
+    at: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO lifecycle.activity (user_id, last_active_at) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE SET
+                 last_active_at = greatest(activity.last_active_at, $2),
+                 notice_due_at = CASE WHEN $2 > activity.last_active_at THEN NULL
+                                      ELSE activity.notice_due_at END,
+                 notice_sent_at = CASE WHEN $2 > activity.last_active_at THEN NULL
+                                       ELSE activity.notice_sent_at END",
+            &[&user, &at],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Asks for a recheck of `user` once `debounce` passes without another request.
+pub(crate) async fn request_recheck(
+    client: &impl GenericClient,
+    user: &str,
+    debounce: Duration,
+) -> Result<(), tokio_postgres::Error> {
+    let secs = debounce.as_secs_f64();
+    client
+        .execute(
+            "INSERT INTO lifecycle.rechecks (user_id, due_at)
+             VALUES ($1, now() + make_interval(secs => $2))
+             ON CONFLICT (user_id) DO UPDATE SET due_at = now() + make_interval(secs => $2)",
+            &[&user, &secs],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Adds a history event unless one with the same user, event and key exists.
+pub(crate) async fn record(
+    client: &impl GenericClient,
+    user: &str,
+    event: &str,
+    at: DateTime<Utc>,
+    detail: &serde_json::Value,
+    dedupe_key: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let inserted = client
+        .execute(
+            "INSERT INTO lifecycle.history (user_id, event, at, detail, dedupe_key)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[&user, &event, &at, detail, &dedupe_key],
+        )
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// One history event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryEvent {
+    /// Row id (orders events of the same instant).
+    pub id: i64,
+    /// User.
+    pub user_id: String,
+    /// Event name.
+    pub event: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Details.
+    pub detail: serde_json::Value,
+}
+
+impl HistoryEvent {
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        Self {
+            id: row.get("id"),
+            user_id: row.get("user_id"),
+            event: row.get("event"),
+            at: row.get("at"),
+            detail: row.get("detail"),
+        }
+    }
+
+    /// The event as sent over the API.
+    pub fn to_proto(&self) -> pb::UserEvent {
+        pb::UserEvent {
+            user_id: self.user_id.clone(),
+            event: self.event.clone(),
+            at: Some(stowage_runtime::time::timestamp(self.at)),
+            detail_json: self.detail.to_string(),
+        }
+    }
+}
+
+fn db(error: impl std::fmt::Debug) -> tonic::Status {
+    stowage_runtime::status::dependency_failed("lifecycle database", &error)
+}
+
+impl Lifecycle {
+    /// Records a reported activity (login, worker session up or down).
+    pub async fn record_activity(
+        &self,
+        user: &str,
+        kind: pb::ActivityKind,
+        at: DateTime<Utc>,
+        key: &str,
+    ) -> Result<(), tonic::Status> {
+        let event = match kind {
+            pb::ActivityKind::Login => "login",
+            pb::ActivityKind::SessionUp => "session_up",
+            pb::ActivityKind::SessionDown => "session_down",
+            pb::ActivityKind::Unspecified => {
+                return Err(stowage_runtime::status::invalid_argument(
+                    "kind",
+                    "is required",
+                ));
+            }
+        };
+        let key = if key.is_empty() {
+            at.to_rfc3339()
+        } else {
+            key.to_owned()
+        };
+        let mut conn = self.pool.get().await.map_err(db)?;
+        let tx = conn.transaction().await.map_err(db)?;
+        touch(&tx, user, at).await.map_err(db)?;
+        if kind != pb::ActivityKind::Login {
+            record(&tx, user, event, at, &serde_json::json!({}), &key)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        // The live session state, for whoever asks (Redis holds only what can be rebuilt:
+        // the history above has every change).
+        if let Some(redis) = &self.redis {
+            use fred::interfaces::KeysInterface;
+            let redis_key = format!("{}:lifecycle:session:{user}", self.namespace);
+            let result: Result<(), fred::error::Error> = match kind {
+                pb::ActivityKind::SessionUp => redis.set(&redis_key, "up", None, None, false).await,
+                pb::ActivityKind::SessionDown => redis.del(&redis_key).await,
+                _ => Ok(()),
+            };
+            if let Err(error) = result {
+                tracing::warn!(user, %error, "session state not written to Redis");
+            }
+        }
+        Ok(())
+    }
+
+    /// The inactivity task: users quiet for `inactivity_days` get a notice time spread evenly
+    /// over the grace window (not all in the same minute); notices whose time has come are
+    /// sent once (an event for the mailer and a history entry, in one transaction).
+    pub(crate) async fn inactivity(
+        &self,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<Tally, tonic::Status> {
+        let mut tally = Tally::default();
+        let mut conn = self.pool.get().await.map_err(db)?;
+        let quiet_days = f64::from(policy.inactivity_days) * 86_400.0;
+        let quiet: Vec<String> = conn
+            .query(
+                "SELECT user_id FROM lifecycle.activity
+                 WHERE notice_due_at IS NULL
+                   AND last_active_at < now() - make_interval(secs => $1)
+                 ORDER BY user_id LIMIT $2",
+                &[&quiet_days, &BATCH],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        tally.examined += quiet.len() as u64;
+        if dry_run {
+            for user in &quiet {
+                tally.note(true, format!("notice for {user}"));
+            }
+        } else if !quiet.is_empty() {
+            // Evenly spread: the i-th of n users is due i/n of the way through the window.
+            let grace = f64::from(policy.notice_grace_hours) * 3600.0;
+            let n = quiet.len() as f64;
+            let offsets: Vec<f64> = (0..quiet.len()).map(|i| grace * i as f64 / n).collect();
+            conn.execute(
+                "UPDATE lifecycle.activity a SET notice_due_at = now() + make_interval(secs => s.offset_s)
+                 FROM unnest($1::text[], $2::float8[]) AS s(user_id, offset_s)
+                 WHERE a.user_id = s.user_id AND a.notice_due_at IS NULL",
+                &[&quiet, &offsets],
+            )
+            .await
+            .map_err(db)?;
+        }
+        if dry_run {
+            return Ok(tally);
+        }
+        loop {
+            let tx = conn.transaction().await.map_err(db)?;
+            let due = tx
+                .query(
+                    "UPDATE lifecycle.activity SET notice_sent_at = now()
+                     WHERE user_id IN (
+                         SELECT user_id FROM lifecycle.activity
+                         WHERE notice_due_at <= now() AND notice_sent_at IS NULL
+                         ORDER BY notice_due_at LIMIT 500 FOR UPDATE SKIP LOCKED)
+                     RETURNING user_id, last_active_at, notice_due_at",
+                    &[],
+                )
+                .await
+                .map_err(db)?;
+            if due.is_empty() {
+                tx.commit().await.map_err(db)?;
+                break;
+            }
+            for row in &due {
+                let user: String = row.get(0);
+                let last: DateTime<Utc> = row.get(1);
+                let due_at: DateTime<Utc> = row.get(2);
+                let payload = serde_json::json!({
+                    "user_id": user,
+                    "last_active_at": last,
+                    "inactivity_days": policy.inactivity_days,
+                    "action_after_grace": policy.inactivity_action,
+                });
+                stowage_events::stage(&tx, crate::SCHEMA, NOTICE_TOPIC, &user, &payload)
+                    .await
+                    .map_err(db)?;
+                record(
+                    &tx,
+                    &user,
+                    "notice_sent",
+                    Utc::now(),
+                    &payload,
+                    &due_at.to_rfc3339(),
+                )
+                .await
+                .map_err(db)?;
+                tally.note(false, String::new());
+            }
+            tx.commit().await.map_err(db)?;
+        }
+        Ok(tally)
+    }
+
+    /// Runs the rechecks whose burst ended; returns how many ran.
+    pub async fn run_due_rechecks(&self) -> Result<usize, tonic::Status> {
+        let conn = self.pool.get().await.map_err(db)?;
+        let due: Vec<String> = conn
+            .query(
+                &format!(
+                    "DELETE FROM lifecycle.rechecks WHERE user_id IN (
+                         SELECT user_id FROM lifecycle.rechecks
+                         WHERE due_at <= now() OR first_at <= now() - interval '{MAX_DEBOUNCE_WAIT}'
+                         LIMIT 100 FOR UPDATE SKIP LOCKED)
+                     RETURNING user_id"
+                ),
+                &[],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(conn);
+        for user in &due {
+            metrics::counter!("stowage_lifecycle_rechecks_total").increment(1);
+            if let Err(status) = self.recheck(user).await {
+                tracing::warn!(user, %status, "recheck failed; the next reconcile covers it");
+            }
+        }
+        Ok(due.len())
+    }
+
+    /// Recounts one user's usage and repairs a drift (unless an upload is in flight).
+    async fn recheck(&self, user: &str) -> Result<(), tonic::Status> {
+        let stored = self
+            .files
+            .usage_by_owner(pb::UsageByOwnerRequest {
+                page_size: 1,
+                page_token: String::new(),
+                owner_id: user.to_owned(),
+            })
+            .await?
+            .owners
+            .first()
+            .map_or(0, |o| o.stored_bytes);
+        let account = self
+            .quota
+            .get_usage(pb::GetUsageRequest {
+                user_id: user.to_owned(),
+            })
+            .await?
+            .account
+            .unwrap_or_default();
+        if account.reserved_bytes > 0 || account.used_bytes == stored {
+            return Ok(());
+        }
+        let key = Uuid::now_v7();
+        let repaired = self
+            .quota
+            .reconcile(pb::ReconcileRequest {
+                user_id: user.to_owned(),
+                actual_bytes: stored,
+                idempotency_key: format!("recheck:{key}:{user}"),
+            })
+            .await?;
+        let conn = self.pool.get().await.map_err(db)?;
+        record(
+            &conn,
+            user,
+            "drift_repaired",
+            Utc::now(),
+            &serde_json::json!({ "drift_bytes": repaired.drift_bytes }),
+            &key.to_string(),
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// The latest history event of each user, by user id after `after`.
+    pub async fn most_recent_events(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<HistoryEvent>, tonic::Status> {
+        let conn = self.pool.get().await.map_err(db)?;
+        let rows = conn
+            .query(
+                "SELECT DISTINCT ON (user_id) * FROM lifecycle.history
+                 WHERE $1::text IS NULL OR user_id > $1
+                 ORDER BY user_id, at DESC, id DESC LIMIT $2",
+                &[&after, &limit],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(HistoryEvent::from_row).collect())
+    }
+
+    /// `user`'s history, newest first, after `before` (keyset).
+    pub async fn user_events(
+        &self,
+        user: &str,
+        before: Option<(DateTime<Utc>, i64)>,
+        limit: i64,
+    ) -> Result<Vec<HistoryEvent>, tonic::Status> {
+        let conn = self.pool.get().await.map_err(db)?;
+        let (at, id) = before.unzip();
+        let rows = conn
+            .query(
+                "SELECT * FROM lifecycle.history
+                 WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (at, id) < ($2, $3))
+                 ORDER BY at DESC, id DESC LIMIT $4",
+                &[&user, &at, &id, &limit],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(HistoryEvent::from_row).collect())
+    }
+}
+
+/// File and upload events that count as activity, and ask for a debounced recheck.
+pub struct ActivityEvents {
+    debounce: Duration,
+}
+
+impl ActivityEvents {
+    /// Rechecks fire `debounce` after the last event of a burst.
+    pub fn new(debounce: Duration) -> Self {
+        Self { debounce }
+    }
+
+    /// Topics this handler reads.
+    pub const TOPICS: &'static [&'static str] = &[
+        topics::FILE_CREATED,
+        topics::FILE_DELETED,
+        topics::FILE_RESTORED,
+        topics::FILE_PURGED,
+        topics::UPLOAD_COMPLETED,
+    ];
+}
+
+#[async_trait]
+impl EventHandler for ActivityEvents {
+    async fn handle(&self, event: &Event, tx: &Transaction<'_>) -> Result<(), HandlerError> {
+        let Some(user) = event
+            .payload
+            .get("owner_id")
+            .or_else(|| event.payload.get("user_id"))
+            .and_then(serde_json::Value::as_str)
+        else {
+            return Ok(());
+        };
+        touch(tx, user, event.occurred_at).await?;
+        if event.topic != topics::UPLOAD_COMPLETED {
+            request_recheck(tx, user, self.debounce).await?;
+        }
+        Ok(())
+    }
+}
