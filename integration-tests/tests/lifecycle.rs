@@ -278,10 +278,12 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
         names,
         [
             "blob_gc",
+            "ephemeral_cleanup",
             "inactivity",
             "orphan_uploads",
             "reservations_expire",
             "staging_cleanup",
+            "stuck_processing",
             "trash_purge",
             "usage_reconcile"
         ]
@@ -907,5 +909,210 @@ async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
     let up: Option<String> = redis.get(format!("{ns}:lifecycle:session:alice")).await?;
     let down: Option<String> = redis.get(format!("{ns}:lifecycle:session:bob")).await?;
     assert_eq!((up.as_deref(), down), (Some("up"), None));
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> anyhow::Result<()> {
+    use object_store::{ObjectStoreExt, PutPayload, path::Path};
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let service = token("stowage-internal", &["service"]);
+
+    // A file whose processing was lost: its job gone, the file still in processing, an hour
+    // and a half old (bound: one hour).
+    let file = upload(mesh.channel(), &alice, "notes.txt", b"some words", &[]).await?;
+    wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.execute("DELETE FROM media.jobs", &[]).await?;
+    sql(
+        &setup,
+        "UPDATE files.files SET status = 'processing', created_at = now() - interval '90 minutes'
+         WHERE id = $1",
+        &file.id,
+    )
+    .await?;
+    let dry = run_now(&mesh, "stuck_processing", true).await?;
+    assert_eq!(dry.report, [format!("reprocess {}", file.id)]);
+    let run = run_now(&mesh, "stuck_processing", false).await?;
+    assert_eq!(run.acted, 1, "{run:?}");
+    let done = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    assert_eq!(done.status, pb::FileStatus::Ready as i32);
+
+    // Ephemeral blobs: acknowledged or expired ones go, others stay; with keep-last 1 the
+    // newest done one stays for debugging.
+    let mut client = LifecycleClient::new(mesh.channel());
+    let keys: Vec<String> = (0..4)
+        .map(|i| format!("ephemeral/s1/shot{i}.png"))
+        .collect();
+    for key in &keys {
+        mesh.blobs
+            .store
+            .put(&Path::from(key.as_str()), PutPayload::from(vec![1u8; 100]))
+            .await?;
+        client
+            .register_ephemeral(authed(
+                pb::RegisterEphemeralRequest {
+                    storage_key: key.clone(),
+                    owner: "s1".into(),
+                    ttl_seconds: 3600,
+                },
+                &service,
+            ))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let acked = client
+        .ack_ephemeral(authed(
+            pb::AckEphemeralRequest {
+                storage_keys: keys[..2].to_vec(),
+            },
+            &service,
+        ))
+        .await?
+        .into_inner()
+        .acknowledged;
+    assert_eq!(acked, 2);
+    conn.execute(
+        "UPDATE lifecycle.ephemeral SET expires_at = now() - interval '1 second'
+         WHERE storage_key = $1",
+        &[&keys[2]],
+    )
+    .await?;
+    let run = run_now(&mesh, "ephemeral_cleanup", false).await?;
+    assert_eq!(run.acted, 3);
+    assert_eq!(mesh.stored_objects("ephemeral").await?, [keys[3].clone()]);
+    // Dev retention: the newest done blob is kept.
+    set_policy(&mesh, |p| p.ephemeral_keep_last = 1).await?;
+    mesh.blobs
+        .store
+        .put(
+            &Path::from("ephemeral/s1/shot9.png"),
+            PutPayload::from(vec![1u8; 10]),
+        )
+        .await?;
+    client
+        .register_ephemeral(authed(
+            pb::RegisterEphemeralRequest {
+                storage_key: "ephemeral/s1/shot9.png".into(),
+                owner: "s1".into(),
+                ttl_seconds: 3600,
+            },
+            &service,
+        ))
+        .await?;
+    client
+        .ack_ephemeral(authed(
+            pb::AckEphemeralRequest {
+                storage_keys: vec![keys[3].clone(), "ephemeral/s1/shot9.png".into()],
+            },
+            &service,
+        ))
+        .await?;
+    let run = run_now(&mesh, "ephemeral_cleanup", false).await?;
+    assert_eq!(run.acted, 1);
+    assert_eq!(
+        mesh.stored_objects("ephemeral").await?,
+        ["ephemeral/s1/shot9.png"]
+    );
+    // Users cannot register ephemeral blobs.
+    let denied = client
+        .register_ephemeral(authed(
+            pb::RegisterEphemeralRequest {
+                storage_key: "ephemeral/x".into(),
+                owner: "x".into(),
+                ttl_seconds: 10,
+            },
+            &alice,
+        ))
+        .await
+        .map(|_| ());
+    assert_eq!(denied.map_err(|s| s.code()), Err(Code::PermissionDenied));
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn with_the_trash_policy_a_user_quiet_past_the_grace_has_files_trashed_once()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    set_policy(&mesh, |p| {
+        p.inactivity_action = pb::InactivityAction::Trash as i32;
+        p.notice_grace_hours = 1;
+    })
+    .await?;
+    let dora = token("dora", &[]);
+    for i in 0..3 {
+        upload(
+            mesh.channel(),
+            &dora,
+            &format!("d{i}.bin"),
+            &random_bytes(100),
+            &[],
+        )
+        .await?;
+    }
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    // Wait until her uploads count as activity, then move her last activity a year back.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let seen = conn
+            .query_opt(
+                "SELECT 1 FROM lifecycle.activity WHERE user_id = 'dora'",
+                &[],
+            )
+            .await?;
+        if seen.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "activity never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    conn.execute(
+        "UPDATE lifecycle.activity SET last_active_at = now() - interval '400 days'
+         WHERE user_id = 'dora'",
+        &[],
+    )
+    .await?;
+    run_now(&mesh, "inactivity", false).await?;
+    // The notice went out (she is the only quiet user: due at once); two hours pass.
+    conn.execute(
+        "UPDATE lifecycle.activity SET notice_sent_at = notice_sent_at - interval '2 hours'
+         WHERE user_id = 'dora'",
+        &[],
+    )
+    .await?;
+    let (a, b) = tokio::join!(
+        run_now(&mesh, "inactivity", false),
+        run_now(&mesh, "inactivity", false)
+    );
+    assert_eq!(a?.acted + b?.acted, 1);
+    let live = files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &dora))
+        .await?
+        .into_inner()
+        .files;
+    assert!(live.is_empty(), "{live:?}");
+    let trash = files(mesh.channel())
+        .list_trash(authed(pb::ListTrashRequest::default(), &dora))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(trash.len(), 3);
+    let events: Vec<String> = LifecycleClient::new(mesh.channel())
+        .user_events(authed(pb::UserEventsRequest::default(), &dora))
+        .await?
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(events, ["cleaned", "notice_sent"]);
     mesh.stop().await
 }

@@ -20,8 +20,8 @@ use stowage_ratelimit::Limiter;
 use stowage_runtime::{
     Background, Config, DegradedProbe, Dependency, GrpcServer, Minter, Verifier,
     mesh::{
-        self, FilesApi, GrpcFiles, GrpcIngest, GrpcQuota, IngestApi, LocalFiles, LocalIngest,
-        LocalQuota, QuotaApi, ServiceAuth,
+        self, FilesApi, GrpcFiles, GrpcIngest, GrpcMedia, GrpcQuota, IngestApi, LocalFiles,
+        LocalIngest, LocalMedia, LocalQuota, MediaApi, QuotaApi, ServiceAuth,
     },
 };
 use tokio::net::TcpListener;
@@ -288,6 +288,34 @@ pub async fn serve_with(
         })
     };
 
+    let media_local = if roles.contains(&Role::Media) {
+        let media = start_media(
+            &config,
+            media_pool.clone(),
+            database_url,
+            files_api()?,
+            Arc::clone(&blobs.store),
+            redis.as_ref(),
+            &background,
+        )?;
+        Some(Arc::new(MediaGrpc::new(media)))
+    } else {
+        None
+    };
+    let media_api = || -> anyhow::Result<Arc<dyn MediaApi>> {
+        Ok(match &media_local {
+            Some(m) => Arc::new(LocalMedia::new(Arc::clone(m), timeout)),
+            None => Arc::new(GrpcMedia::new(
+                mesh::channel(
+                    peer_url(&config.peers.media, "STOWAGE_PEERS__MEDIA")?,
+                    timeout,
+                )?,
+                service_auth.clone(),
+                timeout,
+            )),
+        })
+    };
+
     for role in roles {
         match role {
             Role::Quota => {
@@ -318,16 +346,13 @@ pub async fn serve_with(
                 }
             }
             Role::Media => {
-                let media = start_media(
-                    &config,
-                    media_pool.clone(),
-                    database_url,
-                    files_api()?,
-                    Arc::clone(&blobs.store),
-                    redis.as_ref(),
-                    &background,
-                )?;
-                server.add_service(MediaGrpc::new(media).into_server(max_message));
+                if let Some(m) = &media_local {
+                    server.add_service(
+                        stowage_proto::v1::media_server::MediaServer::from_arc(Arc::clone(m))
+                            .max_decoding_message_size(max_message)
+                            .max_encoding_message_size(max_message),
+                    );
+                }
             }
             Role::Lifecycle => {
                 let lifecycle = start_lifecycle(
@@ -338,6 +363,7 @@ pub async fn serve_with(
                     ingest_api()?,
                     files_api()?,
                     quota_api()?,
+                    media_api()?,
                     Arc::clone(&blobs.store),
                     &background,
                 )?;
@@ -425,6 +451,7 @@ fn start_lifecycle(
     ingest: Arc<dyn IngestApi>,
     files: Arc<dyn FilesApi>,
     quota: Arc<dyn QuotaApi>,
+    media: Arc<dyn MediaApi>,
     store: Arc<dyn object_store::ObjectStore>,
     background: &Background,
 ) -> anyhow::Result<Arc<Lifecycle>> {
@@ -440,7 +467,15 @@ fn start_lifecycle(
         },
     )
     .context("lifecycle queue")?;
-    let mut lifecycle = Lifecycle::new(pool.clone(), queue.clone(), ingest, files, quota, store);
+    let mut lifecycle = Lifecycle::new(
+        pool.clone(),
+        queue.clone(),
+        ingest,
+        files,
+        quota,
+        media,
+        store,
+    );
     match redis {
         Some(redis) => {
             lifecycle = lifecycle.with_redis(redis.clone(), &config.events.namespace);

@@ -386,6 +386,27 @@ impl Catalog {
         self.set_trashed(id, owner, true).await
     }
 
+    /// Moves every live file of `owner` to trash, each with its `file.deleted` event, in one
+    /// transaction; returns how many.
+    pub async fn trash_all(&self, owner: &str) -> Result<u64> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let rows = tx
+            .query(
+                "UPDATE files.files SET deleted_at = now(), updated_at = now()
+                 WHERE owner_id = $1 AND deleted_at IS NULL AND status <> 'quarantined'
+                 RETURNING *",
+                &[&owner],
+            )
+            .await?;
+        for row in &rows {
+            let file = FileRecord::from_row(row);
+            outbox(&tx, "file.deleted", &file, json!({})).await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
     /// Brings a file back from trash (a second call changes nothing).
     pub async fn restore(&self, id: Uuid, owner: &str) -> Result<FileRecord> {
         self.set_trashed(id, owner, false).await
@@ -519,16 +540,19 @@ impl Catalog {
     pub async fn list_originals(
         &self,
         before: DateTime<Utc>,
+        status: Option<FileStatus>,
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<FileRecord>> {
         let conn = self.pool.get().await?;
+        let status = status.map(FileStatus::as_str);
         let rows = conn
             .query(
                 "SELECT * FROM files.files
                  WHERE created_at < $1 AND ($2::uuid IS NULL OR id > $2)
+                   AND ($4::text IS NULL OR status = $4)
                  ORDER BY id LIMIT $3",
-                &[&before, &after, &limit],
+                &[&before, &after, &limit, &status],
             )
             .await?;
         Ok(rows.iter().map(FileRecord::from_row).collect())

@@ -572,9 +572,16 @@ impl files_server::Files for FilesGrpc {
             .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
             .ok_or_else(|| invalid_argument("created_before", "is required"))?;
         let size = page_size(req.page_size, 100, 1000)?;
-        let fingerprint = paging::fingerprint(&("originals", before));
+        if req.status != 0 && FileStatus::from_proto(req.status).is_none() {
+            return Err(invalid_argument("status", "unknown status"));
+        }
+        let status = FileStatus::from_proto(req.status);
+        let fingerprint = paging::fingerprint(&("originals", before, req.status));
         let after: Option<Uuid> = paging::decode(&req.page_token, &fingerprint)?;
-        let mut files = self.catalog.list_originals(before, after, size + 1).await?;
+        let mut files = self
+            .catalog
+            .list_originals(before, status, after, size + 1)
+            .await?;
         let next_page_token = paging::finish_page(&mut files, size, &fingerprint, |f| Some(f.id));
         Ok(Response::new(pb::ListOriginalsResponse {
             originals: files
@@ -588,6 +595,18 @@ impl files_server::Files for FilesGrpc {
                 .collect(),
             next_page_token,
         }))
+    }
+
+    async fn trash_owner_files(
+        &self,
+        request: Request<pb::TrashOwnerFilesRequest>,
+    ) -> Result<Response<pb::TrashOwnerFilesResponse>, Status> {
+        privileged(&request)?;
+        let owner = request.into_inner().owner_id;
+        stowage_blob::keys::validate_user_id(&owner)
+            .map_err(|why| invalid_argument("owner_id", why))?;
+        let trashed = self.catalog.trash_all(&owner).await?;
+        Ok(Response::new(pb::TrashOwnerFilesResponse { trashed }))
     }
 
     async fn storage_stats(

@@ -35,7 +35,9 @@ pub(crate) async fn touch(
                  notice_due_at = CASE WHEN $2 > activity.last_active_at THEN NULL
                                       ELSE activity.notice_due_at END,
                  notice_sent_at = CASE WHEN $2 > activity.last_active_at THEN NULL
-                                       ELSE activity.notice_sent_at END",
+                                       ELSE activity.notice_sent_at END,
+                 cleaned_at = CASE WHEN $2 > activity.last_active_at THEN NULL
+                                   ELSE activity.cleaned_at END",
             &[&user, &at],
         )
         .await?;
@@ -262,7 +264,74 @@ impl Lifecycle {
             }
             tx.commit().await.map_err(db)?;
         }
+        if policy.inactivity_action == crate::policy::InactivityAction::Trash {
+            self.clean_after_grace(policy, &mut tally).await?;
+        }
         Ok(tally)
+    }
+
+    /// Users noticed longer than the grace window ago, still quiet: their files go to trash
+    /// (from where the trash retention purges them), once per notice.
+    async fn clean_after_grace(
+        &self,
+        policy: &Policy,
+        tally: &mut Tally,
+    ) -> Result<(), tonic::Status> {
+        let grace = f64::from(policy.notice_grace_hours) * 3600.0;
+        let conn = self.pool.get().await.map_err(db)?;
+        let due: Vec<(String, DateTime<Utc>)> = conn
+            .query(
+                "SELECT user_id, notice_sent_at FROM lifecycle.activity
+                 WHERE notice_sent_at < now() - make_interval(secs => $1) AND cleaned_at IS NULL
+                 LIMIT 1000",
+                &[&grace],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for (user, noticed) in due {
+            let trashed = match self
+                .files
+                .trash_owner_files(pb::TrashOwnerFilesRequest {
+                    owner_id: user.clone(),
+                })
+                .await
+            {
+                Ok(r) => r.trashed,
+                Err(s) => {
+                    tally.failed += 1;
+                    tracing::warn!(user, status = %s, "inactive user's files not trashed");
+                    continue;
+                }
+            };
+            let mut conn = self.pool.get().await.map_err(db)?;
+            let tx = conn.transaction().await.map_err(db)?;
+            let marked = tx
+                .execute(
+                    "UPDATE lifecycle.activity SET cleaned_at = now()
+                     WHERE user_id = $1 AND cleaned_at IS NULL AND notice_sent_at = $2",
+                    &[&user, &noticed],
+                )
+                .await
+                .map_err(db)?;
+            if marked == 1 {
+                record(
+                    &tx,
+                    &user,
+                    "cleaned",
+                    Utc::now(),
+                    &serde_json::json!({ "trashed_files": trashed }),
+                    &noticed.to_rfc3339(),
+                )
+                .await
+                .map_err(db)?;
+                tally.note(false, String::new());
+            }
+            tx.commit().await.map_err(db)?;
+        }
+        Ok(())
     }
 
     /// Runs the rechecks whose burst ended; returns how many ran.

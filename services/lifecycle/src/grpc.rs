@@ -100,6 +100,53 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         }))
     }
 
+    async fn register_ephemeral(
+        &self,
+        request: Request<pb::RegisterEphemeralRequest>,
+    ) -> Result<Response<pb::RegisterEphemeralResponse>, Status> {
+        identity(&request)?.require_service()?;
+        let req = request.into_inner();
+        if req.storage_key.is_empty()
+            || req.storage_key.len() > 1024
+            || req.storage_key.starts_with("users/")
+        {
+            return Err(invalid_argument(
+                "storage_key",
+                "must be 1..=1024 bytes and outside users/",
+            ));
+        }
+        if req.owner.is_empty() || req.owner.len() > 200 {
+            return Err(invalid_argument("owner", "must be 1..=200 bytes"));
+        }
+        if !(1..=30 * 24 * 3600).contains(&req.ttl_seconds) {
+            return Err(invalid_argument("ttl_seconds", "must be 1..=2592000"));
+        }
+        let expires_at = self
+            .lifecycle
+            .register_ephemeral(
+                &req.storage_key,
+                &req.owner,
+                std::time::Duration::from_secs(req.ttl_seconds),
+            )
+            .await?;
+        Ok(Response::new(pb::RegisterEphemeralResponse {
+            expires_at: Some(timestamp(expires_at)),
+        }))
+    }
+
+    async fn ack_ephemeral(
+        &self,
+        request: Request<pb::AckEphemeralRequest>,
+    ) -> Result<Response<pb::AckEphemeralResponse>, Status> {
+        identity(&request)?.require_service()?;
+        let keys = request.into_inner().storage_keys;
+        if keys.is_empty() || keys.len() > 1000 {
+            return Err(invalid_argument("storage_keys", "must hold 1..=1000 keys"));
+        }
+        let acknowledged = self.lifecycle.ack_ephemeral(&keys).await?;
+        Ok(Response::new(pb::AckEphemeralResponse { acknowledged }))
+    }
+
     async fn record_activity(
         &self,
         request: Request<pb::RecordActivityRequest>,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use stowage_db::PgPool;
 use stowage_jobs::{Handler, Job, JobError, Queue, Schedule};
-use stowage_runtime::mesh::{FilesApi, IngestApi, QuotaApi};
+use stowage_runtime::mesh::{FilesApi, IngestApi, MediaApi, QuotaApi};
 use uuid::Uuid;
 
 pub use activity::{ActivityEvents, HistoryEvent, NOTICE_TOPIC};
@@ -104,6 +104,7 @@ pub struct Lifecycle {
     ingest: Arc<dyn IngestApi>,
     files: Arc<dyn FilesApi>,
     quota: Arc<dyn QuotaApi>,
+    media: Arc<dyn MediaApi>,
     store: Arc<dyn object_store::ObjectStore>,
     redis: Option<fred::clients::Client>,
     namespace: String,
@@ -126,6 +127,7 @@ impl Lifecycle {
         ingest: Arc<dyn IngestApi>,
         files: Arc<dyn FilesApi>,
         quota: Arc<dyn QuotaApi>,
+        media: Arc<dyn MediaApi>,
         store: Arc<dyn object_store::ObjectStore>,
     ) -> Self {
         Self {
@@ -134,6 +136,7 @@ impl Lifecycle {
             ingest,
             files,
             quota,
+            media,
             store,
             redis: None,
             namespace: stowage_events::DEFAULT_NAMESPACE.to_owned(),
@@ -145,6 +148,40 @@ impl Lifecycle {
         self.redis = Some(redis);
         self.namespace = namespace.to_owned();
         self
+    }
+
+    /// Registers an ephemeral blob of `owner` living `ttl` unless acknowledged first.
+    pub async fn register_ephemeral(
+        &self,
+        key: &str,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<DateTime<Utc>, tonic::Status> {
+        let secs = ttl.as_secs_f64();
+        let conn = self.pool.get().await.map_err(db)?;
+        let row = conn
+            .query_one(
+                "INSERT INTO lifecycle.ephemeral (storage_key, owner, expires_at)
+                 VALUES ($1, $2, now() + make_interval(secs => $3))
+                 ON CONFLICT (storage_key) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                 RETURNING expires_at",
+                &[&key, &owner, &secs],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.get(0))
+    }
+
+    /// Acknowledges ephemeral blobs; returns how many were registered.
+    pub async fn ack_ephemeral(&self, keys: &[String]) -> Result<u64, tonic::Status> {
+        let conn = self.pool.get().await.map_err(db)?;
+        conn.execute(
+            "UPDATE lifecycle.ephemeral SET acknowledged_at = coalesce(acknowledged_at, now())
+             WHERE storage_key = ANY($1)",
+            &[&keys],
+        )
+        .await
+        .map_err(db)
     }
 
     /// Runs due rechecks until `shutdown`, looking every `every`.
@@ -268,7 +305,7 @@ impl Lifecycle {
     }
 }
 
-fn db(error: impl std::fmt::Debug) -> tonic::Status {
+pub(crate) fn db(error: impl std::fmt::Debug) -> tonic::Status {
     stowage_runtime::status::dependency_failed("lifecycle database", &error)
 }
 

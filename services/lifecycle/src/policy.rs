@@ -32,6 +32,10 @@ pub struct Policy {
     pub inactivity_action: InactivityAction,
     /// Minutes an unreferenced blob must be old before GC may delete it.
     pub gc_safety_minutes: u32,
+    /// Minutes a file may stay in processing before its media job is requested again.
+    pub stuck_processing_minutes: u32,
+    /// Ephemeral blobs kept per owner after acknowledgement or expiry (dev; 0 in production).
+    pub ephemeral_keep_last: u32,
 }
 
 impl Default for Policy {
@@ -44,6 +48,8 @@ impl Default for Policy {
             notice_grace_hours: 72,
             inactivity_action: InactivityAction::NotifyOnly,
             gc_safety_minutes: 60,
+            stuck_processing_minutes: 60,
+            ephemeral_keep_last: 0,
         }
     }
 }
@@ -105,6 +111,8 @@ impl Policy {
                 InactivityAction::Trash => pb::InactivityAction::Trash,
             } as i32,
             gc_safety_minutes: self.gc_safety_minutes,
+            stuck_processing_minutes: self.stuck_processing_minutes,
+            ephemeral_keep_last: self.ephemeral_keep_last,
         }
     }
 
@@ -125,6 +133,8 @@ impl Policy {
             notice_grace_hours: p.notice_grace_hours,
             inactivity_action,
             gc_safety_minutes: p.gc_safety_minutes,
+            stuck_processing_minutes: p.stuck_processing_minutes,
+            ephemeral_keep_last: p.ephemeral_keep_last,
         };
         policy.validate()?;
         Ok(policy)

@@ -25,7 +25,15 @@ pub struct Task {
 }
 
 /// Every scheduled job.
-pub const TASKS: [Task; 7] = [
+pub const TASKS: [Task; 9] = [
+    Task {
+        name: "stuck_processing",
+        interval: Duration::from_secs(15 * 60),
+    },
+    Task {
+        name: "ephemeral_cleanup",
+        interval: Duration::from_secs(60),
+    },
     Task {
         name: "inactivity",
         interval: Duration::from_secs(60),
@@ -94,6 +102,8 @@ impl Lifecycle {
             "staging_cleanup" => self.staging_cleanup(policy, dry_run).await,
             "blob_gc" => self.blob_gc(policy, dry_run).await,
             "inactivity" => self.inactivity(policy, dry_run).await,
+            "stuck_processing" => self.stuck_processing(policy, dry_run).await,
+            "ephemeral_cleanup" => self.ephemeral_cleanup(policy, dry_run).await,
             other => Err(stowage_runtime::status::invalid_argument(
                 "name",
                 format!("no scheduled job {other:?}"),
@@ -239,6 +249,7 @@ impl Lifecycle {
                     created_before: Some(stowage_runtime::time::timestamp(cutoff)),
                     page_size: PAGE,
                     page_token: page_token.clone(),
+                    status: pb::FileStatus::Unspecified as i32,
                 })
                 .await?;
             for original in page.originals {
@@ -312,6 +323,112 @@ impl Lifecycle {
             tally.note(dry_run, format!("unreferenced {key}"));
         }
         Ok(())
+    }
+
+    /// Files in processing for longer than `stuck_processing_minutes` (a lost event, a job
+    /// dead after its attempts): their media job is requested again.
+    async fn stuck_processing(
+        &self,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<Tally, tonic::Status> {
+        let before =
+            Utc::now() - chrono::Duration::minutes(i64::from(policy.stuck_processing_minutes));
+        let mut tally = Tally::default();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .files
+                .list_originals(pb::ListOriginalsRequest {
+                    created_before: Some(stowage_runtime::time::timestamp(before)),
+                    page_size: PAGE,
+                    page_token: page_token.clone(),
+                    status: pb::FileStatus::Processing as i32,
+                })
+                .await?;
+            for file in page.originals {
+                tally.examined += 1;
+                if dry_run {
+                    tally.note(true, format!("reprocess {}", file.file_id));
+                    continue;
+                }
+                match self
+                    .media
+                    .reprocess(pb::ReprocessRequest {
+                        file_id: file.file_id.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => tally.note(false, String::new()),
+                    Err(s) => {
+                        tally.failed += 1;
+                        tracing::warn!(file_id = %file.file_id, status = %s, "reprocess request failed");
+                    }
+                }
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(tally);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Ephemeral blobs acknowledged or past their time to live are deleted, except the newest
+    /// `ephemeral_keep_last` per owner (a dev option for debugging).
+    async fn ephemeral_cleanup(
+        &self,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<Tally, tonic::Status> {
+        let keep = i64::from(policy.ephemeral_keep_last);
+        let conn = self.pool.get().await.map_err(crate::db)?;
+        let done: Vec<String> = conn
+            .query(
+                "SELECT storage_key FROM (
+                     SELECT storage_key, acknowledged_at, expires_at,
+                            row_number() OVER (PARTITION BY owner ORDER BY created_at DESC) AS rank
+                     FROM lifecycle.ephemeral) e
+                 WHERE (acknowledged_at IS NOT NULL OR expires_at < now()) AND rank > $1
+                 LIMIT 10000",
+                &[&keep],
+            )
+            .await
+            .map_err(crate::db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(conn);
+        let mut tally = Tally {
+            examined: done.len() as u64,
+            ..Tally::default()
+        };
+        for key in done {
+            if dry_run {
+                tally.note(true, format!("ephemeral {key}"));
+                continue;
+            }
+            match self
+                .store
+                .delete(&object_store::path::Path::from(key.as_str()))
+                .await
+            {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    tally.failed += 1;
+                    tracing::warn!(key, error = %e, "ephemeral blob not deleted");
+                    continue;
+                }
+            }
+            let conn = self.pool.get().await.map_err(crate::db)?;
+            conn.execute(
+                "DELETE FROM lifecycle.ephemeral WHERE storage_key = $1",
+                &[&key],
+            )
+            .await
+            .map_err(crate::db)?;
+            tally.note(false, String::new());
+        }
+        Ok(tally)
     }
 
     /// Held quota reservations past their expiry give their bytes back (an upload that never

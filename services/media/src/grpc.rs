@@ -160,6 +160,26 @@ impl Media {
         Ok(job)
     }
 
+    /// Runs `file_id`'s job again, or enqueues it when it never was; a job queued or running
+    /// is left as it is.
+    async fn reprocess(&self, file_id: Uuid) -> Result<Job> {
+        match self.queue.requeue_key(&job_key(&file_id)).await {
+            Ok(job) => Ok(job),
+            Err(stowage_jobs::Error::NotRequeueable { id, .. }) => Ok(self.queue.get(id).await?),
+            Err(stowage_jobs::Error::JobNotFound(_)) => {
+                let mut job = stowage_jobs::NewJob::new(
+                    crate::PROCESS_JOB,
+                    job_key(&file_id),
+                    serde_json::json!({ "file_id": file_id }),
+                );
+                job.traceparent = stowage_telemetry::current_traceparent();
+                let enqueued = self.queue.enqueue(job).await?;
+                Ok(self.queue.get(enqueued.id).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Marks a quarantined file released by `admin` and runs its processing again, without
     /// the scan.
     async fn release(&self, file_id: Uuid, admin: &str) -> Result<pb::File> {
@@ -185,19 +205,7 @@ impl Media {
             })
             .await?
             .file;
-        match self.queue.requeue_key(&job_key(&file_id)).await {
-            Ok(_) => {}
-            Err(stowage_jobs::Error::JobNotFound(_)) => {
-                let mut job = stowage_jobs::NewJob::new(
-                    crate::PROCESS_JOB,
-                    job_key(&file_id),
-                    serde_json::json!({ "file_id": file_id }),
-                );
-                job.traceparent = stowage_telemetry::current_traceparent();
-                self.queue.enqueue(job).await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
+        self.reprocess(file_id).await?;
         tracing::info!(%file_id, admin, "quarantined file released");
         file.ok_or_else(|| Error::NotFound(format!("file {file_id}")))
     }
@@ -318,6 +326,22 @@ impl media_server::Media for MediaGrpc {
         Ok(Response::new(pb::ListQuarantineResponse {
             files,
             next_page_token,
+        }))
+    }
+
+    async fn reprocess(
+        &self,
+        request: Request<pb::ReprocessRequest>,
+    ) -> Result<Response<pb::ReprocessResponse>, Status> {
+        if !identity(&request)?.is_privileged() {
+            return Err(Status::permission_denied(
+                "this call needs the admin or service scope",
+            ));
+        }
+        let id = parse_uuid("file_id", &request.get_ref().file_id)?;
+        let job = self.media.reprocess(id).await?;
+        Ok(Response::new(pb::ReprocessResponse {
+            job: Some(job_to_proto(&job)),
         }))
     }
 

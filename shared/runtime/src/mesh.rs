@@ -13,11 +13,12 @@ use stowage_proto::v1::{
     ListAccountsResponse, ListExpiredTrashRequest, ListExpiredTrashResponse, ListOriginalsRequest,
     ListOriginalsResponse, PurgeFileRequest, PurgeFileResponse, ReconcileRequest,
     ReconcileResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest, ReleaseResponse,
-    ReserveRequest, ReserveResponse, SetVariantsRequest, SetVariantsResponse, SweepStagingRequest,
-    SweepStagingResponse, SweepUploadsRequest, SweepUploadsResponse, UsageByOwnerRequest,
+    ReprocessRequest, ReprocessResponse, ReserveRequest, ReserveResponse, SetVariantsRequest,
+    SetVariantsResponse, SweepStagingRequest, SweepStagingResponse, SweepUploadsRequest,
+    SweepUploadsResponse, TrashOwnerFilesRequest, TrashOwnerFilesResponse, UsageByOwnerRequest,
     UsageByOwnerResponse, files_client::FilesClient, files_server::Files as FilesRpc,
-    ingest_client::IngestClient, ingest_server::Ingest as IngestRpc, quota_client::QuotaClient,
-    quota_server::Quota as QuotaRpc,
+    ingest_client::IngestClient, ingest_server::Ingest as IngestRpc, media_client::MediaClient,
+    media_server::Media as MediaRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
 };
 use tonic::{
     Request, Response, Status,
@@ -213,6 +214,19 @@ peer! {
         fn find_keys(FindKeysRequest) -> FindKeysResponse;
         /// Every file's original key.
         fn list_originals(ListOriginalsRequest) -> ListOriginalsResponse;
+        /// Moves every live file of an owner to trash.
+        fn trash_owner_files(TrashOwnerFilesRequest) -> TrashOwnerFilesResponse;
+    }
+}
+
+peer! {
+    /// What other services need from Media.
+    trait MediaApi;
+    local LocalMedia: MediaRpc;
+    remote GrpcMedia: MediaClient;
+    {
+        /// Runs a file's processing again.
+        fn reprocess(ReprocessRequest) -> ReprocessResponse;
     }
 }
 
