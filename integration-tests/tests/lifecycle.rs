@@ -323,6 +323,33 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
         "{}",
         refused.message()
     );
+    let changed = client
+        .set_schedule(authed(
+            pb::SetScheduleRequest {
+                name: "trash_purge".into(),
+                interval_seconds: 120,
+                enabled: false,
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .schedule
+        .expect("schedule");
+    assert_eq!((changed.interval_seconds, changed.enabled), (120, false));
+    let unknown = client
+        .set_schedule(authed(
+            pb::SetScheduleRequest {
+                name: "nope".into(),
+                interval_seconds: 0,
+                enabled: true,
+            },
+            &admin,
+        ))
+        .await
+        .expect_err("unknown schedule");
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert!(unknown.message().contains("name"), "{}", unknown.message());
     let denied = client
         .list_schedules(authed(pb::ListSchedulesRequest {}, &alice))
         .await
@@ -902,6 +929,45 @@ async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
             ("bob".to_owned(), "session_down".to_owned())
         ]
     );
+    // (carl below has activity but no history: uploads and downloads are not history events.)
+    // A download counts as activity too.
+    let carl = token("carl", &[]);
+    let file = upload(mesh.channel(), &carl, "c.bin", &random_bytes(100), &[]).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    let recent = || async {
+        let row = conn
+            .query_opt(
+                "SELECT last_active_at > now() - interval '1 minute' FROM lifecycle.activity
+                 WHERE user_id = 'carl'",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !recent().await? {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "upload not seen as activity"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    conn.execute(
+        "UPDATE lifecycle.activity SET last_active_at = now() - interval '10 days'
+         WHERE user_id = 'carl'",
+        &[],
+    )
+    .await?;
+    stowage_integration_tests::download(mesh.channel(), &carl, &file.id, None).await?;
+    while !recent().await? {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "download not seen as activity"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The live session state is in Redis: alice is up, bob is down.
     let redis = stowage_runtime::redis::connect(&setup.redis_url).await?;
     use fred::interfaces::KeysInterface;

@@ -3,6 +3,11 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 use stowage_db::{GenericClient, PgPool};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -144,7 +149,13 @@ pub struct Purged {
 pub struct Catalog {
     pool: PgPool,
     hold_unscanned: bool,
+    downloads: Arc<Mutex<HashMap<String, Instant>>>,
 }
+
+/// Downloads announce activity at most this often per owner (per process).
+const DOWNLOAD_EVENT_EVERY: Duration = Duration::from_secs(60);
+/// Owners remembered for that; the memory is dropped past it.
+const DOWNLOAD_MEMORY: usize = 100_000;
 
 /// Variant bytes of a file not yet charged to (or debited from) its owner's usage.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,6 +206,7 @@ impl Catalog {
         Self {
             pool,
             hold_unscanned: false,
+            downloads: Arc::default(),
         }
     }
 
@@ -202,6 +214,35 @@ impl Catalog {
     pub fn hold_unscanned(mut self, hold: bool) -> Self {
         self.hold_unscanned = hold;
         self
+    }
+
+    /// Announces that `file` was downloaded (`file.downloaded`, for activity tracking), at
+    /// most once a minute per owner. A failure is logged, never the download's problem.
+    pub async fn note_download(&self, file: &FileRecord) {
+        let now = Instant::now();
+        {
+            let Ok(mut seen) = self.downloads.lock() else {
+                return;
+            };
+            if seen
+                .get(&file.owner_id)
+                .is_some_and(|at| now.duration_since(*at) < DOWNLOAD_EVENT_EVERY)
+            {
+                return;
+            }
+            if seen.len() >= DOWNLOAD_MEMORY {
+                seen.clear();
+            }
+            seen.insert(file.owner_id.clone(), now);
+        }
+        let result = async {
+            let conn = self.pool.get().await?;
+            outbox(&conn, "file.downloaded", file, json!({})).await
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(file_id = %file.id, %error, "download activity not recorded");
+        }
     }
 
     /// Whether downloads of files in processing are held back.

@@ -271,6 +271,7 @@ async fn serve_signed(
         Err(Error::FailedPrecondition(why)) => return plain(StatusCode::CONFLICT, why),
         Err(_) => return plain(StatusCode::NOT_FOUND, "not found\n"),
     };
+    state.catalog.note_download(&file).await;
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())

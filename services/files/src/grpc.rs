@@ -403,6 +403,9 @@ impl files_server::Files for FilesGrpc {
             data: Vec::new(),
         };
         let body = download::read(self.store(), &target, range, self.chunk).await?;
+        if !caller.is_privileged() {
+            self.catalog.note_download(&file).await;
+        }
         let stream = futures::stream::once(async move { Ok(header) }).chain(body.map(|chunk| {
             chunk
                 .map(|data| pb::DownloadResponse {

@@ -468,6 +468,7 @@ impl ActivityEvents {
         topics::FILE_DELETED,
         topics::FILE_RESTORED,
         topics::FILE_PURGED,
+        topics::FILE_DOWNLOADED,
         topics::UPLOAD_COMPLETED,
     ];
 }
@@ -484,7 +485,7 @@ impl EventHandler for ActivityEvents {
             return Ok(());
         };
         touch(tx, user, event.occurred_at).await?;
-        if event.topic != topics::UPLOAD_COMPLETED {
+        if event.topic != topics::UPLOAD_COMPLETED && event.topic != topics::FILE_DOWNLOADED {
             request_recheck(tx, user, self.debounce).await?;
         }
         Ok(())

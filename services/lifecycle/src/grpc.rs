@@ -206,6 +206,46 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         }))
     }
 
+    async fn set_schedule(
+        &self,
+        request: Request<pb::SetScheduleRequest>,
+    ) -> Result<Response<pb::SetScheduleResponse>, Status> {
+        identity(&request)?.require_admin()?;
+        let req = request.into_inner();
+        let queue = self.lifecycle.queue();
+        let known = |e: stowage_jobs::Error| match e {
+            stowage_jobs::Error::ScheduleNotFound(_) => {
+                invalid_argument("name", "no such schedule")
+            }
+            stowage_jobs::Error::Invalid { reason, .. } => {
+                invalid_argument("interval_seconds", reason)
+            }
+            other => jobs_error(other),
+        };
+        if req.interval_seconds > 0 {
+            queue
+                .set_interval(
+                    &req.name,
+                    std::time::Duration::from_secs(req.interval_seconds),
+                )
+                .await
+                .map_err(known)?;
+        }
+        let s = queue
+            .set_enabled(&req.name, req.enabled)
+            .await
+            .map_err(known)?;
+        Ok(Response::new(pb::SetScheduleResponse {
+            schedule: Some(pb::Schedule {
+                name: s.name,
+                interval_seconds: s.interval.as_secs(),
+                enabled: s.enabled,
+                next_run_at: Some(timestamp(s.next_run_at)),
+                last_run_at: timestamp_opt(s.last_run_at),
+            }),
+        }))
+    }
+
     async fn run_now(
         &self,
         request: Request<pb::RunNowRequest>,

@@ -553,6 +553,23 @@ impl Lifecycle {
             Ok(r) => {
                 tally.note(false, String::new());
                 tracing::warn!(user_id, drift = r.drift_bytes, "usage drift repaired");
+                let recorded = async {
+                    let conn = self.pool.get().await.map_err(crate::db)?;
+                    crate::activity::record(
+                        &conn,
+                        user_id,
+                        "drift_repaired",
+                        Utc::now(),
+                        &serde_json::json!({ "drift_bytes": r.drift_bytes }),
+                        &run.to_string(),
+                    )
+                    .await
+                    .map_err(crate::db)
+                }
+                .await;
+                if let Err(status) = recorded {
+                    tracing::warn!(user_id, %status, "repair not written to the history");
+                }
             }
             Err(s) => {
                 tally.failed += 1;

@@ -31,6 +31,9 @@ pub mod topics {
     pub const FILE_RESTORED: &str = "file.restored";
     /// A file and its bytes were removed for good (Files).
     pub const FILE_PURGED: &str = "file.purged";
+    /// A file was downloaded (Files; at most one per owner and minute per process), as
+    /// activity.
+    pub const FILE_DOWNLOADED: &str = "file.downloaded";
     /// An upload session completed (Ingest).
     pub const UPLOAD_COMPLETED: &str = "upload.completed";
     /// An upload session expired or was abandoned (Ingest).
