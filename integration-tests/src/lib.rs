@@ -186,6 +186,22 @@ pub async fn usage(channel: Channel, token: &str) -> Result<pb::Account, Status>
         .ok_or_else(|| Status::internal("no account"))
 }
 
+/// Polls `check` every 100 ms until it holds; an error naming `what` after `patience`.
+pub async fn eventually<F, Fut>(patience: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    while !check().await? {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("{what}: not so after {patience:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// Default wait for things that happen in the background.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use stowage_integration_tests::{
-    complete, create_session, files, get_session, put_chunk, random_bytes, upload, usage,
-    wait_processed,
+    complete, create_session, eventually, files, get_session, put_chunk, random_bytes, upload,
+    usage, wait_processed,
 };
 use stowage_proto::v1::{self as pb, lifecycle_client::LifecycleClient};
 use stowage_testkit::{Mesh, Setup, authed, token};
@@ -798,14 +798,10 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
         "{:?}",
         started.elapsed()
     );
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while usage(mesh.channel(), &alice).await?.used_bytes != 10_000 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "usage never repaired"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(PATIENCE, "usage repaired", || async {
+        Ok(usage(mesh.channel(), &alice).await?.used_bytes == 10_000)
+    })
+    .await?;
     // Quiet for longer than the debounce: exactly one more recheck ran.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(rechecks(&scrape().await?), settled + 1.0);
@@ -945,14 +941,7 @@ async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
     };
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !recent().await? {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "upload not seen as activity"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(PATIENCE, "upload seen as activity", &recent).await?;
     conn.execute(
         "UPDATE lifecycle.activity SET last_active_at = now() - interval '10 days'
          WHERE user_id = 'carl'",
@@ -960,13 +949,7 @@ async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
     )
     .await?;
     stowage_integration_tests::download(mesh.channel(), &carl, &file.id, None).await?;
-    while !recent().await? {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "download not seen as activity"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(PATIENCE, "download seen as activity", &recent).await?;
 
     // The live session state is in Redis: alice is up, bob is down.
     let redis = stowage_runtime::redis::connect(&setup.redis_url).await?;
@@ -1123,23 +1106,16 @@ async fn with_the_trash_policy_a_user_quiet_past_the_grace_has_files_trashed_onc
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let conn = pool.get().await?;
     // Wait until her uploads count as activity, then move her last activity a year back.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually(PATIENCE, "uploads seen as activity", || async {
         let seen = conn
             .query_opt(
                 "SELECT 1 FROM lifecycle.activity WHERE user_id = 'dora'",
                 &[],
             )
             .await?;
-        if seen.is_some() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "activity never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(seen.is_some())
+    })
+    .await?;
     conn.execute(
         "UPDATE lifecycle.activity SET last_active_at = now() - interval '400 days'
          WHERE user_id = 'dora'",

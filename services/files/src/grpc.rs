@@ -26,17 +26,6 @@ use crate::{
     model::{FileStatus, Kind, VariantRecord},
 };
 
-/// Refuses callers without the admin or service scope.
-fn privileged<T>(request: &Request<T>) -> Result<(), Status> {
-    if identity(request)?.is_privileged() {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(
-            "this call needs the admin or service scope",
-        ))
-    }
-}
-
 /// The tonic service of Files.
 #[derive(Clone)]
 pub struct FilesGrpc {
@@ -501,7 +490,7 @@ impl files_server::Files for FilesGrpc {
         &self,
         request: Request<pb::ListExpiredTrashRequest>,
     ) -> Result<Response<pb::ListExpiredTrashResponse>, Status> {
-        privileged(&request)?;
+        identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         let before = req
             .deleted_before
@@ -524,7 +513,7 @@ impl files_server::Files for FilesGrpc {
         &self,
         request: Request<pb::UsageByOwnerRequest>,
     ) -> Result<Response<pb::UsageByOwnerResponse>, Status> {
-        privileged(&request)?;
+        identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         let size = page_size(req.page_size, 100, 1000)?;
         let fingerprint = paging::fingerprint(&("usage_by_owner", &req.owner_id));
@@ -555,7 +544,7 @@ impl files_server::Files for FilesGrpc {
         &self,
         request: Request<pb::FindKeysRequest>,
     ) -> Result<Response<pb::FindKeysResponse>, Status> {
-        privileged(&request)?;
+        identity(&request)?.require_privileged()?;
         let keys = request.into_inner().keys;
         if keys.is_empty() || keys.len() > 1000 {
             return Err(invalid_argument("keys", "must hold 1..=1000 keys"));
@@ -568,7 +557,7 @@ impl files_server::Files for FilesGrpc {
         &self,
         request: Request<pb::ListOriginalsRequest>,
     ) -> Result<Response<pb::ListOriginalsResponse>, Status> {
-        privileged(&request)?;
+        identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         let before = req
             .created_before
@@ -604,7 +593,7 @@ impl files_server::Files for FilesGrpc {
         &self,
         request: Request<pb::TrashOwnerFilesRequest>,
     ) -> Result<Response<pb::TrashOwnerFilesResponse>, Status> {
-        privileged(&request)?;
+        identity(&request)?.require_privileged()?;
         let owner = request.into_inner().owner_id;
         stowage_blob::keys::validate_user_id(&owner)
             .map_err(|why| invalid_argument("owner_id", why))?;

@@ -78,11 +78,7 @@ impl ingest_server::Ingest for IngestGrpc {
         &self,
         request: Request<pb::SweepStagingRequest>,
     ) -> Result<Response<pb::SweepStagingResponse>, Status> {
-        if !identity(&request)?.is_privileged() {
-            return Err(Status::permission_denied(
-                "this call needs the admin or service scope",
-            ));
-        }
+        identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         if req.max_age_seconds < 3600 {
             return Err(stowage_runtime::status::invalid_argument(
@@ -110,11 +106,7 @@ impl ingest_server::Ingest for IngestGrpc {
         &self,
         request: Request<pb::SweepUploadsRequest>,
     ) -> Result<Response<pb::SweepUploadsResponse>, Status> {
-        if !identity(&request)?.is_privileged() {
-            return Err(Status::permission_denied(
-                "this call needs the admin or service scope",
-            ));
-        }
+        identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         if req.idle_seconds < 60 {
             return Err(stowage_runtime::status::invalid_argument(

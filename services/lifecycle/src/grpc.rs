@@ -151,11 +151,7 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         &self,
         request: Request<pb::RecordActivityRequest>,
     ) -> Result<Response<pb::RecordActivityResponse>, Status> {
-        if !identity(&request)?.is_privileged() {
-            return Err(Status::permission_denied(
-                "this call needs the admin or service scope",
-            ));
-        }
+        identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         stowage_blob::keys::validate_user_id(&req.user_id)
             .map_err(|why| invalid_argument("user_id", why))?;

@@ -333,11 +333,7 @@ impl media_server::Media for MediaGrpc {
         &self,
         request: Request<pb::ReprocessRequest>,
     ) -> Result<Response<pb::ReprocessResponse>, Status> {
-        if !identity(&request)?.is_privileged() {
-            return Err(Status::permission_denied(
-                "this call needs the admin or service scope",
-            ));
-        }
+        identity(&request)?.require_privileged()?;
         let id = parse_uuid("file_id", &request.get_ref().file_id)?;
         let job = self.media.reprocess(id).await?;
         Ok(Response::new(pb::ReprocessResponse {

@@ -171,11 +171,7 @@ impl quota_server::Quota for QuotaGrpc {
         &self,
         request: Request<pb::ExpireReservationsRequest>,
     ) -> Result<Response<pb::ExpireReservationsResponse>, Status> {
-        if !identity(&request)?.is_privileged() {
-            return Err(Status::permission_denied(
-                "this call needs the admin or service scope",
-            ));
-        }
+        identity(&request)?.require_privileged()?;
         let (ids, count) = self
             .quota
             .expire_reservations(request.get_ref().dry_run)
@@ -202,11 +198,7 @@ impl quota_server::Quota for QuotaGrpc {
         &self,
         request: Request<pb::ListAccountsRequest>,
     ) -> Result<Response<pb::ListAccountsResponse>, Status> {
-        if !identity(&request)?.is_privileged() {
-            return Err(Status::permission_denied(
-                "this call needs the admin or service scope",
-            ));
-        }
+        identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         let size = stowage_runtime::status::page_size(req.page_size, 100, 1000)?;
         let query = paging::fingerprint(&("accounts", req.min_used_percent.to_bits()));
@@ -244,12 +236,7 @@ impl quota_server::Quota for QuotaGrpc {
         &self,
         request: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
-        let caller = identity(&request)?;
-        if !caller.is_privileged() {
-            return Err(Status::permission_denied(
-                "this call needs the admin or service scope",
-            ));
-        }
+        identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         let (drift_bytes, account) = self
             .quota

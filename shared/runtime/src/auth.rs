@@ -63,6 +63,17 @@ impl Identity {
         }
     }
 
+    /// PERMISSION_DENIED unless the caller has the admin or the service scope.
+    pub fn require_privileged(&self) -> Result<(), Status> {
+        if self.is_privileged() {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(
+                "this call needs the admin or service scope",
+            ))
+        }
+    }
+
     /// Whether the caller may act on another user's data.
     pub fn is_privileged(&self) -> bool {
         self.admin || self.service

@@ -32,7 +32,14 @@ pub(super) fn decode(
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(image_limits);
     // Reads the header only; the decoder checks the declared size against the limits here.
-    let mut decoder = reader.into_decoder().map_err(from_image)?;
+    let mut decoder = reader.into_decoder().map_err(|error| match error {
+        // The image crate's message does not say which limit; ours does.
+        image::ImageError::Limits(_) => ImageError::TooLarge(format!(
+            "the declared size is above the decode limits ({}x{} px, {} bytes of memory)",
+            limits.max_width, limits.max_height, limits.max_alloc
+        )),
+        other => from_image(other),
+    })?;
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height, limits)?;
     // A small file can declare a huge image (a decompression bomb): refuse before allocating.
