@@ -9,7 +9,9 @@ use stowage_blob::Blobs;
 use stowage_events::{Consumer, ConsumerSettings};
 use stowage_events::{Relay, RelaySettings};
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
-use stowage_ingest::{IngestGrpc, SessionSettings, Sessions, Staging, Uploader, Uploads};
+use stowage_ingest::{
+    EventStreams, IngestGrpc, SessionSettings, Sessions, Staging, StreamSettings, Uploader, Uploads,
+};
 use stowage_jobs::{Queue, QueueConfig, Scheduler, Worker};
 use stowage_lifecycle::{ActivityEvents, Lifecycle, LifecycleGrpc};
 use stowage_media::{
@@ -266,11 +268,26 @@ pub async fn serve_with(
             config.ingest.sweep_interval,
             config.ingest.session_ttl,
         );
-        Some(Arc::new(IngestGrpc::new(
-            uploader,
-            sessions,
+        let streams_config = &config.ingest.streams;
+        let streams = EventStreams::start(
+            ingest_pool.clone(),
+            Arc::clone(&blobs.store),
+            StreamSettings {
+                window: streams_config.window,
+                grace: streams_config.grace,
+                max_buffered: usize::try_from(streams_config.max_buffered.as_u64())
+                    .unwrap_or(usize::MAX),
+                inline_max: usize::try_from(streams_config.inline_max.as_u64())
+                    .unwrap_or(usize::MAX),
+                keep_screenshots: streams_config.keep_screenshots,
+                redeliver_after: streams_config.redeliver_after,
+                write_delay: streams_config.write_delay,
+            },
             shutdown.clone(),
-        )))
+        );
+        Some(Arc::new(
+            IngestGrpc::new(uploader, sessions, shutdown.clone()).with_streams(streams),
+        ))
     } else {
         None
     };

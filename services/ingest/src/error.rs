@@ -50,6 +50,21 @@ pub enum Error {
     /// A broken invariant.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// No such event stream or batch for this caller.
+    #[error("not found")]
+    NotFound,
+    /// A frame that does not follow the stream's durable seq.
+    #[error("first_seq: expected {expected} (the stream's durable seq + 1); re-send from there")]
+    SeqGap {
+        /// The seq the stream expects next.
+        expected: u64,
+    },
+    /// Stored data that does not decode.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// A write that could not be made durable; the client re-sends.
+    #[error("not stored, re-send: {0}")]
+    Unavailable(String),
     /// The client's stream broke.
     #[error("upload stream broken: {0}")]
     Stream(Status),
@@ -109,6 +124,19 @@ impl From<Error> for Status {
                 "chunk.sha256",
                 "does not match the chunk's bytes",
             ),
+            Error::NotFound => Status::not_found(error.to_string()),
+            Error::SeqGap { expected } => {
+                let mut status = Status::failed_precondition(error.to_string());
+                if let Ok(v) = expected.to_string().parse() {
+                    status.metadata_mut().insert("expected-seq", v);
+                }
+                status
+            }
+            Error::Corrupt(ref why) => {
+                tracing::error!(why, "stored event data does not decode");
+                Status::data_loss("stored events do not decode")
+            }
+            Error::Unavailable(_) => Status::unavailable(error.to_string()),
             Error::Internal(why) => {
                 tracing::error!(why, "ingest invariant broken");
                 Status::internal("internal error")

@@ -12,6 +12,7 @@ use crate::{
     error::Error,
     oneshot::Uploader,
     sessions::{Checksum, ChunkIn, Meta, Sessions},
+    streams::EventStreams,
 };
 
 /// Largest chunk of a unary PutChunk (grpc-web).
@@ -23,6 +24,7 @@ pub struct IngestGrpc {
     uploader: Uploader,
     sessions: Sessions,
     shutdown: CancellationToken,
+    streams: Option<EventStreams>,
 }
 
 impl IngestGrpc {
@@ -32,7 +34,20 @@ impl IngestGrpc {
             uploader,
             sessions,
             shutdown,
+            streams: None,
         }
+    }
+
+    /// Also serves event streams through `streams`.
+    pub fn with_streams(mut self, streams: EventStreams) -> Self {
+        self.streams = Some(streams);
+        self
+    }
+
+    fn streams(&self) -> Result<&EventStreams, Status> {
+        self.streams
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("event streams are not enabled in this process"))
     }
 
     /// The tonic server, with message limits.
@@ -74,6 +89,130 @@ fn session(s: crate::sessions::Session) -> Option<pb::UploadSession> {
 
 #[tonic::async_trait]
 impl ingest_server::Ingest for IngestGrpc {
+    async fn append_events(
+        &self,
+        request: Request<Streaming<pb::AppendEventsRequest>>,
+    ) -> Result<Response<tonic::codegen::BoxStream<pb::AppendEventsResponse>>, Status> {
+        let owner = identity(&request)?.user_id;
+        let streams = self.streams()?.clone();
+        let mut frames = request.into_inner();
+        // Frames are read and handed on without waiting for earlier acknowledgements (the
+        // byte budget bounds what is in flight); answers go back in order.
+        let (answers, pending) = tokio::sync::mpsc::channel(1024);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    next = frames.next() => match next {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(_)) | None => return,
+                    },
+                };
+                let stream_id = frame.stream_id.clone();
+                let submitted = streams.submit(&owner, frame).await;
+                if answers.send((stream_id, submitted)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let out = tokio_stream::wrappers::ReceiverStream::new(pending).then(
+            |(stream_id, submitted)| async move {
+                let durable = match submitted {
+                    Ok(answer) => answer
+                        .await
+                        .map_err(|_| Status::unavailable("writer stopped; re-send"))?,
+                    Err(error) => Err(error),
+                }
+                .map_err(Status::from)?;
+                Ok(pb::AppendEventsResponse {
+                    stream_id,
+                    durable_seq: durable,
+                })
+            },
+        );
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn subscribe_batches(
+        &self,
+        request: Request<pb::SubscribeBatchesRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<pb::SubscribeBatchesResponse>>, Status> {
+        let caller = identity(&request)?;
+        let owner = (!caller.is_privileged()).then(|| caller.user_id.clone());
+        let req = request.into_inner();
+        if req.consumer_group.is_empty() || req.consumer_group.len() > 128 {
+            return Err(stowage_runtime::status::invalid_argument(
+                "consumer_group",
+                "must be 1..=128 bytes",
+            ));
+        }
+        let mut after: i64 = if req.cursor.is_empty() {
+            0
+        } else {
+            req.cursor.parse().map_err(|_| {
+                stowage_runtime::status::invalid_argument("cursor", "is not a batch cursor")
+            })?
+        };
+        let streams = self.streams()?.clone();
+        let shutdown = self.shutdown.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let batches = match streams
+                    .claim_batches(
+                        owner.as_deref(),
+                        &req.consumer_group,
+                        after,
+                        &req.stream_ids,
+                    )
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(error) => {
+                        let _ = tx.send(Err(Status::from(error))).await;
+                        return;
+                    }
+                };
+                let idle = batches.is_empty();
+                for batch in batches {
+                    after = after.max(batch.cursor.parse().unwrap_or(after));
+                    let message = pb::SubscribeBatchesResponse { batch: Some(batch) };
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+                if idle {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tx.closed() => return,
+                        () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn ack_batch(
+        &self,
+        request: Request<pb::AckBatchRequest>,
+    ) -> Result<Response<pb::AckBatchResponse>, Status> {
+        let caller = identity(&request)?;
+        let owner = (!caller.is_privileged()).then(|| caller.user_id.clone());
+        let req = request.into_inner();
+        let batch = parse_uuid("batch_id", &req.batch_id)?;
+        let deleted = self
+            .streams()?
+            .ack(owner.as_deref(), &req.consumer_group, batch)
+            .await?;
+        Ok(Response::new(pb::AckBatchResponse {
+            screenshots_deleted: deleted,
+        }))
+    }
+
     async fn sweep_staging(
         &self,
         request: Request<pb::SweepStagingRequest>,

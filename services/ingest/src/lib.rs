@@ -7,6 +7,7 @@ mod oneshot;
 mod sessions;
 mod sniff;
 mod staging;
+pub mod streams;
 mod tus;
 mod uploads;
 
@@ -16,6 +17,7 @@ pub use oneshot::Uploader;
 pub use sessions::{Checksum, ChunkIn, Meta, Session, SessionSettings, Sessions};
 pub use sniff::{Sniffed, sniff};
 pub use staging::{MIN_NATIVE_PART, Staging};
+pub use streams::{EventStreams, StreamSettings};
 pub use tus::routes as tus_routes;
 pub use uploads::Uploads;
 

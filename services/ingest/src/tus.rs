@@ -86,7 +86,11 @@ fn error_response(error: Error) -> Response {
         Error::Peer(_) | Error::Db(_) | Error::Pool(_) | Error::Store(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Internal(_) | Error::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        // Event-stream errors; tus never produces them.
+        Error::NotFound => StatusCode::NOT_FOUND,
+        Error::SeqGap { .. } => StatusCode::CONFLICT,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let message = match &error {
         Error::Peer(s) => s.message().to_owned(),

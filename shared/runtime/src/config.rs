@@ -312,6 +312,46 @@ pub struct IngestConfig {
     pub sweep_interval: Duration,
     /// `STOWAGE_INGEST__TUS_PATH`: where the tus endpoint lives on the HTTP port.
     pub tus_path: String,
+    /// `STOWAGE_INGEST__STREAMS__*`: event streams.
+    pub streams: StreamsConfig,
+}
+
+/// Event streams (AppendEvents, sealed windows, consumer groups).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Length of a window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Wait after a window's end before sealing it.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Memory ceiling: bytes of frames waiting to be stored.
+    pub max_buffered: ByteSize,
+    /// Inline screenshots above this go to the store.
+    pub inline_max: ByteSize,
+    /// Stored screenshots kept per stream after acknowledgement (dev; 0 keeps none).
+    pub keep_screenshots: usize,
+    /// A batch delivered but not acknowledged within this goes to another group member.
+    #[serde(with = "humantime_serde")]
+    pub redeliver_after: Duration,
+    /// Artificial delay of every durable write: for back-pressure tests only.
+    #[serde(with = "humantime_serde")]
+    pub write_delay: Duration,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(30),
+            grace: Duration::from_secs(2),
+            max_buffered: ByteSize::mib(256),
+            inline_max: ByteSize::mib(5),
+            keep_screenshots: 0,
+            redeliver_after: Duration::from_secs(60),
+            write_delay: Duration::ZERO,
+        }
+    }
 }
 
 impl Default for IngestConfig {
@@ -324,6 +364,7 @@ impl Default for IngestConfig {
             max_chunk: ByteSize::mib(64),
             sweep_interval: Duration::from_secs(60),
             tus_path: "/tus".into(),
+            streams: StreamsConfig::default(),
         }
     }
 }
@@ -415,6 +456,20 @@ impl Config {
         }
         if self.events.claim_idle < Duration::from_secs(1) {
             return fail("STOWAGE_EVENTS__CLAIM_IDLE", "must be at least 1 s");
+        }
+        if self.ingest.streams.window < Duration::from_millis(100)
+            || self.ingest.streams.window > Duration::from_secs(24 * 3600)
+        {
+            return fail(
+                "STOWAGE_INGEST__STREAMS__WINDOW",
+                "must be between 100 ms and 24 h",
+            );
+        }
+        if self.ingest.streams.max_buffered.as_u64() < self.max_message_size.as_u64() {
+            return fail(
+                "STOWAGE_INGEST__STREAMS__MAX_BUFFERED",
+                "must hold at least one message (STOWAGE_MAX_MESSAGE_SIZE)",
+            );
         }
         if self.lifecycle.recheck_debounce < Duration::from_millis(100)
             || self.lifecycle.recheck_debounce > Duration::from_secs(3600)

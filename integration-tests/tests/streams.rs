@@ -1,0 +1,352 @@
+//! Event streams: every acknowledged event survives a SIGKILL of Ingest and appears exactly
+//! once, in order, in the sealed batches; windows seal on time; consumer groups get each
+//! batch once and resume from their cursor; acknowledgements delete screenshots.
+
+use std::{collections::HashMap, time::Duration};
+
+use futures::StreamExt;
+use stowage::Role;
+use stowage_proto::v1::{self as pb, ingest_client::IngestClient};
+use stowage_testkit::{Mesh, Processes, Setup, authed, channel, token};
+use tonic::transport::Channel;
+
+const PER_STREAM: u64 = 100_000;
+const FRAME: u64 = 2_000;
+
+fn event(seq: u64, screenshot: Option<Vec<u8>>) -> pb::Event {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    pb::Event {
+        timestamp: Some(prost_types::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap_or(0),
+            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        }),
+        r#type: "input".into(),
+        payload: seq.to_be_bytes().to_vec(),
+        screenshot: screenshot.map(|data| pb::Screenshot {
+            source: Some(pb::screenshot::Source::InlineData(data)),
+            mime_type: "image/png".into(),
+            width: 1,
+            height: 1,
+        }),
+    }
+}
+
+fn frame(stream: &str, first: u64, last: u64) -> pb::AppendEventsRequest {
+    pb::AppendEventsRequest {
+        stream_id: stream.to_owned(),
+        first_seq: first,
+        events: (first..=last).map(|s| event(s, None)).collect(),
+    }
+}
+
+/// Sends `frames` on one AppendEvents call and records every acknowledgement in `acked`
+/// until the server stops answering (or answered them all).
+async fn append(
+    channel: Channel,
+    token: &str,
+    frames: Vec<pb::AppendEventsRequest>,
+    acked: &mut HashMap<String, u64>,
+) {
+    let expected = frames.len();
+    let call = IngestClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+        .append_events(authed(futures::stream::iter(frames), token))
+        .await;
+    let Ok(response) = call else {
+        return;
+    };
+    let mut answers = response.into_inner();
+    let mut seen = 0;
+    while let Some(Ok(answer)) = answers.next().await {
+        let entry = acked.entry(answer.stream_id).or_default();
+        *entry = (*entry).max(answer.durable_seq);
+        seen += 1;
+        if seen == expected {
+            break;
+        }
+    }
+}
+
+/// Reads batches of `group` (acknowledging each) until `want` events per stream arrived;
+/// returns each stream's seqs in delivery order and the last cursor.
+async fn drain(
+    channel: Channel,
+    token: &str,
+    group: &str,
+    cursor: &str,
+    want: &HashMap<String, u64>,
+) -> anyhow::Result<(HashMap<String, Vec<u64>>, Vec<pb::EventBatch>)> {
+    let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut batches = client
+        .subscribe_batches(authed(
+            pb::SubscribeBatchesRequest {
+                consumer_group: group.into(),
+                cursor: cursor.into(),
+                stream_ids: Vec::new(),
+            },
+            token,
+        ))
+        .await?
+        .into_inner();
+    let mut seqs: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut received = Vec::new();
+    let done = |seqs: &HashMap<String, Vec<u64>>| {
+        want.iter()
+            .all(|(s, n)| seqs.get(s).map_or(0, Vec::len) as u64 >= *n)
+    };
+    while !done(&seqs) {
+        let next = tokio::time::timeout(Duration::from_secs(60), batches.next()).await;
+        let Ok(Some(message)) = next else {
+            anyhow::bail!(
+                "batches stopped: have {:?}",
+                seqs.iter()
+                    .map(|(s, v)| (s.clone(), v.len()))
+                    .collect::<Vec<_>>()
+            );
+        };
+        let batch = message?.batch.expect("batch");
+        let list = seqs.entry(batch.stream_id.clone()).or_default();
+        for (i, e) in batch.events.iter().enumerate() {
+            let seq = batch.first_seq + i as u64;
+            assert_eq!(e.payload, seq.to_be_bytes(), "payload of seq {seq}");
+            list.push(seq);
+        }
+        assert_eq!(
+            batch.last_seq,
+            batch.first_seq + batch.events.len() as u64 - 1
+        );
+        client
+            .ack_batch(authed(
+                pb::AckBatchRequest {
+                    consumer_group: group.into(),
+                    batch_id: batch.id.clone(),
+                },
+                token,
+            ))
+            .await?;
+        received.push(batch);
+    }
+    Ok((seqs, received))
+}
+
+#[tokio::test]
+async fn acknowledged_events_survive_a_kill_and_appear_once_in_order() -> anyhow::Result<()> {
+    let mut setup = Setup::new().await?;
+    setup.env.extend([
+        (
+            "STOWAGE_INGEST__STREAMS__WINDOW".to_owned(),
+            "1s".to_owned(),
+        ),
+        (
+            "STOWAGE_INGEST__STREAMS__GRACE".to_owned(),
+            "300ms".to_owned(),
+        ),
+    ]);
+    let mut processes = Processes::split(&setup).await?;
+    let alice = token("alice", &[]);
+    let streams: Vec<String> = (0..3).map(|i| format!("agent-{i}")).collect();
+    let frames_upto = |from: &HashMap<String, u64>, upto: u64| {
+        let mut frames = Vec::new();
+        let mut next: HashMap<&String, u64> = streams
+            .iter()
+            .map(|s| (s, from.get(s).copied().unwrap_or(0) + 1))
+            .collect();
+        loop {
+            let mut any = false;
+            for s in &streams {
+                let first = next[s];
+                if first > upto {
+                    continue;
+                }
+                let last = (first + FRAME - 1).min(upto);
+                frames.push(frame(s, first, last));
+                next.insert(s, last + 1);
+                any = true;
+            }
+            if !any {
+                return frames;
+            }
+        }
+    };
+
+    // First half, acknowledged.
+    let mut acked = HashMap::new();
+    let ingest = channel(processes.addr(Role::Ingest));
+    append(
+        ingest.clone(),
+        &alice,
+        frames_upto(&acked, PER_STREAM / 2),
+        &mut acked,
+    )
+    .await;
+    assert!(
+        streams
+            .iter()
+            .all(|s| acked.get(s) == Some(&(PER_STREAM / 2))),
+        "{acked:?}"
+    );
+
+    // More frames in flight when Ingest is SIGKILLed.
+    let in_flight = frames_upto(&acked, PER_STREAM * 3 / 4);
+    let mut during = acked.clone();
+    let sending = tokio::spawn({
+        let (ingest, alice) = (ingest.clone(), alice.clone());
+        async move {
+            append(ingest, &alice, in_flight, &mut during).await;
+            during
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    processes
+        .process(Role::Ingest)
+        .signal(nix::sys::signal::Signal::SIGKILL)?;
+    let acked_before_kill = sending.await?;
+    println!("acknowledged when Ingest was killed: {acked_before_kill:?}");
+    processes.restart(&setup, Role::Ingest).await?;
+
+    // The client re-sends everything not acknowledged, then the rest.
+    let ingest = channel(processes.addr(Role::Ingest));
+    let mut acked = acked_before_kill.clone();
+    append(
+        ingest.clone(),
+        &alice,
+        frames_upto(&acked_before_kill, PER_STREAM),
+        &mut acked,
+    )
+    .await;
+    assert!(
+        streams.iter().all(|s| acked.get(s) == Some(&PER_STREAM)),
+        "{acked:?}"
+    );
+
+    let want: HashMap<String, u64> = streams.iter().map(|s| (s.clone(), PER_STREAM)).collect();
+    let (seqs, _) = drain(ingest, &alice, "analysis", "", &want).await?;
+    for stream in &streams {
+        let expected: Vec<u64> = (1..=PER_STREAM).collect();
+        assert!(
+            seqs[stream] == expected,
+            "{stream}: not exactly 1..={PER_STREAM} in order"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screenshots()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.streams.window = Duration::from_millis(500);
+        c.ingest.streams.grace = Duration::from_millis(200);
+        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
+        c.ingest.streams.keep_screenshots = 1;
+    })
+    .await?;
+    let bob = token("bob", &[]);
+    // Three windows of events, each with one large (stored) and one small (inline) screenshot.
+    let mut acked = HashMap::new();
+    for w in 0..3u64 {
+        let first = w * 10 + 1;
+        let events: Vec<pb::Event> = (first..first + 10)
+            .map(|s| match s - first {
+                0 => event(s, Some(vec![7u8; 4096])),
+                1 => event(s, Some(vec![8u8; 100])),
+                _ => event(s, None),
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        append(
+            mesh.channel(),
+            &bob,
+            vec![pb::AppendEventsRequest {
+                stream_id: "desk".into(),
+                first_seq: first,
+                events,
+            }],
+            &mut acked,
+        )
+        .await;
+        assert_eq!(acked.get("desk"), Some(&(first + 9)));
+        tokio::time::sleep(Duration::from_millis(600).saturating_sub(started.elapsed())).await;
+    }
+    let screens = mesh.stored_objects("events/desk/screens").await?;
+    assert_eq!(
+        screens.len(),
+        3,
+        "large screenshots go to the store: {screens:?}"
+    );
+
+    // All three windows sealed on time (each 500 ms, sealed 200 ms after its end).
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    stowage_integration_tests::eventually(Duration::from_secs(10), "three batches", || async {
+        let n: i64 = pool
+            .get()
+            .await?
+            .query_one("SELECT count(*) FROM ingest.event_batches", &[])
+            .await?
+            .get(0);
+        Ok(n >= 3)
+    })
+    .await?;
+    // The group gets every event once, in order.
+    let want: HashMap<String, u64> = [("desk".to_owned(), 30)].into();
+    let (seqs, batches) = drain(mesh.channel(), &bob, "g1", "", &want).await?;
+    assert_eq!(seqs["desk"], (1..=30).collect::<Vec<u64>>());
+    assert!(
+        batches.len() >= 3,
+        "one batch per window: {}",
+        batches.len()
+    );
+    for b in &batches {
+        let (start, end) = (b.window_start.expect("start"), b.window_end.expect("end"));
+        let length =
+            (end.seconds - start.seconds) * 1000 + i64::from((end.nanos - start.nanos) / 1_000_000);
+        assert_eq!(length, 500);
+    }
+    // A second group gets them all too; after a "restart" from a cursor, only later ones.
+    let (_, again) = drain(
+        mesh.channel(),
+        &bob,
+        "g2",
+        &batches[0].cursor,
+        &[("desk".to_owned(), 20)].into(),
+    )
+    .await?;
+    assert!(again.iter().all(|b| b.first_seq > batches[0].last_seq));
+    // Acknowledged batches' stored screenshots are gone, except the newest one (dev keep).
+    let left = mesh.stored_objects("events/desk/screens").await?;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].ends_with("/21.bin"), "{left:?}");
+    // Inline screenshots came back inline.
+    let inline = batches
+        .iter()
+        .flat_map(|b| b.events.iter())
+        .filter(|e| {
+            matches!(
+                e.screenshot.as_ref().and_then(|s| s.source.as_ref()),
+                Some(pb::screenshot::Source::InlineData(d)) if d.len() == 100
+            )
+        })
+        .count();
+    assert_eq!(inline, 3);
+    // Another user sees none of bob's batches.
+    let mut other = IngestClient::new(mesh.channel())
+        .subscribe_batches(authed(
+            pb::SubscribeBatchesRequest {
+                consumer_group: "g3".into(),
+                ..Default::default()
+            },
+            &token("eve", &[]),
+        ))
+        .await?
+        .into_inner();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), other.next())
+            .await
+            .is_err()
+    );
+    mesh.stop().await
+}
