@@ -202,6 +202,19 @@ where
     Ok(())
 }
 
+/// Peak resident memory of this process so far (VmHWM), in bytes; 0 where unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 /// Default wait for things that happen in the background.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 

@@ -356,18 +356,6 @@ fn png_bomb() -> Vec<u8> {
     out
 }
 
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 #[tokio::test]
 async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
@@ -387,7 +375,7 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
     let photo = rotated_photo();
     let truncated = photo[..photo.len() / 3].to_vec();
     let svg = b"<svg xmlns=\"http://www.w3.org/2000/svg\"><script>alert(1)</script></svg>".to_vec();
-    let rss_before = peak_rss_bytes();
+    let rss_before = stowage_integration_tests::peak_rss_bytes();
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("huge.png", png_declaring(100_000, 100_000)),
@@ -423,7 +411,7 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
     let contacted = tokio::time::timeout(Duration::from_millis(200), trap.accept()).await;
     assert!(contacted.is_err(), "the playlist's URL was fetched");
     // Memory stayed bounded: the bomb was never inflated (400 MB).
-    let grown = peak_rss_bytes().saturating_sub(rss_before);
+    let grown = stowage_integration_tests::peak_rss_bytes().saturating_sub(rss_before);
     assert!(grown < 300 << 20, "peak RSS grew by {} MiB", grown >> 20);
 
     // The worker still serves.

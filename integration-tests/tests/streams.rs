@@ -351,18 +351,6 @@ async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screens
     mesh.stop().await
 }
 
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 #[tokio::test]
 async fn a_slow_writer_slows_clients_down_and_memory_stays_under_the_ceiling() -> anyhow::Result<()>
 {
@@ -390,7 +378,7 @@ async fn a_slow_writer_slows_clients_down_and_memory_stays_under_the_ceiling() -
                 .collect(),
         }
     });
-    let before = peak_rss_bytes();
+    let before = stowage_integration_tests::peak_rss_bytes();
     let started = std::time::Instant::now();
     let mut answers = IngestClient::new(mesh.channel())
         .max_encoding_message_size(64 << 20)
@@ -412,7 +400,7 @@ async fn a_slow_writer_slows_clients_down_and_memory_stays_under_the_ceiling() -
     );
     // The server never held much more than its 16 MiB ceiling (plus a write and HTTP/2
     // windows), far from the 150 MB sent.
-    let grown = peak_rss_bytes().saturating_sub(before);
+    let grown = stowage_integration_tests::peak_rss_bytes().saturating_sub(before);
     println!("peak RSS growth: {} MiB", grown >> 20);
     assert!(grown < 100 << 20, "peak RSS grew by {} MiB", grown >> 20);
     mesh.stop().await

@@ -613,16 +613,6 @@ impl Catalog {
             ));
         }
         let mut keys = vec![file.storage_key.clone()];
-        // What the owner was charged: the original, and the variants' bytes once their charge
-        // went through (a charge still pending was never added, so it is not taken back).
-        let charged: i64 = tx
-            .query_one(
-                "SELECT variant_bytes_charged FROM files.files WHERE id = $1",
-                &[&id],
-            )
-            .await?
-            .get(0);
-        let bytes = file.size_bytes + u64::try_from(charged).unwrap_or(0);
         keys.extend(
             file.variants
                 .iter()
@@ -631,16 +621,21 @@ impl Catalog {
         );
         // Conditional, so a restore (or another purge) that won the race is not undone.
         let deleted = tx
-            .execute(
-                "DELETE FROM files.files WHERE id = $1 AND ($2 OR deleted_at IS NOT NULL)",
+            .query_opt(
+                "DELETE FROM files.files WHERE id = $1 AND ($2 OR deleted_at IS NOT NULL)
+                 RETURNING variant_bytes_charged",
                 &[&id, &matches!(viewer, Viewer::Privileged)],
             )
             .await?;
-        if deleted == 0 {
+        // What the owner was charged: the original, and the variants' bytes once their charge
+        // went through (a charge still pending was never added, so it is not taken back).
+        let Some(deleted) = deleted else {
             return Err(Error::FailedPrecondition(
                 "the file changed meanwhile; read it again",
             ));
-        }
+        };
+        let charged: i64 = deleted.get(0);
+        let bytes = file.size_bytes + u64::try_from(charged).unwrap_or(0);
         outbox(
             &tx,
             "file.purged",
@@ -672,7 +667,7 @@ impl Catalog {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let updated = tx
-            .execute(
+            .query_opt(
                 "UPDATE files.files SET
                      status = COALESCE($2, status),
                      status_reason = CASE WHEN $2::text IS NULL THEN status_reason ELSE $3 END,
@@ -681,7 +676,8 @@ impl Catalog {
                      duration_ms = CASE WHEN $6::bigint = 0 THEN duration_ms ELSE $6::bigint END,
                      codec = CASE WHEN $7 = '' THEN codec ELSE $7 END,
                      updated_at = now()
-                 WHERE id = $1",
+                 WHERE id = $1
+                 RETURNING variant_bytes_charged",
                 &[
                     &id,
                     &status.map(FileStatus::as_str),
@@ -693,9 +689,10 @@ impl Catalog {
                 ],
             )
             .await?;
-        if updated == 0 {
+        let Some(updated) = updated else {
             return Err(Error::NotFound);
-        }
+        };
+        let charged: i64 = updated.get(0);
         for v in variants {
             tx.execute(
                 "INSERT INTO files.variants (file_id, name, mime_type, size_bytes, width, height, storage_key, inline_data)
@@ -716,13 +713,6 @@ impl Catalog {
             .await?;
         }
         let file = get_on(&tx, id, Viewer::Privileged).await?;
-        let charged: i64 = tx
-            .query_one(
-                "SELECT variant_bytes_charged FROM files.files WHERE id = $1",
-                &[&id],
-            )
-            .await?
-            .get(0);
         tx.commit().await?;
         let pending = PendingCharge {
             owner_id: file.owner_id.clone(),

@@ -12,7 +12,7 @@ use stowage_runtime::{
     mesh::QuotaApi,
     paging,
     status::{invalid_argument, page_size, parse_uuid},
-    time::timestamp,
+    time::{from_timestamp, timestamp},
     validate,
 };
 use tonic::{Request, Response, Status};
@@ -494,7 +494,8 @@ impl files_server::Files for FilesGrpc {
         let req = request.into_inner();
         let before = req
             .deleted_before
-            .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+            .as_ref()
+            .and_then(from_timestamp)
             .ok_or_else(|| invalid_argument("deleted_before", "is required"))?;
         let size = page_size(req.page_size, 100, 1000)?;
         let fingerprint = paging::fingerprint(&("expired_trash", before));
@@ -561,7 +562,8 @@ impl files_server::Files for FilesGrpc {
         let req = request.into_inner();
         let before = req
             .created_before
-            .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+            .as_ref()
+            .and_then(from_timestamp)
             .ok_or_else(|| invalid_argument("created_before", "is required"))?;
         let size = page_size(req.page_size, 100, 1000)?;
         if req.status != 0 && FileStatus::from_proto(req.status).is_none() {

@@ -138,8 +138,7 @@ fn to_i64(v: u64) -> i64 {
 }
 
 fn timestamp_of(event: &pb::Event) -> Option<DateTime<Utc>> {
-    let t = event.timestamp.as_ref()?;
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+    stowage_runtime::time::from_timestamp(event.timestamp.as_ref()?)
 }
 
 impl EventStreams {

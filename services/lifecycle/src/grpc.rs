@@ -7,7 +7,7 @@ use stowage_proto::v1::{self as pb, lifecycle_server};
 use stowage_runtime::{
     identity, paging,
     status::{invalid_argument, page_size},
-    time::{timestamp, timestamp_opt},
+    time::{from_timestamp, timestamp, timestamp_opt},
 };
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -46,6 +46,16 @@ fn run_to_proto(run: &RunRecord) -> pb::Run {
         dry_run: run.dry_run,
         error: run.error.clone(),
         report: run.tally.report.clone(),
+    }
+}
+
+fn schedule_to_proto(s: stowage_jobs::ScheduleInfo) -> pb::Schedule {
+    pb::Schedule {
+        name: s.name,
+        interval_seconds: s.interval.as_secs(),
+        enabled: s.enabled,
+        next_run_at: Some(timestamp(s.next_run_at)),
+        last_run_at: timestamp_opt(s.last_run_at),
     }
 }
 
@@ -159,8 +169,7 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
             .map_err(|_| invalid_argument("kind", "unknown activity"))?;
         let at = match req.at {
             None => Utc::now(),
-            Some(t) => DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-                .ok_or_else(|| invalid_argument("at", "out of range"))?,
+            Some(t) => from_timestamp(&t).ok_or_else(|| invalid_argument("at", "out of range"))?,
         };
         if at > Utc::now() + chrono::Duration::minutes(5) {
             return Err(invalid_argument("at", "is in the future"));
@@ -189,16 +198,7 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
             .await
             .map_err(jobs_error)?;
         Ok(Response::new(pb::ListSchedulesResponse {
-            schedules: schedules
-                .into_iter()
-                .map(|s| pb::Schedule {
-                    name: s.name,
-                    interval_seconds: s.interval.as_secs(),
-                    enabled: s.enabled,
-                    next_run_at: Some(timestamp(s.next_run_at)),
-                    last_run_at: timestamp_opt(s.last_run_at),
-                })
-                .collect(),
+            schedules: schedules.into_iter().map(schedule_to_proto).collect(),
         }))
     }
 
@@ -232,13 +232,7 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
             .await
             .map_err(known)?;
         Ok(Response::new(pb::SetScheduleResponse {
-            schedule: Some(pb::Schedule {
-                name: s.name,
-                interval_seconds: s.interval.as_secs(),
-                enabled: s.enabled,
-                next_run_at: Some(timestamp(s.next_run_at)),
-                last_run_at: timestamp_opt(s.last_run_at),
-            }),
+            schedule: Some(schedule_to_proto(s)),
         }))
     }
 

@@ -94,6 +94,14 @@ pub fn variant_key(
     .to_string()
 }
 
+/// When `file` was registered: its variants are filed under that month.
+fn created_at(file: &pb::File) -> DateTime<Utc> {
+    file.created_at
+        .as_ref()
+        .and_then(stowage_runtime::time::from_timestamp)
+        .unwrap_or_else(Utc::now)
+}
+
 fn retry_status(what: &str, status: &tonic::Status) -> JobError {
     JobError::retry(format!("{what}: {} {}", status.code(), status.message()))
 }
@@ -273,11 +281,7 @@ impl Media {
         processed: Processed,
         with_size: bool,
     ) -> Result<Derived, JobError> {
-        let created_at = file
-            .created_at
-            .as_ref()
-            .and_then(|t| DateTime::from_timestamp(t.seconds, 0))
-            .unwrap_or_else(Utc::now);
+        let created_at = created_at(file);
         let mut variants = Vec::with_capacity(processed.variants.len() + 1);
         for rendered in processed.variants {
             let key = variant_key(
@@ -391,12 +395,8 @@ impl Media {
                     let (w, h) = (processed.width, processed.height);
                     let rendered = self.store_rendered(file, processed, false).await?;
                     derived.variants = rendered.variants;
-                    let created_at = file
-                        .created_at
-                        .as_ref()
-                        .and_then(|t| DateTime::from_timestamp(t.seconds, 0))
-                        .unwrap_or_else(Utc::now);
-                    let key = variant_key(&file.owner_id, created_at, &file.id, "poster", "jpg");
+                    let key =
+                        variant_key(&file.owner_id, created_at(file), &file.id, "poster", "jpg");
                     let size = poster.len() as u64;
                     self.store
                         .put(&ObjectPath::from(key.as_str()), PutPayload::from(poster))
