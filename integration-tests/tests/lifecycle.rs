@@ -5,22 +5,23 @@
 use std::time::Duration;
 
 use stowage_integration_tests::{
-    complete, create_session, eventually, files, get_session, put_chunk, random_bytes, upload,
-    usage, wait_processed,
+    complete, create_session, eventually, files, get_session, put_chunk, quota, random_bytes,
+    upload, usage, wait_processed,
 };
 use stowage_proto::v1::{self as pb, lifecycle_client::LifecycleClient};
 use stowage_testkit::{Mesh, Setup, authed, token};
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn run_now(mesh: &Mesh, name: &str, dry_run: bool) -> anyhow::Result<pb::Run> {
-    Ok(LifecycleClient::new(mesh.channel())
+    run_now_on(mesh.channel(), name.to_owned(), dry_run).await
+}
+
+async fn run_now_on(channel: Channel, name: String, dry_run: bool) -> anyhow::Result<pb::Run> {
+    Ok(LifecycleClient::new(channel)
         .run_now(authed(
-            pb::RunNowRequest {
-                name: name.to_owned(),
-                dry_run,
-            },
+            pb::RunNowRequest { name, dry_run },
             &token("root", &["admin"]),
         ))
         .await?
@@ -224,7 +225,12 @@ async fn expired_trash_is_purged_once_even_by_two_runs_at_once() -> anyhow::Resu
 #[tokio::test]
 async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    // Only the runs repair here: per-user rechecks wait an hour.
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.lifecycle.reconcile_settle = Duration::from_secs(1);
+        c.lifecycle.recheck_debounce = Duration::from_secs(3600);
+    })
+    .await?;
     let (alice, bob) = (token("alice", &[]), token("bob", &[]));
     upload(mesh.channel(), &alice, "a.bin", &random_bytes(70_000), &[]).await?;
     upload(mesh.channel(), &bob, "b.bin", &random_bytes(30_000), &[]).await?;
@@ -263,6 +269,56 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
     );
     // Nothing drifts any more.
     assert_eq!(run_now(&mesh, "usage_reconcile", false).await?.acted, 0);
+
+    // A purge caught between its two steps (row gone, debit not yet made) is not a drift: the
+    // run looks again after the settle time (1 s here) and finds it healed.
+    conn.execute("DELETE FROM files.files WHERE owner_id = 'bob'", &[])
+        .await?;
+    let run = tokio::spawn(run_now_on(mesh.channel(), "usage_reconcile".into(), false));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let service = token("stowage-internal", &["service"]);
+    quota(mesh.channel())
+        .debit(authed(
+            pb::DebitRequest {
+                user_id: "bob".into(),
+                bytes: 30_000,
+                idempotency_key: "purge:test".into(),
+                reason: "purge".into(),
+            },
+            &service,
+        ))
+        .await?;
+    let run = run.await??;
+    assert_eq!((run.acted, run.failed), (0, 0), "{run:?}");
+    assert_eq!(usage(mesh.channel(), &bob).await?.used_bytes, 0);
+    let bob_repairs: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM quota.ledger WHERE kind = 'reconcile' AND user_id = 'bob'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(bob_repairs, 0);
+    // And a repair computed against a usage that has moved since is refused, naming why.
+    let stale = quota(mesh.channel())
+        .reconcile(authed(
+            pb::ReconcileRequest {
+                user_id: "alice".into(),
+                actual_bytes: 1,
+                expected_used_bytes: Some(12),
+                idempotency_key: "reconcile:stale".into(),
+            },
+            &service,
+        ))
+        .await
+        .expect_err("stale recount");
+    assert_eq!(stale.code(), Code::Aborted);
+    assert!(
+        stale.message().contains("expected_used_bytes"),
+        "{}",
+        stale.message()
+    );
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 70_000);
 
     // Operators see the schedules and can change the policy; bad values name their field.
     let admin = token("root", &["admin"]);
@@ -578,7 +634,17 @@ async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing
         .process(Role::Lifecycle)
         .signal(nix::sys::signal::Signal::SIGKILL)?;
     assert!(run.await?.is_err(), "the run was cut off");
-    let left = count().await?;
+    // A purge Files had already accepted still finishes (in its own task): count once that
+    // has settled.
+    let mut left = count().await?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = count().await?;
+        if now == left {
+            break;
+        }
+        left = now;
+    }
     assert!(
         left > 5,
         "the run finished before the kill ({left} rows left)"
@@ -613,6 +679,22 @@ async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing
     let stored = setup.stored_objects("users/alice");
     assert_eq!(stored.len(), 5, "{stored:?}");
     Ok(())
+}
+
+/// Waits until Lifecycle has consumed `n` events.
+async fn events_consumed(conn: &impl stowage_db::GenericClient, n: i64) -> anyhow::Result<()> {
+    eventually(
+        PATIENCE,
+        &format!("{n} events consumed by Lifecycle"),
+        || async {
+            let consumed: i64 = conn
+                .query_one("SELECT count(*) FROM lifecycle.consumed_events", &[])
+                .await?
+                .get(0);
+            Ok(consumed >= n)
+        },
+    )
+    .await
 }
 
 async fn set_policy(mesh: &Mesh, change: impl FnOnce(&mut pb::Policy)) -> anyhow::Result<()> {
@@ -941,7 +1023,10 @@ async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
     };
-    eventually(PATIENCE, "upload seen as activity", &recent).await?;
+    // Both events of the upload (file.created, upload.completed) seen: a late one would count
+    // as activity after the move below.
+    events_consumed(&conn, 2).await?;
+    assert!(recent().await?, "upload seen as activity");
     conn.execute(
         "UPDATE lifecycle.activity SET last_active_at = now() - interval '10 days'
          WHERE user_id = 'carl'",
@@ -1105,17 +1190,9 @@ async fn with_the_trash_policy_a_user_quiet_past_the_grace_has_files_trashed_onc
     }
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let conn = pool.get().await?;
-    // Wait until her uploads count as activity, then move her last activity a year back.
-    eventually(PATIENCE, "uploads seen as activity", || async {
-        let seen = conn
-            .query_opt(
-                "SELECT 1 FROM lifecycle.activity WHERE user_id = 'dora'",
-                &[],
-            )
-            .await?;
-        Ok(seen.is_some())
-    })
-    .await?;
+    // Wait until her uploads count as activity (each is file.created and upload.completed: a
+    // late one would end the notice cycle below), then move her last activity a year back.
+    events_consumed(&conn, 6).await?;
     conn.execute(
         "UPDATE lifecycle.activity SET last_active_at = now() - interval '400 days'
          WHERE user_id = 'dora'",

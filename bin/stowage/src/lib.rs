@@ -492,7 +492,8 @@ fn start_lifecycle(
         quota,
         media,
         store,
-    );
+    )
+    .with_reconcile_settle(config.lifecycle.reconcile_settle);
     match redis {
         Some(redis) => {
             lifecycle = lifecycle.with_redis(redis.clone(), &config.events.namespace);

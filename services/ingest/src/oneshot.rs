@@ -274,7 +274,7 @@ impl Uploader {
             }
         }
         self.uploads
-            .set_state(row.id, "completed", None, received.size, None)
+            .complete(row.id, received.size, Some(&received.sha256))
             .await?;
         Ok(file)
     }
@@ -502,9 +502,7 @@ impl Uploader {
                             .await?;
                         continue;
                     }
-                    self.uploads
-                        .set_state(row.id, "completed", None, size, None)
-                        .await?;
+                    self.uploads.complete(row.id, size, None).await?;
                     tracing::info!(upload_id = %row.id, "missed quota commit applied");
                 }
             }

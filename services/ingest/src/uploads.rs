@@ -118,6 +118,42 @@ impl Uploads {
         Ok(())
     }
 
+    /// Marks a one-shot upload completed and, the first time, stages its `upload.completed`
+    /// event in the same transaction (as a session's completion does).
+    pub async fn complete(&self, id: Uuid, size: u64, sha256: Option<&str>) -> Result<()> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let changed = tx
+            .query_opt(
+                "UPDATE ingest.uploads
+                 SET state = 'completed', received_bytes = $2, failure = NULL, updated_at = now()
+                 WHERE id = $1 AND state <> 'completed'
+                 RETURNING owner_id, file_id",
+                &[&id, &i64::try_from(size).unwrap_or(i64::MAX)],
+            )
+            .await?;
+        if let Some(row) = changed {
+            let (owner, file_id): (String, Uuid) = (row.get(0), row.get(1));
+            let payload = serde_json::json!({
+                "upload_id": id,
+                "owner_id": owner,
+                "file_id": file_id,
+                "size_bytes": size,
+                "sha256": sha256,
+            });
+            stowage_events::stage(
+                &tx,
+                crate::SCHEMA,
+                stowage_events::topics::UPLOAD_COMPLETED,
+                &id.to_string(),
+                &payload,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Deletes a row that never held quota or bytes.
     pub async fn forget(&self, id: Uuid) -> Result<()> {
         let conn = self.pool.get().await?;

@@ -9,9 +9,8 @@ use deadpool_postgres::Transaction;
 use stowage_db::GenericClient;
 use stowage_events::{Event, EventHandler, HandlerError, topics};
 use stowage_proto::v1 as pb;
-use uuid::Uuid;
 
-use crate::{Lifecycle, policy::Policy, tasks::Tally};
+use crate::{Lifecycle, policy::Policy, tasks::Tally, usage::repair_key};
 
 /// Topic of the notice a quiet user gets (for the product's mailer).
 pub const NOTICE_TOPIC: &str = "lifecycle.notice";
@@ -354,60 +353,20 @@ impl Lifecycle {
             .map(|r| r.get(0))
             .collect();
         drop(conn);
+        let mut seen = Vec::with_capacity(due.len());
         for user in &due {
             metrics::counter!("stowage_lifecycle_rechecks_total").increment(1);
-            if let Err(status) = self.recheck(user).await {
-                tracing::warn!(user, %status, "recheck failed; the next reconcile covers it");
+            match self.observe_usage(user).await {
+                Ok(observed) => seen.push(observed),
+                Err(status) => {
+                    tracing::warn!(user, %status, "recheck failed; the next reconcile covers it");
+                }
             }
         }
+        let mut tally = Tally::default();
+        self.repair_settled(seen, &repair_key("recheck"), false, &mut tally)
+            .await;
         Ok(due.len())
-    }
-
-    /// Recounts one user's usage and repairs a drift (unless an upload is in flight).
-    async fn recheck(&self, user: &str) -> Result<(), tonic::Status> {
-        let stored = self
-            .files
-            .usage_by_owner(pb::UsageByOwnerRequest {
-                page_size: 1,
-                page_token: String::new(),
-                owner_id: user.to_owned(),
-            })
-            .await?
-            .owners
-            .first()
-            .map_or(0, |o| o.stored_bytes);
-        let account = self
-            .quota
-            .get_usage(pb::GetUsageRequest {
-                user_id: user.to_owned(),
-            })
-            .await?
-            .account
-            .unwrap_or_default();
-        if account.reserved_bytes > 0 || account.used_bytes == stored {
-            return Ok(());
-        }
-        let key = Uuid::now_v7();
-        let repaired = self
-            .quota
-            .reconcile(pb::ReconcileRequest {
-                user_id: user.to_owned(),
-                actual_bytes: stored,
-                idempotency_key: format!("recheck:{key}:{user}"),
-            })
-            .await?;
-        let conn = self.pool.get().await.map_err(db)?;
-        record(
-            &conn,
-            user,
-            "drift_repaired",
-            Utc::now(),
-            &serde_json::json!({ "drift_bytes": repaired.drift_bytes }),
-            &key.to_string(),
-        )
-        .await
-        .map_err(db)?;
-        Ok(())
     }
 
     /// The latest history event of each user, by user id after `after`.

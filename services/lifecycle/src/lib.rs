@@ -12,6 +12,7 @@ pub mod activity;
 mod grpc;
 pub mod policy;
 pub mod tasks;
+mod usage;
 
 use std::sync::Arc;
 
@@ -108,6 +109,7 @@ pub struct Lifecycle {
     store: Arc<dyn object_store::ObjectStore>,
     redis: Option<fred::clients::Client>,
     namespace: String,
+    settle: std::time::Duration,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -140,7 +142,15 @@ impl Lifecycle {
             store,
             redis: None,
             namespace: stowage_events::DEFAULT_NAMESPACE.to_owned(),
+            settle: usage::DEFAULT_SETTLE,
         }
+    }
+
+    /// Waits `settle` before taking a second look at a drifted account (see
+    /// [`usage`](crate::usage)).
+    pub fn with_reconcile_settle(mut self, settle: std::time::Duration) -> Self {
+        self.settle = settle;
+        self
     }
 
     /// Keeps users' live session state in `redis`, under `namespace`.

@@ -8,7 +8,11 @@ use object_store::ObjectStoreExt;
 use stowage_proto::v1 as pb;
 use tonic::Code;
 
-use crate::{Lifecycle, policy::Policy};
+use crate::{
+    Lifecycle,
+    policy::Policy,
+    usage::{Observed, repair_key},
+};
 
 /// Longest report of a dry run.
 const MAX_REPORT: usize = 1000;
@@ -454,9 +458,10 @@ impl Lifecycle {
     }
 
     /// Every user's usage recounted from Files (originals, trash included, plus charged
-    /// variants) and set in Quota where it drifted, with a ledger entry saying so. Accounts
-    /// with an upload in flight (bytes reserved) are left for the next run: their files and
-    /// their usage may be between two steps of a commit.
+    /// variants) and set in Quota where it drifted and holds still (see [`crate::usage`]),
+    /// with a ledger entry saying so. Accounts with an upload in flight (bytes reserved) are
+    /// left for the next run: their files and their usage may be between two steps of a
+    /// commit.
     async fn usage_reconcile(&self, dry_run: bool) -> Result<Tally, tonic::Status> {
         let mut stored = std::collections::BTreeMap::new();
         let mut page_token = String::new();
@@ -477,9 +482,8 @@ impl Lifecycle {
             }
             page_token = page.next_page_token;
         }
-        let run = uuid::Uuid::now_v7();
         let mut tally = Tally::default();
-        let mut total_drift = 0i64;
+        let mut seen = Vec::new();
         let mut page_token = String::new();
         loop {
             let page = self
@@ -492,20 +496,12 @@ impl Lifecycle {
                 .await?;
             for account in page.accounts {
                 tally.examined += 1;
-                let actual = stored.remove(&account.user_id).unwrap_or(0);
-                if account.reserved_bytes > 0 || actual == account.used_bytes {
-                    continue;
-                }
-                total_drift += self
-                    .repair(
-                        run,
-                        &account.user_id,
-                        actual,
-                        account.used_bytes,
-                        dry_run,
-                        &mut tally,
-                    )
-                    .await;
+                seen.push(Observed {
+                    stored: stored.remove(&account.user_id).unwrap_or(0),
+                    user_id: account.user_id,
+                    used: account.used_bytes,
+                    reserved: account.reserved_bytes,
+                });
             }
             if page.next_page_token.is_empty() {
                 break;
@@ -513,69 +509,19 @@ impl Lifecycle {
             page_token = page.next_page_token;
         }
         // Owners with files but no account: their usage is 0 where it should not be.
-        for (user_id, actual) in stored {
+        for (user_id, stored) in stored {
             tally.examined += 1;
-            if actual > 0 {
-                total_drift += self
-                    .repair(run, &user_id, actual, 0, dry_run, &mut tally)
-                    .await;
-            }
+            seen.push(Observed {
+                user_id,
+                stored,
+                used: 0,
+                reserved: 0,
+            });
         }
-        metrics::gauge!("stowage_usage_drift_bytes").set(total_drift as f64);
+        let drift = self
+            .repair_settled(seen, &repair_key("reconcile"), dry_run, &mut tally)
+            .await;
+        metrics::gauge!("stowage_usage_drift_bytes").set(drift as f64);
         Ok(tally)
-    }
-
-    /// Sets `user_id`'s usage from `recorded` to `actual`; returns the drift's size.
-    async fn repair(
-        &self,
-        run: uuid::Uuid,
-        user_id: &str,
-        actual: u64,
-        recorded: u64,
-        dry_run: bool,
-        tally: &mut Tally,
-    ) -> i64 {
-        let drift =
-            i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(recorded).unwrap_or(i64::MAX);
-        if dry_run {
-            tally.note(true, format!("user {user_id} drift {drift}"));
-            return drift.abs();
-        }
-        match self
-            .quota
-            .reconcile(pb::ReconcileRequest {
-                user_id: user_id.to_owned(),
-                actual_bytes: actual,
-                idempotency_key: format!("reconcile:{run}:{user_id}"),
-            })
-            .await
-        {
-            Ok(r) => {
-                tally.note(false, String::new());
-                tracing::warn!(user_id, drift = r.drift_bytes, "usage drift repaired");
-                let recorded = async {
-                    let conn = self.pool.get().await.map_err(crate::db)?;
-                    crate::activity::record(
-                        &conn,
-                        user_id,
-                        "drift_repaired",
-                        Utc::now(),
-                        &serde_json::json!({ "drift_bytes": r.drift_bytes }),
-                        &run.to_string(),
-                    )
-                    .await
-                    .map_err(crate::db)
-                }
-                .await;
-                if let Err(status) = recorded {
-                    tracing::warn!(user_id, %status, "repair not written to the history");
-                }
-            }
-            Err(s) => {
-                tally.failed += 1;
-                tracing::warn!(user_id, status = %s, "usage repair failed; next run");
-            }
-        }
-        drift.abs()
     }
 }

@@ -475,11 +475,13 @@ impl Quota {
         Ok((rows.iter().take(1000).map(|r| r.get(0)).collect(), count))
     }
 
-    /// Sets `user_id`'s usage to `actual_bytes`, recording the drift; returns the drift.
+    /// Sets `user_id`'s usage to `actual_bytes`, recording the drift; returns the drift. With
+    /// `expected_used`, only if the usage is still what the recount was compared with.
     pub async fn reconcile(
         &self,
         user_id: &str,
         actual_bytes: u64,
+        expected_used: Option<u64>,
         idempotency_key: &str,
     ) -> Result<(i64, Account)> {
         check_user("user_id", user_id)?;
@@ -497,6 +499,13 @@ impl Quota {
             )
             .await?;
         let recorded: i64 = row.get("used_bytes");
+        if let Some(expected) = expected_used
+            && u64::try_from(recorded).ok() != Some(expected)
+        {
+            return Err(Error::Moved(format!(
+                "expected_used_bytes: usage is {recorded} bytes now, not {expected}; recount"
+            )));
+        }
         let drift = actual - recorded;
         if drift == 0 {
             tx.commit().await?;

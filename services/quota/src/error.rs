@@ -26,6 +26,9 @@ pub enum Error {
     /// The reservation is in a state that does not allow the call.
     #[error("reservation is {0}")]
     WrongState(String),
+    /// The account moved since the caller looked at it.
+    #[error("{0}")]
+    Moved(String),
     /// PostgreSQL failed.
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
@@ -52,6 +55,7 @@ impl From<Error> for Status {
             Error::Exhausted { .. } => Status::resource_exhausted(error.to_string()),
             Error::ReservationNotFound => Status::not_found(error.to_string()),
             Error::WrongState(_) => Status::failed_precondition(error.to_string()),
+            Error::Moved(_) => Status::aborted(error.to_string()),
             Error::Db(ref e) => dependency_failed("quota storage", e),
             Error::Pool(ref e) => dependency_failed("quota storage", e),
         }

@@ -240,7 +240,12 @@ impl quota_server::Quota for QuotaGrpc {
         let req = request.into_inner();
         let (drift_bytes, account) = self
             .quota
-            .reconcile(&req.user_id, req.actual_bytes, &req.idempotency_key)
+            .reconcile(
+                &req.user_id,
+                req.actual_bytes,
+                req.expected_used_bytes,
+                &req.idempotency_key,
+            )
             .await?;
         Ok(Response::new(pb::ReconcileResponse {
             drift_bytes,

@@ -145,12 +145,17 @@ pub struct LifecycleConfig {
     /// A user's recheck runs this long after the last file event of a burst.
     #[serde(with = "humantime_serde")]
     pub recheck_debounce: Duration,
+    /// A drifted account is looked at again this long later, and repaired only if nothing
+    /// moved: a recount between two steps of a purge or an upload is not a drift.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_settle: Duration,
 }
 
 impl Default for LifecycleConfig {
     fn default() -> Self {
         Self {
             recheck_debounce: Duration::from_secs(1),
+            reconcile_settle: Duration::from_secs(2),
         }
     }
 }
@@ -477,6 +482,12 @@ impl Config {
             return fail(
                 "STOWAGE_LIFECYCLE__RECHECK_DEBOUNCE",
                 "must be between 100 ms and 1 h",
+            );
+        }
+        if self.lifecycle.reconcile_settle > Duration::from_secs(600) {
+            return fail(
+                "STOWAGE_LIFECYCLE__RECONCILE_SETTLE",
+                "must be at most 10 min",
             );
         }
         if self.media.concurrency == 0 || self.media.concurrency > 64 {
