@@ -319,7 +319,23 @@ async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screens
     // Acknowledged batches' stored screenshots are gone, except the newest one (dev keep).
     let left = mesh.stored_objects("events/desk/screens").await?;
     assert_eq!(left.len(), 1, "{left:?}");
-    assert!(left[0].ends_with("/21.bin"), "{left:?}");
+    assert!(left[0].contains("/screens/000000000021-"), "{left:?}");
+    // Consumer lag: g1 acknowledged everything; g2 started after the first batch, which it
+    // never acknowledges.
+    let metrics = format!("http://{}/metrics", mesh.addr);
+    stowage_integration_tests::eventually(Duration::from_secs(10), "consumer lag", || async {
+        let text = reqwest::get(&metrics).await?.text().await?;
+        let lag = |group: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("stowage_stream_consumer_lag_batches")
+                        && l.contains(&format!("group=\"{group}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        Ok(lag("g1") == Some(0.0) && lag("g2") == Some(1.0))
+    })
+    .await?;
     // Inline screenshots came back inline.
     let inline = batches
         .iter()
@@ -403,5 +419,131 @@ async fn a_slow_writer_slows_clients_down_and_memory_stays_under_the_ceiling() -
     let grown = stowage_integration_tests::peak_rss_bytes().saturating_sub(before);
     println!("peak RSS growth: {} MiB", grown >> 20);
     assert!(grown < 100 << 20, "peak RSS grew by {} MiB", grown >> 20);
+    mesh.stop().await
+}
+
+/// Sends one frame on its own call; returns the durable seq or the status.
+async fn append_one(
+    channel: Channel,
+    token: &str,
+    frame: pb::AppendEventsRequest,
+) -> Result<u64, tonic::Status> {
+    let mut answers = IngestClient::new(channel)
+        .max_encoding_message_size(64 << 20)
+        .append_events(authed(futures::stream::iter([frame]), token))
+        .await?
+        .into_inner();
+    match answers.next().await {
+        Some(answer) => answer.map(|a| a.durable_seq),
+        None => Err(tonic::Status::unknown("no answer")),
+    }
+}
+
+#[tokio::test]
+async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()> {
+    use object_store::ObjectStoreExt;
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(4);
+        c.ingest.streams.max_screenshot = stowage_runtime::config::ByteSize::kib(64);
+    })
+    .await?;
+    let (alice, bob) = (token("alice", &[]), token("bob", &[]));
+    let with_shot = |seq: u64, bytes: usize| event(seq, Some(vec![7u8; bytes]));
+    // Alice's stream holds seqs 1..=10, one with a stored screenshot.
+    let mut first = frame("desk", 1, 10);
+    first.events[4] = with_shot(5, 10_000);
+    assert_eq!(append_one(mesh.channel(), &alice, first).await?, 10);
+    let stored = || async {
+        let mut keys = mesh.stored_objects("events/desk/screens").await?;
+        keys.sort();
+        anyhow::Ok(keys)
+    };
+    let before = stored().await?;
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // Every bad frame below carries a screenshot big enough to be stored: none may stay.
+    let mut gap = frame("desk", 12, 14);
+    gap.events[0] = with_shot(12, 10_000);
+    let status = append_one(mesh.channel(), &alice, gap).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("first_seq"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        status
+            .metadata()
+            .get("expected-seq")
+            .map(|v| v.to_str().ok()),
+        Some(Some("11"))
+    );
+
+    let mut oversize = frame("desk", 11, 13);
+    oversize.events[0] = with_shot(11, 10_000);
+    oversize.events[2].payload = vec![1u8; (1 << 20) + 1];
+    let status = append_one(mesh.channel(), &alice, oversize)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("events.payload"),
+        "{}",
+        status.message()
+    );
+
+    let mut big_shot = frame("desk", 11, 12);
+    big_shot.events[0] = with_shot(11, 10_000);
+    big_shot.events[1] = with_shot(12, 65 * 1024);
+    let status = append_one(mesh.channel(), &alice, big_shot)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("events.screenshot.inline_data"),
+        "{}",
+        status.message()
+    );
+
+    // Bob cannot append to (or overwrite the screenshots of) Alice's stream.
+    let mut foreign = frame("desk", 5, 11);
+    foreign.events[0] = event(5, Some(vec![9u8; 10_000]));
+    let status = append_one(mesh.channel(), &bob, foreign).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+    // Keys under events/ are Ingest's own: a client cannot point at them.
+    let mut forged = frame("desk", 11, 11);
+    forged.events[0].screenshot = Some(pb::Screenshot {
+        source: Some(pb::screenshot::Source::StorageKey(before[0].clone())),
+        mime_type: "image/png".into(),
+        width: 1,
+        height: 1,
+    });
+    let status = append_one(mesh.channel(), &alice, forged)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("events.screenshot.storage_key"),
+        "{}",
+        status.message()
+    );
+
+    // Nothing of any of them was kept: the stream is still at 10, its one screenshot intact.
+    assert_eq!(stored().await?, before);
+    let bytes = mesh
+        .blobs
+        .store
+        .get(&object_store::path::Path::from(before[0].as_str()))
+        .await?
+        .bytes()
+        .await?;
+    assert_eq!(bytes.len(), 10_000);
+    assert!(bytes.iter().all(|b| *b == 7));
+    assert_eq!(
+        append_one(mesh.channel(), &alice, frame("desk", 11, 12)).await?,
+        12
+    );
     mesh.stop().await
 }

@@ -64,6 +64,8 @@ pub fn defaults(data_dir: &Path, secret: &str) -> figment::Figment {
         ))
         .merge(Serialized::default("auth.hs256_secret", secret))
         .merge(Serialized::default("cors_origins", vec!["*"]))
+        // The last screenshots of each event stream stay for debugging.
+        .merge(Serialized::default("ingest.streams.keep_screenshots", 5))
 }
 
 /// Starts PostgreSQL and Redis for whatever `config` has no URL for.

@@ -279,6 +279,8 @@ pub async fn serve_with(
                     .unwrap_or(usize::MAX),
                 inline_max: usize::try_from(streams_config.inline_max.as_u64())
                     .unwrap_or(usize::MAX),
+                max_screenshot: usize::try_from(streams_config.max_screenshot.as_u64())
+                    .unwrap_or(usize::MAX),
                 keep_screenshots: streams_config.keep_screenshots,
                 redeliver_after: streams_config.redeliver_after,
                 write_delay: streams_config.write_delay,

@@ -9,9 +9,10 @@
 //! and re-sends its unacknowledged tail makes no duplicates.
 //!
 //! A sealer (on every replica; an advisory lock per stream keeps it single) closes each
-//! stream's arrival window once it has ended, merges its segments into one compressed batch
-//! object in the store (`events/{stream}/{yyyy}/{mm}/{dd}/{window_start_ms}.lz4`), records the
-//! batch and deletes the segments, in one transaction. Consumer groups read sealed batches in
+//! stream's arrival window once it has ended: its segments become batch objects in the store
+//! (`events/{stream}/{yyyy}/{mm}/{dd}/{window_start_ms}-{first_seq}.lz4`, each at most 8 MiB of
+//! events so it travels as one message; the stored LZ4 blocks are copied, not recompressed),
+//! the batches are recorded and the segments deleted, in one transaction. Consumer groups read sealed batches in
 //! order (each batch to one member of each group, redelivered if not acknowledged in time),
 //! and an acknowledgement deletes the batch's stored screenshots.
 
@@ -37,6 +38,13 @@ pub const MAX_EVENT_PAYLOAD: usize = 1 << 20;
 const MAX_WRITE_FRAMES: usize = 2_000;
 /// Bytes gathered into one write at most.
 const MAX_WRITE_BYTES: usize = 32 << 20;
+/// Raw bytes of events in one segment, at most (a segment is one LZ4 block).
+const SEGMENT_MAX: usize = 4 << 20;
+/// Raw bytes of events in one sealed batch, at most (a batch travels as one message).
+const BATCH_MAX: usize = 8 << 20;
+/// First bytes of a batch object; blocks follow, each a big-endian u32 length and a segment
+/// as stored (an LZ4 block, size prepended, of length-delimited events).
+const BATCH_MAGIC: &[u8; 8] = b"STWEVB1\n";
 
 /// How event streams behave.
 #[derive(Clone, Debug)]
@@ -49,6 +57,8 @@ pub struct StreamSettings {
     pub max_buffered: usize,
     /// Inline screenshots above this are moved to the store.
     pub inline_max: usize,
+    /// Largest inline screenshot taken.
+    pub max_screenshot: usize,
     /// Stored screenshots kept per stream after acknowledgement (a dev option; 0 keeps none).
     pub keep_screenshots: usize,
     /// A delivered batch not acknowledged within this is delivered again.
@@ -62,8 +72,9 @@ impl Default for StreamSettings {
         Self {
             window: Duration::from_secs(30),
             grace: Duration::from_secs(2),
-            max_buffered: 256 << 20,
+            max_buffered: 64 << 20,
             inline_max: 5 << 20,
+            max_screenshot: 12 << 20,
             keep_screenshots: 0,
             redeliver_after: Duration::from_secs(60),
             write_delay: Duration::ZERO,
@@ -77,9 +88,16 @@ struct Pending {
     stream: String,
     first_seq: u64,
     events: Vec<pb::Event>,
+    /// Screenshots this frame put in the store, by index in `events`: deleted again if
+    /// their events are not stored (the frame refused, or a re-sent duplicate).
+    stored: Vec<(usize, String)>,
     done: oneshot::Sender<Result<u64>>,
     _budget: OwnedSemaphorePermit,
 }
+
+/// What the writer did with one frame: the stream's durable seq after it, and how many of
+/// its leading events were already stored (a re-send).
+type Written = Result<(u64, usize)>;
 
 /// The event streams of one Ingest process.
 #[derive(Clone)]
@@ -110,13 +128,124 @@ fn validate_stream_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-fn compress(events: &[pb::Event]) -> Vec<u8> {
+/// A segment ready to insert.
+struct NewSegment {
+    first_seq: u64,
+    last_seq: u64,
+    raw_bytes: usize,
+    min_ts: Option<DateTime<Utc>>,
+    /// Keys of the screenshots Ingest stored for these events, newline-separated.
+    screenshots: String,
+    data: Vec<u8>,
+}
+
+/// `events` of `stream` (the first one at `first_seq`) as segments of at most
+/// [`SEGMENT_MAX`] raw bytes.
+fn encode_segments(stream: &str, first_seq: u64, events: &[pb::Event]) -> Vec<NewSegment> {
+    let own = format!("events/{stream}/");
+    let mut segments = Vec::new();
     let mut raw = Vec::new();
-    for event in events {
+    let (mut first, mut min_ts, mut screenshots) = (first_seq, None, String::new());
+    for (i, event) in events.iter().enumerate() {
         // Encoding into a Vec cannot fail.
         let _ = event.encode_length_delimited(&mut raw);
+        if let Some(at) = timestamp_of(event) {
+            min_ts = Some(min_ts.map_or(at, |m: DateTime<Utc>| m.min(at)));
+        }
+        if let Some(pb::screenshot::Source::StorageKey(key)) =
+            event.screenshot.as_ref().and_then(|s| s.source.as_ref())
+            && key.starts_with(&own)
+        {
+            if !screenshots.is_empty() {
+                screenshots.push('\n');
+            }
+            screenshots.push_str(key);
+        }
+        if raw.len() >= SEGMENT_MAX || i + 1 == events.len() {
+            let last = first_seq + i as u64;
+            segments.push(NewSegment {
+                first_seq: first,
+                last_seq: last,
+                raw_bytes: raw.len(),
+                min_ts: min_ts.take(),
+                screenshots: std::mem::take(&mut screenshots),
+                data: lz4_flex::compress_prepend_size(&raw),
+            });
+            raw.clear();
+            first = last + 1;
+        }
     }
-    lz4_flex::compress_prepend_size(&raw)
+    segments
+}
+
+/// New segments as columns, for one INSERT.
+#[derive(Default)]
+struct Segments<'a> {
+    streams: Vec<&'a str>,
+    firsts: Vec<i64>,
+    lasts: Vec<i64>,
+    raw_bytes: Vec<i32>,
+    min_ts: Vec<Option<DateTime<Utc>>>,
+    screenshots: Vec<String>,
+    data: Vec<Vec<u8>>,
+}
+
+impl<'a> Segments<'a> {
+    fn push(&mut self, stream: &'a str, segment: NewSegment) {
+        self.streams.push(stream);
+        self.firsts.push(to_i64(segment.first_seq));
+        self.lasts.push(to_i64(segment.last_seq));
+        self.raw_bytes
+            .push(i32::try_from(segment.raw_bytes).unwrap_or(i32::MAX));
+        self.min_ts.push(segment.min_ts);
+        self.screenshots.push(segment.screenshots);
+        self.data.push(segment.data);
+    }
+}
+
+/// A stored segment as the sealer sees it before reading its bytes.
+struct SealedSegment {
+    id: i64,
+    first_seq: i64,
+    last_seq: i64,
+    raw_bytes: usize,
+    min_ts: Option<DateTime<Utc>>,
+    screenshots: Vec<String>,
+}
+
+/// Consecutive runs of `sizes` adding up to at most `max` each (a single size over `max`
+/// makes a run of its own).
+fn parts(sizes: &[usize], max: usize) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < sizes.len() {
+        let (mut end, mut total) = (start + 1, sizes[start]);
+        while end < sizes.len() && total + sizes[end] <= max {
+            total += sizes[end];
+            end += 1;
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
+}
+
+/// The events of a batch object (blocks after [`BATCH_MAGIC`], or one LZ4 block as sealed
+/// before blocks).
+fn decode_batch(data: &[u8]) -> Result<Vec<pb::Event>> {
+    let Some(mut rest) = data.strip_prefix(BATCH_MAGIC.as_slice()) else {
+        return decompress(data);
+    };
+    let mut events = Vec::new();
+    while !rest.is_empty() {
+        let corrupt = || Error::Corrupt("event batch: block cut short".into());
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
+        let len = u32::from_be_bytes(*len) as usize;
+        let block = tail.get(..len).ok_or_else(corrupt)?;
+        events.extend(decompress(block)?);
+        rest = &tail[len..];
+    }
+    Ok(events)
 }
 
 fn decompress(data: &[u8]) -> Result<Vec<pb::Event>> {
@@ -179,21 +308,25 @@ impl EventStreams {
         if frame.events.is_empty() || frame.events.len() > MAX_FRAME_EVENTS {
             return Err(Error::invalid("events", "must hold 1..=10000 events"));
         }
-        let mut bytes = 0usize;
-        for (i, event) in frame.events.iter_mut().enumerate() {
-            if event.payload.len() > MAX_EVENT_PAYLOAD {
-                return Err(Error::invalid("events.payload", "is larger than 1 MiB"));
-            }
-            if event.r#type.len() > 64 {
-                return Err(Error::invalid("events.type", "is longer than 64 bytes"));
-            }
-            if timestamp_of(event).is_none() {
-                return Err(Error::invalid("events.timestamp", "is required"));
-            }
-            self.store_large_screenshot(&frame.stream_id, frame.first_seq + i as u64, event)
-                .await?;
-            bytes += event.encoded_len();
+        // Every event is checked before anything is stored.
+        for event in &frame.events {
+            self.check_event(event)?;
         }
+        let mut stored = Vec::new();
+        for (i, event) in frame.events.iter_mut().enumerate() {
+            match self
+                .store_large_screenshot(&frame.stream_id, frame.first_seq + i as u64, event)
+                .await
+            {
+                Ok(Some(key)) => stored.push((i, key)),
+                Ok(None) => {}
+                Err(error) => {
+                    self.forget_screenshots(stored.into_iter().map(|(_, k)| k).collect());
+                    return Err(error);
+                }
+            }
+        }
+        let bytes: usize = frame.events.iter().map(Message::encoded_len).sum();
         let permits =
             u32::try_from(bytes.clamp(1, self.inner.settings.max_buffered)).unwrap_or(u32::MAX);
         let budget = Arc::clone(&self.inner.budget)
@@ -210,6 +343,7 @@ impl EventStreams {
                 stream: frame.stream_id,
                 first_seq: frame.first_seq,
                 events: frame.events,
+                stored,
                 done,
                 _budget: budget,
             })
@@ -218,23 +352,62 @@ impl EventStreams {
         Ok(answer)
     }
 
-    /// Moves an inline screenshot above the threshold to the store, leaving its key.
+    /// Refuses an event that breaks a limit, naming the field.
+    fn check_event(&self, event: &pb::Event) -> Result<()> {
+        if event.payload.len() > MAX_EVENT_PAYLOAD {
+            return Err(Error::invalid("events.payload", "is larger than 1 MiB"));
+        }
+        if event.r#type.len() > 64 {
+            return Err(Error::invalid("events.type", "is longer than 64 bytes"));
+        }
+        if timestamp_of(event).is_none() {
+            return Err(Error::invalid("events.timestamp", "is required"));
+        }
+        match event.screenshot.as_ref().and_then(|s| s.source.as_ref()) {
+            Some(pb::screenshot::Source::InlineData(data))
+                if data.len() > self.inner.settings.max_screenshot =>
+            {
+                Err(Error::invalid(
+                    "events.screenshot.inline_data",
+                    format!(
+                        "is larger than {} bytes",
+                        self.inner.settings.max_screenshot
+                    ),
+                ))
+            }
+            Some(pb::screenshot::Source::StorageKey(key))
+                if key.is_empty() || key.len() > 1024 || key.starts_with("events/") =>
+            {
+                Err(Error::invalid(
+                    "events.screenshot.storage_key",
+                    "must be 1..=1024 bytes and outside events/ (Ingest's own keys)",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves an inline screenshot above the threshold to the store, leaving its key; returns
+    /// the key. Keys are unique per write, so a frame can never overwrite another's.
     async fn store_large_screenshot(
         &self,
         stream: &str,
         seq: u64,
         event: &mut pb::Event,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let Some(shot) = event.screenshot.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         let Some(pb::screenshot::Source::InlineData(data)) = &shot.source else {
-            return Ok(());
+            return Ok(None);
         };
         if data.len() <= self.inner.settings.inline_max {
-            return Ok(());
+            return Ok(None);
         }
-        let key = format!("events/{stream}/screens/{seq}.bin");
+        let key = format!(
+            "events/{stream}/screens/{seq:012}-{}.bin",
+            Uuid::new_v4().simple()
+        );
         self.inner
             .store
             .put(
@@ -242,8 +415,24 @@ impl EventStreams {
                 PutPayload::from(data.clone()),
             )
             .await?;
-        shot.source = Some(pb::screenshot::Source::StorageKey(key));
-        Ok(())
+        shot.source = Some(pb::screenshot::Source::StorageKey(key.clone()));
+        Ok(Some(key))
+    }
+
+    /// Deletes screenshots whose events were not stored, in the background.
+    fn forget_screenshots(&self, keys: Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        let store = Arc::clone(&self.inner.store);
+        tokio::spawn(async move {
+            for key in keys {
+                match store.delete(&ObjectPath::from(key.as_str())).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(error) => tracing::warn!(key, %error, "unused screenshot not deleted"),
+                }
+            }
+        });
     }
 
     async fn write_loop(self, mut frames: mpsc::Receiver<Pending>, shutdown: CancellationToken) {
@@ -270,7 +459,7 @@ impl EventStreams {
                 tokio::time::sleep(self.inner.settings.write_delay).await;
             }
             let started = std::time::Instant::now();
-            let outcomes = match self.write(&batch).await {
+            let outcomes: Vec<Written> = match self.write(&batch).await {
                 Ok(outcomes) => outcomes,
                 Err(error) => {
                     tracing::warn!(%error, frames = batch.len(), "event write failed; clients resend");
@@ -282,14 +471,27 @@ impl EventStreams {
             };
             metrics::histogram!("stowage_stream_ack_latency_seconds")
                 .record(started.elapsed().as_secs_f64());
+            let mut unused = Vec::new();
             for (frame, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = frame.done.send(outcome);
+                let kept_from = match &outcome {
+                    Ok((_, skipped)) => *skipped,
+                    Err(_) => usize::MAX,
+                };
+                unused.extend(
+                    frame
+                        .stored
+                        .into_iter()
+                        .filter(|(i, _)| *i < kept_from)
+                        .map(|(_, key)| key),
+                );
+                let _ = frame.done.send(outcome.map(|(durable, _)| durable));
             }
+            self.forget_screenshots(unused);
         }
     }
 
     /// Stores `batch` in one transaction; one outcome per frame.
-    async fn write(&self, batch: &[Pending]) -> Result<Vec<Result<u64>>> {
+    async fn write(&self, batch: &[Pending]) -> Result<Vec<Written>> {
         let mut streams: Vec<(&str, &str)> = batch
             .iter()
             .map(|f| (f.stream.as_str(), f.owner.as_str()))
@@ -341,27 +543,36 @@ impl EventStreams {
                 events.extend_from_slice(&frame.events[skip..]);
                 *durable = frame.first_seq + frame.events.len() as u64 - 1;
             }
-            outcomes.push(Ok(*durable));
+            outcomes.push(Ok((*durable, skip.min(frame.events.len()))));
         }
-        let (mut seg_streams, mut firsts, mut lasts, mut datas) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut segments = Segments::default();
         let (mut up_streams, mut up_seqs) = (Vec::new(), Vec::new());
         for (stream, (_, durable, events, before)) in &state {
             if events.is_empty() {
                 continue;
             }
-            seg_streams.push(stream.as_str());
-            firsts.push(to_i64(before + 1));
-            lasts.push(to_i64(*durable));
-            datas.push(compress(events));
+            for segment in encode_segments(stream, before + 1, events) {
+                segments.push(stream, segment);
+            }
             up_streams.push(stream.as_str());
             up_seqs.push(to_i64(*durable));
         }
-        if !seg_streams.is_empty() {
+        if !up_streams.is_empty() {
             tx.execute(
-                "INSERT INTO ingest.event_segments (stream_id, first_seq, last_seq, data)
-                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])",
-                &[&seg_streams, &firsts, &lasts, &datas],
+                "INSERT INTO ingest.event_segments
+                     (stream_id, first_seq, last_seq, raw_bytes, min_ts, screenshots, data)
+                 SELECT s, f, l, r, m, coalesce(string_to_array(nullif(k, ''), E'\\n'), '{}'), d
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[],
+                             $5::timestamptz[], $6::text[], $7::bytea[]) AS u(s, f, l, r, m, k, d)",
+                &[
+                    &segments.streams,
+                    &segments.firsts,
+                    &segments.lasts,
+                    &segments.raw_bytes,
+                    &segments.min_ts,
+                    &segments.screenshots,
+                    &segments.data,
+                ],
             )
             .await?;
             tx.execute(
@@ -379,6 +590,7 @@ impl EventStreams {
     async fn seal_loop(self, shutdown: CancellationToken) {
         let every = (self.inner.settings.window / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let mut last_lag = std::time::Instant::now();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -387,7 +599,48 @@ impl EventStreams {
             if let Err(error) = self.seal_due().await {
                 tracing::warn!(%error, "sealing failed; retrying");
             }
+            // Measured once a window (between 1 and 10 s).
+            if last_lag.elapsed()
+                >= self
+                    .inner
+                    .settings
+                    .window
+                    .clamp(Duration::from_secs(1), Duration::from_secs(10))
+            {
+                last_lag = std::time::Instant::now();
+                if let Err(error) = self.measure_consumer_lag().await {
+                    tracing::warn!(%error, "consumer lag not measured");
+                }
+            }
         }
+    }
+
+    /// Sets the consumer-lag gauges: per consumer group, the sealed batches of the last week
+    /// it has not acknowledged and the age of the oldest.
+    async fn measure_consumer_lag(&self) -> Result<()> {
+        let conn = self.inner.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT g.group_name, count(b.id) FILTER (WHERE d.acked_at IS NULL),
+                        coalesce(extract(epoch FROM now() - min(b.sealed_at)
+                                 FILTER (WHERE d.acked_at IS NULL)), 0)::float8
+                 FROM (SELECT DISTINCT group_name FROM ingest.event_deliveries) g
+                 CROSS JOIN ingest.event_batches b
+                 LEFT JOIN ingest.event_deliveries d
+                   ON d.group_name = g.group_name AND d.batch_id = b.id
+                 WHERE b.sealed_at > now() - interval '7 days'
+                 GROUP BY g.group_name",
+                &[],
+            )
+            .await?;
+        for row in rows {
+            let group: String = row.get(0);
+            metrics::gauge!("stowage_stream_consumer_lag_batches", "group" => group.clone())
+                .set(row.get::<_, i64>(1) as f64);
+            metrics::gauge!("stowage_stream_consumer_lag_seconds", "group" => group)
+                .set(row.get::<_, f64>(2));
+        }
+        Ok(())
     }
 
     /// Seals every window that ended more than the grace ago; returns how many.
@@ -425,6 +678,94 @@ impl EventStreams {
         Ok(sealed)
     }
 
+    /// Writes `segments` (consecutive, of one window) as one batch object and its row.
+    async fn seal_part(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        stream: &str,
+        owner: &str,
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
+        sealed_until: Option<DateTime<Utc>>,
+        segments: &[SealedSegment],
+    ) -> Result<()> {
+        let ids: Vec<i64> = segments.iter().map(|s| s.id).collect();
+        let rows = tx
+            .query(
+                "SELECT data FROM ingest.event_segments WHERE id = ANY($1) ORDER BY first_seq",
+                &[&ids],
+            )
+            .await?;
+        let first_seq = segments[0].first_seq;
+        let last_seq = segments[segments.len() - 1].last_seq;
+        let own = format!("events/{stream}/");
+        let mut object = BATCH_MAGIC.to_vec();
+        let mut late = Vec::new();
+        let mut screenshots = Vec::new();
+        for (segment, row) in segments.iter().zip(&rows) {
+            let data: &[u8] = row.get(0);
+            screenshots.extend(segment.screenshots.iter().cloned());
+            let legacy = segment.min_ts.is_none();
+            let may_be_late = matches!((segment.min_ts, sealed_until), (Some(t), Some(u)) if t < u);
+            if legacy || may_be_late {
+                let events = decompress(data)?;
+                for (i, event) in events.iter().enumerate() {
+                    let seq = segment.first_seq + i as i64;
+                    // Stamped inside a window that was already sealed: late, delivered now,
+                    // flagged.
+                    if let (Some(at), Some(until)) = (timestamp_of(event), sealed_until)
+                        && at < until
+                    {
+                        late.push(seq);
+                    }
+                    if legacy
+                        && let Some(pb::screenshot::Source::StorageKey(key)) =
+                            event.screenshot.as_ref().and_then(|s| s.source.as_ref())
+                        && key.starts_with(&own)
+                    {
+                        screenshots.push(key.clone());
+                    }
+                }
+            }
+            let len = u32::try_from(data.len())
+                .map_err(|_| Error::Corrupt("event segment over 4 GiB".into()))?;
+            object.extend_from_slice(&len.to_be_bytes());
+            object.extend_from_slice(data);
+        }
+        let key = format!(
+            "events/{stream}/{:04}/{:02}/{:02}/{}-{first_seq:012}.lz4",
+            start.year(),
+            start.month(),
+            start.day(),
+            start.timestamp_millis()
+        );
+        drop(rows);
+        self.inner
+            .store
+            .put(&ObjectPath::from(key.as_str()), PutPayload::from(object))
+            .await?;
+        let count = i32::try_from(last_seq - first_seq + 1).unwrap_or(i32::MAX);
+        tx.execute(
+            "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
+                 first_seq, last_seq, event_count, storage_key, screenshots, late_seqs)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                &Uuid::now_v7(),
+                &stream,
+                &owner,
+                &start,
+                &end,
+                &first_seq,
+                &last_seq,
+                &count,
+                &key,
+                &screenshots,
+                &late,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Seals `stream`'s window `[start, end)` unless another replica is at it.
     async fn seal(&self, stream: &str, start: DateTime<Utc>, end: DateTime<Utc>) -> Result<bool> {
         let mut conn = self.inner.pool.get().await?;
@@ -447,88 +788,43 @@ impl EventStreams {
             .await?;
         let owner: String = info.get(0);
         let sealed_until: Option<DateTime<Utc>> = info.get(1);
-        let segments = tx
+        let segments: Vec<SealedSegment> = tx
             .query(
-                "SELECT id, data FROM ingest.event_segments
+                "SELECT id, first_seq, last_seq, raw_bytes, min_ts, screenshots
+                 FROM ingest.event_segments
                  WHERE stream_id = $1 AND received_at < $2 ORDER BY first_seq",
                 &[&stream, &end],
             )
-            .await?;
+            .await?
+            .iter()
+            .map(|r| SealedSegment {
+                id: r.get(0),
+                first_seq: r.get(1),
+                last_seq: r.get(2),
+                raw_bytes: usize::try_from(r.get::<_, i32>(3)).unwrap_or(0),
+                min_ts: r.get(4),
+                screenshots: r.get(5),
+            })
+            .collect();
         if segments.is_empty() {
             return Ok(false);
         }
-        let first_seq: i64 = tx
-            .query_one(
-                "SELECT min(first_seq) FROM ingest.event_segments
-                 WHERE stream_id = $1 AND received_at < $2",
-                &[&stream, &end],
-            )
-            .await?
-            .get(0);
-        let mut events = Vec::new();
-        let mut ids = Vec::with_capacity(segments.len());
-        for row in &segments {
-            ids.push(row.get::<_, i64>(0));
-            events.extend(decompress(row.get::<_, &[u8]>(1))?);
-        }
-        let first = u64::try_from(first_seq).unwrap_or(0);
-        let last = first + events.len() as u64 - 1;
-        // Stamped inside a window that was already sealed: late, delivered now, flagged.
-        let late: Vec<i64> = match sealed_until {
-            None => Vec::new(),
-            Some(until) => events
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| timestamp_of(e).is_some_and(|t| t < until))
-                .map(|(i, _)| to_i64(first + i as u64))
-                .collect(),
-        };
-        let screenshots: Vec<String> = events
-            .iter()
-            .filter_map(|e| match e.screenshot.as_ref()?.source.as_ref()? {
-                // Only what Ingest stored itself may be deleted on acknowledgement.
-                pb::screenshot::Source::StorageKey(k)
-                    if k.starts_with(&format!("events/{stream}/")) =>
-                {
-                    Some(k.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        let key = format!(
-            "events/{stream}/{:04}/{:02}/{:02}/{}.lz4",
-            start.year(),
-            start.month(),
-            start.day(),
-            start.timestamp_millis()
-        );
-        self.inner
-            .store
-            .put(
-                &ObjectPath::from(key.as_str()),
-                PutPayload::from(compress(&events)),
+        // Batches of at most BATCH_MAX raw bytes, whole segments each, one in memory at a
+        // time: sealing copies the stored blocks and decodes only segments that may hold late
+        // events (or that predate the segment columns).
+        let sizes: Vec<usize> = segments.iter().map(|s| s.raw_bytes).collect();
+        for part in parts(&sizes, BATCH_MAX) {
+            self.seal_part(
+                &tx,
+                stream,
+                &owner,
+                (start, end),
+                sealed_until,
+                &segments[part],
             )
             .await?;
-        let count = i32::try_from(events.len()).unwrap_or(i32::MAX);
-        tx.execute(
-            "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
-                 first_seq, last_seq, event_count, storage_key, screenshots, late_seqs)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            &[
-                &Uuid::now_v7(),
-                &stream,
-                &owner,
-                &start,
-                &end,
-                &first_seq,
-                &to_i64(last),
-                &count,
-                &key,
-                &screenshots,
-                &late,
-            ],
-        )
-        .await?;
+        }
+        let ids: Vec<i64> = segments.iter().map(|s| s.id).collect();
         tx.execute(
             "DELETE FROM ingest.event_segments WHERE id = ANY($1)",
             &[&ids],
@@ -600,7 +896,7 @@ impl EventStreams {
                 window_end: Some(stowage_runtime::time::timestamp(row.get("window_end"))),
                 first_seq: u64::try_from(row.get::<_, i64>("first_seq")).unwrap_or(0),
                 last_seq: u64::try_from(row.get::<_, i64>("last_seq")).unwrap_or(0),
-                events: decompress(&data)?,
+                events: decode_batch(&data)?,
                 late_seqs: late
                     .into_iter()
                     .filter_map(|s| u64::try_from(s).ok())
@@ -672,5 +968,76 @@ impl EventStreams {
             }
         }
         Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, payload: usize) -> pb::Event {
+        pb::Event {
+            timestamp: Some(stowage_runtime::time::timestamp(
+                DateTime::from_timestamp(1_700_000_000 + i64::try_from(seq).unwrap_or(0), 0)
+                    .unwrap_or_default(),
+            )),
+            r#type: "input".into(),
+            payload: vec![u8::try_from(seq % 251).unwrap_or(0); payload],
+            screenshot: None,
+        }
+    }
+
+    #[test]
+    fn segments_are_cut_at_their_size_and_a_batch_reads_them_back_in_order() {
+        let events: Vec<pb::Event> = (1..=40).map(|s| event(s, 300 << 10)).collect();
+        let segments = encode_segments("desk", 1, &events);
+        assert!(segments.len() > 1, "12 MB of events make several segments");
+        assert_eq!(segments[0].first_seq, 1);
+        assert_eq!(segments[segments.len() - 1].last_seq, 40);
+        for pair in segments.windows(2) {
+            assert_eq!(pair[0].last_seq + 1, pair[1].first_seq);
+        }
+        assert!(
+            segments
+                .iter()
+                .all(|s| s.raw_bytes <= SEGMENT_MAX + (301 << 10))
+        );
+        assert_eq!(
+            segments[0].min_ts.map(|t| t.timestamp()),
+            Some(1_700_000_001)
+        );
+        let mut object = BATCH_MAGIC.to_vec();
+        for segment in &segments {
+            object.extend_from_slice(&u32::try_from(segment.data.len()).unwrap_or(0).to_be_bytes());
+            object.extend_from_slice(&segment.data);
+        }
+        assert_eq!(decode_batch(&object).ok(), Some(events));
+        // A block cut short is an error, not fewer events.
+        assert!(decode_batch(&object[..object.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn stored_screenshots_are_listed_with_their_segment() {
+        let mut events: Vec<pb::Event> = (1..=3).map(|s| event(s, 10)).collect();
+        for (i, key) in [(0, "events/desk/screens/1.bin"), (2, "elsewhere/2.bin")] {
+            events[i].screenshot = Some(pb::Screenshot {
+                source: Some(pb::screenshot::Source::StorageKey(key.into())),
+                ..Default::default()
+            });
+        }
+        let segments = encode_segments("desk", 1, &events);
+        assert_eq!(segments.len(), 1);
+        assert_eq!(segments[0].screenshots, "events/desk/screens/1.bin");
+    }
+
+    #[test]
+    fn batches_group_whole_segments_up_to_the_limit() {
+        assert_eq!(parts(&[], 10), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(parts(&[4, 4, 4, 12, 1], 10), [0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(
+            parts(&[0, 0, 0], 10).len(),
+            1,
+            "empty segments join one batch"
+        );
     }
 }

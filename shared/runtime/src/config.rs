@@ -335,6 +335,8 @@ pub struct StreamsConfig {
     pub max_buffered: ByteSize,
     /// Inline screenshots above this go to the store.
     pub inline_max: ByteSize,
+    /// Largest inline screenshot taken (INVALID_ARGUMENT above).
+    pub max_screenshot: ByteSize,
     /// Stored screenshots kept per stream after acknowledgement (dev; 0 keeps none).
     pub keep_screenshots: usize,
     /// A batch delivered but not acknowledged within this goes to another group member.
@@ -350,8 +352,9 @@ impl Default for StreamsConfig {
         Self {
             window: Duration::from_secs(30),
             grace: Duration::from_secs(2),
-            max_buffered: ByteSize::mib(256),
+            max_buffered: ByteSize::mib(64),
             inline_max: ByteSize::mib(5),
+            max_screenshot: ByteSize::mib(12),
             keep_screenshots: 0,
             redeliver_after: Duration::from_secs(60),
             write_delay: Duration::ZERO,
@@ -474,6 +477,12 @@ impl Config {
             return fail(
                 "STOWAGE_INGEST__STREAMS__MAX_BUFFERED",
                 "must hold at least one message (STOWAGE_MAX_MESSAGE_SIZE)",
+            );
+        }
+        if self.ingest.streams.max_screenshot.as_u64() > self.max_message_size.as_u64() {
+            return fail(
+                "STOWAGE_INGEST__STREAMS__MAX_SCREENSHOT",
+                "must fit in one message (at most STOWAGE_MAX_MESSAGE_SIZE)",
             );
         }
         if self.lifecycle.recheck_debounce < Duration::from_millis(100)

@@ -423,6 +423,11 @@ impl Process {
         Ok(())
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Waits for the process to exit (at most `timeout`) and returns whether it exited 0.
     pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<bool> {
         let status = tokio::time::timeout(timeout, self.child.wait())

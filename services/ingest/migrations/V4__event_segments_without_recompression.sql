@@ -1,0 +1,14 @@
+-- Segments are LZ4 already: PostgreSQL must not try to compress them again (pglz over
+-- compressed bytes is all cost, no gain).
+ALTER TABLE event_segments ALTER COLUMN data SET STORAGE EXTERNAL;
+-- What the sealer needs without decompressing: raw size (to cut batches), the earliest event
+-- timestamp (only segments with events stamped before the last sealed window are decoded to
+-- flag late ones) and the screenshots Ingest stored for its events. NULL min_ts marks a
+-- segment from before these columns: the sealer decodes it.
+ALTER TABLE event_segments ADD COLUMN raw_bytes integer NOT NULL DEFAULT 0;
+ALTER TABLE event_segments ADD COLUMN min_ts timestamptz;
+ALTER TABLE event_segments ADD COLUMN screenshots text[] NOT NULL DEFAULT '{}';
+
+-- A window may be sealed as several batches (each small enough for one message).
+ALTER TABLE event_batches DROP CONSTRAINT event_batches_stream_id_window_start_key;
+ALTER TABLE event_batches ADD UNIQUE (stream_id, window_start, first_seq);
