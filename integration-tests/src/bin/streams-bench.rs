@@ -6,7 +6,8 @@
 //! test).
 //!
 //! The client sends pre-encoded frames (only the stream id and first seq are encoded per
-//! frame) so that its own CPU stays small beside the server's.
+//! frame) so that its own CPU stays small beside the server's. `--env KEY=VALUE` sets the
+//! services' environment.
 
 use std::{
     collections::VecDeque,
@@ -367,6 +368,14 @@ async fn main() -> anyhow::Result<()> {
     setup
         .env
         .push(("STOWAGE_MEDIA__ENABLED".into(), "false".into()));
+    // `--env KEY=VALUE` (repeatable) sets the environment of the services, e.g.
+    // `--env STOWAGE_INGEST__STREAMS__WINDOW=10s`.
+    let args: Vec<String> = std::env::args().collect();
+    for pair in args.windows(2).filter(|w| w[0] == "--env") {
+        if let Some((key, value)) = pair[1].split_once('=') {
+            setup.env.push((key.to_owned(), value.to_owned()));
+        }
+    }
     let processes = Processes::split(&setup).await?;
     let ingest = processes.process(Role::Ingest);
     let pid = ingest

@@ -2,9 +2,11 @@
 //!
 //! A frame (`{stream_id, first_seq, events}`) waits for room in a byte budget (the memory
 //! ceiling: when the writer falls behind, readers stop reading and HTTP/2 flow control slows
-//! the client), then goes to one writer task that gathers the frames of every stream arriving
-//! meanwhile and stores them in one PostgreSQL transaction: one lz4-compressed micro-segment
-//! per stream, the stream's durable seq moved forward. Only then is the frame acknowledged.
+//! the client), then goes to the writer task of its stream (streams are spread over
+//! [`WRITERS`] writers by a hash of their id, so one stream's frames stay in order while
+//! writers compress and commit side by side), which gathers the frames arriving meanwhile and
+//! stores them in one PostgreSQL transaction: lz4-compressed micro-segments per stream, the
+//! stream's durable seq moved forward. Only then is the frame acknowledged.
 //! Re-sent frames (seqs at or below the durable seq) are dropped, so a client that reconnects
 //! and re-sends its unacknowledged tail makes no duplicates.
 //!
@@ -37,7 +39,9 @@ pub const MAX_EVENT_PAYLOAD: usize = 1 << 20;
 /// Frames gathered into one write at most.
 const MAX_WRITE_FRAMES: usize = 2_000;
 /// Bytes gathered into one write at most.
-const MAX_WRITE_BYTES: usize = 32 << 20;
+const MAX_WRITE_BYTES: usize = 4 << 20;
+/// Writer tasks (each with its own transactions; a stream always goes to the same one).
+pub const WRITERS: usize = 4;
 /// Raw bytes of events in one segment, at most (a segment is one LZ4 block).
 const SEGMENT_MAX: usize = 4 << 20;
 /// Raw bytes of events in one sealed batch, at most (a batch travels as one message).
@@ -109,7 +113,7 @@ struct Inner {
     pool: PgPool,
     store: Arc<dyn ObjectStore>,
     settings: StreamSettings,
-    writer: mpsc::Sender<Pending>,
+    writers: Vec<mpsc::Sender<Pending>>,
     budget: Arc<Semaphore>,
 }
 
@@ -126,6 +130,14 @@ fn validate_stream_id(id: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The writer of `stream`.
+fn writer_of(stream: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    stream.hash(&mut hasher);
+    (hasher.finish() % WRITERS as u64) as usize
 }
 
 /// A segment ready to insert.
@@ -278,18 +290,22 @@ impl EventStreams {
         settings: StreamSettings,
         shutdown: CancellationToken,
     ) -> Self {
-        let (writer, frames) = mpsc::channel(MAX_WRITE_FRAMES * 4);
+        let (writers, queues): (Vec<_>, Vec<_>) = (0..WRITERS)
+            .map(|_| mpsc::channel(MAX_WRITE_FRAMES))
+            .unzip();
         let budget = Arc::new(Semaphore::new(settings.max_buffered.max(1)));
         let this = Self {
             inner: Arc::new(Inner {
                 pool,
                 store,
                 settings,
-                writer,
+                writers,
                 budget,
             }),
         };
-        tokio::spawn(this.clone().write_loop(frames, shutdown.clone()));
+        for frames in queues {
+            tokio::spawn(this.clone().write_loop(frames, shutdown.clone()));
+        }
         tokio::spawn(this.clone().seal_loop(shutdown));
         this
     }
@@ -336,8 +352,7 @@ impl EventStreams {
         metrics::counter!("stowage_stream_events_in_total").increment(frame.events.len() as u64);
         metrics::counter!("stowage_stream_bytes_in_total").increment(bytes as u64);
         let (done, answer) = oneshot::channel();
-        self.inner
-            .writer
+        self.inner.writers[writer_of(&frame.stream_id)]
             .send(Pending {
                 owner: owner.to_owned(),
                 stream: frame.stream_id,
