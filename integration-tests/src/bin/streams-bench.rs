@@ -368,6 +368,10 @@ async fn main() -> anyhow::Result<()> {
     setup
         .env
         .push(("STOWAGE_MEDIA__ENABLED".into(), "false".into()));
+    // As the image runs it (see the Dockerfile).
+    setup
+        .env
+        .push(("MALLOC_MMAP_THRESHOLD_".into(), "131072".into()));
     // `--env KEY=VALUE` (repeatable) sets the environment of the services, e.g.
     // `--env STOWAGE_INGEST__STREAMS__WINDOW=10s`.
     let args: Vec<String> = std::env::args().collect();
