@@ -846,21 +846,8 @@ impl Sessions {
             )
             .await?;
         if changed == 1 {
-            let payload = serde_json::json!({
-                "upload_id": id,
-                "owner_id": owner,
-                "file_id": file.id,
-                "size_bytes": size,
-                "sha256": file.sha256,
-            });
-            stowage_events::stage(
-                &tx,
-                crate::SCHEMA,
-                stowage_events::topics::UPLOAD_COMPLETED,
-                &id.to_string(),
-                &payload,
-            )
-            .await?;
+            crate::uploads::stage_completed(&tx, id, owner, &file.id, size, Some(&file.sha256))
+                .await?;
         }
         tx.commit().await?;
         if !self.staging.is_native() || parts.iter().any(|p| p.pending) {

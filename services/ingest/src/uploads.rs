@@ -5,6 +5,33 @@ use uuid::Uuid;
 
 use crate::error::Result;
 
+/// Stages `upload.completed` for upload `id` in `tx`.
+pub(crate) async fn stage_completed(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: Uuid,
+    owner: &str,
+    file_id: &str,
+    size: u64,
+    sha256: Option<&str>,
+) -> Result<()> {
+    let payload = serde_json::json!({
+        "upload_id": id,
+        "owner_id": owner,
+        "file_id": file_id,
+        "size_bytes": size,
+        "sha256": sha256,
+    });
+    stowage_events::stage(
+        tx,
+        crate::SCHEMA,
+        stowage_events::topics::UPLOAD_COMPLETED,
+        &id.to_string(),
+        &payload,
+    )
+    .await?;
+    Ok(())
+}
+
 /// An upload as recorded.
 #[derive(Clone, Debug)]
 pub struct UploadRow {
@@ -134,21 +161,7 @@ impl Uploads {
             .await?;
         if let Some(row) = changed {
             let (owner, file_id): (String, Uuid) = (row.get(0), row.get(1));
-            let payload = serde_json::json!({
-                "upload_id": id,
-                "owner_id": owner,
-                "file_id": file_id,
-                "size_bytes": size,
-                "sha256": sha256,
-            });
-            stowage_events::stage(
-                &tx,
-                crate::SCHEMA,
-                stowage_events::topics::UPLOAD_COMPLETED,
-                &id.to_string(),
-                &payload,
-            )
-            .await?;
+            stage_completed(&tx, id, &owner, &file_id.to_string(), size, sha256).await?;
         }
         tx.commit().await?;
         Ok(())
