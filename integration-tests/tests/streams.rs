@@ -547,3 +547,44 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
     );
     mesh.stop().await
 }
+
+#[tokio::test]
+async fn sealed_batches_and_their_screenshots_go_after_the_retention() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.streams.window = Duration::from_millis(300);
+        c.ingest.streams.grace = Duration::from_millis(100);
+        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
+        c.ingest.streams.retention = Duration::from_secs(2);
+    })
+    .await?;
+    let carol = token("carol", &[]);
+    let mut first = frame("phone", 1, 5);
+    first.events[0] = event(1, Some(vec![3u8; 4096]));
+    assert_eq!(append_one(mesh.channel(), &carol, first).await?, 5);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let batches = || async {
+        let n: i64 = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM ingest.event_batches WHERE stream_id = 'phone'",
+                &[],
+            )
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    stowage_integration_tests::eventually(Duration::from_secs(10), "sealed", || async {
+        Ok(batches().await? == 1)
+    })
+    .await?;
+    let stored = mesh.stored_objects("events/phone").await?;
+    assert_eq!(stored.len(), 2, "batch and screenshot: {stored:?}");
+    // Unacknowledged or not, two seconds after sealing both objects and the row are gone.
+    stowage_integration_tests::eventually(Duration::from_secs(15), "expired", || async {
+        Ok(batches().await? == 0 && mesh.stored_objects("events/phone").await?.is_empty())
+    })
+    .await?;
+    mesh.stop().await
+}

@@ -283,6 +283,7 @@ pub async fn serve_with(
                     .unwrap_or(usize::MAX),
                 keep_screenshots: streams_config.keep_screenshots,
                 redeliver_after: streams_config.redeliver_after,
+                retention: streams_config.retention,
                 write_delay: streams_config.write_delay,
             },
             shutdown.clone(),

@@ -12,3 +12,6 @@ ALTER TABLE event_segments ADD COLUMN screenshots text[] NOT NULL DEFAULT '{}';
 -- A window may be sealed as several batches (each small enough for one message).
 ALTER TABLE event_batches DROP CONSTRAINT event_batches_stream_id_window_start_key;
 ALTER TABLE event_batches ADD UNIQUE (stream_id, window_start, first_seq);
+
+-- Consumer lag and retention look at batches by the time they were sealed.
+CREATE INDEX event_batches_by_sealed_at ON event_batches (sealed_at);

@@ -67,6 +67,8 @@ pub struct StreamSettings {
     pub keep_screenshots: usize,
     /// A delivered batch not acknowledged within this is delivered again.
     pub redeliver_after: Duration,
+    /// Sealed batches (and their screenshots) are deleted this long after sealing.
+    pub retention: Duration,
     /// Artificial delay of every write (tests of back-pressure only).
     pub write_delay: Duration,
 }
@@ -81,6 +83,7 @@ impl Default for StreamSettings {
             max_screenshot: 12 << 20,
             keep_screenshots: 0,
             redeliver_after: Duration::from_secs(60),
+            retention: Duration::from_secs(7 * 24 * 3600),
             write_delay: Duration::ZERO,
         }
     }
@@ -328,6 +331,15 @@ impl EventStreams {
         for event in &frame.events {
             self.check_event(event)?;
         }
+        // Room in the budget first (counting inline screenshots as received), so a frame
+        // waiting for room holds nothing in the store.
+        let bytes: usize = frame.events.iter().map(Message::encoded_len).sum();
+        let permits =
+            u32::try_from(bytes.clamp(1, self.inner.settings.max_buffered)).unwrap_or(u32::MAX);
+        let budget = Arc::clone(&self.inner.budget)
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         let mut stored = Vec::new();
         for (i, event) in frame.events.iter_mut().enumerate() {
             match self
@@ -342,17 +354,10 @@ impl EventStreams {
                 }
             }
         }
-        let bytes: usize = frame.events.iter().map(Message::encoded_len).sum();
-        let permits =
-            u32::try_from(bytes.clamp(1, self.inner.settings.max_buffered)).unwrap_or(u32::MAX);
-        let budget = Arc::clone(&self.inner.budget)
-            .acquire_many_owned(permits)
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
         metrics::counter!("stowage_stream_events_in_total").increment(frame.events.len() as u64);
         metrics::counter!("stowage_stream_bytes_in_total").increment(bytes as u64);
         let (done, answer) = oneshot::channel();
-        self.inner.writers[writer_of(&frame.stream_id)]
+        let sent = self.inner.writers[writer_of(&frame.stream_id)]
             .send(Pending {
                 owner: owner.to_owned(),
                 stream: frame.stream_id,
@@ -362,8 +367,11 @@ impl EventStreams {
                 done,
                 _budget: budget,
             })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+            .await;
+        if let Err(mpsc::error::SendError(pending)) = sent {
+            self.forget_screenshots(pending.stored.into_iter().map(|(_, k)| k).collect());
+            return Err(Error::ShuttingDown);
+        }
         Ok(answer)
     }
 
@@ -614,7 +622,7 @@ impl EventStreams {
             if let Err(error) = self.seal_due().await {
                 tracing::warn!(%error, "sealing failed; retrying");
             }
-            // Measured once a window (between 1 and 10 s).
+            // Lag measured and expired batches deleted once a window (between 1 and 10 s).
             if last_lag.elapsed()
                 >= self
                     .inner
@@ -626,36 +634,101 @@ impl EventStreams {
                 if let Err(error) = self.measure_consumer_lag().await {
                     tracing::warn!(%error, "consumer lag not measured");
                 }
+                if let Err(error) = self.expire_batches().await {
+                    tracing::warn!(%error, "expired batches not deleted; retrying");
+                }
             }
         }
     }
 
-    /// Sets the consumer-lag gauges: per consumer group, the sealed batches of the last week
-    /// it has not acknowledged and the age of the oldest.
+    /// Sets the consumer-lag gauges: per consumer group, the batches sealed in the last day
+    /// it has not acknowledged, and the age of the oldest.
     async fn measure_consumer_lag(&self) -> Result<()> {
         let conn = self.inner.pool.get().await?;
-        let rows = conn
+        let sealed: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM ingest.event_batches
+                 WHERE sealed_at > now() - interval '1 day'",
+                &[],
+            )
+            .await?
+            .get(0);
+        let groups = conn
             .query(
-                "SELECT g.group_name, count(b.id) FILTER (WHERE d.acked_at IS NULL),
-                        coalesce(extract(epoch FROM now() - min(b.sealed_at)
-                                 FILTER (WHERE d.acked_at IS NULL)), 0)::float8
-                 FROM (SELECT DISTINCT group_name FROM ingest.event_deliveries) g
-                 CROSS JOIN ingest.event_batches b
-                 LEFT JOIN ingest.event_deliveries d
-                   ON d.group_name = g.group_name AND d.batch_id = b.id
-                 WHERE b.sealed_at > now() - interval '7 days'
-                 GROUP BY g.group_name",
+                "SELECT g.group_name,
+                        (SELECT count(*) FROM ingest.event_deliveries d
+                         JOIN ingest.event_batches b ON b.id = d.batch_id
+                         WHERE d.group_name = g.group_name AND d.acked_at IS NOT NULL
+                           AND b.sealed_at > now() - interval '1 day'),
+                        (SELECT extract(epoch FROM now() - min(b.sealed_at))::float8
+                         FROM ingest.event_batches b
+                         WHERE b.sealed_at > now() - interval '1 day'
+                           AND NOT EXISTS (SELECT 1 FROM ingest.event_deliveries d
+                                           WHERE d.group_name = g.group_name
+                                             AND d.batch_id = b.id AND d.acked_at IS NOT NULL))
+                 FROM (SELECT DISTINCT group_name FROM ingest.event_deliveries) g",
                 &[],
             )
             .await?;
-        for row in rows {
+        for row in groups {
             let group: String = row.get(0);
+            let acked: i64 = row.get(1);
             metrics::gauge!("stowage_stream_consumer_lag_batches", "group" => group.clone())
-                .set(row.get::<_, i64>(1) as f64);
+                .set((sealed - acked).max(0) as f64);
             metrics::gauge!("stowage_stream_consumer_lag_seconds", "group" => group)
-                .set(row.get::<_, f64>(2));
+                .set(row.get::<_, Option<f64>>(2).unwrap_or(0.0));
         }
         Ok(())
+    }
+
+    /// Deletes the batches sealed more than the retention ago (objects first, then rows), at
+    /// most 500 per call; returns how many.
+    pub async fn expire_batches(&self) -> Result<usize> {
+        let retention = self.inner.settings.retention.as_secs_f64();
+        let conn = self.inner.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT id, storage_key, screenshots FROM ingest.event_batches
+                 WHERE sealed_at < now() - make_interval(secs => $1)
+                 ORDER BY sealed_at LIMIT 500",
+                &[&retention],
+            )
+            .await?;
+        drop(conn);
+        let mut gone = Vec::with_capacity(rows.len());
+        'batches: for row in &rows {
+            let key: String = row.get(1);
+            let screenshots: Vec<String> = row.get(2);
+            for key in screenshots.iter().chain([&key]) {
+                match self
+                    .inner
+                    .store
+                    .delete(&ObjectPath::from(key.as_str()))
+                    .await
+                {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(error) => {
+                        tracing::warn!(key, %error, "expired batch not deleted; later");
+                        continue 'batches;
+                    }
+                }
+            }
+            gone.push(row.get::<_, Uuid>(0));
+        }
+        let mut conn = self.inner.pool.get().await?;
+        let tx = conn.transaction().await?;
+        tx.execute(
+            "DELETE FROM ingest.event_deliveries WHERE batch_id = ANY($1)",
+            &[&gone],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM ingest.event_batches WHERE id = ANY($1)",
+            &[&gone],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(gone.len())
     }
 
     /// Seals every window that ended more than the grace ago; returns how many.

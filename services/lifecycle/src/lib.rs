@@ -146,8 +146,8 @@ impl Lifecycle {
         }
     }
 
-    /// Waits `settle` before taking a second look at a drifted account (see
-    /// [`usage`](crate::usage)).
+    /// Waits `settle` before taking a second look at a drifted account: a recount between
+    /// two steps of a purge or an upload is not a drift.
     pub fn with_reconcile_settle(mut self, settle: std::time::Duration) -> Self {
         self.settle = settle;
         self

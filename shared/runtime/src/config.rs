@@ -342,6 +342,9 @@ pub struct StreamsConfig {
     /// A batch delivered but not acknowledged within this goes to another group member.
     #[serde(with = "humantime_serde")]
     pub redeliver_after: Duration,
+    /// Sealed batches (and their screenshots) are deleted this long after sealing.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
     /// Artificial delay of every durable write: for back-pressure tests only.
     #[serde(with = "humantime_serde")]
     pub write_delay: Duration,
@@ -357,6 +360,7 @@ impl Default for StreamsConfig {
             max_screenshot: ByteSize::mib(12),
             keep_screenshots: 0,
             redeliver_after: Duration::from_secs(60),
+            retention: Duration::from_secs(7 * 24 * 3600),
             write_delay: Duration::ZERO,
         }
     }
@@ -478,6 +482,9 @@ impl Config {
                 "STOWAGE_INGEST__STREAMS__MAX_BUFFERED",
                 "must hold at least one message (STOWAGE_MAX_MESSAGE_SIZE)",
             );
+        }
+        if self.ingest.streams.retention < Duration::from_secs(1) {
+            return fail("STOWAGE_INGEST__STREAMS__RETENTION", "must be at least 1 s");
         }
         if self.ingest.streams.max_screenshot.as_u64() > self.max_message_size.as_u64() {
             return fail(
