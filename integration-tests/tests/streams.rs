@@ -588,3 +588,65 @@ async fn sealed_batches_and_their_screenshots_go_after_the_retention() -> anyhow
     .await?;
     mesh.stop().await
 }
+
+#[tokio::test]
+async fn batches_a_group_member_dropped_go_to_the_member_still_reading() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.streams.window = Duration::from_millis(300);
+        c.ingest.streams.grace = Duration::from_millis(100);
+        c.ingest.streams.redeliver_after = Duration::from_secs(1);
+    })
+    .await?;
+    let dan = token("dan", &[]);
+    // Two streams, three windows each: their batches interleave in sealing order.
+    for w in 0..3u64 {
+        let started = std::time::Instant::now();
+        let first = w * 10 + 1;
+        for stream in ["desk", "phone"] {
+            let acked = append_one(mesh.channel(), &dan, frame(stream, first, first + 9)).await?;
+            assert_eq!(acked, first + 9);
+        }
+        tokio::time::sleep(Duration::from_millis(400).saturating_sub(started.elapsed())).await;
+    }
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    stowage_integration_tests::eventually(Duration::from_secs(10), "six batches", || async {
+        let n: i64 = pool
+            .get()
+            .await?
+            .query_one("SELECT count(*) FROM ingest.event_batches", &[])
+            .await?
+            .get(0);
+        Ok(n >= 6)
+    })
+    .await?;
+    // Member A of group "pair" reads the desk stream, takes its batches and dies without
+    // acknowledging any.
+    let mut a = IngestClient::new(mesh.channel())
+        .subscribe_batches(authed(
+            pb::SubscribeBatchesRequest {
+                consumer_group: "pair".into(),
+                cursor: String::new(),
+                stream_ids: vec!["desk".into()],
+            },
+            &dan,
+        ))
+        .await?
+        .into_inner();
+    a.next().await.expect("a batch")?;
+    drop(a);
+    // Member B reads both streams: the phone batches at once (its cursor moves past the desk
+    // ones), then the desk batches once A's claims time out. Every event once.
+    let want: HashMap<String, u64> = [("desk".to_owned(), 30), ("phone".to_owned(), 30)].into();
+    let (seqs, batches) = drain(mesh.channel(), &dan, "pair", "", &want).await?;
+    for stream in ["desk", "phone"] {
+        let mut all = seqs[stream].clone();
+        all.sort_unstable();
+        assert_eq!(all, (1..=30).collect::<Vec<u64>>(), "{stream}");
+    }
+    let mut ids: Vec<&str> = batches.iter().map(|b| b.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), batches.len(), "no batch twice");
+    mesh.stop().await
+}

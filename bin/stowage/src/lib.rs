@@ -284,6 +284,7 @@ pub async fn serve_with(
                 keep_screenshots: streams_config.keep_screenshots,
                 redeliver_after: streams_config.redeliver_after,
                 retention: streams_config.retention,
+                prefetch: streams_config.prefetch,
                 write_delay: streams_config.write_delay,
             },
             shutdown.clone(),

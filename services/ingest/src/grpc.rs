@@ -156,13 +156,16 @@ impl ingest_server::Ingest for IngestGrpc {
         };
         let streams = self.streams()?.clone();
         let shutdown = self.shutdown.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // This call is one member of its group.
+        let member = uuid::Uuid::new_v4();
         tokio::spawn(async move {
             loop {
                 let batches = match streams
                     .claim_batches(
                         owner.as_deref(),
                         &req.consumer_group,
+                        member,
                         after,
                         &req.stream_ids,
                     )

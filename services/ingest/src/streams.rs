@@ -69,6 +69,8 @@ pub struct StreamSettings {
     pub redeliver_after: Duration,
     /// Sealed batches (and their screenshots) are deleted this long after sealing.
     pub retention: Duration,
+    /// Batches one subscriber holds unacknowledged, at most.
+    pub prefetch: usize,
     /// Artificial delay of every write (tests of back-pressure only).
     pub write_delay: Duration,
 }
@@ -84,6 +86,7 @@ impl Default for StreamSettings {
             keep_screenshots: 0,
             redeliver_after: Duration::from_secs(60),
             retention: Duration::from_secs(7 * 24 * 3600),
+            prefetch: 4,
             write_delay: Duration::ZERO,
         }
     }
@@ -135,6 +138,16 @@ fn validate_stream_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Deletes `keys` from `store` (gone already is fine).
+async fn delete_objects(store: &dyn ObjectStore, keys: &[String]) {
+    for key in keys {
+        match store.delete(&ObjectPath::from(key.as_str())).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(error) => tracing::warn!(key, %error, "unused screenshot not deleted"),
+        }
+    }
+}
+
 /// The writer of `stream`.
 fn writer_of(stream: &str) -> usize {
     use std::hash::{Hash, Hasher};
@@ -162,6 +175,20 @@ fn encode_segments(stream: &str, first_seq: u64, events: &[pb::Event]) -> Vec<Ne
     let mut raw = Vec::new();
     let (mut first, mut min_ts, mut screenshots) = (first_seq, None, String::new());
     for (i, event) in events.iter().enumerate() {
+        // Cut before an event that would take the segment past its size.
+        if !raw.is_empty() && raw.len() + event.encoded_len() + 10 > SEGMENT_MAX {
+            let last = first_seq + i as u64 - 1;
+            segments.push(NewSegment {
+                first_seq: first,
+                last_seq: last,
+                raw_bytes: raw.len(),
+                min_ts: min_ts.take(),
+                screenshots: std::mem::take(&mut screenshots),
+                data: lz4_flex::compress_prepend_size(&raw),
+            });
+            raw.clear();
+            first = last + 1;
+        }
         // Encoding into a Vec cannot fail.
         let _ = event.encode_length_delimited(&mut raw);
         if let Some(at) = timestamp_of(event) {
@@ -176,7 +203,7 @@ fn encode_segments(stream: &str, first_seq: u64, events: &[pb::Event]) -> Vec<Ne
             }
             screenshots.push_str(key);
         }
-        if raw.len() >= SEGMENT_MAX || i + 1 == events.len() {
+        if i + 1 == events.len() {
             let last = first_seq + i as u64;
             segments.push(NewSegment {
                 first_seq: first,
@@ -448,20 +475,23 @@ impl EventStreams {
             return;
         }
         let store = Arc::clone(&self.inner.store);
-        tokio::spawn(async move {
-            for key in keys {
-                match store.delete(&ObjectPath::from(key.as_str())).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(error) => tracing::warn!(key, %error, "unused screenshot not deleted"),
-                }
-            }
-        });
+        tokio::spawn(async move { delete_objects(store.as_ref(), &keys).await });
     }
 
     async fn write_loop(self, mut frames: mpsc::Receiver<Pending>, shutdown: CancellationToken) {
         loop {
             let first = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    // Frames still queued are answered "re-send" (their senders see the
+                    // channel close); what they stored in the store goes.
+                    frames.close();
+                    let mut keys = Vec::new();
+                    while let Ok(pending) = frames.try_recv() {
+                        keys.extend(pending.stored.into_iter().map(|(_, k)| k));
+                    }
+                    delete_objects(self.inner.store.as_ref(), &keys).await;
+                    return;
+                }
                 next = frames.recv() => match next {
                     Some(f) => f,
                     None => return,
@@ -498,6 +528,9 @@ impl EventStreams {
             for (frame, outcome) in batch.into_iter().zip(outcomes) {
                 let kept_from = match &outcome {
                     Ok((_, skipped)) => *skipped,
+                    // The write failed, perhaps after its commit reached PostgreSQL: its
+                    // events may be stored, so their screenshots stay.
+                    Err(Error::Unavailable(_)) => 0,
                     Err(_) => usize::MAX,
                 };
                 unused.extend(
@@ -930,38 +963,69 @@ impl EventStreams {
         Ok(true)
     }
 
-    /// Batches for `group` after cursor `after`, claimed for this subscriber: never
-    /// delivered to the group, or delivered and not acknowledged in time.
+    /// Batches claimed for a subscriber of `group`: those after cursor `after` never
+    /// delivered to the group, and those delivered to any member and not acknowledged in time
+    /// (a member that has moved past them still gets them).
     pub async fn claim_batches(
         &self,
         owner: Option<&str>,
         group: &str,
+        member: Uuid,
         after: i64,
         streams: &[String],
     ) -> Result<Vec<pb::EventBatch>> {
         let redeliver = self.inner.settings.redeliver_after.as_secs_f64();
         let conn = self.inner.pool.get().await?;
+        // A member holds at most `prefetch` batches it has not acknowledged.
+        let held: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM ingest.event_deliveries
+                 WHERE group_name = $1 AND member = $2 AND acked_at IS NULL
+                   AND delivered_at >= now() - make_interval(secs => $3)",
+                &[&group, &member, &redeliver],
+            )
+            .await?
+            .get(0);
+        let room = i64::try_from(self.inner.settings.prefetch).unwrap_or(i64::MAX) - held;
+        if room <= 0 {
+            return Ok(Vec::new());
+        }
         let rows = conn
             .query(
                 "WITH candidates AS (
                      SELECT b.id FROM ingest.event_batches b
                      LEFT JOIN ingest.event_deliveries d ON d.group_name = $1 AND d.batch_id = b.id
-                     WHERE b.seq > $2 AND ($3::text IS NULL OR b.owner_id = $3)
+                     WHERE ($3::text IS NULL OR b.owner_id = $3)
                        AND (cardinality($4::text[]) = 0 OR b.stream_id = ANY($4))
-                       AND (d.batch_id IS NULL OR (d.acked_at IS NULL
-                            AND d.delivered_at < now() - make_interval(secs => $5)))
-                     ORDER BY b.seq LIMIT 10
+                       -- Past the retention: being deleted.
+                       AND b.sealed_at >= now() - make_interval(secs => $8)
+                       -- New batches after the subscriber's cursor, and any batch another
+                       -- member took and did not acknowledge in time (wherever the cursor is).
+                       AND ((d.batch_id IS NULL AND b.seq > $2)
+                            OR (d.acked_at IS NULL
+                                AND d.delivered_at < now() - make_interval(secs => $5)))
+                     ORDER BY b.seq LIMIT $6
                  ), claimed AS (
-                     INSERT INTO ingest.event_deliveries (group_name, batch_id)
-                     SELECT $1, id FROM candidates
-                     ON CONFLICT (group_name, batch_id) DO UPDATE SET delivered_at = now()
+                     INSERT INTO ingest.event_deliveries (group_name, batch_id, member)
+                     SELECT $1, id, $7 FROM candidates
+                     ON CONFLICT (group_name, batch_id) DO UPDATE
+                         SET delivered_at = now(), member = EXCLUDED.member
                          WHERE event_deliveries.acked_at IS NULL
                            AND event_deliveries.delivered_at < now() - make_interval(secs => $5)
                      RETURNING batch_id
                  )
                  SELECT b.* FROM ingest.event_batches b JOIN claimed c ON c.batch_id = b.id
                  ORDER BY b.seq",
-                &[&group, &after, &owner, &streams, &redeliver],
+                &[
+                    &group,
+                    &after,
+                    &owner,
+                    &streams,
+                    &redeliver,
+                    &room,
+                    &member,
+                    &self.inner.settings.retention.as_secs_f64(),
+                ],
             )
             .await?;
         drop(conn);
@@ -1085,11 +1149,7 @@ mod tests {
         for pair in segments.windows(2) {
             assert_eq!(pair[0].last_seq + 1, pair[1].first_seq);
         }
-        assert!(
-            segments
-                .iter()
-                .all(|s| s.raw_bytes <= SEGMENT_MAX + (301 << 10))
-        );
+        assert!(segments.iter().all(|s| s.raw_bytes <= SEGMENT_MAX));
         assert_eq!(
             segments[0].min_ts.map(|t| t.timestamp()),
             Some(1_700_000_001)

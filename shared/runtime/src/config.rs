@@ -345,6 +345,9 @@ pub struct StreamsConfig {
     /// Sealed batches (and their screenshots) are deleted this long after sealing.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Batches one subscriber holds unacknowledged, at most (the rest go to other members
+    /// of its group).
+    pub prefetch: usize,
     /// Artificial delay of every durable write: for back-pressure tests only.
     #[serde(with = "humantime_serde")]
     pub write_delay: Duration,
@@ -361,6 +364,7 @@ impl Default for StreamsConfig {
             keep_screenshots: 0,
             redeliver_after: Duration::from_secs(60),
             retention: Duration::from_secs(7 * 24 * 3600),
+            prefetch: 4,
             write_delay: Duration::ZERO,
         }
     }
@@ -481,6 +485,12 @@ impl Config {
             return fail(
                 "STOWAGE_INGEST__STREAMS__MAX_BUFFERED",
                 "must hold at least one message (STOWAGE_MAX_MESSAGE_SIZE)",
+            );
+        }
+        if self.ingest.streams.prefetch == 0 || self.ingest.streams.prefetch > 1000 {
+            return fail(
+                "STOWAGE_INGEST__STREAMS__PREFETCH",
+                "must be between 1 and 1000",
             );
         }
         if self.ingest.streams.retention < Duration::from_secs(1) {
