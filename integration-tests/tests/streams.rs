@@ -439,6 +439,14 @@ async fn append_one(
     }
 }
 
+/// Asserts `answer` is a refusal with `code` naming `field`; returns the status.
+fn refused(answer: Result<u64, tonic::Status>, code: tonic::Code, field: &str) -> tonic::Status {
+    let status = answer.expect_err("refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(field), "{}", status.message());
+    status
+}
+
 #[tokio::test]
 async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()> {
     use object_store::ObjectStoreExt;
@@ -465,12 +473,10 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
     // Every bad frame below carries a screenshot big enough to be stored: none may stay.
     let mut gap = frame("desk", 12, 14);
     gap.events[0] = with_shot(12, 10_000);
-    let status = append_one(mesh.channel(), &alice, gap).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
-    assert!(
-        status.message().contains("first_seq"),
-        "{}",
-        status.message()
+    let status = refused(
+        append_one(mesh.channel(), &alice, gap).await,
+        tonic::Code::FailedPrecondition,
+        "first_seq",
     );
     assert_eq!(
         status
@@ -483,27 +489,19 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
     let mut oversize = frame("desk", 11, 13);
     oversize.events[0] = with_shot(11, 10_000);
     oversize.events[2].payload = vec![1u8; (1 << 20) + 1];
-    let status = append_one(mesh.channel(), &alice, oversize)
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(
-        status.message().contains("events.payload"),
-        "{}",
-        status.message()
+    refused(
+        append_one(mesh.channel(), &alice, oversize).await,
+        tonic::Code::InvalidArgument,
+        "events.payload",
     );
 
     let mut big_shot = frame("desk", 11, 12);
     big_shot.events[0] = with_shot(11, 10_000);
     big_shot.events[1] = with_shot(12, 65 * 1024);
-    let status = append_one(mesh.channel(), &alice, big_shot)
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(
-        status.message().contains("events.screenshot.inline_data"),
-        "{}",
-        status.message()
+    refused(
+        append_one(mesh.channel(), &alice, big_shot).await,
+        tonic::Code::InvalidArgument,
+        "events.screenshot.inline_data",
     );
 
     // Bob cannot append to (or overwrite the screenshots of) Alice's stream.
@@ -520,14 +518,10 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
         width: 1,
         height: 1,
     });
-    let status = append_one(mesh.channel(), &alice, forged)
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(
-        status.message().contains("events.screenshot.storage_key"),
-        "{}",
-        status.message()
+    refused(
+        append_one(mesh.channel(), &alice, forged).await,
+        tonic::Code::InvalidArgument,
+        "events.screenshot.storage_key",
     );
 
     // Nothing of any of them was kept: the stream is still at 10, its one screenshot intact.

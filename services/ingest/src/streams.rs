@@ -172,52 +172,55 @@ struct NewSegment {
 fn encode_segments(stream: &str, first_seq: u64, events: &[pb::Event]) -> Vec<NewSegment> {
     let own = format!("events/{stream}/");
     let mut segments = Vec::new();
+    let mut open = NewSegment::starting_at(first_seq);
     let mut raw = Vec::new();
-    let (mut first, mut min_ts, mut screenshots) = (first_seq, None, String::new());
     for (i, event) in events.iter().enumerate() {
         // Cut before an event that would take the segment past its size.
         if !raw.is_empty() && raw.len() + event.encoded_len() + 10 > SEGMENT_MAX {
-            let last = first_seq + i as u64 - 1;
-            segments.push(NewSegment {
-                first_seq: first,
-                last_seq: last,
-                raw_bytes: raw.len(),
-                min_ts: min_ts.take(),
-                screenshots: std::mem::take(&mut screenshots),
-                data: lz4_flex::compress_prepend_size(&raw),
-            });
-            raw.clear();
-            first = last + 1;
+            segments.push(open.close(first_seq + i as u64 - 1, &mut raw));
+            open = NewSegment::starting_at(first_seq + i as u64);
         }
         // Encoding into a Vec cannot fail.
         let _ = event.encode_length_delimited(&mut raw);
         if let Some(at) = timestamp_of(event) {
-            min_ts = Some(min_ts.map_or(at, |m: DateTime<Utc>| m.min(at)));
+            open.min_ts = Some(open.min_ts.map_or(at, |m| m.min(at)));
         }
         if let Some(pb::screenshot::Source::StorageKey(key)) =
             event.screenshot.as_ref().and_then(|s| s.source.as_ref())
             && key.starts_with(&own)
         {
-            if !screenshots.is_empty() {
-                screenshots.push('\n');
+            if !open.screenshots.is_empty() {
+                open.screenshots.push('\n');
             }
-            screenshots.push_str(key);
-        }
-        if i + 1 == events.len() {
-            let last = first_seq + i as u64;
-            segments.push(NewSegment {
-                first_seq: first,
-                last_seq: last,
-                raw_bytes: raw.len(),
-                min_ts: min_ts.take(),
-                screenshots: std::mem::take(&mut screenshots),
-                data: lz4_flex::compress_prepend_size(&raw),
-            });
-            raw.clear();
-            first = last + 1;
+            open.screenshots.push_str(key);
         }
     }
+    if !raw.is_empty() {
+        segments.push(open.close(first_seq + events.len() as u64 - 1, &mut raw));
+    }
     segments
+}
+
+impl NewSegment {
+    fn starting_at(first_seq: u64) -> Self {
+        Self {
+            first_seq,
+            last_seq: first_seq,
+            raw_bytes: 0,
+            min_ts: None,
+            screenshots: String::new(),
+            data: Vec::new(),
+        }
+    }
+
+    /// The segment ending at `last_seq`, holding `raw` (compressed; `raw` is emptied).
+    fn close(mut self, last_seq: u64, raw: &mut Vec<u8>) -> Self {
+        self.last_seq = last_seq;
+        self.raw_bytes = raw.len();
+        self.data = lz4_flex::compress_prepend_size(raw);
+        raw.clear();
+        self
+    }
 }
 
 /// New segments as columns, for one INSERT.
