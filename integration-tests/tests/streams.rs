@@ -280,17 +280,7 @@ async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screens
     );
 
     // All three windows sealed on time (each 500 ms, sealed 200 ms after its end).
-    let pool = stowage_db::connect(&setup.database_url, 1)?;
-    stowage_integration_tests::eventually(Duration::from_secs(10), "three batches", || async {
-        let n: i64 = pool
-            .get()
-            .await?
-            .query_one("SELECT count(*) FROM ingest.event_batches", &[])
-            .await?
-            .get(0);
-        Ok(n >= 3)
-    })
-    .await?;
+    batches_sealed(&setup, 3).await?;
     // The group gets every event once, in order.
     let want: HashMap<String, u64> = [("desk".to_owned(), 30)].into();
     let (seqs, batches) = drain(mesh.channel(), &bob, "g1", "", &want).await?;
@@ -420,6 +410,25 @@ async fn a_slow_writer_slows_clients_down_and_memory_stays_under_the_ceiling() -
     println!("peak RSS growth: {} MiB", grown >> 20);
     assert!(grown < 100 << 20, "peak RSS grew by {} MiB", grown >> 20);
     mesh.stop().await
+}
+
+/// Waits until at least `n` batches are sealed.
+async fn batches_sealed(setup: &Setup, n: i64) -> anyhow::Result<()> {
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    stowage_integration_tests::eventually(
+        Duration::from_secs(10),
+        &format!("{n} batches"),
+        || async {
+            let sealed: i64 = pool
+                .get()
+                .await?
+                .query_one("SELECT count(*) FROM ingest.event_batches", &[])
+                .await?
+                .get(0);
+            Ok(sealed >= n)
+        },
+    )
+    .await
 }
 
 /// Sends one frame on its own call; returns the durable seq or the status.
@@ -603,17 +612,7 @@ async fn batches_a_group_member_dropped_go_to_the_member_still_reading() -> anyh
         }
         tokio::time::sleep(Duration::from_millis(400).saturating_sub(started.elapsed())).await;
     }
-    let pool = stowage_db::connect(&setup.database_url, 1)?;
-    stowage_integration_tests::eventually(Duration::from_secs(10), "six batches", || async {
-        let n: i64 = pool
-            .get()
-            .await?
-            .query_one("SELECT count(*) FROM ingest.event_batches", &[])
-            .await?
-            .get(0);
-        Ok(n >= 6)
-    })
-    .await?;
+    batches_sealed(&setup, 6).await?;
     // Member A of group "pair" reads the desk stream, takes its batches and dies without
     // acknowledging any.
     let mut a = IngestClient::new(mesh.channel())

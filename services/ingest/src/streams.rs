@@ -138,14 +138,16 @@ fn validate_stream_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Deletes `keys` from `store` (gone already is fine).
-async fn delete_objects(store: &dyn ObjectStore, keys: &[String]) {
+/// Deletes `keys` from `store` (gone already is fine); returns how many are gone.
+async fn delete_objects(store: &dyn ObjectStore, keys: &[String]) -> u32 {
+    let mut gone = 0;
     for key in keys {
         match store.delete(&ObjectPath::from(key.as_str())).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(error) => tracing::warn!(key, %error, "unused screenshot not deleted"),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => gone += 1,
+            Err(error) => tracing::warn!(key, %error, "screenshot not deleted"),
         }
     }
+    gone
 }
 
 /// The writer of `stream`.
@@ -478,7 +480,9 @@ impl EventStreams {
             return;
         }
         let store = Arc::clone(&self.inner.store);
-        tokio::spawn(async move { delete_objects(store.as_ref(), &keys).await });
+        tokio::spawn(async move {
+            delete_objects(store.as_ref(), &keys).await;
+        });
     }
 
     async fn write_loop(self, mut frames: mpsc::Receiver<Pending>, shutdown: CancellationToken) {
@@ -1110,19 +1114,11 @@ impl EventStreams {
             std::collections::HashSet::new()
         };
         drop(conn);
-        let mut deleted = 0;
-        for key in screenshots.iter().filter(|k| !keep.contains(*k)) {
-            match self
-                .inner
-                .store
-                .delete(&ObjectPath::from(key.as_str()))
-                .await
-            {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
-                Err(error) => tracing::warn!(key, %error, "screenshot not deleted"),
-            }
-        }
-        Ok(deleted)
+        let doomed: Vec<String> = screenshots
+            .into_iter()
+            .filter(|k| !keep.contains(k))
+            .collect();
+        Ok(delete_objects(self.inner.store.as_ref(), &doomed).await)
     }
 }
 
