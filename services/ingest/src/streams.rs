@@ -102,6 +102,8 @@ struct Pending {
     /// their events are not stored (the frame refused, or a re-sent duplicate).
     stored: Vec<(usize, String)>,
     done: oneshot::Sender<Result<u64>>,
+    /// Encoded size of `events` as received (counted once, in `submit`).
+    bytes: usize,
     _budget: OwnedSemaphorePermit,
 }
 
@@ -397,6 +399,7 @@ impl EventStreams {
                 events: frame.events,
                 stored,
                 done,
+                bytes,
                 _budget: budget,
             })
             .await;
@@ -505,11 +508,11 @@ impl EventStreams {
                 },
             };
             let mut batch = vec![first];
-            let mut bytes = 0;
+            let mut bytes = batch[0].bytes;
             while batch.len() < MAX_WRITE_FRAMES && bytes < MAX_WRITE_BYTES {
                 match frames.try_recv() {
                     Ok(f) => {
-                        bytes += f.events.iter().map(Message::encoded_len).sum::<usize>();
+                        bytes += f.bytes;
                         batch.push(f);
                     }
                     Err(_) => break,
