@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use stowage_db::{GenericClient, PgPool};
+use stowage_db::{Cached, GenericClient, PgPool};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -258,7 +258,7 @@ impl Catalog {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let row = tx
-            .query_opt(
+            .query_opt_cached(
                 "INSERT INTO files.files (id, owner_id, display_name, kind, mime_type, size_bytes,
                      sha256, storage_key, status, tags, package_name, idempotency_key)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
@@ -285,7 +285,7 @@ impl Catalog {
             // Same key or same id: a retry of this registration, if it names the same blob.
             let conn = self.pool.get().await?;
             let existing = conn
-                .query_opt(
+                .query_opt_cached(
                     "SELECT * FROM files.files
                      WHERE id = $1 OR (owner_id = $2 AND idempotency_key = $3)",
                     &[&new.id, &new.owner_id, &new.idempotency_key],
@@ -395,7 +395,7 @@ impl Catalog {
     ) -> Result<FileRecord> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_opt_cached(
                 "UPDATE files.files
                  SET display_name = COALESCE($3, display_name),
                      tags = COALESCE($4, tags),
@@ -433,7 +433,7 @@ impl Catalog {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let rows = tx
-            .query(
+            .query_cached(
                 "UPDATE files.files SET deleted_at = now(), updated_at = now()
                  WHERE owner_id = $1 AND deleted_at IS NULL AND status <> 'quarantined'
                  RETURNING *",
@@ -494,7 +494,7 @@ impl Catalog {
         let conn = self.pool.get().await?;
         let rows = match after {
             None => {
-                conn.query(
+                conn.query_cached(
                     "SELECT * FROM files.files
                      WHERE owner_id = $1 AND deleted_at IS NOT NULL AND status <> 'quarantined'
                      ORDER BY deleted_at DESC, id DESC LIMIT $2",
@@ -503,7 +503,7 @@ impl Catalog {
                 .await?
             }
             Some((at, id)) => {
-                conn.query(
+                conn.query_cached(
                     "SELECT * FROM files.files
                      WHERE owner_id = $1 AND deleted_at IS NOT NULL AND status <> 'quarantined'
                        AND (deleted_at, id) < ($2, $3)
@@ -526,7 +526,7 @@ impl Catalog {
         let conn = self.pool.get().await?;
         let (at, id) = after.unzip();
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT * FROM files.files
                  WHERE deleted_at IS NOT NULL AND deleted_at < $1
                    AND ($2::timestamptz IS NULL OR (deleted_at, id) > ($2, $3))
@@ -547,7 +547,7 @@ impl Catalog {
     ) -> Result<Vec<(String, u64, u64)>> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT owner_id,
                         (sum(size_bytes) + sum(variant_bytes_charged))::bigint AS bytes,
                         count(*) AS files
@@ -567,7 +567,7 @@ impl Catalog {
     pub async fn find_keys(&self, keys: &[String]) -> Result<Vec<String>> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT storage_key FROM files.files WHERE storage_key = ANY($1)
                  UNION
                  SELECT storage_key FROM files.variants WHERE storage_key = ANY($1)",
@@ -588,7 +588,7 @@ impl Catalog {
         let conn = self.pool.get().await?;
         let status = status.map(FileStatus::as_str);
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT * FROM files.files
                  WHERE created_at < $1 AND ($2::uuid IS NULL OR id > $2)
                    AND ($4::text IS NULL OR status = $4)
@@ -621,7 +621,7 @@ impl Catalog {
         );
         // Conditional, so a restore (or another purge) that won the race is not undone.
         let deleted = tx
-            .query_opt(
+            .query_opt_cached(
                 "DELETE FROM files.files WHERE id = $1 AND ($2 OR deleted_at IS NOT NULL)
                  RETURNING variant_bytes_charged",
                 &[&id, &matches!(viewer, Viewer::Privileged)],
@@ -667,7 +667,7 @@ impl Catalog {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let updated = tx
-            .query_opt(
+            .query_opt_cached(
                 "UPDATE files.files SET
                      status = COALESCE($2, status),
                      status_reason = CASE WHEN $2::text IS NULL THEN status_reason ELSE $3 END,
@@ -694,7 +694,7 @@ impl Catalog {
         };
         let charged: i64 = updated.get(0);
         for v in variants {
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO files.variants (file_id, name, mime_type, size_bytes, width, height, storage_key, inline_data)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (file_id, name) DO UPDATE SET mime_type = $3, size_bytes = $4,
@@ -726,7 +726,7 @@ impl Catalog {
     /// another call moved the mark meanwhile.
     pub async fn mark_charged(&self, id: Uuid, pending: &PendingCharge) -> Result<()> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_cached(
             "UPDATE files.files SET variant_bytes_charged = $3
              WHERE id = $1 AND variant_bytes_charged = $2",
             &[
@@ -743,7 +743,7 @@ impl Catalog {
     pub async fn totals(&self, owner: Option<&str>) -> Result<Totals> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_one(
+            .query_one_cached(
                 "SELECT COALESCE(sum(size_bytes), 0)::bigint AS total,
                         count(*) AS files,
                         count(*) FILTER (WHERE deleted_at IS NOT NULL) AS trashed,
@@ -755,7 +755,7 @@ impl Catalog {
             )
             .await?;
         let by_kind = conn
-            .query(
+            .query_cached(
                 "SELECT kind, count(*) FROM files.files
                  WHERE $1::text IS NULL OR owner_id = $1 GROUP BY kind ORDER BY kind",
                 &[&owner],
@@ -776,7 +776,7 @@ impl Catalog {
 
 async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Result<FileRecord> {
     let row = conn
-        .query_opt(
+        .query_opt_cached(
             "SELECT * FROM files.files
              WHERE id = $1 AND ($2::text IS NULL OR (owner_id = $2 AND status <> 'quarantined'))",
             &[&id, &viewer.owner()],
@@ -785,7 +785,7 @@ async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Resu
         .ok_or(Error::NotFound)?;
     let mut file = FileRecord::from_row(&row);
     file.variants = conn
-        .query(
+        .query_cached(
             "SELECT * FROM files.variants WHERE file_id = $1 ORDER BY name",
             &[&id],
         )

@@ -18,7 +18,7 @@ use sha2::{
     digest::common::hazmat::{SerializableState, SerializedState},
 };
 use stowage_blob::keys;
-use stowage_db::{GenericClient, PgPool};
+use stowage_db::{Cached, GenericClient, PgPool};
 use stowage_proto::v1 as pb;
 use stowage_runtime::{
     mesh::{FilesApi, QuotaApi},
@@ -322,7 +322,7 @@ impl Sessions {
         let conn = self.pool.get().await?;
         let ttl_secs = self.settings.ttl.as_secs_f64();
         let row = conn
-            .query_opt(
+            .query_opt_cached(
                 "INSERT INTO ingest.uploads (id, owner_id, idempotency_key, state, declared_size, file_id,
                      display_name, resumable, metadata, expires_at)
                  VALUES ($1, $2, $3, 'open', $4, $5, $6, true, $7, now() + make_interval(secs => $8))
@@ -341,7 +341,7 @@ impl Sessions {
             .await?;
         let Some(row) = row else {
             let row = conn
-                .query_one(
+                .query_one_cached(
                     &format!("{SELECT} WHERE owner_id = $1 AND idempotency_key = $2"),
                     &[&owner, &idempotency_key],
                 )
@@ -378,7 +378,7 @@ impl Sessions {
         let reservation = match reserved {
             Ok(r) => r.reservation.map(|r| r.id).unwrap_or_default(),
             Err(status) => {
-                conn.execute("DELETE FROM ingest.uploads WHERE id = $1", &[&session.id])
+                conn.execute_cached("DELETE FROM ingest.uploads WHERE id = $1", &[&session.id])
                     .await?;
                 return Err(status.into());
             }
@@ -386,7 +386,7 @@ impl Sessions {
         let reservation =
             Uuid::parse_str(&reservation).map_err(|_| Error::Internal("bad reservation id"))?;
         let row = conn
-            .query_one(
+            .query_one_cached(
                 "UPDATE ingest.uploads SET reservation_id = $2 WHERE id = $1 RETURNING *",
                 &[&session.id, &reservation],
             )
@@ -398,7 +398,7 @@ impl Sessions {
     pub async fn get(&self, id: Uuid, owner: &str) -> Result<Session> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_opt_cached(
                 &format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable"),
                 &[&id, &owner],
             )
@@ -430,7 +430,7 @@ impl Sessions {
 
     async fn parts(&self, tx: &impl GenericClient, id: Uuid) -> Result<Vec<Part>> {
         let rows = tx
-            .query(
+            .query_cached(
                 "SELECT * FROM ingest.upload_parts WHERE upload_id = $1 ORDER BY part_number",
                 &[&id],
             )
@@ -577,14 +577,14 @@ impl Sessions {
         let hash_state = hashed.map_err(|_| Error::Internal("hashing panicked"))??;
         let staged = staged?;
         for number in &staged.merged {
-            tx.execute(
+            tx.execute_cached(
                 "DELETE FROM ingest.upload_parts WHERE upload_id = $1 AND part_number = $2",
                 &[&id, number],
             )
             .await?;
         }
         if let Some(p) = &staged.part {
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO ingest.upload_parts (upload_id, part_number, start_offset, size_bytes, part_id, pending)
                  VALUES ($1, $2, $3, $4, $5, $6)",
                 &[&id, &p.number, &(p.start as i64), &(p.size as i64), &p.part_id, &p.pending],
@@ -592,7 +592,7 @@ impl Sessions {
             .await?;
         }
         let row = tx
-            .query_one(
+            .query_one_cached(
                 "UPDATE ingest.uploads SET received_bytes = $2, hash_state = $3, updated_at = now()
                  WHERE id = $1 RETURNING *",
                 &[&id, &(end as i64), &hash_state],
@@ -621,7 +621,7 @@ impl Sessions {
             &sniffed.extension,
         );
         session.multipart_id = self.staging.begin(&key).await?;
-        tx.execute(
+        tx.execute_cached(
             "UPDATE ingest.uploads SET storage_key = $2, multipart_id = $3 WHERE id = $1",
             &[&session.id, &key.as_ref(), &session.multipart_id],
         )
@@ -652,7 +652,7 @@ impl Sessions {
             .ok_or(Error::Internal("bad reservation id"))?;
         // The old hold is given back by the caller once this change is committed.
         let old = session.reservation_id.filter(|old| *old != new_id);
-        tx.execute(
+        tx.execute_cached(
             "UPDATE ingest.uploads SET declared_size = $2, reservation_id = $3 WHERE id = $1",
             &[&session.id, &(size as i64), &new_id],
         )
@@ -717,7 +717,7 @@ impl Sessions {
                     // Nothing was ever written: an empty file.
                     self.choose_key(&tx, &mut session, &[]).await?;
                 }
-                tx.execute(
+                tx.execute_cached(
                     "UPDATE ingest.uploads SET state = 'completing', sha256 = $2, declared_size = $3, updated_at = now()
                      WHERE id = $1",
                     &[&id, &sha, &(size as i64)],
@@ -742,13 +742,13 @@ impl Sessions {
         // are recorded on it as they happen.
         let mut conn = self.pool.get().await?;
         let lock_key = id.to_string();
-        conn.execute(
+        conn.execute_cached(
             "SELECT pg_advisory_lock(hashtextextended($1::text, 7))",
             &[&lock_key],
         )
         .await?;
         let result = self.finish_locked(&mut conn, id, owner).await;
-        conn.execute(
+        conn.execute_cached(
             "SELECT pg_advisory_unlock(hashtextextended($1::text, 7))",
             &[&lock_key],
         )
@@ -763,7 +763,7 @@ impl Sessions {
         owner: &str,
     ) -> Result<pb::File> {
         let row = conn
-            .query_opt(
+            .query_opt_cached(
                 &format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable"),
                 &[&id, &owner],
             )
@@ -785,7 +785,7 @@ impl Sessions {
             self.staging
                 .compose(id, &key, session.multipart_id.as_deref(), &parts, size)
                 .await?;
-            conn.execute(
+            conn.execute_cached(
                 "UPDATE ingest.uploads SET placed = true WHERE id = $1",
                 &[&id],
             )
@@ -821,7 +821,7 @@ impl Sessions {
         let file = registered
             .file
             .ok_or(Error::Internal("no file in response"))?;
-        conn.execute(
+        conn.execute_cached(
             "UPDATE ingest.uploads SET state = 'registered', updated_at = now() WHERE id = $1",
             &[&id],
         )
@@ -839,7 +839,7 @@ impl Sessions {
         // completion lock (a second one could wait forever on a pool its callers exhausted).
         let tx = conn.transaction().await?;
         let changed = tx
-            .execute(
+            .execute_cached(
                 "UPDATE ingest.uploads SET state = 'completed', updated_at = now()
                  WHERE id = $1 AND state <> 'completed'",
                 &[&id],
@@ -897,12 +897,12 @@ impl Sessions {
             self.release(reservation, id).await;
         }
         let row = tx
-            .query_one(
+            .query_one_cached(
                 "UPDATE ingest.uploads SET state = $2, updated_at = now() WHERE id = $1 RETURNING *",
                 &[&id, &state],
             )
             .await?;
-        tx.execute(
+        tx.execute_cached(
             "DELETE FROM ingest.upload_parts WHERE upload_id = $1",
             &[&id],
         )
@@ -954,7 +954,7 @@ impl Sessions {
         let ids: Vec<Uuid> = stale.keys().flatten().copied().collect();
         let conn = self.pool.get().await?;
         let live: std::collections::HashSet<Uuid> = conn
-            .query(
+            .query_cached(
                 "SELECT id FROM ingest.uploads WHERE id = ANY($1)
                    AND state IN ('receiving', 'open', 'completing', 'registered')",
                 &[&ids],
@@ -995,7 +995,7 @@ impl Sessions {
         let idle_secs = i64::try_from(idle.as_secs()).unwrap_or(i64::MAX);
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT id, owner_id FROM ingest.uploads
                  WHERE resumable AND state = 'open'
                    AND (updated_at < now() - make_interval(secs => $1) OR expires_at < now())
@@ -1030,7 +1030,7 @@ impl Sessions {
     pub async fn sweep_expired(&self, limit: i64) -> Result<usize> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT id, owner_id FROM ingest.uploads
                  WHERE resumable AND state = 'open' AND expires_at < now()
                  ORDER BY expires_at LIMIT $1",
@@ -1050,7 +1050,7 @@ impl Sessions {
         }
         let conn = self.pool.get().await?;
         let stuck = conn
-            .query(
+            .query_cached(
                 "SELECT id, owner_id FROM ingest.uploads
                  WHERE resumable AND state IN ('completing', 'registered')
                    AND updated_at < now() - interval '1 minute'

@@ -1,6 +1,6 @@
 //! Upload rows in Ingest's schema.
 
-use stowage_db::PgPool;
+use stowage_db::{Cached, PgPool};
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -66,7 +66,7 @@ impl Uploads {
     ) -> Result<(UploadRow, bool)> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_opt_cached(
                 "INSERT INTO ingest.uploads (id, owner_id, idempotency_key, state, declared_size, file_id, display_name)
                  VALUES ($1, $2, $3, 'receiving', $4, $5, $6)
                  ON CONFLICT (owner_id, idempotency_key) DO NOTHING
@@ -92,7 +92,7 @@ impl Uploads {
             ));
         }
         let row = conn
-            .query_one(
+            .query_one_cached(
                 "SELECT id, state, file_id FROM ingest.uploads WHERE owner_id = $1 AND idempotency_key = $2",
                 &[&owner, &key],
             )
@@ -110,7 +110,7 @@ impl Uploads {
     /// Records the reservation that holds the upload's quota.
     pub async fn set_reservation(&self, id: Uuid, reservation: Uuid) -> Result<()> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_cached(
             "UPDATE ingest.uploads SET reservation_id = $2, updated_at = now() WHERE id = $1",
             &[&id, &reservation],
         )
@@ -128,7 +128,7 @@ impl Uploads {
         failure: Option<&str>,
     ) -> Result<()> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_cached(
             "UPDATE ingest.uploads
              SET state = $2, storage_key = COALESCE($3, storage_key), received_bytes = $4,
                  failure = $5, updated_at = now()
@@ -151,7 +151,7 @@ impl Uploads {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let changed = tx
-            .query_opt(
+            .query_opt_cached(
                 "UPDATE ingest.uploads
                  SET state = 'completed', received_bytes = $2, failure = NULL, updated_at = now()
                  WHERE id = $1 AND state <> 'completed'
@@ -170,7 +170,7 @@ impl Uploads {
     /// Deletes a row that never held quota or bytes.
     pub async fn forget(&self, id: Uuid) -> Result<()> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_cached(
             "DELETE FROM ingest.uploads WHERE id = $1 AND state = 'receiving' AND reservation_id IS NULL",
             &[&id],
         )
@@ -181,7 +181,7 @@ impl Uploads {
     /// Records the key a one-shot upload writes to, before it writes.
     pub async fn set_key(&self, id: Uuid, key: &str) -> Result<()> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_cached(
             "UPDATE ingest.uploads SET storage_key = $2, updated_at = now() WHERE id = $1",
             &[&id, &key],
         )
@@ -195,7 +195,7 @@ impl Uploads {
     pub async fn claim_abandoned(&self, older_than: std::time::Duration) -> Result<Vec<Abandoned>> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_cached(
                 "UPDATE ingest.uploads u
                  SET state = CASE WHEN u.state = 'receiving' THEN 'failed' ELSE u.state END,
                      failure = CASE WHEN u.state = 'receiving' THEN 'abandoned' ELSE u.failure END,

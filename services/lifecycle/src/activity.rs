@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
-use stowage_db::GenericClient;
+use stowage_db::{Cached, GenericClient};
 use stowage_events::{Event, EventHandler, HandlerError, topics};
 use stowage_proto::v1 as pb;
 
@@ -27,7 +27,7 @@ pub(crate) async fn touch(
     at: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
     client
-        .execute(
+        .execute_cached(
             "INSERT INTO lifecycle.activity (user_id, last_active_at) VALUES ($1, $2)
              ON CONFLICT (user_id) DO UPDATE SET
                  last_active_at = greatest(activity.last_active_at, $2),
@@ -51,7 +51,7 @@ pub(crate) async fn request_recheck(
 ) -> Result<(), tokio_postgres::Error> {
     let secs = debounce.as_secs_f64();
     client
-        .execute(
+        .execute_cached(
             "INSERT INTO lifecycle.rechecks (user_id, due_at)
              VALUES ($1, now() + make_interval(secs => $2))
              ON CONFLICT (user_id) DO UPDATE SET due_at = now() + make_interval(secs => $2)",
@@ -71,7 +71,7 @@ pub(crate) async fn record(
     dedupe_key: &str,
 ) -> Result<bool, tokio_postgres::Error> {
     let inserted = client
-        .execute(
+        .execute_cached(
             "INSERT INTO lifecycle.history (user_id, event, at, detail, dedupe_key)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             &[&user, &event, &at, detail, &dedupe_key],
@@ -184,7 +184,7 @@ impl Lifecycle {
         let mut conn = self.pool.get().await.map_err(db)?;
         let quiet_days = f64::from(policy.inactivity_days) * 86_400.0;
         let quiet: Vec<String> = conn
-            .query(
+            .query_cached(
                 "SELECT user_id FROM lifecycle.activity
                  WHERE notice_due_at IS NULL
                    AND last_active_at < now() - make_interval(secs => $1)
@@ -206,7 +206,7 @@ impl Lifecycle {
             let grace = f64::from(policy.notice_grace_hours) * 3600.0;
             let n = quiet.len() as f64;
             let offsets: Vec<f64> = (0..quiet.len()).map(|i| grace * i as f64 / n).collect();
-            conn.execute(
+            conn.execute_cached(
                 "UPDATE lifecycle.activity a SET notice_due_at = now() + make_interval(secs => s.offset_s)
                  FROM unnest($1::text[], $2::float8[]) AS s(user_id, offset_s)
                  WHERE a.user_id = s.user_id AND a.notice_due_at IS NULL",
@@ -221,7 +221,7 @@ impl Lifecycle {
         loop {
             let tx = conn.transaction().await.map_err(db)?;
             let due = tx
-                .query(
+                .query_cached(
                     "UPDATE lifecycle.activity SET notice_sent_at = now()
                      WHERE user_id IN (
                          SELECT user_id FROM lifecycle.activity
@@ -279,7 +279,7 @@ impl Lifecycle {
         let grace = f64::from(policy.notice_grace_hours) * 3600.0;
         let conn = self.pool.get().await.map_err(db)?;
         let due: Vec<(String, DateTime<Utc>)> = conn
-            .query(
+            .query_cached(
                 "SELECT user_id, notice_sent_at FROM lifecycle.activity
                  WHERE notice_sent_at < now() - make_interval(secs => $1) AND cleaned_at IS NULL
                  LIMIT 1000",
@@ -308,7 +308,7 @@ impl Lifecycle {
             let mut conn = self.pool.get().await.map_err(db)?;
             let tx = conn.transaction().await.map_err(db)?;
             let marked = tx
-                .execute(
+                .execute_cached(
                     "UPDATE lifecycle.activity SET cleaned_at = now()
                      WHERE user_id = $1 AND cleaned_at IS NULL AND notice_sent_at = $2",
                     &[&user, &noticed],
@@ -337,7 +337,7 @@ impl Lifecycle {
     pub async fn run_due_rechecks(&self) -> Result<usize, tonic::Status> {
         let conn = self.pool.get().await.map_err(db)?;
         let due: Vec<String> = conn
-            .query(
+            .query_cached(
                 &format!(
                     "DELETE FROM lifecycle.rechecks WHERE user_id IN (
                          SELECT user_id FROM lifecycle.rechecks
@@ -377,7 +377,7 @@ impl Lifecycle {
     ) -> Result<Vec<HistoryEvent>, tonic::Status> {
         let conn = self.pool.get().await.map_err(db)?;
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT DISTINCT ON (user_id) * FROM lifecycle.history
                  WHERE $1::text IS NULL OR user_id > $1
                  ORDER BY user_id, at DESC, id DESC LIMIT $2",
@@ -398,7 +398,7 @@ impl Lifecycle {
         let conn = self.pool.get().await.map_err(db)?;
         let (at, id) = before.unzip();
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT * FROM lifecycle.history
                  WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (at, id) < ($2, $3))
                  ORDER BY at DESC, id DESC LIMIT $4",

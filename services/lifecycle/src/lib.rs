@@ -17,7 +17,7 @@ mod usage;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use stowage_db::PgPool;
+use stowage_db::{Cached, PgPool};
 use stowage_jobs::{Handler, Job, JobError, Queue, Schedule};
 use stowage_runtime::mesh::{FilesApi, IngestApi, MediaApi, QuotaApi};
 use uuid::Uuid;
@@ -170,7 +170,7 @@ impl Lifecycle {
         let secs = ttl.as_secs_f64();
         let conn = self.pool.get().await.map_err(db)?;
         let row = conn
-            .query_one(
+            .query_one_cached(
                 "INSERT INTO lifecycle.ephemeral (storage_key, owner, expires_at)
                  VALUES ($1, $2, now() + make_interval(secs => $3))
                  ON CONFLICT (storage_key) DO UPDATE SET expires_at = EXCLUDED.expires_at
@@ -185,7 +185,7 @@ impl Lifecycle {
     /// Acknowledges ephemeral blobs; returns how many were registered.
     pub async fn ack_ephemeral(&self, keys: &[String]) -> Result<u64, tonic::Status> {
         let conn = self.pool.get().await.map_err(db)?;
-        conn.execute(
+        conn.execute_cached(
             "UPDATE lifecycle.ephemeral SET acknowledged_at = coalesce(acknowledged_at, now())
              WHERE storage_key = ANY($1)",
             &[&keys],
@@ -220,7 +220,7 @@ impl Lifecycle {
     pub async fn policy(&self) -> Result<Policy, tonic::Status> {
         let conn = self.pool.get().await.map_err(db)?;
         let row = conn
-            .query_opt("SELECT policy FROM lifecycle.policy", &[])
+            .query_opt_cached("SELECT policy FROM lifecycle.policy", &[])
             .await
             .map_err(db)?;
         Ok(row
@@ -233,7 +233,7 @@ impl Lifecycle {
         let value = serde_json::to_value(policy)
             .map_err(|e| tonic::Status::internal(format!("policy: {e}")))?;
         let conn = self.pool.get().await.map_err(db)?;
-        conn.execute(
+        conn.execute_cached(
             "INSERT INTO lifecycle.policy (policy) VALUES ($1)
              ON CONFLICT (id) DO UPDATE SET policy = $1, updated_at = now()",
             &[&value],
@@ -255,7 +255,7 @@ impl Lifecycle {
         let policy = self.policy().await?;
         let id = Uuid::now_v7();
         let conn = self.pool.get().await.map_err(db)?;
-        conn.execute(
+        conn.execute_cached(
             "INSERT INTO lifecycle.runs (id, name, dry_run) VALUES ($1, $2, $3)",
             &[&id, &name, &dry_run],
         )
@@ -270,7 +270,7 @@ impl Lifecycle {
         let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let conn = self.pool.get().await.map_err(db)?;
         let row = conn
-            .query_one(
+            .query_one_cached(
                 "UPDATE lifecycle.runs SET finished_at = now(), examined = $2, acted = $3,
                      failed = $4, error = $5, report = $6
                  WHERE id = $1 RETURNING *",
@@ -302,7 +302,7 @@ impl Lifecycle {
         let conn = self.pool.get().await.map_err(db)?;
         let (at, id) = before.unzip();
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT * FROM lifecycle.runs
                  WHERE ($1::text IS NULL OR name = $1)
                    AND ($2::timestamptz IS NULL OR (started_at, id) < ($2, $3))

@@ -7,6 +7,7 @@ use stowage_jobs::{NewJob, Queue};
 use uuid::Uuid;
 
 use crate::{PROCESS_JOB, job_key};
+use stowage_db::Cached;
 
 /// Turns `file.created` into a processing job and forgets a purged file's quarantine row.
 #[derive(Clone, Debug)]
@@ -58,9 +59,9 @@ impl EventHandler for FileEvents {
                     .map_err(|e| HandlerError(format!("enqueue: {e}")))?;
             }
             topics::FILE_PURGED => {
-                tx.execute("DELETE FROM media.quarantine WHERE file_id = $1", &[&id])
+                tx.execute_cached("DELETE FROM media.quarantine WHERE file_id = $1", &[&id])
                     .await?;
-                tx.execute("DELETE FROM media.outcomes WHERE file_id = $1", &[&id])
+                tx.execute_cached("DELETE FROM media.outcomes WHERE file_id = $1", &[&id])
                     .await?;
             }
             _ => {}

@@ -18,6 +18,7 @@ use crate::{
     error::{Error, Result},
     job_key,
 };
+use stowage_db::Cached;
 
 /// The tonic service of Media.
 #[derive(Clone, Debug)]
@@ -98,7 +99,7 @@ impl Media {
         let conn = self.pool.get().await?;
         let rows = match after {
             None => {
-                conn.query(
+                conn.query_cached(
                     "SELECT file_id, signature, quarantined_at FROM media.quarantine
                      WHERE released_at IS NULL
                      ORDER BY quarantined_at DESC, file_id DESC LIMIT $1",
@@ -107,7 +108,7 @@ impl Media {
                 .await?
             }
             Some(c) => {
-                conn.query(
+                conn.query_cached(
                     "SELECT file_id, signature, quarantined_at FROM media.quarantine
                      WHERE released_at IS NULL AND (quarantined_at, file_id) < ($1, $2)
                      ORDER BY quarantined_at DESC, file_id DESC LIMIT $3",
@@ -185,7 +186,7 @@ impl Media {
     async fn release(&self, file_id: Uuid, admin: &str) -> Result<pb::File> {
         let conn = self.pool.get().await?;
         let released = conn
-            .execute(
+            .execute_cached(
                 "UPDATE media.quarantine SET released_at = now(), released_by = $2
                  WHERE file_id = $1 AND released_at IS NULL",
                 &[&file_id, &admin],
@@ -215,7 +216,7 @@ impl Media {
 async fn delete_outcome(pool: &stowage_db::PgPool, file_id: Uuid, status: &str) -> Result<()> {
     pool.get()
         .await?
-        .execute(
+        .execute_cached(
             "DELETE FROM media.outcomes WHERE file_id = $1 AND status = $2",
             &[&file_id, &status],
         )

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Datelike, Utc};
 use futures::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path as ObjectPath};
-use stowage_db::PgPool;
+use stowage_db::{Cached, PgPool};
 use stowage_events::topics;
 use stowage_jobs::{Handler, Job, JobError, Queue};
 use stowage_proto::v1 as pb;
@@ -179,7 +179,7 @@ impl Media {
         };
         let conn = self.pool.get().await.map_err(JobError::retry)?;
         let released = conn
-            .query_opt(
+            .query_opt_cached(
                 "SELECT 1 FROM media.quarantine WHERE file_id = $1 AND released_at IS NOT NULL",
                 &[&file_id],
             )
@@ -210,7 +210,7 @@ impl Media {
             }
         };
         let conn = self.pool.get().await.map_err(JobError::retry)?;
-        conn.execute(
+        conn.execute_cached(
             "INSERT INTO media.quarantine (file_id, owner_id, signature) VALUES ($1, $2, $3)
              ON CONFLICT (file_id) DO UPDATE SET signature = $3, quarantined_at = now(),
                  released_at = NULL, released_by = NULL",
@@ -508,7 +508,7 @@ impl Media {
         let mut conn = self.pool.get().await.map_err(JobError::retry)?;
         let tx = conn.transaction().await.map_err(JobError::retry)?;
         let inserted = tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO media.outcomes (file_id, status, reason) VALUES ($1, $2, $3)
                  ON CONFLICT DO NOTHING",
                 &[&file_id, &name, &reason],

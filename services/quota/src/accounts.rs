@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use stowage_db::{GenericClient, PgPool};
+use stowage_db::{Cached, GenericClient, PgPool};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -142,9 +142,14 @@ impl Quota {
         }
     }
 
-    async fn ensure_account(&self, conn: &tokio_postgres::Client, user_id: &str) -> Result<()> {
-        conn.execute(
-            "INSERT INTO quota.accounts (user_id, limit_bytes) VALUES ($1, $2)
+    /// Creates `user_id`'s account with the default limit if it has none. The `NOT EXISTS`
+    /// read sees a committed account without waiting: a bare `ON CONFLICT DO NOTHING` would
+    /// wait for every transaction holding the row, serialising a user's parallel uploads.
+    async fn ensure_account(&self, conn: &impl GenericClient, user_id: &str) -> Result<()> {
+        conn.execute_cached(
+            "INSERT INTO quota.accounts (user_id, limit_bytes)
+             SELECT $1, $2
+             WHERE NOT EXISTS (SELECT 1 FROM quota.accounts WHERE user_id = $1)
              ON CONFLICT (user_id) DO NOTHING",
             &[&user_id, &to_i64("limit_bytes", self.default_limit)?],
         )
@@ -193,13 +198,13 @@ impl Quota {
         }
         let mut conn = self.pool.get().await?;
         self.ensure_account(&conn, user_id).await?;
-        let tx = conn.transaction().await?;
-        if let Some(existing) = find_by_key(&tx, user_id, idempotency_key).await? {
-            let account = account_row(&tx, user_id).await?;
+        if let Some(existing) = find_by_key(&conn, user_id, idempotency_key).await? {
+            let account = account_row(&conn, user_id).await?;
             return Ok((existing, Account::from_row(&account)));
         }
+        let tx = conn.transaction().await?;
         // Holds past their expiry give their bytes back before we decide.
-        tx.execute(
+        tx.execute_cached(
             "WITH expired AS (
                  UPDATE quota.reservations SET state = 'expired', updated_at = now()
                  WHERE user_id = $1 AND state = 'held' AND expires_at < now()
@@ -210,8 +215,29 @@ impl Quota {
             &[&user_id],
         )
         .await?;
+        let ttl_secs = f64::from(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX));
+        let inserted = tx
+            .query_opt_cached(
+                "INSERT INTO quota.reservations (id, user_id, bytes, state, idempotency_key, expires_at)
+                 VALUES ($1, $2, $3, 'held', $4, now() + make_interval(secs => $5))
+                 ON CONFLICT (user_id, idempotency_key) DO NOTHING
+                 RETURNING *",
+                &[&Uuid::now_v7(), &user_id, &amount, &idempotency_key, &ttl_secs],
+            )
+            .await?;
+        let Some(reservation) = inserted else {
+            // A concurrent call with the same key won: return theirs.
+            tx.rollback().await?;
+            let existing = find_by_key(&conn, user_id, idempotency_key)
+                .await?
+                .ok_or(Error::ReservationNotFound)?;
+            let account = account_row(&conn, user_id).await?;
+            return Ok((existing, Account::from_row(&account)));
+        };
+        // The account row is the one every upload of this user touches: its lock is taken by
+        // the last statement, so it is held only until the commit.
         let updated = tx
-            .query_opt(
+            .query_opt_cached(
                 "UPDATE quota.accounts
                  SET reserved_bytes = reserved_bytes + $2, updated_at = now()
                  WHERE user_id = $1 AND used_bytes + reserved_bytes + $2 <= limit_bytes
@@ -220,39 +246,18 @@ impl Quota {
             )
             .await?;
         let Some(account) = updated else {
-            let row = account_row(&tx, user_id).await?;
             tx.rollback().await?;
+            let row = account_row(&conn, user_id).await?;
             return Err(Error::Exhausted {
                 requested: bytes,
                 available: Account::from_row(&row).available_bytes(),
             });
         };
-        let ttl_secs = f64::from(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX));
-        let inserted = tx
-            .query_opt(
-                "INSERT INTO quota.reservations (id, user_id, bytes, state, idempotency_key, expires_at)
-                 VALUES ($1, $2, $3, 'held', $4, now() + make_interval(secs => $5))
-                 ON CONFLICT (user_id, idempotency_key) DO NOTHING
-                 RETURNING *",
-                &[&Uuid::now_v7(), &user_id, &amount, &idempotency_key, &ttl_secs],
-            )
-            .await?;
-        match inserted {
-            Some(row) => {
-                tx.commit().await?;
-                Ok((Reservation::from_row(&row), Account::from_row(&account)))
-            }
-            None => {
-                // A concurrent call with the same key won; undo our hold and return theirs.
-                tx.rollback().await?;
-                let conn = self.pool.get().await?;
-                let existing = find_by_key(&conn, user_id, idempotency_key)
-                    .await?
-                    .ok_or(Error::ReservationNotFound)?;
-                let account = account_row(&conn, user_id).await?;
-                Ok((existing, Account::from_row(&account)))
-            }
-        }
+        tx.commit().await?;
+        Ok((
+            Reservation::from_row(&reservation),
+            Account::from_row(&account),
+        ))
     }
 
     /// Turns a reservation into `bytes` of usage. Committing again returns the first commit.
@@ -264,7 +269,7 @@ impl Quota {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let row = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT * FROM quota.reservations WHERE id = $1 FOR UPDATE",
                 &[&reservation_id],
             )
@@ -280,8 +285,28 @@ impl Quota {
             ReservationState::Held => to_i64("bytes", reservation.bytes)?,
             ReservationState::Expired => 0,
         };
+        let row = tx
+            .query_one_cached(
+                "UPDATE quota.reservations
+                 SET state = 'committed', committed_bytes = $2, updated_at = now()
+                 WHERE id = $1 RETURNING *",
+                &[&reservation_id, &amount],
+            )
+            .await?;
+        tx.execute_cached(
+            "INSERT INTO quota.ledger (user_id, delta_bytes, kind, reservation_id, idempotency_key)
+             VALUES ($1, $2, 'commit', $3, $4)",
+            &[
+                &reservation.user_id,
+                &amount,
+                &reservation_id,
+                &format!("commit:{reservation_id}"),
+            ],
+        )
+        .await?;
+        // The account row last (see `reserve`); a refusal rolls the two writes above back.
         let updated = tx
-            .query_opt(
+            .query_opt_cached(
                 "UPDATE quota.accounts
                  SET reserved_bytes = reserved_bytes - $2::bigint,
                      used_bytes = used_bytes + $3::bigint, updated_at = now()
@@ -293,33 +318,14 @@ impl Quota {
             )
             .await?;
         let Some(account) = updated else {
-            let row = account_row(&tx, &reservation.user_id).await?;
             tx.rollback().await?;
+            let row = account_row(&conn, &reservation.user_id).await?;
             let account = Account::from_row(&row);
             return Err(Error::Exhausted {
                 requested: bytes,
                 available: account.available_bytes() + reservation.bytes,
             });
         };
-        let row = tx
-            .query_one(
-                "UPDATE quota.reservations
-                 SET state = 'committed', committed_bytes = $2, updated_at = now()
-                 WHERE id = $1 RETURNING *",
-                &[&reservation_id, &amount],
-            )
-            .await?;
-        tx.execute(
-            "INSERT INTO quota.ledger (user_id, delta_bytes, kind, reservation_id, idempotency_key)
-             VALUES ($1, $2, 'commit', $3, $4)",
-            &[
-                &reservation.user_id,
-                &amount,
-                &reservation_id,
-                &format!("commit:{reservation_id}"),
-            ],
-        )
-        .await?;
         let account = Account::from_row(&account);
         stage_threshold(&tx, &account, bytes).await?;
         tx.commit().await?;
@@ -331,7 +337,7 @@ impl Quota {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let row = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT * FROM quota.reservations WHERE id = $1 FOR UPDATE",
                 &[&reservation_id],
             )
@@ -343,19 +349,19 @@ impl Quota {
             ReservationState::Committed => return Err(Error::WrongState("committed".into())),
             ReservationState::Held => {}
         }
-        tx.execute(
-            "UPDATE quota.accounts SET reserved_bytes = reserved_bytes - $2, updated_at = now()
-             WHERE user_id = $1",
-            &[&reservation.user_id, &to_i64("bytes", reservation.bytes)?],
-        )
-        .await?;
         let row = tx
-            .query_one(
+            .query_one_cached(
                 "UPDATE quota.reservations SET state = $2, updated_at = now()
                  WHERE id = $1 RETURNING *",
                 &[&reservation_id, &ReservationState::Released.as_str()],
             )
             .await?;
+        tx.execute_cached(
+            "UPDATE quota.accounts SET reserved_bytes = reserved_bytes - $2, updated_at = now()
+             WHERE user_id = $1",
+            &[&reservation.user_id, &to_i64("bytes", reservation.bytes)?],
+        )
+        .await?;
         tx.commit().await?;
         Ok(Reservation::from_row(&row))
     }
@@ -401,35 +407,37 @@ impl Quota {
         let mut conn = self.pool.get().await?;
         self.ensure_account(&conn, user_id).await?;
         let tx = conn.transaction().await?;
-        let account = tx
-            .query_one(
-                "SELECT * FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
-                &[&user_id],
-            )
-            .await?;
-        // Usage cannot go below zero; if it would, the ledger records what really moved and
-        // reconciliation reports the drift.
+        // A charge takes the account row's lock last (see `reserve`); a debit reads the usage
+        // under the lock first, because usage cannot go below zero: if it would, the ledger
+        // records what really moved and reconciliation reports the drift.
         let (delta, kind) = if raise {
             (amount, "charge")
         } else {
+            let account = tx
+                .query_one_cached(
+                    "SELECT * FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
+                    &[&user_id],
+                )
+                .await?;
             (
                 -amount.min(Account::from_row(&account).used_bytes as i64),
                 "debit",
             )
         };
         let inserted = tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO quota.ledger (user_id, delta_bytes, kind, idempotency_key, reason)
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
                 &[&user_id, &delta, &kind, &idempotency_key, &reason],
             )
             .await?;
         if inserted == 0 {
+            let account = account_row(&tx, user_id).await?;
             tx.commit().await?;
             return Ok(Account::from_row(&account));
         }
         let row = tx
-            .query_one(
+            .query_one_cached(
                 "UPDATE quota.accounts SET used_bytes = used_bytes + $2, updated_at = now()
                  WHERE user_id = $1 RETURNING *",
                 &[&user_id, &delta],
@@ -448,13 +456,13 @@ impl Quota {
     pub async fn expire_reservations(&self, dry_run: bool) -> Result<(Vec<Uuid>, u64)> {
         let conn = self.pool.get().await?;
         let rows = if dry_run {
-            conn.query(
+            conn.query_cached(
                 "SELECT id FROM quota.reservations WHERE state = 'held' AND expires_at < now()",
                 &[],
             )
             .await?
         } else {
-            conn.query(
+            conn.query_cached(
                 "WITH expired AS (
                      UPDATE quota.reservations SET state = 'expired', updated_at = now()
                      WHERE state = 'held' AND expires_at < now()
@@ -493,7 +501,7 @@ impl Quota {
         self.ensure_account(&conn, user_id).await?;
         let tx = conn.transaction().await?;
         let row = tx
-            .query_one(
+            .query_one_cached(
                 "SELECT * FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
                 &[&user_id],
             )
@@ -502,7 +510,7 @@ impl Quota {
         // A retry of a repair already made answers as it did not drift (before the
         // expected usage is compared: the repair itself moved it).
         let done = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT 1 FROM quota.ledger WHERE idempotency_key = $1",
                 &[&idempotency_key],
             )
@@ -524,7 +532,7 @@ impl Quota {
             return Ok((0, Account::from_row(&row)));
         }
         let inserted = tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO quota.ledger (user_id, delta_bytes, kind, idempotency_key, reason)
                  VALUES ($1, $2, 'reconcile', $3, 'usage recount')
                  ON CONFLICT (idempotency_key) DO NOTHING",
@@ -536,7 +544,7 @@ impl Quota {
             return Ok((0, Account::from_row(&row)));
         }
         let row = tx
-            .query_one(
+            .query_one_cached(
                 "UPDATE quota.accounts SET used_bytes = $2, updated_at = now()
                  WHERE user_id = $1 RETURNING *",
                 &[&user_id, &actual],
@@ -553,7 +561,7 @@ impl Quota {
         let limit = to_i64("limit_bytes", limit_bytes)?;
         let conn = self.pool.get().await?;
         let row = conn
-            .query_one(
+            .query_one_cached(
                 "INSERT INTO quota.accounts (user_id, limit_bytes) VALUES ($1, $2)
                  ON CONFLICT (user_id) DO UPDATE SET limit_bytes = $2, updated_at = now()
                  RETURNING *",
@@ -578,7 +586,7 @@ impl Quota {
         }
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_cached(
                 "SELECT * FROM quota.accounts
                  WHERE user_id > $1
                    AND used_bytes::float8 * 100 >= $2 * GREATEST(limit_bytes, 1)::float8
@@ -593,7 +601,7 @@ impl Quota {
     pub async fn stats(&self) -> Result<Stats> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_one(
+            .query_one_cached(
                 "SELECT count(*) AS accounts,
                         COALESCE(sum(used_bytes), 0)::bigint AS used,
                         COALESCE(sum(reserved_bytes), 0)::bigint AS reserved,
@@ -620,7 +628,7 @@ impl Quota {
     pub async fn ledger_total(&self, user_id: &str) -> Result<i64> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_one(
+            .query_one_cached(
                 "SELECT COALESCE(sum(delta_bytes), 0)::bigint FROM quota.ledger WHERE user_id = $1",
                 &[&user_id],
             )
@@ -655,7 +663,7 @@ async fn find_by_key(
 ) -> Result<Option<Reservation>> {
     let Some(key) = key else { return Ok(None) };
     let row = conn
-        .query_opt(
+        .query_opt_cached(
             "SELECT * FROM quota.reservations WHERE user_id = $1 AND idempotency_key = $2",
             &[&user_id, &key],
         )
@@ -665,7 +673,7 @@ async fn find_by_key(
 
 async fn account_row(conn: &impl GenericClient, user_id: &str) -> Result<Row> {
     Ok(conn
-        .query_one(
+        .query_one_cached(
             "SELECT * FROM quota.accounts WHERE user_id = $1",
             &[&user_id],
         )

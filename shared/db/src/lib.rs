@@ -4,7 +4,9 @@
 //! `refinery::embed_migrations!`; [`migrate`] applies them under an advisory lock so that
 //! any number of replicas can start at once.
 
+mod cached;
 mod listen;
+pub use cached::{Cached, Params};
 pub use listen::listen;
 
 use std::time::Duration;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{Event, event::stream_key, relay::pg_interval};
+use stowage_db::Cached;
 
 /// Why a handler did not apply an event; it stays pending and is delivered again.
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +263,7 @@ impl Consumer {
             .map_err(|e| HandlerError(format!("database unavailable: {e}")))?;
         let tx = conn.transaction().await?;
         let fresh = tx
-            .execute(
+            .execute_cached(
                 &format!(
                     "INSERT INTO {}.consumed_events (consumer, event_id) VALUES ($1, $2)
                      ON CONFLICT DO NOTHING",
@@ -348,7 +349,7 @@ impl Consumer {
             return;
         };
         if let Err(error) = conn
-            .execute(
+            .execute_cached(
                 &format!(
                     "DELETE FROM {}.consumed_events
                      WHERE consumer = $1 AND consumed_at < now() - ($2::float8 * interval '1 second')",

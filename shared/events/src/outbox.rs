@@ -1,6 +1,7 @@
 //! The producer's side: an event row written in the caller's transaction.
 
 use deadpool_postgres::GenericClient;
+use stowage_db::Cached;
 use uuid::Uuid;
 
 /// Records an event in `schema`'s outbox inside the caller's transaction, so it exists if and
@@ -15,7 +16,7 @@ pub async fn stage(
 ) -> Result<Uuid, tokio_postgres::Error> {
     let traceparent = stowage_telemetry::current_traceparent();
     let row = tx
-        .query_one(
+        .query_one_cached(
             &format!(
                 "WITH staged AS (
                      INSERT INTO {schema}.outbox (topic, key, payload, traceparent)

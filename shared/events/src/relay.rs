@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{Event, event::stream_key};
+use stowage_db::Cached;
 
 /// Errors of one relay pass.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +153,7 @@ impl Relay {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let locked: bool = tx
-            .query_one(
+            .query_one_cached(
                 "SELECT pg_try_advisory_xact_lock(hashtext($1))",
                 &[&format!("stowage-outbox:{}", self.schema)],
             )
@@ -163,7 +164,7 @@ impl Relay {
         }
         let limit = i64::try_from(self.settings.batch).unwrap_or(i64::MAX);
         let rows = tx
-            .query(
+            .query_cached(
                 &format!(
                     "SELECT id, event_id, topic, key, payload, traceparent, created_at
                      FROM {}.outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
@@ -206,7 +207,7 @@ impl Relay {
             // consumers dedupe.
             result?;
         }
-        tx.execute(
+        tx.execute_cached(
             &format!(
                 "UPDATE {}.outbox SET published_at = now() WHERE id = ANY($1)",
                 self.schema
@@ -233,7 +234,7 @@ impl Relay {
             .unwrap_or(chrono::Duration::hours(1));
         let conn = self.pool.get().await?;
         let replayed = conn
-            .execute(
+            .execute_cached(
                 &format!(
                     "UPDATE {}.outbox SET published_at = NULL
                      WHERE published_at > now() - ($1::float8 * interval '1 second')",
@@ -265,7 +266,7 @@ impl Relay {
     async fn observe_lag(&self) -> Result<(), RelayError> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_one(
+            .query_one_cached(
                 &format!(
                     "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
                      FROM {}.outbox WHERE published_at IS NULL",
@@ -286,7 +287,7 @@ impl Relay {
         let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(7));
         let conn = self.pool.get().await?;
         let removed = conn
-            .execute(
+            .execute_cached(
                 &format!(
                     "DELETE FROM {}.outbox WHERE published_at < now() - ($1::float8 * interval '1 second')",
                     self.schema
