@@ -58,7 +58,7 @@ pub async fn upload_declaring(
     let chunks: Vec<pb::UploadRequest> = data
         .chunks(1 << 20)
         .map(|c| pb::UploadRequest {
-            part: Some(Part::Data(c.to_vec())),
+            part: Some(Part::Data(bytes::Bytes::copy_from_slice(c))),
         })
         .collect();
     let stream = futures::stream::iter(std::iter::once(header).chain(chunks));
@@ -265,7 +265,7 @@ pub async fn put_chunk(
                 upload_id: upload_id.to_owned(),
                 chunk: Some(pb::Chunk {
                     offset,
-                    data: data.to_vec(),
+                    data: bytes::Bytes::copy_from_slice(data),
                     sha256: String::new(),
                     size_bytes: None,
                 }),
@@ -280,11 +280,11 @@ pub async fn put_chunk(
 }
 
 /// Writes chunks with one WriteChunks stream.
-pub async fn write_chunks(
+pub async fn write_chunks<D: Into<bytes::Bytes>>(
     channel: Channel,
     token: &str,
     upload_id: &str,
-    chunks: Vec<(u64, Vec<u8>)>,
+    chunks: Vec<(u64, D)>,
 ) -> Result<pb::UploadSession, Status> {
     let first = upload_id.to_owned();
     let messages: Vec<pb::WriteChunksRequest> = chunks
@@ -294,7 +294,7 @@ pub async fn write_chunks(
             upload_id: if i == 0 { first.clone() } else { String::new() },
             chunk: Some(pb::Chunk {
                 offset,
-                data,
+                data: data.into(),
                 sha256: String::new(),
                 size_bytes: None,
             }),

@@ -154,7 +154,7 @@ async fn bad_chunks_are_refused_and_the_session_stays_resumable() -> anyhow::Res
                     upload_id: s.id.clone(),
                     chunk: Some(pb::Chunk {
                         offset: 1 << 20,
-                        data: data[1 << 20..2 << 20].to_vec(),
+                        data: data[1 << 20..2 << 20].to_vec().into(),
                         sha256: sha256(b"other"),
                         size_bytes: None,
                     }),
@@ -332,7 +332,7 @@ async fn deferred_length_and_abort() -> anyhow::Result<()> {
                 upload_id: s.id.clone(),
                 chunk: Some(pb::Chunk {
                     offset: 1 << 20,
-                    data: data[1 << 20..].to_vec(),
+                    data: data[1 << 20..].to_vec().into(),
                     sha256: sha256(&data[1 << 20..]),
                     size_bytes: Some(3 << 20),
                 }),

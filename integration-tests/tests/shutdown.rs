@@ -44,7 +44,7 @@ async fn sigterm_mid_upload_fails_the_client_and_leaves_nothing() -> anyhow::Res
         for chunk in data.chunks(1 << 20) {
             if tx
                 .send(pb::UploadRequest {
-                    part: Some(Part::Data(chunk.to_vec())),
+                    part: Some(Part::Data(chunk.to_vec().into())),
                 })
                 .await
                 .is_err()
@@ -134,7 +134,7 @@ async fn sigkill_mid_upload_is_cleaned_up_by_the_sweeper() -> anyhow::Result<()>
     .await?;
     for chunk in data.chunks(1 << 20).take(20) {
         tx.send(pb::UploadRequest {
-            part: Some(Part::Data(chunk.to_vec())),
+            part: Some(Part::Data(chunk.to_vec().into())),
         })
         .await?;
     }

@@ -66,7 +66,7 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
         })),
     };
     let data = pb::UploadRequest {
-        part: Some(Part::Data(b"hello".to_vec())),
+        part: Some(Part::Data(b"hello".to_vec().into())),
     };
     let mut request = authed(futures::stream::iter([header, data]), &token("alice", &[]));
     request.metadata_mut().insert(
@@ -192,6 +192,19 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
     assert!(
         parts.get(2).is_some_and(|id| files.contains(id)),
         "event parent {event_parent} is not a Files span"
+    );
+    // Media's first span in the trace (its consumer's handling of file.created) is the child
+    // of that Files span: the hop through Redis keeps the parent link, not only the trace id.
+    let media_roots: Vec<&RecordedSpan> = spans
+        .iter()
+        .filter(|s| s.service == "stowage-media" && !media.contains(s.parent_span_id.as_str()))
+        .collect();
+    assert!(
+        !media_roots.is_empty()
+            && media_roots
+                .iter()
+                .all(|s| parts.get(2) == Some(&s.parent_span_id.as_str())),
+        "Media spans not under the event's Files span {event_parent}: {media_roots:#?}"
     );
     Ok(())
 }

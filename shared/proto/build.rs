@@ -27,6 +27,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // RPCs a service does not implement yet answer UNIMPLEMENTED instead of failing to build.
         .generate_default_stubs(true)
+        // Upload bytes as `bytes::Bytes`: decoded without a copy out of the receive buffer,
+        // and sliced out of a larger buffer without one on the client.
+        .bytes(".stowage.v1.Chunk.data")
+        .bytes(".stowage.v1.UploadRequest.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -159,7 +159,7 @@ impl Client {
                         upload_id: if first { first_id } else { String::new() },
                         chunk: Some(pb::Chunk {
                             offset,
-                            data: buf,
+                            data: buf.into(),
                             sha256: String::new(),
                             size_bytes: None,
                         }),

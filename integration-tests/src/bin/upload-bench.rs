@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use stowage_integration_tests::{
     complete, create_session, put_chunk, random_bytes, upload, write_chunks,
 };
@@ -47,7 +48,7 @@ fn raw_write(dir: &std::path::Path, data: &[u8], sync: bool) -> anyhow::Result<D
     Ok(elapsed)
 }
 
-async fn stowage_big(mesh: &Mesh, alice: &str, data: &[u8]) -> anyhow::Result<Duration> {
+async fn stowage_big(mesh: &Mesh, alice: &str, data: &Bytes) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let s = create_session(
         mesh.channel(),
@@ -57,11 +58,11 @@ async fn stowage_big(mesh: &Mesh, alice: &str, data: &[u8]) -> anyhow::Result<Du
         "",
     )
     .await?;
-    // One WriteChunks stream carrying every chunk, as `stowage upload` does.
-    let chunks: Vec<(u64, Vec<u8>)> = data
-        .chunks(CHUNK)
-        .enumerate()
-        .map(|(i, c)| ((i * CHUNK) as u64, c.to_vec()))
+    // One WriteChunks stream carrying every chunk, as `stowage upload` does; the chunks are
+    // slices of one buffer, as a client reading a file into reused buffers would send them.
+    let chunks: Vec<(u64, Bytes)> = (0..data.len())
+        .step_by(CHUNK)
+        .map(|o| (o as u64, data.slice(o..(o + CHUNK).min(data.len()))))
         .collect();
     write_chunks(mesh.channel(), alice, &s.id, chunks).await?;
     complete(mesh.channel(), alice, &s.id).await?;
@@ -174,7 +175,7 @@ async fn tus_big(
     base: &str,
     endpoint: &str,
     auth: Option<&str>,
-    data: Arc<Vec<u8>>,
+    data: Bytes,
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let location = tus_create(http, endpoint, auth, data.len(), None).await?;
@@ -184,11 +185,11 @@ async fn tus_big(
         format!("{base}{location}")
     };
     let len = data.len();
-    let body = futures::stream::iter((0..len).step_by(CHUNK).map(move |o| {
-        Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(
-            &data[o..(o + CHUNK).min(len)],
-        ))
-    }));
+    let body = futures::stream::iter(
+        (0..len)
+            .step_by(CHUNK)
+            .map(move |o| Ok::<_, std::io::Error>(data.slice(o..(o + CHUNK).min(len)))),
+    );
     let mut request = http
         .patch(&url)
         .header("tus-resumable", "1.0.0")
@@ -292,17 +293,16 @@ async fn main() -> anyhow::Result<()> {
     );
 
     if only != "small" {
-        let data = random_bytes(BIG);
+        let data = Bytes::from(random_bytes(BIG));
         let raw = raw_write(&dir, &data, false)?;
         let raw_synced = raw_write(&dir, &data, true)?;
         let stowage = stowage_big(&mesh, &alice, &data).await?;
-        let shared = Arc::new(data);
         let peer_big = tus_big(
             &http,
             &peer_base,
             &format!("{peer_base}/files"),
             None,
-            Arc::clone(&shared),
+            data.clone(),
         )
         .await?;
         let stowage_tus_big = tus_big(
@@ -310,7 +310,7 @@ async fn main() -> anyhow::Result<()> {
             &base,
             &format!("{base}/tus"),
             Some(&auth),
-            Arc::clone(&shared),
+            data.clone(),
         )
         .await?;
         let (raw_mbps, st_mbps, peer_mbps) =

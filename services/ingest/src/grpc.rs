@@ -1,7 +1,6 @@
 //! The Ingest gRPC service: thin handlers over [`Uploader`] and [`Sessions`]. Event streams
 //! answer UNIMPLEMENTED until they land.
 
-use bytes::Bytes;
 use futures::StreamExt;
 use stowage_proto::v1::{self as pb, ingest_server};
 use stowage_runtime::{identity, status::parse_uuid};
@@ -77,7 +76,7 @@ fn chunk_in(chunk: Option<pb::Chunk>) -> Result<ChunkIn, Status> {
     };
     Ok(ChunkIn {
         offset: chunk.offset,
-        data: Bytes::from(chunk.data),
+        data: chunk.data,
         checksum,
         size: chunk.size_bytes,
     })
@@ -319,42 +318,64 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::WriteChunksResponse>, Status> {
         let caller = identity(&request)?;
         let mut stream = request.into_inner();
-        let mut upload = None;
-        let mut last = None;
-        loop {
-            let message = tokio::select! {
-                () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
-                m = stream.next() => m,
-            };
-            let Some(message) = message else { break };
-            let message = message?;
-            let id = match upload {
-                Some(id) => id,
-                None => {
-                    let id = parse_uuid("upload_id", &message.upload_id)?;
-                    upload = Some(id);
-                    id
+        // The next message is received while the current chunk is staged and recorded (one
+        // read ahead: a stream holds at most two chunks), so the client keeps sending instead of
+        // waiting for each chunk's write and commit.
+        let (ahead, mut received) = tokio::sync::mpsc::channel(1);
+        let receive = async move {
+            while let Some(message) = stream.next().await {
+                let failed = message.is_err();
+                if ahead.send(message).await.is_err() || failed {
+                    break;
                 }
-            };
-            let s = self
-                .sessions
-                .write_chunk(id, &caller.user_id, chunk_in(message.chunk)?)
-                .await?;
-            last = Some(s);
-        }
-        let s = match (last, upload) {
-            (Some(s), _) => s,
-            (None, Some(id)) => self.sessions.get(id, &caller.user_id).await?,
-            (None, None) => {
-                return Err(stowage_runtime::status::invalid_argument(
-                    "upload_id",
-                    "the stream carried no message",
-                ));
             }
         };
-        Ok(Response::new(pb::WriteChunksResponse {
-            session: session(s),
-        }))
+        let apply = async {
+            let mut upload = None;
+            let mut last = None;
+            loop {
+                let message = tokio::select! {
+                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
+                    m = received.recv() => m,
+                };
+                let Some(message) = message else { break };
+                let message = message?;
+                let id = match upload {
+                    Some(id) => id,
+                    None => {
+                        let id = parse_uuid("upload_id", &message.upload_id)?;
+                        upload = Some(id);
+                        id
+                    }
+                };
+                let s = self
+                    .sessions
+                    .write_chunk(id, &caller.user_id, chunk_in(message.chunk)?)
+                    .await?;
+                last = Some(s);
+            }
+            let s = match (last, upload) {
+                (Some(s), _) => s,
+                (None, Some(id)) => self.sessions.get(id, &caller.user_id).await?,
+                (None, None) => {
+                    return Err(stowage_runtime::status::invalid_argument(
+                        "upload_id",
+                        "the stream carried no message",
+                    ));
+                }
+            };
+            Ok(Response::new(pb::WriteChunksResponse {
+                session: session(s),
+            }))
+        };
+        tokio::pin!(receive, apply);
+        let mut receiving = true;
+        loop {
+            tokio::select! {
+                result = &mut apply => return result,
+                () = &mut receive, if receiving => receiving = false,
+            }
+        }
     }
 
     async fn put_chunk(

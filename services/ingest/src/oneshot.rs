@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use chrono::{Datelike, Utc};
 use futures::{Stream, StreamExt};
 use object_store::{ObjectStoreExt, WriteMultipart, path::Path as ObjectPath};
@@ -306,7 +306,7 @@ impl Uploader {
                     Some(Err(status)) => return Err(Error::Stream(status)),
                     Some(Ok(pb::UploadRequest {
                         part: Some(Part::Data(data)),
-                    })) => Bytes::from(data),
+                    })) => data,
                     Some(Ok(_)) => {
                         return Err(Error::invalid(
                             "data",
