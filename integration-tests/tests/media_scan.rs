@@ -166,6 +166,21 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         fetched.map(|_| ()).map_err(|s| s.code()),
         Err(Code::FailedPrecondition)
     );
+    // The scan's failed attempts are retried, as Prometheus sees it.
+    let metrics = reqwest::get(format!("http://{}/metrics", mesh.addr))
+        .await?
+        .text()
+        .await?;
+    let retried: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("stowage_jobs_retried_total")
+                && l.contains("queue=\"media\"")
+                && l.contains("kind=\"media.process\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(retried >= 1.0, "no retried media job counted:\n{metrics}");
     // ...and finish once it is back.
     let _clamd = LocalClamd::start_on(port).await?;
     let done = wait_processed(mesh.channel(), &alice, &waiting.id, PATIENCE).await?;

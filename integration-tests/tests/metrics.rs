@@ -1,10 +1,11 @@
 //! What Prometheus scrapes from a process: per-call counts, latency and bytes, and the event
-//! relay's progress, Media's consumer and job queue, moving as work is done.
+//! relay's progress, Media's consumer and job queue (processed, failed, dead), Lifecycle's
+//! clean-up runs, moving as work is done.
 
 use std::time::{Duration, Instant};
 
-use stowage_integration_tests::{random_bytes, upload};
-use stowage_proto::v1 as pb;
+use stowage_integration_tests::{download, eventually, random_bytes, upload};
+use stowage_proto::v1::{self as pb, lifecycle_client::LifecycleClient};
 use stowage_testkit::{Mesh, Setup, authed, token};
 
 async fn scrape(mesh: &Mesh) -> anyhow::Result<String> {
@@ -132,5 +133,67 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Bytes out: a download's bytes are counted as sent.
+    let text = scrape(&mesh).await?;
+    let downloads = ["method=\"Download\""];
+    let sent = sample(&text, "stowage_rpc_sent_bytes_total", &downloads).unwrap_or(0.0);
+    let file = upload(mesh.channel(), &alice, "b.bin", &random_bytes(200_000), &[]).await?;
+    download(mesh.channel(), &alice, &file.id, None).await?;
+    let text = scrape(&mesh).await?;
+    assert!(
+        sample(&text, "stowage_rpc_sent_bytes_total", &downloads)
+            .is_some_and(|n| n >= sent + 200_000.0),
+        "bytes out"
+    );
+
+    // A file Media cannot read fails its job for good: a failed attempt, a dead letter, and
+    // the queue's dead state counts it.
+    upload(
+        mesh.channel(),
+        &alice,
+        "bad.jpg",
+        &random_bytes(50_000),
+        &[],
+    )
+    .await?;
+    let media = ["queue=\"media\"", "kind=\"media.process\""];
+    eventually(
+        Duration::from_secs(20),
+        "a dead media job counted",
+        || async {
+            let text = scrape(&mesh).await?;
+            Ok(
+                sample(&text, "stowage_jobs_failed_total", &media).is_some_and(|n| n >= 1.0)
+                    && sample(&text, "stowage_jobs_dead_total", &media).is_some_and(|n| n >= 1.0)
+                    && sample(
+                        &text,
+                        "stowage_queue_depth",
+                        &["queue=\"media\"", "state=\"dead\""],
+                    )
+                    .is_some_and(|n| n >= 1.0),
+            )
+        },
+    )
+    .await?;
+
+    // A clean-up run is counted per job and outcome.
+    let runs = ["job=\"orphan_uploads\"", "outcome=\"ok\""];
+    let before = sample(&scrape(&mesh).await?, "stowage_cleanup_runs_total", &runs).unwrap_or(0.0);
+    LifecycleClient::new(mesh.channel())
+        .run_now(authed(
+            pb::RunNowRequest {
+                name: "orphan_uploads".into(),
+                dry_run: false,
+            },
+            &token("root", &["admin"]),
+        ))
+        .await?;
+    let text = scrape(&mesh).await?;
+    // At least one more: the schedule may have run it too meanwhile.
+    assert!(
+        sample(&text, "stowage_cleanup_runs_total", &runs).is_some_and(|n| n >= before + 1.0),
+        "clean-up runs"
+    );
     mesh.stop().await
 }
