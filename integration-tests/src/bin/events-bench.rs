@@ -1,6 +1,6 @@
 //! Outbox-to-consumer latency: events staged one transaction each at a steady rate, relayed
 //! to Redis Streams and applied by a consumer group; prints p50 / p99 / max of the time from
-//! commit to the handler. Run by `scripts/bench events` (not a test).
+//! the commit request to the handler. Run by `scripts/bench events` (not a test).
 
 use std::{
     sync::{Arc, Mutex},
@@ -102,12 +102,14 @@ async fn main() -> anyhow::Result<()> {
             &serde_json::json!({ "n": n }),
         )
         .await?;
-        tx.commit().await?;
+        // Stamped before the commit: once it returns, the consumer may already have run
+        // (an event stamped after it would not be counted).
         if let Ok(mut staged) = clock.staged.lock()
             && let Some(slot) = staged.get_mut(n)
         {
             *slot = Some(Instant::now());
         }
+        tx.commit().await?;
     }
     let produced_in = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -397,6 +397,9 @@ impl Uploader {
             return Err(error);
         }
         w.finish().await?;
+        if let Some(root) = &self.local_root {
+            crate::staging::sync_placed(root, &key).await?;
+        }
         Ok(Received {
             key,
             sniffed,

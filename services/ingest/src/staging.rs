@@ -324,11 +324,14 @@ fn local_data(root: &std::path::Path, upload: Uuid) -> std::path::PathBuf {
     root.join("staging").join(upload.to_string()).join("data")
 }
 
-/// Writes `data` at `offset` of the staging file. Bytes past the committed offset left by a
-/// crashed writer are overwritten by the retry, or cut off at placement.
+/// Writes `data` at `offset` of the staging file and flushes it to the disk: the caller
+/// records the new offset next, and an offset the server acknowledged must survive a power cut,
+/// not only a crash of the process. Bytes past the committed offset left by a crashed writer are
+/// overwritten by the retry, or cut off at placement.
 fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    if let Some(dir) = path.parent() {
+    let dir = path.parent();
+    if let Some(dir) = dir {
         std::fs::create_dir_all(dir).map_err(io_error)?;
     }
     let file = std::fs::OpenOptions::new()
@@ -338,7 +341,38 @@ fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) -> Result<()> {
         .open(path)
         .map_err(io_error)?;
     file.write_all_at(data, offset).map_err(io_error)?;
+    file.sync_data().map_err(io_error)?;
+    if offset == 0
+        && let Some(dir) = dir
+    {
+        // The first chunk created the file: its directory entry must be on disk too.
+        sync_dir(dir)?;
+    }
     Ok(())
+}
+
+/// Flushes a file written through the store under a local-disk `root`, and its directory
+/// entry, to the disk (the store does not): the file is registered next.
+pub(crate) async fn sync_placed(root: &std::path::Path, key: &ObjectPath) -> Result<()> {
+    let path = root.join(key.as_ref());
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_error)?;
+        match path.parent() {
+            Some(dir) => sync_dir(dir),
+            None => Ok(()),
+        }
+    })
+    .await
+    .map_err(|_| Error::Internal("sync panicked"))?
+}
+
+/// Flushes a directory's entries (a file created or renamed in it) to the disk.
+fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error)
 }
 
 /// Moves the staging file to its final key, cut to `size` (an empty file if nothing came).
@@ -359,6 +393,10 @@ fn place_local(from: &std::path::Path, to: &std::path::Path, size: u64) -> Resul
     file.set_len(size).map_err(io_error)?;
     file.sync_all().map_err(io_error)?;
     std::fs::rename(from, to).map_err(io_error)?;
+    // The file is registered next: its new name must outlive a power cut.
+    if let Some(dir) = to.parent() {
+        sync_dir(dir)?;
+    }
     if let Some(dir) = from.parent() {
         let _ = std::fs::remove_dir(dir);
     }
