@@ -382,7 +382,11 @@ fn place_local(from: &std::path::Path, to: &std::path::Path, size: u64) -> Resul
     }
     if !from.exists() {
         if to.exists() {
-            return Ok(());
+            // Renamed by an earlier attempt, which may have stopped before flushing the name.
+            return match to.parent() {
+                Some(dir) => sync_dir(dir),
+                None => Ok(()),
+            };
         }
         write_at(from, 0, &[])?;
     }
