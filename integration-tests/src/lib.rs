@@ -9,7 +9,7 @@ use stowage_proto::v1::{
     self as pb, files_client::FilesClient, ingest_client::IngestClient, quota_client::QuotaClient,
     upload_request::Part,
 };
-use stowage_testkit::authed;
+use stowage_testkit::{Mesh, authed};
 use tonic::{Status, transport::Channel};
 
 /// `n` random bytes.
@@ -343,4 +343,21 @@ pub async fn complete(channel: Channel, token: &str, upload_id: &str) -> Result<
         .into_inner()
         .file
         .ok_or_else(|| Status::internal("no file"))
+}
+
+/// The text a mesh serves at `/metrics`.
+pub async fn scrape(mesh: &Mesh) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("http://{}/metrics", mesh.addr))
+        .await?
+        .text()
+        .await?)
+}
+
+/// The value of the first sample in `text` whose line starts with `name` and contains every
+/// label.
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }

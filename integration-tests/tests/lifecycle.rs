@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use stowage_integration_tests::{
     complete, create_session, eventually, files, get_session, put_chunk, quota, random_bytes,
-    upload, usage, wait_processed,
+    sample, scrape, upload, usage, wait_processed,
 };
 use stowage_proto::v1::{self as pb, lifecycle_client::LifecycleClient};
 use stowage_testkit::{Mesh, Setup, authed, token};
@@ -808,27 +808,11 @@ async fn a_thousand_quiet_users_get_one_notice_each_spread_over_the_grace_window
     mesh.stop().await
 }
 
-fn rechecks(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with("stowage_lifecycle_rechecks_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let mesh = Mesh::start(&setup).await?;
     let alice = token("alice", &[]);
-    let scrape = || async {
-        anyhow::Ok(
-            reqwest::get(format!("http://{}/metrics", mesh.addr))
-                .await?
-                .text()
-                .await?,
-        )
-    };
     let mut ids = Vec::new();
     for i in 0..100 {
         ids.push(
@@ -844,10 +828,20 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
         );
     }
     // Let the uploads' own recheck settle.
-    let mut settled = rechecks(&scrape().await?);
+    let mut settled = sample(
+        &scrape(&mesh).await?,
+        "stowage_lifecycle_rechecks_total",
+        &[],
+    )
+    .unwrap_or(0.0);
     loop {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let now = rechecks(&scrape().await?);
+        let now = sample(
+            &scrape(&mesh).await?,
+            "stowage_lifecycle_rechecks_total",
+            &[],
+        )
+        .unwrap_or(0.0);
         if now == settled && now > 0.0 {
             break;
         }
@@ -887,7 +881,15 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     .await?;
     // Quiet for longer than the debounce: exactly one more recheck ran.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(rechecks(&scrape().await?), settled + 1.0);
+    assert_eq!(
+        sample(
+            &scrape(&mesh).await?,
+            "stowage_lifecycle_rechecks_total",
+            &[]
+        )
+        .unwrap_or(0.0),
+        settled + 1.0
+    );
     let history = LifecycleClient::new(mesh.channel())
         .user_events(authed(pb::UserEventsRequest::default(), &alice))
         .await?

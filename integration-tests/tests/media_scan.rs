@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use stowage::Role;
-use stowage_integration_tests::{download, files, upload, wait_processed};
+use stowage_integration_tests::{download, files, sample, scrape, upload, wait_processed};
 use stowage_proto::v1::{self as pb, media_client::MediaClient};
 use stowage_testkit::{EICAR, LocalClamd, Mesh, Processes, Setup, authed, channel, token};
 use tonic::Code;
@@ -167,19 +167,13 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         Err(Code::FailedPrecondition)
     );
     // The scan's failed attempts are retried, as Prometheus sees it.
-    let metrics = reqwest::get(format!("http://{}/metrics", mesh.addr))
-        .await?
-        .text()
-        .await?;
-    let retried: f64 = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("stowage_jobs_retried_total")
-                && l.contains("queue=\"media\"")
-                && l.contains("kind=\"media.process\"")
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
+    let metrics = scrape(&mesh).await?;
+    let retried = sample(
+        &metrics,
+        "stowage_jobs_retried_total",
+        &["queue=\"media\"", "kind=\"media.process\""],
+    )
+    .unwrap_or(0.0);
     assert!(retried >= 1.0, "no retried media job counted:\n{metrics}");
     // ...and finish once it is back.
     let _clamd = LocalClamd::start_on(port).await?;

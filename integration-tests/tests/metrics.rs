@@ -4,24 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use stowage_integration_tests::{download, eventually, random_bytes, upload};
+use stowage_integration_tests::{download, eventually, random_bytes, sample, scrape, upload};
 use stowage_proto::v1::{self as pb, lifecycle_client::LifecycleClient};
 use stowage_testkit::{Mesh, Setup, authed, token};
-
-async fn scrape(mesh: &Mesh) -> anyhow::Result<String> {
-    Ok(reqwest::get(format!("http://{}/metrics", mesh.addr))
-        .await?
-        .text()
-        .await?)
-}
-
-/// The value of the first sample whose line starts with `name` and contains every label.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .find(|l| labels.iter().all(|label| l.contains(label)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 #[tokio::test]
 async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
