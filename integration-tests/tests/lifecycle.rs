@@ -13,6 +13,8 @@ use stowage_testkit::{Mesh, Setup, authed, token};
 use tonic::{Code, transport::Channel};
 
 const PATIENCE: Duration = Duration::from_secs(60);
+/// Lifecycle's scheduled jobs.
+const SCHEDULES: usize = 9;
 
 async fn run_now(mesh: &Mesh, name: &str, dry_run: bool) -> anyhow::Result<pb::Run> {
     run_now_on(mesh.channel(), name.to_owned(), dry_run).await
@@ -30,6 +32,65 @@ async fn run_now_on(channel: Channel, name: String, dry_run: bool) -> anyhow::Re
         .expect("run"))
 }
 
+/// Turns every Lifecycle schedule off, as an operator can, once the scheduler has recorded
+/// them, and waits until no scheduled job is left to run. Ticks fall on the wall clock's grid
+/// (every minute for two of them), so a tick could otherwise run a job in the middle of a test
+/// that counts what its own runs did.
+async fn schedules_off(channel: Channel, database_url: &str) -> anyhow::Result<()> {
+    let admin = token("root", &["admin"]);
+    let client = LifecycleClient::new(channel);
+    let list = || {
+        let mut client = client.clone();
+        let admin = admin.clone();
+        async move {
+            anyhow::Ok(
+                client
+                    .list_schedules(authed(pb::ListSchedulesRequest {}, &admin))
+                    .await?
+                    .into_inner()
+                    .schedules,
+            )
+        }
+    };
+    eventually(PATIENCE, "Lifecycle's schedules recorded", || async {
+        Ok(list().await?.len() == SCHEDULES)
+    })
+    .await?;
+    for schedule in list().await? {
+        client
+            .clone()
+            .set_schedule(authed(
+                pb::SetScheduleRequest {
+                    name: schedule.name,
+                    interval_seconds: 0,
+                    enabled: false,
+                },
+                &admin,
+            ))
+            .await?;
+    }
+    let pool = stowage_db::connect(database_url, 1)?;
+    let conn = pool.get().await?;
+    eventually(PATIENCE, "no scheduled Lifecycle job pending", || async {
+        let pending: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM lifecycle.jobs WHERE state IN ('queued', 'running', 'failed')",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(pending == 0)
+    })
+    .await
+}
+
+/// The mesh, with Lifecycle's schedules off (the test runs each job itself).
+async fn start(setup: &Setup) -> anyhow::Result<Mesh> {
+    let mesh = Mesh::start(setup).await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    Ok(mesh)
+}
+
 async fn sql(setup: &Setup, statement: &str, id: &str) -> anyhow::Result<u64> {
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let id = uuid::Uuid::parse_str(id)?;
@@ -39,7 +100,7 @@ async fn sql(setup: &Setup, statement: &str, id: &str) -> anyhow::Result<u64> {
 #[tokio::test]
 async fn abandoned_sessions_are_swept_and_sessions_in_use_are_not() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let mesh = start(&setup).await?;
     let alice = token("alice", &[]);
     let data = random_bytes(300_000);
     let abandoned = create_session(mesh.channel(), &alice, "a.bin", Some(300_000), "").await?;
@@ -131,7 +192,7 @@ async fn abandoned_sessions_are_swept_and_sessions_in_use_are_not() -> anyhow::R
 #[tokio::test]
 async fn expired_trash_is_purged_once_even_by_two_runs_at_once() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let mesh = start(&setup).await?;
     let alice = token("alice", &[]);
     let png = {
         let img = image::RgbImage::from_pixel(400, 300, image::Rgb([9, 99, 199]));
@@ -231,6 +292,7 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
         c.lifecycle.recheck_debounce = Duration::from_secs(3600);
     })
     .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
     let (alice, bob) = (token("alice", &[]), token("bob", &[]));
     upload(mesh.channel(), &alice, "a.bin", &random_bytes(70_000), &[]).await?;
     upload(mesh.channel(), &bob, "b.bin", &random_bytes(30_000), &[]).await?;
@@ -429,7 +491,7 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
 -> anyhow::Result<()> {
     use object_store::{ObjectStoreExt, PutPayload, path::Path};
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let mesh = start(&setup).await?;
     let alice = token("alice", &[]);
     let kept_bytes = random_bytes(40_000);
     let kept = upload(mesh.channel(), &alice, "kept.bin", &kept_bytes, &[]).await?;
@@ -558,6 +620,11 @@ async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing
     use stowage_testkit::{Processes, channel};
     let setup = Setup::new().await?;
     let mut processes = Processes::split(&setup).await?;
+    schedules_off(
+        channel(processes.addr(Role::Lifecycle)),
+        &setup.database_url,
+    )
+    .await?;
     let alice = token("alice", &[]);
     let admin = token("root", &["admin"]);
     let ingest = channel(processes.addr(Role::Ingest));
@@ -722,7 +789,7 @@ async fn set_policy(mesh: &Mesh, change: impl FnOnce(&mut pb::Policy)) -> anyhow
 async fn a_thousand_quiet_users_get_one_notice_each_spread_over_the_grace_window()
 -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let mesh = start(&setup).await?;
     set_policy(&mesh, |p| p.notice_grace_hours = 2).await?;
     let pool = stowage_db::connect(&setup.database_url, 2)?;
     let conn = pool.get().await?;
@@ -811,7 +878,7 @@ async fn a_thousand_quiet_users_get_one_notice_each_spread_over_the_grace_window
 #[tokio::test]
 async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let mesh = start(&setup).await?;
     let alice = token("alice", &[]);
     let mut ids = Vec::new();
     for i in 0..100 {
@@ -911,7 +978,7 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
 #[tokio::test]
 async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let mesh = start(&setup).await?;
     let admin = token("root", &["admin"]);
     let mut client = LifecycleClient::new(mesh.channel());
     let base = chrono::Utc::now() - chrono::Duration::hours(1);
@@ -1053,7 +1120,7 @@ async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
 async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> anyhow::Result<()> {
     use object_store::{ObjectStoreExt, PutPayload, path::Path};
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let mesh = start(&setup).await?;
     let alice = token("alice", &[]);
     let service = token("stowage-internal", &["service"]);
 
@@ -1174,7 +1241,7 @@ async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> a
 async fn with_the_trash_policy_a_user_quiet_past_the_grace_has_files_trashed_once()
 -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let mesh = start(&setup).await?;
     set_policy(&mesh, |p| {
         p.inactivity_action = pb::InactivityAction::Trash as i32;
         p.notice_grace_hours = 1;
