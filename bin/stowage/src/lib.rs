@@ -271,7 +271,7 @@ pub async fn serve_with(
         let streams_config = &config.ingest.streams;
         let streams = EventStreams::start(
             ingest_pool.clone(),
-            Arc::clone(&blobs.store),
+            &blobs,
             StreamSettings {
                 window: streams_config.window,
                 grace: streams_config.grace,

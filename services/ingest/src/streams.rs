@@ -120,6 +120,8 @@ pub struct EventStreams {
 struct Inner {
     pool: PgPool,
     store: Arc<dyn ObjectStore>,
+    /// The store's directory when it is on local disk: what is put there is flushed.
+    local_root: Option<std::path::PathBuf>,
     settings: StreamSettings,
     writers: Vec<mpsc::Sender<Pending>>,
     budget: Arc<Semaphore>,
@@ -323,7 +325,7 @@ impl EventStreams {
     /// Starts the writer and the sealer (until `shutdown`).
     pub fn start(
         pool: PgPool,
-        store: Arc<dyn ObjectStore>,
+        blobs: &stowage_blob::Blobs,
         settings: StreamSettings,
         shutdown: CancellationToken,
     ) -> Self {
@@ -334,7 +336,8 @@ impl EventStreams {
         let this = Self {
             inner: Arc::new(Inner {
                 pool,
-                store,
+                store: Arc::clone(&blobs.store),
+                local_root: blobs.local_root.clone(),
                 settings,
                 writers,
                 budget,
@@ -466,15 +469,20 @@ impl EventStreams {
             "events/{stream}/screens/{seq:012}-{}.bin",
             Uuid::new_v4().simple()
         );
-        self.inner
-            .store
-            .put(
-                &ObjectPath::from(key.as_str()),
-                PutPayload::from(data.clone()),
-            )
+        self.put_durable(&ObjectPath::from(key.as_str()), data.clone().into())
             .await?;
         shot.source = Some(pb::screenshot::Source::StorageKey(key.clone()));
         Ok(Some(key))
+    }
+
+    /// Puts `data` at `key`; on local disk, also flushes it and its directory entry (the store
+    /// does not), since a transaction that relies on it commits next.
+    async fn put_durable(&self, key: &ObjectPath, data: Bytes) -> Result<()> {
+        self.inner.store.put(key, PutPayload::from(data)).await?;
+        if let Some(root) = &self.inner.local_root {
+            crate::staging::sync_placed(root, key).await?;
+        }
+        Ok(())
     }
 
     /// Deletes screenshots whose events were not stored, in the background.
@@ -870,9 +878,9 @@ impl EventStreams {
             start.timestamp_millis()
         );
         drop(rows);
-        self.inner
-            .store
-            .put(&ObjectPath::from(key.as_str()), PutPayload::from(object))
+        // Its segments are deleted when this transaction commits: the batch must be on the
+        // disk first.
+        self.put_durable(&ObjectPath::from(key.as_str()), object.into())
             .await?;
         let count = i32::try_from(last_seq - first_seq + 1).unwrap_or(i32::MAX);
         tx.execute(
