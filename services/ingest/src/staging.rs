@@ -426,6 +426,50 @@ pub(crate) async fn sync_placed(root: &std::path::Path, key: &ObjectPath) -> Res
     .map_err(|_| Error::Internal("sync panicked"))?
 }
 
+/// Writes `data` as the object `key` of the local-disk store under `root`, as the store would
+/// (a temporary file renamed into place, so no reader sees half an object), but past the page
+/// cache where it can and flushed, file and directory, before it returns.
+pub(crate) async fn put_local(root: &std::path::Path, key: &ObjectPath, data: Bytes) -> Result<()> {
+    let path = root.join(key.as_ref());
+    tokio::task::spawn_blocking(move || {
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(format!(".{}.tmp", Uuid::new_v4().simple()));
+        let temporary = path.with_file_name(name);
+        if let Some(dir) = path.parent() {
+            create_dirs_durably(dir)?;
+        }
+        let placed = write_at(&temporary, 0, &data).and_then(|()| {
+            std::fs::rename(&temporary, &path).map_err(io_error)?;
+            match path.parent() {
+                Some(dir) => sync_dir(dir),
+                None => Ok(()),
+            }
+        });
+        if placed.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        placed
+    })
+    .await
+    .map_err(|_| Error::Internal("local write panicked"))?
+}
+
+/// Creates `dir` and its missing ancestors, each one's entry flushed in its parent (a new day's
+/// directory must outlive a power cut as much as the object in it).
+fn create_dirs_durably(dir: &std::path::Path) -> Result<()> {
+    let missing: Vec<&std::path::Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io_error)?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 /// Flushes a directory's entries (a file created or renamed in it) to the disk.
 fn sync_dir(dir: &std::path::Path) -> Result<()> {
     std::fs::File::open(dir)
@@ -505,5 +549,24 @@ mod tests {
             write_direct(&path, 0, &data[..DIRECT_ALIGN + 1]).unwrap(),
             DIRECT_ALIGN
         );
+    }
+
+    #[tokio::test]
+    async fn a_local_put_replaces_the_object_whole_and_leaves_no_temporary_file() {
+        let root = tempfile::tempdir().unwrap();
+        let key = ObjectPath::from("events/desk/2026/12/02/1-000000000001.lz4");
+        let first = Bytes::from(vec![7u8; 3 * DIRECT_ALIGN + 11]);
+        put_local(root.path(), &key, first.clone()).await.unwrap();
+        let path = root.path().join(key.as_ref());
+        assert_eq!(std::fs::read(&path).unwrap(), first);
+        // Written again, shorter: the object is the new bytes only.
+        let second = Bytes::from_static(b"shorter");
+        put_local(root.path(), &key, second.clone()).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), second);
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [path.file_name().unwrap()]);
     }
 }

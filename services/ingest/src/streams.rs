@@ -475,14 +475,16 @@ impl EventStreams {
         Ok(Some(key))
     }
 
-    /// Puts `data` at `key`; on local disk, also flushes it and its directory entry (the store
-    /// does not), since a transaction that relies on it commits next.
+    /// Puts `data` at `key`; on local disk, written past the page cache and flushed, file and
+    /// directory (the store does neither), since a transaction that relies on it commits next.
     async fn put_durable(&self, key: &ObjectPath, data: Bytes) -> Result<()> {
-        self.inner.store.put(key, PutPayload::from(data)).await?;
-        if let Some(root) = &self.inner.local_root {
-            crate::staging::sync_placed(root, key).await?;
+        match &self.inner.local_root {
+            Some(root) => crate::staging::put_local(root, key, data).await,
+            None => {
+                self.inner.store.put(key, PutPayload::from(data)).await?;
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Deletes screenshots whose events were not stored, in the background.
