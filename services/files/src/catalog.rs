@@ -179,6 +179,12 @@ fn escape_like(s: &str) -> String {
     out
 }
 
+/// `by` of an event the owner caused (an upload, a delete, a restore, a purge from trash).
+const BY_OWNER: &str = "owner";
+/// `by` of an event a service caused on the owner's behalf (retention, clean-up of an inactive
+/// account): not the owner's activity.
+const BY_SYSTEM: &str = "system";
+
 async fn outbox(
     tx: &impl GenericClient,
     topic: &str,
@@ -442,7 +448,7 @@ impl Catalog {
             .await?;
         for row in &rows {
             let file = FileRecord::from_row(row);
-            outbox(&tx, "file.deleted", &file, json!({})).await?;
+            outbox(&tx, "file.deleted", &file, json!({ "by": BY_SYSTEM })).await?;
         }
         tx.commit().await?;
         Ok(rows.len() as u64)
@@ -636,11 +642,15 @@ impl Catalog {
         };
         let charged: i64 = deleted.get(0);
         let bytes = file.size_bytes + u64::try_from(charged).unwrap_or(0);
+        let by = match viewer {
+            Viewer::Owner(_) => BY_OWNER,
+            Viewer::Privileged => BY_SYSTEM,
+        };
         outbox(
             &tx,
             "file.purged",
             &file,
-            json!({ "keys": keys, "freed_bytes": bytes }),
+            json!({ "keys": keys, "freed_bytes": bytes, "by": by }),
         )
         .await?;
         tx.commit().await?;

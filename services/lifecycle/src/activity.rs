@@ -443,7 +443,14 @@ impl EventHandler for ActivityEvents {
         else {
             return Ok(());
         };
-        touch(tx, user, event.occurred_at).await?;
+        // What a service did on the owner's behalf (trash of an inactive account, retention
+        // purges) is not the owner's activity: counting it would end the very notice cycle
+        // that caused it. Events without `by` are the owner's.
+        let by_system =
+            event.payload.get("by").and_then(serde_json::Value::as_str) == Some("system");
+        if !by_system {
+            touch(tx, user, event.occurred_at).await?;
+        }
         if event.topic != topics::UPLOAD_COMPLETED && event.topic != topics::FILE_DOWNLOADED {
             request_recheck(tx, user, self.debounce).await?;
         }
