@@ -115,9 +115,7 @@ impl Staging {
         if let Some(root) = &self.local_root {
             let path = local_data(root, upload);
             let size = data.len() as u64;
-            tokio::task::spawn_blocking(move || write_at(&path, start, &data))
-                .await
-                .map_err(|_| Error::Internal("staging writer panicked"))??;
+            blocking(move || write_at(&path, start, &data)).await?;
             return Ok(Staged {
                 merged: Vec::new(),
                 part: Some(Part {
@@ -216,9 +214,7 @@ impl Staging {
         }
         if let Some(root) = &self.local_root {
             let (from, to) = (local_data(root, upload), root.join(key.as_ref()));
-            return tokio::task::spawn_blocking(move || place_local(&from, &to, size))
-                .await
-                .map_err(|_| Error::Internal("staging writer panicked"))?;
+            return blocking(move || place_local(&from, &to, size)).await;
         }
         match (&self.multipart, multipart_id) {
             (Some(mp), Some(id)) => {
@@ -329,16 +325,13 @@ fn local_data(root: &std::path::Path, upload: Uuid) -> std::path::PathBuf {
 /// not only a crash of the process. Bytes past the committed offset left by a crashed writer are
 /// overwritten by the retry, or cut off at placement.
 fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) -> Result<()> {
-    let dir = path.parent();
-    if let Some(dir) = dir {
+    if let Some(dir) = path.parent() {
         create_dirs_durably(dir)?;
     }
     write_file_at(path, offset, data)?;
-    if offset == 0
-        && let Some(dir) = dir
-    {
+    if offset == 0 {
         // The first chunk created the file: its directory entry must be on disk too.
-        sync_dir(dir)?;
+        sync_parent(path)?;
     }
     Ok(())
 }
@@ -439,17 +432,13 @@ fn no_direct_io(errno: nix::errno::Errno) -> bool {
 /// entry, to the disk (the store does not): the file is registered next.
 pub(crate) async fn sync_placed(root: &std::path::Path, key: &ObjectPath) -> Result<()> {
     let path = root.join(key.as_ref());
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         std::fs::File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(io_error)?;
-        match path.parent() {
-            Some(dir) => sync_dir(dir),
-            None => Ok(()),
-        }
+        sync_parent(&path)
     })
     .await
-    .map_err(|_| Error::Internal("sync panicked"))?
 }
 
 /// Writes `data` as the object `key` of the local-disk store under `root`, as the store would
@@ -457,7 +446,7 @@ pub(crate) async fn sync_placed(root: &std::path::Path, key: &ObjectPath) -> Res
 /// cache where it can and flushed, file and directory, before it returns.
 pub(crate) async fn put_local(root: &std::path::Path, key: &ObjectPath, data: Bytes) -> Result<()> {
     let path = root.join(key.as_ref());
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         // Named as the store names its own partial writes (`name#digits`): listings skip it.
         let mut name = path.file_name().unwrap_or_default().to_owned();
         name.push(format!("#{}", Uuid::new_v4().as_u128()));
@@ -467,10 +456,7 @@ pub(crate) async fn put_local(root: &std::path::Path, key: &ObjectPath, data: By
         }
         let placed = write_file_at(&temporary, 0, &data).and_then(|()| {
             std::fs::rename(&temporary, &path).map_err(io_error)?;
-            match path.parent() {
-                Some(dir) => sync_dir(dir),
-                None => Ok(()),
-            }
+            sync_parent(&path)
         });
         if placed.is_err() {
             let _ = std::fs::remove_file(&temporary);
@@ -478,19 +464,24 @@ pub(crate) async fn put_local(root: &std::path::Path, key: &ObjectPath, data: By
         placed
     })
     .await
-    .map_err(|_| Error::Internal("local write panicked"))?
 }
 
 /// Creates the directory of the object `key` under the local-disk store's `root` durably (see
 /// [`create_dirs_durably`]), before the store writes the object there.
 pub(crate) async fn create_local_dir(root: &std::path::Path, key: &ObjectPath) -> Result<()> {
     let path = root.join(key.as_ref());
-    tokio::task::spawn_blocking(move || match path.parent() {
+    blocking(move || match path.parent() {
         Some(dir) => create_dirs_durably(dir),
         None => Ok(()),
     })
     .await
-    .map_err(|_| Error::Internal("directory creation panicked"))?
+}
+
+/// Runs file system work off the async threads.
+async fn blocking(work: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Error::Internal("local file system work panicked"))?
 }
 
 /// Creates `dir` and its missing ancestors, each one's entry flushed in its parent (a new
@@ -510,6 +501,14 @@ fn create_dirs_durably(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Flushes the directory entry of `path` (a file created or renamed there) to the disk.
+fn sync_parent(path: &std::path::Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
 /// Flushes a directory's entries (a file created or renamed in it) to the disk.
 fn sync_dir(dir: &std::path::Path) -> Result<()> {
     std::fs::File::open(dir)
@@ -525,10 +524,7 @@ fn place_local(from: &std::path::Path, to: &std::path::Path, size: u64) -> Resul
     if !from.exists() {
         if to.exists() {
             // Renamed by an earlier attempt, which may have stopped before flushing the name.
-            return match to.parent() {
-                Some(dir) => sync_dir(dir),
-                None => Ok(()),
-            };
+            return sync_parent(to);
         }
         write_at(from, 0, &[])?;
     }
@@ -540,9 +536,7 @@ fn place_local(from: &std::path::Path, to: &std::path::Path, size: u64) -> Resul
     file.sync_all().map_err(io_error)?;
     std::fs::rename(from, to).map_err(io_error)?;
     // The file is registered next: its new name must outlive a power cut.
-    if let Some(dir) = to.parent() {
-        sync_dir(dir)?;
-    }
+    sync_parent(to)?;
     if let Some(dir) = from.parent() {
         let _ = std::fs::remove_dir(dir);
     }
