@@ -286,6 +286,7 @@ pub async fn serve_with(
                 retention: streams_config.retention,
                 prefetch: streams_config.prefetch,
                 write_delay: streams_config.write_delay,
+                codec: streams_config.codec,
             },
             shutdown.clone(),
         );

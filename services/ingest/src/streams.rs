@@ -5,15 +5,16 @@
 //! the client), then goes to the writer task of its stream (streams are spread over
 //! [`WRITERS`] writers by a hash of their id, so one stream's frames stay in order while
 //! writers compress and commit side by side), which gathers the frames arriving meanwhile and
-//! stores them in one PostgreSQL transaction: lz4-compressed micro-segments per stream, the
+//! stores them in one PostgreSQL transaction: compressed micro-segments per stream (zstd by
+//! default, LZ4 by choice; each block says which), the
 //! stream's durable seq moved forward. Only then is the frame acknowledged.
 //! Re-sent frames (seqs at or below the durable seq) are dropped, so a client that reconnects
 //! and re-sends its unacknowledged tail makes no duplicates.
 //!
 //! A sealer (on every replica; an advisory lock per stream keeps it single) closes each
 //! stream's arrival window once it has ended: its segments become batch objects in the store
-//! (`events/{stream}/{yyyy}/{mm}/{dd}/{window_start_ms}-{first_seq}.lz4`, each at most 8 MiB of
-//! events so it travels as one message; the stored LZ4 blocks are copied, not recompressed),
+//! (`events/{stream}/{yyyy}/{mm}/{dd}/{window_start_ms}-{first_seq}.evb`, each at most 8 MiB of
+//! events so it travels as one message; the stored blocks are copied, not recompressed),
 //! the batches are recorded and the segments deleted, in one transaction. Consumer groups read sealed batches in
 //! order (each batch to one member of each group, redelivered if not acknowledged in time),
 //! and an acknowledgement deletes the batch's stored screenshots.
@@ -42,13 +43,18 @@ const MAX_WRITE_FRAMES: usize = 2_000;
 const MAX_WRITE_BYTES: usize = 4 << 20;
 /// Writer tasks (each with its own transactions; a stream always goes to the same one).
 pub const WRITERS: usize = 4;
-/// Raw bytes of events in one segment, at most (a segment is one LZ4 block).
+/// Raw bytes of events in one segment, at most (a segment is one compressed block).
 const SEGMENT_MAX: usize = 4 << 20;
 /// Raw bytes of events in one sealed batch, at most (a batch travels as one message).
 const BATCH_MAX: usize = 8 << 20;
 /// First bytes of a batch object; blocks follow, each a big-endian u32 length and a segment
-/// as stored (an LZ4 block, size prepended, of length-delimited events).
+/// as stored (a zstd frame or an LZ4 block with its size prepended, of length-delimited events).
 const BATCH_MAGIC: &[u8; 8] = b"STWEVB1\n";
+/// zstd's level for segments: its fastest ordinary level (level 3 compresses these events no
+/// better, at half the speed; `scripts/bench streams` prints the three).
+const ZSTD_LEVEL: i32 = 1;
+
+pub use stowage_runtime::config::EventCodec;
 
 /// How event streams behave.
 #[derive(Clone, Debug)]
@@ -73,6 +79,8 @@ pub struct StreamSettings {
     pub prefetch: usize,
     /// Artificial delay of every write (tests of back-pressure only).
     pub write_delay: Duration,
+    /// How new segments are compressed (stored ones are read whatever their codec).
+    pub codec: EventCodec,
 }
 
 impl Default for StreamSettings {
@@ -88,6 +96,7 @@ impl Default for StreamSettings {
             retention: Duration::from_secs(7 * 24 * 3600),
             prefetch: 4,
             write_delay: Duration::ZERO,
+            codec: EventCodec::default(),
         }
     }
 }
@@ -175,7 +184,12 @@ struct NewSegment {
 
 /// `events` of `stream` (the first one at `first_seq`) as segments of at most
 /// [`SEGMENT_MAX`] raw bytes.
-fn encode_segments(stream: &str, first_seq: u64, events: &[pb::Event]) -> Vec<NewSegment> {
+fn encode_segments(
+    stream: &str,
+    first_seq: u64,
+    events: &[&pb::Event],
+    codec: EventCodec,
+) -> Vec<NewSegment> {
     let own = format!("events/{stream}/");
     let mut segments = Vec::new();
     let mut open = NewSegment::starting_at(first_seq);
@@ -183,7 +197,7 @@ fn encode_segments(stream: &str, first_seq: u64, events: &[pb::Event]) -> Vec<Ne
     for (i, event) in events.iter().enumerate() {
         // Cut before an event that would take the segment past its size.
         if !raw.is_empty() && raw.len() + event.encoded_len() + 10 > SEGMENT_MAX {
-            segments.push(open.close(first_seq + i as u64 - 1, &mut raw));
+            segments.push(open.close(first_seq + i as u64 - 1, &mut raw, codec));
             open = NewSegment::starting_at(first_seq + i as u64);
         }
         // Encoding into a Vec cannot fail.
@@ -202,7 +216,7 @@ fn encode_segments(stream: &str, first_seq: u64, events: &[pb::Event]) -> Vec<Ne
         }
     }
     if !raw.is_empty() {
-        segments.push(open.close(first_seq + events.len() as u64 - 1, &mut raw));
+        segments.push(open.close(first_seq + events.len() as u64 - 1, &mut raw, codec));
     }
     segments
 }
@@ -220,10 +234,10 @@ impl NewSegment {
     }
 
     /// The segment ending at `last_seq`, holding `raw` (compressed; `raw` is emptied).
-    fn close(mut self, last_seq: u64, raw: &mut Vec<u8>) -> Self {
+    fn close(mut self, last_seq: u64, raw: &mut Vec<u8>, codec: EventCodec) -> Self {
         self.last_seq = last_seq;
         self.raw_bytes = raw.len();
-        self.data = lz4_flex::compress_prepend_size(raw);
+        self.data = compress(raw, codec);
         raw.clear();
         self
     }
@@ -299,9 +313,28 @@ fn decode_batch(data: &[u8]) -> Result<Vec<pb::Event>> {
     Ok(events)
 }
 
+/// First bytes of every zstd frame. An LZ4 segment starts with its size as a little-endian
+/// u32, at most [`SEGMENT_MAX`], whose last byte is 0: the two cannot be confused.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// `raw` (length-delimited events) as one stored block of `codec`.
+fn compress(raw: &[u8], codec: EventCodec) -> Vec<u8> {
+    match codec {
+        EventCodec::Lz4 => lz4_flex::compress_prepend_size(raw),
+        // Compressing into memory fails only on a broken level; fall back to LZ4.
+        EventCodec::Zstd => zstd::bulk::compress(raw, ZSTD_LEVEL)
+            .unwrap_or_else(|_| lz4_flex::compress_prepend_size(raw)),
+    }
+}
+
 fn decompress(data: &[u8]) -> Result<Vec<pb::Event>> {
-    let raw = lz4_flex::decompress_size_prepended(data)
-        .map_err(|e| Error::Corrupt(format!("event segment: {e}")))?;
+    let raw = if data.starts_with(&ZSTD_MAGIC) {
+        zstd::bulk::decompress(data, SEGMENT_MAX)
+            .map_err(|e| Error::Corrupt(format!("event segment: {e}")))?
+    } else {
+        lz4_flex::decompress_size_prepended(data)
+            .map_err(|e| Error::Corrupt(format!("event segment: {e}")))?
+    };
     let mut buf = Bytes::from(raw);
     let mut events = Vec::new();
     while !buf.is_empty() {
@@ -591,13 +624,13 @@ impl EventStreams {
                 &[&ids],
             )
             .await?;
-        let mut state: std::collections::HashMap<String, (String, u64, Vec<pb::Event>, u64)> = rows
-            .iter()
-            .map(|r| {
-                let durable = u64::try_from(r.get::<_, i64>(2)).unwrap_or(0);
-                (r.get(0), (r.get(1), durable, Vec::new(), durable))
-            })
-            .collect();
+        let mut state: std::collections::HashMap<String, (String, u64, Vec<&pb::Event>, u64)> =
+            rows.iter()
+                .map(|r| {
+                    let durable = u64::try_from(r.get::<_, i64>(2)).unwrap_or(0);
+                    (r.get(0), (r.get(1), durable, Vec::new(), durable))
+                })
+                .collect();
         let mut outcomes = Vec::with_capacity(batch.len());
         for frame in batch {
             let Some((owner, durable, events, _)) = state.get_mut(&frame.stream) else {
@@ -616,7 +649,7 @@ impl EventStreams {
             }
             let skip = usize::try_from(*durable + 1 - frame.first_seq).unwrap_or(usize::MAX);
             if skip < frame.events.len() {
-                events.extend_from_slice(&frame.events[skip..]);
+                events.extend(&frame.events[skip..]);
                 *durable = frame.first_seq + frame.events.len() as u64 - 1;
             }
             outcomes.push(Ok((*durable, skip.min(frame.events.len()))));
@@ -627,7 +660,7 @@ impl EventStreams {
             if events.is_empty() {
                 continue;
             }
-            for segment in encode_segments(stream, before + 1, events) {
+            for segment in encode_segments(stream, before + 1, events, self.inner.settings.codec) {
                 segments.push(stream, segment);
             }
             up_streams.push(stream.as_str());
@@ -873,7 +906,7 @@ impl EventStreams {
             object.extend_from_slice(data);
         }
         let key = format!(
-            "events/{stream}/{:04}/{:02}/{:02}/{}-{first_seq:012}.lz4",
+            "events/{stream}/{:04}/{:02}/{:02}/{}-{first_seq:012}.evb",
             start.year(),
             start.month(),
             start.day(),
@@ -1154,26 +1187,51 @@ mod tests {
     #[test]
     fn segments_are_cut_at_their_size_and_a_batch_reads_them_back_in_order() {
         let events: Vec<pb::Event> = (1..=40).map(|s| event(s, 300 << 10)).collect();
-        let segments = encode_segments("desk", 1, &events);
-        assert!(segments.len() > 1, "12 MB of events make several segments");
-        assert_eq!(segments[0].first_seq, 1);
-        assert_eq!(segments[segments.len() - 1].last_seq, 40);
-        for pair in segments.windows(2) {
-            assert_eq!(pair[0].last_seq + 1, pair[1].first_seq);
+        let refs: Vec<&pb::Event> = events.iter().collect();
+        for codec in [EventCodec::Lz4, EventCodec::Zstd] {
+            let segments = encode_segments("desk", 1, &refs, codec);
+            assert!(segments.len() > 1, "12 MB of events make several segments");
+            assert_eq!(segments[0].first_seq, 1);
+            assert_eq!(segments[segments.len() - 1].last_seq, 40);
+            for pair in segments.windows(2) {
+                assert_eq!(pair[0].last_seq + 1, pair[1].first_seq);
+            }
+            assert!(segments.iter().all(|s| s.raw_bytes <= SEGMENT_MAX));
+            assert_eq!(
+                segments[0].min_ts.map(|t| t.timestamp()),
+                Some(1_700_000_001)
+            );
+            let object = batch_of(segments.iter().map(|s| s.data.as_slice()));
+            assert_eq!(
+                decode_batch(&object).ok().as_ref(),
+                Some(&events),
+                "{codec:?}"
+            );
+            // A block cut short is an error, not fewer events.
+            assert!(decode_batch(&object[..object.len() - 1]).is_err());
         }
-        assert!(segments.iter().all(|s| s.raw_bytes <= SEGMENT_MAX));
-        assert_eq!(
-            segments[0].min_ts.map(|t| t.timestamp()),
-            Some(1_700_000_001)
-        );
+    }
+
+    fn batch_of<'a>(blocks: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
         let mut object = BATCH_MAGIC.to_vec();
-        for segment in &segments {
-            object.extend_from_slice(&u32::try_from(segment.data.len()).unwrap_or(0).to_be_bytes());
-            object.extend_from_slice(&segment.data);
+        for block in blocks {
+            object.extend_from_slice(&u32::try_from(block.len()).unwrap_or(0).to_be_bytes());
+            object.extend_from_slice(block);
         }
+        object
+    }
+
+    #[test]
+    fn a_batch_reads_segments_stored_under_either_codec() {
+        // Segments written before and after a change of codec end up in one batch.
+        let events: Vec<pb::Event> = (1..=6).map(|s| event(s, 1000)).collect();
+        let refs: Vec<&pb::Event> = events.iter().collect();
+        let lz4 = encode_segments("desk", 1, &refs[..3], EventCodec::Lz4);
+        let zstd = encode_segments("desk", 4, &refs[3..], EventCodec::Zstd);
+        assert!(zstd[0].data.starts_with(&ZSTD_MAGIC));
+        assert!(!lz4[0].data.starts_with(&ZSTD_MAGIC));
+        let object = batch_of([lz4[0].data.as_slice(), zstd[0].data.as_slice()].into_iter());
         assert_eq!(decode_batch(&object).ok(), Some(events));
-        // A block cut short is an error, not fewer events.
-        assert!(decode_batch(&object[..object.len() - 1]).is_err());
     }
 
     #[test]
@@ -1185,7 +1243,8 @@ mod tests {
                 ..Default::default()
             });
         }
-        let segments = encode_segments("desk", 1, &events);
+        let refs: Vec<&pb::Event> = events.iter().collect();
+        let segments = encode_segments("desk", 1, &refs, EventCodec::Lz4);
         assert_eq!(segments.len(), 1);
         assert_eq!(segments[0].screenshots, "events/desk/screens/1.bin");
     }
