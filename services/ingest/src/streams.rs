@@ -45,6 +45,8 @@ const MAX_WRITE_BYTES: usize = 4 << 20;
 pub const WRITERS: usize = 4;
 /// Raw bytes of events in one segment, at most (a segment is one compressed block).
 const SEGMENT_MAX: usize = 4 << 20;
+/// Raw bytes of one stored segment read back, at most (a corrupt size is not allocated).
+const SEGMENT_READ_MAX: usize = 256 << 20;
 /// Raw bytes of events in one sealed batch, at most (a batch travels as one message).
 const BATCH_MAX: usize = 8 << 20;
 /// First bytes of a batch object; blocks follow, each a big-endian u32 length and a segment
@@ -329,7 +331,15 @@ fn compress(raw: &[u8], codec: EventCodec) -> Vec<u8> {
 
 fn decompress(data: &[u8]) -> Result<Vec<pb::Event>> {
     let raw = if data.starts_with(&ZSTD_MAGIC) {
-        zstd::bulk::decompress(data, SEGMENT_MAX)
+        // The frame says its size (compressed in one piece); past SEGMENT_MAX when one event
+        // alone is larger (a payload and an inline screenshot).
+        let size = zstd::zstd_safe::get_frame_content_size(data)
+            .ok()
+            .flatten()
+            .and_then(|s| usize::try_from(s).ok())
+            .filter(|s| *s <= SEGMENT_READ_MAX)
+            .ok_or_else(|| Error::Corrupt("event segment: zstd frame without a size".into()))?;
+        zstd::bulk::decompress(data, size)
             .map_err(|e| Error::Corrupt(format!("event segment: {e}")))?
     } else {
         lz4_flex::decompress_size_prepended(data)
@@ -1209,6 +1219,27 @@ mod tests {
             );
             // A block cut short is an error, not fewer events.
             assert!(decode_batch(&object[..object.len() - 1]).is_err());
+        }
+    }
+
+    #[test]
+    fn an_event_larger_than_a_segment_is_stored_alone_and_read_back() {
+        // A 1 MiB payload and a 5 MiB inline screenshot: one event past SEGMENT_MAX.
+        let mut events: Vec<pb::Event> = (1..=3).map(|s| event(s, 1 << 20)).collect();
+        events[1].screenshot = Some(pb::Screenshot {
+            source: Some(pb::screenshot::Source::InlineData(vec![7; 5 << 20])),
+            ..Default::default()
+        });
+        let refs: Vec<&pb::Event> = events.iter().collect();
+        for codec in [EventCodec::Lz4, EventCodec::Zstd] {
+            let segments = encode_segments("desk", 1, &refs, codec);
+            assert!(segments.iter().any(|s| s.raw_bytes > SEGMENT_MAX));
+            let object = batch_of(segments.iter().map(|s| s.data.as_slice()));
+            assert_eq!(
+                decode_batch(&object).ok().as_ref(),
+                Some(&events),
+                "{codec:?}"
+            );
         }
     }
 
