@@ -506,6 +506,15 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
         .store
         .put(&Path::from(planted), PutPayload::from(vec![7u8; 1234]))
         .await?;
+    // A write that never finished (a crash before its rename): listings never show it.
+    let unfinished = "users/alice/other/2020/01/half.bin#1234567";
+    let unfinished_path = setup
+        .blob_dir
+        .as_ref()
+        .expect("local-disk store")
+        .path()
+        .join(unfinished);
+    std::fs::write(&unfinished_path, [7u8; 100])?;
     // An upload in flight: half its bytes staged.
     let flight_bytes = random_bytes(200_000);
     let flight = create_session(mesh.channel(), &alice, "flight.bin", Some(200_000), "").await?;
@@ -535,15 +544,24 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     {
         age(&setup, &key, Duration::from_secs(2 * 3600))?;
     }
+    age(&setup, unfinished, Duration::from_secs(2 * 3600))?;
     let dry = run_now(&mesh, "blob_gc", true).await?;
-    assert_eq!(dry.report, [format!("unreferenced {planted}")]);
+    assert_eq!(
+        dry.report,
+        [
+            format!("unreferenced {planted}"),
+            format!("unfinished write {unfinished}")
+        ]
+    );
+    assert!(unfinished_path.exists());
     assert!(
         setup
             .stored_objects("users/alice")
             .contains(&planted.to_owned())
     );
     let run = run_now(&mesh, "blob_gc", false).await?;
-    assert_eq!((run.acted, run.failed), (1, 0), "{run:?}");
+    assert_eq!((run.acted, run.failed), (2, 0), "{run:?}");
+    assert!(!unfinished_path.exists());
     assert!(
         !setup
             .stored_objects("users/alice")

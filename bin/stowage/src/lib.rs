@@ -386,7 +386,7 @@ pub async fn serve_with(
                     files_api()?,
                     quota_api()?,
                     media_api()?,
-                    Arc::clone(&blobs.store),
+                    &blobs,
                     &background,
                 )?;
                 server.add_service(LifecycleGrpc::new(lifecycle).into_server(max_message));
@@ -474,7 +474,7 @@ fn start_lifecycle(
     files: Arc<dyn FilesApi>,
     quota: Arc<dyn QuotaApi>,
     media: Arc<dyn MediaApi>,
-    store: Arc<dyn object_store::ObjectStore>,
+    blobs: &Blobs,
     background: &Background,
 ) -> anyhow::Result<Arc<Lifecycle>> {
     let queue = Queue::new(
@@ -496,8 +496,9 @@ fn start_lifecycle(
         files,
         quota,
         media,
-        store,
+        Arc::clone(&blobs.store),
     )
+    .with_local_root(blobs.local_root.clone())
     .with_reconcile_settle(config.lifecycle.reconcile_settle);
     match redis {
         Some(redis) => {

@@ -107,6 +107,8 @@ pub struct Lifecycle {
     quota: Arc<dyn QuotaApi>,
     media: Arc<dyn MediaApi>,
     store: Arc<dyn object_store::ObjectStore>,
+    /// The store's directory when it is on local disk (its unfinished writes are swept).
+    local_root: Option<std::path::PathBuf>,
     redis: Option<fred::clients::Client>,
     namespace: String,
     settle: std::time::Duration,
@@ -140,10 +142,18 @@ impl Lifecycle {
             quota,
             media,
             store,
+            local_root: None,
             redis: None,
             namespace: stowage_events::DEFAULT_NAMESPACE.to_owned(),
             settle: usage::DEFAULT_SETTLE,
         }
+    }
+
+    /// The local-disk store's directory: `blob_gc` also removes the temporary files of writes
+    /// that never finished there.
+    pub fn with_local_root(mut self, root: Option<std::path::PathBuf>) -> Self {
+        self.local_root = root;
+        self
     }
 
     /// Waits `settle` before taking a second look at a drifted account: a recount between

@@ -244,6 +244,7 @@ impl Lifecycle {
                 break;
             }
         }
+        self.sweep_temporaries(cutoff, dry_run, &mut tally).await?;
         // The other way: rows whose blob is gone.
         let mut page_token = String::new();
         loop {
@@ -299,6 +300,49 @@ impl Lifecycle {
             page_token = page.next_page_token;
         }
         Ok(tally)
+    }
+
+    /// Temporary files of local-disk writes that never finished, older than `cutoff` (a
+    /// write in progress is younger).
+    async fn sweep_temporaries(
+        &self,
+        cutoff: chrono::DateTime<Utc>,
+        dry_run: bool,
+        tally: &mut Tally,
+    ) -> Result<(), tonic::Status> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let found = tokio::task::spawn_blocking(move || {
+            let found = stowage_blob::local_temporaries(&root, cutoff.into())?;
+            let mut outcomes = Vec::with_capacity(found.len());
+            for path in found {
+                let removed = if dry_run {
+                    Ok(())
+                } else {
+                    match std::fs::remove_file(root.join(&path)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                        _ => Ok(()),
+                    }
+                };
+                outcomes.push((path, removed));
+            }
+            Ok::<_, std::io::Error>(outcomes)
+        })
+        .await
+        .map_err(|_| tonic::Status::internal("sweeping temporary files panicked"))?
+        .map_err(|e| stowage_runtime::status::dependency_failed("object store", &e))?;
+        for (path, removed) in found {
+            tally.examined += 1;
+            match removed {
+                Ok(()) => tally.note(dry_run, format!("unfinished write {path}")),
+                Err(e) => {
+                    tally.failed += 1;
+                    tracing::warn!(path, error = %e, "temporary file not removed");
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn collect_unreferenced(

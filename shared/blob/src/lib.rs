@@ -126,3 +126,82 @@ impl Blobs {
         Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
     }
 }
+
+/// A file a local-disk write keeps until it is complete: `{name}#{digits}` (the name the store
+/// gives its own and that Ingest's durable writes use).
+/// The store's own rule, exactly (the first `#` counts), so nothing it lists is taken for one.
+fn is_temporary(file_name: &str) -> bool {
+    matches!(file_name.split_once('#'), Some((_, suffix)) if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Temporary files under a local store's `root` last written before `before`: a write that
+/// never finished (a crash between writing and renaming) leaves one, and the store's listings
+/// never show them, so nothing else would find them. Paths relative to `root`, sorted.
+pub fn local_temporaries(
+    root: &std::path::Path,
+    before: std::time::SystemTime,
+) -> std::io::Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Removed meanwhile (a staging directory cleaned up).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_file()
+                && is_temporary(&entry.file_name().to_string_lossy())
+                && entry.metadata()?.modified()? < before
+                && let Ok(relative) = entry.path().strip_prefix(root)
+            {
+                found.push(relative.to_string_lossy().into_owned());
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporaries_are_named_as_the_store_names_them() {
+        assert!(is_temporary("photo.jpg#123"));
+        assert!(!is_temporary("photo.jpg"));
+        assert!(!is_temporary("photo.jpg#"));
+        assert!(!is_temporary("photo#1.jpg"));
+        // The store lists this one (its first suffix is not all digits): never taken.
+        assert!(!is_temporary("a#b#123"));
+    }
+
+    #[test]
+    fn only_old_temporaries_are_found_at_any_depth() -> std::io::Result<()> {
+        let root = tempfile::tempdir()?;
+        let deep = root.path().join("users/ann/2026/01");
+        std::fs::create_dir_all(&deep)?;
+        for name in ["old.bin#42", "young.bin#43", "kept.bin"] {
+            std::fs::write(deep.join(name), b"x")?;
+        }
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for name in ["old.bin#42", "kept.bin"] {
+            std::fs::File::options()
+                .write(true)
+                .open(deep.join(name))?
+                .set_modified(hour_ago)?;
+        }
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        assert_eq!(
+            local_temporaries(root.path(), before)?,
+            ["users/ann/2026/01/old.bin#42"]
+        );
+        Ok(())
+    }
+}
