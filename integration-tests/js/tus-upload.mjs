@@ -36,7 +36,15 @@ function firstHalf() {
 
 function resume(url) {
   return new Promise((resolve, reject) => {
-    const upload = new tus.Upload(data, { ...common, uploadUrl: url, onError: reject, onSuccess: () => resolve() });
+    // Retries as a real client would (the server may still be finishing the cut request:
+    // 409 / 423 are retried after a fresh HEAD).
+    const upload = new tus.Upload(data, {
+      ...common,
+      uploadUrl: url,
+      retryDelays: [200, 500, 1000, 2000],
+      onError: reject,
+      onSuccess: () => resolve(),
+    });
     upload.start();
   });
 }
@@ -50,9 +58,17 @@ for (let attempt = 0; attempt < 5 && url === null; attempt++) {
   if (url === null) uncut += 1;
 }
 if (url === null) throw new Error('could not cut the first request off in 5 attempts');
-// Give the server a moment to notice the cut and keep what arrived.
-await new Promise((r) => setTimeout(r, 300));
-const head = await fetch(url, { method: 'HEAD', headers: { 'Tus-Resumable': '1.0.0', Authorization: `Bearer ${token}` } });
-const offsetAfterCut = Number(head.headers.get('upload-offset'));
+// The server keeps what arrived once it notices the cut: wait until the offset holds still.
+async function offset() {
+  const head = await fetch(url, { method: 'HEAD', headers: { 'Tus-Resumable': '1.0.0', Authorization: `Bearer ${token}` } });
+  return Number(head.headers.get('upload-offset'));
+}
+let offsetAfterCut = -1;
+for (let i = 0; i < 50; i++) {
+  await new Promise((r) => setTimeout(r, 200));
+  const now = await offset();
+  if (now > 0 && now === offsetAfterCut) break;
+  offsetAfterCut = now;
+}
 await resume(url);
 console.log(JSON.stringify({ url, offsetAfterCut, size: data.length, uncut }));
