@@ -161,6 +161,7 @@ pub async fn serve_with(
     let timeout = config.peer_timeout();
     let max_message = usize::try_from(config.max_message_size.as_u64()).unwrap_or(usize::MAX);
     let mut server = GrpcServer::new(verifier, config.cors_origins.clone(), config.shutdown_grace);
+    server.with_connections(config.connections.clone());
     let limiter = match &redis {
         Some(redis) if config.rate_limit.enabled => {
             let limiter = Limiter::new(redis.clone(), config.rate_limit.clone());

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod incoming;
 pub mod mesh;
 pub mod paging;
 pub mod redis;

@@ -5,7 +5,6 @@ use std::{convert::Infallible, time::Duration};
 
 use http::{HeaderName, HeaderValue, Method};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     body::Body,
@@ -22,7 +21,7 @@ use stowage_ratelimit::{
     Limiter, RateLimitLayer, Subject, classify_grpc_path, classify_http, client_ip,
 };
 
-use crate::{auth::Verifier, tasks::Background};
+use crate::{auth::Verifier, config::ConnectionsConfig, tasks::Background};
 
 /// Errors of serving.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +122,7 @@ pub struct GrpcServer {
     grace: Duration,
     grpc_limit: RateLimitLayer,
     http_limit: RateLimitLayer,
+    connections: ConnectionsConfig,
 }
 
 impl GrpcServer {
@@ -143,7 +143,14 @@ impl GrpcServer {
             grace,
             grpc_limit: RateLimitLayer::disabled(),
             http_limit: RateLimitLayer::disabled(),
+            connections: ConnectionsConfig::default(),
         }
+    }
+
+    /// Connections taken at once and HTTP/2 windows.
+    pub fn with_connections(&mut self, connections: ConnectionsConfig) -> &mut Self {
+        self.connections = connections;
+        self
     }
 
     /// The health reporter, to mark services serving or not.
@@ -354,8 +361,8 @@ impl GrpcServer {
         let builder = Server::builder()
             .accept_http1(true)
             .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_stream_window_size(window(self.connections.stream_window))
+            .initial_connection_window_size(window(self.connections.connection_window))
             .max_frame_size(MAX_FRAME)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)));
@@ -364,9 +371,12 @@ impl GrpcServer {
             .layer(tower::util::option_layer(cors))
             .layer(stowage_telemetry::RpcTelemetryLayer)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                drain.cancelled().await;
-            });
+            .serve_with_incoming_shutdown(
+                crate::incoming::limited(listener, self.connections.max),
+                async move {
+                    drain.cancelled().await;
+                },
+            );
         let grace = self.grace;
         tokio::pin!(server);
         tokio::select! {
@@ -379,13 +389,11 @@ impl GrpcServer {
     }
 }
 
-/// HTTP/2 receive window of one call. With hyper's default (1 MiB) one upload stream of 8 MiB
-/// chunks ran at about 170 MB/s on loopback, the client waiting for window updates; 4 MiB: about
-/// 300 (16 MiB: about 370, noisy). A peer may send this much before the service reads it.
-const STREAM_WINDOW: u32 = 4 << 20;
-/// HTTP/2 receive window of a connection, shared by its calls: what one peer may have sent
-/// unread (hyper's default: 1 MiB), so it is kept to two calls' windows.
-const CONNECTION_WINDOW: u32 = 8 << 20;
+/// An HTTP/2 window setting (validated to fit with the configuration).
+fn window(size: crate::config::ByteSize) -> u32 {
+    u32::try_from(size.as_u64()).unwrap_or(u32::MAX >> 1)
+}
+
 /// Largest HTTP/2 frame a client may send (the default is 16 KiB): fewer frames per chunk.
 const MAX_FRAME: u32 = 1 << 20;
 
