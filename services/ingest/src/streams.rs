@@ -315,6 +315,15 @@ fn decode_batch(data: &[u8]) -> Result<Vec<pb::Event>> {
     Ok(events)
 }
 
+/// Appends a stored segment to a batch object (after [`BATCH_MAGIC`]): its length, then it.
+fn push_block(object: &mut Vec<u8>, block: &[u8]) -> Result<()> {
+    let len = u32::try_from(block.len())
+        .map_err(|_| Error::Corrupt("event segment over 4 GiB".into()))?;
+    object.extend_from_slice(&len.to_be_bytes());
+    object.extend_from_slice(block);
+    Ok(())
+}
+
 /// First bytes of every zstd frame. An LZ4 segment starts with its size as a little-endian
 /// u32, at most [`SEGMENT_MAX`], whose last byte is 0: the two cannot be confused.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -910,10 +919,7 @@ impl EventStreams {
                     }
                 }
             }
-            let len = u32::try_from(data.len())
-                .map_err(|_| Error::Corrupt("event segment over 4 GiB".into()))?;
-            object.extend_from_slice(&len.to_be_bytes());
-            object.extend_from_slice(data);
+            push_block(&mut object, data)?;
         }
         let key = format!(
             "events/{stream}/{:04}/{:02}/{:02}/{}-{first_seq:012}.evb",
@@ -1246,8 +1252,7 @@ mod tests {
     fn batch_of<'a>(blocks: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
         let mut object = BATCH_MAGIC.to_vec();
         for block in blocks {
-            object.extend_from_slice(&u32::try_from(block.len()).unwrap_or(0).to_be_bytes());
-            object.extend_from_slice(block);
+            assert!(push_block(&mut object, block).is_ok());
         }
         object
     }

@@ -313,34 +313,26 @@ impl Lifecycle {
         let Some(root) = self.local_root.clone() else {
             return Ok(());
         };
-        let found = tokio::task::spawn_blocking(move || {
-            let found = stowage_blob::local_temporaries(&root, cutoff.into())?;
-            let mut outcomes = Vec::with_capacity(found.len());
-            for path in found {
-                let removed = if dry_run {
-                    Ok(())
-                } else {
-                    match std::fs::remove_file(root.join(&path)) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                        _ => Ok(()),
-                    }
-                };
-                outcomes.push((path, removed));
-            }
-            Ok::<_, std::io::Error>(outcomes)
-        })
-        .await
-        .map_err(|_| tonic::Status::internal("sweeping temporary files panicked"))?
-        .map_err(|e| stowage_runtime::status::dependency_failed("object store", &e))?;
-        for (path, removed) in found {
+        let found = {
+            let root = root.clone();
+            tokio::task::spawn_blocking(move || {
+                stowage_blob::local_temporaries(&root, cutoff.into())
+            })
+            .await
+            .map_err(|_| tonic::Status::internal("listing temporary files panicked"))?
+            .map_err(|e| stowage_runtime::status::dependency_failed("object store", &e))?
+        };
+        for path in found {
             tally.examined += 1;
-            match removed {
-                Ok(()) => tally.note(dry_run, format!("unfinished write {path}")),
-                Err(e) => {
-                    tally.failed += 1;
-                    tracing::warn!(path, error = %e, "temporary file not removed");
-                }
+            if !dry_run
+                && let Err(e) = tokio::fs::remove_file(root.join(&path)).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tally.failed += 1;
+                tracing::warn!(path, error = %e, "temporary file not removed");
+                continue;
             }
+            tally.note(dry_run, format!("unfinished write {path}"));
         }
         Ok(())
     }

@@ -722,26 +722,23 @@ mod tests {
         config
     }
 
+    /// Asserts `config` is refused with an error naming `var`.
+    fn refused_naming(config: &Config, var: &str) {
+        let error = config.validate().err().map(|e| e.to_string());
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains(var)),
+            "{error:?}"
+        );
+    }
+
     #[test]
     fn connection_settings_out_of_range_are_refused_by_name() {
         assert!(valid().validate().is_ok());
         let mut config = valid();
         config.connections.stream_window = ByteSize::kib(16);
-        let error = config.validate().err().map(|e| e.to_string());
-        assert!(
-            error
-                .as_deref()
-                .is_some_and(|e| e.contains("STOWAGE_CONNECTIONS__STREAM_WINDOW")),
-            "{error:?}"
-        );
+        refused_naming(&config, "STOWAGE_CONNECTIONS__STREAM_WINDOW");
         let mut config = valid();
         config.connections.max = 0;
-        let error = config.validate().err().map(|e| e.to_string());
-        assert!(
-            error
-                .as_deref()
-                .is_some_and(|e| e.contains("STOWAGE_CONNECTIONS__MAX")),
-            "{error:?}"
-        );
+        refused_naming(&config, "STOWAGE_CONNECTIONS__MAX");
     }
 }
