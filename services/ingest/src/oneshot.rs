@@ -396,10 +396,8 @@ impl Uploader {
             let _ = w.abort().await;
             return Err(error);
         }
+        // On local disk the store flushes the file and its directories before this returns.
         w.finish().await?;
-        if let Some(root) = &self.local_root {
-            crate::staging::sync_placed(root, &key).await?;
-        }
         Ok(Received {
             key,
             sniffed,
@@ -429,10 +427,6 @@ impl Uploader {
         );
         // Recorded first, so that a crash from here on leaves a key the sweeper can remove.
         self.uploads.set_key(upload_id, key.as_ref()).await?;
-        if let Some(root) = &self.local_root {
-            // The store would create a new month's or user's directories without flushing them.
-            crate::staging::create_local_dir(root, &key).await?;
-        }
         let upload = self.store.put_multipart(&key).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
         writer.put(head.split().freeze());

@@ -428,19 +428,6 @@ fn no_direct_io(errno: nix::errno::Errno) -> bool {
     )
 }
 
-/// Flushes a file written through the store under a local-disk `root`, and its directory
-/// entry, to the disk (the store does not): the file is registered next.
-pub(crate) async fn sync_placed(root: &std::path::Path, key: &ObjectPath) -> Result<()> {
-    let path = root.join(key.as_ref());
-    blocking(move || {
-        std::fs::File::open(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(io_error)?;
-        sync_parent(&path)
-    })
-    .await
-}
-
 /// Writes `data` as the object `key` of the local-disk store under `root`, as the store would
 /// (a temporary file renamed into place, so no reader sees half an object), but past the page
 /// cache where it can and flushed, file and directory, before it returns.
@@ -462,17 +449,6 @@ pub(crate) async fn put_local(root: &std::path::Path, key: &ObjectPath, data: By
             let _ = std::fs::remove_file(&temporary);
         }
         placed
-    })
-    .await
-}
-
-/// Creates the directory of the object `key` under the local-disk store's `root` durably (see
-/// [`create_dirs_durably`]), before the store writes the object there.
-pub(crate) async fn create_local_dir(root: &std::path::Path, key: &ObjectPath) -> Result<()> {
-    let path = root.join(key.as_ref());
-    blocking(move || match path.parent() {
-        Some(dir) => create_dirs_durably(dir),
-        None => Ok(()),
     })
     .await
 }

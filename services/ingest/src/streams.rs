@@ -527,8 +527,9 @@ impl EventStreams {
         Ok(Some(key))
     }
 
-    /// Puts `data` at `key`; on local disk, written past the page cache and flushed, file and
-    /// directory (the store does neither), since a transaction that relies on it commits next.
+    /// Puts `data` at `key`, flushed before it returns, since a transaction that relies on it
+    /// commits next. On local disk written past the page cache (the store flushes too, but
+    /// copying into fresh cache pages is the slower part of a flushed write on a VM's disk).
     async fn put_durable(&self, key: &ObjectPath, data: Bytes) -> Result<()> {
         match &self.inner.local_root {
             Some(root) => crate::staging::put_local(root, key, data).await,

@@ -3,7 +3,7 @@
 //!
 //! | URL | store |
 //! |---|---|
-//! | `file:///var/lib/stowage` | local disk under that directory (created if missing) |
+//! | `file:///var/lib/stowage` | local disk under that directory (created if missing); writes flushed to the disk before they return |
 //! | `memory://` | in-process memory (tests, throwaway dev) |
 //! | `s3://bucket[/prefix]` | S3 or an S3-compatible server; credentials, region and endpoint from the standard `AWS_*` variables |
 
@@ -81,7 +81,12 @@ impl Blobs {
                     path: root.clone(),
                     source,
                 })?;
-                let store = LocalFileSystem::new_with_prefix(&root)?.with_automatic_cleanup(true);
+                // Every write (put, multipart completion, copy, rename) returns only once the
+                // file and the directory entries leading to it are on the disk, as S3 promises:
+                // callers record a key in PostgreSQL right after writing it.
+                let store = LocalFileSystem::new_with_prefix(&root)?
+                    .with_automatic_cleanup(true)
+                    .with_fsync(true);
                 Ok(Self {
                     store: Arc::new(store),
                     local_root: Some(root),
