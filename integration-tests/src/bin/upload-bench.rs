@@ -266,6 +266,45 @@ async fn tus_small(
     Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Busy and total jiffies of every CPU so far, from `/proc/stat`.
+fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .ok_or_else(|| anyhow::anyhow!("/proc/stat has no cpu line"))?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// Waits until the machine is quiet (under 10% busy over half a second), at most two minutes:
+/// the events of the uploads just measured (Media's jobs, Lifecycle's activity) are still
+/// being processed after a workload ends, and the next contender must not pay for them.
+async fn settle(before: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut last = cpu_jiffies()?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = cpu_jiffies()?;
+        let busy = (now.0 - last.0) as f64 / (now.1 - last.1).max(1) as f64;
+        last = now;
+        if busy < 0.10 || start.elapsed() > Duration::from_secs(120) {
+            println!(
+                "  (waited {:.1} s for the machine to settle before {before}; {:.0}% busy)",
+                start.elapsed().as_secs_f64(),
+                busy * 100.0
+            );
+            return Ok(());
+        }
+    }
+}
+
 /// The peer: @tus/server with @tus/file-store on node, writing under `dir`.
 async fn start_peer(dir: &std::path::Path) -> anyhow::Result<(tokio::process::Child, String)> {
     let port = stowage_local::free_port()?;
@@ -381,9 +420,13 @@ async fn main() -> anyhow::Result<()> {
         let _ = peer.kill().await;
         return mesh.stop().await;
     }
+    settle("the 4 KiB sessions").await?;
     let (sessions, session_steps) = stowage_small(&mesh, &alice, false).await?;
+    settle("the 4 KiB one-shot uploads").await?;
     let (one_shot, one_shot_steps) = stowage_small(&mesh, &alice, true).await?;
+    settle("the 4 KiB tus uploads").await?;
     let stowage_tus = tus_small(&http, &format!("{base}/tus"), Some(&auth)).await?;
+    settle("the peer's 4 KiB uploads").await?;
     let peer_small = tus_small(&http, &format!("{peer_base}/files"), None).await?;
     let [create, put, done] = session_steps;
     println!(
