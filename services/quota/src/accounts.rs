@@ -1,10 +1,12 @@
 //! Accounts, reservations and the ledger in PostgreSQL.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use stowage_db::{Cached, GenericClient, PgPool};
-use tokio_postgres::Row;
+use stowage_events::{StageParams, topics};
+use tokio_postgres::{Row, error::SqlState};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -196,15 +198,21 @@ impl Quota {
                 "must be at most 200 characters",
             ));
         }
-        let mut conn = self.pool.get().await?;
-        self.ensure_account(&conn, user_id).await?;
-        if let Some(existing) = find_by_key(&conn, user_id, idempotency_key).await? {
-            let account = account_row(&conn, user_id).await?;
-            return Ok((existing, Account::from_row(&account)));
+        let conn = self.pool.get().await?;
+        let ttl_secs = f64::from(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX));
+        let hold = Hold {
+            user_id,
+            amount,
+            ttl_secs,
+            idempotency_key,
+        };
+        if let Some(granted) = hold.try_on(&conn).await? {
+            return Ok(granted);
         }
-        let tx = conn.transaction().await?;
-        // Holds past their expiry give their bytes back before we decide.
-        tx.execute_cached(
+        // It did not fit, or the account is new, or the key was used: create the account if
+        // missing, give back holds past their expiry, and try once more before deciding.
+        self.ensure_account(&conn, user_id).await?;
+        conn.execute_cached(
             "WITH expired AS (
                  UPDATE quota.reservations SET state = 'expired', updated_at = now()
                  WHERE user_id = $1 AND state = 'held' AND expires_at < now()
@@ -215,121 +223,75 @@ impl Quota {
             &[&user_id],
         )
         .await?;
-        let ttl_secs = f64::from(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX));
-        let inserted = tx
-            .query_opt_cached(
-                "INSERT INTO quota.reservations (id, user_id, bytes, state, idempotency_key, expires_at)
-                 VALUES ($1, $2, $3, 'held', $4, now() + make_interval(secs => $5))
-                 ON CONFLICT (user_id, idempotency_key) DO NOTHING
-                 RETURNING *",
-                &[&Uuid::now_v7(), &user_id, &amount, &idempotency_key, &ttl_secs],
-            )
-            .await?;
-        let Some(reservation) = inserted else {
-            // A concurrent call with the same key won: return theirs.
-            tx.rollback().await?;
-            let existing = find_by_key(&conn, user_id, idempotency_key)
-                .await?
-                .ok_or(Error::ReservationNotFound)?;
+        if let Some(granted) = hold.try_on(&conn).await? {
+            return Ok(granted);
+        }
+        // A used key returns its reservation even when no more would fit.
+        if let Some(existing) = find_by_key(&conn, user_id, idempotency_key).await? {
             let account = account_row(&conn, user_id).await?;
             return Ok((existing, Account::from_row(&account)));
-        };
-        // The account row is the one every upload of this user touches: its lock is taken by
-        // the last statement, so it is held only until the commit.
-        let updated = tx
-            .query_opt_cached(
-                "UPDATE quota.accounts
-                 SET reserved_bytes = reserved_bytes + $2, updated_at = now()
-                 WHERE user_id = $1 AND used_bytes + reserved_bytes + $2 <= limit_bytes
-                 RETURNING *",
-                &[&user_id, &amount],
-            )
-            .await?;
-        let Some(account) = updated else {
-            tx.rollback().await?;
-            let row = account_row(&conn, user_id).await?;
-            return Err(Error::Exhausted {
-                requested: bytes,
-                available: Account::from_row(&row).available_bytes(),
-            });
-        };
-        tx.commit().await?;
-        Ok((
-            Reservation::from_row(&reservation),
-            Account::from_row(&account),
-        ))
+        }
+        let row = account_row(&conn, user_id).await?;
+        Err(Error::Exhausted {
+            requested: bytes,
+            available: Account::from_row(&row).available_bytes(),
+        })
     }
 
     /// Turns a reservation into `bytes` of usage. Committing again returns the first commit.
     ///
     /// An expired hold may still be committed if the bytes fit under the limit: the upload
-    /// finished, and refusing it now would lose the user's file.
+    /// finished, and refusing it now would lose the user's file. The whole commit is one
+    /// statement (`COMMIT_SQL`), so the account row is locked only while PostgreSQL
+    /// runs it, never across a round trip: a user's parallel uploads queue for microseconds.
     pub async fn commit(&self, reservation_id: Uuid, bytes: u64) -> Result<(Reservation, Account)> {
         let amount = to_i64("bytes", bytes)?;
-        let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await?;
-        let row = tx
+        let conn = self.pool.get().await?;
+        let notice = StageParams::new(crate::SCHEMA, topics::QUOTA_THRESHOLD_CROSSED);
+        let committed = conn
             .query_opt_cached(
-                "SELECT * FROM quota.reservations WHERE id = $1 FOR UPDATE",
-                &[&reservation_id],
-            )
-            .await?
-            .ok_or(Error::ReservationNotFound)?;
-        let reservation = Reservation::from_row(&row);
-        let held = match reservation.state {
-            ReservationState::Committed => {
-                let account = account_row(&tx, &reservation.user_id).await?;
-                return Ok((reservation, Account::from_row(&account)));
-            }
-            ReservationState::Released => return Err(Error::WrongState("released".into())),
-            ReservationState::Held => to_i64("bytes", reservation.bytes)?,
-            ReservationState::Expired => 0,
-        };
-        let row = tx
-            .query_one_cached(
-                "UPDATE quota.reservations
-                 SET state = 'committed', committed_bytes = $2, updated_at = now()
-                 WHERE id = $1 RETURNING *",
-                &[&reservation_id, &amount],
+                &COMMIT_SQL,
+                &[
+                    &reservation_id,
+                    &amount,
+                    &notice.topic,
+                    &notice.traceparent,
+                    &notice.channel,
+                ],
             )
             .await?;
-        tx.execute_cached(
-            "INSERT INTO quota.ledger (user_id, delta_bytes, kind, reservation_id, idempotency_key)
-             VALUES ($1, $2, 'commit', $3, $4)",
-            &[
-                &reservation.user_id,
-                &amount,
-                &reservation_id,
-                &format!("commit:{reservation_id}"),
-            ],
-        )
-        .await?;
-        // The account row last (see `reserve`); a refusal rolls the two writes above back.
-        let updated = tx
-            .query_opt_cached(
-                "UPDATE quota.accounts
-                 SET reserved_bytes = reserved_bytes - $2::bigint,
-                     used_bytes = used_bytes + $3::bigint, updated_at = now()
-                 WHERE user_id = $1
-                   AND ($3::bigint <= $2::bigint
-                        OR used_bytes + reserved_bytes - $2::bigint + $3::bigint <= limit_bytes)
-                 RETURNING *",
-                &[&reservation.user_id, &held, &amount],
-            )
-            .await?;
-        let Some(account) = updated else {
-            tx.rollback().await?;
-            let row = account_row(&conn, &reservation.user_id).await?;
-            let account = Account::from_row(&row);
-            return Err(Error::Exhausted {
-                requested: bytes,
-                available: account.available_bytes() + reservation.bytes,
-            });
+        let Some(row) = committed else {
+            // Not committable: say why, from what is there now.
+            let row = conn
+                .query_opt_cached(
+                    "SELECT * FROM quota.reservations WHERE id = $1",
+                    &[&reservation_id],
+                )
+                .await?
+                .ok_or(Error::ReservationNotFound)?;
+            let reservation = Reservation::from_row(&row);
+            return match reservation.state {
+                ReservationState::Committed => {
+                    let account = account_row(&conn, &reservation.user_id).await?;
+                    Ok((reservation, Account::from_row(&account)))
+                }
+                ReservationState::Released => Err(Error::WrongState("released".into())),
+                ReservationState::Held | ReservationState::Expired => {
+                    let account =
+                        Account::from_row(&account_row(&conn, &reservation.user_id).await?);
+                    let held = if reservation.state == ReservationState::Held {
+                        reservation.bytes
+                    } else {
+                        0
+                    };
+                    Err(Error::Exhausted {
+                        requested: bytes,
+                        available: account.available_bytes() + held,
+                    })
+                }
+            };
         };
-        let account = Account::from_row(&account);
-        stage_threshold(&tx, &account, bytes).await?;
-        tx.commit().await?;
-        Ok((Reservation::from_row(&row), account))
+        Ok((Reservation::from_row(&row), Account::from_row(&row)))
     }
 
     /// Gives a held reservation's bytes back; releasing twice is a no-op.
@@ -436,19 +398,21 @@ impl Quota {
             tx.commit().await?;
             return Ok(Account::from_row(&account));
         }
+        let notice = StageParams::new(crate::SCHEMA, topics::QUOTA_THRESHOLD_CROSSED);
         let row = tx
             .query_one_cached(
-                "UPDATE quota.accounts SET used_bytes = used_bytes + $2, updated_at = now()
-                 WHERE user_id = $1 RETURNING *",
-                &[&user_id, &delta],
+                &ADJUST_SQL,
+                &[
+                    &user_id,
+                    &delta,
+                    &notice.topic,
+                    &notice.traceparent,
+                    &notice.channel,
+                ],
             )
             .await?;
-        let account = Account::from_row(&row);
-        if raise {
-            stage_threshold(&tx, &account, bytes).await?;
-        }
         tx.commit().await?;
-        Ok(account)
+        Ok(Account::from_row(&row))
     }
 
     /// Expires every held reservation past its time, giving its bytes back; with `dry_run`
@@ -656,6 +620,53 @@ pub struct Stats {
     pub held: u64,
 }
 
+/// One reservation attempt: a single statement, so the account row's lock is held only while
+/// PostgreSQL runs and commits it, never across a round trip to us.
+struct Hold<'a> {
+    user_id: &'a str,
+    amount: i64,
+    ttl_secs: f64,
+    idempotency_key: Option<&'a str>,
+}
+
+impl Hold<'_> {
+    /// The reservation and the account after it, or `None` when the bytes do not fit, the
+    /// account does not exist, or the idempotency key was used before.
+    async fn try_on(&self, conn: &impl GenericClient) -> Result<Option<(Reservation, Account)>> {
+        // The row lock is taken by the conditional UPDATE, which PostgreSQL re-checks after
+        // waiting for it: concurrent holds are serialised and never pass the limit together.
+        // A used key makes the INSERT fail, which undoes the UPDATE with it.
+        let row = conn
+            .query_opt_cached(
+                "WITH account AS (
+                     UPDATE quota.accounts
+                     SET reserved_bytes = reserved_bytes + $3, updated_at = now()
+                     WHERE user_id = $2 AND used_bytes + reserved_bytes + $3 <= limit_bytes
+                     RETURNING *),
+                 held AS (
+                     INSERT INTO quota.reservations (id, user_id, bytes, state, idempotency_key, expires_at)
+                     SELECT $1, $2, $3, 'held', $4, now() + make_interval(secs => $5) FROM account
+                     RETURNING *)
+                 SELECT h.id, h.user_id, h.bytes, h.state, h.committed_bytes, h.expires_at,
+                        a.limit_bytes, a.used_bytes, a.reserved_bytes, a.created_at, a.updated_at
+                 FROM held h, account a",
+                &[
+                    &Uuid::now_v7(),
+                    &self.user_id,
+                    &self.amount,
+                    &self.idempotency_key,
+                    &self.ttl_secs,
+                ],
+            )
+            .await;
+        match row {
+            Ok(row) => Ok(row.map(|r| (Reservation::from_row(&r), Account::from_row(&r)))),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 async fn find_by_key(
     conn: &impl GenericClient,
     user_id: &str,
@@ -681,51 +692,71 @@ async fn account_row(conn: &impl GenericClient, user_id: &str) -> Result<Row> {
 }
 
 /// Usage levels, in percent of the limit, whose crossing is announced.
-const NOTICE_THRESHOLDS: [u64; 3] = [80, 90, 100];
+const NOTICE_THRESHOLDS: &str = "ARRAY[80, 90, 100]";
 
-/// Stages `quota.threshold_crossed` in `tx` when raising usage by `added` (to `account`'s
-/// usage) crossed a notice threshold.
-async fn stage_threshold(tx: &impl GenericClient, account: &Account, added: u64) -> Result<()> {
-    let before = account.used_bytes.saturating_sub(added);
-    if let Some(percent) = crossed_threshold(before, account.used_bytes, account.limit_bytes) {
-        let payload = serde_json::json!({
-            "user_id": account.user_id,
-            "threshold_percent": percent,
-            "used_bytes": account.used_bytes,
-            "limit_bytes": account.limit_bytes,
-        });
-        stowage_events::stage(
-            tx,
-            crate::SCHEMA,
-            stowage_events::topics::QUOTA_THRESHOLD_CROSSED,
-            &account.user_id,
-            &payload,
-        )
-        .await?;
-    }
-    Ok(())
+/// CTEs that stage `quota.threshold_crossed` when the usage in the `account` CTE, raised by
+/// `added`, crossed a notice threshold (the highest one crossed); the topic, traceparent and
+/// channel are parameters `$p` to `$p+2`. The statement must read `notified`.
+fn notice_ctes(added: &str, p: usize) -> String {
+    format!(
+        "crossed AS (
+             SELECT a.user_id AS key,
+                    jsonb_build_object('user_id', a.user_id, 'threshold_percent', max(t.percent),
+                                       'used_bytes', a.used_bytes, 'limit_bytes', a.limit_bytes) AS payload
+             FROM account a, unnest({NOTICE_THRESHOLDS}) AS t(percent)
+             WHERE GREATEST(a.used_bytes - {added}, 0)::numeric * 100 < t.percent::numeric * a.limit_bytes
+               AND t.percent::numeric * a.limit_bytes <= a.used_bytes::numeric * 100
+             GROUP BY a.user_id, a.used_bytes, a.limit_bytes),
+         {}",
+        stowage_events::stage_ctes(crate::SCHEMA, "crossed", p)
+    )
 }
 
-/// The highest notice threshold that usage crossed going from `before` to `after`.
-fn crossed_threshold(before: u64, after: u64, limit: u64) -> Option<u64> {
-    let level = |used: u64| u128::from(used) * 100;
-    NOTICE_THRESHOLDS.into_iter().rev().find(|t| {
-        level(before) < u128::from(*t) * u128::from(limit)
-            && u128::from(*t) * u128::from(limit) <= level(after)
-    })
-}
+/// A commit in one statement: lock the reservation (before the account row, as `release`
+/// does), move its bytes from held to used if they fit, mark it committed, write the ledger
+/// and stage a threshold notice. `$1` reservation, `$2` bytes, `$3`..`$5` the notice. No row:
+/// not committable (missing, released, committed before, or over the limit).
+static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH r AS (
+             SELECT id, user_id, CASE WHEN state = 'held' THEN bytes ELSE 0 END AS held
+             FROM quota.reservations
+             WHERE id = $1 AND state IN ('held', 'expired') FOR UPDATE),
+         account AS (
+             UPDATE quota.accounts a
+             SET reserved_bytes = a.reserved_bytes - r.held,
+                 used_bytes = a.used_bytes + $2::bigint, updated_at = now()
+             FROM r
+             WHERE a.user_id = r.user_id
+               AND ($2::bigint <= r.held OR a.used_bytes + a.reserved_bytes - r.held + $2::bigint <= a.limit_bytes)
+             RETURNING a.*),
+         done AS (
+             UPDATE quota.reservations c
+             SET state = 'committed', committed_bytes = $2, updated_at = now()
+             FROM account
+             WHERE c.id = $1
+             RETURNING c.*),
+         ledger AS (
+             INSERT INTO quota.ledger (user_id, delta_bytes, kind, reservation_id, idempotency_key)
+             SELECT user_id, $2, 'commit', id, 'commit:' || id FROM done),
+         {}
+         SELECT d.id, d.user_id, d.bytes, d.state, d.committed_bytes, d.expires_at,
+                a.limit_bytes, a.used_bytes, a.reserved_bytes, a.created_at, a.updated_at,
+                (SELECT count(*) FROM notified) AS notices
+         FROM done d, account a",
+        notice_ctes("$2::bigint", 3)
+    )
+});
 
-#[cfg(test)]
-mod threshold_tests {
-    use super::crossed_threshold;
-
-    #[test]
-    fn only_a_crossing_counts() {
-        assert_eq!(crossed_threshold(0, 79, 100), None);
-        assert_eq!(crossed_threshold(79, 80, 100), Some(80));
-        assert_eq!(crossed_threshold(80, 85, 100), None);
-        assert_eq!(crossed_threshold(10, 95, 100), Some(90));
-        assert_eq!(crossed_threshold(95, 100, 100), Some(100));
-        assert_eq!(crossed_threshold(0, 0, 0), None);
-    }
-}
+/// A charge or debit of `$2` bytes (signed) on `$1`'s usage, with its threshold notice
+/// (`$3`..`$5`); a debit never crosses one.
+static ADJUST_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH account AS (
+             UPDATE quota.accounts SET used_bytes = used_bytes + $2, updated_at = now()
+             WHERE user_id = $1 RETURNING *),
+         {}
+         SELECT a.*, (SELECT count(*) FROM notified) AS notices FROM account a",
+        notice_ctes("$2::bigint", 3)
+    )
+});

@@ -18,7 +18,7 @@ mod relay;
 
 pub use consumer::{Consumer, ConsumerSettings, EventHandler, HandlerError};
 pub use event::{DEFAULT_NAMESPACE, Event, stream_key};
-pub use outbox::stage;
+pub use outbox::{StageParams, stage, stage_ctes};
 pub use relay::{Relay, RelayError, RelaySettings};
 
 /// Topics published by Stowage services.

@@ -34,3 +34,42 @@ pub async fn stage(
         .await?;
     Ok(row.get(0))
 }
+
+/// For a statement that makes a change and stages its events in one go (no transaction held
+/// open across a round trip): CTEs `staged` and `notified` that put one event per row of the
+/// CTE `rows` (columns `key text`, `payload jsonb`) into `schema`'s outbox. Parameters `$p`,
+/// `$p+1` and `$p+2` take [`StageParams`]' topic, traceparent and channel, in that order. The
+/// statement must read `notified` (for example `(SELECT count(*) FROM notified)`): that is
+/// what wakes the relay.
+pub fn stage_ctes(schema: &str, rows: &str, p: usize) -> String {
+    let (traceparent, channel) = (p + 1, p + 2);
+    format!(
+        "staged AS (
+             INSERT INTO {schema}.outbox (topic, key, payload, traceparent)
+             SELECT ${p}, key, payload, ${traceparent} FROM {rows}
+             RETURNING event_id),
+         notified AS (SELECT pg_notify(${channel}, '') FROM staged)"
+    )
+}
+
+/// The parameters of [`stage_ctes`].
+#[derive(Debug)]
+pub struct StageParams {
+    /// The events' topic.
+    pub topic: &'static str,
+    /// The current trace context.
+    pub traceparent: Option<String>,
+    /// The relay's notification channel.
+    pub channel: String,
+}
+
+impl StageParams {
+    /// For events of `topic` in `schema`'s outbox, in the current trace.
+    pub fn new(schema: &str, topic: &'static str) -> Self {
+        Self {
+            topic,
+            traceparent: stowage_telemetry::current_traceparent(),
+            channel: crate::relay::channel(schema),
+        }
+    }
+}
