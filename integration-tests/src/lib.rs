@@ -44,6 +44,19 @@ pub async fn upload_declaring(
     declared: u64,
     tags: &[&str],
 ) -> Result<pb::File, Status> {
+    upload_with_key(channel, token, name, data, declared, tags, "").await
+}
+
+/// Like [`upload_declaring`], with an idempotency key (none when empty).
+pub async fn upload_with_key(
+    channel: Channel,
+    token: &str,
+    name: &str,
+    data: &[u8],
+    declared: u64,
+    tags: &[&str],
+    idempotency_key: &str,
+) -> Result<pb::File, Status> {
     let header = pb::UploadRequest {
         part: Some(Part::Header(pb::UploadHeader {
             size_bytes: declared,
@@ -52,7 +65,7 @@ pub async fn upload_declaring(
                 tags: tags.iter().map(|t| (*t).to_owned()).collect(),
                 ..Default::default()
             }),
-            idempotency_key: String::new(),
+            idempotency_key: idempotency_key.to_owned(),
         })),
     };
     let chunks: Vec<pb::UploadRequest> = data

@@ -1,7 +1,7 @@
 //! Reservations never overrun a limit, and commits count once.
 
 use futures::future::join_all;
-use stowage_integration_tests::usage;
+use stowage_integration_tests::{random_bytes, upload_with_key, usage};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
 use tonic::Code;
@@ -89,9 +89,11 @@ async fn parallel_reservations_stop_exactly_at_the_limit() -> anyhow::Result<()>
             &service,
         ))
         .await;
-    if let Ok(r) = &again {
-        assert!(granted.contains(&r.get_ref().reservation.clone().unwrap_or_default().id));
-    }
+    let again = again?.into_inner().reservation.unwrap_or_default();
+    assert_eq!(
+        again.id, granted[0],
+        "a full account still answers a retried key with its first reservation"
+    );
     let stats = quota
         .stats(authed(pb::StatsRequest {}, &admin))
         .await?
@@ -214,5 +216,146 @@ async fn release_gives_bytes_back_and_debit_counts_once() -> anyhow::Result<()> 
     }
     let account = usage(mesh.channel(), &token("carol", &[])).await?;
     assert_eq!(account.used_bytes, 3000, "one debit of 2000, not two");
+    mesh.stop().await
+}
+
+/// The notices staged for `user` in Quota's outbox: (threshold percent, used bytes).
+async fn notices(database_url: &str, user: &str) -> anyhow::Result<Vec<(i64, i64)>> {
+    let pool = stowage_db::connect(database_url, 1)?;
+    let conn = pool.get().await?;
+    let rows = conn
+        .query(
+            "SELECT (payload->>'threshold_percent')::bigint, (payload->>'used_bytes')::bigint
+             FROM quota.outbox WHERE topic = 'quota.threshold_crossed' AND key = $1 ORDER BY id",
+            &[&user],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[tokio::test]
+async fn crossing_80_90_and_100_percent_is_announced_once_each() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(10_000);
+    let mesh = Mesh::start(&setup).await?;
+    let service = token("svc", &["service"]);
+    let mut quota = stowage_integration_tests::quota(mesh.channel());
+    let mut commit = async |bytes: u64| -> anyhow::Result<()> {
+        let r = quota
+            .reserve(authed(
+                pb::ReserveRequest {
+                    user_id: "dana".into(),
+                    bytes,
+                    ..Default::default()
+                },
+                &service,
+            ))
+            .await?
+            .into_inner();
+        let id = r.reservation.map(|r| r.id).unwrap_or_default();
+        for _ in 0..2 {
+            // The second commit is a retry: it must not announce anything again.
+            quota
+                .commit(authed(
+                    pb::CommitRequest {
+                        reservation_id: id.clone(),
+                        bytes,
+                    },
+                    &service,
+                ))
+                .await?;
+        }
+        Ok(())
+    };
+    commit(7_999).await?;
+    assert_eq!(notices(&setup.database_url, "dana").await?, vec![]);
+    commit(1).await?;
+    commit(500).await?;
+    assert_eq!(
+        notices(&setup.database_url, "dana").await?,
+        vec![(80, 8_000)]
+    );
+    // 8,500 -> 9,900 passes 90 only.
+    commit(1_400).await?;
+    // A charge (variants) takes usage to the limit: 100.
+    let mut quota = stowage_integration_tests::quota(mesh.channel());
+    for _ in 0..2 {
+        quota
+            .charge(authed(
+                pb::ChargeRequest {
+                    user_id: "dana".into(),
+                    bytes: 100,
+                    idempotency_key: "variants:f:1".into(),
+                    reason: "test".into(),
+                },
+                &service,
+            ))
+            .await?;
+    }
+    // A debit never announces.
+    quota
+        .debit(authed(
+            pb::DebitRequest {
+                user_id: "dana".into(),
+                bytes: 5_000,
+                idempotency_key: "purge:f".into(),
+                reason: "test".into(),
+            },
+            &service,
+        ))
+        .await?;
+    assert_eq!(
+        notices(&setup.database_url, "dana").await?,
+        vec![(80, 8_000), (90, 9_900), (100, 10_000)]
+    );
+    // Jumping past two thresholds at once announces the highest only.
+    commit(4_900).await?;
+    assert_eq!(
+        notices(&setup.database_url, "dana").await?.last(),
+        Some(&(90, 9_900)),
+        "back to 9,900 from 5,000: 80 and 90 crossed, 90 announced"
+    );
+    assert_eq!(notices(&setup.database_url, "dana").await?.len(), 4);
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn a_retried_upload_is_one_file_and_one_charge_even_when_it_filled_the_quota()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(100_000);
+    let mesh = Mesh::start(&setup).await?;
+    let erin = token("erin", &[]);
+    let data = random_bytes(60_000);
+    let up = |key: &'static str, declared: u64| {
+        let (channel, erin, data) = (mesh.channel(), erin.clone(), data.clone());
+        async move { upload_with_key(channel, &erin, "a.bin", &data, declared, &[], key).await }
+    };
+    let first = up("k1", 60_000).await?;
+    // The retry finds the quota too full for a second copy, and gets the first file.
+    let again = up("k1", 60_000).await?;
+    assert_eq!(again.id, first.id);
+    let account = usage(mesh.channel(), &erin).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (60_000, 0));
+
+    // Over the quota: refused before any byte is kept, and nothing is held.
+    let refused = up("k2", 60_000).await;
+    assert_eq!(
+        refused.err().map(|s| s.code()),
+        Some(Code::ResourceExhausted)
+    );
+    // A stream that lies about its size fails, gives its hold back, and burns its key.
+    let lied = up("k3", 30_000).await;
+    assert_eq!(lied.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    let reused = up("k3", 60_000).await;
+    assert_eq!(reused.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    let account = usage(mesh.channel(), &erin).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (60_000, 0));
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(stowage_testkit::authed(
+            pb::ListFilesRequest::default(),
+            &erin,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(listed.files.len(), 1);
     mesh.stop().await
 }

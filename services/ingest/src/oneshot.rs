@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     sniff::{SNIFF_LEN, Sniffed, sniff},
-    uploads::Uploads,
+    uploads::{UploadRow, Uploads},
 };
 
 /// Everything an upload needs.
@@ -138,54 +138,56 @@ impl Uploader {
             ));
         };
         let header = check_header(header, self.max_file_size)?;
-        let (row, fresh) = self
-            .uploads
-            .start(
-                owner,
-                header.idempotency_key.as_deref(),
-                header.size,
-                &header.meta.display_name,
-            )
-            .await?;
-        if !fresh {
-            return match row.state.as_str() {
-                "completed" => {
-                    let file = self
-                        .files
-                        .get_file(pb::GetFileRequest {
-                            file_id: row.file_id.to_string(),
-                        })
-                        .await?;
-                    file.file
-                        .ok_or_else(|| Status::internal("file missing from response").into())
-                }
-                "receiving" | "registered" => Err(Error::InProgress),
-                _ => Err(Error::invalid(
-                    "header.idempotency_key",
-                    "was used by an upload that failed; use a new key",
-                )),
-            };
-        }
+        // The hold comes first and is recorded with the row, in one write: a crash between
+        // the two leaves a hold with no row, which Quota expires on its own.
+        let upload_id = Uuid::now_v7();
         let reservation = match self
             .quota
             .reserve(pb::ReserveRequest {
                 user_id: owner.to_owned(),
                 bytes: header.size,
                 ttl_seconds: 0,
-                idempotency_key: format!("upload:{}", row.id),
+                idempotency_key: format!("upload:{upload_id}"),
             })
             .await
         {
             Ok(r) => r.reservation.map(|r| r.id).unwrap_or_default(),
             Err(status) => {
-                // Nothing was held or stored: forget the attempt so the key can be reused.
-                self.uploads.forget(row.id).await?;
+                // A retry of an upload that finished may find the quota full with its own
+                // bytes: it gets the first answer, not a refusal.
+                if status.code() == tonic::Code::ResourceExhausted
+                    && let Some(key) = header.idempotency_key.as_deref()
+                    && let Some(row) = self.uploads.find(owner, key).await?
+                {
+                    return self.repeated(row).await;
+                }
                 return Err(status.into());
             }
         };
         let reservation_id =
             Uuid::parse_str(&reservation).map_err(|_| Status::internal("bad reservation id"))?;
-        self.uploads.set_reservation(row.id, reservation_id).await?;
+        let started = self
+            .uploads
+            .start(
+                upload_id,
+                owner,
+                header.idempotency_key.as_deref(),
+                header.size,
+                &header.meta.display_name,
+                reservation_id,
+            )
+            .await;
+        let row = match started {
+            Ok((row, true)) => row,
+            Ok((row, false)) => {
+                self.release(upload_id, &reservation).await;
+                return self.repeated(row).await;
+            }
+            Err(error) => {
+                self.release(upload_id, &reservation).await;
+                return Err(error);
+            }
+        };
 
         let received = match self
             .receive(owner, row.id, row.file_id, &header, &mut stream)
@@ -239,18 +241,10 @@ impl Uploader {
                 return Err(error);
             }
         };
-        self.uploads
-            .set_state(
-                row.id,
-                "registered",
-                Some(received.key.as_ref()),
-                received.size,
-                None,
-            )
-            .await?;
         // The file is visible now; the charge must follow. Commit is idempotent per
-        // reservation, so retrying is safe; if Quota stays down the row stays `registered`
-        // and the reservation keeps the bytes held until a retry commits them.
+        // reservation, so retrying is safe. If Quota stays down (or this process dies), the
+        // row stays `receiving` with its reservation; the sweeper finds the file registered
+        // and commits then.
         let mut attempt = 0;
         loop {
             match self
@@ -268,7 +262,16 @@ impl Uploader {
                     tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
                 }
                 Err(status) => {
-                    tracing::error!(upload_id = %row.id, %status, "quota commit failed; upload left registered");
+                    tracing::error!(upload_id = %row.id, %status, "quota commit failed; left for the sweeper");
+                    self.uploads
+                        .set_state(
+                            row.id,
+                            "registered",
+                            Some(received.key.as_ref()),
+                            received.size,
+                            None,
+                        )
+                        .await?;
                     return Err(status.into());
                 }
             }
@@ -277,6 +280,40 @@ impl Uploader {
             .complete(row.id, received.size, Some(&received.sha256))
             .await?;
         Ok(file)
+    }
+
+    /// Answers a repeated idempotency key from the upload that first used it.
+    async fn repeated(&self, row: UploadRow) -> Result<pb::File> {
+        match row.state.as_str() {
+            "completed" => {
+                let file = self
+                    .files
+                    .get_file(pb::GetFileRequest {
+                        file_id: row.file_id.to_string(),
+                    })
+                    .await?;
+                file.file
+                    .ok_or_else(|| Status::internal("file missing from response").into())
+            }
+            "receiving" | "registered" => Err(Error::InProgress),
+            _ => Err(Error::invalid(
+                "header.idempotency_key",
+                "was used by an upload that failed; use a new key",
+            )),
+        }
+    }
+
+    /// Gives back a hold (best effort: it expires anyway).
+    async fn release(&self, upload_id: Uuid, reservation: &str) {
+        if let Err(status) = self
+            .quota
+            .release(pb::ReleaseRequest {
+                reservation_id: reservation.to_owned(),
+            })
+            .await
+        {
+            tracing::warn!(%upload_id, %status, "release failed; the hold expires on its own");
+        }
     }
 
     /// Receives the bytes into the store, hashing them on the way.
@@ -525,15 +562,7 @@ impl Uploader {
         {
             tracing::warn!(%upload_id, error = %e, "blob delete after failed upload failed; gc will remove it");
         }
-        if let Err(status) = self
-            .quota
-            .release(pb::ReleaseRequest {
-                reservation_id: reservation.to_owned(),
-            })
-            .await
-        {
-            tracing::warn!(%upload_id, %status, "release after failed upload failed; it expires on its own");
-        }
+        self.release(upload_id, reservation).await;
         if let Err(e) = self
             .uploads
             .set_state(upload_id, "failed", None, 0, Some(&error.to_string()))

@@ -43,6 +43,14 @@ pub struct UploadRow {
     pub file_id: Uuid,
 }
 
+fn upload_row(row: &tokio_postgres::Row) -> UploadRow {
+    UploadRow {
+        id: row.get(0),
+        state: row.get(1),
+        file_id: row.get(2),
+    }
+}
+
 /// Upload rows.
 #[derive(Clone, Debug)]
 pub struct Uploads {
@@ -55,41 +63,38 @@ impl Uploads {
         Self { pool }
     }
 
-    /// Starts a row in state `receiving`; with an idempotency key already used, returns the
-    /// existing row instead (and `false`).
+    /// Starts row `id` in state `receiving`, holding `reservation`; with an idempotency key
+    /// already used, returns the existing row instead (and `false`).
     pub async fn start(
         &self,
+        id: Uuid,
         owner: &str,
         key: Option<&str>,
         declared_size: u64,
         display_name: &str,
+        reservation: Uuid,
     ) -> Result<(UploadRow, bool)> {
         let conn = self.pool.get().await?;
         let row = conn
             .query_opt_cached(
-                "INSERT INTO ingest.uploads (id, owner_id, idempotency_key, state, declared_size, file_id, display_name)
-                 VALUES ($1, $2, $3, 'receiving', $4, $5, $6)
+                "INSERT INTO ingest.uploads
+                     (id, owner_id, idempotency_key, state, declared_size, file_id, display_name, reservation_id)
+                 VALUES ($1, $2, $3, 'receiving', $4, $5, $6, $7)
                  ON CONFLICT (owner_id, idempotency_key) DO NOTHING
                  RETURNING id, state, file_id",
                 &[
-                    &Uuid::now_v7(),
+                    &id,
                     &owner,
                     &key,
                     &i64::try_from(declared_size).unwrap_or(i64::MAX),
                     &Uuid::now_v7(),
                     &display_name,
+                    &reservation,
                 ],
             )
             .await?;
         if let Some(row) = row {
-            return Ok((
-                UploadRow {
-                    id: row.get(0),
-                    state: row.get(1),
-                    file_id: row.get(2),
-                },
-                true,
-            ));
+            return Ok((upload_row(&row), true));
         }
         let row = conn
             .query_one_cached(
@@ -97,25 +102,19 @@ impl Uploads {
                 &[&owner, &key],
             )
             .await?;
-        Ok((
-            UploadRow {
-                id: row.get(0),
-                state: row.get(1),
-                file_id: row.get(2),
-            },
-            false,
-        ))
+        Ok((upload_row(&row), false))
     }
 
-    /// Records the reservation that holds the upload's quota.
-    pub async fn set_reservation(&self, id: Uuid, reservation: Uuid) -> Result<()> {
+    /// The upload that used idempotency key `key` of `owner`, if any.
+    pub async fn find(&self, owner: &str, key: &str) -> Result<Option<UploadRow>> {
         let conn = self.pool.get().await?;
-        conn.execute_cached(
-            "UPDATE ingest.uploads SET reservation_id = $2, updated_at = now() WHERE id = $1",
-            &[&id, &reservation],
-        )
-        .await?;
-        Ok(())
+        let row = conn
+            .query_opt_cached(
+                "SELECT id, state, file_id FROM ingest.uploads WHERE owner_id = $1 AND idempotency_key = $2",
+                &[&owner, &key],
+            )
+            .await?;
+        Ok(row.as_ref().map(upload_row))
     }
 
     /// Moves the upload to `state`, with the key, byte count and failure when known.
@@ -164,17 +163,6 @@ impl Uploads {
             stage_completed(&tx, id, &owner, &file_id.to_string(), size, sha256).await?;
         }
         tx.commit().await?;
-        Ok(())
-    }
-
-    /// Deletes a row that never held quota or bytes.
-    pub async fn forget(&self, id: Uuid) -> Result<()> {
-        let conn = self.pool.get().await?;
-        conn.execute_cached(
-            "DELETE FROM ingest.uploads WHERE id = $1 AND state = 'receiving' AND reservation_id IS NULL",
-            &[&id],
-        )
-        .await?;
         Ok(())
     }
 
