@@ -421,14 +421,15 @@ impl ActivityEvents {
         Self { debounce }
     }
 
-    /// Topics this handler reads.
+    /// Topics this handler reads. Not `upload.completed`: every upload that completes has
+    /// made its `file.created` first, with the same owner and moment, so reading both would
+    /// only record the same activity twice.
     pub const TOPICS: &'static [&'static str] = &[
         topics::FILE_CREATED,
         topics::FILE_DELETED,
         topics::FILE_RESTORED,
         topics::FILE_PURGED,
         topics::FILE_DOWNLOADED,
-        topics::UPLOAD_COMPLETED,
     ];
 }
 
@@ -451,7 +452,7 @@ impl EventHandler for ActivityEvents {
         if !by_system {
             touch(tx, user, event.occurred_at).await?;
         }
-        if event.topic != topics::UPLOAD_COMPLETED && event.topic != topics::FILE_DOWNLOADED {
+        if event.topic != topics::FILE_DOWNLOADED {
             request_recheck(tx, user, self.debounce).await?;
         }
         Ok(())
