@@ -634,7 +634,9 @@ fn start_media(
 }
 
 /// Every `interval`, sweeps expired upload sessions and one-shot uploads abandoned for
-/// longer than `abandoned_after` (Lifecycle will schedule this later).
+/// longer than `abandoned_after`, so that their holds come back within a minute of their end.
+/// Lifecycle's `orphan_uploads` (every 15 min, `Ingest.SweepUploads`) is the other sweep: it
+/// ends sessions idle for hours long before their expiry, and does the same for one-shots.
 fn spawn_sweeper(
     background: &Background,
     sessions: Sessions,
