@@ -186,3 +186,134 @@ async fn file_created_survives_a_redis_restart_and_is_applied_once() -> anyhow::
     redis.stop().await;
     Ok(())
 }
+
+/// Records like [`Recorder`], but fails the first `failures` times it meets `poison`.
+struct Flaky {
+    inner: Recorder,
+    poison: std::sync::Mutex<String>,
+    failures: AtomicUsize,
+}
+
+#[async_trait]
+impl EventHandler for Flaky {
+    async fn handle(
+        &self,
+        event: &Event,
+        tx: &stowage_db::Transaction<'_>,
+    ) -> Result<(), HandlerError> {
+        let poisoned = self.poison.lock().map(|p| *p == event.key).unwrap_or(false);
+        if poisoned
+            && self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(HandlerError("poisoned".into()));
+        }
+        self.inner.handle(event, tx).await
+    }
+}
+
+#[tokio::test]
+async fn a_failing_event_holds_back_only_itself_and_the_rest_of_its_read_apply_once()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 4)?;
+    stowage_events::migrate(&pool, "probe").await?;
+    pool.get()
+        .await?
+        .batch_execute("CREATE TABLE probe.applied (grp text, file_id uuid, times int NOT NULL, PRIMARY KEY (grp, file_id))")
+        .await?;
+    // Twenty events wait in the stream before the group reads, so that its first read holds
+    // them all; the eleventh fails twice.
+    let service = token("svc", &["service"]);
+    let mut files = stowage_integration_tests::files(mesh.channel());
+    let mut created = Vec::new();
+    for n in 0..20 {
+        created.push(register(&mut files, &service, n).await);
+    }
+    let conn = pool.get().await?;
+    stowage_integration_tests::eventually(Duration::from_secs(30), "events relayed", || async {
+        let pending: i64 = stowage_db::connect(&setup.database_url, 1)?
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM files.outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(pending == 0)
+    })
+    .await?;
+    let flaky = Arc::new(Flaky {
+        inner: Recorder {
+            group: "flaky",
+            deliveries: AtomicUsize::new(0),
+        },
+        poison: std::sync::Mutex::new(created[10].to_string()),
+        failures: AtomicUsize::new(2),
+    });
+    let client = stowage_runtime::redis::connect(&setup.redis_url).await?;
+    let member = |claim_idle: Duration, stop: CancellationToken| {
+        let consumer = Consumer::new(
+            &client,
+            pool.clone(),
+            "probe",
+            "flaky",
+            &[topics::FILE_CREATED],
+            Arc::clone(&flaky) as Arc<dyn EventHandler>,
+            ConsumerSettings {
+                block: Duration::from_millis(200),
+                claim_idle,
+                namespace: setup.namespace(),
+                ..ConsumerSettings::default()
+            },
+        );
+        tokio::spawn(consumer.run(stop))
+    };
+    let applied = || async {
+        let rows = conn
+            .query(
+                "SELECT file_id, times FROM probe.applied WHERE grp = 'flaky'",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(
+            rows.iter()
+                .map(|r| (r.get::<_, uuid::Uuid>(0), r.get::<_, i32>(1)))
+                .collect::<Vec<_>>(),
+        )
+    };
+    // No redelivery within the test: whatever applies, applies from the first read.
+    let first_stop = CancellationToken::new();
+    let first = member(Duration::from_secs(600), first_stop.clone());
+    stowage_integration_tests::eventually(Duration::from_secs(20), "19 applied", || async {
+        Ok(applied().await?.len() >= 19)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let early = applied().await?;
+    assert_eq!(early.len(), 19, "all but the failing event apply");
+    assert!(
+        early.iter().all(|(id, _)| *id != created[10]),
+        "the failing event is held back"
+    );
+    first_stop.cancel();
+    first.await?;
+    // Another member claims the pending delivery; the event now applies.
+    let stop = CancellationToken::new();
+    let second = member(Duration::from_millis(500), stop.clone());
+    stowage_integration_tests::eventually(Duration::from_secs(20), "20 applied", || async {
+        Ok(applied().await?.len() == 20)
+    })
+    .await?;
+    assert!(
+        applied().await?.iter().all(|(_, times)| *times == 1),
+        "every event applied exactly once"
+    );
+    stop.cancel();
+    second.await?;
+    mesh.stop().await
+}

@@ -1,7 +1,13 @@
-//! The consumer's side: a consumer group per service, each event applied in one PostgreSQL
-//! transaction together with its dedupe row, acknowledged only after that commits.
+//! The consumer's side: a consumer group per service, each event applied in a PostgreSQL
+//! transaction together with its dedupe row, acknowledged only after that commits. The
+//! entries of one read share one transaction; if any of them fails, each is applied alone, so
+//! a bad event holds back only itself.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Pool, Transaction};
@@ -126,9 +132,7 @@ impl Consumer {
             match read {
                 Ok(entries) => {
                     failures = 0;
-                    for (stream, id, fields) in entries {
-                        self.process(&stream, &id, &fields).await;
-                    }
+                    self.process_read(entries).await;
                 }
                 Err(error) if error.details().starts_with("NOGROUP") => {
                     if let Err(error) = self.create_groups(&streams).await {
@@ -219,17 +223,61 @@ impl Consumer {
         Ok(())
     }
 
-    async fn process(&self, stream: &str, id: &str, fields: &HashMap<String, String>) {
-        let event = match Event::from_fields(fields) {
-            Ok(event) => event,
+    /// Applies the entries of one read: together in one transaction when there are several,
+    /// each alone if that fails.
+    async fn process_read(&self, entries: Vec<(String, String, HashMap<String, String>)>) {
+        let mut events = Vec::with_capacity(entries.len());
+        for (stream, id, fields) in entries {
+            if let Some(event) = self.parse(&stream, &id, &fields).await {
+                events.push((stream, id, event));
+            }
+        }
+        if events.len() > 1 {
+            match self.apply_together(&events).await {
+                Ok(applied) => {
+                    for ((_, _, event), applied) in events.iter().zip(applied) {
+                        self.count_applied(event, applied);
+                    }
+                    self.ack_all(&events).await;
+                    return;
+                }
+                Err(error) => {
+                    tracing::info!(%error, group = %self.group, events = events.len(), "a read's events did not apply together; applying them one by one");
+                }
+            }
+        }
+        for (stream, id, event) in &events {
+            self.process_event(stream, id, event).await;
+        }
+    }
+
+    /// The event in an entry; a malformed entry is dropped (and acknowledged).
+    async fn parse(
+        &self,
+        stream: &str,
+        id: &str,
+        fields: &HashMap<String, String>,
+    ) -> Option<Event> {
+        match Event::from_fields(fields) {
+            Ok(event) => Some(event),
             Err(reason) => {
                 // Retrying cannot fix an entry no producer of ours could have written.
                 tracing::error!(stream, id, %reason, "malformed event dropped");
                 metrics::counter!("stowage_events_malformed_total").increment(1);
                 self.ack(stream, id).await;
-                return;
+                None
             }
-        };
+        }
+    }
+
+    async fn process(&self, stream: &str, id: &str, fields: &HashMap<String, String>) {
+        if let Some(event) = self.parse(stream, id, fields).await {
+            self.process_event(stream, id, &event).await;
+        }
+    }
+
+    /// The span an event is applied in, a child of the change that produced it.
+    fn span(&self, event: &Event) -> tracing::Span {
         let span = tracing::info_span!(
             "event",
             otel.name = %format!("consume {}", event.topic),
@@ -238,13 +286,21 @@ impl Consumer {
             group = %self.group,
         );
         stowage_telemetry::set_parent_from_traceparent(&span, event.traceparent.as_deref());
-        match self.apply(&event).instrument(span).await {
+        span
+    }
+
+    fn count_applied(&self, event: &Event, applied: Applied) {
+        let outcome = match applied {
+            Applied::Now => "applied",
+            Applied::Before => "duplicate",
+        };
+        metrics::counter!("stowage_events_consumed_total", "topic" => event.topic.clone(), "group" => self.group.clone(), "outcome" => outcome).increment(1);
+    }
+
+    async fn process_event(&self, stream: &str, id: &str, event: &Event) {
+        match self.apply(event).instrument(self.span(event)).await {
             Ok(applied) => {
-                let outcome = match applied {
-                    Applied::Now => "applied",
-                    Applied::Before => "duplicate",
-                };
-                metrics::counter!("stowage_events_consumed_total", "topic" => event.topic.clone(), "group" => self.group.clone(), "outcome" => outcome).increment(1);
+                self.count_applied(event, applied);
                 self.ack(stream, id).await;
             }
             Err(error) => {
@@ -253,6 +309,49 @@ impl Consumer {
                 metrics::counter!("stowage_events_failed_total", "topic" => event.topic.clone(), "group" => self.group.clone()).increment(1);
             }
         }
+    }
+
+    /// Applies `events` in one transaction: one dedupe insert for all, the handler for each
+    /// one not applied before (once, even if a read holds it twice), one commit.
+    async fn apply_together(
+        &self,
+        events: &[(String, String, Event)],
+    ) -> Result<Vec<Applied>, HandlerError> {
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| HandlerError(format!("database unavailable: {e}")))?;
+        let tx = conn.transaction().await?;
+        let ids: Vec<uuid::Uuid> = events.iter().map(|(_, _, e)| e.id).collect();
+        let mut fresh: HashSet<uuid::Uuid> = tx
+            .query_cached(
+                &format!(
+                    "INSERT INTO {}.consumed_events (consumer, event_id)
+                     SELECT $1, unnest($2::uuid[])
+                     ON CONFLICT DO NOTHING RETURNING event_id",
+                    self.schema
+                ),
+                &[&self.group, &ids],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut applied = Vec::with_capacity(events.len());
+        for (_, _, event) in events {
+            if fresh.remove(&event.id) {
+                self.handler
+                    .handle(event, &tx)
+                    .instrument(self.span(event))
+                    .await?;
+                applied.push(Applied::Now);
+            } else {
+                applied.push(Applied::Before);
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
     }
 
     async fn apply(&self, event: &Event) -> Result<Applied, HandlerError> {
@@ -288,6 +387,24 @@ impl Consumer {
         {
             // Delivered again later and skipped as a duplicate.
             tracing::warn!(%error, stream, id, "event acknowledgement failed");
+        }
+    }
+
+    /// Acknowledges `events` with one call per stream.
+    async fn ack_all(&self, events: &[(String, String, Event)]) {
+        let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (stream, id, _) in events {
+            by_stream.entry(stream).or_default().push(id);
+        }
+        for (stream, ids) in by_stream {
+            if let Err(error) = self
+                .redis
+                .xack::<i64, _, _, _>(stream, self.group.as_str(), ids.clone())
+                .await
+            {
+                // Delivered again later and skipped as duplicates.
+                tracing::warn!(%error, stream, entries = ids.len(), "event acknowledgement failed");
+            }
         }
     }
 
