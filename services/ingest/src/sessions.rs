@@ -821,11 +821,8 @@ impl Sessions {
         let file = registered
             .file
             .ok_or(Error::Internal("no file in response"))?;
-        conn.execute_cached(
-            "UPDATE ingest.uploads SET state = 'registered', updated_at = now() WHERE id = $1",
-            &[&id],
-        )
-        .await?;
+        // Registration and commit are idempotent (keyed by upload and reservation): a completer
+        // that follows a crash repeats both from `completing`, so nothing is recorded between.
         let reservation = session
             .reservation_id
             .ok_or(Error::Internal("session holds no reservation"))?;
