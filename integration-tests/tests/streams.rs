@@ -643,3 +643,37 @@ async fn batches_a_group_member_dropped_go_to_the_member_still_reading() -> anyh
     assert_eq!(ids.len(), batches.len(), "no batch twice");
     mesh.stop().await
 }
+
+#[tokio::test]
+async fn a_seal_in_progress_does_not_hold_back_appends_to_its_stream() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let dave = token("dave", &[]);
+    assert_eq!(
+        append_one(mesh.channel(), &dave, frame("kiosk", 1, 10)).await?,
+        10
+    );
+    // What a sealer holds while it writes a window's objects to the store: its batch row,
+    // inserted, referencing the stream's row (a KEY SHARE lock on it until its commit).
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let mut conn = pool.get().await?;
+    let seal = conn.transaction().await?;
+    seal.execute(
+        "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
+             first_seq, last_seq, event_count, storage_key)
+         VALUES (gen_random_uuid(), 'kiosk', 'dave', now(), now(), 1, 10, 10, 'events/kiosk/x')",
+        &[],
+    )
+    .await?;
+    let appended = tokio::time::timeout(
+        Duration::from_secs(10),
+        append_one(mesh.channel(), &dave, frame("kiosk", 11, 20)),
+    )
+    .await;
+    seal.rollback().await?;
+    assert_eq!(
+        appended.map_err(|_| anyhow::anyhow!("the append waited for the seal"))??,
+        20
+    );
+    mesh.stop().await
+}

@@ -637,10 +637,13 @@ impl EventStreams {
             &[&ids, &owners],
         )
         .await?;
+        // NO KEY: the sealer's batch rows reference the stream row (a KEY SHARE lock, held
+        // while it writes the window's objects to the store), and must not hold writers back;
+        // FOR UPDATE would wait for the whole seal, seconds at a high rate.
         let rows = tx
             .query(
                 "SELECT stream_id, owner_id, durable_seq FROM ingest.event_streams
-                 WHERE stream_id = ANY($1) ORDER BY stream_id FOR UPDATE",
+                 WHERE stream_id = ANY($1) ORDER BY stream_id FOR NO KEY UPDATE",
                 &[&ids],
             )
             .await?;
