@@ -317,11 +317,7 @@ impl Consumer {
         &self,
         events: &[(String, String, Event)],
     ) -> Result<Vec<Applied>, HandlerError> {
-        let mut conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| HandlerError(format!("database unavailable: {e}")))?;
+        let mut conn = self.connection().await?;
         let tx = conn.transaction().await?;
         let ids: Vec<uuid::Uuid> = events.iter().map(|(_, _, e)| e.id).collect();
         let mut fresh: HashSet<uuid::Uuid> = tx
@@ -354,12 +350,15 @@ impl Consumer {
         Ok(applied)
     }
 
-    async fn apply(&self, event: &Event) -> Result<Applied, HandlerError> {
-        let mut conn = self
-            .pool
+    async fn connection(&self) -> Result<deadpool_postgres::Object, HandlerError> {
+        self.pool
             .get()
             .await
-            .map_err(|e| HandlerError(format!("database unavailable: {e}")))?;
+            .map_err(|e| HandlerError(format!("database unavailable: {e}")))
+    }
+
+    async fn apply(&self, event: &Event) -> Result<Applied, HandlerError> {
+        let mut conn = self.connection().await?;
         let tx = conn.transaction().await?;
         let fresh = tx
             .execute_cached(
