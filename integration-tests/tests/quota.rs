@@ -359,3 +359,55 @@ async fn a_retried_upload_is_one_file_and_one_charge_even_when_it_filled_the_quo
     assert_eq!(listed.files.len(), 1);
     mesh.stop().await
 }
+
+#[tokio::test]
+async fn an_upload_that_died_between_its_file_and_its_charge_is_charged_once_by_the_sweeper()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.sweep_interval = std::time::Duration::from_millis(300);
+    })
+    .await?;
+    let fay = token("fay", &[]);
+    let data = random_bytes(50_000);
+    let file = upload_with_key(mesh.channel(), &fay, "f.bin", &data, 50_000, &[], "").await?;
+    // The state a process leaves when it dies after Files registered the file and before
+    // Quota committed the hold: row `receiving` (last touched long ago), hold not committed.
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.batch_execute(&format!(
+        "UPDATE ingest.uploads SET state = 'receiving', updated_at = now() - interval '2 days'
+             WHERE file_id = '{id}';
+         UPDATE quota.reservations SET state = 'held', committed_bytes = NULL
+             WHERE id = (SELECT reservation_id FROM ingest.uploads WHERE file_id = '{id}');
+         DELETE FROM quota.ledger WHERE user_id = 'fay';
+         UPDATE quota.accounts SET used_bytes = 0, reserved_bytes = 50000 WHERE user_id = 'fay';",
+        id = file.id
+    ))
+    .await?;
+    stowage_integration_tests::eventually(std::time::Duration::from_secs(20), "swept", || async {
+        let state: String = conn
+            .query_one(
+                "SELECT state FROM ingest.uploads WHERE file_id::text = $1",
+                &[&file.id],
+            )
+            .await?
+            .get(0);
+        Ok(state != "receiving")
+    })
+    .await?;
+    let state: String = conn
+        .query_one(
+            "SELECT state FROM ingest.uploads WHERE file_id::text = $1",
+            &[&file.id],
+        )
+        .await?
+        .get(0);
+    assert_eq!(state, "completed", "the file exists: never marked failed");
+    let account = usage(mesh.channel(), &fay).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (50_000, 0));
+    let (_, bytes) =
+        stowage_integration_tests::download(mesh.channel(), &fay, &file.id, None).await?;
+    assert_eq!(bytes, data, "the bytes are kept");
+    mesh.stop().await
+}

@@ -138,6 +138,12 @@ impl Uploader {
             ));
         };
         let header = check_header(header, self.max_file_size)?;
+        // A repeated key is answered from the upload that used it, without touching the quota.
+        if let Some(key) = header.idempotency_key.as_deref()
+            && let Some(row) = self.uploads.find(owner, key).await?
+        {
+            return self.repeated(row).await;
+        }
         // The hold comes first and is recorded with the row, in one write: a crash between
         // the two leaves a hold with no row, which Quota expires on its own.
         let upload_id = Uuid::now_v7();
@@ -152,17 +158,7 @@ impl Uploader {
             .await
         {
             Ok(r) => r.reservation.map(|r| r.id).unwrap_or_default(),
-            Err(status) => {
-                // A retry of an upload that finished may find the quota full with its own
-                // bytes: it gets the first answer, not a refusal.
-                if status.code() == tonic::Code::ResourceExhausted
-                    && let Some(key) = header.idempotency_key.as_deref()
-                    && let Some(row) = self.uploads.find(owner, key).await?
-                {
-                    return self.repeated(row).await;
-                }
-                return Err(status.into());
-            }
+            Err(status) => return Err(status.into()),
         };
         let reservation_id =
             Uuid::parse_str(&reservation).map_err(|_| Status::internal("bad reservation id"))?;
@@ -470,10 +466,11 @@ impl Uploader {
         Ok((writer, key, sniffed))
     }
 
-    /// Finishes what crashed one-shot uploads left, `older_than` after they were last touched:
-    /// a `receiving` upload loses its partial blob and its reservation; a `registered` one
-    /// (its file is visible) gets the quota commit it missed. Safe on any number of replicas:
-    /// each row is claimed by a conditional update. Returns how many were handled.
+    /// Finishes what crashed one-shot uploads left, `older_than` after they were last touched.
+    /// An upload whose file Files has (its process died after registering it) gets the quota
+    /// commit it missed and ends completed; one whose file Files does not have loses its
+    /// partial blob and its reservation and ends failed. Safe on any number of replicas: each
+    /// row is claimed by a conditional update. Returns how many were handled.
     pub async fn sweep_abandoned(&self, older_than: std::time::Duration) -> Result<usize> {
         let mut handled = 0;
         for row in self.uploads.claim_abandoned(older_than).await? {
@@ -520,6 +517,9 @@ impl Uploader {
                             })
                             .await;
                     }
+                    self.uploads
+                        .set_state(row.id, "failed", None, row.received, Some("abandoned"))
+                        .await?;
                     tracing::info!(upload_id = %row.id, "abandoned one-shot upload cleaned up");
                 }
                 Some(size) => {

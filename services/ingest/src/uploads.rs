@@ -178,22 +178,21 @@ impl Uploads {
     }
 
     /// Claims one-shot uploads left `receiving` or `registered` for longer than `older_than`
-    /// (their process died): `receiving` ones become `failed`, `registered` ones are returned
-    /// for their commit to be retried. At most 100 per call.
+    /// (their process died), at most 100 per call. Claiming only moves `updated_at`, so no
+    /// other sweeper takes them for `older_than`; their state changes once the sweeper knows
+    /// whether the file was registered (a row is never marked failed while its file exists).
     pub async fn claim_abandoned(&self, older_than: std::time::Duration) -> Result<Vec<Abandoned>> {
         let conn = self.pool.get().await?;
         let rows = conn
             .query_cached(
                 "UPDATE ingest.uploads u
-                 SET state = CASE WHEN u.state = 'receiving' THEN 'failed' ELSE u.state END,
-                     failure = CASE WHEN u.state = 'receiving' THEN 'abandoned' ELSE u.failure END,
-                     updated_at = now()
-                 FROM (SELECT id, state FROM ingest.uploads
+                 SET updated_at = now()
+                 FROM (SELECT id FROM ingest.uploads
                        WHERE NOT resumable AND state IN ('receiving', 'registered')
                          AND updated_at < now() - make_interval(secs => $1)
                        ORDER BY updated_at LIMIT 100 FOR UPDATE SKIP LOCKED) old
                  WHERE u.id = old.id
-                 RETURNING u.id, old.state, u.reservation_id, u.storage_key, u.received_bytes, u.file_id",
+                 RETURNING u.id, u.state, u.reservation_id, u.storage_key, u.received_bytes, u.file_id",
                 &[&older_than.as_secs_f64()],
             )
             .await?;

@@ -209,8 +209,13 @@ impl Quota {
         if let Some(granted) = hold.try_on(&conn).await? {
             return Ok(granted);
         }
-        // It did not fit, or the account is new, or the key was used: create the account if
-        // missing, give back holds past their expiry, and try once more before deciding.
+        // A used key returns its reservation as it is, even when no more would fit.
+        if let Some(existing) = find_by_key(&conn, user_id, idempotency_key).await? {
+            let account = account_row(&conn, user_id).await?;
+            return Ok((existing, Account::from_row(&account)));
+        }
+        // It did not fit, or the account is new: create the account if missing, give back
+        // holds past their expiry, and try once more before deciding.
         self.ensure_account(&conn, user_id).await?;
         conn.execute_cached(
             "WITH expired AS (
@@ -226,7 +231,7 @@ impl Quota {
         if let Some(granted) = hold.try_on(&conn).await? {
             return Ok(granted);
         }
-        // A used key returns its reservation even when no more would fit.
+        // A concurrent call with the same key may have won meanwhile.
         if let Some(existing) = find_by_key(&conn, user_id, idempotency_key).await? {
             let account = account_row(&conn, user_id).await?;
             return Ok((existing, Account::from_row(&account)));
