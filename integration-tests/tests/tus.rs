@@ -15,8 +15,9 @@ async fn tus_js_client_uploads_and_resumes_after_a_cut() -> anyhow::Result<()> {
     let mesh = Mesh::start(&setup).await?;
     let alice = token("alice", &[]);
     let data = random_bytes(48 << 20);
-    let dir = tempfile_dir()?;
-    let path = dir.join("clip.bin");
+    // Removed with the test, whatever its outcome (48 MiB each run otherwise).
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("clip.bin");
     std::fs::write(&path, &data)?;
     let out = tokio::process::Command::new("node")
         .arg(js_dir().join("tus-upload.mjs"))
@@ -200,12 +201,6 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
 fn sha1_of(data: &[u8]) -> Vec<u8> {
     use sha1::Digest;
     sha1::Sha1::digest(data).to_vec()
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("stowage-tus-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// The one JSON line the node script prints.
