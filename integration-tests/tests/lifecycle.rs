@@ -634,7 +634,17 @@ async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing
 -> anyhow::Result<()> {
     use stowage::Role;
     use stowage_testkit::{Processes, channel};
-    let setup = Setup::new().await?;
+    let mut setup = Setup::new().await?;
+    // 305 uploads and 300 deletions by one user as fast as they go: fixtures, not the subject
+    // (the default 50 uploads/s per user is what a real client would have to pace to).
+    for (variable, value) in [
+        ("STOWAGE_RATE_LIMIT__USER__UPLOAD__PER_SECOND", "10000"),
+        ("STOWAGE_RATE_LIMIT__USER__UPLOAD__BURST", "10000"),
+        ("STOWAGE_RATE_LIMIT__USER__OTHER__PER_SECOND", "10000"),
+        ("STOWAGE_RATE_LIMIT__USER__OTHER__BURST", "10000"),
+    ] {
+        setup.env.push((variable.into(), value.into()));
+    }
     let mut processes = Processes::split(&setup).await?;
     schedules_off(
         channel(processes.addr(Role::Lifecycle)),
