@@ -1,6 +1,9 @@
 //! Thumbnail throughput on one core: `imaging::thumbnail_jpeg` against sharp (libvips, npm) and
 //! `vipsthumbnail`, on the same 12 MP photo-like JPEGs read from files (page cache), each writing
 //! a 256 px JPEG (quality 80, 4:2:0, optimised Huffman tables) to a file. Figures, not pass/fail.
+//! Two more figures put it in context: libjpeg-turbo's 1/8-scale decode alone (what sharp and
+//! libvips decode with), and Media's whole pipeline (`imaging::process`: both thumbnails, the
+//! preview and the thumbhash).
 //!
 //! Run it through `scripts/bench media [--images N] [--seconds S] [--rounds R]`, which pins it
 //! to core 0 with `taskset`; the contenders run as child processes under `taskset -c 0` too,
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use stowage_media::imaging::{DecodeLimits, thumbnail_jpeg};
+use stowage_media::imaging::{DecodeLimits, process, thumbnail_jpeg};
 use turbojpeg::{Compressor, Decompressor, PixelFormat, ScalingFactor, Subsamp};
 
 const WIDTH: usize = 4000;
@@ -68,6 +71,7 @@ type Pick = fn(&Round) -> &Result<Figure, String>;
 struct Round {
     ours: Figure,
     decode: Figure,
+    pipeline: Figure,
     sharp: Result<Figure, String>,
     vips: Result<Figure, String>,
 }
@@ -108,6 +112,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         let out = dir.path().join(format!("out-{round}"));
         let ours = ours(&files, &out.join("ours"), duration)?;
         let decode = decode_only(&files, duration)?;
+        let pipeline = pipeline(&files, duration)?;
         let sharp = sharp(&args, &inputs, &out.join("sharp")).map_err(|e| e.to_string());
         let vips = vipsthumbnail(&files, &out.join("vips"), duration).map_err(|e| e.to_string());
         let rate = |f: &Result<Figure, String>| {
@@ -115,9 +120,10 @@ fn main() -> Result<(), Box<dyn Error>> {
                 .map_or("-".to_owned(), |f| format!("{:.2}", f.per_second))
         };
         println!(
-            "round {round}: ours {:.2}, decode alone {:.2}, sharp {}, vipsthumbnail {} images/s (load {})",
+            "round {round}: ours {:.2}, libjpeg-turbo 1/8 decode {:.2}, pipeline {:.2}, sharp {}, vipsthumbnail {} images/s (load {})",
             ours.per_second,
             decode.per_second,
+            pipeline.per_second,
             rate(&sharp),
             rate(&vips),
             load()
@@ -125,6 +131,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         rounds.push(Round {
             ours,
             decode,
+            pipeline,
             sharp,
             vips,
         });
@@ -135,9 +142,15 @@ fn main() -> Result<(), Box<dyn Error>> {
     report("stowage thumbnail_jpeg", ours, &rounds[0].ours.output);
     let decode = median(rounds.iter().map(|r| r.decode.per_second));
     report(
-        "  its DCT-scaled decode alone",
+        "libjpeg-turbo 1/8 decode alone",
         decode,
         &rounds[0].decode.output,
+    );
+    let pipeline = median(rounds.iter().map(|r| r.pipeline.per_second));
+    report(
+        "stowage imaging::process",
+        pipeline,
+        &rounds[0].pipeline.output,
     );
     let contenders: [(&str, &str, Pick); 2] = [
         ("sharp resize().jpeg()", "sharp", |r| &r.sharp),
@@ -274,7 +287,8 @@ fn ours(files: &[PathBuf], out: &Path, duration: Duration) -> Result<Figure, Box
     })
 }
 
-/// The floor under our figure: reading the file and the DCT-scaled decode, nothing else.
+/// Reading the file and libjpeg-turbo's DCT-scaled decode at 1/8, nothing else: the decode
+/// sharp and libvips use for this thumbnail, and the one ours replaced.
 fn decode_only(files: &[PathBuf], duration: Duration) -> Result<Figure, Box<dyn Error>> {
     let mut decompressor = Decompressor::new()?;
     decompressor.set_scaling_factor(ScalingFactor::ONE_EIGHTH)?;
@@ -298,6 +312,32 @@ fn decode_only(files: &[PathBuf], duration: Duration) -> Result<Figure, Box<dyn 
     Ok(Figure {
         per_second: images as f64 / seconds,
         output: format!("{w}x{h} RGB in memory"),
+    })
+}
+
+/// Everything Media makes of an upload's photo: both thumbnails, the 1280 px preview, the
+/// thumbhash.
+fn pipeline(files: &[PathBuf], duration: Duration) -> Result<Figure, Box<dyn Error>> {
+    let limits = DecodeLimits::default();
+    let mut last = None;
+    let (images, seconds) = timed(files, duration, |file| {
+        let bytes = std::fs::read(file)?;
+        let processed = process(&bytes, &limits)?;
+        last = Some(
+            processed
+                .variants
+                .iter()
+                .map(|v| v.bytes.len())
+                .sum::<usize>(),
+        );
+        Ok(())
+    })?;
+    Ok(Figure {
+        per_second: images as f64 / seconds,
+        output: format!(
+            "3 variants and a thumbhash, {} bytes",
+            last.ok_or("no image")?
+        ),
     })
 }
 

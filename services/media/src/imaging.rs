@@ -3,10 +3,13 @@
 //!
 //! Everything here is synchronous and CPU-bound; the service runs it on a blocking pool. JPEG, the
 //! common case, goes through libjpeg-turbo and is downscaled while decoding (DCT scaling), so a
-//! 12 MP photo is never expanded to full size for a 256 px thumbnail. PNG, GIF and WebP go through
+//! 12 MP photo is never expanded to full size for a 256 px thumbnail; at 1/8 scale a decoder of
+//! our own reads only the DC coefficients (`dc`), with libjpeg-turbo behind it for anything it
+//! does not handle. PNG, GIF and WebP go through
 //! the `image` crate. Nothing else is decoded: SVG and other formats that can carry scripts or
 //! external references are refused, never rendered.
 
+mod dc;
 mod decode;
 mod jpeg;
 mod raster;

@@ -5,6 +5,7 @@ use image::metadata::Orientation;
 use image::{DynamicImage, RgbImage};
 use turbojpeg::{Colorspace, Compressor, Decompressor, PixelFormat, ScalingFactor, Subsamp};
 
+use super::dc;
 use super::decode::{Decoded, check_alloc, check_dimensions};
 use super::render::{fit, flatten_on_white};
 use super::{DecodeLimits, ImageError};
@@ -53,6 +54,20 @@ pub(super) fn decode(
     let coefficients = u64::from(width) * u64::from(height) * components * 2;
     check_alloc(coefficients + output_len as u64, limits)?;
 
+    if scale == ScalingFactor::ONE_EIGHTH
+        && let Some(eighth) = dc::decode(bytes)
+    {
+        // What it allocates (a copy of the entropy-coded data, one sample per block and
+        // component, the output) is less than libjpeg-turbo's bound just checked.
+        let pixels = RgbImage::from_raw(eighth.width, eighth.height, eighth.rgb)
+            .ok_or_else(|| ImageError::Corrupt("decoded buffer of the wrong size".to_owned()))?;
+        return Ok(Decoded {
+            format: "jpeg",
+            stored_size: (width, height),
+            pixels: DynamicImage::ImageRgb8(pixels),
+            orientation: orientation(bytes),
+        });
+    }
     decompressor.set_scaling_factor(scale).map_err(corrupt)?;
     decompressor.set_scan_limit(MAX_SCANS).map_err(corrupt)?;
     let mut pixels = vec![0; output_len];
