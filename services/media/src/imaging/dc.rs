@@ -17,7 +17,10 @@ use memchr::memchr;
 
 /// The bits looked up at once; longer codes (rare: they are the least frequent symbols) take a
 /// slower walk over the code lengths.
-const FAST_BITS: u32 = 10;
+const FAST_BITS: u32 = 11;
+/// The most bits one AC lookup consumes: a 16-bit code with a 10-bit value, or a pair of codes
+/// held to the same bound. Two lookups then fit in one refill's 56 bits.
+const MAX_STEP: u32 = 26;
 const FAST_MASK: u64 = (1 << FAST_BITS) - 1;
 /// The JPEG limit on blocks in one MCU.
 const MAX_MCU_BLOCKS: usize = 10;
@@ -547,10 +550,12 @@ struct Huffman {
     /// For every value of the next [`FAST_BITS`] bits whose code fits in them:
     /// - DC tables: the code length, and the size of the difference that follows, << 8;
     /// - AC tables: the bits of the code and its value together, and how far the coefficient index
-    ///   moves (64 for end-of-block), << 8.
+    ///   moves (64 for end-of-block), << 8; and in the upper 16 bits the same for the code and the
+    ///   one after it together when the second code also lies within the bits looked up (else
+    ///   the lower 16 bits again).
     ///
     /// 0 where the code is longer.
-    fast: Box<[u16; 1 << FAST_BITS]>,
+    fast: Box<[u32; 1 << FAST_BITS]>,
     /// The largest code of each length (index 1..=16), -1 for none.
     max_code: [i32; 17],
     /// Added to a code of each length, gives its symbol's index.
@@ -573,6 +578,8 @@ impl Huffman {
         if symbols.len() > 256 || (!ac && symbols.iter().any(|&s| s > 15)) {
             return None;
         }
+        // The code length behind each entry, for pairing them below.
+        let mut lengths = vec![0u32; 1 << FAST_BITS];
         let mut code: u32 = 0;
         let mut index = 0;
         for len in 1..=16u32 {
@@ -584,8 +591,10 @@ impl Huffman {
                 }
                 if len <= FAST_BITS {
                     let first = (code << (FAST_BITS - len)) as usize;
-                    let entry = table.entry(len, symbol);
-                    table.fast[first..first + (1 << (FAST_BITS - len))].fill(entry);
+                    let entry = u32::from(table.entry(len, symbol));
+                    let run = first..first + (1 << (FAST_BITS - len));
+                    table.fast[run.clone()].fill(entry);
+                    lengths[run].fill(len);
                 }
                 code += 1;
             }
@@ -599,7 +608,35 @@ impl Huffman {
             }
             code <<= 1;
         }
+        if ac {
+            table.pair_codes(&lengths);
+        }
         Some(table)
+    }
+
+    /// Adds to each AC entry the code after it, where that code's bits are also among the
+    /// [`FAST_BITS`] looked up: one lookup then skips two coefficients. Where there is no such
+    /// pair the entry repeats itself, so that choosing a half needs no branch.
+    fn pair_codes(&mut self, lengths: &[u32]) {
+        let single = self.fast.to_vec();
+        for (next, slot) in self.fast.iter_mut().enumerate() {
+            let first = single[next];
+            *slot = first | first << 16;
+            let (bits, advance) = (first & 0xFF, first >> 8);
+            // Nothing follows an end of block within the block.
+            if first == 0 || advance >= 64 || bits >= FAST_BITS {
+                continue;
+            }
+            let rest = (next << bits) & FAST_MASK as usize;
+            let second = single[rest];
+            if second == 0 || lengths[rest] > FAST_BITS - bits {
+                continue;
+            }
+            let both = bits + (second & 0xFF);
+            if both <= MAX_STEP {
+                *slot = first | (both | (advance + (second >> 8)) << 8) << 16;
+            }
+        }
     }
 
     /// The [`Huffman::fast`] entry of `symbol` with a code of `len` bits.
@@ -623,19 +660,20 @@ impl Huffman {
     /// The entry of a code longer than [`FAST_BITS`], from the next 16 bits; `None` for bits that
     /// are no code of this table.
     #[cold]
-    fn slow(&self, next16: u32) -> Option<u16> {
+    fn slow(&self, next16: u32) -> Option<u32> {
         for len in FAST_BITS + 1..=16 {
             let code = (next16 >> (16 - len)) as i32;
             if code <= self.max_code[len as usize] {
                 let index = usize::try_from(code + self.offset[len as usize]).ok()?;
-                return Some(self.entry(len, *self.symbols.get(index)?));
+                let entry = u32::from(self.entry(len, *self.symbols.get(index)?));
+                return Some(entry | entry << 16);
             }
         }
         None
     }
 
     #[inline(always)]
-    fn lookup(&self, reader: &Reader) -> Option<u16> {
+    fn lookup(&self, reader: &Reader) -> Option<u32> {
         match self.fast[(reader.buffer >> (64 - FAST_BITS) & FAST_MASK) as usize] {
             0 => self.slow((reader.buffer >> 48) as u32),
             entry => Some(entry),
@@ -707,8 +745,8 @@ impl<'a> Reader<'a> {
     fn block(&mut self, dc: &Huffman, ac: &Huffman) -> Option<i32> {
         self.refill();
         let entry = dc.lookup(self)?;
-        self.consume(u32::from(entry & 0xFF));
-        let size = u32::from(entry >> 8);
+        self.consume(entry & 0xFF);
+        let size = entry >> 8 & 0xFF;
         // At most 16 bits of code before it: 56 - 16 leaves room for any size up to 15.
         let diff = if size == 0 {
             0
@@ -724,19 +762,29 @@ impl<'a> Reader<'a> {
         };
         let mut k = 1;
         while k < 64 {
-            // Each AC code with its value is at most 26 bits: two fit in one refill.
+            // Each step is at most MAX_STEP bits: two fit in one refill.
             self.refill();
-            let entry = ac.lookup(self)?;
-            self.consume(u32::from(entry & 0xFF));
-            k += entry >> 8;
+            k = self.skip(ac, k)?;
             if k >= 64 {
                 break;
             }
-            let entry = ac.lookup(self)?;
-            self.consume(u32::from(entry & 0xFF));
-            k += entry >> 8;
+            k = self.skip(ac, k)?;
         }
         Some(diff)
+    }
+
+    /// Skips the next AC code and its value, or two when one lookup covers both; returns the
+    /// coefficient index after them.
+    #[inline(always)]
+    fn skip(&mut self, ac: &Huffman, k: u32) -> Option<u32> {
+        let entry = ac.lookup(self)?;
+        // The second code of a pair is this block's only if the first left the block unfinished;
+        // otherwise it is the next block's DC code. (A shift, not a branch: which half is used
+        // depends on the data, so a branch would often be mispredicted.)
+        let half = u32::from(k + (entry >> 8 & 0xFF) < 64) * 16;
+        let step = entry >> half & 0xFFFF;
+        self.consume(step & 0xFF);
+        Some(k + (step >> 8))
     }
 }
 
