@@ -97,9 +97,11 @@ pub struct Processed {
     pub height: u32,
     /// Decoder format: `jpeg`, `png`, `gif` or `webp` (recorded as the file's codec).
     pub format: &'static str,
-    /// `thumb_256_jpeg`, `thumb_256_webp`, `preview_1280_webp`, in that order.
+    /// `thumb_256_jpeg`, `thumb_256_webp`, `preview_1280_webp`, in that order (those of them
+    /// that were asked for).
     pub variants: Vec<Rendered>,
-    /// Thumbhash (<https://evanw.github.io/thumbhash/>) of the upright image.
+    /// Thumbhash (<https://evanw.github.io/thumbhash/>) of the upright image; empty when only the
+    /// preview was asked for.
     pub thumbhash: Vec<u8>,
 }
 
@@ -120,19 +122,61 @@ pub enum ImageError {
 /// Decodes `bytes` within `limits`, applies EXIF orientation, renders the variants. CPU-bound and
 /// blocking: callers run it off the async runtime.
 pub fn process(bytes: &[u8], limits: &DecodeLimits) -> Result<Processed, ImageError> {
-    // Decoded once, at the smallest DCT scale that still covers the preview.
-    let decoded = decode::decode(bytes, PREVIEW_SIZE, limits)?;
+    render_set(bytes, limits, VariantSet::All)
+}
+
+/// Whether [`thumbnails`] then [`preview`] beats [`process`] for the first variants' latency:
+/// a JPEG large enough that its thumbnails come from a 1/8-scale decode (most of them from the DC
+/// coefficients alone) while the preview needs a larger scale. The thumbnails are then ready in
+/// a fraction of the whole time, for a second, cheap decode.
+pub fn thumbnails_first(bytes: &[u8]) -> bool {
+    jpeg::decoded_at_one_eighth(bytes, THUMB_SIZE)
+        && !jpeg::decoded_at_one_eighth(bytes, PREVIEW_SIZE)
+}
+
+/// The thumbnails and the thumbhash of [`process`], decoded at the scale they need only.
+pub fn thumbnails(bytes: &[u8], limits: &DecodeLimits) -> Result<Processed, ImageError> {
+    render_set(bytes, limits, VariantSet::Thumbnails)
+}
+
+/// The preview of [`process`] alone.
+pub fn preview(bytes: &[u8], limits: &DecodeLimits) -> Result<Processed, ImageError> {
+    render_set(bytes, limits, VariantSet::Preview)
+}
+
+/// Which variants a render makes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VariantSet {
+    Thumbnails,
+    Preview,
+    All,
+}
+
+fn render_set(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    set: VariantSet,
+) -> Result<Processed, ImageError> {
+    // Decoded once, at the smallest DCT scale that still covers the largest variant.
+    let target = match set {
+        VariantSet::Thumbnails => THUMB_SIZE,
+        VariantSet::Preview | VariantSet::All => PREVIEW_SIZE,
+    };
+    let decoded = decode::decode(bytes, target, limits)?;
     let (width, height) = decoded.upright_size();
 
-    let preview = render::variant(&decoded, PREVIEW_SIZE)?;
-    let thumb = render::variant(&decoded, THUMB_SIZE)?;
-    let thumbhash = render::thumbhash(&thumb, THUMBHASH_SIZE)?;
-
-    let variants = vec![
-        rendered_jpeg(THUMB_JPEG, &thumb)?,
-        rendered_webp(THUMB_WEBP, &thumb)?,
-        rendered_webp(PREVIEW_WEBP, &preview)?,
-    ];
+    let mut variants = Vec::with_capacity(3);
+    let mut thumbhash = Vec::new();
+    if set != VariantSet::Preview {
+        let thumb = render::variant(&decoded, THUMB_SIZE)?;
+        thumbhash = render::thumbhash(&thumb, THUMBHASH_SIZE)?;
+        variants.push(rendered_jpeg(THUMB_JPEG, &thumb)?);
+        variants.push(rendered_webp(THUMB_WEBP, &thumb)?);
+    }
+    if set != VariantSet::Thumbnails {
+        let preview = render::variant(&decoded, PREVIEW_SIZE)?;
+        variants.push(rendered_webp(PREVIEW_WEBP, &preview)?);
+    }
     Ok(Processed {
         width,
         height,

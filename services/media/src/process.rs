@@ -236,15 +236,19 @@ impl Media {
         source.bytes().await.map_err(JobError::retry)
     }
 
-    /// Decodes and renders in the bounded pool off the runtime, within the time bound.
-    async fn render(&self, bytes: bytes::Bytes) -> Result<Result<Processed, ImageError>, JobError> {
+    /// Decodes and renders with `make` in the bounded pool off the runtime, within the time bound.
+    async fn render(
+        &self,
+        bytes: bytes::Bytes,
+        make: fn(&[u8], &DecodeLimits) -> Result<Processed, ImageError>,
+    ) -> Result<Result<Processed, ImageError>, JobError> {
         let _slot = self
             .decode_slots
             .acquire()
             .await
             .map_err(|_| JobError::retry("shutting down"))?;
         let limits = self.settings.limits.clone();
-        let task = tokio::task::spawn_blocking(move || imaging::process(&bytes, &limits));
+        let task = tokio::task::spawn_blocking(move || make(&bytes, &limits));
         match tokio::time::timeout(self.settings.decode_timeout, task).await {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(panic)) => Ok(Err(ImageError::Corrupt(format!(
@@ -266,11 +270,60 @@ impl Media {
             )));
         }
         let bytes = self.read_all(&file.storage_key, limit).await?;
-        match self.render(bytes).await? {
-            Ok(processed) => Ok(Outcome::Ready(
-                self.store_rendered(file, processed, true).await?,
-            )),
+        if !imaging::thumbnails_first(&bytes) {
+            return match self.render(bytes, imaging::process).await? {
+                Ok(processed) => Ok(Outcome::Ready(
+                    self.store_rendered(file, processed, true).await?,
+                )),
+                Err(error) => Ok(Outcome::Failed(error.to_string())),
+            };
+        }
+        // A large JPEG: its thumbnails take a fraction of the preview's time, so they are
+        // recorded first, and the owner's lists show them while the preview renders.
+        let thumbnails = match self.render(bytes.clone(), imaging::thumbnails).await? {
+            Ok(processed) => self.store_rendered(file, processed, true).await?,
+            Err(error) => return Ok(Outcome::Failed(error.to_string())),
+        };
+        if !self.record_early(file, &thumbnails).await? {
+            // Purged meanwhile: `finish` finds that out again and deletes what was stored.
+            return Ok(Outcome::Ready(thumbnails));
+        }
+        // Should the preview fail, the file fails with the reason and keeps its thumbnails,
+        // which count in its owner's usage and go with it like any variant.
+        match self.render(bytes, imaging::preview).await? {
+            Ok(processed) => {
+                let preview = self.store_rendered(file, processed, true).await?;
+                let mut variants = thumbnails.variants;
+                variants.extend(preview.variants);
+                Ok(Outcome::Ready(Derived {
+                    variants,
+                    ..preview
+                }))
+            }
             Err(error) => Ok(Outcome::Failed(error.to_string())),
+        }
+    }
+
+    /// Records variants made ahead of the others, leaving the file processing; `false` when the
+    /// file is gone.
+    async fn record_early(&self, file: &pb::File, derived: &Derived) -> Result<bool, JobError> {
+        let set = self
+            .files
+            .set_variants(pb::SetVariantsRequest {
+                file_id: file.id.clone(),
+                variants: derived.variants.clone(),
+                status: pb::FileStatus::Unspecified as i32,
+                status_reason: String::new(),
+                width: derived.width,
+                height: derived.height,
+                duration_ms: derived.duration_ms,
+                codec: derived.codec.clone(),
+            })
+            .await;
+        match set {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(retry_status("Files.SetVariants", &s)),
         }
     }
 
@@ -390,7 +443,7 @@ impl Media {
                 Err(e @ ToolError::Unavailable(_)) => return Err(JobError::retry(e)),
             };
             let poster = bytes::Bytes::from(frame);
-            match self.render(poster.clone()).await? {
+            match self.render(poster.clone(), imaging::process).await? {
                 Ok(processed) => {
                     let (w, h) = (processed.width, processed.height);
                     let rendered = self.store_rendered(file, processed, false).await?;

@@ -123,6 +123,23 @@ pub(super) fn encode(image: &DynamicImage) -> Result<Vec<u8>, ImageError> {
         .map_err(encode_failed)
 }
 
+/// Whether `bytes` is a JPEG that a variant fitting in `target`×`target` decodes at 1/8 scale,
+/// from its header alone.
+pub(super) fn decoded_at_one_eighth(bytes: &[u8], target: u32) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return false;
+    }
+    let Ok(header) = turbojpeg::read_header(bytes) else {
+        return false;
+    };
+    let (Ok(width), Ok(height)) = (u32::try_from(header.width), u32::try_from(header.height))
+    else {
+        return false;
+    };
+    !header.is_lossless
+        && scale_for(width, height, fit(width, height, target)) == ScalingFactor::ONE_EIGHTH
+}
+
 /// The largest DCT downscale whose output still covers `target` in both axes.
 pub(super) fn scale_for(width: u32, height: u32, target: (u32, u32)) -> ScalingFactor {
     [

@@ -320,6 +320,52 @@ fn variant_sizes_are_exact_and_never_enlarged() {
 }
 
 #[test]
+fn a_large_jpeg_gets_its_thumbnails_first_and_the_same_variants_in_two_steps() {
+    // Upright 3000x4000 once orientation 6 is applied; the left half red, the right half blue.
+    let stored = jpeg(4000, 3000, |_, y| if y < 1500 { RED } else { BLUE });
+    let bytes = with_orientation(&stored, 6);
+    assert!(thumbnails_first(&bytes));
+    let limits = DecodeLimits::default();
+    let thumbs = thumbnails(&bytes, &limits).unwrap();
+    let rest = preview(&bytes, &limits).unwrap();
+    let all = process(&bytes, &limits).unwrap();
+
+    assert_eq!((thumbs.width, thumbs.height), (3000, 4000));
+    assert_eq!((rest.width, rest.height), (3000, 4000));
+    assert_eq!(
+        sizes(&thumbs),
+        [("thumb_256_jpeg", 192, 256), ("thumb_256_webp", 192, 256)]
+    );
+    assert_eq!(sizes(&rest), [("preview_1280_webp", 960, 1280)]);
+    assert_eq!([sizes(&thumbs), sizes(&rest)].concat(), sizes(&all));
+    assert!(rest.thumbhash.is_empty());
+    let ratio = thumbhash::thumb_hash_to_approximate_aspect_ratio(&thumbs.thumbhash).unwrap();
+    assert!((ratio - 0.75).abs() < 0.1, "thumbhash aspect ratio {ratio}");
+    for v in thumbs.variants.iter().chain(&rest.variants) {
+        let image = decode_variant(v);
+        let (w, h) = (image.width(), image.height());
+        assert_colour(&image, w / 8, h / 2, BLUE);
+        assert_colour(&image, w - 1 - w / 8, h / 2, RED);
+    }
+}
+
+#[test]
+fn thumbnails_come_first_only_when_the_preview_needs_a_larger_decode() {
+    // Small enough that one decode at 1/2 serves both.
+    assert!(!thumbnails_first(&jpeg(1000, 750, |_, _| GREEN)));
+    // So wide that the preview, too, is decoded at 1/8.
+    assert!(!thumbnails_first(&jpeg(10240, 100, |_, _| GREEN)));
+    assert!(thumbnails_first(&jpeg(2048, 1536, |_, _| GREEN)));
+    let mut png = Vec::new();
+    let black = vec![0; 3000 * 3000 * 3];
+    PngEncoder::new(&mut png)
+        .write_image(&black, 3000, 3000, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    assert!(!thumbnails_first(&png));
+    assert!(!thumbnails_first(b"\xFF\xD8\xFF not really"));
+}
+
+#[test]
 fn progressive_grey_and_cmyk_jpegs_decode() {
     let progressive = jpeg_with(2000, 1500, true, |_, y| if y < 750 { RED } else { BLUE });
     let processed = process(&progressive, &DecodeLimits::default()).unwrap();
