@@ -2,8 +2,9 @@
 //! `vipsthumbnail`, on the same 12 MP photo-like JPEGs read from files (page cache), each writing
 //! a 256 px JPEG (quality 80, 4:2:0, optimised Huffman tables) to a file. Figures, not pass/fail.
 //! Two more figures put it in context: libjpeg-turbo's 1/8-scale decode alone (what sharp and
-//! libvips decode with), and Media's whole pipeline (`imaging::process`: both thumbnails, the
-//! preview and the thumbhash).
+//! libvips decode with), and Media's whole render of a photo (both thumbnails, the preview and
+//! the thumbhash) done as its job does it, thumbnails first from their own decode, and in one
+//! decode (`imaging::process`), which is what the thumbnails first cost.
 //!
 //! Run it through `scripts/bench media [--images N] [--seconds S] [--rounds R]`, which pins it
 //! to core 0 with `taskset`; the contenders run as child processes under `taskset -c 0` too,
@@ -74,6 +75,7 @@ struct Round {
     ours: Figure,
     decode: Figure,
     pipeline: Figure,
+    one_decode: Figure,
     sharp: Result<Figure, String>,
     vips: Result<Figure, String>,
 }
@@ -114,7 +116,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         let out = dir.path().join(format!("out-{round}"));
         let ours = ours(&files, &out.join("ours"), duration)?;
         let decode = decode_only(&files, duration)?;
-        let pipeline = pipeline(&files, duration)?;
+        let one_decode = pipeline(&files, duration, false)?;
+        let pipeline = pipeline(&files, duration, true)?;
         let sharp = sharp(&args, &inputs, &out.join("sharp")).map_err(|e| e.to_string());
         let vips = vipsthumbnail(&files, &out.join("vips"), duration).map_err(|e| e.to_string());
         let rate = |f: &Result<Figure, String>| {
@@ -122,10 +125,11 @@ fn main() -> Result<(), Box<dyn Error>> {
                 .map_or("-".to_owned(), |f| format!("{:.2}", f.per_second))
         };
         println!(
-            "round {round}: ours {:.2}, libjpeg-turbo 1/8 decode {:.2}, pipeline {:.2}, sharp {}, vipsthumbnail {} images/s (load {})",
+            "round {round}: ours {:.2}, libjpeg-turbo 1/8 decode {:.2}, Media render {:.2} (in one decode {:.2}), sharp {}, vipsthumbnail {} images/s (load {})",
             ours.per_second,
             decode.per_second,
             pipeline.per_second,
+            one_decode.per_second,
             rate(&sharp),
             rate(&vips),
             load()
@@ -134,6 +138,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             ours,
             decode,
             pipeline,
+            one_decode,
             sharp,
             vips,
         });
@@ -153,6 +158,12 @@ fn main() -> Result<(), Box<dyn Error>> {
         "stowage Media's whole render",
         pipeline,
         &rounds[0].pipeline.output,
+    );
+    let one_decode = median(rounds.iter().map(|r| r.one_decode.per_second));
+    report(
+        "  the same in one decode",
+        one_decode,
+        &rounds[0].one_decode.output,
     );
     let contenders: [(&str, &str, Pick); 2] = [
         ("sharp resize().jpeg()", "sharp", |r| &r.sharp),
@@ -317,15 +328,15 @@ fn decode_only(files: &[PathBuf], duration: Duration) -> Result<Figure, Box<dyn 
     })
 }
 
-/// Everything Media makes of an upload's photo, the way its job does: both thumbnails, the
-/// thumbhash, the 1280 px preview; for these photos, the thumbnails first from a 1/8 decode, then
-/// the preview from a 1/2 decode.
-fn pipeline(files: &[PathBuf], duration: Duration) -> Result<Figure, Box<dyn Error>> {
+/// Everything Media makes of an upload's photo: both thumbnails, the thumbhash, the 1280 px
+/// preview. With `thumbnails_first`, the way its job does it (for these photos, the thumbnails
+/// from a 1/8 decode, then the preview from a 1/2 decode); without, all from the 1/2 decode.
+fn pipeline(files: &[PathBuf], duration: Duration, split: bool) -> Result<Figure, Box<dyn Error>> {
     let limits = DecodeLimits::default();
     let mut last = None;
     let (images, seconds) = timed(files, duration, |file| {
         let bytes = std::fs::read(file)?;
-        let made = if thumbnails_first(&bytes) {
+        let made = if split && thumbnails_first(&bytes) {
             vec![thumbnails(&bytes, &limits)?, preview(&bytes, &limits)?]
         } else {
             vec![process(&bytes, &limits)?]
