@@ -15,6 +15,8 @@
 
 use memchr::memchr;
 
+use super::jpeg::{SOS, Segment, segments};
+
 /// The bits looked up at once; longer codes (rare: they are the least frequent symbols) take a
 /// slower walk over the code lengths.
 const FAST_BITS: u32 = 11;
@@ -85,35 +87,17 @@ impl Frame {
         const DHT: u8 = 0xC4;
         const DQT: u8 = 0xDB;
         const DRI: u8 = 0xDD;
-        const SOS: u8 = 0xDA;
         const APP14: u8 = 0xEE;
 
-        if !bytes.starts_with(&[0xFF, 0xD8]) {
-            return None;
-        }
         let mut quant = [None::<i64>; 4];
         let mut dc: [Option<Huffman>; 4] = Default::default();
         let mut ac: [Option<Huffman>; 4] = Default::default();
         // Width, height, and each component with its quantisation table's id.
         let mut frame: Option<(usize, usize, Vec<DeclaredComponent>)> = None;
         let mut restart_interval = 0;
-        let mut at = 2;
-        loop {
-            // Fill bytes may precede a marker; anything else between segments is left to
-            // libjpeg-turbo to judge.
-            if *bytes.get(at)? != 0xFF {
-                return None;
-            }
-            while *bytes.get(at)? == 0xFF {
-                at += 1;
-            }
-            let marker = *bytes.get(at)?;
-            let len = usize::from(u16::from_be_bytes([
-                *bytes.get(at + 1)?,
-                *bytes.get(at + 2)?,
-            ]));
-            let body = bytes.get(at + 3..at + 1 + len)?;
-            at += 1 + len;
+        // Anything between segments other than fill bytes ends the walk early; libjpeg-turbo then
+        // judges the file.
+        for Segment { marker, body, end } in segments(bytes) {
             match marker {
                 SOF0 | SOF1 => {
                     if frame.is_some() || body.len() < 6 || body[0] != 8 {
@@ -215,7 +199,7 @@ impl Frame {
                         restart_interval,
                         dc,
                         ac,
-                        scan_start: at,
+                        scan_start: end,
                     };
                     return frame.sampling_supported().then_some(frame);
                 }
@@ -223,6 +207,7 @@ impl Frame {
                 _ => return None,
             }
         }
+        None
     }
 
     /// Greyscale (any declared sampling: a single-component scan ignores it), or luma sampled at

@@ -167,12 +167,35 @@ fn orientation(bytes: &[u8]) -> Orientation {
 /// APP1 belongs there, and scanning a photo's entropy-coded data for markers (what generic EXIF
 /// readers do when there is no EXIF) costs about a tenth of a whole thumbnail.
 fn exif_block(bytes: &[u8]) -> Option<&[u8]> {
+    const APP1: u8 = 0xE1;
+    segments(bytes)
+        .take_while(|s| s.marker != SOS)
+        .find_map(|s| (s.marker == APP1).then(|| s.body.strip_prefix(b"Exif\0\0"))?)
+}
+
+/// Start of scan: the entropy-coded data follows its segment.
+pub(super) const SOS: u8 = 0xDA;
+
+/// One marker segment of a JPEG's header.
+pub(super) struct Segment<'a> {
+    pub marker: u8,
+    /// What follows the length field; empty for the stand-alone markers TEM and RST0..RST7.
+    pub body: &'a [u8],
+    /// Where the next segment (or, after SOS, the entropy-coded data) begins.
+    pub end: usize,
+}
+
+/// The marker segments after SOI, up to and including the first SOS. Ends early at anything
+/// that is not a marker (other than fill bytes), at SOI or EOI, or at a segment cut short.
+pub(super) fn segments(bytes: &[u8]) -> impl Iterator<Item = Segment<'_>> {
     const SOI: u8 = 0xD8;
     const EOI: u8 = 0xD9;
-    const SOS: u8 = 0xDA;
-    const APP1: u8 = 0xE1;
-    let mut at = 2; // past SOI
-    loop {
+    let mut at = if bytes.starts_with(&[0xFF, SOI]) {
+        2
+    } else {
+        bytes.len()
+    };
+    std::iter::from_fn(move || {
         if *bytes.get(at)? != 0xFF {
             return None;
         }
@@ -180,24 +203,30 @@ fn exif_block(bytes: &[u8]) -> Option<&[u8]> {
         while *bytes.get(at)? == 0xFF {
             at += 1;
         }
-        let code = *bytes.get(at)?;
+        let marker = *bytes.get(at)?;
         at += 1;
-        match code {
-            0x00 | SOI | EOI | SOS => return None,
-            // Stand-alone markers: TEM, RST0..RST7.
-            0x01 | 0xD0..=0xD7 => continue,
-            _ => {}
+        let body = match marker {
+            0x00 | SOI | EOI => return None,
+            0x01 | 0xD0..=0xD7 => &bytes[at..at],
+            _ => {
+                // The length counts its own two bytes.
+                let len = usize::from(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]));
+                let body = bytes.get(at + 2..at + len)?;
+                at += len;
+                body
+            }
+        };
+        let segment = Segment {
+            marker,
+            body,
+            end: at,
+        };
+        if marker == SOS {
+            // What follows is entropy-coded data, not segments.
+            at = bytes.len();
         }
-        // The length counts its own two bytes.
-        let len = usize::from(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]));
-        let segment = bytes.get(at + 2..at + len)?;
-        if code == APP1
-            && let Some(tiff) = segment.strip_prefix(b"Exif\0\0")
-        {
-            return Some(tiff);
-        }
-        at += len;
-    }
+        Some(segment)
+    })
 }
 
 /// CMYK JPEGs come almost only from Adobe software, which stores the channels inverted; without
