@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use stowage_media::imaging::{
-    DecodeLimits, preview, process, thumbnail_jpeg, thumbnails, thumbnails_first,
-};
+use stowage_media::imaging::{DecodeLimits, preview, process, thumbnail_jpeg, thumbnails_or_all};
 use turbojpeg::{Compressor, Decompressor, PixelFormat, ScalingFactor, Subsamp};
 
 const WIDTH: usize = 4000;
@@ -336,11 +334,14 @@ fn pipeline(files: &[PathBuf], duration: Duration, split: bool) -> Result<Figure
     let mut last = None;
     let (images, seconds) = timed(files, duration, |file| {
         let bytes = std::fs::read(file)?;
-        let made = if split && thumbnails_first(&bytes) {
-            vec![thumbnails(&bytes, &limits)?, preview(&bytes, &limits)?]
+        let mut made = vec![if split {
+            thumbnails_or_all(&bytes, &limits)?
         } else {
-            vec![process(&bytes, &limits)?]
-        };
+            process(&bytes, &limits)?
+        }];
+        if made[0].preview_pending {
+            made.push(preview(&bytes, &limits)?);
+        }
         let variants = made.iter().flat_map(|p| &p.variants);
         last = Some(variants.map(|v| v.bytes.len()).sum::<usize>());
         Ok(())

@@ -103,6 +103,8 @@ pub struct Processed {
     /// Thumbhash (<https://evanw.github.io/thumbhash/>) of the upright image; empty when only the
     /// preview was asked for.
     pub thumbhash: Vec<u8>,
+    /// Set by [`thumbnails_or_all`] when it made the thumbnails only: [`preview`] makes the rest.
+    pub preview_pending: bool,
 }
 
 /// Why an image could not be processed.
@@ -134,8 +136,20 @@ pub fn thumbnails_first(bytes: &[u8]) -> bool {
         && !jpeg::decoded_at_one_eighth(bytes, PREVIEW_SIZE)
 }
 
+/// What to render first: the thumbnails alone (with [`Processed::preview_pending`] set) when
+/// [`thumbnails_first`], everything otherwise.
+pub fn thumbnails_or_all(bytes: &[u8], limits: &DecodeLimits) -> Result<Processed, ImageError> {
+    if thumbnails_first(bytes) {
+        let mut thumbnails = thumbnails(bytes, limits)?;
+        thumbnails.preview_pending = true;
+        Ok(thumbnails)
+    } else {
+        process(bytes, limits)
+    }
+}
+
 /// The thumbnails and the thumbhash of [`process`], decoded at the scale they need only.
-pub fn thumbnails(bytes: &[u8], limits: &DecodeLimits) -> Result<Processed, ImageError> {
+fn thumbnails(bytes: &[u8], limits: &DecodeLimits) -> Result<Processed, ImageError> {
     render_set(bytes, limits, VariantSet::Thumbnails)
 }
 
@@ -183,6 +197,7 @@ fn render_set(
         format: decoded.format,
         variants,
         thumbhash,
+        preview_pending: false,
     })
 }
 

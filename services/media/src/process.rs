@@ -270,30 +270,30 @@ impl Media {
             )));
         }
         let bytes = self.read_all(&file.storage_key, limit).await?;
-        if !imaging::thumbnails_first(&bytes) {
-            return match self.render(bytes, imaging::process).await? {
-                Ok(processed) => Ok(Outcome::Ready(
-                    self.store_rendered(file, processed, true).await?,
-                )),
-                Err(error) => Ok(Outcome::Failed(error.to_string())),
-            };
-        }
-        // A large JPEG: its thumbnails take a fraction of the preview's time, so they are
-        // recorded first, and the owner's lists show them while the preview renders.
-        let thumbnails = match self.render(bytes.clone(), imaging::thumbnails).await? {
-            Ok(processed) => self.store_rendered(file, processed, true).await?,
+        // Without a scanner, a large JPEG's thumbnails are rendered and recorded first (a
+        // fraction of the whole time), and the owner's lists show them while the preview renders.
+        // With one, Files serves no variant of a file still processing: all in one decode.
+        let first = if self.scanner.is_some() {
+            imaging::process
+        } else {
+            imaging::thumbnails_or_all
+        };
+        let first = match self.render(bytes.clone(), first).await? {
+            Ok(processed) => processed,
             Err(error) => return Ok(Outcome::Failed(error.to_string())),
         };
-        if !self.record_early(file, &thumbnails).await? {
-            // Purged meanwhile: `finish` finds that out again and deletes what was stored.
-            return Ok(Outcome::Ready(thumbnails));
+        let preview_pending = first.preview_pending;
+        let first = self.store_rendered(file, first, true).await?;
+        // A file purged meanwhile: `finish` finds that out again and deletes what was stored.
+        if !preview_pending || !self.record_early(file, &first).await? {
+            return Ok(Outcome::Ready(first));
         }
         // Should the preview fail, the file fails with the reason and keeps its thumbnails,
         // which count in its owner's usage and go with it like any variant.
         match self.render(bytes, imaging::preview).await? {
             Ok(processed) => {
                 let preview = self.store_rendered(file, processed, true).await?;
-                let mut variants = thumbnails.variants;
+                let mut variants = first.variants;
                 variants.extend(preview.variants);
                 Ok(Outcome::Ready(Derived {
                     variants,

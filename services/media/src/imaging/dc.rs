@@ -27,7 +27,8 @@ const FAST_MASK: u64 = (1 << FAST_BITS) - 1;
 /// The JPEG limit on blocks in one MCU.
 const MAX_MCU_BLOCKS: usize = 10;
 /// Zero bytes after the entropy-coded data, so that loading the next 8 bytes never needs a bounds
-/// check of its own: one MCU cannot consume more than 10 blocks × (27 + 63 × 26) bits.
+/// check of its own: one MCU cannot consume more than 10 blocks × (31 + 63 × 26) bits (a DC code
+/// of 16 bits with 15 of value, then 63 AC steps of at most [`MAX_STEP`]).
 const PADDING: usize = 4096;
 
 /// The DC coefficients of a JPEG, turned into pixels: one per block, 8-bit RGB, row-major, of
@@ -210,8 +211,9 @@ impl Frame {
         None
     }
 
-    /// Greyscale (any declared sampling: a single-component scan ignores it), or luma sampled at
-    /// most 4 in each direction over 1×1 chroma within the MCU limit. Components named R, G, B
+    /// Greyscale (any declared sampling: a single-component scan ignores it), or luma sampled 1,
+    /// 2 or 4 times in each direction over 1×1 chroma, within the MCU limit (libjpeg-turbo
+    /// upsamples 3:1 differently). Components named R, G, B
     /// are stored as RGB, which libjpeg-turbo honours.
     fn sampling_supported(&self) -> bool {
         match self.components.len() {
@@ -225,8 +227,8 @@ impl Frame {
                     .all(|(c, &i)| i == 0 || (c.h == 1 && c.v == 1));
                 let ids: Vec<u8> = self.components.iter().map(|c| c.id).collect();
                 chroma_1x1
-                    && (1..=4).contains(&luma.h)
-                    && (1..=4).contains(&luma.v)
+                    && matches!(luma.h, 1 | 2 | 4)
+                    && matches!(luma.v, 1 | 2 | 4)
                     && luma.h * luma.v + 2 <= MAX_MCU_BLOCKS
                     && !(ids.contains(&b'R') && ids.contains(&b'G') && ids.contains(&b'B'))
             }
@@ -267,7 +269,7 @@ impl Frame {
     }
 
     /// The most entropy-coded data the frame can have: every block at its longest (a 16-bit DC
-    /// code with 11 bits of value, 63 AC codes of 16 bits with 10 bits of value), and a partial
+    /// code with up to 15 bits of value, 63 AC codes of 16 bits with 10 bits of value), and a partial
     /// byte per restart interval.
     fn max_entropy_bytes(&self) -> Option<usize> {
         let (mcus_x, mcus_y) = self.mcus();
@@ -277,7 +279,7 @@ impl Frame {
             self.components.iter().map(|c| c.h * c.v).sum()
         };
         let blocks = mcus_x.checked_mul(mcus_y)?.checked_mul(blocks_per_mcu)?;
-        blocks.checked_mul((27 + 63 * 26) / 8 + 2)
+        blocks.checked_mul((31 + 63 * MAX_STEP as usize) / 8 + 2)
     }
 
     /// How many restart intervals the scan has, so how many runs of data.
@@ -342,13 +344,17 @@ impl Frame {
                         for block_x in 0..h {
                             let diff = reader.block(dc, ac)?;
                             predictors[c] = predictors[c].wrapping_add(diff);
-                            plane.set(mcu_x * h + block_x, mcu_y * v + block_y, {
-                                // Stored as a 16-bit coefficient, as libjpeg does.
-                                let coefficient = i64::from(predictors[c] as i16);
-                                // libjpeg-turbo's 1×1 inverse DCT: dequantise, descale by 8,
-                                // recentre, clamp.
-                                (((coefficient * quant + 4) >> 3) + 128).clamp(0, 255) as u8
-                            });
+                            // Stored as a 16-bit coefficient, as libjpeg does; then
+                            // libjpeg-turbo's 1×1 inverse DCT: dequantise, descale by 8.
+                            let coefficient = i64::from(predictors[c] as i16);
+                            let level = (coefficient * quant + 4) >> 3;
+                            // Beyond ±512 libjpeg-turbo's range limit wraps instead of
+                            // clamping: only damaged files get there, and it decides.
+                            if !(-512..512).contains(&level) {
+                                return None;
+                            }
+                            let value = (level + 128).clamp(0, 255) as u8;
+                            plane.set(mcu_x * h + block_x, mcu_y * v + block_y, value);
                         }
                     }
                 }
@@ -560,7 +566,11 @@ impl Huffman {
             symbols: symbols.to_vec(),
             ac,
         };
-        if symbols.len() > 256 || (!ac && symbols.iter().any(|&s| s > 15)) {
+        // DC differences have at most 15 bits (11 in 8-bit JPEG), AC values at most 10: longer
+        // ones only come from damaged or hostile tables, and would break the bound on the bits one
+        // step consumes (MAX_STEP). libjpeg-turbo decides about those.
+        let too_long = |&s: &u8| if ac { s & 15 > 10 } else { s > 15 };
+        if symbols.len() > 256 || symbols.iter().any(too_long) {
             return None;
         }
         // The code length behind each entry, for pairing them below.
@@ -988,6 +998,11 @@ mod tests {
         for cut in [baseline.len() - 2, baseline.len() - 100, baseline.len() / 2] {
             assert!(decode(&baseline[..cut]).is_none(), "cut at {cut}");
         }
+        // A DC step that takes pixel levels past where libjpeg-turbo's range limit wraps.
+        let dqt = segments(&baseline).find(|s| s.marker == 0xDB).unwrap();
+        let mut wrapping = baseline.clone();
+        wrapping[dqt.end - dqt.body.len() + 1] = 255;
+        assert!(decode(&wrapping).is_none(), "levels past +-512");
         // Data after the last block that no block used.
         let mut extra = baseline[..baseline.len() - 2].to_vec();
         extra.extend_from_slice(&[0x12, 0x34, 0xFF, 0xD9]);
@@ -1028,10 +1043,13 @@ mod tests {
         // Two codes of one bit use all ones, which is not a code.
         counts[0] = 2;
         assert!(Huffman::new(&counts, &[0, 1], true).is_none());
-        // A DC table with a difference of more than 15 bits.
+        // A DC table with a difference of more than 15 bits, an AC table with a value of more
+        // than 10.
         counts = [0; 16];
         counts[1] = 1;
         assert!(Huffman::new(&counts, &[16], false).is_none());
         assert!(Huffman::new(&counts, &[11], false).is_some());
+        assert!(Huffman::new(&counts, &[0x0B], true).is_none());
+        assert!(Huffman::new(&counts, &[0xFA], true).is_some());
     }
 }

@@ -326,7 +326,8 @@ fn a_large_jpeg_gets_its_thumbnails_first_and_the_same_variants_in_two_steps() {
     let bytes = with_orientation(&stored, 6);
     assert!(thumbnails_first(&bytes));
     let limits = DecodeLimits::default();
-    let thumbs = thumbnails(&bytes, &limits).unwrap();
+    let thumbs = thumbnails_or_all(&bytes, &limits).unwrap();
+    assert!(thumbs.preview_pending);
     let rest = preview(&bytes, &limits).unwrap();
     let all = process(&bytes, &limits).unwrap();
 
@@ -339,6 +340,7 @@ fn a_large_jpeg_gets_its_thumbnails_first_and_the_same_variants_in_two_steps() {
     assert_eq!(sizes(&rest), [("preview_1280_webp", 960, 1280)]);
     assert_eq!([sizes(&thumbs), sizes(&rest)].concat(), sizes(&all));
     assert!(rest.thumbhash.is_empty());
+    assert!(!rest.preview_pending && !all.preview_pending);
     let ratio = thumbhash::thumb_hash_to_approximate_aspect_ratio(&thumbs.thumbhash).unwrap();
     assert!((ratio - 0.75).abs() < 0.1, "thumbhash aspect ratio {ratio}");
     for v in thumbs.variants.iter().chain(&rest.variants) {
@@ -352,7 +354,11 @@ fn a_large_jpeg_gets_its_thumbnails_first_and_the_same_variants_in_two_steps() {
 #[test]
 fn thumbnails_come_first_only_when_the_preview_needs_a_larger_decode() {
     // Small enough that one decode at 1/2 serves both.
-    assert!(!thumbnails_first(&jpeg(1000, 750, |_, _| GREEN)));
+    let small = jpeg(1000, 750, |_, _| GREEN);
+    assert!(!thumbnails_first(&small));
+    let all = thumbnails_or_all(&small, &DecodeLimits::default()).unwrap();
+    assert!(!all.preview_pending);
+    assert_eq!(all.variants.len(), 3);
     // So wide that the preview, too, is decoded at 1/8.
     assert!(!thumbnails_first(&jpeg(10240, 100, |_, _| GREEN)));
     assert!(thumbnails_first(&jpeg(2048, 1536, |_, _| GREEN)));
