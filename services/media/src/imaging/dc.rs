@@ -743,18 +743,13 @@ impl<'a> Reader<'a> {
         self.consume(entry & 0xFF);
         let size = entry >> 8 & 0xFF;
         // At most 16 bits of code before it: 56 - 16 leaves room for any size up to 15.
-        let diff = if size == 0 {
-            0
-        } else {
-            let bits = (self.buffer >> (64 - size)) as i32;
-            self.consume(size);
-            // Values below half the size's range are negative (JPEG's "EXTEND").
-            if bits < 1 << (size - 1) {
-                bits - (1 << size) + 1
-            } else {
-                bits
-            }
-        };
+        // Without branches (the sign and the size vary from block to block): the top `size`
+        // bits, none for size 0.
+        let range = (1 << size) - 1;
+        let bits = (self.buffer >> 1 >> (63 - size)) as i32 & range;
+        self.consume(size);
+        // Values below half the size's range are negative (JPEG's "EXTEND").
+        let diff = bits - i32::from(bits < (1 << size) >> 1) * range;
         let mut k = 1;
         while k < 64 {
             // Each step is at most MAX_STEP bits: two fit in one refill.
@@ -768,8 +763,8 @@ impl<'a> Reader<'a> {
         Some(diff)
     }
 
-    /// Skips the next AC code and its value, or two when one lookup covers both; returns the
-    /// coefficient index after them.
+    /// Skips the next AC code and its value, or two when one lookup covers both and the first
+    /// leaves the block unfinished; returns the coefficient index after them.
     #[inline(always)]
     fn skip(&mut self, ac: &Huffman, k: u32) -> Option<u32> {
         let entry = ac.lookup(self)?;
