@@ -127,10 +127,10 @@ pub fn process(bytes: &[u8], limits: &DecodeLimits) -> Result<Processed, ImageEr
     render_set(bytes, limits, VariantSet::All)
 }
 
-/// Whether [`thumbnails`] then [`preview`] beats [`process`] for the first variants' latency:
-/// a JPEG large enough that its thumbnails come from a 1/8-scale decode (most of them from the DC
-/// coefficients alone) while the preview needs a larger scale. The thumbnails are then ready in
-/// a fraction of the whole time, for a second, cheap decode.
+/// Whether rendering the thumbnails, then [`preview`], beats [`process`] for the first variants'
+/// latency: a JPEG large enough that its thumbnails come from a 1/8-scale decode (most of them
+/// from the DC coefficients alone) while the preview needs a larger scale. The thumbnails are
+/// then ready in a fraction of the whole time, for a second, cheap decode.
 pub fn thumbnails_first(bytes: &[u8]) -> bool {
     jpeg::decoded_at_one_eighth(bytes, THUMB_SIZE)
         && !jpeg::decoded_at_one_eighth(bytes, PREVIEW_SIZE)
