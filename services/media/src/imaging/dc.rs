@@ -1030,6 +1030,27 @@ mod tests {
     }
 
     #[test]
+    fn damaged_headers_never_panic() {
+        let size = (200, 150);
+        let pixels = picture(size.0, size.1, 3, 6);
+        let baseline = encode(&pixels, size, false, SamplingFactor::R_4_2_0, Some(2), 90);
+        let scan_start = Frame::parse(&baseline).unwrap().scan_start;
+        let mut rng = SmallRng::seed_from_u64(7);
+        for _ in 0..2000 {
+            let mut damaged = baseline.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(2..scan_start);
+                damaged[at] = rng.random();
+            }
+            // Whatever the header now declares, the output is whole.
+            if let Some(eighth) = decode(&damaged) {
+                let (w, h) = (eighth.width as usize, eighth.height as usize);
+                assert_eq!(eighth.rgb.len(), w * h * 3);
+            }
+        }
+    }
+
+    #[test]
     fn huffman_tables_that_overflow_their_code_space_are_refused() {
         // Three codes of one bit.
         let mut counts = [0; 16];
