@@ -385,25 +385,24 @@ async fn an_upload_that_died_between_its_file_and_its_charge_is_charged_once_by_
         id = file.id
     ))
     .await?;
-    stowage_integration_tests::eventually(std::time::Duration::from_secs(20), "swept", || async {
-        let state: String = conn
+    let state = || async {
+        let row = conn
             .query_one(
                 "SELECT state FROM ingest.uploads WHERE file_id::text = $1",
                 &[&file.id],
             )
-            .await?
-            .get(0);
-        Ok(state != "receiving")
+            .await?;
+        anyhow::Ok(row.get::<_, String>(0))
+    };
+    stowage_integration_tests::eventually(std::time::Duration::from_secs(20), "swept", || async {
+        Ok(state().await? != "receiving")
     })
     .await?;
-    let state: String = conn
-        .query_one(
-            "SELECT state FROM ingest.uploads WHERE file_id::text = $1",
-            &[&file.id],
-        )
-        .await?
-        .get(0);
-    assert_eq!(state, "completed", "the file exists: never marked failed");
+    assert_eq!(
+        state().await?,
+        "completed",
+        "the file exists: never marked failed"
+    );
     let account = usage(mesh.channel(), &fay).await?;
     assert_eq!((account.used_bytes, account.reserved_bytes), (50_000, 0));
     let (_, bytes) =

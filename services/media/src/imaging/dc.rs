@@ -1004,20 +1004,32 @@ mod tests {
         assert!(decode(&extra).is_none(), "extraneous bytes");
     }
 
+    /// `count` copies of `bytes`, each with 1 to `most` random bytes in `range` replaced.
+    fn damaged(
+        bytes: &[u8],
+        range: std::ops::Range<usize>,
+        most: usize,
+        count: usize,
+        seed: u64,
+    ) -> impl Iterator<Item = Vec<u8>> {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        (0..count).map(move |_| {
+            let mut damaged = bytes.to_vec();
+            for _ in 0..rng.random_range(1..=most) {
+                damaged[rng.random_range(range.clone())] = rng.random();
+            }
+            damaged
+        })
+    }
+
     #[test]
     fn damaged_scans_never_panic_and_never_change_the_size() {
         let size = (400, 300);
         let pixels = picture(size.0, size.1, 3, 4);
         let baseline = encode(&pixels, size, false, SamplingFactor::R_4_2_0, Some(3), 90);
         let scan_start = Frame::parse(&baseline).unwrap().scan_start;
-        let mut rng = SmallRng::seed_from_u64(5);
         let mut decoded = 0;
-        for _ in 0..500 {
-            let mut damaged = baseline.clone();
-            for _ in 0..rng.random_range(1..8) {
-                let at = rng.random_range(scan_start..damaged.len() - 2);
-                damaged[at] = rng.random();
-            }
+        for damaged in damaged(&baseline, scan_start..baseline.len() - 2, 7, 500, 5) {
             if let Some(eighth) = decode(&damaged) {
                 decoded += 1;
                 assert_eq!((eighth.width, eighth.height), (50, 38));
@@ -1035,13 +1047,7 @@ mod tests {
         let pixels = picture(size.0, size.1, 3, 6);
         let baseline = encode(&pixels, size, false, SamplingFactor::R_4_2_0, Some(2), 90);
         let scan_start = Frame::parse(&baseline).unwrap().scan_start;
-        let mut rng = SmallRng::seed_from_u64(7);
-        for _ in 0..2000 {
-            let mut damaged = baseline.clone();
-            for _ in 0..rng.random_range(1..4) {
-                let at = rng.random_range(2..scan_start);
-                damaged[at] = rng.random();
-            }
+        for damaged in damaged(&baseline, 2..scan_start, 3, 2000, 7) {
             // Whatever the header now declares, the output is whole.
             if let Some(eighth) = decode(&damaged) {
                 let (w, h) = (eighth.width as usize, eighth.height as usize);
