@@ -489,10 +489,8 @@ impl Uploader {
                     Ok(r) => r.file.map(|f| f.size_bytes),
                     Err(status) if status.code() == tonic::Code::NotFound => None,
                     Err(status) => {
+                        // The claim moved the row's clock: it comes round again later.
                         tracing::warn!(upload_id = %row.id, %status, "cannot tell whether an abandoned upload registered; later");
-                        self.uploads
-                            .set_state(row.id, "receiving", None, row.received, None)
-                            .await?;
                         continue;
                     }
                 }

@@ -78,6 +78,7 @@ pub struct Consumer {
     settings: ConsumerSettings,
 }
 
+#[derive(Clone, Copy)]
 enum Applied {
     Now,
     Before,
@@ -233,7 +234,8 @@ impl Consumer {
             }
         }
         if events.len() > 1 {
-            match self.apply_together(&events).await {
+            let batch: Vec<&Event> = events.iter().map(|(_, _, event)| event).collect();
+            match self.apply_together(&batch).await {
                 Ok(applied) => {
                     for ((_, _, event), applied) in events.iter().zip(applied) {
                         self.count_applied(event, applied);
@@ -298,8 +300,11 @@ impl Consumer {
     }
 
     async fn process_event(&self, stream: &str, id: &str, event: &Event) {
-        match self.apply(event).instrument(self.span(event)).await {
+        match self.apply_together(&[event]).await {
             Ok(applied) => {
+                let [applied] = applied[..] else {
+                    unreachable!("one result per event")
+                };
                 self.count_applied(event, applied);
                 self.ack(stream, id).await;
             }
@@ -313,13 +318,10 @@ impl Consumer {
 
     /// Applies `events` in one transaction: one dedupe insert for all, the handler for each
     /// one not applied before (once, even if a read holds it twice), one commit.
-    async fn apply_together(
-        &self,
-        events: &[(String, String, Event)],
-    ) -> Result<Vec<Applied>, HandlerError> {
+    async fn apply_together(&self, events: &[&Event]) -> Result<Vec<Applied>, HandlerError> {
         let mut conn = self.connection().await?;
         let tx = conn.transaction().await?;
-        let ids: Vec<uuid::Uuid> = events.iter().map(|(_, _, e)| e.id).collect();
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
         let mut fresh: HashSet<uuid::Uuid> = tx
             .query_cached(
                 &format!(
@@ -335,7 +337,7 @@ impl Consumer {
             .map(|row| row.get(0))
             .collect();
         let mut applied = Vec::with_capacity(events.len());
-        for (_, _, event) in events {
+        for event in events {
             if fresh.remove(&event.id) {
                 self.handler
                     .handle(event, &tx)
@@ -355,27 +357,6 @@ impl Consumer {
             .get()
             .await
             .map_err(|e| HandlerError(format!("database unavailable: {e}")))
-    }
-
-    async fn apply(&self, event: &Event) -> Result<Applied, HandlerError> {
-        let mut conn = self.connection().await?;
-        let tx = conn.transaction().await?;
-        let fresh = tx
-            .execute_cached(
-                &format!(
-                    "INSERT INTO {}.consumed_events (consumer, event_id) VALUES ($1, $2)
-                     ON CONFLICT DO NOTHING",
-                    self.schema
-                ),
-                &[&self.group, &event.id],
-            )
-            .await?;
-        if fresh == 0 {
-            return Ok(Applied::Before);
-        }
-        self.handler.handle(event, &tx).await?;
-        tx.commit().await?;
-        Ok(Applied::Now)
     }
 
     async fn ack(&self, stream: &str, id: &str) {
