@@ -132,8 +132,11 @@ pub fn process(bytes: &[u8], limits: &DecodeLimits) -> Result<Processed, ImageEr
 /// from the DC coefficients alone) while the preview needs a larger scale. The thumbnails are
 /// then ready in a fraction of the whole time, for a second, cheap decode.
 pub fn thumbnails_first(bytes: &[u8]) -> bool {
-    jpeg::decoded_at_one_eighth(bytes, THUMB_SIZE)
-        && !jpeg::decoded_at_one_eighth(bytes, PREVIEW_SIZE)
+    use turbojpeg::ScalingFactor;
+    matches!(
+        jpeg::decode_scales(bytes, [THUMB_SIZE, PREVIEW_SIZE]),
+        Some([ScalingFactor::ONE_EIGHTH, preview]) if preview != ScalingFactor::ONE_EIGHTH
+    )
 }
 
 /// What to render first: the thumbnails alone (with [`Processed::preview_pending`] set) when

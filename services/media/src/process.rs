@@ -307,13 +307,31 @@ impl Media {
     /// Records variants made ahead of the others, leaving the file processing; `false` when the
     /// file is gone.
     async fn record_early(&self, file: &pb::File, derived: &Derived) -> Result<bool, JobError> {
+        self.set_variants(
+            &file.id,
+            derived,
+            pb::FileStatus::Unspecified,
+            String::new(),
+        )
+        .await
+    }
+
+    /// Records `derived` in Files with `status` (`Unspecified` leaves it); `false` when the file
+    /// is gone.
+    async fn set_variants(
+        &self,
+        file_id: &str,
+        derived: &Derived,
+        status: pb::FileStatus,
+        reason: String,
+    ) -> Result<bool, JobError> {
         let set = self
             .files
             .set_variants(pb::SetVariantsRequest {
-                file_id: file.id.clone(),
+                file_id: file_id.to_owned(),
                 variants: derived.variants.clone(),
-                status: pb::FileStatus::Unspecified as i32,
-                status_reason: String::new(),
+                status: status as i32,
+                status_reason: reason,
                 width: derived.width,
                 height: derived.height,
                 duration_ms: derived.duration_ms,
@@ -490,32 +508,18 @@ impl Media {
             .filter(|v| !v.storage_key.is_empty())
             .map(|v| v.storage_key.clone())
             .collect();
-        let set = self
-            .files
-            .set_variants(pb::SetVariantsRequest {
-                file_id: file_id.to_string(),
-                variants: derived.variants,
-                status: status as i32,
-                status_reason: reason.clone(),
-                width: derived.width,
-                height: derived.height,
-                duration_ms: derived.duration_ms,
-                codec: derived.codec,
-            })
-            .await;
-        match set {
-            Ok(_) => {}
-            Err(s) if s.code() == Code::NotFound => {
-                // Purged while we worked: what we stored belongs to nobody.
-                for key in &stored_keys {
-                    if let Err(error) = self.store.delete(&ObjectPath::from(key.as_str())).await {
-                        tracing::warn!(%file_id, key, %error, "variant of a purged file not deleted; gc will");
-                    }
+        if !self
+            .set_variants(&file_id.to_string(), &derived, status, reason.clone())
+            .await?
+        {
+            // Purged while we worked: what we stored belongs to nobody.
+            for key in &stored_keys {
+                if let Err(error) = self.store.delete(&ObjectPath::from(key.as_str())).await {
+                    tracing::warn!(%file_id, key, %error, "variant of a purged file not deleted; gc will");
                 }
-                tracing::info!(%file_id, "file purged while processing");
-                return Ok(());
             }
-            Err(s) => return Err(retry_status("Files.SetVariants", &s)),
+            tracing::info!(%file_id, "file purged while processing");
+            return Ok(());
         }
         self.announce(file, file_id, status, &reason, &variant_names)
             .await?;

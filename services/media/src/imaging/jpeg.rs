@@ -3,7 +3,9 @@
 
 use image::metadata::Orientation;
 use image::{DynamicImage, RgbImage};
-use turbojpeg::{Colorspace, Compressor, Decompressor, PixelFormat, ScalingFactor, Subsamp};
+use turbojpeg::{
+    Colorspace, Compressor, DecompressHeader, Decompressor, PixelFormat, ScalingFactor, Subsamp,
+};
 
 use super::dc;
 use super::decode::{Decoded, check_alloc, check_dimensions};
@@ -32,12 +34,7 @@ pub(super) fn decode(
     let height = u32::try_from(header.height).map_err(|_| too_wide(header.height))?;
     check_dimensions(width, height, limits)?;
 
-    let scale = if header.is_lossless {
-        // libjpeg-turbo cannot scale lossless JPEG.
-        ScalingFactor::ONE
-    } else {
-        scale_for(width, height, fit(width, height, target))
-    };
+    let scale = decode_scale(&header, (width, height), target);
     let (scaled_w, scaled_h) = (scale.scale(header.width), scale.scale(header.height));
     let cmyk = matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK);
     let format = if cmyk {
@@ -123,21 +120,35 @@ pub(super) fn encode(image: &DynamicImage) -> Result<Vec<u8>, ImageError> {
         .map_err(encode_failed)
 }
 
-/// Whether `bytes` is a JPEG that a variant fitting in `target`×`target` decodes at 1/8 scale,
-/// from its header alone.
-pub(super) fn decoded_at_one_eighth(bytes: &[u8], target: u32) -> bool {
-    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        return false;
+/// The scale [`decode`] uses for a variant fitting in `target`×`target`.
+fn decode_scale(
+    header: &DecompressHeader,
+    (width, height): (u32, u32),
+    target: u32,
+) -> ScalingFactor {
+    if header.is_lossless {
+        // libjpeg-turbo cannot scale lossless JPEG.
+        ScalingFactor::ONE
+    } else {
+        scale_for(width, height, fit(width, height, target))
     }
-    let Ok(header) = turbojpeg::read_header(bytes) else {
-        return false;
-    };
-    let (Ok(width), Ok(height)) = (u32::try_from(header.width), u32::try_from(header.height))
-    else {
-        return false;
-    };
-    !header.is_lossless
-        && scale_for(width, height, fit(width, height, target)) == ScalingFactor::ONE_EIGHTH
+}
+
+/// The scales [`decode`] would use for variants fitting in each of `targets`, from the header
+/// alone, read once; `None` if `bytes` is not a JPEG with a readable header.
+pub(super) fn decode_scales<const N: usize>(
+    bytes: &[u8],
+    targets: [u32; N],
+) -> Option<[ScalingFactor; N]> {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return None;
+    }
+    let header = turbojpeg::read_header(bytes).ok()?;
+    let size = (
+        u32::try_from(header.width).ok()?,
+        u32::try_from(header.height).ok()?,
+    );
+    Some(targets.map(|target| decode_scale(&header, size, target)))
 }
 
 /// The largest DCT downscale whose output still covers `target` in both axes.
