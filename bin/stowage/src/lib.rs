@@ -29,6 +29,14 @@ use stowage_runtime::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc, for every binary that runs Stowage (`stowage`, the benches, the tests). Uploads
+/// allocate a buffer per chunk (up to 16 MiB in each of the codec, the decoder and the staging
+/// copy); jemalloc reuses freed ones where glibc returns them to the kernel, whose fresh pages
+/// cost a fault and a zeroing each. With glibc, 1 GiB through WriteChunks ran at about 500 MB/s
+/// instead of about 680.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 pub mod cli;
 pub mod client;
 pub mod dev;

@@ -418,7 +418,7 @@ impl Sessions {
             "{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable FOR UPDATE{}",
             if wait { "" } else { " NOWAIT" }
         );
-        match tx.query_opt(&sql, &[&id, &owner]).await {
+        match tx.query_opt_cached(&sql, &[&id, &owner]).await {
             Ok(Some(row)) => Ok(Session::from_row(&row, self.settings.chunk_size_hint)),
             Ok(None) => Err(Error::SessionNotFound),
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
@@ -428,7 +428,11 @@ impl Sessions {
         }
     }
 
+    /// The parts staged for `id` so far (none where staging keeps no part rows).
     async fn parts(&self, tx: &impl GenericClient, id: Uuid) -> Result<Vec<Part>> {
+        if !self.staging.keeps_parts() {
+            return Ok(Vec::new());
+        }
         let rows = tx
             .query_cached(
                 "SELECT * FROM ingest.upload_parts WHERE upload_id = $1 ORDER BY part_number",

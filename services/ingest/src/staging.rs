@@ -88,6 +88,13 @@ impl Staging {
         self.multipart.is_some()
     }
 
+    /// Whether staged chunks are recorded as parts (`ingest.upload_parts`). A local-disk
+    /// store keeps none: its chunks go in place into one file, and completion needs only the
+    /// size.
+    pub fn keeps_parts(&self) -> bool {
+        self.local_root.is_none()
+    }
+
     /// Starts a native multipart upload at `key`; `None` for part-object staging.
     pub async fn begin(&self, key: &ObjectPath) -> Result<Option<String>> {
         match &self.multipart {
@@ -114,18 +121,8 @@ impl Staging {
         let next = parts.iter().map(|p| p.number + 1).max().unwrap_or(0);
         if let Some(root) = &self.local_root {
             let path = local_data(root, upload);
-            let size = data.len() as u64;
             blocking(move || write_at(&path, start, &data)).await?;
-            return Ok(Staged {
-                merged: Vec::new(),
-                part: Some(Part {
-                    number: next,
-                    start,
-                    size,
-                    part_id: String::new(),
-                    pending: false,
-                }),
-            });
+            return Ok(Staged::default());
         }
         let (Some(mp), Some(id)) = (&self.multipart, multipart_id) else {
             return self.put_part_object(upload, next, start, data, false).await;
