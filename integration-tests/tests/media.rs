@@ -5,7 +5,10 @@
 use std::{io::Cursor, process::Command, time::Duration};
 
 use image::{DynamicImage, GenericImageView, ImageFormat, Rgba, RgbaImage};
-use stowage_integration_tests::{download_variant, upload, usage, wait_processed};
+use stowage_integration_tests::{
+    complete, create_session, download_variant, put_chunk, random_bytes, upload, usage,
+    wait_processed,
+};
 use stowage_proto::v1::{self as pb, files_client::FilesClient, media_client::MediaClient};
 use stowage_testkit::{Mesh, Setup, authed, token};
 use tonic::Code;
@@ -354,6 +357,69 @@ fn png_bomb() -> Vec<u8> {
     stream.finish().expect("png end");
     drop(writer);
     out
+}
+
+/// With no scanner configured, a file Media derives nothing from (a document, unknown bytes) is
+/// ready as soon as it is stored, through either upload path: no job is queued for it and
+/// nothing is announced. A file Media works on, or refuses, still starts in processing.
+#[tokio::test]
+async fn files_media_has_no_work_for_are_ready_at_once_without_a_job() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let notes = upload(mesh.channel(), &alice, "notes.txt", b"some words", &[]).await?;
+    let unknown = upload(mesh.channel(), &alice, "data.bin", &random_bytes(4096), &[]).await?;
+    let csv = b"a,b\n1,2\n";
+    let session = create_session(
+        mesh.channel(),
+        &alice,
+        "table.csv",
+        Some(csv.len() as u64),
+        "",
+    )
+    .await?;
+    put_chunk(mesh.channel(), &alice, &session.id, 0, csv).await?;
+    let table = complete(mesh.channel(), &alice, &session.id).await?;
+    for file in [&notes, &unknown, &table] {
+        assert_eq!(
+            file.status,
+            pb::FileStatus::Ready as i32,
+            "{}",
+            file.display_name
+        );
+    }
+    // Random bytes named .jpg promise an image the bytes do not hold: Media refuses them.
+    let lying = upload(
+        mesh.channel(),
+        &alice,
+        "photo.jpg",
+        &random_bytes(4096),
+        &[],
+    )
+    .await?;
+    assert_eq!(lying.status, pb::FileStatus::Processing as i32);
+    let lying = wait_processed(mesh.channel(), &alice, &lying.id, PATIENCE).await?;
+    assert_eq!(lying.status, pb::FileStatus::Failed as i32);
+
+    // Media's consumer has read the earlier files' events by now (one stream, in order): of
+    // the four, only the refused file got a job and an announcement.
+    let ids = [&notes, &unknown, &table, &lying].map(|f| f.id.clone());
+    let keys: Vec<String> = ids.iter().map(|id| format!("process:{id}")).collect();
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let jobs: Vec<String> = pool
+        .get()
+        .await?
+        .query("SELECT key FROM media.jobs WHERE key = ANY($1)", &[&keys])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(jobs, [format!("process:{}", lying.id)]);
+    for id in &ids[..3] {
+        assert_eq!(announced(&setup, id).await?, Vec::<String>::new());
+    }
+    assert_eq!(announced(&setup, &lying.id).await?, ["media.failed"]);
+    mesh.stop().await
 }
 
 #[tokio::test]

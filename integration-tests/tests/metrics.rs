@@ -56,7 +56,12 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
 
     // An upload: bytes in, a file.created published by the outbox relay, lag back to 0.
     let received = sample(&text, "stowage_rpc_received_bytes_total", &[]).unwrap_or(0.0);
-    upload(mesh.channel(), &alice, "a.bin", &random_bytes(300_000), &[]).await?;
+    // A picture of noise (over 300 KB), so Media has work to do with it.
+    let noise = image::RgbaImage::from_raw(250, 300, random_bytes(250 * 300 * 4))
+        .expect("a buffer of the image's size");
+    let mut picture = std::io::Cursor::new(Vec::new());
+    noise.write_to(&mut picture, image::ImageFormat::Png)?;
+    upload(mesh.channel(), &alice, "a.png", picture.get_ref(), &[]).await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = scrape(&mesh).await?;

@@ -55,18 +55,23 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
 
     let trace_id = uuid::Uuid::new_v4().simple().to_string();
     let caller_span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    // A picture, so that Media has a job to run for it.
+    let mut picture = std::io::Cursor::new(Vec::new());
+    image::RgbaImage::from_pixel(4, 3, image::Rgba([200, 30, 30, 255]))
+        .write_to(&mut picture, image::ImageFormat::Png)?;
+    let picture = picture.into_inner();
     let header = pb::UploadRequest {
         part: Some(Part::Header(pb::UploadHeader {
-            size_bytes: 5,
+            size_bytes: picture.len() as u64,
             metadata: Some(pb::UploadMetadata {
-                display_name: "traced.txt".into(),
+                display_name: "traced.png".into(),
                 ..Default::default()
             }),
             idempotency_key: String::new(),
         })),
     };
     let data = pb::UploadRequest {
-        part: Some(Part::Data(b"hello".to_vec().into())),
+        part: Some(Part::Data(picture.into())),
     };
     let mut request = authed(futures::stream::iter([header, data]), &token("alice", &[]));
     request.metadata_mut().insert(
@@ -142,8 +147,9 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
             .any(|s| s.service == "stowage-ingest" && s.parent_span_id == caller_span),
         "no Ingest span under the caller's: {spans:#?}"
     );
-    // Quota's and Files' spans hang under spans of the Ingest process (or, for Files, of the
-    // Media process, whose job reads the file and records its variants).
+    // Quota's and Files' spans hang under spans of the Ingest process; Files' also under the
+    // Media process, whose job reads the file and records its variants, and Quota's under
+    // Files, which charges those variants.
     let media = ids_of(&spans, "stowage-media");
     for service in ["stowage-quota", "stowage-files"] {
         let roots: Vec<&RecordedSpan> = spans
@@ -156,9 +162,10 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
         for span in roots {
             let parent = span.parent_span_id.as_str();
             let from_media = service == "stowage-files" && media.contains(parent);
+            let from_files = service == "stowage-quota" && files.contains(parent);
             assert!(
-                ingest.contains(parent) || from_media,
-                "{service} span {} has parent {} outside Ingest and Media: {spans:#?}",
+                ingest.contains(parent) || from_media || from_files,
+                "{service} span {} has parent {} outside Ingest, Media and Files: {spans:#?}",
                 span.name,
                 span.parent_span_id
             );

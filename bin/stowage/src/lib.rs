@@ -10,7 +10,8 @@ use stowage_events::{Consumer, ConsumerSettings};
 use stowage_events::{Relay, RelaySettings};
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
 use stowage_ingest::{
-    EventStreams, IngestGrpc, SessionSettings, Sessions, Staging, StreamSettings, Uploader, Uploads,
+    EventStreams, IngestGrpc, Registration, SessionSettings, Sessions, Staging, StreamSettings,
+    Uploader, Uploads,
 };
 use stowage_jobs::{Queue, QueueConfig, Scheduler, Worker};
 use stowage_lifecycle::{ActivityEvents, Lifecycle, LifecycleGrpc};
@@ -200,10 +201,12 @@ pub async fn serve_with(
         })
     };
     let catalog = Catalog::new(files_pool.clone()).hold_unscanned(config.media.clamd_url.is_some());
-    let register_status = if config.media.enabled {
-        stowage_proto::v1::FileStatus::Processing
+    let registration = if config.media.enabled {
+        Registration::Media {
+            scanning: config.media.clamd_url.is_some(),
+        }
     } else {
-        stowage_proto::v1::FileStatus::Ready
+        Registration::Ready
     };
     let files_local = if roles.contains(&Role::Files) {
         let signer = UrlSigner::new(&url_signing_key(&config)?, config.public_base_url());
@@ -248,7 +251,7 @@ pub async fn serve_with(
             part_size: usize::try_from(config.ingest.part_size.as_u64()).unwrap_or(8 << 20),
             shutdown: shutdown.clone(),
             local_root: blobs.local_root.clone(),
-            register_status,
+            registration,
         };
         let sessions = Sessions::new(
             ingest_pool.clone(),
@@ -262,7 +265,7 @@ pub async fn serve_with(
                     .unwrap_or(8 << 20),
                 max_file_size: config.ingest.max_file_size.as_u64(),
                 max_chunk: usize::try_from(config.ingest.max_chunk.as_u64()).unwrap_or(64 << 20),
-                register_status,
+                registration,
             },
         );
         server.merge_http(stowage_ingest::tus_routes(

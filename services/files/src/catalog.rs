@@ -308,7 +308,8 @@ impl Catalog {
             };
         };
         let file = FileRecord::from_row(&row);
-        outbox(&tx, "file.created", &file, json!({ "sha256": file.sha256 })).await?;
+        let extra = json!({ "sha256": file.sha256, "status": file.status.as_str() });
+        outbox(&tx, "file.created", &file, extra).await?;
         tx.commit().await?;
         Ok(file)
     }

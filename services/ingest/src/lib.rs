@@ -15,7 +15,7 @@ pub use error::{Error, Result};
 pub use grpc::IngestGrpc;
 pub use oneshot::Uploader;
 pub use sessions::{Checksum, ChunkIn, Meta, Session, SessionSettings, Sessions};
-pub use sniff::{Sniffed, sniff};
+pub use sniff::{Registration, Sniffed, sniff};
 pub use staging::{MIN_NATIVE_PART, Staging};
 pub use streams::{EventStreams, StreamSettings};
 pub use tus::routes as tus_routes;

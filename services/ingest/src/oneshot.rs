@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    sniff::{SNIFF_LEN, Sniffed, sniff},
+    sniff::{Registration, SNIFF_LEN, Sniffed, sniff},
     uploads::{UploadRow, Uploads},
 };
 
@@ -44,8 +44,8 @@ pub struct Uploader {
     /// Root of a local-disk store, whose unfinished multipart writes are `{key}#{n}` files
     /// that deleting the key does not remove.
     pub local_root: Option<std::path::PathBuf>,
-    /// Status new files are registered with: PROCESSING when Media runs, READY otherwise.
-    pub register_status: pb::FileStatus,
+    /// What status new files are registered with.
+    pub registration: Registration,
 }
 
 /// Validated header of an upload.
@@ -208,7 +208,11 @@ impl Uploader {
                 storage_key: received.key.to_string(),
                 tags: header.tags.clone(),
                 package_name: header.meta.package_name.clone(),
-                status: self.register_status as i32,
+                status: self.registration.status(
+                    &received.sniffed,
+                    &header.meta.display_name,
+                    received.size,
+                ) as i32,
                 idempotency_key: row.id.to_string(),
             })
             .await;

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    sniff::{SNIFF_LEN, sniff},
+    sniff::{Registration, SNIFF_LEN, sniff},
     staging::{Part, Staging, Target},
 };
 
@@ -44,8 +44,8 @@ pub struct SessionSettings {
     pub max_file_size: u64,
     /// Largest chunk through any door.
     pub max_chunk: usize,
-    /// Status new files are registered with: PROCESSING when Media runs, READY otherwise.
-    pub register_status: pb::FileStatus,
+    /// What status new files are registered with.
+    pub registration: Registration,
 }
 
 /// What a client said about the file at creation.
@@ -805,6 +805,10 @@ impl Sessions {
             self.store.get_opts(&key, options).await?.bytes().await?
         };
         let sniffed = sniff(&head, &session.meta.display_name);
+        let status = self
+            .settings
+            .registration
+            .status(&sniffed, &session.meta.display_name, size);
         let registered = self
             .files
             .register_file(pb::RegisterFileRequest {
@@ -818,7 +822,7 @@ impl Sessions {
                 storage_key: key.to_string(),
                 tags: session.meta.tags.clone(),
                 package_name: session.meta.package_name.clone(),
-                status: self.settings.register_status as i32,
+                status: status as i32,
                 idempotency_key: id.to_string(),
             })
             .await?;

@@ -1,5 +1,8 @@
 //! Deciding what a file is from its first bytes (the declared type is only a hint).
 
+use stowage_blob::plan::{Plan, plan};
+use stowage_proto::v1 as pb;
+
 /// Bytes looked at before deciding.
 pub const SNIFF_LEN: usize = 8192;
 
@@ -12,6 +15,35 @@ pub struct Sniffed {
     pub kind: &'static str,
     /// Extension for the storage key (lowercase alphanumeric).
     pub extension: String,
+}
+
+/// What status a new file is registered with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// No Media in this deployment: every file is ready at once.
+    Ready,
+    /// Media runs. It works on every file when `scanning` (each one is scanned); otherwise only
+    /// on those it derives something from or refuses, and the rest (documents, archives,
+    /// unknown bytes) are ready at once, without a job.
+    Media {
+        /// Whether a virus scanner is configured.
+        scanning: bool,
+    },
+}
+
+impl Registration {
+    /// The status of a new file of `size` bytes named `display_name`, sniffed as `sniffed`.
+    pub fn status(self, sniffed: &Sniffed, display_name: &str, size: u64) -> pb::FileStatus {
+        match self {
+            Self::Ready => pb::FileStatus::Ready,
+            Self::Media { scanning: false }
+                if plan(&sniffed.mime_type, display_name, size) == Plan::Plain =>
+            {
+                pb::FileStatus::Ready
+            }
+            Self::Media { .. } => pb::FileStatus::Processing,
+        }
+    }
 }
 
 /// An extension taken from a display name, only if it is short and plain.
@@ -69,6 +101,24 @@ pub fn sniff(head: &[u8], display_name: &str) -> Sniffed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_files_media_works_on_start_in_processing() {
+        let (ready, processing) = (pb::FileStatus::Ready, pb::FileStatus::Processing);
+        let notes = sniff(b"some words", "notes.txt");
+        let photo = sniff(b"\xFF\xD8\xFF\xE0\0\x10JFIF\0", "photo.jpg");
+        let lying = sniff(b"some words", "photo.jpg");
+        let media = Registration::Media { scanning: false };
+        assert_eq!(media.status(&notes, "notes.txt", 10), ready);
+        assert_eq!(media.status(&photo, "photo.jpg", 10), processing);
+        // Refused by Media (a name promising an image; an empty file): it says why.
+        assert_eq!(media.status(&lying, "photo.jpg", 10), processing);
+        assert_eq!(media.status(&notes, "notes.txt", 0), processing);
+        // A scanner reads every file; without Media nothing waits.
+        let scanning = Registration::Media { scanning: true };
+        assert_eq!(scanning.status(&notes, "notes.txt", 10), processing);
+        assert_eq!(Registration::Ready.status(&photo, "photo.jpg", 10), ready);
+    }
 
     #[test]
     fn bytes_win_over_names() {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::{PROCESS_JOB, job_key};
 use stowage_db::Cached;
 
-/// Turns `file.created` into a processing job and forgets a purged file's quarantine row.
+/// Turns `file.created` of a file in processing into a processing job and forgets a purged file's quarantine row.
 #[derive(Clone, Debug)]
 pub struct FileEvents {
     queue: Queue,
@@ -39,11 +39,25 @@ fn file_id(event: &Event) -> Result<Uuid, HandlerError> {
         })
 }
 
+/// Whether a `file.created` event is for a file in processing (events from before the status
+/// was carried are taken as such).
+fn in_processing(event: &Event) -> bool {
+    event
+        .payload
+        .get("status")
+        .and_then(serde_json::Value::as_str)
+        .is_none_or(|s| s == "processing")
+}
+
 #[async_trait]
 impl EventHandler for FileEvents {
     async fn handle(&self, event: &Event, tx: &Transaction<'_>) -> Result<(), HandlerError> {
         let id = file_id(event)?;
         match event.topic.as_str() {
+            topics::FILE_CREATED if !in_processing(event) => {
+                // Registered ready: there is nothing for Media to do (see
+                // `stowage_ingest::Registration`).
+            }
             topics::FILE_CREATED => {
                 // In the event's transaction: the job exists exactly when the event counts as
                 // applied. The key makes a second event for the file a no-op.

@@ -12,15 +12,14 @@ mod consumer;
 mod error;
 mod grpc;
 pub mod imaging;
-mod plan;
 mod process;
 pub mod video;
 
 pub use consumer::FileEvents;
 pub use error::{Error, Result};
 pub use grpc::MediaGrpc;
-pub use plan::{Plan, plan};
 pub use process::{Media, MediaSettings, variant_key};
+pub use stowage_blob::plan::{Plan, plan};
 
 /// Name of the schema Media owns.
 pub const SCHEMA: &str = "media";

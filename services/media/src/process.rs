@@ -16,9 +16,10 @@ use tonic::Code;
 use uuid::Uuid;
 
 use crate::{
+    Plan,
     clamd::{Clamd, ScanError, Verdict},
     imaging::{self, DecodeLimits, ImageError, Processed},
-    plan::{Plan, plan},
+    plan,
     video::{ToolError, Tools},
 };
 

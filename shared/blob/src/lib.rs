@@ -1,5 +1,6 @@
 //! Builds the object store every service writes to from one URL, and the key layout they
-//! share.
+//! share; [`plan`] says what Media makes of a stored file (Ingest reads it too, to register
+//! files Media has nothing to do for as ready).
 //!
 //! | URL | store |
 //! |---|---|
@@ -15,6 +16,7 @@ use object_store::{
 };
 
 pub mod keys;
+pub mod plan;
 
 /// Errors when building a store.
 #[derive(Debug, thiserror::Error)]
