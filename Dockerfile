@@ -18,6 +18,8 @@ RUN apt-get update \
 
 # Every workspace member must be present for cargo to load the workspace.
 COPY Cargo.toml Cargo.lock ./
+# Build settings (jemalloc's configuration, see bin/stowage/src/lib.rs).
+COPY .cargo ./.cargo
 COPY proto ./proto
 COPY shared ./shared
 COPY services ./services
@@ -43,9 +45,9 @@ RUN groupadd --system --gid 10001 stowage \
 
 COPY --from=builder /out/stowage /usr/local/bin/stowage
 
-# A fixed mmap threshold: glibc's sliding one keeps freed large buffers (event segments,
-# PostgreSQL messages) in the heap, which held a busy Ingest ~30 MiB above this
-# (`scripts/bench streams`: 117 MiB peak against 87 MiB).
+# For what still allocates through glibc (the C image codecs, ffmpeg): a fixed mmap threshold,
+# as glibc's sliding one keeps freed large buffers in the heap. Rust code allocates through
+# jemalloc (bin/stowage/src/lib.rs).
 ENV MALLOC_MMAP_THRESHOLD_=131072
 # Numeric user so Kubernetes can verify runAsNonRoot.
 USER 10001:10001

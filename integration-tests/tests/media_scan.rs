@@ -63,6 +63,8 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
 
     let infected = upload(mesh.channel(), &alice, "eicar.com", EICAR, &[]).await?;
     let clean = upload(mesh.channel(), &alice, "notes.txt", b"just words", &[]).await?;
+    // With a scanner every file waits for its scan, plain text too.
+    assert_eq!(clean.status, pb::FileStatus::Processing as i32);
     let seen = wait_processed(mesh.channel(), &admin, &infected.id, PATIENCE).await?;
     assert_eq!(seen.status, pb::FileStatus::Quarantined as i32);
     assert!(
@@ -151,6 +153,41 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
     assert!(quarantine(&mesh, &admin).await?.is_empty());
     let stored = mesh.stored_objects("users/alice").await?;
     assert!(!stored.iter().any(|k| k.contains(&second.id)), "{stored:?}");
+
+    // Files holds a new file for the scan whatever its registrant says (an Ingest configured
+    // without the scanner would say ready), so Media scans it.
+    let said_ready = uuid::Uuid::new_v4();
+    let key = format!("users/alice/document/2026/12/{said_ready}.txt");
+    object_store::ObjectStoreExt::put(
+        &*mesh.blobs.store,
+        &object_store::path::Path::from(key.as_str()),
+        b"said ready".to_vec().into(),
+    )
+    .await?;
+    let registered = files(mesh.channel())
+        .register_file(authed(
+            pb::RegisterFileRequest {
+                owner_id: "alice".into(),
+                file_id: said_ready.to_string(),
+                display_name: "said.txt".into(),
+                kind: pb::FileKind::Document as i32,
+                mime_type: "text/plain; charset=utf-8".into(),
+                size_bytes: 10,
+                sha256: "00".repeat(32),
+                storage_key: key,
+                status: pb::FileStatus::Ready as i32,
+                idempotency_key: said_ready.to_string(),
+                ..Default::default()
+            },
+            &token("stowage-internal", &["service"]),
+        ))
+        .await?
+        .into_inner()
+        .file
+        .unwrap_or_default();
+    assert_eq!(registered.status, pb::FileStatus::Processing as i32);
+    let scanned = wait_processed(mesh.channel(), &alice, &registered.id, PATIENCE).await?;
+    assert_eq!(scanned.status, pb::FileStatus::Ready as i32);
 
     // Scanner down: new files stay in processing and are not served...
     let port = clamd.port();

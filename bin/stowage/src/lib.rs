@@ -200,11 +200,10 @@ pub async fn serve_with(
             )),
         })
     };
-    let catalog = Catalog::new(files_pool.clone()).hold_unscanned(config.media.clamd_url.is_some());
+    let scanning = config.media.enabled && config.media.clamd_url.is_some();
+    let catalog = Catalog::new(files_pool.clone()).hold_unscanned(scanning);
     let registration = if config.media.enabled {
-        Registration::Media {
-            scanning: config.media.clamd_url.is_some(),
-        }
+        Registration::Media { scanning }
     } else {
         Registration::Ready
     };

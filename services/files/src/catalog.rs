@@ -261,6 +261,12 @@ impl Catalog {
     pub async fn register(&self, new: NewFile) -> Result<FileRecord> {
         let size = i64::try_from(new.size_bytes)
             .map_err(|_| Error::invalid("size_bytes", "is too large"))?;
+        // While a scanner is configured nothing is ready before its scan, whatever the
+        // registrant says (an Ingest configured without the scanner would say ready).
+        let status = match new.status {
+            FileStatus::Ready if self.hold_unscanned => FileStatus::Processing,
+            status => status,
+        };
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let row = tx
@@ -279,7 +285,7 @@ impl Catalog {
                     &size,
                     &new.sha256,
                     &new.storage_key,
-                    &new.status.as_str(),
+                    &status.as_str(),
                     &new.tags,
                     &new.package_name,
                     &new.idempotency_key,

@@ -3,9 +3,11 @@
 //! Stores with a native multipart API (S3, memory) receive each chunk as a part of a multipart
 //! upload at the final key. Those APIs refuse parts below a minimum size (5 MiB on S3) except
 //! the last one, while tus and grpc-web clients may send any chunk size: a chunk too small to be
-//! a part is kept as a staging object and merged into the next part. Stores without one (local
-//! disk) keep every chunk as a part object under `staging/{upload_id}/`, and completion streams
-//! them into the final key.
+//! a part is kept as a staging object and merged into the next part. A local-disk store writes
+//! each chunk in place into one staging file (`staging/{upload_id}/data`), recorded by the
+//! session's offset alone, and completion renames it. Other stores without a multipart API keep
+//! every chunk as a part object under `staging/{upload_id}/`, and completion streams them into
+//! the final key.
 
 use std::sync::Arc;
 

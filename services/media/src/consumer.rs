@@ -9,7 +9,8 @@ use uuid::Uuid;
 use crate::{PROCESS_JOB, job_key};
 use stowage_db::Cached;
 
-/// Turns `file.created` of a file in processing into a processing job and forgets a purged file's quarantine row.
+/// Turns `file.created` of a file in processing into a processing job, and forgets a purged
+/// file's quarantine row.
 #[derive(Clone, Debug)]
 pub struct FileEvents {
     queue: Queue,

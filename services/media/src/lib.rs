@@ -1,7 +1,8 @@
 //! Media: thumbnails, previews, video posters, media metadata and antivirus with quarantine.
 //!
 //! Media hears `file.created` through its consumer group and enqueues one `media.process`
-//! job per file in its own PostgreSQL queue (schema `media`). A worker scans the bytes when a
+//! job per file in processing in its own PostgreSQL queue (schema `media`); files it has no
+//! work for are registered ready by Ingest (`stowage_blob::plan`) and get no job. A worker scans the bytes when a
 //! scanner is configured, decodes within limits off the async runtime (images in process,
 //! video and audio with ffprobe / ffmpeg as bounded subprocesses), stores the variants under
 //! the owner's `variants/` prefix and hands them to `Files.SetVariants` with the file's final
