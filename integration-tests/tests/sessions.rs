@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use stowage_integration_tests::{
-    complete, create_session, download, get_session, put_chunk, random_bytes, sha256, usage,
-    write_chunks,
+    complete, create_session, download, get_session, ingest, put_chunk, random_bytes, sha256,
+    usage, write_chunks,
 };
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
@@ -202,6 +202,160 @@ async fn bad_chunks_are_refused_and_the_session_stays_resumable() -> anyhow::Res
         mesh.stop().await?;
     }
     Ok(())
+}
+
+/// A WriteChunks call whose messages the test sends one by one.
+struct OpenStream {
+    send: tokio::sync::mpsc::Sender<pb::WriteChunksRequest>,
+    call: tokio::task::JoinHandle<Result<pb::UploadSession, tonic::Status>>,
+}
+
+impl OpenStream {
+    fn start(mesh: &Mesh, token: &str) -> Self {
+        let (send, receive) = tokio::sync::mpsc::channel(16);
+        let (channel, token) = (mesh.channel(), token.to_owned());
+        let call = tokio::spawn(async move {
+            let messages = tokio_stream::wrappers::ReceiverStream::new(receive);
+            let response = ingest(channel)
+                .write_chunks(authed(messages, &token))
+                .await?;
+            Ok(response.into_inner().session.unwrap_or_default())
+        });
+        Self { send, call }
+    }
+
+    async fn chunk(&self, upload_id: &str, offset: usize, data: &[u8]) -> anyhow::Result<()> {
+        let message = pb::WriteChunksRequest {
+            upload_id: upload_id.to_owned(),
+            chunk: Some(pb::Chunk {
+                offset: offset as u64,
+                data: bytes::Bytes::copy_from_slice(data),
+                ..Default::default()
+            }),
+        };
+        self.send
+            .send(message)
+            .await
+            .map_err(|_| anyhow::anyhow!("the call ended"))
+    }
+}
+
+/// A WriteChunks stream holds its session (staging one chunk while recording the one before)
+/// only while chunks keep coming: a stalled client holds nothing, and everything it sent is
+/// recorded; a client that vanishes mid-stream holds nothing either.
+#[tokio::test]
+async fn a_stream_holds_its_session_only_while_chunks_come() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let mib = 1 << 20;
+    let data = random_bytes(6 * mib);
+    let s = create_session(mesh.channel(), &alice, "held.bin", Some(6 << 20), "").await?;
+    let offset = || async {
+        Ok::<_, tonic::Status>(get_session(mesh.channel(), &alice, &s.id).await?.offset)
+    };
+
+    // Two chunks, then the client stalls with the call open: both are recorded.
+    let stalled = OpenStream::start(&mesh, &alice);
+    stalled.chunk(&s.id, 0, &data[..mib]).await?;
+    stalled.chunk(&s.id, mib, &data[mib..2 * mib]).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while offset().await? < 2 * mib as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second chunk was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another writer goes on meanwhile; the stalled stream's next chunk is then refused.
+    put_chunk(
+        mesh.channel(),
+        &alice,
+        &s.id,
+        2 * mib as u64,
+        &data[2 * mib..3 * mib],
+    )
+    .await?;
+    stalled
+        .chunk(&s.id, 2 * mib, &data[2 * mib..3 * mib])
+        .await?;
+    let refused = stalled.call.await?.expect_err("a chunk at a stale offset");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+
+    // A client that vanishes in the middle of its chunks: the session is free again at once
+    // (at most its last chunk is sent again).
+    let vanishing = OpenStream::start(&mesh, &alice);
+    vanishing
+        .chunk(&s.id, 3 * mib, &data[3 * mib..4 * mib])
+        .await?;
+    vanishing
+        .chunk(&s.id, 4 * mib, &data[4 * mib..5 * mib])
+        .await?;
+    vanishing.call.abort();
+    // Its connection to PostgreSQL is closed rather than pooled with the lock (where any call
+    // that got it next would pass the check: locks are taken again freely by their holder).
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held: i64 = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await?
+            .get(0);
+        if held == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an advisory lock stayed held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let at = offset().await? as usize;
+        match put_chunk(mesh.channel(), &alice, &s.id, at as u64, &data[at..]).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => anyhow::bail!("the session stayed held: {e:?}"),
+        }
+    }
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    let (_, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
+    assert_eq!(bytes, data);
+
+    // Two streams racing over one session: one writes it all, the other is refused at its
+    // first chunk, and the file is the winner's bytes.
+    let other = random_bytes(6 * mib);
+    let s = create_session(mesh.channel(), &alice, "race.bin", Some(6 << 20), "").await?;
+    let racers = [&data, &other].map(|bytes| {
+        let chunks: Vec<(u64, Vec<u8>)> = bytes
+            .chunks(mib)
+            .enumerate()
+            .map(|(i, c)| ((i * mib) as u64, c.to_vec()))
+            .collect();
+        write_chunks(mesh.channel(), &alice, &s.id, chunks)
+    });
+    let results = join_all(racers).await;
+    let winners: Vec<usize> = (0..2).filter(|&i| results[i].is_ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            matches!(r.code(), Code::Aborted | Code::FailedPrecondition),
+            "{r:?}"
+        );
+    }
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    let (_, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
+    assert_eq!(&bytes, [&data, &other][winners[0]]);
+    mesh.stop().await
 }
 
 #[tokio::test]

@@ -332,8 +332,15 @@ impl ingest_server::Ingest for IngestGrpc {
         };
         let apply = async {
             let mut upload = None;
-            let mut last = None;
+            let mut writer: Option<crate::ChunkStream> = None;
             loop {
+                if received.is_empty()
+                    && let Some(w) = writer.as_mut()
+                {
+                    // Nothing in flight from the client: record what is pending and let go of
+                    // the session until more comes.
+                    w.pause().await?;
+                }
                 let message = tokio::select! {
                     () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
                     m = received.recv() => m,
@@ -348,12 +355,15 @@ impl ingest_server::Ingest for IngestGrpc {
                         id
                     }
                 };
-                let s = self
-                    .sessions
-                    .write_chunk(id, &caller.user_id, chunk_in(message.chunk)?)
+                writer
+                    .get_or_insert_with(|| self.sessions.chunk_stream(id, &caller.user_id))
+                    .write(chunk_in(message.chunk)?)
                     .await?;
-                last = Some(s);
             }
+            let last = match writer {
+                Some(w) => w.finish().await?,
+                None => None,
+            };
             let s = match (last, upload) {
                 (Some(s), _) => s,
                 (None, Some(id)) => self.sessions.get(id, &caller.user_id).await?,

@@ -14,7 +14,7 @@ mod uploads;
 pub use error::{Error, Result};
 pub use grpc::IngestGrpc;
 pub use oneshot::Uploader;
-pub use sessions::{Checksum, ChunkIn, Meta, Session, SessionSettings, Sessions};
+pub use sessions::{Checksum, ChunkIn, ChunkStream, Meta, Session, SessionSettings, Sessions};
 pub use sniff::{Registration, Sniffed, sniff};
 pub use staging::{MIN_NATIVE_PART, Staging};
 pub use streams::{EventStreams, StreamSettings};

@@ -4,7 +4,9 @@
 //! `FOR UPDATE NOWAIT`: of two writers on one session (on any replicas) one waits for nothing
 //! and is told to retry. The bytes are staged and the offset, the running SHA-256 state and
 //! the part list are updated in the same transaction, so a replica killed mid-chunk leaves the
-//! session at its last good offset.
+//! session at its last good offset. A WriteChunks stream on local disk holds the session with an
+//! advisory lock instead while its chunks keep coming, and records each chunk while staging the
+//! next ([`ChunkStream`]); the lock goes with its connection.
 
 use std::{sync::Arc, time::Duration};
 
@@ -26,6 +28,10 @@ use stowage_runtime::{
 };
 use tokio_postgres::Row;
 use uuid::Uuid;
+
+mod chunk_stream;
+
+pub use chunk_stream::ChunkStream;
 
 use crate::{
     error::{Error, Result},
@@ -222,6 +228,42 @@ impl Session {
     }
 }
 
+/// Refuses a chunk unless `session` is open and expects `offset` (its recorded offset, or past
+/// chunks not recorded yet), where the chunk starts.
+fn check_open_at(session: &Session, offset: u64, chunk_offset: u64) -> Result<()> {
+    if session.state != "open" {
+        return Err(Error::SessionState(session.state.clone()));
+    }
+    if session.is_expired() {
+        return Err(Error::SessionState("expired".into()));
+    }
+    if chunk_offset != offset {
+        return Err(Error::WrongOffset {
+            expected: offset,
+            got: chunk_offset,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the client's checksum of `chunk` before anything is staged, then starts updating the
+/// running hash from `state` off the async threads (while the bytes are being staged).
+async fn check_and_hash(
+    chunk: &ChunkIn,
+    state: Option<Vec<u8>>,
+) -> Result<tokio::task::JoinHandle<Result<Vec<u8>>>> {
+    if let Some(checksum) = chunk.checksum.clone() {
+        let data = chunk.data.clone();
+        tokio::task::spawn_blocking(move || verify_checksum(&data, &checksum))
+            .await
+            .map_err(|_| Error::Internal("checksum panicked"))??;
+    }
+    let data = chunk.data.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        hash_chunk(state.as_deref(), &data)
+    }))
+}
+
 /// Checks `data` against the client's checksum.
 fn verify_checksum(data: &[u8], checksum: &Checksum) -> Result<()> {
     let ok = match checksum {
@@ -266,6 +308,14 @@ pub struct Sessions {
 }
 
 const SELECT: &str = "SELECT * FROM ingest.uploads";
+
+/// Key of a session's writer lock, a PostgreSQL advisory lock, from the SQL expression of the
+/// session's id: a WriteChunks stream holds it across the chunks that keep coming (see
+/// [`ChunkStream`]); other writers take it for their transaction, or are refused while a stream
+/// has it.
+fn writer_lock(id: &str) -> String {
+    format!("hashtextextended({id}::text, 11)")
+}
 
 impl Sessions {
     /// Sessions over `pool`, staging through `staging`.
@@ -414,11 +464,20 @@ impl Sessions {
         owner: &str,
         wait: bool,
     ) -> Result<Session> {
-        let sql = format!(
-            "{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable FOR UPDATE{}",
-            if wait { "" } else { " NOWAIT" }
-        );
+        // Without waiting, a writer is also refused while a WriteChunks stream holds the
+        // session's writer lock (taken here for the transaction, so no stream starts meanwhile).
+        let sql = if wait {
+            format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable FOR UPDATE")
+        } else {
+            format!(
+                "SELECT u.*, pg_try_advisory_xact_lock({}) AS writable
+                 FROM ingest.uploads u WHERE id = $1 AND owner_id = $2 AND resumable
+                 FOR UPDATE OF u NOWAIT",
+                writer_lock("u.id")
+            )
+        };
         match tx.query_opt_cached(&sql, &[&id, &owner]).await {
+            Ok(Some(row)) if !wait && !row.get::<_, bool>("writable") => Err(Error::Busy),
             Ok(Some(row)) => Ok(Session::from_row(&row, self.settings.chunk_size_hint)),
             Ok(None) => Err(Error::SessionNotFound),
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
@@ -453,27 +512,45 @@ impl Sessions {
 
     /// Appends one chunk at its offset.
     pub async fn write_chunk(&self, id: Uuid, owner: &str, chunk: ChunkIn) -> Result<Session> {
+        let mut conn = self.pool.get().await?;
+        self.write_chunk_on(&mut conn, id, owner, chunk).await
+    }
+
+    /// Refuses a chunk ending at `end`, past the session's length (or the largest file).
+    fn check_end(&self, session: &Session, end: u64) -> Result<()> {
+        let limit = session.size.unwrap_or(self.settings.max_file_size);
+        if end > limit {
+            return Err(Error::invalid(
+                "chunk.data",
+                format!("runs past the declared length of {limit} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a chunk larger than the setting.
+    fn check_chunk_size(&self, chunk: &ChunkIn) -> Result<()> {
         if chunk.data.len() > self.settings.max_chunk {
             return Err(Error::invalid(
                 "chunk.data",
                 format!("at most {} bytes per chunk", self.settings.max_chunk),
             ));
         }
-        let mut conn = self.pool.get().await?;
+        Ok(())
+    }
+
+    /// [`write_chunk`](Self::write_chunk) on `conn` (which may hold the session's writer lock).
+    async fn write_chunk_on(
+        &self,
+        conn: &mut stowage_db::Connection,
+        id: Uuid,
+        owner: &str,
+        chunk: ChunkIn,
+    ) -> Result<Session> {
+        self.check_chunk_size(&chunk)?;
         let tx = conn.transaction().await?;
         let mut session = self.lock(&tx, id, owner, false).await?;
-        if session.state != "open" {
-            return Err(Error::SessionState(session.state.clone()));
-        }
-        if session.is_expired() {
-            return Err(Error::SessionState("expired".into()));
-        }
-        if chunk.offset != session.offset {
-            return Err(Error::WrongOffset {
-                expected: session.offset,
-                got: chunk.offset,
-            });
-        }
+        check_open_at(&session, session.offset, chunk.offset)?;
         let end = chunk.offset + chunk.data.len() as u64;
         let mut replaced = None;
         match (session.size, chunk.size) {
@@ -494,13 +571,7 @@ impl Sessions {
             }
             _ => {}
         }
-        let limit = session.size.unwrap_or(self.settings.max_file_size);
-        if end > limit {
-            return Err(Error::invalid(
-                "chunk.data",
-                format!("runs past the declared length of {limit} bytes"),
-            ));
-        }
+        self.check_end(&session, end)?;
         if chunk.data.is_empty() {
             tx.commit().await?;
             if let Some(old) = replaced {
@@ -508,18 +579,7 @@ impl Sessions {
             }
             return Ok(session);
         }
-        // The client's checksum is checked before anything is staged; the running hash is then
-        // updated off the async threads while the bytes are being staged.
-        if let Some(checksum) = chunk.checksum.clone() {
-            let data = chunk.data.clone();
-            tokio::task::spawn_blocking(move || verify_checksum(&data, &checksum))
-                .await
-                .map_err(|_| Error::Internal("checksum panicked"))??;
-        }
-        let hashing = {
-            let (data, state) = (chunk.data.clone(), session.hash_state.clone());
-            tokio::task::spawn_blocking(move || hash_chunk(state.as_deref(), &data))
-        };
+        let hashing = check_and_hash(&chunk, session.hash_state.clone()).await?;
         let fresh_key = session.key.is_none();
         let key = match &session.key {
             Some(k) => ObjectPath::from(k.as_str()),
@@ -879,6 +939,13 @@ impl Sessions {
     async fn end(&self, id: Uuid, owner: &str, state: &str) -> Result<Session> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
+        // A stream writing the session finishes its chunk first (it lets go when its client
+        // has nothing more in flight), so no chunk lands in staging after the discard.
+        tx.execute_cached(
+            &format!("SELECT pg_advisory_xact_lock({})", writer_lock("$1")),
+            &[&id.to_string()],
+        )
+        .await?;
         let session = self.lock(&tx, id, owner, true).await?;
         match session.state.as_str() {
             "aborted" | "expired" | "failed" => return Ok(session),

@@ -1,0 +1,243 @@
+//! The chunks of one WriteChunks stream, each staged while the one before is recorded.
+
+use object_store::path::Path as ObjectPath;
+use stowage_db::{Cached, Connection};
+use uuid::Uuid;
+
+use super::{ChunkIn, Session, Sessions, check_and_hash, check_open_at, writer_lock};
+use crate::{
+    error::{Error, Result},
+    staging::Target,
+};
+
+/// The chunks of one WriteChunks stream.
+///
+/// While chunks keep coming, the stream holds the session's writer lock (an advisory lock, on a
+/// connection of its own). Each chunk is then staged while the chunk before it is recorded (its
+/// offset and hash state, one statement outside any transaction): the disk write of one and the
+/// round trip of the other overlap, where a lone chunk takes the lock, is staged and is recorded
+/// in turn. Other writers are refused meanwhile, as they are by a chunk in progress.
+///
+/// [`pause`](Self::pause) records what is pending and lets go. The caller pauses whenever its
+/// client has no chunk in flight, so a stalled or vanished client holds nothing. A stream dropped
+/// while holding the lock closes its connection, which releases the lock; its last chunk, staged
+/// but not recorded, is sent again on resume.
+///
+/// Only local-disk staging takes this path (its chunks need no part rows). Elsewhere, and for a
+/// session's first chunk (which picks the key), an empty chunk or one that declares the length,
+/// a chunk is written as by [`Sessions::write_chunk`].
+pub struct ChunkStream {
+    sessions: Sessions,
+    id: Uuid,
+    owner: String,
+    /// Set while the writer lock is held.
+    held: Option<Held>,
+    /// The session as last recorded.
+    last: Option<Session>,
+}
+
+/// What a stream holding the writer lock has.
+struct Held {
+    /// The connection holding the lock.
+    conn: Connection,
+    /// The session as recorded.
+    session: Session,
+    /// A chunk staged and flushed whose offset is not recorded yet.
+    unrecorded: Option<Unrecorded>,
+}
+
+/// A staged chunk to record.
+struct Unrecorded {
+    start: u64,
+    end: u64,
+    hash_state: Vec<u8>,
+}
+
+impl Sessions {
+    /// A writer for the chunks of one WriteChunks stream on session `id` of `owner`.
+    pub fn chunk_stream(&self, id: Uuid, owner: &str) -> ChunkStream {
+        ChunkStream {
+            sessions: self.clone(),
+            id,
+            owner: owner.to_owned(),
+            held: None,
+            last: None,
+        }
+    }
+}
+
+impl ChunkStream {
+    /// Writes one chunk at its offset (staged and flushed when this returns; recorded by the
+    /// next call, by [`pause`](Self::pause) or by [`finish`](Self::finish)).
+    pub async fn write(&mut self, chunk: ChunkIn) -> Result<()> {
+        if self.sessions.staging.keeps_parts() {
+            self.last = Some(
+                self.sessions
+                    .write_chunk(self.id, &self.owner, chunk)
+                    .await?,
+            );
+            return Ok(());
+        }
+        let (id, sessions) = (self.id, &self.sessions);
+        let held = hold(&mut self.held, sessions, id, &self.owner).await?;
+        if held.session.key.is_none() || chunk.size.is_some() || chunk.data.is_empty() {
+            // On the connection holding the lock, whose own transactions may take it again.
+            record(held).await?;
+            held.session = sessions
+                .write_chunk_on(&mut held.conn, id, &self.owner, chunk)
+                .await?;
+            return Ok(());
+        }
+        sessions.check_chunk_size(&chunk)?;
+        let offset = held
+            .unrecorded
+            .as_ref()
+            .map_or(held.session.offset, |u| u.end);
+        check_open_at(&held.session, offset, chunk.offset)?;
+        let end = chunk.offset + chunk.data.len() as u64;
+        sessions.check_end(&held.session, end)?;
+        let state = match &held.unrecorded {
+            Some(u) => Some(u.hash_state.clone()),
+            None => held.session.hash_state.clone(),
+        };
+        let hashing = check_and_hash(&chunk, state).await?;
+        let key = ObjectPath::from(held.session.key.as_deref().unwrap_or_default());
+        let staging = sessions.staging.write(
+            Target {
+                upload: id,
+                key: &key,
+                multipart_id: None,
+            },
+            &[],
+            chunk.offset,
+            chunk.data,
+            held.session.size == Some(end),
+        );
+        let (staged, hashed, recorded) = tokio::join!(staging, hashing, record(held));
+        recorded?;
+        staged?;
+        let hash_state = hashed.map_err(|_| Error::Internal("hashing panicked"))??;
+        held.unrecorded = Some(Unrecorded {
+            start: chunk.offset,
+            end,
+            hash_state,
+        });
+        Ok(())
+    }
+
+    /// Records the chunk not recorded yet and lets go of the writer lock.
+    pub async fn pause(&mut self) -> Result<()> {
+        let Some(mut held) = self.held.take() else {
+            return Ok(());
+        };
+        let recorded = record(&mut held).await;
+        let unlocked = held
+            .conn
+            .execute_cached(
+                &format!("SELECT pg_advisory_unlock({})", writer_lock("$1")),
+                &[&self.id.to_string()],
+            )
+            .await;
+        if unlocked.is_err() {
+            // Closed rather than returned to the pool with the lock.
+            drop(Connection::take(held.conn));
+        }
+        self.last = Some(held.session);
+        recorded?;
+        unlocked?;
+        Ok(())
+    }
+
+    /// Records what is pending, lets go, and returns the session as recorded (`None` if the
+    /// stream wrote nothing).
+    pub async fn finish(mut self) -> Result<Option<Session>> {
+        self.pause().await?;
+        Ok(self.last.take())
+    }
+}
+
+impl Drop for ChunkStream {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            // Dropped holding the lock (the call failed or was cancelled): the connection is
+            // closed rather than returned to the pool locked, and PostgreSQL lets go with it.
+            drop(Connection::take(held.conn));
+        }
+    }
+}
+
+/// Takes the writer lock of session `id` of `owner` on a connection of its own, unless `held`.
+async fn hold<'a>(
+    held: &'a mut Option<Held>,
+    sessions: &Sessions,
+    id: Uuid,
+    owner: &str,
+) -> Result<&'a mut Held> {
+    if let Some(h) = held.take() {
+        return Ok(held.insert(h));
+    }
+    let conn = sessions.pool.get().await?;
+    let row = conn
+        .query_opt_cached(
+            &format!(
+                "SELECT u.*, pg_try_advisory_lock({}) AS writable
+                 FROM ingest.uploads u WHERE id = $1 AND owner_id = $2 AND resumable",
+                writer_lock("u.id")
+            ),
+            &[&id, &owner],
+        )
+        .await?
+        .ok_or(Error::SessionNotFound)?;
+    if !row.get::<_, bool>("writable") {
+        return Err(Error::Busy);
+    }
+    let session = Session::from_row(&row, sessions.settings.chunk_size_hint);
+    Ok(held.insert(Held {
+        conn,
+        session,
+        unrecorded: None,
+    }))
+}
+
+/// Records `held`'s staged chunk, if any: one statement, which changes nothing unless the
+/// session is still open at the chunk's start.
+async fn record(held: &mut Held) -> Result<()> {
+    let Some(chunk) = held.unrecorded.take() else {
+        return Ok(());
+    };
+    let id = held.session.id;
+    let row = held
+        .conn
+        .query_opt_cached(
+            "UPDATE ingest.uploads SET received_bytes = $3, hash_state = $4, updated_at = now()
+             WHERE id = $1 AND received_bytes = $2 AND state = 'open'
+             RETURNING *",
+            &[
+                &id,
+                &(chunk.start as i64),
+                &(chunk.end as i64),
+                &chunk.hash_state,
+            ],
+        )
+        .await?;
+    if let Some(row) = row {
+        held.session = Session::from_row(&row, held.session.chunk_size_hint);
+        return Ok(());
+    }
+    // Ended meanwhile (expired by the sweeper): say how it stands now.
+    let now = held
+        .conn
+        .query_one_cached(
+            "SELECT state, received_bytes FROM ingest.uploads WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    let state: String = now.get("state");
+    if state != "open" {
+        return Err(Error::SessionState(state));
+    }
+    Err(Error::WrongOffset {
+        expected: now.get::<_, i64>("received_bytes") as u64,
+        got: chunk.start,
+    })
+}
