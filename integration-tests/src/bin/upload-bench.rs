@@ -28,6 +28,9 @@ const SMALL: usize = 4096;
 const CONCURRENCY: usize = 16;
 const SMALL_SECONDS: u64 = 5;
 
+/// Largest direct write at a time, as in staging.
+const DIRECT_PIECE: usize = 1 << 20;
+
 /// Rounds of each 1 GiB upload, ours and the peer's taking turns.
 const BIG_ROUNDS: usize = 3;
 
@@ -55,9 +58,9 @@ enum Raw {
 fn raw_write(dir: &std::path::Path, data: &[u8], how: Raw) -> anyhow::Result<Duration> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("raw.bin");
-    let mut aligned = vec![0u8; (1 << 20) + 4096];
+    let mut aligned = vec![0u8; DIRECT_PIECE + 4096];
     let at = aligned.as_ptr().align_offset(4096);
-    let aligned = &mut aligned[at..at + (1 << 20)];
+    let aligned = &mut aligned[at..at + DIRECT_PIECE];
     let start = Instant::now();
     let mut options = std::fs::OpenOptions::new();
     options.create(true).truncate(true).write(true);
@@ -68,8 +71,8 @@ fn raw_write(dir: &std::path::Path, data: &[u8], how: Raw) -> anyhow::Result<Dur
     for chunk in data.chunks(CHUNK) {
         if how == Raw::DirectEachChunk {
             // The chunk arrives in a network buffer; the copy into an aligned one counts. As
-            // in staging, 1 MiB at a time, then one flush per chunk.
-            for piece in chunk.chunks(1 << 20) {
+            // in staging, `DIRECT_PIECE` at a time, then one flush per chunk.
+            for piece in chunk.chunks(DIRECT_PIECE) {
                 aligned[..piece.len()].copy_from_slice(piece);
                 file.write_all(&aligned[..piece.len()])?;
             }

@@ -354,7 +354,9 @@ fn write_file_at(path: &std::path::Path, offset: u64, data: &[u8]) -> Result<()>
 /// Block size direct writes are aligned to (in memory, in the file and in length): a multiple of
 /// every logical block size in use.
 const DIRECT_ALIGN: usize = 4096;
-/// Largest piece copied into the aligned buffer and written at a time.
+/// Largest piece copied into the aligned buffer and written at a time. On this project's
+/// machine 1 MiB wrote faster than 512 KiB or 8 MiB (upload-bench's direct write of 1 GiB:
+/// 1,970 MB/s against 1,576 and 1,240; WriteChunks 914 MB/s against 875 and 530).
 const DIRECT_PIECE: usize = 1 << 20;
 
 /// Writes the longest aligned prefix of `data` at `offset` of `file` with `O_DIRECT`, past the
