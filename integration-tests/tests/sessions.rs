@@ -358,6 +358,67 @@ async fn a_stream_holds_its_session_only_while_chunks_come() -> anyhow::Result<(
     mesh.stop().await
 }
 
+/// While a stream holds a session's writer lock (here taken by the test, as a stream on another
+/// replica would hold it), every other door is refused as busy, without waiting: a chunk, a
+/// second stream, an abort, a completion. Once it lets go, they go through.
+#[tokio::test]
+async fn a_session_held_by_a_stream_refuses_other_writers_until_it_lets_go() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(2 << 20);
+    let s = create_session(mesh.channel(), &alice, "held.bin", Some(2 << 20), "").await?;
+    put_chunk(mesh.channel(), &alice, &s.id, 0, &data[..1 << 20]).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let stream = pool.get().await?;
+    let lock = "hashtextextended($1::text, 11)";
+    stream
+        .execute(&format!("SELECT pg_advisory_lock({lock})"), &[&s.id])
+        .await?;
+
+    let busy = |r: Result<pb::UploadSession, tonic::Status>| match r {
+        Err(e) if e.code() == Code::Aborted => Ok(()),
+        other => Err(anyhow::anyhow!("expected ABORTED, got {other:?}")),
+    };
+    busy(put_chunk(mesh.channel(), &alice, &s.id, 1 << 20, &data[1 << 20..]).await)?;
+    busy(
+        write_chunks(
+            mesh.channel(),
+            &alice,
+            &s.id,
+            vec![(1 << 20, data[1 << 20..].to_vec())],
+        )
+        .await,
+    )?;
+    let aborted = ingest(mesh.channel())
+        .abort_upload(authed(
+            pb::AbortUploadRequest {
+                upload_id: s.id.clone(),
+            },
+            &alice,
+        ))
+        .await;
+    busy(aborted.map(|r| r.into_inner().session.unwrap_or_default()))?;
+    let completed = complete(mesh.channel(), &alice, &s.id).await;
+    assert_eq!(
+        completed.map(|_| ()).map_err(|e| e.code()),
+        Err(Code::Aborted)
+    );
+    assert_eq!(
+        get_session(mesh.channel(), &alice, &s.id).await?.offset,
+        1 << 20
+    );
+
+    stream
+        .execute(&format!("SELECT pg_advisory_unlock({lock})"), &[&s.id])
+        .await?;
+    put_chunk(mesh.channel(), &alice, &s.id, 1 << 20, &data[1 << 20..]).await?;
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    let (_, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
+    assert_eq!(bytes, data);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn two_writers_on_one_session_never_both_succeed() -> anyhow::Result<()> {
     let setup = Setup::new().await?;

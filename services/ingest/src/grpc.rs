@@ -333,32 +333,45 @@ impl ingest_server::Ingest for IngestGrpc {
         let apply = async {
             let mut upload = None;
             let mut writer: Option<crate::ChunkStream> = None;
-            loop {
-                if received.is_empty()
-                    && let Some(w) = writer.as_mut()
-                {
-                    // Nothing in flight from the client: record what is pending and let go of
-                    // the session until more comes.
-                    w.pause().await?;
-                }
-                let message = tokio::select! {
-                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
-                    m = received.recv() => m,
-                };
-                let Some(message) = message else { break };
-                let message = message?;
-                let id = match upload {
-                    Some(id) => id,
-                    None => {
-                        let id = parse_uuid("upload_id", &message.upload_id)?;
-                        upload = Some(id);
-                        id
+            let written: Result<(), Status> = async {
+                loop {
+                    if received.is_empty()
+                        && let Some(w) = writer.as_mut()
+                    {
+                        // Nothing in flight from the client: record what is pending and let
+                        // go of the session until more comes.
+                        w.pause().await?;
                     }
-                };
-                writer
-                    .get_or_insert_with(|| self.sessions.chunk_stream(id, &caller.user_id))
-                    .write(chunk_in(message.chunk)?)
-                    .await?;
+                    let message = tokio::select! {
+                        () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
+                        m = received.recv() => m,
+                    };
+                    let Some(message) = message else {
+                        return Ok(());
+                    };
+                    let message = message?;
+                    let id = match upload {
+                        Some(id) => id,
+                        None => {
+                            let id = parse_uuid("upload_id", &message.upload_id)?;
+                            upload = Some(id);
+                            id
+                        }
+                    };
+                    writer
+                        .get_or_insert_with(|| self.sessions.chunk_stream(id, &caller.user_id))
+                        .write(chunk_in(message.chunk)?)
+                        .await?;
+                }
+            }
+            .await;
+            if let Err(status) = written {
+                // What was staged before the failure still counts: the client resumes from
+                // GetUpload's offset, which then includes it.
+                if let Some(w) = writer.as_mut() {
+                    let _ = w.pause().await;
+                }
+                return Err(status);
             }
             let last = match writer {
                 Some(w) => w.finish().await?,

@@ -464,20 +464,19 @@ impl Sessions {
         owner: &str,
         wait: bool,
     ) -> Result<Session> {
-        // Without waiting, a writer is also refused while a WriteChunks stream holds the
-        // session's writer lock (taken here for the transaction, so no stream starts meanwhile).
-        let sql = if wait {
-            format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable FOR UPDATE")
-        } else {
-            format!(
-                "SELECT u.*, pg_try_advisory_xact_lock({}) AS writable
-                 FROM ingest.uploads u WHERE id = $1 AND owner_id = $2 AND resumable
-                 FOR UPDATE OF u NOWAIT",
-                writer_lock("u.id")
-            )
-        };
+        // Refused as busy while another writer holds the session's writer lock (a WriteChunks
+        // stream, or another transaction here): taken for this transaction, so no stream
+        // starts meanwhile. Aborting, expiring or completing a session a stream is writing
+        // waits for nothing either, and is refused until the stream lets go.
+        let sql = format!(
+            "SELECT u.*, pg_try_advisory_xact_lock({}) AS writable
+             FROM ingest.uploads u WHERE id = $1 AND owner_id = $2 AND resumable
+             FOR UPDATE OF u{}",
+            writer_lock("u.id"),
+            if wait { "" } else { " NOWAIT" }
+        );
         match tx.query_opt_cached(&sql, &[&id, &owner]).await {
-            Ok(Some(row)) if !wait && !row.get::<_, bool>("writable") => Err(Error::Busy),
+            Ok(Some(row)) if !row.get::<_, bool>("writable") => Err(Error::Busy),
             Ok(Some(row)) => Ok(Session::from_row(&row, self.settings.chunk_size_hint)),
             Ok(None) => Err(Error::SessionNotFound),
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
@@ -939,13 +938,6 @@ impl Sessions {
     async fn end(&self, id: Uuid, owner: &str, state: &str) -> Result<Session> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
-        // A stream writing the session finishes its chunk first (it lets go when its client
-        // has nothing more in flight), so no chunk lands in staging after the discard.
-        tx.execute_cached(
-            &format!("SELECT pg_advisory_xact_lock({})", writer_lock("$1")),
-            &[&id.to_string()],
-        )
-        .await?;
         let session = self.lock(&tx, id, owner, true).await?;
         match session.state.as_str() {
             "aborted" | "expired" | "failed" => return Ok(session),

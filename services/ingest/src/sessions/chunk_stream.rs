@@ -4,7 +4,7 @@ use object_store::path::Path as ObjectPath;
 use stowage_db::{Cached, Connection};
 use uuid::Uuid;
 
-use super::{ChunkIn, Session, Sessions, check_and_hash, check_open_at, writer_lock};
+use super::{ChunkIn, SELECT, Session, Sessions, check_and_hash, check_open_at, writer_lock};
 use crate::{
     error::{Error, Result},
     staging::Target,
@@ -19,9 +19,9 @@ use crate::{
 /// in turn. Other writers are refused meanwhile, as they are by a chunk in progress.
 ///
 /// [`pause`](Self::pause) records what is pending and lets go. The caller pauses whenever its
-/// client has no chunk in flight, so a stalled or vanished client holds nothing. A stream dropped
-/// while holding the lock closes its connection, which releases the lock; its last chunk, staged
-/// but not recorded, is sent again on resume.
+/// client has no chunk in flight, so a stalled or vanished client holds nothing, and after an
+/// error. A stream dropped while holding the lock closes its connection, which releases the
+/// lock; its last chunk, staged but not recorded, is sent again on resume.
 ///
 /// Only local-disk staging takes this path (its chunks need no part rows). Elsewhere, and for a
 /// session's first chunk (which picks the key), an empty chunk or one that declares the length,
@@ -39,11 +39,50 @@ pub struct ChunkStream {
 /// What a stream holding the writer lock has.
 struct Held {
     /// The connection holding the lock.
-    conn: Connection,
+    conn: Unpooled,
     /// The session as recorded.
     session: Session,
     /// A chunk staged and flushed whose offset is not recorded yet.
     unrecorded: Option<Unrecorded>,
+}
+
+/// A connection that may hold the writer lock: closed when dropped (PostgreSQL then lets go),
+/// never returned to the pool with the lock, where any call that got it next would pass the
+/// check (a lock is taken again freely by its holder). [`release`](Self::release) pools it.
+struct Unpooled(Option<Connection>);
+
+impl Unpooled {
+    fn get(&self) -> Result<&Connection> {
+        self.0
+            .as_ref()
+            .ok_or(Error::Internal("writer connection already released"))
+    }
+
+    fn get_mut(&mut self) -> Result<&mut Connection> {
+        self.0
+            .as_mut()
+            .ok_or(Error::Internal("writer connection already released"))
+    }
+
+    /// Lets go of the lock of session `id` and returns the connection to the pool.
+    async fn release(&mut self, id: Uuid) -> Result<()> {
+        self.get()?
+            .execute_cached(
+                &format!("SELECT pg_advisory_unlock({})", writer_lock("$1")),
+                &[&id.to_string()],
+            )
+            .await?;
+        self.0 = None;
+        Ok(())
+    }
+}
+
+impl Drop for Unpooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(Connection::take(conn));
+        }
+    }
 }
 
 /// A staged chunk to record.
@@ -84,7 +123,7 @@ impl ChunkStream {
             // On the connection holding the lock, whose own transactions may take it again.
             record(held).await?;
             held.session = sessions
-                .write_chunk_on(&mut held.conn, id, &self.owner, chunk)
+                .write_chunk_on(held.conn.get_mut()?, id, &self.owner, chunk)
                 .await?;
             return Ok(());
         }
@@ -127,25 +166,17 @@ impl ChunkStream {
 
     /// Records the chunk not recorded yet and lets go of the writer lock.
     pub async fn pause(&mut self) -> Result<()> {
-        let Some(mut held) = self.held.take() else {
+        // `held` stays in place until the lock is let go: cancelled meanwhile, the stream is
+        // dropped holding it, and the connection is closed.
+        let Some(held) = self.held.as_mut() else {
             return Ok(());
         };
-        let recorded = record(&mut held).await;
-        let unlocked = held
-            .conn
-            .execute_cached(
-                &format!("SELECT pg_advisory_unlock({})", writer_lock("$1")),
-                &[&self.id.to_string()],
-            )
-            .await;
-        if unlocked.is_err() {
-            // Closed rather than returned to the pool with the lock.
-            drop(Connection::take(held.conn));
+        let recorded = record(held).await;
+        let released = held.conn.release(self.id).await;
+        if let Some(held) = self.held.take() {
+            self.last = Some(held.session);
         }
-        self.last = Some(held.session);
-        recorded?;
-        unlocked?;
-        Ok(())
+        recorded.and(released)
     }
 
     /// Records what is pending, lets go, and returns the session as recorded (`None` if the
@@ -153,16 +184,6 @@ impl ChunkStream {
     pub async fn finish(mut self) -> Result<Option<Session>> {
         self.pause().await?;
         Ok(self.last.take())
-    }
-}
-
-impl Drop for ChunkStream {
-    fn drop(&mut self) {
-        if let Some(held) = self.held.take() {
-            // Dropped holding the lock (the call failed or was cancelled): the connection is
-            // closed rather than returned to the pool locked, and PostgreSQL lets go with it.
-            drop(Connection::take(held.conn));
-        }
     }
 }
 
@@ -176,21 +197,28 @@ async fn hold<'a>(
     if let Some(h) = held.take() {
         return Ok(held.insert(h));
     }
-    let conn = sessions.pool.get().await?;
+    let conn = Unpooled(Some(sessions.pool.get().await?));
+    // The lock first, then the row in a statement of its own: its snapshot then shows what
+    // the writer that held the lock last committed.
+    let locked: bool = conn
+        .get()?
+        .query_one_cached(
+            &format!("SELECT pg_try_advisory_lock({})", writer_lock("$1")),
+            &[&id.to_string()],
+        )
+        .await?
+        .get(0);
+    if !locked {
+        return Err(Error::Busy);
+    }
     let row = conn
+        .get()?
         .query_opt_cached(
-            &format!(
-                "SELECT u.*, pg_try_advisory_lock({}) AS writable
-                 FROM ingest.uploads u WHERE id = $1 AND owner_id = $2 AND resumable",
-                writer_lock("u.id")
-            ),
+            &format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable"),
             &[&id, &owner],
         )
         .await?
         .ok_or(Error::SessionNotFound)?;
-    if !row.get::<_, bool>("writable") {
-        return Err(Error::Busy);
-    }
     let session = Session::from_row(&row, sessions.settings.chunk_size_hint);
     Ok(held.insert(Held {
         conn,
@@ -208,6 +236,7 @@ async fn record(held: &mut Held) -> Result<()> {
     let id = held.session.id;
     let row = held
         .conn
+        .get()?
         .query_opt_cached(
             "UPDATE ingest.uploads SET received_bytes = $3, hash_state = $4, updated_at = now()
              WHERE id = $1 AND received_bytes = $2 AND state = 'open'
@@ -227,6 +256,7 @@ async fn record(held: &mut Held) -> Result<()> {
     // Ended meanwhile (expired by the sweeper): say how it stands now.
     let now = held
         .conn
+        .get()?
         .query_one_cached(
             "SELECT state, received_bytes FROM ingest.uploads WHERE id = $1",
             &[&id],
