@@ -19,8 +19,9 @@ use bytes::Bytes;
 use stowage_integration_tests::{
     complete, create_session, put_chunk, random_bytes, upload, write_chunks,
 };
-use stowage_ratelimit::Rule;
-use stowage_testkit::{Mesh, Setup, token};
+use stowage::Role;
+use stowage_testkit::{Processes, Setup, channel, token};
+use tonic::transport::Channel;
 
 const BIG: usize = 1 << 30;
 const CHUNK: usize = 8 << 20;
@@ -91,10 +92,10 @@ fn raw_write(dir: &std::path::Path, data: &[u8], how: Raw) -> anyhow::Result<Dur
     Ok(elapsed)
 }
 
-async fn stowage_big(mesh: &Mesh, alice: &str, data: &Bytes) -> anyhow::Result<Duration> {
+async fn stowage_big(server: &Channel, alice: &str, data: &Bytes) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let s = create_session(
-        mesh.channel(),
+        server.clone(),
         alice,
         "big.bin",
         Some(data.len() as u64),
@@ -107,8 +108,8 @@ async fn stowage_big(mesh: &Mesh, alice: &str, data: &Bytes) -> anyhow::Result<D
         .step_by(CHUNK)
         .map(|o| (o as u64, data.slice(o..(o + CHUNK).min(data.len()))))
         .collect();
-    write_chunks(mesh.channel(), alice, &s.id, chunks).await?;
-    complete(mesh.channel(), alice, &s.id).await?;
+    write_chunks(server.clone(), alice, &s.id, chunks).await?;
+    complete(server.clone(), alice, &s.id).await?;
     Ok(start.elapsed())
 }
 
@@ -135,7 +136,7 @@ impl Steps {
 /// 4 KiB uploads for `SMALL_SECONDS` from `CONCURRENCY` clients: uploads/s, and per step the
 /// mean latency (sessions: CreateUpload, PutChunk, CompleteUpload; one-shot: Upload).
 async fn stowage_small(
-    mesh: &Mesh,
+    server: &Channel,
     alice: &str,
     one_shot: bool,
 ) -> anyhow::Result<(f64, [f64; 3])> {
@@ -145,7 +146,7 @@ async fn stowage_small(
     let start = Instant::now();
     let workers = (0..CONCURRENCY).map(|w| {
         let (channel, alice, done, steps) = (
-            mesh.channel(),
+            server.clone(),
             alice.to_owned(),
             Arc::clone(&done),
             Arc::clone(&steps),
@@ -356,7 +357,7 @@ async fn start_peer(dir: &std::path::Path) -> anyhow::Result<(tokio::process::Ch
 async fn main() -> anyhow::Result<()> {
     // `upload-bench small` runs only the 4 KiB workloads, `upload-bench big` only the 1 GiB ones.
     let only = std::env::args().nth(1).unwrap_or_default();
-    let setup = Setup::new().await?.with_default_limit(1 << 40);
+    let mut setup = Setup::new().await?.with_default_limit(1 << 40);
     let dir = setup
         .blob_dir
         .as_ref()
@@ -364,17 +365,21 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(std::env::temp_dir);
     // Limits far above what the benchmark sends: the checks still run (their cost counts),
     // they just never refuse.
-    let mesh = Mesh::start_with(&setup, |c| {
-        let open = Rule::new(1e6, 1_000_000);
-        for rules in [&mut c.rate_limit.user, &mut c.rate_limit.ip] {
-            rules.upload = open;
-            rules.other = open;
+    for subject in ["USER", "IP"] {
+        for class in ["UPLOAD", "OTHER"] {
+            let rule = format!("STOWAGE_RATE_LIMIT__{subject}__{class}");
+            setup.env.push((format!("{rule}__PER_SECOND"), "1000000".into()));
+            setup.env.push((format!("{rule}__BURST"), "1000000".into()));
         }
-    })
-    .await?;
+    }
+    // Stowage in a process of its own (`stowage serve all`), as the peer runs in node's: the
+    // bench's clients do not share its threads.
+    let stowage = Processes::all(&setup).await?;
+    let addr = stowage.addr(Role::Ingest);
+    let server = channel(addr);
     let alice = token("bench", &[]);
     let auth = format!("Bearer {alice}");
-    let base = format!("http://{}", mesh.addr);
+    let base = format!("http://{addr}");
     let peer_dir = tempfile::Builder::new()
         .prefix("tus-peer-")
         .tempdir_in(dir.parent().unwrap_or(&dir))?;
@@ -400,7 +405,7 @@ async fn main() -> anyhow::Result<()> {
         // median of each is compared.
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..BIG_ROUNDS {
-            ours.push(stowage_big(&mesh, &alice, &data).await?);
+            ours.push(stowage_big(&server, &alice, &data).await?);
             theirs.push(
                 tus_big(
                     &http,
@@ -467,12 +472,12 @@ async fn main() -> anyhow::Result<()> {
 
     if only == "big" {
         let _ = peer.kill().await;
-        return mesh.stop().await;
+        return Ok(());
     }
     settle("the 4 KiB sessions").await?;
-    let (sessions, session_steps) = stowage_small(&mesh, &alice, false).await?;
+    let (sessions, session_steps) = stowage_small(&server, &alice, false).await?;
     settle("the 4 KiB one-shot uploads").await?;
-    let (one_shot, one_shot_steps) = stowage_small(&mesh, &alice, true).await?;
+    let (one_shot, one_shot_steps) = stowage_small(&server, &alice, true).await?;
     settle("the 4 KiB tus uploads").await?;
     let stowage_tus = tus_small(&http, &format!("{base}/tus"), Some(&auth)).await?;
     settle("the peer's 4 KiB uploads").await?;
@@ -493,5 +498,6 @@ async fn main() -> anyhow::Result<()> {
     println!("stowage 4 KiB tus create+body  {stowage_tus:>9.1} uploads/s");
     println!("@tus/server 4 KiB create+body  {peer_small:>9.1} uploads/s");
     let _ = peer.kill().await;
-    mesh.stop().await
+    drop(stowage);
+    Ok(())
 }
