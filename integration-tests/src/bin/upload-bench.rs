@@ -16,10 +16,10 @@ use std::{
 };
 
 use bytes::Bytes;
+use stowage::Role;
 use stowage_integration_tests::{
     complete, create_session, put_chunk, random_bytes, upload, write_chunks,
 };
-use stowage::Role;
 use stowage_testkit::{Processes, Setup, channel, token};
 use tonic::transport::Channel;
 
@@ -368,7 +368,9 @@ async fn main() -> anyhow::Result<()> {
     for subject in ["USER", "IP"] {
         for class in ["UPLOAD", "OTHER"] {
             let rule = format!("STOWAGE_RATE_LIMIT__{subject}__{class}");
-            setup.env.push((format!("{rule}__PER_SECOND"), "1000000".into()));
+            setup
+                .env
+                .push((format!("{rule}__PER_SECOND"), "1000000".into()));
             setup.env.push((format!("{rule}__BURST"), "1000000".into()));
         }
     }
