@@ -137,7 +137,7 @@ impl Blobs {
 /// A file a local-disk write keeps until it is complete: `{name}#{digits}` (the name the store
 /// gives its own and that Ingest's durable writes use).
 /// The store's own rule, exactly (the first `#` counts), so nothing it lists is taken for one.
-fn is_temporary(file_name: &str) -> bool {
+pub fn is_temporary(file_name: &str) -> bool {
     matches!(file_name.split_once('#'), Some((_, suffix)) if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()))
 }
 
