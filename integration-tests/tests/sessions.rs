@@ -5,12 +5,14 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use stowage_integration_tests::{
-    complete, create_session, download, get_session, ingest, put_chunk, random_bytes, sha256,
-    usage, write_chunks,
+    complete, create_session, download, eventually, get_session, ingest, put_chunk, random_bytes,
+    sha256, usage, write_chunks,
 };
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
 use tonic::Code;
+
+const PATIENCE: Duration = Duration::from_secs(30);
 
 async fn setups() -> anyhow::Result<Vec<Setup>> {
     Ok(vec![Setup::new().await?, Setup::memory().await?])
@@ -416,6 +418,72 @@ async fn a_session_held_by_a_stream_refuses_other_writers_until_it_lets_go() -> 
     let file = complete(mesh.channel(), &alice, &s.id).await?;
     let (_, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
     assert_eq!(bytes, data);
+    mesh.stop().await
+}
+
+/// A chunk that reached Ingest whole is written and recorded even if its client hangs up
+/// before the answer, through both doors. The write is held up at its first statement (the test
+/// locks the sessions' table), the client call is dropped, then the table is let go.
+///
+/// Dropped with the call instead, the write's staging could go on without the session's lock on
+/// a blocking thread, and land over the bytes of the next writer at the same offset.
+#[tokio::test]
+async fn a_chunk_that_arrived_whole_is_written_even_if_its_client_hangs_up() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let watcher = pool.get().await?;
+    for door in ["PutChunk", "WriteChunks"] {
+        let data = random_bytes(2 << 20);
+        let s = create_session(mesh.channel(), &alice, "hung.bin", Some(2 << 20), "").await?;
+        let mut blocker = pool.get().await?;
+        let table = blocker.transaction().await?;
+        table
+            .batch_execute("LOCK TABLE ingest.uploads IN EXCLUSIVE MODE")
+            .await?;
+        let (channel, token, id) = (mesh.channel(), alice.clone(), s.id.clone());
+        let first = data[..1 << 20].to_vec();
+        let call = tokio::spawn(async move {
+            match door {
+                "PutChunk" => put_chunk(channel, &token, &id, 0, &first).await,
+                _ => write_chunks(channel, &token, &id, vec![(0, first)]).await,
+            }
+        });
+        let watcher = &watcher;
+        eventually(
+            PATIENCE,
+            "the chunk's write waits for the table",
+            || async move {
+                let waiting: i64 = watcher
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks
+                     WHERE NOT granted AND relation = 'ingest.uploads'::regclass",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                Ok(waiting > 0)
+            },
+        )
+        .await?;
+        call.abort();
+        assert!(call.await.is_err_and(|e| e.is_cancelled()));
+        // Time for the server to hear of the reset before the write can go on.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        table.commit().await?;
+
+        let (channel, token, id) = (mesh.channel(), &alice, &s.id);
+        eventually(PATIENCE, door, || {
+            let channel = channel.clone();
+            async move { Ok(get_session(channel, token, id).await?.offset == 1 << 20) }
+        })
+        .await?;
+        put_chunk(mesh.channel(), &alice, &s.id, 1 << 20, &data[1 << 20..]).await?;
+        let file = complete(mesh.channel(), &alice, &s.id).await?;
+        let (_, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
+        assert!(bytes == data, "{door}: the file is not the bytes sent");
+    }
     mesh.stop().await
 }
 

@@ -29,6 +29,26 @@ use stowage_runtime::{
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+/// The columns of an upload row that a [`Session`] is read from. Named rather than `*`: a
+/// cached statement whose result type changes (a migration adding a column while this version
+/// still runs) fails on every later call on its connection.
+macro_rules! session_columns {
+    () => {
+        "id, owner_id, declared_size, received_bytes, state, expires_at, file_id, metadata, \
+         storage_key, multipart_id, reservation_id, hash_state, sha256, placed, resumable"
+    };
+}
+
+/// Key of a session's writer lock, a PostgreSQL advisory lock, from the SQL expression of the
+/// session's id: a WriteChunks stream holds it across the chunks that keep coming (see
+/// [`ChunkStream`]); other writers take it for their transaction, or are refused while a stream
+/// has it.
+macro_rules! writer_lock {
+    ($id:literal) => {
+        concat!("hashtextextended(", $id, "::text, 11)")
+    };
+}
+
 mod chunk_stream;
 
 pub use chunk_stream::ChunkStream;
@@ -246,6 +266,20 @@ fn check_open_at(session: &Session, offset: u64, chunk_offset: u64) -> Result<()
     Ok(())
 }
 
+/// Runs a chunk's write to its end even if the caller is dropped meanwhile (a client that
+/// hangs up, a stream reset). The staging write runs on a blocking thread, which nothing can
+/// stop: if the lock it was made under went with the caller, another writer could take the
+/// session, stage other bytes at the same offset and record their hash, and the orphaned write
+/// could then land over them. Run to its end, the write keeps the lock until its bytes are on
+/// disk, and a chunk that arrived whole is recorded.
+async fn run_to_end<T: Send + 'static>(
+    write: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(write)
+        .await
+        .map_err(|_| Error::Internal("a chunk's write panicked"))?
+}
+
 /// Checks the client's checksum of `chunk` before anything is staged, then starts updating the
 /// running hash from `state` off the async threads (while the bytes are being staged).
 async fn check_and_hash(
@@ -307,14 +341,26 @@ pub struct Sessions {
     settings: SessionSettings,
 }
 
-const SELECT: &str = "SELECT * FROM ingest.uploads";
+/// A session of an owner.
+const READ: &str = concat!(
+    "SELECT ",
+    session_columns!(),
+    " FROM ingest.uploads WHERE id = $1 AND owner_id = $2 AND resumable"
+);
 
-/// Key of a session's writer lock, a PostgreSQL advisory lock, from the SQL expression of the
-/// session's id: a WriteChunks stream holds it across the chunks that keep coming (see
-/// [`ChunkStream`]); other writers take it for their transaction, or are refused while a stream
-/// has it.
-fn writer_lock(id: &str) -> String {
-    format!("hashtextextended({id}::text, 11)")
+/// A session of an owner, locked for the transaction (see [`Sessions::lock`]).
+macro_rules! lock_sql {
+    ($wait:literal) => {
+        concat!(
+            "SELECT ",
+            session_columns!(),
+            ", pg_try_advisory_xact_lock(",
+            writer_lock!("id"),
+            ") AS writable FROM ingest.uploads WHERE id = $1 AND owner_id = $2 AND resumable \
+             FOR UPDATE",
+            $wait
+        )
+    };
 }
 
 impl Sessions {
@@ -373,10 +419,13 @@ impl Sessions {
         let ttl_secs = self.settings.ttl.as_secs_f64();
         let row = conn
             .query_opt_cached(
-                "INSERT INTO ingest.uploads (id, owner_id, idempotency_key, state, declared_size, file_id,
+                concat!(
+                    "INSERT INTO ingest.uploads (id, owner_id, idempotency_key, state, declared_size, file_id,
                      display_name, resumable, metadata, expires_at)
                  VALUES ($1, $2, $3, 'open', $4, $5, $6, true, $7, now() + make_interval(secs => $8))
-                 ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING *",
+                 ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING ",
+                    session_columns!()
+                ),
                 &[
                     &Uuid::now_v7(),
                     &owner,
@@ -392,7 +441,11 @@ impl Sessions {
         let Some(row) = row else {
             let row = conn
                 .query_one_cached(
-                    &format!("{SELECT} WHERE owner_id = $1 AND idempotency_key = $2"),
+                    concat!(
+                        "SELECT ",
+                        session_columns!(),
+                        " FROM ingest.uploads WHERE owner_id = $1 AND idempotency_key = $2"
+                    ),
                     &[&owner, &idempotency_key],
                 )
                 .await?;
@@ -437,7 +490,10 @@ impl Sessions {
             Uuid::parse_str(&reservation).map_err(|_| Error::Internal("bad reservation id"))?;
         let row = conn
             .query_one_cached(
-                "UPDATE ingest.uploads SET reservation_id = $2 WHERE id = $1 RETURNING *",
+                concat!(
+                    "UPDATE ingest.uploads SET reservation_id = $2 WHERE id = $1 RETURNING ",
+                    session_columns!()
+                ),
                 &[&session.id, &reservation],
             )
             .await?;
@@ -446,12 +502,13 @@ impl Sessions {
 
     /// A session of `owner` (NOT_FOUND for anyone else's).
     pub async fn get(&self, id: Uuid, owner: &str) -> Result<Session> {
-        let conn = self.pool.get().await?;
+        self.read(&self.pool.get().await?, id, owner).await
+    }
+
+    /// A session of `owner`, read on `conn`.
+    async fn read(&self, conn: &impl GenericClient, id: Uuid, owner: &str) -> Result<Session> {
         let row = conn
-            .query_opt_cached(
-                &format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable"),
-                &[&id, &owner],
-            )
+            .query_opt_cached(READ, &[&id, &owner])
             .await?
             .ok_or(Error::SessionNotFound)?;
         Ok(Session::from_row(&row, self.settings.chunk_size_hint))
@@ -468,14 +525,12 @@ impl Sessions {
         // stream, or another transaction here): taken for this transaction, so no stream
         // starts meanwhile. Aborting, expiring or completing a session a stream is writing
         // waits for nothing either, and is refused until the stream lets go.
-        let sql = format!(
-            "SELECT u.*, pg_try_advisory_xact_lock({}) AS writable
-             FROM ingest.uploads u WHERE id = $1 AND owner_id = $2 AND resumable
-             FOR UPDATE OF u{}",
-            writer_lock("u.id"),
-            if wait { "" } else { " NOWAIT" }
-        );
-        match tx.query_opt_cached(&sql, &[&id, &owner]).await {
+        let sql = if wait {
+            lock_sql!("")
+        } else {
+            lock_sql!(" NOWAIT")
+        };
+        match tx.query_opt_cached(sql, &[&id, &owner]).await {
             Ok(Some(row)) if !row.get::<_, bool>("writable") => Err(Error::Busy),
             Ok(Some(row)) => Ok(Session::from_row(&row, self.settings.chunk_size_hint)),
             Ok(None) => Err(Error::SessionNotFound),
@@ -493,7 +548,8 @@ impl Sessions {
         }
         let rows = tx
             .query_cached(
-                "SELECT * FROM ingest.upload_parts WHERE upload_id = $1 ORDER BY part_number",
+                "SELECT part_number, start_offset, size_bytes, part_id, pending FROM ingest.upload_parts
+                 WHERE upload_id = $1 ORDER BY part_number",
                 &[&id],
             )
             .await?;
@@ -509,10 +565,15 @@ impl Sessions {
             .collect())
     }
 
-    /// Appends one chunk at its offset.
+    /// Appends one chunk at its offset. Once called, the write runs to its end even if the
+    /// caller goes away (see [`run_to_end`]).
     pub async fn write_chunk(&self, id: Uuid, owner: &str, chunk: ChunkIn) -> Result<Session> {
-        let mut conn = self.pool.get().await?;
-        self.write_chunk_on(&mut conn, id, owner, chunk).await
+        let (sessions, owner) = (self.clone(), owner.to_owned());
+        run_to_end(async move {
+            let mut conn = sessions.pool.get().await?;
+            sessions.write_chunk_on(&mut conn, id, &owner, chunk).await
+        })
+        .await
     }
 
     /// Refuses a chunk ending at `end`, past the session's length (or the largest file).
@@ -656,8 +717,11 @@ impl Sessions {
         }
         let row = tx
             .query_one_cached(
-                "UPDATE ingest.uploads SET received_bytes = $2, hash_state = $3, updated_at = now()
-                 WHERE id = $1 RETURNING *",
+                concat!(
+                    "UPDATE ingest.uploads SET received_bytes = $2, hash_state = $3, updated_at = now()
+                     WHERE id = $1 RETURNING ",
+                    session_columns!()
+                ),
                 &[&id, &(end as i64), &hash_state],
             )
             .await?;
@@ -825,14 +889,7 @@ impl Sessions {
         id: Uuid,
         owner: &str,
     ) -> Result<pb::File> {
-        let row = conn
-            .query_opt_cached(
-                &format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable"),
-                &[&id, &owner],
-            )
-            .await?
-            .ok_or(Error::SessionNotFound)?;
-        let session = Session::from_row(&row, self.settings.chunk_size_hint);
+        let session = self.read(&*conn, id, owner).await?;
         if session.state == "completed" {
             return self.file_of(&session).await;
         }
@@ -962,7 +1019,10 @@ impl Sessions {
         }
         let row = tx
             .query_one_cached(
-                "UPDATE ingest.uploads SET state = $2, updated_at = now() WHERE id = $1 RETURNING *",
+                concat!(
+                    "UPDATE ingest.uploads SET state = $2, updated_at = now() WHERE id = $1 RETURNING ",
+                    session_columns!()
+                ),
                 &[&id, &state],
             )
             .await?;

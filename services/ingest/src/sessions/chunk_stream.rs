@@ -4,7 +4,7 @@ use object_store::path::Path as ObjectPath;
 use stowage_db::{Cached, Connection};
 use uuid::Uuid;
 
-use super::{ChunkIn, SELECT, Session, Sessions, check_and_hash, check_open_at, writer_lock};
+use super::{ChunkIn, Session, Sessions, check_and_hash, check_open_at, run_to_end};
 use crate::{
     error::{Error, Result},
     staging::Target,
@@ -21,7 +21,8 @@ use crate::{
 /// [`pause`](Self::pause) records what is pending and lets go. The caller pauses whenever its
 /// client has no chunk in flight, so a stalled or vanished client holds nothing, and after an
 /// error. A stream dropped while holding the lock closes its connection, which releases the
-/// lock; its last chunk, staged but not recorded, is sent again on resume.
+/// lock, once the chunk being written is on disk; its last chunk, staged but not recorded, is
+/// sent again on resume.
 ///
 /// Only local-disk staging takes this path (its chunks need no part rows). Elsewhere, and for a
 /// session's first chunk (which picks the key), an empty chunk or one that declares the length,
@@ -68,7 +69,7 @@ impl Unpooled {
     async fn release(&mut self, id: Uuid) -> Result<()> {
         self.get()?
             .execute_cached(
-                &format!("SELECT pg_advisory_unlock({})", writer_lock("$1")),
+                concat!("SELECT pg_advisory_unlock(", writer_lock!("$1"), ")"),
                 &[&id.to_string()],
             )
             .await?;
@@ -117,51 +118,17 @@ impl ChunkStream {
             );
             return Ok(());
         }
-        let (id, sessions) = (self.id, &self.sessions);
-        let held = hold(&mut self.held, sessions, id, &self.owner).await?;
-        if held.session.key.is_none() || chunk.size.is_some() || chunk.data.is_empty() {
-            // On the connection holding the lock, whose own transactions may take it again.
-            record(held).await?;
-            held.session = sessions
-                .write_chunk_on(held.conn.get_mut()?, id, &self.owner, chunk)
-                .await?;
-            return Ok(());
-        }
-        sessions.check_chunk_size(&chunk)?;
-        let offset = held
-            .unrecorded
-            .as_ref()
-            .map_or(held.session.offset, |u| u.end);
-        check_open_at(&held.session, offset, chunk.offset)?;
-        let end = chunk.offset + chunk.data.len() as u64;
-        sessions.check_end(&held.session, end)?;
-        let state = match &held.unrecorded {
-            Some(u) => Some(u.hash_state.clone()),
-            None => held.session.hash_state.clone(),
-        };
-        let hashing = check_and_hash(&chunk, state).await?;
-        let key = ObjectPath::from(held.session.key.as_deref().unwrap_or_default());
-        let staging = sessions.staging.write(
-            Target {
-                upload: id,
-                key: &key,
-                multipart_id: None,
-            },
-            &[],
-            chunk.offset,
-            chunk.data,
-            held.session.size == Some(end),
-        );
-        let (staged, hashed, recorded) = tokio::join!(staging, hashing, record(held));
-        recorded?;
-        staged?;
-        let hash_state = hashed.map_err(|_| Error::Internal("hashing panicked"))??;
-        held.unrecorded = Some(Unrecorded {
-            start: chunk.offset,
-            end,
-            hash_state,
-        });
-        Ok(())
+        let mut held = hold(self.held.take(), &self.sessions, self.id, &self.owner).await?;
+        // The lock goes with `held`: dropped with this call, it would be let go while the
+        // chunk is still being written. Run to its end, the write hands it back.
+        let (sessions, owner) = (self.sessions.clone(), self.owner.clone());
+        let (held, written) = run_to_end(async move {
+            let written = write_held(&sessions, &mut held, &owner, chunk).await;
+            Ok((held, written))
+        })
+        .await?;
+        self.held = Some(held);
+        written
     }
 
     /// Records the chunk not recorded yet and lets go of the writer lock.
@@ -187,15 +154,64 @@ impl ChunkStream {
     }
 }
 
-/// Takes the writer lock of session `id` of `owner` on a connection of its own, unless `held`.
-async fn hold<'a>(
-    held: &'a mut Option<Held>,
+/// Writes `chunk` while holding the lock: staged while the chunk before it is recorded.
+async fn write_held(
     sessions: &Sessions,
-    id: Uuid,
+    held: &mut Held,
     owner: &str,
-) -> Result<&'a mut Held> {
-    if let Some(h) = held.take() {
-        return Ok(held.insert(h));
+    chunk: ChunkIn,
+) -> Result<()> {
+    let id = held.session.id;
+    if held.session.key.is_none() || chunk.size.is_some() || chunk.data.is_empty() {
+        // On the connection holding the lock, whose own transactions may take it again.
+        record(held).await?;
+        held.session = sessions
+            .write_chunk_on(held.conn.get_mut()?, id, owner, chunk)
+            .await?;
+        return Ok(());
+    }
+    sessions.check_chunk_size(&chunk)?;
+    let offset = held
+        .unrecorded
+        .as_ref()
+        .map_or(held.session.offset, |u| u.end);
+    check_open_at(&held.session, offset, chunk.offset)?;
+    let end = chunk.offset + chunk.data.len() as u64;
+    sessions.check_end(&held.session, end)?;
+    let state = match &held.unrecorded {
+        Some(u) => Some(u.hash_state.clone()),
+        None => held.session.hash_state.clone(),
+    };
+    let hashing = check_and_hash(&chunk, state).await?;
+    let key = ObjectPath::from(held.session.key.as_deref().unwrap_or_default());
+    let staging = sessions.staging.write(
+        Target {
+            upload: id,
+            key: &key,
+            multipart_id: None,
+        },
+        &[],
+        chunk.offset,
+        chunk.data,
+        held.session.size == Some(end),
+    );
+    let (staged, hashed, recorded) = tokio::join!(staging, hashing, record(held));
+    recorded?;
+    staged?;
+    let hash_state = hashed.map_err(|_| Error::Internal("hashing panicked"))??;
+    held.unrecorded = Some(Unrecorded {
+        start: chunk.offset,
+        end,
+        hash_state,
+    });
+    Ok(())
+}
+
+/// Takes the writer lock of session `id` of `owner` on a connection of its own, unless
+/// already `held`.
+async fn hold(held: Option<Held>, sessions: &Sessions, id: Uuid, owner: &str) -> Result<Held> {
+    if let Some(held) = held {
+        return Ok(held);
     }
     let conn = Unpooled(Some(sessions.pool.get().await?));
     // The lock first, then the row in a statement of its own: its snapshot then shows what
@@ -203,7 +219,7 @@ async fn hold<'a>(
     let locked: bool = conn
         .get()?
         .query_one_cached(
-            &format!("SELECT pg_try_advisory_lock({})", writer_lock("$1")),
+            concat!("SELECT pg_try_advisory_lock(", writer_lock!("$1"), ")"),
             &[&id.to_string()],
         )
         .await?
@@ -211,20 +227,12 @@ async fn hold<'a>(
     if !locked {
         return Err(Error::Busy);
     }
-    let row = conn
-        .get()?
-        .query_opt_cached(
-            &format!("{SELECT} WHERE id = $1 AND owner_id = $2 AND resumable"),
-            &[&id, &owner],
-        )
-        .await?
-        .ok_or(Error::SessionNotFound)?;
-    let session = Session::from_row(&row, sessions.settings.chunk_size_hint);
-    Ok(held.insert(Held {
+    let session = sessions.read(conn.get()?, id, owner).await?;
+    Ok(Held {
         conn,
         session,
         unrecorded: None,
-    }))
+    })
 }
 
 /// Records `held`'s staged chunk, if any: one statement, which changes nothing unless the
@@ -238,9 +246,12 @@ async fn record(held: &mut Held) -> Result<()> {
         .conn
         .get()?
         .query_opt_cached(
-            "UPDATE ingest.uploads SET received_bytes = $3, hash_state = $4, updated_at = now()
-             WHERE id = $1 AND received_bytes = $2 AND state = 'open'
-             RETURNING *",
+            concat!(
+                "UPDATE ingest.uploads SET received_bytes = $3, hash_state = $4, updated_at = now()
+                 WHERE id = $1 AND received_bytes = $2 AND state = 'open'
+                 RETURNING ",
+                session_columns!()
+            ),
             &[
                 &id,
                 &(chunk.start as i64),
