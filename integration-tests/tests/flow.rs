@@ -1,9 +1,11 @@
 //! The newcomer's flow, against the real binary: five processes, then one `serve all`.
 
 use stowage::Role;
-use stowage_integration_tests::{download, random_bytes, sha256, upload, usage};
+use stowage_integration_tests::{
+    complete, create_session, download, files, put_chunk, random_bytes, sha256, upload, usage,
+};
 use stowage_proto::v1 as pb;
-use stowage_testkit::{Processes, Setup, authed, channel, token};
+use stowage_testkit::{Mesh, Processes, Setup, authed, channel, token};
 
 async fn run_flow(processes: &Processes, setup: &Setup) -> anyhow::Result<()> {
     let ingest = channel(processes.addr(Role::Ingest));
@@ -154,4 +156,92 @@ async fn serve_all_upload_list_download_trash_restore() -> anyhow::Result<()> {
     let processes = Processes::all(&setup).await?;
     assert_eq!(processes.processes.len(), 1);
     run_flow(&processes, &setup).await
+}
+
+/// One round of everyday calls through Ingest, Files and Quota: a one-shot upload, a session,
+/// listing, renaming, trash and restore. Returns the bytes it stored.
+async fn everyday_round(mesh: &Mesh, alice: &str, round: usize) -> anyhow::Result<u64> {
+    let data = random_bytes(64 << 10);
+    let file = upload(mesh.channel(), alice, &format!("r{round}.bin"), &data, &[]).await?;
+    let s = create_session(
+        mesh.channel(),
+        alice,
+        &format!("s{round}.bin"),
+        Some(data.len() as u64),
+        "",
+    )
+    .await?;
+    put_chunk(mesh.channel(), alice, &s.id, 0, &data).await?;
+    let session_file = complete(mesh.channel(), alice, &s.id).await?;
+    assert_eq!(session_file.sha256, sha256(&data));
+    let mut client = files(mesh.channel());
+    let listed = client
+        .list_files(authed(pb::ListFilesRequest::default(), alice))
+        .await?
+        .into_inner();
+    assert!(listed.files.iter().any(|f| f.id == file.id));
+    client
+        .update_file(authed(
+            pb::UpdateFileRequest {
+                file_id: file.id.clone(),
+                display_name: Some(format!("renamed{round}.bin")),
+                ..Default::default()
+            },
+            alice,
+        ))
+        .await?;
+    client
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: file.id.clone(),
+            },
+            alice,
+        ))
+        .await?;
+    client
+        .list_trash(authed(pb::ListTrashRequest::default(), alice))
+        .await?;
+    let restored = client
+        .restore_file(authed(
+            pb::RestoreFileRequest {
+                file_id: file.id.clone(),
+            },
+            alice,
+        ))
+        .await?
+        .into_inner()
+        .file
+        .unwrap_or_default();
+    assert_eq!(restored.display_name, format!("renamed{round}.bin"));
+    Ok(2 * data.len() as u64)
+}
+
+/// A release whose migration adds columns rolls out while this version still serves: its
+/// cached statements name their columns, so their result types do not change and every call
+/// goes on working (with `*`, each connection that had cached one failed it from then on).
+#[tokio::test]
+async fn columns_added_by_a_newer_release_break_nothing_here() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let mut stored = 0;
+    for round in 0..3 {
+        stored += everyday_round(&mesh, &alice, round).await?;
+    }
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .batch_execute(
+            "ALTER TABLE ingest.uploads ADD COLUMN next_release int;
+             ALTER TABLE files.files ADD COLUMN next_release int;
+             ALTER TABLE files.variants ADD COLUMN next_release int;
+             ALTER TABLE quota.accounts ADD COLUMN next_release int;
+             ALTER TABLE quota.reservations ADD COLUMN next_release int;",
+        )
+        .await?;
+    for round in 3..6 {
+        stored += everyday_round(&mesh, &alice, round).await?;
+    }
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, stored);
+    mesh.stop().await
 }

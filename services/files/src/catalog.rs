@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     model::{FileRecord, FileStatus, Kind, VariantRecord, to_u64},
+    model::{file_columns, variant_columns},
 };
 
 /// Who is asking: an owner sees only their own visible files; privileged callers see all.
@@ -271,11 +272,11 @@ impl Catalog {
         let tx = conn.transaction().await?;
         let row = tx
             .query_opt_cached(
-                "INSERT INTO files.files (id, owner_id, display_name, kind, mime_type, size_bytes,
+                concat!("INSERT INTO files.files (id, owner_id, display_name, kind, mime_type, size_bytes,
                      sha256, storage_key, status, tags, package_name, idempotency_key)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                  ON CONFLICT DO NOTHING
-                 RETURNING *",
+                 RETURNING ", file_columns!()),
                 &[
                     &new.id,
                     &new.owner_id,
@@ -298,8 +299,12 @@ impl Catalog {
             let conn = self.pool.get().await?;
             let existing = conn
                 .query_opt_cached(
-                    "SELECT * FROM files.files
-                     WHERE id = $1 OR (owner_id = $2 AND idempotency_key = $3)",
+                    concat!(
+                        "SELECT ",
+                        file_columns!(),
+                        " FROM files.files
+                     WHERE id = $1 OR (owner_id = $2 AND idempotency_key = $3)"
+                    ),
                     &[&new.id, &new.owner_id, &new.idempotency_key],
                 )
                 .await?
@@ -334,8 +339,11 @@ impl Catalog {
         after: Option<&Cursor>,
         limit: i64,
     ) -> Result<Vec<FileRecord>> {
-        let mut sql =
-            String::from("SELECT * FROM files.files WHERE owner_id = $1 AND deleted_at IS NULL");
+        let mut sql = String::from(concat!(
+            "SELECT ",
+            file_columns!(),
+            " FROM files.files WHERE owner_id = $1 AND deleted_at IS NULL"
+        ));
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(owner.to_owned())];
         let bind = |params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
                     v: Box<dyn ToSql + Sync + Send>| {
@@ -409,13 +417,16 @@ impl Catalog {
         let conn = self.pool.get().await?;
         let row = conn
             .query_opt_cached(
-                "UPDATE files.files
+                concat!(
+                    "UPDATE files.files
                  SET display_name = COALESCE($3, display_name),
                      tags = COALESCE($4, tags),
                      favorite = COALESCE($5, favorite),
                      updated_at = now()
                  WHERE id = $1 AND owner_id = $2 AND status <> 'quarantined' AND deleted_at IS NULL
-                 RETURNING *",
+                 RETURNING ",
+                    file_columns!()
+                ),
                 &[&id, &owner, &display_name, &tags, &favorite],
             )
             .await?;
@@ -447,9 +458,12 @@ impl Catalog {
         let tx = conn.transaction().await?;
         let rows = tx
             .query_cached(
-                "UPDATE files.files SET deleted_at = now(), updated_at = now()
+                concat!(
+                    "UPDATE files.files SET deleted_at = now(), updated_at = now()
                  WHERE owner_id = $1 AND deleted_at IS NULL AND status <> 'quarantined'
-                 RETURNING *",
+                 RETURNING ",
+                    file_columns!()
+                ),
                 &[&owner],
             )
             .await?;
@@ -470,13 +484,19 @@ impl Catalog {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let sql = if trashed {
-            "UPDATE files.files SET deleted_at = now(), updated_at = now()
+            concat!(
+                "UPDATE files.files SET deleted_at = now(), updated_at = now()
              WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL AND status <> 'quarantined'
-             RETURNING *"
+             RETURNING ",
+                file_columns!()
+            )
         } else {
-            "UPDATE files.files SET deleted_at = NULL, updated_at = now()
+            concat!(
+                "UPDATE files.files SET deleted_at = NULL, updated_at = now()
              WHERE id = $1 AND owner_id = $2 AND deleted_at IS NOT NULL AND status <> 'quarantined'
-             RETURNING *"
+             RETURNING ",
+                file_columns!()
+            )
         };
         match tx.query_opt(sql, &[&id, &owner]).await? {
             Some(row) => {
@@ -508,19 +528,27 @@ impl Catalog {
         let rows = match after {
             None => {
                 conn.query_cached(
-                    "SELECT * FROM files.files
+                    concat!(
+                        "SELECT ",
+                        file_columns!(),
+                        " FROM files.files
                      WHERE owner_id = $1 AND deleted_at IS NOT NULL AND status <> 'quarantined'
-                     ORDER BY deleted_at DESC, id DESC LIMIT $2",
+                     ORDER BY deleted_at DESC, id DESC LIMIT $2"
+                    ),
                     &[&owner, &limit],
                 )
                 .await?
             }
             Some((at, id)) => {
                 conn.query_cached(
-                    "SELECT * FROM files.files
+                    concat!(
+                        "SELECT ",
+                        file_columns!(),
+                        " FROM files.files
                      WHERE owner_id = $1 AND deleted_at IS NOT NULL AND status <> 'quarantined'
                        AND (deleted_at, id) < ($2, $3)
-                     ORDER BY deleted_at DESC, id DESC LIMIT $4",
+                     ORDER BY deleted_at DESC, id DESC LIMIT $4"
+                    ),
                     &[&owner, at, id, &limit],
                 )
                 .await?
@@ -540,10 +568,14 @@ impl Catalog {
         let (at, id) = after.unzip();
         let rows = conn
             .query_cached(
-                "SELECT * FROM files.files
+                concat!(
+                    "SELECT ",
+                    file_columns!(),
+                    " FROM files.files
                  WHERE deleted_at IS NOT NULL AND deleted_at < $1
                    AND ($2::timestamptz IS NULL OR (deleted_at, id) > ($2, $3))
-                 ORDER BY deleted_at, id LIMIT $4",
+                 ORDER BY deleted_at, id LIMIT $4"
+                ),
                 &[&before, &at, &id, &limit],
             )
             .await?;
@@ -602,10 +634,14 @@ impl Catalog {
         let status = status.map(FileStatus::as_str);
         let rows = conn
             .query_cached(
-                "SELECT * FROM files.files
+                concat!(
+                    "SELECT ",
+                    file_columns!(),
+                    " FROM files.files
                  WHERE created_at < $1 AND ($2::uuid IS NULL OR id > $2)
                    AND ($4::text IS NULL OR status = $4)
-                 ORDER BY id LIMIT $3",
+                 ORDER BY id LIMIT $3"
+                ),
                 &[&before, &after, &limit, &status],
             )
             .await?;
@@ -794,8 +830,12 @@ impl Catalog {
 async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Result<FileRecord> {
     let row = conn
         .query_opt_cached(
-            "SELECT * FROM files.files
-             WHERE id = $1 AND ($2::text IS NULL OR (owner_id = $2 AND status <> 'quarantined'))",
+            concat!(
+                "SELECT ",
+                file_columns!(),
+                " FROM files.files
+             WHERE id = $1 AND ($2::text IS NULL OR (owner_id = $2 AND status <> 'quarantined'))"
+            ),
             &[&id, &viewer.owner()],
         )
         .await?
@@ -803,7 +843,11 @@ async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Resu
     let mut file = FileRecord::from_row(&row);
     file.variants = conn
         .query_cached(
-            "SELECT * FROM files.variants WHERE file_id = $1 ORDER BY name",
+            concat!(
+                "SELECT ",
+                variant_columns!(),
+                " FROM files.variants WHERE file_id = $1 ORDER BY name"
+            ),
             &[&id],
         )
         .await?

@@ -139,6 +139,14 @@ pub struct VariantRecord {
     pub inline_data: Option<Vec<u8>>,
 }
 
+/// The columns a [`VariantRecord`] is read from (see [`file_columns`]).
+macro_rules! variant_columns {
+    () => {
+        "name, mime_type, size_bytes, width, height, storage_key, inline_data"
+    };
+}
+pub(crate) use variant_columns;
+
 impl VariantRecord {
     pub(crate) fn from_row(row: &Row) -> Self {
         Self {
@@ -215,6 +223,18 @@ pub struct FileRecord {
     /// Variants (filled by calls that return them).
     pub variants: Vec<VariantRecord>,
 }
+
+/// The columns a [`FileRecord`] is read from. Named rather than `*` in cached statements: one
+/// whose result type changes (a migration adding a column while this version still runs) fails
+/// on every later call on its connection.
+macro_rules! file_columns {
+    () => {
+        "id, owner_id, display_name, kind, mime_type, size_bytes, sha256, storage_key, status, \
+         status_reason, tags, favorite, width, height, duration_ms, codec, package_name, \
+         created_at, updated_at, deleted_at"
+    };
+}
+pub(crate) use file_columns;
 
 impl FileRecord {
     pub(crate) fn from_row(row: &Row) -> Self {

@@ -1087,7 +1087,9 @@ impl EventStreams {
                            AND event_deliveries.delivered_at < now() - make_interval(secs => $5)
                      RETURNING batch_id
                  )
-                 SELECT b.* FROM ingest.event_batches b JOIN claimed c ON c.batch_id = b.id
+                 SELECT b.id, b.stream_id, b.storage_key, b.seq, b.late_seqs, b.window_start,
+                        b.window_end, b.first_seq, b.last_seq
+                 FROM ingest.event_batches b JOIN claimed c ON c.batch_id = b.id
                  ORDER BY b.seq",
                 &[
                     &group,

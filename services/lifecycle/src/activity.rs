@@ -399,7 +399,7 @@ impl Lifecycle {
         let (at, id) = before.unzip();
         let rows = conn
             .query_cached(
-                "SELECT * FROM lifecycle.history
+                "SELECT id, user_id, event, at, detail FROM lifecycle.history
                  WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (at, id) < ($2, $3))
                  ORDER BY at DESC, id DESC LIMIT $4",
                 &[&user, &at, &id, &limit],

@@ -283,7 +283,9 @@ impl Lifecycle {
             .query_one_cached(
                 "UPDATE lifecycle.runs SET finished_at = now(), examined = $2, acted = $3,
                      failed = $4, error = $5, report = $6
-                 WHERE id = $1 RETURNING *",
+                 WHERE id = $1
+                 RETURNING id, name, started_at, finished_at, examined, acted, failed, report,
+                     dry_run, error",
                 &[
                     &id,
                     &to_i64(tally.examined),
@@ -313,7 +315,9 @@ impl Lifecycle {
         let (at, id) = before.unzip();
         let rows = conn
             .query_cached(
-                "SELECT * FROM lifecycle.runs
+                "SELECT id, name, started_at, finished_at, examined, acted, failed, report, dry_run,
+                     error
+                 FROM lifecycle.runs
                  WHERE ($1::text IS NULL OR name = $1)
                    AND ($2::timestamptz IS NULL OR (started_at, id) < ($2, $3))
                  ORDER BY started_at DESC, id DESC LIMIT $4",

@@ -12,6 +12,22 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 
 /// Longest reservation we grant.
+/// The columns an [`Account`] is read from. Named rather than `*` in cached statements: one
+/// whose result type changes (a migration adding a column while this version still runs) fails
+/// on every later call on its connection.
+macro_rules! account_columns {
+    () => {
+        "user_id, limit_bytes, used_bytes, reserved_bytes, created_at, updated_at"
+    };
+}
+
+/// The columns a [`Reservation`] is read from (see [`account_columns`]).
+macro_rules! reservation_columns {
+    () => {
+        "id, user_id, bytes, state, committed_bytes, expires_at"
+    };
+}
+
 const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// One user's account.
@@ -269,7 +285,11 @@ impl Quota {
             // Not committable: say why, from what is there now.
             let row = conn
                 .query_opt_cached(
-                    "SELECT * FROM quota.reservations WHERE id = $1",
+                    concat!(
+                        "SELECT ",
+                        reservation_columns!(),
+                        " FROM quota.reservations WHERE id = $1"
+                    ),
                     &[&reservation_id],
                 )
                 .await?
@@ -305,7 +325,11 @@ impl Quota {
         let tx = conn.transaction().await?;
         let row = tx
             .query_opt_cached(
-                "SELECT * FROM quota.reservations WHERE id = $1 FOR UPDATE",
+                concat!(
+                    "SELECT ",
+                    reservation_columns!(),
+                    " FROM quota.reservations WHERE id = $1 FOR UPDATE"
+                ),
                 &[&reservation_id],
             )
             .await?
@@ -318,8 +342,11 @@ impl Quota {
         }
         let row = tx
             .query_one_cached(
-                "UPDATE quota.reservations SET state = $2, updated_at = now()
-                 WHERE id = $1 RETURNING *",
+                concat!(
+                    "UPDATE quota.reservations SET state = $2, updated_at = now()
+                     WHERE id = $1 RETURNING ",
+                    reservation_columns!()
+                ),
                 &[&reservation_id, &ReservationState::Released.as_str()],
             )
             .await?;
@@ -382,7 +409,11 @@ impl Quota {
         } else {
             let account = tx
                 .query_one_cached(
-                    "SELECT * FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
+                    concat!(
+                        "SELECT ",
+                        account_columns!(),
+                        " FROM quota.accounts WHERE user_id = $1 FOR UPDATE"
+                    ),
                     &[&user_id],
                 )
                 .await?;
@@ -471,7 +502,11 @@ impl Quota {
         let tx = conn.transaction().await?;
         let row = tx
             .query_one_cached(
-                "SELECT * FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
+                concat!(
+                    "SELECT ",
+                    account_columns!(),
+                    " FROM quota.accounts WHERE user_id = $1 FOR UPDATE"
+                ),
                 &[&user_id],
             )
             .await?;
@@ -514,8 +549,11 @@ impl Quota {
         }
         let row = tx
             .query_one_cached(
-                "UPDATE quota.accounts SET used_bytes = $2, updated_at = now()
-                 WHERE user_id = $1 RETURNING *",
+                concat!(
+                    "UPDATE quota.accounts SET used_bytes = $2, updated_at = now()
+                     WHERE user_id = $1 RETURNING ",
+                    account_columns!()
+                ),
                 &[&user_id, &actual],
             )
             .await?;
@@ -531,9 +569,12 @@ impl Quota {
         let conn = self.pool.get().await?;
         let row = conn
             .query_one_cached(
-                "INSERT INTO quota.accounts (user_id, limit_bytes) VALUES ($1, $2)
-                 ON CONFLICT (user_id) DO UPDATE SET limit_bytes = $2, updated_at = now()
-                 RETURNING *",
+                concat!(
+                    "INSERT INTO quota.accounts (user_id, limit_bytes) VALUES ($1, $2)
+                     ON CONFLICT (user_id) DO UPDATE SET limit_bytes = $2, updated_at = now()
+                     RETURNING ",
+                    account_columns!()
+                ),
                 &[&user_id, &limit],
             )
             .await?;
@@ -556,10 +597,14 @@ impl Quota {
         let conn = self.pool.get().await?;
         let rows = conn
             .query_cached(
-                "SELECT * FROM quota.accounts
+                concat!(
+                    "SELECT ",
+                    account_columns!(),
+                    " FROM quota.accounts
                  WHERE user_id > $1
                    AND used_bytes::float8 * 100 >= $2 * GREATEST(limit_bytes, 1)::float8
-                 ORDER BY user_id LIMIT $3",
+                 ORDER BY user_id LIMIT $3"
+                ),
                 &[&after.unwrap_or(""), &min_percent, &limit],
             )
             .await?;
@@ -680,7 +725,11 @@ async fn find_by_key(
     let Some(key) = key else { return Ok(None) };
     let row = conn
         .query_opt_cached(
-            "SELECT * FROM quota.reservations WHERE user_id = $1 AND idempotency_key = $2",
+            concat!(
+                "SELECT ",
+                reservation_columns!(),
+                " FROM quota.reservations WHERE user_id = $1 AND idempotency_key = $2"
+            ),
             &[&user_id, &key],
         )
         .await?;
@@ -690,7 +739,11 @@ async fn find_by_key(
 async fn account_row(conn: &impl GenericClient, user_id: &str) -> Result<Row> {
     Ok(conn
         .query_one_cached(
-            "SELECT * FROM quota.accounts WHERE user_id = $1",
+            concat!(
+                "SELECT ",
+                account_columns!(),
+                " FROM quota.accounts WHERE user_id = $1"
+            ),
             &[&user_id],
         )
         .await?)
@@ -761,7 +814,8 @@ static ADJUST_SQL: LazyLock<String> = LazyLock::new(|| {
              UPDATE quota.accounts SET used_bytes = used_bytes + $2, updated_at = now()
              WHERE user_id = $1 RETURNING *),
          {}
-         SELECT a.*, (SELECT count(*) FROM notified) AS notices FROM account a",
-        notice_ctes("$2::bigint", 3)
+         SELECT {}, (SELECT count(*) FROM notified) AS notices FROM account",
+        notice_ctes("$2::bigint", 3),
+        account_columns!()
     )
 });
