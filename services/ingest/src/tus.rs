@@ -14,7 +14,7 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use stowage_proto::v1 as pb;
 use stowage_runtime::{Identity, Verifier, auth::bearer};
 use uuid::Uuid;
@@ -398,67 +398,78 @@ async fn write_body(
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
     let mut at = offset;
-    let mut session = None;
     let mut cut_off = None;
-    loop {
-        let next = stream.next().await;
-        let done = match next {
-            None => true,
-            Some(Ok(bytes)) => {
-                buf.extend_from_slice(&bytes);
-                if checksum.is_some() && buf.len() > settings.max_chunk {
-                    return Err(Error::invalid(
-                        "chunk.data",
-                        format!(
-                            "a checksummed PATCH may carry at most {} bytes",
-                            settings.max_chunk
-                        ),
-                    ));
+    // As WriteChunks: the session is held while the body keeps coming, and let go (what was
+    // staged recorded) whenever the client has sent nothing more yet, and after an error.
+    let mut writer = tus.sessions.chunk_stream(id, &caller.user_id);
+    let written: Result<(), Error> = async {
+        loop {
+            let next = match stream.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    writer.pause().await?;
+                    stream.next().await
                 }
-                false
+            };
+            let done = match next {
+                None => true,
+                Some(Ok(bytes)) => {
+                    buf.extend_from_slice(&bytes);
+                    if checksum.is_some() && buf.len() > settings.max_chunk {
+                        return Err(Error::invalid(
+                            "chunk.data",
+                            format!(
+                                "a checksummed PATCH may carry at most {} bytes",
+                                settings.max_chunk
+                            ),
+                        ));
+                    }
+                    false
+                }
+                Some(Err(e)) => {
+                    cut_off = Some(e.to_string());
+                    true
+                }
+            };
+            // A checksummed body is verified whole: nothing of it is kept if it was cut off.
+            if checksum.is_some() {
+                if !done {
+                    continue;
+                }
+                if cut_off.is_some() {
+                    return Ok(());
+                }
             }
-            Some(Err(e)) => {
-                cut_off = Some(e.to_string());
-                true
-            }
-        };
-        // A checksummed body is verified whole: nothing of it is kept if it was cut off.
-        if checksum.is_some() {
-            if !done {
-                continue;
-            }
-            if cut_off.is_some() {
-                break;
-            }
-        }
-        while buf.len() >= piece || (done && !buf.is_empty()) {
-            let take = buf.len().min(piece);
-            let data: Bytes = buf.split_to(take).freeze();
-            let len = data.len() as u64;
-            let s = tus
-                .sessions
-                .write_chunk(
-                    id,
-                    &caller.user_id,
-                    ChunkIn {
+            while buf.len() >= piece || (done && !buf.is_empty()) {
+                let take = buf.len().min(piece);
+                let data: Bytes = buf.split_to(take).freeze();
+                let len = data.len() as u64;
+                writer
+                    .write(ChunkIn {
                         offset: at,
                         data,
                         checksum: checksum.clone(),
                         size: length,
-                    },
-                )
-                .await?;
-            at += len;
-            session = Some(s);
-        }
-        if done {
-            break;
+                    })
+                    .await?;
+                at += len;
+            }
+            if done {
+                return Ok(());
+            }
         }
     }
+    .await;
+    if let Err(error) = written {
+        // What was staged before the failure still counts.
+        let _ = writer.pause().await;
+        return Err(error);
+    }
+    let recorded = writer.finish().await?;
     if let Some(why) = cut_off {
         tracing::info!(upload_id = %id, offset = at, why, "tus body cut off; kept what arrived");
     }
-    let session = match (session, length) {
+    let session = match (recorded, length) {
         (Some(s), _) => s,
         // No bytes, but a deferred length given (a stream that ended on a chunk boundary).
         (None, Some(size)) => {

@@ -1,4 +1,5 @@
-//! The chunks of one WriteChunks stream, each staged while the one before is recorded.
+//! The chunks of one WriteChunks stream or tus PATCH body, each staged while the one before is
+//! recorded.
 
 use object_store::path::Path as ObjectPath;
 use stowage_db::{Cached, Connection};
@@ -10,7 +11,7 @@ use crate::{
     staging::Target,
 };
 
-/// The chunks of one WriteChunks stream.
+/// The chunks of one WriteChunks stream or tus PATCH body.
 ///
 /// While chunks keep coming, the stream holds the session's writer lock (an advisory lock, on a
 /// connection of its own). Each chunk is then staged while the chunk before it is recorded (its
