@@ -410,3 +410,90 @@ async fn an_upload_that_died_between_its_file_and_its_charge_is_charged_once_by_
     assert_eq!(bytes, data, "the bytes are kept");
     mesh.stop().await
 }
+
+/// A hold resized in place: growing checks the growth alone against the limit, a refusal
+/// leaves it as it was, shrinking always fits, and only a held reservation can change.
+#[tokio::test]
+async fn a_hold_resized_in_place_counts_its_bytes_once() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(4000);
+    let mesh = Mesh::start(&setup).await?;
+    let service = token("svc", &["service"]);
+    let gil = token("gil", &[]);
+    let mut quota = stowage_integration_tests::quota(mesh.channel());
+    let held = quota
+        .reserve(authed(
+            pb::ReserveRequest {
+                user_id: "gil".into(),
+                bytes: 1000,
+                ttl_seconds: 600,
+                idempotency_key: String::new(),
+            },
+            &service,
+        ))
+        .await?
+        .into_inner()
+        .reservation
+        .unwrap_or_default();
+    let resize = |bytes: u64| pb::ResizeRequest {
+        reservation_id: held.id.clone(),
+        bytes,
+        ttl_seconds: 600,
+    };
+    // 3,000 of 4,000 fits only if the 1,000 already held are not counted again.
+    let grown = quota
+        .resize(authed(resize(3000), &service))
+        .await?
+        .into_inner();
+    assert_eq!(grown.reservation.map(|r| r.bytes), Some(3000));
+    assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 3000);
+    let refused = quota
+        .resize(authed(resize(4001), &service))
+        .await
+        .expect_err("past the limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 3000);
+    // A retry of a resize holds nothing more.
+    quota.resize(authed(resize(3000), &service)).await?;
+    quota.resize(authed(resize(2000), &service)).await?;
+    assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 2000);
+
+    let user = quota
+        .resize(authed(resize(2000), &gil))
+        .await
+        .expect_err("services only");
+    assert_eq!(user.code(), Code::PermissionDenied);
+    let bad = quota
+        .resize(authed(
+            pb::ResizeRequest {
+                reservation_id: "nope".into(),
+                ..resize(1)
+            },
+            &service,
+        ))
+        .await
+        .expect_err("not an id");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().contains("reservation_id"),
+        "{}",
+        bad.message()
+    );
+
+    quota
+        .commit(authed(
+            pb::CommitRequest {
+                reservation_id: held.id.clone(),
+                bytes: 2000,
+            },
+            &service,
+        ))
+        .await?;
+    let committed = quota
+        .resize(authed(resize(2500), &service))
+        .await
+        .expect_err("no longer held");
+    assert_eq!(committed.code(), Code::FailedPrecondition);
+    let account = usage(mesh.channel(), &gil).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (2000, 0));
+    mesh.stop().await
+}

@@ -600,6 +600,56 @@ async fn expired_sessions_are_swept_and_cannot_complete() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// While its length is deferred, a session holds quota for what it has received, grown in
+/// place: a user cannot stage past their limit before saying how long the file is, and can
+/// still use all of it.
+#[tokio::test]
+async fn a_deferred_length_holds_quota_for_what_arrived() -> anyhow::Result<()> {
+    const MIB: usize = 1 << 20;
+    let setup = Setup::new().await?.with_default_limit(5 << 20);
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(6 * MIB);
+    let s = create_session(mesh.channel(), &alice, "long.bin", None, "").await?;
+    // The hold doubles while it fits, then grows to what arrived.
+    for (i, held) in [1, 2, 4, 4, 5].into_iter().enumerate() {
+        let chunk = &data[i * MIB..(i + 1) * MIB];
+        put_chunk(mesh.channel(), &alice, &s.id, (i * MIB) as u64, chunk).await?;
+        let account = usage(mesh.channel(), &alice).await?;
+        assert_eq!(
+            (account.used_bytes, account.reserved_bytes),
+            (0, (held * MIB) as u64),
+            "after chunk {i}"
+        );
+    }
+    // A sixth MiB is past the limit, through either door: refused before anything is
+    // staged, the session where it was.
+    let past = put_chunk(mesh.channel(), &alice, &s.id, 5 << 20, &data[5 * MIB..])
+        .await
+        .expect_err("past the limit");
+    assert_eq!(past.code(), Code::ResourceExhausted, "{past:?}");
+    let past = write_chunks(
+        mesh.channel(),
+        &alice,
+        &s.id,
+        vec![(5 << 20, data[5 * MIB..].to_vec())],
+    )
+    .await
+    .expect_err("past the limit");
+    assert_eq!(past.code(), Code::ResourceExhausted, "{past:?}");
+    assert_eq!(
+        get_session(mesh.channel(), &alice, &s.id).await?.offset,
+        5 << 20
+    );
+    assert_eq!(usage(mesh.channel(), &alice).await?.reserved_bytes, 5 << 20);
+    // The file ends at 5 MiB: all of the limit, with its bytes held once.
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    assert_eq!(file.sha256, sha256(&data[..5 * MIB]));
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (5 << 20, 0));
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn deferred_length_and_abort() -> anyhow::Result<()> {
     let setup = Setup::new().await?.with_default_limit(10 << 20);

@@ -35,7 +35,8 @@ use uuid::Uuid;
 macro_rules! session_columns {
     () => {
         "id, owner_id, declared_size, received_bytes, state, expires_at, file_id, metadata, \
-         storage_key, multipart_id, reservation_id, hash_state, sha256, placed, resumable"
+         storage_key, multipart_id, reservation_id, hash_state, sha256, placed, resumable, \
+         held_bytes"
     };
 }
 
@@ -182,6 +183,9 @@ pub struct Session {
     key: Option<String>,
     multipart_id: Option<String>,
     reservation_id: Option<Uuid>,
+    /// Bytes the reservation holds: the declared size, or while the length is deferred, at
+    /// least what has been received.
+    held: u64,
     hash_state: Option<Vec<u8>>,
     sha256: Option<String>,
     placed: bool,
@@ -203,6 +207,10 @@ impl Session {
             key: row.get("storage_key"),
             multipart_id: row.get("multipart_id"),
             reservation_id: row.get("reservation_id"),
+            held: row
+                .get::<_, Option<i64>>("held_bytes")
+                .or(row.get("declared_size"))
+                .map_or(0, |v| v as u64),
             hash_state: row.get("hash_state"),
             sha256: row.get("sha256"),
             placed: row.get("placed"),
@@ -388,8 +396,8 @@ impl Sessions {
         &self.settings
     }
 
-    /// Opens a session and reserves its quota (the whole declared size; nothing while the
-    /// length is deferred, the full size once it is given).
+    /// Opens a session and reserves its quota: the whole declared size, or while the length
+    /// is deferred, what has arrived, grown as chunks come (see `hold_more`).
     pub async fn create(
         &self,
         owner: &str,
@@ -491,10 +499,11 @@ impl Sessions {
         let row = conn
             .query_one_cached(
                 concat!(
-                    "UPDATE ingest.uploads SET reservation_id = $2 WHERE id = $1 RETURNING ",
+                    "UPDATE ingest.uploads SET reservation_id = $2, held_bytes = $3 WHERE id = $1
+                     RETURNING ",
                     session_columns!()
                 ),
-                &[&session.id, &reservation],
+                &[&session.id, &reservation, &(size.unwrap_or(0) as i64)],
             )
             .await?;
         Ok(Session::from_row(&row, self.settings.chunk_size_hint))
@@ -612,7 +621,6 @@ impl Sessions {
         let mut session = self.lock(&tx, id, owner, false).await?;
         check_open_at(&session, session.offset, chunk.offset)?;
         let end = chunk.offset + chunk.data.len() as u64;
-        let mut replaced = None;
         match (session.size, chunk.size) {
             (Some(declared), Some(given)) if declared != given => {
                 return Err(Error::invalid(
@@ -627,19 +635,19 @@ impl Sessions {
                         "is below the bytes sent or above the limit",
                     ));
                 }
-                replaced = self.size_known(&tx, &mut session, given).await?;
+                self.size_known(&tx, &mut session, given).await?;
             }
             _ => {}
         }
         self.check_end(&session, end)?;
         if chunk.data.is_empty() {
             tx.commit().await?;
-            if let Some(old) = replaced {
-                self.release(old, id).await;
-            }
             return Ok(session);
         }
         let hashing = check_and_hash(&chunk, session.hash_state.clone()).await?;
+        if Self::needs_more_held(&session, end) {
+            self.hold_more(&tx, &mut session, end).await?;
+        }
         let fresh_key = session.key.is_none();
         let key = match &session.key {
             Some(k) => ObjectPath::from(k.as_str()),
@@ -659,9 +667,6 @@ impl Sessions {
                 .await;
         }
         let (row, merged) = result?;
-        if let Some(old) = replaced {
-            self.release(old, id).await;
-        }
         // Pending bytes merged into a native part are not needed any more.
         for number in merged {
             let _ = self
@@ -757,36 +762,79 @@ impl Sessions {
         Ok(key)
     }
 
-    /// A deferred length became known: hold quota for all of it.
+    /// A deferred length became known: the session's hold becomes that size.
     async fn size_known(
         &self,
         tx: &impl GenericClient,
         session: &mut Session,
         size: u64,
-    ) -> Result<Option<Uuid>> {
-        let reserved = self
-            .quota
-            .reserve(pb::ReserveRequest {
-                user_id: session.owner.clone(),
-                bytes: size,
-                ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
-                idempotency_key: format!("upload:{}:sized:{size}", session.id),
-            })
-            .await?;
-        let new_id = reserved
-            .reservation
-            .and_then(|r| Uuid::parse_str(&r.id).ok())
-            .ok_or(Error::Internal("bad reservation id"))?;
-        // The old hold is given back by the caller once this change is committed.
-        let old = session.reservation_id.filter(|old| *old != new_id);
+    ) -> Result<()> {
+        self.resize_hold(session, size).await?;
         tx.execute_cached(
-            "UPDATE ingest.uploads SET declared_size = $2, reservation_id = $3 WHERE id = $1",
-            &[&session.id, &(size as i64), &new_id],
+            "UPDATE ingest.uploads SET declared_size = $2, held_bytes = $2 WHERE id = $1",
+            &[&session.id, &(size as i64)],
         )
         .await?;
         session.size = Some(size);
-        session.reservation_id = Some(new_id);
-        Ok(old)
+        session.held = size;
+        Ok(())
+    }
+
+    /// Whether a chunk ending at `end` needs a larger hold first: the session's length is
+    /// deferred and its reservation holds less.
+    fn needs_more_held(session: &Session, end: u64) -> bool {
+        session.size.is_none() && end > session.held
+    }
+
+    /// While the length is deferred, the session holds quota for what it receives: before a
+    /// chunk ending at `end` is staged, its hold grows. It doubles where the quota allows (a
+    /// long upload asks Quota a few dozen times, not per chunk), else it grows to `end`;
+    /// refused that, the chunk is.
+    async fn hold_more(
+        &self,
+        tx: &impl GenericClient,
+        session: &mut Session,
+        end: u64,
+    ) -> Result<()> {
+        let doubled = session
+            .held
+            .saturating_mul(2)
+            .min(self.settings.max_file_size)
+            .max(end);
+        let bytes = match self.resize_hold(session, doubled).await {
+            Ok(()) => doubled,
+            Err(Error::Peer(status))
+                if status.code() == tonic::Code::ResourceExhausted && doubled > end =>
+            {
+                self.resize_hold(session, end).await?;
+                end
+            }
+            Err(error) => return Err(error),
+        };
+        // Rolled back with the chunk, the row says less than Quota holds, and the next
+        // chunk asks again for the same size: nothing is held twice.
+        tx.execute_cached(
+            "UPDATE ingest.uploads SET held_bytes = $2 WHERE id = $1",
+            &[&session.id, &(bytes as i64)],
+        )
+        .await?;
+        session.held = bytes;
+        Ok(())
+    }
+
+    /// Sets the session's hold to `bytes`, in place.
+    async fn resize_hold(&self, session: &Session, bytes: u64) -> Result<()> {
+        let reservation = session
+            .reservation_id
+            .ok_or(Error::Internal("a session without its reservation"))?;
+        self.quota
+            .resize(pb::ResizeRequest {
+                reservation_id: reservation.to_string(),
+                bytes,
+                ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
+            })
+            .await?;
+        Ok(())
     }
 
     async fn release(&self, reservation: Uuid, upload: Uuid) {
@@ -809,7 +857,6 @@ impl Sessions {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let mut session = self.lock(&tx, id, owner, true).await?;
-        let mut replaced = None;
         match session.state.as_str() {
             "completed" => {
                 tx.commit().await?;
@@ -827,8 +874,8 @@ impl Sessions {
                     });
                 }
                 if session.size.is_none() {
-                    // A deferred length ends here: hold quota for what arrived first.
-                    replaced = self.size_known(&tx, &mut session, size).await?;
+                    // A deferred length ends here: the hold becomes what arrived.
+                    self.size_known(&tx, &mut session, size).await?;
                 }
                 if session.reservation_id.is_none() {
                     return Err(Error::Internal("session holds no reservation"));
@@ -856,9 +903,6 @@ impl Sessions {
         }
         tx.commit().await?;
         drop(conn);
-        if let Some(old) = replaced {
-            self.release(old, id).await;
-        }
         self.finish(id, owner).await
     }
 

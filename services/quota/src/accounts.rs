@@ -199,13 +199,7 @@ impl Quota {
     ) -> Result<(Reservation, Account)> {
         check_user("user_id", user_id)?;
         let amount = to_i64("bytes", bytes)?;
-        let ttl = ttl.unwrap_or(self.default_ttl);
-        if ttl.is_zero() || ttl > MAX_TTL {
-            return Err(Error::invalid(
-                "ttl_seconds",
-                "must be between 1 and 604800",
-            ));
-        }
+        let ttl_secs = self.ttl_secs(ttl)?;
         if let Some(key) = idempotency_key
             && key.len() > 200
         {
@@ -215,7 +209,6 @@ impl Quota {
             ));
         }
         let conn = self.pool.get().await?;
-        let ttl_secs = f64::from(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX));
         let hold = Hold {
             user_id,
             amount,
@@ -257,6 +250,82 @@ impl Quota {
             requested: bytes,
             available: Account::from_row(&row).available_bytes(),
         })
+    }
+
+    /// A hold's lifetime in seconds: `ttl`, or the default.
+    fn ttl_secs(&self, ttl: Option<Duration>) -> Result<f64> {
+        let ttl = ttl.unwrap_or(self.default_ttl);
+        if ttl.is_zero() || ttl > MAX_TTL {
+            return Err(Error::invalid(
+                "ttl_seconds",
+                "must be between 1 and 604800",
+            ));
+        }
+        Ok(f64::from(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)))
+    }
+
+    /// Sets the bytes a held reservation holds, in place, and starts its lifetime again.
+    /// Growing it checks the limit against the growth alone: an upload whose length becomes
+    /// known as it goes never needs its bytes held twice. The size is absolute, so a retry
+    /// changes nothing more.
+    pub async fn resize(
+        &self,
+        reservation_id: Uuid,
+        bytes: u64,
+        ttl: Option<Duration>,
+    ) -> Result<(Reservation, Account)> {
+        let amount = to_i64("bytes", bytes)?;
+        let ttl_secs = self.ttl_secs(ttl)?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        // The reservation, then its account: the order release and commit lock them in.
+        let row = tx
+            .query_opt_cached(
+                concat!(
+                    "SELECT ",
+                    reservation_columns!(),
+                    " FROM quota.reservations WHERE id = $1 FOR UPDATE"
+                ),
+                &[&reservation_id],
+            )
+            .await?
+            .ok_or(Error::ReservationNotFound)?;
+        let reservation = Reservation::from_row(&row);
+        if reservation.state != ReservationState::Held {
+            return Err(Error::WrongState(reservation.state.as_str().into()));
+        }
+        let growth = amount - to_i64("bytes", reservation.bytes)?;
+        let account = tx
+            .query_opt_cached(
+                concat!(
+                    "UPDATE quota.accounts SET reserved_bytes = reserved_bytes + $2, updated_at = now()
+                     WHERE user_id = $1 AND ($2::bigint <= 0 OR used_bytes + reserved_bytes + $2 <= limit_bytes)
+                     RETURNING ",
+                    account_columns!()
+                ),
+                &[&reservation.user_id, &growth],
+            )
+            .await?;
+        let Some(account) = account else {
+            let account = Account::from_row(&account_row(&tx, &reservation.user_id).await?);
+            return Err(Error::Exhausted {
+                requested: bytes,
+                available: account.available_bytes() + reservation.bytes,
+            });
+        };
+        let row = tx
+            .query_one_cached(
+                concat!(
+                    "UPDATE quota.reservations
+                     SET bytes = $2, expires_at = now() + make_interval(secs => $3), updated_at = now()
+                     WHERE id = $1 RETURNING ",
+                    reservation_columns!()
+                ),
+                &[&reservation_id, &amount, &ttl_secs],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok((Reservation::from_row(&row), Account::from_row(&account)))
     }
 
     /// Turns a reservation into `bytes` of usage. Committing again returns the first commit.

@@ -110,6 +110,21 @@ impl quota_server::Quota for QuotaGrpc {
         }))
     }
 
+    async fn resize(
+        &self,
+        request: Request<pb::ResizeRequest>,
+    ) -> Result<Response<pb::ResizeResponse>, Status> {
+        identity(&request)?.require_service()?;
+        let req = request.into_inner();
+        let id = parse_uuid("reservation_id", &req.reservation_id)?;
+        let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(req.ttl_seconds)));
+        let (reservation, account) = self.quota.resize(id, req.bytes, ttl).await?;
+        Ok(Response::new(pb::ResizeResponse {
+            reservation: Some(reservation.into()),
+            account: Some(account.into()),
+        }))
+    }
+
     async fn commit(
         &self,
         request: Request<pb::CommitRequest>,

@@ -13,12 +13,13 @@ use stowage_proto::v1::{
     ListAccountsResponse, ListExpiredTrashRequest, ListExpiredTrashResponse, ListOriginalsRequest,
     ListOriginalsResponse, PurgeFileRequest, PurgeFileResponse, ReconcileRequest,
     ReconcileResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest, ReleaseResponse,
-    ReprocessRequest, ReprocessResponse, ReserveRequest, ReserveResponse, SetVariantsRequest,
-    SetVariantsResponse, SweepStagingRequest, SweepStagingResponse, SweepUploadsRequest,
-    SweepUploadsResponse, TrashOwnerFilesRequest, TrashOwnerFilesResponse, UsageByOwnerRequest,
-    UsageByOwnerResponse, files_client::FilesClient, files_server::Files as FilesRpc,
-    ingest_client::IngestClient, ingest_server::Ingest as IngestRpc, media_client::MediaClient,
-    media_server::Media as MediaRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
+    ReprocessRequest, ReprocessResponse, ReserveRequest, ReserveResponse, ResizeRequest,
+    ResizeResponse, SetVariantsRequest, SetVariantsResponse, SweepStagingRequest,
+    SweepStagingResponse, SweepUploadsRequest, SweepUploadsResponse, TrashOwnerFilesRequest,
+    TrashOwnerFilesResponse, UsageByOwnerRequest, UsageByOwnerResponse, files_client::FilesClient,
+    files_server::Files as FilesRpc, ingest_client::IngestClient,
+    ingest_server::Ingest as IngestRpc, media_client::MediaClient, media_server::Media as MediaRpc,
+    quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
 };
 use tonic::{
     Request, Response, Status,
@@ -173,6 +174,8 @@ peer! {
     {
         /// Holds bytes for an upload.
         fn reserve(ReserveRequest) -> ReserveResponse;
+        /// Sets the bytes a held reservation holds.
+        fn resize(ResizeRequest) -> ResizeResponse;
         /// Turns a reservation into usage.
         fn commit(CommitRequest) -> CommitResponse;
         /// Gives a reservation back.

@@ -26,8 +26,9 @@ use crate::{
 /// sent again on resume.
 ///
 /// Only local-disk staging takes this path (its chunks need no part rows). Elsewhere, and for a
-/// session's first chunk (which picks the key), an empty chunk or one that declares the length,
-/// a chunk is written as by [`Sessions::write_chunk`].
+/// session's first chunk (which picks the key), an empty chunk, one that declares the length or
+/// one that needs a larger quota hold (the length still deferred), a chunk is written as by
+/// [`Sessions::write_chunk`].
 pub struct ChunkStream {
     sessions: Sessions,
     id: Uuid,
@@ -163,7 +164,12 @@ async fn write_held(
     chunk: ChunkIn,
 ) -> Result<()> {
     let id = held.session.id;
-    if held.session.key.is_none() || chunk.size.is_some() || chunk.data.is_empty() {
+    let end = chunk.offset + chunk.data.len() as u64;
+    if held.session.key.is_none()
+        || chunk.size.is_some()
+        || chunk.data.is_empty()
+        || Sessions::needs_more_held(&held.session, end)
+    {
         // On the connection holding the lock, whose own transactions may take it again.
         record(held).await?;
         held.session = sessions
@@ -177,7 +183,6 @@ async fn write_held(
         .as_ref()
         .map_or(held.session.offset, |u| u.end);
     check_open_at(&held.session, offset, chunk.offset)?;
-    let end = chunk.offset + chunk.data.len() as u64;
     sessions.check_end(&held.session, end)?;
     let state = match &held.unrecorded {
         Some(u) => Some(u.hash_state.clone()),
