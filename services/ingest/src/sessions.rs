@@ -349,6 +349,11 @@ pub struct Sessions {
     settings: SessionSettings,
 }
 
+/// How far ahead of the bytes received the hold of a session whose length is deferred runs,
+/// at most (ahead by as much as it held, up to this): a long upload asks Quota a few dozen
+/// times, and holds little it has not used.
+const HOLD_AHEAD_MAX: u64 = 256 << 20;
+
 /// A session of an owner.
 const READ: &str = concat!(
     "SELECT ",
@@ -762,21 +767,27 @@ impl Sessions {
         Ok(key)
     }
 
-    /// A deferred length became known: the session's hold becomes that size.
+    /// A deferred length became known: the session's hold grows to that size if it holds
+    /// less. A larger hold stays as it is (Commit charges the real size and gives back the
+    /// rest): shrunk in Quota by a change then rolled back, it would hold less than the row
+    /// says, and chunks up to the row's figure would be staged unheld.
     async fn size_known(
         &self,
         tx: &impl GenericClient,
         session: &mut Session,
         size: u64,
     ) -> Result<()> {
-        self.resize_hold(session, size).await?;
+        let held = session.held.max(size);
+        if size > session.held {
+            self.resize_hold(session, size, size).await?;
+        }
         tx.execute_cached(
-            "UPDATE ingest.uploads SET declared_size = $2, held_bytes = $2 WHERE id = $1",
-            &[&session.id, &(size as i64)],
+            "UPDATE ingest.uploads SET declared_size = $2, held_bytes = $3 WHERE id = $1",
+            &[&session.id, &(size as i64), &(held as i64)],
         )
         .await?;
         session.size = Some(size);
-        session.held = size;
+        session.held = held;
         Ok(())
     }
 
@@ -787,54 +798,50 @@ impl Sessions {
     }
 
     /// While the length is deferred, the session holds quota for what it receives: before a
-    /// chunk ending at `end` is staged, its hold grows. It doubles where the quota allows (a
-    /// long upload asks Quota a few dozen times, not per chunk), else it grows to `end`;
-    /// refused that, the chunk is.
+    /// chunk ending at `end` is staged, its hold grows, ahead of `end` by as much as it held
+    /// (at most [`HOLD_AHEAD_MAX`]), or as far as the quota allows. Short of `end`, the chunk
+    /// is refused.
     async fn hold_more(
         &self,
         tx: &impl GenericClient,
         session: &mut Session,
         end: u64,
     ) -> Result<()> {
-        let doubled = session
-            .held
-            .saturating_mul(2)
+        let ahead = end
+            .saturating_add(session.held.min(HOLD_AHEAD_MAX))
             .min(self.settings.max_file_size)
             .max(end);
-        let bytes = match self.resize_hold(session, doubled).await {
-            Ok(()) => doubled,
-            Err(Error::Peer(status))
-                if status.code() == tonic::Code::ResourceExhausted && doubled > end =>
-            {
-                self.resize_hold(session, end).await?;
-                end
-            }
-            Err(error) => return Err(error),
-        };
-        // Rolled back with the chunk, the row says less than Quota holds, and the next
-        // chunk asks again for the same size: nothing is held twice.
+        let held = self.resize_hold(session, ahead, end).await?;
+        // Rolled back with the chunk, the row says less than Quota holds, and the next chunk
+        // asks again: nothing is held twice, and nothing staged is unheld.
         tx.execute_cached(
             "UPDATE ingest.uploads SET held_bytes = $2 WHERE id = $1",
-            &[&session.id, &(bytes as i64)],
+            &[&session.id, &(held as i64)],
         )
         .await?;
-        session.held = bytes;
+        session.held = held;
         Ok(())
     }
 
-    /// Sets the session's hold to `bytes`, in place.
-    async fn resize_hold(&self, session: &Session, bytes: u64) -> Result<()> {
+    /// Sets the session's hold to `bytes` in place, or as near as the quota allows down to
+    /// `at_least`; returns what it holds.
+    async fn resize_hold(&self, session: &Session, bytes: u64, at_least: u64) -> Result<u64> {
         let reservation = session
             .reservation_id
             .ok_or(Error::Internal("a session without its reservation"))?;
-        self.quota
+        let resized = self
+            .quota
             .resize(pb::ResizeRequest {
                 reservation_id: reservation.to_string(),
                 bytes,
                 ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
+                at_least: Some(at_least),
             })
             .await?;
-        Ok(())
+        resized
+            .reservation
+            .map(|r| r.bytes)
+            .ok_or(Error::Internal("resize answered without the reservation"))
     }
 
     async fn release(&self, reservation: Uuid, upload: Uuid) {
@@ -1049,18 +1056,6 @@ impl Sessions {
             _ => {}
         }
         let parts = self.parts(&tx, id).await?;
-        let key = session.key.as_deref().map(ObjectPath::from);
-        self.staging
-            .discard_all(id, key.as_ref(), session.multipart_id.as_deref(), &parts)
-            .await;
-        if session.placed
-            && let Some(key) = &key
-        {
-            let _ = self.store.delete(key).await;
-        }
-        if let Some(reservation) = session.reservation_id {
-            self.release(reservation, id).await;
-        }
         let row = tx
             .query_one_cached(
                 concat!(
@@ -1091,6 +1086,20 @@ impl Sessions {
             .await?;
         }
         tx.commit().await?;
+        // Ended for good only now: bytes and hold go. Left behind by a crash here, the
+        // staging sweep removes the bytes (their row ended) and the hold expires.
+        let key = session.key.as_deref().map(ObjectPath::from);
+        self.staging
+            .discard_all(id, key.as_ref(), session.multipart_id.as_deref(), &parts)
+            .await;
+        if session.placed
+            && let Some(key) = &key
+        {
+            let _ = self.store.delete(key).await;
+        }
+        if let Some(reservation) = session.reservation_id {
+            self.release(reservation, id).await;
+        }
         Ok(Session::from_row(&row, self.settings.chunk_size_hint))
     }
 

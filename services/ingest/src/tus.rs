@@ -14,7 +14,7 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use stowage_proto::v1 as pb;
 use stowage_runtime::{Identity, Verifier, auth::bearer};
 use uuid::Uuid;
@@ -82,6 +82,15 @@ fn error_response(error: Error) -> Response {
             StatusCode::PAYLOAD_TOO_LARGE
         }
         Error::Peer(s) if s.code() == tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        // The session's hold is gone (released or expired): retrying cannot help.
+        Error::Peer(s)
+            if matches!(
+                s.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::NotFound
+            ) =>
+        {
+            StatusCode::GONE
+        }
         Error::Stream(_) => StatusCode::BAD_REQUEST,
         Error::Peer(_) | Error::Db(_) | Error::Pool(_) | Error::Store(_) => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -376,6 +385,10 @@ fn parse_checksum(headers: &HeaderMap) -> Result<Option<Checksum>, Error> {
     }
 }
 
+/// How long a PATCH body may pause before its session is let go (a fast client's packets come
+/// far closer; a slow one then holds no database connection while it sends).
+const PAUSE_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Writes a request body at `offset`. With a checksum the body is one chunk (verified before
 /// anything is kept); without one it is cut into chunks of the session's chunk size, so a
 /// request cut off midway keeps what arrived. Completes the upload when its last byte lands.
@@ -400,13 +413,13 @@ async fn write_body(
     let mut at = offset;
     let mut cut_off = None;
     // As WriteChunks: the session is held while the body keeps coming, and let go (what was
-    // staged recorded) whenever the client has sent nothing more yet, and after an error.
+    // staged recorded) whenever the client sends nothing for a moment, and after an error.
     let mut writer = tus.sessions.chunk_stream(id, &caller.user_id);
     let written: Result<(), Error> = async {
         loop {
-            let next = match stream.next().now_or_never() {
-                Some(next) => next,
-                None => {
+            let next = match tokio::time::timeout(PAUSE_AFTER, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
                     writer.pause().await?;
                     stream.next().await
                 }

@@ -11,7 +11,6 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
-/// Longest reservation we grant.
 /// The columns an [`Account`] is read from. Named rather than `*` in cached statements: one
 /// whose result type changes (a migration adding a column while this version still runs) fails
 /// on every later call on its connection.
@@ -28,6 +27,7 @@ macro_rules! reservation_columns {
     };
 }
 
+/// Longest reservation we grant.
 const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// One user's account.
@@ -266,15 +266,24 @@ impl Quota {
 
     /// Sets the bytes a held reservation holds, in place, and starts its lifetime again.
     /// Growing it checks the limit against the growth alone: an upload whose length becomes
-    /// known as it goes never needs its bytes held twice. The size is absolute, so a retry
-    /// changes nothing more.
+    /// known as it goes never needs its bytes held twice. Where `bytes` does not fit, the hold
+    /// grows to the most that does if that is at least `at_least` (by default `bytes`). The
+    /// size is absolute, so a retry changes nothing more.
+    ///
+    /// Unlike commit, this takes a few statements with the account locked; it is called a few
+    /// dozen times in a long upload, not per chunk.
     pub async fn resize(
         &self,
         reservation_id: Uuid,
         bytes: u64,
+        at_least: Option<u64>,
         ttl: Option<Duration>,
     ) -> Result<(Reservation, Account)> {
-        let amount = to_i64("bytes", bytes)?;
+        let wanted = to_i64("bytes", bytes)?;
+        let at_least = to_i64("at_least", at_least.unwrap_or(bytes))?;
+        if at_least > wanted {
+            return Err(Error::invalid("at_least", "must not be above bytes"));
+        }
         let ttl_secs = self.ttl_secs(ttl)?;
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
@@ -294,25 +303,40 @@ impl Quota {
         if reservation.state != ReservationState::Held {
             return Err(Error::WrongState(reservation.state.as_str().into()));
         }
-        let growth = amount - to_i64("bytes", reservation.bytes)?;
+        let account = Account::from_row(
+            &tx.query_one_cached(
+                concat!(
+                    "SELECT ",
+                    account_columns!(),
+                    " FROM quota.accounts WHERE user_id = $1 FOR UPDATE"
+                ),
+                &[&reservation.user_id],
+            )
+            .await?,
+        );
+        let was = to_i64("bytes", reservation.bytes)?;
+        let room = was.saturating_add(to_i64("bytes", account.available_bytes())?);
+        let granted = if wanted <= was {
+            wanted
+        } else {
+            wanted.min(room.max(was))
+        };
+        if granted < at_least {
+            return Err(Error::Exhausted {
+                requested: at_least as u64,
+                available: room as u64,
+            });
+        }
         let account = tx
-            .query_opt_cached(
+            .query_one_cached(
                 concat!(
                     "UPDATE quota.accounts SET reserved_bytes = reserved_bytes + $2, updated_at = now()
-                     WHERE user_id = $1 AND ($2::bigint <= 0 OR used_bytes + reserved_bytes + $2 <= limit_bytes)
-                     RETURNING ",
+                     WHERE user_id = $1 RETURNING ",
                     account_columns!()
                 ),
-                &[&reservation.user_id, &growth],
+                &[&reservation.user_id, &(granted - was)],
             )
             .await?;
-        let Some(account) = account else {
-            let account = Account::from_row(&account_row(&tx, &reservation.user_id).await?);
-            return Err(Error::Exhausted {
-                requested: bytes,
-                available: account.available_bytes() + reservation.bytes,
-            });
-        };
         let row = tx
             .query_one_cached(
                 concat!(
@@ -321,7 +345,7 @@ impl Quota {
                      WHERE id = $1 RETURNING ",
                     reservation_columns!()
                 ),
-                &[&reservation_id, &amount, &ttl_secs],
+                &[&reservation_id, &granted, &ttl_secs],
             )
             .await?;
         tx.commit().await?;

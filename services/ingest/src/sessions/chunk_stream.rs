@@ -67,6 +67,11 @@ impl Unpooled {
             .ok_or(Error::Internal("writer connection already released"))
     }
 
+    /// The connection, back to the pool when dropped: only for one that never took the lock.
+    fn pooled(mut self) -> Option<Connection> {
+        self.0.take()
+    }
+
     /// Lets go of the lock of session `id` and returns the connection to the pool.
     async fn release(&mut self, id: Uuid) -> Result<()> {
         self.get()?
@@ -231,6 +236,8 @@ async fn hold(held: Option<Held>, sessions: &Sessions, id: Uuid, owner: &str) ->
         .await?
         .get(0);
     if !locked {
+        // Not taken: the connection holds nothing and can go back to the pool.
+        drop(conn.pooled());
         return Err(Error::Busy);
     }
     let session = sessions.read(conn.get()?, id, owner).await?;
