@@ -239,6 +239,8 @@ pub async fn serve_with(
         })
     };
 
+    // Chunk writes whose clients went away run on after the server drains: waited for below.
+    let mut chunk_writes = None;
     let ingest_local = if roles.contains(&Role::Ingest) {
         let (quota, files) = (quota_api()?, files_api()?);
         let uploader = Uploader {
@@ -301,6 +303,7 @@ pub async fn serve_with(
             },
             shutdown.clone(),
         );
+        chunk_writes = Some(sessions.clone());
         Some(Arc::new(
             IngestGrpc::new(uploader, sessions, shutdown.clone()).with_streams(streams),
         ))
@@ -470,6 +473,13 @@ pub async fn serve_with(
         "serving"
     );
     server.serve(listener, shutdown).await?;
+    if let Some(sessions) = chunk_writes
+        && tokio::time::timeout(config.shutdown_grace, sessions.drain_writes())
+            .await
+            .is_err()
+    {
+        tracing::warn!("chunk writes still running at the end of the shutdown grace");
+    }
     background.wait().await;
     Ok(())
 }

@@ -27,6 +27,7 @@ use stowage_runtime::{
     validate,
 };
 use tokio_postgres::Row;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// The columns of an upload row that a [`Session`] is read from. Named rather than `*`: a
@@ -274,20 +275,6 @@ fn check_open_at(session: &Session, offset: u64, chunk_offset: u64) -> Result<()
     Ok(())
 }
 
-/// Runs a chunk's write to its end even if the caller is dropped meanwhile (a client that
-/// hangs up, a stream reset). The staging write runs on a blocking thread, which nothing can
-/// stop: if the lock it was made under went with the caller, another writer could take the
-/// session, stage other bytes at the same offset and record their hash, and the orphaned write
-/// could then land over them. Run to its end, the write keeps the lock until its bytes are on
-/// disk, and a chunk that arrived whole is recorded.
-async fn run_to_end<T: Send + 'static>(
-    write: impl Future<Output = Result<T>> + Send + 'static,
-) -> Result<T> {
-    tokio::spawn(write)
-        .await
-        .map_err(|_| Error::Internal("a chunk's write panicked"))?
-}
-
 /// Checks the client's checksum of `chunk` before anything is staged, then starts updating the
 /// running hash from `state` off the async threads (while the bytes are being staged).
 async fn check_and_hash(
@@ -347,6 +334,8 @@ pub struct Sessions {
     quota: Arc<dyn QuotaApi>,
     files: Arc<dyn FilesApi>,
     settings: SessionSettings,
+    /// Chunk writes run to their end (see `run_to_end`).
+    writes: TaskTracker,
 }
 
 /// How far ahead of the bytes received the hold of a session whose length is deferred runs,
@@ -393,7 +382,33 @@ impl Sessions {
             quota,
             files,
             settings,
+            writes: TaskTracker::new(),
         }
+    }
+
+    /// Runs a chunk's write to its end even if the caller is dropped meanwhile (a client that
+    /// hangs up, a stream reset). The staging write runs on a blocking thread, which nothing can
+    /// stop: if the lock it was made under went with the caller, another writer could take the
+    /// session, stage other bytes at the same offset and record their hash, and the orphaned write
+    /// could then land over them. Run to its end, the write keeps the lock until its bytes are on
+    /// disk, and a chunk that arrived whole is recorded. Tracked, so shutdown waits for them
+    /// ([`drain_writes`](Self::drain_writes)).
+    async fn run_to_end<T: Send + 'static>(
+        &self,
+        write: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        self.writes
+            .spawn(write)
+            .await
+            .map_err(|_| Error::Internal("a chunk's write panicked"))?
+    }
+
+    /// Waits for the chunk writes still running (their callers gone: see `run_to_end`), so
+    /// none outlives the process's hold on its session. Called at shutdown, after the server
+    /// drained.
+    pub async fn drain_writes(&self) {
+        self.writes.close();
+        self.writes.wait().await;
     }
 
     /// The settings in force.
@@ -580,10 +595,10 @@ impl Sessions {
     }
 
     /// Appends one chunk at its offset. Once called, the write runs to its end even if the
-    /// caller goes away (see [`run_to_end`]).
+    /// caller goes away (see `run_to_end`).
     pub async fn write_chunk(&self, id: Uuid, owner: &str, chunk: ChunkIn) -> Result<Session> {
         let (sessions, owner) = (self.clone(), owner.to_owned());
-        run_to_end(async move {
+        self.run_to_end(async move {
             let mut conn = sessions.pool.get().await?;
             sessions.write_chunk_on(&mut conn, id, &owner, chunk).await
         })

@@ -5,7 +5,7 @@ use object_store::path::Path as ObjectPath;
 use stowage_db::{Cached, Connection};
 use uuid::Uuid;
 
-use super::{ChunkIn, Session, Sessions, check_and_hash, check_open_at, run_to_end};
+use super::{ChunkIn, Session, Sessions, check_and_hash, check_open_at};
 use crate::{
     error::{Error, Result},
     staging::Target,
@@ -129,11 +129,13 @@ impl ChunkStream {
         // The lock goes with `held`: dropped with this call, it would be let go while the
         // chunk is still being written. Run to its end, the write hands it back.
         let (sessions, owner) = (self.sessions.clone(), self.owner.clone());
-        let (held, written) = run_to_end(async move {
-            let written = write_held(&sessions, &mut held, &owner, chunk).await;
-            Ok((held, written))
-        })
-        .await?;
+        let (held, written) = self
+            .sessions
+            .run_to_end(async move {
+                let written = write_held(&sessions, &mut held, &owner, chunk).await;
+                Ok((held, written))
+            })
+            .await?;
         self.held = Some(held);
         written
     }
