@@ -288,18 +288,7 @@ impl Quota {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         // The reservation, then its account: the order release and commit lock them in.
-        let row = tx
-            .query_opt_cached(
-                concat!(
-                    "SELECT ",
-                    reservation_columns!(),
-                    " FROM quota.reservations WHERE id = $1 FOR UPDATE"
-                ),
-                &[&reservation_id],
-            )
-            .await?
-            .ok_or(Error::ReservationNotFound)?;
-        let reservation = Reservation::from_row(&row);
+        let reservation = locked_reservation(&tx, reservation_id).await?;
         if reservation.state != ReservationState::Held {
             return Err(Error::WrongState(reservation.state.as_str().into()));
         }
@@ -416,18 +405,7 @@ impl Quota {
     pub async fn release(&self, reservation_id: Uuid) -> Result<Reservation> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
-        let row = tx
-            .query_opt_cached(
-                concat!(
-                    "SELECT ",
-                    reservation_columns!(),
-                    " FROM quota.reservations WHERE id = $1 FOR UPDATE"
-                ),
-                &[&reservation_id],
-            )
-            .await?
-            .ok_or(Error::ReservationNotFound)?;
-        let reservation = Reservation::from_row(&row);
+        let reservation = locked_reservation(&tx, reservation_id).await?;
         match reservation.state {
             ReservationState::Released | ReservationState::Expired => return Ok(reservation),
             ReservationState::Committed => return Err(Error::WrongState("committed".into())),
@@ -827,6 +805,22 @@ async fn find_by_key(
         )
         .await?;
     Ok(row.as_ref().map(Reservation::from_row))
+}
+
+/// Reservation `id`, locked for the transaction `tx`.
+async fn locked_reservation(tx: &impl GenericClient, id: Uuid) -> Result<Reservation> {
+    let row = tx
+        .query_opt_cached(
+            concat!(
+                "SELECT ",
+                reservation_columns!(),
+                " FROM quota.reservations WHERE id = $1 FOR UPDATE"
+            ),
+            &[&id],
+        )
+        .await?
+        .ok_or(Error::ReservationNotFound)?;
+    Ok(Reservation::from_row(&row))
 }
 
 async fn account_row(conn: &impl GenericClient, user_id: &str) -> Result<Row> {
