@@ -472,16 +472,18 @@ pub async fn serve_with(
         store = %blobs.url,
         "serving"
     );
-    server.serve(listener, shutdown).await?;
+    let served = server.serve(listener, shutdown).await;
+    // One chunk's write each: seconds at most, well inside a pod's termination grace after
+    // the server's own.
     if let Some(sessions) = chunk_writes
-        && tokio::time::timeout(config.shutdown_grace, sessions.drain_writes())
+        && tokio::time::timeout(std::time::Duration::from_secs(10), sessions.drain_writes())
             .await
             .is_err()
     {
-        tracing::warn!("chunk writes still running at the end of the shutdown grace");
+        tracing::warn!("chunk writes still running 10 s after the server stopped");
     }
     background.wait().await;
-    Ok(())
+    Ok(served?)
 }
 
 /// Lifecycle's queue, schedules and worker, started on `background`.

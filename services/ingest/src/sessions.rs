@@ -397,6 +397,10 @@ impl Sessions {
         &self,
         write: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
+        // Once shutdown waits for the writes, no new one starts: it could outlive the wait.
+        if self.writes.is_closed() {
+            return Err(Error::ShuttingDown);
+        }
         self.writes
             .spawn(write)
             .await
@@ -794,7 +798,7 @@ impl Sessions {
     ) -> Result<()> {
         let held = session.held.max(size);
         if size > session.held {
-            self.resize_hold(session, size, size).await?;
+            self.resize_hold(session, size).await?;
         }
         tx.execute_cached(
             "UPDATE ingest.uploads SET declared_size = $2, held_bytes = $3 WHERE id = $1",
@@ -813,9 +817,9 @@ impl Sessions {
     }
 
     /// While the length is deferred, the session holds quota for what it receives: before a
-    /// chunk ending at `end` is staged, its hold grows, ahead of `end` by as much as it held
-    /// (at most [`HOLD_AHEAD_MAX`]), or as far as the quota allows. Short of `end`, the chunk
-    /// is refused.
+    /// chunk ending at `end` is staged, its hold grows ahead of `end` by as much as it held (at
+    /// most [`HOLD_AHEAD_MAX`]), or where that does not fit, to `end` alone (so near the limit
+    /// it leaves the rest to the user's other uploads). Refused that, the chunk is.
     async fn hold_more(
         &self,
         tx: &impl GenericClient,
@@ -826,7 +830,16 @@ impl Sessions {
             .saturating_add(session.held.min(HOLD_AHEAD_MAX))
             .min(self.settings.max_file_size)
             .max(end);
-        let held = self.resize_hold(session, ahead, end).await?;
+        let held = match self.resize_hold(session, ahead).await {
+            Ok(()) => ahead,
+            Err(Error::Peer(status))
+                if status.code() == tonic::Code::ResourceExhausted && ahead > end =>
+            {
+                self.resize_hold(session, end).await?;
+                end
+            }
+            Err(error) => return Err(error),
+        };
         // Rolled back with the chunk, the row says less than Quota holds, and the next chunk
         // asks again: nothing is held twice, and nothing staged is unheld.
         tx.execute_cached(
@@ -838,25 +851,19 @@ impl Sessions {
         Ok(())
     }
 
-    /// Sets the session's hold to `bytes` in place, or as near as the quota allows down to
-    /// `at_least`; returns what it holds.
-    async fn resize_hold(&self, session: &Session, bytes: u64, at_least: u64) -> Result<u64> {
+    /// Sets the session's hold to `bytes`, in place.
+    async fn resize_hold(&self, session: &Session, bytes: u64) -> Result<()> {
         let reservation = session
             .reservation_id
             .ok_or(Error::Internal("a session without its reservation"))?;
-        let resized = self
-            .quota
+        self.quota
             .resize(pb::ResizeRequest {
                 reservation_id: reservation.to_string(),
                 bytes,
                 ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
-                at_least: Some(at_least),
             })
             .await?;
-        resized
-            .reservation
-            .map(|r| r.bytes)
-            .ok_or(Error::Internal("resize answered without the reservation"))
+        Ok(())
     }
 
     async fn release(&self, reservation: Uuid, upload: Uuid) {

@@ -266,9 +266,8 @@ impl Quota {
 
     /// Sets the bytes a held reservation holds, in place, and starts its lifetime again.
     /// Growing it checks the limit against the growth alone: an upload whose length becomes
-    /// known as it goes never needs its bytes held twice. Where `bytes` does not fit, the hold
-    /// grows to the most that does if that is at least `at_least` (by default `bytes`). The
-    /// size is absolute, so a retry changes nothing more.
+    /// known as it goes never needs its bytes held twice. The size is absolute, so a retry
+    /// changes nothing more.
     ///
     /// Unlike commit, this takes a few statements with the account locked; it is called a few
     /// dozen times in a long upload, not per chunk.
@@ -276,14 +275,9 @@ impl Quota {
         &self,
         reservation_id: Uuid,
         bytes: u64,
-        at_least: Option<u64>,
         ttl: Option<Duration>,
     ) -> Result<(Reservation, Account)> {
         let wanted = to_i64("bytes", bytes)?;
-        let at_least = to_i64("at_least", at_least.unwrap_or(bytes))?;
-        if at_least > wanted {
-            return Err(Error::invalid("at_least", "must not be above bytes"));
-        }
         let ttl_secs = self.ttl_secs(ttl)?;
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
@@ -305,14 +299,9 @@ impl Quota {
         );
         let was = to_i64("bytes", reservation.bytes)?;
         let room = was.saturating_add(to_i64("bytes", account.available_bytes())?);
-        let granted = if wanted <= was {
-            wanted
-        } else {
-            wanted.min(room.max(was))
-        };
-        if granted < at_least {
+        if wanted > was && wanted > room {
             return Err(Error::Exhausted {
-                requested: at_least as u64,
+                requested: bytes,
                 available: room as u64,
             });
         }
@@ -323,7 +312,7 @@ impl Quota {
                      WHERE user_id = $1 RETURNING ",
                     account_columns!()
                 ),
-                &[&reservation.user_id, &(granted - was)],
+                &[&reservation.user_id, &(wanted - was)],
             )
             .await?;
         let row = tx
@@ -334,7 +323,7 @@ impl Quota {
                      WHERE id = $1 RETURNING ",
                     reservation_columns!()
                 ),
-                &[&reservation_id, &granted, &ttl_secs],
+                &[&reservation_id, &wanted, &ttl_secs],
             )
             .await?;
         tx.commit().await?;

@@ -118,7 +118,7 @@ impl quota_server::Quota for QuotaGrpc {
         let req = request.into_inner();
         let id = parse_uuid("reservation_id", &req.reservation_id)?;
         let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(req.ttl_seconds)));
-        let (reservation, account) = self.quota.resize(id, req.bytes, req.at_least, ttl).await?;
+        let (reservation, account) = self.quota.resize(id, req.bytes, ttl).await?;
         Ok(Response::new(pb::ResizeResponse {
             reservation: Some(reservation.into()),
             account: Some(account.into()),
