@@ -629,6 +629,90 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     mesh.stop().await
 }
 
+/// blob_gc looks at `gc_batch` blobs and `gc_batch` files per run and goes on where it stopped,
+/// so a large store is covered over several runs; a pass that ends starts over, and a dry run
+/// moves nothing. On the memory store, which lists in key order.
+#[tokio::test]
+async fn gc_covers_a_store_over_several_runs_each_going_on_where_the_last_stopped()
+-> anyhow::Result<()> {
+    use object_store::{ObjectStoreExt, path::Path};
+    let setup = Setup::memory().await?;
+    let mesh = Mesh::start_with(&setup, |c| c.lifecycle.gc_batch = 2).await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let alice = token("alice", &[]);
+    let admin = token("root", &["admin"]);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let file = upload(
+            mesh.channel(),
+            &alice,
+            &format!("f{i}.bin"),
+            &random_bytes(1000),
+            &[],
+        )
+        .await?;
+        // Older than the safety age, so the originals are checked.
+        sql(
+            &setup,
+            "UPDATE files.files SET created_at = now() - interval '2 hours' WHERE id = $1",
+            &file.id,
+        )
+        .await?;
+        ids.push(file.id);
+    }
+    // The last file in id order loses its blob: only a run that gets that far finds it.
+    ids.sort();
+    let lost = files(mesh.channel())
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: ids[2].clone(),
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .file
+        .unwrap_or_default();
+    mesh.blobs
+        .store
+        .delete(&Path::from(lost.storage_key.as_str()))
+        .await?;
+    let cursors = || async {
+        let pool = stowage_db::connect(&setup.database_url, 1)?;
+        let n: i64 = pool
+            .get()
+            .await?
+            .query_one("SELECT count(*) FROM lifecycle.gc_cursors", &[])
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+
+    // Two blobs and two files, none missing; both ways stop there.
+    let first = run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!((first.examined, first.acted), (4, 0), "{first:?}");
+    assert_eq!(cursors().await?, 2);
+    // A dry run goes on from there too (no blob left; the third file, missing), and moves
+    // nothing.
+    let dry = run_now(&mesh, "blob_gc", true).await?;
+    assert_eq!((dry.examined, dry.acted), (1, 1), "{dry:?}");
+    assert_eq!(
+        dry.report,
+        [format!("missing {} of file {}", lost.storage_key, lost.id)]
+    );
+    assert_eq!(cursors().await?, 2);
+    // The real run finds the same, marks the file, and both passes end.
+    let second = run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!((second.examined, second.acted), (1, 1), "{second:?}");
+    assert_eq!(cursors().await?, 0);
+    let marked = wait_processed(mesh.channel(), &alice, &lost.id, PATIENCE).await?;
+    assert_eq!(marked.status, pb::FileStatus::Failed as i32);
+    // The next run starts over.
+    let third = run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!((third.examined, third.acted), (4, 0), "{third:?}");
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing_owned()
 -> anyhow::Result<()> {

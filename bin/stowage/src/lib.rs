@@ -522,7 +522,8 @@ fn start_lifecycle(
         Arc::clone(&blobs.store),
     )
     .with_local_root(blobs.local_root.clone())
-    .with_reconcile_settle(config.lifecycle.reconcile_settle);
+    .with_reconcile_settle(config.lifecycle.reconcile_settle)
+    .with_gc_batch(config.lifecycle.gc_batch);
     match redis {
         Some(redis) => {
             lifecycle = lifecycle.with_redis(redis.clone(), &config.events.namespace);

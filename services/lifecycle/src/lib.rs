@@ -112,6 +112,8 @@ pub struct Lifecycle {
     redis: Option<fred::clients::Client>,
     namespace: String,
     settle: std::time::Duration,
+    /// Blobs, then files, one `blob_gc` run looks at.
+    gc_batch: u64,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -146,7 +148,15 @@ impl Lifecycle {
             redis: None,
             namespace: stowage_events::DEFAULT_NAMESPACE.to_owned(),
             settle: usage::DEFAULT_SETTLE,
+            gc_batch: 1_000_000,
         }
+    }
+
+    /// How many blobs, and then files, one `blob_gc` run looks at; the next run goes on where
+    /// it stopped.
+    pub fn with_gc_batch(mut self, batch: u64) -> Self {
+        self.gc_batch = batch.max(1);
+        self
     }
 
     /// The local-disk store's directory: `blob_gc` also removes the temporary files of writes

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use object_store::ObjectStoreExt;
+use stowage_db::Cached;
 use stowage_proto::v1 as pb;
 use tonic::Code;
 
@@ -18,6 +19,11 @@ use crate::{
 const MAX_REPORT: usize = 1000;
 /// Items fetched per page from another service.
 const PAGE: u32 = 500;
+
+/// blob_gc's cursor over the store's objects.
+const GC_BLOBS: &str = "blob_gc/objects";
+/// blob_gc's cursor over files' originals.
+const GC_ORIGINALS: &str = "blob_gc/originals";
 
 /// A scheduled job: its name and default interval.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,49 +222,110 @@ impl Lifecycle {
     /// references and that are older than the safety age (an upload writes its bytes before
     /// it registers the file) are deleted; files whose original is missing from the store are
     /// reported and marked failed with the reason. A dry run lists both and changes nothing.
+    ///
+    /// Each way looks at most at `gc_batch` items per run, and the next run goes on where this
+    /// one stopped (`lifecycle.gc_cursors`; a dry run does not move them), so a large store is
+    /// covered over several runs instead of listed whole by each.
     async fn blob_gc(&self, policy: &Policy, dry_run: bool) -> Result<Tally, tonic::Status> {
-        use futures::TryStreamExt;
         let safety = chrono::Duration::minutes(i64::from(policy.gc_safety_minutes));
         let cutoff = Utc::now() - safety;
         let mut tally = Tally::default();
+        self.collect_unreferenced_blobs(cutoff, dry_run, &mut tally)
+            .await?;
+        self.sweep_temporaries(cutoff, dry_run, &mut tally).await?;
+        self.find_missing_originals(cutoff, dry_run, &mut tally)
+            .await?;
+        Ok(tally)
+    }
+
+    /// Unreferenced objects under `users/` last written before `cutoff` go. Stores other than
+    /// a local disk list in key order, so a run goes on after the last key the one before
+    /// looked at; a local disk's walk has no order, and is walked whole.
+    async fn collect_unreferenced_blobs(
+        &self,
+        cutoff: chrono::DateTime<Utc>,
+        dry_run: bool,
+        tally: &mut Tally,
+    ) -> Result<(), tonic::Status> {
+        use futures::TryStreamExt;
+        let ordered = self.local_root.is_none();
         let prefix = object_store::path::Path::from("users");
-        let mut listing = self.store.list(Some(&prefix));
+        let after = match ordered {
+            true => self.gc_cursor(GC_BLOBS).await?,
+            false => None,
+        };
+        let mut listing = match &after {
+            Some(key) => self
+                .store
+                .list_with_offset(Some(&prefix), &object_store::path::Path::from(key.as_str())),
+            None => self.store.list(Some(&prefix)),
+        };
         let mut batch: Vec<object_store::ObjectMeta> = Vec::new();
-        loop {
+        let (mut looked, mut last, mut ended) = (0u64, None, false);
+        while !ordered || looked < self.gc_batch {
             let next = listing
                 .try_next()
                 .await
                 .map_err(|e| stowage_runtime::status::dependency_failed("object store", &e))?;
-            let done = next.is_none();
-            if let Some(meta) = next {
-                tally.examined += 1;
-                if meta.last_modified < cutoff {
-                    batch.push(meta);
-                }
+            let Some(meta) = next else {
+                ended = true;
+                break;
+            };
+            looked += 1;
+            tally.examined += 1;
+            last = Some(meta.location.to_string());
+            if meta.last_modified < cutoff {
+                batch.push(meta);
             }
-            if batch.len() >= 500 || (done && !batch.is_empty()) {
-                self.collect_unreferenced(std::mem::take(&mut batch), dry_run, &mut tally)
+            if batch.len() >= 500 {
+                self.collect_unreferenced(std::mem::take(&mut batch), dry_run, tally)
                     .await?;
             }
-            if done {
-                break;
-            }
         }
-        self.sweep_temporaries(cutoff, dry_run, &mut tally).await?;
-        // The other way: rows whose blob is gone.
-        let mut page_token = String::new();
-        loop {
+        if !batch.is_empty() {
+            self.collect_unreferenced(batch, dry_run, tally).await?;
+        }
+        if ordered && !dry_run {
+            let position = if ended { None } else { last.as_deref() };
+            self.set_gc_cursor(GC_BLOBS, position).await?;
+        }
+        Ok(())
+    }
+
+    /// The other way: files created before `cutoff` whose original is gone from the store are
+    /// reported and marked failed. A pass keeps the cutoff it started with, so a run that goes
+    /// on with its page token asks the same question; files created since wait for the next
+    /// pass.
+    async fn find_missing_originals(
+        &self,
+        cutoff: chrono::DateTime<Utc>,
+        dry_run: bool,
+        tally: &mut Tally,
+    ) -> Result<(), tonic::Status> {
+        let resumed = self.gc_cursor(GC_ORIGINALS).await?.and_then(|position| {
+            let (at, token) = position.split_once(' ')?;
+            let at = chrono::DateTime::parse_from_rfc3339(at).ok()?;
+            Some((at.with_timezone(&Utc), token.to_owned()))
+        });
+        let (before, mut page_token) = resumed.unwrap_or((cutoff, String::new()));
+        let mut looked = 0u64;
+        let ended = loop {
+            if looked >= self.gc_batch {
+                break false;
+            }
+            let room = u32::try_from(self.gc_batch - looked).unwrap_or(u32::MAX);
             let page = self
                 .files
                 .list_originals(pb::ListOriginalsRequest {
-                    created_before: Some(stowage_runtime::time::timestamp(cutoff)),
-                    page_size: PAGE,
+                    created_before: Some(stowage_runtime::time::timestamp(before)),
+                    page_size: PAGE.min(room),
                     page_token: page_token.clone(),
                     status: pb::FileStatus::Unspecified as i32,
                 })
                 .await?;
             for original in page.originals {
                 tally.examined += 1;
+                looked += 1;
                 let path = object_store::path::Path::from(original.storage_key.as_str());
                 match self.store.head(&path).await {
                     Ok(_) => continue,
@@ -295,15 +362,51 @@ impl Lifecycle {
                 }
             }
             if page.next_page_token.is_empty() {
-                break;
+                break true;
             }
             page_token = page.next_page_token;
+        };
+        if !dry_run {
+            let position = (!ended).then(|| format!("{} {page_token}", before.to_rfc3339()));
+            self.set_gc_cursor(GC_ORIGINALS, position.as_deref())
+                .await?;
         }
-        Ok(tally)
+        Ok(())
     }
 
-    /// Temporary files of local-disk writes that never finished, older than `cutoff` (a
-    /// write in progress is younger).
+    /// Where blob_gc's `part` stopped (`None`: at the start).
+    async fn gc_cursor(&self, part: &str) -> Result<Option<String>, tonic::Status> {
+        let conn = self.pool.get().await.map_err(crate::db)?;
+        let row = conn
+            .query_opt_cached(
+                "SELECT position FROM lifecycle.gc_cursors WHERE part = $1",
+                &[&part],
+            )
+            .await
+            .map_err(crate::db)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Records where blob_gc's `part` stopped (`None`: its pass ended, the next starts over).
+    async fn set_gc_cursor(&self, part: &str, position: Option<&str>) -> Result<(), tonic::Status> {
+        let conn = self.pool.get().await.map_err(crate::db)?;
+        match position {
+            Some(position) => conn
+                .execute_cached(
+                    "INSERT INTO lifecycle.gc_cursors (part, position) VALUES ($1, $2)
+                     ON CONFLICT (part) DO UPDATE SET position = $2, updated_at = now()",
+                    &[&part, &position],
+                )
+                .await
+                .map_err(crate::db)?,
+            None => conn
+                .execute_cached("DELETE FROM lifecycle.gc_cursors WHERE part = $1", &[&part])
+                .await
+                .map_err(crate::db)?,
+        };
+        Ok(())
+    }
+
     async fn sweep_temporaries(
         &self,
         cutoff: chrono::DateTime<Utc>,

@@ -179,6 +179,9 @@ pub struct LifecycleConfig {
     /// moved: a recount between two steps of a purge or an upload is not a drift.
     #[serde(with = "humantime_serde")]
     pub reconcile_settle: Duration,
+    /// Blobs, and then files, that one `blob_gc` run looks at, at most: the next run goes on
+    /// where it stopped (on stores that list in key order; a local disk is walked whole).
+    pub gc_batch: u64,
 }
 
 impl Default for LifecycleConfig {
@@ -186,6 +189,7 @@ impl Default for LifecycleConfig {
         Self {
             recheck_debounce: Duration::from_secs(1),
             reconcile_settle: Duration::from_secs(2),
+            gc_batch: 1_000_000,
         }
     }
 }
@@ -572,6 +576,9 @@ impl Config {
                 "STOWAGE_LIFECYCLE__RECHECK_DEBOUNCE",
                 "must be between 100 ms and 1 h",
             );
+        }
+        if self.lifecycle.gc_batch == 0 {
+            return fail("STOWAGE_LIFECYCLE__GC_BATCH", "must be at least 1");
         }
         if self.lifecycle.reconcile_settle > Duration::from_secs(600) {
             return fail(
