@@ -710,6 +710,19 @@ async fn gc_covers_a_store_over_several_runs_each_going_on_where_the_last_stoppe
     // The next run starts over.
     let third = run_now(&mesh, "blob_gc", false).await?;
     assert_eq!((third.examined, third.acted), (4, 0), "{third:?}");
+    // A saved page Files no longer takes starts a new pass instead of failing every run.
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE lifecycle.gc_cursors SET position = '2026-01-01T00:00:00+00:00 stale'
+             WHERE part = 'blob_gc/originals'",
+            &[],
+        )
+        .await?;
+    let fourth = run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!((fourth.examined, fourth.failed), (2, 0), "{fourth:?}");
+    assert!(fourth.error.is_empty(), "{fourth:?}");
     mesh.stop().await
 }
 

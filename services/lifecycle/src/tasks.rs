@@ -307,14 +307,14 @@ impl Lifecycle {
             let at = chrono::DateTime::parse_from_rfc3339(at).ok()?;
             Some((at.with_timezone(&Utc), token.to_owned()))
         });
-        let (before, mut page_token) = resumed.unwrap_or((cutoff, String::new()));
+        let (mut before, mut page_token) = resumed.unwrap_or((cutoff, String::new()));
         let mut looked = 0u64;
         let ended = loop {
             if looked >= self.gc_batch {
                 break false;
             }
             let room = u32::try_from(self.gc_batch - looked).unwrap_or(u32::MAX);
-            let page = self
+            let listed = self
                 .files
                 .list_originals(pb::ListOriginalsRequest {
                     created_before: Some(stowage_runtime::time::timestamp(before)),
@@ -322,7 +322,18 @@ impl Lifecycle {
                     page_token: page_token.clone(),
                     status: pb::FileStatus::Unspecified as i32,
                 })
-                .await?;
+                .await;
+            let page = match listed {
+                Ok(page) => page,
+                // A token Files no longer takes (another release's): a new pass, rather than
+                // the same refusal every run.
+                Err(status) if status.code() == Code::InvalidArgument && !page_token.is_empty() => {
+                    tracing::warn!(%status, "blob_gc's saved page of files refused; starting over");
+                    (before, page_token) = (cutoff, String::new());
+                    continue;
+                }
+                Err(status) => return Err(status),
+            };
             for original in page.originals {
                 tally.examined += 1;
                 looked += 1;
