@@ -660,6 +660,9 @@ async fn gc_covers_a_store_over_several_runs_each_going_on_where_the_last_stoppe
         .await?;
         ids.push(file.id);
     }
+    for id in &ids {
+        wait_processed(mesh.channel(), &alice, id, PATIENCE).await?;
+    }
     // The last file in id order loses its blob: only a run that gets that far finds it.
     ids.sort();
     let lost = files(mesh.channel())

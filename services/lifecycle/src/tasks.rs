@@ -25,6 +25,101 @@ const GC_BLOBS: &str = "blob_gc/objects";
 /// blob_gc's cursor over files' originals.
 const GC_ORIGINALS: &str = "blob_gc/originals";
 
+/// How long each of blob_gc's two ways may go on in one run (well inside Lifecycle's job
+/// timeout); the next run goes on where it stopped.
+const GC_PART_BUDGET: Duration = Duration::from_secs(10 * 60);
+
+/// Where one of blob_gc's ways stopped (`lifecycle.gc_cursors`), moved as a run goes. A move
+/// applies only if the cursor still says what this run last read or wrote: a run another one
+/// overtook (two at once) stops moving it. A dry run never moves it.
+struct GcCursor {
+    part: &'static str,
+    position: Option<String>,
+    /// Moves no more: a dry run, a run overtaken, or a listing out of order.
+    frozen: bool,
+}
+
+impl GcCursor {
+    async fn read(
+        lifecycle: &Lifecycle,
+        part: &'static str,
+        dry_run: bool,
+    ) -> Result<Self, tonic::Status> {
+        let conn = lifecycle.pool.get().await.map_err(crate::db)?;
+        let row = conn
+            .query_opt_cached(
+                "SELECT position FROM lifecycle.gc_cursors WHERE part = $1",
+                &[&part],
+            )
+            .await
+            .map_err(crate::db)?;
+        Ok(Self {
+            part,
+            position: row.map(|r| r.get(0)),
+            frozen: dry_run,
+        })
+    }
+
+    /// Where the last run stopped (`None`: at the start of a pass).
+    fn position(&self) -> Option<&str> {
+        self.position.as_deref()
+    }
+
+    /// Moves no more in this run.
+    fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// Moves to `to` (`None`: the pass ended, and the next run starts over).
+    async fn advance(
+        &mut self,
+        lifecycle: &Lifecycle,
+        to: Option<&str>,
+    ) -> Result<(), tonic::Status> {
+        if self.frozen || self.position.as_deref() == to {
+            return Ok(());
+        }
+        let conn = lifecycle.pool.get().await.map_err(crate::db)?;
+        let moved = match (&self.position, to) {
+            (Some(from), Some(to)) => {
+                conn.execute_cached(
+                    "UPDATE lifecycle.gc_cursors SET position = $3, updated_at = now()
+                     WHERE part = $1 AND position = $2",
+                    &[&self.part, from, &to],
+                )
+                .await
+            }
+            (Some(from), None) => {
+                conn.execute_cached(
+                    "DELETE FROM lifecycle.gc_cursors WHERE part = $1 AND position = $2",
+                    &[&self.part, from],
+                )
+                .await
+            }
+            (None, Some(to)) => {
+                conn.execute_cached(
+                    "INSERT INTO lifecycle.gc_cursors (part, position) VALUES ($1, $2)
+                     ON CONFLICT (part) DO NOTHING",
+                    &[&self.part, &to],
+                )
+                .await
+            }
+            (None, None) => Ok(1),
+        }
+        .map_err(crate::db)?;
+        if moved == 1 {
+            self.position = to.map(str::to_owned);
+        } else {
+            tracing::info!(
+                part = self.part,
+                "another blob_gc run moved the cursor; this one leaves it"
+            );
+            self.frozen = true;
+        }
+        Ok(())
+    }
+}
+
 /// A scheduled job: its name and default interval.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Task {
@@ -81,7 +176,7 @@ pub struct Tally {
     pub examined: u64,
     /// Items acted on (or that a dry run would act on).
     pub acted: u64,
-    /// Items that failed (retried on the next run).
+    /// Items that failed (retried on the next run; by blob_gc, on its next pass over them).
     pub failed: u64,
     /// What a dry run would do (bounded).
     pub report: Vec<String>,
@@ -240,7 +335,8 @@ impl Lifecycle {
 
     /// Unreferenced objects under `users/` last written before `cutoff` go. Stores other than
     /// a local disk list in key order, so a run goes on after the last key the one before
-    /// looked at; a local disk's walk has no order, and is walked whole.
+    /// looked at; a local disk's walk has no order, and is walked whole, as is a store whose
+    /// listing turns out not to be in order.
     async fn collect_unreferenced_blobs(
         &self,
         cutoff: chrono::DateTime<Utc>,
@@ -248,48 +344,67 @@ impl Lifecycle {
         tally: &mut Tally,
     ) -> Result<(), tonic::Status> {
         use futures::TryStreamExt;
+        let deadline = tokio::time::Instant::now() + GC_PART_BUDGET;
+        let mut cursor = GcCursor::read(self, GC_BLOBS, dry_run).await?;
         let ordered = self.local_root.is_none();
         let prefix = object_store::path::Path::from("users");
-        let after = match ordered {
-            true => self.gc_cursor(GC_BLOBS).await?,
-            false => None,
-        };
+        let after = cursor
+            .position()
+            .filter(|_| ordered)
+            .and_then(|key| object_store::path::Path::parse(key).ok());
         let mut listing = match &after {
-            Some(key) => self
-                .store
-                .list_with_offset(Some(&prefix), &object_store::path::Path::from(key.as_str())),
+            Some(key) => self.store.list_with_offset(Some(&prefix), key),
             None => self.store.list(Some(&prefix)),
         };
         let mut batch: Vec<object_store::ObjectMeta> = Vec::new();
-        let (mut looked, mut last, mut ended) = (0u64, None, false);
-        while !ordered || looked < self.gc_batch {
-            let next = listing
-                .try_next()
-                .await
-                .map_err(|e| stowage_runtime::status::dependency_failed("object store", &e))?;
-            let Some(meta) = next else {
-                ended = true;
-                break;
+        let mut previous = after;
+        let mut in_order = ordered;
+        let mut looked = 0u64;
+        loop {
+            let stop =
+                in_order && (looked >= self.gc_batch || tokio::time::Instant::now() > deadline);
+            let next = match stop {
+                true => None,
+                false => listing
+                    .try_next()
+                    .await
+                    .map_err(|e| stowage_runtime::status::dependency_failed("object store", &e))?,
             };
-            looked += 1;
-            tally.examined += 1;
-            last = Some(meta.location.to_string());
-            if meta.last_modified < cutoff {
-                batch.push(meta);
+            if let Some(meta) = &next {
+                looked += 1;
+                tally.examined += 1;
+                if in_order && previous.as_ref().is_some_and(|p| meta.location <= *p) {
+                    // Not in key order after all: this run walks the whole store and leaves
+                    // the cursor alone.
+                    tracing::warn!(key = %meta.location, "the store does not list in key order; blob_gc walks it whole");
+                    in_order = false;
+                    cursor.freeze();
+                }
+                previous = Some(meta.location.clone());
+                if meta.last_modified < cutoff {
+                    batch.push(meta.clone());
+                }
             }
-            if batch.len() >= 500 {
+            if batch.len() >= 500 || (next.is_none() && !batch.is_empty()) {
                 self.collect_unreferenced(std::mem::take(&mut batch), dry_run, tally)
                     .await?;
+                // Everything up to `previous` is handled: a run cut off later goes on from here.
+                if in_order {
+                    let at = previous.as_ref().map(ToString::to_string);
+                    cursor.advance(self, at.as_deref()).await?;
+                }
+            }
+            if next.is_none() {
+                // Stopped by the batch or the time: go on from here; the listing ended: the
+                // next run starts a new pass.
+                let at = previous.as_ref().map(ToString::to_string);
+                let to = if stop { at.as_deref() } else { None };
+                if ordered {
+                    cursor.advance(self, to).await?;
+                }
+                return Ok(());
             }
         }
-        if !batch.is_empty() {
-            self.collect_unreferenced(batch, dry_run, tally).await?;
-        }
-        if ordered && !dry_run {
-            let position = if ended { None } else { last.as_deref() };
-            self.set_gc_cursor(GC_BLOBS, position).await?;
-        }
-        Ok(())
     }
 
     /// The other way: files created before `cutoff` whose original is gone from the store are
@@ -302,17 +417,16 @@ impl Lifecycle {
         dry_run: bool,
         tally: &mut Tally,
     ) -> Result<(), tonic::Status> {
-        let resumed = self.gc_cursor(GC_ORIGINALS).await?.and_then(|position| {
+        let deadline = tokio::time::Instant::now() + GC_PART_BUDGET;
+        let mut cursor = GcCursor::read(self, GC_ORIGINALS, dry_run).await?;
+        let resumed = cursor.position().and_then(|position| {
             let (at, token) = position.split_once(' ')?;
             let at = chrono::DateTime::parse_from_rfc3339(at).ok()?;
             Some((at.with_timezone(&Utc), token.to_owned()))
         });
         let (mut before, mut page_token) = resumed.unwrap_or((cutoff, String::new()));
         let mut looked = 0u64;
-        let ended = loop {
-            if looked >= self.gc_batch {
-                break false;
-            }
+        while looked < self.gc_batch && tokio::time::Instant::now() <= deadline {
             let room = u32::try_from(self.gc_batch - looked).unwrap_or(u32::MAX);
             let listed = self
                 .files
@@ -372,49 +486,15 @@ impl Lifecycle {
                     tracing::warn!(file_id = %original.file_id, status = %s, "could not mark a file whose blob is missing");
                 }
             }
+            // This page is handled: a run cut off later goes on from the next.
             if page.next_page_token.is_empty() {
-                break true;
+                cursor.advance(self, None).await?;
+                return Ok(());
             }
             page_token = page.next_page_token;
-        };
-        if !dry_run {
-            let position = (!ended).then(|| format!("{} {page_token}", before.to_rfc3339()));
-            self.set_gc_cursor(GC_ORIGINALS, position.as_deref())
-                .await?;
+            let at = format!("{} {page_token}", before.to_rfc3339());
+            cursor.advance(self, Some(&at)).await?;
         }
-        Ok(())
-    }
-
-    /// Where blob_gc's `part` stopped (`None`: at the start).
-    async fn gc_cursor(&self, part: &str) -> Result<Option<String>, tonic::Status> {
-        let conn = self.pool.get().await.map_err(crate::db)?;
-        let row = conn
-            .query_opt_cached(
-                "SELECT position FROM lifecycle.gc_cursors WHERE part = $1",
-                &[&part],
-            )
-            .await
-            .map_err(crate::db)?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    /// Records where blob_gc's `part` stopped (`None`: its pass ended, the next starts over).
-    async fn set_gc_cursor(&self, part: &str, position: Option<&str>) -> Result<(), tonic::Status> {
-        let conn = self.pool.get().await.map_err(crate::db)?;
-        match position {
-            Some(position) => conn
-                .execute_cached(
-                    "INSERT INTO lifecycle.gc_cursors (part, position) VALUES ($1, $2)
-                     ON CONFLICT (part) DO UPDATE SET position = $2, updated_at = now()",
-                    &[&part, &position],
-                )
-                .await
-                .map_err(crate::db)?,
-            None => conn
-                .execute_cached("DELETE FROM lifecycle.gc_cursors WHERE part = $1", &[&part])
-                .await
-                .map_err(crate::db)?,
-        };
         Ok(())
     }
 
