@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use stowage_db::Cached;
 use stowage_proto::v1 as pb;
@@ -24,6 +25,9 @@ const PAGE: u32 = 500;
 const GC_BLOBS: &str = "blob_gc/objects";
 /// blob_gc's cursor over files' originals.
 const GC_ORIGINALS: &str = "blob_gc/originals";
+
+/// HEAD requests blob_gc has in flight at once while it checks originals.
+const GC_HEADS_AT_ONCE: usize = 16;
 
 /// How long each of blob_gc's two ways may go on in one run (well inside Lifecycle's job
 /// timeout); the next run goes on where it stopped.
@@ -448,11 +452,21 @@ impl Lifecycle {
                 }
                 Err(status) => return Err(status),
             };
-            for original in page.originals {
+            // A page's HEADs run side by side (the store's round trips are the time); what
+            // they find is handled in order.
+            let heads: Vec<_> = futures::stream::iter(page.originals)
+                .map(|original| async move {
+                    let path = object_store::path::Path::from(original.storage_key.as_str());
+                    let head = self.store.head(&path).await;
+                    (original, head)
+                })
+                .buffered(GC_HEADS_AT_ONCE)
+                .collect()
+                .await;
+            for (original, head) in heads {
                 tally.examined += 1;
                 looked += 1;
-                let path = object_store::path::Path::from(original.storage_key.as_str());
-                match self.store.head(&path).await {
+                match head {
                     Ok(_) => continue,
                     Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => {
