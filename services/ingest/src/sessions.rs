@@ -506,7 +506,7 @@ impl Sessions {
             .reserve(pb::ReserveRequest {
                 user_id: session.owner.clone(),
                 bytes: size.unwrap_or(0),
-                ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
+                ttl_seconds: self.hold_ttl_seconds(),
                 idempotency_key: format!("upload:{}", session.id),
             })
             .await;
@@ -851,6 +851,11 @@ impl Sessions {
         Ok(())
     }
 
+    /// How long a session's quota hold lives, as Quota takes it: as long as the session.
+    fn hold_ttl_seconds(&self) -> u32 {
+        u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX)
+    }
+
     /// Sets the session's hold to `bytes`, in place.
     async fn resize_hold(&self, session: &Session, bytes: u64) -> Result<()> {
         let reservation = session
@@ -860,7 +865,7 @@ impl Sessions {
             .resize(pb::ResizeRequest {
                 reservation_id: reservation.to_string(),
                 bytes,
-                ttl_seconds: u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX),
+                ttl_seconds: self.hold_ttl_seconds(),
             })
             .await?;
         Ok(())
