@@ -1,7 +1,10 @@
 //! Activity, inactivity notices spread over a grace window, debounced per-user rechecks and
 //! the per-user history (seed 000, in the mesh's shape).
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -19,43 +22,46 @@ const MAX_DEBOUNCE_WAIT: &str = "10 seconds";
 /// Users given a notice time per pass.
 const BATCH: i64 = 10_000;
 
-/// Records `user`'s activity at `at` in `client`'s transaction. Activity after a notice
-/// ends that notice cycle: the user may be found quiet again later.
+/// Records each user's activity at the paired time in `client`'s transaction, one statement
+/// for all. Users must not repeat. Activity after a notice ends that notice cycle: the user
+/// may be found quiet again later.
 pub(crate) async fn touch(
     client: &impl GenericClient,
-    user: &str,
-    at: DateTime<Utc>,
+    users: &[&str],
+    at: &[DateTime<Utc>],
 ) -> Result<(), tokio_postgres::Error> {
     client
         .execute_cached(
-            "INSERT INTO lifecycle.activity (user_id, last_active_at) VALUES ($1, $2)
+            "INSERT INTO lifecycle.activity AS a (user_id, last_active_at)
+             SELECT * FROM unnest($1::text[], $2::timestamptz[])
              ON CONFLICT (user_id) DO UPDATE SET
-                 last_active_at = greatest(activity.last_active_at, $2),
-                 notice_due_at = CASE WHEN $2 > activity.last_active_at THEN NULL
-                                      ELSE activity.notice_due_at END,
-                 notice_sent_at = CASE WHEN $2 > activity.last_active_at THEN NULL
-                                       ELSE activity.notice_sent_at END,
-                 cleaned_at = CASE WHEN $2 > activity.last_active_at THEN NULL
-                                   ELSE activity.cleaned_at END",
-            &[&user, &at],
+                 last_active_at = greatest(a.last_active_at, excluded.last_active_at),
+                 notice_due_at = CASE WHEN excluded.last_active_at > a.last_active_at THEN NULL
+                                      ELSE a.notice_due_at END,
+                 notice_sent_at = CASE WHEN excluded.last_active_at > a.last_active_at THEN NULL
+                                       ELSE a.notice_sent_at END,
+                 cleaned_at = CASE WHEN excluded.last_active_at > a.last_active_at THEN NULL
+                                   ELSE a.cleaned_at END",
+            &[&users, &at],
         )
         .await?;
     Ok(())
 }
 
-/// Asks for a recheck of `user` once `debounce` passes without another request.
+/// Asks for a recheck of each of `users` (not repeating) once `debounce` passes without
+/// another request, one statement for all.
 pub(crate) async fn request_recheck(
     client: &impl GenericClient,
-    user: &str,
+    users: &[&str],
     debounce: Duration,
 ) -> Result<(), tokio_postgres::Error> {
     let secs = debounce.as_secs_f64();
     client
         .execute_cached(
             "INSERT INTO lifecycle.rechecks (user_id, due_at)
-             VALUES ($1, now() + make_interval(secs => $2))
-             ON CONFLICT (user_id) DO UPDATE SET due_at = now() + make_interval(secs => $2)",
-            &[&user, &secs],
+             SELECT user_id, now() + make_interval(secs => $2) FROM unnest($1::text[]) AS u (user_id)
+             ON CONFLICT (user_id) DO UPDATE SET due_at = excluded.due_at",
+            &[&users, &secs],
         )
         .await?;
     Ok(())
@@ -148,7 +154,7 @@ impl Lifecycle {
         };
         let mut conn = self.pool.get().await.map_err(db)?;
         let tx = conn.transaction().await.map_err(db)?;
-        touch(&tx, user, at).await.map_err(db)?;
+        touch(&tx, &[user], &[at]).await.map_err(db)?;
         if kind != pb::ActivityKind::Login {
             record(&tx, user, event, at, &serde_json::json!({}), &key)
                 .await
@@ -433,16 +439,20 @@ impl ActivityEvents {
     ];
 }
 
-#[async_trait]
-impl EventHandler for ActivityEvents {
-    async fn handle(&self, event: &Event, tx: &Transaction<'_>) -> Result<(), HandlerError> {
+/// What a batch of events asks of the activity tables: each user's latest own activity, and
+/// the users to recheck, each once and in one order (two consumers folding batches that share
+/// users then lock their rows in the same order).
+fn fold(events: &[&Event]) -> (BTreeMap<String, DateTime<Utc>>, BTreeSet<String>) {
+    let mut active: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+    let mut recheck = BTreeSet::new();
+    for event in events {
         let Some(user) = event
             .payload
             .get("owner_id")
             .or_else(|| event.payload.get("user_id"))
             .and_then(serde_json::Value::as_str)
         else {
-            return Ok(());
+            continue;
         };
         // What a service did on the owner's behalf (trash of an inactive account, retention
         // purges) is not the owner's activity: counting it would end the very notice cycle
@@ -450,11 +460,103 @@ impl EventHandler for ActivityEvents {
         let by_system =
             event.payload.get("by").and_then(serde_json::Value::as_str) == Some("system");
         if !by_system {
-            touch(tx, user, event.occurred_at).await?;
+            let at = active.entry(user.to_owned()).or_insert(event.occurred_at);
+            *at = (*at).max(event.occurred_at);
         }
         if event.topic != topics::FILE_DOWNLOADED {
-            request_recheck(tx, user, self.debounce).await?;
+            recheck.insert(user.to_owned());
         }
-        Ok(())
+    }
+    (active, recheck)
+}
+
+#[async_trait]
+impl EventHandler for ActivityEvents {
+    async fn handle(&self, event: &Event, tx: &Transaction<'_>) -> Result<(), HandlerError> {
+        self.handle_batch(&[event], tx).await.map(|_| ())
+    }
+
+    /// A batch's events become one activity write and one recheck request, whatever their
+    /// number: the latest activity per user is all that counts, and a recheck is per user.
+    async fn handle_batch(
+        &self,
+        events: &[&Event],
+        tx: &Transaction<'_>,
+    ) -> Result<bool, HandlerError> {
+        let (active, recheck) = fold(events);
+        if !active.is_empty() {
+            let (users, at): (Vec<&str>, Vec<DateTime<Utc>>) =
+                active.iter().map(|(user, at)| (user.as_str(), *at)).unzip();
+            touch(tx, &users, &at).await?;
+        }
+        if !recheck.is_empty() {
+            let users: Vec<&str> = recheck.iter().map(String::as_str).collect();
+            request_recheck(tx, &users, self.debounce).await?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(topic: &str, payload: serde_json::Value, at_s: i64) -> Event {
+        Event {
+            id: uuid::Uuid::now_v7(),
+            topic: topic.to_owned(),
+            key: String::new(),
+            payload,
+            traceparent: None,
+            occurred_at: DateTime::from_timestamp(at_s, 0).expect("in range"),
+        }
+    }
+
+    #[test]
+    fn a_batch_folds_to_each_users_latest_own_activity_and_one_recheck_each() {
+        let events = [
+            event(
+                topics::FILE_CREATED,
+                serde_json::json!({"owner_id": "bo"}),
+                30,
+            ),
+            event(
+                topics::FILE_CREATED,
+                serde_json::json!({"owner_id": "al"}),
+                20,
+            ),
+            event(
+                topics::FILE_DOWNLOADED,
+                serde_json::json!({"owner_id": "bo"}),
+                50,
+            ),
+            event(
+                topics::FILE_CREATED,
+                serde_json::json!({"owner_id": "bo"}),
+                10,
+            ),
+            // On the owner's behalf: no activity, but a recheck.
+            event(
+                topics::FILE_DELETED,
+                serde_json::json!({"owner_id": "cy", "by": "system"}),
+                60,
+            ),
+            // A download is activity and nothing to recheck.
+            event(
+                topics::FILE_DOWNLOADED,
+                serde_json::json!({"user_id": "di"}),
+                70,
+            ),
+            event(topics::FILE_CREATED, serde_json::json!({}), 80),
+        ];
+        let refs: Vec<&Event> = events.iter().collect();
+        let (active, recheck) = fold(&refs);
+        let active: Vec<(&str, i64)> = active
+            .iter()
+            .map(|(user, at)| (user.as_str(), at.timestamp()))
+            .collect();
+        assert_eq!(active, [("al", 20), ("bo", 50), ("di", 70)]);
+        let recheck: Vec<&str> = recheck.iter().map(String::as_str).collect();
+        assert_eq!(recheck, ["al", "bo", "cy"]);
     }
 }

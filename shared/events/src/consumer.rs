@@ -36,6 +36,19 @@ pub trait EventHandler: Send + Sync + 'static {
     /// writes through `tx` happens exactly once per event. Effects outside the database must
     /// be idempotent themselves.
     async fn handle(&self, event: &Event, tx: &Transaction<'_>) -> Result<(), HandlerError>;
+
+    /// Applies `events` (all fresh, in delivery order) together inside `tx`, for a handler
+    /// whose effects fold into fewer writes than one per event. Returns `false`, the default,
+    /// to have each applied through [`EventHandler::handle`] in a span of its own instead;
+    /// folded events share one span, so they are not traced one by one.
+    async fn handle_batch(
+        &self,
+        events: &[&Event],
+        tx: &Transaction<'_>,
+    ) -> Result<bool, HandlerError> {
+        let _ = (events, tx);
+        Ok(false)
+    }
 }
 
 /// How a consumer behaves.
@@ -336,16 +349,35 @@ impl Consumer {
             .iter()
             .map(|row| row.get(0))
             .collect();
-        let mut applied = Vec::with_capacity(events.len());
-        for event in events {
-            if fresh.remove(&event.id) {
+        let applied: Vec<Applied> = events
+            .iter()
+            .map(|event| {
+                if fresh.remove(&event.id) {
+                    Applied::Now
+                } else {
+                    Applied::Before
+                }
+            })
+            .collect();
+        let fresh: Vec<&Event> = events
+            .iter()
+            .zip(&applied)
+            .filter(|(_, applied)| matches!(applied, Applied::Now))
+            .map(|(event, _)| *event)
+            .collect();
+        let batch_span = tracing::info_span!("events", group = %self.group, events = fresh.len());
+        let folded = fresh.is_empty()
+            || self
+                .handler
+                .handle_batch(&fresh, &tx)
+                .instrument(batch_span)
+                .await?;
+        if !folded {
+            for event in fresh {
                 self.handler
                     .handle(event, &tx)
                     .instrument(self.span(event))
                     .await?;
-                applied.push(Applied::Now);
-            } else {
-                applied.push(Applied::Before);
             }
         }
         tx.commit().await?;
