@@ -342,13 +342,26 @@ async fn a_retried_upload_is_one_file_and_one_charge_even_when_it_filled_the_quo
         refused.err().map(|s| s.code()),
         Some(Code::ResourceExhausted)
     );
-    // A stream that lies about its size fails, gives its hold back, and burns its key.
-    let lied = up("k3", 30_000).await;
-    assert_eq!(lied.err().map(|s| s.code()), Some(Code::InvalidArgument));
-    let reused = up("k3", 60_000).await;
+    // A stream longer than its header says is refused within its first bytes, before
+    // anything is held or recorded: its key stays free.
+    let long = up("k3", 30_000).await;
+    assert_eq!(long.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    let account = usage(mesh.channel(), &erin).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (60_000, 0));
+    let upload = |key: &'static str, data: &[u8], declared: u64| {
+        let (channel, erin, data) = (mesh.channel(), erin.clone(), data.to_vec());
+        async move { upload_with_key(channel, &erin, "b.bin", &data, declared, &[], key).await }
+    };
+    // One shorter than it says fails at its end, gives its hold back, and burns its key.
+    let short = upload("k4", &data[..20_000], 30_000).await;
+    assert_eq!(short.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    let reused = upload("k4", &data[..30_000], 30_000).await;
     assert_eq!(reused.err().map(|s| s.code()), Some(Code::InvalidArgument));
     let account = usage(mesh.channel(), &erin).await?;
     assert_eq!((account.used_bytes, account.reserved_bytes), (60_000, 0));
+    upload("k3", &data[..30_000], 30_000).await?;
+    let account = usage(mesh.channel(), &erin).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (90_000, 0));
     let listed = stowage_integration_tests::files(mesh.channel())
         .list_files(stowage_testkit::authed(
             pb::ListFilesRequest::default(),
@@ -356,7 +369,7 @@ async fn a_retried_upload_is_one_file_and_one_charge_even_when_it_filled_the_quo
         ))
         .await?
         .into_inner();
-    assert_eq!(listed.files.len(), 1);
+    assert_eq!(listed.files.len(), 2);
     mesh.stop().await
 }
 

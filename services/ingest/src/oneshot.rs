@@ -106,6 +106,27 @@ pub(crate) fn kind_proto(kind: &str) -> pb::FileKind {
     }
 }
 
+/// The first bytes of an upload, read before anything is held.
+struct Head {
+    bytes: BytesMut,
+    /// The stream ended within them.
+    ended: bool,
+}
+
+/// Refuses a stream that carries more than its header declared.
+fn check_not_over(header: &Header, received: u64) -> Result<()> {
+    if received > header.size {
+        return Err(Error::invalid(
+            "header.size_bytes",
+            format!(
+                "the stream carries more than the declared {} bytes",
+                header.size
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// What the byte-receiving phase produced.
 struct Received {
     key: ObjectPath,
@@ -144,9 +165,33 @@ impl Uploader {
         {
             return self.repeated(row).await;
         }
-        // The hold comes first and is recorded with the row, in one write: a crash between
-        // the two leaves a hold with no row, which Quota expires on its own.
+        // The first bytes (at most SNIFF_LEN) pick the file's key, so that the row names it
+        // from its first write on; reading them before the hold costs the quota nothing.
+        let mut head = Head {
+            bytes: BytesMut::new(),
+            ended: false,
+        };
+        while !head.ended && head.bytes.len() < SNIFF_LEN {
+            match self.next_data(&mut stream).await? {
+                Some(data) => head.bytes.extend_from_slice(&data),
+                None => head.ended = true,
+            }
+            check_not_over(&header, head.bytes.len() as u64)?;
+        }
         let upload_id = Uuid::now_v7();
+        let file_id = Uuid::now_v7();
+        let sniffed = sniff(&head.bytes, &header.meta.display_name);
+        let now = Utc::now();
+        let key = keys::original(
+            owner,
+            sniffed.kind,
+            now.year(),
+            now.month(),
+            &file_id.to_string(),
+            &sniffed.extension,
+        );
+        // The hold comes next and is recorded with the row, in one write: a crash between
+        // the two leaves a hold with no row, which Quota expires on its own.
         let reservation = match self
             .quota
             .reserve(pb::ReserveRequest {
@@ -171,6 +216,7 @@ impl Uploader {
                 header.size,
                 &header.meta.display_name,
                 reservation_id,
+                (file_id, key.as_ref()),
             )
             .await;
         let row = match started {
@@ -185,10 +231,7 @@ impl Uploader {
             }
         };
 
-        let received = match self
-            .receive(owner, row.id, row.file_id, &header, &mut stream)
-            .await
-        {
+        let received = match self.receive(&header, head, key, sniffed, &mut stream).await {
             Ok(received) => received,
             Err(error) => {
                 self.fail(row.id, &reservation, None, &error).await;
@@ -316,98 +359,66 @@ impl Uploader {
         }
     }
 
-    /// Receives the bytes into the store, hashing them on the way.
+    /// The next piece of data from `stream`, or `None` at its end.
+    async fn next_data<S>(&self, stream: &mut S) -> Result<Option<bytes::Bytes>>
+    where
+        S: Stream<Item = Result<pb::UploadRequest, Status>> + Unpin + Send,
+    {
+        let message = tokio::select! {
+            () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+            message = stream.next() => message,
+        };
+        match message {
+            None => Ok(None),
+            Some(Err(status)) => Err(Error::Stream(status)),
+            Some(Ok(pb::UploadRequest {
+                part: Some(Part::Data(data)),
+            })) => Ok(Some(data)),
+            Some(Ok(_)) => Err(Error::invalid(
+                "data",
+                "only the first message may be a header",
+            )),
+        }
+    }
+
+    /// Receives the bytes into the store under `key`, `head` first, hashing them on the way.
     async fn receive<S>(
         &self,
-        owner: &str,
-        upload_id: Uuid,
-        file_id: Uuid,
         header: &Header,
+        head: Head,
+        key: ObjectPath,
+        sniffed: Sniffed,
         stream: &mut S,
     ) -> Result<Received>
     where
         S: Stream<Item = Result<pb::UploadRequest, Status>> + Unpin + Send,
     {
         let mut hasher = Sha256::new();
-        let mut head = BytesMut::new();
-        let mut received: u64 = 0;
-        let mut writer: Option<(WriteMultipart, ObjectPath, Sniffed)> = None;
+        hasher.update(&head.bytes);
+        let mut received = head.bytes.len() as u64;
+        let upload = self.store.put_multipart(&key).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        writer.put(head.bytes.freeze());
         let outcome: Result<()> = async {
-            loop {
-                let message = tokio::select! {
-                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
-                    message = stream.next() => message,
-                };
-                let data = match message {
-                    None => break,
-                    Some(Err(status)) => return Err(Error::Stream(status)),
-                    Some(Ok(pb::UploadRequest {
-                        part: Some(Part::Data(data)),
-                    })) => data,
-                    Some(Ok(_)) => {
-                        return Err(Error::invalid(
-                            "data",
-                            "only the first message may be a header",
-                        ));
-                    }
-                };
+            if head.ended {
+                return Ok(());
+            }
+            while let Some(data) = self.next_data(stream).await? {
                 received += data.len() as u64;
-                if received > header.size {
-                    return Err(Error::invalid(
-                        "header.size_bytes",
-                        format!(
-                            "the stream carries more than the declared {} bytes",
-                            header.size
-                        ),
-                    ));
-                }
+                check_not_over(header, received)?;
                 hasher.update(&data);
-                match writer.as_mut() {
-                    Some((w, _, _)) => {
-                        w.wait_for_capacity(4).await?;
-                        w.put(data);
-                    }
-                    None => {
-                        head.extend_from_slice(&data);
-                        if head.len() >= SNIFF_LEN {
-                            writer = Some(
-                                self.open(
-                                    owner,
-                                    upload_id,
-                                    file_id,
-                                    &header.meta.display_name,
-                                    &mut head,
-                                )
-                                .await?,
-                            );
-                        }
-                    }
-                }
+                writer.wait_for_capacity(4).await?;
+                writer.put(data);
             }
             Ok(())
         }
         .await;
         if let Err(error) = outcome {
-            if let Some((w, _, _)) = writer
-                && let Err(e) = w.abort().await
-            {
+            if let Err(e) = writer.abort().await {
                 tracing::warn!(error = %e, "abort of a partial upload failed; gc will remove it");
             }
             return Err(error);
         }
-        let (w, key, sniffed) = match writer {
-            Some(w) => w,
-            None => {
-                self.open(
-                    owner,
-                    upload_id,
-                    file_id,
-                    &header.meta.display_name,
-                    &mut head,
-                )
-                .await?
-            }
-        };
         let sha256 = hex::encode(hasher.finalize());
         let check = if received != header.size {
             Err(Error::invalid(
@@ -430,44 +441,17 @@ impl Uploader {
             Ok(())
         };
         if let Err(error) = check {
-            let _ = w.abort().await;
+            let _ = writer.abort().await;
             return Err(error);
         }
         // On local disk the store flushes the file and its directories before this returns.
-        w.finish().await?;
+        writer.finish().await?;
         Ok(Received {
             key,
             sniffed,
             size: received,
             sha256,
         })
-    }
-
-    /// Sniffs the first bytes, picks the key and starts the multipart write with them.
-    async fn open(
-        &self,
-        owner: &str,
-        upload_id: Uuid,
-        file_id: Uuid,
-        display_name: &str,
-        head: &mut BytesMut,
-    ) -> Result<(WriteMultipart, ObjectPath, Sniffed)> {
-        let sniffed = sniff(head, display_name);
-        let now = Utc::now();
-        let key = keys::original(
-            owner,
-            sniffed.kind,
-            now.year(),
-            now.month(),
-            &file_id.to_string(),
-            &sniffed.extension,
-        );
-        // Recorded first, so that a crash from here on leaves a key the sweeper can remove.
-        self.uploads.set_key(upload_id, key.as_ref()).await?;
-        let upload = self.store.put_multipart(&key).await?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
-        writer.put(head.split().freeze());
-        Ok((writer, key, sniffed))
     }
 
     /// Finishes what crashed one-shot uploads left, `older_than` after they were last touched.

@@ -63,8 +63,10 @@ impl Uploads {
         Self { pool }
     }
 
-    /// Starts row `id` in state `receiving`, holding `reservation`; with an idempotency key
-    /// already used, returns the existing row instead (and `false`).
+    /// Starts row `id` in state `receiving`, holding `reservation`, for file `file` (its id
+    /// and the key its bytes go to, so that a crash from here on leaves a key the sweeper can
+    /// remove); with an idempotency key already used, returns the existing row instead (and
+    /// `false`).
     pub async fn start(
         &self,
         id: Uuid,
@@ -73,13 +75,15 @@ impl Uploads {
         declared_size: u64,
         display_name: &str,
         reservation: Uuid,
+        file: (Uuid, &str),
     ) -> Result<(UploadRow, bool)> {
+        let (file_id, storage_key) = file;
         let conn = self.pool.get().await?;
         let row = conn
             .query_opt_cached(
                 "INSERT INTO ingest.uploads
-                     (id, owner_id, idempotency_key, state, declared_size, file_id, display_name, reservation_id)
-                 VALUES ($1, $2, $3, 'receiving', $4, $5, $6, $7)
+                     (id, owner_id, idempotency_key, state, declared_size, file_id, display_name, reservation_id, storage_key)
+                 VALUES ($1, $2, $3, 'receiving', $4, $5, $6, $7, $8)
                  ON CONFLICT (owner_id, idempotency_key) DO NOTHING
                  RETURNING id, state, file_id",
                 &[
@@ -87,9 +91,10 @@ impl Uploads {
                     &owner,
                     &key,
                     &i64::try_from(declared_size).unwrap_or(i64::MAX),
-                    &Uuid::now_v7(),
+                    &file_id,
                     &display_name,
                     &reservation,
+                    &storage_key,
                 ],
             )
             .await?;
@@ -165,18 +170,6 @@ impl Uploads {
         tx.commit().await?;
         Ok(())
     }
-
-    /// Records the key a one-shot upload writes to, before it writes.
-    pub async fn set_key(&self, id: Uuid, key: &str) -> Result<()> {
-        let conn = self.pool.get().await?;
-        conn.execute_cached(
-            "UPDATE ingest.uploads SET storage_key = $2, updated_at = now() WHERE id = $1",
-            &[&id, &key],
-        )
-        .await?;
-        Ok(())
-    }
-
     /// Claims one-shot uploads left `receiving` or `registered` for longer than `older_than`
     /// (their process died), at most 100 per call. Claiming only moves `updated_at`, so no
     /// other sweeper takes them for `older_than`; their state changes once the sweeper knows
