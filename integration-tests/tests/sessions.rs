@@ -201,6 +201,10 @@ async fn bad_chunks_are_refused_and_the_session_stays_resumable() -> anyhow::Res
             .await
             .expect_err("not bob's");
         assert_eq!(other.code(), Code::NotFound);
+        let other = get_session(mesh.channel(), &token("bob", &[]), &s.id)
+            .await
+            .expect_err("not bob's");
+        assert_eq!(other.code(), Code::NotFound);
         mesh.stop().await?;
     }
     Ok(())
