@@ -362,6 +362,12 @@ async fn a_retried_upload_is_one_file_and_one_charge_even_when_it_filled_the_quo
     upload("k3", &data[..30_000], 30_000).await?;
     let account = usage(mesh.channel(), &erin).await?;
     assert_eq!((account.used_bytes, account.reserved_bytes), (90_000, 0));
+    // One that ends within its first bytes, short of its header, is refused as early.
+    let short = upload("k5", &data[..5_000], 6_000).await;
+    assert_eq!(short.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    upload("k5", &data[..6_000], 6_000).await?;
+    let account = usage(mesh.channel(), &erin).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (96_000, 0));
     let listed = stowage_integration_tests::files(mesh.channel())
         .list_files(stowage_testkit::authed(
             pb::ListFilesRequest::default(),
@@ -369,7 +375,7 @@ async fn a_retried_upload_is_one_file_and_one_charge_even_when_it_filled_the_quo
         ))
         .await?
         .into_inner();
-    assert_eq!(listed.files.len(), 2);
+    assert_eq!(listed.files.len(), 3);
     mesh.stop().await
 }
 

@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     sniff::{Registration, SNIFF_LEN, Sniffed, sniff},
-    uploads::{UploadRow, Uploads},
+    uploads::{NewUpload, UploadRow, Uploads},
 };
 
 /// Everything an upload needs.
@@ -106,6 +106,10 @@ pub(crate) fn kind_proto(kind: &str) -> pb::FileKind {
     }
 }
 
+/// How often a one-shot upload still receiving marks its row as alive: half the shortest idle
+/// time a sweep accepts (`SweepUploads.idle_seconds`, at least 60).
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The first bytes of an upload, read before anything is held.
 struct Head {
     bytes: BytesMut,
@@ -120,6 +124,20 @@ fn check_not_over(header: &Header, received: u64) -> Result<()> {
             "header.size_bytes",
             format!(
                 "the stream carries more than the declared {} bytes",
+                header.size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a stream that ended short of what its header declared.
+fn check_length(header: &Header, received: u64) -> Result<()> {
+    if received != header.size {
+        return Err(Error::invalid(
+            "header.size_bytes",
+            format!(
+                "declared {} bytes but the stream carried {received}",
                 header.size
             ),
         ));
@@ -178,6 +196,9 @@ impl Uploader {
             }
             check_not_over(&header, head.bytes.len() as u64)?;
         }
+        if head.ended {
+            check_length(&header, head.bytes.len() as u64)?;
+        }
         let upload_id = Uuid::now_v7();
         let file_id = Uuid::now_v7();
         let sniffed = sniff(&head.bytes, &header.meta.display_name);
@@ -209,15 +230,16 @@ impl Uploader {
             Uuid::parse_str(&reservation).map_err(|_| Status::internal("bad reservation id"))?;
         let started = self
             .uploads
-            .start(
-                upload_id,
+            .start(NewUpload {
+                id: upload_id,
                 owner,
-                header.idempotency_key.as_deref(),
-                header.size,
-                &header.meta.display_name,
-                reservation_id,
-                (file_id, key.as_ref()),
-            )
+                idempotency_key: header.idempotency_key.as_deref(),
+                declared_size: header.size,
+                display_name: &header.meta.display_name,
+                reservation: reservation_id,
+                file_id,
+                storage_key: key.as_ref(),
+            })
             .await;
         let row = match started {
             Ok((row, true)) => row,
@@ -231,7 +253,10 @@ impl Uploader {
             }
         };
 
-        let received = match self.receive(&header, head, key, sniffed, &mut stream).await {
+        let received = match self
+            .receive(row.id, &header, head, key, sniffed, &mut stream)
+            .await
+        {
             Ok(received) => received,
             Err(error) => {
                 self.fail(row.id, &reservation, None, &error).await;
@@ -384,6 +409,7 @@ impl Uploader {
     /// Receives the bytes into the store under `key`, `head` first, hashing them on the way.
     async fn receive<S>(
         &self,
+        upload_id: Uuid,
         header: &Header,
         head: Head,
         key: ObjectPath,
@@ -403,7 +429,16 @@ impl Uploader {
             if head.ended {
                 return Ok(());
             }
+            let mut touched = std::time::Instant::now();
             while let Some(data) = self.next_data(stream).await? {
+                // A row left untouched for long is taken for abandoned by the sweepers: a
+                // long upload shows it is alive.
+                if touched.elapsed() >= TOUCH_EVERY {
+                    if let Err(error) = self.uploads.touch(upload_id).await {
+                        tracing::warn!(%upload_id, %error, "cannot mark a long upload alive");
+                    }
+                    touched = std::time::Instant::now();
+                }
                 received += data.len() as u64;
                 check_not_over(header, received)?;
                 hasher.update(&data);
@@ -420,14 +455,8 @@ impl Uploader {
             return Err(error);
         }
         let sha256 = hex::encode(hasher.finalize());
-        let check = if received != header.size {
-            Err(Error::invalid(
-                "header.size_bytes",
-                format!(
-                    "declared {} bytes but the stream carried {received}",
-                    header.size
-                ),
-            ))
+        let check = if let Err(error) = check_length(header, received) {
+            Err(error)
         } else if header
             .expected_sha256
             .as_ref()

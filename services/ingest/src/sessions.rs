@@ -343,35 +343,31 @@ pub struct Sessions {
 /// times, and holds little it has not used.
 const HOLD_AHEAD_MAX: u64 = 256 << 20;
 
-/// A session, by its id alone; whose it is, the caller checks. With `owner_id = $2` in the
-/// condition too, a plan cached while the table's statistics were stale (a young table)
-/// walked the owner's rows through the (owner, idempotency key) index instead of the primary
-/// key: 2–4 ms per chunk once an owner had a thousand uploads, growing with every upload.
+/// A session of an owner. The owner is compared as `owner_id || ''`, which no index serves, so
+/// that the only plan is the primary key's: with a plain `owner_id = $2`, a plan cached while
+/// the table's statistics were stale (a young table) walked all of the owner's rows through
+/// the (owner, idempotency key) index, 2–4 ms per call once there were a thousand, growing
+/// with every upload.
 const READ: &str = concat!(
     "SELECT ",
     session_columns!(),
-    " FROM ingest.uploads WHERE id = $1 AND resumable"
+    " FROM ingest.uploads WHERE id = $1 AND owner_id || '' = $2 AND resumable"
 );
 
-/// A session, locked for the transaction (see [`Sessions::lock`]); by its id alone, as
-/// [`READ`], and its writer lock taken only if it is `$2`'s.
+/// A session of an owner, locked for the transaction (see [`Sessions::lock`]); found as
+/// [`READ`] finds it.
 macro_rules! lock_sql {
     ($wait:literal) => {
         concat!(
             "SELECT ",
             session_columns!(),
-            ", owner_id = $2 AND pg_try_advisory_xact_lock(",
+            ", pg_try_advisory_xact_lock(",
             writer_lock!("id"),
-            ") AS writable FROM ingest.uploads WHERE id = $1 AND resumable FOR UPDATE",
+            ") AS writable FROM ingest.uploads WHERE id = $1 AND owner_id || '' = $2 \
+             AND resumable FOR UPDATE",
             $wait
         )
     };
-}
-
-/// The session in `row` if it is `owner`'s: another's is not found, as a missing one.
-fn owned(row: Option<Row>, owner: &str) -> Result<Row> {
-    row.filter(|row| row.get::<_, &str>("owner_id") == owner)
-        .ok_or(Error::SessionNotFound)
 }
 
 impl Sessions {
@@ -549,7 +545,10 @@ impl Sessions {
 
     /// A session of `owner`, read on `conn`.
     async fn read(&self, conn: &impl GenericClient, id: Uuid, owner: &str) -> Result<Session> {
-        let row = owned(conn.query_opt_cached(READ, &[&id]).await?, owner)?;
+        let row = conn
+            .query_opt_cached(READ, &[&id, &owner])
+            .await?
+            .ok_or(Error::SessionNotFound)?;
         Ok(Session::from_row(&row, self.settings.chunk_size_hint))
     }
 
@@ -569,17 +568,15 @@ impl Sessions {
         } else {
             lock_sql!(" NOWAIT")
         };
-        let row = match tx.query_opt_cached(sql, &[&id, &owner]).await {
-            Ok(row) => owned(row, owner)?,
+        match tx.query_opt_cached(sql, &[&id, &owner]).await {
+            Ok(Some(row)) if !row.get::<_, bool>("writable") => Err(Error::Busy),
+            Ok(Some(row)) => Ok(Session::from_row(&row, self.settings.chunk_size_hint)),
+            Ok(None) => Err(Error::SessionNotFound),
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
-                return Err(Error::Busy);
+                Err(Error::Busy)
             }
-            Err(e) => return Err(e.into()),
-        };
-        if !row.get::<_, bool>("writable") {
-            return Err(Error::Busy);
+            Err(e) => Err(e.into()),
         }
-        Ok(Session::from_row(&row, self.settings.chunk_size_hint))
     }
 
     /// The parts staged for `id` so far (none where staging keeps no part rows).

@@ -57,27 +57,36 @@ pub struct Uploads {
     pool: PgPool,
 }
 
+/// A one-shot upload about to receive its bytes.
+pub struct NewUpload<'a> {
+    /// The upload's id.
+    pub id: Uuid,
+    /// Whose it is.
+    pub owner: &'a str,
+    /// The client's idempotency key, if it gave one.
+    pub idempotency_key: Option<&'a str>,
+    /// The size its header declared.
+    pub declared_size: u64,
+    /// Its file's name.
+    pub display_name: &'a str,
+    /// The quota hold it has.
+    pub reservation: Uuid,
+    /// The file it becomes.
+    pub file_id: Uuid,
+    /// Where its bytes go: recorded from the start, so that a crash from here on leaves a key
+    /// the sweeper can remove.
+    pub storage_key: &'a str,
+}
+
 impl Uploads {
     /// Rows over `pool`.
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
     }
 
-    /// Starts row `id` in state `receiving`, holding `reservation`, for file `file` (its id
-    /// and the key its bytes go to, so that a crash from here on leaves a key the sweeper can
-    /// remove); with an idempotency key already used, returns the existing row instead (and
-    /// `false`).
-    pub async fn start(
-        &self,
-        id: Uuid,
-        owner: &str,
-        key: Option<&str>,
-        declared_size: u64,
-        display_name: &str,
-        reservation: Uuid,
-        file: (Uuid, &str),
-    ) -> Result<(UploadRow, bool)> {
-        let (file_id, storage_key) = file;
+    /// Starts `upload`'s row in state `receiving`; with an idempotency key already used,
+    /// returns the existing row instead (and `false`).
+    pub async fn start(&self, upload: NewUpload<'_>) -> Result<(UploadRow, bool)> {
         let conn = self.pool.get().await?;
         let row = conn
             .query_opt_cached(
@@ -87,14 +96,14 @@ impl Uploads {
                  ON CONFLICT (owner_id, idempotency_key) DO NOTHING
                  RETURNING id, state, file_id",
                 &[
-                    &id,
-                    &owner,
-                    &key,
-                    &i64::try_from(declared_size).unwrap_or(i64::MAX),
-                    &file_id,
-                    &display_name,
-                    &reservation,
-                    &storage_key,
+                    &upload.id,
+                    &upload.owner,
+                    &upload.idempotency_key,
+                    &i64::try_from(upload.declared_size).unwrap_or(i64::MAX),
+                    &upload.file_id,
+                    &upload.display_name,
+                    &upload.reservation,
+                    &upload.storage_key,
                 ],
             )
             .await?;
@@ -104,7 +113,7 @@ impl Uploads {
         let row = conn
             .query_one_cached(
                 "SELECT id, state, file_id FROM ingest.uploads WHERE owner_id = $1 AND idempotency_key = $2",
-                &[&owner, &key],
+                &[&upload.owner, &upload.idempotency_key],
             )
             .await?;
         Ok((upload_row(&row), false))
@@ -170,6 +179,17 @@ impl Uploads {
         tx.commit().await?;
         Ok(())
     }
+    /// Marks a one-shot upload still receiving as alive, so that no sweeper claims it.
+    pub async fn touch(&self, id: Uuid) -> Result<()> {
+        let conn = self.pool.get().await?;
+        conn.execute_cached(
+            "UPDATE ingest.uploads SET updated_at = now() WHERE id = $1 AND state = 'receiving'",
+            &[&id],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Claims one-shot uploads left `receiving` or `registered` for longer than `older_than`
     /// (their process died), at most 100 per call. Claiming only moves `updated_at`, so no
     /// other sweeper takes them for `older_than`; their state changes once the sweeper knows
