@@ -406,6 +406,11 @@ impl Catalog {
     }
 
     /// Renames, re-tags or (un)favourites a file that is not in trash.
+    ///
+    /// This and `set_trashed` (trash, restore) compare the owner as `owner_id || ''`, which
+    /// no index serves, so that the only plan is the primary key's. With a plain
+    /// `owner_id = $2`, a plan cached before the table's first `ANALYZE` scans one of the
+    /// owner's list indexes, walking all of the owner's files on every call.
     pub async fn update(
         &self,
         id: Uuid,
@@ -423,7 +428,7 @@ impl Catalog {
                      tags = COALESCE($4, tags),
                      favorite = COALESCE($5, favorite),
                      updated_at = now()
-                 WHERE id = $1 AND owner_id = $2 AND status <> 'quarantined' AND deleted_at IS NULL
+                 WHERE id = $1 AND owner_id || '' = $2 AND status <> 'quarantined' AND deleted_at IS NULL
                  RETURNING ",
                     file_columns!()
                 ),
@@ -486,14 +491,14 @@ impl Catalog {
         let sql = if trashed {
             concat!(
                 "UPDATE files.files SET deleted_at = now(), updated_at = now()
-             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL AND status <> 'quarantined'
+             WHERE id = $1 AND owner_id || '' = $2 AND deleted_at IS NULL AND status <> 'quarantined'
              RETURNING ",
                 file_columns!()
             )
         } else {
             concat!(
                 "UPDATE files.files SET deleted_at = NULL, updated_at = now()
-             WHERE id = $1 AND owner_id = $2 AND deleted_at IS NOT NULL AND status <> 'quarantined'
+             WHERE id = $1 AND owner_id || '' = $2 AND deleted_at IS NOT NULL AND status <> 'quarantined'
              RETURNING ",
                 file_columns!()
             )
