@@ -31,7 +31,10 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    // Wait until the server holds some of it, then kill the CLI without warning.
+    // Wait until the server holds some of it, then kill the CLI without warning. The CLI is
+    // stopped (SIGSTOP) while the offset is looked at, so that it cannot send the rest of the
+    // file between that look and the kill (160 MiB take a fraction of a second here).
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(first.id().unwrap_or_default())?);
     let deadline = Instant::now() + Duration::from_secs(60);
     let session_id = loop {
         assert!(Instant::now() < deadline, "the first run never got going");
@@ -40,13 +43,17 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
             .and_then(|mut d| d.next())
             .and_then(|e| e.ok())
             .and_then(|e| std::fs::read_to_string(e.path()).ok());
-        if let Some(id) = remembered
-            && let Ok(s) = get_session(mesh.channel(), &alice, id.trim()).await
-            && s.offset > 0
-        {
-            break id.trim().to_owned();
+        if let Some(id) = remembered {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+            if get_session(mesh.channel(), &alice, id.trim())
+                .await
+                .is_ok_and(|s| s.offset > 0)
+            {
+                break id.trim().to_owned();
+            }
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     };
     first.start_kill()?;
     first.wait().await?;
