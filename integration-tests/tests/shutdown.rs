@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use stowage::Role;
-use stowage_integration_tests::{random_bytes, usage};
+use stowage_integration_tests::{download, random_bytes, sha256, usage};
 use stowage_proto::v1::{self as pb, ingest_client::IngestClient, upload_request::Part};
 use stowage_testkit::{Processes, Setup, authed, channel, token};
 
@@ -161,5 +161,66 @@ async fn sigkill_mid_upload_is_cleaned_up_by_the_sweeper() -> anyhow::Result<()>
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_one_shot_upload_is_not_taken_for_abandoned() -> anyhow::Result<()> {
+    // The sweeper takes one-shot uploads idle for the session TTL (1 s here) as abandoned; this
+    // upload streams for about 3 s and must show it is alive meanwhile.
+    let mut setup = Setup::new().await?;
+    setup
+        .env
+        .push(("STOWAGE_INGEST__SESSION_TTL".into(), "1s".into()));
+    setup
+        .env
+        .push(("STOWAGE_INGEST__SWEEP_INTERVAL".into(), "100ms".into()));
+    let processes = Processes::all(&setup).await?;
+    let addr = processes.addr(Role::Ingest);
+    let alice = token("alice", &[]);
+    let data = random_bytes(30 << 16);
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let upload = tokio::spawn({
+        let alice = alice.clone();
+        async move {
+            IngestClient::new(channel(addr))
+                .upload(authed(stream, &alice))
+                .await
+        }
+    });
+    tx.send(pb::UploadRequest {
+        part: Some(Part::Header(pb::UploadHeader {
+            size_bytes: data.len() as u64,
+            metadata: Some(pb::UploadMetadata {
+                display_name: "slow.bin".into(),
+                ..Default::default()
+            }),
+            idempotency_key: String::new(),
+        })),
+    })
+    .await?;
+    for chunk in data.chunks(1 << 16) {
+        tx.send(pb::UploadRequest {
+            part: Some(Part::Data(chunk.to_vec().into())),
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(tx);
+    let file = upload
+        .await??
+        .into_inner()
+        .file
+        .ok_or_else(|| anyhow::anyhow!("no file in the answer"))?;
+    assert_eq!(file.sha256, sha256(&data));
+    let (_, stored) = download(channel(addr), &alice, &file.id, None).await?;
+    assert_eq!(stored, data, "the stored bytes are the bytes sent");
+    let account = usage(channel(processes.addr(Role::Quota)), &alice).await?;
+    assert_eq!(
+        (account.used_bytes, account.reserved_bytes),
+        (data.len() as u64, 0)
+    );
     Ok(())
 }

@@ -253,6 +253,8 @@ pub async fn serve_with(
             shutdown: shutdown.clone(),
             local_root: blobs.local_root.clone(),
             registration,
+            // The sweeper below takes one-shot uploads idle for the session TTL as abandoned.
+            touch_every: stowage_ingest::TOUCH_EVERY_MAX.min(config.ingest.session_ttl / 2),
         };
         let sessions = Sessions::new(
             ingest_pool.clone(),

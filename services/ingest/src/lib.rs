@@ -13,7 +13,7 @@ mod uploads;
 
 pub use error::{Error, Result};
 pub use grpc::IngestGrpc;
-pub use oneshot::Uploader;
+pub use oneshot::{TOUCH_EVERY_MAX, Uploader};
 pub use sessions::{Checksum, ChunkIn, ChunkStream, Meta, Session, SessionSettings, Sessions};
 pub use sniff::{Registration, Sniffed, sniff};
 pub use staging::{MIN_NATIVE_PART, Staging};

@@ -46,6 +46,9 @@ pub struct Uploader {
     pub local_root: Option<std::path::PathBuf>,
     /// What status new files are registered with.
     pub registration: Registration,
+    /// How often an upload still receiving marks its row as alive: under half the idle time
+    /// after which any sweep takes it for abandoned (see [`TOUCH_EVERY_MAX`]).
+    pub touch_every: std::time::Duration,
 }
 
 /// Validated header of an upload.
@@ -106,9 +109,9 @@ pub(crate) fn kind_proto(kind: &str) -> pb::FileKind {
     }
 }
 
-/// How often a one-shot upload still receiving marks its row as alive: half the shortest idle
-/// time a sweep accepts (`SweepUploads.idle_seconds`, at least 60).
-const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often a one-shot upload still receiving marks its row as alive, at most: half the
+/// shortest idle time `SweepUploads` accepts (60 s).
+pub const TOUCH_EVERY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The first bytes of an upload, read before anything is held.
 struct Head {
@@ -433,7 +436,7 @@ impl Uploader {
             while let Some(data) = self.next_data(stream).await? {
                 // A row left untouched for long is taken for abandoned by the sweepers: a
                 // long upload shows it is alive.
-                if touched.elapsed() >= TOUCH_EVERY {
+                if touched.elapsed() >= self.touch_every {
                     if let Err(error) = self.uploads.touch(upload_id).await {
                         tracing::warn!(%upload_id, %error, "cannot mark a long upload alive");
                     }
