@@ -8,6 +8,45 @@ use stowage_integration_tests::{download, random_bytes, sha256, usage};
 use stowage_proto::v1::{self as pb, ingest_client::IngestClient, upload_request::Part};
 use stowage_testkit::{Processes, Setup, authed, channel, token};
 
+type Answer = tokio::task::JoinHandle<Result<tonic::Response<pb::UploadResponse>, tonic::Status>>;
+
+/// Starts a one-shot upload of `size` bytes named `name` and sends its header: the test sends
+/// the data through the sender ([`data_message`]) and reads the server's answer from the handle.
+async fn open_upload(
+    addr: std::net::SocketAddr,
+    token: &str,
+    name: &str,
+    size: u64,
+) -> anyhow::Result<(tokio::sync::mpsc::Sender<pb::UploadRequest>, Answer)> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let token = token.to_owned();
+    let upload = tokio::spawn(async move {
+        IngestClient::new(channel(addr))
+            .upload(authed(stream, &token))
+            .await
+    });
+    tx.send(pb::UploadRequest {
+        part: Some(Part::Header(pb::UploadHeader {
+            size_bytes: size,
+            metadata: Some(pb::UploadMetadata {
+                display_name: name.into(),
+                ..Default::default()
+            }),
+            idempotency_key: String::new(),
+        })),
+    })
+    .await?;
+    Ok((tx, upload))
+}
+
+/// A data message carrying `chunk`.
+fn data_message(chunk: &[u8]) -> pb::UploadRequest {
+    pb::UploadRequest {
+        part: Some(Part::Data(chunk.to_vec().into())),
+    }
+}
+
 #[tokio::test]
 async fn sigterm_mid_upload_fails_the_client_and_leaves_nothing() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
@@ -17,38 +56,10 @@ async fn sigterm_mid_upload_fails_the_client_and_leaves_nothing() -> anyhow::Res
     let data = random_bytes(64 << 20);
 
     // A slow client: one 1 MiB message every 20 ms.
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let upload = tokio::spawn({
-        let alice = alice.clone();
-        async move {
-            IngestClient::new(channel(addr))
-                .upload(authed(stream, &alice))
-                .await
-        }
-    });
+    let (tx, upload) = open_upload(addr, &alice, "big.bin", data.len() as u64).await?;
     let feeder = tokio::spawn(async move {
-        let header = pb::UploadRequest {
-            part: Some(Part::Header(pb::UploadHeader {
-                size_bytes: data.len() as u64,
-                metadata: Some(pb::UploadMetadata {
-                    display_name: "big.bin".into(),
-                    ..Default::default()
-                }),
-                idempotency_key: String::new(),
-            })),
-        };
-        if tx.send(header).await.is_err() {
-            return;
-        }
         for chunk in data.chunks(1 << 20) {
-            if tx
-                .send(pb::UploadRequest {
-                    part: Some(Part::Data(chunk.to_vec().into())),
-                })
-                .await
-                .is_err()
-            {
+            if tx.send(data_message(chunk)).await.is_err() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -111,32 +122,9 @@ async fn sigkill_mid_upload_is_cleaned_up_by_the_sweeper() -> anyhow::Result<()>
     let alice = token("alice", &[]);
     let data = random_bytes(64 << 20);
 
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let upload = tokio::spawn({
-        let alice = alice.clone();
-        async move {
-            IngestClient::new(channel(addr))
-                .upload(authed(stream, &alice))
-                .await
-        }
-    });
-    tx.send(pb::UploadRequest {
-        part: Some(Part::Header(pb::UploadHeader {
-            size_bytes: data.len() as u64,
-            metadata: Some(pb::UploadMetadata {
-                display_name: "big.bin".into(),
-                ..Default::default()
-            }),
-            idempotency_key: String::new(),
-        })),
-    })
-    .await?;
+    let (tx, upload) = open_upload(addr, &alice, "big.bin", data.len() as u64).await?;
     for chunk in data.chunks(1 << 20).take(20) {
-        tx.send(pb::UploadRequest {
-            part: Some(Part::Data(chunk.to_vec().into())),
-        })
-        .await?;
+        tx.send(data_message(chunk)).await?;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held = usage(channel(processes.addr(Role::Quota)), &alice).await?;
@@ -180,32 +168,9 @@ async fn a_slow_one_shot_upload_is_not_taken_for_abandoned() -> anyhow::Result<(
     let alice = token("alice", &[]);
     let data = random_bytes(30 << 16);
 
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(1);
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let upload = tokio::spawn({
-        let alice = alice.clone();
-        async move {
-            IngestClient::new(channel(addr))
-                .upload(authed(stream, &alice))
-                .await
-        }
-    });
-    tx.send(pb::UploadRequest {
-        part: Some(Part::Header(pb::UploadHeader {
-            size_bytes: data.len() as u64,
-            metadata: Some(pb::UploadMetadata {
-                display_name: "slow.bin".into(),
-                ..Default::default()
-            }),
-            idempotency_key: String::new(),
-        })),
-    })
-    .await?;
+    let (tx, upload) = open_upload(addr, &alice, "slow.bin", data.len() as u64).await?;
     for chunk in data.chunks(1 << 16) {
-        tx.send(pb::UploadRequest {
-            part: Some(Part::Data(chunk.to_vec().into())),
-        })
-        .await?;
+        tx.send(data_message(chunk)).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(tx);

@@ -134,7 +134,7 @@ fn check_not_over(header: &Header, received: u64) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a stream that ended short of what its header declared.
+/// Refuses a stream that ended at another length than its header declared.
 fn check_length(header: &Header, received: u64) -> Result<()> {
     if received != header.size {
         return Err(Error::invalid(
@@ -458,20 +458,19 @@ impl Uploader {
             return Err(error);
         }
         let sha256 = hex::encode(hasher.finalize());
-        let check = if let Err(error) = check_length(header, received) {
-            Err(error)
-        } else if header
-            .expected_sha256
-            .as_ref()
-            .is_some_and(|e| *e != sha256)
-        {
-            Err(Error::invalid(
-                "header.metadata.expected_sha256",
-                "does not match the bytes received",
-            ))
-        } else {
+        let check = check_length(header, received).and_then(|()| {
+            if header
+                .expected_sha256
+                .as_ref()
+                .is_some_and(|e| *e != sha256)
+            {
+                return Err(Error::invalid(
+                    "header.metadata.expected_sha256",
+                    "does not match the bytes received",
+                ));
+            }
             Ok(())
-        };
+        });
         if let Err(error) = check {
             let _ = writer.abort().await;
             return Err(error);

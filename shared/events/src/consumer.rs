@@ -349,31 +349,25 @@ impl Consumer {
             .iter()
             .map(|row| row.get(0))
             .collect();
-        let applied: Vec<Applied> = events
-            .iter()
-            .map(|event| {
-                if fresh.remove(&event.id) {
-                    Applied::Now
-                } else {
-                    Applied::Before
-                }
-            })
-            .collect();
-        let fresh: Vec<&Event> = events
-            .iter()
-            .zip(&applied)
-            .filter(|(_, applied)| matches!(applied, Applied::Now))
-            .map(|(event, _)| *event)
-            .collect();
-        let batch_span = tracing::info_span!("events", group = %self.group, events = fresh.len());
-        let folded = fresh.is_empty()
+        let mut applied = Vec::with_capacity(events.len());
+        let mut new = Vec::new();
+        for event in events {
+            if fresh.remove(&event.id) {
+                applied.push(Applied::Now);
+                new.push(*event);
+            } else {
+                applied.push(Applied::Before);
+            }
+        }
+        let batch_span = tracing::info_span!("events", group = %self.group, events = new.len());
+        let folded = new.is_empty()
             || self
                 .handler
-                .handle_batch(&fresh, &tx)
+                .handle_batch(&new, &tx)
                 .instrument(batch_span)
                 .await?;
         if !folded {
-            for event in fresh {
+            for event in new {
                 self.handler
                     .handle(event, &tx)
                     .instrument(self.span(event))
