@@ -457,6 +457,7 @@ async fn a_hold_resized_in_place_counts_its_bytes_once() -> anyhow::Result<()> {
         reservation_id: held.id.clone(),
         bytes,
         ttl_seconds: 600,
+        fallback_bytes: 0,
     };
     // 3,000 of 4,000 fits only if the 1,000 already held are not counted again.
     let grown = quota
@@ -474,6 +475,64 @@ async fn a_hold_resized_in_place_counts_its_bytes_once() -> anyhow::Result<()> {
     // A retry of a resize holds nothing more; shrinking always fits.
     quota.resize(authed(resize(3000), &service)).await?;
     assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 3000);
+    quota.resize(authed(resize(2000), &service)).await?;
+    assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 2000);
+
+    // With a fallback, a growth that does not fit holds the fallback instead: beside another
+    // hold of 500, 2,000 cannot grow to 6,000 (3,500 at most), so it holds 2,500.
+    let other = quota
+        .reserve(authed(
+            pb::ReserveRequest {
+                user_id: "gil".into(),
+                bytes: 500,
+                ttl_seconds: 600,
+                idempotency_key: String::new(),
+            },
+            &service,
+        ))
+        .await?
+        .into_inner()
+        .reservation
+        .unwrap_or_default();
+    let or_else = |bytes: u64, fallback_bytes: u64| pb::ResizeRequest {
+        fallback_bytes,
+        ..resize(bytes)
+    };
+    let fell_back = quota
+        .resize(authed(or_else(6000, 2500), &service))
+        .await?
+        .into_inner();
+    assert_eq!(fell_back.reservation.map(|r| r.bytes), Some(2500));
+    assert_eq!(fell_back.account.map(|a| a.reserved_bytes), Some(3000));
+    let asked = quota
+        .resize(authed(or_else(3500, 2000), &service))
+        .await?
+        .into_inner();
+    assert_eq!(asked.reservation.map(|r| r.bytes), Some(3500));
+    let neither = quota
+        .resize(authed(or_else(6000, 3600), &service))
+        .await
+        .expect_err("neither fits");
+    assert_eq!(neither.code(), Code::ResourceExhausted);
+    let above = quota
+        .resize(authed(or_else(1000, 2000), &service))
+        .await
+        .expect_err("a fallback above the size");
+    assert_eq!(above.code(), Code::InvalidArgument);
+    assert!(
+        above.message().contains("fallback_bytes"),
+        "{}",
+        above.message()
+    );
+    assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 4000);
+    quota
+        .release(authed(
+            pb::ReleaseRequest {
+                reservation_id: other.id,
+            },
+            &service,
+        ))
+        .await?;
     quota.resize(authed(resize(2000), &service)).await?;
     assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 2000);
 

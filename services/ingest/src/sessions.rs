@@ -803,7 +803,7 @@ impl Sessions {
     ) -> Result<()> {
         let held = session.held.max(size);
         if size > session.held {
-            self.resize_hold(session, size).await?;
+            self.resize_hold(session, size, size).await?;
         }
         tx.execute_cached(
             "UPDATE ingest.uploads SET declared_size = $2, held_bytes = $3 WHERE id = $1",
@@ -824,7 +824,8 @@ impl Sessions {
     /// While the length is deferred, the session holds quota for what it receives: before a
     /// chunk ending at `end` is staged, its hold grows ahead of `end` by as much as it held (at
     /// most [`HOLD_AHEAD_MAX`]), or where that does not fit, to `end` alone (so near the limit
-    /// it leaves the rest to the user's other uploads). Refused that, the chunk is.
+    /// it leaves the rest to the user's other uploads), in one call to Quota. Refused that,
+    /// the chunk is.
     async fn hold_more(
         &self,
         tx: &impl GenericClient,
@@ -835,16 +836,7 @@ impl Sessions {
             .saturating_add(session.held.min(HOLD_AHEAD_MAX))
             .min(self.settings.max_file_size)
             .max(end);
-        let held = match self.resize_hold(session, ahead).await {
-            Ok(()) => ahead,
-            Err(Error::Peer(status))
-                if status.code() == tonic::Code::ResourceExhausted && ahead > end =>
-            {
-                self.resize_hold(session, end).await?;
-                end
-            }
-            Err(error) => return Err(error),
-        };
+        let held = self.resize_hold(session, ahead, end).await?;
         // Rolled back with the chunk, the row says less than Quota holds, and the next chunk
         // asks again: nothing is held twice, and nothing staged is unheld.
         tx.execute_cached(
@@ -861,19 +853,25 @@ impl Sessions {
         u32::try_from(self.settings.ttl.as_secs()).unwrap_or(u32::MAX)
     }
 
-    /// Sets the session's hold to `bytes`, in place.
-    async fn resize_hold(&self, session: &Session, bytes: u64) -> Result<()> {
+    /// Sets the session's hold to `bytes`, in place, or where they do not fit to `fallback`;
+    /// returns what it holds.
+    async fn resize_hold(&self, session: &Session, bytes: u64, fallback: u64) -> Result<u64> {
         let reservation = session
             .reservation_id
             .ok_or(Error::Internal("a session without its reservation"))?;
-        self.quota
+        let resized = self
+            .quota
             .resize(pb::ResizeRequest {
                 reservation_id: reservation.to_string(),
                 bytes,
                 ttl_seconds: self.hold_ttl_seconds(),
+                fallback_bytes: fallback,
             })
             .await?;
-        Ok(())
+        resized
+            .reservation
+            .map(|r| r.bytes)
+            .ok_or(Error::Internal("Quota resized no reservation"))
     }
 
     async fn release(&self, reservation: Uuid, upload: Uuid) {

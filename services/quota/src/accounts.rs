@@ -269,65 +269,59 @@ impl Quota {
     /// known as it goes never needs its bytes held twice. The size is absolute, so a retry
     /// changes nothing more.
     ///
-    /// Unlike commit, this takes a few statements with the account locked; it is called a few
-    /// dozen times in a long upload, not per chunk.
+    /// With a `fallback` below `bytes`, a growth that does not fit holds `fallback` instead:
+    /// one call where an upload near its limit would otherwise ask twice.
+    ///
+    /// Like commit, it is one statement (`RESIZE_SQL`), so the account row is locked only
+    /// while PostgreSQL runs it.
     pub async fn resize(
         &self,
         reservation_id: Uuid,
         bytes: u64,
+        fallback: Option<u64>,
         ttl: Option<Duration>,
     ) -> Result<(Reservation, Account)> {
         let wanted = to_i64("bytes", bytes)?;
+        let fallback = match fallback {
+            Some(smaller) if smaller > bytes => {
+                return Err(Error::invalid("fallback_bytes", "must be at most bytes"));
+            }
+            Some(smaller) => smaller,
+            None => bytes,
+        };
+        let otherwise = to_i64("fallback_bytes", fallback)?;
         let ttl_secs = self.ttl_secs(ttl)?;
-        let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await?;
-        // The reservation, then its account: the order release and commit lock them in.
-        let reservation = locked_reservation(&tx, reservation_id).await?;
+        let conn = self.pool.get().await?;
+        let resized = conn
+            .query_opt_cached(
+                RESIZE_SQL,
+                &[&reservation_id, &wanted, &otherwise, &ttl_secs],
+            )
+            .await?;
+        if let Some(row) = resized {
+            return Ok((Reservation::from_row(&row), Account::from_row(&row)));
+        }
+        // Not resized: say why, from what is there now.
+        let row = conn
+            .query_opt_cached(
+                concat!(
+                    "SELECT ",
+                    reservation_columns!(),
+                    " FROM quota.reservations WHERE id = $1"
+                ),
+                &[&reservation_id],
+            )
+            .await?
+            .ok_or(Error::ReservationNotFound)?;
+        let reservation = Reservation::from_row(&row);
         if reservation.state != ReservationState::Held {
             return Err(Error::WrongState(reservation.state.as_str().into()));
         }
-        let account = Account::from_row(
-            &tx.query_one_cached(
-                concat!(
-                    "SELECT ",
-                    account_columns!(),
-                    " FROM quota.accounts WHERE user_id = $1 FOR UPDATE"
-                ),
-                &[&reservation.user_id],
-            )
-            .await?,
-        );
-        let was = to_i64("bytes", reservation.bytes)?;
-        let room = was.saturating_add(to_i64("bytes", account.available_bytes())?);
-        if wanted > was && wanted > room {
-            return Err(Error::Exhausted {
-                requested: bytes,
-                available: room as u64,
-            });
-        }
-        let account = tx
-            .query_one_cached(
-                concat!(
-                    "UPDATE quota.accounts SET reserved_bytes = reserved_bytes + $2, updated_at = now()
-                     WHERE user_id = $1 RETURNING ",
-                    account_columns!()
-                ),
-                &[&reservation.user_id, &(wanted - was)],
-            )
-            .await?;
-        let row = tx
-            .query_one_cached(
-                concat!(
-                    "UPDATE quota.reservations
-                     SET bytes = $2, expires_at = now() + make_interval(secs => $3), updated_at = now()
-                     WHERE id = $1 RETURNING ",
-                    reservation_columns!()
-                ),
-                &[&reservation_id, &wanted, &ttl_secs],
-            )
-            .await?;
-        tx.commit().await?;
-        Ok((Reservation::from_row(&row), Account::from_row(&account)))
+        let account = Account::from_row(&account_row(&conn, &reservation.user_id).await?);
+        Err(Error::Exhausted {
+            requested: fallback,
+            available: reservation.bytes.saturating_add(account.available_bytes()),
+        })
     }
 
     /// Turns a reservation into `bytes` of usage. Committing again returns the first commit.
@@ -881,6 +875,35 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
         notice_ctes("$2::bigint", 3)
     )
 });
+
+/// A resize in one statement. The reservation and its account row are locked together, the
+/// reservation first (the order commit and release take them in), and the new hold is worked
+/// out from the locked account: `$2` bytes, or where they do not fit `$3`. The account's held
+/// bytes move by the difference only if that fits (or shrinks), and the reservation lives `$4`
+/// seconds from now. No row: not held, or neither fits.
+const RESIZE_SQL: &str = "WITH r AS (
+         SELECT r.id, r.bytes AS was, a.user_id,
+                CASE WHEN $2::bigint <= r.bytes + GREATEST(a.limit_bytes - a.used_bytes - a.reserved_bytes, 0)
+                     THEN $2::bigint ELSE $3::bigint END AS held
+         FROM quota.reservations r JOIN quota.accounts a ON a.user_id = r.user_id
+         WHERE r.id = $1 AND r.state = 'held'
+         FOR UPDATE OF r, a),
+     account AS (
+         UPDATE quota.accounts a
+         SET reserved_bytes = a.reserved_bytes - r.was + r.held, updated_at = now()
+         FROM r
+         WHERE a.user_id = r.user_id
+           AND (r.held <= r.was OR a.used_bytes + a.reserved_bytes - r.was + r.held <= a.limit_bytes)
+         RETURNING a.*),
+     done AS (
+         UPDATE quota.reservations c
+         SET bytes = r.held, expires_at = now() + make_interval(secs => $4), updated_at = now()
+         FROM r, account
+         WHERE c.id = r.id
+         RETURNING c.*)
+     SELECT d.id, d.user_id, d.bytes, d.state, d.committed_bytes, d.expires_at,
+            a.limit_bytes, a.used_bytes, a.reserved_bytes, a.created_at, a.updated_at
+     FROM done d, account a";
 
 /// A charge or debit of `$2` bytes (signed) on `$1`'s usage, with its threshold notice
 /// (`$3`..`$5`); a debit never crosses one.

@@ -118,7 +118,15 @@ impl quota_server::Quota for QuotaGrpc {
         let req = request.into_inner();
         let id = parse_uuid("reservation_id", &req.reservation_id)?;
         let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(req.ttl_seconds)));
-        let (reservation, account) = self.quota.resize(id, req.bytes, ttl).await?;
+        let (reservation, account) = self
+            .quota
+            .resize(
+                id,
+                req.bytes,
+                (req.fallback_bytes > 0).then_some(req.fallback_bytes),
+                ttl,
+            )
+            .await?;
         Ok(Response::new(pb::ResizeResponse {
             reservation: Some(reservation.into()),
             account: Some(account.into()),
