@@ -365,17 +365,9 @@ impl ingest_server::Ingest for IngestGrpc {
                 }
             }
             .await;
-            if let Err(status) = written {
-                // What was staged before the failure still counts: the client resumes from
-                // GetUpload's offset, which then includes it.
-                if let Some(w) = writer.as_mut() {
-                    let _ = w.pause().await;
-                }
-                return Err(status);
-            }
             let last = match writer {
-                Some(w) => w.finish().await?,
-                None => None,
+                Some(w) => w.settle(written).await?,
+                None => written.map(|()| None)?,
             };
             let s = match (last, upload) {
                 (Some(s), _) => s,

@@ -473,12 +473,7 @@ async fn write_body(
         }
     }
     .await;
-    if let Err(error) = written {
-        // What was staged before the failure still counts.
-        let _ = writer.pause().await;
-        return Err(error);
-    }
-    let recorded = writer.finish().await?;
+    let recorded = writer.settle(written).await?;
     if let Some(why) = cut_off {
         tracing::info!(upload_id = %id, offset = at, why, "tus body cut off; kept what arrived");
     }

@@ -161,6 +161,21 @@ impl ChunkStream {
         self.pause().await?;
         Ok(self.last.take())
     }
+
+    /// Ends the stream after its caller's loop of writes: [`finish`](Self::finish) when the
+    /// loop ended well; when it failed, what was staged before the failure is still recorded
+    /// (the client resumes from the offset, which then includes it) and the loop's error is
+    /// returned.
+    pub async fn settle<E: From<Error>>(
+        mut self,
+        written: std::result::Result<(), E>,
+    ) -> std::result::Result<Option<Session>, E> {
+        if let Err(error) = written {
+            let _ = self.pause().await;
+            return Err(error);
+        }
+        Ok(self.finish().await?)
+    }
 }
 
 /// Writes `chunk` while holding the lock: staged while the chunk before it is recorded.
