@@ -94,6 +94,20 @@ async fn parallel_reservations_stop_exactly_at_the_limit() -> anyhow::Result<()>
         again.id, granted[0],
         "a full account still answers a retried key with its first reservation"
     );
+    // As many bytes as a size can say: refused as too many, like any other.
+    let huge = quota
+        .reserve(authed(
+            pb::ReserveRequest {
+                user_id: "bob".into(),
+                bytes: i64::MAX as u64,
+                ttl_seconds: 600,
+                idempotency_key: String::new(),
+            },
+            &service,
+        ))
+        .await
+        .expect_err("past the limit");
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
     let stats = quota
         .stats(authed(pb::StatsRequest {}, &admin))
         .await?
@@ -466,11 +480,14 @@ async fn a_hold_resized_in_place_counts_its_bytes_once() -> anyhow::Result<()> {
         .into_inner();
     assert_eq!(grown.reservation.map(|r| r.bytes), Some(3000));
     assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 3000);
-    let refused = quota
-        .resize(authed(resize(4001), &service))
-        .await
-        .expect_err("past the limit");
-    assert_eq!(refused.code(), Code::ResourceExhausted);
+    // Past the limit, by one byte or by as many as a size can say.
+    for bytes in [4001, i64::MAX as u64] {
+        let refused = quota
+            .resize(authed(resize(bytes), &service))
+            .await
+            .expect_err("past the limit");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    }
     assert_eq!(usage(mesh.channel(), &gil).await?.reserved_bytes, 3000);
     // A retry of a resize holds nothing more; shrinking always fits.
     quota.resize(authed(resize(3000), &service)).await?;
@@ -558,6 +575,17 @@ async fn a_hold_resized_in_place_counts_its_bytes_once() -> anyhow::Result<()> {
         bad.message()
     );
 
+    let huge = quota
+        .commit(authed(
+            pb::CommitRequest {
+                reservation_id: held.id.clone(),
+                bytes: i64::MAX as u64,
+            },
+            &service,
+        ))
+        .await
+        .expect_err("past the limit");
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
     quota
         .commit(authed(
             pb::CommitRequest {

@@ -745,7 +745,7 @@ impl Hold<'_> {
                 "WITH account AS (
                      UPDATE quota.accounts
                      SET reserved_bytes = reserved_bytes + $3, updated_at = now()
-                     WHERE user_id = $2 AND used_bytes + reserved_bytes + $3 <= limit_bytes
+                     WHERE user_id = $2 AND used_bytes::numeric + reserved_bytes + $3::bigint <= limit_bytes
                      RETURNING *),
                  held AS (
                      INSERT INTO quota.reservations (id, user_id, bytes, state, idempotency_key, expires_at)
@@ -856,7 +856,7 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
                  used_bytes = a.used_bytes + $2::bigint, updated_at = now()
              FROM r
              WHERE a.user_id = r.user_id
-               AND ($2::bigint <= r.held OR a.used_bytes + a.reserved_bytes - r.held + $2::bigint <= a.limit_bytes)
+               AND ($2::bigint <= r.held OR a.used_bytes::numeric + a.reserved_bytes - r.held + $2::bigint <= a.limit_bytes)
              RETURNING a.*),
          done AS (
              UPDATE quota.reservations c
@@ -893,7 +893,7 @@ const RESIZE_SQL: &str = "WITH r AS (
          SET reserved_bytes = a.reserved_bytes - r.was + r.held, updated_at = now()
          FROM r
          WHERE a.user_id = r.user_id
-           AND (r.held <= r.was OR a.used_bytes + a.reserved_bytes - r.was + r.held <= a.limit_bytes)
+           AND (r.held <= r.was OR a.used_bytes::numeric + a.reserved_bytes - r.was + r.held <= a.limit_bytes)
          RETURNING a.*),
      done AS (
          UPDATE quota.reservations c
