@@ -290,3 +290,37 @@ async fn page_tokens_and_ranges_are_checked() -> anyhow::Result<()> {
     );
     mesh.stop().await
 }
+
+/// A statement PostgreSQL refuses is an internal error (retrying it fails the same way); a
+/// database that cannot answer is unavailable (a retry may pass).
+#[tokio::test]
+async fn database_errors_say_whether_a_retry_can_help() -> anyhow::Result<()> {
+    use stowage_runtime::status::database_failed;
+    let setup = Setup::new().await?;
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let conn = pool.get().await?;
+    let refused = conn
+        .query_one("SELECT 1 / 0", &[])
+        .await
+        .expect_err("division by zero");
+    assert_eq!(database_failed("test", &refused).code(), Code::Internal);
+    let overflow = conn
+        .query_one("SELECT $1::bigint + 1", &[&i64::MAX])
+        .await
+        .expect_err("out of range");
+    assert_eq!(database_failed("test", &overflow).code(), Code::Internal);
+    // A connection the server ended.
+    let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let other = pool.get().await?;
+    other
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?;
+    let gone = conn
+        .query_one("SELECT 1", &[])
+        .await
+        .expect_err("terminated");
+    let status = database_failed("test", &gone);
+    assert_eq!(status.code(), Code::Unavailable, "{gone:?}");
+    assert_eq!(status.message(), "test unavailable");
+    Ok(())
+}

@@ -65,7 +65,7 @@ impl From<Error> for Status {
             Error::NotFound | Error::VariantNotFound(_) => Status::not_found(error.to_string()),
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
             Error::AlreadyExists => Status::already_exists(error.to_string()),
-            Error::Db(ref e) => dependency_failed("file metadata", e),
+            Error::Db(ref e) => stowage_runtime::status::database_failed("file metadata", e),
             Error::Pool(ref e) => dependency_failed("file metadata", e),
             Error::Store(object_store::Error::NotFound { ref path, .. }) => {
                 tracing::error!(path, "blob of a registered file is missing");

@@ -141,7 +141,7 @@ impl From<Error> for Status {
                 tracing::error!(why, "ingest invariant broken");
                 Status::internal("internal error")
             }
-            Error::Db(ref e) => dependency_failed("upload storage", e),
+            Error::Db(ref e) => stowage_runtime::status::database_failed("upload storage", e),
             Error::Pool(ref e) => dependency_failed("upload storage", e),
             Error::Store(ref e) => dependency_failed("object store", e),
             Error::Peer(status) => status,

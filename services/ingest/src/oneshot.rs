@@ -298,10 +298,12 @@ impl Uploader {
                         | tonic::Code::DeadlineExceeded
                         | tonic::Code::Unknown
                         | tonic::Code::Cancelled
+                        | tonic::Code::Internal
                 ) =>
             {
-                // The file may have been registered anyway: keep bytes and hold; the sweeper
-                // asks Files later and either charges or cleans up.
+                // The file may have been registered anyway (an internal error too says nothing
+                // of what was committed before it): keep bytes and hold; the sweeper asks Files
+                // later and either charges or cleans up.
                 tracing::warn!(upload_id = %row.id, %status, "registration outcome unknown; left for the sweeper");
                 return Err(Error::Peer(status));
             }

@@ -59,7 +59,7 @@ impl From<Error> for Status {
                 stowage_runtime::status::invalid_argument(field, reason)
             }
             Error::Jobs(ref e) => dependency_failed("job queue", e),
-            Error::Db(ref e) => dependency_failed("media database", e),
+            Error::Db(ref e) => stowage_runtime::status::database_failed("media database", e),
             Error::Pool(ref e) => dependency_failed("media database", e),
             Error::Peer(status) => status,
         }

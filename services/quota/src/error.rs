@@ -56,7 +56,7 @@ impl From<Error> for Status {
             Error::ReservationNotFound => Status::not_found(error.to_string()),
             Error::WrongState(_) => Status::failed_precondition(error.to_string()),
             Error::Moved(_) => Status::aborted(error.to_string()),
-            Error::Db(ref e) => dependency_failed("quota storage", e),
+            Error::Db(ref e) => stowage_runtime::status::database_failed("quota storage", e),
             Error::Pool(ref e) => dependency_failed("quota storage", e),
         }
     }

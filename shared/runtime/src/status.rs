@@ -38,3 +38,22 @@ pub fn dependency_failed(what: &'static str, error: &dyn std::fmt::Debug) -> Sta
     tracing::error!(?error, what, "dependency failed");
     Status::unavailable(format!("{what} unavailable"))
 }
+
+/// The status for a PostgreSQL error: UNAVAILABLE when the database could not answer
+/// (connection lost, shutting down, out of resources: a retry may pass), INTERNAL when it
+/// answered and refused the statement (bad data, a broken constraint, a statement it cannot
+/// run: the same call would fail again). The detail goes to the log, never to the caller.
+pub fn database_failed(
+    what: &'static str,
+    error: &deadpool_postgres::tokio_postgres::Error,
+) -> Status {
+    let refused = error.code().is_some_and(|code| {
+        let class = code.code().get(..2).unwrap_or_default();
+        matches!(class, "0A" | "21" | "22" | "23" | "2F" | "42" | "P0" | "XX")
+    });
+    if !refused {
+        return dependency_failed(what, error);
+    }
+    tracing::error!(?error, what, "the database refused a statement");
+    Status::internal(format!("{what} failed"))
+}
