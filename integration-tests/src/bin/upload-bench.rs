@@ -4,7 +4,9 @@
 //! sequential write of the same bytes to the same disk; uploads/s of 4 KiB files committed end
 //! to end; and the same two workloads against @tus/server with @tus/file-store (node), with
 //! the ratios. The 1 GiB uploads run three times each, taking turns, and their medians are
-//! compared. Run it with `scripts/bench` (release build, servers started for it).
+//! compared. Two ceilings are measured beside them: SHA-256 of the GiB on one core, and 4 KiB
+//! files written durably with nothing else (the disk's share of a small upload). Run it with
+//! `scripts/bench` (release build, servers started for it).
 
 use std::{
     io::Write,
@@ -90,6 +92,58 @@ fn raw_write(dir: &std::path::Path, data: &[u8], how: Raw) -> anyhow::Result<Dur
     let elapsed = start.elapsed();
     std::fs::remove_file(&path)?;
     Ok(elapsed)
+}
+
+/// SHA-256 of `data` on one core, as Stowage hashes every byte of an upload: the ceiling of
+/// any upload that is verified whole.
+fn hash_alone(data: &[u8]) -> Duration {
+    use sha2::Digest;
+    let start = Instant::now();
+    std::hint::black_box(sha2::Sha256::digest(data));
+    start.elapsed()
+}
+
+/// Durable 4 KiB files written by `CONCURRENCY` threads for `SMALL_SECONDS`, each as the
+/// local-disk store writes a one-shot upload's blob (a temporary file written and flushed,
+/// renamed into place, its directory flushed): files/s, the disk's share of a 4 KiB one-shot
+/// upload with nothing else. Sessions and tus stage first, and do more.
+fn durable_small_files(dir: &std::path::Path) -> anyhow::Result<f64> {
+    let root = dir.join("raw-small");
+    std::fs::create_dir_all(&root)?;
+    let deadline = Instant::now() + Duration::from_secs(SMALL_SECONDS);
+    let start = Instant::now();
+    let written: u64 = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..CONCURRENCY)
+            .map(|t| {
+                let root = &root;
+                scope.spawn(move || -> anyhow::Result<u64> {
+                    let data = random_bytes(SMALL);
+                    let sub = root.join(format!("t{t}"));
+                    std::fs::create_dir_all(&sub)?;
+                    let folder = std::fs::File::open(&sub)?;
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let (temporary, path) =
+                            (sub.join(format!("{n}#1")), sub.join(n.to_string()));
+                        let mut file = std::fs::File::create(&temporary)?;
+                        file.write_all(&data)?;
+                        file.sync_all()?;
+                        std::fs::rename(&temporary, &path)?;
+                        folder.sync_all()?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().map_err(|_| anyhow::anyhow!("writer panicked"))?)
+            .sum::<anyhow::Result<u64>>()
+    })?;
+    let rate = written as f64 / start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&root)?;
+    Ok(rate)
 }
 
 async fn stowage_big(server: &Channel, alice: &str, data: &Bytes) -> anyhow::Result<Duration> {
@@ -403,6 +457,7 @@ async fn main() -> anyhow::Result<()> {
         let raw = raw_write(&dir, &data, Raw::Cached)?;
         let raw_synced = raw_write(&dir, &data, Raw::CachedFlushed)?;
         let raw_direct = raw_write(&dir, &data, Raw::DirectEachChunk)?;
+        let hashed = hash_alone(&data);
         // Both vary from run to run on a VM (the disk above all): they take turns, and the
         // median of each is compared.
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -458,6 +513,11 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "raw direct write, flush/chunk  {direct_mbps:>9.1} MB/s   (O_DIRECT, fdatasync per 8 MiB: durable as Stowage's acks)"
         );
+        let hash_mbps = mbps(BIG, hashed);
+        println!(
+            "sha256 alone, one core         {hash_mbps:>9.1} MB/s   ({:.2} x raw direct: the most a verified upload can reach)",
+            hash_mbps / direct_mbps
+        );
         println!(
             "stowage WriteChunks 1 GiB      {st_mbps:>9.1} MB/s (median)   {:.2} x raw, {:.2} x raw+fsync, {:.2} x raw direct (target >= 0.8)   {:.2} x peer (target >= 2)",
             st_mbps / raw_mbps,
@@ -484,6 +544,8 @@ async fn main() -> anyhow::Result<()> {
     let stowage_tus = tus_small(&http, &format!("{base}/tus"), Some(&auth)).await?;
     settle("the peer's 4 KiB uploads").await?;
     let peer_small = tus_small(&http, &format!("{peer_base}/files"), None).await?;
+    settle("the raw 4 KiB files").await?;
+    let durable_files = tokio::task::block_in_place(|| durable_small_files(&dir))?;
     let [create, put, done] = session_steps;
     println!(
         "stowage 4 KiB sessions         {sessions:>9.1} uploads/s   {:.2} x peer (target >= 3)",
@@ -499,6 +561,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("stowage 4 KiB tus create+body  {stowage_tus:>9.1} uploads/s");
     println!("@tus/server 4 KiB create+body  {peer_small:>9.1} uploads/s");
+    println!(
+        "raw durable 4 KiB files        {durable_files:>9.1} files/s     ({CONCURRENCY} threads, as a one-shot blob: written, flushed, renamed, dir flushed; {:.2} x peer)",
+        durable_files / peer_small
+    );
     let _ = peer.kill().await;
     drop(stowage);
     Ok(())
