@@ -729,6 +729,85 @@ async fn gc_covers_a_store_over_several_runs_each_going_on_where_the_last_stoppe
     mesh.stop().await
 }
 
+/// Two blob_gc runs at once: the one overtaken (its cursor moved by the other while it
+/// worked) leaves the cursor where the other put it, whether it meant to start one or move
+/// one. The overtaking write is made by hand while the run waits for the cursor table.
+#[tokio::test]
+async fn an_overtaken_gc_run_leaves_the_cursor_where_the_other_put_it() -> anyhow::Result<()> {
+    let setup = Setup::memory().await?;
+    let mesh = Mesh::start_with(&setup, |c| c.lifecycle.gc_batch = 2).await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let alice = token("alice", &[]);
+    for i in 0..3 {
+        let name = format!("f{i}.bin");
+        let file = upload(mesh.channel(), &alice, &name, &random_bytes(1000), &[]).await?;
+        wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    }
+    let pool = stowage_db::connect(&setup.database_url, 3)?;
+    let objects_cursor = || async {
+        let position: Option<String> = pool
+            .get()
+            .await?
+            .query_opt(
+                "SELECT position FROM lifecycle.gc_cursors WHERE part = 'blob_gc/objects'",
+                &[],
+            )
+            .await?
+            .map(|row| row.get(0));
+        anyhow::Ok(position)
+    };
+    // 1. No cursor yet: the run means to start one; 2. a cursor before every key: it means
+    // to move it. Each time the other run's position wins.
+    for (before, theirs) in [(None, "users/~first"), (Some("users/"), "users/~second")] {
+        let mut holder = pool.get().await?;
+        if let Some(at) = before {
+            holder
+                .execute(
+                    "INSERT INTO lifecycle.gc_cursors (part, position) VALUES ('blob_gc/objects', $1)
+                     ON CONFLICT (part) DO UPDATE SET position = $1",
+                    &[&at],
+                )
+                .await?;
+        }
+        let tx = holder.transaction().await?;
+        // Reads go on; writes to the cursors wait for this transaction.
+        tx.execute("LOCK TABLE lifecycle.gc_cursors IN EXCLUSIVE MODE", &[])
+            .await?;
+        let run = tokio::spawn(run_now_on(mesh.channel(), "blob_gc".into(), false));
+        eventually(PATIENCE, "the run waits to write its cursor", || async {
+            let waiting: i64 = pool
+                .get()
+                .await?
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND query LIKE '%gc_cursors%'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok(waiting > 0)
+        })
+        .await?;
+        tx.execute(
+            "INSERT INTO lifecycle.gc_cursors (part, position) VALUES ('blob_gc/objects', $1)
+             ON CONFLICT (part) DO UPDATE SET position = $1",
+            &[&theirs],
+        )
+        .await?;
+        tx.commit().await?;
+        let done = run.await??;
+        assert!(done.error.is_empty(), "{done:?}");
+        // Two blobs (gc_batch); the files are too new for the other way.
+        assert_eq!(done.examined, 2, "{done:?}");
+        assert_eq!(objects_cursor().await?.as_deref(), Some(theirs));
+    }
+    // Not overtaken, a run moves it: after the other's position there is nothing, so the
+    // pass ends and the next run starts over.
+    run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!(objects_cursor().await?, None);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing_owned()
 -> anyhow::Result<()> {
