@@ -729,6 +729,53 @@ async fn gc_covers_a_store_over_several_runs_each_going_on_where_the_last_stoppe
     mesh.stop().await
 }
 
+/// A blob_gc run past its time stops after the blob, or page of files, it is at, having
+/// looked at one at least, and the next run goes on from there. Here the time is zero: one
+/// blob per run, and one page of files (all three), until the blob pass ends.
+#[tokio::test]
+async fn a_gc_run_out_of_time_stops_and_the_next_goes_on() -> anyhow::Result<()> {
+    let setup = Setup::memory().await?;
+    let mesh = Mesh::start_with(&setup, |c| c.lifecycle.gc_time = Duration::ZERO).await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let alice = token("alice", &[]);
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let name = format!("f{i}.bin");
+        let file = upload(mesh.channel(), &alice, &name, &random_bytes(1000), &[]).await?;
+        // Older than the safety age, so the originals are checked too.
+        sql(
+            &setup,
+            "UPDATE files.files SET created_at = now() - interval '2 hours' WHERE id = $1",
+            &file.id,
+        )
+        .await?;
+        wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+        keys.push(file.storage_key);
+    }
+    keys.sort();
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    for (run, at) in [Some(&keys[0]), Some(&keys[1]), Some(&keys[2]), None]
+        .into_iter()
+        .enumerate()
+    {
+        let done = run_now(&mesh, "blob_gc", false).await?;
+        let blobs = u64::from(at.is_some());
+        assert_eq!(done.examined, blobs + 3, "run {run}: {done:?}");
+        assert_eq!((done.acted, done.failed), (0, 0), "run {run}: {done:?}");
+        let cursor: Option<String> = pool
+            .get()
+            .await?
+            .query_opt(
+                "SELECT position FROM lifecycle.gc_cursors WHERE part = 'blob_gc/objects'",
+                &[],
+            )
+            .await?
+            .map(|row| row.get(0));
+        assert_eq!(cursor.as_ref(), at, "run {run}");
+    }
+    mesh.stop().await
+}
+
 /// Two blob_gc runs at once: the one overtaken (its cursor moved by the other while it
 /// worked) leaves the cursor where the other put it, whether it meant to start one or move
 /// one. The overtaking write is made by hand while the run waits for the cursor table.

@@ -114,6 +114,8 @@ pub struct Lifecycle {
     settle: std::time::Duration,
     /// Blobs, then files, one `blob_gc` run looks at.
     gc_batch: u64,
+    /// How long each of `blob_gc`'s ways may go on in one run.
+    gc_time: std::time::Duration,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -149,6 +151,7 @@ impl Lifecycle {
             namespace: stowage_events::DEFAULT_NAMESPACE.to_owned(),
             settle: usage::DEFAULT_SETTLE,
             gc_batch: 1_000_000,
+            gc_time: std::time::Duration::from_secs(10 * 60),
         }
     }
 
@@ -156,6 +159,14 @@ impl Lifecycle {
     /// it stopped.
     pub fn with_gc_batch(mut self, batch: u64) -> Self {
         self.gc_batch = batch.max(1);
+        self
+    }
+
+    /// How long each of `blob_gc`'s two ways may go on in one run; past it, a way stops after
+    /// the item (or page of files) it is at, having looked at one at least, and the next run
+    /// goes on from there.
+    pub fn with_gc_time(mut self, time: std::time::Duration) -> Self {
+        self.gc_time = time;
         self
     }
 

@@ -29,10 +29,6 @@ const GC_ORIGINALS: &str = "blob_gc/originals";
 /// HEAD requests blob_gc has in flight at once while it checks originals.
 const GC_HEADS_AT_ONCE: usize = 16;
 
-/// How long each of blob_gc's two ways may go on in one run (well inside Lifecycle's job
-/// timeout); the next run goes on where it stopped.
-const GC_PART_BUDGET: Duration = Duration::from_secs(10 * 60);
-
 /// Where one of blob_gc's ways stopped (`lifecycle.gc_cursors`), moved as a run goes. A move
 /// applies only if the cursor still says what this run last read or wrote: a run another one
 /// overtook (two at once) stops moving it. A dry run never moves it.
@@ -348,7 +344,7 @@ impl Lifecycle {
         tally: &mut Tally,
     ) -> Result<(), tonic::Status> {
         use futures::TryStreamExt;
-        let deadline = tokio::time::Instant::now() + GC_PART_BUDGET;
+        let deadline = tokio::time::Instant::now() + self.gc_time;
         let mut cursor = GcCursor::read(self, GC_BLOBS, dry_run).await?;
         let ordered = self.local_root.is_none();
         let prefix = object_store::path::Path::from("users");
@@ -365,8 +361,9 @@ impl Lifecycle {
         let mut in_order = ordered;
         let mut looked = 0u64;
         loop {
-            let stop =
-                in_order && (looked >= self.gc_batch || tokio::time::Instant::now() > deadline);
+            // Past its time, a run still looks at one blob: each one moves the pass on.
+            let late = looked > 0 && tokio::time::Instant::now() > deadline;
+            let stop = in_order && (looked >= self.gc_batch || late);
             let next = match stop {
                 true => None,
                 false => listing
@@ -421,7 +418,7 @@ impl Lifecycle {
         dry_run: bool,
         tally: &mut Tally,
     ) -> Result<(), tonic::Status> {
-        let deadline = tokio::time::Instant::now() + GC_PART_BUDGET;
+        let deadline = tokio::time::Instant::now() + self.gc_time;
         let mut cursor = GcCursor::read(self, GC_ORIGINALS, dry_run).await?;
         let resumed = cursor.position().and_then(|position| {
             let (at, token) = position.split_once(' ')?;
@@ -430,7 +427,8 @@ impl Lifecycle {
         });
         let (mut before, mut page_token) = resumed.unwrap_or((cutoff, String::new()));
         let mut looked = 0u64;
-        while looked < self.gc_batch && tokio::time::Instant::now() <= deadline {
+        // Past its time, a run still looks at one page.
+        while looked < self.gc_batch && (looked == 0 || tokio::time::Instant::now() <= deadline) {
             let room = u32::try_from(self.gc_batch - looked).unwrap_or(u32::MAX);
             let listed = self
                 .files

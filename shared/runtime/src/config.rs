@@ -182,6 +182,10 @@ pub struct LifecycleConfig {
     /// Blobs, and then files, that one `blob_gc` run looks at, at most: the next run goes on
     /// where it stopped (on stores that list in key order; a local disk is walked whole).
     pub gc_batch: u64,
+    /// How long each of `blob_gc`'s two ways may go on in one run (it always looks at one
+    /// item, or one page of files, at least); the next run goes on where it stopped.
+    #[serde(with = "humantime_serde")]
+    pub gc_time: Duration,
 }
 
 impl Default for LifecycleConfig {
@@ -190,6 +194,7 @@ impl Default for LifecycleConfig {
             recheck_debounce: Duration::from_secs(1),
             reconcile_settle: Duration::from_secs(2),
             gc_batch: 1_000_000,
+            gc_time: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -580,6 +585,15 @@ impl Config {
         if self.lifecycle.gc_batch == 0 {
             return fail("STOWAGE_LIFECYCLE__GC_BATCH", "must be at least 1");
         }
+        // Both ways, and the sweep of unfinished writes, fit in Lifecycle's 30 min job.
+        if self.lifecycle.gc_time < Duration::from_secs(1)
+            || self.lifecycle.gc_time > Duration::from_secs(12 * 60)
+        {
+            return fail(
+                "STOWAGE_LIFECYCLE__GC_TIME",
+                "must be between 1 s and 12 min",
+            );
+        }
         if self.lifecycle.reconcile_settle > Duration::from_secs(600) {
             return fail(
                 "STOWAGE_LIFECYCLE__RECONCILE_SETTLE",
@@ -747,5 +761,17 @@ mod tests {
         let mut config = valid();
         config.connections.max = 0;
         refused_naming(&config, "STOWAGE_CONNECTIONS__MAX");
+    }
+
+    #[test]
+    fn a_gc_time_that_would_not_fit_in_a_job_is_refused_by_name() {
+        for seconds in [0, 12 * 60 + 1] {
+            let mut config = valid();
+            config.lifecycle.gc_time = Duration::from_secs(seconds);
+            refused_naming(&config, "STOWAGE_LIFECYCLE__GC_TIME");
+        }
+        let mut config = valid();
+        config.lifecycle.gc_time = Duration::from_secs(12 * 60);
+        assert!(config.validate().is_ok());
     }
 }
