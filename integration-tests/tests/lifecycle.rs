@@ -729,6 +729,19 @@ async fn gc_covers_a_store_over_several_runs_each_going_on_where_the_last_stoppe
     mesh.stop().await
 }
 
+/// Where blob_gc's way over the store's objects stopped (`None`: at the start of a pass).
+async fn objects_cursor(pool: &stowage_db::PgPool) -> anyhow::Result<Option<String>> {
+    Ok(pool
+        .get()
+        .await?
+        .query_opt(
+            "SELECT position FROM lifecycle.gc_cursors WHERE part = 'blob_gc/objects'",
+            &[],
+        )
+        .await?
+        .map(|row| row.get(0)))
+}
+
 /// A blob_gc run past its time stops after the blob, or page of files, it is at, having
 /// looked at one at least, and the next run goes on from there. Here the time is zero: one
 /// blob per run, and one page of files (all three), until the blob pass ends.
@@ -762,15 +775,7 @@ async fn a_gc_run_out_of_time_stops_and_the_next_goes_on() -> anyhow::Result<()>
         let blobs = u64::from(at.is_some());
         assert_eq!(done.examined, blobs + 3, "run {run}: {done:?}");
         assert_eq!((done.acted, done.failed), (0, 0), "run {run}: {done:?}");
-        let cursor: Option<String> = pool
-            .get()
-            .await?
-            .query_opt(
-                "SELECT position FROM lifecycle.gc_cursors WHERE part = 'blob_gc/objects'",
-                &[],
-            )
-            .await?
-            .map(|row| row.get(0));
+        let cursor = objects_cursor(&pool).await?;
         assert_eq!(cursor.as_ref(), at, "run {run}");
     }
     mesh.stop().await
@@ -791,18 +796,6 @@ async fn an_overtaken_gc_run_leaves_the_cursor_where_the_other_put_it() -> anyho
         wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
     }
     let pool = stowage_db::connect(&setup.database_url, 3)?;
-    let objects_cursor = || async {
-        let position: Option<String> = pool
-            .get()
-            .await?
-            .query_opt(
-                "SELECT position FROM lifecycle.gc_cursors WHERE part = 'blob_gc/objects'",
-                &[],
-            )
-            .await?
-            .map(|row| row.get(0));
-        anyhow::Ok(position)
-    };
     // 1. No cursor yet: the run means to start one; 2. a cursor before every key: it means
     // to move it. Each time the other run's position wins.
     for (before, theirs) in [(None, "users/~first"), (Some("users/"), "users/~second")] {
@@ -846,12 +839,12 @@ async fn an_overtaken_gc_run_leaves_the_cursor_where_the_other_put_it() -> anyho
         assert!(done.error.is_empty(), "{done:?}");
         // Two blobs (gc_batch); the files are too new for the other way.
         assert_eq!(done.examined, 2, "{done:?}");
-        assert_eq!(objects_cursor().await?.as_deref(), Some(theirs));
+        assert_eq!(objects_cursor(&pool).await?.as_deref(), Some(theirs));
     }
     // Not overtaken, a run moves it: after the other's position there is nothing, so the
     // pass ends and the next run starts over.
     run_now(&mesh, "blob_gc", false).await?;
-    assert_eq!(objects_cursor().await?, None);
+    assert_eq!(objects_cursor(&pool).await?, None);
     mesh.stop().await
 }
 

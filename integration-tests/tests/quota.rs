@@ -453,20 +453,24 @@ async fn a_hold_resized_in_place_counts_its_bytes_once() -> anyhow::Result<()> {
     let service = token("svc", &["service"]);
     let gil = token("gil", &[]);
     let mut quota = stowage_integration_tests::quota(mesh.channel());
-    let held = quota
-        .reserve(authed(
+    let reserving = quota.clone();
+    let hold = |bytes: u64| {
+        let mut quota = reserving.clone();
+        let request = authed(
             pb::ReserveRequest {
                 user_id: "gil".into(),
-                bytes: 1000,
+                bytes,
                 ttl_seconds: 600,
                 idempotency_key: String::new(),
             },
             &service,
-        ))
-        .await?
-        .into_inner()
-        .reservation
-        .unwrap_or_default();
+        );
+        async move {
+            let held = quota.reserve(request).await?.into_inner().reservation;
+            anyhow::Ok(held.unwrap_or_default())
+        }
+    };
+    let held = hold(1000).await?;
     let resize = |bytes: u64| pb::ResizeRequest {
         reservation_id: held.id.clone(),
         bytes,
@@ -497,20 +501,7 @@ async fn a_hold_resized_in_place_counts_its_bytes_once() -> anyhow::Result<()> {
 
     // With a fallback, a growth that does not fit holds the fallback instead: beside another
     // hold of 500, 2,000 cannot grow to 6,000 (3,500 at most), so it holds 2,500.
-    let other = quota
-        .reserve(authed(
-            pb::ReserveRequest {
-                user_id: "gil".into(),
-                bytes: 500,
-                ttl_seconds: 600,
-                idempotency_key: String::new(),
-            },
-            &service,
-        ))
-        .await?
-        .into_inner()
-        .reservation
-        .unwrap_or_default();
+    let other = hold(500).await?;
     let or_else = |bytes: u64, fallback_bytes: u64| pb::ResizeRequest {
         fallback_bytes,
         ..resize(bytes)

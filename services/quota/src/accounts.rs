@@ -302,18 +302,7 @@ impl Quota {
             return Ok((Reservation::from_row(&row), Account::from_row(&row)));
         }
         // Not resized: say why, from what is there now.
-        let row = conn
-            .query_opt_cached(
-                concat!(
-                    "SELECT ",
-                    reservation_columns!(),
-                    " FROM quota.reservations WHERE id = $1"
-                ),
-                &[&reservation_id],
-            )
-            .await?
-            .ok_or(Error::ReservationNotFound)?;
-        let reservation = Reservation::from_row(&row);
+        let reservation = reservation_now(&conn, reservation_id).await?;
         if reservation.state != ReservationState::Held {
             return Err(Error::WrongState(reservation.state.as_str().into()));
         }
@@ -348,18 +337,7 @@ impl Quota {
             .await?;
         let Some(row) = committed else {
             // Not committable: say why, from what is there now.
-            let row = conn
-                .query_opt_cached(
-                    concat!(
-                        "SELECT ",
-                        reservation_columns!(),
-                        " FROM quota.reservations WHERE id = $1"
-                    ),
-                    &[&reservation_id],
-                )
-                .await?
-                .ok_or(Error::ReservationNotFound)?;
-            let reservation = Reservation::from_row(&row);
+            let reservation = reservation_now(&conn, reservation_id).await?;
             return match reservation.state {
                 ReservationState::Committed => {
                     let account = account_row(&conn, &reservation.user_id).await?;
@@ -788,6 +766,22 @@ async fn find_by_key(
         )
         .await?;
     Ok(row.as_ref().map(Reservation::from_row))
+}
+
+/// Reservation `id` as it is now (unlocked: to say why a statement did not apply).
+async fn reservation_now(conn: &impl GenericClient, id: Uuid) -> Result<Reservation> {
+    let row = conn
+        .query_opt_cached(
+            concat!(
+                "SELECT ",
+                reservation_columns!(),
+                " FROM quota.reservations WHERE id = $1"
+            ),
+            &[&id],
+        )
+        .await?
+        .ok_or(Error::ReservationNotFound)?;
+    Ok(Reservation::from_row(&row))
 }
 
 /// Reservation `id`, locked for the transaction `tx`.
