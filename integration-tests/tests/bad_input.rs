@@ -292,7 +292,8 @@ async fn page_tokens_and_ranges_are_checked() -> anyhow::Result<()> {
 }
 
 /// A statement PostgreSQL refuses is an internal error (retrying it fails the same way); a
-/// database that cannot answer is unavailable (a retry may pass).
+/// database that cannot answer, or gave up for a reason of the moment, is unavailable (a
+/// retry may pass).
 #[tokio::test]
 async fn database_errors_say_whether_a_retry_can_help() -> anyhow::Result<()> {
     use stowage_runtime::status::database_failed;
@@ -309,6 +310,18 @@ async fn database_errors_say_whether_a_retry_can_help() -> anyhow::Result<()> {
         .await
         .expect_err("out of range");
     assert_eq!(database_failed("test", &overflow).code(), Code::Internal);
+    // A statement stopped by its time limit may pass another time.
+    conn.batch_execute("SET statement_timeout = '20ms'").await?;
+    let slow = conn
+        .query_one("SELECT pg_sleep(1)", &[])
+        .await
+        .expect_err("timed out");
+    assert_eq!(
+        database_failed("test", &slow).code(),
+        Code::Unavailable,
+        "{slow:?}"
+    );
+    conn.batch_execute("RESET statement_timeout").await?;
     // A connection the server ended.
     let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
     let other = pool.get().await?;

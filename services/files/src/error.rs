@@ -1,4 +1,4 @@
-use stowage_runtime::status::dependency_failed;
+use stowage_runtime::status::{database_failed, dependency_failed};
 use tonic::Status;
 
 /// What can go wrong in Files.
@@ -65,8 +65,8 @@ impl From<Error> for Status {
             Error::NotFound | Error::VariantNotFound(_) => Status::not_found(error.to_string()),
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
             Error::AlreadyExists => Status::already_exists(error.to_string()),
-            Error::Db(ref e) => stowage_runtime::status::database_failed("file metadata", e),
-            Error::Pool(ref e) => dependency_failed("file metadata", e),
+            Error::Db(ref e) => database_failed("file metadata", e),
+            Error::Pool(ref e) => database_failed("file metadata", e),
             Error::Store(object_store::Error::NotFound { ref path, .. }) => {
                 tracing::error!(path, "blob of a registered file is missing");
                 Status::data_loss("the file's bytes are missing from the store")

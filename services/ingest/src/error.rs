@@ -1,4 +1,4 @@
-use stowage_runtime::status::dependency_failed;
+use stowage_runtime::status::{database_failed, dependency_failed};
 use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -141,8 +141,8 @@ impl From<Error> for Status {
                 tracing::error!(why, "ingest invariant broken");
                 Status::internal("internal error")
             }
-            Error::Db(ref e) => stowage_runtime::status::database_failed("upload storage", e),
-            Error::Pool(ref e) => dependency_failed("upload storage", e),
+            Error::Db(ref e) => database_failed("upload storage", e),
+            Error::Pool(ref e) => database_failed("upload storage", e),
             Error::Store(ref e) => dependency_failed("object store", e),
             Error::Peer(status) => status,
         }

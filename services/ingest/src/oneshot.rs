@@ -12,6 +12,7 @@ use stowage_blob::keys;
 use stowage_proto::v1::{self as pb, upload_request::Part};
 use stowage_runtime::{
     mesh::{FilesApi, QuotaApi},
+    status::retry_may_pass,
     validate,
 };
 use tokio_util::sync::CancellationToken;
@@ -292,14 +293,7 @@ impl Uploader {
                 .file
                 .ok_or_else(|| Status::internal("file missing from response"))?,
             Err(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Unknown
-                        | tonic::Code::Cancelled
-                        | tonic::Code::Internal
-                ) =>
+                if retry_may_pass(status.code()) || status.code() == tonic::Code::Internal =>
             {
                 // The file may have been registered anyway (an internal error too says nothing
                 // of what was committed before it): keep bytes and hold; the sweeper asks Files
@@ -329,7 +323,7 @@ impl Uploader {
                 .await
             {
                 Ok(_) => break,
-                Err(status) if attempt < 4 && status.code() != tonic::Code::ResourceExhausted => {
+                Err(status) if attempt < 4 && retry_may_pass(status.code()) => {
                     attempt += 1;
                     tracing::warn!(upload_id = %row.id, %status, attempt, "quota commit failed, retrying");
                     tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;

@@ -16,7 +16,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use stowage_proto::v1 as pb;
-use stowage_runtime::{Identity, Verifier, auth::bearer};
+use stowage_runtime::{Identity, Verifier, auth::bearer, status::database_code};
 use uuid::Uuid;
 
 use crate::{
@@ -92,6 +92,14 @@ fn error_response(error: Error) -> Response {
             StatusCode::GONE
         }
         Error::Stream(_) => StatusCode::BAD_REQUEST,
+        // Refused by a database, ours or a peer's: the same request would fail again.
+        Error::Peer(s) if s.code() == tonic::Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Db(e) if database_code(e) == tonic::Code::Internal => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        Error::Pool(e) if database_code(e) == tonic::Code::Internal => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         Error::Peer(_) | Error::Db(_) | Error::Pool(_) | Error::Store(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
@@ -105,7 +113,10 @@ fn error_response(error: Error) -> Response {
         Error::Peer(s) => s.message().to_owned(),
         Error::Db(_) | Error::Pool(_) | Error::Store(_) | Error::Internal(_) => {
             tracing::error!(%error, "tus request failed");
-            "temporarily unavailable".to_owned()
+            match status {
+                StatusCode::INTERNAL_SERVER_ERROR => "internal error".to_owned(),
+                _ => "temporarily unavailable".to_owned(),
+            }
         }
         other => other.to_string(),
     };

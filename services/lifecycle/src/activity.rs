@@ -13,7 +13,7 @@ use stowage_db::{Cached, GenericClient};
 use stowage_events::{Event, EventHandler, HandlerError, topics};
 use stowage_proto::v1 as pb;
 
-use crate::{Lifecycle, policy::Policy, tasks::Tally, usage::repair_key};
+use crate::{Lifecycle, db, policy::Policy, tasks::Tally, usage::repair_key};
 
 /// Topic of the notice a quiet user gets (for the product's mailer).
 pub const NOTICE_TOPIC: &str = "lifecycle.notice";
@@ -121,10 +121,6 @@ impl HistoryEvent {
             detail_json: self.detail.to_string(),
         }
     }
-}
-
-fn db(error: impl std::fmt::Debug) -> tonic::Status {
-    stowage_runtime::status::dependency_failed("lifecycle database", &error)
 }
 
 impl Lifecycle {

@@ -138,6 +138,7 @@ impl Lifecycle {
         media: Arc<dyn MediaApi>,
         store: Arc<dyn object_store::ObjectStore>,
     ) -> Self {
+        let defaults = stowage_runtime::config::LifecycleConfig::default();
         Self {
             pool,
             queue,
@@ -150,8 +151,8 @@ impl Lifecycle {
             redis: None,
             namespace: stowage_events::DEFAULT_NAMESPACE.to_owned(),
             settle: usage::DEFAULT_SETTLE,
-            gc_batch: 1_000_000,
-            gc_time: std::time::Duration::from_secs(10 * 60),
+            gc_batch: defaults.gc_batch,
+            gc_time: defaults.gc_time,
         }
     }
 
@@ -350,8 +351,8 @@ impl Lifecycle {
     }
 }
 
-pub(crate) fn db(error: impl std::fmt::Debug) -> tonic::Status {
-    stowage_runtime::status::dependency_failed("lifecycle database", &error)
+pub(crate) fn db(error: impl std::error::Error + 'static) -> tonic::Status {
+    stowage_runtime::status::database_failed("lifecycle database", &error)
 }
 
 /// The handler of scheduled ticks: runs the task the job names.

@@ -1,4 +1,4 @@
-use stowage_runtime::status::dependency_failed;
+use stowage_runtime::status::{database_failed, dependency_failed};
 use tonic::Status;
 
 /// What can go wrong in Media's API.
@@ -59,8 +59,8 @@ impl From<Error> for Status {
                 stowage_runtime::status::invalid_argument(field, reason)
             }
             Error::Jobs(ref e) => dependency_failed("job queue", e),
-            Error::Db(ref e) => stowage_runtime::status::database_failed("media database", e),
-            Error::Pool(ref e) => dependency_failed("media database", e),
+            Error::Db(ref e) => database_failed("media database", e),
+            Error::Pool(ref e) => database_failed("media database", e),
             Error::Peer(status) => status,
         }
     }

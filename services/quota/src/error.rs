@@ -1,4 +1,4 @@
-use stowage_runtime::status::dependency_failed;
+use stowage_runtime::status::database_failed;
 use tonic::Status;
 
 /// What can go wrong in Quota.
@@ -56,8 +56,8 @@ impl From<Error> for Status {
             Error::ReservationNotFound => Status::not_found(error.to_string()),
             Error::WrongState(_) => Status::failed_precondition(error.to_string()),
             Error::Moved(_) => Status::aborted(error.to_string()),
-            Error::Db(ref e) => stowage_runtime::status::database_failed("quota storage", e),
-            Error::Pool(ref e) => dependency_failed("quota storage", e),
+            Error::Db(ref e) => database_failed("quota storage", e),
+            Error::Pool(ref e) => database_failed("quota storage", e),
         }
     }
 }

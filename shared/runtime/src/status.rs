@@ -39,21 +39,50 @@ pub fn dependency_failed(what: &'static str, error: &dyn std::fmt::Debug) -> Sta
     Status::unavailable(format!("{what} unavailable"))
 }
 
-/// The status for a PostgreSQL error: UNAVAILABLE when the database could not answer
-/// (connection lost, shutting down, out of resources: a retry may pass), INTERNAL when it
-/// answered and refused the statement (bad data, a broken constraint, a statement it cannot
-/// run: the same call would fail again). The detail goes to the log, never to the caller.
-pub fn database_failed(
-    what: &'static str,
-    error: &deadpool_postgres::tokio_postgres::Error,
-) -> Status {
-    let refused = error.code().is_some_and(|code| {
-        let class = code.code().get(..2).unwrap_or_default();
-        matches!(class, "0A" | "21" | "22" | "23" | "2F" | "42" | "P0" | "XX")
-    });
-    if !refused {
-        return dependency_failed(what, error);
+/// The code for a database error, found anywhere in `error`'s chain (a pool's error wraps the
+/// connection's): UNAVAILABLE when the database could not answer or gave up for a reason of
+/// the moment (connection lost, shutting down, out of resources, a deadlock, a lock or
+/// statement timeout, a read-only replica: a retry may pass); INTERNAL when it answered and
+/// refused the statement itself (bad data, a broken constraint, a statement it cannot run: the
+/// same call fails again).
+pub fn database_code(error: &(dyn std::error::Error + 'static)) -> Code {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<deadpool_postgres::tokio_postgres::Error>()
+            && let Some(state) = e.code()
+        {
+            let state = state.code();
+            let transient = matches!(
+                state.get(..2).unwrap_or_default(),
+                "08" | "40" | "53" | "57" | "58"
+            ) || matches!(state, "25006" | "25P03" | "55006" | "55P03");
+            return if transient {
+                Code::Unavailable
+            } else {
+                Code::Internal
+            };
+        }
+        cause = e.source();
+    }
+    // No answer from the database at all (a closed connection, a pool out of connections).
+    Code::Unavailable
+}
+
+/// The status for a database error, as [`database_code`] classes it. The detail goes to the
+/// log, never to the caller.
+pub fn database_failed(what: &'static str, error: &(dyn std::error::Error + 'static)) -> Status {
+    if database_code(error) == Code::Unavailable {
+        return dependency_failed(what, &error);
     }
     tracing::error!(?error, what, "the database refused a statement");
     Status::internal(format!("{what} failed"))
+}
+
+/// Whether a call that failed with `code` may pass if made again as it was: the callee could
+/// not answer, or the answer was lost. (What it did before failing is then unknown too.)
+pub fn retry_may_pass(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+    )
 }
