@@ -820,7 +820,8 @@ async fn an_overtaken_gc_run_leaves_the_cursor_where_the_other_put_it() -> anyho
                 .await?
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                     WHERE wait_event_type = 'Lock' AND query LIKE '%gc_cursors%'",
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'
+                       AND query LIKE '%gc_cursors%'",
                     &[],
                 )
                 .await?

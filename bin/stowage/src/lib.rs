@@ -508,8 +508,8 @@ fn start_lifecycle(
         stowage_lifecycle::SCHEMA,
         QueueConfig {
             // A run pages through every user: minutes, not seconds.
-            job_timeout: std::time::Duration::from_secs(30 * 60),
-            visibility_timeout: std::time::Duration::from_secs(60 * 60),
+            job_timeout: stowage_runtime::config::LIFECYCLE_JOB_TIMEOUT,
+            visibility_timeout: stowage_runtime::config::LIFECYCLE_JOB_TIMEOUT * 2,
             ..QueueConfig::default()
         },
     )

@@ -362,7 +362,7 @@ impl Lifecycle {
         let mut looked = 0u64;
         loop {
             // Past its time, a run still looks at one blob: each one moves the pass on.
-            let late = looked > 0 && tokio::time::Instant::now() > deadline;
+            let late = looked > 0 && tokio::time::Instant::now() >= deadline;
             let stop = in_order && (looked >= self.gc_batch || late);
             let next = match stop {
                 true => None,
@@ -428,7 +428,7 @@ impl Lifecycle {
         let (mut before, mut page_token) = resumed.unwrap_or((cutoff, String::new()));
         let mut looked = 0u64;
         // Past its time, a run still looks at one page.
-        while looked < self.gc_batch && (looked == 0 || tokio::time::Instant::now() <= deadline) {
+        while looked < self.gc_batch && (looked == 0 || tokio::time::Instant::now() < deadline) {
             let room = u32::try_from(self.gc_batch - looked).unwrap_or(u32::MAX);
             let listed = self
                 .files

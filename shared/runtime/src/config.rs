@@ -168,6 +168,13 @@ impl Default for EventsConfig {
 }
 
 /// Token verification.
+/// How long one Lifecycle job (a scheduled run) may take.
+pub const LIFECYCLE_JOB_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The longest `gc_time`: `blob_gc`'s two ways together take at most 4/5 of a job, leaving
+/// the rest to its sweep of unfinished writes.
+pub const GC_TIME_MAX: Duration = Duration::from_secs(LIFECYCLE_JOB_TIMEOUT.as_secs() * 2 / 5);
+
 /// Lifecycle: its clean-up thresholds live in its policy (an API); these are process settings.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -585,10 +592,7 @@ impl Config {
         if self.lifecycle.gc_batch == 0 {
             return fail("STOWAGE_LIFECYCLE__GC_BATCH", "must be at least 1");
         }
-        // Both ways, and the sweep of unfinished writes, fit in Lifecycle's 30 min job.
-        if self.lifecycle.gc_time < Duration::from_secs(1)
-            || self.lifecycle.gc_time > Duration::from_secs(12 * 60)
-        {
+        if self.lifecycle.gc_time < Duration::from_secs(1) || self.lifecycle.gc_time > GC_TIME_MAX {
             return fail(
                 "STOWAGE_LIFECYCLE__GC_TIME",
                 "must be between 1 s and 12 min",
