@@ -47,6 +47,16 @@ fn data_message(chunk: &[u8]) -> pb::UploadRequest {
     }
 }
 
+/// A setup whose Ingest takes an upload idle for `ttl` for abandoned, sweeping every `interval`.
+async fn sweeping(ttl: &str, interval: &str) -> anyhow::Result<Setup> {
+    let mut setup = Setup::new().await?;
+    setup.env.extend([
+        ("STOWAGE_INGEST__SESSION_TTL".into(), ttl.into()),
+        ("STOWAGE_INGEST__SWEEP_INTERVAL".into(), interval.into()),
+    ]);
+    Ok(setup)
+}
+
 #[tokio::test]
 async fn sigterm_mid_upload_fails_the_client_and_leaves_nothing() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
@@ -110,13 +120,7 @@ async fn sigterm_mid_upload_fails_the_client_and_leaves_nothing() -> anyhow::Res
 
 #[tokio::test]
 async fn sigkill_mid_upload_is_cleaned_up_by_the_sweeper() -> anyhow::Result<()> {
-    let mut setup = Setup::new().await?;
-    setup
-        .env
-        .push(("STOWAGE_INGEST__SESSION_TTL".into(), "1s".into()));
-    setup
-        .env
-        .push(("STOWAGE_INGEST__SWEEP_INTERVAL".into(), "300ms".into()));
+    let setup = sweeping("1s", "300ms").await?;
     let processes = Processes::all(&setup).await?;
     let addr = processes.addr(Role::Ingest);
     let alice = token("alice", &[]);
@@ -156,13 +160,7 @@ async fn sigkill_mid_upload_is_cleaned_up_by_the_sweeper() -> anyhow::Result<()>
 async fn a_slow_one_shot_upload_is_not_taken_for_abandoned() -> anyhow::Result<()> {
     // The sweeper takes one-shot uploads idle for the session TTL (1 s here) as abandoned; this
     // upload streams for about 3 s and must show it is alive meanwhile.
-    let mut setup = Setup::new().await?;
-    setup
-        .env
-        .push(("STOWAGE_INGEST__SESSION_TTL".into(), "1s".into()));
-    setup
-        .env
-        .push(("STOWAGE_INGEST__SWEEP_INTERVAL".into(), "100ms".into()));
+    let setup = sweeping("1s", "100ms").await?;
     let processes = Processes::all(&setup).await?;
     let addr = processes.addr(Role::Ingest);
     let alice = token("alice", &[]);

@@ -198,6 +198,88 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
     mesh.stop().await
 }
 
+#[tokio::test]
+async fn a_database_refusal_answers_500_and_loses_nothing() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let bearer = format!("Bearer {alice}");
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/tus", mesh.addr);
+    let create = |name: &str, length: usize| {
+        use base64::Engine;
+        let name = base64::engine::general_purpose::STANDARD.encode(name);
+        http.post(&base)
+            .header("tus-resumable", "1.0.0")
+            .header("authorization", &bearer)
+            .header("upload-length", length.to_string())
+            .header("upload-metadata", format!("filename {name}"))
+    };
+    let created = create("kept.bin", 100).send().await?;
+    assert_eq!(created.status(), 201);
+    let url = format!(
+        "http://{}{}",
+        mesh.addr,
+        created.headers()["location"].to_str()?
+    );
+    let patch = |offset: usize, body: &[u8]| {
+        http.patch(&url)
+            .header("tus-resumable", "1.0.0")
+            .header("authorization", &bearer)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset.to_string())
+            .body(body.to_vec())
+    };
+    let data = random_bytes(100);
+    assert_eq!(patch(0, &data[..40]).send().await?.status(), 204);
+
+    // The database now refuses what the two requests below would write: a statement that
+    // fails the same way every time, which no retry can pass.
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.batch_execute(
+        "ALTER TABLE ingest.uploads ADD CONSTRAINT test_refuses CHECK \
+         (received_bytes <= 40 AND display_name <> 'refused.bin') NOT VALID",
+    )
+    .await?;
+    let refused = create("refused.bin", 10).send().await?;
+    assert_eq!(refused.status(), 500);
+    assert_eq!(refused.text().await?.trim_end(), "internal error");
+    let refused = patch(40, &data[40..70]).send().await?;
+    assert_eq!(refused.status(), 500);
+    let held = usage(mesh.channel(), &alice).await?;
+    assert_eq!(
+        (held.used_bytes, held.reserved_bytes),
+        (0, 100),
+        "the refused creation holds nothing"
+    );
+
+    conn.batch_execute("ALTER TABLE ingest.uploads DROP CONSTRAINT test_refuses")
+        .await?;
+    let head = http
+        .head(&url)
+        .header("tus-resumable", "1.0.0")
+        .header("authorization", &bearer)
+        .send()
+        .await?;
+    assert_eq!(
+        head.headers()["upload-offset"].to_str()?,
+        "40",
+        "the refused chunk left the last good offset"
+    );
+    assert_eq!(patch(40, &data[40..]).send().await?.status(), 204);
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert_eq!(listed.files.len(), 1);
+    assert_eq!(listed.files[0].display_name, "kept.bin");
+    assert_eq!(listed.files[0].sha256, sha256(&data));
+    let held = usage(mesh.channel(), &alice).await?;
+    assert_eq!((held.used_bytes, held.reserved_bytes), (100, 0));
+    mesh.stop().await
+}
+
 fn sha1_of(data: &[u8]) -> Vec<u8> {
     use sha1::Digest;
     sha1::Sha1::digest(data).to_vec()

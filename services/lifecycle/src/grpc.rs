@@ -59,8 +59,20 @@ fn schedule_to_proto(s: stowage_jobs::ScheduleInfo) -> pb::Schedule {
     }
 }
 
+/// The status for a queue error no caller answers itself: the database's as
+/// [`database_failed`](stowage_runtime::status::database_failed) classes them (a retry may pass,
+/// or not), anything else (a row this version cannot read, a value the queue refused) INTERNAL.
 fn jobs_error(error: stowage_jobs::Error) -> Status {
-    stowage_runtime::status::dependency_failed("lifecycle schedules", &error)
+    const WHAT: &str = "lifecycle schedules";
+    match error {
+        stowage_jobs::Error::Pool(_) | stowage_jobs::Error::Postgres(_) => {
+            stowage_runtime::status::database_failed(WHAT, &error)
+        }
+        other => {
+            tracing::error!(error = ?other, what = WHAT, "the job queue failed");
+            Status::internal(format!("{WHAT} failed"))
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -294,5 +306,27 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         Ok(Response::new(pb::SetPolicyResponse {
             policy: Some(policy.to_proto()),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::jobs_error;
+
+    #[test]
+    fn queue_errors_say_whether_a_retry_can_help() {
+        // No connection to be had: a retry may pass.
+        let closed = stowage_jobs::Error::Pool(deadpool_postgres::PoolError::Closed);
+        assert_eq!(jobs_error(closed).code(), Code::Unavailable);
+        // A row this version cannot read stays unreadable.
+        let corrupt = stowage_jobs::Error::Corrupt {
+            column: "state",
+            value: "paused".into(),
+        };
+        let status = jobs_error(corrupt);
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "lifecycle schedules failed");
     }
 }
