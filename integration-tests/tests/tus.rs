@@ -1,6 +1,7 @@
 //! tus 1.0: a client nobody here wrote (tus-js-client on node) uploads, is cut off, resumes;
 //! and the protocol's answers to bad requests, checked with plain HTTP.
 
+use reqwest::Method;
 use stowage_integration_tests::{random_bytes, sha256, usage};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
@@ -99,10 +100,7 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         .await?;
     assert_eq!(old.status(), 412);
 
-    let created = http
-        .post(&base)
-        .header("tus-resumable", "1.0.0")
-        .header("authorization", &alice)
+    let created = tus(&http, Method::POST, &base, &alice)
         .header("upload-length", "100")
         .header("upload-metadata", "filename bm90ZXMudHh0")
         .send()
@@ -111,9 +109,7 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
     let location = created.headers()["location"].to_str()?.to_owned();
     let url = format!("http://{}{location}", mesh.addr);
     let patch = |offset: &str, body: Vec<u8>| {
-        http.patch(&url)
-            .header("tus-resumable", "1.0.0")
-            .header("authorization", &alice)
+        tus(&http, Method::PATCH, &url, &alice)
             .header("content-type", "application/offset+octet-stream")
             .header("upload-offset", offset)
             .body(body)
@@ -130,12 +126,7 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         .send()
         .await?;
     assert_eq!(bad_sum.status(), 460);
-    let head = http
-        .head(&url)
-        .header("tus-resumable", "1.0.0")
-        .header("authorization", &alice)
-        .send()
-        .await?;
+    let head = tus(&http, Method::HEAD, &url, &alice).send().await?;
     assert_eq!(
         head.headers()["upload-offset"].to_str()?,
         "40",
@@ -169,10 +160,7 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
     assert_eq!(listed.files[0].sha256, sha256(&data));
 
     // Termination.
-    let doomed = http
-        .post(&base)
-        .header("tus-resumable", "1.0.0")
-        .header("authorization", &alice)
+    let doomed = tus(&http, Method::POST, &base, &alice)
         .header("upload-defer-length", "1")
         .send()
         .await?;
@@ -181,19 +169,11 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         mesh.addr,
         doomed.headers()["location"].to_str()?
     );
-    let deleted = http
-        .delete(&doomed_url)
-        .header("tus-resumable", "1.0.0")
-        .header("authorization", &alice)
+    let deleted = tus(&http, Method::DELETE, &doomed_url, &alice)
         .send()
         .await?;
     assert_eq!(deleted.status(), 204);
-    let gone = http
-        .head(&doomed_url)
-        .header("tus-resumable", "1.0.0")
-        .header("authorization", &alice)
-        .send()
-        .await?;
+    let gone = tus(&http, Method::HEAD, &doomed_url, &alice).send().await?;
     assert_eq!(gone.status(), 410);
     mesh.stop().await
 }
@@ -209,9 +189,7 @@ async fn a_database_refusal_answers_500_and_loses_nothing() -> anyhow::Result<()
     let create = |name: &str, length: usize| {
         use base64::Engine;
         let name = base64::engine::general_purpose::STANDARD.encode(name);
-        http.post(&base)
-            .header("tus-resumable", "1.0.0")
-            .header("authorization", &bearer)
+        tus(&http, Method::POST, &base, &bearer)
             .header("upload-length", length.to_string())
             .header("upload-metadata", format!("filename {name}"))
     };
@@ -223,9 +201,7 @@ async fn a_database_refusal_answers_500_and_loses_nothing() -> anyhow::Result<()
         created.headers()["location"].to_str()?
     );
     let patch = |offset: usize, body: &[u8]| {
-        http.patch(&url)
-            .header("tus-resumable", "1.0.0")
-            .header("authorization", &bearer)
+        tus(&http, Method::PATCH, &url, &bearer)
             .header("content-type", "application/offset+octet-stream")
             .header("upload-offset", offset.to_string())
             .body(body.to_vec())
@@ -256,12 +232,7 @@ async fn a_database_refusal_answers_500_and_loses_nothing() -> anyhow::Result<()
 
     conn.batch_execute("ALTER TABLE ingest.uploads DROP CONSTRAINT test_refuses")
         .await?;
-    let head = http
-        .head(&url)
-        .header("tus-resumable", "1.0.0")
-        .header("authorization", &bearer)
-        .send()
-        .await?;
+    let head = tus(&http, Method::HEAD, &url, &bearer).send().await?;
     assert_eq!(
         head.headers()["upload-offset"].to_str()?,
         "40",
@@ -278,6 +249,13 @@ async fn a_database_refusal_answers_500_and_loses_nothing() -> anyhow::Result<()
     let held = usage(mesh.channel(), &alice).await?;
     assert_eq!((held.used_bytes, held.reserved_bytes), (100, 0));
     mesh.stop().await
+}
+
+/// A tus 1.0 request to `url` from the holder of `bearer` (an `Authorization` value).
+fn tus(http: &reqwest::Client, method: Method, url: &str, bearer: &str) -> reqwest::RequestBuilder {
+    http.request(method, url)
+        .header("tus-resumable", "1.0.0")
+        .header("authorization", bearer)
 }
 
 fn sha1_of(data: &[u8]) -> Vec<u8> {
