@@ -714,3 +714,115 @@ async fn deferred_length_and_abort() -> anyhow::Result<()> {
     assert_eq!(after.code(), Code::FailedPrecondition);
     mesh.stop().await
 }
+
+/// Puts session `id` back to where a completer that crashed right after placing the file in
+/// the store left it: `completing`, the placement not recorded.
+async fn forget_the_placement(setup: &Setup, id: &str) -> anyhow::Result<()> {
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let changed = pool
+        .get()
+        .await?
+        .execute(
+            "UPDATE ingest.uploads SET state = 'completing', placed = false WHERE id = $1::text::uuid",
+            &[&id],
+        )
+        .await?;
+    anyhow::ensure!(changed == 1, "no session {id}");
+    Ok(())
+}
+
+/// A completer that placed the file and crashed before recording it leaves the next one a
+/// store where the native upload is gone: it finds the file in place and finishes, for a
+/// deferred length whose bytes were held back and for an empty file.
+#[tokio::test]
+async fn a_completion_repeated_after_the_file_was_placed_converges() -> anyhow::Result<()> {
+    for setup in setups().await? {
+        let mesh = Mesh::start(&setup).await?;
+        let alice = token("alice", &[]);
+        let data = random_bytes(1 << 20);
+        let deferred = create_session(mesh.channel(), &alice, "held.bin", None, "").await?;
+        put_chunk(mesh.channel(), &alice, &deferred.id, 0, &data).await?;
+        let empty = create_session(mesh.channel(), &alice, "empty.bin", Some(0), "").await?;
+        for (session, bytes) in [(&deferred, &data[..]), (&empty, &[][..])] {
+            let file = complete(mesh.channel(), &alice, &session.id).await?;
+            forget_the_placement(&setup, &session.id).await?;
+            let again = complete(mesh.channel(), &alice, &session.id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e:?}", setup.blob_url))?;
+            assert_eq!(again.id, file.id);
+            let (_, stored) = download(mesh.channel(), &alice, &file.id, None).await?;
+            assert_eq!(sha256(&stored), sha256(bytes));
+        }
+        let account = usage(mesh.channel(), &alice).await?;
+        assert_eq!(
+            (account.used_bytes, account.reserved_bytes),
+            (1 << 20, 0),
+            "charged once: {}",
+            setup.blob_url
+        );
+        mesh.stop().await?;
+    }
+    Ok(())
+}
+
+/// A client that gives up on CompleteUpload while a step is slow (here Files, waiting on a
+/// table lock) leaves no completion lock behind: the next Complete finishes the file.
+#[tokio::test]
+async fn a_completion_whose_client_gave_up_leaves_no_lock_behind() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(1 << 20);
+    let s = create_session(mesh.channel(), &alice, "slow.bin", Some(1 << 20), "").await?;
+    put_chunk(mesh.channel(), &alice, &s.id, 0, &data).await?;
+
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let mut blocker = pool.get().await?;
+    let blocking = blocker.transaction().await?;
+    blocking
+        .batch_execute("LOCK TABLE files.files IN SHARE MODE")
+        .await?;
+    let mut request = authed(
+        pb::CompleteUploadRequest {
+            upload_id: s.id.clone(),
+        },
+        &alice,
+    );
+    request.set_timeout(Duration::from_millis(500));
+    let gave_up = ingest(mesh.channel())
+        .complete_upload(request)
+        .await
+        .expect_err("Files is stalled");
+    assert!(
+        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{gave_up:?}"
+    );
+    // The completion lock of the session, held by any backend of this database.
+    let held = || async {
+        let n: i64 = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                 WHERE d.datname = current_database() AND l.locktype = 'advisory' AND l.granted \
+                 AND ((l.classid::bigint << 32) | l.objid::bigint) \
+                     = hashtextextended($1::text::uuid::text, 7)",
+                &[&s.id],
+            )
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the completion lock let go",
+        || async { Ok(held().await? == 0) },
+    )
+    .await?;
+    blocking.commit().await?;
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    assert_eq!(file.sha256, sha256(&data));
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (1 << 20, 0));
+    mesh.stop().await
+}

@@ -51,7 +51,16 @@ macro_rules! writer_lock {
     };
 }
 
+/// Key of a session's completion lock, from the SQL expression of the session's id: completers
+/// of one session (a retry, another replica, the sweeper) take turns on it.
+macro_rules! completion_lock {
+    ($id:literal) => {
+        concat!("hashtextextended(", $id, "::text, 7)")
+    };
+}
+
 mod chunk_stream;
+mod unpooled;
 
 pub use chunk_stream::ChunkStream;
 
@@ -948,17 +957,20 @@ impl Sessions {
     async fn finish(&self, id: Uuid, owner: &str) -> Result<pb::File> {
         // One connection: its session-level advisory lock serialises completers, and the steps
         // are recorded on it as they happen.
-        let mut conn = self.pool.get().await?;
+        // Cancelled while it holds the lock, the connection is closed rather than pooled, so
+        // the lock goes with it.
+        let mut conn = unpooled::Unpooled::new(self.pool.get().await?);
         let lock_key = id.to_string();
-        conn.execute_cached(
-            "SELECT pg_advisory_lock(hashtextextended($1::text, 7))",
-            &[&lock_key],
-        )
-        .await?;
-        let result = self.finish_locked(&mut conn, id, owner).await;
-        conn.execute_cached(
-            "SELECT pg_advisory_unlock(hashtextextended($1::text, 7))",
-            &[&lock_key],
+        conn.get()?
+            .execute_cached(
+                concat!("SELECT pg_advisory_lock(", completion_lock!("$1"), ")"),
+                &[&lock_key],
+            )
+            .await?;
+        let result = self.finish_locked(conn.get_mut()?, id, owner).await;
+        conn.release(
+            concat!("SELECT pg_advisory_unlock(", completion_lock!("$1"), ")"),
+            &lock_key,
         )
         .await?;
         result

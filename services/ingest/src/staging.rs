@@ -217,39 +217,17 @@ impl Staging {
         }
         match (&self.multipart, multipart_id) {
             (Some(mp), Some(id)) => {
-                let id = id.to_owned();
-                let mut ids: Vec<object_store::multipart::PartId> = parts
-                    .iter()
-                    .filter(|p| !p.pending)
-                    .map(|p| object_store::multipart::PartId {
-                        content_id: p.part_id.clone(),
-                    })
-                    .collect();
-                let pending: Vec<&Part> = parts.iter().filter(|p| p.pending).collect();
-                if !pending.is_empty() || ids.is_empty() {
-                    // Held-back bytes (or an empty file) become the last part.
-                    let mut buf = BytesMut::new();
-                    for p in &pending {
-                        buf.extend_from_slice(
-                            &self
-                                .store
-                                .get(&part_object(upload, p.number))
-                                .await?
-                                .bytes()
-                                .await?,
-                        );
-                    }
-                    let part = mp
-                        .put_part(key, &id, ids.len(), PutPayload::from(buf.freeze()))
-                        .await?;
-                    ids.push(part);
-                }
-                match mp.complete_multipart(key, &id, ids).await {
-                    Ok(_) => Ok(()),
-                    // Completed by an earlier attempt that crashed before recording it.
+                match self
+                    .complete_native(mp.as_ref(), upload, key, id, parts)
+                    .await
+                {
+                    Ok(()) => Ok(()),
+                    // Completed by an earlier attempt that crashed before recording it: the
+                    // native upload is gone, so its last part or its completion is refused, and
+                    // the object is in place.
                     Err(e) => match self.store.head(key).await {
                         Ok(meta) if meta.size == size => Ok(()),
-                        _ => Err(e.into()),
+                        _ => Err(e),
                     },
                 }
             }
@@ -273,6 +251,46 @@ impl Staging {
                 Ok(())
             }
         }
+    }
+
+    /// Completes native upload `id` at `key` from its parts; held-back bytes (or, for an empty
+    /// file, nothing) become its last part.
+    async fn complete_native(
+        &self,
+        mp: &dyn MultipartStore,
+        upload: Uuid,
+        key: &ObjectPath,
+        id: &str,
+        parts: &[Part],
+    ) -> Result<()> {
+        let id = id.to_owned();
+        let mut ids: Vec<object_store::multipart::PartId> = parts
+            .iter()
+            .filter(|p| !p.pending)
+            .map(|p| object_store::multipart::PartId {
+                content_id: p.part_id.clone(),
+            })
+            .collect();
+        let pending: Vec<&Part> = parts.iter().filter(|p| p.pending).collect();
+        if !pending.is_empty() || ids.is_empty() {
+            let mut buf = BytesMut::new();
+            for p in &pending {
+                buf.extend_from_slice(
+                    &self
+                        .store
+                        .get(&part_object(upload, p.number))
+                        .await?
+                        .bytes()
+                        .await?,
+                );
+            }
+            let part = mp
+                .put_part(key, &id, ids.len(), PutPayload::from(buf.freeze()))
+                .await?;
+            ids.push(part);
+        }
+        mp.complete_multipart(key, &id, ids).await?;
+        Ok(())
     }
 
     /// Removes everything staged for `upload` (part objects, pending bytes, native upload).

@@ -2,10 +2,10 @@
 //! recorded.
 
 use object_store::path::Path as ObjectPath;
-use stowage_db::{Cached, Connection};
+use stowage_db::Cached;
 use uuid::Uuid;
 
-use super::{ChunkIn, Session, Sessions, check_and_hash, check_open_at};
+use super::{ChunkIn, Session, Sessions, check_and_hash, check_open_at, unpooled::Unpooled};
 use crate::{
     error::{Error, Result},
     staging::Target,
@@ -47,50 +47,6 @@ struct Held {
     session: Session,
     /// A chunk staged and flushed whose offset is not recorded yet.
     unrecorded: Option<Unrecorded>,
-}
-
-/// A connection that may hold the writer lock: closed when dropped (PostgreSQL then lets go),
-/// never returned to the pool with the lock, where any call that got it next would pass the
-/// check (a lock is taken again freely by its holder). [`release`](Self::release) pools it.
-struct Unpooled(Option<Connection>);
-
-impl Unpooled {
-    fn get(&self) -> Result<&Connection> {
-        self.0
-            .as_ref()
-            .ok_or(Error::Internal("writer connection already released"))
-    }
-
-    fn get_mut(&mut self) -> Result<&mut Connection> {
-        self.0
-            .as_mut()
-            .ok_or(Error::Internal("writer connection already released"))
-    }
-
-    /// The connection, back to the pool when dropped: only for one that never took the lock.
-    fn pooled(mut self) -> Option<Connection> {
-        self.0.take()
-    }
-
-    /// Lets go of the lock of session `id` and returns the connection to the pool.
-    async fn release(&mut self, id: Uuid) -> Result<()> {
-        self.get()?
-            .execute_cached(
-                concat!("SELECT pg_advisory_unlock(", writer_lock!("$1"), ")"),
-                &[&id.to_string()],
-            )
-            .await?;
-        self.0 = None;
-        Ok(())
-    }
-}
-
-impl Drop for Unpooled {
-    fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
-            drop(Connection::take(conn));
-        }
-    }
 }
 
 /// A staged chunk to record.
@@ -148,7 +104,13 @@ impl ChunkStream {
             return Ok(());
         };
         let recorded = record(held).await;
-        let released = held.conn.release(self.id).await;
+        let released = held
+            .conn
+            .release(
+                concat!("SELECT pg_advisory_unlock(", writer_lock!("$1"), ")"),
+                &self.id.to_string(),
+            )
+            .await;
         if let Some(held) = self.held.take() {
             self.last = Some(held.session);
         }
@@ -241,7 +203,7 @@ async fn hold(held: Option<Held>, sessions: &Sessions, id: Uuid, owner: &str) ->
     if let Some(held) = held {
         return Ok(held);
     }
-    let conn = Unpooled(Some(sessions.pool.get().await?));
+    let conn = Unpooled::new(sessions.pool.get().await?);
     // The lock first, then the row in a statement of its own: its snapshot then shows what
     // the writer that held the lock last committed.
     let locked: bool = conn

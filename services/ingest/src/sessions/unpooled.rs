@@ -1,0 +1,52 @@
+//! A connection that holds a session-level advisory lock.
+
+use stowage_db::{Cached, Connection};
+
+use crate::error::{Error, Result};
+
+/// A connection that may hold a session-level advisory lock: closed when dropped (PostgreSQL
+/// then lets go), never returned to the pool with the lock, where any call that got it next
+/// would pass the check (a lock is taken again freely by its holder) and the lock would stay
+/// held for as long as the connection lives. A caller cancelled while it holds the lock (a
+/// client gone, a deadline passed) drops it, and so lets go. [`release`](Self::release) pools
+/// it.
+pub(super) struct Unpooled(Option<Connection>);
+
+impl Unpooled {
+    pub(super) fn new(conn: Connection) -> Self {
+        Self(Some(conn))
+    }
+
+    pub(super) fn get(&self) -> Result<&Connection> {
+        self.0
+            .as_ref()
+            .ok_or(Error::Internal("locked connection already released"))
+    }
+
+    pub(super) fn get_mut(&mut self) -> Result<&mut Connection> {
+        self.0
+            .as_mut()
+            .ok_or(Error::Internal("locked connection already released"))
+    }
+
+    /// The connection, back to the pool when dropped: only for one that never took the lock.
+    pub(super) fn pooled(mut self) -> Option<Connection> {
+        self.0.take()
+    }
+
+    /// Lets go of the lock with `unlock` (a statement whose one parameter is `key`) and returns
+    /// the connection to the pool.
+    pub(super) async fn release(&mut self, unlock: &'static str, key: &str) -> Result<()> {
+        self.get()?.execute_cached(unlock, &[&key]).await?;
+        self.0 = None;
+        Ok(())
+    }
+}
+
+impl Drop for Unpooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(Connection::take(conn));
+        }
+    }
+}
