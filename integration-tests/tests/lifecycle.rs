@@ -281,6 +281,72 @@ async fn expired_trash_is_purged_once_even_by_two_runs_at_once() -> anyhow::Resu
     mesh.stop().await
 }
 
+/// A clean-up purges what it listed as in trash since before its cutoff, and only if it still
+/// is: a file restored after the listing (or restored and trashed again) stays, bytes and all.
+#[tokio::test]
+async fn a_purge_of_trash_listed_earlier_keeps_a_file_restored_meanwhile() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let alice = token("alice", &[]);
+    let admin = token("root", &["admin"]);
+    let data = random_bytes(30_000);
+    let file = upload(mesh.channel(), &alice, "back.bin", &data, &[]).await?;
+    let id = || file.id.clone();
+    let trash = || async {
+        files(mesh.channel())
+            .delete_file(authed(pb::DeleteFileRequest { file_id: id() }, &alice))
+            .await?;
+        sql(
+            &setup,
+            "UPDATE files.files SET deleted_at = now() - interval '31 days' WHERE id = $1",
+            &file.id,
+        )
+        .await
+    };
+    let cutoff = stowage_runtime::time::timestamp(chrono::Utc::now() - chrono::Duration::days(30));
+    let purge = || async {
+        files(mesh.channel())
+            .purge_file(authed(
+                pb::PurgeFileRequest {
+                    file_id: id(),
+                    trashed_before: Some(cutoff),
+                },
+                &admin,
+            ))
+            .await
+    };
+    trash().await?;
+    // Listed as expired; the owner restores it before the purge comes.
+    files(mesh.channel())
+        .restore_file(authed(pb::RestoreFileRequest { file_id: id() }, &alice))
+        .await?;
+    let refused = purge().await.expect_err("restored");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    // Trashed again since: not in trash since before the cutoff either.
+    files(mesh.channel())
+        .delete_file(authed(pb::DeleteFileRequest { file_id: id() }, &alice))
+        .await?;
+    let refused = purge().await.expect_err("trashed again after the cutoff");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 30_000);
+    assert!(
+        setup
+            .stored_objects("users/alice")
+            .iter()
+            .any(|k| k.contains(&file.id))
+    );
+    // In trash since before the cutoff: it goes.
+    sql(
+        &setup,
+        "UPDATE files.files SET deleted_at = now() - interval '31 days' WHERE id = $1",
+        &file.id,
+    )
+    .await?;
+    assert_eq!(purge().await?.into_inner().freed_bytes, 30_000);
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 0);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyhow::Result<()> {
     let setup = Setup::new().await?;

@@ -306,6 +306,7 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         .purge_file(authed(
             pb::PurgeFileRequest {
                 file_id: photo.id.clone(),
+                ..Default::default()
             },
             &alice,
         ))

@@ -146,6 +146,7 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         .purge_file(authed(
             pb::PurgeFileRequest {
                 file_id: second.id.clone(),
+                ..Default::default()
             },
             &admin,
         ))

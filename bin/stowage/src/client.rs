@@ -275,6 +275,7 @@ impl Client {
             files
                 .purge_file(self.request(pb::PurgeFileRequest {
                     file_id: id.to_owned(),
+                    ..Default::default()
                 }))
                 .await
                 .map_err(status)?;

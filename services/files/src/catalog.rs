@@ -655,15 +655,27 @@ impl Catalog {
 
     /// Deletes the row of a file (and its variants) and records `file.purged`.
     ///
-    /// Owners may only purge what is in trash. Returns what the caller must still remove
-    /// from the store.
-    pub async fn delete_row(&self, id: Uuid, viewer: Viewer<'_>) -> Result<Purged> {
+    /// Owners may only purge what is in trash; with `trashed_before`, anyone only what has been
+    /// in trash since before then. Returns what the caller must still remove from the store.
+    pub async fn delete_row(
+        &self,
+        id: Uuid,
+        viewer: Viewer<'_>,
+        trashed_before: Option<DateTime<Utc>>,
+    ) -> Result<Purged> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let file = get_on(&tx, id, viewer).await?;
         if matches!(viewer, Viewer::Owner(_)) && file.deleted_at.is_none() {
             return Err(Error::FailedPrecondition(
                 "only files in trash can be purged; delete it first",
+            ));
+        }
+        if let Some(before) = trashed_before
+            && file.deleted_at.is_none_or(|at| at >= before)
+        {
+            return Err(Error::FailedPrecondition(
+                "the file has not been in trash since before trashed_before",
             ));
         }
         let mut keys = vec![file.storage_key.clone()];
@@ -677,8 +689,9 @@ impl Catalog {
         let deleted = tx
             .query_opt_cached(
                 "DELETE FROM files.files WHERE id = $1 AND ($2 OR deleted_at IS NOT NULL)
+                   AND ($3::timestamptz IS NULL OR deleted_at < $3)
                  RETURNING variant_bytes_charged",
-                &[&id, &matches!(viewer, Viewer::Privileged)],
+                &[&id, &matches!(viewer, Viewer::Privileged), &trashed_before],
             )
             .await?;
         // What the owner was charged: the original, and the variants' bytes once their charge

@@ -341,6 +341,14 @@ impl files_server::Files for FilesGrpc {
     ) -> Result<Response<pb::PurgeFileResponse>, Status> {
         let caller = identity(&request)?;
         let id = file_id(&request.get_ref().file_id)?;
+        let trashed_before = request
+            .get_ref()
+            .trashed_before
+            .map(|at| {
+                stowage_runtime::time::from_timestamp(&at)
+                    .ok_or_else(|| invalid_argument("trashed_before", "not a valid time"))
+            })
+            .transpose()?;
         // Once the row is gone there is no second chance (a retry finds nothing), so the
         // whole purge runs in its own task: a caller that hangs up mid-way cannot leave the
         // usage or the bytes behind.
@@ -354,7 +362,7 @@ impl files_server::Files for FilesGrpc {
                 let viewer = viewer_owner
                     .as_deref()
                     .map_or(Viewer::Privileged, Viewer::Owner);
-                let purged = this.catalog.delete_row(id, viewer).await?;
+                let purged = this.catalog.delete_row(id, viewer, trashed_before).await?;
                 this.after_purge(id, &purged).await;
                 Ok::<_, Error>(purged)
             }

@@ -264,6 +264,8 @@ impl Lifecycle {
                     .files
                     .purge_file(pb::PurgeFileRequest {
                         file_id: file.id.clone(),
+                        // Restored since the listing (or restored and trashed again): kept.
+                        trashed_before: Some(stowage_runtime::time::timestamp(before)),
                     })
                     .await
                 {
