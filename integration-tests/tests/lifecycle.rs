@@ -695,6 +695,43 @@ async fn gc_deletes_unreferenced_blobs_after_the_safety_age_and_spares_uploads_i
     mesh.stop().await
 }
 
+/// A file placed in the store whose registration failed (here Files refuses it) is not
+/// garbage: its upload still names it, and the completion retried later finds it.
+#[tokio::test]
+async fn gc_keeps_a_placed_file_whose_registration_is_still_to_come() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(100_000);
+    let s = create_session(mesh.channel(), &alice, "waiting.bin", Some(100_000), "").await?;
+    put_chunk(mesh.channel(), &alice, &s.id, 0, &data).await?;
+    let refuse = "ALTER TABLE files.files ADD CONSTRAINT test_refuses \
+                  CHECK (display_name <> 'waiting.bin') NOT VALID";
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get().await?.batch_execute(refuse).await?;
+    let refused = complete(mesh.channel(), &alice, &s.id)
+        .await
+        .expect_err("Files refuses it");
+    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+    let placed = setup.stored_objects("users/alice");
+    assert_eq!(placed.len(), 1, "placed before registration: {placed:?}");
+    // Two hours later (safety age: one hour), the upload still waiting.
+    age(&setup, &placed[0], Duration::from_secs(2 * 3600))?;
+    let run = run_now(&mesh, "blob_gc", false).await?;
+    assert_eq!(run.acted, 0, "{run:?}");
+    assert_eq!(setup.stored_objects("users/alice"), placed);
+
+    pool.get()
+        .await?
+        .batch_execute("ALTER TABLE files.files DROP CONSTRAINT test_refuses")
+        .await?;
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    let (_, bytes) =
+        stowage_integration_tests::download(mesh.channel(), &alice, &file.id, None).await?;
+    assert_eq!(bytes, data);
+    mesh.stop().await
+}
+
 /// blob_gc looks at `gc_batch` blobs and `gc_batch` files per run and goes on where it stopped,
 /// so a large store is covered over several runs; a pass that ends starts over, and a dry run
 /// moves nothing. On the memory store, which lists in key order.

@@ -215,6 +215,22 @@ impl ingest_server::Ingest for IngestGrpc {
         }))
     }
 
+    async fn find_upload_keys(
+        &self,
+        request: Request<pb::FindUploadKeysRequest>,
+    ) -> Result<Response<pb::FindUploadKeysResponse>, Status> {
+        identity(&request)?.require_privileged()?;
+        let keys = request.into_inner().keys;
+        if keys.is_empty() || keys.len() > 1000 {
+            return Err(stowage_runtime::status::invalid_argument(
+                "keys",
+                "must hold 1..=1000 keys",
+            ));
+        }
+        let in_use = self.uploader.uploads.keys_in_use(&keys).await?;
+        Ok(Response::new(pb::FindUploadKeysResponse { in_use }))
+    }
+
     async fn sweep_staging(
         &self,
         request: Request<pb::SweepStagingRequest>,

@@ -119,6 +119,21 @@ impl Uploads {
         Ok((upload_row(&row), false))
     }
 
+    /// Which of `keys` an unfinished upload names (a one-shot upload receiving or registered,
+    /// a session open or completing).
+    pub async fn keys_in_use(&self, keys: &[String]) -> Result<Vec<String>> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query_cached(
+                "SELECT DISTINCT storage_key FROM ingest.uploads
+                 WHERE storage_key = ANY($1)
+                   AND state IN ('receiving', 'registered', 'open', 'completing')",
+                &[&keys],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// The upload that used idempotency key `key` of `owner`, if any.
     pub async fn find(&self, owner: &str, key: &str) -> Result<Option<UploadRow>> {
         let conn = self.pool.get().await?;

@@ -552,13 +552,28 @@ impl Lifecycle {
         tally: &mut Tally,
     ) -> Result<(), tonic::Status> {
         let keys: Vec<String> = batch.iter().map(|m| m.location.to_string()).collect();
-        let referenced: std::collections::HashSet<String> = self
+        let mut referenced: std::collections::HashSet<String> = self
             .files
             .find_keys(pb::FindKeysRequest { keys: keys.clone() })
             .await?
             .referenced
             .into_iter()
             .collect();
+        // A file placed in the store whose registration is still to come (Files was
+        // unavailable, its completer crashed) is wanted too: its upload names it.
+        let unreferenced: Vec<String> = keys
+            .iter()
+            .filter(|k| !referenced.contains(*k))
+            .cloned()
+            .collect();
+        if !unreferenced.is_empty() {
+            referenced.extend(
+                self.ingest
+                    .find_upload_keys(pb::FindUploadKeysRequest { keys: unreferenced })
+                    .await?
+                    .in_use,
+            );
+        }
         for (meta, key) in batch.iter().zip(keys) {
             if referenced.contains(&key) {
                 continue;

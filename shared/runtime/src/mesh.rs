@@ -9,17 +9,17 @@ use async_trait::async_trait;
 use stowage_proto::v1::{
     ChargeRequest, ChargeResponse, CommitRequest, CommitResponse, DebitRequest, DebitResponse,
     ExpireReservationsRequest, ExpireReservationsResponse, FindKeysRequest, FindKeysResponse,
-    GetFileRequest, GetFileResponse, GetUsageRequest, GetUsageResponse, ListAccountsRequest,
-    ListAccountsResponse, ListExpiredTrashRequest, ListExpiredTrashResponse, ListOriginalsRequest,
-    ListOriginalsResponse, PurgeFileRequest, PurgeFileResponse, ReconcileRequest,
-    ReconcileResponse, RegisterFileRequest, RegisterFileResponse, ReleaseRequest, ReleaseResponse,
-    ReprocessRequest, ReprocessResponse, ReserveRequest, ReserveResponse, ResizeRequest,
-    ResizeResponse, SetVariantsRequest, SetVariantsResponse, SweepStagingRequest,
-    SweepStagingResponse, SweepUploadsRequest, SweepUploadsResponse, TrashOwnerFilesRequest,
-    TrashOwnerFilesResponse, UsageByOwnerRequest, UsageByOwnerResponse, files_client::FilesClient,
-    files_server::Files as FilesRpc, ingest_client::IngestClient,
-    ingest_server::Ingest as IngestRpc, media_client::MediaClient, media_server::Media as MediaRpc,
-    quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
+    FindUploadKeysRequest, FindUploadKeysResponse, GetFileRequest, GetFileResponse,
+    GetUsageRequest, GetUsageResponse, ListAccountsRequest, ListAccountsResponse,
+    ListExpiredTrashRequest, ListExpiredTrashResponse, ListOriginalsRequest, ListOriginalsResponse,
+    PurgeFileRequest, PurgeFileResponse, ReconcileRequest, ReconcileResponse, RegisterFileRequest,
+    RegisterFileResponse, ReleaseRequest, ReleaseResponse, ReprocessRequest, ReprocessResponse,
+    ReserveRequest, ReserveResponse, ResizeRequest, ResizeResponse, SetVariantsRequest,
+    SetVariantsResponse, SweepStagingRequest, SweepStagingResponse, SweepUploadsRequest,
+    SweepUploadsResponse, TrashOwnerFilesRequest, TrashOwnerFilesResponse, UsageByOwnerRequest,
+    UsageByOwnerResponse, files_client::FilesClient, files_server::Files as FilesRpc,
+    ingest_client::IngestClient, ingest_server::Ingest as IngestRpc, media_client::MediaClient,
+    media_server::Media as MediaRpc, quota_client::QuotaClient, quota_server::Quota as QuotaRpc,
 };
 use tonic::{
     Request, Response, Status,
@@ -243,5 +243,7 @@ peer! {
         fn sweep_uploads(SweepUploadsRequest) -> SweepUploadsResponse;
         /// Removes stale staging data.
         fn sweep_staging(SweepStagingRequest) -> SweepStagingResponse;
+        /// Which keys unfinished uploads name.
+        fn find_upload_keys(FindUploadKeysRequest) -> FindUploadKeysResponse;
     }
 }
