@@ -132,7 +132,20 @@ impl Media {
             .get("file_id")
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned);
-        let job = self.queue.requeue(job_id).await?;
+        // Only a job that is over runs again: one queued or running is refused before the
+        // file is touched.
+        if matches!(
+            job.state,
+            stowage_jobs::JobState::Queued | stowage_jobs::JobState::Running
+        ) {
+            return Err(stowage_jobs::Error::NotRequeueable {
+                id: job_id,
+                state: job.state,
+            }
+            .into());
+        }
+        // The file goes back to processing and its failure is forgotten before the job is
+        // queued: a worker that claims it at once must find the work to do, not the failure.
         if let Some(file_id) = file_id {
             let file = match self
                 .files
@@ -158,7 +171,7 @@ impl Media {
                 }
             }
         }
-        Ok(job)
+        Ok(self.queue.requeue(job_id).await?)
     }
 
     /// Runs `file_id`'s job again, or enqueues it when it never was; a job queued or running

@@ -243,13 +243,18 @@ impl Media {
         bytes: bytes::Bytes,
         make: fn(&[u8], &DecodeLimits) -> Result<Processed, ImageError>,
     ) -> Result<Result<Processed, ImageError>, JobError> {
-        let _slot = self
-            .decode_slots
-            .acquire()
+        let slot = Arc::clone(&self.decode_slots)
+            .acquire_owned()
             .await
             .map_err(|_| JobError::retry("shutting down"))?;
         let limits = self.settings.limits.clone();
-        let task = tokio::task::spawn_blocking(move || make(&bytes, &limits));
+        // The slot goes with the decode: one past its time runs on (a blocking thread cannot
+        // be stopped) and keeps its slot until it ends, so the pool bounds the decodes that
+        // run, not only the ones waited for.
+        let task = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            make(&bytes, &limits)
+        });
         match tokio::time::timeout(self.settings.decode_timeout, task).await {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(panic)) => Ok(Err(ImageError::Corrupt(format!(
@@ -518,6 +523,16 @@ impl Media {
                 if let Err(error) = self.store.delete(&ObjectPath::from(key.as_str())).await {
                     tracing::warn!(%file_id, key, %error, "variant of a purged file not deleted; gc will");
                 }
+            }
+            if status == pb::FileStatus::Quarantined {
+                // Its purge was consumed before the row existed, so nothing else removes it.
+                let conn = self.pool.get().await.map_err(JobError::retry)?;
+                conn.execute_cached(
+                    "DELETE FROM media.quarantine WHERE file_id = $1",
+                    &[&file_id],
+                )
+                .await
+                .map_err(JobError::retry)?;
             }
             tracing::info!(%file_id, "file purged while processing");
             return Ok(());

@@ -161,13 +161,20 @@ impl Tools {
             return Err(ToolError::Unavailable(format!("{what}: no pipes")));
         };
         let collect = async {
-            let mut out = Vec::new();
-            let mut err = Vec::new();
-            let (mut stdout, mut stderr) = (stdout.take(MAX_OUTPUT), stderr.take(64 * 1024));
-            let (read_out, read_err) =
-                tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err),);
-            read_out.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
-            read_err.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
+            // Both pipes are read to their end, so a tool that writes more than is kept never
+            // waits on a full pipe.
+            let (read_out, read_err) = tokio::join!(
+                read_capped(stdout, MAX_OUTPUT),
+                read_capped(stderr, 64 * 1024)
+            );
+            let (out, out_overflowed) =
+                read_out.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
+            let (err, _) = read_err.map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
+            if out_overflowed {
+                return Err(ToolError::Unreadable(format!(
+                    "{what} wrote more than {MAX_OUTPUT} bytes"
+                )));
+            }
             let status = child
                 .wait()
                 .await
@@ -232,9 +239,47 @@ impl Tools {
     }
 }
 
+/// Reads `from` to its end, keeping its first `keep` bytes; and whether more came.
+async fn read_capped(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    keep: u64,
+) -> std::io::Result<(Vec<u8>, bool)> {
+    let mut kept = Vec::new();
+    (&mut from).take(keep).read_to_end(&mut kept).await?;
+    let more = tokio::io::copy(&mut from, &mut tokio::io::sink()).await?;
+    Ok((kept, more > 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shell() -> Tools {
+        Tools {
+            ffprobe: "sh".into(),
+            ffmpeg: "sh".into(),
+            timeout: Duration::from_secs(20),
+            memory: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tool_that_logs_a_lot_is_read_to_its_end() {
+        let tools = shell();
+        // 1 MB on stderr: far past a pipe's buffer and the 64 KiB kept.
+        let mut noisy = tools.command("sh");
+        noisy.args(["-c", "head -c 1000000 /dev/zero >&2; printf done"]);
+        let started = std::time::Instant::now();
+        let out = tools.run("noisy", noisy).await.expect("runs");
+        assert_eq!(out, b"done");
+        assert!(started.elapsed() < tools.timeout, "waited for its time out");
+        let mut flood = tools.command("sh");
+        flood.args(["-c", &format!("head -c {} /dev/zero", MAX_OUTPUT + 1)]);
+        match tools.run("flood", flood).await {
+            Err(ToolError::Unreadable(why)) => assert!(why.contains("wrote more than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn probe_json_gives_duration_codec_and_upright_size() {
