@@ -26,6 +26,9 @@ pub struct QueueConfig {
     /// Longest sleep of an idle worker between two looks at the table, in case a
     /// notification was lost.
     pub idle_poll: Duration,
+    /// How long succeeded jobs are kept (for `ListJobs` and their keys, which refuse a second
+    /// job while the first is kept) before the workers delete them.
+    pub keep_succeeded: Duration,
 }
 
 impl Default for QueueConfig {
@@ -38,6 +41,7 @@ impl Default for QueueConfig {
             job_timeout: Duration::from_secs(5 * 60),
             max_attempts: 5,
             idle_poll: Duration::from_secs(5),
+            keep_succeeded: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -51,6 +55,7 @@ impl QueueConfig {
             ("visibility_timeout", self.visibility_timeout),
             ("job_timeout", self.job_timeout),
             ("idle_poll", self.idle_poll),
+            ("keep_succeeded", self.keep_succeeded),
         ];
         for (field, value) in positive {
             if value.is_zero() {

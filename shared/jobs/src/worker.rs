@@ -24,6 +24,8 @@ use crate::{
 const MIN_WAIT: Duration = Duration::from_millis(200);
 /// How often a worker refreshes the depth gauges.
 const DEPTH_REFRESH: Duration = Duration::from_secs(5);
+/// Longest time between two purges of succeeded jobs.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// Longest error message kept in `last_error`.
 const MAX_ERROR_LEN: usize = 4096;
 
@@ -156,6 +158,10 @@ impl Worker {
         tasks.spawn(
             refresh_depth(queue.clone(), helpers.clone())
                 .instrument(tracing::info_span!("task", name = "jobs-depth")),
+        );
+        tasks.spawn(
+            purge_succeeded(queue.clone(), helpers.clone())
+                .instrument(tracing::info_span!("task", name = "jobs-purge")),
         );
         let slots = Arc::new(Semaphore::new(config.concurrency));
         let mut error_wait = MIN_WAIT;
@@ -361,6 +367,27 @@ async fn refresh_depth(queue: Queue, stop: CancellationToken) {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(DEPTH_REFRESH) => {}
+        }
+    }
+}
+
+/// Deletes succeeded jobs older than the queue's `keep_succeeded` until `stop`: at start, then
+/// as often as that (at most hourly). Workers of every replica do it; they skip each other's
+/// rows.
+async fn purge_succeeded(queue: Queue, stop: CancellationToken) {
+    let keep = queue.config().keep_succeeded;
+    let every = keep.min(PURGE_EVERY);
+    loop {
+        match queue.purge_succeeded(keep).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(queue = %queue.schema(), purged, "succeeded jobs deleted"),
+            Err(error) => {
+                tracing::warn!(queue = %queue.schema(), %error, "cannot delete succeeded jobs")
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
         }
     }
 }

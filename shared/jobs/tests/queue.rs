@@ -543,3 +543,45 @@ async fn jobs_list_newest_first_in_pages_and_enqueue_follows_the_callers_transac
     assert_eq!(depth.values().sum::<u64>(), 6);
     assert!(oldest < Duration::from_secs(60));
 }
+
+#[tokio::test]
+async fn workers_delete_succeeded_jobs_kept_long_enough_and_nothing_else() {
+    let config = QueueConfig {
+        keep_succeeded: Duration::from_secs(1),
+        ..fast_config()
+    };
+    let (queue, _) = fresh_queue(config).await;
+    let handler = handler_fn(|job| async move {
+        match job.key.as_str() {
+            "bad" => Err(JobError::permanent("hostile input")),
+            _ => Ok(()),
+        }
+    });
+    let (shutdown, worker) = spawn_worker(&queue, vec![("work", handler)]);
+    let done = queue
+        .enqueue(NewJob::new("work", "good", json!({})))
+        .await
+        .unwrap()
+        .id;
+    let dead = queue
+        .enqueue(NewJob::new("work", "bad", json!({})))
+        .await
+        .unwrap()
+        .id;
+    eventually(
+        Duration::from_secs(30),
+        "the succeeded job to be deleted",
+        || async { matches!(queue.get(done).await, Err(Error::JobNotFound(_))).then_some(()) },
+    )
+    .await;
+    assert_eq!(state_of(&queue, dead).await, JobState::Dead);
+    // Its key is free: the same key makes a new job.
+    let again = queue
+        .enqueue(NewJob::new("work", "good", json!({})))
+        .await
+        .unwrap()
+        .id;
+    assert_ne!(again, done);
+    shutdown.cancel();
+    worker.await.unwrap();
+}
