@@ -826,3 +826,51 @@ async fn a_completion_whose_client_gave_up_leaves_no_lock_behind() -> anyhow::Re
     assert_eq!((account.used_bytes, account.reserved_bytes), (1 << 20, 0));
     mesh.stop().await
 }
+
+/// A CreateUpload that stopped between its row and its hold (here the hold's id is taken out
+/// of the row, as a crash before recording it would leave it) is finished by its retry: the
+/// session holds its quota, and completes.
+#[tokio::test]
+async fn a_retried_create_finishes_a_session_left_without_its_hold() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(50_000);
+    let create = || async {
+        ingest(mesh.channel())
+            .create_upload(authed(
+                pb::CreateUploadRequest {
+                    size_bytes: Some(50_000),
+                    metadata: Some(pb::UploadMetadata {
+                        display_name: "retried.bin".into(),
+                        ..Default::default()
+                    }),
+                    idempotency_key: "create-once".into(),
+                },
+                &alice,
+            ))
+            .await
+            .map(|r| r.into_inner().session.unwrap_or_default())
+    };
+    let first = create().await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE ingest.uploads SET reservation_id = NULL WHERE id = $1::text::uuid",
+            &[&first.id],
+        )
+        .await?;
+    let again = create().await?;
+    assert_eq!(again.id, first.id);
+    put_chunk(mesh.channel(), &alice, &again.id, 0, &data).await?;
+    let file = complete(mesh.channel(), &alice, &again.id).await?;
+    assert_eq!(file.sha256, sha256(&data));
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!(
+        (account.used_bytes, account.reserved_bytes),
+        (50_000, 0),
+        "one hold, turned into usage once"
+    );
+    mesh.stop().await
+}

@@ -502,6 +502,13 @@ impl Sessions {
                     "was used by a one-shot upload",
                 ));
             }
+            if existing.reservation_id.is_none() && existing.state == "open" {
+                // The first call stopped between the row and its hold (a crash, an error after
+                // Quota answered): the hold is asked for again, under the same key, so Quota
+                // answers with the one it made, if it made one.
+                let size = existing.size;
+                return self.reserve_for(&conn, existing, size).await;
+            }
             return Ok(existing);
         };
         let session = Session::from_row(&row, self.settings.chunk_size_hint);
