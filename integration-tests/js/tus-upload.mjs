@@ -53,11 +53,11 @@ function resume(url) {
 // got through anyway, try again with a new upload (a cut is what this script is about).
 let url = null;
 let uncut = 0;
-for (let attempt = 0; attempt < 5 && url === null; attempt++) {
+for (let attempt = 0; attempt < 20 && url === null; attempt++) {
   url = await firstHalf();
   if (url === null) uncut += 1;
 }
-if (url === null) throw new Error('could not cut the first request off in 5 attempts');
+if (url === null) throw new Error('could not cut the first request off in 20 attempts');
 // The server keeps what arrived once it notices the cut: wait until the offset holds still.
 async function offset() {
   const head = await fetch(url, { method: 'HEAD', headers: { 'Tus-Resumable': '1.0.0', Authorization: `Bearer ${token}` } });

@@ -275,3 +275,55 @@ fn parse_report(text: &str) -> anyhow::Result<Report> {
     let line = text.lines().last().unwrap_or_default();
     Ok(serde_json::from_str(line)?)
 }
+
+/// A creation that carries the whole file, whose completion fails (here Files refuses it):
+/// the client still learns the upload's URL and that nothing is left to send, so it does not
+/// send the file again as a second upload; the completion, retried, makes one file.
+#[tokio::test]
+async fn a_creation_with_the_whole_file_whose_completion_fails_is_not_lost() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let bearer = format!("Bearer {alice}");
+    let http = reqwest::Client::new();
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .batch_execute(
+            "ALTER TABLE files.files ADD CONSTRAINT test_refuses \
+             CHECK (display_name <> 'whole.bin') NOT VALID",
+        )
+        .await?;
+    let data = random_bytes(1000);
+    let created = tus(
+        &http,
+        Method::POST,
+        &format!("http://{}/tus", mesh.addr),
+        &bearer,
+    )
+    .header("upload-length", "1000")
+    .header("upload-metadata", "filename d2hvbGUuYmlu")
+    .header("content-type", "application/offset+octet-stream")
+    .body(data.clone())
+    .send()
+    .await?;
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["upload-offset"].to_str()?, "1000");
+    let location = created.headers()["location"].to_str()?.to_owned();
+    let id = location.rsplit('/').next().unwrap_or_default().to_owned();
+
+    pool.get()
+        .await?
+        .batch_execute("ALTER TABLE files.files DROP CONSTRAINT test_refuses")
+        .await?;
+    let file = stowage_integration_tests::complete(mesh.channel(), &alice, &id).await?;
+    assert_eq!(file.sha256, sha256(&data));
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert_eq!(listed.files.len(), 1);
+    let held = usage(mesh.channel(), &alice).await?;
+    assert_eq!((held.used_bytes, held.reserved_bytes), (1000, 0));
+    mesh.stop().await
+}

@@ -270,8 +270,28 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
             Ok(s) => session = s,
             Err(e) => {
                 // The client never learns the upload's URL: do not leave it holding quota.
-                let _ = tus.sessions.abort(session.id, &caller.user_id).await;
-                return error_response(e);
+                if tus
+                    .sessions
+                    .abort(session.id, &caller.user_id)
+                    .await
+                    .is_ok()
+                {
+                    return error_response(e);
+                }
+                // Unless every byte arrived and the completion began, which cannot be undone:
+                // a retry or the sweeper finishes it. The client learns the URL and that
+                // nothing is left to send, rather than send the file again as another one.
+                match tus.sessions.get(session.id, &caller.user_id).await {
+                    Ok(s)
+                        if matches!(
+                            s.state.as_str(),
+                            "completing" | "registered" | "completed"
+                        ) =>
+                    {
+                        session = s
+                    }
+                    _ => return error_response(e),
+                }
             }
         }
     } else if session.size == Some(0) {
