@@ -337,3 +337,63 @@ async fn database_errors_say_whether_a_retry_can_help() -> anyhow::Result<()> {
     assert_eq!(status.message(), "test unavailable");
     Ok(())
 }
+
+#[tokio::test]
+async fn overlong_labels_are_refused_by_name_through_both_doors() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let long = "x".repeat(10_000);
+    let meta = |mime: &str, package: &str| pb::UploadMetadata {
+        display_name: "label.bin".into(),
+        declared_mime_type: mime.into(),
+        package_name: package.into(),
+        ..Default::default()
+    };
+    let ingest = || stowage_integration_tests::ingest(mesh.channel());
+    for (metadata, field) in [
+        (meta(&long, ""), "metadata.declared_mime_type"),
+        (meta("", &long), "metadata.package_name"),
+        (meta("text/plain\nx", ""), "metadata.declared_mime_type"),
+    ] {
+        let refused = ingest()
+            .create_upload(authed(
+                pb::CreateUploadRequest {
+                    size_bytes: Some(10),
+                    metadata: Some(metadata.clone()),
+                    idempotency_key: String::new(),
+                },
+                &alice,
+            ))
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(refused.message().contains(field), "{}", refused.message());
+
+        let header = pb::UploadRequest {
+            part: Some(pb::upload_request::Part::Header(pb::UploadHeader {
+                size_bytes: 1,
+                metadata: Some(metadata),
+                idempotency_key: String::new(),
+            })),
+        };
+        let data = pb::UploadRequest {
+            part: Some(pb::upload_request::Part::Data(vec![1u8].into())),
+        };
+        let refused = ingest()
+            .upload(authed(tokio_stream::iter(vec![header, data]), &alice))
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(
+            refused.message().contains(&format!("header.{field}")),
+            "{}",
+            refused.message()
+        );
+    }
+    // Nothing held, nothing stored.
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0));
+    assert!(setup.stored_objects("").is_empty());
+    mesh.stop().await
+}

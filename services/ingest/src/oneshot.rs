@@ -13,7 +13,6 @@ use stowage_proto::v1::{self as pb, upload_request::Part};
 use stowage_runtime::{
     mesh::{FilesApi, QuotaApi},
     status::retry_may_pass,
-    validate,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -21,6 +20,7 @@ use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
+    sessions::Meta,
     sniff::{Registration, SNIFF_LEN, Sniffed, sniff},
     uploads::{NewUpload, UploadRow, Uploads},
 };
@@ -63,28 +63,13 @@ struct Header {
 
 fn check_header(h: pb::UploadHeader, max: u64) -> Result<Header> {
     let meta = h.metadata.unwrap_or_default();
-    validate::display_name(&meta.display_name)
-        .map_err(|why| Error::invalid("header.metadata.display_name", why))?;
-    let tags =
-        validate::tags(&meta.tags).map_err(|why| Error::invalid("header.metadata.tags", why))?;
+    let checked = Meta::from_proto(meta.clone(), "header.metadata")?;
     if h.size_bytes > max {
         return Err(Error::invalid(
             "header.size_bytes",
             format!("{} bytes is above the limit of {max}", h.size_bytes),
         ));
     }
-    let expected_sha256 = if meta.expected_sha256.is_empty() {
-        None
-    } else if meta.expected_sha256.len() == 64
-        && meta.expected_sha256.bytes().all(|b| b.is_ascii_hexdigit())
-    {
-        Some(meta.expected_sha256.to_ascii_lowercase())
-    } else {
-        return Err(Error::invalid(
-            "header.metadata.expected_sha256",
-            "must be 64 hex characters",
-        ));
-    };
     if h.idempotency_key.len() > 200 {
         return Err(Error::invalid(
             "header.idempotency_key",
@@ -93,8 +78,8 @@ fn check_header(h: pb::UploadHeader, max: u64) -> Result<Header> {
     }
     Ok(Header {
         size: h.size_bytes,
-        tags,
-        expected_sha256,
+        tags: checked.tags,
+        expected_sha256: (!checked.expected_sha256.is_empty()).then_some(checked.expected_sha256),
         idempotency_key: (!h.idempotency_key.is_empty()).then_some(h.idempotency_key),
         meta,
     })

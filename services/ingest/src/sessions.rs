@@ -109,12 +109,22 @@ impl Meta {
             match (prefix, f) {
                 ("header.metadata", "display_name") => "header.metadata.display_name",
                 ("header.metadata", "tags") => "header.metadata.tags",
+                ("header.metadata", "declared_mime_type") => "header.metadata.declared_mime_type",
+                ("header.metadata", "package_name") => "header.metadata.package_name",
                 ("header.metadata", _) => "header.metadata.expected_sha256",
                 (_, "display_name") => "metadata.display_name",
                 (_, "tags") => "metadata.tags",
+                (_, "declared_mime_type") => "metadata.declared_mime_type",
+                (_, "package_name") => "metadata.package_name",
                 _ => "metadata.expected_sha256",
             }
         };
+        for (name, value) in [
+            ("declared_mime_type", &m.declared_mime_type),
+            ("package_name", &m.package_name),
+        ] {
+            validate::label(value).map_err(|why| Error::invalid(field(name), why))?;
+        }
         validate::display_name(&m.display_name)
             .map_err(|why| Error::invalid(field("display_name"), why))?;
         let tags = validate::tags(&m.tags).map_err(|why| Error::invalid(field("tags"), why))?;

@@ -1,4 +1,4 @@
-//! Checks on user-supplied names and tags shared by Ingest and Files.
+//! Checks on user-supplied names, tags and labels shared by Ingest and Files.
 
 /// Longest display name, in characters.
 pub const MAX_NAME_CHARS: usize = 255;
@@ -47,8 +47,32 @@ pub fn tags(tags: &[String]) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// Longest declared MIME type or package name, in characters.
+pub const MAX_LABEL_CHARS: usize = 255;
+
+/// A client's label (a declared MIME type, the name of the app that made a file) is empty or
+/// at most 255 characters without control characters.
+pub fn label(value: &str) -> Result<(), String> {
+    if value.chars().count() > MAX_LABEL_CHARS {
+        return Err(format!("must be at most {MAX_LABEL_CHARS} characters"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn labels_are_short_and_printable() {
+        assert!(super::label("").is_ok());
+        assert!(super::label("image/png").is_ok());
+        assert!(super::label("com.example.app").is_ok());
+        assert!(super::label(&"a".repeat(256)).is_err());
+        assert!(super::label("image/png\r\nx: y").is_err());
+    }
+
     #[test]
     fn names_are_metadata_not_paths() {
         assert!(super::display_name("../../etc/passwd").is_ok());
