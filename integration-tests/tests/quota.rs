@@ -113,6 +113,28 @@ async fn parallel_reservations_stop_exactly_at_the_limit() -> anyhow::Result<()>
         .await?
         .into_inner();
     assert_eq!(stats.total_used_bytes, 37_000);
+    // Two "unlimited" accounts (limits as large as a limit can be) still add up.
+    for user in ["carol", "dave"] {
+        quota
+            .set_limit(authed(
+                pb::SetLimitRequest {
+                    user_id: user.into(),
+                    limit_bytes: i64::MAX as u64,
+                },
+                &admin,
+            ))
+            .await?;
+    }
+    let stats = quota
+        .stats(authed(pb::StatsRequest {}, &admin))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (stats.total_used_bytes, stats.total_limit_bytes),
+        (37_000, i64::MAX as u64),
+        "limits saturate"
+    );
+    assert_eq!(stats.accounts_above_80_percent, 1);
     let above = quota
         .list_accounts(authed(
             pb::ListAccountsRequest {

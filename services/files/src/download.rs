@@ -242,7 +242,39 @@ fn is_active_content(mime: &str) -> bool {
     m.contains("html") || m.contains("svg") || m.contains("xml") || m.contains("javascript")
 }
 
+/// The one range of `target` a request asks for (RFC 9110 §14): `None` to send it whole, as
+/// for a method other than GET, an `If-Range` that does not name the current bytes (a date, as
+/// no `Last-Modified` is sent, or another or weak entity tag), a header this server does not
+/// understand or will not serve (another unit, several ranges); `Err` when the one range asked
+/// for lies past the end (416).
+fn requested_range(
+    method: &axum::http::Method,
+    headers: &HeaderMap,
+    target: &Target,
+) -> Result<Option<Range<u64>>, ()> {
+    let Some(value) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    if method != axum::http::Method::GET {
+        return Ok(None);
+    }
+    if let Some(validator) = headers.get(header::IF_RANGE)
+        && validator.to_str().ok().map(str::trim) != Some(target.etag.as_str())
+    {
+        return Ok(None);
+    }
+    match http_range_header::parse_range_header(value).and_then(|r| r.validate(target.size)) {
+        Ok(ranges) => match ranges.as_slice() {
+            [one] => Ok(Some(*one.start()..one.end() + 1)),
+            _ => Ok(None),
+        },
+        Err(http_range_header::RangeUnsatisfiableError::Unsatisfiable) => Err(()),
+        Err(_) => Ok(None),
+    }
+}
+
 async fn serve_signed(
+    method: axum::http::Method,
     State(state): State<HttpState>,
     Path(file_id): Path<String>,
     Query(query): Query<SignedQuery>,
@@ -286,24 +318,16 @@ async fn serve_signed(
         )
             .into_response();
     }
-    let (status, range) = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        None => (StatusCode::OK, 0..target.size),
-        Some(value) => match http_range_header::parse_range_header(value)
-            .and_then(|r| r.validate(target.size))
-        {
-            Ok(ranges) if ranges.len() == 1 => {
-                let r = &ranges[0];
-                (StatusCode::PARTIAL_CONTENT, *r.start()..r.end() + 1)
-            }
-            Ok(ranges) if ranges.is_empty() => (StatusCode::OK, 0..target.size),
-            _ => {
-                return (
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    [(header::CONTENT_RANGE, format!("bytes */{}", target.size))],
-                )
-                    .into_response();
-            }
-        },
+    let (status, range) = match requested_range(&method, &headers, &target) {
+        Ok(Some(range)) => (StatusCode::PARTIAL_CONTENT, range),
+        Ok(None) => (StatusCode::OK, 0..target.size),
+        Err(()) => {
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{}", target.size))],
+            )
+                .into_response();
+        }
     };
     let attachment = query.dl.as_deref() == Some("1")
         || (variant.is_empty() && is_active_content(&target.mime_type));
@@ -343,10 +367,11 @@ async fn serve_signed(
         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"))
 }
 
-/// Seconds to add for a requested URL lifetime (default one hour), within `max`.
+/// Seconds to add for a requested URL lifetime within `max`; unasked, one hour, or `max` when
+/// that is shorter.
 pub fn url_ttl(requested_seconds: u32, max: Duration) -> Result<Duration> {
     let ttl = if requested_seconds == 0 {
-        Duration::from_secs(3600)
+        Duration::from_secs(3600).min(max)
     } else {
         Duration::from_secs(u64::from(requested_seconds))
     };
@@ -362,6 +387,16 @@ pub fn url_ttl(requested_seconds: u32, max: Duration) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unasked_url_lifetime_is_an_hour_within_the_maximum() {
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(url_ttl(0, day).unwrap(), Duration::from_secs(3600));
+        let quarter = Duration::from_secs(900);
+        assert_eq!(url_ttl(0, quarter).unwrap(), quarter);
+        assert_eq!(url_ttl(600, quarter).unwrap(), Duration::from_secs(600));
+        assert!(url_ttl(901, quarter).is_err());
+    }
 
     #[test]
     fn ranges_are_cut_at_the_end_and_refused_past_it() {

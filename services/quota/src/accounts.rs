@@ -648,11 +648,13 @@ impl Quota {
         let conn = self.pool.get().await?;
         let row = conn
             .query_one_cached(
+                // Sums and products in numeric, the sums saturating at bigint's largest: limits
+                // near i64::MAX (a way of saying "unlimited") must not make the totals fail.
                 "SELECT count(*) AS accounts,
-                        COALESCE(sum(used_bytes), 0)::bigint AS used,
-                        COALESCE(sum(reserved_bytes), 0)::bigint AS reserved,
-                        COALESCE(sum(limit_bytes), 0)::bigint AS limits,
-                        count(*) FILTER (WHERE used_bytes * 5 >= limit_bytes * 4) AS above80,
+                        LEAST(COALESCE(sum(used_bytes), 0), 9223372036854775807)::bigint AS used,
+                        LEAST(COALESCE(sum(reserved_bytes), 0), 9223372036854775807)::bigint AS reserved,
+                        LEAST(COALESCE(sum(limit_bytes), 0), 9223372036854775807)::bigint AS limits,
+                        count(*) FILTER (WHERE used_bytes::numeric * 5 >= limit_bytes::numeric * 4) AS above80,
                         count(*) FILTER (WHERE used_bytes >= limit_bytes) AS full,
                         (SELECT count(*) FROM quota.reservations WHERE state = 'held') AS held
                  FROM quota.accounts",

@@ -676,6 +676,15 @@ impl Config {
                 "must be above zero and at most half of STOWAGE_MAX_MESSAGE_SIZE",
             );
         }
+        // Signed links carry their expiry in whole seconds, as a u32 lifetime is asked for.
+        if self.files.max_url_ttl < Duration::from_secs(1)
+            || self.files.max_url_ttl > Duration::from_secs(u64::from(u32::MAX))
+        {
+            return fail(
+                "STOWAGE_FILES__MAX_URL_TTL",
+                "must be at least 1 s and at most 4294967295 s",
+            );
+        }
         Ok(())
     }
 
@@ -777,5 +786,14 @@ mod tests {
         let mut config = valid();
         config.lifecycle.gc_time = Duration::from_secs(12 * 60);
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_signed_url_lifetime_out_of_range_is_refused_by_name() {
+        for ttl in [Duration::ZERO, Duration::from_secs(u64::from(u32::MAX) + 1)] {
+            let mut config = valid();
+            config.files.max_url_ttl = ttl;
+            refused_naming(&config, "STOWAGE_FILES__MAX_URL_TTL");
+        }
     }
 }
