@@ -397,3 +397,52 @@ async fn overlong_labels_are_refused_by_name_through_both_doors() -> anyhow::Res
     assert!(setup.stored_objects("").is_empty());
     mesh.stop().await
 }
+
+/// A registration whose file id is one file's and whose idempotency key is another's is
+/// neither a retry nor new: ALREADY_EXISTS, every time (it was UNAVAILABLE, which invites
+/// retries forever).
+#[tokio::test]
+async fn a_registration_naming_two_files_already_exists() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let service = token("ingest", &["service"]);
+    let files = || stowage_integration_tests::files(mesh.channel());
+    let request = |id: &str, key: &str, blob: &str| pb::RegisterFileRequest {
+        owner_id: "alice".into(),
+        file_id: id.into(),
+        display_name: "f.txt".into(),
+        kind: pb::FileKind::Document as i32,
+        mime_type: "text/plain".into(),
+        size_bytes: 1,
+        sha256: "00".repeat(32),
+        storage_key: format!("users/alice/document/2026/11/{blob}.txt"),
+        status: pb::FileStatus::Ready as i32,
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let (first, second) = (
+        uuid::Uuid::now_v7().to_string(),
+        uuid::Uuid::now_v7().to_string(),
+    );
+    for (id, key) in [(&first, "key-1"), (&second, "key-2")] {
+        files()
+            .register_file(authed(request(id, key, id), &service))
+            .await?;
+    }
+    // A retry of the first, as it was: the same file.
+    let retried = files()
+        .register_file(authed(request(&first, "key-1", &first), &service))
+        .await?
+        .into_inner()
+        .file
+        .unwrap_or_default();
+    assert_eq!(retried.id, first);
+    for _ in 0..2 {
+        let mixed = files()
+            .register_file(authed(request(&first, "key-2", "third"), &service))
+            .await
+            .expect_err("names two files");
+        assert_eq!(mixed.code(), Code::AlreadyExists, "{mixed:?}");
+    }
+    mesh.stop().await
+}

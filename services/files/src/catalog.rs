@@ -296,6 +296,8 @@ impl Catalog {
         let Some(row) = row else {
             tx.rollback().await?;
             // Same key or same id: a retry of this registration, if it names the same blob.
+            // The id and the key may name two files; the id's answers (neither is a retry
+            // unless it names the same blob).
             let conn = self.pool.get().await?;
             let existing = conn
                 .query_opt_cached(
@@ -303,7 +305,8 @@ impl Catalog {
                         "SELECT ",
                         file_columns!(),
                         " FROM files.files
-                     WHERE id = $1 OR (owner_id = $2 AND idempotency_key = $3)"
+                     WHERE id = $1 OR (owner_id = $2 AND idempotency_key = $3)
+                     ORDER BY id = $1 DESC LIMIT 1"
                     ),
                     &[&new.id, &new.owner_id, &new.idempotency_key],
                 )
