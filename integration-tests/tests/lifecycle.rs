@@ -1665,3 +1665,56 @@ async fn with_the_trash_policy_a_user_quiet_past_the_grace_has_files_trashed_onc
     assert_eq!((row.get::<_, bool>(0), row.get::<_, bool>(1)), (true, true));
     mesh.stop().await
 }
+
+/// A user noticed under "notify only" was told nothing would happen to her files: a policy
+/// changed to "trash" afterwards does not trash them (a notice sent under it would).
+#[tokio::test]
+async fn a_user_noticed_under_notify_only_is_not_trashed_when_the_policy_changes()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    set_policy(&mesh, |p| {
+        p.inactivity_action = pb::InactivityAction::NotifyOnly as i32;
+        p.notice_grace_hours = 1;
+    })
+    .await?;
+    let erin = token("erin", &[]);
+    upload(mesh.channel(), &erin, "e.bin", &random_bytes(100), &[]).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    events_consumed(&conn, 1).await?;
+    conn.execute(
+        "UPDATE lifecycle.activity SET last_active_at = now() - interval '400 days'
+         WHERE user_id = 'erin'",
+        &[],
+    )
+    .await?;
+    run_now(&mesh, "inactivity", false).await?;
+    let notice: serde_json::Value = conn
+        .query_one(
+            "SELECT detail FROM lifecycle.history WHERE user_id = 'erin' AND event = 'notice_sent'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(notice["action_after_grace"], "notify_only");
+    conn.execute(
+        "UPDATE lifecycle.activity SET notice_sent_at = notice_sent_at - interval '2 hours'
+         WHERE user_id = 'erin'",
+        &[],
+    )
+    .await?;
+    set_policy(&mesh, |p| {
+        p.inactivity_action = pb::InactivityAction::Trash as i32;
+    })
+    .await?;
+    let run = run_now(&mesh, "inactivity", false).await?;
+    assert_eq!(run.acted, 0, "{run:?}");
+    let live = files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &erin))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(live.len(), 1, "her file stays");
+    mesh.stop().await
+}

@@ -224,13 +224,13 @@ impl Lifecycle {
             let tx = conn.transaction().await.map_err(db)?;
             let due = tx
                 .query_cached(
-                    "UPDATE lifecycle.activity SET notice_sent_at = now()
+                    "UPDATE lifecycle.activity SET notice_sent_at = now(), notice_action = $1
                      WHERE user_id IN (
                          SELECT user_id FROM lifecycle.activity
                          WHERE notice_due_at <= now() AND notice_sent_at IS NULL
                          ORDER BY notice_due_at LIMIT 500 FOR UPDATE SKIP LOCKED)
-                     RETURNING user_id, last_active_at, notice_due_at",
-                    &[],
+                     RETURNING user_id, last_active_at, notice_due_at, notice_sent_at",
+                    &[&policy.inactivity_action.as_str()],
                 )
                 .await
                 .map_err(db)?;
@@ -271,8 +271,9 @@ impl Lifecycle {
         Ok(tally)
     }
 
-    /// Users noticed longer than the grace window ago, still quiet: their files go to trash
-    /// (from where the trash retention purges them), once per notice.
+    /// Users noticed longer than the grace window ago, still quiet, whose notice said their
+    /// files would go to trash: they do (from where the trash retention purges them), once per
+    /// notice. A user noticed under "notify only" is not trashed when the policy changes.
     async fn clean_after_grace(
         &self,
         policy: &Policy,
@@ -284,6 +285,7 @@ impl Lifecycle {
             .query_cached(
                 "SELECT user_id, notice_sent_at FROM lifecycle.activity
                  WHERE notice_sent_at < now() - make_interval(secs => $1) AND cleaned_at IS NULL
+                   AND notice_action = 'trash'
                  LIMIT 1000",
                 &[&grace],
             )

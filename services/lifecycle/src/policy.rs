@@ -14,6 +14,16 @@ pub enum InactivityAction {
     Trash,
 }
 
+impl InactivityAction {
+    /// The name it is stored and sent under.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotifyOnly => "notify_only",
+            Self::Trash => "trash",
+        }
+    }
+}
+
 /// Thresholds of the scheduled jobs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
