@@ -133,6 +133,11 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         "still at its last good offset"
     );
     assert_eq!(head.headers()["upload-length"].to_str()?, "100");
+    assert_eq!(
+        head.headers()["upload-metadata"].to_str()?,
+        "filename bm90ZXMudHh0",
+        "as created"
+    );
 
     use base64::Engine;
     let good = base64::engine::general_purpose::STANDARD.encode(sha1_of(&data[40..]));
@@ -158,6 +163,19 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         vec!["notes.txt"]
     );
     assert_eq!(listed.files[0].sha256, sha256(&data));
+    // Complete, it stays there past its expiry: its client finds it done, not gone.
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let id = location.rsplit('/').next().unwrap_or_default();
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE ingest.uploads SET expires_at = now() - interval '1 day' WHERE id = $1::text::uuid",
+            &[&id],
+        )
+        .await?;
+    let done = tus(&http, Method::HEAD, &url, &alice).send().await?;
+    assert_eq!(done.status(), 200);
+    assert_eq!(done.headers()["upload-offset"].to_str()?, "100");
 
     // Termination.
     let doomed = tus(&http, Method::POST, &base, &alice)

@@ -100,6 +100,10 @@ pub struct Meta {
     pub expected_sha256: String,
     /// Producing app.
     pub package_name: String,
+    /// The `Upload-Metadata` a tus client created the upload with, as it sent it: tus answers
+    /// every HEAD with it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tus_metadata: String,
 }
 
 impl Meta {
@@ -144,6 +148,7 @@ impl Meta {
             tags,
             expected_sha256: expected,
             package_name: m.package_name,
+            tus_metadata: String::new(),
         })
     }
 

@@ -171,6 +171,9 @@ async fn options(State(tus): State<Tus>) -> Response {
         .unwrap_or_else(|_| StatusCode::NO_CONTENT.into_response())
 }
 
+/// Longest `Upload-Metadata` accepted, kept with the session.
+const MAX_METADATA_LEN: usize = 4096;
+
 /// Parses `Upload-Metadata`: comma-separated `key base64value` pairs.
 fn parse_metadata(value: &str) -> Result<HashMap<String, String>, String> {
     let mut out = HashMap::new();
@@ -256,10 +259,18 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
         Ok(m) => m.unwrap_or_default(),
         Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
     };
-    let meta = match Meta::from_proto(meta_from(&map), "metadata") {
+    let mut meta = match Meta::from_proto(meta_from(&map), "metadata") {
         Ok(m) => m,
         Err(e) => return error_response(e),
     };
+    let raw_metadata = header_str(&headers, "upload-metadata").unwrap_or_default();
+    if raw_metadata.len() > MAX_METADATA_LEN {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Upload-Metadata: longer than 4096 bytes",
+        );
+    }
+    meta.tus_metadata = raw_metadata.to_owned();
     let mut session = match tus.sessions.create(&caller.user_id, size, meta, None).await {
         Ok(s) => s,
         Err(e) => return error_response(e),
@@ -333,12 +344,21 @@ async fn resource(
     };
     match method.as_str() {
         "HEAD" => match tus.sessions.get(id, &caller.user_id).await {
-            Ok(s) if s.is_expired() || s.state == "aborted" || s.state == "expired" => {
+            // Gone: ended, or still open past its expiry. One completing or completed is
+            // there whatever the time, so its client does not send it again.
+            Ok(s)
+                if (s.state == "open" && s.is_expired())
+                    || s.state == "aborted"
+                    || s.state == "expired" =>
+            {
                 refuse(StatusCode::GONE, "upload expired")
             }
             Ok(s) => {
                 let mut r =
                     tus_response(StatusCode::OK).header("upload-offset", s.offset.to_string());
+                if !s.meta.tus_metadata.is_empty() {
+                    r = r.header("upload-metadata", &s.meta.tus_metadata);
+                }
                 r = match s.size {
                     Some(size) => r.header("upload-length", size.to_string()),
                     None => r.header("upload-defer-length", "1"),
