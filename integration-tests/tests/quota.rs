@@ -617,3 +617,61 @@ async fn a_hold_resized_in_place_counts_its_bytes_once() -> anyhow::Result<()> {
     assert_eq!((account.used_bytes, account.reserved_bytes), (2000, 0));
     mesh.stop().await
 }
+
+/// A hold that lapsed while its upload was completing is still charged when the upload
+/// commits, even past the limit (its bytes are stored: refusing would leave them free, or
+/// lose them); once, however often the commit is repeated.
+#[tokio::test]
+async fn an_expired_hold_is_charged_at_commit_even_past_the_limit() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(1000);
+    let mesh = Mesh::start(&setup).await?;
+    let service = token("ingest", &["service"]);
+    let mut quota = stowage_integration_tests::quota(mesh.channel());
+    let reserve = |bytes: u64, ttl_seconds: u32| pb::ReserveRequest {
+        user_id: "fay".into(),
+        bytes,
+        ttl_seconds,
+        idempotency_key: String::new(),
+    };
+    let lapsing = quota
+        .reserve(authed(reserve(600, 1), &service))
+        .await?
+        .into_inner()
+        .reservation
+        .unwrap_or_default();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let expired = quota
+        .expire_reservations(authed(pb::ExpireReservationsRequest::default(), &service))
+        .await?
+        .into_inner();
+    assert_eq!(expired.reservation_ids, vec![lapsing.id.clone()]);
+    // Its bytes are free again, and another upload holds most of them.
+    quota.reserve(authed(reserve(700, 600), &service)).await?;
+    for _ in 0..2 {
+        quota
+            .commit(authed(
+                pb::CommitRequest {
+                    reservation_id: lapsing.id.clone(),
+                    bytes: 600,
+                },
+                &service,
+            ))
+            .await?;
+    }
+    let account = usage(mesh.channel(), &token("fay", &[])).await?;
+    assert_eq!(
+        (
+            account.used_bytes,
+            account.reserved_bytes,
+            account.limit_bytes
+        ),
+        (600, 700, 1000)
+    );
+    // Over the limit: nothing more fits until files go.
+    let refused = quota
+        .reserve(authed(reserve(1, 600), &service))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    mesh.stop().await
+}

@@ -315,8 +315,10 @@ impl Quota {
 
     /// Turns a reservation into `bytes` of usage. Committing again returns the first commit.
     ///
-    /// An expired hold may still be committed if the bytes fit under the limit: the upload
-    /// finished, and refusing it now would lose the user's file. The whole commit is one
+    /// An expired hold is still committed, even past the limit: the upload finished within its
+    /// hold (its completion began in time), its file is stored and registered, and refusing
+    /// the charge would leave it stored for free, or lose it. The user is then over the
+    /// limit, as after a lowered limit, until files go. The whole commit is one
     /// statement (`COMMIT_SQL`), so the account row is locked only while PostgreSQL
     /// runs it, never across a round trip: a user's parallel uploads queue for microseconds.
     pub async fn commit(&self, reservation_id: Uuid, bytes: u64) -> Result<(Reservation, Account)> {
@@ -843,7 +845,8 @@ fn notice_ctes(added: &str, p: usize) -> String {
 static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH r AS (
-             SELECT id, user_id, CASE WHEN state = 'held' THEN bytes ELSE 0 END AS held
+             SELECT id, user_id, CASE WHEN state = 'held' THEN bytes ELSE 0 END AS held,
+                    state = 'expired' AS lapsed
              FROM quota.reservations
              WHERE id = $1 AND state IN ('held', 'expired') FOR UPDATE),
          account AS (
@@ -852,7 +855,8 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
                  used_bytes = a.used_bytes + $2::bigint, updated_at = now()
              FROM r
              WHERE a.user_id = r.user_id
-               AND ($2::bigint <= r.held OR a.used_bytes::numeric + a.reserved_bytes - r.held + $2::bigint <= a.limit_bytes)
+               AND (r.lapsed OR $2::bigint <= r.held
+                    OR a.used_bytes::numeric + a.reserved_bytes - r.held + $2::bigint <= a.limit_bytes)
              RETURNING a.*),
          done AS (
              UPDATE quota.reservations c
