@@ -139,16 +139,7 @@ impl Staging {
             (PutPayload::from(data), start)
         } else {
             let mut buf = BytesMut::with_capacity(pending_size as usize + data.len());
-            for p in &pending {
-                buf.extend_from_slice(
-                    &self
-                        .store
-                        .get(&part_object(upload, p.number))
-                        .await?
-                        .bytes()
-                        .await?,
-                );
-            }
+            self.read_pending(upload, &pending, &mut buf).await?;
             buf.extend_from_slice(&data);
             (PutPayload::from(buf.freeze()), pending[0].start)
         };
@@ -253,6 +244,20 @@ impl Staging {
         }
     }
 
+    /// Appends the bytes held back in `pending` (under one minimum part in all) to `buf`.
+    async fn read_pending(
+        &self,
+        upload: Uuid,
+        pending: &[&Part],
+        buf: &mut BytesMut,
+    ) -> Result<()> {
+        for p in pending {
+            let held = self.store.get(&part_object(upload, p.number)).await?;
+            buf.extend_from_slice(&held.bytes().await?);
+        }
+        Ok(())
+    }
+
     /// Completes native upload `id` at `key` from its parts; held-back bytes (or, for an empty
     /// file, nothing) become its last part.
     async fn complete_native(
@@ -274,16 +279,7 @@ impl Staging {
         let pending: Vec<&Part> = parts.iter().filter(|p| p.pending).collect();
         if !pending.is_empty() || ids.is_empty() {
             let mut buf = BytesMut::new();
-            for p in &pending {
-                buf.extend_from_slice(
-                    &self
-                        .store
-                        .get(&part_object(upload, p.number))
-                        .await?
-                        .bytes()
-                        .await?,
-                );
-            }
+            self.read_pending(upload, &pending, &mut buf).await?;
             let part = mp
                 .put_part(key, &id, ids.len(), PutPayload::from(buf.freeze()))
                 .await?;
