@@ -34,6 +34,10 @@ async fn bad_configuration_exits_non_zero_naming_the_variable() -> anyhow::Resul
         ("STOWAGE_INGEST__PART_SIZE", "1KiB"),
         ("STOWAGE_PUBLIC_URL", "ftp://x"),
         ("STOWAGE_BLOB_URL", "ftp://bucket"),
+        // Not a token: every call between services would be refused.
+        ("STOWAGE_SERVICE_TOKEN", "dev-service-token-change-me"),
+        // A provider's keys without an audience: its tokens for other applications would pass.
+        ("STOWAGE_AUTH__JWKS_URL", "http://127.0.0.1:1/jwks.json"),
     ] {
         let (ok, stderr) = serve_with(&[(var, value)]).await?;
         assert!(!ok, "{var}={value} must stop the process");
@@ -42,6 +46,23 @@ async fn bad_configuration_exits_non_zero_naming_the_variable() -> anyhow::Resul
             "{var}={value}: message does not name it: {stderr}"
         );
     }
+    Ok(())
+}
+
+/// A shell set up for the CLI (`STOWAGE_ENDPOINT`, `STOWAGE_TOKEN`) can start a server: those
+/// are not server settings. (It then stops at the unreachable database, which it names.)
+#[tokio::test]
+async fn the_cli_variables_are_not_server_settings() -> anyhow::Result<()> {
+    let (ok, stderr) = serve_with(&[
+        ("STOWAGE_ENDPOINT", "http://127.0.0.1:50051"),
+        ("STOWAGE_TOKEN", "a-token"),
+    ])
+    .await?;
+    assert!(!ok);
+    assert!(
+        stderr.contains("DATABASE_URL") && !stderr.contains("ENDPOINT"),
+        "{stderr}"
+    );
     Ok(())
 }
 

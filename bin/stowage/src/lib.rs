@@ -68,6 +68,38 @@ impl Role {
     ];
 }
 
+/// How this process's services authenticate to the others: `STOWAGE_SERVICE_TOKEN` if set
+/// (checked now, by the same verifier the peers use: a value that is no token, or one without
+/// the service scope, would fail every call between services), else tokens minted from the
+/// HS256 secret.
+fn service_auth(
+    config: &Config,
+    verifier: &Verifier,
+    roles: &[Role],
+) -> anyhow::Result<ServiceAuth> {
+    if let Some(token) = &config.service_token {
+        let identity = verifier.verify(token).map_err(|e| {
+            anyhow::anyhow!("STOWAGE_SERVICE_TOKEN: not a token this deployment accepts ({e})")
+        })?;
+        anyhow::ensure!(
+            identity.service,
+            "STOWAGE_SERVICE_TOKEN: the token lacks the \"service\" scope"
+        );
+        return Ok(ServiceAuth::Static(token.clone()));
+    }
+    if let Some(minter) = Minter::from_config(&config.auth) {
+        return Ok(ServiceAuth::Mint(minter));
+    }
+    // Without a secret to mint with, only a process that serves every role itself (its calls
+    // stay in process) can do without a token.
+    anyhow::ensure!(
+        roles.len() == Role::ALL.len(),
+        "STOWAGE_SERVICE_TOKEN: required when services call each other over the network and \
+         no STOWAGE_AUTH__HS256_SECRET can mint their tokens"
+    );
+    Ok(ServiceAuth::Static(String::new()))
+}
+
 /// Applies the migrations of `roles`' schemas.
 pub async fn migrate(pool: &stowage_db::PgPool, roles: &[Role]) -> anyhow::Result<()> {
     for role in roles {
@@ -142,6 +174,9 @@ pub async fn serve_with(
         .database_url
         .as_deref()
         .context("DATABASE_URL: required")?;
+    let verifier = Verifier::new(&config.auth, shutdown.clone()).await?;
+    let tus_verifier = verifier.clone();
+    let service_auth = service_auth(&config, &verifier, roles)?;
     // One pool per service, as if each ran alone: a service waiting on another (Ingest on
     // Quota, in process) must never wait for a connection its caller is holding.
     let connect = || stowage_db::connect(database_url, config.db_pool_size).context("DATABASE_URL");
@@ -159,13 +194,6 @@ pub async fn serve_with(
                 .context("REDIS_URL")?,
         ),
         None => None,
-    };
-    let verifier = Verifier::new(&config.auth, shutdown.clone()).await?;
-    let tus_verifier = verifier.clone();
-    let service_auth = match (Minter::from_config(&config.auth), &config.service_token) {
-        (_, Some(token)) => ServiceAuth::Static(token.clone()),
-        (Some(minter), None) => ServiceAuth::Mint(minter),
-        (None, None) => ServiceAuth::Static(String::new()),
     };
     let timeout = config.peer_timeout();
     let max_message = usize::try_from(config.max_message_size.as_u64()).unwrap_or(usize::MAX);

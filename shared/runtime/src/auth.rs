@@ -89,6 +89,16 @@ pub fn identity<T>(request: &Request<T>) -> Result<Identity, Status> {
         .ok_or_else(|| Status::unauthenticated("missing bearer token"))
 }
 
+/// The `aud` claim: one audience or a list of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// One audience.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
 /// Claims of a Stowage token.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
@@ -104,9 +114,9 @@ pub struct Claims {
     /// Issuer, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    /// Audience, when configured.
+    /// Audience, when configured: one, or several (as identity providers may send it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
 }
 
 /// Why a token was refused (the caller only ever sees UNAUTHENTICATED).
@@ -195,14 +205,25 @@ impl Verifier {
         };
         let mut validation = Validation::new(header.alg);
         validation.leeway = 30;
+        validation.validate_nbf = true;
+        // A configured issuer or audience must be in the token, not only match when present:
+        // a token of the same identity provider made for another application has no say here.
+        let mut required = vec!["exp", "sub"];
         match &self.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         let data = decode::<Claims>(token, &key, &validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let claims = data.claims;
@@ -297,7 +318,7 @@ impl Minter {
             exp,
             scope: scopes.join(" "),
             iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+            aud: self.audience.clone().map(Audience::One),
         };
         // Encoding an HS256 token over serialisable claims cannot fail.
         encode(&Header::new(Algorithm::HS256), &claims, &self.key).unwrap_or_default()
@@ -386,5 +407,62 @@ mod tests {
         let within_leeway =
             minter.mint_until("alice", &[], jsonwebtoken::get_current_timestamp() - 5);
         assert!(verifier.verify(&within_leeway).is_ok());
+    }
+
+    /// A token of the same key made for another application (no audience, another one, or
+    /// no issuer) is refused once Stowage has an audience and an issuer; one that names
+    /// Stowage among several audiences passes; one not valid yet is refused.
+    #[tokio::test]
+    async fn a_configured_audience_and_issuer_must_be_in_the_token() {
+        let secret = "0123456789abcdef0123";
+        let stowage = AuthConfig {
+            hs256_secret: Some(secret.into()),
+            issuer: Some("https://id.example".into()),
+            audience: Some("stowage".into()),
+            ..AuthConfig::default()
+        };
+        let verifier = Verifier::new(&stowage, CancellationToken::new())
+            .await
+            .unwrap();
+        let key = EncodingKey::from_secret(secret.as_bytes());
+        let now = jsonwebtoken::get_current_timestamp();
+        let token = |claims: serde_json::Value| {
+            encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        };
+        let base = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({
+                "sub": "alice", "exp": now + 60, "iat": now, "scope": "admin",
+            });
+            for (k, v) in extra.as_object().unwrap() {
+                claims[k] = v.clone();
+            }
+            token(claims)
+        };
+        let iss = "https://id.example";
+        assert!(
+            verifier
+                .verify(&base(serde_json::json!({"iss": iss, "aud": "stowage"})))
+                .is_ok()
+        );
+        let several = base(serde_json::json!({"iss": iss, "aud": ["billing", "stowage"]}));
+        assert!(verifier.verify(&several).is_ok());
+        for refused in [
+            serde_json::json!({"iss": iss}),
+            serde_json::json!({"iss": iss, "aud": "billing"}),
+            serde_json::json!({"aud": "stowage"}),
+            serde_json::json!({"iss": iss, "aud": "stowage", "nbf": now + 3600}),
+        ] {
+            assert!(
+                verifier.verify(&base(refused.clone())).is_err(),
+                "{refused}"
+            );
+        }
+        // Stowage's own tokens carry both.
+        let minter = Minter::from_config(&stowage).unwrap();
+        assert!(
+            verifier
+                .verify(&minter.mint("alice", &[], Duration::from_secs(60)))
+                .is_ok()
+        );
     }
 }

@@ -477,7 +477,9 @@ impl Config {
             .merge(Env::raw().only(&["DATABASE_URL", "REDIS_URL"]))
             .merge(
                 Env::prefixed("STOWAGE_")
-                    .ignore(&["CONFIG", "TOKEN"])
+                    // The CLI's own variables (`stowage upload` and the other client
+                    // commands read them), not settings of a server.
+                    .ignore(&["CONFIG", "TOKEN", "ENDPOINT"])
                     .split("__"),
             );
         let config: Config = overrides(figment).extract().map_err(describe)?;
@@ -498,6 +500,13 @@ impl Config {
             && secret.len() < 16
         {
             return fail("STOWAGE_AUTH__HS256_SECRET", "must be at least 16 bytes");
+        }
+        if self.auth.jwks_url.is_some() && self.auth.audience.is_none() {
+            return fail(
+                "STOWAGE_AUTH__AUDIENCE",
+                "required with STOWAGE_AUTH__JWKS_URL: tokens the identity provider made for \
+                 other applications would be accepted otherwise",
+            );
         }
         if self.auth.jwks_url.is_some() && self.url_signing_key.is_none() {
             return fail(
