@@ -6,38 +6,24 @@ use stowage_integration_tests::{get_session, random_bytes, sha256};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, binary, token};
 
-#[tokio::test]
-async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
-    let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
-    let alice = token("alice", &[]);
-    let dir = std::env::temp_dir().join(format!("stowage-cli-{}", uuid::Uuid::new_v4().simple()));
-    let state = dir.join("state");
-    std::fs::create_dir_all(&state)?;
-    let data = random_bytes(160 << 20);
-    let path = dir.join("big.bin");
-    std::fs::write(&path, &data)?;
-    let run = || {
-        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
-        cmd.args(["upload", "--addr", &format!("http://{}", mesh.addr)])
-            .arg(&path)
-            .env("STOWAGE_TOKEN", &alice)
-            .env("XDG_STATE_HOME", &state)
-            .kill_on_drop(true);
-        cmd
-    };
-
-    let mut first = run()
+/// Runs `cmd` (a `stowage upload`) until the server holds some of the file, then kills it
+/// without warning; returns the session it remembered under `state`. The CLI is stopped
+/// (SIGSTOP) while the offset is looked at, so that it cannot send the rest of the file between
+/// that look and the kill (160 MiB take a fraction of a second here).
+async fn kill_midway(
+    mut cmd: tokio::process::Command,
+    state: &std::path::Path,
+    mesh: &Mesh,
+    alice: &str,
+) -> anyhow::Result<String> {
+    let mut first = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    // Wait until the server holds some of it, then kill the CLI without warning. The CLI is
-    // stopped (SIGSTOP) while the offset is looked at, so that it cannot send the rest of the
-    // file between that look and the kill (160 MiB take a fraction of a second here).
     let pid = nix::unistd::Pid::from_raw(i32::try_from(first.id().unwrap_or_default())?);
     let deadline = Instant::now() + Duration::from_secs(60);
     let session_id = loop {
-        assert!(Instant::now() < deadline, "the first run never got going");
+        anyhow::ensure!(Instant::now() < deadline, "the first run never got going");
         let remembered = std::fs::read_dir(state.join("stowage/uploads"))
             .ok()
             .and_then(|mut d| d.next())
@@ -45,7 +31,7 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
             .and_then(|e| std::fs::read_to_string(e.path()).ok());
         if let Some(id) = remembered {
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
-            if get_session(mesh.channel(), &alice, id.trim())
+            if get_session(mesh.channel(), alice, id.trim())
                 .await
                 .is_ok_and(|s| s.offset > 0)
             {
@@ -57,6 +43,36 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
     };
     first.start_kill()?;
     first.wait().await?;
+    Ok(session_id)
+}
+
+/// A throwaway directory with a state directory and a file of `size` random bytes.
+fn workspace(size: usize) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, Vec<u8>)> {
+    let dir = std::env::temp_dir().join(format!("stowage-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(dir.join("state"))?;
+    let data = random_bytes(size);
+    std::fs::write(dir.join("big.bin"), &data)?;
+    Ok((dir.clone(), dir.join("big.bin"), data))
+}
+
+#[tokio::test]
+async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let (dir, path, data) = workspace(160 << 20)?;
+    let state = dir.join("state");
+    let run = || {
+        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+        cmd.args(["upload", "--addr", &format!("http://{}", mesh.addr)])
+            .arg(&path)
+            .env("STOWAGE_TOKEN", &alice)
+            .env("XDG_STATE_HOME", &state)
+            .kill_on_drop(true);
+        cmd
+    };
+
+    let session_id = kill_midway(run(), &state, &mesh, &alice).await?;
     let offset = get_session(mesh.channel(), &alice, &session_id)
         .await?
         .offset;
@@ -87,6 +103,81 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
             .next()
             .is_none(),
         "state forgotten once done"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    mesh.stop().await
+}
+
+/// A file changed between an interrupted run and the next (same size, same modification
+/// time, so the next run takes it for the same file) is not stored spliced: the run fails
+/// saying so, keeps nothing, and the one after uploads the new contents. And a session the
+/// server completed while the CLI was gone (a lost reply) gives its one file, not a second.
+#[tokio::test]
+async fn a_file_changed_under_a_resumed_upload_is_refused_whole() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let (dir, path, data) = workspace(160 << 20)?;
+    let state = dir.join("state");
+    let run = || {
+        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+        cmd.args(["upload", "--addr", &format!("http://{}", mesh.addr)])
+            .arg(&path)
+            .env("STOWAGE_TOKEN", &alice)
+            .env("XDG_STATE_HOME", &state)
+            .kill_on_drop(true);
+        cmd
+    };
+    kill_midway(run(), &state, &mesh, &alice).await?;
+    let modified = std::fs::metadata(&path)?.modified()?;
+    let mut changed = data.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0xff;
+    std::fs::write(&path, &changed)?;
+    std::fs::File::options()
+        .write(true)
+        .open(&path)?
+        .set_modified(modified)?;
+    let refused = run().output().await?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("changed while it was being uploaded"),
+        "{stderr}"
+    );
+    let files = || async {
+        anyhow::Ok(
+            stowage_integration_tests::files(mesh.channel())
+                .list_files(authed(pb::ListFilesRequest::default(), &alice))
+                .await?
+                .into_inner()
+                .files,
+        )
+    };
+    assert!(files().await?.is_empty(), "nothing spliced was kept");
+    let account = stowage_integration_tests::usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0));
+
+    // Anew, interrupted again; meanwhile the server is told to finish the session (as if the
+    // CLI's own Complete had gone through and its reply been lost).
+    let id = kill_midway(run(), &state, &mesh, &alice).await?;
+    let offset = get_session(mesh.channel(), &alice, &id).await?.offset as usize;
+    for (i, piece) in changed[offset..].chunks(4 << 20).enumerate() {
+        let at = (offset + i * (4 << 20)) as u64;
+        stowage_integration_tests::put_chunk(mesh.channel(), &alice, &id, at, piece).await?;
+    }
+    let finished = stowage_integration_tests::complete(mesh.channel(), &alice, &id).await?;
+    let again = run().output().await?;
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let listed = files().await?;
+    assert_eq!(listed.len(), 1, "one file, not two");
+    assert_eq!(
+        (listed[0].id.as_str(), listed[0].sha256.as_str()),
+        (finished.id.as_str(), sha256(&changed).as_str())
     );
     let _ = std::fs::remove_dir_all(&dir);
     mesh.stop().await

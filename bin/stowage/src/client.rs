@@ -1,6 +1,10 @@
 //! Client commands: `upload`, `ls`, `get`, `rm`, `restore`, `usage`.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -79,23 +83,38 @@ impl Client {
                 }))
                 .await
             {
+                // Open: resumed. Completing or completed (a reply lost, an interrupt after the
+                // server finished): completing it again returns its one file.
                 Ok(r) => r.into_inner().session.filter(|s| {
                     s.state == pb::UploadState::Open as i32
                         || s.state == pb::UploadState::Completing as i32
+                        || s.state == pb::UploadState::Completed as i32
                 }),
-                Err(_) => None,
+                Err(s) if s.code() == tonic::Code::NotFound => None,
+                Err(s) => {
+                    return Err(anyhow::anyhow!(
+                        "cannot look up the upload of {} to resume it ({}); run the same \
+                         command again",
+                        path.display(),
+                        s.message()
+                    ));
+                }
             },
             None => None,
         };
         let session = match session {
             Some(s) => s,
             None => {
+                // The whole file's SHA-256 goes with the session: should the file change
+                // before a resumed upload ends, the server refuses the spliced result.
+                let expected_sha256 = sha256_of(path).await?;
                 let created = ingest
                     .create_upload(self.request(pb::CreateUploadRequest {
                         size_bytes: Some(size),
                         metadata: Some(pb::UploadMetadata {
                             display_name: name.clone(),
                             tags: tags.to_vec(),
+                            expected_sha256,
                             ..Default::default()
                         }),
                         idempotency_key: String::new(),
@@ -136,18 +155,26 @@ impl Client {
         file.seek(std::io::SeekFrom::Start(session.offset)).await?;
         let progress = bar.clone();
         let first_id = session.id.clone();
+        // A read that fails ends the stream; the error is reported once the server answered.
+        let read_failed: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
+        let failed = Arc::clone(&read_failed);
         let chunks = futures::stream::unfold(
             (file, session.offset, true),
             move |(mut file, offset, first)| {
                 let progress = progress.clone();
                 let first_id = first_id.clone();
+                let failed = Arc::clone(&failed);
                 async move {
                     let mut buf = vec![0u8; chunk];
                     let mut filled = 0;
                     while filled < chunk {
                         match file.read(&mut buf[filled..]).await {
-                            Ok(0) | Err(_) => break,
+                            Ok(0) => break,
                             Ok(n) => filled += n,
+                            Err(e) => {
+                                *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                                return None;
+                            }
                         }
                     }
                     if filled == 0 {
@@ -169,26 +196,52 @@ impl Client {
             },
         );
         if session.offset < size {
-            ingest
-                .write_chunks(self.request(chunks))
-                .await
-                .map_err(|s| {
-                    anyhow::anyhow!(
-                        "upload of {} interrupted ({}); run the same command to resume",
-                        path.display(),
-                        s.message()
-                    )
-                })?;
+            let written = ingest.write_chunks(self.request(chunks)).await;
+            if let Some(e) = read_failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                anyhow::bail!(
+                    "cannot read {} ({e}); run the same command to resume",
+                    path.display()
+                );
+            }
+            written.map_err(|s| {
+                anyhow::anyhow!(
+                    "upload of {} interrupted ({}); run the same command to resume",
+                    path.display(),
+                    s.message()
+                )
+            })?;
         }
-        let file = ingest
+        let completed = ingest
             .complete_upload(self.request(pb::CompleteUploadRequest {
                 upload_id: session.id.clone(),
             }))
-            .await
-            .map_err(status)?
-            .into_inner()
-            .file
-            .context("server sent no file")?;
+            .await;
+        let file = match completed {
+            Ok(r) => r.into_inner().file.context("server sent no file")?,
+            Err(s)
+                if s.code() == tonic::Code::InvalidArgument
+                    && s.message().contains("expected_sha256") =>
+            {
+                // The bytes sent before and after an interruption are of two versions of the
+                // file. Nothing of it is kept: the next run starts over.
+                let _ = ingest
+                    .abort_upload(self.request(pb::AbortUploadRequest {
+                        upload_id: session.id.clone(),
+                    }))
+                    .await;
+                let _ = std::fs::remove_file(&state);
+                anyhow::bail!(
+                    "{} changed while it was being uploaded; nothing was kept, run the same \
+                     command to upload it anew",
+                    path.display()
+                );
+            }
+            Err(s) => return Err(status(s)),
+        };
         bar.finish();
         let _ = std::fs::remove_file(&state);
         Ok(file)
@@ -306,6 +359,26 @@ impl Client {
             .account
             .context("no account in response")
     }
+}
+
+/// The lowercase hex SHA-256 of the file at `path`, read off the runtime.
+async fn sha256_of(path: &Path) -> anyhow::Result<String> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if n == 0 {
+                return Ok(hex::encode(hasher.finalize()));
+            }
+            hasher.update(&buf[..n]);
+        }
+    })
+    .await?
 }
 
 /// Where the session of an upload of `path` is remembered: one file per (path, size,
