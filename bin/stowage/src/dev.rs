@@ -52,16 +52,23 @@ pub fn dev_secret(data_dir: &Path) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// The `file://` URL of the store under `data_dir`, its path escaped: a directory named
+/// `C#` or `50%` must not end the path or change it.
+fn blob_url(data_dir: &Path) -> String {
+    let dir =
+        std::path::absolute(data_dir.join("blobs")).unwrap_or_else(|_| data_dir.join("blobs"));
+    url::Url::from_directory_path(&dir)
+        .map(String::from)
+        .unwrap_or_else(|()| format!("file://{}", dir.display()))
+}
+
 /// Dev defaults: loopback address, local-disk store under `data_dir`, the dev secret, any
 /// grpc-web origin. Environment variables and flags still win.
 pub fn defaults(data_dir: &Path, secret: &str) -> figment::Figment {
     use figment::providers::Serialized;
     figment::Figment::new()
         .merge(Serialized::default("addr", "127.0.0.1:7070"))
-        .merge(Serialized::default(
-            "blob_url",
-            format!("file://{}/blobs", data_dir.display()),
-        ))
+        .merge(Serialized::default("blob_url", blob_url(data_dir)))
         .merge(Serialized::default("auth.hs256_secret", secret))
         .merge(Serialized::default("cors_origins", vec!["*"]))
         // The last screenshots of each event stream stay for debugging.
@@ -85,4 +92,19 @@ pub async fn start_servers(config: &mut Config, data_dir: &Path) -> anyhow::Resu
         servers.redis = Some(redis);
     }
     Ok(servers)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_data_dir_with_url_characters_is_the_store_root() {
+        for dir in ["/home/u/C#/app/.stowage", "/srv/50%/data", "/tmp/a?b c"] {
+            let url = super::blob_url(std::path::Path::new(dir));
+            let root = url::Url::parse(&url)
+                .expect("a URL")
+                .to_file_path()
+                .expect("a path");
+            assert_eq!(root, std::path::Path::new(dir).join("blobs"), "{url}");
+        }
+    }
 }

@@ -137,6 +137,10 @@ impl Default for Config {
     }
 }
 
+/// Longest `STOWAGE_EVENTS__REPLAY_WINDOW`: well within the 7 days consumers remember the
+/// events they applied.
+pub const REPLAY_WINDOW_MAX: Duration = Duration::from_secs(24 * 3600);
+
 /// Events between services (outbox relay and consumers over Redis Streams).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -561,6 +565,16 @@ impl Config {
         if self.events.claim_idle < Duration::from_secs(1) {
             return fail("STOWAGE_EVENTS__CLAIM_IDLE", "must be at least 1 s");
         }
+        // Consumers remember applied events for 7 days: what is published again must be
+        // younger, or it would be applied twice.
+        if self.events.replay_window < Duration::from_secs(60)
+            || self.events.replay_window > REPLAY_WINDOW_MAX
+        {
+            return fail(
+                "STOWAGE_EVENTS__REPLAY_WINDOW",
+                "must be between 1 min and 24 h (consumers remember events for 7 days)",
+            );
+        }
         if self.ingest.streams.window < Duration::from_millis(100)
             || self.ingest.streams.window > Duration::from_secs(24 * 3600)
         {
@@ -794,6 +808,15 @@ mod tests {
         }
         let mut config = valid();
         config.lifecycle.gc_time = Duration::from_secs(12 * 60);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_replay_window_past_what_consumers_remember_is_refused_by_name() {
+        let mut config = valid();
+        config.events.replay_window = Duration::from_secs(30 * 24 * 3600);
+        refused_naming(&config, "STOWAGE_EVENTS__REPLAY_WINDOW");
+        config.events.replay_window = REPLAY_WINDOW_MAX;
         assert!(config.validate().is_ok());
     }
 
