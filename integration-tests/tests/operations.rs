@@ -36,8 +36,6 @@ async fn bad_configuration_exits_non_zero_naming_the_variable() -> anyhow::Resul
         ("STOWAGE_BLOB_URL", "ftp://bucket"),
         // Not a token: every call between services would be refused.
         ("STOWAGE_SERVICE_TOKEN", "dev-service-token-change-me"),
-        // A provider's keys without an audience: its tokens for other applications would pass.
-        ("STOWAGE_AUTH__JWKS_URL", "http://127.0.0.1:1/jwks.json"),
     ] {
         let (ok, stderr) = serve_with(&[(var, value)]).await?;
         assert!(!ok, "{var}={value} must stop the process");
@@ -46,6 +44,19 @@ async fn bad_configuration_exits_non_zero_naming_the_variable() -> anyhow::Resul
             "{var}={value}: message does not name it: {stderr}"
         );
     }
+    Ok(())
+}
+
+/// A provider's keys without an audience: its tokens for other applications would pass.
+#[tokio::test]
+async fn keys_of_an_identity_provider_need_an_audience() -> anyhow::Result<()> {
+    let (ok, stderr) = serve_with(&[
+        ("STOWAGE_AUTH__JWKS_URL", "http://127.0.0.1:1/jwks.json"),
+        ("STOWAGE_URL_SIGNING_KEY", "0123456789abcdef0123"),
+    ])
+    .await?;
+    assert!(!ok);
+    assert!(stderr.contains("STOWAGE_AUTH__AUDIENCE"), "{stderr}");
     Ok(())
 }
 

@@ -222,10 +222,7 @@ impl Client {
             .await;
         let file = match completed {
             Ok(r) => r.into_inner().file.context("server sent no file")?,
-            Err(s)
-                if s.code() == tonic::Code::InvalidArgument
-                    && s.message().contains("expected_sha256") =>
-            {
+            Err(s) if refuses_field(&s, "metadata.expected_sha256") => {
                 // The bytes sent before and after an interruption are of two versions of the
                 // file. Nothing of it is kept: the next run starts over.
                 let _ = ingest
@@ -403,6 +400,14 @@ fn resume_state_path(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<st
         })
         .context("neither XDG_STATE_HOME nor HOME is set")?;
     Ok(base.join("stowage/uploads").join(&key[..32]))
+}
+
+/// Whether `s` refuses `field`, as the server names it in the status's details.
+fn refuses_field(s: &tonic::Status, field: &str) -> bool {
+    use tonic_types::StatusExt;
+    s.code() == tonic::Code::InvalidArgument
+        && s.get_details_bad_request()
+            .is_some_and(|b| b.field_violations.iter().any(|v| v.field == field))
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {

@@ -152,8 +152,6 @@ impl files_server::Files for FilesGrpc {
         validate::display_name(&req.display_name)
             .map_err(|why| invalid_argument("display_name", why))?;
         let tags = validate::tags(&req.tags).map_err(|why| invalid_argument("tags", why))?;
-        validate::label(&req.package_name).map_err(|why| invalid_argument("package_name", why))?;
-        validate::label(&req.mime_type).map_err(|why| invalid_argument("mime_type", why))?;
         if req.storage_key.is_empty() {
             return Err(invalid_argument("storage_key", "is required"));
         }

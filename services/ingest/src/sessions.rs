@@ -522,20 +522,23 @@ impl Sessions {
                 // Quota answered): the hold is asked for again, under the same key, so Quota
                 // answers with the one it made, if it made one.
                 let size = existing.size;
-                return self.reserve_for(&conn, existing, size).await;
+                return self.reserve_for(&conn, existing, size, false).await;
             }
             return Ok(existing);
         };
         let session = Session::from_row(&row, self.settings.chunk_size_hint);
-        self.reserve_for(&conn, session, size).await
+        self.reserve_for(&conn, session, size, true).await
     }
 
-    /// Holds quota for a new session (idempotent per session); a refusal removes the row.
+    /// Holds quota for a new session (idempotent per session). A refusal removes the row when
+    /// `first` (this call made it); a retry leaves it, as the first call may still be waiting
+    /// on its own hold (an unheld row expires with the session).
     async fn reserve_for(
         &self,
         conn: &impl GenericClient,
         session: Session,
         size: Option<u64>,
+        first: bool,
     ) -> Result<Session> {
         let reserved = self
             .quota
@@ -549,8 +552,13 @@ impl Sessions {
         let reservation = match reserved {
             Ok(r) => r.reservation.map(|r| r.id).unwrap_or_default(),
             Err(status) => {
-                conn.execute_cached("DELETE FROM ingest.uploads WHERE id = $1", &[&session.id])
+                if first {
+                    conn.execute_cached(
+                        "DELETE FROM ingest.uploads WHERE id = $1 AND reservation_id IS NULL",
+                        &[&session.id],
+                    )
                     .await?;
+                }
                 return Err(status.into());
             }
         };
@@ -981,20 +989,19 @@ impl Sessions {
         // are recorded on it as they happen.
         // Cancelled while it holds the lock, the connection is closed rather than pooled, so
         // the lock goes with it.
-        let mut conn = unpooled::Unpooled::new(self.pool.get().await?);
-        let lock_key = id.to_string();
+        let mut conn = unpooled::Unpooled::new(
+            self.pool.get().await?,
+            concat!("SELECT pg_advisory_unlock(", completion_lock!("$1"), ")"),
+            id.to_string(),
+        );
         conn.get()?
             .execute_cached(
                 concat!("SELECT pg_advisory_lock(", completion_lock!("$1"), ")"),
-                &[&lock_key],
+                &[&conn.key()],
             )
             .await?;
         let result = self.finish_locked(conn.get_mut()?, id, owner).await;
-        conn.release(
-            concat!("SELECT pg_advisory_unlock(", completion_lock!("$1"), ")"),
-            &lock_key,
-        )
-        .await?;
+        conn.release().await?;
         result
     }
 

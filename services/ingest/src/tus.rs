@@ -348,8 +348,7 @@ async fn resource(
             // there whatever the time, so its client does not send it again.
             Ok(s)
                 if (s.state == "open" && s.is_expired())
-                    || s.state == "aborted"
-                    || s.state == "expired" =>
+                    || matches!(s.state.as_str(), "aborted" | "expired" | "failed") =>
             {
                 refuse(StatusCode::GONE, "upload expired")
             }

@@ -9,4 +9,5 @@ FROM (SELECT DISTINCT ON (user_id) user_id, at, detail->>'action_after_grace' AS
       ORDER BY user_id, at DESC) h
 WHERE a.notice_sent_at IS NOT NULL
   AND h.user_id = a.user_id
-  AND h.at >= a.notice_sent_at;
+  -- The record's time is the service's clock, the column's the database's: a minute's leeway.
+  AND h.at >= a.notice_sent_at - interval '1 minute';

@@ -229,7 +229,7 @@ impl Lifecycle {
                          SELECT user_id FROM lifecycle.activity
                          WHERE notice_due_at <= now() AND notice_sent_at IS NULL
                          ORDER BY notice_due_at LIMIT 500 FOR UPDATE SKIP LOCKED)
-                     RETURNING user_id, last_active_at, notice_due_at, notice_sent_at",
+                     RETURNING user_id, last_active_at, notice_due_at",
                     &[&policy.inactivity_action.as_str()],
                 )
                 .await

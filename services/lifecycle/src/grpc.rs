@@ -64,12 +64,15 @@ fn schedule_to_proto(s: stowage_jobs::ScheduleInfo) -> pb::Schedule {
 /// or not), anything else (a row this version cannot read, a value the queue refused) INTERNAL.
 fn jobs_error(error: stowage_jobs::Error) -> Status {
     const WHAT: &str = "lifecycle schedules";
+    use stowage_jobs::Error as E;
     match error {
-        stowage_jobs::Error::Pool(_) | stowage_jobs::Error::Postgres(_) => {
-            stowage_runtime::status::database_failed(WHAT, &error)
-        }
-        other => {
-            tracing::error!(error = ?other, what = WHAT, "the job queue failed");
+        E::Pool(_) | E::Postgres(_) => stowage_runtime::status::database_failed(WHAT, &error),
+        E::Invalid { .. }
+        | E::JobNotFound(_)
+        | E::NotRequeueable { .. }
+        | E::ScheduleNotFound(_)
+        | E::Corrupt { .. } => {
+            tracing::error!(?error, what = WHAT, "the job queue failed");
             Status::internal(format!("{WHAT} failed"))
         }
     }

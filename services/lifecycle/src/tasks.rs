@@ -552,26 +552,27 @@ impl Lifecycle {
         tally: &mut Tally,
     ) -> Result<(), tonic::Status> {
         let keys: Vec<String> = batch.iter().map(|m| m.location.to_string()).collect();
+        // Ingest first: a file placed in the store whose registration is still to come (Files
+        // was unavailable, its completer crashed) is named by its upload. An upload that ends
+        // after this answer registered its file first, so Files, asked next, names it.
         let mut referenced: std::collections::HashSet<String> = self
-            .files
-            .find_keys(pb::FindKeysRequest { keys: keys.clone() })
+            .ingest
+            .find_upload_keys(pb::FindUploadKeysRequest { keys: keys.clone() })
             .await?
-            .referenced
+            .in_use
             .into_iter()
             .collect();
-        // A file placed in the store whose registration is still to come (Files was
-        // unavailable, its completer crashed) is wanted too: its upload names it.
-        let unreferenced: Vec<String> = keys
+        let unclaimed: Vec<String> = keys
             .iter()
             .filter(|k| !referenced.contains(*k))
             .cloned()
             .collect();
-        if !unreferenced.is_empty() {
+        if !unclaimed.is_empty() {
             referenced.extend(
-                self.ingest
-                    .find_upload_keys(pb::FindUploadKeysRequest { keys: unreferenced })
+                self.files
+                    .find_keys(pb::FindKeysRequest { keys: unclaimed })
                     .await?
-                    .in_use,
+                    .referenced,
             );
         }
         for (meta, key) in batch.iter().zip(keys) {

@@ -134,10 +134,7 @@ impl Media {
             .map(str::to_owned);
         // Only a job that is over runs again: one queued or running is refused before the
         // file is touched.
-        if matches!(
-            job.state,
-            stowage_jobs::JobState::Queued | stowage_jobs::JobState::Running
-        ) {
+        if !job.state.is_requeueable() {
             return Err(stowage_jobs::Error::NotRequeueable {
                 id: job_id,
                 state: job.state,

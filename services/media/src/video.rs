@@ -269,10 +269,8 @@ mod tests {
         // 1 MB on stderr: far past a pipe's buffer and the 64 KiB kept.
         let mut noisy = tools.command("sh");
         noisy.args(["-c", "head -c 1000000 /dev/zero >&2; printf done"]);
-        let started = std::time::Instant::now();
         let out = tools.run("noisy", noisy).await.expect("runs");
         assert_eq!(out, b"done");
-        assert!(started.elapsed() < tools.timeout, "waited for its time out");
         let mut flood = tools.command("sh");
         flood.args(["-c", &format!("head -c {} /dev/zero", MAX_OUTPUT + 1)]);
         match tools.run("flood", flood).await {

@@ -346,19 +346,17 @@ impl Quota {
                     Ok((reservation, Account::from_row(&account)))
                 }
                 ReservationState::Released => Err(Error::WrongState("released".into())),
-                ReservationState::Held | ReservationState::Expired => {
+                ReservationState::Held => {
                     let account =
                         Account::from_row(&account_row(&conn, &reservation.user_id).await?);
-                    let held = if reservation.state == ReservationState::Held {
-                        reservation.bytes
-                    } else {
-                        0
-                    };
                     Err(Error::Exhausted {
                         requested: bytes,
-                        available: account.available_bytes() + held,
+                        available: account.available_bytes() + reservation.bytes,
                     })
                 }
+                // A lapsed hold is committed whatever the limit; the statement cannot have
+                // refused one (another call changing it meanwhile shows in the state above).
+                ReservationState::Expired => Err(Error::WrongState("expired".into())),
             };
         };
         Ok((Reservation::from_row(&row), Account::from_row(&row)))

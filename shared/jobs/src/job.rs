@@ -25,6 +25,15 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Whether a job in this state is over and may be queued again (`Queue::requeue`):
+    /// succeeded, failed or dead, not queued or running.
+    pub fn is_requeueable(self) -> bool {
+        match self {
+            Self::Succeeded | Self::Failed | Self::Dead => true,
+            Self::Queued | Self::Running => false,
+        }
+    }
+
     /// Every state, in lifecycle order.
     pub const ALL: [Self; 5] = [
         Self::Queued,

@@ -104,13 +104,7 @@ impl ChunkStream {
             return Ok(());
         };
         let recorded = record(held).await;
-        let released = held
-            .conn
-            .release(
-                concat!("SELECT pg_advisory_unlock(", writer_lock!("$1"), ")"),
-                &self.id.to_string(),
-            )
-            .await;
+        let released = held.conn.release().await;
         if let Some(held) = self.held.take() {
             self.last = Some(held.session);
         }
@@ -203,14 +197,18 @@ async fn hold(held: Option<Held>, sessions: &Sessions, id: Uuid, owner: &str) ->
     if let Some(held) = held {
         return Ok(held);
     }
-    let conn = Unpooled::new(sessions.pool.get().await?);
+    let conn = Unpooled::new(
+        sessions.pool.get().await?,
+        concat!("SELECT pg_advisory_unlock(", writer_lock!("$1"), ")"),
+        id.to_string(),
+    );
     // The lock first, then the row in a statement of its own: its snapshot then shows what
     // the writer that held the lock last committed.
     let locked: bool = conn
         .get()?
         .query_one_cached(
             concat!("SELECT pg_try_advisory_lock(", writer_lock!("$1"), ")"),
-            &[&id.to_string()],
+            &[&conn.key()],
         )
         .await?
         .get(0);

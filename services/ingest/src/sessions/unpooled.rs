@@ -10,42 +10,59 @@ use crate::error::{Error, Result};
 /// held for as long as the connection lives. A caller cancelled while it holds the lock (a
 /// client gone, a deadline passed) drops it, and so lets go. [`release`](Self::release) pools
 /// it.
-pub(super) struct Unpooled(Option<Connection>);
+pub(super) struct Unpooled {
+    conn: Option<Connection>,
+    /// The statement that lets go of the lock (its one parameter: `key`).
+    unlock: &'static str,
+    key: String,
+}
 
 impl Unpooled {
-    pub(super) fn new(conn: Connection) -> Self {
-        Self(Some(conn))
+    /// `conn`, about to take the lock that `unlock` (a statement whose one parameter is
+    /// `key`) lets go of.
+    pub(super) fn new(conn: Connection, unlock: &'static str, key: String) -> Self {
+        Self {
+            conn: Some(conn),
+            unlock,
+            key,
+        }
+    }
+
+    /// The key the lock is taken on.
+    pub(super) fn key(&self) -> &str {
+        &self.key
     }
 
     pub(super) fn get(&self) -> Result<&Connection> {
-        self.0
+        self.conn
             .as_ref()
             .ok_or(Error::Internal("locked connection already released"))
     }
 
     pub(super) fn get_mut(&mut self) -> Result<&mut Connection> {
-        self.0
+        self.conn
             .as_mut()
             .ok_or(Error::Internal("locked connection already released"))
     }
 
     /// The connection, back to the pool when dropped: only for one that never took the lock.
     pub(super) fn pooled(mut self) -> Option<Connection> {
-        self.0.take()
+        self.conn.take()
     }
 
-    /// Lets go of the lock with `unlock` (a statement whose one parameter is `key`) and returns
-    /// the connection to the pool.
-    pub(super) async fn release(&mut self, unlock: &'static str, key: &str) -> Result<()> {
-        self.get()?.execute_cached(unlock, &[&key]).await?;
-        self.0 = None;
+    /// Lets go of the lock and returns the connection to the pool.
+    pub(super) async fn release(&mut self) -> Result<()> {
+        self.get()?
+            .execute_cached(self.unlock, &[&self.key])
+            .await?;
+        self.conn = None;
         Ok(())
     }
 }
 
 impl Drop for Unpooled {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
+        if let Some(conn) = self.conn.take() {
             drop(Connection::take(conn));
         }
     }
