@@ -147,6 +147,11 @@ impl Relay {
         listener.abort();
     }
 
+    /// Key of the advisory lock publishers of this schema take (`hashtext` of it).
+    fn publish_lock(&self) -> String {
+        format!("stowage-outbox:{}", self.schema)
+    }
+
     /// Publishes one batch of unpublished rows; returns how many. Only one relay of a schema
     /// publishes at a time (an advisory lock), which keeps each stream in outbox order.
     pub async fn publish_pending(&self) -> Result<usize, RelayError> {
@@ -155,7 +160,7 @@ impl Relay {
         let locked: bool = tx
             .query_one_cached(
                 "SELECT pg_try_advisory_xact_lock(hashtext($1))",
-                &[&format!("stowage-outbox:{}", self.schema)],
+                &[&self.publish_lock()],
             )
             .await?
             .get(0);
@@ -235,8 +240,16 @@ impl Relay {
         }
         let window = chrono::Duration::from_std(self.settings.replay_window)
             .unwrap_or(chrono::Duration::hours(1));
-        let conn = self.pool.get().await?;
-        let replayed = conn
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        // Under the publishers' lock: a batch another relay sent to the Redis that was lost,
+        // and marks published only now, is then marked before this looks, and goes again.
+        tx.execute_cached(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&self.publish_lock()],
+        )
+        .await?;
+        let replayed = tx
             .execute_cached(
                 &format!(
                     "UPDATE {}.outbox SET published_at = NULL
@@ -246,6 +259,7 @@ impl Relay {
                 &[&pg_interval(window)],
             )
             .await?;
+        tx.commit().await?;
         // Set only after the rows are queued again: a crash in between replays twice, never
         // zero times.
         let _: Option<String> = self
