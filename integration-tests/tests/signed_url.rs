@@ -173,3 +173,52 @@ async fn signed_urls_serve_ranges_etags_and_expire() -> anyhow::Result<()> {
     assert_eq!(http.get(&url).send().await?.status(), 404);
     mesh.stop().await
 }
+
+/// A variant rebuilt with other bytes of the same size gets another entity tag: a cache that
+/// asks with the old one gets the new bytes, not 304.
+#[tokio::test]
+async fn a_rebuilt_variant_has_a_new_entity_tag() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let media = token("media", &["service"]);
+    let file = upload(mesh.channel(), &alice, "pic.bin", &random_bytes(1000), &[]).await?;
+    let files = || stowage_integration_tests::files(mesh.channel());
+    let set = |bytes: &[u8]| pb::SetVariantsRequest {
+        file_id: file.id.clone(),
+        variants: vec![pb::Variant {
+            name: "tiny".into(),
+            mime_type: "image/webp".into(),
+            size_bytes: bytes.len() as u64,
+            width: 2,
+            height: 2,
+            inline_data: bytes.to_vec(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    files().set_variants(authed(set(b"abcd"), &media)).await?;
+    let url = files()
+        .get_download_url(authed(
+            pb::GetDownloadUrlRequest {
+                file_id: file.id.clone(),
+                variant: "tiny".into(),
+                expires_in_seconds: 60,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .url;
+    let http = reqwest::Client::new();
+    let first = http.get(&url).send().await?;
+    let etag = first.headers()["etag"].to_str()?.to_owned();
+    assert_eq!(first.bytes().await?.as_ref(), b"abcd");
+    files().set_variants(authed(set(b"wxyz"), &media)).await?;
+    let again = http.get(&url).header("if-none-match", &etag).send().await?;
+    assert_eq!(again.status(), 200);
+    assert_ne!(again.headers()["etag"].to_str()?, etag);
+    assert_eq!(again.bytes().await?.as_ref(), b"wxyz");
+    mesh.stop().await
+}

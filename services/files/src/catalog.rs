@@ -772,7 +772,8 @@ impl Catalog {
                 "INSERT INTO files.variants (file_id, name, mime_type, size_bytes, width, height, storage_key, inline_data)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (file_id, name) DO UPDATE SET mime_type = $3, size_bytes = $4,
-                     width = $5, height = $6, storage_key = $7, inline_data = $8",
+                     width = $5, height = $6, storage_key = $7, inline_data = $8,
+                     created_at = now()",
                 &[
                     &id,
                     &v.name,

@@ -67,7 +67,15 @@ pub fn target(file: &FileRecord, variant: &str, hold_unscanned: bool) -> Result<
         inline: v.inline_data.clone().map(Bytes::from),
         size: v.size_bytes,
         mime_type: v.mime_type.clone(),
-        etag: format!("\"{}-{}-{}\"", file.id, v.name, v.size_bytes),
+        // The time the variant was recorded: one rebuilt with other bytes of the same size
+        // gets another tag, so caches and If-Range see the change.
+        etag: format!(
+            "\"{}-{}-{}-{}\"",
+            file.id,
+            v.name,
+            v.size_bytes,
+            v.written_at.map_or(0, |at| at.timestamp_micros())
+        ),
     })
 }
 

@@ -472,6 +472,7 @@ impl files_server::Files for FilesGrpc {
                     height: v.height,
                     storage_key: v.storage_key,
                     inline_data: (!v.inline_data.is_empty()).then_some(v.inline_data),
+                    written_at: None,
                 })
             })
             .collect::<Result<_, Status>>()?;

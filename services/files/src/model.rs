@@ -137,12 +137,15 @@ pub struct VariantRecord {
     pub storage_key: String,
     /// Inline bytes for tiny variants.
     pub inline_data: Option<Vec<u8>>,
+    /// When these bytes were recorded (a rebuilt variant gets a new time); `None` for one not
+    /// recorded yet.
+    pub written_at: Option<DateTime<Utc>>,
 }
 
 /// The columns a [`VariantRecord`] is read from (see [`file_columns`]).
 macro_rules! variant_columns {
     () => {
-        "name, mime_type, size_bytes, width, height, storage_key, inline_data"
+        "name, mime_type, size_bytes, width, height, storage_key, inline_data, created_at"
     };
 }
 pub(crate) use variant_columns;
@@ -157,6 +160,7 @@ impl VariantRecord {
             height: to_u32(row.get("height")),
             storage_key: row.get("storage_key"),
             inline_data: row.get("inline_data"),
+            written_at: row.get("created_at"),
         }
     }
 
