@@ -187,3 +187,45 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
     );
     mesh.stop().await
 }
+
+/// Made-up paths do not make metric series (kept for the life of the process): a gRPC call to
+/// no method is `unknown`, an HTTP request no route serves is `/other`, an invented verb is
+/// `OTHER`.
+#[tokio::test]
+async fn invented_paths_make_no_new_series() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let http = reqwest::Client::new();
+    for i in 0..3 {
+        http.post(format!("http://{}/stowage.v1.Files/Invented{i}", mesh.addr))
+            .header("content-type", "application/grpc")
+            .send()
+            .await?;
+        http.get(format!("http://{}/invented-{i}/x", mesh.addr))
+            .send()
+            .await?;
+        http.request(
+            reqwest::Method::from_bytes(format!("INVENT{i}").as_bytes())?,
+            format!("http://{}/healthz", mesh.addr),
+        )
+        .send()
+        .await?;
+    }
+    let text = scrape(&mesh).await?;
+    assert!(!text.contains("Invented"), "{text}");
+    assert!(!text.contains("invented-"), "{text}");
+    assert!(!text.contains("INVENT"), "{text}");
+    assert!(
+        sample(&text, "stowage_rpc_requests_total", &["method=\"unknown\""])
+            .is_some_and(|n| n >= 3.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "stowage_rpc_requests_total",
+            &["method=\"GET /other\""]
+        )
+        .is_some_and(|n| n >= 3.0)
+    );
+    mesh.stop().await
+}

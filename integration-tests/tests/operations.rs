@@ -47,6 +47,38 @@ async fn bad_configuration_exits_non_zero_naming_the_variable() -> anyhow::Resul
     Ok(())
 }
 
+/// `stowage migrate` needs the database and nothing else (the Kubernetes migration job has no
+/// auth settings): it applies every service's migrations.
+#[tokio::test]
+async fn migrate_needs_only_the_database() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let out = tokio::process::Command::new(binary()?)
+        .arg("migrate")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &setup.database_url)
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let schemas: i64 = pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM information_schema.schemata
+             WHERE schema_name IN ('ingest', 'files', 'quota', 'media', 'lifecycle')",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(schemas, 5);
+    Ok(())
+}
+
 /// A provider's keys without an audience: its tokens for other applications would pass.
 #[tokio::test]
 async fn keys_of_an_identity_provider_need_an_audience() -> anyhow::Result<()> {

@@ -199,7 +199,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Migrate => {
-            let config = Config::load(config_file)?;
+            let config = Config::load_for_migrations(config_file)?;
             telemetry::init("stowage-migrate", config.log_format);
             let url = config
                 .database_url

@@ -464,6 +464,23 @@ impl Config {
         mode_defaults: impl FnOnce(Figment) -> Figment,
         overrides: impl FnOnce(Figment) -> Figment,
     ) -> Result<Self, ConfigError> {
+        let config = Self::read(toml_file, mode_defaults, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The settings `stowage migrate` needs, read as [`Config::load`] reads them: it serves
+    /// nothing, so no more than the database is required (not the auth a server needs).
+    pub fn load_for_migrations(toml_file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::read(toml_file, |figment| figment, |figment| figment)
+    }
+
+    /// Every layer, parsed but not validated.
+    fn read(
+        toml_file: Option<&Path>,
+        mode_defaults: impl FnOnce(Figment) -> Figment,
+        overrides: impl FnOnce(Figment) -> Figment,
+    ) -> Result<Self, ConfigError> {
         let mut figment = mode_defaults(Figment::from(Serialized::defaults(Config::default())));
         let file = toml_file
             .map(Path::to_path_buf)
@@ -486,9 +503,7 @@ impl Config {
                     .ignore(&["CONFIG", "TOKEN", "ENDPOINT"])
                     .split("__"),
             );
-        let config: Config = overrides(figment).extract().map_err(describe)?;
-        config.validate()?;
-        Ok(config)
+        overrides(figment).extract().map_err(describe)
     }
 
     /// Checks values that parse but make no sense, naming the variable.

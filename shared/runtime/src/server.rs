@@ -37,6 +37,9 @@ pub enum ServerError {
     Cors(String),
 }
 
+/// Longest wait for one dependency's answer to a readiness check.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// What a readiness probe depends on.
 #[derive(Clone)]
 pub enum Dependency {
@@ -47,11 +50,18 @@ pub enum Dependency {
 }
 
 impl Dependency {
+    /// Answers within [`CHECK_TIMEOUT`]: a dependency that stopped answering (packets dropped
+    /// after a failover) is down, not a probe that hangs on the last state.
     async fn check(&self) -> Result<(), String> {
-        match self {
-            Self::Postgres(pool) => stowage_db_ping(pool).await,
-            Self::Redis(client) => crate::redis::ping(client).await.map_err(|e| e.to_string()),
-        }
+        let check = async {
+            match self {
+                Self::Postgres(pool) => stowage_db_ping(pool).await,
+                Self::Redis(client) => crate::redis::ping(client).await.map_err(|e| e.to_string()),
+            }
+        };
+        tokio::time::timeout(CHECK_TIMEOUT, check)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))
     }
 
     fn name(&self) -> &'static str {
@@ -123,6 +133,35 @@ pub struct GrpcServer {
     grpc_limit: RateLimitLayer,
     http_limit: RateLimitLayer,
     connections: ConnectionsConfig,
+}
+
+/// Every gRPC method a Stowage process may serve (`package.Service/Method`), from the
+/// descriptors it is built with: the metric labels of calls.
+fn grpc_methods() -> Vec<String> {
+    use prost::Message;
+    let reflection = [
+        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ];
+    [
+        stowage_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ]
+    .into_iter()
+    .filter_map(|bytes| prost_types::FileDescriptorSet::decode(bytes).ok())
+    .flat_map(|set| set.file)
+    .flat_map(|file| {
+        let package = file.package().to_owned();
+        file.service.into_iter().flat_map(move |service| {
+            let prefix = format!("{package}.{}", service.name());
+            service
+                .method
+                .into_iter()
+                .map(move |m| format!("{prefix}/{}", m.name()))
+        })
+    })
+    .chain(reflection.map(str::to_owned))
+    .collect()
 }
 
 impl GrpcServer {
@@ -369,7 +408,7 @@ impl GrpcServer {
         let drain = shutdown.clone();
         let server = builder
             .layer(tower::util::option_layer(cors))
-            .layer(stowage_telemetry::RpcTelemetryLayer)
+            .layer(stowage_telemetry::RpcTelemetryLayer::new(grpc_methods()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 crate::incoming::limited(listener, self.connections.max),

@@ -7,7 +7,9 @@
 //! so the metrics are recorded when the response body ends or is dropped.
 
 use std::{
+    collections::HashSet,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -24,14 +26,30 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::propagation::set_parent_from_headers;
 
 /// Adds a span and metrics to every call; see the module docs.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RpcTelemetryLayer;
+#[derive(Clone, Debug, Default)]
+pub struct RpcTelemetryLayer {
+    known: Arc<HashSet<String>>,
+}
+
+impl RpcTelemetryLayer {
+    /// Labels gRPC calls with their service and method when they are among `known`
+    /// (`package.Service/Method`), and any other call as `unknown`: a caller inventing paths
+    /// must not invent metric series, which are kept for the life of the process.
+    pub fn new(known: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            known: Arc::new(known.into_iter().collect()),
+        }
+    }
+}
 
 impl<S> Layer<S> for RpcTelemetryLayer {
     type Service = RpcTelemetry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcTelemetry { inner }
+        RpcTelemetry {
+            inner,
+            known: Arc::clone(&self.known),
+        }
     }
 }
 
@@ -39,7 +57,11 @@ impl<S> Layer<S> for RpcTelemetryLayer {
 #[derive(Clone, Debug)]
 pub struct RpcTelemetry<S> {
     inner: S,
+    known: Arc<HashSet<String>>,
 }
+
+/// HTTP verbs named in labels; any other (an extension method) is `OTHER`.
+const VERBS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// Labels of a call: the gRPC service and method, or `http` and the verb and first path
 /// segment (never ids, so the label set stays small).
@@ -51,27 +73,51 @@ struct CallName {
 }
 
 impl CallName {
-    fn of(request: &Request<Body>) -> Self {
+    /// The name of `request`: a gRPC method among `known`, or `unknown`; for plain HTTP the
+    /// verb and first path segment (a route this process does not serve is renamed once its
+    /// 404 is known, see [`CallName::unrouted`]).
+    fn of(request: &Request<Body>, known: &HashSet<String>) -> Self {
         let grpc = request
             .headers()
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
-        let path = request.uri().path();
-        if grpc && let Some((service, method)) = path.trim_start_matches('/').split_once('/') {
-            return Self {
-                service: service.to_owned(),
-                method: method.to_owned(),
-                grpc,
+        let path = request.uri().path().trim_start_matches('/');
+        if grpc {
+            return match path.split_once('/') {
+                Some((service, method)) if known.contains(path) => Self {
+                    service: service.to_owned(),
+                    method: method.to_owned(),
+                    grpc,
+                },
+                _ => Self {
+                    service: "unknown".to_owned(),
+                    method: "unknown".to_owned(),
+                    grpc,
+                },
             };
         }
-        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        let first = path.split('/').next().unwrap_or("");
         Self {
             service: "http".to_owned(),
-            method: format!("{} /{first}", request.method()),
+            method: format!("{} /{first}", verb(request.method())),
             grpc: false,
         }
     }
+
+    /// The name of a plain HTTP call no route served (or answered 404, a route that found
+    /// nothing): its verb and `/other`.
+    fn unrouted(&mut self) {
+        let verb = self.method.split(' ').next().unwrap_or("OTHER").to_owned();
+        self.method = format!("{verb} /other");
+    }
+}
+
+fn verb(method: &http::Method) -> &'static str {
+    VERBS
+        .into_iter()
+        .find(|v| *v == method.as_str())
+        .unwrap_or("OTHER")
 }
 
 impl<S> Service<Request<Body>> for RpcTelemetry<S>
@@ -88,7 +134,7 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let name = CallName::of(&request);
+        let mut name = CallName::of(&request, &self.known);
         let span = tracing::info_span!(
             "rpc",
             otel.name = %format!("{}/{}", name.service, name.method),
@@ -118,6 +164,14 @@ where
             async move {
                 let response = inner.call(request).await?;
                 let http_status = response.status();
+                // No route: a 404, or the gRPC router's UNIMPLEMENTED answer to any path it
+                // does not know.
+                if !name.grpc
+                    && (http_status == http::StatusCode::NOT_FOUND
+                        || grpc_code(response.headers()) == Some("UNIMPLEMENTED"))
+                {
+                    name.unrouted();
+                }
                 let (parts, body) = response.into_parts();
                 let mut outcome = Outcome {
                     name,
