@@ -270,6 +270,15 @@ impl<'a> Segments<'a> {
     }
 }
 
+/// A batch object written while sealing, whose row is still to be inserted.
+struct NewBatch {
+    first_seq: i64,
+    last_seq: i64,
+    key: String,
+    screenshots: Vec<String>,
+    late: Vec<i64>,
+}
+
 /// A stored segment as the sealer sees it before reading its bytes.
 struct SealedSegment {
     id: i64,
@@ -875,16 +884,16 @@ impl EventStreams {
         Ok(sealed)
     }
 
-    /// Writes `segments` (consecutive, of one window) as one batch object and its row.
+    /// Writes `segments` (consecutive, of one window) as one batch object; returns its row,
+    /// for the caller to insert.
     async fn seal_part(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         stream: &str,
-        owner: &str,
-        (start, end): (DateTime<Utc>, DateTime<Utc>),
+        start: DateTime<Utc>,
         sealed_until: Option<DateTime<Utc>>,
         segments: &[SealedSegment],
-    ) -> Result<()> {
+    ) -> Result<NewBatch> {
         let ids: Vec<i64> = segments.iter().map(|s| s.id).collect();
         let rows = tx
             .query(
@@ -937,27 +946,13 @@ impl EventStreams {
         // disk first.
         self.put_durable(&ObjectPath::from(key.as_str()), object.into())
             .await?;
-        let count = i32::try_from(last_seq - first_seq + 1).unwrap_or(i32::MAX);
-        tx.execute(
-            "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
-                 first_seq, last_seq, event_count, storage_key, screenshots, late_seqs)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            &[
-                &Uuid::now_v7(),
-                &stream,
-                &owner,
-                &start,
-                &end,
-                &first_seq,
-                &last_seq,
-                &count,
-                &key,
-                &screenshots,
-                &late,
-            ],
-        )
-        .await?;
-        Ok(())
+        Ok(NewBatch {
+            first_seq,
+            last_seq,
+            key,
+            screenshots,
+            late,
+        })
     }
 
     /// Seals `stream`'s window `[start, end)` unless another replica is at it.
@@ -1007,14 +1002,41 @@ impl EventStreams {
         // time: sealing copies the stored blocks and decodes only segments that may hold late
         // events (or that predate the segment columns).
         let sizes: Vec<usize> = segments.iter().map(|s| s.raw_bytes).collect();
+        let mut batches = Vec::new();
         for part in parts(&sizes, BATCH_MAX) {
-            self.seal_part(
-                &tx,
-                stream,
-                &owner,
-                (start, end),
-                sealed_until,
-                &segments[part],
+            let batch = self
+                .seal_part(&tx, stream, start, sealed_until, &segments[part])
+                .await?;
+            batches.push(batch);
+        }
+        // A batch's seq is taken at its insert and seen at commit. Subscribers move past what
+        // they were given, so seqs must become visible in their order: sealers of every
+        // stream take turns from their first insert to their commit (short: the objects are
+        // written already).
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('stowage-seal-order'))",
+            &[],
+        )
+        .await?;
+        for batch in &batches {
+            let count = i32::try_from(batch.last_seq - batch.first_seq + 1).unwrap_or(i32::MAX);
+            tx.execute(
+                "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
+                     first_seq, last_seq, event_count, storage_key, screenshots, late_seqs)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                &[
+                    &Uuid::now_v7(),
+                    &stream,
+                    &owner,
+                    &start,
+                    &end,
+                    &batch.first_seq,
+                    &batch.last_seq,
+                    &count,
+                    &batch.key,
+                    &batch.screenshots,
+                    &batch.late,
+                ],
             )
             .await?;
         }
