@@ -1569,6 +1569,44 @@ async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> a
         mesh.stored_objects("ephemeral").await?,
         ["ephemeral/s1/shot9.png"]
     );
+    // A key registered again (a new blob under it) lives again, acknowledged or not.
+    client
+        .register_ephemeral(authed(
+            pb::RegisterEphemeralRequest {
+                storage_key: "ephemeral/s1/shot9.png".into(),
+                owner: "s1".into(),
+                ttl_seconds: 3600,
+            },
+            &service,
+        ))
+        .await?;
+    set_policy(&mesh, |p| p.ephemeral_keep_last = 0).await?;
+    let run = run_now(&mesh, "ephemeral_cleanup", false).await?;
+    assert_eq!(run.acted, 0, "{run:?}");
+    assert_eq!(
+        mesh.stored_objects("ephemeral").await?,
+        ["ephemeral/s1/shot9.png"]
+    );
+    // Keys that are not plain store keys, or that would name a user's files, are refused.
+    for key in [
+        "/users/alice/image/2026/01/x.jpg",
+        "users/alice/x",
+        "ephemeral//x",
+        "ephemeral/../users/x",
+    ] {
+        let refused = client
+            .register_ephemeral(authed(
+                pb::RegisterEphemeralRequest {
+                    storage_key: key.into(),
+                    owner: "s1".into(),
+                    ttl_seconds: 10,
+                },
+                &service,
+            ))
+            .await
+            .expect_err(key);
+        assert_eq!(refused.code(), Code::InvalidArgument, "{key}");
+    }
     // Users cannot register ephemeral blobs.
     let denied = client
         .register_ephemeral(authed(

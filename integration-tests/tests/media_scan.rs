@@ -92,6 +92,16 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         }
     };
     assert_eq!(topics(infected.id.clone()).await?, ["media.quarantined"]);
+    // Her storage totals count what she can list: not the quarantined file.
+    let stats = stowage_integration_tests::files(mesh.channel())
+        .storage_stats(authed(pb::StorageStatsRequest::default(), &alice))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (stats.file_count, stats.total_bytes),
+        (1, b"just words".len() as u64),
+        "{stats:?}"
+    );
     let ready = wait_processed(mesh.channel(), &alice, &clean.id, PATIENCE).await?;
     assert_eq!(
         ready.status,

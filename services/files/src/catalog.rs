@@ -815,6 +815,8 @@ impl Catalog {
     }
 
     /// Totals of `owner` (or everyone).
+    /// An owner's totals count what the owner can list (quarantined files are hidden from
+    /// them); everyone's count every file.
     pub async fn totals(&self, owner: Option<&str>) -> Result<Totals> {
         let conn = self.pool.get().await?;
         let row = conn
@@ -824,15 +826,18 @@ impl Catalog {
                         count(*) FILTER (WHERE deleted_at IS NOT NULL) AS trashed,
                         (SELECT COALESCE(sum(v.size_bytes), 0)::bigint FROM files.variants v
                            JOIN files.files f ON f.id = v.file_id
-                          WHERE $1::text IS NULL OR f.owner_id = $1) AS variant_bytes
-                 FROM files.files WHERE $1::text IS NULL OR owner_id = $1",
+                          WHERE $1::text IS NULL OR (f.owner_id = $1 AND f.status <> 'quarantined'))
+                            AS variant_bytes
+                 FROM files.files
+                 WHERE $1::text IS NULL OR (owner_id = $1 AND status <> 'quarantined')",
                 &[&owner],
             )
             .await?;
         let by_kind = conn
             .query_cached(
                 "SELECT kind, count(*) FROM files.files
-                 WHERE $1::text IS NULL OR owner_id = $1 GROUP BY kind ORDER BY kind",
+                 WHERE $1::text IS NULL OR (owner_id = $1 AND status <> 'quarantined')
+                 GROUP BY kind ORDER BY kind",
                 &[&owner],
             )
             .await?

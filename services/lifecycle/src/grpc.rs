@@ -131,13 +131,20 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
     ) -> Result<Response<pb::RegisterEphemeralResponse>, Status> {
         identity(&request)?.require_service()?;
         let req = request.into_inner();
-        if req.storage_key.is_empty()
+        // The key as the store will read it must be the key as given: the store drops empty
+        // segments, so "/users/x" would otherwise name a user's file.
+        let plain = object_store::path::Path::parse(&req.storage_key)
+            .is_ok_and(|path| path.as_ref() == req.storage_key);
+        if !plain
+            || req.storage_key.is_empty()
             || req.storage_key.len() > 1024
+            || req.storage_key == "users"
             || req.storage_key.starts_with("users/")
         {
             return Err(invalid_argument(
                 "storage_key",
-                "must be 1..=1024 bytes and outside users/",
+                "must be a plain store key (no empty, . or .. segments, no leading or trailing /) \
+                 of 1..=1024 bytes, outside users/",
             ));
         }
         if req.owner.is_empty() || req.owner.len() > 200 {

@@ -205,7 +205,8 @@ impl Lifecycle {
             .query_one_cached(
                 "INSERT INTO lifecycle.ephemeral (storage_key, owner, expires_at)
                  VALUES ($1, $2, now() + make_interval(secs => $3))
-                 ON CONFLICT (storage_key) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                 ON CONFLICT (storage_key) DO UPDATE SET expires_at = EXCLUDED.expires_at,
+                     owner = EXCLUDED.owner, created_at = now(), acknowledged_at = NULL
                  RETURNING expires_at",
                 &[&key, &owner, &secs],
             )
