@@ -245,3 +245,103 @@ async fn columns_added_by_a_newer_release_break_nothing_here() -> anyhow::Result
     assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, stored);
     mesh.stop().await
 }
+
+/// ListFiles filters by the app that made a file (its package name) and by a part of its
+/// name, and pages through what matches.
+#[tokio::test]
+async fn files_are_listed_by_package_and_name() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    for (name, package) in [
+        ("Beach photo.jpg", "com.example.camera"),
+        ("beach notes.txt", "com.example.notes"),
+        ("Photo of cat.jpg", "com.example.camera"),
+        ("untagged.bin", ""),
+    ] {
+        let session = stowage_integration_tests::ingest(mesh.channel())
+            .create_upload(authed(
+                pb::CreateUploadRequest {
+                    size_bytes: Some(4),
+                    metadata: Some(pb::UploadMetadata {
+                        display_name: name.into(),
+                        package_name: package.into(),
+                        ..Default::default()
+                    }),
+                    idempotency_key: String::new(),
+                },
+                &alice,
+            ))
+            .await?
+            .into_inner()
+            .session
+            .unwrap_or_default();
+        put_chunk(mesh.channel(), &alice, &session.id, 0, &random_bytes(4)).await?;
+        complete(mesh.channel(), &alice, &session.id).await?;
+    }
+    let names = |request: pb::ListFilesRequest| {
+        let alice = alice.clone();
+        let channel = mesh.channel();
+        async move {
+            let mut names: Vec<String> = files(channel)
+                .list_files(authed(request, &alice))
+                .await?
+                .into_inner()
+                .files
+                .into_iter()
+                .map(|f| f.display_name)
+                .collect();
+            names.sort();
+            anyhow::Ok(names)
+        }
+    };
+    let camera = pb::ListFilesRequest {
+        package_name: "com.example.camera".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        names(camera.clone()).await?,
+        ["Beach photo.jpg", "Photo of cat.jpg"]
+    );
+    let beach = pb::ListFilesRequest {
+        name_contains: "BEACH".into(),
+        ..Default::default()
+    };
+    assert_eq!(names(beach).await?, ["Beach photo.jpg", "beach notes.txt"]);
+    // One per page, the token carrying the filter.
+    let first = files(mesh.channel())
+        .list_files(authed(
+            pb::ListFilesRequest {
+                page_size: 1,
+                ..camera.clone()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner();
+    let second = files(mesh.channel())
+        .list_files(authed(
+            pb::ListFilesRequest {
+                page_size: 1,
+                page_token: first.next_page_token.clone(),
+                ..camera
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(first.files.len() + second.files.len(), 2);
+    assert_ne!(first.files[0].id, second.files[0].id);
+    let refused = files(mesh.channel())
+        .list_files(authed(
+            pb::ListFilesRequest {
+                package_name: "x".repeat(300),
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await
+        .expect_err("too long");
+    assert!(refused.message().contains("package_name"), "{refused:?}");
+    mesh.stop().await
+}

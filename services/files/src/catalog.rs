@@ -98,6 +98,8 @@ pub struct ListQuery {
     pub favorite: Option<bool>,
     /// Name substring (case-insensitive).
     pub name_contains: Option<String>,
+    /// The app that made the files.
+    pub package_name: Option<String>,
     /// Status filter.
     pub status: Option<FileStatus>,
     /// Sort key.
@@ -371,6 +373,10 @@ impl Catalog {
         if let Some(favorite) = query.favorite {
             let p = bind(&mut params, Box::new(favorite));
             sql += &format!(" AND favorite = {p}");
+        }
+        if let Some(package) = &query.package_name {
+            let p = bind(&mut params, Box::new(package.clone()));
+            sql += &format!(" AND package_name = {p}");
         }
         if let Some(needle) = &query.name_contains {
             let p = bind(&mut params, Box::new(format!("%{}%", escape_like(needle))));

@@ -227,6 +227,7 @@ impl files_server::Files for FilesGrpc {
                 "must be at most 255 characters",
             ));
         }
+        validate::label(&req.package_name).map_err(|why| invalid_argument("package_name", why))?;
         let mut any_tags =
             validate::tags(&req.any_tags).map_err(|why| invalid_argument("any_tags", why))?;
         any_tags.sort();
@@ -235,6 +236,7 @@ impl files_server::Files for FilesGrpc {
             any_tags,
             favorite: req.favorite,
             name_contains: (!req.name_contains.is_empty()).then_some(req.name_contains),
+            package_name: (!req.package_name.is_empty()).then_some(req.package_name),
             status,
             sort,
             ascending,
