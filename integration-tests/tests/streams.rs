@@ -290,6 +290,23 @@ async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screens
         "one batch per window: {}",
         batches.len()
     );
+    // Each sealed batch was announced (batch.sealed, in the seal's transaction).
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let announced: Vec<(String, i64)> = pool
+        .get()
+        .await?
+        .query(
+            "SELECT payload->>'stream_id', (payload->>'event_count')::bigint
+             FROM ingest.outbox WHERE topic = 'batch.sealed' ORDER BY (payload->>'seq')::bigint",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(announced.len(), batches.len(), "{announced:?}");
+    assert!(announced.iter().all(|(stream, _)| stream == "desk"));
+    assert_eq!(announced.iter().map(|(_, n)| n).sum::<i64>(), 30);
     for b in &batches {
         let (start, end) = (b.window_start.expect("start"), b.window_end.expect("end"));
         let length =

@@ -1020,12 +1020,14 @@ impl EventStreams {
         .await?;
         for batch in &batches {
             let count = i32::try_from(batch.last_seq - batch.first_seq + 1).unwrap_or(i32::MAX);
-            tx.execute(
-                "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
+            let id = Uuid::now_v7();
+            let seq: i64 = tx
+                .query_one(
+                    "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
                      first_seq, last_seq, event_count, storage_key, screenshots, late_seqs)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                &[
-                    &Uuid::now_v7(),
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq",
+                    &[
+                        &id,
                     &stream,
                     &owner,
                     &start,
@@ -1034,9 +1036,30 @@ impl EventStreams {
                     &batch.last_seq,
                     &count,
                     &batch.key,
-                    &batch.screenshots,
-                    &batch.late,
-                ],
+                        &batch.screenshots,
+                        &batch.late,
+                    ],
+                )
+                .await?
+                .get(0);
+            // Announced with the batch, in its transaction.
+            let payload = serde_json::json!({
+                "batch_id": id,
+                "stream_id": stream,
+                "owner_id": owner,
+                "seq": seq,
+                "window_start": start,
+                "window_end": end,
+                "first_seq": batch.first_seq,
+                "last_seq": batch.last_seq,
+                "event_count": count,
+            });
+            stowage_events::stage(
+                &tx,
+                crate::SCHEMA,
+                stowage_events::topics::BATCH_SEALED,
+                stream,
+                &payload,
             )
             .await?;
         }

@@ -38,6 +38,8 @@ pub mod topics {
     pub const UPLOAD_COMPLETED: &str = "upload.completed";
     /// An upload session expired or was abandoned (Ingest).
     pub const UPLOAD_EXPIRED: &str = "upload.expired";
+    /// A window of an event stream was sealed into a batch (Ingest): subscribers may fetch it.
+    pub const BATCH_SEALED: &str = "batch.sealed";
     /// An account's usage crossed a notice threshold (Quota).
     pub const QUOTA_THRESHOLD_CROSSED: &str = "quota.threshold_crossed";
     /// A file's derivatives are ready (Media).
