@@ -227,6 +227,33 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         if *name == "clip.mp4" {
             let poster = variant_image(&mesh, &alice, &file, "poster_jpeg").await;
             assert_eq!(poster.dimensions(), (640, 360));
+            // A browser-ready MP4: H.264, the index first, as tall as the source (under 720).
+            let (header, web) =
+                download_variant(mesh.channel(), &alice, &file.id, "video_720_mp4").await?;
+            assert_eq!(header.mime_type, "video/mp4");
+            let path = dir.path().join("web.mp4");
+            std::fs::write(&path, &web)?;
+            let probe = Command::new("ffprobe")
+                .args(["-v", "error", "-select_streams", "v:0"])
+                .args([
+                    "-show_entries",
+                    "stream=codec_name,width,height",
+                    "-of",
+                    "csv=p=0",
+                ])
+                .arg(&path)
+                .output()?;
+            assert_eq!(
+                String::from_utf8_lossy(&probe.stdout).trim(),
+                "h264,640,360"
+            );
+            let at = |tag: &[u8]| web.windows(4).position(|w| w == tag);
+            let (Some(moov), Some(mdat)) = (at(b"moov"), at(b"mdat")) else {
+                panic!("not an MP4 with an index and data");
+            };
+            assert!(moov < mdat, "the index comes first");
+            let recorded = file.variants.iter().find(|v| v.name == "video_720_mp4");
+            assert_eq!(recorded.map(|v| (v.width, v.height)), Some((640, 360)));
         }
         if *name == "alpha.png" {
             let img = variant_image(&mesh, &alice, &file, "thumb_256_webp").await;

@@ -23,6 +23,10 @@ use crate::{
     video::{ToolError, Tools},
 };
 
+/// Longest video (in ms) that also gets a browser-ready MP4 variant: two minutes, so the
+/// transcode ends well within the tool's and the job's time limits on two cores.
+pub const TRANSCODE_MAX_MS: u64 = 120_000;
+
 /// How Media processes files.
 #[derive(Clone, Debug)]
 pub struct MediaSettings {
@@ -415,6 +419,8 @@ impl Media {
         })
     }
 
+    /// Probes a video or a sound, and for a video makes its poster, its thumbnails and, up to
+    /// [`TRANSCODE_MAX_MS`] long, a browser-ready MP4.
     async fn video(&self, file: &pb::File, is_video: bool) -> Result<Outcome, JobError> {
         if file.size_bytes > self.settings.max_video_size {
             return Ok(Outcome::Failed(format!(
@@ -491,8 +497,60 @@ impl Media {
                 }
                 Err(error) => return Ok(Outcome::Failed(format!("poster frame: {error}"))),
             }
+            if is_video
+                && probe.duration_ms <= TRANSCODE_MAX_MS
+                && let Some(variant) = self.transcoded(file, &path, dir.path()).await?
+            {
+                derived.variants.push(variant);
+            }
         }
         Ok(Outcome::Ready(derived))
+    }
+
+    /// The browser-ready MP4 of the video at `input` (see [`Tools::transcode`]), stored; `None`
+    /// when ffmpeg could not make one in time: the file keeps its poster and thumbnails.
+    async fn transcoded(
+        &self,
+        file: &pb::File,
+        input: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> Result<Option<pb::Variant>, JobError> {
+        let tools = &self.settings.tools;
+        let output = dir.join("web.mp4");
+        let made = match tools.transcode(input, &output).await {
+            Ok(()) => tools.probe(&output).await,
+            Err(e) => Err(e),
+        };
+        let probe = match made {
+            Ok(probe) => probe,
+            Err(e @ ToolError::Unavailable(_)) => return Err(JobError::retry(e)),
+            Err(ToolError::Unreadable(why)) => {
+                tracing::warn!(file_id = %file.id, %why, "no web video made; the file keeps its poster");
+                return Ok(None);
+            }
+        };
+        let bytes = tokio::fs::read(&output).await.map_err(JobError::retry)?;
+        let size = bytes.len() as u64;
+        let key = variant_key(
+            &file.owner_id,
+            created_at(file),
+            &file.id,
+            "video_720",
+            "mp4",
+        );
+        self.store
+            .put(&ObjectPath::from(key.as_str()), PutPayload::from(bytes))
+            .await
+            .map_err(JobError::retry)?;
+        Ok(Some(pb::Variant {
+            name: "video_720_mp4".into(),
+            mime_type: "video/mp4".into(),
+            size_bytes: size,
+            width: probe.width,
+            height: probe.height,
+            storage_key: key,
+            inline_data: Vec::new(),
+        }))
     }
 
     /// Records the outcome in Files, then announces it once.

@@ -239,6 +239,28 @@ impl Tools {
     }
 }
 
+impl Tools {
+    /// Transcodes the local file `input` into `output`: an MP4 that plays in every browser
+    /// (H.264 in yuv420p, AAC when the input has sound, the index first for streaming), at
+    /// most 720 px high, upright.
+    pub async fn transcode(&self, input: &Path, output: &Path) -> Result<(), ToolError> {
+        let mut command = self.command(&self.ffmpeg);
+        command
+            .args(["-nostdin", "-v", "error", "-protocol_whitelist", "file"])
+            .args(["-format_whitelist", DEMUXERS, "-threads", "2"])
+            .arg("-i")
+            .arg(input)
+            .args(["-map", "0:v:0", "-map", "0:a:0?"])
+            .args(["-vf", "scale=-2:'min(720,ih)'"])
+            .args(["-c:v", "libx264", "-preset", "veryfast", "-crf", "26"])
+            .args(["-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k"])
+            .args(["-movflags", "+faststart", "-f", "mp4", "-y"])
+            .arg(output);
+        self.run("ffmpeg", command).await?;
+        Ok(())
+    }
+}
+
 /// Reads `from` to its end, keeping its first `keep` bytes; and whether more came.
 async fn read_capped(
     mut from: impl tokio::io::AsyncRead + Unpin,
