@@ -46,6 +46,23 @@ async fn kill_midway(
     Ok(session_id)
 }
 
+/// `stowage upload path` against `mesh` as the holder of `token`, its resume state under
+/// `state`.
+fn upload_command(
+    mesh: &Mesh,
+    path: &std::path::Path,
+    state: &std::path::Path,
+    token: &str,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+    cmd.args(["upload", "--addr", &format!("http://{}", mesh.addr)])
+        .arg(path)
+        .env("STOWAGE_TOKEN", token)
+        .env("XDG_STATE_HOME", state)
+        .kill_on_drop(true);
+    cmd
+}
+
 /// A throwaway directory with a state directory and a file of `size` random bytes.
 fn workspace(size: usize) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, Vec<u8>)> {
     let dir = std::env::temp_dir().join(format!("stowage-cli-{}", uuid::Uuid::new_v4().simple()));
@@ -62,15 +79,7 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
     let alice = token("alice", &[]);
     let (dir, path, data) = workspace(160 << 20)?;
     let state = dir.join("state");
-    let run = || {
-        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
-        cmd.args(["upload", "--addr", &format!("http://{}", mesh.addr)])
-            .arg(&path)
-            .env("STOWAGE_TOKEN", &alice)
-            .env("XDG_STATE_HOME", &state)
-            .kill_on_drop(true);
-        cmd
-    };
+    let run = || upload_command(&mesh, &path, &state, &alice);
 
     let session_id = kill_midway(run(), &state, &mesh, &alice).await?;
     let offset = get_session(mesh.channel(), &alice, &session_id)
@@ -119,15 +128,7 @@ async fn a_file_changed_under_a_resumed_upload_is_refused_whole() -> anyhow::Res
     let alice = token("alice", &[]);
     let (dir, path, data) = workspace(160 << 20)?;
     let state = dir.join("state");
-    let run = || {
-        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
-        cmd.args(["upload", "--addr", &format!("http://{}", mesh.addr)])
-            .arg(&path)
-            .env("STOWAGE_TOKEN", &alice)
-            .env("XDG_STATE_HOME", &state)
-            .kill_on_drop(true);
-        cmd
-    };
+    let run = || upload_command(&mesh, &path, &state, &alice);
     kill_midway(run(), &state, &mesh, &alice).await?;
     let modified = std::fs::metadata(&path)?.modified()?;
     let mut changed = data.clone();

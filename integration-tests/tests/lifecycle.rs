@@ -1623,46 +1623,59 @@ async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> a
     mesh.stop().await
 }
 
-#[tokio::test]
-async fn with_the_trash_policy_a_user_quiet_past_the_grace_has_files_trashed_once()
--> anyhow::Result<()> {
-    let setup = Setup::new().await?;
-    let mesh = start(&setup).await?;
-    set_policy(&mesh, |p| {
-        p.inactivity_action = pb::InactivityAction::Trash as i32;
+/// Sets the inactivity policy to `action` (grace: one hour), uploads `files` files for `user`,
+/// makes her quiet for 400 days, has her notice sent (she is the only quiet user: due at
+/// once) and moves it two hours back, past the grace. Returns her token.
+async fn noticed_past_the_grace(
+    mesh: &Mesh,
+    conn: &stowage_db::Connection,
+    user: &str,
+    files: u64,
+    action: pb::InactivityAction,
+) -> anyhow::Result<String> {
+    set_policy(mesh, |p| {
+        p.inactivity_action = action as i32;
         p.notice_grace_hours = 1;
     })
     .await?;
-    let dora = token("dora", &[]);
-    for i in 0..3 {
+    let bearer = token(user, &[]);
+    for i in 0..files {
         upload(
             mesh.channel(),
-            &dora,
-            &format!("d{i}.bin"),
+            &bearer,
+            &format!("f{i}.bin"),
             &random_bytes(100),
             &[],
         )
         .await?;
     }
-    let pool = stowage_db::connect(&setup.database_url, 1)?;
-    let conn = pool.get().await?;
     // Wait until her uploads count as activity (their file.created events: a late one would
-    // end the notice cycle below), then move her last activity a year back.
-    events_consumed(&conn, 3).await?;
+    // end the notice cycle), then move her last activity a year back.
+    events_consumed(conn, files as i64).await?;
     conn.execute(
         "UPDATE lifecycle.activity SET last_active_at = now() - interval '400 days'
-         WHERE user_id = 'dora'",
-        &[],
+         WHERE user_id = $1",
+        &[&user],
     )
     .await?;
-    run_now(&mesh, "inactivity", false).await?;
-    // The notice went out (she is the only quiet user: due at once); two hours pass.
+    run_now(mesh, "inactivity", false).await?;
     conn.execute(
         "UPDATE lifecycle.activity SET notice_sent_at = notice_sent_at - interval '2 hours'
-         WHERE user_id = 'dora'",
-        &[],
+         WHERE user_id = $1",
+        &[&user],
     )
     .await?;
+    Ok(bearer)
+}
+
+#[tokio::test]
+async fn with_the_trash_policy_a_user_quiet_past_the_grace_has_files_trashed_once()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    let dora = noticed_past_the_grace(&mesh, &conn, "dora", 3, pb::InactivityAction::Trash).await?;
     let (a, b) = tokio::join!(
         run_now(&mesh, "inactivity", false),
         run_now(&mesh, "inactivity", false)
@@ -1711,23 +1724,10 @@ async fn a_user_noticed_under_notify_only_is_not_trashed_when_the_policy_changes
 -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let mesh = start(&setup).await?;
-    set_policy(&mesh, |p| {
-        p.inactivity_action = pb::InactivityAction::NotifyOnly as i32;
-        p.notice_grace_hours = 1;
-    })
-    .await?;
-    let erin = token("erin", &[]);
-    upload(mesh.channel(), &erin, "e.bin", &random_bytes(100), &[]).await?;
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let conn = pool.get().await?;
-    events_consumed(&conn, 1).await?;
-    conn.execute(
-        "UPDATE lifecycle.activity SET last_active_at = now() - interval '400 days'
-         WHERE user_id = 'erin'",
-        &[],
-    )
-    .await?;
-    run_now(&mesh, "inactivity", false).await?;
+    let erin =
+        noticed_past_the_grace(&mesh, &conn, "erin", 1, pb::InactivityAction::NotifyOnly).await?;
     let notice: serde_json::Value = conn
         .query_one(
             "SELECT detail FROM lifecycle.history WHERE user_id = 'erin' AND event = 'notice_sent'",
@@ -1736,12 +1736,6 @@ async fn a_user_noticed_under_notify_only_is_not_trashed_when_the_policy_changes
         .await?
         .get(0);
     assert_eq!(notice["action_after_grace"], "notify_only");
-    conn.execute(
-        "UPDATE lifecycle.activity SET notice_sent_at = notice_sent_at - interval '2 hours'
-         WHERE user_id = 'erin'",
-        &[],
-    )
-    .await?;
     set_policy(&mesh, |p| {
         p.inactivity_action = pb::InactivityAction::Trash as i32;
     })
