@@ -647,8 +647,8 @@ impl EventStreams {
         )
         .await?;
         // NO KEY: the sealer's batch rows reference the stream row (a KEY SHARE lock, held
-        // while it writes the window's objects to the store), and must not hold writers back;
-        // FOR UPDATE would wait for the whole seal, seconds at a high rate.
+        // until its commit), and must not hold writers back; FOR UPDATE would wait for the
+        // sealer's commit, which waits its turn among all streams' sealers.
         let rows = tx
             .query(
                 "SELECT stream_id, owner_id, durable_seq FROM ingest.event_streams
@@ -1009,6 +1009,18 @@ impl EventStreams {
                 .await?;
             batches.push(batch);
         }
+        let ids: Vec<i64> = segments.iter().map(|s| s.id).collect();
+        tx.execute(
+            "DELETE FROM ingest.event_segments WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE ingest.event_streams SET sealed_until = greatest(sealed_until, $2)
+             WHERE stream_id = $1",
+            &[&stream, &end],
+        )
+        .await?;
         // A batch's seq is taken at its insert and seen at commit. Subscribers move past what
         // they were given, so seqs must become visible in their order: sealers of every
         // stream take turns from their first insert to their commit (short: the objects are
@@ -1063,18 +1075,6 @@ impl EventStreams {
             )
             .await?;
         }
-        let ids: Vec<i64> = segments.iter().map(|s| s.id).collect();
-        tx.execute(
-            "DELETE FROM ingest.event_segments WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE ingest.event_streams SET sealed_until = greatest(sealed_until, $2)
-             WHERE stream_id = $1",
-            &[&stream, &end],
-        )
-        .await?;
         tx.commit().await?;
         metrics::histogram!("stowage_stream_seal_lag_seconds")
             .record((Utc::now() - end).num_milliseconds().max(0) as f64 / 1000.0);

@@ -671,6 +671,22 @@ impl Lifecycle {
                 tally.note(true, format!("ephemeral {key}"));
                 continue;
             }
+            // The row stays locked while its blob goes: a registration of the key again
+            // waits, and one that came since the listing (not done any more) is left alone.
+            let mut conn = self.pool.get().await.map_err(crate::db)?;
+            let tx = conn.transaction().await.map_err(crate::db)?;
+            let still_done = tx
+                .query_opt(
+                    "SELECT 1 FROM lifecycle.ephemeral WHERE storage_key = $1
+                       AND (acknowledged_at IS NOT NULL OR expires_at < now()) FOR UPDATE",
+                    &[&key],
+                )
+                .await
+                .map_err(crate::db)?
+                .is_some();
+            if !still_done {
+                continue;
+            }
             match self
                 .store
                 .delete(&object_store::path::Path::from(key.as_str()))
@@ -683,13 +699,13 @@ impl Lifecycle {
                     continue;
                 }
             }
-            let conn = self.pool.get().await.map_err(crate::db)?;
-            conn.execute(
+            tx.execute(
                 "DELETE FROM lifecycle.ephemeral WHERE storage_key = $1",
                 &[&key],
             )
             .await
             .map_err(crate::db)?;
+            tx.commit().await.map_err(crate::db)?;
             tally.note(false, String::new());
         }
         Ok(tally)

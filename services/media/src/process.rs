@@ -497,8 +497,9 @@ impl Media {
                 }
                 Err(error) => return Ok(Outcome::Failed(format!("poster frame: {error}"))),
             }
+            // An unknown length (0: some recorded WebM) could be any length: not transcoded.
             if is_video
-                && probe.duration_ms <= TRANSCODE_MAX_MS
+                && (1..=TRANSCODE_MAX_MS).contains(&probe.duration_ms)
                 && let Some(variant) = self.transcoded(file, &path, dir.path()).await?
             {
                 derived.variants.push(variant);

@@ -251,7 +251,8 @@ impl Tools {
             .arg("-i")
             .arg(input)
             .args(["-map", "0:v:0", "-map", "0:a:0?"])
-            .args(["-vf", "scale=-2:'min(720,ih)'"])
+            // Even sides, as yuv420p needs; the encoder on two threads too.
+            .args(["-vf", "scale=-2:'trunc(min(720,ih)/2)*2'", "-threads", "2"])
             .args(["-c:v", "libx264", "-preset", "veryfast", "-crf", "26"])
             .args(["-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k"])
             .args(["-movflags", "+faststart", "-f", "mp4", "-y"])

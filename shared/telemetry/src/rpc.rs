@@ -26,7 +26,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::propagation::set_parent_from_headers;
 
 /// Adds a span and metrics to every call; see the module docs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RpcTelemetryLayer {
     known: Arc<HashSet<String>>,
 }
@@ -74,8 +74,8 @@ struct CallName {
 
 impl CallName {
     /// The name of `request`: a gRPC method among `known`, or `unknown`; for plain HTTP the
-    /// verb and first path segment (a route this process does not serve is renamed once its
-    /// 404 is known, see [`CallName::unrouted`]).
+    /// verb and first path segment (a path no route serves is renamed once that is known, see
+    /// [`CallName::unrouted`]).
     fn of(request: &Request<Body>, known: &HashSet<String>) -> Self {
         let grpc = request
             .headers()
@@ -105,8 +105,7 @@ impl CallName {
         }
     }
 
-    /// The name of a plain HTTP call no route served (or answered 404, a route that found
-    /// nothing): its verb and `/other`.
+    /// The name of a plain HTTP call no route served: its verb and `/other`.
     fn unrouted(&mut self) {
         let verb = self.method.split(' ').next().unwrap_or("OTHER").to_owned();
         self.method = format!("{verb} /other");
@@ -164,12 +163,9 @@ where
             async move {
                 let response = inner.call(request).await?;
                 let http_status = response.status();
-                // No route: a 404, or the gRPC router's UNIMPLEMENTED answer to any path it
-                // does not know.
-                if !name.grpc
-                    && (http_status == http::StatusCode::NOT_FOUND
-                        || grpc_code(response.headers()) == Some("UNIMPLEMENTED"))
-                {
+                // No route: the gRPC router's UNIMPLEMENTED answer to any path it does not
+                // know (a route's own 404 keeps its name).
+                if !name.grpc && grpc_code(response.headers()) == Some("UNIMPLEMENTED") {
                     name.unrouted();
                 }
                 let (parts, body) = response.into_parts();
