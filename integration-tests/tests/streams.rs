@@ -694,3 +694,36 @@ async fn a_seal_in_progress_does_not_hold_back_appends_to_its_stream() -> anyhow
     );
     mesh.stop().await
 }
+
+/// A process serves at most `max_subscriptions` subscriptions at once (each may hold batches
+/// in memory): one more is refused with RESOURCE_EXHAUSTED, and a closed one frees its place.
+#[tokio::test]
+async fn subscriptions_past_the_most_a_process_serves_are_refused() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| c.ingest.streams.max_subscriptions = 1).await?;
+    let bob = token("bob", &[]);
+    let subscribe = |group: &str| {
+        let mut client = IngestClient::new(mesh.channel());
+        let request = authed(
+            pb::SubscribeBatchesRequest {
+                consumer_group: group.into(),
+                ..Default::default()
+            },
+            &bob,
+        );
+        async move { client.subscribe_batches(request).await }
+    };
+    let first = subscribe("g1").await?;
+    let refused = subscribe("g2").await.expect_err("one at most");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    drop(first);
+    stowage_integration_tests::eventually(Duration::from_secs(10), "a place freed", || async {
+        Ok(subscribe("g3").await.is_ok())
+    })
+    .await?;
+    mesh.stop().await
+}

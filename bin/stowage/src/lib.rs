@@ -328,6 +328,7 @@ pub async fn serve_with(
                 redeliver_after: streams_config.redeliver_after,
                 retention: streams_config.retention,
                 prefetch: streams_config.prefetch,
+                max_subscriptions: streams_config.max_subscriptions,
                 write_delay: streams_config.write_delay,
                 codec: streams_config.codec,
             },

@@ -25,6 +25,9 @@ pub enum Error {
     /// Another writer holds the session right now.
     #[error("another writer is writing this session; read its offset with GetUpload and retry")]
     Busy,
+    /// Every subscription this process serves at once is taken.
+    #[error("this process already serves {0} subscriptions, its most; retry later")]
+    TooManySubscriptions(usize),
     /// The session is not open.
     #[error("session is {0}")]
     SessionState(String),
@@ -102,6 +105,7 @@ impl From<Error> for Status {
             Error::Stream(status) => status,
             Error::SessionNotFound => Status::not_found(error.to_string()),
             Error::Busy => Status::aborted(error.to_string()),
+            Error::TooManySubscriptions(_) => Status::resource_exhausted(error.to_string()),
             Error::SessionState(_) | Error::Incomplete { .. } => {
                 Status::failed_precondition(error.to_string())
             }

@@ -154,11 +154,14 @@ impl ingest_server::Ingest for IngestGrpc {
             })?
         };
         let streams = self.streams()?.clone();
+        let slot = streams.subscription_slot()?;
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         // This call is one member of its group.
         let member = uuid::Uuid::new_v4();
         tokio::spawn(async move {
+            // Held while the subscription lives.
+            let _slot = slot;
             loop {
                 let batches = match streams
                     .claim_batches(

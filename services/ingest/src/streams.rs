@@ -79,6 +79,9 @@ pub struct StreamSettings {
     pub retention: Duration,
     /// Batches one subscriber holds unacknowledged, at most.
     pub prefetch: usize,
+    /// Subscriptions open at once in this process, at most (each may hold `prefetch`
+    /// batches and as many more waiting for its client, up to 8 MiB each).
+    pub max_subscriptions: usize,
     /// Artificial delay of every write (tests of back-pressure only).
     pub write_delay: Duration,
     /// How new segments are compressed (stored ones are read whatever their codec).
@@ -97,6 +100,7 @@ impl Default for StreamSettings {
             redeliver_after: Duration::from_secs(60),
             retention: Duration::from_secs(7 * 24 * 3600),
             prefetch: 4,
+            max_subscriptions: 64,
             write_delay: Duration::ZERO,
             codec: EventCodec::default(),
         }
@@ -136,6 +140,8 @@ struct Inner {
     settings: StreamSettings,
     writers: Vec<mpsc::Sender<Pending>>,
     budget: Arc<Semaphore>,
+    /// One permit per open subscription.
+    subscriptions: Arc<Semaphore>,
 }
 
 fn validate_stream_id(id: &str) -> Result<()> {
@@ -394,6 +400,7 @@ impl EventStreams {
             .map(|_| mpsc::channel(MAX_WRITE_FRAMES))
             .unzip();
         let budget = Arc::new(Semaphore::new(settings.max_buffered.max(1)));
+        let subscriptions = Arc::new(Semaphore::new(settings.max_subscriptions.max(1)));
         let this = Self {
             inner: Arc::new(Inner {
                 pool,
@@ -402,6 +409,7 @@ impl EventStreams {
                 settings,
                 writers,
                 budget,
+                subscriptions,
             }),
         };
         for frames in queues {
@@ -1079,6 +1087,14 @@ impl EventStreams {
         metrics::histogram!("stowage_stream_seal_lag_seconds")
             .record((Utc::now() - end).num_milliseconds().max(0) as f64 / 1000.0);
         Ok(true)
+    }
+
+    /// A place for one more subscription in this process, held until dropped; refused when
+    /// all are taken, so that subscriptions cannot hold batches without bound.
+    pub fn subscription_slot(&self) -> Result<OwnedSemaphorePermit> {
+        Arc::clone(&self.inner.subscriptions)
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManySubscriptions(self.inner.settings.max_subscriptions))
     }
 
     /// Batches claimed for a subscriber of `group`: those after cursor `after` never

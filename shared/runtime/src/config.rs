@@ -398,6 +398,10 @@ pub struct StreamsConfig {
     /// Batches one subscriber holds unacknowledged, at most (the rest go to other members
     /// of its group).
     pub prefetch: usize,
+    /// `STOWAGE_INGEST__STREAMS__MAX_SUBSCRIPTIONS`: SubscribeBatches calls one process
+    /// serves at once, at most (each may hold `2 × prefetch` batches of up to 8 MiB); past it,
+    /// RESOURCE_EXHAUSTED.
+    pub max_subscriptions: usize,
     /// Artificial delay of every durable write: for back-pressure tests only.
     #[serde(with = "humantime_serde")]
     pub write_delay: Duration,
@@ -430,6 +434,7 @@ impl Default for StreamsConfig {
             redeliver_after: Duration::from_secs(60),
             retention: Duration::from_secs(7 * 24 * 3600),
             prefetch: 4,
+            max_subscriptions: 64,
             write_delay: Duration::ZERO,
             codec: EventCodec::default(),
         }
@@ -608,6 +613,14 @@ impl Config {
             return fail(
                 "STOWAGE_INGEST__STREAMS__PREFETCH",
                 "must be between 1 and 1000",
+            );
+        }
+        if self.ingest.streams.max_subscriptions == 0
+            || self.ingest.streams.max_subscriptions > 10_000
+        {
+            return fail(
+                "STOWAGE_INGEST__STREAMS__MAX_SUBSCRIPTIONS",
+                "must be between 1 and 10000",
             );
         }
         if self.ingest.streams.retention < Duration::from_secs(1) {
