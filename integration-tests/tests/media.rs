@@ -583,3 +583,51 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
     assert_eq!(refused.map_err(|s| s.code()), Err(Code::PermissionDenied));
     mesh.stop().await
 }
+
+/// Videos with odd sides become web MP4s with even sides (as yuv420p needs; an odd height
+/// made the encoder refuse), at most 720 px high, their aspect kept.
+#[tokio::test]
+async fn odd_sized_videos_get_even_web_mp4s_at_most_720p() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let dir = tempfile::tempdir()?;
+    for (size, expected) in [
+        ("361x541", "h264,360,540,yuv420p"),
+        ("405x1081", "h264,270,720,yuv420p"),
+    ] {
+        let clip = ffmpeg(
+            &format!(
+                "-f lavfi -i testsrc=duration=1:size={size}:rate=10 -pix_fmt yuv444p -c:v libx264"
+            ),
+            &dir.path().join(format!("{size}.mp4")),
+        );
+        let file = upload(mesh.channel(), &alice, &format!("{size}.mp4"), &clip, &[]).await?;
+        let file = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+        assert_eq!(
+            file.status,
+            pb::FileStatus::Ready as i32,
+            "{}",
+            file.status_reason
+        );
+        let (_, web) = download_variant(mesh.channel(), &alice, &file.id, "video_720_mp4").await?;
+        let path = dir.path().join("web.mp4");
+        std::fs::write(&path, &web)?;
+        let probe = Command::new("ffprobe")
+            .args(["-v", "error", "-select_streams", "v:0"])
+            .args([
+                "-show_entries",
+                "stream=codec_name,width,height,pix_fmt",
+                "-of",
+                "csv=p=0",
+            ])
+            .arg(&path)
+            .output()?;
+        assert_eq!(
+            String::from_utf8_lossy(&probe.stdout).trim(),
+            expected,
+            "{size}"
+        );
+    }
+    mesh.stop().await
+}
