@@ -1464,6 +1464,21 @@ async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// Registers `ephemeral/s1/shot9.png` for an hour, as a service.
+async fn register_shot9(client: &mut LifecycleClient<Channel>) -> anyhow::Result<()> {
+    client
+        .register_ephemeral(authed(
+            pb::RegisterEphemeralRequest {
+                storage_key: "ephemeral/s1/shot9.png".into(),
+                owner: "s1".into(),
+                ttl_seconds: 3600,
+            },
+            &token("stowage-internal", &["service"]),
+        ))
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> anyhow::Result<()> {
     use object_store::{ObjectStoreExt, PutPayload, path::Path};
@@ -1545,16 +1560,7 @@ async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> a
             PutPayload::from(vec![1u8; 10]),
         )
         .await?;
-    client
-        .register_ephemeral(authed(
-            pb::RegisterEphemeralRequest {
-                storage_key: "ephemeral/s1/shot9.png".into(),
-                owner: "s1".into(),
-                ttl_seconds: 3600,
-            },
-            &service,
-        ))
-        .await?;
+    register_shot9(&mut client).await?;
     client
         .ack_ephemeral(authed(
             pb::AckEphemeralRequest {
@@ -1570,16 +1576,7 @@ async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> a
         ["ephemeral/s1/shot9.png"]
     );
     // A key registered again (a new blob under it) lives again, acknowledged or not.
-    client
-        .register_ephemeral(authed(
-            pb::RegisterEphemeralRequest {
-                storage_key: "ephemeral/s1/shot9.png".into(),
-                owner: "s1".into(),
-                ttl_seconds: 3600,
-            },
-            &service,
-        ))
-        .await?;
+    register_shot9(&mut client).await?;
     set_policy(&mesh, |p| p.ephemeral_keep_last = 0).await?;
     let run = run_now(&mesh, "ephemeral_cleanup", false).await?;
     assert_eq!(run.acted, 0, "{run:?}");

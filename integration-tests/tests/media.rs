@@ -63,6 +63,20 @@ fn rotated_photo() -> Vec<u8> {
     out
 }
 
+/// What ffprobe says of the first video stream of `video` (written under `dir`):
+/// `codec,width,height,pixel format`.
+fn video_stream(video: &[u8], dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join("probed.mp4");
+    std::fs::write(&path, video)?;
+    let probe = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0"])
+        .args(["-show_entries", "stream=codec_name,width,height,pix_fmt"])
+        .args(["-of", "csv=p=0"])
+        .arg(&path)
+        .output()?;
+    Ok(String::from_utf8_lossy(&probe.stdout).trim().to_owned())
+}
+
 /// Runs ffmpeg with `args` (split on spaces) writing `out`, and returns what it wrote.
 fn ffmpeg(args: &str, out: &std::path::Path) -> Vec<u8> {
     let status = Command::new("ffmpeg")
@@ -231,22 +245,7 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
             let (header, web) =
                 download_variant(mesh.channel(), &alice, &file.id, "video_720_mp4").await?;
             assert_eq!(header.mime_type, "video/mp4");
-            let path = dir.path().join("web.mp4");
-            std::fs::write(&path, &web)?;
-            let probe = Command::new("ffprobe")
-                .args(["-v", "error", "-select_streams", "v:0"])
-                .args([
-                    "-show_entries",
-                    "stream=codec_name,width,height",
-                    "-of",
-                    "csv=p=0",
-                ])
-                .arg(&path)
-                .output()?;
-            assert_eq!(
-                String::from_utf8_lossy(&probe.stdout).trim(),
-                "h264,640,360"
-            );
+            assert_eq!(video_stream(&web, dir.path())?, "h264,640,360,yuv420p");
             let at = |tag: &[u8]| web.windows(4).position(|w| w == tag);
             let (Some(moov), Some(mdat)) = (at(b"moov"), at(b"mdat")) else {
                 panic!("not an MP4 with an index and data");
@@ -611,23 +610,7 @@ async fn odd_sized_videos_get_even_web_mp4s_at_most_720p() -> anyhow::Result<()>
             file.status_reason
         );
         let (_, web) = download_variant(mesh.channel(), &alice, &file.id, "video_720_mp4").await?;
-        let path = dir.path().join("web.mp4");
-        std::fs::write(&path, &web)?;
-        let probe = Command::new("ffprobe")
-            .args(["-v", "error", "-select_streams", "v:0"])
-            .args([
-                "-show_entries",
-                "stream=codec_name,width,height,pix_fmt",
-                "-of",
-                "csv=p=0",
-            ])
-            .arg(&path)
-            .output()?;
-        assert_eq!(
-            String::from_utf8_lossy(&probe.stdout).trim(),
-            expected,
-            "{size}"
-        );
+        assert_eq!(video_stream(&web, dir.path())?, expected, "{size}");
     }
     mesh.stop().await
 }
