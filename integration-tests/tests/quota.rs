@@ -675,3 +675,138 @@ async fn an_expired_hold_is_charged_at_commit_even_past_the_limit() -> anyhow::R
     assert_eq!(refused.code(), Code::ResourceExhausted);
     mesh.stop().await
 }
+
+/// Many SetVariants for one file at once (Media replicas racing, retries): the owner is charged
+/// exactly the variants the file ends with, once, and the purge gives back exactly that.
+#[tokio::test]
+async fn variants_set_at_once_are_charged_exactly_once() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let erin = token("erin", &[]);
+    let media = token("media", &["service"]);
+    let file = stowage_integration_tests::upload(
+        mesh.channel(),
+        &erin,
+        "data.bin",
+        &random_bytes(1000),
+        &[],
+    )
+    .await?;
+    let files = stowage_integration_tests::files(mesh.channel());
+    // Each call adds its own variant; one in four replaces `shared` with its own size.
+    let calls = (0..24u64).map(|i| {
+        let mut files = files.clone();
+        let media = media.clone();
+        let file_id = file.id.clone();
+        async move {
+            let mut variants = vec![pb::Variant {
+                name: format!("v{i}"),
+                mime_type: "image/webp".into(),
+                size_bytes: 10 + i,
+                width: 1,
+                height: 1,
+                inline_data: vec![7; 10 + i as usize],
+                ..Default::default()
+            }];
+            if i % 4 == 0 {
+                variants.push(pb::Variant {
+                    name: "shared".into(),
+                    mime_type: "image/webp".into(),
+                    size_bytes: 100 + i,
+                    width: 1,
+                    height: 1,
+                    inline_data: vec![8; 100 + i as usize],
+                    ..Default::default()
+                });
+            }
+            files
+                .set_variants(authed(
+                    pb::SetVariantsRequest {
+                        file_id,
+                        variants,
+                        ..Default::default()
+                    },
+                    &media,
+                ))
+                .await
+        }
+    });
+    for answer in join_all(calls).await {
+        answer?;
+    }
+    let stored = files
+        .clone()
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: file.id.clone(),
+            },
+            &erin,
+        ))
+        .await?
+        .into_inner()
+        .file
+        .ok_or_else(|| anyhow::anyhow!("no file"))?;
+    let variant_bytes: u64 = stored.variants.iter().map(|v| v.size_bytes).sum();
+    assert_eq!(stored.variants.len(), 25);
+    assert_eq!(
+        usage(mesh.channel(), &erin).await?.used_bytes,
+        1000 + variant_bytes
+    );
+
+    // A variant rebuilt back and forth between two sizes moves the charge every time, though
+    // the totals repeat.
+    let others = variant_bytes
+        - stored
+            .variants
+            .iter()
+            .find(|v| v.name == "shared")
+            .map_or(0, |v| v.size_bytes);
+    for size in [100u64, 120, 100, 120] {
+        files
+            .clone()
+            .set_variants(authed(
+                pb::SetVariantsRequest {
+                    file_id: file.id.clone(),
+                    variants: vec![pb::Variant {
+                        name: "shared".into(),
+                        mime_type: "image/webp".into(),
+                        size_bytes: size,
+                        width: 1,
+                        height: 1,
+                        inline_data: vec![9; size as usize],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                &media,
+            ))
+            .await?;
+        assert_eq!(
+            usage(mesh.channel(), &erin).await?.used_bytes,
+            1000 + others + size,
+            "shared at {size}"
+        );
+    }
+
+    // Deleted and purged, the owner gets back everything the file cost.
+    let mut files = files.clone();
+    files
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: file.id.clone(),
+            },
+            &erin,
+        ))
+        .await?;
+    files
+        .purge_file(authed(
+            pb::PurgeFileRequest {
+                file_id: file.id.clone(),
+                ..Default::default()
+            },
+            &erin,
+        ))
+        .await?;
+    assert_eq!(usage(mesh.channel(), &erin).await?.used_bytes, 0);
+    mesh.stop().await
+}

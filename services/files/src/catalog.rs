@@ -169,6 +169,8 @@ pub struct PendingCharge {
     pub charged: u64,
     /// Bytes of the variants recorded now.
     pub total: u64,
+    /// Moves of the charge made so far: with the marks, it names the next move.
+    pub moves: u64,
 }
 
 fn escape_like(s: &str) -> String {
@@ -743,11 +745,11 @@ impl Catalog {
         height: u32,
         duration_ms: u64,
         codec: &str,
-    ) -> Result<(FileRecord, PendingCharge)> {
+    ) -> Result<FileRecord> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let updated = tx
-            .query_opt_cached(
+            .execute_cached(
                 "UPDATE files.files SET
                      status = COALESCE($2, status),
                      status_reason = CASE WHEN $2::text IS NULL THEN status_reason ELSE $3 END,
@@ -756,8 +758,7 @@ impl Catalog {
                      duration_ms = CASE WHEN $6::bigint = 0 THEN duration_ms ELSE $6::bigint END,
                      codec = CASE WHEN $7 = '' THEN codec ELSE $7 END,
                      updated_at = now()
-                 WHERE id = $1
-                 RETURNING variant_bytes_charged",
+                 WHERE id = $1",
                 &[
                     &id,
                     &status.map(FileStatus::as_str),
@@ -769,10 +770,9 @@ impl Catalog {
                 ],
             )
             .await?;
-        let Some(updated) = updated else {
+        if updated == 0 {
             return Err(Error::NotFound);
-        };
-        let charged: i64 = updated.get(0);
+        }
         for v in variants {
             tx.execute_cached(
                 "INSERT INTO files.variants (file_id, name, mime_type, size_bytes, width, height, storage_key, inline_data)
@@ -795,28 +795,53 @@ impl Catalog {
         }
         let file = get_on(&tx, id, Viewer::Privileged).await?;
         tx.commit().await?;
-        let pending = PendingCharge {
-            owner_id: file.owner_id.clone(),
-            charged: u64::try_from(charged).unwrap_or(0),
-            total: file.variants.iter().map(|v| v.size_bytes).sum(),
-        };
-        Ok((file, pending))
+        Ok(file)
     }
 
-    /// Records that the owner's usage now includes `pending.total` bytes of variants, unless
-    /// another call moved the mark meanwhile.
-    pub async fn mark_charged(&self, id: Uuid, pending: &PendingCharge) -> Result<()> {
-        let conn = self.pool.get().await?;
-        conn.execute_cached(
-            "UPDATE files.files SET variant_bytes_charged = $3
-             WHERE id = $1 AND variant_bytes_charged = $2",
-            &[
-                &id,
-                &i64::try_from(pending.charged).unwrap_or(i64::MAX),
-                &i64::try_from(pending.total).unwrap_or(i64::MAX),
-            ],
+    /// Brings the owner's usage in line with the variants of file `id`: locks the file's row,
+    /// hands what its variants cost against what was charged to `settle` (which moves the
+    /// owner's usage), and records the new mark in the same transaction. Concurrent calls for
+    /// one file take turns, so each byte is charged once; a purge waits for the mark and gives
+    /// back what it says. Nothing to do when the file is gone or its charge is even.
+    pub async fn settle_variant_charge<F, Fut>(&self, id: Uuid, settle: F) -> Result<()>
+    where
+        F: FnOnce(PendingCharge) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let row = tx
+            .query_opt_cached(
+                "SELECT f.owner_id, f.variant_bytes_charged,
+                        (SELECT COALESCE(sum(v.size_bytes), 0) FROM files.variants v
+                          WHERE v.file_id = f.id)::bigint AS total,
+                        f.variant_charge_moves
+                   FROM files.files f WHERE f.id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(());
+        };
+        let pending = PendingCharge {
+            owner_id: row.get(0),
+            charged: to_u64(row.get(1)),
+            total: to_u64(row.get(2)),
+            moves: to_u64(row.get(3)),
+        };
+        if pending.total == pending.charged {
+            return Ok(());
+        }
+        let total = i64::try_from(pending.total).unwrap_or(i64::MAX);
+        settle(pending).await?;
+        tx.execute_cached(
+            "UPDATE files.files
+                SET variant_bytes_charged = $2, variant_charge_moves = variant_charge_moves + 1
+              WHERE id = $1",
+            &[&id, &total],
         )
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -84,34 +84,40 @@ impl FilesGrpc {
         }
     }
 
-    /// Brings the owner's usage in line with the file's variants. The key names the move
-    /// (from what was charged to the new total), so a retry after a lost reply moves usage
-    /// once; until the mark is updated, every SetVariants retries it.
-    async fn settle_variant_charge(&self, id: Uuid, pending: &PendingCharge) -> Result<(), Status> {
-        if pending.total == pending.charged {
-            return Ok(());
-        }
-        let idempotency_key = format!("variants:{id}:{}:{}", pending.charged, pending.total);
-        if pending.total > pending.charged {
-            self.quota
-                .charge(pb::ChargeRequest {
-                    user_id: pending.owner_id.clone(),
-                    bytes: pending.total - pending.charged,
-                    idempotency_key,
-                    reason: "variants".into(),
-                })
-                .await?;
-        } else {
-            self.quota
-                .debit(pb::DebitRequest {
-                    user_id: pending.owner_id.clone(),
-                    bytes: pending.charged - pending.total,
-                    idempotency_key,
-                    reason: "variants replaced".into(),
-                })
-                .await?;
-        }
-        self.catalog.mark_charged(id, pending).await?;
+    /// Brings the owner's usage in line with the file's variants, under the file's row lock
+    /// (see [`Catalog::settle_variant_charge`]). The key names the move (its number, from what
+    /// was charged to the new total), so a retry after a lost reply moves usage once; until
+    /// the mark is updated, every SetVariants retries it.
+    async fn settle_variant_charge(&self, id: Uuid) -> Result<(), Status> {
+        let quota = &self.quota;
+        self.catalog
+            .settle_variant_charge(id, |pending: PendingCharge| async move {
+                let idempotency_key = format!(
+                    "variants:{id}:{}:{}:{}",
+                    pending.moves, pending.charged, pending.total
+                );
+                if pending.total > pending.charged {
+                    quota
+                        .charge(pb::ChargeRequest {
+                            user_id: pending.owner_id,
+                            bytes: pending.total - pending.charged,
+                            idempotency_key,
+                            reason: "variants".into(),
+                        })
+                        .await?;
+                } else {
+                    quota
+                        .debit(pb::DebitRequest {
+                            user_id: pending.owner_id,
+                            bytes: pending.charged - pending.total,
+                            idempotency_key,
+                            reason: "variants replaced".into(),
+                        })
+                        .await?;
+                }
+                Ok(())
+            })
+            .await?;
         Ok(())
     }
 
@@ -478,7 +484,7 @@ impl files_server::Files for FilesGrpc {
                 })
             })
             .collect::<Result<_, Status>>()?;
-        let (file, pending) = self
+        let file = self
             .catalog
             .set_variants(
                 id,
@@ -491,7 +497,7 @@ impl files_server::Files for FilesGrpc {
                 &req.codec,
             )
             .await?;
-        self.settle_variant_charge(id, &pending).await?;
+        self.settle_variant_charge(id).await?;
         Ok(Response::new(pb::SetVariantsResponse {
             file: Some(file.to_proto(true)),
         }))
