@@ -568,6 +568,85 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
     mesh.stop().await
 }
 
+/// A batch's stored screenshots stay until every consumer group that reads the stream has
+/// acknowledged it: the first group's acknowledgement does not take them from the others.
+#[tokio::test]
+async fn screenshots_stay_until_every_group_has_acknowledged_their_batch() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.streams.window = Duration::from_millis(300);
+        c.ingest.streams.grace = Duration::from_millis(100);
+        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
+    })
+    .await?;
+    let carol = token("carol", &[]);
+    let mut acked = HashMap::new();
+    let events = vec![
+        event(1, Some(vec![7u8; 4096])),
+        event(2, Some(vec![9u8; 4096])),
+    ];
+    append(
+        mesh.channel(),
+        &carol,
+        vec![pb::AppendEventsRequest {
+            stream_id: "cam".into(),
+            first_seq: 1,
+            events,
+        }],
+        &mut acked,
+    )
+    .await;
+    assert_eq!(acked.get("cam"), Some(&2));
+    batches_sealed(&setup, 1).await?;
+    assert_eq!(mesh.stored_objects("events/cam/screens").await?.len(), 2);
+
+    // Group "archive" takes the batch and is still working on it.
+    let mut client = IngestClient::new(mesh.channel()).max_decoding_message_size(64 << 20);
+    let mut archive = client
+        .subscribe_batches(authed(
+            pb::SubscribeBatchesRequest {
+                consumer_group: "archive".into(),
+                ..Default::default()
+            },
+            &carol,
+        ))
+        .await?
+        .into_inner();
+    let batch = tokio::time::timeout(Duration::from_secs(10), archive.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no batch"))??
+        .batch
+        .ok_or_else(|| anyhow::anyhow!("empty message"))?;
+    // Group "analysis" reads and acknowledges it: the screenshots stay for "archive".
+    drain(
+        mesh.channel(),
+        &carol,
+        "analysis",
+        "",
+        &[("cam".to_owned(), 2)].into(),
+    )
+    .await?;
+    assert_eq!(mesh.stored_objects("events/cam/screens").await?.len(), 2);
+    // The last group's acknowledgement deletes them.
+    let deleted = client
+        .ack_batch(authed(
+            pb::AckBatchRequest {
+                consumer_group: "archive".into(),
+                batch_id: batch.id.clone(),
+            },
+            &carol,
+        ))
+        .await?
+        .into_inner()
+        .screenshots_deleted;
+    assert_eq!(deleted, 2);
+    assert_eq!(
+        mesh.stored_objects("events/cam/screens").await?,
+        Vec::<String>::new()
+    );
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn sealed_batches_and_their_screenshots_go_after_the_retention() -> anyhow::Result<()> {
     let setup = Setup::new().await?;

@@ -17,7 +17,8 @@
 //! events so it travels as one message; the stored blocks are copied, not recompressed),
 //! the batches are recorded and the segments deleted, in one transaction. Consumer groups read sealed batches in
 //! order (each batch to one member of each group, redelivered if not acknowledged in time),
-//! and an acknowledgement deletes the batch's stored screenshots.
+//! and the acknowledgement of the last group reading a stream deletes the batch's stored
+//! screenshots.
 
 use std::{sync::Arc, time::Duration};
 
@@ -853,6 +854,12 @@ impl EventStreams {
             &[&gone],
         )
         .await?;
+        // A group that has read nothing for the retention has nothing left to read.
+        tx.execute(
+            "DELETE FROM ingest.event_readers WHERE last_seen < now() - make_interval(secs => $1)",
+            &[&retention],
+        )
+        .await?;
         tx.commit().await?;
         Ok(gone.len())
     }
@@ -1147,6 +1154,12 @@ impl EventStreams {
                          WHERE event_deliveries.acked_at IS NULL
                            AND event_deliveries.delivered_at < now() - make_interval(secs => $5)
                      RETURNING batch_id
+                 ), readers AS (
+                     INSERT INTO ingest.event_readers (stream_id, group_name)
+                     SELECT DISTINCT b.stream_id, $1
+                     FROM ingest.event_batches b JOIN claimed c ON c.batch_id = b.id
+                     ON CONFLICT (stream_id, group_name) DO UPDATE SET last_seen = now()
+                         WHERE event_readers.last_seen < now() - interval '1 minute'
                  )
                  SELECT b.id, b.stream_id, b.storage_key, b.seq, b.late_seqs, b.window_start,
                         b.window_end, b.first_seq, b.last_seq
@@ -1195,37 +1208,64 @@ impl EventStreams {
         Ok(batches)
     }
 
-    /// Acknowledges `batch` for `group`; deletes its stored screenshots (except the newest
-    /// `keep_screenshots` of its stream) and returns how many.
+    /// Acknowledges `batch` for `group`. Once every group reading the batch's stream has
+    /// acknowledged it, deletes its stored screenshots (except the newest `keep_screenshots`
+    /// of its stream); returns how many.
     pub async fn ack(&self, owner: Option<&str>, group: &str, batch: Uuid) -> Result<u32> {
-        let conn = self.inner.pool.get().await?;
-        let row = conn
+        let mut conn = self.inner.pool.get().await?;
+        let tx = conn.transaction().await?;
+        // Acknowledgements of one batch take turns, so the last group's sees the others'.
+        let Some(row) = tx
             .query_opt(
-                "UPDATE ingest.event_deliveries d SET acked_at = now()
-                 FROM ingest.event_batches b
-                 WHERE d.group_name = $1 AND d.batch_id = $2 AND b.id = d.batch_id
-                   AND ($3::text IS NULL OR b.owner_id = $3) AND d.acked_at IS NULL
-                 RETURNING b.stream_id, b.screenshots",
-                &[&group, &batch, &owner],
+                "SELECT stream_id, screenshots FROM ingest.event_batches
+                 WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2)
+                 FOR NO KEY UPDATE",
+                &[&batch, &owner],
+            )
+            .await?
+        else {
+            return Err(Error::NotFound);
+        };
+        let acked = tx
+            .execute(
+                "UPDATE ingest.event_deliveries SET acked_at = now()
+                 WHERE group_name = $1 AND batch_id = $2 AND acked_at IS NULL",
+                &[&group, &batch],
             )
             .await?;
-        let Some(row) = row else {
-            let known = conn
+        if acked == 0 {
+            let delivered = tx
                 .query_opt(
-                    "SELECT 1 FROM ingest.event_deliveries d JOIN ingest.event_batches b
-                       ON b.id = d.batch_id
-                     WHERE d.group_name = $1 AND d.batch_id = $2
-                       AND ($3::text IS NULL OR b.owner_id = $3)",
-                    &[&group, &batch, &owner],
+                    "SELECT 1 FROM ingest.event_deliveries WHERE group_name = $1 AND batch_id = $2",
+                    &[&group, &batch],
                 )
                 .await?;
-            return match known {
+            return match delivered {
                 Some(_) => Ok(0),
                 None => Err(Error::NotFound),
             };
-        };
+        }
         let stream: String = row.get(0);
         let screenshots: Vec<String> = row.get(1);
+        if screenshots.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        let waiting: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM ingest.event_readers r
+                 WHERE r.stream_id = $1 AND NOT EXISTS (
+                     SELECT 1 FROM ingest.event_deliveries d
+                     WHERE d.group_name = r.group_name AND d.batch_id = $2
+                       AND d.acked_at IS NOT NULL)",
+                &[&stream, &batch],
+            )
+            .await?
+            .get(0);
+        tx.commit().await?;
+        if waiting > 0 {
+            return Ok(0);
+        }
         let keep: std::collections::HashSet<String> = if self.inner.settings.keep_screenshots > 0 {
             conn.query(
                 "SELECT s FROM ingest.event_batches, unnest(screenshots) AS s
