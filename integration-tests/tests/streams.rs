@@ -8,7 +8,7 @@ use futures::StreamExt;
 use stowage::Role;
 use stowage_proto::v1::{self as pb, ingest_client::IngestClient};
 use stowage_testkit::{Mesh, Processes, Setup, authed, channel, token};
-use tonic::transport::Channel;
+use tonic::{Code, transport::Channel};
 
 const PER_STREAM: u64 = 100_000;
 const FRAME: u64 = 2_000;
@@ -617,6 +617,48 @@ async fn screenshots_stay_until_every_group_has_acknowledged_their_batch() -> an
         .ok_or_else(|| anyhow::anyhow!("no batch"))??
         .batch
         .ok_or_else(|| anyhow::anyhow!("empty message"))?;
+    // Its events name the stored screenshots, which the owner reads back; nobody else does.
+    let keys: Vec<String> = batch
+        .events
+        .iter()
+        .filter_map(|e| match e.screenshot.as_ref()?.source.as_ref()? {
+            pb::screenshot::Source::StorageKey(key) => Some(key.clone()),
+            pb::screenshot::Source::InlineData(_) => None,
+        })
+        .collect();
+    assert_eq!(keys.len(), 2);
+    let reader = client.clone();
+    let read = |key: &str, who: &str| {
+        let mut client = reader.clone();
+        let request = authed(
+            pb::GetScreenshotRequest {
+                storage_key: key.to_owned(),
+            },
+            who,
+        );
+        async move {
+            client
+                .get_screenshot(request)
+                .await
+                .map(|r| r.into_inner().data)
+        }
+    };
+    assert_eq!(read(&keys[0], &carol).await?.as_ref(), &[7u8; 4096][..]);
+    assert_eq!(read(&keys[1], &carol).await?.as_ref(), &[9u8; 4096][..]);
+    let mallory = token("mallory", &[]);
+    assert_eq!(
+        read(&keys[0], &mallory).await.err().map(|s| s.code()),
+        Some(Code::NotFound)
+    );
+    let refused = read("users/carol/image/2026/12/x.png", &carol).await.err();
+    assert_eq!(
+        refused.as_ref().map(|s| s.code()),
+        Some(Code::InvalidArgument)
+    );
+    assert!(
+        refused.is_some_and(|s| s.message().contains("storage_key")),
+        "the refusal names the field"
+    );
     // Group "analysis" reads and acknowledges it: the screenshots stay for "archive".
     drain(
         mesh.channel(),
@@ -627,6 +669,7 @@ async fn screenshots_stay_until_every_group_has_acknowledged_their_batch() -> an
     )
     .await?;
     assert_eq!(mesh.stored_objects("events/cam/screens").await?.len(), 2);
+    assert_eq!(read(&keys[1], &carol).await?.len(), 4096);
     // The last group's acknowledgement deletes them.
     let deleted = client
         .ack_batch(authed(
@@ -643,6 +686,10 @@ async fn screenshots_stay_until_every_group_has_acknowledged_their_batch() -> an
     assert_eq!(
         mesh.stored_objects("events/cam/screens").await?,
         Vec::<String>::new()
+    );
+    assert_eq!(
+        read(&keys[0], &carol).await.err().map(|s| s.code()),
+        Some(Code::NotFound)
     );
     mesh.stop().await
 }

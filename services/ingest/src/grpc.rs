@@ -218,6 +218,20 @@ impl ingest_server::Ingest for IngestGrpc {
         }))
     }
 
+    async fn get_screenshot(
+        &self,
+        request: Request<pb::GetScreenshotRequest>,
+    ) -> Result<Response<pb::GetScreenshotResponse>, Status> {
+        let caller = identity(&request)?;
+        let owner = (!caller.is_privileged()).then(|| caller.user_id.clone());
+        let req = request.into_inner();
+        let data = self
+            .streams()?
+            .screenshot(owner.as_deref(), &req.storage_key)
+            .await?;
+        Ok(Response::new(pb::GetScreenshotResponse { data }))
+    }
+
     async fn find_upload_keys(
         &self,
         request: Request<pb::FindUploadKeysRequest>,

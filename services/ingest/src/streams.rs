@@ -1208,6 +1208,45 @@ impl EventStreams {
         Ok(batches)
     }
 
+    /// The bytes of the stored screenshot `key` (`events/{stream}/screens/...`), for the
+    /// stream's owner (`owner`) or a privileged caller (`None`).
+    pub async fn screenshot(&self, owner: Option<&str>, key: &str) -> Result<Bytes> {
+        let stream = key
+            .strip_prefix("events/")
+            .and_then(|rest| rest.split_once("/screens/"))
+            .filter(|(stream, name)| {
+                validate_stream_id(stream).is_ok()
+                    && !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+            })
+            .map(|(stream, _)| stream)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "storage_key",
+                    "must be a screenshot key an event carries (events/{stream}/screens/...)",
+                )
+            })?;
+        let conn = self.inner.pool.get().await?;
+        let known = conn
+            .query_opt(
+                "SELECT 1 FROM ingest.event_streams
+                 WHERE stream_id = $1 AND ($2::text IS NULL OR owner_id = $2)",
+                &[&stream, &owner],
+            )
+            .await?;
+        drop(conn);
+        if known.is_none() {
+            return Err(Error::NotFound);
+        }
+        match self.inner.store.get(&ObjectPath::from(key)).await {
+            Ok(object) => Ok(object.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     /// Acknowledges `batch` for `group`. Once every group reading the batch's stream has
     /// acknowledged it, deletes its stored screenshots (except the newest `keep_screenshots`
     /// of its stream); returns how many.
