@@ -6,15 +6,16 @@
 
 mod cached;
 mod listen;
+mod target;
 pub use cached::{Cached, Params};
 pub use listen::listen;
+pub use target::{PgConnection, PgTarget};
 
 use std::time::Duration;
 
 pub use deadpool_postgres::{GenericClient, Object as Connection, Pool as PgPool, Transaction};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 pub use refinery::Runner as MigrationRunner;
-use tokio_postgres::NoTls;
 
 /// Errors of pool creation and migrations.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,9 @@ pub enum DbError {
     /// The database URL could not be parsed.
     #[error("invalid database url: {0}")]
     Url(#[source] tokio_postgres::Error),
+    /// The URL's TLS settings cannot be used.
+    #[error("database TLS: {0}")]
+    Tls(String),
     /// The pool could not be built.
     #[error("cannot build the connection pool: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
@@ -42,15 +46,16 @@ pub enum DbError {
     },
 }
 
-/// Builds a pool for `url` with at most `max_size` connections.
+/// Builds a pool for `url` with at most `max_size` connections, over TLS when the URL sets
+/// `sslmode=require` (see [`PgTarget`]).
 ///
 /// Connections are checked before reuse, so a restarted server costs one failed check, not a
 /// failed request.
 pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let pg_config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    let (pg_config, tls) = PgTarget::parse(url)?.into_parts();
     let manager = Manager::from_config(
         pg_config,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -5,25 +5,25 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 /// First delay before reconnecting; it doubles up to [`MAX_RECONNECT_DELAY`].
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(250);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
 
-/// Wakes `wake` on every notification of `channel` until `stop`, reconnecting with `config`
+/// Wakes `wake` on every notification of `channel` until `stop`, reconnecting to `target`
 /// (backing off up to 30 s) when the connection drops. Every (re)connection wakes it too,
 /// since notifications sent while no one listened are lost.
 pub async fn listen(
-    config: tokio_postgres::Config,
+    target: crate::PgTarget,
     channel: String,
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let mut delay = FIRST_RECONNECT_DELAY;
     loop {
-        match session(&config, &channel, &wake, &stop, &mut delay).await {
+        match session(&target, &channel, &wake, &stop, &mut delay).await {
             Ended::Stopped => return,
             Ended::Lost(reason) => tracing::warn!(
                 %channel,
@@ -46,13 +46,13 @@ enum Ended {
 }
 
 async fn session(
-    config: &tokio_postgres::Config,
+    target: &crate::PgTarget,
     channel: &str,
     wake: &Notify,
     stop: &CancellationToken,
     delay: &mut Duration,
 ) -> Ended {
-    let connect = config.connect(NoTls);
+    let connect = target.connect();
     let (client, mut connection) = tokio::select! {
         () = stop.cancelled() => return Ended::Stopped,
         connected = connect => match connected {

@@ -23,6 +23,9 @@ pub enum RelayError {
     /// No connection could be taken from the pool.
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// The database URL cannot be used.
+    #[error("database url: {0}")]
+    Target(#[from] stowage_db::DbError),
     /// Redis failed or is unreachable; the rows stay unpublished.
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
@@ -62,7 +65,7 @@ impl Default for RelaySettings {
 #[derive(Clone)]
 pub struct Relay {
     pool: Pool,
-    listen: tokio_postgres::Config,
+    listen: stowage_db::PgTarget,
     schema: String,
     redis: Client,
     settings: RelaySettings,
@@ -80,7 +83,7 @@ impl Relay {
     ) -> Result<Self, RelayError> {
         Ok(Self {
             pool,
-            listen: database_url.parse().map_err(RelayError::Db)?,
+            listen: stowage_db::PgTarget::parse(database_url)?,
             schema: schema.to_owned(),
             redis,
             settings,

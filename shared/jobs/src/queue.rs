@@ -34,7 +34,7 @@ pub struct Queue {
 #[derive(Debug)]
 struct Inner {
     pool: PgPool,
-    listen: tokio_postgres::Config,
+    listen: stowage_db::PgTarget,
     schema: String,
     channel: String,
     config: QueueConfig,
@@ -53,12 +53,13 @@ impl Queue {
     ) -> Result<Self, Error> {
         config.validate()?;
         check_schema(schema)?;
-        let mut listen: tokio_postgres::Config = database_url
-            .parse()
+        let mut listen = stowage_db::PgTarget::parse(database_url)
             .map_err(|e| Error::invalid("database_url", format!("{e}")))?;
-        listen.application_name("stowage-jobs-listener");
-        // A listener mostly waits: keepalives notice a peer that vanished without a word.
-        listen.keepalives_idle(Duration::from_secs(60));
+        listen
+            .config_mut()
+            .application_name("stowage-jobs-listener")
+            // A listener mostly waits: keepalives notice a peer that vanished without a word.
+            .keepalives_idle(Duration::from_secs(60));
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -85,7 +86,7 @@ impl Queue {
         &self.inner.pool
     }
 
-    pub(crate) fn listen_config(&self) -> &tokio_postgres::Config {
+    pub(crate) fn listen_target(&self) -> &stowage_db::PgTarget {
         &self.inner.listen
     }
 

@@ -148,7 +148,7 @@ impl Worker {
         let tasks = TaskTracker::new();
         tasks.spawn(
             stowage_db::listen(
-                queue.listen_config().clone(),
+                queue.listen_target().clone(),
                 queue.channel().to_owned(),
                 wake.clone(),
                 helpers.clone(),

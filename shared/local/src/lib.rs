@@ -97,6 +97,16 @@ impl LocalPostgres {
     /// Starts PostgreSQL on a free port with its data in `data_dir` (created with `initdb`
     /// when empty). `durable: false` turns fsync off, for tests.
     pub async fn start(data_dir: &Path, durable: bool) -> Result<Self, LocalError> {
+        Self::start_with(data_dir, durable, &[]).await
+    }
+
+    /// Like [`LocalPostgres::start`], with more server settings (`name=value`, as `-c`
+    /// takes them).
+    pub async fn start_with(
+        data_dir: &Path,
+        durable: bool,
+        settings: &[&str],
+    ) -> Result<Self, LocalError> {
         for bin in ["initdb", "postgres"] {
             if !on_path(bin) {
                 return Err(LocalError::Missing(if bin == "initdb" {
@@ -160,6 +170,9 @@ impl LocalPostgres {
                 "-c",
                 "full_page_writes=off",
             ]);
+        }
+        for setting in settings {
+            cmd.args(["-c", setting]);
         }
         let child = cmd.spawn()?;
         let server = Self {

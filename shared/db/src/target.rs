@@ -1,0 +1,209 @@
+//! Where a database URL points and how to reach it: in the clear, or over TLS when the URL
+//! asks for it.
+//!
+//! `sslmode=require` (and libpq's `verify-ca` / `verify-full`, which mean the same here) makes
+//! every connection use TLS, the server's certificate checked against the system's root
+//! certificates, or against those of the PEM file `sslrootcert` names, and its host name
+//! against the URL's host. Stricter than libpq's `require`, which checks nothing: a connection
+//! Stowage encrypts is one it can trust. Without `sslmode` (or with `disable`, `allow`,
+//! `prefer`) connections are plain, as before.
+
+use std::{path::Path, sync::Arc};
+
+use rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, pem::PemObject},
+};
+use tokio_postgres::{Client, Connection, Socket, config::SslMode, tls::MakeTlsConnect};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::DbError;
+
+/// A parsed database URL and the TLS settings it asked for.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // tokio-postgres leaves the password out of its settings' debug output.
+        f.debug_struct("PgTarget")
+            .field("config", &self.config)
+            .field("tls", &self.uses_tls())
+            .finish()
+    }
+}
+
+/// A connection made outside a pool (a listener's).
+pub type PgConnection = Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
+
+impl PgTarget {
+    /// Parses `url` (a `postgres://` URL or a `key=value` string).
+    pub fn parse(url: &str) -> Result<Self, DbError> {
+        let (url, mode, root_cert) = take_tls_params(url)?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+        let verified = matches!(
+            mode.as_deref(),
+            Some("require" | "verify-ca" | "verify-full")
+        ) || (mode.is_none() && config.get_ssl_mode() == SslMode::Require);
+        let roots = if verified {
+            config.ssl_mode(SslMode::Require);
+            roots(root_cert.as_deref())?
+        } else if root_cert.is_some() {
+            return Err(DbError::Tls(
+                "sslrootcert is set but sslmode does not ask for TLS (use sslmode=require)".into(),
+            ));
+        } else {
+            config.ssl_mode(SslMode::Disable);
+            // Never used with TLS off; the connector's type stays one for both.
+            RootCertStore::empty()
+        };
+        let tls = ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DbError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Self {
+            config,
+            tls: MakeRustlsConnect::new(tls),
+        })
+    }
+
+    /// The connection settings, to adjust (application name, keepalives).
+    pub fn config_mut(&mut self) -> &mut tokio_postgres::Config {
+        &mut self.config
+    }
+
+    /// Whether connections use TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.config.get_ssl_mode() == SslMode::Require
+    }
+
+    /// Opens one connection; the caller polls the returned [`PgConnection`].
+    pub async fn connect(&self) -> Result<(Client, PgConnection), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
+    }
+
+    pub(crate) fn into_parts(self) -> (tokio_postgres::Config, MakeRustlsConnect) {
+        (self.config, self.tls)
+    }
+}
+
+/// Takes `sslmode` and `sslrootcert` out of a `postgres://` URL (tokio-postgres knows neither
+/// libpq's `verify-*` modes nor `sslrootcert`); a `key=value` string keeps its `sslmode`.
+fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>), DbError> {
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let Some((base, query)) = url.split_once('?').filter(|_| is_url) else {
+        return Ok((url.to_owned(), None, None));
+    };
+    let mut mode = None;
+    let mut root_cert = None;
+    let mut kept = url::form_urlencoded::Serializer::new(String::new());
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "sslmode" => mode = Some(value.into_owned()),
+            "sslrootcert" => root_cert = Some(value.into_owned()),
+            _ => {
+                kept.append_pair(&key, &value);
+            }
+        }
+    }
+    if let Some(mode) = &mode
+        && ![
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ]
+        .contains(&mode.as_str())
+    {
+        return Err(DbError::Tls(format!(
+            "sslmode {mode:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+        )));
+    }
+    let kept = kept.finish();
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{kept}")
+    };
+    Ok((url, mode, root_cert))
+}
+
+/// The certificates a server's must chain to: those in `file`, or the system's.
+fn roots(file: Option<&str>) -> Result<RootCertStore, DbError> {
+    let mut roots = RootCertStore::empty();
+    match file {
+        Some(file) => {
+            let certs = CertificateDer::pem_file_iter(Path::new(file))
+                .map_err(|e| DbError::Tls(format!("sslrootcert {file:?}: {e}")))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| DbError::Tls(format!("sslrootcert {file:?}: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| DbError::Tls(format!("sslrootcert {file:?}: {e}")))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for error in &found.errors {
+                tracing::warn!(%error, "a system root certificate could not be read");
+            }
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err(DbError::Tls(match file {
+            Some(file) => format!("sslrootcert {file:?} holds no certificate"),
+            None => "no system root certificates found; name a CA file with sslrootcert".into(),
+        }));
+    }
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_settings_leave_the_url_and_the_rest_stays() {
+        let (url, mode, root) = take_tls_params(
+            "postgres://u:p%40ss@db.example:5432/app?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20file.pem",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            url,
+            "postgres://u:p%40ss@db.example:5432/app?application_name=x"
+        );
+        assert_eq!(mode.as_deref(), Some("verify-full"));
+        assert_eq!(root.as_deref(), Some("/etc/ca file.pem"));
+        let (url, mode, root) =
+            take_tls_params("host=db sslmode=require").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (url.as_str(), mode, root),
+            ("host=db sslmode=require", None, None)
+        );
+    }
+
+    #[test]
+    fn only_tls_urls_use_tls_and_bad_settings_are_named() {
+        let plain = PgTarget::parse("postgres://u@localhost/app?sslmode=prefer");
+        assert!(plain.is_ok_and(|t| !t.uses_tls()));
+        let plain = PgTarget::parse("postgres://u@localhost/app");
+        assert!(plain.is_ok_and(|t| !t.uses_tls()));
+        let bad = PgTarget::parse("postgres://u@localhost/app?sslmode=sometimes").err();
+        assert!(bad.is_some_and(|e| e.to_string().contains("sslmode")));
+        let missing =
+            PgTarget::parse("postgres://u@localhost/app?sslmode=require&sslrootcert=/nonexistent")
+                .err();
+        assert!(missing.is_some_and(|e| e.to_string().contains("sslrootcert")));
+        let stray = PgTarget::parse("postgres://u@localhost/app?sslrootcert=/x.pem").err();
+        assert!(stray.is_some_and(|e| e.to_string().contains("sslmode=require")));
+    }
+}
