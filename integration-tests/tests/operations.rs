@@ -128,6 +128,34 @@ async fn health_detail(addr: std::net::SocketAddr) -> serde_json::Value {
         .expect("JSON health detail")
 }
 
+/// A process started while Redis is not up yet serves without it, and uses it once it comes
+/// (the first connection is retried like a lost one).
+#[tokio::test]
+async fn redis_that_comes_up_after_the_process_is_used() -> anyhow::Result<()> {
+    let port = stowage_local::free_port()?;
+    let setup = Setup::new().await?;
+    let url = format!("redis://127.0.0.1:{port}");
+    let mesh = Mesh::start_with(&setup, |c| c.redis_url = Some(url)).await?;
+    let detail = health_detail(mesh.addr).await;
+    assert_eq!(detail["status"], "degraded", "{detail}");
+    let redis = LocalRedis::start_on(port).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let detail = health_detail(mesh.addr).await;
+        if detail["checks"]["redis"] == "up" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis still not used 30 s after it came up: {detail}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    mesh.stop().await?;
+    redis.stop().await;
+    Ok(())
+}
+
 /// Redis only carries what can be rebuilt: without it the services keep serving and say
 /// they are degraded; PostgreSQL stays required.
 #[tokio::test]

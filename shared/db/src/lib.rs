@@ -7,6 +7,7 @@
 mod cached;
 mod listen;
 mod target;
+pub mod tls;
 pub use cached::{Cached, Params};
 pub use listen::listen;
 pub use target::{PgConnection, PgTarget};

@@ -8,12 +8,7 @@
 //! Stowage encrypts is one it can trust. Without `sslmode` (or with `disable`, `allow`,
 //! `prefer`) connections are plain, as before.
 
-use std::{path::Path, sync::Arc};
-
-use rustls::{
-    ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, pem::PemObject},
-};
+use rustls::RootCertStore;
 use tokio_postgres::{Client, Connection, Socket, config::SslMode, tls::MakeTlsConnect};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -48,9 +43,9 @@ impl PgTarget {
             mode.as_deref(),
             Some("require" | "verify-ca" | "verify-full")
         ) || (mode.is_none() && config.get_ssl_mode() == SslMode::Require);
-        let roots = if verified {
+        let tls = if verified {
             config.ssl_mode(SslMode::Require);
-            roots(root_cert.as_deref())?
+            crate::tls::client_config(root_cert.as_deref()).map_err(DbError::Tls)?
         } else if root_cert.is_some() {
             return Err(DbError::Tls(
                 "sslrootcert is set but sslmode does not ask for TLS (use sslmode=require)".into(),
@@ -58,15 +53,8 @@ impl PgTarget {
         } else {
             config.ssl_mode(SslMode::Disable);
             // Never used with TLS off; the connector's type stays one for both.
-            RootCertStore::empty()
+            crate::tls::client_config_with(RootCertStore::empty()).map_err(DbError::Tls)?
         };
-        let tls = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| DbError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         Ok(Self {
             config,
             tls: MakeRustlsConnect::new(tls),
@@ -134,37 +122,6 @@ fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>)
         format!("{base}?{kept}")
     };
     Ok((url, mode, root_cert))
-}
-
-/// The certificates a server's must chain to: those in `file`, or the system's.
-fn roots(file: Option<&str>) -> Result<RootCertStore, DbError> {
-    let mut roots = RootCertStore::empty();
-    match file {
-        Some(file) => {
-            let certs = CertificateDer::pem_file_iter(Path::new(file))
-                .map_err(|e| DbError::Tls(format!("sslrootcert {file:?}: {e}")))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| DbError::Tls(format!("sslrootcert {file:?}: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| DbError::Tls(format!("sslrootcert {file:?}: {e}")))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for error in &found.errors {
-                tracing::warn!(%error, "a system root certificate could not be read");
-            }
-            roots.add_parsable_certificates(found.certs);
-        }
-    }
-    if roots.is_empty() {
-        return Err(DbError::Tls(match file {
-            Some(file) => format!("sslrootcert {file:?} holds no certificate"),
-            None => "no system root certificates found; name a CA file with sslrootcert".into(),
-        }));
-    }
-    Ok(roots)
 }
 
 #[cfg(test)]

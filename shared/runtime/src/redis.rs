@@ -7,8 +7,14 @@ use fred::prelude::*;
 /// A client for `url` that keeps reconnecting in the background. It waits up to 5 s for the
 /// first connection, then returns anyway: a process starts without Redis and its readiness
 /// says so until Redis answers.
+///
+/// A `rediss://` URL connects over TLS, the server's certificate checked against the system's
+/// roots or the PEM file its `sslrootcert` parameter names, and its name against the host.
 pub async fn connect(url: &str) -> Result<Client, Error> {
-    let config = Config::from_url(url)?;
+    let mut config = config(url)?;
+    // Reconnect as after a lost connection when the first one fails too: by default fred
+    // gives up for good, and a process started before Redis would never use it.
+    config.fail_fast = false;
     let client = Builder::from_config(config)
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(5);
@@ -28,6 +34,46 @@ pub async fn connect(url: &str) -> Result<Client, Error> {
         tracing::warn!("redis not reachable yet; not ready until it is");
     }
     Ok(client)
+}
+
+/// The settings `url` names, TLS made here (fred's own would give up on a system with one
+/// unreadable root certificate, and could not take a CA file).
+fn config(url: &str) -> Result<Config, Error> {
+    let invalid = |why: String| Error::new(ErrorKind::Config, why);
+    let mut parsed = url::Url::parse(url).map_err(|e| invalid(format!("redis url: {e}")))?;
+    let root_cert = parsed
+        .query_pairs()
+        .find(|(k, _)| k == "sslrootcert")
+        .map(|(_, v)| v.into_owned());
+    if root_cert.is_some() {
+        let kept: Vec<(String, String)> = parsed
+            .query_pairs()
+            .filter(|(k, _)| k != "sslrootcert")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        parsed.set_query(None);
+        if !kept.is_empty() {
+            parsed.query_pairs_mut().extend_pairs(kept);
+        }
+    }
+    let scheme = parsed.scheme().to_owned();
+    let (tls, plain_scheme) = match scheme.strip_prefix("rediss") {
+        Some(rest) => (true, format!("redis{rest}")),
+        None => (false, scheme.clone()),
+    };
+    if !tls && root_cert.is_some() {
+        return Err(invalid(
+            "redis url: sslrootcert is set but the scheme is redis (use rediss)".into(),
+        ));
+    }
+    let plain = format!("{plain_scheme}{}", &parsed.as_str()[scheme.len()..]);
+    let mut config = Config::from_url(&plain)?;
+    if tls {
+        let client = stowage_db::tls::client_config(root_cert.as_deref())
+            .map_err(|e| Error::new(ErrorKind::Tls, format!("redis: {e}")))?;
+        config.tls = Some(client.into());
+    }
+    Ok(config)
 }
 
 /// Checks that Redis answers, for readiness probes.

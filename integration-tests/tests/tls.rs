@@ -1,6 +1,7 @@
 //! A database URL with `sslmode=require` reaches PostgreSQL over TLS (pool and listener), and
-//! only a server whose certificate chains to the given CA and names the URL's host is
-//! accepted. Against a real PostgreSQL with `ssl=on` and certificates made for the test.
+//! a `rediss://` URL Redis; only a server whose certificate chains to the given CA and names
+//! the URL's host is accepted. Against a real PostgreSQL with `ssl=on` and a real Redis with
+//! a TLS port, and certificates made for the test.
 
 use std::{sync::Arc, time::Duration};
 
@@ -136,5 +137,86 @@ async fn a_url_asking_for_tls_gets_it_and_checks_the_server() -> anyhow::Result<
     // Without sslmode, connections stay plain, as before.
     assert!(!encrypted(&stowage_db::connect(&base, 1)?).await?);
     pg.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rediss_url_gets_tls_and_checks_the_server() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = certificates(&["127.0.0.1"])?;
+    let (other_ca, _, _) = certificates(&["127.0.0.1"])?;
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(path("ca.pem"), ca)?;
+    std::fs::write(path("other-ca.pem"), other_ca)?;
+    std::fs::write(path("server.crt"), cert)?;
+    std::fs::write(path("server.key"), key)?;
+    let port = stowage_local::free_port()?;
+    let _redis = tokio::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-port", &port.to_string()])
+        .args(["--tls-cert-file", &path("server.crt")])
+        .args(["--tls-key-file", &path("server.key")])
+        .args(["--tls-ca-cert-file", &path("ca.pem")])
+        .args(["--tls-auth-clients", "no", "--loglevel", "warning"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    stowage_integration_tests::eventually(Duration::from_secs(10), "redis started", || async {
+        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok())
+    })
+    .await?;
+
+    // With the CA that signed the server's certificate: commands go through, encrypted.
+    let url = format!("rediss://127.0.0.1:{port}/0?sslrootcert={}", path("ca.pem"));
+    let client = stowage_runtime::redis::connect(&url).await?;
+    stowage_integration_tests::eventually(Duration::from_secs(10), "redis over TLS", || {
+        let client = client.clone();
+        async move {
+            let r = stowage_runtime::redis::ping(&client).await;
+            eprintln!("PING {r:?}");
+            Ok(r.is_ok())
+        }
+    })
+    .await?;
+    // Only a TLS client could have read the server's port at all: it speaks nothing else.
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut plain, b"PING\r\n").await?;
+    let mut answer = [0u8; 7];
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read(&mut plain, &mut answer),
+    )
+    .await;
+    assert!(
+        !matches!(read, Ok(Ok(n)) if answer[..n].starts_with(b"+PONG")),
+        "the port answers plain text"
+    );
+
+    // Another CA's certificate: no command goes through.
+    let url = format!(
+        "rediss://127.0.0.1:{port}/0?sslrootcert={}",
+        path("other-ca.pem")
+    );
+    let refused = stowage_runtime::redis::connect(&url).await?;
+    assert!(stowage_runtime::redis::ping(&refused).await.is_err());
+    // A CA file with a plain URL is a mistake, said at once.
+    let mixed = stowage_runtime::redis::connect(&format!(
+        "redis://127.0.0.1:{port}/0?sslrootcert={}",
+        path("ca.pem")
+    ))
+    .await
+    .err();
+    assert!(mixed.is_some_and(|e| e.to_string().contains("rediss")));
     Ok(())
 }
