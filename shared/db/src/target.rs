@@ -88,16 +88,23 @@ fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>)
     let Some((base, query)) = url.split_once('?').filter(|_| is_url) else {
         return Ok((url.to_owned(), None, None));
     };
+    // Other parameters are copied byte for byte: tokio-postgres percent-decodes them itself
+    // (and reads `+` as a plus, so they must not be re-encoded as a form would).
     let mut mode = None;
     let mut root_cert = None;
-    let mut kept = url::form_urlencoded::Serializer::new(String::new());
-    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-        match key.as_ref() {
-            "sslmode" => mode = Some(value.into_owned()),
-            "sslrootcert" => root_cert = Some(value.into_owned()),
-            _ => {
-                kept.append_pair(&key, &value);
-            }
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = || {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map(|v| v.into_owned())
+                .map_err(|_| DbError::Tls(format!("{key} is not UTF-8 once decoded")))
+        };
+        match key {
+            "sslmode" => mode = Some(decoded()?),
+            "sslrootcert" => root_cert = Some(decoded()?),
+            _ => kept.push(pair),
         }
     }
     if let Some(mode) = &mode
@@ -115,11 +122,10 @@ fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>)
             "sslmode {mode:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
         )));
     }
-    let kept = kept.finish();
     let url = if kept.is_empty() {
         base.to_owned()
     } else {
-        format!("{base}?{kept}")
+        format!("{base}?{}", kept.join("&"))
     };
     Ok((url, mode, root_cert))
 }
@@ -131,15 +137,16 @@ mod tests {
     #[test]
     fn tls_settings_leave_the_url_and_the_rest_stays() {
         let (url, mode, root) = take_tls_params(
-            "postgres://u:p%40ss@db.example:5432/app?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20file.pem",
+            "postgres://u:p%40ss@db.example:5432/app?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20file+1.pem&options=-c%20search_path%3Dstowage",
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        // The other parameters are left exactly as written (`%20` stays, not `+`).
         assert_eq!(
             url,
-            "postgres://u:p%40ss@db.example:5432/app?application_name=x"
+            "postgres://u:p%40ss@db.example:5432/app?application_name=x&options=-c%20search_path%3Dstowage"
         );
         assert_eq!(mode.as_deref(), Some("verify-full"));
-        assert_eq!(root.as_deref(), Some("/etc/ca file.pem"));
+        assert_eq!(root.as_deref(), Some("/etc/ca file+1.pem"));
         let (url, mode, root) =
             take_tls_params("host=db sslmode=require").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
