@@ -810,3 +810,65 @@ async fn variants_set_at_once_are_charged_exactly_once() -> anyhow::Result<()> {
     assert_eq!(usage(mesh.channel(), &erin).await?.used_bytes, 0);
     mesh.stop().await
 }
+
+/// A SetVariants whose caller gave up while Quota was stalled leaves its charge step recorded;
+/// the next SetVariants (with other variants meanwhile) finishes that step with the same key
+/// before its own, so usage ends exact whether or not the stalled charge went through.
+#[tokio::test]
+async fn a_variant_charge_cut_off_midway_is_finished_once() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let erin = token("erin", &[]);
+    let media = token("media", &["service"]);
+    let file = stowage_integration_tests::upload(
+        mesh.channel(),
+        &erin,
+        "data.bin",
+        &random_bytes(1000),
+        &[],
+    )
+    .await?;
+    let variant = |name: &str, size: usize| pb::Variant {
+        name: name.into(),
+        mime_type: "image/webp".into(),
+        size_bytes: size as u64,
+        width: 1,
+        height: 1,
+        inline_data: vec![1; size],
+        ..Default::default()
+    };
+    let set = |variants: Vec<pb::Variant>| {
+        authed(
+            pb::SetVariantsRequest {
+                file_id: file.id.clone(),
+                variants,
+                ..Default::default()
+            },
+            &media,
+        )
+    };
+    let files = stowage_integration_tests::files(mesh.channel());
+
+    // Quota's accounts are locked: the charge of the first SetVariants waits, its caller
+    // gives up.
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let mut blocker = pool.get().await?;
+    let blocking = blocker.transaction().await?;
+    blocking
+        .batch_execute("LOCK TABLE quota.accounts IN SHARE MODE")
+        .await?;
+    let mut request = set(vec![variant("small", 100)]);
+    request.set_timeout(std::time::Duration::from_millis(500));
+    let gave_up = files.clone().set_variants(request).await;
+    assert!(gave_up.is_err(), "Quota is stalled: {gave_up:?}");
+    blocking.rollback().await?;
+    drop(blocker);
+
+    // Another variant is added: the owner pays for both, once.
+    files
+        .clone()
+        .set_variants(set(vec![variant("large", 50)]))
+        .await?;
+    assert_eq!(usage(mesh.channel(), &erin).await?.used_bytes, 1000 + 150);
+    mesh.stop().await
+}

@@ -1,4 +1,6 @@
--- Moves of a file's variant charge so far. A move's idempotency key names it with the
--- marks it moves between: variant totals can come back to an earlier pair (a variant
--- replaced and rebuilt), and such a move must not be taken for a retry of the first.
+-- A file's variant charge moves one step at a time: the step in progress (its target total)
+-- is recorded before Quota is asked, so a step interrupted anywhere is finished with the same
+-- key and amount, and the count of steps names each (totals can come back to an earlier pair:
+-- a variant replaced and rebuilt).
 ALTER TABLE files ADD COLUMN variant_charge_moves bigint NOT NULL DEFAULT 0;
+ALTER TABLE files ADD COLUMN variant_charge_pending bigint CHECK (variant_charge_pending >= 0);

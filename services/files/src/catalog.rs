@@ -145,6 +145,8 @@ pub struct Purged {
     pub keys: Vec<String>,
     /// Bytes freed (original plus variants).
     pub bytes: u64,
+    /// A step of the variant charge that was in progress: made before the debit.
+    pub pending_move: Option<PendingCharge>,
 }
 
 /// The Files catalog.
@@ -701,19 +703,27 @@ impl Catalog {
             .query_opt_cached(
                 "DELETE FROM files.files WHERE id = $1 AND ($2 OR deleted_at IS NOT NULL)
                    AND ($3::timestamptz IS NULL OR deleted_at < $3)
-                 RETURNING variant_bytes_charged",
+                 RETURNING variant_bytes_charged, variant_charge_moves, variant_charge_pending",
                 &[&id, &matches!(viewer, Viewer::Privileged), &trashed_before],
             )
             .await?;
-        // What the owner was charged: the original, and the variants' bytes once their charge
-        // went through (a charge still pending was never added, so it is not taken back).
+        // What the owner was charged: the original, and the variants' bytes as their charge
+        // stands (variant bytes not charged yet were never added, so they are not taken back).
         let Some(deleted) = deleted else {
             return Err(Error::FailedPrecondition(
                 "the file changed meanwhile; read it again",
             ));
         };
-        let charged: i64 = deleted.get(0);
-        let bytes = file.size_bytes + u64::try_from(charged).unwrap_or(0);
+        let charged = to_u64(deleted.get(0));
+        // A step of the variant charge in progress is finished before the debit, which then
+        // takes back its target.
+        let pending_move = deleted.get::<_, Option<i64>>(2).map(|total| PendingCharge {
+            owner_id: file.owner_id.clone(),
+            charged,
+            moves: to_u64(deleted.get(1)),
+            total: to_u64(total),
+        });
+        let bytes = file.size_bytes + pending_move.as_ref().map_or(charged, |p| p.total);
         let by = match viewer {
             Viewer::Owner(_) => BY_OWNER,
             Viewer::Privileged => BY_SYSTEM,
@@ -730,6 +740,7 @@ impl Catalog {
             owner_id: file.owner_id,
             keys,
             bytes,
+            pending_move,
         })
     }
 
@@ -798,50 +809,73 @@ impl Catalog {
         Ok(file)
     }
 
-    /// Brings the owner's usage in line with the variants of file `id`: locks the file's row,
-    /// hands what its variants cost against what was charged to `settle` (which moves the
-    /// owner's usage), and records the new mark in the same transaction. Concurrent calls for
-    /// one file take turns, so each byte is charged once; a purge waits for the mark and gives
-    /// back what it says. Nothing to do when the file is gone or its charge is even.
-    pub async fn settle_variant_charge<F, Fut>(&self, id: Uuid, settle: F) -> Result<()>
-    where
-        F: FnOnce(PendingCharge) -> Fut,
-        Fut: std::future::Future<Output = Result<()>>,
-    {
+    /// The next step of file `id`'s variant charge: the one in progress if a call was
+    /// interrupted, else a new one from what was charged to what its variants cost now
+    /// (recorded before it is made, under the file's row lock); `None` when the file is gone
+    /// or its charge is even.
+    pub async fn begin_variant_move(&self, id: Uuid) -> Result<Option<PendingCharge>> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
-        let row = tx
+        let Some(row) = tx
             .query_opt_cached(
-                "SELECT f.owner_id, f.variant_bytes_charged,
-                        (SELECT COALESCE(sum(v.size_bytes), 0) FROM files.variants v
-                          WHERE v.file_id = f.id)::bigint AS total,
-                        f.variant_charge_moves
-                   FROM files.files f WHERE f.id = $1 FOR UPDATE",
+                "SELECT owner_id, variant_bytes_charged, variant_charge_moves,
+                        variant_charge_pending
+                   FROM files.files WHERE id = $1 FOR UPDATE",
                 &[&id],
             )
-            .await?;
-        let Some(row) = row else {
-            return Ok(());
+            .await?
+        else {
+            return Ok(None);
         };
-        let pending = PendingCharge {
+        let mut pending = PendingCharge {
             owner_id: row.get(0),
             charged: to_u64(row.get(1)),
-            total: to_u64(row.get(2)),
-            moves: to_u64(row.get(3)),
+            moves: to_u64(row.get(2)),
+            total: 0,
         };
-        if pending.total == pending.charged {
-            return Ok(());
+        if let Some(total) = row.get::<_, Option<i64>>(3) {
+            pending.total = to_u64(total);
+            return Ok(Some(pending));
         }
-        let total = i64::try_from(pending.total).unwrap_or(i64::MAX);
-        settle(pending).await?;
+        // Read after the lock is held, so it sees every SetVariants committed before.
+        let total: i64 = tx
+            .query_one_cached(
+                "SELECT COALESCE(sum(size_bytes), 0)::bigint FROM files.variants
+                 WHERE file_id = $1",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        pending.total = to_u64(total);
+        if pending.total == pending.charged {
+            return Ok(None);
+        }
         tx.execute_cached(
-            "UPDATE files.files
-                SET variant_bytes_charged = $2, variant_charge_moves = variant_charge_moves + 1
-              WHERE id = $1",
+            "UPDATE files.files SET variant_charge_pending = $2 WHERE id = $1",
             &[&id, &total],
         )
         .await?;
         tx.commit().await?;
+        Ok(Some(pending))
+    }
+
+    /// Records that the step `pending` of file `id`'s variant charge was made (once: a
+    /// second call for the same step changes nothing).
+    pub async fn finish_variant_move(&self, id: Uuid, pending: &PendingCharge) -> Result<()> {
+        let conn = self.pool.get().await?;
+        conn.execute_cached(
+            "UPDATE files.files
+                SET variant_bytes_charged = variant_charge_pending,
+                    variant_charge_moves = variant_charge_moves + 1,
+                    variant_charge_pending = NULL
+              WHERE id = $1 AND variant_charge_moves = $2 AND variant_charge_pending = $3",
+            &[
+                &id,
+                &i64::try_from(pending.moves).unwrap_or(i64::MAX),
+                &i64::try_from(pending.total).unwrap_or(i64::MAX),
+            ],
+        )
+        .await?;
         Ok(())
     }
 

@@ -60,6 +60,11 @@ impl FilesGrpc {
     /// Debits the usage and removes the bytes of a purged file. Both are idempotent and,
     /// should either fail, Lifecycle's reconcilers (usage recount, blob GC) finish it.
     async fn after_purge(&self, id: Uuid, purged: &Purged) {
+        if let Some(pending) = &purged.pending_move
+            && let Err(status) = self.move_variant_usage(pending, id).await
+        {
+            tracing::warn!(file_id = %id, %status, "variant charge step before the purge's debit failed; reconciliation will repair it");
+        }
         let debit = self
             .quota
             .debit(pb::DebitRequest {
@@ -84,40 +89,48 @@ impl FilesGrpc {
         }
     }
 
-    /// Brings the owner's usage in line with the file's variants, under the file's row lock
-    /// (see [`Catalog::settle_variant_charge`]). The key names the move (its number, from what
-    /// was charged to the new total), so a retry after a lost reply moves usage once; until
-    /// the mark is updated, every SetVariants retries it.
+    /// Brings the owner's usage in line with the file's variants, one recorded step at a
+    /// time (see [`Catalog::begin_variant_move`]): a step interrupted anywhere is made again
+    /// with the same key and amount by the next call (or the purge), so usage moves once.
+    /// Calls for one file at once share the step in progress. A few steps at most per call:
+    /// variants that keep changing are settled by the next SetVariants.
     async fn settle_variant_charge(&self, id: Uuid) -> Result<(), Status> {
-        let quota = &self.quota;
-        self.catalog
-            .settle_variant_charge(id, |pending: PendingCharge| async move {
-                let idempotency_key = format!(
-                    "variants:{id}:{}:{}:{}",
-                    pending.moves, pending.charged, pending.total
-                );
-                if pending.total > pending.charged {
-                    quota
-                        .charge(pb::ChargeRequest {
-                            user_id: pending.owner_id,
-                            bytes: pending.total - pending.charged,
-                            idempotency_key,
-                            reason: "variants".into(),
-                        })
-                        .await?;
-                } else {
-                    quota
-                        .debit(pb::DebitRequest {
-                            user_id: pending.owner_id,
-                            bytes: pending.charged - pending.total,
-                            idempotency_key,
-                            reason: "variants replaced".into(),
-                        })
-                        .await?;
-                }
-                Ok(())
-            })
-            .await?;
+        for _ in 0..4 {
+            let Some(pending) = self.catalog.begin_variant_move(id).await? else {
+                return Ok(());
+            };
+            self.move_variant_usage(&pending, id).await?;
+            self.catalog.finish_variant_move(id, &pending).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the owner's usage by one step of a file's variant charge; the key names the step
+    /// (its number, from what was charged to its target).
+    async fn move_variant_usage(&self, pending: &PendingCharge, id: Uuid) -> Result<(), Status> {
+        let idempotency_key = format!(
+            "variants:{id}:{}:{}:{}",
+            pending.moves, pending.charged, pending.total
+        );
+        if pending.total > pending.charged {
+            self.quota
+                .charge(pb::ChargeRequest {
+                    user_id: pending.owner_id.clone(),
+                    bytes: pending.total - pending.charged,
+                    idempotency_key,
+                    reason: "variants".into(),
+                })
+                .await?;
+        } else if pending.total < pending.charged {
+            self.quota
+                .debit(pb::DebitRequest {
+                    user_id: pending.owner_id.clone(),
+                    bytes: pending.charged - pending.total,
+                    idempotency_key,
+                    reason: "variants replaced".into(),
+                })
+                .await?;
+        }
         Ok(())
     }
 
