@@ -644,7 +644,13 @@ async fn an_expired_hold_is_charged_at_commit_even_past_the_limit() -> anyhow::R
         .expire_reservations(authed(pb::ExpireReservationsRequest::default(), &service))
         .await?
         .into_inner();
-    assert_eq!(expired.reservation_ids, vec![lapsing.id.clone()]);
+    // Lifecycle's own schedule may have expired it first.
+    assert!(
+        expired.reservation_ids.is_empty() || expired.reservation_ids == vec![lapsing.id.clone()],
+        "{expired:?}"
+    );
+    let fay = token("fay", &[]);
+    assert_eq!(usage(mesh.channel(), &fay).await?.reserved_bytes, 0);
     // Its bytes are free again, and another upload holds most of them.
     quota.reserve(authed(reserve(700, 600), &service)).await?;
     for _ in 0..2 {
@@ -658,7 +664,7 @@ async fn an_expired_hold_is_charged_at_commit_even_past_the_limit() -> anyhow::R
             ))
             .await?;
     }
-    let account = usage(mesh.channel(), &token("fay", &[])).await?;
+    let account = usage(mesh.channel(), &fay).await?;
     assert_eq!(
         (
             account.used_bytes,
