@@ -844,6 +844,13 @@ impl EventStreams {
         }
         let mut conn = self.inner.pool.get().await?;
         let tx = conn.transaction().await?;
+        // Batch rows first, as acknowledgements lock them (then their delivery): the other
+        // order could deadlock with an acknowledgement of an expiring batch.
+        tx.execute(
+            "SELECT 1 FROM ingest.event_batches WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&gone],
+        )
+        .await?;
         tx.execute(
             "DELETE FROM ingest.event_deliveries WHERE batch_id = ANY($1)",
             &[&gone],
@@ -1155,11 +1162,15 @@ impl EventStreams {
                            AND event_deliveries.delivered_at < now() - make_interval(secs => $5)
                      RETURNING batch_id
                  ), readers AS (
-                     INSERT INTO ingest.event_readers (stream_id, group_name)
-                     SELECT DISTINCT b.stream_id, $1
+                     INSERT INTO ingest.event_readers (group_name, stream_id)
+                     SELECT DISTINCT $1, b.stream_id
                      FROM ingest.event_batches b JOIN claimed c ON c.batch_id = b.id
-                     ON CONFLICT (stream_id, group_name) DO UPDATE SET last_seen = now()
-                         WHERE event_readers.last_seen < now() - interval '1 minute'
+                     ON CONFLICT (group_name, stream_id) DO NOTHING
+                 ), seen AS (
+                     -- A group that reads at all still reads its quiet streams too.
+                     UPDATE ingest.event_readers SET last_seen = now()
+                     WHERE group_name = $1 AND last_seen < now() - interval '1 minute'
+                       AND EXISTS (SELECT 1 FROM claimed)
                  )
                  SELECT b.id, b.stream_id, b.storage_key, b.seq, b.late_seqs, b.window_start,
                         b.window_end, b.first_seq, b.last_seq

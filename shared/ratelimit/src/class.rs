@@ -63,7 +63,8 @@ pub fn classify_grpc_path(path: &str) -> Class {
             "Upload" | "CreateUpload" | "WriteChunks" | "PutChunk" | "CompleteUpload"
             | "AppendEvents",
         ) => Class::Upload,
-        ("stowage.v1.Files", "Download" | "GetDownloadUrl") => Class::Download,
+        ("stowage.v1.Files", "Download" | "GetDownloadUrl")
+        | ("stowage.v1.Ingest", "GetScreenshot") => Class::Download,
         ("stowage.v1.Files", "ListFiles" | "ListTrash")
         | ("stowage.v1.Lifecycle", "MostRecentEvents" | "UserEvents") => Class::List,
         ("stowage.v1.Files", "StorageStats")
@@ -118,6 +119,7 @@ mod tests {
             ("/stowage.v1.Ingest/GetUpload", Class::Other),
             ("/stowage.v1.Files/Download", Class::Download),
             ("/stowage.v1.Files/GetDownloadUrl", Class::Download),
+            ("/stowage.v1.Ingest/GetScreenshot", Class::Download),
             ("/stowage.v1.Files/ListFiles", Class::List),
             ("/stowage.v1.Files/GetFile", Class::Other),
             ("/stowage.v1.Files/StorageStats", Class::Admin),
