@@ -446,3 +446,156 @@ async fn a_registration_naming_two_files_already_exists() -> anyhow::Result<()> 
     }
     mesh.stop().await
 }
+
+/// Lists, names and keys from outside have bounds, checked before any work: each refusal is
+/// INVALID_ARGUMENT naming its field, and nothing moves.
+#[tokio::test]
+async fn outside_lists_names_and_keys_are_bounded_by_field() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let media = token("media", &["service"]);
+    let admin = token("root", &["admin"]);
+    let file = upload(mesh.channel(), &alice, "a.bin", &random_bytes(1000), &[]).await?;
+    let refused = |result: Result<(), tonic::Status>, field: &str| {
+        let status = result.expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().contains(field),
+            "{field}: {}",
+            status.message()
+        );
+    };
+    let files = || stowage_integration_tests::files(mesh.channel());
+    let ingest = || stowage_integration_tests::ingest(mesh.channel());
+
+    // 200,000 tags: refused at once, not compared pairwise.
+    let any_tags: Vec<String> = (0..200_000).map(|i| format!("t{i}")).collect();
+    let listed = files()
+        .list_files(authed(
+            pb::ListFilesRequest {
+                any_tags,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await
+        .map(drop);
+    refused(listed, "any_tags");
+
+    let variant = |file_id: &str, name: &str| pb::GetDownloadUrlRequest {
+        file_id: file_id.to_owned(),
+        variant: name.to_owned(),
+        ..Default::default()
+    };
+    let url = files()
+        .get_download_url(authed(variant(&file.id, &"../x".repeat(1000)), &alice))
+        .await
+        .map(drop);
+    refused(url, "variant");
+
+    let ack = ingest()
+        .ack_batch(authed(
+            pb::AckBatchRequest {
+                consumer_group: String::new(),
+                batch_id: uuid::Uuid::now_v7().to_string(),
+            },
+            &alice,
+        ))
+        .await
+        .map(drop);
+    refused(ack, "consumer_group");
+    let subscribed = ingest()
+        .subscribe_batches(authed(
+            pb::SubscribeBatchesRequest {
+                consumer_group: "g".into(),
+                stream_ids: (0..101).map(|i| format!("s{i}")).collect(),
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await
+        .map(drop);
+    refused(subscribed, "stream_ids");
+
+    // Variants: too many, or a size no file can have; nothing recorded, nothing charged.
+    let one = |size: u64| pb::Variant {
+        name: "v".into(),
+        mime_type: "image/webp".into(),
+        size_bytes: size,
+        storage_key: format!("users/alice/variants/2026/12/{}_v.webp", file.id),
+        ..Default::default()
+    };
+    let set = |variants: Vec<pb::Variant>| {
+        authed(
+            pb::SetVariantsRequest {
+                file_id: file.id.clone(),
+                variants,
+                ..Default::default()
+            },
+            &media,
+        )
+    };
+    let many = (0..33)
+        .map(|i| pb::Variant {
+            name: format!("v{i}"),
+            ..one(10)
+        })
+        .collect();
+    refused(files().set_variants(set(many)).await.map(drop), "variants");
+    refused(
+        files()
+            .set_variants(set(vec![one(u64::MAX)]))
+            .await
+            .map(drop),
+        "variants.size_bytes",
+    );
+    let stored = files()
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: file.id.clone(),
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .file
+        .map(|f| f.variants.len());
+    assert_eq!(stored, Some(0));
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 1000);
+
+    let charged = stowage_integration_tests::quota(mesh.channel())
+        .charge(authed(
+            pb::ChargeRequest {
+                user_id: "alice".into(),
+                bytes: 1,
+                idempotency_key: "k".repeat(201),
+                reason: "test".into(),
+            },
+            &media,
+        ))
+        .await
+        .map(drop);
+    refused(charged, "idempotency_key");
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 1000);
+
+    let mut lifecycle = stowage_proto::v1::lifecycle_client::LifecycleClient::new(mesh.channel());
+    let mut policy = lifecycle
+        .get_policy(authed(pb::GetPolicyRequest::default(), &admin))
+        .await?
+        .into_inner()
+        .policy
+        .unwrap_or_default();
+    policy.stuck_processing_minutes = 0;
+    let set_policy = lifecycle
+        .set_policy(authed(
+            pb::SetPolicyRequest {
+                policy: Some(policy),
+            },
+            &admin,
+        ))
+        .await
+        .map(drop);
+    refused(set_policy, "stuck_processing_minutes");
+    mesh.stop().await
+}

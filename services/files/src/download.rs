@@ -24,6 +24,16 @@ use crate::{
     model::FileRecord,
 };
 
+/// What a variant's name must be.
+pub(crate) const VARIANT_NAME_RULE: &str = "must be 1..=64 of [A-Za-z0-9_]";
+
+/// Whether `name` can name a variant (see [`VARIANT_NAME_RULE`]).
+pub(crate) fn variant_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// The object a download reads: the original or one variant.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -56,6 +66,9 @@ pub fn target(file: &FileRecord, variant: &str, hold_unscanned: bool) -> Result<
             mime_type: file.mime_type.clone(),
             etag: format!("\"{}\"", file.sha256),
         });
+    }
+    if !variant_name_ok(variant) {
+        return Err(Error::invalid("variant", VARIANT_NAME_RULE));
     }
     let v = file
         .variants
@@ -347,9 +360,13 @@ async fn serve_signed(
             percent_encoding::NON_ALPHANUMERIC
         )
     );
+    // A type that cannot be a header value (a service registered it unchecked) is served as
+    // bytes, not as an error.
+    let content_type = header::HeaderValue::from_str(&target.mime_type)
+        .unwrap_or(header::HeaderValue::from_static("application/octet-stream"));
     let mut response = Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, &target.mime_type)
+        .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, range.end - range.start)
         .header(header::ETAG, &target.etag)
         .header(header::ACCEPT_RANGES, "bytes")

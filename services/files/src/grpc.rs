@@ -154,6 +154,11 @@ fn viewer(caller: &Identity) -> Viewer<'_> {
     }
 }
 
+/// Most variants one SetVariants records.
+const MAX_VARIANTS: usize = 32;
+/// Longest object store key a service may name.
+const MAX_KEY_BYTES: usize = 1024;
+
 fn file_id(value: &str) -> Result<Uuid, Status> {
     parse_uuid("file_id", value)
 }
@@ -171,8 +176,17 @@ impl files_server::Files for FilesGrpc {
         validate::display_name(&req.display_name)
             .map_err(|why| invalid_argument("display_name", why))?;
         let tags = validate::tags(&req.tags).map_err(|why| invalid_argument("tags", why))?;
-        if req.storage_key.is_empty() {
-            return Err(invalid_argument("storage_key", "is required"));
+        if req.storage_key.is_empty() || req.storage_key.len() > MAX_KEY_BYTES {
+            return Err(invalid_argument(
+                "storage_key",
+                format!("must be 1..={MAX_KEY_BYTES} bytes"),
+            ));
+        }
+        if req.idempotency_key.len() > 200 {
+            return Err(invalid_argument(
+                "idempotency_key",
+                "must be at most 200 characters",
+            ));
         }
         if req.sha256.len() != 64 || !req.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid_argument("sha256", "must be 64 hex characters"));
@@ -469,20 +483,41 @@ impl files_server::Files for FilesGrpc {
         if req.status != 0 && FileStatus::from_proto(req.status).is_none() {
             return Err(invalid_argument("status", "unknown status"));
         }
+        if req.variants.len() > MAX_VARIANTS {
+            return Err(invalid_argument(
+                "variants",
+                format!("at most {MAX_VARIANTS} in one call"),
+            ));
+        }
+        if req.status_reason.chars().count() > 1024 {
+            return Err(invalid_argument(
+                "status_reason",
+                "must be at most 1024 characters",
+            ));
+        }
+        validate::label(&req.codec).map_err(|why| invalid_argument("codec", why))?;
         let variants: Vec<VariantRecord> = req
             .variants
             .into_iter()
             .map(|v| {
-                if v.name.is_empty()
-                    || v.name.len() > 64
-                    || !v
-                        .name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                {
+                if !download::variant_name_ok(&v.name) {
                     return Err(invalid_argument(
                         "variants.name",
-                        "must be 1..=64 of [A-Za-z0-9_]",
+                        download::VARIANT_NAME_RULE,
+                    ));
+                }
+                validate::label(&v.mime_type)
+                    .map_err(|why| invalid_argument("variants.mime_type", why))?;
+                if v.storage_key.len() > MAX_KEY_BYTES {
+                    return Err(invalid_argument(
+                        "variants.storage_key",
+                        format!("must be at most {MAX_KEY_BYTES} bytes"),
+                    ));
+                }
+                if i64::try_from(v.size_bytes).is_err() {
+                    return Err(invalid_argument(
+                        "variants.size_bytes",
+                        "is beyond what a file can hold",
                     ));
                 }
                 Ok(VariantRecord {

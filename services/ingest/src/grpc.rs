@@ -140,11 +140,20 @@ impl ingest_server::Ingest for IngestGrpc {
         let caller = identity(&request)?;
         let owner = (!caller.is_privileged()).then(|| caller.user_id.clone());
         let req = request.into_inner();
-        if req.consumer_group.is_empty() || req.consumer_group.len() > 128 {
+        check_consumer_group(&req.consumer_group)?;
+        if req.stream_ids.len() > MAX_SUBSCRIBED_STREAMS {
             return Err(stowage_runtime::status::invalid_argument(
-                "consumer_group",
-                "must be 1..=128 bytes",
+                "stream_ids",
+                format!("at most {MAX_SUBSCRIBED_STREAMS} streams (none: all the caller's)"),
             ));
+        }
+        for id in &req.stream_ids {
+            crate::streams::validate_stream_id(id).map_err(|_| {
+                stowage_runtime::status::invalid_argument(
+                    "stream_ids",
+                    "each must be 1..=128 characters of [A-Za-z0-9_.-]",
+                )
+            })?;
         }
         let mut after: i64 = if req.cursor.is_empty() {
             0
@@ -208,6 +217,7 @@ impl ingest_server::Ingest for IngestGrpc {
         let caller = identity(&request)?;
         let owner = (!caller.is_privileged()).then(|| caller.user_id.clone());
         let req = request.into_inner();
+        check_consumer_group(&req.consumer_group)?;
         let batch = parse_uuid("batch_id", &req.batch_id)?;
         let deleted = self
             .streams()?
@@ -494,4 +504,18 @@ impl ingest_server::Ingest for IngestGrpc {
         let file = self.uploader.upload(&caller.user_id, stream).await?;
         Ok(Response::new(pb::UploadResponse { file: Some(file) }))
     }
+}
+
+/// Most streams one subscription names.
+const MAX_SUBSCRIBED_STREAMS: usize = 100;
+
+/// A consumer group is named by 1..=128 bytes without control characters.
+fn check_consumer_group(group: &str) -> Result<(), Status> {
+    if group.is_empty() || group.len() > 128 || group.chars().any(char::is_control) {
+        return Err(stowage_runtime::status::invalid_argument(
+            "consumer_group",
+            "must be 1..=128 bytes without control characters",
+        ));
+    }
+    Ok(())
 }

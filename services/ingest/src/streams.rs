@@ -145,7 +145,7 @@ struct Inner {
     subscriptions: Arc<Semaphore>,
 }
 
-fn validate_stream_id(id: &str) -> Result<()> {
+pub(crate) fn validate_stream_id(id: &str) -> Result<()> {
     if id.is_empty()
         || id.len() > 128
         || !id

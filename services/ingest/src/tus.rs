@@ -253,6 +253,13 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
             "Upload-Length: above Tus-Max-Size",
         );
     }
+    let raw_metadata = header_str(&headers, "upload-metadata").unwrap_or_default();
+    if raw_metadata.len() > MAX_METADATA_LEN {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Upload-Metadata: longer than 4096 bytes",
+        );
+    }
     let map = match header_str(&headers, "upload-metadata")
         .map(parse_metadata)
         .transpose()
@@ -264,13 +271,6 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
         Ok(m) => m,
         Err(e) => return error_response(e),
     };
-    let raw_metadata = header_str(&headers, "upload-metadata").unwrap_or_default();
-    if raw_metadata.len() > MAX_METADATA_LEN {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "Upload-Metadata: longer than 4096 bytes",
-        );
-    }
     meta.tus_metadata = raw_metadata.to_owned();
     let mut session = match tus.sessions.create(&caller.user_id, size, meta, None).await {
         Ok(s) => s,

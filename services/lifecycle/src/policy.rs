@@ -99,6 +99,19 @@ impl Policy {
                 10,
                 60 * 24 * 30,
             ),
+            // Shorter, and a file still being worked on would be started again on every run.
+            (
+                "policy.stuck_processing_minutes",
+                self.stuck_processing_minutes,
+                10,
+                60 * 24 * 7,
+            ),
+            (
+                "policy.ephemeral_keep_last",
+                self.ephemeral_keep_last,
+                0,
+                1000,
+            ),
         ];
         for (field, value, min, max) in checks {
             if !(min..=max).contains(&value) {

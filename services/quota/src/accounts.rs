@@ -134,6 +134,20 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// A ledger entry's key: required, at most 200 characters (it is kept with the entry).
+fn check_ledger_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("idempotency_key", "is required"));
+    }
+    if key.chars().count() > 200 {
+        return Err(Error::invalid(
+            "idempotency_key",
+            "must be at most 200 characters",
+        ));
+    }
+    Ok(())
+}
+
 fn to_i64(field: &'static str, v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid(field, "is too large"))
 }
@@ -426,8 +440,9 @@ impl Quota {
         reason: &str,
     ) -> Result<Account> {
         check_user("user_id", user_id)?;
-        if idempotency_key.is_empty() {
-            return Err(Error::invalid("idempotency_key", "is required"));
+        check_ledger_key(idempotency_key)?;
+        if reason.chars().count() > 255 {
+            return Err(Error::invalid("reason", "must be at most 255 characters"));
         }
         let amount = to_i64("bytes", bytes)?;
         let mut conn = self.pool.get().await?;
@@ -525,9 +540,7 @@ impl Quota {
         idempotency_key: &str,
     ) -> Result<(i64, Account)> {
         check_user("user_id", user_id)?;
-        if idempotency_key.is_empty() {
-            return Err(Error::invalid("idempotency_key", "is required"));
-        }
+        check_ledger_key(idempotency_key)?;
         let actual = to_i64("actual_bytes", actual_bytes)?;
         let mut conn = self.pool.get().await?;
         self.ensure_account(&conn, user_id).await?;

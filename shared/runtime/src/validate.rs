@@ -26,6 +26,11 @@ pub fn display_name(name: &str) -> Result<(), String> {
 /// Tags are trimmed, deduplicated and checked: at most 32, each 1..=64 characters without
 /// control characters.
 pub fn tags(tags: &[String]) -> Result<Vec<String>, String> {
+    // Counted first: every tag is compared with those kept, so a long list must not get that
+    // far (duplicates, dropped below, are not worth sending either).
+    if tags.len() > MAX_TAGS {
+        return Err(format!("at most {MAX_TAGS} tags"));
+    }
     let mut out: Vec<String> = Vec::with_capacity(tags.len());
     for tag in tags {
         let tag = tag.trim();
@@ -64,6 +69,16 @@ pub fn label(value: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tag_lists_are_counted_before_they_are_read() {
+        let many: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
+        assert_eq!(super::tags(&many), Err("at most 32 tags".to_owned()));
+        let same = vec!["a".to_owned(); 33];
+        assert!(super::tags(&same).is_err());
+        let ok = super::tags(&[" a ".to_owned(), "a".to_owned(), "b".to_owned()]);
+        assert_eq!(ok, Ok(vec!["a".to_owned(), "b".to_owned()]));
+    }
+
     #[test]
     fn labels_are_short_and_printable() {
         assert!(super::label("").is_ok());
