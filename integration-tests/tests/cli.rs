@@ -165,7 +165,22 @@ async fn a_file_changed_under_a_resumed_upload_is_refused_whole() -> anyhow::Res
     let offset = get_session(mesh.channel(), &alice, &id).await?.offset as usize;
     for (i, piece) in changed[offset..].chunks(4 << 20).enumerate() {
         let at = (offset + i * (4 << 20)) as u64;
-        stowage_integration_tests::put_chunk(mesh.channel(), &alice, &id, at, piece).await?;
+        // The killed CLI's stream holds the session until the server sees its connection
+        // gone: ABORTED says so, and a client retries.
+        let mut patience = 50;
+        loop {
+            match stowage_integration_tests::put_chunk(mesh.channel(), &alice, &id, at, piece).await
+            {
+                Err(status) if status.code() == tonic::Code::Aborted && patience > 0 => {
+                    patience -= 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                result => {
+                    result?;
+                    break;
+                }
+            }
+        }
     }
     let finished = stowage_integration_tests::complete(mesh.channel(), &alice, &id).await?;
     let again = run().output().await?;
