@@ -126,6 +126,32 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         .send()
         .await?;
     assert_eq!(bad_sum.status(), 460);
+    // A checksummed body (held whole until verified) is refused before it is read: at the
+    // wrong offset, for someone else's upload.
+    let early = patch("10", data[10..20].to_vec())
+        .header(
+            "upload-checksum",
+            format!(
+                "sha1 {}",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    sha1_of(&data[10..20])
+                )
+            ),
+        )
+        .send()
+        .await?;
+    assert_eq!(early.status(), 409);
+    assert_eq!(early.headers()["upload-offset"].to_str()?, "40");
+    let bob = format!("Bearer {}", token("bob", &[]));
+    let theirs = tus(&http, Method::PATCH, &url, &bob)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "40")
+        .header("upload-checksum", "sha1 AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        .body(data[40..60].to_vec())
+        .send()
+        .await?;
+    assert_eq!(theirs.status(), 404);
     let head = tus(&http, Method::HEAD, &url, &alice).send().await?;
     assert_eq!(
         head.headers()["upload-offset"].to_str()?,

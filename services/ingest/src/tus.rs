@@ -2,7 +2,7 @@
 //! creation-defer-length, termination, expiration and checksum (sha1, sha256). It is a third
 //! door onto [`Sessions`]; authentication is the same bearer token as gRPC.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     Router,
@@ -17,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use stowage_proto::v1 as pb;
 use stowage_runtime::{Identity, Verifier, auth::bearer, status::database_code};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::{
@@ -33,7 +34,13 @@ struct Tus {
     sessions: Sessions,
     verifier: Verifier,
     base: String,
+    /// KiB of checksummed bodies held in memory at once (they are verified whole before
+    /// anything is kept); a body waits for room, slowing its client.
+    held: Arc<Semaphore>,
 }
+
+/// Most KiB of checksummed PATCH bodies held in memory at once, across all requests.
+const HELD_KIB: usize = 256 << 10;
 
 /// The tus routes under `base` (e.g. `/tus`).
 pub fn routes(sessions: Sessions, verifier: Verifier, base: &str) -> Router {
@@ -46,6 +53,7 @@ pub fn routes(sessions: Sessions, verifier: Verifier, base: &str) -> Router {
             sessions,
             verifier,
             base,
+            held: Arc::new(Semaphore::new(HELD_KIB)),
         })
 }
 
@@ -458,6 +466,37 @@ async fn write_body(
         settings.max_chunk
     } else {
         settings.chunk_size_hint as usize
+    };
+    if checksum.is_some() {
+        // The body is held whole before it is verified: not for someone else's session, a
+        // closed one or the wrong offset.
+        let session = tus.sessions.get(id, &caller.user_id).await?;
+        if session.state != "open" {
+            return Err(Error::SessionState(session.state));
+        }
+        if session.offset != offset {
+            return Err(Error::WrongOffset {
+                expected: session.offset,
+                got: offset,
+            });
+        }
+    }
+    // Room for the whole body, taken at once (a request holding part of its room while it
+    // waits for more could wait on others doing the same, for ever).
+    let _held = if checksum.is_some() {
+        let declared = header_str(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
+        let bytes = declared
+            .unwrap_or(settings.max_chunk)
+            .min(settings.max_chunk);
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        Some(
+            Arc::clone(&tus.held)
+                .acquire_many_owned(kib)
+                .await
+                .map_err(|_| Error::ShuttingDown)?,
+        )
+    } else {
+        None
     };
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
