@@ -853,3 +853,28 @@ async fn subscriptions_past_the_most_a_process_serves_are_refused() -> anyhow::R
     .await?;
     mesh.stop().await
 }
+
+/// One user holds at most an eighth of a process's subscriptions: others still find a place.
+#[tokio::test]
+async fn one_user_cannot_take_every_subscription() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| c.ingest.streams.max_subscriptions = 16).await?;
+    let subscribe = |who: &str, group: &str| {
+        let mut client = IngestClient::new(mesh.channel());
+        let request = authed(
+            pb::SubscribeBatchesRequest {
+                consumer_group: group.into(),
+                ..Default::default()
+            },
+            &token(who, &[]),
+        );
+        async move { client.subscribe_batches(request).await }
+    };
+    let _first = subscribe("bob", "g1").await?;
+    let _second = subscribe("bob", "g2").await?;
+    let refused = subscribe("bob", "g3").await.expect_err("two at most");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("one user"), "{refused:?}");
+    let _alice = subscribe("alice", "g1").await?;
+    mesh.stop().await
+}

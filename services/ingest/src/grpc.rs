@@ -163,7 +163,7 @@ impl ingest_server::Ingest for IngestGrpc {
             })?
         };
         let streams = self.streams()?.clone();
-        let slot = streams.subscription_slot()?;
+        let slot = streams.subscription_slot(owner.as_deref())?;
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         // This call is one member of its group.

@@ -143,6 +143,33 @@ struct Inner {
     budget: Arc<Semaphore>,
     /// One permit per open subscription.
     subscriptions: Arc<Semaphore>,
+    /// Open subscriptions per owner.
+    owners: OpenPerOwner,
+}
+
+/// How many subscriptions each owner has open.
+type OpenPerOwner = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// A place among the subscriptions this process serves, given back when dropped.
+pub struct SubscriptionSlot {
+    _place: OwnedSemaphorePermit,
+    owner: Option<(OpenPerOwner, String)>,
+}
+
+impl Drop for SubscriptionSlot {
+    fn drop(&mut self) {
+        if let Some((owners, owner)) = self.owner.take() {
+            let mut owners = owners
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(open) = owners.get_mut(&owner) {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    owners.remove(&owner);
+                }
+            }
+        }
+    }
 }
 
 pub(crate) fn validate_stream_id(id: &str) -> Result<()> {
@@ -411,6 +438,7 @@ impl EventStreams {
                 writers,
                 budget,
                 subscriptions,
+                owners: Arc::default(),
             }),
         };
         for frames in queues {
@@ -1104,11 +1132,35 @@ impl EventStreams {
     }
 
     /// A place for one more subscription in this process, held until dropped; refused when
-    /// all are taken, so that subscriptions cannot hold batches without bound.
-    pub fn subscription_slot(&self) -> Result<OwnedSemaphorePermit> {
-        Arc::clone(&self.inner.subscriptions)
+    /// all are taken, so that subscriptions cannot hold batches without bound, or when
+    /// `owner` (a user; `None` for a service) already holds an eighth of them.
+    pub fn subscription_slot(&self, owner: Option<&str>) -> Result<SubscriptionSlot> {
+        let most = self.inner.settings.max_subscriptions;
+        let place = Arc::clone(&self.inner.subscriptions)
             .try_acquire_owned()
-            .map_err(|_| Error::TooManySubscriptions(self.inner.settings.max_subscriptions))
+            .map_err(|_| Error::TooManySubscriptions(most))?;
+        let Some(owner) = owner else {
+            return Ok(SubscriptionSlot {
+                _place: place,
+                owner: None,
+            });
+        };
+        // One user takes at most an eighth of the places, so others still find one.
+        let per_owner = (most / 8).max(1);
+        let mut owners = self
+            .inner
+            .owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = owners.entry(owner.to_owned()).or_insert(0);
+        if *open >= per_owner {
+            return Err(Error::TooManyOwnSubscriptions(per_owner));
+        }
+        *open += 1;
+        Ok(SubscriptionSlot {
+            _place: place,
+            owner: Some((Arc::clone(&self.inner.owners), owner.to_owned())),
+        })
     }
 
     /// Batches claimed for a subscriber of `group`: those after cursor `after` never

@@ -85,7 +85,9 @@ fn error_response(error: Error) -> Response {
             StatusCode::CONFLICT
         }
         Error::Busy => StatusCode::LOCKED,
-        Error::TooManySubscriptions(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::TooManySubscriptions(_) | Error::TooManyOwnSubscriptions(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         Error::Peer(s) if s.code() == tonic::Code::ResourceExhausted => {
             StatusCode::PAYLOAD_TOO_LARGE
