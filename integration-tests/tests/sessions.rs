@@ -874,3 +874,45 @@ async fn a_retried_create_finishes_a_session_left_without_its_hold() -> anyhow::
     );
     mesh.stop().await
 }
+
+/// Sessions of unknown length hold no quota, so one user keeps at most 100 open: the next is
+/// RESOURCE_EXHAUSTED and leaves no row; one completed or aborted makes room; sized sessions
+/// (bounded by the quota) are not counted.
+#[tokio::test]
+async fn one_user_keeps_at_most_a_hundred_uploads_of_unknown_length_open() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let dana = token("dana", &[]);
+    let mut open = Vec::new();
+    for i in 0..100 {
+        open.push(create_session(mesh.channel(), &dana, &format!("f{i}"), None, "").await?);
+    }
+    let refused = create_session(mesh.channel(), &dana, "one more", None, "")
+        .await
+        .expect_err("101st");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("unknown length"), "{refused:?}");
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let rows: i64 = pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM ingest.uploads WHERE owner_id = 'dana'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(rows, 100, "the refused one left no row");
+    create_session(mesh.channel(), &dana, "sized", Some(10), "").await?;
+    create_session(mesh.channel(), &token("erin", &[]), "other", None, "").await?;
+    ingest(mesh.channel())
+        .abort_upload(authed(
+            pb::AbortUploadRequest {
+                upload_id: open[0].id.clone(),
+            },
+            &dana,
+        ))
+        .await?;
+    create_session(mesh.channel(), &dana, "room again", None, "").await?;
+    mesh.stop().await
+}

@@ -28,6 +28,11 @@ pub enum Error {
     /// Every subscription this process serves at once is taken.
     #[error("this process already serves {0} subscriptions, its most; retry later")]
     TooManySubscriptions(usize),
+    /// The caller has as many sessions of unknown length open as one user may.
+    #[error(
+        "you already have {0} uploads of unknown length open, the most one user may; complete or abort one"
+    )]
+    TooManyOpenUploads(usize),
     /// The caller has as many subscriptions open as one user may.
     #[error(
         "you already have {0} subscriptions open in this process, the most one user may; close one or retry later"
@@ -110,9 +115,9 @@ impl From<Error> for Status {
             Error::Stream(status) => status,
             Error::SessionNotFound => Status::not_found(error.to_string()),
             Error::Busy => Status::aborted(error.to_string()),
-            Error::TooManySubscriptions(_) | Error::TooManyOwnSubscriptions(_) => {
-                Status::resource_exhausted(error.to_string())
-            }
+            Error::TooManySubscriptions(_)
+            | Error::TooManyOwnSubscriptions(_)
+            | Error::TooManyOpenUploads(_) => Status::resource_exhausted(error.to_string()),
             Error::SessionState(_) | Error::Incomplete { .. } => {
                 Status::failed_precondition(error.to_string())
             }

@@ -349,6 +349,9 @@ fn hasher_from(state: Option<&[u8]>) -> Result<Sha256> {
     }
 }
 
+/// Most sessions of unknown length one owner keeps open at once.
+pub const MAX_OPEN_DEFERRED: usize = 100;
+
 /// Resumable sessions.
 #[derive(Clone)]
 pub struct Sessions {
@@ -527,6 +530,25 @@ impl Sessions {
             return Ok(existing);
         };
         let session = Session::from_row(&row, self.settings.chunk_size_hint);
+        if size.is_none() {
+            // A session of unknown length holds no quota: the count of them is the bound.
+            let open: i64 = conn
+                .query_one_cached(
+                    "SELECT count(*) FROM ingest.uploads
+                     WHERE owner_id = $1 AND state = 'open' AND declared_size IS NULL",
+                    &[&owner],
+                )
+                .await?
+                .get(0);
+            if open > MAX_OPEN_DEFERRED as i64 {
+                conn.execute_cached(
+                    "DELETE FROM ingest.uploads WHERE id = $1 AND reservation_id IS NULL",
+                    &[&session.id],
+                )
+                .await?;
+                return Err(Error::TooManyOpenUploads(MAX_OPEN_DEFERRED));
+            }
+        }
         self.reserve_for(&conn, session, size, true).await
     }
 

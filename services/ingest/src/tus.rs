@@ -88,6 +88,7 @@ fn error_response(error: Error) -> Response {
         Error::TooManySubscriptions(_) | Error::TooManyOwnSubscriptions(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
+        Error::TooManyOpenUploads(_) => StatusCode::TOO_MANY_REQUESTS,
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         Error::Peer(s) if s.code() == tonic::Code::ResourceExhausted => {
             StatusCode::PAYLOAD_TOO_LARGE
