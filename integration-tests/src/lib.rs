@@ -374,3 +374,32 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find(|l| labels.iter().all(|label| l.contains(label)))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// A WebP variant of `size` bytes of `fill`, kept inline.
+pub fn inline_variant(name: &str, size: usize, fill: u8) -> pb::Variant {
+    pb::Variant {
+        name: name.to_owned(),
+        mime_type: "image/webp".into(),
+        size_bytes: size as u64,
+        width: 1,
+        height: 1,
+        inline_data: vec![fill; size],
+        ..Default::default()
+    }
+}
+
+/// SetVariants of `file_id` with `variants`, as the service `token` sends it.
+pub fn set_variants(
+    file_id: &str,
+    variants: Vec<pb::Variant>,
+    token: &str,
+) -> tonic::Request<pb::SetVariantsRequest> {
+    authed(
+        pb::SetVariantsRequest {
+            file_id: file_id.to_owned(),
+            variants,
+            ..Default::default()
+        },
+        token,
+    )
+}

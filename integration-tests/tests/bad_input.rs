@@ -526,16 +526,7 @@ async fn outside_lists_names_and_keys_are_bounded_by_field() -> anyhow::Result<(
         storage_key: format!("users/alice/variants/2026/12/{}_v.webp", file.id),
         ..Default::default()
     };
-    let set = |variants: Vec<pb::Variant>| {
-        authed(
-            pb::SetVariantsRequest {
-                file_id: file.id.clone(),
-                variants,
-                ..Default::default()
-            },
-            &media,
-        )
-    };
+    let set = |variants| stowage_integration_tests::set_variants(&file.id, variants, &media);
     let many = (0..33)
         .map(|i| pb::Variant {
             name: format!("v{i}"),

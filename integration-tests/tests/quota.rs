@@ -1,7 +1,9 @@
 //! Reservations never overrun a limit, and commits count once.
 
 use futures::future::join_all;
-use stowage_integration_tests::{random_bytes, upload_with_key, usage};
+use stowage_integration_tests::{
+    inline_variant, random_bytes, set_variants, upload_with_key, usage,
+};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
 use tonic::Code;
@@ -682,60 +684,38 @@ async fn an_expired_hold_is_charged_at_commit_even_past_the_limit() -> anyhow::R
     mesh.stop().await
 }
 
-/// Many SetVariants for one file at once (Media replicas racing, retries): the owner is charged
-/// exactly the variants the file ends with, once, and the purge gives back exactly that.
-#[tokio::test]
-async fn variants_set_at_once_are_charged_exactly_once() -> anyhow::Result<()> {
-    let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
-    let erin = token("erin", &[]);
-    let media = token("media", &["service"]);
+/// A mesh where Erin has uploaded one file of 1,000 bytes.
+async fn erin_with_a_file(setup: &Setup) -> anyhow::Result<(Mesh, pb::File)> {
+    let mesh = Mesh::start(setup).await?;
     let file = stowage_integration_tests::upload(
         mesh.channel(),
-        &erin,
+        &token("erin", &[]),
         "data.bin",
         &random_bytes(1000),
         &[],
     )
     .await?;
+    Ok((mesh, file))
+}
+
+/// Many SetVariants for one file at once (Media replicas racing, retries): the owner is charged
+/// exactly the variants the file ends with, once, and the purge gives back exactly that.
+#[tokio::test]
+async fn variants_set_at_once_are_charged_exactly_once() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let (mesh, file) = erin_with_a_file(&setup).await?;
+    let erin = token("erin", &[]);
+    let media = token("media", &["service"]);
     let files = stowage_integration_tests::files(mesh.channel());
     // Each call adds its own variant; one in four replaces `shared` with its own size.
-    let calls = (0..24u64).map(|i| {
+    let calls = (0..24usize).map(|i| {
         let mut files = files.clone();
-        let media = media.clone();
-        let file_id = file.id.clone();
-        async move {
-            let mut variants = vec![pb::Variant {
-                name: format!("v{i}"),
-                mime_type: "image/webp".into(),
-                size_bytes: 10 + i,
-                width: 1,
-                height: 1,
-                inline_data: vec![7; 10 + i as usize],
-                ..Default::default()
-            }];
-            if i % 4 == 0 {
-                variants.push(pb::Variant {
-                    name: "shared".into(),
-                    mime_type: "image/webp".into(),
-                    size_bytes: 100 + i,
-                    width: 1,
-                    height: 1,
-                    inline_data: vec![8; 100 + i as usize],
-                    ..Default::default()
-                });
-            }
-            files
-                .set_variants(authed(
-                    pb::SetVariantsRequest {
-                        file_id,
-                        variants,
-                        ..Default::default()
-                    },
-                    &media,
-                ))
-                .await
+        let mut variants = vec![inline_variant(&format!("v{i}"), 10 + i, 7)];
+        if i % 4 == 0 {
+            variants.push(inline_variant("shared", 100 + i, 8));
         }
+        let request = set_variants(&file.id, variants, &media);
+        async move { files.set_variants(request).await }
     });
     for answer in join_all(calls).await {
         answer?;
@@ -767,29 +747,15 @@ async fn variants_set_at_once_are_charged_exactly_once() -> anyhow::Result<()> {
             .iter()
             .find(|v| v.name == "shared")
             .map_or(0, |v| v.size_bytes);
-    for size in [100u64, 120, 100, 120] {
+    for size in [100usize, 120, 100, 120] {
+        let shared = vec![inline_variant("shared", size, 9)];
         files
             .clone()
-            .set_variants(authed(
-                pb::SetVariantsRequest {
-                    file_id: file.id.clone(),
-                    variants: vec![pb::Variant {
-                        name: "shared".into(),
-                        mime_type: "image/webp".into(),
-                        size_bytes: size,
-                        width: 1,
-                        height: 1,
-                        inline_data: vec![9; size as usize],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                },
-                &media,
-            ))
+            .set_variants(set_variants(&file.id, shared, &media))
             .await?;
         assert_eq!(
             usage(mesh.channel(), &erin).await?.used_bytes,
-            1000 + others + size,
+            1000 + others + size as u64,
             "shared at {size}"
         );
     }
@@ -823,36 +789,11 @@ async fn variants_set_at_once_are_charged_exactly_once() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_variant_charge_cut_off_midway_is_finished_once() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    let (mesh, file) = erin_with_a_file(&setup).await?;
     let erin = token("erin", &[]);
     let media = token("media", &["service"]);
-    let file = stowage_integration_tests::upload(
-        mesh.channel(),
-        &erin,
-        "data.bin",
-        &random_bytes(1000),
-        &[],
-    )
-    .await?;
-    let variant = |name: &str, size: usize| pb::Variant {
-        name: name.into(),
-        mime_type: "image/webp".into(),
-        size_bytes: size as u64,
-        width: 1,
-        height: 1,
-        inline_data: vec![1; size],
-        ..Default::default()
-    };
-    let set = |variants: Vec<pb::Variant>| {
-        authed(
-            pb::SetVariantsRequest {
-                file_id: file.id.clone(),
-                variants,
-                ..Default::default()
-            },
-            &media,
-        )
-    };
+    let variant = |name: &str, size: usize| inline_variant(name, size, 1);
+    let set = |variants: Vec<pb::Variant>| set_variants(&file.id, variants, &media);
     let files = stowage_integration_tests::files(mesh.channel());
 
     // Quota's accounts are locked: the charge of the first SetVariants waits, its caller
