@@ -272,7 +272,7 @@ async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screens
         assert_eq!(acked.get("desk"), Some(&(first + 9)));
         tokio::time::sleep(Duration::from_millis(600).saturating_sub(started.elapsed())).await;
     }
-    let screens = mesh.stored_objects("events/desk/screens").await?;
+    let screens = mesh.stored_objects("events/bob/desk/screens").await?;
     assert_eq!(
         screens.len(),
         3,
@@ -324,7 +324,7 @@ async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screens
     .await?;
     assert!(again.iter().all(|b| b.first_seq > batches[0].last_seq));
     // Acknowledged batches' stored screenshots are gone, except the newest one (dev keep).
-    let left = mesh.stored_objects("events/desk/screens").await?;
+    let left = mesh.stored_objects("events/bob/desk/screens").await?;
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(left[0].contains("/screens/000000000021-"), "{left:?}");
     // Consumer lag: g1 acknowledged everything; g2 started after the first batch, which it
@@ -489,7 +489,7 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
     first.events[4] = with_shot(5, 10_000);
     assert_eq!(append_one(mesh.channel(), &alice, first).await?, 10);
     let stored = || async {
-        let mut keys = mesh.stored_objects("events/desk/screens").await?;
+        let mut keys = mesh.stored_objects("events/alice/desk/screens").await?;
         keys.sort();
         anyhow::Ok(keys)
     };
@@ -530,11 +530,17 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
         "events.screenshot.inline_data",
     );
 
-    // Bob cannot append to (or overwrite the screenshots of) Alice's stream.
+    // Bob's `desk` is a stream of his own: his frames never reach (or overwrite the
+    // screenshots of) Alice's. Seq 5 is a gap in his, which starts at 1.
     let mut foreign = frame("desk", 5, 11);
     foreign.events[0] = event(5, Some(vec![9u8; 10_000]));
     let status = append_one(mesh.channel(), &bob, foreign).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert_eq!(
+        status.metadata().get("expected-seq").map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "{status:?}"
+    );
 
     // Keys under events/ are Ingest's own: a client cannot point at them.
     let mut forged = frame("desk", 11, 11);
@@ -598,7 +604,10 @@ async fn screenshots_stay_until_every_group_has_acknowledged_their_batch() -> an
     .await;
     assert_eq!(acked.get("cam"), Some(&2));
     batches_sealed(&setup, 1).await?;
-    assert_eq!(mesh.stored_objects("events/cam/screens").await?.len(), 2);
+    assert_eq!(
+        mesh.stored_objects("events/carol/cam/screens").await?.len(),
+        2
+    );
 
     // Group "archive" takes the batch and is still working on it.
     let mut client = IngestClient::new(mesh.channel()).max_decoding_message_size(64 << 20);
@@ -668,7 +677,10 @@ async fn screenshots_stay_until_every_group_has_acknowledged_their_batch() -> an
         &[("cam".to_owned(), 2)].into(),
     )
     .await?;
-    assert_eq!(mesh.stored_objects("events/cam/screens").await?.len(), 2);
+    assert_eq!(
+        mesh.stored_objects("events/carol/cam/screens").await?.len(),
+        2
+    );
     assert_eq!(read(&keys[1], &carol).await?.len(), 4096);
     // The last group's acknowledgement deletes them.
     let deleted = client
@@ -684,7 +696,7 @@ async fn screenshots_stay_until_every_group_has_acknowledged_their_batch() -> an
         .screenshots_deleted;
     assert_eq!(deleted, 2);
     assert_eq!(
-        mesh.stored_objects("events/cam/screens").await?,
+        mesh.stored_objects("events/carol/cam/screens").await?,
         Vec::<String>::new()
     );
     assert_eq!(
@@ -714,7 +726,7 @@ async fn sealed_batches_and_their_screenshots_go_after_the_retention() -> anyhow
             .get()
             .await?
             .query_one(
-                "SELECT count(*) FROM ingest.event_batches WHERE stream_id = 'phone'",
+                "SELECT count(*) FROM ingest.event_batches WHERE stream_id = 'carol/phone'",
                 &[],
             )
             .await?
@@ -725,11 +737,11 @@ async fn sealed_batches_and_their_screenshots_go_after_the_retention() -> anyhow
         Ok(batches().await? == 1)
     })
     .await?;
-    let stored = mesh.stored_objects("events/phone").await?;
+    let stored = mesh.stored_objects("events/carol/phone").await?;
     assert_eq!(stored.len(), 2, "batch and screenshot: {stored:?}");
     // Unacknowledged or not, two seconds after sealing both objects and the row are gone.
     stowage_integration_tests::eventually(Duration::from_secs(15), "expired", || async {
-        Ok(batches().await? == 0 && mesh.stored_objects("events/phone").await?.is_empty())
+        Ok(batches().await? == 0 && mesh.stored_objects("events/carol/phone").await?.is_empty())
     })
     .await?;
     mesh.stop().await
@@ -804,7 +816,7 @@ async fn a_seal_in_progress_does_not_hold_back_appends_to_its_stream() -> anyhow
     seal.execute(
         "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
              first_seq, last_seq, event_count, storage_key)
-         VALUES (gen_random_uuid(), 'kiosk', 'dave', now(), now(), 1, 10, 10, 'events/kiosk/x')",
+         VALUES (gen_random_uuid(), 'dave/kiosk', 'dave', now(), now(), 1, 10, 10, 'events/dave/kiosk/x')",
         &[],
     )
     .await?;
@@ -876,5 +888,112 @@ async fn one_user_cannot_take_every_subscription() -> anyhow::Result<()> {
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("one user"), "{refused:?}");
     let _alice = subscribe("alice", "g1").await?;
+    mesh.stop().await
+}
+
+/// Streams are named per user: two users appending to `desk` each have their own stream,
+/// seqs from 1, and each reads back only their own events.
+#[tokio::test]
+async fn two_users_streams_of_one_name_are_two_streams() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.streams.window = Duration::from_millis(300);
+        c.ingest.streams.grace = Duration::from_millis(100);
+    })
+    .await?;
+    let (ann, ben) = (token("ann", &[]), token("ben", &[]));
+    assert_eq!(
+        append_one(mesh.channel(), &ann, frame("desk", 1, 5)).await?,
+        5
+    );
+    assert_eq!(
+        append_one(mesh.channel(), &ben, frame("desk", 1, 3)).await?,
+        3
+    );
+    batches_sealed(&setup, 2).await?;
+    let want = |n: u64| [("desk".to_owned(), n)].into();
+    let (ann_seqs, ann_batches) = drain(mesh.channel(), &ann, "g", "", &want(5)).await?;
+    assert_eq!(ann_seqs["desk"], (1..=5).collect::<Vec<u64>>());
+    assert!(ann_batches.iter().all(|b| b.stream_id == "desk"));
+    let (ben_seqs, _) = drain(mesh.channel(), &ben, "g", "", &want(3)).await?;
+    assert_eq!(ben_seqs["desk"], (1..=3).collect::<Vec<u64>>());
+    // A service reads both, named {owner}/{stream}.
+    let service = token("analysis", &["service"]);
+    let both: HashMap<String, u64> =
+        [("ann/desk".to_owned(), 5), ("ben/desk".to_owned(), 3)].into();
+    let (all, _) = drain(mesh.channel(), &service, "svc", "", &both).await?;
+    assert_eq!(all["ann/desk"].len(), 5);
+    assert_eq!(all["ben/desk"].len(), 3);
+    mesh.stop().await
+}
+
+/// A stream named before streams were per owner is renamed to its owner's key by migration
+/// V9 (run here again over rows written the old way): its owner appends on from its durable
+/// seq, and reads a stored screenshot by the key its events carry.
+#[tokio::test]
+async fn streams_named_before_they_were_per_owner_go_on() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let zed = token("zed", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let legacy_shot = "events/desk/screens/000000000003-abc.bin";
+    use object_store::ObjectStoreExt as _;
+    mesh.blobs
+        .store
+        .put(
+            &object_store::path::Path::from(legacy_shot),
+            vec![5u8; 10].into(),
+        )
+        .await?;
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    tx.batch_execute(
+        "INSERT INTO ingest.event_streams (stream_id, owner_id, durable_seq) VALUES ('desk', 'zed', 7);
+         INSERT INTO ingest.event_segments (stream_id, first_seq, last_seq, data)
+             VALUES ('desk', 6, 7, '\\x00');
+         INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
+             first_seq, last_seq, event_count, storage_key, screenshots)
+             VALUES (gen_random_uuid(), 'desk', 'zed', now(), now(), 1, 5, 5,
+                     'events/desk/2026/12/04/1-000000000001.evb',
+                     ARRAY['events/desk/screens/000000000003-abc.bin']);
+         INSERT INTO ingest.event_readers (group_name, stream_id) VALUES ('g', 'desk');
+         SET LOCAL search_path TO ingest;",
+    )
+    .await?;
+    tx.batch_execute(include_str!(
+        "../../services/ingest/migrations/V9__streams_per_owner.sql"
+    ))
+    .await?;
+    tx.commit().await?;
+    let renamed: Vec<String> = conn
+        .query(
+            "SELECT stream_id FROM ingest.event_streams
+             UNION ALL SELECT stream_id FROM ingest.event_segments
+             UNION ALL SELECT stream_id FROM ingest.event_batches
+             UNION ALL SELECT stream_id FROM ingest.event_readers",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(renamed, vec!["zed/desk"; 4]);
+    drop(conn);
+    // The owner goes on where the stream was.
+    assert_eq!(
+        append_one(mesh.channel(), &zed, frame("desk", 8, 9)).await?,
+        9
+    );
+    let shot = IngestClient::new(mesh.channel())
+        .get_screenshot(authed(
+            pb::GetScreenshotRequest {
+                storage_key: legacy_shot.into(),
+            },
+            &zed,
+        ))
+        .await?
+        .into_inner()
+        .data;
+    assert_eq!(shot.as_ref(), &[5u8; 10][..]);
     mesh.stop().await
 }

@@ -148,12 +148,16 @@ impl ingest_server::Ingest for IngestGrpc {
             ));
         }
         for id in &req.stream_ids {
-            crate::streams::validate_stream_id(id).map_err(|_| {
-                stowage_runtime::status::invalid_argument(
-                    "stream_ids",
-                    "each must be 1..=128 characters of [A-Za-z0-9_.-]",
-                )
-            })?;
+            // A user names their own streams; a service or admin names them {owner}/{stream}.
+            match owner {
+                Some(_) => crate::streams::validate_stream_id(id).map_err(|_| {
+                    stowage_runtime::status::invalid_argument(
+                        "stream_ids",
+                        "each must be 1..=128 characters of [A-Za-z0-9_.-]",
+                    )
+                })?,
+                None => crate::streams::validate_stream_key(id)?,
+            }
         }
         let mut after: i64 = if req.cursor.is_empty() {
             0

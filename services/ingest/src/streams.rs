@@ -13,7 +13,7 @@
 //!
 //! A sealer (on every replica; an advisory lock per stream keeps it single) closes each
 //! stream's arrival window once it has ended: its segments become batch objects in the store
-//! (`events/{stream}/{yyyy}/{mm}/{dd}/{window_start_ms}-{first_seq}.evb`, each at most 8 MiB of
+//! (`events/{owner}/{stream}/{yyyy}/{mm}/{dd}/{window_start_ms}-{first_seq}.evb`, each at most 8 MiB of
 //! events so it travels as one message; the stored blocks are copied, not recompressed),
 //! the batches are recorded and the segments deleted, in one transaction. Consumer groups read sealed batches in
 //! order (each batch to one member of each group, redelivered if not acknowledged in time),
@@ -182,6 +182,37 @@ pub(crate) fn validate_stream_id(id: &str) -> Result<()> {
         return Err(Error::invalid(
             "stream_id",
             "must be 1..=128 characters of [A-Za-z0-9_.-]",
+        ));
+    }
+    Ok(())
+}
+
+/// The key Ingest keeps `owner`'s stream `stream` under: streams are named per owner, so two
+/// users' `desk` are two streams (and their objects live under `events/{owner}/{stream}/`).
+/// Neither part can hold a `/`.
+pub(crate) fn stream_key(owner: &str, stream: &str) -> String {
+    format!("{owner}/{stream}")
+}
+
+/// The name a caller knows a stream by: its own name for its owner, the whole key for a
+/// service or admin (who read every owner's streams).
+fn stream_name(key: &str, owner: Option<&str>) -> String {
+    owner
+        .and_then(|owner| key.strip_prefix(owner))
+        .and_then(|rest| rest.strip_prefix('/'))
+        .unwrap_or(key)
+        .to_owned()
+}
+
+/// A stream as a service or admin names it: `{owner}/{stream}`.
+pub(crate) fn validate_stream_key(key: &str) -> Result<()> {
+    let valid = key.split_once('/').is_some_and(|(owner, stream)| {
+        stowage_blob::keys::validate_user_id(owner).is_ok() && validate_stream_id(stream).is_ok()
+    });
+    if !valid {
+        return Err(Error::invalid(
+            "stream_ids",
+            "a service names a stream {owner}/{stream}",
         ));
     }
     Ok(())
@@ -456,6 +487,7 @@ impl EventStreams {
         mut frame: pb::AppendEventsRequest,
     ) -> Result<oneshot::Receiver<Result<u64>>> {
         validate_stream_id(&frame.stream_id)?;
+        frame.stream_id = stream_key(owner, &frame.stream_id);
         if frame.first_seq == 0 {
             return Err(Error::invalid("first_seq", "must be at least 1"));
         }
@@ -1107,7 +1139,7 @@ impl EventStreams {
             // Announced with the batch, in its transaction.
             let payload = serde_json::json!({
                 "batch_id": id,
-                "stream_id": stream,
+                "stream_id": stream_name(stream, Some(&owner)),
                 "owner_id": owner,
                 "seq": seq,
                 "window_start": start,
@@ -1174,6 +1206,11 @@ impl EventStreams {
         after: i64,
         streams: &[String],
     ) -> Result<Vec<pb::EventBatch>> {
+        // A user names their own streams; a service names them whole.
+        let streams: Vec<String> = match owner {
+            Some(owner) => streams.iter().map(|s| stream_key(owner, s)).collect(),
+            None => streams.to_vec(),
+        };
         let redeliver = self.inner.settings.redeliver_after.as_secs_f64();
         let conn = self.inner.pool.get().await?;
         // A member holds at most `prefetch` batches it has not acknowledged.
@@ -1255,7 +1292,7 @@ impl EventStreams {
             let late: Vec<i64> = row.get("late_seqs");
             batches.push(pb::EventBatch {
                 id: row.get::<_, Uuid>("id").to_string(),
-                stream_id: row.get("stream_id"),
+                stream_id: stream_name(row.get("stream_id"), owner),
                 window_start: Some(stowage_runtime::time::timestamp(row.get("window_start"))),
                 window_end: Some(stowage_runtime::time::timestamp(row.get("window_end"))),
                 first_seq: u64::try_from(row.get::<_, i64>("first_seq")).unwrap_or(0),
@@ -1271,26 +1308,33 @@ impl EventStreams {
         Ok(batches)
     }
 
-    /// The bytes of the stored screenshot `key` (`events/{stream}/screens/...`), for the
+    /// The bytes of the stored screenshot `key` (`events/{owner}/{stream}/screens/...`, or
+    /// `events/{stream}/screens/...` from before streams were named per owner), for the
     /// stream's owner (`owner`) or a privileged caller (`None`).
     pub async fn screenshot(&self, owner: Option<&str>, key: &str) -> Result<Bytes> {
-        let stream = key
+        let invalid = || {
+            Error::invalid(
+                "storage_key",
+                "must be a screenshot key an event carries (events/{owner}/{stream}/screens/...)",
+            )
+        };
+        let (stream, name) = key
             .strip_prefix("events/")
             .and_then(|rest| rest.split_once("/screens/"))
-            .filter(|(stream, name)| {
-                validate_stream_id(stream).is_ok()
-                    && !name.is_empty()
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
-            })
-            .map(|(stream, _)| stream)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "storage_key",
-                    "must be a screenshot key an event carries (events/{stream}/screens/...)",
-                )
-            })?;
+            .ok_or_else(invalid)?;
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
+        let stream = match stream.split_once('/') {
+            Some(_) if name_ok && validate_stream_key(stream).is_ok() => stream.to_owned(),
+            // Named before streams were per owner: a user's is under their key now.
+            None if name_ok && validate_stream_id(stream).is_ok() => match owner {
+                Some(owner) => stream_key(owner, stream),
+                None => stream.to_owned(),
+            },
+            _ => return Err(invalid()),
+        };
         let conn = self.inner.pool.get().await?;
         let known = conn
             .query_opt(
