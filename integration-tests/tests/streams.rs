@@ -957,7 +957,8 @@ async fn streams_named_before_they_were_per_owner_go_on() -> anyhow::Result<()> 
                      'events/desk/2026/12/04/1-000000000001.evb',
                      ARRAY['events/desk/screens/000000000003-abc.bin']);
          INSERT INTO ingest.event_readers (group_name, stream_id) VALUES ('g', 'desk');
-         SET LOCAL search_path TO ingest;",
+         SET LOCAL search_path TO ingest;
+         DROP TABLE event_stream_old_names;",
     )
     .await?;
     tx.batch_execute(include_str!(
@@ -995,5 +996,22 @@ async fn streams_named_before_they_were_per_owner_go_on() -> anyhow::Result<()> 
         .into_inner()
         .data;
     assert_eq!(shot.as_ref(), &[5u8; 10][..]);
+    // Another user's own `desk` does not make the old key theirs.
+    let amy = token("amy", &[]);
+    assert_eq!(
+        append_one(mesh.channel(), &amy, frame("desk", 1, 1)).await?,
+        1
+    );
+    let theirs = IngestClient::new(mesh.channel())
+        .get_screenshot(authed(
+            pb::GetScreenshotRequest {
+                storage_key: legacy_shot.into(),
+            },
+            &amy,
+        ))
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(theirs, Some(Code::NotFound));
     mesh.stop().await
 }

@@ -535,7 +535,8 @@ impl Sessions {
             let open: i64 = conn
                 .query_one_cached(
                     "SELECT count(*) FROM ingest.uploads
-                     WHERE owner_id = $1 AND state = 'open' AND declared_size IS NULL",
+                     WHERE owner_id = $1 AND state = 'open' AND declared_size IS NULL
+                       AND expires_at > now()",
                     &[&owner],
                 )
                 .await?

@@ -486,6 +486,8 @@ impl EventStreams {
         owner: &str,
         mut frame: pb::AppendEventsRequest,
     ) -> Result<oneshot::Receiver<Result<u64>>> {
+        stowage_blob::keys::validate_user_id(owner)
+            .map_err(|why| Error::invalid("user_id", why))?;
         validate_stream_id(&frame.stream_id)?;
         frame.stream_id = stream_key(owner, &frame.stream_id);
         if frame.first_seq == 0 {
@@ -985,7 +987,6 @@ impl EventStreams {
             .await?;
         let first_seq = segments[0].first_seq;
         let last_seq = segments[segments.len() - 1].last_seq;
-        let own = format!("events/{stream}/");
         let mut object = BATCH_MAGIC.to_vec();
         let mut late = Vec::new();
         let mut screenshots = Vec::new();
@@ -1005,10 +1006,12 @@ impl EventStreams {
                     {
                         late.push(seq);
                     }
+                    // Any key under events/ is one Ingest stored for this stream (clients
+                    // cannot name one), also one from before streams were per owner.
                     if legacy
                         && let Some(pb::screenshot::Source::StorageKey(key)) =
                             event.screenshot.as_ref().and_then(|s| s.source.as_ref())
-                        && key.starts_with(&own)
+                        && key.starts_with("events/")
                     {
                         screenshots.push(key.clone());
                     }
@@ -1320,27 +1323,29 @@ impl EventStreams {
         };
         let (stream, name) = key
             .strip_prefix("events/")
-            .and_then(|rest| rest.split_once("/screens/"))
+            .and_then(|rest| rest.rsplit_once("/screens/"))
             .ok_or_else(invalid)?;
         let name_ok = !name.is_empty()
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
-        let stream = match stream.split_once('/') {
-            Some(_) if name_ok && validate_stream_key(stream).is_ok() => stream.to_owned(),
-            // Named before streams were per owner: a user's is under their key now.
-            None if name_ok && validate_stream_id(stream).is_ok() => match owner {
-                Some(owner) => stream_key(owner, stream),
-                None => stream.to_owned(),
-            },
+        let legacy = match stream.split_once('/') {
+            Some(_) if name_ok && validate_stream_key(stream).is_ok() => false,
+            None if name_ok && validate_stream_id(stream).is_ok() => true,
             _ => return Err(invalid()),
         };
         let conn = self.inner.pool.get().await?;
+        // A key from before streams were per owner names the stream by its old name, which
+        // V9 recorded with the key it became: that stream's owner, nobody else's `desk`.
         let known = conn
             .query_opt(
-                "SELECT 1 FROM ingest.event_streams
-                 WHERE stream_id = $1 AND ($2::text IS NULL OR owner_id = $2)",
-                &[&stream, &owner],
+                "SELECT 1 FROM ingest.event_streams s
+                 WHERE ($2::text IS NULL OR s.owner_id = $2)
+                   AND s.stream_id = CASE WHEN $3 THEN
+                       (SELECT l.stream_id FROM ingest.event_stream_old_names l
+                         WHERE l.old_name = $1)
+                       ELSE $1 END",
+                &[&stream, &owner, &legacy],
             )
             .await?;
         drop(conn);

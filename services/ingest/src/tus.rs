@@ -41,6 +41,8 @@ struct Tus {
 
 /// Most KiB of checksummed PATCH bodies held in memory at once, across all requests.
 const HELD_KIB: usize = 256 << 10;
+/// How long a checksummed PATCH waits for room before it is told to retry.
+const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The tus routes under `base` (e.g. `/tus`).
 pub fn routes(sessions: Sessions, verifier: Verifier, base: &str) -> Router {
@@ -491,13 +493,20 @@ async fn write_body(
         let bytes = declared
             .unwrap_or(settings.max_chunk)
             .min(settings.max_chunk);
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        Some(
-            Arc::clone(&tus.held)
-                .acquire_many_owned(kib)
-                .await
-                .map_err(|_| Error::ShuttingDown)?,
-        )
+        // Never more than there is (a larger STOWAGE_INGEST__MAX_CHUNK would wait for ever);
+        // a request that finds no room in time is told to come back.
+        let kib = bytes.div_ceil(1024).min(HELD_KIB);
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+        let room = tokio::time::timeout(HELD_WAIT, Arc::clone(&tus.held).acquire_many_owned(kib));
+        match room.await {
+            Ok(Ok(permit)) => Some(permit),
+            Ok(Err(_)) => return Err(Error::ShuttingDown),
+            Err(_) => {
+                return Err(Error::Unavailable(
+                    "too many checksummed bodies held at once; retry".into(),
+                ));
+            }
+        }
     } else {
         None
     };
