@@ -21,8 +21,11 @@ function firstHalf() {
     const upload = new tus.Upload(data, {
       ...common,
       endpoint,
+      // tus-js-client reports progress at most every 100 ms (the first report comes at
+      // once, with only the first buffer written): the cut comes at the second, mid-body as
+      // long as the file takes longer than that to send.
       onProgress(sent, total) {
-        if (!cut && sent > total / 4) {
+        if (!cut && sent > 1 << 20 && sent < total) {
           cut = true;
           upload.abort(false).then(() => resolve(upload.url), reject);
         }

@@ -15,8 +15,10 @@ async fn tus_js_client_uploads_and_resumes_after_a_cut() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let mesh = Mesh::start(&setup).await?;
     let alice = token("alice", &[]);
-    let data = random_bytes(48 << 20);
-    // Removed with the test, whatever its outcome (48 MiB each run otherwise).
+    // Large enough that sending it takes longer than tus-js-client's 100 ms between progress
+    // reports, when the script cuts the request off (at ~1.6 GB/s at most here).
+    let data = random_bytes(160 << 20);
+    // Removed with the test, whatever its outcome (160 MiB each run otherwise).
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("clip.bin");
     std::fs::write(&path, &data)?;
