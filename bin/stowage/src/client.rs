@@ -64,7 +64,7 @@ impl Client {
         tags: &[String],
         quiet: bool,
     ) -> anyhow::Result<pb::File> {
-        let mut file = tokio::fs::File::open(path)
+        let file = tokio::fs::File::open(path)
             .await
             .with_context(|| format!("cannot open {}", path.display()))?;
         let meta = file.metadata().await?;
@@ -152,50 +152,54 @@ impl Client {
             .unwrap_or(CHUNK)
             .clamp(64 * 1024, 8 << 20);
         use tokio::io::AsyncSeekExt;
-        file.seek(std::io::SeekFrom::Start(session.offset)).await?;
-        let progress = bar.clone();
-        let first_id = session.id.clone();
-        // A read that fails ends the stream; the error is reported once the server answered.
-        let read_failed: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
-        let failed = Arc::clone(&read_failed);
-        let chunks = futures::stream::unfold(
-            (file, session.offset, true),
-            move |(mut file, offset, first)| {
-                let progress = progress.clone();
-                let first_id = first_id.clone();
-                let failed = Arc::clone(&failed);
-                async move {
-                    let mut buf = vec![0u8; chunk];
-                    let mut filled = 0;
-                    while filled < chunk {
-                        match file.read(&mut buf[filled..]).await {
-                            Ok(0) => break,
-                            Ok(n) => filled += n,
-                            Err(e) => {
-                                *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
-                                return None;
+        let mut offset = session.offset;
+        let mut held = 0;
+        while offset < size {
+            let mut file = file.try_clone().await?;
+            file.seek(std::io::SeekFrom::Start(offset)).await?;
+            bar.set_position(offset);
+            let progress = bar.clone();
+            let first_id = session.id.clone();
+            // A read that fails ends the stream; the error is reported once the server
+            // answered.
+            let read_failed: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
+            let failed = Arc::clone(&read_failed);
+            let chunks =
+                futures::stream::unfold((file, offset, true), move |(mut file, offset, first)| {
+                    let progress = progress.clone();
+                    let first_id = first_id.clone();
+                    let failed = Arc::clone(&failed);
+                    async move {
+                        let mut buf = vec![0u8; chunk];
+                        let mut filled = 0;
+                        while filled < chunk {
+                            match file.read(&mut buf[filled..]).await {
+                                Ok(0) => break,
+                                Ok(n) => filled += n,
+                                Err(e) => {
+                                    *failed.lock().unwrap_or_else(PoisonError::into_inner) =
+                                        Some(e);
+                                    return None;
+                                }
                             }
                         }
+                        if filled == 0 {
+                            return None;
+                        }
+                        buf.truncate(filled);
+                        progress.inc(filled as u64);
+                        let message = pb::WriteChunksRequest {
+                            upload_id: if first { first_id } else { String::new() },
+                            chunk: Some(pb::Chunk {
+                                offset,
+                                data: buf.into(),
+                                sha256: String::new(),
+                                size_bytes: None,
+                            }),
+                        };
+                        Some((message, (file, offset + filled as u64, false)))
                     }
-                    if filled == 0 {
-                        return None;
-                    }
-                    buf.truncate(filled);
-                    progress.inc(filled as u64);
-                    let message = pb::WriteChunksRequest {
-                        upload_id: if first { first_id } else { String::new() },
-                        chunk: Some(pb::Chunk {
-                            offset,
-                            data: buf.into(),
-                            sha256: String::new(),
-                            size_bytes: None,
-                        }),
-                    };
-                    Some((message, (file, offset + filled as u64, false)))
-                }
-            },
-        );
-        if session.offset < size {
+                });
             let written = ingest.write_chunks(self.request(chunks)).await;
             if let Some(e) = read_failed
                 .lock()
@@ -207,13 +211,31 @@ impl Client {
                     path.display()
                 );
             }
-            written.map_err(|s| {
-                anyhow::anyhow!(
+            match written {
+                Ok(_) => break,
+                // Still held by a writer that is gone (this command killed mid-upload and
+                // run again at once): the server lets go when it notices. Go on from where
+                // it stands then.
+                Err(s) if s.code() == tonic::Code::Aborted && held < HELD_RETRIES => {
+                    held += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * held)).await;
+                    offset = ingest
+                        .get_upload(self.request(pb::GetUploadRequest {
+                            upload_id: session.id.clone(),
+                        }))
+                        .await
+                        .map_err(status)?
+                        .into_inner()
+                        .session
+                        .context("server sent no session")?
+                        .offset;
+                }
+                Err(s) => anyhow::bail!(
                     "upload of {} interrupted ({}); run the same command to resume",
                     path.display(),
                     s.message()
-                )
-            })?;
+                ),
+            }
         }
         let completed = ingest
             .complete_upload(self.request(pb::CompleteUploadRequest {
@@ -403,6 +425,9 @@ fn resume_state_path(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<st
 }
 
 /// Whether `s` refuses `field`, as the server names it in the status's details.
+/// Times an upload waits for a session another (gone) writer still holds, 0.2 s longer each.
+const HELD_RETRIES: u64 = 10;
+
 fn refuses_field(s: &tonic::Status, field: &str) -> bool {
     use tonic_types::StatusExt;
     s.code() == tonic::Code::InvalidArgument
