@@ -145,7 +145,12 @@ struct Inner {
     subscriptions: Arc<Semaphore>,
     /// Open subscriptions per owner.
     owners: OpenPerOwner,
+    /// Consumer groups given lag series by this process.
+    lag_reported: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// Consumer groups given lag series at each measurement, those furthest behind.
+const LAG_GROUPS: usize = 50;
 
 /// How many subscriptions each owner has open.
 type OpenPerOwner = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
@@ -470,6 +475,7 @@ impl EventStreams {
                 budget,
                 subscriptions,
                 owners: Arc::default(),
+                lag_reported: std::sync::Mutex::default(),
             }),
         };
         for frames in queues {
@@ -830,43 +836,52 @@ impl EventStreams {
         }
     }
 
-    /// Sets the consumer-lag gauges: per consumer group, the batches sealed in the last day
-    /// it has not acknowledged, and the age of the oldest.
+    /// Sets the consumer-lag gauges: per consumer group, the batches of the streams it reads
+    /// sealed in the last day that it has not acknowledged, and the age of the oldest. Group
+    /// names are the callers', so only the [`LAG_GROUPS`] furthest behind get series; one
+    /// that drops out of them is set to 0 (so the series a process keeps grow only with the
+    /// groups that were ever that far behind).
     async fn measure_consumer_lag(&self) -> Result<()> {
         let conn = self.inner.pool.get().await?;
-        let sealed: i64 = conn
-            .query_one(
-                "SELECT count(*) FROM ingest.event_batches
-                 WHERE sealed_at > now() - interval '1 day'",
-                &[],
-            )
-            .await?
-            .get(0);
         let groups = conn
             .query(
-                "SELECT g.group_name,
-                        (SELECT count(*) FROM ingest.event_deliveries d
-                         JOIN ingest.event_batches b ON b.id = d.batch_id
-                         WHERE d.group_name = g.group_name AND d.acked_at IS NOT NULL
-                           AND b.sealed_at > now() - interval '1 day'),
-                        (SELECT extract(epoch FROM now() - min(b.sealed_at))::float8
-                         FROM ingest.event_batches b
-                         WHERE b.sealed_at > now() - interval '1 day'
-                           AND NOT EXISTS (SELECT 1 FROM ingest.event_deliveries d
-                                           WHERE d.group_name = g.group_name
-                                             AND d.batch_id = b.id AND d.acked_at IS NOT NULL))
-                 FROM (SELECT DISTINCT group_name FROM ingest.event_deliveries) g",
-                &[],
+                "SELECT r.group_name,
+                        count(*) FILTER (WHERE d.acked_at IS NULL) AS behind,
+                        COALESCE(extract(epoch FROM now() - min(b.sealed_at)
+                                 FILTER (WHERE d.acked_at IS NULL)), 0)::float8 AS age
+                 FROM ingest.event_readers r
+                 JOIN ingest.event_batches b
+                   ON b.stream_id = r.stream_id AND b.sealed_at > now() - interval '1 day'
+                 LEFT JOIN ingest.event_deliveries d
+                   ON d.group_name = r.group_name AND d.batch_id = b.id
+                 GROUP BY r.group_name
+                 ORDER BY behind DESC, r.group_name
+                 LIMIT $1",
+                &[&(LAG_GROUPS as i64)],
             )
             .await?;
-        for row in groups {
-            let group: String = row.get(0);
-            let acked: i64 = row.get(1);
-            metrics::gauge!("stowage_stream_consumer_lag_batches", "group" => group.clone())
-                .set((sealed - acked).max(0) as f64);
-            metrics::gauge!("stowage_stream_consumer_lag_seconds", "group" => group)
-                .set(row.get::<_, Option<f64>>(2).unwrap_or(0.0));
+        drop(conn);
+        let mut reported = self
+            .inner
+            .lag_reported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now: std::collections::HashSet<String> =
+            groups.iter().map(|row| row.get::<_, String>(0)).collect();
+        for gone in reported.difference(&now) {
+            metrics::gauge!("stowage_stream_consumer_lag_batches", "group" => gone.clone())
+                .set(0.0);
+            metrics::gauge!("stowage_stream_consumer_lag_seconds", "group" => gone.clone())
+                .set(0.0);
         }
+        for row in &groups {
+            let group: String = row.get(0);
+            metrics::gauge!("stowage_stream_consumer_lag_batches", "group" => group.clone())
+                .set(row.get::<_, i64>(1) as f64);
+            metrics::gauge!("stowage_stream_consumer_lag_seconds", "group" => group)
+                .set(row.get::<_, f64>(2));
+        }
+        reported.extend(now);
         Ok(())
     }
 
