@@ -137,8 +137,7 @@ impl ingest_server::Ingest for IngestGrpc {
         &self,
         request: Request<pb::SubscribeBatchesRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<pb::SubscribeBatchesResponse>>, Status> {
-        let caller = identity(&request)?;
-        let owner = (!caller.is_privileged()).then(|| caller.user_id.clone());
+        let owner = stream_owner(&request)?;
         let req = request.into_inner();
         check_consumer_group(&req.consumer_group)?;
         if req.stream_ids.len() > MAX_SUBSCRIBED_STREAMS {
@@ -218,8 +217,7 @@ impl ingest_server::Ingest for IngestGrpc {
         &self,
         request: Request<pb::AckBatchRequest>,
     ) -> Result<Response<pb::AckBatchResponse>, Status> {
-        let caller = identity(&request)?;
-        let owner = (!caller.is_privileged()).then(|| caller.user_id.clone());
+        let owner = stream_owner(&request)?;
         let req = request.into_inner();
         check_consumer_group(&req.consumer_group)?;
         let batch = parse_uuid("batch_id", &req.batch_id)?;
@@ -236,8 +234,7 @@ impl ingest_server::Ingest for IngestGrpc {
         &self,
         request: Request<pb::GetScreenshotRequest>,
     ) -> Result<Response<pb::GetScreenshotResponse>, Status> {
-        let caller = identity(&request)?;
-        let owner = (!caller.is_privileged()).then(|| caller.user_id.clone());
+        let owner = stream_owner(&request)?;
         let req = request.into_inner();
         let data = self
             .streams()?
@@ -508,6 +505,13 @@ impl ingest_server::Ingest for IngestGrpc {
         let file = self.uploader.upload(&caller.user_id, stream).await?;
         Ok(Response::new(pb::UploadResponse { file: Some(file) }))
     }
+}
+
+/// Whose streams a call may touch: the caller's own, or (`None`) everyone's for a service
+/// or admin.
+fn stream_owner<T>(request: &Request<T>) -> Result<Option<String>, Status> {
+    let caller = identity(request)?;
+    Ok((!caller.is_privileged()).then_some(caller.user_id))
 }
 
 /// Most streams one subscription names.

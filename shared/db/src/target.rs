@@ -85,28 +85,19 @@ impl PgTarget {
 /// libpq's `verify-*` modes nor `sslrootcert`); a `key=value` string keeps its `sslmode`.
 fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>), DbError> {
     let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
-    let Some((base, query)) = url.split_once('?').filter(|_| is_url) else {
+    if !is_url {
         return Ok((url.to_owned(), None, None));
-    };
-    // Other parameters are copied byte for byte: tokio-postgres percent-decodes them itself
-    // (and reads `+` as a plus, so they must not be re-encoded as a form would).
-    let mut mode = None;
-    let mut root_cert = None;
-    let mut kept = Vec::new();
-    for pair in query.split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let decoded = || {
-            percent_encoding::percent_decode_str(value)
-                .decode_utf8()
-                .map(|v| v.into_owned())
-                .map_err(|_| DbError::Tls(format!("{key} is not UTF-8 once decoded")))
-        };
-        match key {
-            "sslmode" => mode = Some(decoded()?),
-            "sslrootcert" => root_cert = Some(decoded()?),
-            _ => kept.push(pair),
-        }
     }
+    let (url, taken) =
+        crate::tls::take_params(url, &["sslmode", "sslrootcert"]).map_err(DbError::Tls)?;
+    let value = |name: &str| {
+        taken
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let (mode, root_cert) = (value("sslmode"), value("sslrootcert"));
     if let Some(mode) = &mode
         && ![
             "disable",
@@ -122,11 +113,6 @@ fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>)
             "sslmode {mode:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
         )));
     }
-    let url = if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
     Ok((url, mode, root_cert))
 }
 

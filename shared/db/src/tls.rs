@@ -28,6 +28,34 @@ pub fn client_config_with(roots: RootCertStore) -> Result<ClientConfig, String> 
     )
 }
 
+/// Takes the query parameters `keys` out of `url`, with their values percent-decoded, and
+/// leaves every other byte of the URL as written (drivers decode the rest themselves, some
+/// reading `+` as a plus, so nothing may be re-encoded).
+pub fn take_params(url: &str, keys: &[&str]) -> Result<(String, Vec<(String, String)>), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    let mut taken = Vec::new();
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if keys.contains(&key) {
+            let value = percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| format!("{key} is not UTF-8 once decoded"))?;
+            taken.push((key.to_owned(), value.into_owned()));
+        } else {
+            kept.push(pair);
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, taken))
+}
+
 /// The certificates a server's must chain to: those in `file`, or the system's.
 fn roots(file: Option<&str>) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();

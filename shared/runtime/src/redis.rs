@@ -40,22 +40,10 @@ pub async fn connect(url: &str) -> Result<Client, Error> {
 /// unreadable root certificate, and could not take a CA file).
 fn config(url: &str) -> Result<Config, Error> {
     let invalid = |why: String| Error::new(ErrorKind::Config, why);
-    let mut parsed = url::Url::parse(url).map_err(|e| invalid(format!("redis url: {e}")))?;
-    let root_cert = parsed
-        .query_pairs()
-        .find(|(k, _)| k == "sslrootcert")
-        .map(|(_, v)| v.into_owned());
-    if root_cert.is_some() {
-        let kept: Vec<(String, String)> = parsed
-            .query_pairs()
-            .filter(|(k, _)| k != "sslrootcert")
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        parsed.set_query(None);
-        if !kept.is_empty() {
-            parsed.query_pairs_mut().extend_pairs(kept);
-        }
-    }
+    let (url, taken) = stowage_db::tls::take_params(url, &["sslrootcert"])
+        .map_err(|e| invalid(format!("redis url: {e}")))?;
+    let root_cert = taken.into_iter().next_back().map(|(_, v)| v);
+    let parsed = url::Url::parse(&url).map_err(|e| invalid(format!("redis url: {e}")))?;
     let scheme = parsed.scheme().to_owned();
     let (tls, plain_scheme) = match scheme.strip_prefix("rediss") {
         Some(rest) => (true, format!("redis{rest}")),
