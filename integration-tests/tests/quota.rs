@@ -254,6 +254,30 @@ async fn release_gives_bytes_back_and_debit_counts_once() -> anyhow::Result<()> 
     }
     let account = usage(mesh.channel(), &token("carol", &[])).await?;
     assert_eq!(account.used_bytes, 3000, "one debit of 2000, not two");
+
+    // Keys are per user: the same key for another user is another movement.
+    for user in ["carol", "dan"] {
+        for _ in 0..2 {
+            quota
+                .charge(authed(
+                    pb::ChargeRequest {
+                        user_id: user.into(),
+                        bytes: 700,
+                        idempotency_key: "variants:same".into(),
+                        reason: "test".into(),
+                    },
+                    &service,
+                ))
+                .await?;
+        }
+    }
+    let carol = usage(mesh.channel(), &token("carol", &[])).await?;
+    let dan = usage(mesh.channel(), &token("dan", &[])).await?;
+    assert_eq!(
+        (carol.used_bytes, dan.used_bytes),
+        (3700, 700),
+        "one charge each, under one key"
+    );
     mesh.stop().await
 }
 

@@ -472,7 +472,7 @@ impl Quota {
         let inserted = tx
             .execute_cached(
                 "INSERT INTO quota.ledger (user_id, delta_bytes, kind, idempotency_key, reason)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idempotency_key) DO NOTHING",
                 &[&user_id, &delta, &kind, &idempotency_key, &reason],
             )
             .await?;
@@ -560,8 +560,8 @@ impl Quota {
         // expected usage is compared: the repair itself moved it).
         let done = tx
             .query_opt_cached(
-                "SELECT 1 FROM quota.ledger WHERE idempotency_key = $1",
-                &[&idempotency_key],
+                "SELECT 1 FROM quota.ledger WHERE user_id = $1 AND idempotency_key = $2",
+                &[&user_id, &idempotency_key],
             )
             .await?;
         if done.is_some() {
@@ -584,7 +584,7 @@ impl Quota {
             .execute_cached(
                 "INSERT INTO quota.ledger (user_id, delta_bytes, kind, idempotency_key, reason)
                  VALUES ($1, $2, 'reconcile', $3, 'usage recount')
-                 ON CONFLICT (idempotency_key) DO NOTHING",
+                 ON CONFLICT (user_id, idempotency_key) DO NOTHING",
                 &[&user_id, &drift, &idempotency_key],
             )
             .await?;
