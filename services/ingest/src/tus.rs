@@ -17,13 +17,14 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use stowage_proto::v1 as pb;
 use stowage_runtime::{Identity, Verifier, auth::bearer, status::database_code};
-use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::{
     error::Error,
     sessions::{Checksum, ChunkIn, Meta, Session, Sessions},
 };
+
+mod room;
 
 const TUS_VERSION: &str = "1.0.0";
 const EXTENSIONS: &str =
@@ -36,11 +37,13 @@ struct Tus {
     base: String,
     /// KiB of checksummed bodies held in memory at once (they are verified whole before
     /// anything is kept); a body waits for room, slowing its client.
-    held: Arc<Semaphore>,
+    held: Arc<room::Room>,
 }
 
 /// Most KiB of checksummed PATCH bodies held in memory at once, across all requests.
 const HELD_KIB: usize = 256 << 10;
+/// Most of it one user holds at once: four users' stalled bodies fill it, not one user's.
+const USER_HELD_KIB: usize = HELD_KIB / 4;
 /// How long a checksummed PATCH waits for room before it is told to retry.
 const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -55,7 +58,7 @@ pub fn routes(sessions: Sessions, verifier: Verifier, base: &str) -> Router {
             sessions,
             verifier,
             base,
-            held: Arc::new(Semaphore::new(HELD_KIB)),
+            held: Arc::new(room::Room::new(HELD_KIB, USER_HELD_KIB)),
         })
 }
 
@@ -493,15 +496,15 @@ async fn write_body(
         let bytes = declared
             .unwrap_or(settings.max_chunk)
             .min(settings.max_chunk);
-        // Never more than there is (a larger STOWAGE_INGEST__MAX_CHUNK would wait for ever);
-        // a request that finds no room in time is told to come back.
-        let kib = bytes.div_ceil(1024).min(HELD_KIB);
-        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
-        let room = tokio::time::timeout(HELD_WAIT, Arc::clone(&tus.held).acquire_many_owned(kib));
-        match room.await {
-            Ok(Ok(permit)) => Some(permit),
-            Ok(Err(_)) => return Err(Error::ShuttingDown),
-            Err(_) => {
+        // A request that finds no room in time (its user's share, then the process's) is
+        // told to come back.
+        match tus
+            .held
+            .take(&caller.user_id, bytes.div_ceil(1024), HELD_WAIT)
+            .await
+        {
+            Some(permit) => Some(permit),
+            None => {
                 return Err(Error::Unavailable(
                     "too many checksummed bodies held at once; retry".into(),
                 ));
