@@ -936,15 +936,36 @@ async fn two_users_streams_of_one_name_are_two_streams() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
-/// A stream named before streams were per owner is renamed to its owner's key by migration
-/// V9 (run here again over rows written the old way): its owner appends on from its durable
-/// seq, and reads a stored screenshot by the key its events carry.
+/// A stream named before streams were per owner is renamed to its owner's key on upgrade:
+/// Ingest's migrations of the release before (to V8) and rows written as it wrote them, then
+/// the service started on them (applying V9 on). Its owner appends on from its durable seq,
+/// and reads a stored screenshot by the key its events carry.
 #[tokio::test]
 async fn streams_named_before_they_were_per_owner_go_on() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    stowage_db::migrate(
+        &pool,
+        stowage_ingest::SCHEMA,
+        stowage_ingest::migrations().set_target(stowage_db::MigrationTarget::Version(8)),
+    )
+    .await?;
+    pool.get()
+        .await?
+        .batch_execute(
+            "INSERT INTO ingest.event_streams (stream_id, owner_id, durable_seq) VALUES ('desk', 'zed', 7);
+             INSERT INTO ingest.event_segments (stream_id, first_seq, last_seq, data)
+                 VALUES ('desk', 6, 7, '\\x00');
+             INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
+                 first_seq, last_seq, event_count, storage_key, screenshots)
+                 VALUES (gen_random_uuid(), 'desk', 'zed', now(), now(), 1, 5, 5,
+                         'events/desk/2026/12/04/1-000000000001.evb',
+                         ARRAY['events/desk/screens/000000000003-abc.bin']);
+             INSERT INTO ingest.event_readers (group_name, stream_id) VALUES ('g', 'desk');",
+        )
+        .await?;
     let mesh = Mesh::start(&setup).await?;
     let zed = token("zed", &[]);
-    let pool = stowage_db::connect(&setup.database_url, 1)?;
     let legacy_shot = "events/desk/screens/000000000003-abc.bin";
     use object_store::ObjectStoreExt as _;
     mesh.blobs
@@ -954,27 +975,7 @@ async fn streams_named_before_they_were_per_owner_go_on() -> anyhow::Result<()> 
             vec![5u8; 10].into(),
         )
         .await?;
-    let mut conn = pool.get().await?;
-    let tx = conn.transaction().await?;
-    tx.batch_execute(
-        "INSERT INTO ingest.event_streams (stream_id, owner_id, durable_seq) VALUES ('desk', 'zed', 7);
-         INSERT INTO ingest.event_segments (stream_id, first_seq, last_seq, data)
-             VALUES ('desk', 6, 7, '\\x00');
-         INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
-             first_seq, last_seq, event_count, storage_key, screenshots)
-             VALUES (gen_random_uuid(), 'desk', 'zed', now(), now(), 1, 5, 5,
-                     'events/desk/2026/12/04/1-000000000001.evb',
-                     ARRAY['events/desk/screens/000000000003-abc.bin']);
-         INSERT INTO ingest.event_readers (group_name, stream_id) VALUES ('g', 'desk');
-         SET LOCAL search_path TO ingest;
-         DROP TABLE event_stream_old_names;",
-    )
-    .await?;
-    tx.batch_execute(include_str!(
-        "../../services/ingest/migrations/V9__streams_per_owner.sql"
-    ))
-    .await?;
-    tx.commit().await?;
+    let conn = pool.get().await?;
     let renamed: Vec<String> = conn
         .query(
             "SELECT stream_id FROM ingest.event_streams

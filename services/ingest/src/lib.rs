@@ -30,5 +30,11 @@ mod embedded {
 
 /// Applies Ingest's migrations.
 pub async fn migrate(pool: &stowage_db::PgPool) -> Result<(), stowage_db::DbError> {
-    stowage_db::migrate(pool, SCHEMA, embedded::migrations::runner()).await
+    stowage_db::migrate(pool, SCHEMA, migrations()).await
+}
+
+/// Ingest's migrations, for [`stowage_db::migrate`]: a test of an upgrade applies those of an
+/// earlier release (`set_target`), writes rows as it did, and starts the service on them.
+pub fn migrations() -> stowage_db::MigrationRunner {
+    embedded::migrations::runner()
 }

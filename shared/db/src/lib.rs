@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use deadpool_postgres::{GenericClient, Object as Connection, Pool as PgPool, Transaction};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-pub use refinery::Runner as MigrationRunner;
+pub use refinery::{Runner as MigrationRunner, Target as MigrationTarget};
 
 /// Errors of pool creation and migrations.
 #[derive(Debug, thiserror::Error)]
