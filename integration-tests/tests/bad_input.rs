@@ -444,6 +444,54 @@ async fn a_registration_naming_two_files_already_exists() -> anyhow::Result<()> 
             .expect_err("names two files");
         assert_eq!(mixed.code(), Code::AlreadyExists, "{mixed:?}");
     }
+    // Fields a registrant may get wrong are named, and nothing is registered.
+    let third = uuid::Uuid::now_v7().to_string();
+    let bad = [
+        (
+            "kind",
+            pb::RegisterFileRequest {
+                kind: 99,
+                ..request(&third, "key-3", &third)
+            },
+        ),
+        (
+            "status",
+            pb::RegisterFileRequest {
+                status: 99,
+                ..request(&third, "key-3", &third)
+            },
+        ),
+        (
+            "mime_type",
+            pb::RegisterFileRequest {
+                mime_type: "text/plain\r\nx-evil: 1".into(),
+                ..request(&third, "key-3", &third)
+            },
+        ),
+        (
+            "package_name",
+            pb::RegisterFileRequest {
+                package_name: "p".repeat(10_000),
+                ..request(&third, "key-3", &third)
+            },
+        ),
+    ];
+    for (field, request) in bad {
+        let status = files()
+            .register_file(authed(request, &service))
+            .await
+            .expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    }
+    let kept = files()
+        .get_file(authed(
+            pb::GetFileRequest { file_id: third },
+            &token("alice", &[]),
+        ))
+        .await
+        .map(drop);
+    assert_eq!(kept.err().map(|s| s.code()), Some(Code::NotFound));
     mesh.stop().await
 }
 
@@ -540,6 +588,27 @@ async fn outside_lists_names_and_keys_are_bounded_by_field() -> anyhow::Result<(
             .await
             .map(drop),
         "variants.size_bytes",
+    );
+    // A download sends size_bytes as the length: inline bytes of another length, or
+    // neither inline bytes nor a key, would serve a body its header does not describe.
+    let short_inline = pb::Variant {
+        size_bytes: 20,
+        ..stowage_integration_tests::inline_variant("thumb", 10, 1)
+    };
+    refused(
+        files()
+            .set_variants(set(vec![short_inline]))
+            .await
+            .map(drop),
+        "variants.size_bytes",
+    );
+    let nothing = pb::Variant {
+        storage_key: String::new(),
+        ..one(10)
+    };
+    refused(
+        files().set_variants(set(vec![nothing])).await.map(drop),
+        "variants.storage_key",
     );
     let stored = files()
         .get_file(authed(

@@ -84,11 +84,26 @@ async fn migrate_needs_only_the_database() -> anyhow::Result<()> {
 async fn keys_of_an_identity_provider_need_an_audience() -> anyhow::Result<()> {
     let (ok, stderr) = serve_with(&[
         ("STOWAGE_AUTH__JWKS_URL", "http://127.0.0.1:1/jwks.json"),
-        ("STOWAGE_URL_SIGNING_KEY", "0123456789abcdef0123"),
+        ("STOWAGE_URL_SIGNING_KEY", "0123456789abcdef0123456789abcdef"),
     ])
     .await?;
     assert!(!ok);
     assert!(stderr.contains("STOWAGE_AUTH__AUDIENCE"), "{stderr}");
+    Ok(())
+}
+
+/// The key of signed URLs is all that stands between a file id and its bytes: a short one
+/// (or an empty one, as a blank variable gives) is refused at start, by name.
+#[tokio::test]
+async fn a_short_url_signing_key_is_refused() -> anyhow::Result<()> {
+    for key in ["", "changeme"] {
+        let (ok, stderr) = serve_with(&[("STOWAGE_URL_SIGNING_KEY", key)]).await?;
+        assert!(!ok);
+        assert!(
+            stderr.contains("STOWAGE_URL_SIGNING_KEY") && stderr.contains("32 bytes"),
+            "{key:?}: {stderr}"
+        );
+    }
     Ok(())
 }
 

@@ -303,8 +303,8 @@ impl Catalog {
             tx.rollback().await?;
             // Same key or same id: a retry of this registration, if it names the same blob.
             // The id and the key may name two files; the id's answers (neither is a retry
-            // unless it names the same blob).
-            let conn = self.pool.get().await?;
+            // unless it names the same blob). On the same connection: a second one taken
+            // while holding this would wait on the pool under a burst of retries.
             let existing = conn
                 .query_opt_cached(
                     concat!(

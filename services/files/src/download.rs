@@ -329,8 +329,11 @@ async fn serve_signed(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim() == target.etag || t.trim() == "*")
+            // Weak comparison (RFC 9110, 13.1.2): a proxy that weakened the tag still
+            // gets its 304.
+            v.split(',').map(str::trim).any(|t| {
+                t == "*" || t.strip_prefix("W/").unwrap_or(t) == target.etag
+            })
         })
     {
         return (

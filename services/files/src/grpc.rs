@@ -191,18 +191,31 @@ impl files_server::Files for FilesGrpc {
         if req.sha256.len() != 64 || !req.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid_argument("sha256", "must be 64 hex characters"));
         }
+        validate::label(&req.mime_type).map_err(|why| invalid_argument("mime_type", why))?;
+        validate::label(&req.package_name).map_err(|why| invalid_argument("package_name", why))?;
+        // Unset is the default (other, ready); a value this version does not know is refused,
+        // not taken for the default.
+        let kind = match req.kind {
+            0 => Kind::Other,
+            k => Kind::from_proto(k).ok_or_else(|| invalid_argument("kind", "unknown kind"))?,
+        };
+        let status = match req.status {
+            0 => FileStatus::Ready,
+            s => FileStatus::from_proto(s)
+                .ok_or_else(|| invalid_argument("status", "unknown status"))?,
+        };
         let new = NewFile {
             id: file_id(&req.file_id)?,
             owner_id: req.owner_id,
             display_name: req.display_name,
-            kind: Kind::from_proto(req.kind).unwrap_or(Kind::Other),
+            kind,
             mime_type: req.mime_type,
             size_bytes: req.size_bytes,
             sha256: req.sha256.to_ascii_lowercase(),
             storage_key: req.storage_key,
             tags,
             package_name: req.package_name,
-            status: FileStatus::from_proto(req.status).unwrap_or(FileStatus::Ready),
+            status,
             idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
         };
         let file = self.catalog.register(new).await?;
@@ -518,6 +531,20 @@ impl files_server::Files for FilesGrpc {
                     return Err(invalid_argument(
                         "variants.size_bytes",
                         "is beyond what a file can hold",
+                    ));
+                }
+                // Downloads send `size_bytes` as the length of what they serve: the bytes
+                // kept inline, or an object in the store.
+                if !v.inline_data.is_empty() && v.inline_data.len() as u64 != v.size_bytes {
+                    return Err(invalid_argument(
+                        "variants.size_bytes",
+                        "differs from the length of inline_data",
+                    ));
+                }
+                if v.inline_data.is_empty() && v.storage_key.is_empty() {
+                    return Err(invalid_argument(
+                        "variants.storage_key",
+                        "is required without inline_data",
                     ));
                 }
                 Ok(VariantRecord {

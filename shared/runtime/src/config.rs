@@ -538,6 +538,12 @@ impl Config {
                 "required when tokens are verified with STOWAGE_AUTH__JWKS_URL",
             );
         }
+        // It alone stands between a file id and its bytes for anyone holding a link.
+        if let Some(key) = &self.url_signing_key
+            && key.len() < 32
+        {
+            return fail("STOWAGE_URL_SIGNING_KEY", "must be at least 32 bytes");
+        }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
