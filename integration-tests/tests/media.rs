@@ -77,6 +77,17 @@ fn video_stream(video: &[u8], dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&probe.stdout).trim().to_owned())
 }
 
+/// The container-level tags of `video` (title, location, ...), as ffprobe prints them.
+fn format_tags(video: &[u8], dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join("tagged.mp4");
+    std::fs::write(&path, video)?;
+    let probe = Command::new("ffprobe")
+        .args(["-v", "error", "-show_entries", "format_tags", "-of", "flat"])
+        .arg(&path)
+        .output()?;
+    Ok(String::from_utf8_lossy(&probe.stdout).into_owned())
+}
+
 /// Runs ffmpeg with `args` (split on spaces) writing `out`, and returns what it wrote.
 fn ffmpeg(args: &str, out: &std::path::Path) -> Vec<u8> {
     let status = Command::new("ffmpeg")
@@ -584,7 +595,8 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
 }
 
 /// Videos with odd sides become web MP4s with even sides (as yuv420p needs; an odd height
-/// made the encoder refuse), at most 720 px high, their aspect kept.
+/// made the encoder refuse), at most 720 px high, their aspect kept; without the original's
+/// tags (where it was shot, its title), as image variants are without their EXIF.
 #[tokio::test]
 async fn odd_sized_videos_get_even_web_mp4s_at_most_720p() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
@@ -597,9 +609,15 @@ async fn odd_sized_videos_get_even_web_mp4s_at_most_720p() -> anyhow::Result<()>
     ] {
         let clip = ffmpeg(
             &format!(
-                "-f lavfi -i testsrc=duration=1:size={size}:rate=10 -pix_fmt yuv444p -c:v libx264"
+                "-f lavfi -i testsrc=duration=1:size={size}:rate=10 -pix_fmt yuv444p -c:v libx264 \
+                 -metadata title=at-home -metadata location=+48.8584+002.2945/"
             ),
             &dir.path().join(format!("{size}.mp4")),
+        );
+        let tags = format_tags(&clip, dir.path())?;
+        assert!(
+            tags.contains("at-home") && tags.contains("48.8584"),
+            "{tags}"
         );
         let file = upload(mesh.channel(), &alice, &format!("{size}.mp4"), &clip, &[]).await?;
         let file = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
@@ -611,6 +629,11 @@ async fn odd_sized_videos_get_even_web_mp4s_at_most_720p() -> anyhow::Result<()>
         );
         let (_, web) = download_variant(mesh.channel(), &alice, &file.id, "video_720_mp4").await?;
         assert_eq!(video_stream(&web, dir.path())?, expected, "{size}");
+        let tags = format_tags(&web, dir.path())?;
+        assert!(
+            !tags.contains("at-home") && !tags.contains("48.8584"),
+            "{tags}"
+        );
     }
     mesh.stop().await
 }

@@ -251,6 +251,9 @@ impl Tools {
             .arg("-i")
             .arg(input)
             .args(["-map", "0:v:0", "-map", "0:a:0?"])
+            // None of the original's tags (where it was shot, its title, comments) or
+            // chapters: the web copy is the one an app publishes.
+            .args(["-map_metadata", "-1", "-map_chapters", "-1"])
             // Even sides, as yuv420p needs; the encoder on two threads too.
             .args(["-vf", "scale=-2:'trunc(min(720,ih)/2)*2'", "-threads", "2"])
             .args(["-c:v", "libx264", "-preset", "veryfast", "-crf", "26"])
