@@ -1656,13 +1656,70 @@ async fn noticed_past_the_grace(
     )
     .await?;
     run_now(mesh, "inactivity", false).await?;
-    conn.execute(
+    // Her files are as old as her quiet, older than the notice.
+    conn.batch_execute(&format!(
         "UPDATE lifecycle.activity SET notice_sent_at = notice_sent_at - interval '2 hours'
-         WHERE user_id = $1",
-        &[&user],
-    )
+         WHERE user_id = '{user}';
+         UPDATE files.files SET created_at = created_at - interval '400 days'
+         WHERE owner_id = '{user}';"
+    ))
     .await?;
     Ok(bearer)
+}
+
+/// A user comes back after the grace and uploads, and the clean-up runs before the news of
+/// her upload reaches Lifecycle: her new file stays (only what she had at the notice goes to
+/// trash), and her history says what went.
+#[tokio::test]
+async fn a_clean_up_racing_a_returning_user_leaves_her_new_files() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    let fern = noticed_past_the_grace(&mesh, &conn, "fern", 2, pb::InactivityAction::Trash).await?;
+    let state = conn
+        .query_one(
+            "SELECT last_active_at, notice_sent_at FROM lifecycle.activity WHERE user_id = 'fern'",
+            &[],
+        )
+        .await?;
+    let (quiet_since, noticed): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        (state.get(0), state.get(1));
+    let back = upload(mesh.channel(), &fern, "back.bin", &random_bytes(100), &[]).await?;
+    events_consumed(&conn, 3).await?;
+    // As it stood before her upload's event arrived.
+    conn.execute(
+        "UPDATE lifecycle.activity SET last_active_at = $1, notice_sent_at = $2, cleaned_at = NULL
+         WHERE user_id = 'fern'",
+        &[&quiet_since, &noticed],
+    )
+    .await?;
+    let run = run_now(&mesh, "inactivity", false).await?;
+    assert_eq!(run.acted, 1, "{run:?}");
+    let live: Vec<String> = files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &fern))
+        .await?
+        .into_inner()
+        .files
+        .into_iter()
+        .map(|f| f.id)
+        .collect();
+    assert_eq!(live, [back.id], "her new file stays");
+    let trash = files(mesh.channel())
+        .list_trash(authed(pb::ListTrashRequest::default(), &fern))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(trash.len(), 2);
+    let cleaned: serde_json::Value = conn
+        .query_one(
+            "SELECT detail FROM lifecycle.history WHERE user_id = 'fern' AND event = 'cleaned'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(cleaned["trashed_files"], 2);
+    mesh.stop().await
 }
 
 #[tokio::test]
@@ -1745,5 +1802,42 @@ async fn a_user_noticed_under_notify_only_is_not_trashed_when_the_policy_changes
         .into_inner()
         .files;
     assert_eq!(live.len(), 1, "her file stays");
+    mesh.stop().await
+}
+
+/// A stored policy this version cannot read (a newer release's, or edited by hand) stops the
+/// tasks that follow it: they do not run under the defaults, whose trash retention may be
+/// shorter than the one set.
+#[tokio::test]
+async fn an_unreadable_policy_stops_the_tasks_instead_of_the_defaults() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    set_policy(&mesh, |p| p.trash_retention_days = 365).await?;
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE lifecycle.policy SET policy = policy || '{\"inactivity_action\": \"shred\"}'",
+            &[],
+        )
+        .await?;
+    let mut client = LifecycleClient::new(mesh.channel());
+    let admin = token("root", &["admin"]);
+    let read = client
+        .get_policy(authed(pb::GetPolicyRequest::default(), &admin))
+        .await
+        .map(drop);
+    assert_eq!(read.err().map(|s| s.code()), Some(Code::FailedPrecondition));
+    let run = client
+        .run_now(authed(
+            pb::RunNowRequest {
+                name: "trash_purge".into(),
+                dry_run: false,
+            },
+            &admin,
+        ))
+        .await
+        .map(drop);
+    assert_eq!(run.err().map(|s| s.code()), Some(Code::FailedPrecondition));
     mesh.stop().await
 }

@@ -471,7 +471,11 @@ impl Catalog {
 
     /// Moves every live file of `owner` to trash, each with its `file.deleted` event, in one
     /// transaction; returns how many.
-    pub async fn trash_all(&self, owner: &str) -> Result<u64> {
+    pub async fn trash_all(
+        &self,
+        owner: &str,
+        created_before: Option<DateTime<Utc>>,
+    ) -> Result<u64> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let rows = tx
@@ -479,10 +483,11 @@ impl Catalog {
                 concat!(
                     "UPDATE files.files SET deleted_at = now(), updated_at = now()
                  WHERE owner_id = $1 AND deleted_at IS NULL AND status <> 'quarantined'
+                   AND ($2::timestamptz IS NULL OR created_at < $2)
                  RETURNING ",
                     file_columns!()
                 ),
-                &[&owner],
+                &[&owner, &created_before],
             )
             .await?;
         for row in &rows {

@@ -688,10 +688,17 @@ impl files_server::Files for FilesGrpc {
         request: Request<pb::TrashOwnerFilesRequest>,
     ) -> Result<Response<pb::TrashOwnerFilesResponse>, Status> {
         identity(&request)?.require_privileged()?;
-        let owner = request.into_inner().owner_id;
-        stowage_blob::keys::validate_user_id(&owner)
+        let req = request.into_inner();
+        stowage_blob::keys::validate_user_id(&req.owner_id)
             .map_err(|why| invalid_argument("owner_id", why))?;
-        let trashed = self.catalog.trash_all(&owner).await?;
+        let created_before = req
+            .created_before
+            .map(|at| {
+                stowage_runtime::time::from_timestamp(&at)
+                    .ok_or_else(|| invalid_argument("created_before", "not a valid time"))
+            })
+            .transpose()?;
+        let trashed = self.catalog.trash_all(&req.owner_id, created_before).await?;
         Ok(Response::new(pb::TrashOwnerFilesResponse { trashed }))
     }
 

@@ -299,6 +299,8 @@ impl Lifecycle {
                 .files
                 .trash_owner_files(pb::TrashOwnerFilesRequest {
                     owner_id: user.clone(),
+                    // What they had when told; what they added since says they are back.
+                    created_before: Some(stowage_runtime::time::timestamp(noticed)),
                 })
                 .await
             {
@@ -319,7 +321,9 @@ impl Lifecycle {
                 )
                 .await
                 .map_err(db)?;
-            if marked == 1 {
+            // Recorded whenever files moved, also when activity that came in meanwhile
+            // ended the notice: the owner finds in their history why their files are in trash.
+            if marked == 1 || trashed > 0 {
                 record(
                     &tx,
                     &user,

@@ -256,9 +256,17 @@ impl Lifecycle {
             .query_opt_cached("SELECT policy FROM lifecycle.policy", &[])
             .await
             .map_err(db)?;
-        Ok(row
-            .and_then(|r| serde_json::from_value(r.get(0)).ok())
-            .unwrap_or_default())
+        // A stored policy this version cannot read (written by a newer one, or by hand)
+        // stops the tasks that follow it, rather than running them under the defaults (a
+        // shorter trash retention than the one set would purge what was to be kept).
+        match row {
+            None => Ok(Policy::default()),
+            Some(row) => serde_json::from_value(row.get(0)).map_err(|e| {
+                tonic::Status::failed_precondition(format!(
+                    "the stored policy cannot be read by this version ({e}); set it again with SetPolicy"
+                ))
+            }),
+        }
     }
 
     /// Replaces the policy.
