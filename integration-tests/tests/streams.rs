@@ -1025,3 +1025,86 @@ async fn streams_named_before_they_were_per_owner_go_on() -> anyhow::Result<()> 
     assert_eq!(theirs, Some(Code::NotFound));
     mesh.stop().await
 }
+
+/// Acknowledged as each window seals, a stream keeps only its newest stored screenshot (dev
+/// option: 1), not one per batch: one spared by its batch's acknowledgement is deleted by a
+/// later one once a newer screenshot takes its place.
+#[tokio::test]
+async fn screenshots_acknowledged_batch_by_batch_keep_only_the_newest() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.streams.window = Duration::from_millis(500);
+        c.ingest.streams.grace = Duration::from_millis(200);
+        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
+        c.ingest.streams.keep_screenshots = 1;
+    })
+    .await?;
+    let bob = token("bob", &[]);
+    let mut acked = HashMap::new();
+    for w in 0..3u64 {
+        let first = w * 2 + 1;
+        let events = vec![event(first, Some(vec![7u8; 4096])), event(first + 1, None)];
+        let frame = pb::AppendEventsRequest {
+            stream_id: "desk".into(),
+            first_seq: first,
+            events,
+        };
+        append(mesh.channel(), &bob, vec![frame], &mut acked).await;
+        assert_eq!(acked.get("desk"), Some(&(first + 1)));
+        batches_sealed(&setup, i64::try_from(w + 1)?).await?;
+        let (seqs, _) = drain(mesh.channel(), &bob, "g1", "", &[("desk".into(), 2)].into()).await?;
+        assert_eq!(seqs["desk"], [first, first + 1]);
+    }
+    let left = mesh.stored_objects("events/bob/desk/screens").await?;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains("/screens/000000000005-"), "{left:?}");
+    mesh.stop().await
+}
+
+/// Screenshots kept inline leave their batch once every group reading the stream has
+/// acknowledged it, as stored ones are deleted then: a group that reads the stream later
+/// finds each screenshot's type and size, not its bytes.
+#[tokio::test]
+async fn inline_screenshots_leave_the_batch_once_it_is_acknowledged() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.streams.window = Duration::from_millis(500);
+        c.ingest.streams.grace = Duration::from_millis(200);
+        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
+    })
+    .await?;
+    let bob = token("bob", &[]);
+    let mut acked = HashMap::new();
+    let frame = pb::AppendEventsRequest {
+        stream_id: "desk".into(),
+        first_seq: 1,
+        events: vec![event(1, Some(vec![8u8; 100])), event(2, None)],
+    };
+    append(mesh.channel(), &bob, vec![frame], &mut acked).await;
+    assert_eq!(acked.get("desk"), Some(&2));
+    batches_sealed(&setup, 1).await?;
+    let want: HashMap<String, u64> = [("desk".into(), 2)].into();
+    let inline = |batches: &[pb::EventBatch]| {
+        batches
+            .iter()
+            .flat_map(|b| &b.events)
+            .filter_map(|e| e.screenshot.clone())
+            .collect::<Vec<_>>()
+    };
+    let (_, first) = drain(mesh.channel(), &bob, "g1", "", &want).await?;
+    let shots = inline(&first);
+    assert_eq!(shots.len(), 1);
+    assert!(
+        matches!(&shots[0].source, Some(pb::screenshot::Source::InlineData(d)) if d.len() == 100),
+        "delivered whole before the acknowledgement"
+    );
+    let (_, later) = drain(mesh.channel(), &bob, "g2", "", &want).await?;
+    let shots = inline(&later);
+    assert_eq!(shots.len(), 1);
+    assert_eq!(shots[0].source, None, "its bytes are gone");
+    assert_eq!(
+        (shots[0].mime_type.as_str(), shots[0].width, shots[0].height),
+        ("image/png", 1, 1)
+    );
+    mesh.stop().await
+}

@@ -18,7 +18,7 @@
 //! the batches are recorded and the segments deleted, in one transaction. Consumer groups read sealed batches in
 //! order (each batch to one member of each group, redelivered if not acknowledged in time),
 //! and the acknowledgement of the last group reading a stream deletes the batch's stored
-//! screenshots.
+//! screenshots and rewrites the batch without the bytes of its inline ones.
 
 use std::{sync::Arc, time::Duration};
 
@@ -251,6 +251,8 @@ struct NewSegment {
     min_ts: Option<DateTime<Utc>>,
     /// Keys of the screenshots Ingest stored for these events, newline-separated.
     screenshots: String,
+    /// Whether an event carries a screenshot inline.
+    inline_screenshots: bool,
     data: Vec<u8>,
 }
 
@@ -277,14 +279,15 @@ fn encode_segments(
         if let Some(at) = timestamp_of(event) {
             open.min_ts = Some(open.min_ts.map_or(at, |m| m.min(at)));
         }
-        if let Some(pb::screenshot::Source::StorageKey(key)) =
-            event.screenshot.as_ref().and_then(|s| s.source.as_ref())
-            && key.starts_with(&own)
-        {
-            if !open.screenshots.is_empty() {
-                open.screenshots.push('\n');
+        match event.screenshot.as_ref().and_then(|s| s.source.as_ref()) {
+            Some(pb::screenshot::Source::StorageKey(key)) if key.starts_with(&own) => {
+                if !open.screenshots.is_empty() {
+                    open.screenshots.push('\n');
+                }
+                open.screenshots.push_str(key);
             }
-            open.screenshots.push_str(key);
+            Some(pb::screenshot::Source::InlineData(_)) => open.inline_screenshots = true,
+            _ => {}
         }
     }
     if !raw.is_empty() {
@@ -301,6 +304,7 @@ impl NewSegment {
             raw_bytes: 0,
             min_ts: None,
             screenshots: String::new(),
+            inline_screenshots: false,
             data: Vec::new(),
         }
     }
@@ -324,6 +328,7 @@ struct Segments<'a> {
     raw_bytes: Vec<i32>,
     min_ts: Vec<Option<DateTime<Utc>>>,
     screenshots: Vec<String>,
+    inline_screenshots: Vec<bool>,
     data: Vec<Vec<u8>>,
 }
 
@@ -336,6 +341,7 @@ impl<'a> Segments<'a> {
             .push(i32::try_from(segment.raw_bytes).unwrap_or(i32::MAX));
         self.min_ts.push(segment.min_ts);
         self.screenshots.push(segment.screenshots);
+        self.inline_screenshots.push(segment.inline_screenshots);
         self.data.push(segment.data);
     }
 }
@@ -346,6 +352,9 @@ struct NewBatch {
     last_seq: i64,
     key: String,
     screenshots: Vec<String>,
+    /// Whether an event carries a screenshot inline (`None`: not known, for segments written
+    /// before segments said).
+    inline_screenshots: Option<bool>,
     late: Vec<i64>,
 }
 
@@ -357,6 +366,7 @@ struct SealedSegment {
     raw_bytes: usize,
     min_ts: Option<DateTime<Utc>>,
     screenshots: Vec<String>,
+    inline_screenshots: Option<bool>,
 }
 
 /// Consecutive runs of `sizes` adding up to at most `max` each (a single size over `max`
@@ -778,10 +788,12 @@ impl EventStreams {
         if !up_streams.is_empty() {
             tx.execute(
                 "INSERT INTO ingest.event_segments
-                     (stream_id, first_seq, last_seq, raw_bytes, min_ts, screenshots, data)
-                 SELECT s, f, l, r, m, coalesce(string_to_array(nullif(k, ''), E'\\n'), '{}'), d
+                     (stream_id, first_seq, last_seq, raw_bytes, min_ts, screenshots, data,
+                      inline_screenshots)
+                 SELECT s, f, l, r, m, coalesce(string_to_array(nullif(k, ''), E'\\n'), '{}'), d, i
                  FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[],
-                             $5::timestamptz[], $6::text[], $7::bytea[]) AS u(s, f, l, r, m, k, d)",
+                             $5::timestamptz[], $6::text[], $7::bytea[], $8::bool[])
+                      AS u(s, f, l, r, m, k, d, i)",
                 &[
                     &segments.streams,
                     &segments.firsts,
@@ -790,6 +802,7 @@ impl EventStreams {
                     &segments.min_ts,
                     &segments.screenshots,
                     &segments.data,
+                    &segments.inline_screenshots,
                 ],
             )
             .await?;
@@ -1005,9 +1018,13 @@ impl EventStreams {
         let mut object = BATCH_MAGIC.to_vec();
         let mut late = Vec::new();
         let mut screenshots = Vec::new();
+        let mut inline_screenshots = Some(false);
         for (segment, row) in segments.iter().zip(&rows) {
             let data: &[u8] = row.get(0);
             screenshots.extend(segment.screenshots.iter().cloned());
+            inline_screenshots = inline_screenshots
+                .zip(segment.inline_screenshots)
+                .map(|(a, b)| a || b);
             let legacy = segment.min_ts.is_none();
             let may_be_late = matches!((segment.min_ts, sealed_until), (Some(t), Some(u)) if t < u);
             if legacy || may_be_late {
@@ -1051,6 +1068,7 @@ impl EventStreams {
             last_seq,
             key,
             screenshots,
+            inline_screenshots,
             late,
         })
     }
@@ -1079,7 +1097,7 @@ impl EventStreams {
         let sealed_until: Option<DateTime<Utc>> = info.get(1);
         let segments: Vec<SealedSegment> = tx
             .query(
-                "SELECT id, first_seq, last_seq, raw_bytes, min_ts, screenshots
+                "SELECT id, first_seq, last_seq, raw_bytes, min_ts, screenshots, inline_screenshots
                  FROM ingest.event_segments
                  WHERE stream_id = $1 AND received_at < $2 ORDER BY first_seq",
                 &[&stream, &end],
@@ -1093,6 +1111,7 @@ impl EventStreams {
                 raw_bytes: usize::try_from(r.get::<_, i32>(3)).unwrap_or(0),
                 min_ts: r.get(4),
                 screenshots: r.get(5),
+                inline_screenshots: r.get(6),
             })
             .collect();
         if segments.is_empty() {
@@ -1136,8 +1155,9 @@ impl EventStreams {
             let seq: i64 = tx
                 .query_one(
                     "INSERT INTO ingest.event_batches (id, stream_id, owner_id, window_start, window_end,
-                     first_seq, last_seq, event_count, storage_key, screenshots, late_seqs)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq",
+                     first_seq, last_seq, event_count, storage_key, screenshots, late_seqs,
+                     inline_screenshots)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING seq",
                     &[
                         &id,
                     &stream,
@@ -1150,6 +1170,7 @@ impl EventStreams {
                     &batch.key,
                         &batch.screenshots,
                         &batch.late,
+                        &batch.inline_screenshots,
                     ],
                 )
                 .await?
@@ -1376,14 +1397,17 @@ impl EventStreams {
 
     /// Acknowledges `batch` for `group`. Once every group reading the batch's stream has
     /// acknowledged it, deletes its stored screenshots (except the newest `keep_screenshots`
-    /// of its stream); returns how many.
+    /// of its stream) and takes the bytes of its inline ones out of the batch (unless some are
+    /// kept); returns how many went. A repeated acknowledgement finishes what a failed one
+    /// left.
     pub async fn ack(&self, owner: Option<&str>, group: &str, batch: Uuid) -> Result<u32> {
         let mut conn = self.inner.pool.get().await?;
         let tx = conn.transaction().await?;
         // Acknowledgements of one batch take turns, so the last group's sees the others'.
         let Some(row) = tx
             .query_opt(
-                "SELECT stream_id, screenshots FROM ingest.event_batches
+                "SELECT stream_id, screenshots, storage_key, inline_screenshots
+                 FROM ingest.event_batches
                  WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2)
                  FOR NO KEY UPDATE",
                 &[&batch, &owner],
@@ -1406,14 +1430,15 @@ impl EventStreams {
                     &[&group, &batch],
                 )
                 .await?;
-            return match delivered {
-                Some(_) => Ok(0),
-                None => Err(Error::NotFound),
-            };
+            if delivered.is_none() {
+                return Err(Error::NotFound);
+            }
         }
         let stream: String = row.get(0);
         let screenshots: Vec<String> = row.get(1);
-        if screenshots.is_empty() {
+        let storage_key: String = row.get(2);
+        let inline: Option<bool> = row.get(3);
+        if screenshots.is_empty() && inline == Some(false) {
             tx.commit().await?;
             return Ok(0);
         }
@@ -1429,32 +1454,134 @@ impl EventStreams {
             .await?
             .get(0);
         tx.commit().await?;
+        drop(conn);
         if waiting > 0 {
             return Ok(0);
         }
-        let keep: std::collections::HashSet<String> = if self.inner.settings.keep_screenshots > 0 {
-            conn.query(
+        let mut gone = self.delete_screenshots(&stream, batch, screenshots).await?;
+        if inline != Some(false) && self.inner.settings.keep_screenshots == 0 {
+            gone += self.strip_inline_screenshots(batch, &storage_key).await?;
+        }
+        Ok(gone)
+    }
+
+    /// Deletes `screenshots` of `batch` (acknowledged by every group), except the newest
+    /// `keep_screenshots` of `stream`; spared ones are recorded on the batch, and deleted by a
+    /// later acknowledgement of the stream once newer ones take their place.
+    async fn delete_screenshots(
+        &self,
+        stream: &str,
+        batch: Uuid,
+        screenshots: Vec<String>,
+    ) -> Result<u32> {
+        let keep = self.inner.settings.keep_screenshots;
+        if keep == 0 {
+            return Ok(delete_objects(self.inner.store.as_ref(), &screenshots).await);
+        }
+        let conn = self.inner.pool.get().await?;
+        let newest: std::collections::HashSet<String> = conn
+            .query(
                 "SELECT s FROM ingest.event_batches, unnest(screenshots) AS s
                  WHERE stream_id = $1 ORDER BY seq DESC, s DESC LIMIT $2",
-                &[
-                    &stream,
-                    &i64::try_from(self.inner.settings.keep_screenshots).unwrap_or(0),
-                ],
+                &[&stream, &i64::try_from(keep).unwrap_or(0)],
             )
             .await?
             .iter()
             .map(|r| r.get(0))
-            .collect()
-        } else {
-            std::collections::HashSet::new()
-        };
-        drop(conn);
-        let doomed: Vec<String> = screenshots
-            .into_iter()
-            .filter(|k| !keep.contains(k))
             .collect();
+        let spared_before: Vec<String> = conn
+            .query(
+                "SELECT s FROM ingest.event_batches, unnest(spared) AS s
+                 WHERE stream_id = $1 AND spared <> '{}' AND id <> $2",
+                &[&stream, &batch],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let (spared, mut doomed): (Vec<String>, Vec<String>) = screenshots
+            .into_iter()
+            .partition(|k| newest.contains(k));
+        doomed.extend(spared_before.into_iter().filter(|k| !newest.contains(k)));
+        let newest: Vec<&String> = newest.iter().collect();
+        conn.execute(
+            "UPDATE ingest.event_batches SET spared = $2 WHERE id = $1",
+            &[&batch, &spared],
+        )
+        .await?;
+        conn.execute(
+            "UPDATE ingest.event_batches
+             SET spared = ARRAY(SELECT s FROM unnest(spared) AS s WHERE s = ANY($3))
+             WHERE stream_id = $1 AND spared <> '{}' AND id <> $2",
+            &[&stream, &batch, &newest],
+        )
+        .await?;
+        drop(conn);
         Ok(delete_objects(self.inner.store.as_ref(), &doomed).await)
     }
+
+    /// Rewrites the object of `batch` without the bytes of its inline screenshots (their type
+    /// and size stay) and records that it holds none; returns how many it took out.
+    async fn strip_inline_screenshots(&self, batch: Uuid, key: &str) -> Result<u32> {
+        let path = ObjectPath::from(key);
+        let object = match self.inner.store.get(&path).await {
+            Ok(object) => object.bytes().await?,
+            // Gone with the retention meanwhile.
+            Err(object_store::Error::NotFound { .. }) => return Ok(0),
+            Err(error) => return Err(error.into()),
+        };
+        let codec = self.inner.settings.codec;
+        let stripped = tokio::task::spawn_blocking(move || without_inline_screenshots(&object, codec))
+            .await
+            .map_err(|_| Error::Internal("rewriting a batch panicked"))??;
+        let count = match stripped {
+            Some((object, count)) => {
+                self.put_durable(&path, object.into()).await?;
+                count
+            }
+            None => 0,
+        };
+        self.inner
+            .pool
+            .get()
+            .await?
+            .execute(
+                "UPDATE ingest.event_batches SET inline_screenshots = false WHERE id = $1",
+                &[&batch],
+            )
+            .await?;
+        Ok(count)
+    }
+}
+
+/// `object` (a batch) with the bytes of its inline screenshots taken out, and how many; `None`
+/// when it has none.
+fn without_inline_screenshots(object: &[u8], codec: EventCodec) -> Result<Option<(Vec<u8>, u32)>> {
+    let mut events = decode_batch(object)?;
+    let mut count = 0;
+    for screenshot in events.iter_mut().filter_map(|e| e.screenshot.as_mut()) {
+        if matches!(screenshot.source, Some(pb::screenshot::Source::InlineData(_))) {
+            screenshot.source = None;
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Ok(None);
+    }
+    let mut rewritten = BATCH_MAGIC.to_vec();
+    let mut raw = Vec::new();
+    for event in &events {
+        if !raw.is_empty() && raw.len() + event.encoded_len() + 10 > SEGMENT_MAX {
+            push_block(&mut rewritten, &compress(&raw, codec))?;
+            raw.clear();
+        }
+        // Encoding into a Vec cannot fail.
+        let _ = event.encode_length_delimited(&mut raw);
+    }
+    if !raw.is_empty() {
+        push_block(&mut rewritten, &compress(&raw, codec))?;
+    }
+    Ok(Some((rewritten, count)))
 }
 
 #[cfg(test)]
