@@ -192,21 +192,21 @@ impl Media {
     }
 
     /// Marks a quarantined file released by `admin` and runs its processing again, without
-    /// the scan.
+    /// the scan. Files is told first: were the release recorded first and Files then out of
+    /// reach, the file would stay quarantined there and a retry would find nothing to release.
     async fn release(&self, file_id: Uuid, admin: &str) -> Result<pb::File> {
-        let conn = self.pool.get().await?;
-        let released = conn
-            .execute_cached(
-                "UPDATE media.quarantine SET released_at = now(), released_by = $2
-                 WHERE file_id = $1 AND released_at IS NULL",
-                &[&file_id, &admin],
+        let held = self
+            .pool
+            .get()
+            .await?
+            .query_opt_cached(
+                "SELECT 1 FROM media.quarantine WHERE file_id = $1 AND released_at IS NULL",
+                &[&file_id],
             )
             .await?;
-        if released == 0 {
+        if held.is_none() {
             return Err(Error::NotFound(format!("quarantined file {file_id}")));
         }
-        drop(conn);
-        delete_outcome(&self.pool, file_id, "quarantined").await?;
         let file = self
             .files
             .set_variants(pb::SetVariantsRequest {
@@ -216,6 +216,17 @@ impl Media {
             })
             .await?
             .file;
+        // A release that raced this one recorded it already: the same outcome.
+        self.pool
+            .get()
+            .await?
+            .execute_cached(
+                "UPDATE media.quarantine SET released_at = now(), released_by = $2
+                 WHERE file_id = $1 AND released_at IS NULL",
+                &[&file_id, &admin],
+            )
+            .await?;
+        delete_outcome(&self.pool, file_id, "quarantined").await?;
         self.reprocess(file_id).await?;
         tracing::info!(%file_id, admin, "quarantined file released");
         file.ok_or_else(|| Error::NotFound(format!("file {file_id}")))
