@@ -637,3 +637,64 @@ async fn odd_sized_videos_get_even_web_mp4s_at_most_720p() -> anyhow::Result<()>
     }
     mesh.stop().await
 }
+
+/// A file whose processing started three times and never came back (each run killed the
+/// worker, or ran out of time) fails with a reason on the next run instead of being tried
+/// for ever; a run that comes back leaves no count behind.
+#[tokio::test]
+async fn a_file_whose_runs_never_come_back_fails_instead_of_looping() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let admin = token("root", &["admin"]);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let unfinished = || async {
+        let n: i64 = pool
+            .get()
+            .await?
+            .query_one("SELECT count(*) FROM media.unfinished_runs", &[])
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    let file = upload(mesh.channel(), &alice, "photo.jpg", &rotated_photo(), &[]).await?;
+    let done = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    assert_eq!(done.status, pb::FileStatus::Ready as i32);
+    assert_eq!(unfinished().await?, 0, "a run that came back is not counted");
+
+    // As three runs that were killed would have left it.
+    let media = token("media", &["service"]);
+    FilesClient::new(mesh.channel())
+        .set_variants(authed(
+            pb::SetVariantsRequest {
+                file_id: file.id.clone(),
+                status: pb::FileStatus::Processing as i32,
+                ..Default::default()
+            },
+            &media,
+        ))
+        .await?;
+    pool.get()
+        .await?
+        .execute(
+            "INSERT INTO media.unfinished_runs (file_id, started) VALUES ($1::text::uuid, 3)",
+            &[&file.id],
+        )
+        .await?;
+    MediaClient::new(mesh.channel())
+        .reprocess(authed(
+            pb::ReprocessRequest {
+                file_id: file.id.clone(),
+            },
+            &admin,
+        ))
+        .await?;
+    let failed = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    assert_eq!(failed.status, pb::FileStatus::Failed as i32);
+    assert!(
+        failed.status_reason.contains("did not finish in 3 runs"),
+        "{}",
+        failed.status_reason
+    );
+    mesh.stop().await
+}

@@ -339,5 +339,14 @@ async fn a_media_worker_killed_mid_job_leaves_no_duplicates_and_no_orphans() -> 
         let (key, _) = path.split_once('#').unwrap_or((path, ""));
         assert!(referenced.iter().any(|r| r == key), "{path}");
     }
+    // The runs the kill cut short were counted, and the runs that then finished forgot them:
+    // one kill does not bring a file nearer to failing for good.
+    let counted: i64 = pool
+        .get()
+        .await?
+        .query_one("SELECT count(*) FROM media.unfinished_runs", &[])
+        .await?
+        .get(0);
+    assert_eq!(counted, 0);
     Ok(())
 }

@@ -168,11 +168,56 @@ impl Media {
         let outcome = match plan(&file.mime_type, &file.display_name, file.size_bytes) {
             Plan::Plain => Outcome::Ready(Derived::default()),
             Plan::Refuse(reason) => Outcome::Failed(reason),
-            Plan::Image => self.image(&file).await?,
-            Plan::Video => self.video(&file, true).await?,
-            Plan::Audio => self.video(&file, false).await?,
+            plan => {
+                let unfinished = self.run_started(file_id).await?;
+                if unfinished >= MAX_UNFINISHED_RUNS {
+                    Outcome::Failed(format!(
+                        "processing did not finish in {unfinished} runs (the worker stopped or \
+                         the job ran out of time); not tried again"
+                    ))
+                } else {
+                    let derived = match plan {
+                        Plan::Image => self.image(&file).await,
+                        Plan::Video => self.video(&file, true).await,
+                        _ => self.video(&file, false).await,
+                    };
+                    // Came back, well or not: not a run that stopped the worker.
+                    self.run_returned(file_id).await?;
+                    derived?
+                }
+            }
         };
         self.finish(&file, file_id, outcome).await
+    }
+
+    /// Records that a run starts making `file_id`'s variants; returns how many runs before it
+    /// started and never came back.
+    async fn run_started(&self, file_id: Uuid) -> Result<i32, JobError> {
+        let conn = self.pool.get().await.map_err(JobError::retry)?;
+        let started: i32 = conn
+            .query_one_cached(
+                "INSERT INTO media.unfinished_runs (file_id, started) VALUES ($1, 1)
+                 ON CONFLICT (file_id) DO UPDATE
+                 SET started = unfinished_runs.started + 1, updated_at = now()
+                 RETURNING started",
+                &[&file_id],
+            )
+            .await
+            .map_err(JobError::retry)?
+            .get(0);
+        Ok(started - 1)
+    }
+
+    /// Records that the run making `file_id`'s variants came back.
+    async fn run_returned(&self, file_id: Uuid) -> Result<(), JobError> {
+        let conn = self.pool.get().await.map_err(JobError::retry)?;
+        conn.execute_cached(
+            "DELETE FROM media.unfinished_runs WHERE file_id = $1",
+            &[&file_id],
+        )
+        .await
+        .map_err(JobError::retry)?;
+        Ok(())
     }
 
     /// Scans the file when a scanner is configured and the file was not released by an
@@ -672,6 +717,11 @@ fn status_name(status: pb::FileStatus) -> &'static str {
         pb::FileStatus::Processing | pb::FileStatus::Unspecified => "processing",
     }
 }
+
+/// Runs of one file's processing that may start making its variants and never come back
+/// (killed worker, job out of time) before the file fails: a file that kills the worker is
+/// not tried for ever (Lifecycle's sweep of stuck files would start its job again each time).
+const MAX_UNFINISHED_RUNS: i32 = 3;
 
 /// The `media.process` job handler.
 #[async_trait]
