@@ -154,3 +154,117 @@ async fn expired_tokens_are_unauthenticated() -> anyhow::Result<()> {
     assert_eq!(r.err().map(|s| s.code()), Some(Code::Unauthenticated));
     mesh.stop().await
 }
+
+/// An ES256 key of an identity provider, with its public half as a JWK.
+struct ProviderKey {
+    encoding: jsonwebtoken::EncodingKey,
+    jwk: serde_json::Value,
+    kid: String,
+}
+
+impl ProviderKey {
+    fn new(kid: &str) -> anyhow::Result<Self> {
+        use base64::Engine;
+        let pair = rcgen::KeyPair::generate()?;
+        // Uncompressed point: 0x04, then x and y.
+        let point = pair.public_key_raw();
+        anyhow::ensure!(point.len() == 65 && point[0] == 4, "not a P-256 point");
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        Ok(Self {
+            encoding: jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes())?,
+            jwk: serde_json::json!({
+                "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+                "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..]),
+            }),
+            kid: kid.to_owned(),
+        })
+    }
+
+    fn token(&self, user: &str, audience: &str) -> anyhow::Result<String> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = serde_json::json!({
+            "sub": user, "aud": audience, "iss": "https://idp.test", "iat": now, "exp": now + 600,
+        });
+        Ok(jsonwebtoken::encode(&header, &claims, &self.encoding)?)
+    }
+}
+
+/// Serves `body` (read at each request) as JSON on a local port: the provider's key set.
+async fn serve_jwks(
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let body = body.lock().map(|b| b.clone()).unwrap_or_default();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Production identity: ES256 tokens checked against the provider's JWKS, audience and
+/// issuer required. When the provider rotates its keys, a token signed with the new key is
+/// accepted moments later (the set is fetched again on an unknown key id), not after the
+/// ten-minute refresh.
+#[tokio::test]
+async fn provider_tokens_verify_against_its_key_set_and_a_new_key_is_taken_up() -> anyhow::Result<()>
+{
+    let (old, new) = (ProviderKey::new("k1")?, ProviderKey::new("k2")?);
+    let body = std::sync::Arc::new(std::sync::Mutex::new(
+        serde_json::json!({ "keys": [old.jwk] }).to_string(),
+    ));
+    let jwks = serve_jwks(std::sync::Arc::clone(&body)).await?;
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.auth.jwks_url = Some(format!("http://{jwks}/jwks.json"));
+        c.auth.audience = Some("stowage".into());
+        c.auth.issuer = Some("https://idp.test".into());
+        c.url_signing_key = Some("an-url-signing-key-of-32-bytes-at-least".into());
+    })
+    .await?;
+    let usage = |token: String| {
+        let channel = mesh.channel();
+        async move { stowage_integration_tests::usage(channel, &token).await }
+    };
+    assert!(usage(old.token("ada", "stowage")?).await.is_ok());
+    let elsewhere = usage(old.token("ada", "another-app")?).await;
+    assert_eq!(elsewhere.err().map(|s| s.code()), Some(Code::Unauthenticated));
+    // Signed by a key the service has not seen and the provider does not publish: refused.
+    let stranger = ProviderKey::new("k1")?;
+    let forged = usage(stranger.token("ada", "stowage")?).await;
+    assert_eq!(forged.err().map(|s| s.code()), Some(Code::Unauthenticated));
+
+    // The provider rotates: k2 is published beside k1.
+    *body.lock().map_err(|_| anyhow::anyhow!("poisoned"))? =
+        serde_json::json!({ "keys": [old.jwk, new.jwk] }).to_string();
+    let rotated = new.token("ada", "stowage")?;
+    stowage_integration_tests::eventually(
+        Duration::from_secs(10),
+        "a token of the new key accepted",
+        || {
+            let attempt = usage(rotated.clone());
+            async move { Ok(attempt.await.is_ok()) }
+        },
+    )
+    .await?;
+    mesh.stop().await
+}

@@ -137,10 +137,23 @@ pub enum AuthError {
 #[derive(Clone)]
 pub struct Verifier {
     hs256: Option<DecodingKey>,
-    jwks: Option<Arc<RwLock<JwkSet>>>,
+    jwks: Option<Jwks>,
     issuer: Option<String>,
     audience: Option<String>,
 }
+
+/// The identity provider's keys, refreshed in the background: every ten minutes, and soon
+/// after a token names a key not in the set (the provider rotated its keys), at most once per
+/// [`JWKS_FORCED_GAP`] however many such tokens come.
+#[derive(Clone)]
+struct Jwks {
+    set: Arc<RwLock<JwkSet>>,
+    unknown_kid: Arc<tokio::sync::Notify>,
+}
+
+/// Shortest time between two fetches of the key set asked for by unknown key ids: tokens
+/// naming random ids cannot make the service hammer the identity provider.
+const JWKS_FORCED_GAP: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,10 +174,12 @@ impl Verifier {
             .map(|s| DecodingKey::from_secret(s.as_bytes()));
         let jwks = match &config.jwks_url {
             Some(url) => {
-                let set = fetch_jwks(url).await?;
-                let shared = Arc::new(RwLock::new(set));
-                spawn_jwks_refresh(url.clone(), Arc::clone(&shared), shutdown);
-                Some(shared)
+                let jwks = Jwks {
+                    set: Arc::new(RwLock::new(fetch_jwks(url).await?)),
+                    unknown_kid: Arc::new(tokio::sync::Notify::new()),
+                };
+                spawn_jwks_refresh(url.clone(), jwks.clone(), shutdown);
+                Some(jwks)
             }
             None => None,
         };
@@ -194,11 +209,16 @@ impl Verifier {
                     .as_deref()
                     .ok_or_else(|| AuthError::Invalid("token has no kid".into()))?;
                 let set = jwks
+                    .set
                     .read()
                     .map_err(|_| AuthError::Invalid("key set unavailable".into()))?;
-                let jwk = set
-                    .find(kid)
-                    .ok_or_else(|| AuthError::Invalid(format!("unknown kid {kid:?}")))?;
+                let Some(jwk) = set.find(kid) else {
+                    // Perhaps a key the provider just added: fetched again soon.
+                    jwks.unknown_kid.notify_one();
+                    return Err(AuthError::Invalid(format!(
+                        "unknown kid {kid:?} (the key set is fetched again; retry shortly)"
+                    )));
+                };
                 DecodingKey::from_jwk(jwk).map_err(|e| AuthError::Invalid(e.to_string()))?
             }
             other => return Err(AuthError::Invalid(format!("algorithm {other:?} refused"))),
@@ -341,18 +361,28 @@ async fn fetch_jwks(url: &str) -> Result<JwkSet, AuthError> {
         .map_err(|e| AuthError::Jwks(e.to_string()))
 }
 
-fn spawn_jwks_refresh(url: String, shared: Arc<RwLock<JwkSet>>, shutdown: CancellationToken) {
+fn spawn_jwks_refresh(url: String, jwks: Jwks, shutdown: CancellationToken) {
     crate::tasks::spawn("jwks-refresh", async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
         tick.tick().await;
+        let mut last_forced: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                () = jwks.unknown_kid.notified() => {
+                    if let Some(at) = last_forced {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep_until(at + JWKS_FORCED_GAP) => {}
+                        }
+                    }
+                    last_forced = Some(tokio::time::Instant::now());
+                }
             }
             match fetch_jwks(&url).await {
                 Ok(set) => {
-                    if let Ok(mut guard) = shared.write() {
+                    if let Ok(mut guard) = jwks.set.write() {
                         *guard = set;
                     }
                 }
