@@ -1658,7 +1658,8 @@ async fn noticed_past_the_grace(
     run_now(mesh, "inactivity", false).await?;
     // Her files are as old as her quiet, older than the notice.
     conn.batch_execute(&format!(
-        "UPDATE lifecycle.activity SET notice_sent_at = notice_sent_at - interval '2 hours'
+        "UPDATE lifecycle.activity SET notice_sent_at = notice_sent_at - interval '2 hours',
+             clean_after = clean_after - interval '2 hours'
          WHERE user_id = '{user}';
          UPDATE files.files SET created_at = created_at - interval '400 days'
          WHERE owner_id = '{user}';"
@@ -1839,5 +1840,96 @@ async fn an_unreadable_policy_stops_the_tasks_instead_of_the_defaults() -> anyho
         .await
         .map(drop);
     assert_eq!(run.err().map(|s| s.code()), Some(Code::FailedPrecondition));
+    mesh.stop().await
+}
+
+/// A notice follows the policy in force when it is sent: a user marked under a shorter
+/// inactivity period (raised meanwhile) gets none; and the grace a notice gave is kept when
+/// the grace is shortened afterwards.
+#[tokio::test]
+async fn notices_follow_the_policy_in_force_and_keep_the_grace_they_gave() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    set_policy(&mesh, |p| {
+        p.inactivity_days = 30;
+        p.notice_grace_hours = 72;
+        p.inactivity_action = pb::InactivityAction::Trash as i32;
+    })
+    .await?;
+    for user in ["amy", "bea"] {
+        upload(
+            mesh.channel(),
+            &token(user, &[]),
+            "f.bin",
+            &random_bytes(100),
+            &[],
+        )
+        .await?;
+    }
+    events_consumed(&conn, 2).await?;
+    conn.batch_execute(
+        "UPDATE lifecycle.activity SET last_active_at = now() - interval '100 days';
+         UPDATE files.files SET created_at = created_at - interval '100 days';",
+    )
+    .await?;
+    // Both marked, spread over the grace: amy due at once, bea half-way.
+    run_now(&mesh, "inactivity", false).await?;
+    let sent = |user: &'static str| {
+        let conn = &conn;
+        async move {
+            let row = conn
+                .query_one(
+                    "SELECT notice_sent_at IS NOT NULL, notice_due_at IS NOT NULL
+                     FROM lifecycle.activity WHERE user_id = $1",
+                    &[&user],
+                )
+                .await?;
+            anyhow::Ok((row.get::<_, bool>(0), row.get::<_, bool>(1)))
+        }
+    };
+    assert_eq!(sent("amy").await?, (true, true));
+    assert_eq!(sent("bea").await?, (false, true));
+    // The period is raised to 400 days before bea's turn comes.
+    set_policy(&mesh, |p| p.inactivity_days = 400).await?;
+    conn.execute(
+        "UPDATE lifecycle.activity SET notice_due_at = now() WHERE user_id = 'bea'",
+        &[],
+    )
+    .await?;
+    run_now(&mesh, "inactivity", false).await?;
+    assert_eq!(sent("bea").await?, (false, false), "not quiet long enough now");
+
+    // amy was told 72 hours; the grace is cut to one hour, and two have passed since.
+    set_policy(&mesh, |p| p.notice_grace_hours = 1).await?;
+    conn.execute(
+        "UPDATE lifecycle.activity SET notice_sent_at = notice_sent_at - interval '2 hours'
+         WHERE user_id = 'amy'",
+        &[],
+    )
+    .await?;
+    run_now(&mesh, "inactivity", false).await?;
+    let amy = token("amy", &[]);
+    let live = files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &amy))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(live.len(), 1, "her 72 hours are not over");
+    // Once they are, her files go.
+    conn.execute(
+        "UPDATE lifecycle.activity SET clean_after = now() - interval '1 second'
+         WHERE user_id = 'amy'",
+        &[],
+    )
+    .await?;
+    run_now(&mesh, "inactivity", false).await?;
+    let live = files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &amy))
+        .await?
+        .into_inner()
+        .files;
+    assert!(live.is_empty(), "{live:?}");
     mesh.stop().await
 }

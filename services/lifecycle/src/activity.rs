@@ -208,11 +208,13 @@ impl Lifecycle {
             let grace = f64::from(policy.notice_grace_hours) * 3600.0;
             let n = quiet.len() as f64;
             let offsets: Vec<f64> = (0..quiet.len()).map(|i| grace * i as f64 / n).collect();
+            // Still quiet: activity may have come in since the list was read.
             conn.execute_cached(
                 "UPDATE lifecycle.activity a SET notice_due_at = now() + make_interval(secs => s.offset_s)
                  FROM unnest($1::text[], $2::float8[]) AS s(user_id, offset_s)
-                 WHERE a.user_id = s.user_id AND a.notice_due_at IS NULL",
-                &[&quiet, &offsets],
+                 WHERE a.user_id = s.user_id AND a.notice_due_at IS NULL
+                   AND a.last_active_at < now() - make_interval(secs => $3)",
+                &[&quiet, &offsets, &quiet_days],
             )
             .await
             .map_err(db)?;
@@ -220,17 +222,31 @@ impl Lifecycle {
         if dry_run {
             return Ok(tally);
         }
+        // Users marked under an earlier policy who are not quiet long enough under this one
+        // (the inactivity period was raised): no notice.
+        conn.execute_cached(
+            "UPDATE lifecycle.activity SET notice_due_at = NULL
+             WHERE notice_due_at IS NOT NULL AND notice_sent_at IS NULL
+               AND last_active_at >= now() - make_interval(secs => $1)",
+            &[&quiet_days],
+        )
+        .await
+        .map_err(db)?;
+        let grace = f64::from(policy.notice_grace_hours) * 3600.0;
         loop {
             let tx = conn.transaction().await.map_err(db)?;
             let due = tx
                 .query_cached(
-                    "UPDATE lifecycle.activity SET notice_sent_at = now(), notice_action = $1
+                    "UPDATE lifecycle.activity
+                     SET notice_sent_at = now(), notice_action = $1,
+                         clean_after = now() + make_interval(secs => $3)
                      WHERE user_id IN (
                          SELECT user_id FROM lifecycle.activity
                          WHERE notice_due_at <= now() AND notice_sent_at IS NULL
+                           AND last_active_at < now() - make_interval(secs => $2)
                          ORDER BY notice_due_at LIMIT 500 FOR UPDATE SKIP LOCKED)
-                     RETURNING user_id, last_active_at, notice_due_at",
-                    &[&policy.inactivity_action.as_str()],
+                     RETURNING user_id, last_active_at, notice_due_at, clean_after",
+                    &[&policy.inactivity_action.as_str(), &quiet_days, &grace],
                 )
                 .await
                 .map_err(db)?;
@@ -242,11 +258,13 @@ impl Lifecycle {
                 let user: String = row.get(0);
                 let last: DateTime<Utc> = row.get(1);
                 let due_at: DateTime<Utc> = row.get(2);
+                let clean_after: DateTime<Utc> = row.get(3);
                 let payload = serde_json::json!({
                     "user_id": user,
                     "last_active_at": last,
                     "inactivity_days": policy.inactivity_days,
                     "action_after_grace": policy.inactivity_action,
+                    "grace_ends_at": clean_after,
                 });
                 stowage_events::stage(&tx, crate::SCHEMA, NOTICE_TOPIC, &user, &payload)
                     .await
@@ -284,7 +302,8 @@ impl Lifecycle {
         let due: Vec<(String, DateTime<Utc>)> = conn
             .query_cached(
                 "SELECT user_id, notice_sent_at FROM lifecycle.activity
-                 WHERE notice_sent_at < now() - make_interval(secs => $1) AND cleaned_at IS NULL
+                 WHERE coalesce(clean_after, notice_sent_at + make_interval(secs => $1)) < now()
+                   AND notice_sent_at IS NOT NULL AND cleaned_at IS NULL
                    AND notice_action = 'trash'
                  LIMIT 1000",
                 &[&grace],
