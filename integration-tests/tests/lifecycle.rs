@@ -1933,3 +1933,43 @@ async fn notices_follow_the_policy_in_force_and_keep_the_grace_they_gave() -> an
     assert!(live.is_empty(), "{live:?}");
     mesh.stop().await
 }
+
+/// A variant charge between its two steps (Quota charged, Files not yet recorded) looks like
+/// a drift; the recount leaves it, as it leaves an upload in flight, instead of taking the
+/// charge back (the finished step would then have left the user under-charged).
+#[tokio::test]
+async fn a_variant_charge_in_flight_is_not_repaired_as_a_drift() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.lifecycle.reconcile_settle = Duration::from_secs(1);
+        c.lifecycle.recheck_debounce = Duration::from_secs(3600);
+    })
+    .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let gus = token("gus", &[]);
+    let file = upload(mesh.channel(), &gus, "g.bin", &random_bytes(1000), &[]).await?;
+    // As SetVariants leaves it mid-step: its target recorded, Quota charged.
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE files.files SET variant_charge_pending = 200 WHERE id = $1::text::uuid",
+            &[&file.id],
+        )
+        .await?;
+    stowage_integration_tests::quota(mesh.channel())
+        .charge(authed(
+            pb::ChargeRequest {
+                user_id: "gus".into(),
+                bytes: 200,
+                idempotency_key: format!("variants:{}:1", file.id),
+                reason: "variants".into(),
+            },
+            &token("files", &["service"]),
+        ))
+        .await?;
+    let run = run_now(&mesh, "usage_reconcile", false).await?;
+    assert_eq!(run.acted, 0, "{run:?}");
+    assert_eq!(usage(mesh.channel(), &gus).await?.used_bytes, 1200);
+    mesh.stop().await
+}

@@ -606,19 +606,20 @@ impl Catalog {
     }
 
     /// Per owner after `after` (by id): bytes stored (originals, trash included, plus the
-    /// variant bytes charged) and file count.
+    /// variant bytes charged), file count, and files whose variant charge is in flight.
     pub async fn usage_by_owner(
         &self,
         only: Option<&str>,
         after: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<(String, u64, u64)>> {
+    ) -> Result<Vec<(String, u64, u64, u64)>> {
         let conn = self.pool.get().await?;
         let rows = conn
             .query_cached(
                 "SELECT owner_id,
                         (sum(size_bytes) + sum(variant_bytes_charged))::bigint AS bytes,
-                        count(*) AS files
+                        count(*) AS files,
+                        count(*) FILTER (WHERE variant_charge_pending IS NOT NULL) AS moving
                  FROM files.files
                  WHERE ($1::text IS NULL OR owner_id > $1) AND ($3::text IS NULL OR owner_id = $3)
                  GROUP BY owner_id ORDER BY owner_id LIMIT $2",
@@ -627,7 +628,14 @@ impl Catalog {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get(0), to_u64(r.get(1)), to_u64(r.get(2))))
+            .map(|r| {
+                (
+                    r.get(0),
+                    to_u64(r.get(1)),
+                    to_u64(r.get(2)),
+                    to_u64(r.get(3)),
+                )
+            })
             .collect())
     }
 

@@ -623,11 +623,14 @@ impl files_server::Files for FilesGrpc {
         Ok(Response::new(pb::UsageByOwnerResponse {
             owners: owners
                 .into_iter()
-                .map(|(owner_id, stored_bytes, file_count)| pb::OwnerUsage {
-                    owner_id,
-                    stored_bytes,
-                    file_count,
-                })
+                .map(
+                    |(owner_id, stored_bytes, file_count, charges_in_flight)| pb::OwnerUsage {
+                        owner_id,
+                        stored_bytes,
+                        file_count,
+                        charges_in_flight,
+                    },
+                )
                 .collect(),
             next_page_token,
         }))

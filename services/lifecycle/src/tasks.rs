@@ -777,6 +777,8 @@ impl Lifecycle {
                     user_id: account.user_id,
                     used: account.used_bytes,
                     reserved: account.reserved_bytes,
+                    // Looked at in the second look.
+                    moving: 0,
                 });
             }
             if page.next_page_token.is_empty() {
@@ -792,6 +794,7 @@ impl Lifecycle {
                 stored,
                 used: 0,
                 reserved: 0,
+                moving: 0,
             });
         }
         let drift = self

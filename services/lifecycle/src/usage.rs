@@ -32,6 +32,9 @@ pub(crate) struct Observed {
     pub used: u64,
     /// Bytes Quota holds for uploads in flight.
     pub reserved: u64,
+    /// Files whose variant charge is in flight (Quota charged, Files not yet recorded); 0
+    /// where not looked at.
+    pub moving: u64,
 }
 
 impl Observed {
@@ -41,17 +44,17 @@ impl Observed {
             - i64::try_from(self.used).unwrap_or(i64::MAX)
     }
 
-    /// Whether this looks like a drift worth a second look: usage differs and no upload is
-    /// between its reservation and its commit.
+    /// Whether this looks like a drift worth a second look: usage differs, and no upload is
+    /// between its reservation and its commit, no variant charge between its two steps.
     pub fn drifted(&self) -> bool {
-        self.reserved == 0 && self.stored != self.used
+        self.reserved == 0 && self.moving == 0 && self.stored != self.used
     }
 }
 
 impl Lifecycle {
     /// `user_id`'s usage as Files and Quota see it now (Files first).
     pub(crate) async fn observe_usage(&self, user_id: &str) -> Result<Observed, tonic::Status> {
-        let stored = self
+        let (stored, moving) = self
             .files
             .usage_by_owner(pb::UsageByOwnerRequest {
                 page_size: 1,
@@ -61,7 +64,7 @@ impl Lifecycle {
             .await?
             .owners
             .first()
-            .map_or(0, |o| o.stored_bytes);
+            .map_or((0, 0), |o| (o.stored_bytes, o.charges_in_flight));
         let account = self
             .quota
             .get_usage(pb::GetUsageRequest {
@@ -75,6 +78,7 @@ impl Lifecycle {
             stored,
             used: account.used_bytes,
             reserved: account.reserved_bytes,
+            moving,
         })
     }
 
