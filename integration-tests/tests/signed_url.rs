@@ -30,8 +30,27 @@ async fn signed_urls_serve_ranges_etags_and_expire() -> anyhow::Result<()> {
     );
 
     let http = reqwest::Client::new();
+    // A HEAD (a link preview) says the size and reads nothing: no download for the owner's
+    // activity either.
+    let downloads = || async {
+        let n: i64 = stowage_db::connect(&setup.database_url, 1)?
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM files.outbox WHERE topic = 'file.downloaded'",
+                &[],
+            )
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    let head = http.head(&url).send().await?;
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], data.len().to_string().as_str());
+    assert_eq!(downloads().await?, 0);
     let full = http.get(&url).send().await?;
     assert_eq!(full.status(), 200);
+    assert_eq!(downloads().await?, 1);
     let etag = full
         .headers()
         .get("etag")

@@ -324,7 +324,6 @@ async fn serve_signed(
         Err(Error::FailedPrecondition(why)) => return plain(StatusCode::CONFLICT, why),
         Err(_) => return plain(StatusCode::NOT_FOUND, "not found\n"),
     };
-    state.catalog.note_download(&file).await;
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -383,6 +382,12 @@ async fn serve_signed(
             format!("bytes {}-{}/{}", range.start, range.end - 1, target.size),
         );
     }
+    // A HEAD (a link preview, a client sizing the file) reads nothing and is no download.
+    if method == axum::http::Method::HEAD {
+        return response
+            .body(Body::empty())
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"));
+    }
     let body = match read(Arc::clone(&state.store), &target, range, 256 * 1024).await {
         Ok(stream) => Body::from_stream(stream.map_err(|e| std::io::Error::other(e.to_string()))),
         Err(e) => {
@@ -390,6 +395,8 @@ async fn serve_signed(
             return plain(StatusCode::SERVICE_UNAVAILABLE, "unavailable\n");
         }
     };
+    // Counted as the owner's activity when bytes go out, not for a HEAD or a 304.
+    state.catalog.note_download(&file).await;
     response
         .body(body)
         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"))
