@@ -1973,3 +1973,51 @@ async fn a_variant_charge_in_flight_is_not_repaired_as_a_drift() -> anyhow::Resu
     assert_eq!(usage(mesh.channel(), &gus).await?.used_bytes, 1200);
     mesh.stop().await
 }
+
+/// A run stopped before its end (here its RunNow caller hangs up while it waits out the
+/// settle time of a drift) is recorded as stopped, not left running for ever in ListRuns.
+#[tokio::test]
+async fn a_run_whose_caller_hangs_up_is_recorded_as_stopped() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.lifecycle.reconcile_settle = Duration::from_secs(5);
+        c.lifecycle.recheck_debounce = Duration::from_secs(3600);
+    })
+    .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let hal = token("hal", &[]);
+    upload(mesh.channel(), &hal, "h.bin", &random_bytes(100), &[]).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 1 WHERE user_id = 'hal'",
+        &[],
+    )
+    .await?;
+    let mut request = authed(
+        pb::RunNowRequest {
+            name: "usage_reconcile".into(),
+            dry_run: false,
+        },
+        &token("root", &["admin"]),
+    );
+    request.set_timeout(Duration::from_secs(1));
+    let hung_up = LifecycleClient::new(mesh.channel()).run_now(request).await;
+    let code = hung_up.err().map(|s| s.code());
+    assert!(
+        matches!(code, Some(Code::Cancelled | Code::DeadlineExceeded)),
+        "{code:?}"
+    );
+    stowage_integration_tests::eventually(Duration::from_secs(10), "the run closed", || async {
+        let row = conn
+            .query_one(
+                "SELECT finished_at IS NOT NULL, coalesce(error, '') FROM lifecycle.runs
+                 WHERE name = 'usage_reconcile'",
+                &[],
+            )
+            .await?;
+        Ok(row.get::<_, bool>(0) && row.get::<_, String>(1).starts_with("cancelled"))
+    })
+    .await?;
+    mesh.stop().await
+}

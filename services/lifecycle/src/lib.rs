@@ -296,6 +296,18 @@ impl Lifecycle {
         let policy = self.policy().await?;
         let id = Uuid::now_v7();
         let conn = self.pool.get().await.map_err(db)?;
+        // Runs of this task whose process died mid-run never said so: older than any run can
+        // last, they are closed as abandoned.
+        let longest = self.queue.config().job_timeout.as_secs_f64() * 2.0;
+        conn.execute_cached(
+            "UPDATE lifecycle.runs SET finished_at = now(),
+                 error = 'abandoned: its process stopped before the run ended'
+             WHERE name = $1 AND finished_at IS NULL
+               AND started_at < now() - make_interval(secs => $2)",
+            &[&name, &longest],
+        )
+        .await
+        .map_err(db)?;
         conn.execute_cached(
             "INSERT INTO lifecycle.runs (id, name, dry_run) VALUES ($1, $2, $3)",
             &[&id, &name, &dry_run],
@@ -303,7 +315,14 @@ impl Lifecycle {
         .await
         .map_err(db)?;
         drop(conn);
+        // Stopped before it ends (the job's time ran out, the caller of RunNow hung up), the
+        // run is closed as such, not left running for ever.
+        let mut unfinished = Unfinished {
+            pool: Some(self.pool.clone()),
+            id,
+        };
         let outcome = self.run_task(name, &policy, dry_run).await;
+        unfinished.pool = None;
         let (tally, error) = match &outcome {
             Ok(t) => (t.clone(), String::new()),
             Err(s) => (Tally::default(), format!("{}: {}", s.code(), s.message())),
@@ -378,5 +397,41 @@ impl Handler for Lifecycle {
             Err(s) if s.code() == tonic::Code::InvalidArgument => Err(JobError::permanent(s)),
             Err(s) => Err(JobError::retry(s)),
         }
+    }
+}
+
+/// A run in progress; dropped before its end, it records that the run was stopped.
+struct Unfinished {
+    /// Taken when the run ends.
+    pool: Option<PgPool>,
+    id: Uuid,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let (Some(pool), Ok(runtime)) = (self.pool.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let id = self.id;
+        runtime.spawn(async move {
+            let closed = async {
+                pool.get()
+                    .await
+                    .map_err(db)?
+                    .execute(
+                        "UPDATE lifecycle.runs SET finished_at = now(),
+                             error = 'cancelled: stopped before it ended (out of time, or its caller hung up)'
+                         WHERE id = $1 AND finished_at IS NULL",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db)
+            }
+            .await;
+            if let Err(error) = closed {
+                tracing::warn!(run_id = %id, %error, "stopped run not recorded");
+            }
+        });
     }
 }
