@@ -270,6 +270,28 @@ async fn fire(queue: &Queue, name: &str) -> Result<Option<(DateTime<Utc>, Enqueu
         return Ok(None);
     };
     let tick: DateTime<Utc> = row.try_get("tick")?;
+    // A run of an earlier tick still to finish (queued, running or waiting for its retry):
+    // this tick passes, as ticks missed during downtime do, rather than piling up runs of
+    // the same work behind a slow one.
+    let pending = tx
+        .prepare_cached(&queue.sql(
+            "SELECT key FROM {schema}.jobs
+             WHERE state IN ('queued', 'failed', 'running') AND starts_with(key, $1)
+             LIMIT 1",
+        ))
+        .await?;
+    if let Some(earlier) = tx.query_opt(&pending, &[&format!("{name}@")]).await? {
+        tx.commit().await?;
+        let earlier: String = earlier.try_get(0)?;
+        tracing::info!(
+            queue = %queue.schema(),
+            schedule = %name,
+            %tick,
+            earlier,
+            "schedule tick passed: its last run has not finished"
+        );
+        return Ok(None);
+    }
     let job = NewJob::new(
         row.try_get::<_, String>("kind")?,
         format!("{name}@{}", tick.timestamp()),
