@@ -646,8 +646,17 @@ impl Lifecycle {
     ) -> Result<Tally, tonic::Status> {
         let keep = i64::from(policy.ephemeral_keep_last);
         let conn = self.pool.get().await.map_err(crate::db)?;
-        let done: Vec<String> = conn
-            .query(
+        // Keeping none (the production value) needs no ranking of every owner's rows.
+        let done: Vec<String> = if keep == 0 {
+            conn.query(
+                "SELECT storage_key FROM lifecycle.ephemeral
+                 WHERE acknowledged_at IS NOT NULL OR expires_at < now()
+                 LIMIT 10000",
+                &[],
+            )
+            .await
+        } else {
+            conn.query(
                 "SELECT storage_key FROM (
                      SELECT storage_key, acknowledged_at, expires_at,
                             row_number() OVER (PARTITION BY owner ORDER BY created_at DESC) AS rank
@@ -657,6 +666,7 @@ impl Lifecycle {
                 &[&keep],
             )
             .await
+        }
             .map_err(crate::db)?
             .iter()
             .map(|r| r.get(0))
