@@ -659,3 +659,51 @@ async fn outside_lists_names_and_keys_are_bounded_by_field() -> anyhow::Result<(
     refused(set_policy, "stuck_processing_minutes");
     mesh.stop().await
 }
+
+/// A local-disk store keeps `STOWAGE_INGEST__MIN_FREE` free: an upload that would leave less
+/// is refused before anything is held or written, through every door (here the store keeps
+/// more than any disk has).
+#[tokio::test]
+async fn an_upload_the_disk_has_no_room_for_is_refused_before_anything_is_held()
+-> anyhow::Result<()> {
+    use stowage_integration_tests::{create_session, put_chunk};
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.min_free = stowage_runtime::config::ByteSize::b(1 << 60);
+    })
+    .await?;
+    let alice = token("alice", &[]);
+    let full = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("free"), "{}", status.message());
+    };
+    full(
+        upload(mesh.channel(), &alice, "a.bin", &random_bytes(10), &[])
+            .await
+            .expect_err("one-shot"),
+    );
+    full(
+        create_session(mesh.channel(), &alice, "b.bin", Some(10), "")
+            .await
+            .expect_err("session"),
+    );
+    // Of unknown length: refused at its first bytes.
+    let open = create_session(mesh.channel(), &alice, "c.bin", None, "").await?;
+    full(
+        put_chunk(mesh.channel(), &alice, &open.id, 0, &random_bytes(10))
+            .await
+            .expect_err("chunk"),
+    );
+    let tus = reqwest::Client::new()
+        .post(format!("http://{}/tus", mesh.addr))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "10")
+        .header("authorization", format!("Bearer {alice}"))
+        .send()
+        .await?;
+    assert_eq!(tus.status(), 507);
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0));
+    assert!(setup.stored_objects("users").is_empty());
+    mesh.stop().await
+}

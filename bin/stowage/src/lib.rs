@@ -277,6 +277,7 @@ pub async fn serve_with(
             quota: Arc::clone(&quota),
             files: Arc::clone(&files),
             max_file_size: config.ingest.max_file_size.as_u64(),
+            min_free: config.ingest.min_free.as_u64(),
             part_size: usize::try_from(config.ingest.part_size.as_u64()).unwrap_or(8 << 20),
             shutdown: shutdown.clone(),
             local_root: blobs.local_root.clone(),
@@ -296,6 +297,7 @@ pub async fn serve_with(
                     .unwrap_or(8 << 20),
                 max_file_size: config.ingest.max_file_size.as_u64(),
                 max_chunk: usize::try_from(config.ingest.max_chunk.as_u64()).unwrap_or(64 << 20),
+                min_free: config.ingest.min_free.as_u64(),
                 registration,
             },
         );

@@ -33,6 +33,11 @@ pub enum Error {
         "you already have {0} uploads of unknown length open, the most one user may; complete or abort one"
     )]
     TooManyOpenUploads(usize),
+    /// The local-disk store has not the room for the upload and the space it keeps free.
+    #[error(
+        "the store has {free} bytes free and keeps {keep} free; {needed} more do not fit: try again later"
+    )]
+    StoreFull { free: u64, needed: u64, keep: u64 },
     /// The caller has as many subscriptions open as one user may.
     #[error(
         "you already have {0} subscriptions open in this process, the most one user may; close one or retry later"
@@ -117,7 +122,8 @@ impl From<Error> for Status {
             Error::Busy => Status::aborted(error.to_string()),
             Error::TooManySubscriptions(_)
             | Error::TooManyOwnSubscriptions(_)
-            | Error::TooManyOpenUploads(_) => Status::resource_exhausted(error.to_string()),
+            | Error::TooManyOpenUploads(_)
+            | Error::StoreFull { .. } => Status::resource_exhausted(error.to_string()),
             Error::SessionState(_) | Error::Incomplete { .. } => {
                 Status::failed_precondition(error.to_string())
             }

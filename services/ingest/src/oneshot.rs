@@ -38,6 +38,8 @@ pub struct Uploader {
     pub files: Arc<dyn FilesApi>,
     /// Largest file accepted.
     pub max_file_size: u64,
+    /// Free bytes a local-disk store keeps: an upload that would leave less is refused.
+    pub min_free: u64,
     /// Multipart part size.
     pub part_size: usize,
     /// Cancelled at shutdown: in-flight uploads stop and clean up.
@@ -200,6 +202,7 @@ impl Uploader {
             &file_id.to_string(),
             &sniffed.extension,
         );
+        crate::staging::check_store_room(self.local_root.as_deref(), header.size, self.min_free)?;
         // The hold comes next and is recorded with the row, in one write: a crash between
         // the two leaves a hold with no row, which Quota expires on its own.
         let reservation = match self

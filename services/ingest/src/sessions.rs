@@ -81,6 +81,8 @@ pub struct SessionSettings {
     pub max_file_size: u64,
     /// Largest chunk through any door.
     pub max_chunk: usize,
+    /// Free bytes a local-disk store keeps: a session that would leave less is refused.
+    pub min_free: u64,
     /// What status new files are registered with.
     pub registration: Registration,
 }
@@ -472,6 +474,9 @@ impl Sessions {
                     self.settings.max_file_size
                 ),
             ));
+        }
+        if let Some(size) = size {
+            self.staging.check_room(size, self.settings.min_free)?;
         }
         if idempotency_key.is_some_and(|k| k.len() > 200) {
             return Err(Error::invalid(
@@ -894,6 +899,9 @@ impl Sessions {
         session: &mut Session,
         end: u64,
     ) -> Result<()> {
+        // The bytes of unknown length take room on the disk as they come.
+        self.staging
+            .check_room(end.saturating_sub(session.offset), self.settings.min_free)?;
         let ahead = end
             .saturating_add(session.held.min(HOLD_AHEAD_MAX))
             .min(self.settings.max_file_size)

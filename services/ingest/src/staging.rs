@@ -85,6 +85,12 @@ impl Staging {
         }
     }
 
+    /// Refuses `bytes` more where the store would keep less than `keep` free (see
+    /// [`check_store_room`]).
+    pub fn check_room(&self, bytes: u64, keep: u64) -> Result<()> {
+        check_store_room(self.local_root.as_deref(), bytes, keep)
+    }
+
     /// Whether chunks go to a native multipart upload.
     pub fn is_native(&self) -> bool {
         self.multipart.is_some()
@@ -327,6 +333,26 @@ impl Staging {
             }
         }
     }
+}
+
+/// Refuses `bytes` more on a local-disk store (at `root`) that would leave it less than `keep`
+/// free. Nothing to check on other stores, or with `keep` 0.
+pub(crate) fn check_store_room(
+    root: Option<&std::path::Path>,
+    bytes: u64,
+    keep: u64,
+) -> Result<()> {
+    let Some(free) = root.filter(|_| keep > 0).and_then(stowage_blob::free_bytes) else {
+        return Ok(());
+    };
+    if free < bytes.saturating_add(keep) {
+        return Err(Error::StoreFull {
+            free,
+            needed: bytes,
+            keep,
+        });
+    }
+    Ok(())
 }
 
 fn local_data(root: &std::path::Path, upload: Uuid) -> std::path::PathBuf {

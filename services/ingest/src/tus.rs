@@ -94,6 +94,7 @@ fn error_response(error: Error) -> Response {
             StatusCode::SERVICE_UNAVAILABLE
         }
         Error::TooManyOpenUploads(_) => StatusCode::TOO_MANY_REQUESTS,
+        Error::StoreFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         Error::Peer(s) if s.code() == tonic::Code::ResourceExhausted => {
             StatusCode::PAYLOAD_TOO_LARGE

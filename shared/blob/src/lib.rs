@@ -128,10 +128,14 @@ impl Blobs {
 
     /// Free bytes of the filesystem holding a local store; `None` for remote stores.
     pub fn available_bytes(&self) -> Option<u64> {
-        let root = self.local_root.as_ref()?;
-        let stat = nix::sys::statvfs::statvfs(root).ok()?;
-        Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
+        free_bytes(self.local_root.as_ref()?)
     }
+}
+
+/// Free bytes (for unprivileged writers) of the filesystem holding `path`.
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let stat = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
 }
 
 /// A file a local-disk write keeps until it is complete: `{name}#{digits}` (the name the store

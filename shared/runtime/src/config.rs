@@ -355,6 +355,9 @@ pub struct IngestConfig {
     pub max_file_size: ByteSize,
     /// `STOWAGE_INGEST__PART_SIZE`: multipart part size towards the store.
     pub part_size: ByteSize,
+    /// `STOWAGE_INGEST__MIN_FREE`: free space a local-disk store keeps; an upload that would
+    /// leave less is refused (RESOURCE_EXHAUSTED). 0 turns the check off.
+    pub min_free: ByteSize,
     /// `STOWAGE_INGEST__SESSION_TTL`: how long an unfinished resumable upload lives.
     #[serde(with = "humantime_serde")]
     pub session_ttl: Duration,
@@ -446,6 +449,7 @@ impl Default for IngestConfig {
         Self {
             max_file_size: ByteSize::gib(50),
             part_size: ByteSize::mib(8),
+            min_free: ByteSize::gib(1),
             session_ttl: Duration::from_secs(24 * 3600),
             chunk_size: ByteSize::mib(8),
             max_chunk: ByteSize::mib(64),
