@@ -92,7 +92,7 @@ pub struct SessionSettings {
 pub struct Meta {
     /// Display name.
     pub display_name: String,
-    /// Declared MIME type (hint).
+    /// Declared MIME type (kept with the session; the stored type comes from the bytes).
     pub declared_mime_type: String,
     /// Declared kind (hint).
     pub declared_kind: i32,

@@ -1,4 +1,5 @@
-//! Deciding what a file is from its first bytes (the declared type is only a hint).
+//! Deciding what a file is from its first bytes, and for text and unknown bytes the name's
+//! extension. The type a client declares is not trusted: it would pick how a file is served.
 
 use stowage_blob::plan::{Plan, plan};
 use stowage_proto::v1 as pb;
