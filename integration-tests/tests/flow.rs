@@ -345,3 +345,136 @@ async fn files_are_listed_by_package_and_name() -> anyhow::Result<()> {
     assert!(refused.message().contains("package_name"), "{refused:?}");
     mesh.stop().await
 }
+
+/// Listing by kind and favourite, sorting by name and by date either way; and tags that two
+/// clients add at once both stay (add_tags / remove_tags change the list as it is).
+#[tokio::test]
+async fn files_are_listed_by_kind_and_favourite_and_tags_add_up() -> anyhow::Result<()> {
+    use tonic::Code;
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(4, 4, image::Rgb([200, 10, 10]))
+        .write_to(&mut png, image::ImageFormat::Png)?;
+    let notes = upload(mesh.channel(), &alice, "b.txt", b"some words", &[]).await?;
+    let photo = upload(mesh.channel(), &alice, "a.png", png.get_ref(), &[]).await?;
+    let blob = upload(mesh.channel(), &alice, "c.bin", &random_bytes(100), &[]).await?;
+    let update = |request: pb::UpdateFileRequest| {
+        let (channel, alice) = (mesh.channel(), alice.clone());
+        async move {
+            files(channel)
+                .update_file(authed(request, &alice))
+                .await
+                .map(|r| r.into_inner().file.unwrap_or_default())
+        }
+    };
+    update(pb::UpdateFileRequest {
+        file_id: blob.id.clone(),
+        favorite: Some(true),
+        ..Default::default()
+    })
+    .await?;
+    let list = |request: pb::ListFilesRequest| {
+        let (channel, alice) = (mesh.channel(), alice.clone());
+        async move {
+            anyhow::Ok(
+                files(channel)
+                    .list_files(authed(request, &alice))
+                    .await?
+                    .into_inner()
+                    .files
+                    .into_iter()
+                    .map(|f| f.display_name)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let favorites = list(pb::ListFilesRequest {
+        favorite: Some(true),
+        ..Default::default()
+    });
+    assert_eq!(favorites.await?, ["c.bin"]);
+    let others = list(pb::ListFilesRequest {
+        favorite: Some(false),
+        sort_by: pb::FileSortField::Name as i32,
+        ..Default::default()
+    });
+    assert_eq!(others.await?, ["a.png", "b.txt"]);
+    let images = list(pb::ListFilesRequest {
+        kind: pb::FileKind::Image as i32,
+        ..Default::default()
+    });
+    assert_eq!(images.await?, ["a.png"]);
+    let by_name = |direction: pb::SortDirection| pb::ListFilesRequest {
+        sort_by: pb::FileSortField::Name as i32,
+        direction: direction as i32,
+        ..Default::default()
+    };
+    assert_eq!(
+        list(by_name(pb::SortDirection::Asc)).await?,
+        ["a.png", "b.txt", "c.bin"]
+    );
+    assert_eq!(
+        list(by_name(pb::SortDirection::Desc)).await?,
+        ["c.bin", "b.txt", "a.png"]
+    );
+    let oldest_first = list(pb::ListFilesRequest {
+        sort_by: pb::FileSortField::CreatedAt as i32,
+        direction: pb::SortDirection::Asc as i32,
+        ..Default::default()
+    });
+    assert_eq!(oldest_first.await?, ["b.txt", "a.png", "c.bin"]);
+    assert!(!photo.id.is_empty());
+
+    // Sixteen clients tag one file at once; every tag stays.
+    let adds = (0..16).map(|i| {
+        update(pb::UpdateFileRequest {
+            file_id: notes.id.clone(),
+            add_tags: vec![format!("t{i}"), "shared".into()],
+            ..Default::default()
+        })
+    });
+    for added in futures::future::join_all(adds).await {
+        added?;
+    }
+    let removed = update(pb::UpdateFileRequest {
+        file_id: notes.id.clone(),
+        remove_tags: vec!["t0".into(), "absent".into()],
+        ..Default::default()
+    })
+    .await?;
+    let mut tags = removed.tags.clone();
+    tags.sort();
+    let mut expected: Vec<String> = (1..16).map(|i| format!("t{i}")).collect();
+    expected.push("shared".into());
+    expected.sort();
+    assert_eq!(tags, expected);
+    // At most 32 tags on a file, by field; and not with a whole new list.
+    let too_many = update(pb::UpdateFileRequest {
+        file_id: notes.id.clone(),
+        add_tags: (0..20).map(|i| format!("more{i}")).collect(),
+        ..Default::default()
+    })
+    .await
+    .expect_err("too many");
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert!(too_many.message().contains("add_tags"), "{too_many:?}");
+    let mixed = update(pb::UpdateFileRequest {
+        file_id: notes.id.clone(),
+        replace_tags: true,
+        tags: vec!["x".into()],
+        add_tags: vec!["y".into()],
+        ..Default::default()
+    })
+    .await
+    .expect_err("mixed");
+    assert_eq!(mixed.code(), Code::InvalidArgument);
+    let kept = update(pb::UpdateFileRequest {
+        file_id: notes.id.clone(),
+        ..Default::default()
+    })
+    .await?;
+    assert_eq!(kept.tags.len(), 16, "nothing changed by the refusals");
+    mesh.stop().await
+}

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 use stowage_db::{Cached, GenericClient, PgPool};
+use stowage_runtime::validate;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -424,38 +425,56 @@ impl Catalog {
     /// no index serves, so that the only plan is the primary key's. With a plain
     /// `owner_id = $2`, a plan cached before the table's first `ANALYZE` scans one of the
     /// owner's list indexes, walking all of the owner's files on every call.
-    pub async fn update(
-        &self,
-        id: Uuid,
-        owner: &str,
-        display_name: Option<&str>,
-        tags: Option<&[String]>,
-        favorite: Option<bool>,
-    ) -> Result<FileRecord> {
+    pub async fn update(&self, id: Uuid, owner: &str, change: Change<'_>) -> Result<FileRecord> {
         let conn = self.pool.get().await?;
+        let max_tags = i32::try_from(validate::MAX_TAGS).unwrap_or(i32::MAX);
+        // Tags added and removed in the statement, from the row as it is when updated (a
+        // concurrent change is seen, not overwritten): the current tags then the added ones,
+        // each once, less the removed ones; within the most a file has.
         let row = conn
             .query_opt_cached(
                 concat!(
                     "UPDATE files.files
                  SET display_name = COALESCE($3, display_name),
-                     tags = COALESCE($4, tags),
+                     tags = COALESCE($4, ARRAY(
+                         SELECT t FROM unnest(array_cat(tags, $6::text[])) WITH ORDINALITY AS u(t, o)
+                         WHERE NOT (t = ANY($7::text[]))
+                         GROUP BY t ORDER BY min(o))),
                      favorite = COALESCE($5, favorite),
                      updated_at = now()
-                 WHERE id = $1 AND owner_id || '' = $2 AND status <> 'quarantined' AND deleted_at IS NULL
+                 WHERE id = $1 AND owner_id || '' = $2 AND status <> 'quarantined'
+                   AND deleted_at IS NULL
+                   AND cardinality(COALESCE($4, ARRAY(
+                         SELECT DISTINCT t FROM unnest(array_cat(tags, $6::text[])) AS u(t)
+                         WHERE NOT (t = ANY($7::text[]))))) <= $8::int
                  RETURNING ",
                     file_columns!()
                 ),
-                &[&id, &owner, &display_name, &tags, &favorite],
+                &[
+                    &id,
+                    &owner,
+                    &change.display_name,
+                    &change.tags,
+                    &change.favorite,
+                    &change.add_tags,
+                    &change.remove_tags,
+                    &max_tags,
+                ],
             )
             .await?;
         match row {
             Some(row) => get_on(&conn, FileRecord::from_row(&row).id, Viewer::Owner(owner)).await,
             None => {
-                // Tell "in trash" apart from "not yours / not there".
+                // Tell "in trash" and "too many tags" apart from "not yours / not there".
                 let file = get_on(&conn, id, Viewer::Owner(owner)).await?;
                 if file.deleted_at.is_some() {
                     Err(Error::FailedPrecondition(
                         "file is in trash; restore it first",
+                    ))
+                } else if !change.add_tags.is_empty() {
+                    Err(Error::invalid(
+                        "add_tags",
+                        format!("a file has at most {} tags", validate::MAX_TAGS),
                     ))
                 } else {
                     Err(Error::NotFound)
@@ -960,4 +979,18 @@ async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Resu
         .map(VariantRecord::from_row)
         .collect();
     Ok(file)
+}
+
+/// What an UpdateFile changes (unset fields: unchanged).
+pub struct Change<'a> {
+    /// New display name.
+    pub display_name: Option<&'a str>,
+    /// The whole new tag list.
+    pub tags: Option<&'a [String]>,
+    /// Tags added to the current ones.
+    pub add_tags: &'a [String],
+    /// Tags taken off the current ones.
+    pub remove_tags: &'a [String],
+    /// New favourite flag.
+    pub favorite: Option<bool>,
 }

@@ -322,14 +322,27 @@ impl files_server::Files for FilesGrpc {
         } else {
             None
         };
+        if req.replace_tags && !(req.add_tags.is_empty() && req.remove_tags.is_empty()) {
+            return Err(invalid_argument(
+                "add_tags",
+                "add_tags and remove_tags do not go with replace_tags",
+            ));
+        }
+        let add = validate::tags(&req.add_tags).map_err(|why| invalid_argument("add_tags", why))?;
+        let remove =
+            validate::tags(&req.remove_tags).map_err(|why| invalid_argument("remove_tags", why))?;
         let file = self
             .catalog
             .update(
                 id,
                 &caller.user_id,
-                req.display_name.as_deref(),
-                tags.as_deref(),
-                req.favorite,
+                crate::catalog::Change {
+                    display_name: req.display_name.as_deref(),
+                    tags: tags.as_deref(),
+                    add_tags: &add,
+                    remove_tags: &remove,
+                    favorite: req.favorite,
+                },
             )
             .await?;
         Ok(Response::new(pb::UpdateFileResponse {
