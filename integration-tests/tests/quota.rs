@@ -1,6 +1,6 @@
 //! Reservations never overrun a limit, and commits count once.
 
-use futures::future::join_all;
+use futures::{StreamExt, future::join_all};
 use stowage_integration_tests::{
     inline_variant, random_bytes, set_variants, upload_with_key, usage,
 };
@@ -841,5 +841,66 @@ async fn a_variant_charge_cut_off_midway_is_finished_once() -> anyhow::Result<()
         .set_variants(set(vec![variant("large", 50)]))
         .await?;
     assert_eq!(usage(mesh.channel(), &erin).await?.used_bytes, 1000 + 150);
+    mesh.stop().await
+}
+
+/// More lapsed holds than one batch (1,000) are all expired, their bytes given back to each
+/// account; the answer lists at most 1,000 of them and counts them all.
+#[tokio::test]
+async fn lapsed_holds_past_one_batch_are_all_expired() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(1 << 30);
+    let mesh = Mesh::start(&setup).await?;
+    let service = token("svc", &["service"]);
+    let users = ["ida", "jon", "kai"];
+    let holds = (0..1001).map(|i| {
+        let mut quota = stowage_integration_tests::quota(mesh.channel());
+        let request = authed(
+            pb::ReserveRequest {
+                user_id: users[i % 3].into(),
+                bytes: 10,
+                ttl_seconds: 600,
+                idempotency_key: String::new(),
+            },
+            &service,
+        );
+        async move { quota.reserve(request).await }
+    });
+    for held in futures::stream::iter(holds)
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+    {
+        held?;
+    }
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.execute(
+        "UPDATE quota.reservations SET expires_at = now() - interval '1 second'",
+        &[],
+    )
+    .await?;
+    let expired = stowage_integration_tests::quota(mesh.channel())
+        .expire_reservations(authed(pb::ExpireReservationsRequest::default(), &service))
+        .await?
+        .into_inner();
+    // Lifecycle's own schedule may have taken some first.
+    assert_eq!(
+        expired.reservation_ids.len() as u64,
+        expired.count.min(1000),
+        "{}",
+        expired.count
+    );
+    let left: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM quota.reservations WHERE state <> 'expired'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(left, 0);
+    for user in users {
+        let account = usage(mesh.channel(), &token(user, &[])).await?;
+        assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0), "{user}");
+    }
     mesh.stop().await
 }

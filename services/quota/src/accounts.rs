@@ -499,35 +499,62 @@ impl Quota {
     }
 
     /// Expires every held reservation past its time, giving its bytes back; with `dry_run`
-    /// only lists them. Returns the ids (at most 1000) and the count.
+    /// only lists them. Returns the ids (at most 1000) and the count. Expired in batches of
+    /// [`EXPIRE_BATCH`], each its own transaction, so that after a long outage of the sweeper
+    /// no one statement holds every affected account (and their uploads) at once.
     pub async fn expire_reservations(&self, dry_run: bool) -> Result<(Vec<Uuid>, u64)> {
         let conn = self.pool.get().await?;
-        let rows = if dry_run {
-            conn.query_cached(
-                "SELECT id FROM quota.reservations WHERE state = 'held' AND expires_at < now()",
-                &[],
-            )
-            .await?
-        } else {
-            conn.query_cached(
-                "WITH expired AS (
-                     UPDATE quota.reservations SET state = 'expired', updated_at = now()
-                     WHERE state = 'held' AND expires_at < now()
-                     RETURNING id, user_id, bytes
-                 ), per_user AS (
-                     SELECT user_id, sum(bytes)::bigint AS bytes FROM expired GROUP BY user_id
-                 ), released AS (
-                     UPDATE quota.accounts a
-                     SET reserved_bytes = a.reserved_bytes - p.bytes, updated_at = now()
-                     FROM per_user p WHERE a.user_id = p.user_id
-                 )
-                 SELECT id FROM expired",
-                &[],
-            )
-            .await?
-        };
-        let count = rows.len() as u64;
-        Ok((rows.iter().take(1000).map(|r| r.get(0)).collect(), count))
+        if dry_run {
+            let count: i64 = conn
+                .query_one_cached(
+                    "SELECT count(*) FROM quota.reservations
+                     WHERE state = 'held' AND expires_at < now()",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let rows = conn
+                .query_cached(
+                    "SELECT id FROM quota.reservations WHERE state = 'held' AND expires_at < now()
+                     ORDER BY expires_at LIMIT 1000",
+                    &[],
+                )
+                .await?;
+            return Ok((rows.iter().map(|r| r.get(0)).collect(), count as u64));
+        }
+        let (mut ids, mut count) = (Vec::new(), 0u64);
+        loop {
+            // Reservations first, then their accounts: the order commits and releases take.
+            let rows = conn
+                .query_cached(
+                    "WITH expired AS (
+                         UPDATE quota.reservations SET state = 'expired', updated_at = now()
+                         WHERE id IN (
+                             SELECT id FROM quota.reservations
+                             WHERE state = 'held' AND expires_at < now()
+                             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                         RETURNING id, user_id, bytes
+                     ), per_user AS (
+                         SELECT user_id, sum(bytes)::bigint AS bytes FROM expired GROUP BY user_id
+                     ), released AS (
+                         UPDATE quota.accounts a
+                         SET reserved_bytes = a.reserved_bytes - p.bytes, updated_at = now()
+                         FROM per_user p WHERE a.user_id = p.user_id
+                     )
+                     SELECT id FROM expired",
+                    &[&EXPIRE_BATCH],
+                )
+                .await?;
+            count += rows.len() as u64;
+            ids.extend(
+                rows.iter()
+                    .take(1000usize.saturating_sub(ids.len()))
+                    .map(|r| r.get::<_, Uuid>(0)),
+            );
+            if (rows.len() as i64) < EXPIRE_BATCH {
+                return Ok((ids, count));
+            }
+        }
     }
 
     /// Sets `user_id`'s usage to `actual_bytes`, recording the drift; returns the drift. With
@@ -929,3 +956,6 @@ static ADJUST_SQL: LazyLock<String> = LazyLock::new(|| {
         account_columns!()
     )
 });
+
+/// Reservations expired in one transaction.
+const EXPIRE_BATCH: i64 = 1000;
