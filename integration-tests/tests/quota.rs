@@ -155,6 +155,44 @@ async fn parallel_reservations_stop_exactly_at_the_limit() -> anyhow::Result<()>
             .collect::<Vec<_>>(),
         vec!["bob"]
     );
+    // A limit of 0 is full: counted so by Stats, listed so from 80 % and at 100 %, shown at
+    // 100 %; not above it.
+    quota
+        .set_limit(authed(
+            pb::SetLimitRequest {
+                user_id: "erin".into(),
+                limit_bytes: 0,
+            },
+            &admin,
+        ))
+        .await?;
+    let stats = quota
+        .stats(authed(pb::StatsRequest {}, &admin))
+        .await?
+        .into_inner();
+    assert_eq!(stats.accounts_above_80_percent, 2);
+    for (percent, listed) in [(80.0, vec!["bob", "erin"]), (100.0, vec!["erin"]), (101.0, vec![])] {
+        let above = quota
+            .list_accounts(authed(
+                pb::ListAccountsRequest {
+                    min_used_percent: percent,
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await?
+            .into_inner();
+        let users: Vec<(&str, f64)> = above
+            .accounts
+            .iter()
+            .map(|a| (a.user_id.as_str(), a.used_percent))
+            .collect();
+        assert_eq!(
+            users.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+            listed,
+            "{percent}: {users:?}"
+        );
+    }
     mesh.stop().await
 }
 

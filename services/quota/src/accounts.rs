@@ -674,7 +674,8 @@ impl Quota {
                     account_columns!(),
                     " FROM quota.accounts
                  WHERE user_id > $1
-                   AND used_bytes::float8 * 100 >= $2 * GREATEST(limit_bytes, 1)::float8
+                   AND CASE WHEN limit_bytes = 0 THEN 100 >= $2::float8
+                            ELSE used_bytes::float8 * 100 >= $2::float8 * limit_bytes::float8 END
                  ORDER BY user_id LIMIT $3"
                 ),
                 &[&after.unwrap_or(""), &min_percent, &limit],
