@@ -2021,3 +2021,63 @@ async fn a_run_whose_caller_hangs_up_is_recorded_as_stopped() -> anyhow::Result<
     .await?;
     mesh.stop().await
 }
+
+/// A recheck whose recount fails (here Files cannot answer in time: its table is locked) is
+/// tried again after a backoff, and repairs the drift once Files answers; not left to the
+/// next reconcile, hours later.
+#[tokio::test]
+async fn a_failed_recheck_is_tried_again_and_repairs() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.lifecycle.reconcile_settle = Duration::from_millis(200);
+        c.lifecycle.recheck_debounce = Duration::from_secs(1);
+        c.peers.timeout = Some(Duration::from_secs(1));
+    })
+    .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let ivy = token("ivy", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let conn = pool.get().await?;
+    upload(mesh.channel(), &ivy, "i.bin", &random_bytes(1000), &[]).await?;
+    events_consumed(&conn, 1).await?;
+    stowage_integration_tests::eventually(PATIENCE, "the upload's recheck done", || async {
+        let n: i64 = conn
+            .query_one("SELECT count(*) FROM lifecycle.rechecks", &[])
+            .await?
+            .get(0);
+        Ok(n == 0)
+    })
+    .await?;
+    // A drift, and a recheck asked for while Files cannot answer.
+    conn.execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'ivy'",
+        &[],
+    )
+    .await?;
+    let mut blocker = pool.get().await?;
+    let lock = blocker.transaction().await?;
+    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    conn.execute(
+        "INSERT INTO lifecycle.rechecks (user_id, due_at) VALUES ('ivy', now())",
+        &[],
+    )
+    .await?;
+    stowage_integration_tests::eventually(PATIENCE, "the recheck failed once", || async {
+        let n: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM lifecycle.rechecks WHERE user_id = 'ivy' AND attempts >= 1",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(n == 1)
+    })
+    .await?;
+    lock.rollback().await?;
+    stowage_integration_tests::eventually(PATIENCE, "the drift repaired", || async {
+        Ok(usage(mesh.channel(), &ivy).await?.used_bytes == 1000)
+    })
+    .await?;
+    mesh.stop().await
+}

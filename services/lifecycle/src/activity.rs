@@ -19,6 +19,11 @@ use crate::{Lifecycle, db, policy::Policy, tasks::Tally, usage::repair_key};
 pub const NOTICE_TOPIC: &str = "lifecycle.notice";
 /// Longest a recheck waits under a steady stream of events.
 const MAX_DEBOUNCE_WAIT: &str = "10 seconds";
+/// Attempts of a recheck whose recount fails before it is left to the next reconcile.
+const RECHECK_ATTEMPTS: i32 = 6;
+/// Wait before the second attempt of a failed recheck; doubled for each one after (5 s to
+/// 80 s).
+const RECHECK_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 /// Users given a notice time per pass.
 const BATCH: i64 = 10_000;
 
@@ -363,30 +368,45 @@ impl Lifecycle {
     /// Runs the rechecks whose burst ended; returns how many ran.
     pub async fn run_due_rechecks(&self) -> Result<usize, tonic::Status> {
         let conn = self.pool.get().await.map_err(db)?;
-        let due: Vec<String> = conn
+        let due: Vec<(String, i32)> = conn
             .query_cached(
                 &format!(
                     "DELETE FROM lifecycle.rechecks WHERE user_id IN (
                          SELECT user_id FROM lifecycle.rechecks
-                         WHERE due_at <= now() OR first_at <= now() - interval '{MAX_DEBOUNCE_WAIT}'
+                         WHERE due_at <= now()
+                            OR (attempts = 0 AND first_at <= now() - interval '{MAX_DEBOUNCE_WAIT}')
                          LIMIT 100 FOR UPDATE SKIP LOCKED)
-                     RETURNING user_id"
+                     RETURNING user_id, attempts"
                 ),
                 &[],
             )
             .await
             .map_err(db)?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
         drop(conn);
         let mut seen = Vec::with_capacity(due.len());
-        for user in &due {
+        for (user, attempts) in &due {
             metrics::counter!("stowage_lifecycle_rechecks_total").increment(1);
             match self.observe_usage(user).await {
                 Ok(observed) => seen.push(observed),
+                Err(status) if *attempts + 1 < RECHECK_ATTEMPTS => {
+                    // Again after a backoff (unless an event asked for one meanwhile).
+                    let wait = RECHECK_BACKOFF.as_secs_f64() * 2f64.powi(*attempts);
+                    tracing::warn!(user, %status, retry_in_s = wait, "recheck failed; retried");
+                    let conn = self.pool.get().await.map_err(db)?;
+                    conn.execute_cached(
+                        "INSERT INTO lifecycle.rechecks (user_id, due_at, attempts)
+                         VALUES ($1, now() + make_interval(secs => $2), $3)
+                         ON CONFLICT (user_id) DO NOTHING",
+                        &[user, &wait, &(attempts + 1)],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
                 Err(status) => {
-                    tracing::warn!(user, %status, "recheck failed; the next reconcile covers it");
+                    tracing::warn!(user, %status, attempts = attempts + 1, "recheck failed; the next reconcile covers it");
                 }
             }
         }
