@@ -185,6 +185,40 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         sample(&text, "stowage_cleanup_runs_total", &runs).is_some_and(|n| n >= before + 1.0),
         "clean-up runs"
     );
+    // Every metric the shipped alerts and dashboard use is one this process exports (a
+    // renamed metric would leave an alert that never fires), but for those that appear only
+    // with trouble.
+    let only_with_trouble = [
+        // Set by a usage reconciliation run.
+        "stowage_usage_drift_bytes",
+        // Counted when the virus scanner does not answer.
+        "stowage_media_scan_unavailable_total",
+    ];
+    let shipped = ["alerts.yaml", "dashboard.json"]
+        .map(|f| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/monitoring").join(f))
+        .map(std::fs::read_to_string);
+    for file in shipped {
+        let file = file?;
+        let mut rest = file.as_str();
+        while let Some(at) = rest.find("stowage_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            let name = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            if only_with_trouble.contains(&name) || name == "stowage_dashboard" {
+                continue;
+            }
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "{name} is used by k8s/monitoring but not exported"
+            );
+        }
+    }
     mesh.stop().await
 }
 

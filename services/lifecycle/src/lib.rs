@@ -321,8 +321,11 @@ impl Lifecycle {
             pool: Some(self.pool.clone()),
             id,
         };
+        let started = std::time::Instant::now();
         let outcome = self.run_task(name, &policy, dry_run).await;
         unfinished.pool = None;
+        metrics::histogram!("stowage_cleanup_run_seconds", "job" => name.to_owned())
+            .record(started.elapsed().as_secs_f64());
         let (tally, error) = match &outcome {
             Ok(t) => (t.clone(), String::new()),
             Err(s) => (Tally::default(), format!("{}: {}", s.code(), s.message())),

@@ -21,6 +21,8 @@ pub const JOB_DURATION: &str = "stowage_job_duration_seconds";
 pub const QUEUE_DEPTH: &str = "stowage_queue_depth";
 /// How long the longest-waiting due job has waited past its run time, in seconds.
 pub const QUEUE_OLDEST_DUE: &str = "stowage_queue_oldest_due_seconds";
+/// Gauge: when the depth gauges of a queue were last refreshed (seconds since the epoch).
+pub const QUEUE_DEPTH_UPDATED: &str = "stowage_queue_depth_updated_timestamp_seconds";
 
 /// Registers the descriptions of the queue's metrics with the installed recorder.
 pub fn describe_metrics() {
@@ -41,6 +43,11 @@ pub fn describe_metrics() {
         QUEUE_OLDEST_DUE,
         metrics::Unit::Seconds,
         "How long the longest-waiting due job has waited past its run time"
+    );
+    metrics::describe_gauge!(
+        QUEUE_DEPTH_UPDATED,
+        metrics::Unit::Seconds,
+        "When the depth gauges were last refreshed, seconds since the epoch"
     );
 }
 
@@ -79,4 +86,8 @@ pub(crate) fn record_depth(queue: &str, depth: &BTreeMap<JobState, u64>, oldest_
             .set(*jobs as f64);
     }
     metrics::gauge!(QUEUE_OLDEST_DUE, "queue" => queue.to_owned()).set(oldest_due.as_secs_f64());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics::gauge!(QUEUE_DEPTH_UPDATED, "queue" => queue.to_owned()).set(now.as_secs_f64());
 }

@@ -12,12 +12,24 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Buckets of clean-up runs, which take from a moment to half an hour.
+const LONG_RUN_BUCKETS: &[f64] = &[0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0];
+
 /// Installs the recorder once per process; later calls return the same handle. `None` when
 /// another recorder was installed first (then metrics go there).
 pub fn install_recorder() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new().set_buckets(SECONDS_BUCKETS).ok()?;
+            let builder = PrometheusBuilder::new()
+                .set_buckets(SECONDS_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        "stowage_cleanup_run_seconds".into(),
+                    ),
+                    LONG_RUN_BUCKETS,
+                )
+                .ok()?;
             match builder.install_recorder() {
                 Ok(handle) => Some(handle),
                 Err(error) => {
