@@ -639,6 +639,11 @@ fn start_media(
         .map(|url| Clamd::new(url, settings.scan_timeout))
         .transpose()
         .context("STOWAGE_MEDIA__CLAMD_URL")?;
+    // Working directories of jobs a killed process left (an emptyDir outlives the container).
+    let swept = Media::sweep_work_dirs(&std::env::temp_dir(), settings.job_timeout * 2);
+    if swept > 0 {
+        tracing::info!(swept, "left-over media working directories removed");
+    }
     let media = Arc::new(Media::new(
         pool.clone(),
         queue.clone(),

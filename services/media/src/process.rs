@@ -112,6 +112,29 @@ fn retry_status(what: &str, status: &tonic::Status) -> JobError {
 }
 
 impl Media {
+    /// Deletes the working directories of jobs that ended without cleaning up (the process
+    /// was killed): those in `dir` made longer than `older_than` ago, which no running job
+    /// of any process sharing `dir` can still use. Returns how many.
+    pub fn sweep_work_dirs(dir: &std::path::Path, older_than: std::time::Duration) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut swept = 0;
+        for entry in entries.flatten() {
+            let stale = entry.file_name().to_string_lossy().starts_with(WORK_DIR_PREFIX)
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|at| at.elapsed().ok())
+                    .is_some_and(|age| age > older_than);
+            if stale && std::fs::remove_dir_all(entry.path()).is_ok() {
+                swept += 1;
+            }
+        }
+        swept
+    }
+
     /// Media over its database, queue, Files, the store and an optional scanner.
     pub fn new(
         pool: PgPool,
@@ -475,7 +498,7 @@ impl Media {
         }
         // A private directory: the tools read this one file and nothing else.
         let dir = tempfile::Builder::new()
-            .prefix("stowage-media-")
+            .prefix(WORK_DIR_PREFIX)
             .tempdir()
             .map_err(JobError::retry)?;
         let path = dir.path().join("input");
@@ -718,6 +741,9 @@ fn status_name(status: pb::FileStatus) -> &'static str {
     }
 }
 
+/// Name prefix of a job's working directory (under the system's temporary directory).
+const WORK_DIR_PREFIX: &str = "stowage-media-";
+
 /// Runs of one file's processing that may start making its variants and never come back
 /// (killed worker, job out of time) before the file fails: a file that kills the worker is
 /// not tried for ever (Lifecycle's sweep of stuck files would start its job again each time).
@@ -734,5 +760,36 @@ impl Handler for Media {
             .and_then(|s| Uuid::parse_str(s).ok())
             .ok_or_else(|| JobError::permanent("payload.file_id: missing or not a UUID"))?;
         self.process(file_id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    #[test]
+    fn only_old_working_directories_of_media_are_swept() {
+        let parent = tempfile::tempdir().expect("temp dir");
+        let make = |name: &str, age: Duration| {
+            let dir = parent.path().join(name);
+            std::fs::create_dir(&dir).expect("dir");
+            std::fs::write(dir.join("input"), b"video").expect("file");
+            std::fs::File::open(&dir)
+                .and_then(|d| d.set_modified(SystemTime::now() - age))
+                .expect("mtime");
+            dir
+        };
+        let hour = Duration::from_secs(3600);
+        let left = make("stowage-media-left", hour);
+        let running = make("stowage-media-running", Duration::ZERO);
+        let other = make("someone-else", hour);
+        assert_eq!(
+            Media::sweep_work_dirs(parent.path(), Duration::from_secs(600)),
+            1
+        );
+        assert!(!left.exists());
+        assert!(running.exists() && other.exists());
     }
 }

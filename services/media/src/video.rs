@@ -259,11 +259,17 @@ impl Tools {
             .args(["-c:v", "libx264", "-preset", "veryfast", "-crf", "26"])
             .args(["-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k"])
             .args(["-movflags", "+faststart", "-f", "mp4", "-y"])
+            // A bound on what it writes (a 720p copy of two minutes is a few dozen MB): a
+            // copy cut off there fails its probe and is not kept.
+            .args(["-fs", &WEB_VIDEO_MAX_BYTES.to_string()])
             .arg(output);
         self.run("ffmpeg", command).await?;
         Ok(())
     }
 }
+
+/// Most bytes ffmpeg writes for a web copy; it is read into memory to be stored.
+pub const WEB_VIDEO_MAX_BYTES: u64 = 256 << 20;
 
 /// Reads `from` to its end, keeping its first `keep` bytes; and whether more came.
 async fn read_capped(
