@@ -2081,3 +2081,35 @@ async fn a_failed_recheck_is_tried_again_and_repairs() -> anyhow::Result<()> {
     .await?;
     mesh.stop().await
 }
+
+/// Runs are kept 90 days: a task's next run deletes its older ones, and no other task's.
+#[tokio::test]
+async fn runs_older_than_ninety_days_go() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.batch_execute(
+        "INSERT INTO lifecycle.runs (id, name, dry_run, started_at, finished_at) VALUES
+             (gen_random_uuid(), 'orphan_uploads', false, now() - interval '100 days', now() - interval '100 days'),
+             (gen_random_uuid(), 'orphan_uploads', false, now() - interval '30 days', now() - interval '30 days'),
+             (gen_random_uuid(), 'trash_purge', false, now() - interval '100 days', now() - interval '100 days');",
+    )
+    .await?;
+    run_now(&mesh, "orphan_uploads", false).await?;
+    let left: Vec<(String, i64)> = conn
+        .query(
+            "SELECT name, count(*) FROM lifecycle.runs
+             WHERE started_at < now() - interval '1 day' GROUP BY name ORDER BY name",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        left,
+        [("orphan_uploads".to_owned(), 1), ("trash_purge".to_owned(), 1)]
+    );
+    mesh.stop().await
+}

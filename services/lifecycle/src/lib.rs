@@ -308,6 +308,14 @@ impl Lifecycle {
         )
         .await
         .map_err(db)?;
+        // Runs are kept 90 days: tasks every minute would otherwise add half a million rows
+        // a year each.
+        conn.execute_cached(
+            "DELETE FROM lifecycle.runs WHERE name = $1 AND started_at < now() - interval '90 days'",
+            &[&name],
+        )
+        .await
+        .map_err(db)?;
         conn.execute_cached(
             "INSERT INTO lifecycle.runs (id, name, dry_run) VALUES ($1, $2, $3)",
             &[&id, &name, &dry_run],
