@@ -675,7 +675,11 @@ async fn an_upload_the_disk_has_no_room_for_is_refused_before_anything_is_held()
     let alice = token("alice", &[]);
     let full = |status: tonic::Status| {
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-        assert!(status.message().contains("free"), "{}", status.message());
+        assert!(
+            status.message().contains("free space"),
+            "{}",
+            status.message()
+        );
     };
     full(
         upload(mesh.channel(), &alice, "a.bin", &random_bytes(10), &[])

@@ -1953,7 +1953,8 @@ async fn a_variant_charge_in_flight_is_not_repaired_as_a_drift() -> anyhow::Resu
     pool.get()
         .await?
         .execute(
-            "UPDATE files.files SET variant_charge_pending = 200 WHERE id = $1::text::uuid",
+            "UPDATE files.files SET variant_charge_pending = 200, variant_charge_pending_at = now()
+             WHERE id = $1::text::uuid",
             &[&file.id],
         )
         .await?;
@@ -1971,6 +1972,19 @@ async fn a_variant_charge_in_flight_is_not_repaired_as_a_drift() -> anyhow::Resu
     let run = run_now(&mesh, "usage_reconcile", false).await?;
     assert_eq!(run.acted, 0, "{run:?}");
     assert_eq!(usage(mesh.channel(), &gus).await?.used_bytes, 1200);
+    // A step begun more than an hour ago is stuck (its SetVariants died, none came since):
+    // the owner is reconciled again.
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE files.files SET variant_charge_pending_at = now() - interval '2 hours'
+             WHERE id = $1::text::uuid",
+            &[&file.id],
+        )
+        .await?;
+    let run = run_now(&mesh, "usage_reconcile", false).await?;
+    assert_eq!(run.acted, 1, "{run:?}");
+    assert_eq!(usage(mesh.channel(), &gus).await?.used_bytes, 1000);
     mesh.stop().await
 }
 

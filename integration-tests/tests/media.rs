@@ -681,20 +681,39 @@ async fn a_file_whose_runs_never_come_back_fails_instead_of_looping() -> anyhow:
             &[&file.id],
         )
         .await?;
-    MediaClient::new(mesh.channel())
+    let job = MediaClient::new(mesh.channel())
         .reprocess(authed(
             pb::ReprocessRequest {
                 file_id: file.id.clone(),
             },
             &admin,
         ))
-        .await?;
+        .await?
+        .into_inner()
+        .job
+        .unwrap_or_default();
     let failed = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
     assert_eq!(failed.status, pb::FileStatus::Failed as i32);
     assert!(
         failed.status_reason.contains("did not finish in 3 runs"),
         "{}",
         failed.status_reason
+    );
+    // Failed, it counts afresh: an admin's RetryJob (say once the worker has more memory)
+    // processes it.
+    stowage_integration_tests::eventually(PATIENCE, "the count forgotten", || async {
+        Ok(unfinished().await? == 0)
+    })
+    .await?;
+    MediaClient::new(mesh.channel())
+        .retry_job(authed(pb::RetryJobRequest { job_id: job.id }, &admin))
+        .await?;
+    let again = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    assert_eq!(
+        again.status,
+        pb::FileStatus::Ready as i32,
+        "{}",
+        again.status_reason
     );
     mesh.stop().await
 }

@@ -638,7 +638,9 @@ impl Catalog {
                 "SELECT owner_id,
                         (sum(size_bytes) + sum(variant_bytes_charged))::bigint AS bytes,
                         count(*) AS files,
-                        count(*) FILTER (WHERE variant_charge_pending IS NOT NULL) AS moving
+                        count(*) FILTER (WHERE variant_charge_pending IS NOT NULL
+                                           AND variant_charge_pending_at > now() - interval '1 hour')
+                            AS moving
                  FROM files.files
                  WHERE ($1::text IS NULL OR owner_id > $1) AND ($3::text IS NULL OR owner_id = $3)
                  GROUP BY owner_id ORDER BY owner_id LIMIT $2",
@@ -883,7 +885,8 @@ impl Catalog {
             return Ok(None);
         }
         tx.execute_cached(
-            "UPDATE files.files SET variant_charge_pending = $2 WHERE id = $1",
+            "UPDATE files.files SET variant_charge_pending = $2, variant_charge_pending_at = now()
+             WHERE id = $1",
             &[&id, &total],
         )
         .await?;

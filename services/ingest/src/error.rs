@@ -33,10 +33,9 @@ pub enum Error {
         "you already have {0} uploads of unknown length open, the most one user may; complete or abort one"
     )]
     TooManyOpenUploads(usize),
-    /// The local-disk store has not the room for the upload and the space it keeps free.
-    #[error(
-        "the store has {free} bytes free and keeps {keep} free; {needed} more do not fit: try again later"
-    )]
+    /// The local-disk store has not the room for the upload and the space it keeps free
+    /// (the figures are logged, not told to the caller).
+    #[error("the store is short of free space for {needed} more bytes; try again later")]
     StoreFull { free: u64, needed: u64, keep: u64 },
     /// The caller has as many subscriptions open as one user may.
     #[error(

@@ -346,6 +346,12 @@ pub(crate) fn check_store_room(
         return Ok(());
     };
     if free < bytes.saturating_add(keep) {
+        tracing::warn!(
+            free,
+            needed = bytes,
+            keep,
+            "upload refused: the store would keep less free space than STOWAGE_INGEST__MIN_FREE"
+        );
         return Err(Error::StoreFull {
             free,
             needed: bytes,

@@ -1462,7 +1462,9 @@ impl EventStreams {
         if inline != Some(false) && self.inner.settings.keep_screenshots == 0 {
             gone += self.strip_inline_screenshots(batch, &storage_key).await?;
         }
-        Ok(gone)
+        // A repeated acknowledgement finishes what a failed one left, and reports nothing:
+        // the deletions were the first one's.
+        Ok(if acked > 0 { gone } else { 0 })
     }
 
     /// Deletes `screenshots` of `batch` (acknowledged by every group), except the newest
@@ -1478,8 +1480,17 @@ impl EventStreams {
         if keep == 0 {
             return Ok(delete_objects(self.inner.store.as_ref(), &screenshots).await);
         }
-        let conn = self.inner.pool.get().await?;
-        let newest: std::collections::HashSet<String> = conn
+        let mut conn = self.inner.pool.get().await?;
+        // The final acknowledgements of one stream's batches take turns here: each reads the
+        // spared screenshots and the newest ones, and writes the spared lists, from what the
+        // one before left.
+        let tx = conn.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('stowage-screens:' || $1))",
+            &[&stream],
+        )
+        .await?;
+        let newest: std::collections::HashSet<String> = tx
             .query(
                 "SELECT s FROM ingest.event_batches, unnest(screenshots) AS s
                  WHERE stream_id = $1 ORDER BY seq DESC, s DESC LIMIT $2",
@@ -1489,7 +1500,7 @@ impl EventStreams {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let spared_before: Vec<String> = conn
+        let spared_before: Vec<String> = tx
             .query(
                 "SELECT s FROM ingest.event_batches, unnest(spared) AS s
                  WHERE stream_id = $1 AND spared <> '{}' AND id <> $2",
@@ -1504,18 +1515,19 @@ impl EventStreams {
             .partition(|k| newest.contains(k));
         doomed.extend(spared_before.into_iter().filter(|k| !newest.contains(k)));
         let newest: Vec<&String> = newest.iter().collect();
-        conn.execute(
+        tx.execute(
             "UPDATE ingest.event_batches SET spared = $2 WHERE id = $1",
             &[&batch, &spared],
         )
         .await?;
-        conn.execute(
+        tx.execute(
             "UPDATE ingest.event_batches
              SET spared = ARRAY(SELECT s FROM unnest(spared) AS s WHERE s = ANY($3))
              WHERE stream_id = $1 AND spared <> '{}' AND id <> $2",
             &[&stream, &batch, &newest],
         )
         .await?;
+        tx.commit().await?;
         drop(conn);
         Ok(delete_objects(self.inner.store.as_ref(), &doomed).await)
     }
@@ -1523,6 +1535,24 @@ impl EventStreams {
     /// Rewrites the object of `batch` without the bytes of its inline screenshots (their type
     /// and size stay) and records that it holds none; returns how many it took out.
     async fn strip_inline_screenshots(&self, batch: Uuid, key: &str) -> Result<u32> {
+        // Not a batch the retention is about to delete (with its object): a rewrite landing
+        // after that deletion would bring the object back with no row to find it by.
+        let retention = self.inner.settings.retention.as_secs_f64();
+        let margin = (retention / 2.0).min(3600.0);
+        let live = self
+            .inner
+            .pool
+            .get()
+            .await?
+            .query_opt(
+                "SELECT 1 FROM ingest.event_batches
+                 WHERE id = $1 AND sealed_at > now() - make_interval(secs => $2)",
+                &[&batch, &(retention - margin)],
+            )
+            .await?;
+        if live.is_none() {
+            return Ok(0);
+        }
         let path = ObjectPath::from(key);
         let object = match self.inner.store.get(&path).await {
             Ok(object) => object.bytes().await?,
@@ -1541,7 +1571,8 @@ impl EventStreams {
             }
             None => 0,
         };
-        self.inner
+        let recorded = self
+            .inner
             .pool
             .get()
             .await?
@@ -1550,6 +1581,12 @@ impl EventStreams {
                 &[&batch],
             )
             .await?;
+        if recorded == 0 {
+            // The retention deleted the batch while it was rewritten: its object must not
+            // come back.
+            delete_objects(self.inner.store.as_ref(), &[key.to_owned()]).await;
+            return Ok(0);
+        }
         Ok(count)
     }
 }

@@ -65,7 +65,10 @@ pub(crate) async fn request_recheck(
         .execute_cached(
             "INSERT INTO lifecycle.rechecks (user_id, due_at)
              SELECT user_id, now() + make_interval(secs => $2) FROM unnest($1::text[]) AS u (user_id)
-             ON CONFLICT (user_id) DO UPDATE SET due_at = excluded.due_at",
+             ON CONFLICT (user_id) DO UPDATE SET due_at = excluded.due_at,
+                 -- A retry waiting for its backoff becomes a fresh recheck of this burst.
+                 attempts = 0,
+                 first_at = CASE WHEN rechecks.attempts > 0 THEN now() ELSE rechecks.first_at END",
             &[&users, &secs],
         )
         .await?;

@@ -194,10 +194,17 @@ impl Media {
             plan => {
                 let unfinished = self.run_started(file_id).await?;
                 if unfinished >= MAX_UNFINISHED_RUNS {
-                    Outcome::Failed(format!(
+                    let failed = Outcome::Failed(format!(
                         "processing did not finish in {unfinished} runs (the worker stopped or \
                          the job ran out of time); not tried again"
-                    ))
+                    ));
+                    let finished = self.finish(&file, file_id, failed).await;
+                    // Failed now (finish says so with a permanent error): a RetryJob (say once
+                    // the worker has more memory) starts counting again.
+                    if !matches!(finished, Err(JobError::Retry(_))) {
+                        self.run_returned(file_id).await?;
+                    }
+                    return finished;
                 } else {
                     let derived = match plan {
                         Plan::Image => self.image(&file).await,
