@@ -89,6 +89,18 @@ async fn start(setup: &Setup) -> anyhow::Result<Mesh> {
     Ok(mesh)
 }
 
+/// A mesh whose usage reconciliation looks twice `settle` apart, without schedules and with
+/// per-user rechecks an hour away: only the runs a test asks for repair.
+async fn reconciling(setup: &Setup, settle: Duration) -> anyhow::Result<Mesh> {
+    let mesh = Mesh::start_with(setup, |c| {
+        c.lifecycle.reconcile_settle = settle;
+        c.lifecycle.recheck_debounce = Duration::from_secs(3600);
+    })
+    .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    Ok(mesh)
+}
+
 async fn sql(setup: &Setup, statement: &str, id: &str) -> anyhow::Result<u64> {
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let id = uuid::Uuid::parse_str(id)?;
@@ -351,12 +363,7 @@ async fn a_purge_of_trash_listed_earlier_keeps_a_file_restored_meanwhile() -> an
 async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     // Only the runs repair here: per-user rechecks wait an hour.
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.lifecycle.reconcile_settle = Duration::from_secs(1);
-        c.lifecycle.recheck_debounce = Duration::from_secs(3600);
-    })
-    .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let mesh = reconciling(&setup, Duration::from_secs(1)).await?;
     let (alice, bob) = (token("alice", &[]), token("bob", &[]));
     upload(mesh.channel(), &alice, "a.bin", &random_bytes(70_000), &[]).await?;
     upload(mesh.channel(), &bob, "b.bin", &random_bytes(30_000), &[]).await?;
@@ -1940,12 +1947,7 @@ async fn notices_follow_the_policy_in_force_and_keep_the_grace_they_gave() -> an
 #[tokio::test]
 async fn a_variant_charge_in_flight_is_not_repaired_as_a_drift() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.lifecycle.reconcile_settle = Duration::from_secs(1);
-        c.lifecycle.recheck_debounce = Duration::from_secs(3600);
-    })
-    .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let mesh = reconciling(&setup, Duration::from_secs(1)).await?;
     let gus = token("gus", &[]);
     let file = upload(mesh.channel(), &gus, "g.bin", &random_bytes(1000), &[]).await?;
     // As SetVariants leaves it mid-step: its target recorded, Quota charged.
@@ -1993,12 +1995,7 @@ async fn a_variant_charge_in_flight_is_not_repaired_as_a_drift() -> anyhow::Resu
 #[tokio::test]
 async fn a_run_whose_caller_hangs_up_is_recorded_as_stopped() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.lifecycle.reconcile_settle = Duration::from_secs(5);
-        c.lifecycle.recheck_debounce = Duration::from_secs(3600);
-    })
-    .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let mesh = reconciling(&setup, Duration::from_secs(5)).await?;
     let hal = token("hal", &[]);
     upload(mesh.channel(), &hal, "h.bin", &random_bytes(100), &[]).await?;
     let pool = stowage_db::connect(&setup.database_url, 1)?;

@@ -41,6 +41,18 @@ fn frame(stream: &str, first: u64, last: u64) -> pb::AppendEventsRequest {
     }
 }
 
+/// A mesh sealing windows of 500 ms 200 ms after their end, storing screenshots over 1 KiB,
+/// and keeping the newest `keep` stored screenshots of a stream after acknowledgement.
+async fn half_second_windows(setup: &Setup, keep: usize) -> anyhow::Result<Mesh> {
+    Mesh::start_with(setup, |c| {
+        c.ingest.streams.window = Duration::from_millis(500);
+        c.ingest.streams.grace = Duration::from_millis(200);
+        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
+        c.ingest.streams.keep_screenshots = keep;
+    })
+    .await
+}
+
 /// Sends `frames` on one AppendEvents call and records every acknowledgement in `acked`
 /// until the server stops answering (or answered them all).
 async fn append(
@@ -238,13 +250,7 @@ async fn acknowledged_events_survive_a_kill_and_appear_once_in_order() -> anyhow
 async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screenshots()
 -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.ingest.streams.window = Duration::from_millis(500);
-        c.ingest.streams.grace = Duration::from_millis(200);
-        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
-        c.ingest.streams.keep_screenshots = 1;
-    })
-    .await?;
+    let mesh = half_second_windows(&setup, 1).await?;
     let bob = token("bob", &[]);
     // Three windows of events, each with one large (stored) and one small (inline) screenshot.
     let mut acked = HashMap::new();
@@ -1032,13 +1038,7 @@ async fn streams_named_before_they_were_per_owner_go_on() -> anyhow::Result<()> 
 #[tokio::test]
 async fn screenshots_acknowledged_batch_by_batch_keep_only_the_newest() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.ingest.streams.window = Duration::from_millis(500);
-        c.ingest.streams.grace = Duration::from_millis(200);
-        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
-        c.ingest.streams.keep_screenshots = 1;
-    })
-    .await?;
+    let mesh = half_second_windows(&setup, 1).await?;
     let bob = token("bob", &[]);
     let mut acked = HashMap::new();
     for w in 0..3u64 {
@@ -1067,12 +1067,7 @@ async fn screenshots_acknowledged_batch_by_batch_keep_only_the_newest() -> anyho
 #[tokio::test]
 async fn inline_screenshots_leave_the_batch_once_it_is_acknowledged() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.ingest.streams.window = Duration::from_millis(500);
-        c.ingest.streams.grace = Duration::from_millis(200);
-        c.ingest.streams.inline_max = stowage_runtime::config::ByteSize::kib(1);
-    })
-    .await?;
+    let mesh = half_second_windows(&setup, 0).await?;
     let bob = token("bob", &[]);
     let mut acked = HashMap::new();
     let frame = pb::AppendEventsRequest {
