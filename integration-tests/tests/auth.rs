@@ -247,7 +247,10 @@ async fn provider_tokens_verify_against_its_key_set_and_a_new_key_is_taken_up() 
     };
     assert!(usage(old.token("ada", "stowage")?).await.is_ok());
     let elsewhere = usage(old.token("ada", "another-app")?).await;
-    assert_eq!(elsewhere.err().map(|s| s.code()), Some(Code::Unauthenticated));
+    assert_eq!(
+        elsewhere.err().map(|s| s.code()),
+        Some(Code::Unauthenticated)
+    );
     // Signed by a key the service has not seen and the provider does not publish: refused.
     let stranger = ProviderKey::new("k1")?;
     let forged = usage(stranger.token("ada", "stowage")?).await;

@@ -1906,7 +1906,11 @@ async fn notices_follow_the_policy_in_force_and_keep_the_grace_they_gave() -> an
     )
     .await?;
     run_now(&mesh, "inactivity", false).await?;
-    assert_eq!(sent("bea").await?, (false, false), "not quiet long enough now");
+    assert_eq!(
+        sent("bea").await?,
+        (false, false),
+        "not quiet long enough now"
+    );
 
     // amy was told 72 hours; the grace is cut to one hour, and two have passed since.
     set_policy(&mesh, |p| p.notice_grace_hours = 1).await?;
@@ -2120,7 +2124,10 @@ async fn runs_older_than_ninety_days_go() -> anyhow::Result<()> {
         .collect();
     assert_eq!(
         left,
-        [("orphan_uploads".to_owned(), 1), ("trash_purge".to_owned(), 1)]
+        [
+            ("orphan_uploads".to_owned(), 1),
+            ("trash_purge".to_owned(), 1)
+        ]
     );
     mesh.stop().await
 }

@@ -660,7 +660,11 @@ async fn a_file_whose_runs_never_come_back_fails_instead_of_looping() -> anyhow:
     let file = upload(mesh.channel(), &alice, "photo.jpg", &rotated_photo(), &[]).await?;
     let done = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
     assert_eq!(done.status, pb::FileStatus::Ready as i32);
-    assert_eq!(unfinished().await?, 0, "a run that came back is not counted");
+    assert_eq!(
+        unfinished().await?,
+        0,
+        "a run that came back is not counted"
+    );
 
     // As three runs that were killed would have left it.
     let media = token("media", &["service"]);

@@ -195,7 +195,11 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         "stowage_media_scan_unavailable_total",
     ];
     let shipped = ["alerts.yaml", "dashboard.json"]
-        .map(|f| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/monitoring").join(f))
+        .map(|f| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../k8s/monitoring")
+                .join(f)
+        })
         .map(std::fs::read_to_string);
     for file in shipped {
         let file = file?;

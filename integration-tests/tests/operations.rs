@@ -84,7 +84,10 @@ async fn migrate_needs_only_the_database() -> anyhow::Result<()> {
 async fn keys_of_an_identity_provider_need_an_audience() -> anyhow::Result<()> {
     let (ok, stderr) = serve_with(&[
         ("STOWAGE_AUTH__JWKS_URL", "http://127.0.0.1:1/jwks.json"),
-        ("STOWAGE_URL_SIGNING_KEY", "0123456789abcdef0123456789abcdef"),
+        (
+            "STOWAGE_URL_SIGNING_KEY",
+            "0123456789abcdef0123456789abcdef",
+        ),
     ])
     .await?;
     assert!(!ok);

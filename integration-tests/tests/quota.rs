@@ -171,7 +171,11 @@ async fn parallel_reservations_stop_exactly_at_the_limit() -> anyhow::Result<()>
         .await?
         .into_inner();
     assert_eq!(stats.accounts_above_80_percent, 2);
-    for (percent, listed) in [(80.0, vec!["bob", "erin"]), (100.0, vec!["erin"]), (101.0, vec![])] {
+    for (percent, listed) in [
+        (80.0, vec!["bob", "erin"]),
+        (100.0, vec!["erin"]),
+        (101.0, vec![]),
+    ] {
         let above = quota
             .list_accounts(authed(
                 pb::ListAccountsRequest {
@@ -938,7 +942,11 @@ async fn lapsed_holds_past_one_batch_are_all_expired() -> anyhow::Result<()> {
     assert_eq!(left, 0);
     for user in users {
         let account = usage(mesh.channel(), &token(user, &[])).await?;
-        assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0), "{user}");
+        assert_eq!(
+            (account.used_bytes, account.reserved_bytes),
+            (0, 0),
+            "{user}"
+        );
     }
     mesh.stop().await
 }

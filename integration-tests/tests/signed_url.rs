@@ -46,7 +46,10 @@ async fn signed_urls_serve_ranges_etags_and_expire() -> anyhow::Result<()> {
     };
     let head = http.head(&url).send().await?;
     assert_eq!(head.status(), 200);
-    assert_eq!(head.headers()["content-length"], data.len().to_string().as_str());
+    assert_eq!(
+        head.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
     assert_eq!(downloads().await?, 0);
     let full = http.get(&url).send().await?;
     assert_eq!(full.status(), 200);

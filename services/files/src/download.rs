@@ -330,9 +330,9 @@ async fn serve_signed(
         .is_some_and(|v| {
             // Weak comparison (RFC 9110, 13.1.2): a proxy that weakened the tag still
             // gets its 304.
-            v.split(',').map(str::trim).any(|t| {
-                t == "*" || t.strip_prefix("W/").unwrap_or(t) == target.etag
-            })
+            v.split(',')
+                .map(str::trim)
+                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == target.etag)
         })
     {
         return (

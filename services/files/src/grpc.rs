@@ -714,7 +714,10 @@ impl files_server::Files for FilesGrpc {
                     .ok_or_else(|| invalid_argument("created_before", "not a valid time"))
             })
             .transpose()?;
-        let trashed = self.catalog.trash_all(&req.owner_id, created_before).await?;
+        let trashed = self
+            .catalog
+            .trash_all(&req.owner_id, created_before)
+            .await?;
         Ok(Response::new(pb::TrashOwnerFilesResponse { trashed }))
     }
 

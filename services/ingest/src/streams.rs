@@ -1510,9 +1510,8 @@ impl EventStreams {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let (spared, mut doomed): (Vec<String>, Vec<String>) = screenshots
-            .into_iter()
-            .partition(|k| newest.contains(k));
+        let (spared, mut doomed): (Vec<String>, Vec<String>) =
+            screenshots.into_iter().partition(|k| newest.contains(k));
         doomed.extend(spared_before.into_iter().filter(|k| !newest.contains(k)));
         let newest: Vec<&String> = newest.iter().collect();
         tx.execute(
@@ -1561,9 +1560,10 @@ impl EventStreams {
             Err(error) => return Err(error.into()),
         };
         let codec = self.inner.settings.codec;
-        let stripped = tokio::task::spawn_blocking(move || without_inline_screenshots(&object, codec))
-            .await
-            .map_err(|_| Error::Internal("rewriting a batch panicked"))??;
+        let stripped =
+            tokio::task::spawn_blocking(move || without_inline_screenshots(&object, codec))
+                .await
+                .map_err(|_| Error::Internal("rewriting a batch panicked"))??;
         let count = match stripped {
             Some((object, count)) => {
                 self.put_durable(&path, object.into()).await?;
@@ -1597,7 +1597,10 @@ fn without_inline_screenshots(object: &[u8], codec: EventCodec) -> Result<Option
     let mut events = decode_batch(object)?;
     let mut count = 0;
     for screenshot in events.iter_mut().filter_map(|e| e.screenshot.as_mut()) {
-        if matches!(screenshot.source, Some(pb::screenshot::Source::InlineData(_))) {
+        if matches!(
+            screenshot.source,
+            Some(pb::screenshot::Source::InlineData(_))
+        ) {
             screenshot.source = None;
             count += 1;
         }

@@ -667,10 +667,10 @@ impl Lifecycle {
             )
             .await
         }
-            .map_err(crate::db)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        .map_err(crate::db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
         drop(conn);
         let mut tally = Tally {
             examined: done.len() as u64,

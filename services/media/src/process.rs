@@ -121,7 +121,10 @@ impl Media {
         };
         let mut swept = 0;
         for entry in entries.flatten() {
-            let stale = entry.file_name().to_string_lossy().starts_with(WORK_DIR_PREFIX)
+            let stale = entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(WORK_DIR_PREFIX)
                 && entry
                     .metadata()
                     .and_then(|m| m.modified())

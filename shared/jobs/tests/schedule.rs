@@ -97,7 +97,11 @@ async fn a_tick_passes_while_the_last_run_is_unfinished() {
         Duration::from_millis(1500),
     )
     .await;
-    assert_eq!(keys(&url, "sweep").await.len(), 2, "the next tick after it ran");
+    assert_eq!(
+        keys(&url, "sweep").await.len(),
+        2,
+        "the next tick after it ran"
+    );
 }
 
 #[tokio::test]

@@ -119,16 +119,28 @@ mod tests {
     async fn one_user_cannot_take_the_room_of_the_others() {
         let room = Room::new(256, 64);
         let ann = room.take("ann", 64, SHORT).await.expect("ann's share");
-        assert!(room.take("ann", 1, SHORT).await.is_none(), "ann has her share");
+        assert!(
+            room.take("ann", 1, SHORT).await.is_none(),
+            "ann has her share"
+        );
         let ben = room.take("ben", 64, SHORT).await.expect("ben's share");
         let cy = room.take("cy", 64, SHORT).await.expect("cy's share");
         let dee = room.take("dee", 64, SHORT).await.expect("dee's share");
-        assert!(room.take("eve", 1, SHORT).await.is_none(), "the room is full");
+        assert!(
+            room.take("eve", 1, SHORT).await.is_none(),
+            "the room is full"
+        );
         drop(ann);
-        let ann = room.take("ann", 64, SHORT).await.expect("ann's share again");
+        let ann = room
+            .take("ann", 64, SHORT)
+            .await
+            .expect("ann's share again");
         drop((ann, ben, cy, dee));
         assert_eq!(room.users(), 0, "every user forgotten");
-        let whole = room.take("ann", 1000, SHORT).await.expect("a body over the share");
+        let whole = room
+            .take("ann", 1000, SHORT)
+            .await
+            .expect("a body over the share");
         drop(whole);
         assert_eq!(room.users(), 0);
     }
