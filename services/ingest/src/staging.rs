@@ -86,7 +86,7 @@ impl Staging {
     }
 
     /// Refuses `bytes` more where the store would keep less than `keep` free (see
-    /// [`check_store_room`]).
+    /// `check_store_room`).
     pub fn check_room(&self, bytes: u64, keep: u64) -> Result<()> {
         check_store_room(self.local_root.as_deref(), bytes, keep)
     }

@@ -500,7 +500,7 @@ impl Quota {
 
     /// Expires every held reservation past its time, giving its bytes back; with `dry_run`
     /// only lists them. Returns the ids (at most 1000) and the count. Expired in batches of
-    /// [`EXPIRE_BATCH`], each its own transaction, so that after a long outage of the sweeper
+    /// `EXPIRE_BATCH` (1,000), each its own transaction, so that after a long outage of the sweeper
     /// no one statement holds every affected account (and their uploads) at once.
     pub async fn expire_reservations(&self, dry_run: bool) -> Result<(Vec<Uuid>, u64)> {
         let conn = self.pool.get().await?;
