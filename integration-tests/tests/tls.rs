@@ -151,24 +151,12 @@ async fn a_rediss_url_gets_tls_and_checks_the_server() -> anyhow::Result<()> {
     std::fs::write(path("server.crt"), cert)?;
     std::fs::write(path("server.key"), key)?;
     let port = stowage_local::free_port()?;
-    let _redis = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+    let _redis = stowage_local::redis_command(0)
         .args(["--tls-port", &port.to_string()])
         .args(["--tls-cert-file", &path("server.crt")])
         .args(["--tls-key-file", &path("server.key")])
         .args(["--tls-ca-cert-file", &path("ca.pem")])
-        .args(["--tls-auth-clients", "no", "--loglevel", "warning"])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
+        .args(["--tls-auth-clients", "no"])
         .spawn()?;
     stowage_integration_tests::eventually(Duration::from_secs(10), "redis started", || async {
         Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))

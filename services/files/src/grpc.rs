@@ -11,7 +11,7 @@ use stowage_runtime::{
     Identity, identity,
     mesh::QuotaApi,
     paging,
-    status::{invalid_argument, page_size, parse_uuid},
+    status::{invalid_argument, page_size, parse_time, parse_uuid},
     time::{from_timestamp, timestamp},
     validate,
 };
@@ -402,14 +402,8 @@ impl files_server::Files for FilesGrpc {
     ) -> Result<Response<pb::PurgeFileResponse>, Status> {
         let caller = identity(&request)?;
         let id = file_id(&request.get_ref().file_id)?;
-        let trashed_before = request
-            .get_ref()
-            .trashed_before
-            .map(|at| {
-                stowage_runtime::time::from_timestamp(&at)
-                    .ok_or_else(|| invalid_argument("trashed_before", "not a valid time"))
-            })
-            .transpose()?;
+        let trashed_before =
+            parse_time("trashed_before", request.get_ref().trashed_before.as_ref())?;
         // Once the row is gone there is no second chance (a retry finds nothing), so the
         // whole purge runs in its own task: a caller that hangs up mid-way cannot leave the
         // usage or the bytes behind.
@@ -707,13 +701,7 @@ impl files_server::Files for FilesGrpc {
         let req = request.into_inner();
         stowage_blob::keys::validate_user_id(&req.owner_id)
             .map_err(|why| invalid_argument("owner_id", why))?;
-        let created_before = req
-            .created_before
-            .map(|at| {
-                stowage_runtime::time::from_timestamp(&at)
-                    .ok_or_else(|| invalid_argument("created_before", "not a valid time"))
-            })
-            .transpose()?;
+        let created_before = parse_time("created_before", req.created_before.as_ref())?;
         let trashed = self
             .catalog
             .trash_all(&req.owner_id, created_before)

@@ -262,6 +262,20 @@ pub struct LocalRedis {
     port: u16,
 }
 
+/// `redis-server` on `port` of 127.0.0.1 (0: no plain port), keeping nothing on disk, logging
+/// only warnings, killed with its handle: the base of every throwaway server (a TLS-only one
+/// adds its options).
+pub fn redis_command(port: u16) -> Command {
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 impl LocalRedis {
     /// Starts `redis-server` on a free port.
     pub async fn start() -> Result<Self, LocalError> {
@@ -273,21 +287,8 @@ impl LocalRedis {
         if !on_path("redis-server") {
             return Err(LocalError::Missing("redis-server"));
         }
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--protected-mode", "yes", "--loglevel", "warning"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
+        let child = redis_command(port)
+            .args(["--protected-mode", "yes"])
             .spawn()?;
         let server = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(30);

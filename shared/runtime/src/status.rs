@@ -21,6 +21,19 @@ pub fn parse_uuid(field: &str, value: &str) -> Result<uuid::Uuid, Status> {
     uuid::Uuid::parse_str(value).map_err(|_| invalid_argument(field, "is not a valid id"))
 }
 
+/// An optional time field, naming it when it is out of range.
+pub fn parse_time(
+    field: &str,
+    value: Option<&prost_types::Timestamp>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, Status> {
+    value
+        .map(|at| {
+            crate::time::from_timestamp(at)
+                .ok_or_else(|| invalid_argument(field, "not a valid time"))
+        })
+        .transpose()
+}
+
 /// Checks a page size, applying `default` for 0 and refusing values above `max`.
 pub fn page_size(value: u32, default: u32, max: u32) -> Result<i64, Status> {
     match value {
