@@ -921,6 +921,15 @@ async fn lapsed_holds_past_one_batch_are_all_expired() -> anyhow::Result<()> {
         &[],
     )
     .await?;
+    // A dry run lists the first 1,000 and counts them all, expiring none.
+    let listed = stowage_integration_tests::quota(mesh.channel())
+        .expire_reservations(authed(
+            pb::ExpireReservationsRequest { dry_run: true },
+            &service,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!((listed.reservation_ids.len(), listed.count), (1000, 1001));
     let expired = stowage_integration_tests::quota(mesh.channel())
         .expire_reservations(authed(pb::ExpireReservationsRequest::default(), &service))
         .await?

@@ -424,10 +424,10 @@ fn resume_state_path(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<st
     Ok(base.join("stowage/uploads").join(&key[..32]))
 }
 
-/// Whether `s` refuses `field`, as the server names it in the status's details.
 /// Times an upload waits for a session another (gone) writer still holds, 0.2 s longer each.
 const HELD_RETRIES: u64 = 10;
 
+/// Whether `s` refuses `field`, as the server names it in the status's details.
 fn refuses_field(s: &tonic::Status, field: &str) -> bool {
     use tonic_types::StatusExt;
     s.code() == tonic::Code::InvalidArgument

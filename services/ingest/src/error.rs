@@ -36,7 +36,7 @@ pub enum Error {
     /// The local-disk store has not the room for the upload and the space it keeps free
     /// (the figures are logged, not told to the caller).
     #[error("the store is short of free space for {needed} more bytes; try again later")]
-    StoreFull { free: u64, needed: u64, keep: u64 },
+    StoreFull { needed: u64 },
     /// The caller has as many subscriptions open as one user may.
     #[error(
         "you already have {0} subscriptions open in this process, the most one user may; close one or retry later"

@@ -352,11 +352,7 @@ pub(crate) fn check_store_room(
             keep,
             "upload refused: the store would keep less free space than STOWAGE_INGEST__MIN_FREE"
         );
-        return Err(Error::StoreFull {
-            free,
-            needed: bytes,
-            keep,
-        });
+        return Err(Error::StoreFull { needed: bytes });
     }
     Ok(())
 }

@@ -505,21 +505,16 @@ impl Quota {
     pub async fn expire_reservations(&self, dry_run: bool) -> Result<(Vec<Uuid>, u64)> {
         let conn = self.pool.get().await?;
         if dry_run {
-            let count: i64 = conn
-                .query_one_cached(
-                    "SELECT count(*) FROM quota.reservations
-                     WHERE state = 'held' AND expires_at < now()",
-                    &[],
-                )
-                .await?
-                .get(0);
+            // The count over all of them, taken before the limit.
             let rows = conn
                 .query_cached(
-                    "SELECT id FROM quota.reservations WHERE state = 'held' AND expires_at < now()
+                    "SELECT id, count(*) OVER () AS total FROM quota.reservations
+                     WHERE state = 'held' AND expires_at < now()
                      ORDER BY expires_at LIMIT 1000",
                     &[],
                 )
                 .await?;
+            let count = rows.first().map_or(0, |r| r.get::<_, i64>("total"));
             return Ok((rows.iter().map(|r| r.get(0)).collect(), count as u64));
         }
         let (mut ids, mut count) = (Vec::new(), 0u64);
