@@ -301,22 +301,15 @@ fn check_open_at(session: &Session, offset: u64, chunk_offset: u64) -> Result<()
     Ok(())
 }
 
-/// Checks the client's checksum of `chunk` before anything is staged, then starts updating the
-/// running hash from `state` off the async threads (while the bytes are being staged).
-async fn check_and_hash(
-    chunk: &ChunkIn,
-    state: Option<Vec<u8>>,
-) -> Result<tokio::task::JoinHandle<Result<Vec<u8>>>> {
-    if let Some(checksum) = chunk.checksum.clone() {
-        let data = chunk.data.clone();
-        tokio::task::spawn_blocking(move || verify_checksum(&data, &checksum))
-            .await
-            .map_err(|_| Error::Internal("checksum panicked"))??;
-    }
+/// Checks the client's checksum of `chunk`, if it sent one, before anything is staged.
+async fn check_checksum(chunk: &ChunkIn) -> Result<()> {
+    let Some(checksum) = chunk.checksum.clone() else {
+        return Ok(());
+    };
     let data = chunk.data.clone();
-    Ok(tokio::task::spawn_blocking(move || {
-        hash_chunk(state.as_deref(), &data)
-    }))
+    tokio::task::spawn_blocking(move || verify_checksum(&data, &checksum))
+        .await
+        .map_err(|_| Error::Internal("checksum panicked"))?
 }
 
 /// Checks `data` against the client's checksum.
@@ -332,13 +325,12 @@ fn verify_checksum(data: &[u8], checksum: &Checksum) -> Result<()> {
     }
 }
 
-/// The SHA-256 state after `data`.
-fn hash_chunk(state: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>> {
-    let mut hasher = hasher_from(state)?;
-    hasher.update(data);
-    Ok(hasher.serialize().to_vec())
+/// The running hash as stored on the session row (resumed from there by any replica).
+fn hash_state(hasher: &Sha256) -> Vec<u8> {
+    hasher.serialize().to_vec()
 }
 
+/// The running hash from its stored state (a new one before the first byte).
 fn hasher_from(state: Option<&[u8]>) -> Result<Sha256> {
     match state {
         None => Ok(Sha256::new()),
@@ -740,7 +732,8 @@ impl Sessions {
             tx.commit().await?;
             return Ok(session);
         }
-        let hashing = check_and_hash(&chunk, session.hash_state.clone()).await?;
+        check_checksum(&chunk).await?;
+        let hasher = hasher_from(session.hash_state.as_deref())?;
         if Self::needs_more_held(&session, end) {
             self.hold_more(&tx, &mut session, end).await?;
         }
@@ -753,7 +746,7 @@ impl Sessions {
             }
         };
         let result = self
-            .stage_and_record(tx, id, &session, &key, chunk, end, hashing)
+            .stage_and_record(tx, id, &session, &key, chunk, end, hasher)
             .await;
         if result.is_err() && fresh_key {
             // The key and multipart id were rolled back with the transaction: abort the
@@ -783,24 +776,26 @@ impl Sessions {
         key: &ObjectPath,
         chunk: ChunkIn,
         end: u64,
-        hashing: tokio::task::JoinHandle<Result<Vec<u8>>>,
+        hasher: Sha256,
     ) -> Result<(Row, Vec<i32>)> {
         let parts = self.parts(&tx, id).await?;
         let last = session.size == Some(end);
-        let staging = self.staging.write(
-            Target {
-                upload: id,
-                key,
-                multipart_id: session.multipart_id.as_deref(),
-            },
-            &parts,
-            chunk.offset,
-            chunk.data,
-            last,
-        );
-        let (staged, hashed) = tokio::join!(staging, hashing);
-        let hash_state = hashed.map_err(|_| Error::Internal("hashing panicked"))??;
-        let staged = staged?;
+        let (staged, hasher) = self
+            .staging
+            .write(
+                Target {
+                    upload: id,
+                    key,
+                    multipart_id: session.multipart_id.as_deref(),
+                },
+                &parts,
+                chunk.offset,
+                chunk.data,
+                last,
+                hasher,
+            )
+            .await?;
+        let hash_state = hash_state(&hasher);
         for number in &staged.merged {
             tx.execute_cached(
                 "DELETE FROM ingest.upload_parts WHERE upload_id = $1 AND part_number = $2",

@@ -1,22 +1,25 @@
 //! The chunks of one WriteChunks stream or tus PATCH body, each staged while the one before is
 //! recorded.
 
-use object_store::path::Path as ObjectPath;
 use stowage_db::Cached;
 use uuid::Uuid;
 
-use super::{ChunkIn, Session, Sessions, check_and_hash, check_open_at, unpooled::Unpooled};
+use super::{
+    ChunkIn, Session, Sessions, check_checksum, check_open_at, hash_state, hasher_from,
+    unpooled::Unpooled,
+};
 use crate::{
     error::{Error, Result},
-    staging::Target,
+    staging::Flushing,
 };
 
 /// The chunks of one WriteChunks stream or tus PATCH body.
 ///
 /// While chunks keep coming, the stream holds the session's writer lock (an advisory lock, on a
-/// connection of its own). Each chunk is then staged while the chunk before it is recorded (its
-/// offset and hash state, one statement outside any transaction): the disk write of one and the
-/// round trip of the other overlap, where a lone chunk takes the lock, is staged and is recorded
+/// connection of its own). Each chunk is then hashed and handed to the disk while the chunk
+/// before it finishes its write and is recorded once flushed (its offset and hash state, one
+/// statement outside any transaction): the hashing of one, the disk write of the other and the
+/// database round trip overlap, where a lone chunk takes the lock, is staged and is recorded
 /// in turn. Other writers are refused meanwhile, as they are by a chunk in progress.
 ///
 /// [`pause`](Self::pause) records what is pending and lets go. The caller pauses whenever its
@@ -45,7 +48,7 @@ struct Held {
     conn: Unpooled,
     /// The session as recorded.
     session: Session,
-    /// A chunk staged and flushed whose offset is not recorded yet.
+    /// A chunk staged (or being staged) whose offset is not recorded yet.
     unrecorded: Option<Unrecorded>,
 }
 
@@ -54,6 +57,8 @@ struct Unrecorded {
     start: u64,
     end: u64,
     hash_state: Vec<u8>,
+    /// Its write, which may still be under way: recorded once it is on disk.
+    flushing: Flushing,
 }
 
 impl Sessions {
@@ -70,8 +75,9 @@ impl Sessions {
 }
 
 impl ChunkStream {
-    /// Writes one chunk at its offset (staged and flushed when this returns; recorded by the
-    /// next call, by [`pause`](Self::pause) or by [`finish`](Self::finish)).
+    /// Writes one chunk at its offset (hashed and handed to the disk when this returns; recorded
+    /// once flushed, by the next call, by [`pause`](Self::pause) or by
+    /// [`finish`](Self::finish)).
     pub async fn write(&mut self, chunk: ChunkIn) -> Result<()> {
         if self.sessions.staging.keeps_parts() {
             self.last = Some(
@@ -134,7 +140,8 @@ impl ChunkStream {
     }
 }
 
-/// Writes `chunk` while holding the lock: staged while the chunk before it is recorded.
+/// Writes `chunk` while holding the lock: hashed and staged while the chunk before it is flushed
+/// and recorded.
 async fn write_held(
     sessions: &Sessions,
     held: &mut Held,
@@ -166,27 +173,19 @@ async fn write_held(
         Some(u) => Some(u.hash_state.clone()),
         None => held.session.hash_state.clone(),
     };
-    let hashing = check_and_hash(&chunk, state).await?;
-    let key = ObjectPath::from(held.session.key.as_deref().unwrap_or_default());
-    let staging = sessions.staging.write(
-        Target {
-            upload: id,
-            key: &key,
-            multipart_id: None,
-        },
-        &[],
-        chunk.offset,
-        chunk.data,
-        held.session.size == Some(end),
-    );
-    let (staged, hashed, recorded) = tokio::join!(staging, hashing, record(held));
+    check_checksum(&chunk).await?;
+    let hasher = hasher_from(state.as_deref())?;
+    let staging = sessions
+        .staging
+        .write_local(id, chunk.offset, chunk.data, hasher);
+    let (staged, recorded) = tokio::join!(staging, record(held));
     recorded?;
-    staged?;
-    let hash_state = hashed.map_err(|_| Error::Internal("hashing panicked"))??;
+    let (hasher, flushing) = staged?;
     held.unrecorded = Some(Unrecorded {
         start: chunk.offset,
         end,
-        hash_state,
+        hash_state: hash_state(&hasher),
+        flushing,
     });
     Ok(())
 }
@@ -231,6 +230,7 @@ async fn record(held: &mut Held) -> Result<()> {
     let Some(chunk) = held.unrecorded.take() else {
         return Ok(());
     };
+    chunk.flushing.flushed().await?;
     let id = held.session.id;
     let row = held
         .conn
