@@ -182,12 +182,8 @@ impl files_server::Files for FilesGrpc {
                 format!("must be 1..={MAX_KEY_BYTES} bytes"),
             ));
         }
-        if req.idempotency_key.len() > 200 {
-            return Err(invalid_argument(
-                "idempotency_key",
-                "must be at most 200 characters",
-            ));
-        }
+        validate::idempotency_key(&req.idempotency_key)
+            .map_err(|why| invalid_argument("idempotency_key", why))?;
         if req.sha256.len() != 64 || !req.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid_argument("sha256", "must be 64 hex characters"));
         }

@@ -13,6 +13,7 @@ use stowage_proto::v1::{self as pb, upload_request::Part};
 use stowage_runtime::{
     mesh::{FilesApi, QuotaApi},
     status::retry_may_pass,
+    validate,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -72,12 +73,8 @@ fn check_header(h: pb::UploadHeader, max: u64) -> Result<Header> {
             format!("{} bytes is above the limit of {max}", h.size_bytes),
         ));
     }
-    if h.idempotency_key.len() > 200 {
-        return Err(Error::invalid(
-            "header.idempotency_key",
-            "must be at most 200 characters",
-        ));
-    }
+    validate::idempotency_key(&h.idempotency_key)
+        .map_err(|why| Error::invalid("header.idempotency_key", why))?;
     Ok(Header {
         size: h.size_bytes,
         tags: checked.tags,

@@ -470,11 +470,8 @@ impl Sessions {
         if let Some(size) = size {
             self.staging.check_room(size, self.settings.min_free)?;
         }
-        if idempotency_key.is_some_and(|k| k.len() > 200) {
-            return Err(Error::invalid(
-                "idempotency_key",
-                "must be at most 200 characters",
-            ));
+        if let Some(key) = idempotency_key {
+            validate::idempotency_key(key).map_err(|why| Error::invalid("idempotency_key", why))?;
         }
         let conn = self.pool.get().await?;
         let ttl_secs = self.settings.ttl.as_secs_f64();

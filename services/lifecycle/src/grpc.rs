@@ -196,12 +196,8 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         if at > Utc::now() + chrono::Duration::minutes(5) {
             return Err(invalid_argument("at", "is in the future"));
         }
-        if req.idempotency_key.len() > 200 {
-            return Err(invalid_argument(
-                "idempotency_key",
-                "is longer than 200 bytes",
-            ));
-        }
+        stowage_runtime::validate::idempotency_key(&req.idempotency_key)
+            .map_err(|why| invalid_argument("idempotency_key", why))?;
         self.lifecycle
             .record_activity(&req.user_id, kind, at, &req.idempotency_key)
             .await?;

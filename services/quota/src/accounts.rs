@@ -134,18 +134,18 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// An idempotency key: at most 200 characters.
+fn check_key(key: &str) -> Result<()> {
+    stowage_runtime::validate::idempotency_key(key)
+        .map_err(|why| Error::invalid("idempotency_key", why))
+}
+
 /// A ledger entry's key: required, at most 200 characters (it is kept with the entry).
 fn check_ledger_key(key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::invalid("idempotency_key", "is required"));
     }
-    if key.chars().count() > 200 {
-        return Err(Error::invalid(
-            "idempotency_key",
-            "must be at most 200 characters",
-        ));
-    }
-    Ok(())
+    check_key(key)
 }
 
 fn to_i64(field: &'static str, v: u64) -> Result<i64> {
@@ -214,13 +214,8 @@ impl Quota {
         check_user("user_id", user_id)?;
         let amount = to_i64("bytes", bytes)?;
         let ttl_secs = self.ttl_secs(ttl)?;
-        if let Some(key) = idempotency_key
-            && key.len() > 200
-        {
-            return Err(Error::invalid(
-                "idempotency_key",
-                "must be at most 200 characters",
-            ));
+        if let Some(key) = idempotency_key {
+            check_key(key)?;
         }
         let conn = self.pool.get().await?;
         let hold = Hold {

@@ -1,4 +1,4 @@
-//! Checks on user-supplied names, tags and labels shared by Ingest and Files.
+//! Checks on user-supplied names, tags, labels and idempotency keys shared by the services.
 
 /// Longest display name, in characters.
 pub const MAX_NAME_CHARS: usize = 255;
@@ -67,8 +67,31 @@ pub fn label(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest idempotency key, in characters.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
+
+/// An idempotency key (kept with what it made, to recognise a retry) is at most 200 characters.
+pub fn idempotency_key(key: &str) -> Result<(), String> {
+    if key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
+        return Err(format!(
+            "must be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn idempotency_keys_are_counted_in_characters() {
+        // 200 characters of two bytes each: 400 bytes, within the limit.
+        assert_eq!(super::idempotency_key(&"é".repeat(200)), Ok(()));
+        assert_eq!(
+            super::idempotency_key(&"k".repeat(201)),
+            Err("must be at most 200 characters".to_owned())
+        );
+    }
+
     #[test]
     fn tag_lists_are_counted_before_they_are_read() {
         let many: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
