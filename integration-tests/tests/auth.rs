@@ -131,7 +131,13 @@ async fn bad_tokens_are_unauthenticated_and_missing_scopes_denied() -> anyhow::R
         .await;
     assert_eq!(r.err().map(|s| s.code()), Some(Code::PermissionDenied));
     let r = files
-        .storage_stats(authed(pb::StorageStatsRequest { all_users: true }, &user))
+        .storage_stats(authed(
+            pb::StorageStatsRequest {
+                all_users: true,
+                ..Default::default()
+            },
+            &user,
+        ))
         .await;
     assert_eq!(r.err().map(|s| s.code()), Some(Code::PermissionDenied));
     let r = quota

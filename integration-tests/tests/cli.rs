@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use stowage_integration_tests::{get_session, random_bytes, sha256};
+use stowage_integration_tests::{get_session, random_bytes, sha256, upload};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, binary, token};
 
@@ -196,5 +196,112 @@ async fn a_file_changed_under_a_resumed_upload_is_refused_whole() -> anyhow::Res
         (finished.id.as_str(), sha256(&changed).as_str())
     );
     let _ = std::fs::remove_dir_all(&dir);
+    mesh.stop().await
+}
+
+/// StorageStats lists the largest files with the totals: a user's own (her trash included), or,
+/// for an admin, everyone's with their owners; `stowage stats` prints the same.
+#[tokio::test]
+async fn storage_stats_list_the_largest_files_of_one_user_or_of_everyone() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let (alice, bob, root) = (
+        token("alice", &[]),
+        token("bob", &[]),
+        token("root", &["admin"]),
+    );
+    let mut sizes = std::collections::HashMap::new();
+    for (owner, name, size) in [
+        (&alice, "small.bin", 10),
+        (&alice, "big.bin", 3000),
+        (&alice, "mid.bin", 200),
+        (&bob, "huge.bin", 5000),
+        (&bob, "tiny.bin", 50),
+    ] {
+        let file = upload(mesh.channel(), owner, name, &random_bytes(size), &[]).await?;
+        sizes.insert(name, file.id);
+    }
+    let files = stowage_integration_tests::files(mesh.channel());
+    files
+        .clone()
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: sizes["mid.bin"].clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    let stats = |all_users: bool, largest: u32, who: &str| {
+        let (mut files, request) = (
+            files.clone(),
+            authed(pb::StorageStatsRequest { all_users, largest }, who),
+        );
+        async move { files.storage_stats(request).await.map(|r| r.into_inner()) }
+    };
+    let names = |stats: &pb::StorageStatsResponse| -> Vec<(String, String)> {
+        stats
+            .largest_files
+            .iter()
+            .map(|f| (f.owner_id.clone(), f.display_name.clone()))
+            .collect()
+    };
+    let pair = |owner: &str, name: &str| (owner.to_owned(), name.to_owned());
+
+    let hers = stats(false, 2, &alice).await?;
+    assert_eq!(
+        (hers.file_count, hers.total_bytes, hers.trashed_count),
+        (3, 3210, 1)
+    );
+    assert_eq!(
+        names(&hers),
+        [pair("alice", "big.bin"), pair("alice", "mid.bin")],
+        "hers only, trash included"
+    );
+    assert!(stats(false, 0, &alice).await?.largest_files.is_empty());
+
+    let everyone = stats(true, 3, &root).await?;
+    assert_eq!((everyone.file_count, everyone.total_bytes), (5, 8260));
+    assert_eq!(
+        names(&everyone),
+        [
+            pair("bob", "huge.bin"),
+            pair("alice", "big.bin"),
+            pair("alice", "mid.bin")
+        ]
+    );
+    let refused = stats(true, 101, &root).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("largest"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        stats(true, 1, &bob).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+
+    let output = tokio::process::Command::new(binary().expect("binary"))
+        .args(["stats", "--all", "--largest", "2", "--addr"])
+        .arg(format!("http://{}", mesh.addr))
+        .env("STOWAGE_TOKEN", &root)
+        .output()
+        .await?;
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed: Vec<&str> = printed
+        .lines()
+        .skip_while(|l| *l != "largest files:")
+        .skip(1)
+        .collect();
+    assert_eq!(listed.len(), 2, "{printed}");
+    assert!(listed[0].starts_with(&sizes["huge.bin"]), "{printed}");
+    assert!(listed[0].ends_with("bob  huge.bin"), "{printed}");
+    assert!(listed[1].ends_with("alice  big.bin"), "{printed}");
+    assert!(printed.starts_with("5 files"), "{printed}");
     mesh.stop().await
 }

@@ -120,6 +120,17 @@ enum Command {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Shows storage totals and the largest files: yours, or everyone's (admins).
+    Stats {
+        /// Every user's files (needs the admin scope).
+        #[arg(long)]
+        all: bool,
+        /// How many of the largest files to list (0..=100).
+        #[arg(long, default_value_t = 10)]
+        largest: u32,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -332,6 +343,15 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("restored {}  {}", file.id, file.display_name);
             Ok(())
         }
+        Command::Stats {
+            all,
+            largest,
+            endpoint,
+        } => {
+            let stats = endpoint.client().await?.stats(all, largest).await?;
+            print_stats(&stats);
+            Ok(())
+        }
         Command::Usage { endpoint } => {
             let a = endpoint.client().await?.usage().await?;
             println!(
@@ -344,6 +364,39 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 crate::client::human(a.available_bytes)
             );
             Ok(())
+        }
+    }
+}
+
+/// Prints StorageStats' figures, then its largest files with their owners.
+fn print_stats(stats: &pb::StorageStatsResponse) {
+    use crate::client::human;
+    println!(
+        "{} files, {} ({} in trash), variants {}",
+        stats.file_count,
+        human(stats.total_bytes),
+        stats.trashed_count,
+        human(stats.variant_bytes)
+    );
+    if let Some(free) = stats.available_bytes {
+        println!("store free space: {}", human(free));
+    }
+    let mut kinds: Vec<_> = stats.count_by_kind.iter().collect();
+    kinds.sort();
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    if !kinds.is_empty() {
+        println!("by kind: {}", kinds.join(", "));
+    }
+    if !stats.largest_files.is_empty() {
+        println!("largest files:");
+        for f in &stats.largest_files {
+            println!(
+                "{}  {:>10}  {}  {}",
+                f.id,
+                human(f.size_bytes),
+                f.owner_id,
+                f.display_name
+            );
         }
     }
 }

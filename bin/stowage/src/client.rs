@@ -267,6 +267,20 @@ impl Client {
     }
 
     /// Lists files.
+    /// Storage totals (of everyone with `all_users`, an admin's right) and the `largest` files.
+    pub async fn stats(
+        &self,
+        all_users: bool,
+        largest: u32,
+    ) -> anyhow::Result<pb::StorageStatsResponse> {
+        Ok(self
+            .files()
+            .storage_stats(self.request(pb::StorageStatsRequest { all_users, largest }))
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
     pub async fn list(
         &self,
         request: pb::ListFilesRequest,

@@ -917,6 +917,26 @@ impl Catalog {
     /// Totals of `owner` (or everyone).
     /// An owner's totals count what the owner can list (quarantined files are hidden from
     /// them); everyone's count every file.
+    /// The `limit` largest of the files [`totals`](Self::totals) counts, largest first.
+    pub async fn largest(&self, owner: Option<&str>, limit: i64) -> Result<Vec<FileRecord>> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query_cached(
+                concat!(
+                    "SELECT ",
+                    file_columns!(),
+                    " FROM files.files
+                     WHERE $1::text IS NULL OR (owner_id = $1 AND status <> 'quarantined')
+                     ORDER BY size_bytes DESC, id LIMIT $2::bigint"
+                ),
+                &[&owner, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(FileRecord::from_row).collect())
+    }
+
+    /// StorageStats' figures: of the files `owner` can list (trash included), or of every
+    /// file (`None`).
     pub async fn totals(&self, owner: Option<&str>) -> Result<Totals> {
         let conn = self.pool.get().await?;
         let row = conn

@@ -158,6 +158,8 @@ fn viewer(caller: &Identity) -> Viewer<'_> {
 const MAX_VARIANTS: usize = 32;
 /// Longest object store key a service may name.
 const MAX_KEY_BYTES: usize = 1024;
+/// Most files StorageStats lists as the largest.
+const MAX_LARGEST: u32 = 100;
 
 fn file_id(value: &str) -> Result<Uuid, Status> {
     parse_uuid("file_id", value)
@@ -710,13 +712,24 @@ impl files_server::Files for FilesGrpc {
         request: Request<pb::StorageStatsRequest>,
     ) -> Result<Response<pb::StorageStatsResponse>, Status> {
         let caller = identity(&request)?;
-        let owner = if request.get_ref().all_users {
+        let req = request.get_ref();
+        if req.largest > MAX_LARGEST {
+            return Err(invalid_argument(
+                "largest",
+                format!("must be at most {MAX_LARGEST}"),
+            ));
+        }
+        let owner = if req.all_users {
             caller.require_admin()?;
             None
         } else {
             Some(caller.user_id.as_str())
         };
         let totals = self.catalog.totals(owner).await?;
+        let largest = match req.largest {
+            0 => Vec::new(),
+            n => self.catalog.largest(owner, i64::from(n)).await?,
+        };
         Ok(Response::new(pb::StorageStatsResponse {
             total_bytes: totals.total_bytes,
             file_count: totals.file_count,
@@ -725,6 +738,7 @@ impl files_server::Files for FilesGrpc {
             available_bytes: self.blobs.available_bytes(),
             count_by_kind: totals.by_kind.into_iter().collect(),
             as_of: Some(timestamp(Utc::now())),
+            largest_files: largest.iter().map(|f| f.to_proto(false)).collect(),
         }))
     }
 }
