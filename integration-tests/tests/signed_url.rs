@@ -246,3 +246,79 @@ async fn a_rebuilt_variant_has_a_new_entity_tag() -> anyhow::Result<()> {
     assert_eq!(again.bytes().await?.as_ref(), b"wwww");
     mesh.stop().await
 }
+
+/// Rotating the URL signing key: while the replaced key is set as the previous one, links it
+/// signed are still served, and new links use the new key; once it is dropped, its links are
+/// refused.
+#[tokio::test]
+async fn links_signed_with_the_previous_key_pass_while_it_is_kept() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let (old_key, new_key) = ("o".repeat(32), "n".repeat(32));
+    let alice = token("alice", &[]);
+    let data = random_bytes(1000);
+    let keys = |current: &str, previous: Option<&str>| {
+        let (current, previous) = (current.to_owned(), previous.map(str::to_owned));
+        move |config: &mut stowage_runtime::Config| {
+            config.url_signing_key = Some(current);
+            config.url_signing_key_previous = previous;
+        }
+    };
+    let link = |mesh: &Mesh, file_id: String| {
+        let mut files = stowage_integration_tests::files(mesh.channel());
+        let alice = alice.clone();
+        async move {
+            let request = pb::GetDownloadUrlRequest {
+                file_id,
+                expires_in_seconds: 600,
+                ..Default::default()
+            };
+            anyhow::Ok(
+                files
+                    .get_download_url(authed(request, &alice))
+                    .await?
+                    .into_inner()
+                    .url,
+            )
+        }
+    };
+    let http = reqwest::Client::new();
+    let status = |url: String| {
+        let http = http.clone();
+        async move { anyhow::Ok(http.get(url).send().await?.status().as_u16()) }
+    };
+
+    let before = Mesh::start_with(&setup, keys(&old_key, None)).await?;
+    let file = upload(before.channel(), &alice, "a.bin", &data, &[]).await?;
+    let old_link = link(&before, file.id.clone()).await?;
+    assert_eq!(status(old_link.clone()).await?, 200);
+    before.stop().await?;
+
+    // Rotated: the new key signs, the old one still checks. The links differ, each passes.
+    let rotating = Mesh::start_with(&setup, keys(&new_key, Some(&old_key))).await?;
+    let old_link = old_link.replace(&origin(&old_link), &format!("http://{}", rotating.addr));
+    let new_link = link(&rotating, file.id.clone()).await?;
+    assert_ne!(signature(&old_link), signature(&new_link));
+    assert_eq!(status(old_link.clone()).await?, 200);
+    assert_eq!(status(new_link.clone()).await?, 200);
+    rotating.stop().await?;
+
+    // The old key dropped: its links are refused, the new ones still pass.
+    let after = Mesh::start_with(&setup, keys(&new_key, None)).await?;
+    let moved = |url: &str| url.replace(&origin(url), &format!("http://{}", after.addr));
+    assert_eq!(status(moved(&old_link)).await?, 403);
+    assert_eq!(status(moved(&new_link)).await?, 200);
+    after.stop().await
+}
+
+/// `http://host:port` of a signed URL.
+fn origin(url: &str) -> String {
+    let path = url.find("/v1/blobs/").expect("a signed URL");
+    url[..path].to_owned()
+}
+
+/// The `sig` parameter of a signed URL.
+fn signature(url: &str) -> &str {
+    url.split(['?', '&'])
+        .find_map(|p| p.strip_prefix("sig="))
+        .expect("a signature")
+}

@@ -236,7 +236,13 @@ pub async fn serve_with(
         Registration::Ready
     };
     let files_local = if roles.contains(&Role::Files) {
-        let signer = UrlSigner::new(&url_signing_key(&config)?, config.public_base_url());
+        let signer = UrlSigner::new(&url_signing_key(&config)?, config.public_base_url())
+            .with_previous(
+                config
+                    .url_signing_key_previous
+                    .as_deref()
+                    .map(str::as_bytes),
+            );
         server.merge_http(stowage_files::http_routes(
             catalog.clone(),
             Arc::clone(&blobs.store),

@@ -167,6 +167,8 @@ fn rechunk(
 #[derive(Clone)]
 pub struct UrlSigner {
     key: Vec<u8>,
+    /// The key before `key` while it is being rotated: URLs signed with it still pass.
+    previous: Option<Vec<u8>>,
     base: String,
 }
 
@@ -177,13 +179,26 @@ impl UrlSigner {
     pub fn new(key: &[u8], base: String) -> Self {
         Self {
             key: key.to_vec(),
+            previous: None,
             base,
         }
     }
 
-    fn mac(&self, file_id: &Uuid, variant: &str, expires: i64, attachment: bool) -> HmacSha256 {
+    /// Also accepts URLs signed with `previous`, the key `key` replaces.
+    pub fn with_previous(mut self, previous: Option<&[u8]>) -> Self {
+        self.previous = previous.map(<[u8]>::to_vec);
+        self
+    }
+
+    fn mac(
+        key: &[u8],
+        file_id: &Uuid,
+        variant: &str,
+        expires: i64,
+        attachment: bool,
+    ) -> HmacSha256 {
         // HMAC accepts keys of any length.
-        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.key).unwrap_or_else(|_| {
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| {
             <HmacSha256 as KeyInit>::new_from_slice(b"stowage").unwrap_or_else(|_| unreachable!())
         });
         mac.update(format!("{file_id}\n{variant}\n{expires}\n{}", u8::from(attachment)).as_bytes());
@@ -193,7 +208,7 @@ impl UrlSigner {
     /// A URL valid until `expires` (unix seconds).
     pub fn sign(&self, file_id: &Uuid, variant: &str, expires: i64, attachment: bool) -> String {
         let sig = hex::encode(
-            self.mac(file_id, variant, expires, attachment)
+            Self::mac(&self.key, file_id, variant, expires, attachment)
                 .finalize()
                 .into_bytes(),
         );
@@ -216,9 +231,11 @@ impl UrlSigner {
         };
         let attachment = query.dl.as_deref() == Some("1");
         let variant = query.variant.as_deref().unwrap_or("");
-        self.mac(file_id, variant, query.exp, attachment)
-            .verify_slice(&sig)
-            .is_ok()
+        std::iter::once(&self.key).chain(&self.previous).any(|key| {
+            Self::mac(key, file_id, variant, query.exp, attachment)
+                .verify_slice(&sig)
+                .is_ok()
+        })
     }
 }
 

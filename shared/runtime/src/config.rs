@@ -39,6 +39,10 @@ pub struct Config {
     /// `STOWAGE_URL_SIGNING_KEY`: HMAC key of signed URLs (default: derived from the HS256
     /// secret; required with JWKS auth).
     pub url_signing_key: Option<String>,
+    /// `STOWAGE_URL_SIGNING_KEY_PREVIOUS`: the key before the current one, while rotating:
+    /// URLs signed with it are still served (new ones are signed with the current key). Keep
+    /// it for the longest URL lifetime (`STOWAGE_FILES__MAX_URL_TTL`) after the change.
+    pub url_signing_key_previous: Option<String>,
     /// `STOWAGE_SERVICE_TOKEN`: bearer token services present to each other over gRPC when
     /// tokens cannot be minted locally (JWKS mode).
     pub service_token: Option<String>,
@@ -116,6 +120,7 @@ impl Default for Config {
             blob_url: "file:///var/lib/stowage".into(),
             public_url: None,
             url_signing_key: None,
+            url_signing_key_previous: None,
             service_token: None,
             cors_origins: Vec::new(),
             max_message_size: ByteSize::mib(16),
@@ -548,6 +553,20 @@ impl Config {
         {
             return fail("STOWAGE_URL_SIGNING_KEY", "must be at least 32 bytes");
         }
+        if let Some(key) = &self.url_signing_key_previous {
+            if self.url_signing_key.is_none() {
+                return fail(
+                    "STOWAGE_URL_SIGNING_KEY_PREVIOUS",
+                    "needs STOWAGE_URL_SIGNING_KEY (the key it was replaced by)",
+                );
+            }
+            if key.len() < 32 {
+                return fail(
+                    "STOWAGE_URL_SIGNING_KEY_PREVIOUS",
+                    "must be at least 32 bytes",
+                );
+            }
+        }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -835,6 +854,18 @@ mod tests {
         let mut config = valid();
         config.connections.max = 0;
         refused_naming(&config, "STOWAGE_CONNECTIONS__MAX");
+    }
+
+    #[test]
+    fn a_previous_url_signing_key_needs_a_current_one_and_its_length() {
+        let (current, previous) = ("c".repeat(32), "p".repeat(32));
+        let mut config = valid();
+        config.url_signing_key_previous = Some(previous.clone());
+        refused_naming(&config, "STOWAGE_URL_SIGNING_KEY_PREVIOUS");
+        config.url_signing_key = Some(current);
+        assert!(config.validate().is_ok());
+        config.url_signing_key_previous = Some("short".into());
+        refused_naming(&config, "STOWAGE_URL_SIGNING_KEY_PREVIOUS");
     }
 
     #[test]
