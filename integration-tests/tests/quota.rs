@@ -914,6 +914,16 @@ async fn lapsed_holds_past_one_batch_are_all_expired() -> anyhow::Result<()> {
     {
         held?;
     }
+    let admin = token("root", &["admin"]);
+    let held = || {
+        let mut quota = stowage_integration_tests::quota(mesh.channel());
+        let request = authed(pb::StatsRequest {}, &admin);
+        async move {
+            let stats = quota.stats(request).await?.into_inner();
+            anyhow::Ok((stats.held_reservations, stats.total_reserved_bytes))
+        }
+    };
+    assert_eq!(held().await?, (1001, 10_010));
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let conn = pool.get().await?;
     conn.execute(
@@ -921,6 +931,8 @@ async fn lapsed_holds_past_one_batch_are_all_expired() -> anyhow::Result<()> {
         &[],
     )
     .await?;
+    // Lapsed, not yet given back: no longer held in the figures.
+    assert_eq!(held().await?, (0, 0));
     // A dry run lists the first 1,000 and counts them all, expiring none.
     let listed = stowage_integration_tests::quota(mesh.channel())
         .expire_reservations(authed(

@@ -681,13 +681,18 @@ impl Quota {
             .query_one_cached(
                 // Sums and products in numeric, the sums saturating at bigint's largest: limits
                 // near i64::MAX (a way of saying "unlimited") must not make the totals fail.
-                "SELECT count(*) AS accounts,
+                // Holds past their expiry still count in their accounts' reserved bytes until
+                // they are given back: the reserved total and the count are of live holds.
+                "WITH live AS (
+                     SELECT count(*) AS held, COALESCE(sum(bytes), 0) AS bytes
+                     FROM quota.reservations WHERE state = 'held' AND expires_at >= now())
+                 SELECT count(*) AS accounts,
                         LEAST(COALESCE(sum(used_bytes), 0), 9223372036854775807)::bigint AS used,
-                        LEAST(COALESCE(sum(reserved_bytes), 0), 9223372036854775807)::bigint AS reserved,
+                        LEAST((SELECT bytes FROM live), 9223372036854775807)::bigint AS reserved,
                         LEAST(COALESCE(sum(limit_bytes), 0), 9223372036854775807)::bigint AS limits,
                         count(*) FILTER (WHERE used_bytes::numeric * 5 >= limit_bytes::numeric * 4) AS above80,
                         count(*) FILTER (WHERE used_bytes >= limit_bytes) AS full,
-                        (SELECT count(*) FROM quota.reservations WHERE state = 'held') AS held
+                        (SELECT held FROM live) AS held
                  FROM quota.accounts",
                 &[],
             )
