@@ -97,7 +97,7 @@ async fn drain(
             pb::SubscribeBatchesRequest {
                 consumer_group: group.into(),
                 cursor: cursor.into(),
-                stream_ids: Vec::new(),
+                ..Default::default()
             },
             token,
         ))
@@ -780,8 +780,8 @@ async fn batches_a_group_member_dropped_go_to_the_member_still_reading() -> anyh
         .subscribe_batches(authed(
             pb::SubscribeBatchesRequest {
                 consumer_group: "pair".into(),
-                cursor: String::new(),
                 stream_ids: vec!["desk".into()],
+                ..Default::default()
             },
             &dan,
         ))
@@ -1102,4 +1102,125 @@ async fn inline_screenshots_leave_the_batch_once_it_is_acknowledged() -> anyhow:
         ("image/png", 1, 1)
     );
     mesh.stop().await
+}
+
+/// An observer (`stowage events tail`) is sent the batches sealed from now on, or from the
+/// oldest kept, and holds nothing back: the one consumer group's acknowledgement still
+/// deletes the screenshot the observers saw.
+#[tokio::test]
+async fn an_observer_sees_sealed_batches_and_holds_nothing_back() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = half_second_windows(&setup, 0).await?;
+    let erin = token("erin", &[]);
+    let titled = |seq: u64, screenshot: Option<Vec<u8>>| pb::AppendEventsRequest {
+        stream_id: "desk".into(),
+        first_seq: seq,
+        events: vec![pb::Event {
+            r#type: "window".into(),
+            payload: format!(r#"{{"title":"report {seq}"}}"#).into_bytes(),
+            ..event(seq, screenshot)
+        }],
+    };
+    let mut acked = HashMap::new();
+    append(mesh.channel(), &erin, vec![titled(1, None)], &mut acked).await;
+    batches_sealed(&setup, 1).await?;
+
+    let client = IngestClient::new(mesh.channel()).max_decoding_message_size(64 << 20);
+    let subscribe = |cursor: &str, group: &str, observe: bool| {
+        let mut client = client.clone();
+        let request = authed(
+            pb::SubscribeBatchesRequest {
+                consumer_group: group.into(),
+                cursor: cursor.into(),
+                observe,
+                ..Default::default()
+            },
+            &erin,
+        );
+        async move { client.subscribe_batches(request).await }
+    };
+    let mut from_now = subscribe("", "", true).await?.into_inner();
+    let mut from_start = subscribe("0", "", true).await?.into_inner();
+    let mut tail = tokio::process::Command::new(stowage_testkit::binary()?)
+        .args(["events", "tail", "--from-start", "--addr"])
+        .arg(format!("http://{}", mesh.addr))
+        .env("STOWAGE_TOKEN", &erin)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let refused = subscribe("", "archive", true).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("consumer_group"), "{refused}");
+
+    append(
+        mesh.channel(),
+        &erin,
+        vec![titled(2, Some(vec![5u8; 4096]))],
+        &mut acked,
+    )
+    .await;
+    batches_sealed(&setup, 2).await?;
+    let first_seq = |b: pb::EventBatch| b.first_seq;
+    assert_eq!(
+        first_seq(next_batch(&mut from_now).await?),
+        2,
+        "from now on"
+    );
+    assert_eq!(first_seq(next_batch(&mut from_start).await?), 1);
+    assert_eq!(first_seq(next_batch(&mut from_start).await?), 2);
+
+    let stdout = tail.stdout.take().expect("piped");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut printed = Vec::new();
+    while printed.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await??;
+        printed.push(line.ok_or_else(|| anyhow::anyhow!("tail ended: {printed:?}"))?);
+    }
+    assert!(
+        printed[0].ends_with(r#"  desk  window  {"title":"report 1"}"#),
+        "{printed:?}"
+    );
+    assert!(
+        printed[1].contains(r#"  desk  window  {"title":"report 2"}  [screenshot image/png 1x1, events/erin/desk/screens/"#),
+        "{printed:?}"
+    );
+    tail.kill().await?;
+
+    // The group reading the stream takes both batches and acknowledges them: the screenshot
+    // goes, though two observers are still watching.
+    let mut archive = subscribe("", "archive", false).await?.into_inner();
+    let mut deleted = 0;
+    for _ in 0..2 {
+        let batch = next_batch(&mut archive).await?;
+        deleted += client
+            .clone()
+            .ack_batch(authed(
+                pb::AckBatchRequest {
+                    consumer_group: "archive".into(),
+                    batch_id: batch.id,
+                },
+                &erin,
+            ))
+            .await?
+            .into_inner()
+            .screenshots_deleted;
+    }
+    assert_eq!(deleted, 1);
+    assert!(
+        mesh.stored_objects("events/erin/desk/screens")
+            .await?
+            .is_empty()
+    );
+    drop((from_now, from_start));
+    mesh.stop().await
+}
+
+/// The next batch of a subscription, within 10 s.
+async fn next_batch(
+    batches: &mut tonic::Streaming<pb::SubscribeBatchesResponse>,
+) -> anyhow::Result<pb::EventBatch> {
+    let message = tokio::time::timeout(Duration::from_secs(10), batches.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the stream ended"))??;
+    message.batch.ok_or_else(|| anyhow::anyhow!("no batch"))
 }

@@ -120,6 +120,11 @@ enum Command {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Event streams.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
     /// Shows storage totals and the largest files: yours, or everyone's (admins).
     Stats {
         /// Every user's files (needs the admin scope).
@@ -128,6 +133,26 @@ enum Command {
         /// How many of the largest files to list (0..=100).
         #[arg(long, default_value_t = 10)]
         largest: u32,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Prints the events of your streams as their windows are sealed, one line each, until
+    /// stopped. It only watches: consumer groups get every batch as before, and screenshots
+    /// are deleted as they would be without it.
+    Tail {
+        /// Only this stream (repeatable; admins name another user's `{user}/{stream}`).
+        #[arg(long = "stream")]
+        streams: Vec<String>,
+        /// Start from the oldest batch kept instead of the next one sealed.
+        #[arg(long, conflicts_with = "cursor")]
+        from_start: bool,
+        /// Start after this batch cursor.
+        #[arg(long)]
+        cursor: Option<String>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -342,6 +367,21 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let file = endpoint.client().await?.restore(&id).await?;
             println!("restored {}  {}", file.id, file.display_name);
             Ok(())
+        }
+        Command::Events {
+            command:
+                EventsCommand::Tail {
+                    streams,
+                    from_start,
+                    cursor,
+                    endpoint,
+                },
+        } => {
+            let cursor = match (from_start, cursor) {
+                (true, _) => "0".to_owned(),
+                (false, cursor) => cursor.unwrap_or_default(),
+            };
+            endpoint.client().await?.tail_events(streams, cursor).await
         }
         Command::Stats {
             all,

@@ -267,6 +267,33 @@ impl Client {
     }
 
     /// Lists files.
+    /// Follows the sealed batches of the caller's event streams (`streams`, or all of them)
+    /// as an observer, from `cursor` (empty: from now on; "0": from the oldest kept), and
+    /// prints each event; returns when the server ends the stream.
+    pub async fn tail_events(&self, streams: Vec<String>, cursor: String) -> anyhow::Result<()> {
+        let request = pb::SubscribeBatchesRequest {
+            stream_ids: streams,
+            cursor,
+            observe: true,
+            ..Default::default()
+        };
+        let mut batches = IngestClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .subscribe_batches(self.request(request))
+            .await
+            .map_err(status)?
+            .into_inner();
+        while let Some(message) = batches.message().await.map_err(status)? {
+            let Some(batch) = message.batch else {
+                continue;
+            };
+            for event in &batch.events {
+                println!("{}", event_line(&batch.stream_id, event));
+            }
+        }
+        Ok(())
+    }
+
     /// Storage totals (of everyone with `all_users`, an admin's right) and the `largest` files.
     pub async fn stats(
         &self,
@@ -469,6 +496,42 @@ pub fn human(bytes: u64) -> String {
 }
 
 /// One line per file.
+/// One line for an event: its time, stream, type, payload (as text when it is, cut at 200
+/// characters; its size otherwise) and screenshot.
+fn event_line(stream: &str, event: &pb::Event) -> String {
+    let at = event
+        .timestamp
+        .as_ref()
+        .and_then(|t| {
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+        })
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_else(|| "-".into());
+    let payload = match std::str::from_utf8(&event.payload) {
+        Ok(text) if !text.chars().any(|c| c.is_control() && c != '\t') => {
+            let mut shown: String = text.chars().take(200).collect();
+            if shown.len() < text.len() {
+                shown.push('…');
+            }
+            shown
+        }
+        _ => format!("<{} bytes>", event.payload.len()),
+    };
+    let mut line = format!("{at}  {stream}  {}  {payload}", event.r#type);
+    if let Some(shot) = &event.screenshot {
+        let source = match &shot.source {
+            Some(pb::screenshot::Source::InlineData(data)) => format!("{} bytes", data.len()),
+            Some(pb::screenshot::Source::StorageKey(key)) => key.clone(),
+            None => "deleted".into(),
+        };
+        line.push_str(&format!(
+            "  [screenshot {} {}x{}, {source}]",
+            shot.mime_type, shot.width, shot.height
+        ));
+    }
+    line
+}
+
 pub fn print_files(files: &[pb::File]) {
     for f in files {
         let kind = pb::FileKind::try_from(f.kind)

@@ -139,7 +139,14 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<tonic::codegen::BoxStream<pb::SubscribeBatchesResponse>>, Status> {
         let owner = stream_owner(&request)?;
         let req = request.into_inner();
-        check_consumer_group(&req.consumer_group)?;
+        if !req.observe {
+            check_consumer_group(&req.consumer_group)?;
+        } else if !req.consumer_group.is_empty() {
+            return Err(stowage_runtime::status::invalid_argument(
+                "consumer_group",
+                "must be empty when observing",
+            ));
+        }
         if req.stream_ids.len() > MAX_SUBSCRIBED_STREAMS {
             return Err(stowage_runtime::status::invalid_argument(
                 "stream_ids",
@@ -158,14 +165,20 @@ impl ingest_server::Ingest for IngestGrpc {
                 None => crate::streams::validate_stream_key(id)?,
             }
         }
+        let streams = self.streams()?.clone();
         let mut after: i64 = if req.cursor.is_empty() {
-            0
+            if req.observe {
+                streams
+                    .newest_cursor(owner.as_deref(), &req.stream_ids)
+                    .await?
+            } else {
+                0
+            }
         } else {
             req.cursor.parse().map_err(|_| {
                 stowage_runtime::status::invalid_argument("cursor", "is not a batch cursor")
             })?
         };
-        let streams = self.streams()?.clone();
         let slot = streams.subscription_slot(owner.as_deref())?;
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -175,16 +188,22 @@ impl ingest_server::Ingest for IngestGrpc {
             // Held while the subscription lives.
             let _slot = slot;
             loop {
-                let batches = match streams
-                    .claim_batches(
-                        owner.as_deref(),
-                        &req.consumer_group,
-                        member,
-                        after,
-                        &req.stream_ids,
-                    )
-                    .await
-                {
+                let batches = if req.observe {
+                    streams
+                        .observe_batches(owner.as_deref(), after, &req.stream_ids)
+                        .await
+                } else {
+                    streams
+                        .claim_batches(
+                            owner.as_deref(),
+                            &req.consumer_group,
+                            member,
+                            after,
+                            &req.stream_ids,
+                        )
+                        .await
+                };
+                let batches = match batches {
                     Ok(b) => b,
                     Err(error) => {
                         let _ = tx.send(Err(Status::from(error))).await;

@@ -26,13 +26,23 @@ use bytes::Bytes;
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path as ObjectPath};
 use prost::Message;
-use stowage_db::PgPool;
+use stowage_db::{Cached, PgPool};
 use stowage_proto::v1 as pb;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+
+/// The batches an observer may be sent (`event_batches b`): of owner `$1` (any when null),
+/// of the streams `$2` (any when empty), sealed within the retention (`$3` seconds).
+macro_rules! observed {
+    () => {
+        "($1::text IS NULL OR b.owner_id = $1)
+         AND (cardinality($2::text[]) = 0 OR b.stream_id = ANY($2))
+         AND b.sealed_at >= now() - make_interval(secs => $3)"
+    };
+}
 
 /// Most events in one frame.
 pub const MAX_FRAME_EVENTS: usize = 10_000;
@@ -195,6 +205,15 @@ pub(crate) fn validate_stream_id(id: &str) -> Result<()> {
 /// The key Ingest keeps `owner`'s stream `stream` under: streams are named per owner, so two
 /// users' `desk` are two streams (and their objects live under `events/{owner}/{stream}/`).
 /// Neither part can hold a `/`.
+/// The stored keys of the `streams` a subscriber names: a user names their own streams, a
+/// service or admin (`owner` `None`) names them whole.
+fn stream_keys(owner: Option<&str>, streams: &[String]) -> Vec<String> {
+    match owner {
+        Some(owner) => streams.iter().map(|s| stream_key(owner, s)).collect(),
+        None => streams.to_vec(),
+    }
+}
+
 pub(crate) fn stream_key(owner: &str, stream: &str) -> String {
     format!("{owner}/{stream}")
 }
@@ -1245,11 +1264,7 @@ impl EventStreams {
         after: i64,
         streams: &[String],
     ) -> Result<Vec<pb::EventBatch>> {
-        // A user names their own streams; a service names them whole.
-        let streams: Vec<String> = match owner {
-            Some(owner) => streams.iter().map(|s| stream_key(owner, s)).collect(),
-            None => streams.to_vec(),
-        };
+        let streams = stream_keys(owner, streams);
         let redeliver = self.inner.settings.redeliver_after.as_secs_f64();
         let conn = self.inner.pool.get().await?;
         // A member holds at most `prefetch` batches it has not acknowledged.
@@ -1317,6 +1332,74 @@ impl EventStreams {
             )
             .await?;
         drop(conn);
+        self.read_batches(rows, owner).await
+    }
+
+    /// Sealed batches after cursor `after` for an observer of `streams` (all of `owner`'s, or
+    /// every stream for `None`), oldest first: nothing is recorded.
+    pub async fn observe_batches(
+        &self,
+        owner: Option<&str>,
+        after: i64,
+        streams: &[String],
+    ) -> Result<Vec<pb::EventBatch>> {
+        let streams = stream_keys(owner, streams);
+        let rows = self
+            .inner
+            .pool
+            .get()
+            .await?
+            .query_cached(
+                concat!(
+                    "SELECT b.id, b.stream_id, b.storage_key, b.seq, b.late_seqs, b.window_start,
+                            b.window_end, b.first_seq, b.last_seq
+                     FROM ingest.event_batches b
+                     WHERE ",
+                    observed!(),
+                    " AND b.seq > $4 ORDER BY b.seq LIMIT $5"
+                ),
+                &[
+                    &owner,
+                    &streams,
+                    &self.inner.settings.retention.as_secs_f64(),
+                    &after,
+                    &i64::try_from(self.inner.settings.prefetch).unwrap_or(i64::MAX),
+                ],
+            )
+            .await?;
+        self.read_batches(rows, owner).await
+    }
+
+    /// The cursor of the newest batch an observer of `streams` could be sent (0 if none): an
+    /// observer starting there gets what is sealed from now on.
+    pub async fn newest_cursor(&self, owner: Option<&str>, streams: &[String]) -> Result<i64> {
+        let streams = stream_keys(owner, streams);
+        let row = self
+            .inner
+            .pool
+            .get()
+            .await?
+            .query_one_cached(
+                concat!(
+                    "SELECT COALESCE(max(b.seq), 0) FROM ingest.event_batches b WHERE ",
+                    observed!()
+                ),
+                &[
+                    &owner,
+                    &streams,
+                    &self.inner.settings.retention.as_secs_f64(),
+                ],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// The batches of `rows` (of `event_batches`) with their events, named for `owner`.
+    async fn read_batches(
+        &self,
+        rows: Vec<tokio_postgres::Row>,
+        owner: Option<&str>,
+    ) -> Result<Vec<pb::EventBatch>> {
         let mut batches = Vec::with_capacity(rows.len());
         for row in rows {
             let key: String = row.get("storage_key");
