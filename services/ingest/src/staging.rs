@@ -74,7 +74,14 @@ pub struct Staging {
     /// upload (`staging/{upload_id}/data`) at their offsets, and completion is a rename, so
     /// the bytes are written once.
     local_root: Option<std::path::PathBuf>,
+    /// Writer threads of local chunks (see [`MAX_WRITER_THREADS`]).
+    writers: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most writer threads local staging runs at once (each with [`PIECE_BUFFERS`] buffers of a
+/// direct piece): past them, a chunk is written by the thread that hashes it, piece after
+/// piece, as it would be on a busy machine anyway.
+const MAX_WRITER_THREADS: usize = 32;
 
 fn part_object(upload: Uuid, number: i32) -> ObjectPath {
     keys::staging_part(&upload.to_string(), u32::try_from(number).unwrap_or(0))
@@ -87,6 +94,7 @@ impl Staging {
             store: Arc::clone(&blobs.store),
             multipart: blobs.multipart.clone(),
             local_root: blobs.local_root.clone(),
+            writers: Arc::new(tokio::sync::Semaphore::new(MAX_WRITER_THREADS)),
         }
     }
 
@@ -129,7 +137,8 @@ impl Staging {
         mut hasher: Sha256,
     ) -> Result<(Staged, Sha256)> {
         if self.local_root.is_some() {
-            let (hasher, flushing) = self.write_local(target.upload, start, data, hasher).await?;
+            let (hasher, mut flushing) =
+                self.write_local(target.upload, start, data, hasher).await?;
             flushing.flushed().await?;
             return Ok((Staged::default(), hasher));
         }
@@ -167,8 +176,9 @@ impl Staging {
             "local staging on a store that is not local",
         ))?;
         let path = local_data(root, upload);
+        let writer = Arc::clone(&self.writers).try_acquire_owned().ok();
         tokio::task::spawn_blocking(move || {
-            let flushing = stage_local(path, start, data, &mut hasher)?;
+            let flushing = stage_local(path, start, data, &mut hasher, writer)?;
             Ok((hasher, flushing))
         })
         .await
@@ -445,9 +455,10 @@ impl Flushing {
         Self(rx)
     }
 
-    /// Waits until every byte of the chunk is written and flushed to the disk.
-    pub async fn flushed(self) -> Result<()> {
-        self.0
+    /// Waits until every byte of the chunk is written and flushed to the disk (once: the
+    /// caller lets go of it after).
+    pub async fn flushed(&mut self) -> Result<()> {
+        (&mut self.0)
             .await
             .map_err(|_| Error::Internal("the staging writer stopped"))?
     }
@@ -498,16 +509,19 @@ impl Aligned {
 }
 
 /// Writes `data` at `offset` of the staging file at `path` and adds it to `hasher` (see
-/// [`Staging::write_local`]). A chunk of one direct piece or less, or at an unaligned offset,
-/// is hashed and written here, and its write is over when this returns.
+/// [`Staging::write_local`]), its pieces written by a thread of its own while `writer` (a
+/// place among the writer threads) is given. A chunk of one direct piece or less, or at an
+/// unaligned offset, or without a place, is hashed and written here, and its write is over
+/// when this returns.
 fn stage_local(
     path: std::path::PathBuf,
     offset: u64,
     data: Bytes,
     hasher: &mut Sha256,
+    writer: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Flushing> {
     let direct = direct_len(offset, data.len());
-    if direct <= DIRECT_PIECE {
+    if direct <= DIRECT_PIECE || writer.is_none() {
         hasher.update(&data);
         return Ok(Flushing::done(write_at(&path, offset, &data)));
     }
@@ -529,6 +543,7 @@ fn stage_local(
     std::thread::Builder::new()
         .name("stowage-staging".into())
         .spawn(move || {
+            let _place = writer;
             let written = write_pieces(&file, to_write, &spares)
                 .and_then(|()| file.sync_data())
                 .map_err(io_error);
@@ -833,6 +848,13 @@ fn io_error(e: std::io::Error) -> Error {
 mod tests {
     use super::*;
 
+    /// A place among the writer threads.
+    fn writer() -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .ok()
+    }
+
     /// Chunks at aligned and unaligned offsets, of aligned and odd lengths, longer and shorter
     /// than a direct piece (handed to the writer thread, or written in place), and a rewrite of
     /// an acknowledged range (a retry after a crash): the staging file holds exactly the bytes
@@ -860,9 +882,10 @@ mod tests {
             let (path, data) = (path.clone(), data.slice(start..end));
             async move {
                 let flushing = tokio::task::spawn_blocking(move || {
-                    stage_local(path, start as u64, data, &mut hasher).map(|f| (hasher, f))
+                    stage_local(path, start as u64, data, &mut hasher, writer())
+                        .map(|f| (hasher, f))
                 });
-                let (hasher, flushing) = flushing.await.unwrap().unwrap();
+                let (hasher, mut flushing) = flushing.await.unwrap().unwrap();
                 flushing.flushed().await.unwrap();
                 hasher
             }
@@ -902,11 +925,13 @@ mod tests {
     /// and the chunk's write reports the failure (so its offset is never recorded).
     #[tokio::test]
     async fn a_failed_piece_write_is_reported_when_the_chunk_is_flushed() {
-        let data = Bytes::from(vec![1u8; 3 * DIRECT_PIECE]);
+        // More pieces than buffers: the hashing side waits for buffers the writer never
+        // gives back.
+        let data = Bytes::from(vec![1u8; (PIECE_BUFFERS + 5) * DIRECT_PIECE]);
         let flushing = tokio::task::spawn_blocking(move || {
-            stage_local("/dev/full".into(), 0, data, &mut Sha256::new())
+            stage_local("/dev/full".into(), 0, data, &mut Sha256::new(), writer())
         });
-        let flushing = flushing.await.unwrap().unwrap();
+        let mut flushing = flushing.await.unwrap().unwrap();
         let error = flushing.flushed().await.unwrap_err();
         assert!(error.to_string().contains("No space left"), "{error}");
     }

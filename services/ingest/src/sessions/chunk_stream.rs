@@ -50,6 +50,30 @@ struct Held {
     session: Session,
     /// A chunk staged (or being staged) whose offset is not recorded yet.
     unrecorded: Option<Unrecorded>,
+    /// Where a write left behind by a dropped stream runs to its end.
+    writes: tokio_util::task::TaskTracker,
+}
+
+impl Drop for Held {
+    /// A stream dropped (its client gone, or cancelled while recording) while its last chunk
+    /// is still being written keeps the lock until the write is over: another writer taking
+    /// the session meanwhile could stage other bytes at that offset, and the orphaned pieces
+    /// would land over them. The chunk is not recorded; its client sends it again.
+    fn drop(&mut self) {
+        let Some(mut chunk) = self.unrecorded.take() else {
+            return;
+        };
+        let conn = self.conn.take();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.writes.spawn_on(
+                async move {
+                    let _ = chunk.flushing.flushed().await;
+                    drop(conn);
+                },
+                &runtime,
+            );
+        }
+    }
 }
 
 /// A staged chunk to record.
@@ -105,14 +129,15 @@ impl ChunkStream {
     /// Records the chunk not recorded yet and lets go of the writer lock.
     pub async fn pause(&mut self) -> Result<()> {
         // `held` stays in place until the lock is let go: cancelled meanwhile, the stream is
-        // dropped holding it, and the connection is closed.
+        // dropped holding it, and the connection is closed (once a chunk still being written
+        // is on disk).
         let Some(held) = self.held.as_mut() else {
             return Ok(());
         };
         let recorded = record(held).await;
         let released = held.conn.release().await;
         if let Some(held) = self.held.take() {
-            self.last = Some(held.session);
+            self.last = Some(held.session.clone());
         }
         recorded.and(released)
     }
@@ -179,7 +204,14 @@ async fn write_held(
         .staging
         .write_local(id, chunk.offset, chunk.data, hasher);
     let (staged, recorded) = tokio::join!(staging, record(held));
-    recorded?;
+    if let Err(error) = recorded {
+        // This chunk is not recorded after the failure, but its write ends before the lock
+        // can go.
+        if let Ok((_, mut flushing)) = staged {
+            let _ = flushing.flushed().await;
+        }
+        return Err(error);
+    }
     let (hasher, flushing) = staged?;
     held.unrecorded = Some(Unrecorded {
         start: chunk.offset,
@@ -221,16 +253,23 @@ async fn hold(held: Option<Held>, sessions: &Sessions, id: Uuid, owner: &str) ->
         conn,
         session,
         unrecorded: None,
+        writes: sessions.writes.clone(),
     })
 }
 
 /// Records `held`'s staged chunk, if any: one statement, which changes nothing unless the
 /// session is still open at the chunk's start.
 async fn record(held: &mut Held) -> Result<()> {
+    // Waited for in place: cancelled meanwhile, the chunk goes with `held`, which keeps the
+    // lock until the write is over.
+    let Some(unrecorded) = held.unrecorded.as_mut() else {
+        return Ok(());
+    };
+    let flushed = unrecorded.flushing.flushed().await;
     let Some(chunk) = held.unrecorded.take() else {
         return Ok(());
     };
-    chunk.flushing.flushed().await?;
+    flushed?;
     let id = held.session.id;
     let row = held
         .conn

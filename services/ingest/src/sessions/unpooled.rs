@@ -45,6 +45,16 @@ impl Unpooled {
             .ok_or(Error::Internal("locked connection already released"))
     }
 
+    /// Moves the connection (and the lock it may hold) out into a new value, leaving this one
+    /// holding nothing.
+    pub(super) fn take(&mut self) -> Self {
+        Self {
+            conn: self.conn.take(),
+            unlock: self.unlock,
+            key: self.key.clone(),
+        }
+    }
+
     /// The connection, back to the pool when dropped: only for one that never took the lock.
     pub(super) fn pooled(mut self) -> Option<Connection> {
         self.conn.take()
