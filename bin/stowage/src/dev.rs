@@ -29,26 +29,43 @@ impl DevServers {
     }
 }
 
-/// Absolute form of `dir`, created if missing.
+/// Absolute form of `dir`, created if missing for its owner alone (700): it holds the dev
+/// secret, the databases and every blob.
 pub fn data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir)
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
         .with_context(|| format!("--data-dir: cannot create {}", dir.display()))?;
     Ok(std::fs::canonicalize(dir)?)
 }
 
 /// The dev HS256 secret, created once and kept in `{data_dir}/dev-secret`.
+/// Readable by its owner alone (600): whoever reads it can mint any user's token.
 pub fn dev_secret(data_dir: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let path = data_dir.join("dev-secret");
     if let Ok(secret) = std::fs::read_to_string(&path) {
         let secret = secret.trim().to_owned();
         if secret.len() >= 16 {
+            // Written by a version that left it readable to all.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot restrict {}", path.display()))?;
             return Ok(secret);
         }
     }
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let secret = hex::encode(bytes);
-    std::fs::write(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, secret.as_bytes()));
+    written.with_context(|| format!("cannot write {}", path.display()))?;
     Ok(secret)
 }
 
@@ -96,6 +113,23 @@ pub async fn start_servers(config: &mut Config, data_dir: &Path) -> anyhow::Resu
 
 #[cfg(test)]
 mod tests {
+    /// The data directory and the secret in it are its owner's alone, also when an older
+    /// version left the secret readable to all.
+    #[test]
+    fn the_data_dir_and_the_dev_secret_are_closed_to_other_users() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = super::data_dir(&parent.path().join("dev")).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir) & 0o077, 0, "{:o}", mode(&dir));
+        let secret = super::dev_secret(&dir).unwrap();
+        let path = dir.join("dev-secret");
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(super::dev_secret(&dir).unwrap(), secret, "the same secret");
+        assert_eq!(mode(&path), 0o600);
+    }
+
     #[test]
     fn a_data_dir_with_url_characters_is_the_store_root() {
         for dir in ["/home/u/C#/app/.stowage", "/srv/50%/data", "/tmp/a?b c"] {

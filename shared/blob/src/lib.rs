@@ -79,10 +79,19 @@ impl Blobs {
                 let root = parsed.to_file_path().map_err(|()| {
                     BlobError::Url(format!("{url:?} is not an absolute file path"))
                 })?;
-                std::fs::create_dir_all(&root).map_err(|source| BlobError::Io {
-                    path: root.clone(),
-                    source,
-                })?;
+                // Created for the owner and its group only (750): other users of the machine
+                // cannot reach any blob, whatever mode the store gives the files below.
+                {
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o750)
+                        .create(&root)
+                        .map_err(|source| BlobError::Io {
+                            path: root.clone(),
+                            source,
+                        })?;
+                }
                 // Every write (put, multipart completion, copy, rename) returns only once the
                 // file and the directory entries leading to it are on the disk, as S3 promises:
                 // callers record a key in PostgreSQL right after writing it.
@@ -182,6 +191,19 @@ pub fn local_temporaries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_root_it_creates_is_closed_to_other_users() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data").join("blobs");
+        let url = url::Url::from_file_path(&root).unwrap();
+        Blobs::from_url(url.as_str()).unwrap();
+        for created in [&root, &dir.path().join("data")] {
+            let mode = std::fs::metadata(created).unwrap().permissions().mode();
+            assert_eq!(mode & 0o007, 0, "{}: {mode:o}", created.display());
+        }
+    }
 
     #[test]
     fn temporaries_are_named_as_the_store_names_them() {
