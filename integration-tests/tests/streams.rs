@@ -1160,6 +1160,20 @@ async fn an_observer_sees_sealed_batches_and_holds_nothing_back() -> anyhow::Res
     )
     .await;
     batches_sealed(&setup, 2).await?;
+    // Another user observing from the start sees none of erin's batches.
+    let mut bob = IngestClient::new(mesh.channel())
+        .subscribe_batches(authed(
+            pb::SubscribeBatchesRequest {
+                cursor: "0".into(),
+                observe: true,
+                ..Default::default()
+            },
+            &token("bob", &[]),
+        ))
+        .await?
+        .into_inner();
+    let seen = tokio::time::timeout(Duration::from_secs(1), bob.next()).await;
+    assert!(seen.is_err(), "bob was sent {seen:?}");
     let first_seq = |b: pb::EventBatch| b.first_seq;
     assert_eq!(
         first_seq(next_batch(&mut from_now).await?),

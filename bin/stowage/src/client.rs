@@ -266,7 +266,6 @@ impl Client {
         Ok(file)
     }
 
-    /// Lists files.
     /// Follows the sealed batches of the caller's event streams (`streams`, or all of them)
     /// as an observer, from `cursor` (empty: from now on; "0": from the oldest kept), and
     /// prints each event; returns when the server ends the stream.
@@ -308,6 +307,7 @@ impl Client {
             .into_inner())
     }
 
+    /// Lists files.
     pub async fn list(
         &self,
         request: pb::ListFilesRequest,
@@ -495,7 +495,6 @@ pub fn human(bytes: u64) -> String {
     bytesize::ByteSize::b(bytes).display().iec().to_string()
 }
 
-/// One line per file.
 /// One line for an event: its time, stream, type, payload (as text when it is, cut at 200
 /// characters; its size otherwise) and screenshot.
 fn event_line(stream: &str, event: &pb::Event) -> String {
@@ -508,7 +507,7 @@ fn event_line(stream: &str, event: &pb::Event) -> String {
         .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
         .unwrap_or_else(|| "-".into());
     let payload = match std::str::from_utf8(&event.payload) {
-        Ok(text) if !text.chars().any(|c| c.is_control() && c != '\t') => {
+        Ok(text) if !text.chars().any(char::is_control) => {
             let mut shown: String = text.chars().take(200).collect();
             if shown.len() < text.len() {
                 shown.push('…');
@@ -517,21 +516,42 @@ fn event_line(stream: &str, event: &pb::Event) -> String {
         }
         _ => format!("<{} bytes>", event.payload.len()),
     };
-    let mut line = format!("{at}  {stream}  {}  {payload}", event.r#type);
+    let mut line = format!(
+        "{at}  {}  {}  {payload}",
+        printable(stream),
+        printable(&event.r#type)
+    );
     if let Some(shot) = &event.screenshot {
         let source = match &shot.source {
             Some(pb::screenshot::Source::InlineData(data)) => format!("{} bytes", data.len()),
-            Some(pb::screenshot::Source::StorageKey(key)) => key.clone(),
+            Some(pb::screenshot::Source::StorageKey(key)) => printable(key),
             None => "deleted".into(),
         };
         line.push_str(&format!(
             "  [screenshot {} {}x{}, {source}]",
-            shot.mime_type, shot.width, shot.height
+            printable(&shot.mime_type),
+            shot.width,
+            shot.height
         ));
     }
     line
 }
 
+/// `text` with its control characters escaped (`\u{1b}`), so that what a producer sent
+/// cannot drive the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// One line per file.
 pub fn print_files(files: &[pb::File]) {
     for f in files {
         let kind = pb::FileKind::try_from(f.kind)
@@ -555,5 +575,35 @@ pub fn print_files(files: &[pb::File]) {
             created,
             f.display_name
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a producer put in an event reaches the terminal as text, never as escapes.
+    #[test]
+    fn event_lines_escape_control_characters() {
+        let event = pb::Event {
+            r#type: "window\u{1b}[2J".into(),
+            payload: b"{\"title\":\"a\"}".to_vec(),
+            screenshot: Some(pb::Screenshot {
+                source: Some(pb::screenshot::Source::StorageKey("k\u{7}".into())),
+                mime_type: "image/png".into(),
+                width: 2,
+                height: 3,
+            }),
+            timestamp: None,
+        };
+        assert_eq!(
+            event_line("desk", &event),
+            r#"-  desk  window\u{1b}[2J  {"title":"a"}  [screenshot image/png 2x3, k\u{7}]"#
+        );
+        let binary = pb::Event {
+            payload: vec![0, 1, 2],
+            ..Default::default()
+        };
+        assert_eq!(event_line("desk", &binary), "-  desk    <3 bytes>");
     }
 }

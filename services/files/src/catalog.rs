@@ -914,9 +914,6 @@ impl Catalog {
         Ok(())
     }
 
-    /// Totals of `owner` (or everyone).
-    /// An owner's totals count what the owner can list (quarantined files are hidden from
-    /// them); everyone's count every file.
     /// The `limit` largest of the files [`totals`](Self::totals) counts, largest first.
     pub async fn largest(&self, owner: Option<&str>, limit: i64) -> Result<Vec<FileRecord>> {
         let conn = self.pool.get().await?;
@@ -935,8 +932,9 @@ impl Catalog {
         Ok(rows.iter().map(FileRecord::from_row).collect())
     }
 
-    /// StorageStats' figures: of the files `owner` can list (trash included), or of every
-    /// file (`None`).
+    /// Totals of `owner` (or everyone).
+    /// An owner's totals count what the owner can list (quarantined files are hidden from
+    /// them); everyone's count every file.
     pub async fn totals(&self, owner: Option<&str>) -> Result<Totals> {
         let conn = self.pool.get().await?;
         let row = conn

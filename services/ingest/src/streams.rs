@@ -202,9 +202,6 @@ pub(crate) fn validate_stream_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The key Ingest keeps `owner`'s stream `stream` under: streams are named per owner, so two
-/// users' `desk` are two streams (and their objects live under `events/{owner}/{stream}/`).
-/// Neither part can hold a `/`.
 /// The stored keys of the `streams` a subscriber names: a user names their own streams, a
 /// service or admin (`owner` `None`) names them whole.
 fn stream_keys(owner: Option<&str>, streams: &[String]) -> Vec<String> {
@@ -214,6 +211,9 @@ fn stream_keys(owner: Option<&str>, streams: &[String]) -> Vec<String> {
     }
 }
 
+/// The key Ingest keeps `owner`'s stream `stream` under: streams are named per owner, so two
+/// users' `desk` are two streams (and their objects live under `events/{owner}/{stream}/`).
+/// Neither part can hold a `/`.
 pub(crate) fn stream_key(owner: &str, stream: &str) -> String {
     format!("{owner}/{stream}")
 }
