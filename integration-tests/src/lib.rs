@@ -254,6 +254,7 @@ pub async fn create_session(
                     ..Default::default()
                 }),
                 idempotency_key: String::new(),
+                ..Default::default()
             },
             token,
         ))

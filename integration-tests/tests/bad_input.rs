@@ -362,6 +362,7 @@ async fn overlong_labels_are_refused_by_name_through_both_doors() -> anyhow::Res
                     size_bytes: Some(10),
                     metadata: Some(metadata.clone()),
                     idempotency_key: String::new(),
+                    ..Default::default()
                 },
                 &alice,
             ))

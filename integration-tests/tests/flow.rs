@@ -269,6 +269,7 @@ async fn files_are_listed_by_package_and_name() -> anyhow::Result<()> {
                         ..Default::default()
                     }),
                     idempotency_key: String::new(),
+                    ..Default::default()
                 },
                 &alice,
             ))

@@ -846,6 +846,7 @@ async fn a_retried_create_finishes_a_session_left_without_its_hold() -> anyhow::
                         ..Default::default()
                     }),
                     idempotency_key: "create-once".into(),
+                    ..Default::default()
                 },
                 &alice,
             ))

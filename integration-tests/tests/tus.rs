@@ -373,3 +373,123 @@ async fn a_creation_with_the_whole_file_whose_completion_fails_is_not_lost() -> 
     assert_eq!((held.used_bytes, held.reserved_bytes), (1000, 0));
     mesh.stop().await
 }
+
+/// An app's backend (a service) creates a session for its user with an upload link; a client
+/// with no token (tus-js-client given the link as `uploadUrl`) uploads through it, and the
+/// file is the user's. The link opens that session only, until it expires, as signed.
+#[tokio::test]
+async fn an_upload_link_lets_a_client_without_a_token_upload_one_file() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let (app, alice) = (token("app", &["service"]), token("alice", &[]));
+    let data = random_bytes(3 << 20);
+    let create = |owner: &str, link_seconds: u32, who: &str| {
+        let mut ingest = stowage_integration_tests::ingest(mesh.channel());
+        let request = authed(
+            pb::CreateUploadRequest {
+                size_bytes: Some(data.len() as u64),
+                metadata: Some(pb::UploadMetadata {
+                    display_name: "from a link.bin".into(),
+                    ..Default::default()
+                }),
+                user_id: owner.into(),
+                link_seconds,
+                ..Default::default()
+            },
+            who,
+        );
+        async move { ingest.create_upload(request).await.map(|r| r.into_inner()) }
+    };
+    let created = create("alice", 600, &app).await?;
+    let session = created.session.expect("a session");
+    let link = created.upload_url;
+    assert!(
+        link.starts_with(&format!("http://{}/tus/{}?", mesh.addr, session.id)),
+        "{link}"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("photo.bin");
+    std::fs::write(&path, &data)?;
+    let out = tokio::process::Command::new("node")
+        .arg(js_dir().join("tus-link.mjs"))
+        .arg(&link)
+        .arg(&path)
+        .current_dir(js_dir())
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "node failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].display_name.as_str(),
+            listed[0].size_bytes,
+            listed[0].sha256.clone()
+        ),
+        ("from a link.bin", data.len() as u64, sha256(&data))
+    );
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!(
+        (account.used_bytes, account.reserved_bytes),
+        (data.len() as u64, 0)
+    );
+
+    // The link opens its own session only, as signed, and only until it expires.
+    let http = reqwest::Client::new();
+    let head = |url: String| {
+        let http = http.clone();
+        async move {
+            anyhow::Ok(
+                http.head(url)
+                    .header("tus-resumable", "1.0.0")
+                    .send()
+                    .await?
+                    .status()
+                    .as_u16(),
+            )
+        }
+    };
+    let other = create("alice", 600, &app).await?;
+    let other_id = other.session.expect("a session").id;
+    assert_eq!(head(other.upload_url.clone()).await?, 200);
+    assert_eq!(
+        head(link.replace(&session.id, &other_id)).await?,
+        403,
+        "another session"
+    );
+    assert_eq!(
+        head(other.upload_url.replace("owner=alice", "owner=bob")).await?,
+        403
+    );
+    let last = other.upload_url.len() - 1;
+    let flipped = if other.upload_url.ends_with('0') {
+        "1"
+    } else {
+        "0"
+    };
+    assert_eq!(
+        head(format!("{}{flipped}", &other.upload_url[..last])).await?,
+        403,
+        "a changed signature"
+    );
+    let brief = create("alice", 1, &app).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(head(brief.upload_url).await?, 403, "expired");
+
+    // Only a service or admin creates for another user; links last at most a day.
+    let refused = create("bob", 600, &alice).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let refused = create("alice", 86_401, &app).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("link_seconds"), "{refused}");
+    mesh.stop().await
+}

@@ -118,6 +118,7 @@ impl Client {
                             ..Default::default()
                         }),
                         idempotency_key: String::new(),
+                        ..Default::default()
                     }))
                     .await
                     .map_err(status)?

@@ -307,9 +307,18 @@ pub async fn serve_with(
                 registration,
             },
         );
+        let links = stowage_ingest::UploadLinks::new(
+            &url_signing_key(&config)?,
+            config
+                .url_signing_key_previous
+                .as_deref()
+                .map(str::as_bytes),
+            format!("{}{}", config.public_base_url(), config.ingest.tus_path),
+        );
         server.merge_http(stowage_ingest::tus_routes(
             sessions.clone(),
             tus_verifier.clone(),
+            Some(links.clone()),
             &config.ingest.tus_path,
         ));
         spawn_sweeper(
@@ -344,7 +353,9 @@ pub async fn serve_with(
         );
         chunk_writes = Some(sessions.clone());
         Some(Arc::new(
-            IngestGrpc::new(uploader, sessions, shutdown.clone()).with_streams(streams),
+            IngestGrpc::new(uploader, sessions, shutdown.clone())
+                .with_streams(streams)
+                .with_links(links),
         ))
     } else {
         None

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     error::Error,
+    links::{MAX_LINK_SECONDS, UploadLinks},
     oneshot::Uploader,
     sessions::{Checksum, ChunkIn, Meta, Sessions},
     streams::EventStreams,
@@ -24,6 +25,7 @@ pub struct IngestGrpc {
     sessions: Sessions,
     shutdown: CancellationToken,
     streams: Option<EventStreams>,
+    links: Option<UploadLinks>,
 }
 
 impl IngestGrpc {
@@ -34,7 +36,14 @@ impl IngestGrpc {
             sessions,
             shutdown,
             streams: None,
+            links: None,
         }
+    }
+
+    /// Signs upload links with `links` (CreateUpload's `link_seconds`).
+    pub fn with_links(mut self, links: UploadLinks) -> Self {
+        self.links = Some(links);
+        self
     }
 
     /// Also serves event streams through `streams`.
@@ -364,14 +373,40 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::CreateUploadResponse>, Status> {
         let caller = identity(&request)?;
         let req = request.into_inner();
+        let owner = if req.user_id.is_empty() {
+            caller.user_id
+        } else {
+            caller.require_privileged()?;
+            req.user_id
+        };
+        if req.link_seconds > MAX_LINK_SECONDS {
+            return Err(stowage_runtime::status::invalid_argument(
+                "link_seconds",
+                format!("must be at most {MAX_LINK_SECONDS}"),
+            ));
+        }
+        let links = match (req.link_seconds, &self.links) {
+            (0, _) => None,
+            (_, Some(links)) => Some(links),
+            (_, None) => {
+                return Err(Status::failed_precondition(
+                    "link_seconds: upload links are not served here",
+                ));
+            }
+        };
         let meta = Meta::from_proto(req.metadata.unwrap_or_default(), "metadata")?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key.as_str());
         let s = self
             .sessions
-            .create(&caller.user_id, req.size_bytes, meta, key)
+            .create(&owner, req.size_bytes, meta, key)
             .await?;
+        let upload_url = links.map_or_else(String::new, |links| {
+            let expires = chrono::Utc::now().timestamp() + i64::from(req.link_seconds);
+            links.sign(&s.id, &owner, expires)
+        });
         Ok(Response::new(pb::CreateUploadResponse {
             session: session(s),
+            upload_url,
         }))
     }
 

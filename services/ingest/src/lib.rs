@@ -3,6 +3,7 @@
 
 mod error;
 mod grpc;
+mod links;
 mod oneshot;
 mod sessions;
 mod sniff;
@@ -13,6 +14,7 @@ mod uploads;
 
 pub use error::{Error, Result};
 pub use grpc::IngestGrpc;
+pub use links::{MAX_LINK_SECONDS, UploadLinks};
 pub use oneshot::{TOUCH_EVERY_MAX, Uploader};
 pub use sessions::{Checksum, ChunkIn, ChunkStream, Meta, Session, SessionSettings, Sessions};
 pub use sniff::{Registration, Sniffed, sniff};

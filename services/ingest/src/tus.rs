@@ -1,13 +1,14 @@
 //! tus 1.0 over HTTP on the gRPC port: core protocol plus creation, creation-with-upload,
 //! creation-defer-length, termination, expiration and checksum (sha1, sha256). It is a third
-//! door onto [`Sessions`]; authentication is the same bearer token as gRPC.
+//! door onto [`Sessions`]; authentication is the same bearer token as gRPC, or on one
+//! session's URL, the signed link CreateUpload handed out (see [`crate::links`]).
 
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     Router,
     body::Body,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{any, post},
@@ -21,6 +22,7 @@ use uuid::Uuid;
 
 use crate::{
     error::Error,
+    links::{LinkQuery, UploadLinks},
     sessions::{Checksum, ChunkIn, Meta, Session, Sessions},
 };
 
@@ -34,6 +36,8 @@ const EXTENSIONS: &str =
 struct Tus {
     sessions: Sessions,
     verifier: Verifier,
+    /// Signed links to one session, taken instead of a token on its URL.
+    links: Option<UploadLinks>,
     base: String,
     /// KiB of checksummed bodies held in memory at once (they are verified whole before
     /// anything is kept); a body waits for room, slowing its client.
@@ -47,8 +51,14 @@ const USER_HELD_KIB: usize = HELD_KIB / 4;
 /// How long a checksummed PATCH waits for room before it is told to retry.
 const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The tus routes under `base` (e.g. `/tus`).
-pub fn routes(sessions: Sessions, verifier: Verifier, base: &str) -> Router {
+/// The tus routes under `base` (e.g. `/tus`); a session's URL also opens to the signed links
+/// of `links`.
+pub fn routes(
+    sessions: Sessions,
+    verifier: Verifier,
+    links: Option<UploadLinks>,
+    base: &str,
+) -> Router {
     let base = base.trim_end_matches('/').to_owned();
     Router::new()
         .route(&base, post(create).options(options))
@@ -57,6 +67,7 @@ pub fn routes(sessions: Sessions, verifier: Verifier, base: &str) -> Router {
         .with_state(Tus {
             sessions,
             verifier,
+            links,
             base,
             held: Arc::new(room::Room::new(HELD_KIB, USER_HELD_KIB)),
         })
@@ -343,6 +354,7 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
 async fn resource(
     State(tus): State<Tus>,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
     method: axum::http::Method,
     headers: HeaderMap,
     body: Body,
@@ -353,12 +365,28 @@ async fn resource(
     if let Err(r) = check_version(&headers) {
         return *r;
     }
-    let caller = match authenticate(&tus, &headers) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
     let Ok(id) = Uuid::parse_str(&id) else {
         return refuse(StatusCode::NOT_FOUND, "no such upload");
+    };
+    let link = uri
+        .query()
+        .and_then(|_| Query::<LinkQuery>::try_from_uri(&uri).ok());
+    let caller = match (&link, &tus.links) {
+        // No token: the URL is a link CreateUpload signed for this session.
+        (Some(Query(link)), Some(links)) if !headers.contains_key(header::AUTHORIZATION) => {
+            match links.check(&id, link, chrono::Utc::now().timestamp()) {
+                Some(owner) => Identity {
+                    user_id: owner,
+                    admin: false,
+                    service: false,
+                },
+                None => return refuse(StatusCode::FORBIDDEN, "invalid or expired upload link"),
+            }
+        }
+        _ => match authenticate(&tus, &headers) {
+            Ok(c) => c,
+            Err(r) => return *r,
+        },
     };
     match method.as_str() {
         "HEAD" => match tus.sessions.get(id, &caller.user_id).await {

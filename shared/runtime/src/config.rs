@@ -36,8 +36,8 @@ pub struct Config {
     pub blob_url: String,
     /// `STOWAGE_PUBLIC_URL`: base of signed download URLs (default `http://{addr}`).
     pub public_url: Option<String>,
-    /// `STOWAGE_URL_SIGNING_KEY`: HMAC key of signed URLs (default: derived from the HS256
-    /// secret; required with JWKS auth).
+    /// `STOWAGE_URL_SIGNING_KEY`: HMAC key of signed download URLs and upload links (default:
+    /// derived from the HS256 secret; required with JWKS auth).
     pub url_signing_key: Option<String>,
     /// `STOWAGE_URL_SIGNING_KEY_PREVIOUS`: the key before the current one, while rotating:
     /// URLs signed with it are still served (new ones are signed with the current key). Keep
