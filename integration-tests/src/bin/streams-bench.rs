@@ -1,6 +1,7 @@
 //! Event streams into one Ingest process: `--streams` clients each append frames of
 //! `--frame` events of about 200 bytes for `--seconds`, keeping `--inflight` frames
-//! unacknowledged; prints events/s sustained, ack latency p50 / p99, the Ingest process's CPU
+//! unacknowledged (or, with `--rate N`, N events/s in all, paced: seed 001's "1000+
+//! events/second with <2% CPU" is `--rate 1000 --streams 1 --frame 100`); prints events/s sustained, ack latency p50 / p99, the Ingest process's CPU
 //! share and peak RSS (and the CPU of PostgreSQL and of this client, which share the
 //! machine), then LZ4 against zstd on the same events. Run by `scripts/bench streams` (not a
 //! test).
@@ -156,15 +157,30 @@ struct Totals {
 }
 
 /// One stream: appends frames, at most `inflight` unacknowledged, until `stop`.
+/// What each stream sends.
+#[derive(Clone, Copy)]
+struct Load {
+    /// Events per frame.
+    frame_events: usize,
+    /// Frames sent and not yet acknowledged, at most.
+    inflight: usize,
+    /// Time between two frames of a stream; none: as fast as they are acknowledged.
+    pace: Option<Duration>,
+}
+
 async fn run_stream(
     addr: SocketAddr,
     token: String,
     index: usize,
-    frame_events: usize,
-    inflight: usize,
+    load: Load,
     totals: Arc<Totals>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
+    let Load {
+        frame_events,
+        inflight,
+        pace,
+    } = load;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(8 << 20)
@@ -188,7 +204,11 @@ async fn run_stream(
             let mut block = encode_field(&make_events(&mut rng, frame_events, 200));
             let mut made = Instant::now();
             let mut seq = 1u64;
+            let mut pacing = pace.map(tokio::time::interval);
             while !stop.load(Ordering::Relaxed) {
+                if let Some(pacing) = pacing.as_mut() {
+                    pacing.tick().await;
+                }
                 let Ok(permit) = slots.acquire().await else {
                     return;
                 };
@@ -364,6 +384,9 @@ async fn main() -> anyhow::Result<()> {
     // the client waits on acknowledgements (events in flight / ack latency) before the server
     // runs out of CPU.
     let inflight = arg("--inflight", 8) as usize;
+    // Events per second in all, paced (0: as fast as they are acknowledged).
+    let rate = arg("--rate", 0);
+    let pace = (rate > 0).then(|| Duration::from_secs_f64((frame * streams) as f64 / rate as f64));
     let warmup = Duration::from_secs(3);
 
     let mut setup = Setup::new().await?;
@@ -390,8 +413,12 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("ingest exited"))?;
     let addr = ingest.addr;
     let user = token("bench", &[]);
+    let paced = match rate {
+        0 => String::new(),
+        n => format!(", paced at {n} events/s in all"),
+    };
     println!(
-        "streams bench: {streams} streams x frames of {frame} events (~200 B), {inflight} frames in flight per stream, {seconds} s after {} s warm-up",
+        "streams bench: {streams} streams x frames of {frame} events (~200 B), {inflight} frames in flight per stream{paced}, {seconds} s after {} s warm-up",
         warmup.as_secs()
     );
 
@@ -407,8 +434,11 @@ async fn main() -> anyhow::Result<()> {
                 addr,
                 user.clone(),
                 i,
-                frame,
-                inflight,
+                Load {
+                    frame_events: frame,
+                    inflight,
+                    pace,
+                },
                 Arc::clone(&totals),
                 Arc::clone(&stop),
             ))
@@ -474,7 +504,7 @@ async fn main() -> anyhow::Result<()> {
         latencies.len()
     );
     println!(
-        "ingest CPU:           {:.0}% of one core ({:.0} events per CPU-second)",
+        "ingest CPU:           {:.1}% of one core ({:.0} events per CPU-second)",
         ingest_cpu * 100.0,
         rate / ingest_cpu.max(1e-9)
     );
@@ -484,7 +514,7 @@ async fn main() -> anyhow::Result<()> {
         memory(pid, "VmHWM:") as f64 / 1048576.0
     );
     println!(
-        "beside it:            PostgreSQL {:.0}% of a core, this client {:.0}% (2 cores in all)",
+        "beside it:            PostgreSQL {:.1}% of a core, this client {:.1}% (2 cores in all)",
         (pg1 - pg0) / elapsed * 100.0,
         (client1 - client0) / elapsed * 100.0
     );
