@@ -917,3 +917,68 @@ async fn one_user_keeps_at_most_a_hundred_uploads_of_unknown_length_open() -> an
     create_session(mesh.channel(), &dana, "room again", None, "").await?;
     mesh.stop().await
 }
+
+/// A disk that fails under a stream of chunks (the staging file swapped for /dev/full, which
+/// refuses every write): the stream fails, no offset past the failure is recorded, and once
+/// the disk is back the client resumes from the last good offset to a byte-exact file.
+#[tokio::test]
+async fn a_disk_failing_under_a_stream_records_no_offset_past_it() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let root = setup
+        .blob_dir
+        .as_ref()
+        .map(|d| d.path().to_owned())
+        .expect("a local-disk store");
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let piece = 4 << 20;
+    let data = random_bytes(3 * piece);
+    let s = create_session(
+        mesh.channel(),
+        &alice,
+        "disk.bin",
+        Some(data.len() as u64),
+        "",
+    )
+    .await?;
+    let first = write_chunks(
+        mesh.channel(),
+        &alice,
+        &s.id,
+        vec![(0, data[..piece].to_vec())],
+    )
+    .await?;
+    assert_eq!(first.offset, piece as u64);
+
+    let staged = root.join("staging").join(&s.id).join("data");
+    let kept = staged.with_file_name("data.kept");
+    std::fs::rename(&staged, &kept)?;
+    std::os::unix::fs::symlink("/dev/full", &staged)?;
+    let rest = |from: usize| {
+        (from..data.len())
+            .step_by(piece)
+            .map(|o| (o as u64, data[o..o + piece].to_vec()))
+            .collect::<Vec<_>>()
+    };
+    let failed = write_chunks(mesh.channel(), &alice, &s.id, rest(piece)).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let now = get_session(mesh.channel(), &alice, &s.id).await?;
+    assert_eq!(
+        now.offset, piece as u64,
+        "nothing recorded past the failure"
+    );
+
+    std::fs::remove_file(&staged)?;
+    std::fs::rename(&kept, &staged)?;
+    let resumed = write_chunks(mesh.channel(), &alice, &s.id, rest(now.offset as usize)).await?;
+    assert_eq!(resumed.offset, data.len() as u64);
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    let (_, bytes) =
+        stowage_integration_tests::download(mesh.channel(), &alice, &file.id, None).await?;
+    assert!(
+        bytes == data,
+        "the stored file is the source, byte for byte"
+    );
+    assert_eq!(file.sha256, sha256(&data));
+    mesh.stop().await
+}
