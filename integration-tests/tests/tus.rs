@@ -10,6 +10,30 @@ fn js_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js")
 }
 
+/// Runs `node {script} {args}` in the js directory, with `STOWAGE_TOKEN` set to `token` when
+/// given; its output, once it succeeded.
+async fn node(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    token: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(js_dir().join(script))
+        .args(args)
+        .current_dir(js_dir());
+    if let Some(token) = token {
+        command.env("STOWAGE_TOKEN", token);
+    }
+    let out = command.output().await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "node {script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[tokio::test]
 async fn tus_js_client_uploads_and_resumes_after_a_cut() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
@@ -22,22 +46,19 @@ async fn tus_js_client_uploads_and_resumes_after_a_cut() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("clip.bin");
     std::fs::write(&path, &data)?;
-    let out = tokio::process::Command::new("node")
-        .arg(js_dir().join("tus-upload.mjs"))
-        .arg(format!("http://{}/tus/", mesh.addr))
-        .arg(&path)
-        .arg("holiday clip.mp4")
-        .arg("trip,2026")
-        .env("STOWAGE_TOKEN", &alice)
-        .current_dir(js_dir())
-        .output()
-        .await?;
-    assert!(
-        out.status.success(),
-        "node failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report = parse_report(&String::from_utf8_lossy(&out.stdout))?;
+    let endpoint = format!("http://{}/tus/", mesh.addr);
+    let out = node(
+        "tus-upload.mjs",
+        &[
+            endpoint.as_ref(),
+            path.as_ref(),
+            "holiday clip.mp4".as_ref(),
+            "trip,2026".as_ref(),
+        ],
+        Some(&alice),
+    )
+    .await?;
+    let report = parse_report(&out)?;
     assert!(
         report.offset_after_cut > 0 && report.offset_after_cut < data.len() as u64,
         "cut at {}",
@@ -411,18 +432,8 @@ async fn an_upload_link_lets_a_client_without_a_token_upload_one_file() -> anyho
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("photo.bin");
     std::fs::write(&path, &data)?;
-    let out = tokio::process::Command::new("node")
-        .arg(js_dir().join("tus-link.mjs"))
-        .arg(&link)
-        .arg(&path)
-        .current_dir(js_dir())
-        .output()
-        .await?;
-    assert!(
-        out.status.success(),
-        "node failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // No token: the link is all it has.
+    node("tus-link.mjs", &[link.as_ref(), path.as_ref()], None).await?;
     let listed = stowage_integration_tests::files(mesh.channel())
         .list_files(authed(pb::ListFilesRequest::default(), &alice))
         .await?
