@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+pub mod cpu;
+
 use futures::StreamExt;
 use rand::RngCore;
 use sha2::{Digest, Sha256};

@@ -25,6 +25,7 @@ use futures::StreamExt;
 use prost::Message;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use stowage::Role;
+use stowage_integration_tests::cpu;
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Processes, Setup, authed, token};
 use tonic::codec::{Codec, EncodeBuf, Encoder};
@@ -263,42 +264,6 @@ async fn run_stream(
     Ok(())
 }
 
-/// CPU seconds (user + system) of process `pid`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    ticks / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |t| t as f64)
-}
-
-/// CPU seconds of every process named `name`.
-fn cpu_seconds_of(name: &str) -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
-        })
-        .map(cpu_seconds)
-        .sum()
-}
-
 /// `VmHWM` / `VmRSS` of process `pid`, in bytes.
 fn memory(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -447,9 +412,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(warmup).await;
     let me = std::process::id();
     let (ingest0, pg0, client0) = (
-        cpu_seconds(pid),
-        cpu_seconds_of("postgres"),
-        cpu_seconds(me),
+        cpu::seconds(pid),
+        cpu::seconds_of("postgres"),
+        cpu::seconds(me),
     );
     let started = Instant::now();
     totals.measuring.store(true, Ordering::Relaxed);
@@ -474,9 +439,9 @@ async fn main() -> anyhow::Result<()> {
     totals.measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     let (ingest1, pg1, client1) = (
-        cpu_seconds(pid),
-        cpu_seconds_of("postgres"),
-        cpu_seconds(me),
+        cpu::seconds(pid),
+        cpu::seconds_of("postgres"),
+        cpu::seconds(me),
     );
     stop.store(true, Ordering::Relaxed);
     for task in tasks {

@@ -20,7 +20,7 @@ use std::{
 use bytes::Bytes;
 use stowage::Role;
 use stowage_integration_tests::{
-    complete, create_session, put_chunk, random_bytes, upload, write_chunks,
+    complete, cpu, create_session, put_chunk, random_bytes, upload, write_chunks,
 };
 use stowage_testkit::{Processes, Setup, channel, token};
 use tonic::transport::Channel;
@@ -154,28 +154,6 @@ fn durable_small_files(dir: &std::path::Path) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// CPU time used so far, in clock ticks: by process `pid` (all its threads), or by the whole
-/// machine (`None`: every core's busy time, from /proc/stat).
-fn cpu_ticks(pid: Option<u32>) -> anyhow::Result<u64> {
-    let Some(pid) = pid else {
-        let stat = std::fs::read_to_string("/proc/stat")?;
-        let line = stat.lines().next().unwrap_or_default();
-        // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
-        let fields: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
-        return Ok(fields.iter().sum::<u64>() - fields[3] - fields[4]);
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // After the command name (in parentheses): utime and stime are the 12th and 13th fields.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
-}
-
 /// CPU seconds used by Stowage's process, the bench's own (its client) and the whole machine.
 #[derive(Default, Clone, Copy)]
 struct Cpu {
@@ -185,14 +163,12 @@ struct Cpu {
 }
 
 impl Cpu {
-    fn now(server: Option<u32>) -> anyhow::Result<Self> {
-        // USER_HZ, which /proc reports in: 100 on every Linux this runs on.
-        let tick = 100.0;
-        Ok(Self {
-            server: cpu_ticks(server)? as f64 / tick,
-            client: cpu_ticks(Some(std::process::id()))? as f64 / tick,
-            machine: cpu_ticks(None)? as f64 / tick,
-        })
+    fn now(server: u32) -> Self {
+        Self {
+            server: cpu::seconds(server),
+            client: cpu::seconds(std::process::id()),
+            machine: cpu::machine_busy(),
+        }
     }
 
     fn since(self, before: Self) -> Self {
@@ -520,11 +496,14 @@ async fn main() -> anyhow::Result<()> {
         // median of each is compared.
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         let mut cpu = Cpu::default();
-        let server_pid = stowage.process(Role::Ingest).pid();
+        let server_pid = stowage
+            .process(Role::Ingest)
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("stowage exited"))?;
         for _ in 0..BIG_ROUNDS {
-            let before = Cpu::now(server_pid)?;
+            let before = Cpu::now(server_pid);
             ours.push(stowage_big(&server, &alice, &data).await?);
-            let used = Cpu::now(server_pid)?.since(before);
+            let used = Cpu::now(server_pid).since(before);
             cpu.server += used.server;
             cpu.client += used.client;
             cpu.machine += used.machine;
