@@ -350,3 +350,48 @@ async fn a_media_worker_killed_mid_job_leaves_no_duplicates_and_no_orphans() -> 
     assert_eq!(counted, 0);
     Ok(())
 }
+
+/// A release Files cannot take in time (its table locked past the peer deadline) fails, and
+/// the same release tried again once Files answers goes through: the file is not left
+/// quarantined in Files while Media counts it released.
+#[tokio::test]
+async fn a_release_files_could_not_take_goes_through_when_tried_again() -> anyhow::Result<()> {
+    let clamd = LocalClamd::start().await?;
+    let setup = Setup::new().await?;
+    let url = clamd.url();
+    let mesh = Mesh::start_with(&setup, |config| {
+        config.media.clamd_url = Some(url);
+        config.peers.timeout = Some(Duration::from_secs(1));
+    })
+    .await?;
+    let (alice, admin) = (token("alice", &[]), token("root", &["admin"]));
+    let infected = upload(mesh.channel(), &alice, "eicar.com", EICAR, &[]).await?;
+    let seen = wait_processed(mesh.channel(), &admin, &infected.id, PATIENCE).await?;
+    assert_eq!(seen.status, pb::FileStatus::Quarantined as i32);
+    let release = || {
+        let mut media = MediaClient::new(mesh.channel());
+        let request = authed(
+            pb::ReleaseQuarantinedRequest {
+                file_id: infected.id.clone(),
+            },
+            &admin,
+        );
+        async move { media.release_quarantined(request).await }
+    };
+
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let mut blocker = pool.get().await?;
+    let lock = blocker.transaction().await?;
+    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let failed = release().await;
+    lock.rollback().await?;
+    assert!(failed.is_err(), "Files could not answer: {failed:?}");
+    assert_eq!(quarantine(&mesh, &admin).await?.len(), 1, "still held");
+
+    release().await?;
+    let released = wait_processed(mesh.channel(), &alice, &infected.id, PATIENCE).await?;
+    assert_eq!(released.status, pb::FileStatus::Ready as i32);
+    assert!(quarantine(&mesh, &admin).await?.is_empty());
+    mesh.stop().await
+}
