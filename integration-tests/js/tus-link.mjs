@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs';
 
 const [uploadUrl, path] = process.argv.slice(2);
 const data = readFileSync(path);
-await new Promise((resolve, reject) => {
+const url = await new Promise((resolve, reject) => {
   const upload = new tus.Upload(data, {
     uploadUrl,
     chunkSize: 1 << 20,
@@ -17,4 +17,4 @@ await new Promise((resolve, reject) => {
   });
   upload.start();
 });
-console.log(JSON.stringify({ url: uploadUrl }));
+console.log(JSON.stringify({ url }));

@@ -492,13 +492,67 @@ async fn an_upload_link_lets_a_client_without_a_token_upload_one_file() -> anyho
         403,
         "a changed signature"
     );
-    let brief = create("alice", 1, &app).await?;
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let brief = create("alice", 2, &app).await?;
+    assert_eq!(head(brief.upload_url.clone()).await?, 200, "fresh");
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
     assert_eq!(head(brief.upload_url).await?, 403, "expired");
+    // A link is no token elsewhere: creating a session with its query is refused, and a
+    // download link's signature does not open an upload.
+    let query = link
+        .split_once('?')
+        .map(|(_, q)| q.to_owned())
+        .unwrap_or_default();
+    let created = http
+        .post(format!("http://{}/tus?{query}", mesh.addr))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "10")
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    assert_eq!(created, 401);
+    let download = stowage_integration_tests::files(mesh.channel())
+        .get_download_url(authed(
+            pb::GetDownloadUrlRequest {
+                file_id: listed[0].id.clone(),
+                expires_in_seconds: 600,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .url;
+    let download_query = download
+        .split_once('?')
+        .map(|(_, q)| q.to_owned())
+        .unwrap_or_default();
+    let signed_for_files = format!(
+        "http://{}/tus/{other_id}?owner=alice&{download_query}",
+        mesh.addr
+    );
+    assert_eq!(
+        head(signed_for_files).await?,
+        403,
+        "a download link's signature"
+    );
+    // A token wins over a link: another user's token on a valid link is refused.
+    let bob = token("bob", &[]);
+    let with_token = http
+        .head(other.upload_url.clone())
+        .header("tus-resumable", "1.0.0")
+        .bearer_auth(&bob)
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    assert_eq!(with_token, 404, "bob's own view: no such upload");
 
-    // Only a service or admin creates for another user; links last at most a day.
+    // Only a service or admin creates for another user (naming oneself is fine); links last
+    // at most a day.
     let refused = create("bob", 600, &alice).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(create("alice", 0, &alice).await?.upload_url.is_empty());
     let refused = create("alice", 86_401, &app).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("link_seconds"), "{refused}");

@@ -313,7 +313,7 @@ pub async fn serve_with(
                 .url_signing_key_previous
                 .as_deref()
                 .map(str::as_bytes),
-            format!("{}{}", config.public_base_url(), config.ingest.tus_path),
+            config.upload_link_base(),
         );
         server.merge_http(stowage_ingest::tus_routes(
             sessions.clone(),

@@ -157,7 +157,6 @@ struct Totals {
     measuring: AtomicBool,
 }
 
-/// One stream: appends frames, at most `inflight` unacknowledged, until `stop`.
 /// What each stream sends.
 #[derive(Clone, Copy)]
 struct Load {
@@ -169,6 +168,7 @@ struct Load {
     pace: Option<Duration>,
 }
 
+/// One stream: appends frames, at most `inflight` unacknowledged, until `stop`.
 async fn run_stream(
     addr: SocketAddr,
     token: String,

@@ -373,7 +373,7 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::CreateUploadResponse>, Status> {
         let caller = identity(&request)?;
         let req = request.into_inner();
-        let owner = if req.user_id.is_empty() {
+        let owner = if req.user_id.is_empty() || req.user_id == caller.user_id {
             caller.user_id
         } else {
             caller.require_privileged()?;

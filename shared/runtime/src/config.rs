@@ -375,6 +375,10 @@ pub struct IngestConfig {
     pub sweep_interval: Duration,
     /// `STOWAGE_INGEST__TUS_PATH`: where the tus endpoint lives on the HTTP port.
     pub tus_path: String,
+    /// `STOWAGE_INGEST__PUBLIC_URL`: base of upload links, where clients reach Ingest's tus
+    /// endpoint (default `STOWAGE_PUBLIC_URL`, for a gateway that routes the tus path of that
+    /// host to Ingest).
+    pub public_url: Option<String>,
     /// `STOWAGE_INGEST__STREAMS__*`: event streams.
     pub streams: StreamsConfig,
 }
@@ -460,6 +464,7 @@ impl Default for IngestConfig {
             max_chunk: ByteSize::mib(64),
             sweep_interval: Duration::from_secs(60),
             tus_path: "/tus".into(),
+            public_url: None,
             streams: StreamsConfig::default(),
         }
     }
@@ -571,6 +576,14 @@ impl Config {
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
             return fail("STOWAGE_PUBLIC_URL", "must start with http:// or https://");
+        }
+        if let Some(url) = &self.ingest.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return fail(
+                "STOWAGE_INGEST__PUBLIC_URL",
+                "must start with http:// or https://",
+            );
         }
         if self.max_message_size.as_u64() < 1024 * 1024 {
             return fail("STOWAGE_MAX_MESSAGE_SIZE", "must be at least 1 MiB");
@@ -769,6 +782,15 @@ impl Config {
     }
 
     /// Base URL of signed links.
+    /// Base of upload links (no trailing `/`): where clients reach Ingest's tus endpoint.
+    pub fn upload_link_base(&self) -> String {
+        let host = match &self.ingest.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => self.public_base_url(),
+        };
+        format!("{host}{}", self.ingest.tus_path)
+    }
+
     pub fn public_base_url(&self) -> String {
         match &self.public_url {
             Some(url) => url.trim_end_matches('/').to_owned(),
@@ -854,6 +876,17 @@ mod tests {
         let mut config = valid();
         config.connections.max = 0;
         refused_naming(&config, "STOWAGE_CONNECTIONS__MAX");
+    }
+
+    #[test]
+    fn upload_links_point_at_ingest_where_it_is_reached() {
+        let mut config = valid();
+        config.public_url = Some("https://files.example.com".into());
+        assert_eq!(config.upload_link_base(), "https://files.example.com/tus");
+        config.ingest.public_url = Some("https://upload.example.com/".into());
+        assert_eq!(config.upload_link_base(), "https://upload.example.com/tus");
+        config.ingest.public_url = Some("upload.example.com".into());
+        refused_naming(&config, "STOWAGE_INGEST__PUBLIC_URL");
     }
 
     #[test]
