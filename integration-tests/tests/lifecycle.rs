@@ -2131,3 +2131,32 @@ async fn runs_older_than_ninety_days_go() -> anyhow::Result<()> {
     );
     mesh.stop().await
 }
+
+/// After a user's files change, the debounced recheck announces what it measured
+/// (`usage.measured`, as seed 000's storage scan publishes each user's size).
+#[tokio::test]
+async fn a_users_size_is_announced_after_their_files_change() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.lifecycle.recheck_debounce = Duration::from_millis(200);
+    })
+    .await?;
+    let uma = token("uma", &[]);
+    upload(mesh.channel(), &uma, "u.bin", &random_bytes(1000), &[]).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    stowage_integration_tests::eventually(PATIENCE, "uma's size announced", || async {
+        let rows = conn
+            .query(
+                "SELECT payload FROM lifecycle.outbox WHERE topic = 'usage.measured' AND key = 'uma'",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().any(|r| {
+            let payload: serde_json::Value = r.get(0);
+            payload["stored_bytes"] == 1000 && payload["used_bytes"] == 1000
+        }))
+    })
+    .await?;
+    mesh.stop().await
+}

@@ -393,7 +393,13 @@ impl Lifecycle {
         for (user, attempts) in &due {
             metrics::counter!("stowage_lifecycle_rechecks_total").increment(1);
             match self.observe_usage(user).await {
-                Ok(observed) => seen.push(observed),
+                Ok(observed) => {
+                    // Not worth losing the other rechecks for: the next change announces.
+                    if let Err(status) = self.announce_usage(&observed).await {
+                        tracing::warn!(user, %status, "usage measured but not announced");
+                    }
+                    seen.push(observed);
+                }
                 Err(status) if *attempts + 1 < RECHECK_ATTEMPTS => {
                     // Again after a backoff (unless an event asked for one meanwhile).
                     let wait = RECHECK_BACKOFF.as_secs_f64() * 2f64.powi(*attempts);
@@ -417,6 +423,28 @@ impl Lifecycle {
         self.repair_settled(seen, &repair_key("recheck"), false, &mut tally)
             .await;
         Ok(due.len())
+    }
+
+    /// Tells subscribers what `observed` found (`usage.measured`): a user's size after their
+    /// files changed, as a storage scan would publish it.
+    async fn announce_usage(&self, observed: &crate::usage::Observed) -> Result<(), tonic::Status> {
+        let payload = serde_json::json!({
+            "user_id": observed.user_id,
+            "stored_bytes": observed.stored,
+            "used_bytes": observed.used,
+            "reserved_bytes": observed.reserved,
+        });
+        let conn = self.pool.get().await.map_err(db)?;
+        stowage_events::stage(
+            &conn,
+            crate::SCHEMA,
+            stowage_events::topics::USAGE_MEASURED,
+            &observed.user_id,
+            &payload,
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     /// The latest history event of each user, by user id after `after`.

@@ -48,6 +48,9 @@ pub mod topics {
     pub const MEDIA_FAILED: &str = "media.failed";
     /// A file was quarantined by the scanner (Media).
     pub const MEDIA_QUARANTINED: &str = "media.quarantined";
+    /// A user's storage was measured after their files changed (Lifecycle's debounced
+    /// recheck, at most one per user every 10 s): bytes stored, charged and held.
+    pub const USAGE_MEASURED: &str = "usage.measured";
 }
 
 mod embedded {
