@@ -1,18 +1,13 @@
 //! CPU time from /proc, for the benchmarks' accounts of where the time went.
 
-/// CPU seconds (user + system) of process `pid`.
-pub fn seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
+/// CPU seconds (user + system) of process `pid`; `None` if it cannot be read (gone).
+pub fn seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let (_, rest) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    ticks / clock_ticks()
+    let (user, system): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some((user + system) / clock_ticks())
 }
 
 fn clock_ticks() -> f64 {
@@ -22,7 +17,7 @@ fn clock_ticks() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
-/// CPU seconds of every process named `name`.
+/// CPU seconds of every process named `name` (one that exits meanwhile counts nothing).
 pub fn seconds_of(name: &str) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
@@ -32,15 +27,14 @@ pub fn seconds_of(name: &str) -> f64 {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
         })
-        .map(seconds)
+        .filter_map(seconds)
         .sum()
 }
 
-/// Busy CPU seconds of the whole machine so far (every core; all but idle and I/O wait).
-pub fn machine_busy() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
-    };
+/// Busy CPU seconds of the whole machine so far (every core; all but idle and I/O wait);
+/// `None` if /proc/stat cannot be read.
+pub fn machine_busy() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
     // cpu  user nice system idle iowait irq softirq steal
     let fields: Vec<f64> = stat
         .lines()
@@ -52,7 +46,7 @@ pub fn machine_busy() -> f64 {
         .filter_map(|v| v.parse().ok())
         .collect();
     if fields.len() < 8 {
-        return 0.0;
+        return None;
     }
-    (fields.iter().sum::<f64>() - fields[3] - fields[4]) / clock_ticks()
+    Some((fields.iter().sum::<f64>() - fields[3] - fields[4]) / clock_ticks())
 }

@@ -412,9 +412,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(warmup).await;
     let me = std::process::id();
     let (ingest0, pg0, client0) = (
-        cpu::seconds(pid),
+        cpu::seconds(pid).ok_or_else(|| anyhow::anyhow!("ingest exited"))?,
         cpu::seconds_of("postgres"),
-        cpu::seconds(me),
+        cpu::seconds(me).unwrap_or_default(),
     );
     let started = Instant::now();
     totals.measuring.store(true, Ordering::Relaxed);
@@ -439,9 +439,9 @@ async fn main() -> anyhow::Result<()> {
     totals.measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     let (ingest1, pg1, client1) = (
-        cpu::seconds(pid),
+        cpu::seconds(pid).ok_or_else(|| anyhow::anyhow!("ingest exited"))?,
         cpu::seconds_of("postgres"),
-        cpu::seconds(me),
+        cpu::seconds(me).unwrap_or_default(),
     );
     stop.store(true, Ordering::Relaxed);
     for task in tasks {

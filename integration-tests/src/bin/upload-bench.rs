@@ -163,12 +163,13 @@ struct Cpu {
 }
 
 impl Cpu {
-    fn now(server: u32) -> Self {
-        Self {
-            server: cpu::seconds(server),
-            client: cpu::seconds(std::process::id()),
-            machine: cpu::machine_busy(),
-        }
+    fn now(server: u32) -> anyhow::Result<Self> {
+        let unread = || anyhow::anyhow!("CPU time not readable from /proc");
+        Ok(Self {
+            server: cpu::seconds(server).ok_or_else(unread)?,
+            client: cpu::seconds(std::process::id()).ok_or_else(unread)?,
+            machine: cpu::machine_busy().ok_or_else(unread)?,
+        })
     }
 
     fn since(self, before: Self) -> Self {
@@ -501,9 +502,9 @@ async fn main() -> anyhow::Result<()> {
             .pid()
             .ok_or_else(|| anyhow::anyhow!("stowage exited"))?;
         for _ in 0..BIG_ROUNDS {
-            let before = Cpu::now(server_pid);
+            let before = Cpu::now(server_pid)?;
             ours.push(stowage_big(&server, &alice, &data).await?);
-            let used = Cpu::now(server_pid).since(before);
+            let used = Cpu::now(server_pid)?.since(before);
             cpu.server += used.server;
             cpu.client += used.client;
             cpu.machine += used.machine;
