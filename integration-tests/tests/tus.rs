@@ -154,13 +154,7 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
     let early = patch("10", data[10..20].to_vec())
         .header(
             "upload-checksum",
-            format!(
-                "sha1 {}",
-                base64::Engine::encode(
-                    &base64::engine::general_purpose::STANDARD,
-                    sha1_of(&data[10..20])
-                )
-            ),
+            format!("sha1 {}", base64_of(&sha1_of(&data[10..20]))),
         )
         .send()
         .await?;
@@ -188,8 +182,7 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         "as created"
     );
 
-    use base64::Engine;
-    let good = base64::engine::general_purpose::STANDARD.encode(sha1_of(&data[40..]));
+    let good = base64_of(&sha1_of(&data[40..]));
     let last = patch("40", data[40..].to_vec())
         .header("upload-checksum", format!("sha1 {good}"))
         .send()
@@ -254,8 +247,7 @@ async fn a_database_refusal_answers_500_and_loses_nothing() -> anyhow::Result<()
     let http = reqwest::Client::new();
     let base = format!("http://{}/tus", mesh.addr);
     let create = |name: &str, length: usize| {
-        use base64::Engine;
-        let name = base64::engine::general_purpose::STANDARD.encode(name);
+        let name = base64_of(name.as_bytes());
         tus(&http, Method::POST, &base, &bearer)
             .header("upload-length", length.to_string())
             .header("upload-metadata", format!("filename {name}"))
@@ -557,4 +549,88 @@ async fn an_upload_link_lets_a_client_without_a_token_upload_one_file() -> anyho
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("link_seconds"), "{refused}");
     mesh.stop().await
+}
+
+/// Checksummed bodies are held whole before they are verified, in a room of 256 MiB of which
+/// one user takes at most 64: a user whose four 64 MiB bodies stall (enough to fill the whole
+/// room) waits on their own share, and another user's checksummed body still goes through.
+#[tokio::test]
+async fn one_users_stalled_bodies_leave_room_for_the_others() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let (hog, fair) = (
+        format!("Bearer {}", token("hog", &[])),
+        format!("Bearer {}", token("fair", &[])),
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/tus", mesh.addr);
+    let create = |who: &str, size: usize| {
+        let request =
+            tus(&http, Method::POST, &base, who).header("upload-length", size.to_string());
+        let addr = mesh.addr;
+        async move {
+            let created = request.send().await?;
+            anyhow::ensure!(created.status() == 201, "{}", created.status());
+            Ok(format!(
+                "http://{addr}{}",
+                created.headers()["location"].to_str()?
+            ))
+        }
+    };
+    let big = 64 << 20;
+    // Four bodies of 64 MiB (the most one checksummed PATCH may hold) that send 1 KiB and
+    // stall: their senders are kept until the end.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let url = create(&hog, big).await?;
+        let (sender, body) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+        sender.send(Ok(vec![0u8; 1024])).await?;
+        let request = tus(&http, Method::PATCH, &url, &hog)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", "0")
+            .header(
+                "upload-checksum",
+                format!("sha1 {}", base64_of(&sha1_of(b"x"))),
+            )
+            .header("content-length", big.to_string())
+            .body(reqwest::Body::wrap_stream(
+                tokio_stream::wrappers::ReceiverStream::new(body),
+            ));
+        stalled.push((sender, tokio::spawn(request.send())));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let data = random_bytes(1 << 20);
+    let url = create(&fair, data.len()).await?;
+    let sent = tus(&http, Method::PATCH, &url, &fair)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .header(
+            "upload-checksum",
+            format!("sha1 {}", base64_of(&sha1_of(&data))),
+        )
+        .body(data.clone())
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await?;
+    assert_eq!(sent.status(), 204, "fair's body found room");
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(
+            pb::ListFilesRequest::default(),
+            &fair["Bearer ".len()..],
+        ))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].sha256, sha256(&data));
+    for (sender, request) in stalled {
+        drop(sender);
+        request.abort();
+    }
+    mesh.stop().await
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
 }
