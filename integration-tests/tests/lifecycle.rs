@@ -2160,3 +2160,45 @@ async fn a_users_size_is_announced_after_their_files_change() -> anyhow::Result<
     .await?;
     mesh.stop().await
 }
+
+/// A recheck waiting on its backoff after failures becomes a fresh one when the user's files
+/// change again, capped like any other: it runs within 10 s of that change, not at the end of
+/// its backoff (here an hour) or of the debounce (here a minute).
+#[tokio::test]
+async fn a_new_change_brings_a_retried_recheck_under_the_cap_again() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.lifecycle.recheck_debounce = Duration::from_secs(60);
+    })
+    .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.execute(
+        "INSERT INTO lifecycle.rechecks (user_id, due_at, attempts, first_at)
+         VALUES ('rex', now() + interval '1 hour', 3, now() - interval '1 hour')",
+        &[],
+    )
+    .await?;
+    upload(
+        mesh.channel(),
+        &token("rex", &[]),
+        "r.bin",
+        &random_bytes(100),
+        &[],
+    )
+    .await?;
+    // Within 30 s: before the debounce (60 s) or the backoff (an hour) would have run it.
+    stowage_integration_tests::eventually(Duration::from_secs(30), "rex's recheck run", || async {
+        let n: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM lifecycle.rechecks WHERE user_id = 'rex'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(n == 0)
+    })
+    .await?;
+    mesh.stop().await
+}
