@@ -26,6 +26,7 @@ use stowage_runtime::{
         self, FilesApi, GrpcFiles, GrpcIngest, GrpcMedia, GrpcQuota, IngestApi, LocalFiles,
         LocalIngest, LocalMedia, LocalQuota, MediaApi, QuotaApi, ServiceAuth,
     },
+    signing::SigningKeys,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -128,17 +129,23 @@ fn outbox_schema(role: Role) -> Option<&'static str> {
     }
 }
 
-/// HMAC key of signed URLs: configured, or derived from the HS256 secret.
-fn url_signing_key(config: &Config) -> anyhow::Result<Vec<u8>> {
+/// Keys of signed download URLs and upload links: configured, or derived from the HS256
+/// secret; with the key being rotated out, when set.
+fn signing_keys(config: &Config) -> anyhow::Result<SigningKeys> {
+    let previous = config
+        .url_signing_key_previous
+        .as_deref()
+        .map(str::as_bytes);
     if let Some(key) = &config.url_signing_key {
-        return Ok(key.as_bytes().to_vec());
+        return Ok(SigningKeys::new(key.as_bytes(), previous));
     }
     let secret = config
         .auth
         .hs256_secret
         .as_ref()
         .context("STOWAGE_URL_SIGNING_KEY: required")?;
-    Ok(Sha256::digest(format!("stowage-url-signing\0{secret}")).to_vec())
+    let derived = Sha256::digest(format!("stowage-url-signing\0{secret}"));
+    Ok(SigningKeys::new(&derived, previous))
 }
 
 fn peer_url<'a>(url: &'a Option<String>, var: &str) -> anyhow::Result<&'a str> {
@@ -236,13 +243,7 @@ pub async fn serve_with(
         Registration::Ready
     };
     let files_local = if roles.contains(&Role::Files) {
-        let signer = UrlSigner::new(&url_signing_key(&config)?, config.public_base_url())
-            .with_previous(
-                config
-                    .url_signing_key_previous
-                    .as_deref()
-                    .map(str::as_bytes),
-            );
+        let signer = UrlSigner::new(signing_keys(&config)?, config.public_base_url());
         server.merge_http(stowage_files::http_routes(
             catalog.clone(),
             Arc::clone(&blobs.store),
@@ -307,14 +308,8 @@ pub async fn serve_with(
                 registration,
             },
         );
-        let links = stowage_ingest::UploadLinks::new(
-            &url_signing_key(&config)?,
-            config
-                .url_signing_key_previous
-                .as_deref()
-                .map(str::as_bytes),
-            config.upload_link_base(),
-        );
+        let links =
+            stowage_ingest::UploadLinks::new(signing_keys(&config)?, config.upload_link_base());
         server.merge_http(stowage_ingest::tus_routes(
             sessions.clone(),
             tus_verifier.clone(),

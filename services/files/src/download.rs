@@ -13,9 +13,8 @@ use axum::{
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt, stream::BoxStream};
-use hmac::{Hmac, KeyInit, Mac};
 use object_store::{GetOptions, GetRange, ObjectStore, path::Path as ObjectPath};
-use sha2::Sha256;
+use stowage_runtime::signing::SigningKeys;
 use uuid::Uuid;
 
 use crate::{
@@ -166,52 +165,26 @@ fn rechunk(
 /// Signs and checks download URLs.
 #[derive(Clone)]
 pub struct UrlSigner {
-    key: Vec<u8>,
-    /// The key before `key` while it is being rotated: URLs signed with it still pass.
-    previous: Option<Vec<u8>>,
+    keys: SigningKeys,
     base: String,
 }
 
-type HmacSha256 = Hmac<Sha256>;
-
 impl UrlSigner {
-    /// Signs with `key`; URLs start with `base` (e.g. `https://files.example.com`).
-    pub fn new(key: &[u8], base: String) -> Self {
-        Self {
-            key: key.to_vec(),
-            previous: None,
-            base,
-        }
+    /// Signs with `keys`; URLs start with `base` (e.g. `https://files.example.com`).
+    pub fn new(keys: SigningKeys, base: String) -> Self {
+        Self { keys, base }
     }
 
-    /// Also accepts URLs signed with `previous`, the key `key` replaces.
-    pub fn with_previous(mut self, previous: Option<&[u8]>) -> Self {
-        self.previous = previous.map(<[u8]>::to_vec);
-        self
-    }
-
-    fn mac(
-        key: &[u8],
-        file_id: &Uuid,
-        variant: &str,
-        expires: i64,
-        attachment: bool,
-    ) -> HmacSha256 {
-        // HMAC accepts keys of any length.
-        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| {
-            <HmacSha256 as KeyInit>::new_from_slice(b"stowage").unwrap_or_else(|_| unreachable!())
-        });
-        mac.update(format!("{file_id}\n{variant}\n{expires}\n{}", u8::from(attachment)).as_bytes());
-        mac
+    /// What a URL's signature covers.
+    fn message(file_id: &Uuid, variant: &str, expires: i64, attachment: bool) -> String {
+        format!("{file_id}\n{variant}\n{expires}\n{}", u8::from(attachment))
     }
 
     /// A URL valid until `expires` (unix seconds).
     pub fn sign(&self, file_id: &Uuid, variant: &str, expires: i64, attachment: bool) -> String {
-        let sig = hex::encode(
-            Self::mac(&self.key, file_id, variant, expires, attachment)
-                .finalize()
-                .into_bytes(),
-        );
+        let sig = self
+            .keys
+            .sign(&Self::message(file_id, variant, expires, attachment));
         let mut url = format!("{}/v1/blobs/{file_id}?exp={expires}&sig={sig}", self.base);
         if !variant.is_empty() {
             url.push_str(&format!(
@@ -226,16 +199,12 @@ impl UrlSigner {
     }
 
     fn verify(&self, file_id: &Uuid, query: &SignedQuery) -> bool {
-        let Ok(sig) = hex::decode(&query.sig) else {
-            return false;
-        };
         let attachment = query.dl.as_deref() == Some("1");
         let variant = query.variant.as_deref().unwrap_or("");
-        std::iter::once(&self.key).chain(&self.previous).any(|key| {
-            Self::mac(key, file_id, variant, query.exp, attachment)
-                .verify_slice(&sig)
-                .is_ok()
-        })
+        self.keys.verify(
+            &Self::message(file_id, variant, query.exp, attachment),
+            &query.sig,
+        )
     }
 }
 
@@ -468,7 +437,7 @@ mod tests {
 
     #[test]
     fn signatures_bind_file_variant_and_expiry() {
-        let signer = UrlSigner::new(b"k", "http://x".into());
+        let signer = UrlSigner::new(SigningKeys::new(b"k", None), "http://x".into());
         let id = Uuid::now_v7();
         let url = signer.sign(&id, "", 100, false);
         let sig = url.split("sig=").nth(1).unwrap().to_owned();

@@ -4,8 +4,7 @@
 //! under an HMAC with the URL signing key (the one Files signs download links with, in
 //! another domain: a download link's signature never passes here, nor the reverse).
 
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use stowage_runtime::signing::SigningKeys;
 use uuid::Uuid;
 
 /// Longest lifetime of an upload link.
@@ -14,9 +13,7 @@ pub const MAX_LINK_SECONDS: u32 = 24 * 3600;
 /// Signs and checks upload links.
 #[derive(Clone)]
 pub struct UploadLinks {
-    key: Vec<u8>,
-    /// The key before `key` while it is being rotated: links signed with it still pass.
-    previous: Option<Vec<u8>>,
+    keys: SigningKeys,
     /// URL of the tus endpoint (e.g. `https://files.example.com/tus`).
     base: String,
 }
@@ -30,31 +27,23 @@ pub struct LinkQuery {
 }
 
 impl UploadLinks {
-    /// Links under the tus endpoint at `base`, signed with `key` (and also accepted when signed
-    /// with `previous`).
-    pub fn new(key: &[u8], previous: Option<&[u8]>, base: String) -> Self {
+    /// Links under the tus endpoint at `base`, signed with `keys`.
+    pub fn new(keys: SigningKeys, base: String) -> Self {
         Self {
-            key: key.to_vec(),
-            previous: previous.map(<[u8]>::to_vec),
+            keys,
             base: base.trim_end_matches('/').to_owned(),
         }
     }
 
-    fn mac(key: &[u8], upload: &Uuid, owner: &str, expires: i64) -> Hmac<Sha256> {
-        // HMAC takes keys of any length.
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(format!("upload\n{upload}\n{owner}\n{expires}").as_bytes());
-        mac
+    /// What a link's signature covers (its first line sets it apart from a download URL's,
+    /// which starts with a file id).
+    fn message(upload: &Uuid, owner: &str, expires: i64) -> String {
+        format!("upload\n{upload}\n{owner}\n{expires}")
     }
 
     /// The link to session `upload` of `owner`, valid until `expires` (unix seconds).
     pub fn sign(&self, upload: &Uuid, owner: &str, expires: i64) -> String {
-        let sig = hex::encode(
-            Self::mac(&self.key, upload, owner, expires)
-                .finalize()
-                .into_bytes(),
-        );
+        let sig = self.keys.sign(&Self::message(upload, owner, expires));
         let owner =
             percent_encoding::utf8_percent_encode(owner, percent_encoding::NON_ALPHANUMERIC);
         format!(
@@ -69,14 +58,8 @@ impl UploadLinks {
         if query.exp < now {
             return None;
         }
-        let sig = hex::decode(&query.sig).ok()?;
-        std::iter::once(&self.key)
-            .chain(&self.previous)
-            .any(|key| {
-                Self::mac(key, upload, &query.owner, query.exp)
-                    .verify_slice(&sig)
-                    .is_ok()
-            })
+        self.keys
+            .verify(&Self::message(upload, &query.owner, query.exp), &query.sig)
             .then(|| query.owner.clone())
     }
 }
@@ -95,7 +78,8 @@ mod tests {
 
     #[test]
     fn a_link_opens_its_session_for_its_owner_until_it_expires() {
-        let links = UploadLinks::new(b"k".repeat(32).as_slice(), None, "http://h/tus/".into());
+        let keys = |key: &[u8], previous: Option<&[u8]>| SigningKeys::new(key, previous);
+        let links = UploadLinks::new(keys(b"k", None), "http://h/tus/".into());
         let (id, other) = (Uuid::new_v4(), Uuid::new_v4());
         let link = links.sign(&id, "ann.o'neil", 1_000);
         assert!(link.starts_with(&format!(
@@ -116,13 +100,9 @@ mod tests {
         };
         assert_eq!(links.check(&id, &later, 0), None, "a later expiry");
         // Rotated: links of the previous key pass, those of an unknown key do not.
-        let rotated = UploadLinks::new(
-            b"n".repeat(32).as_slice(),
-            Some(&b"k".repeat(32)),
-            "http://h/tus".into(),
-        );
+        let rotated = UploadLinks::new(keys(b"n", Some(b"k")), "http://h/tus".into());
         assert!(rotated.check(&id, &q, 0).is_some());
-        let stranger = UploadLinks::new(b"x".repeat(32).as_slice(), None, "http://h/tus".into());
+        let stranger = UploadLinks::new(keys(b"x", None), "http://h/tus".into());
         assert_eq!(stranger.check(&id, &q, 0), None);
     }
 }

@@ -9,6 +9,7 @@ pub mod mesh;
 pub mod paging;
 pub mod redis;
 pub mod server;
+pub mod signing;
 pub mod status;
 pub mod tasks;
 pub mod telemetry;

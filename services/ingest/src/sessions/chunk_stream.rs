@@ -80,7 +80,8 @@ impl Drop for Held {
 struct Unrecorded {
     start: u64,
     end: u64,
-    hash_state: Vec<u8>,
+    /// The upload's hash up to `end` (the next chunk goes on from it).
+    hasher: sha2::Sha256,
     /// Its write, which may still be under way: recorded once it is on disk.
     flushing: Flushing,
 }
@@ -194,12 +195,11 @@ async fn write_held(
         .map_or(held.session.offset, |u| u.end);
     check_open_at(&held.session, offset, chunk.offset)?;
     sessions.check_end(&held.session, end)?;
-    let state = match &held.unrecorded {
-        Some(u) => Some(u.hash_state.clone()),
-        None => held.session.hash_state.clone(),
-    };
     check_checksum(&chunk).await?;
-    let hasher = hasher_from(state.as_deref())?;
+    let hasher = match &held.unrecorded {
+        Some(u) => u.hasher.clone(),
+        None => hasher_from(held.session.hash_state.as_deref())?,
+    };
     let staging = sessions
         .staging
         .write_local(id, chunk.offset, chunk.data, hasher);
@@ -216,7 +216,7 @@ async fn write_held(
     held.unrecorded = Some(Unrecorded {
         start: chunk.offset,
         end,
-        hash_state: hash_state(&hasher),
+        hasher,
         flushing,
     });
     Ok(())
@@ -285,7 +285,7 @@ async fn record(held: &mut Held) -> Result<()> {
                 &id,
                 &(chunk.start as i64),
                 &(chunk.end as i64),
-                &chunk.hash_state,
+                &hash_state(&chunk.hasher),
             ],
         )
         .await?;
