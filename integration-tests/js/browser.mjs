@@ -1,0 +1,167 @@
+// Drives a real headless Chromium through Stowage's browser paths, from pages the test serves:
+// grpc-web uploads, resumes and downloads with Stowage's TypeScript client (its browser
+// bundle), tus-js-client's browser build, and a page at an origin Stowage does not allow.
+// Prints one JSON line of what each page saw; the Rust test (tests/browser.rs) checks it
+// against what the services stored.
+// Usage: node browser.mjs '<json: {page, foreign, api, token, chromium}>'
+import puppeteer from 'puppeteer-core';
+
+const config = JSON.parse(process.argv[2]);
+
+const browser = await puppeteer.launch({
+  executablePath: config.chromium,
+  headless: 'shell',
+  // Root in a container: Chromium's sandbox needs user namespaces it may not have.
+  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
+});
+const report = {};
+try {
+  const page = await browser.newPage();
+  const console_ = [];
+  page.on('console', (m) => console_.push(`${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => console_.push(`pageerror: ${e.message}`));
+  await page.goto(config.page, { waitUntil: 'load' });
+  const api = { api: config.api, token: config.token };
+
+  // 1. A file uploaded in PutChunk calls, with per-chunk SHA-256 from WebCrypto.
+  report.grpcWeb = await page.evaluate(async ({ api, token }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const data = pattern(9 * 1024 * 1024 + 123, 1);
+    const progress = [];
+    const done = await Stowage.upload(stowage, new Blob([data]), {
+      name: 'browser notes.bin',
+      tags: ['browser', 'grpc-web'],
+      chunkSize: 4 * 1024 * 1024,
+      onProgress: (received) => progress.push(received),
+    });
+    return { fileId: done.file.id, sha256: done.file.sha256, sent: done.sent, progress };
+  }, api);
+
+  // 2. Cut off after its first chunk, the page reloaded, the upload resumed from its stored id.
+  await page.evaluate(async ({ api, token }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const stop = new AbortController();
+    try {
+      await Stowage.upload(stowage, new Blob([pattern(6 * 1024 * 1024, 2)]), {
+        name: 'resumed.bin',
+        chunkSize: 2 * 1024 * 1024,
+        onSession: (id) => localStorage.setItem('upload', id),
+        onProgress: () => stop.abort(),
+        signal: stop.signal,
+      });
+    } catch (e) {
+      if (!stop.signal.aborted) throw e;
+    }
+  }, api);
+  await page.reload({ waitUntil: 'load' });
+  report.resumed = await page.evaluate(async ({ api, token }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const id = localStorage.getItem('upload');
+    const before = await stowage.ingest.getUpload({ uploadId: id });
+    const done = await Stowage.upload(stowage, new Blob([pattern(6 * 1024 * 1024, 2)]), {
+      name: 'resumed.bin',
+      resume: id,
+      chunkSize: 2 * 1024 * 1024,
+    });
+    return { sessionId: id, offsetBefore: Number(before.session.offset), fileId: done.file.id, sent: done.sent };
+  }, api);
+
+  // 3. Refusals reach the page with their code and the field they name.
+  report.refusals = await page.evaluate(async ({ api, token }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const seen = async (call) => {
+      try {
+        await call();
+        return { code: 'ok', message: '' };
+      } catch (e) {
+        const error = Stowage.ConnectError.from(e);
+        return { code: Stowage.Code[error.code], message: error.rawMessage };
+      }
+    };
+    const { session } = await stowage.ingest.createUpload({
+      sizeBytes: 10n,
+      metadata: { displayName: 'refused.bin' },
+    });
+    return {
+      wrongOffset: await seen(() =>
+        stowage.ingest.putChunk({ uploadId: session.id, chunk: { offset: 4n, data: new Uint8Array(6) } }),
+      ),
+      noName: await seen(() => stowage.ingest.createUpload({ sizeBytes: 10n, metadata: {} })),
+      noToken: await seen(() => Stowage.createStowage({ baseUrl: api }).quota.getUsage({})),
+      abort: await seen(() => stowage.ingest.abortUpload({ uploadId: session.id })),
+    };
+  }, api);
+
+  // 4. The first file back through Files' server stream, whole and as a range.
+  report.download = await page.evaluate(async ({ api, token, fileId }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const hex = async (blob) =>
+      Array.from(new Uint8Array(await crypto.subtle.digest('SHA-256', await blob.arrayBuffer())), (b) =>
+        b.toString(16).padStart(2, '0'),
+      ).join('');
+    const whole = await Stowage.download(stowage, fileId);
+    const range = await Stowage.download(stowage, fileId, { range: { offset: 1000, length: 5000 } });
+    return {
+      size: whole.blob.size,
+      sha256: await hex(whole.blob),
+      rangeSize: range.blob.size,
+      rangeSha256: await hex(range.blob),
+    };
+  }, { ...api, fileId: report.grpcWeb.fileId });
+
+  // 5. tus-js-client's browser build: cut off after its first PATCH, then resumed from the
+  // fingerprint it keeps in localStorage, as an Uppy page does.
+  report.tus = await page.evaluate(async ({ api, token }) => {
+    const file = new File([pattern(5 * 1024 * 1024, 3)], 'tus clip.bin', { lastModified: 1, type: 'application/octet-stream' });
+    const options = {
+      endpoint: `${api}/tus/`,
+      headers: { Authorization: `Bearer ${token}` },
+      metadata: { filename: file.name, filetype: file.type, tags: 'browser,tus' },
+      chunkSize: 1024 * 1024,
+      retryDelays: null,
+    };
+    const first = await new Promise((resolve, reject) => {
+      const upload = new tus.Upload(file, {
+        ...options,
+        onChunkComplete: (_, accepted) => upload.abort().then(() => resolve(accepted), reject),
+        onError: reject,
+      });
+      upload.start();
+    });
+    let sent = 0;
+    const url = await new Promise((resolve, reject) => {
+      const upload = new tus.Upload(file, {
+        ...options,
+        onChunkComplete: (size) => (sent += size),
+        onError: reject,
+        onSuccess: () => resolve(upload.url),
+      });
+      upload.findPreviousUploads().then((previous) => {
+        if (previous.length !== 1) reject(new Error(`${previous.length} earlier uploads kept`));
+        upload.resumeFromPreviousUpload(previous[0]);
+        upload.start();
+      }, reject);
+    });
+    return { acceptedBeforeCut: first, sentAfterResume: sent, url };
+  }, api);
+
+  // 6. A page at an origin Stowage does not allow: the browser refuses to make its calls.
+  const foreign = await browser.newPage();
+  await foreign.goto(config.foreign, { waitUntil: 'load' });
+  report.foreign = await foreign.evaluate(async ({ api, token }) => {
+    try {
+      await Stowage.createStowage({ baseUrl: api, token }).ingest.createUpload({
+        sizeBytes: 10n,
+        metadata: { displayName: 'foreign.bin' },
+      });
+      return { code: 'ok', message: '' };
+    } catch (e) {
+      const error = Stowage.ConnectError.from(e);
+      return { code: Stowage.Code[error.code], message: error.rawMessage };
+    }
+  }, api);
+  report.console = console_;
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(report));

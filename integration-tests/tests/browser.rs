@@ -1,0 +1,248 @@
+//! Stowage's browser paths in a real headless Chromium, which js/browser.mjs drives from pages
+//! this test serves: grpc-web through the TypeScript client (clients/ts, its browser bundle)
+//! and tus-js-client's browser build at an allowed origin, and a page at another origin that
+//! the browser must not let through. What the pages report is checked against what the
+//! services stored.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use stowage_integration_tests::{download, files, sha256, usage};
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Mesh, Setup, authed, token};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The bytes the page makes with `pattern(len, seed)` (browser-page.html).
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let shift = seed.wrapping_mul(0x9e37_79b9);
+    (0..len)
+        .map(|i| {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            (i.wrapping_add(shift).wrapping_mul(0x9e37_79b1) >> 24) as u8
+        })
+        .collect()
+}
+
+/// The Chromium to drive: `STOWAGE_CHROMIUM`, else the first of Debian's builds on the PATH
+/// (scripts/setup installs chromium-headless-shell).
+fn chromium() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("STOWAGE_CHROMIUM") {
+        return Ok(path.into());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in ["chromium-headless-shell", "chromium"] {
+        for dir in std::env::split_paths(&path) {
+            if dir.join(name).is_file() {
+                return Ok(dir.join(name));
+            }
+        }
+    }
+    anyhow::bail!("no Chromium on the PATH: scripts/setup installs chromium-headless-shell")
+}
+
+/// Serves the test page, Stowage's browser bundle and tus-js-client's at a new origin, which
+/// it returns (`http://127.0.0.1:{port}`).
+async fn serve_page() -> anyhow::Result<String> {
+    let read = |path: PathBuf| -> anyhow::Result<String> {
+        std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} (scripts/test builds clients/ts and installs js/node_modules)",
+                path.display()
+            )
+        })
+    };
+    let js = repo().join("integration-tests/js");
+    let page = read(js.join("browser-page.html"))?;
+    let stowage = read(repo().join("clients/ts/dist/stowage.browser.js"))?;
+    let tus = read(js.join("node_modules/tus-js-client/dist/tus.min.js"))?;
+    let script = |body: String| {
+        move || async move { ([(http::header::CONTENT_TYPE, "text/javascript")], body) }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(move || async move { axum::response::Html(page) }),
+        )
+        .route("/stowage.js", axum::routing::get(script(stowage)))
+        .route("/tus.js", axum::routing::get(script(tus)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let origin = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(origin)
+}
+
+/// `report[path...]` as text ("" when absent).
+fn text<'a>(report: &'a Value, path: &[&str]) -> &'a str {
+    path.iter()
+        .fold(report, |v, k| &v[*k])
+        .as_str()
+        .unwrap_or_default()
+}
+
+/// `report[path...]` as a number (`u64::MAX` when absent).
+fn number(report: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(report, |v, k| &v[*k])
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+#[tokio::test]
+async fn a_browser_uploads_resumes_and_downloads_through_grpc_web_and_tus() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let origin = serve_page().await?;
+    let foreign = serve_page().await?;
+    let mesh = Mesh::start_with(&setup, |c| c.cors_origins = vec![origin.clone()]).await?;
+    let alice = token("alice", &[]);
+    let config = serde_json::json!({
+        "page": format!("{origin}/"),
+        "foreign": format!("{foreign}/"),
+        "api": format!("http://{}", mesh.addr),
+        "token": alice,
+        "chromium": chromium()?,
+    });
+    let js = repo().join("integration-tests/js");
+    let out = tokio::process::Command::new("node")
+        .arg(js.join("browser.mjs"))
+        .arg(config.to_string())
+        .current_dir(&js)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "node browser.mjs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let ch = mesh.channel();
+
+    // 1. grpc-web, PutChunk by PutChunk: the bytes the page made, under the name and tags it
+    // gave, with progress after each of the three chunks.
+    let first = pattern(9 * 1024 * 1024 + 123, 1);
+    let size = first.len() as u64;
+    let file_id = text(&report, &["grpcWeb", "fileId"]);
+    let file = files(ch.clone())
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: file_id.into(),
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .file
+        .ok_or_else(|| anyhow::anyhow!("no file"))?;
+    assert_eq!(
+        (
+            file.display_name.as_str(),
+            file.size_bytes,
+            file.tags.clone()
+        ),
+        (
+            "browser notes.bin",
+            size,
+            vec!["browser".into(), "grpc-web".into()]
+        ),
+        "{report}"
+    );
+    assert_eq!(file.sha256, sha256(&first));
+    assert_eq!(text(&report, &["grpcWeb", "sha256"]), file.sha256);
+    assert_eq!(number(&report, &["grpcWeb", "sent"]), size);
+    assert_eq!(
+        report["grpcWeb"]["progress"],
+        serde_json::json!([4 << 20, 8 << 20, size]),
+    );
+    let (_, stored) = download(ch.clone(), &alice, file_id, None).await?;
+    assert!(stored == first, "stored bytes differ from the page's");
+
+    // 2. Resumed after a reload: the second page sent only what the first had not.
+    let second = pattern(6 * 1024 * 1024, 2);
+    assert_eq!(
+        number(&report, &["resumed", "offsetBefore"]),
+        2 << 20,
+        "{report}"
+    );
+    assert_eq!(number(&report, &["resumed", "sent"]), 4 << 20);
+    let (_, stored) = download(
+        ch.clone(),
+        &alice,
+        text(&report, &["resumed", "fileId"]),
+        None,
+    )
+    .await?;
+    assert!(stored == second, "the resumed file differs from the page's");
+
+    // 3. Refusals reach the page with their code, and the field or offset they are about.
+    let refusals = &report["refusals"];
+    assert_eq!(
+        text(refusals, &["wrongOffset", "code"]),
+        "FailedPrecondition"
+    );
+    assert!(
+        text(refusals, &["wrongOffset", "message"]).contains("offset"),
+        "{refusals}"
+    );
+    assert_eq!(text(refusals, &["noName", "code"]), "InvalidArgument");
+    assert!(
+        text(refusals, &["noName", "message"]).contains("display_name"),
+        "{refusals}"
+    );
+    assert_eq!(text(refusals, &["noToken", "code"]), "Unauthenticated");
+    assert_eq!(text(refusals, &["abort", "code"]), "ok");
+
+    // 4. The first file back through the server stream: whole, and bytes 1000..6000.
+    assert_eq!(number(&report, &["download", "size"]), size);
+    assert_eq!(text(&report, &["download", "sha256"]), sha256(&first));
+    assert_eq!(number(&report, &["download", "rangeSize"]), 5000);
+    assert_eq!(
+        text(&report, &["download", "rangeSha256"]),
+        sha256(&first[1000..6000])
+    );
+
+    // 5. tus-js-client in the browser: cut after its first PATCH, resumed from the fingerprint
+    // it kept; the resumed upload sent only the rest, and the file carries its metadata.
+    let third = pattern(5 * 1024 * 1024, 3);
+    assert_eq!(
+        number(&report, &["tus", "acceptedBeforeCut"]),
+        1 << 20,
+        "{report}"
+    );
+    assert_eq!(number(&report, &["tus", "sentAfterResume"]), 4 << 20);
+    let listed = files(ch.clone())
+        .list_files(authed(
+            pb::ListFilesRequest {
+                any_tags: vec!["tus".into()],
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0].display_name.as_str(), listed[0].size_bytes),
+        ("tus clip.bin", third.len() as u64)
+    );
+    assert_eq!(listed[0].sha256, sha256(&third));
+
+    // 6. The page at another origin was stopped by the browser (its preflight found no
+    // permission), so nothing reached Ingest: alice holds exactly the three files.
+    assert_eq!(text(&report, &["foreign", "code"]), "Unknown", "{report}");
+    assert!(
+        text(&report, &["foreign", "message"]).contains("Failed to fetch"),
+        "{report}"
+    );
+    let account = usage(ch.clone(), &alice).await?;
+    assert_eq!(
+        (account.used_bytes, account.reserved_bytes),
+        (size + second.len() as u64 + third.len() as u64, 0)
+    );
+    Ok(())
+}
