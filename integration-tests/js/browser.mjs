@@ -1,6 +1,7 @@
 // Drives a real headless Chromium through Stowage's browser paths, from pages the test serves:
 // grpc-web uploads, resumes and downloads with Stowage's TypeScript client (its browser
-// bundle), tus-js-client's browser build, and a page at an origin Stowage does not allow.
+// bundle), tus-js-client's browser build (with a token and through an upload link), a signed
+// URL fetched with a range, and a page at an origin Stowage does not allow.
 // Prints one JSON line of what each page saw; the Rust test (tests/browser.rs) checks it
 // against what the services stored.
 // Usage: node browser.mjs '<json: {page, foreign, api, token, chromium}>'
@@ -95,17 +96,13 @@ try {
   // 4. The first file back through Files' server stream, whole and as a range.
   report.download = await page.evaluate(async ({ api, token, fileId }) => {
     const stowage = Stowage.createStowage({ baseUrl: api, token });
-    const hex = async (blob) =>
-      Array.from(new Uint8Array(await crypto.subtle.digest('SHA-256', await blob.arrayBuffer())), (b) =>
-        b.toString(16).padStart(2, '0'),
-      ).join('');
     const whole = await Stowage.download(stowage, fileId);
     const range = await Stowage.download(stowage, fileId, { range: { offset: 1000, length: 5000 } });
     return {
       size: whole.blob.size,
-      sha256: await hex(whole.blob),
+      sha256: await sha256Hex(whole.blob),
       rangeSize: range.blob.size,
-      rangeSha256: await hex(range.blob),
+      rangeSha256: await sha256Hex(range.blob),
     };
   }, { ...api, fileId: report.grpcWeb.fileId });
 
@@ -145,7 +142,44 @@ try {
     return { acceptedBeforeCut: first, sentAfterResume: sent, url };
   }, api);
 
-  // 6. A page at an origin Stowage does not allow: the browser refuses to make its calls.
+  // 6. An upload link: the page asks for one (as an app's backend would, to hand it to a page
+  // that has no token) and tus-js-client uploads through it without a token.
+  report.link = await page.evaluate(async ({ api, token }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const data = pattern(3 * 1024 * 1024, 4);
+    const { uploadUrl, session } = await stowage.ingest.createUpload({
+      sizeBytes: BigInt(data.length),
+      metadata: { displayName: 'linked.bin', tags: ['link'] },
+      linkSeconds: 600,
+    });
+    await new Promise((resolve, reject) => {
+      const upload = new tus.Upload(new Blob([data]), {
+        uploadUrl,
+        chunkSize: 1024 * 1024,
+        retryDelays: null,
+        storeFingerprintForResuming: false,
+        onError: reject,
+        onSuccess: resolve,
+      });
+      upload.start();
+    });
+    const done = await stowage.ingest.getUpload({ uploadId: session.id });
+    return { state: Stowage.UploadState[done.session.state], fileId: done.session.fileId };
+  }, api);
+
+  // 7. A signed download URL, fetched by the page with a Range header (across origins).
+  report.signed = await page.evaluate(async ({ api, token, fileId }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const { url } = await stowage.files.getDownloadUrl({ fileId, expiresInSeconds: 600 });
+    const response = await fetch(url, { headers: { Range: 'bytes=100-199' } });
+    return {
+      status: response.status,
+      contentRange: response.headers.get('content-range'),
+      sha256: await sha256Hex(await response.arrayBuffer()),
+    };
+  }, { ...api, fileId: report.grpcWeb.fileId });
+
+  // 8. A page at an origin Stowage does not allow: the browser refuses to make its calls.
   const foreign = await browser.newPage();
   await foreign.goto(config.foreign, { waitUntil: 'load' });
   report.foreign = await foreign.evaluate(async ({ api, token }) => {

@@ -1,6 +1,7 @@
 //! Stowage's browser paths in a real headless Chromium, which js/browser.mjs drives from pages
 //! this test serves: grpc-web through the TypeScript client (clients/ts, its browser bundle)
-//! and tus-js-client's browser build at an allowed origin, and a page at another origin that
+//! and tus-js-client's browser build (with a token, and through an upload link without one),
+//! signed URLs fetched with a range, at an allowed origin; and a page at another origin that
 //! the browser must not let through. What the pages report is checked against what the
 //! services stored.
 
@@ -94,7 +95,8 @@ fn number(report: &Value, path: &[&str]) -> u64 {
 }
 
 #[tokio::test]
-async fn a_browser_uploads_resumes_and_downloads_through_grpc_web_and_tus() -> anyhow::Result<()> {
+async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_urls()
+-> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let origin = serve_page().await?;
     let foreign = serve_page().await?;
@@ -232,8 +234,39 @@ async fn a_browser_uploads_resumes_and_downloads_through_grpc_web_and_tus() -> a
     );
     assert_eq!(listed[0].sha256, sha256(&third));
 
-    // 6. The page at another origin was stopped by the browser (its preflight found no
-    // permission), so nothing reached Ingest: alice holds exactly the three files.
+    // 6. Through an upload link, without a token: the file is alice's, as the link said.
+    let fourth = pattern(3 * 1024 * 1024, 4);
+    assert_eq!(text(&report, &["link", "state"]), "COMPLETED", "{report}");
+    let (header, stored) =
+        download(ch.clone(), &alice, text(&report, &["link", "fileId"]), None).await?;
+    let linked = header.file.unwrap_or_default();
+    assert_eq!(
+        (
+            linked.display_name.as_str(),
+            linked.tags,
+            linked.owner_id.as_str()
+        ),
+        ("linked.bin", vec!["link".to_owned()], "alice")
+    );
+    assert!(
+        stored == fourth,
+        "the linked upload differs from the page's"
+    );
+
+    // 7. A signed URL fetched from the page with a Range header: the browser let it read the
+    // partial answer and its Content-Range.
+    assert_eq!(number(&report, &["signed", "status"]), 206, "{report}");
+    assert_eq!(
+        text(&report, &["signed", "contentRange"]),
+        format!("bytes 100-199/{size}")
+    );
+    assert_eq!(
+        text(&report, &["signed", "sha256"]),
+        sha256(&first[100..200])
+    );
+
+    // 8. The page at another origin was stopped by the browser (its preflight found no
+    // permission), so nothing reached Ingest: alice holds exactly the four files.
     assert_eq!(text(&report, &["foreign", "code"]), "Unknown", "{report}");
     assert!(
         text(&report, &["foreign", "message"]).contains("Failed to fetch"),
@@ -242,7 +275,10 @@ async fn a_browser_uploads_resumes_and_downloads_through_grpc_web_and_tus() -> a
     let account = usage(ch.clone(), &alice).await?;
     assert_eq!(
         (account.used_bytes, account.reserved_bytes),
-        (size + second.len() as u64 + third.len() as u64, 0)
+        (
+            size + second.len() as u64 + third.len() as u64 + fourth.len() as u64,
+            0
+        )
     );
     Ok(())
 }
