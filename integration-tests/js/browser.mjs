@@ -16,9 +16,9 @@ const browser = await puppeteer.launch({
   args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
 });
 const report = {};
+const console_ = [];
 try {
   const page = await browser.newPage();
-  const console_ = [];
   page.on('console', (m) => console_.push(`${m.type()}: ${m.text()}`));
   page.on('pageerror', (e) => console_.push(`pageerror: ${e.message}`));
   await page.goto(config.page, { waitUntil: 'load' });
@@ -38,7 +38,29 @@ try {
     return { fileId: done.file.id, sha256: done.file.sha256, sent: done.sent, progress };
   }, api);
 
-  // 2. Cut off after its first chunk, the page reloaded, the upload resumed from its stored id.
+  // 2. The answer to the second chunk lost on its way back, the chunk stored: the client asks
+  // the server where it is and goes on, sending no chunk twice.
+  const cdp = await page.createCDPSession();
+  let putChunks = 0;
+  cdp.on('Fetch.requestPaused', (event) => {
+    const paused = { requestId: event.requestId };
+    if (event.request.method === 'POST') putChunks += 1;
+    const lost = event.request.method === 'POST' && putChunks === 2;
+    cdp.send(lost ? 'Fetch.failRequest' : 'Fetch.continueRequest', lost ? { ...paused, errorReason: 'ConnectionReset' } : paused).catch(() => {});
+  });
+  await cdp.send('Fetch.enable', { patterns: [{ urlPattern: '*/stowage.v1.Ingest/PutChunk', requestStage: 'Response' }] });
+  report.lost = await page.evaluate(async ({ api, token }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const done = await Stowage.upload(stowage, new Blob([pattern(3 * 1024 * 1024, 5)]), {
+      name: 'lost answer.bin',
+      chunkSize: 1024 * 1024,
+    });
+    return { fileId: done.file.id, sent: done.sent };
+  }, api);
+  await cdp.send('Fetch.disable');
+  report.lost.putChunks = putChunks;
+
+  // 3. Cut off after its first chunk, the page reloaded, the upload resumed from its stored id.
   await page.evaluate(async ({ api, token }) => {
     const stowage = Stowage.createStowage({ baseUrl: api, token });
     const stop = new AbortController();
@@ -67,7 +89,7 @@ try {
     return { sessionId: id, offsetBefore: Number(before.session.offset), fileId: done.file.id, sent: done.sent };
   }, api);
 
-  // 3. Refusals reach the page with their code and the field they name.
+  // 4. Refusals reach the page with their code and the field they name.
   report.refusals = await page.evaluate(async ({ api, token }) => {
     const stowage = Stowage.createStowage({ baseUrl: api, token });
     const seen = async (call) => {
@@ -90,10 +112,15 @@ try {
       noName: await seen(() => stowage.ingest.createUpload({ sizeBytes: 10n, metadata: {} })),
       noToken: await seen(() => Stowage.createStowage({ baseUrl: api }).quota.getUsage({})),
       abort: await seen(() => stowage.ingest.abortUpload({ uploadId: session.id })),
+      // Resuming the aborted session starts a new one.
+      renewed: await Stowage.upload(stowage, new Blob([pattern(10, 6)]), {
+        name: 'refused.bin',
+        resume: session.id,
+      }).then((done) => ({ aborted: session.id, sessionId: done.sessionId, fileId: done.file.id })),
     };
   }, api);
 
-  // 4. The first file back through Files' server stream, whole and as a range.
+  // 5. The first file back through Files' server stream, whole and as a range.
   report.download = await page.evaluate(async ({ api, token, fileId }) => {
     const stowage = Stowage.createStowage({ baseUrl: api, token });
     const whole = await Stowage.download(stowage, fileId);
@@ -106,7 +133,7 @@ try {
     };
   }, { ...api, fileId: report.grpcWeb.fileId });
 
-  // 5. tus-js-client's browser build: cut off after its first PATCH, then resumed from the
+  // 6. tus-js-client's browser build: cut off after its first PATCH, then resumed from the
   // fingerprint it keeps in localStorage, as an Uppy page does.
   report.tus = await page.evaluate(async ({ api, token }) => {
     const file = new File([pattern(5 * 1024 * 1024, 3)], 'tus clip.bin', { lastModified: 1, type: 'application/octet-stream' });
@@ -142,7 +169,7 @@ try {
     return { acceptedBeforeCut: first, sentAfterResume: sent, url };
   }, api);
 
-  // 6. An upload link: the page asks for one (as an app's backend would, to hand it to a page
+  // 7. An upload link: the page asks for one (as an app's backend would, to hand it to a page
   // that has no token) and tus-js-client uploads through it without a token.
   report.link = await page.evaluate(async ({ api, token }) => {
     const stowage = Stowage.createStowage({ baseUrl: api, token });
@@ -167,7 +194,7 @@ try {
     return { state: Stowage.UploadState[done.session.state], fileId: done.session.fileId };
   }, api);
 
-  // 7. A signed download URL, fetched by the page with a Range header (across origins).
+  // 8. A signed download URL, fetched by the page with a Range header (across origins).
   report.signed = await page.evaluate(async ({ api, token, fileId }) => {
     const stowage = Stowage.createStowage({ baseUrl: api, token });
     const { url } = await stowage.files.getDownloadUrl({ fileId, expiresInSeconds: 600 });
@@ -179,7 +206,7 @@ try {
     };
   }, { ...api, fileId: report.grpcWeb.fileId });
 
-  // 8. A page at an origin Stowage does not allow: the browser refuses to make its calls.
+  // 9. A page at an origin Stowage does not allow: the browser refuses to make its calls.
   const foreign = await browser.newPage();
   await foreign.goto(config.foreign, { waitUntil: 'load' });
   report.foreign = await foreign.evaluate(async ({ api, token }) => {
@@ -195,6 +222,9 @@ try {
     }
   }, api);
   report.console = console_;
+} catch (error) {
+  console.error(`what the pages logged:\n${console_.join('\n')}`);
+  throw error;
 } finally {
   await browser.close();
 }

@@ -110,12 +110,15 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
         "chromium": chromium()?,
     });
     let js = repo().join("integration-tests/js");
-    let out = tokio::process::Command::new("node")
+    let run = tokio::process::Command::new("node")
         .arg(js.join("browser.mjs"))
         .arg(config.to_string())
         .current_dir(&js)
-        .output()
-        .await?;
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(180), run)
+        .await
+        .map_err(|_| anyhow::anyhow!("node browser.mjs still running after 180 s"))??;
     anyhow::ensure!(
         out.status.success(),
         "node browser.mjs failed: {}",
@@ -163,7 +166,20 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
     let (_, stored) = download(ch.clone(), &alice, file_id, None).await?;
     assert!(stored == first, "stored bytes differ from the page's");
 
-    // 2. Resumed after a reload: the second page sent only what the first had not.
+    // 2. The second chunk's answer lost: three PutChunk requests for three chunks, and the
+    // file byte-exact. The lost one is not counted as sent by this call's figure.
+    let lost = pattern(3 * 1024 * 1024, 5);
+    assert_eq!(number(&report, &["lost", "putChunks"]), 3, "{report}");
+    assert_eq!(number(&report, &["lost", "sent"]), 2 << 20);
+    let (_, stored) =
+        download(ch.clone(), &alice, text(&report, &["lost", "fileId"]), None).await?;
+    assert!(
+        stored == lost,
+        "the file whose answer was lost differs from the page's"
+    );
+
+    // 3. Resumed after a reload: the second page sent only what the first had not, in the
+    // session the first one opened.
     let second = pattern(6 * 1024 * 1024, 2);
     assert_eq!(
         number(&report, &["resumed", "offsetBefore"]),
@@ -179,8 +195,15 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
     )
     .await?;
     assert!(stored == second, "the resumed file differs from the page's");
+    let resumed = stowage_integration_tests::get_session(
+        ch.clone(),
+        &alice,
+        text(&report, &["resumed", "sessionId"]),
+    )
+    .await?;
+    assert_eq!(resumed.file_id, text(&report, &["resumed", "fileId"]));
 
-    // 3. Refusals reach the page with their code, and the field or offset they are about.
+    // 4. Refusals reach the page with their code, and the field or offset they are about.
     let refusals = &report["refusals"];
     assert_eq!(
         text(refusals, &["wrongOffset", "code"]),
@@ -197,8 +220,16 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
     );
     assert_eq!(text(refusals, &["noToken", "code"]), "Unauthenticated");
     assert_eq!(text(refusals, &["abort", "code"]), "ok");
+    // Resuming the aborted session started a new one, which stored the file.
+    let renewed = &refusals["renewed"];
+    assert_ne!(text(renewed, &["sessionId"]), text(renewed, &["aborted"]));
+    let (_, stored) = download(ch.clone(), &alice, text(renewed, &["fileId"]), None).await?;
+    assert!(
+        stored == pattern(10, 6),
+        "the renewed upload differs from the page's"
+    );
 
-    // 4. The first file back through the server stream: whole, and bytes 1000..6000.
+    // 5. The first file back through the server stream: whole, and bytes 1000..6000.
     assert_eq!(number(&report, &["download", "size"]), size);
     assert_eq!(text(&report, &["download", "sha256"]), sha256(&first));
     assert_eq!(number(&report, &["download", "rangeSize"]), 5000);
@@ -207,7 +238,7 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
         sha256(&first[1000..6000])
     );
 
-    // 5. tus-js-client in the browser: cut after its first PATCH, resumed from the fingerprint
+    // 6. tus-js-client in the browser: cut after its first PATCH, resumed from the fingerprint
     // it kept; the resumed upload sent only the rest, and the file carries its metadata.
     let third = pattern(5 * 1024 * 1024, 3);
     assert_eq!(
@@ -232,9 +263,10 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
         (listed[0].display_name.as_str(), listed[0].size_bytes),
         ("tus clip.bin", third.len() as u64)
     );
-    assert_eq!(listed[0].sha256, sha256(&third));
+    let (_, stored) = download(ch.clone(), &alice, &listed[0].id, None).await?;
+    assert!(stored == third, "the tus upload differs from the page's");
 
-    // 6. Through an upload link, without a token: the file is alice's, as the link said.
+    // 7. Through an upload link, without a token: the file is alice's, as the link said.
     let fourth = pattern(3 * 1024 * 1024, 4);
     assert_eq!(text(&report, &["link", "state"]), "COMPLETED", "{report}");
     let (header, stored) =
@@ -253,7 +285,7 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
         "the linked upload differs from the page's"
     );
 
-    // 7. A signed URL fetched from the page with a Range header: the browser let it read the
+    // 8. A signed URL fetched from the page with a Range header: the browser let it read the
     // partial answer and its Content-Range.
     assert_eq!(number(&report, &["signed", "status"]), 206, "{report}");
     assert_eq!(
@@ -265,8 +297,8 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
         sha256(&first[100..200])
     );
 
-    // 8. The page at another origin was stopped by the browser (its preflight found no
-    // permission), so nothing reached Ingest: alice holds exactly the four files.
+    // 9. The page at another origin was stopped by the browser (its preflight found no
+    // permission), so nothing reached Ingest: alice holds exactly the six files.
     assert_eq!(text(&report, &["foreign", "code"]), "Unknown", "{report}");
     assert!(
         text(&report, &["foreign", "message"]).contains("Failed to fetch"),
@@ -276,7 +308,11 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
     assert_eq!(
         (account.used_bytes, account.reserved_bytes),
         (
-            size + second.len() as u64 + third.len() as u64 + fourth.len() as u64,
+            size + lost.len() as u64
+                + second.len() as u64
+                + 10
+                + third.len() as u64
+                + fourth.len() as u64,
             0
         )
     );

@@ -17,7 +17,11 @@ export interface UploadOptions {
   tags?: string[];
   /** The declared MIME type (kept; the stored type is sniffed from the bytes). */
   mimeType?: string;
-  /** The id of a session to go on with (one `onSession` was given) instead of a new one. */
+  /**
+   * The id of a session to go on with (one `onSession` was given). It is used when it can
+   * still go on and was for a file of this name and size; otherwise (expired, aborted, swept,
+   * another file) a new session is started, and `onSession` tells its id.
+   */
   resume?: string;
   /** Bytes per PutChunk: the server's hint by default, at most `MAX_PUT_CHUNK`. */
   chunkSize?: number;
@@ -45,20 +49,36 @@ export interface Uploaded {
 
 /**
  * Uploads `data` in chunks, each with its SHA-256 where the page can compute one (a secure
- * context). A chunk the network loses is sent again from the offset the server reports, so
- * nothing that arrived is sent twice; with `resume`, an upload a closed page left goes on
- * from there.
+ * context). When the network fails or an answer is lost, the upload asks the server where it
+ * is and goes on from there, so a chunk that arrived is not sent again; with `resume`, an
+ * upload a closed page left goes on the same way.
  */
 export async function upload(stowage: Stowage, data: Blob, options: UploadOptions): Promise<Uploaded> {
   const { signal } = options;
   const attempts = options.attempts ?? 4;
+  /** Runs `call` until it passes, a failure is not transient, or `attempts` are spent. */
+  const patiently = async <T>(call: () => Promise<T>): Promise<T> => {
+    for (let tries = 1; ; tries++) {
+      try {
+        return await call();
+      } catch (reason) {
+        const error = ConnectError.from(reason);
+        if (signal?.aborted || !transient(error) || tries >= attempts) {
+          throw error;
+        }
+        await sleep(100 * 2 ** tries, signal);
+      }
+    }
+  };
+  const size = BigInt(data.size);
   let session: UploadSession;
-  if (options.resume) {
-    session = await sessionOf(stowage, options.resume, signal);
+  const resumed = options.resume ? await resumable(stowage, options.resume, data, options.name, signal) : undefined;
+  if (resumed) {
+    session = resumed;
   } else {
     const created = await stowage.ingest.createUpload(
       {
-        sizeBytes: BigInt(data.size),
+        sizeBytes: size,
         metadata: {
           displayName: options.name,
           tags: options.tags ?? [],
@@ -71,24 +91,27 @@ export async function upload(stowage: Stowage, data: Blob, options: UploadOption
     session = required(created.session);
   }
   options.onSession?.(session.id);
-  if (session.sizeBytes !== undefined && session.sizeBytes !== BigInt(data.size)) {
-    throw new ConnectError(
-      `session ${session.id} is for ${session.sizeBytes} bytes; the data has ${data.size}`,
-      Code.InvalidArgument,
-    );
-  }
   const chunkSize = Math.min(options.chunkSize ?? (session.chunkSizeHint || MAX_PUT_CHUNK), MAX_PUT_CHUNK);
   if (!(chunkSize >= 1)) {
     throw new RangeError("chunkSize must be at least 1");
   }
   let sent = 0;
   let failures = 0;
-  while (session.state === UploadState.OPEN && session.offset < BigInt(data.size)) {
-    const offset = Number(session.offset);
-    const bytes = new Uint8Array(await data.slice(offset, offset + chunkSize).arrayBuffer());
+  while (session.state === UploadState.OPEN && session.offset < size) {
+    const offset = session.offset;
+    const bytes = new Uint8Array(await data.slice(Number(offset), Number(offset) + chunkSize).arrayBuffer());
     try {
       const put = await stowage.ingest.putChunk(
-        { uploadId: session.id, chunk: { offset: BigInt(offset), data: bytes, sha256: await sha256Hex(bytes) } },
+        {
+          uploadId: session.id,
+          chunk: {
+            offset,
+            data: bytes,
+            sha256: await sha256Hex(bytes),
+            // A session created elsewhere with its length deferred learns it here.
+            sizeBytes: session.sizeBytes === undefined ? size : undefined,
+          },
+        },
         { signal },
       );
       session = required(put.session);
@@ -96,19 +119,23 @@ export async function upload(stowage: Stowage, data: Blob, options: UploadOption
       failures = 0;
     } catch (reason) {
       const error = ConnectError.from(reason);
-      if (signal?.aborted || (error.code !== Code.FailedPrecondition && !transient(error.code))) {
+      const refused = error.code === Code.FailedPrecondition;
+      if (signal?.aborted || (!refused && !transient(error))) {
         throw error;
       }
-      if (transient(error.code)) {
+      if (!refused) {
         failures += 1;
         if (failures >= attempts) {
           throw error;
         }
         await sleep(100 * 2 ** failures, signal);
       }
-      // Another writer, or a chunk whose answer was lost: go on from where the server is.
-      session = await sessionOf(stowage, session.id, signal);
-      if (error.code === Code.FailedPrecondition && session.state === UploadState.OPEN && session.offset === BigInt(offset)) {
+      // The chunk may have arrived with its answer lost, or another writer went ahead: go on
+      // from where the server is. Refused at an offset the server still reports, the chunk
+      // was refused for another reason.
+      const id = session.id;
+      session = await patiently(() => sessionOf(stowage, id, signal));
+      if (refused && session.state === UploadState.OPEN && session.offset === offset) {
         throw error;
       }
     }
@@ -118,18 +145,9 @@ export async function upload(stowage: Stowage, data: Blob, options: UploadOption
     throw new ConnectError(`session ${session.id} is ${UploadState[session.state]}`, Code.FailedPrecondition);
   }
   // Completing is idempotent: asked again after a lost answer, it returns the same file.
-  for (let tries = 1; ; tries++) {
-    try {
-      const completed = await stowage.ingest.completeUpload({ uploadId: session.id }, { signal });
-      return { file: required(completed.file), sessionId: session.id, sent };
-    } catch (reason) {
-      const error = ConnectError.from(reason);
-      if (signal?.aborted || !transient(error.code) || tries >= attempts) {
-        throw error;
-      }
-      await sleep(100 * 2 ** tries, signal);
-    }
-  }
+  const id = session.id;
+  const completed = await patiently(() => stowage.ingest.completeUpload({ uploadId: id }, { signal }));
+  return { file: required(completed.file), sessionId: id, sent };
 }
 
 /** What to download. */
@@ -152,7 +170,11 @@ export interface Downloaded {
   blob: Blob;
 }
 
-/** Downloads a file (or a range or variant of it) through Files' server stream. */
+/**
+ * Downloads a file (or a range or variant of it) through Files' server stream, into memory.
+ * For a large file, or one to show or save, a signed URL (`files.getDownloadUrl`) lets the
+ * browser stream it instead.
+ */
 export async function download(stowage: Stowage, fileId: string, options: DownloadOptions = {}): Promise<Downloaded> {
   const { range } = options;
   let header: DownloadHeader | undefined;
@@ -172,12 +194,44 @@ export async function download(stowage: Stowage, fileId: string, options: Downlo
   for await (const message of stream) {
     header ??= message.header;
     if (message.data.length > 0) {
-      parts.push(new Uint8Array(message.data));
+      // Decoded as a view of the received ArrayBuffer (never a shared one).
+      parts.push(message.data as Uint8Array<ArrayBuffer>);
       received += message.data.length;
       options.onProgress?.(received, header && Number(header.length));
     }
   }
+  if (header && BigInt(received) !== header.length) {
+    throw new ConnectError(`received ${received} bytes of ${header.length}`, Code.DataLoss);
+  }
   return { header, blob: new Blob(parts, { type: header?.mimeType ?? "" }) };
+}
+
+/**
+ * The session `id` when `data` can go on in it: one still open (or completing, or completed)
+ * for a file of this name and size. `undefined` for a session that is gone (expired, aborted,
+ * swept) or was for another file: the upload starts a new one.
+ */
+async function resumable(
+  stowage: Stowage,
+  id: string,
+  data: Blob,
+  name: string,
+  signal: AbortSignal | undefined,
+): Promise<UploadSession | undefined> {
+  let session: UploadSession;
+  try {
+    session = await sessionOf(stowage, id, signal);
+  } catch (reason) {
+    const error = ConnectError.from(reason);
+    if (error.code === Code.NotFound || error.code === Code.InvalidArgument) {
+      return undefined;
+    }
+    throw error;
+  }
+  const live = [UploadState.OPEN, UploadState.COMPLETING, UploadState.COMPLETED].includes(session.state);
+  const same =
+    session.metadata?.displayName === name && (session.sizeBytes === undefined || session.sizeBytes === BigInt(data.size));
+  return live && same ? session : undefined;
 }
 
 async function sessionOf(stowage: Stowage, uploadId: string, signal: AbortSignal | undefined): Promise<UploadSession> {
@@ -191,9 +245,22 @@ function required<T>(value: T | undefined): T {
   return value;
 }
 
-/** Failures another try may get past. */
-function transient(code: Code): boolean {
-  return code === Code.Unavailable || code === Code.DeadlineExceeded || code === Code.Aborted || code === Code.Unknown;
+/**
+ * Failures another try may get past: the server unavailable or busy (another writer on the
+ * session), a deadline passed, or the request lost on the network (fetch rejects with a
+ * TypeError, which arrives as UNKNOWN).
+ */
+function transient(error: ConnectError): boolean {
+  switch (error.code) {
+    case Code.Unavailable:
+    case Code.DeadlineExceeded:
+    case Code.Aborted:
+      return true;
+    case Code.Unknown:
+      return error.cause instanceof TypeError;
+    default:
+      return false;
+  }
 }
 
 /** Lowercase hex SHA-256 of `bytes`, or "" where the page has no WebCrypto (not a secure context). */
@@ -208,14 +275,14 @@ async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
 
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(resolve, ms);
-    signal?.addEventListener(
-      "abort",
-      () => {
-        clearTimeout(timer);
-        reject(signal.reason);
-      },
-      { once: true },
-    );
+    const stop = () => {
+      clearTimeout(timer);
+      reject(signal?.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", stop);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", stop, { once: true });
   });
 }
