@@ -222,11 +222,12 @@ impl Steps {
     }
 }
 
-/// 4 KiB uploads for `SMALL_SECONDS` from `CONCURRENCY` clients: uploads/s, and per step the
-/// mean latency (sessions: CreateUpload, PutChunk, CompleteUpload; one-shot: Upload).
+/// 4 KiB uploads for `SMALL_SECONDS` from `CONCURRENCY` clients, client `w` as `users[w %
+/// users.len()]`: uploads/s, and per step the mean latency (sessions: CreateUpload, PutChunk,
+/// CompleteUpload; one-shot: Upload).
 async fn stowage_small(
     server: &Channel,
-    alice: &str,
+    users: &[String],
     one_shot: bool,
 ) -> anyhow::Result<(f64, [f64; 3])> {
     let done = Arc::new(AtomicU64::new(0));
@@ -236,7 +237,7 @@ async fn stowage_small(
     let workers = (0..CONCURRENCY).map(|w| {
         let (channel, alice, done, steps) = (
             server.clone(),
-            alice.to_owned(),
+            users[w % users.len()].clone(),
             Arc::clone(&done),
             Arc::clone(&steps),
         );
@@ -596,9 +597,17 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     settle("the 4 KiB sessions").await?;
-    let (sessions, session_steps) = stowage_small(&server, &alice, false).await?;
+    let one_user = [alice.clone()];
+    let (sessions, session_steps) = stowage_small(&server, &one_user, false).await?;
     settle("the 4 KiB one-shot uploads").await?;
-    let (one_shot, one_shot_steps) = stowage_small(&server, &alice, true).await?;
+    let (one_shot, one_shot_steps) = stowage_small(&server, &one_user, true).await?;
+    // The same with a user per client: every hold and charge of one user goes through that
+    // user's account row, one transaction at a time.
+    settle("the 4 KiB one-shot uploads of many users").await?;
+    let many_users: Vec<String> = (0..CONCURRENCY)
+        .map(|w| token(&format!("bench-{w}"), &[]))
+        .collect();
+    let (one_shot_many, _) = stowage_small(&server, &many_users, true).await?;
     settle("the 4 KiB tus uploads").await?;
     let stowage_tus = tus_small(&http, &format!("{base}/tus"), Some(&auth)).await?;
     settle("the peer's 4 KiB uploads").await?;
@@ -617,6 +626,10 @@ async fn main() -> anyhow::Result<()> {
         "stowage 4 KiB one-shot Upload  {one_shot:>9.1} uploads/s   {:.2} x peer (target >= 3)   mean latency {:.1} ms",
         one_shot / peer_small,
         one_shot_steps[2]
+    );
+    println!(
+        "  the same, a user per client  {one_shot_many:>9.1} uploads/s   {:.2} x peer",
+        one_shot_many / peer_small
     );
     println!("stowage 4 KiB tus create+body  {stowage_tus:>9.1} uploads/s");
     println!("@tus/server 4 KiB create+body  {peer_small:>9.1} uploads/s");
