@@ -318,3 +318,57 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
     );
     Ok(())
 }
+
+/// The client's ES module build, as a Node program imports it: uploads in chunks with
+/// progress, reads the usage, downloads a range.
+#[tokio::test]
+async fn the_typescript_client_works_from_node() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let bob = token("bob", &[]);
+    let data = pattern(5 * 1024 * 1024 + 7, 7);
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("data.bin");
+    std::fs::write(&path, &data)?;
+    let js = repo().join("integration-tests/js");
+    let out = tokio::process::Command::new("node")
+        .arg(js.join("ts-client-node.mjs"))
+        .arg(format!("http://{}", mesh.addr))
+        .arg(&path)
+        .env("STOWAGE_TOKEN", &bob)
+        .current_dir(&js)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+        .await
+        .map_err(|_| anyhow::anyhow!("node ts-client-node.mjs still running after 60 s"))??;
+    anyhow::ensure!(
+        out.status.success(),
+        "node ts-client-node.mjs failed (scripts/test builds clients/ts): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let size = data.len() as u64;
+    assert_eq!(
+        report["progress"],
+        serde_json::json!([2 << 20, 4 << 20, size]),
+        "{report}"
+    );
+    assert_eq!(number(&report, &["usedBytes"]), size);
+    let range = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        text(&report, &["range"]),
+    )?;
+    assert!(range == data[10..110], "the range differs");
+    let (header, stored) = download(mesh.channel(), &bob, text(&report, &["fileId"]), None).await?;
+    assert!(
+        stored == data,
+        "the stored file differs from what node sent"
+    );
+    let file = header.file.unwrap_or_default();
+    assert_eq!(
+        (file.display_name.as_str(), file.tags),
+        ("from node.bin", vec!["node".to_owned()])
+    );
+    Ok(())
+}
