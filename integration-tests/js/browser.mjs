@@ -11,10 +11,17 @@ const config = JSON.parse(process.argv[2]);
 
 const browser = await puppeteer.launch({
   executablePath: config.chromium,
-  headless: 'shell',
+  // chromium-headless-shell is the old headless mode on its own; a full Chromium runs the new one.
+  headless: config.chromium.includes('headless-shell') ? 'shell' : true,
   // Root in a container: Chromium's sandbox needs user namespaces it may not have.
   args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
 });
+// Stopped before the test's own bound (180 s), with its Chromium, whatever hangs.
+setTimeout(() => {
+  console.error('browser.mjs: still running after 150 s');
+  browser.process()?.kill('SIGKILL');
+  process.exit(2);
+}, 150_000).unref();
 const report = {};
 const console_ = [];
 try {
@@ -38,27 +45,41 @@ try {
     return { fileId: done.file.id, sha256: done.file.sha256, sent: done.sent, progress };
   }, api);
 
-  // 2. The answer to the second chunk lost on its way back, the chunk stored: the client asks
-  // the server where it is and goes on, sending no chunk twice.
+  // 2. Four chunks through a bad network: the answer to the second is lost on its way back
+  // (the chunk stored), and the third's first request never reaches the server. Each time the
+  // client asks the server where it is: it goes on after the second without sending it again,
+  // and sends the third again. Five PutChunk requests in all.
   const cdp = await page.createCDPSession();
-  let putChunks = 0;
+  const posts = { requests: 0, answers: 0 };
   cdp.on('Fetch.requestPaused', (event) => {
     const paused = { requestId: event.requestId };
-    if (event.request.method === 'POST') putChunks += 1;
-    const lost = event.request.method === 'POST' && putChunks === 2;
-    cdp.send(lost ? 'Fetch.failRequest' : 'Fetch.continueRequest', lost ? { ...paused, errorReason: 'ConnectionReset' } : paused).catch(() => {});
+    const answer = event.responseStatusCode !== undefined || event.responseErrorReason !== undefined;
+    let fail = false;
+    if (event.request.method === 'POST') {
+      const n = answer ? ++posts.answers : ++posts.requests;
+      fail = answer ? n === 2 : n === 3;
+    }
+    cdp
+      .send(fail ? 'Fetch.failRequest' : 'Fetch.continueRequest', fail ? { ...paused, errorReason: 'ConnectionReset' } : paused)
+      .catch(() => {});
   });
-  await cdp.send('Fetch.enable', { patterns: [{ urlPattern: '*/stowage.v1.Ingest/PutChunk', requestStage: 'Response' }] });
+  const putChunk = '*/stowage.v1.Ingest/PutChunk';
+  await cdp.send('Fetch.enable', {
+    patterns: [
+      { urlPattern: putChunk, requestStage: 'Request' },
+      { urlPattern: putChunk, requestStage: 'Response' },
+    ],
+  });
   report.lost = await page.evaluate(async ({ api, token }) => {
     const stowage = Stowage.createStowage({ baseUrl: api, token });
-    const done = await Stowage.upload(stowage, new Blob([pattern(3 * 1024 * 1024, 5)]), {
+    const done = await Stowage.upload(stowage, new Blob([pattern(4 * 1024 * 1024, 5)]), {
       name: 'lost answer.bin',
       chunkSize: 1024 * 1024,
     });
     return { fileId: done.file.id, sent: done.sent };
   }, api);
   await cdp.send('Fetch.disable');
-  report.lost.putChunks = putChunks;
+  report.lost.putChunks = posts.requests;
 
   // 3. Cut off after its first chunk, the page reloaded, the upload resumed from its stored id.
   await page.evaluate(async ({ api, token }) => {

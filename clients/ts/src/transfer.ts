@@ -56,38 +56,31 @@ export interface Uploaded {
 export async function upload(stowage: Stowage, data: Blob, options: UploadOptions): Promise<Uploaded> {
   const { signal } = options;
   const attempts = options.attempts ?? 4;
-  /** Runs `call` until it passes, a failure is not transient, or `attempts` are spent. */
-  const patiently = async <T>(call: () => Promise<T>): Promise<T> => {
-    for (let tries = 1; ; tries++) {
-      try {
-        return await call();
-      } catch (reason) {
-        const error = ConnectError.from(reason);
-        if (signal?.aborted || !transient(error) || tries >= attempts) {
-          throw error;
-        }
-        await sleep(100 * 2 ** tries, signal);
-      }
-    }
-  };
+  const patiently = <T>(call: () => Promise<T>) => retried(call, attempts, signal);
   const size = BigInt(data.size);
   let session: UploadSession;
-  const resumed = options.resume ? await resumable(stowage, options.resume, data, options.name, signal) : undefined;
+  const resumed = options.resume
+    ? await patiently(() => resumable(stowage, options.resume ?? "", data, options.name, signal))
+    : undefined;
   if (resumed) {
     session = resumed;
   } else {
-    const created = await stowage.ingest.createUpload(
-      {
-        sizeBytes: size,
-        metadata: {
-          displayName: options.name,
-          tags: options.tags ?? [],
-          declaredMimeType: options.mimeType ?? data.type,
+    const create = () =>
+      stowage.ingest.createUpload(
+        {
+          sizeBytes: size,
+          metadata: {
+            displayName: options.name,
+            tags: options.tags ?? [],
+            declaredMimeType: options.mimeType ?? data.type,
+          },
+          idempotencyKey: options.idempotencyKey ?? "",
         },
-        idempotencyKey: options.idempotencyKey ?? "",
-      },
-      { signal },
-    );
+        { signal },
+      );
+    // Only a key makes a second creation return the first session instead of holding quota
+    // for another.
+    const created = await (options.idempotencyKey ? patiently(create) : create());
     session = required(created.session);
   }
   options.onSession?.(session.id);
@@ -165,7 +158,7 @@ export interface DownloadOptions {
 /** A downloaded file. */
 export interface Downloaded {
   /** What the server said of it (the file, the range sent, the type). */
-  header: DownloadHeader | undefined;
+  header: DownloadHeader;
   /** The bytes, typed as stored. */
   blob: Blob;
 }
@@ -200,10 +193,13 @@ export async function download(stowage: Stowage, fileId: string, options: Downlo
       options.onProgress?.(received, header && Number(header.length));
     }
   }
-  if (header && BigInt(received) !== header.length) {
+  if (!header) {
+    throw new ConnectError("the download ended before its header", Code.DataLoss);
+  }
+  if (BigInt(received) !== header.length) {
     throw new ConnectError(`received ${received} bytes of ${header.length}`, Code.DataLoss);
   }
-  return { header, blob: new Blob(parts, { type: header?.mimeType ?? "" }) };
+  return { header, blob: new Blob(parts, { type: header.mimeType }) };
 }
 
 /**
@@ -228,10 +224,27 @@ async function resumable(
     }
     throw error;
   }
+  const size = BigInt(data.size);
   const live = [UploadState.OPEN, UploadState.COMPLETING, UploadState.COMPLETED].includes(session.state);
   const same =
-    session.metadata?.displayName === name && (session.sizeBytes === undefined || session.sizeBytes === BigInt(data.size));
+    session.metadata?.displayName === name &&
+    (session.sizeBytes === undefined ? session.offset <= size : session.sizeBytes === size);
   return live && same ? session : undefined;
+}
+
+/** Runs `call` until it passes, fails for good (not transient), or `attempts` are spent. */
+async function retried<T>(call: () => Promise<T>, attempts: number, signal: AbortSignal | undefined): Promise<T> {
+  for (let tries = 1; ; tries++) {
+    try {
+      return await call();
+    } catch (reason) {
+      const error = ConnectError.from(reason);
+      if (signal?.aborted || !transient(error) || tries >= attempts) {
+        throw error;
+      }
+      await sleep(100 * 2 ** tries, signal);
+    }
+  }
 }
 
 async function sessionOf(stowage: Stowage, uploadId: string, signal: AbortSignal | undefined): Promise<UploadSession> {
