@@ -50,10 +50,18 @@ try {
   // client asks the server where it is: it goes on after the second without sending it again,
   // and sends the third again. Five PutChunk requests in all.
   const cdp = await page.createCDPSession();
-  const posts = { requests: 0, answers: 0 };
+  const posts = { requests: 0, answers: 0, corrupt: false };
   cdp.on('Fetch.requestPaused', (event) => {
     const paused = { requestId: event.requestId };
     const answer = event.responseStatusCode !== undefined || event.responseErrorReason !== undefined;
+    if (posts.corrupt && !answer && event.request.method === 'POST') {
+      // One byte of the chunk changed on the way (the middle of a 1 MiB body is in its data).
+      posts.corrupt = false;
+      const body = Buffer.concat((event.request.postDataEntries ?? []).map((e) => Buffer.from(e.bytes ?? '', 'base64')));
+      body[body.length >> 1] ^= 0xff;
+      cdp.send('Fetch.continueRequest', { ...paused, postData: body.toString('base64') }).catch(() => {});
+      return;
+    }
     let fail = false;
     if (event.request.method === 'POST') {
       const n = answer ? ++posts.answers : ++posts.requests;
@@ -78,8 +86,28 @@ try {
     });
     return { fileId: done.file.id, sent: done.sent };
   }, api);
-  await cdp.send('Fetch.disable');
   report.lost.putChunks = posts.requests;
+
+  // 2b. A chunk changed on its way: the server refuses it against the SHA-256 the client sent
+  // with it, and records nothing of it.
+  posts.corrupt = true;
+  report.corrupted = await page.evaluate(async ({ api, token }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    let id;
+    try {
+      await Stowage.upload(stowage, new Blob([pattern(1024 * 1024, 8)]), {
+        name: 'corrupted.bin',
+        onSession: (s) => (id = s),
+      });
+      return { code: 'ok' };
+    } catch (e) {
+      const error = Stowage.ConnectError.from(e);
+      const { session } = await stowage.ingest.getUpload({ uploadId: id });
+      await stowage.ingest.abortUpload({ uploadId: id });
+      return { code: Stowage.Code[error.code], message: error.rawMessage, offset: Number(session.offset) };
+    }
+  }, api);
+  await cdp.send('Fetch.disable');
 
   // 3. Cut off after its first chunk, the page reloaded, the upload resumed from its stored id.
   await page.evaluate(async ({ api, token }) => {

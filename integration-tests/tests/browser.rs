@@ -179,6 +179,19 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
         "the file whose answer was lost differs from the page's"
     );
 
+    // 2b. A byte of a chunk changed on the way: refused against the SHA-256 the client sent
+    // with it, nothing recorded.
+    let corrupted = &report["corrupted"];
+    assert!(
+        ["DataLoss", "InvalidArgument"].contains(&text(corrupted, &["code"])),
+        "{corrupted}"
+    );
+    assert!(
+        text(corrupted, &["message"]).contains("sha256"),
+        "{corrupted}"
+    );
+    assert_eq!(number(corrupted, &["offset"]), 0);
+
     // 3. Resumed after a reload: the second page sent only what the first had not, in the
     // session the first one opened.
     let second = pattern(6 * 1024 * 1024, 2);
