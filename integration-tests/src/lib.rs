@@ -406,3 +406,34 @@ pub fn set_variants(
         token,
     )
 }
+
+/// The node scripts the tests drive (integration-tests/js, with its node_modules).
+pub fn js_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js")
+}
+
+/// Runs `node {script} {args}` in [`js_dir`] with `env` set, killed after `bound`; its
+/// output, once it succeeded (else an error with what it wrote to stderr).
+pub async fn node(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+    bound: Duration,
+) -> anyhow::Result<String> {
+    let run = tokio::process::Command::new("node")
+        .arg(js_dir().join(script))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(js_dir())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(bound, run)
+        .await
+        .map_err(|_| anyhow::anyhow!("node {script} still running after {bound:?}"))??;
+    anyhow::ensure!(
+        out.status.success(),
+        "node {script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

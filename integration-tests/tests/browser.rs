@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use stowage_integration_tests::{download, files, sha256, usage};
+use stowage_integration_tests::{download, files, js_dir, node, sha256, usage};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
 
@@ -58,7 +58,7 @@ async fn serve_page() -> anyhow::Result<String> {
             )
         })
     };
-    let js = repo().join("integration-tests/js");
+    let js = js_dir();
     let page = read(js.join("browser-page.html"))?;
     let stowage = read(repo().join("clients/ts/dist/stowage.browser.js"))?;
     let tus = read(js.join("node_modules/tus-js-client/dist/tus.min.js"))?;
@@ -109,22 +109,15 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
         "token": alice,
         "chromium": chromium()?,
     });
-    let js = repo().join("integration-tests/js");
-    let run = tokio::process::Command::new("node")
-        .arg(js.join("browser.mjs"))
-        .arg(config.to_string())
-        .current_dir(&js)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(std::time::Duration::from_secs(180), run)
-        .await
-        .map_err(|_| anyhow::anyhow!("node browser.mjs still running after 180 s"))??;
-    anyhow::ensure!(
-        out.status.success(),
-        "node browser.mjs failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let config = config.to_string();
+    let out = node(
+        "browser.mjs",
+        &[config.as_ref()],
+        &[],
+        std::time::Duration::from_secs(180),
+    )
+    .await?;
+    let report: Value = serde_json::from_str(&out)?;
     let ch = mesh.channel();
 
     // 1. grpc-web, PutChunk by PutChunk: the bytes the page made, under the name and tags it
@@ -344,24 +337,16 @@ async fn the_typescript_client_works_from_node() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("data.bin");
     std::fs::write(&path, &data)?;
-    let js = repo().join("integration-tests/js");
-    let out = tokio::process::Command::new("node")
-        .arg(js.join("ts-client-node.mjs"))
-        .arg(format!("http://{}", mesh.addr))
-        .arg(&path)
-        .env("STOWAGE_TOKEN", &bob)
-        .current_dir(&js)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
-        .await
-        .map_err(|_| anyhow::anyhow!("node ts-client-node.mjs still running after 60 s"))??;
-    anyhow::ensure!(
-        out.status.success(),
-        "node ts-client-node.mjs failed (scripts/test builds clients/ts): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let api = format!("http://{}", mesh.addr);
+    // The client's build comes from scripts/test (npm run build in clients/ts).
+    let out = node(
+        "ts-client-node.mjs",
+        &[api.as_ref(), path.as_ref()],
+        &[("STOWAGE_TOKEN", &bob)],
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
+    let report: Value = serde_json::from_str(&out)?;
     let size = data.len() as u64;
     assert_eq!(
         report["progress"],

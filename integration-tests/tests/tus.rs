@@ -6,10 +6,6 @@ use stowage_integration_tests::{random_bytes, sha256, usage};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
 
-fn js_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js")
-}
-
 /// Runs `node {script} {args}` in the js directory, with `STOWAGE_TOKEN` set to `token` when
 /// given; its output, once it succeeded.
 async fn node(
@@ -17,21 +13,8 @@ async fn node(
     args: &[&std::ffi::OsStr],
     token: Option<&str>,
 ) -> anyhow::Result<String> {
-    let mut command = tokio::process::Command::new("node");
-    command
-        .arg(js_dir().join(script))
-        .args(args)
-        .current_dir(js_dir());
-    if let Some(token) = token {
-        command.env("STOWAGE_TOKEN", token);
-    }
-    let out = command.output().await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "node {script} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let env: Vec<(&str, &str)> = token.map(|t| ("STOWAGE_TOKEN", t)).into_iter().collect();
+    stowage_integration_tests::node(script, args, &env, std::time::Duration::from_secs(600)).await
 }
 
 #[tokio::test]
