@@ -317,3 +317,99 @@ async fn a_failing_event_holds_back_only_itself_and_the_rest_of_its_read_apply_o
     second.await?;
     mesh.stop().await
 }
+
+/// The `file.created` and `upload.completed` events staged for `file_id` in the outboxes of
+/// Files and Ingest (published or not): `(topic, key, payload)`, Files' first.
+async fn staged(
+    setup: &Setup,
+    file_id: &str,
+) -> anyhow::Result<Vec<(String, String, serde_json::Value)>> {
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    let mut events = Vec::new();
+    for schema in ["files", "ingest"] {
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT topic, key, payload FROM {schema}.outbox
+                     WHERE payload->>'file_id' = $1 AND topic IN ($2, $3) ORDER BY id"
+                ),
+                &[&file_id, &topics::FILE_CREATED, &topics::UPLOAD_COMPLETED],
+            )
+            .await?;
+        events.extend(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))));
+    }
+    Ok(events)
+}
+
+#[tokio::test]
+async fn an_upload_announces_itself_once_with_what_it_stored() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = stowage_integration_tests::random_bytes(3000);
+    let file =
+        stowage_integration_tests::upload(mesh.channel(), &alice, "a.bin", &data, &["t"]).await?;
+    let events = staged(&setup, &file.id).await?;
+    let topics: Vec<&str> = events.iter().map(|(t, ..)| t.as_str()).collect();
+    assert_eq!(topics, [topics::FILE_CREATED, topics::UPLOAD_COMPLETED]);
+
+    let (_, key, created) = &events[0];
+    assert_eq!(key, &file.id);
+    assert_eq!(
+        *created,
+        serde_json::json!({
+            "file_id": file.id,
+            "owner_id": "alice",
+            "kind": "other",
+            "mime_type": file.mime_type,
+            "size_bytes": 3000,
+            "storage_key": file.storage_key,
+            "sha256": stowage_integration_tests::sha256(&data),
+            "status": "ready",
+        })
+    );
+    let (_, upload_key, completed) = &events[1];
+    uuid::Uuid::parse_str(upload_key)?;
+    assert_eq!(
+        *completed,
+        serde_json::json!({
+            "upload_id": upload_key,
+            "owner_id": "alice",
+            "file_id": file.id,
+            "size_bytes": 3000,
+            "sha256": stowage_integration_tests::sha256(&data),
+        })
+    );
+
+    // A retried registration (same id, key and blob) answers with the file and announces
+    // nothing more.
+    let service = token("ingest", &["service"]);
+    let again = pb::files_client::FilesClient::new(mesh.channel())
+        .register_file(authed(
+            pb::RegisterFileRequest {
+                owner_id: "alice".into(),
+                file_id: file.id.clone(),
+                display_name: "a.bin".into(),
+                kind: pb::FileKind::Other as i32,
+                mime_type: file.mime_type.clone(),
+                size_bytes: 3000,
+                sha256: file.sha256.clone(),
+                storage_key: file.storage_key.clone(),
+                status: pb::FileStatus::Ready as i32,
+                idempotency_key: upload_key.clone(),
+                ..Default::default()
+            },
+            &service,
+        ))
+        .await?
+        .into_inner()
+        .file
+        .expect("file");
+    assert_eq!(
+        (again.id, again.created_at),
+        (file.id.clone(), file.created_at)
+    );
+    assert_eq!(staged(&setup, &file.id).await?.len(), 2);
+    Ok(())
+}

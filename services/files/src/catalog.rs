@@ -5,10 +5,11 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 use stowage_db::{Cached, GenericClient, PgPool};
+use stowage_events::StageParams;
 use stowage_runtime::validate;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -199,20 +200,64 @@ async fn outbox(
     file: &FileRecord,
     extra: serde_json::Value,
 ) -> Result<()> {
+    let payload = event_payload(
+        file.id,
+        &file.owner_id,
+        file.kind,
+        &file.mime_type,
+        file.size_bytes,
+        &file.storage_key,
+        extra,
+    );
+    stowage_events::stage(tx, crate::SCHEMA, topic, &file.id.to_string(), &payload).await?;
+    Ok(())
+}
+
+/// What every file event carries, and `extra`.
+fn event_payload(
+    id: Uuid,
+    owner_id: &str,
+    kind: Kind,
+    mime_type: &str,
+    size_bytes: u64,
+    storage_key: &str,
+    extra: serde_json::Value,
+) -> serde_json::Value {
     let mut payload = json!({
-        "file_id": file.id,
-        "owner_id": file.owner_id,
-        "kind": file.kind.as_str(),
-        "mime_type": file.mime_type,
-        "size_bytes": file.size_bytes,
-        "storage_key": file.storage_key,
+        "file_id": id,
+        "owner_id": owner_id,
+        "kind": kind.as_str(),
+        "mime_type": mime_type,
+        "size_bytes": size_bytes,
+        "storage_key": storage_key,
     });
     if let (Some(obj), serde_json::Value::Object(more)) = (payload.as_object_mut(), extra) {
         obj.extend(more);
     }
-    stowage_events::stage(tx, crate::SCHEMA, topic, &file.id.to_string(), &payload).await?;
-    Ok(())
+    payload
 }
+
+/// A registration in one statement: the row, and its `file.created` event only if the row
+/// was inserted (a conflict inserts neither). `$13` is the event's payload; `$14`-`$16` are
+/// [`StageParams`]' topic, traceparent and channel.
+static REGISTER_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        concat!(
+            "WITH ins AS (
+                 INSERT INTO files.files (id, owner_id, display_name, kind, mime_type, size_bytes,
+                     sha256, storage_key, status, tags, package_name, idempotency_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT DO NOTHING
+                 RETURNING ",
+            file_columns!(),
+            "),
+             event AS (SELECT id::text AS key, $13::jsonb AS payload FROM ins),
+             {}
+             SELECT ins.*, (SELECT count(*) FROM notified) AS notices FROM ins"
+        ),
+        stowage_events::stage_ctes(crate::SCHEMA, "event", 14)
+    )
+});
 
 impl Catalog {
     /// A catalog over `pool`.
@@ -275,15 +320,20 @@ impl Catalog {
             FileStatus::Ready if self.hold_unscanned => FileStatus::Processing,
             status => status,
         };
-        let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await?;
-        let row = tx
+        let payload = event_payload(
+            new.id,
+            &new.owner_id,
+            new.kind,
+            &new.mime_type,
+            new.size_bytes,
+            &new.storage_key,
+            json!({ "sha256": new.sha256, "status": status.as_str() }),
+        );
+        let notice = StageParams::new(crate::SCHEMA, stowage_events::topics::FILE_CREATED);
+        let conn = self.pool.get().await?;
+        let row = conn
             .query_opt_cached(
-                concat!("INSERT INTO files.files (id, owner_id, display_name, kind, mime_type, size_bytes,
-                     sha256, storage_key, status, tags, package_name, idempotency_key)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                 ON CONFLICT DO NOTHING
-                 RETURNING ", file_columns!()),
+                &REGISTER_SQL,
                 &[
                     &new.id,
                     &new.owner_id,
@@ -297,42 +347,38 @@ impl Catalog {
                     &new.tags,
                     &new.package_name,
                     &new.idempotency_key,
+                    &payload,
+                    &notice.topic,
+                    &notice.traceparent,
+                    &notice.channel,
                 ],
             )
             .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            // Same key or same id: a retry of this registration, if it names the same blob.
-            // The id and the key may name two files; the id's answers (neither is a retry
-            // unless it names the same blob). On the same connection: a second one taken
-            // while holding this would wait on the pool under a burst of retries.
-            let existing = conn
-                .query_opt_cached(
-                    concat!(
-                        "SELECT ",
-                        file_columns!(),
-                        " FROM files.files
-                     WHERE id = $1 OR (owner_id = $2 AND idempotency_key = $3)
-                     ORDER BY id = $1 DESC LIMIT 1"
-                    ),
-                    &[&new.id, &new.owner_id, &new.idempotency_key],
-                )
-                .await?
-                .map(|r| FileRecord::from_row(&r));
-            return match existing {
-                Some(file)
-                    if file.storage_key == new.storage_key && file.owner_id == new.owner_id =>
-                {
-                    Ok(file)
-                }
-                _ => Err(Error::AlreadyExists),
-            };
-        };
-        let file = FileRecord::from_row(&row);
-        let extra = json!({ "sha256": file.sha256, "status": file.status.as_str() });
-        outbox(&tx, "file.created", &file, extra).await?;
-        tx.commit().await?;
-        Ok(file)
+        if let Some(row) = row {
+            return Ok(FileRecord::from_row(&row));
+        }
+        // Same key or same id: a retry of this registration, if it names the same blob.
+        // The id and the key may name two files; the id's answers (neither is a retry
+        // unless it names the same blob).
+        let existing = conn
+            .query_opt_cached(
+                concat!(
+                    "SELECT ",
+                    file_columns!(),
+                    " FROM files.files
+                 WHERE id = $1 OR (owner_id = $2 AND idempotency_key = $3)
+                 ORDER BY id = $1 DESC LIMIT 1"
+                ),
+                &[&new.id, &new.owner_id, &new.idempotency_key],
+            )
+            .await?
+            .map(|r| FileRecord::from_row(&r));
+        match existing {
+            Some(file) if file.storage_key == new.storage_key && file.owner_id == new.owner_id => {
+                Ok(file)
+            }
+            _ => Err(Error::AlreadyExists),
+        }
     }
 
     /// One file with its variants. Owners do not see quarantined files.

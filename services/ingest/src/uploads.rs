@@ -1,6 +1,9 @@
 //! Upload rows in Ingest's schema.
 
+use std::sync::LazyLock;
+
 use stowage_db::{Cached, PgPool};
+use stowage_events::StageParams;
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -31,6 +34,28 @@ pub(crate) async fn stage_completed(
     .await?;
     Ok(())
 }
+
+/// A one-shot upload's completion in one statement: the row turns `completed` and, if it was
+/// not already, `upload.completed` is staged with the payload [`stage_completed`] gives.
+/// `$1` id, `$2` size, `$3` SHA-256 (or null); `$4`-`$6` are [`StageParams`]'.
+static COMPLETE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH done AS (
+             UPDATE ingest.uploads
+             SET state = 'completed', received_bytes = $2, failure = NULL, updated_at = now()
+             WHERE id = $1 AND state <> 'completed'
+             RETURNING id, owner_id, file_id),
+         event AS (
+             SELECT id::text AS key,
+                    jsonb_build_object('upload_id', id, 'owner_id', owner_id,
+                                       'file_id', file_id::text, 'size_bytes', $2::bigint,
+                                       'sha256', $3::text) AS payload
+             FROM done),
+         {}
+         SELECT count(*) FROM notified",
+        stowage_events::stage_ctes(crate::SCHEMA, "event", 4)
+    )
+});
 
 /// An upload as recorded.
 #[derive(Clone, Debug)]
@@ -176,24 +201,23 @@ impl Uploads {
     /// Marks a one-shot upload completed and, the first time, stages its `upload.completed`
     /// event in the same transaction (as a session's completion does).
     pub async fn complete(&self, id: Uuid, size: u64, sha256: Option<&str>) -> Result<()> {
-        let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await?;
-        let changed = tx
-            .query_opt_cached(
-                "UPDATE ingest.uploads
-                 SET state = 'completed', received_bytes = $2, failure = NULL, updated_at = now()
-                 WHERE id = $1 AND state <> 'completed'
-                 RETURNING owner_id, file_id",
-                &[&id, &i64::try_from(size).unwrap_or(i64::MAX)],
-            )
-            .await?;
-        if let Some(row) = changed {
-            let (owner, file_id): (String, Uuid) = (row.get(0), row.get(1));
-            stage_completed(&tx, id, &owner, &file_id.to_string(), size, sha256).await?;
-        }
-        tx.commit().await?;
+        let conn = self.pool.get().await?;
+        let notice = StageParams::new(crate::SCHEMA, stowage_events::topics::UPLOAD_COMPLETED);
+        conn.query_one_cached(
+            &COMPLETE_SQL,
+            &[
+                &id,
+                &i64::try_from(size).unwrap_or(i64::MAX),
+                &sha256,
+                &notice.topic,
+                &notice.traceparent,
+                &notice.channel,
+            ],
+        )
+        .await?;
         Ok(())
     }
+
     /// Marks a one-shot upload still receiving as alive, so that no sweeper claims it.
     pub async fn touch(&self, id: Uuid) -> Result<()> {
         let conn = self.pool.get().await?;
