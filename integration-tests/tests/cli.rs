@@ -162,24 +162,35 @@ async fn a_file_changed_under_a_resumed_upload_is_refused_whole() -> anyhow::Res
     // Anew, interrupted again; meanwhile the server is told to finish the session (as if the
     // CLI's own Complete had gone through and its reply been lost).
     let id = kill_midway(run(), &state, &mesh, &alice).await?;
-    let offset = get_session(mesh.channel(), &alice, &id).await?.offset as usize;
-    for (i, piece) in changed[offset..].chunks(4 << 20).enumerate() {
-        let at = (offset + i * (4 << 20)) as u64;
-        // The killed CLI's stream holds the session until the server sees its connection
-        // gone: ABORTED says so, and a client retries.
-        let mut patience = 50;
-        loop {
-            match stowage_integration_tests::put_chunk(mesh.channel(), &alice, &id, at, piece).await
+    let mut offset = get_session(mesh.channel(), &alice, &id).await?.offset as usize;
+    let mut patience = 50;
+    while offset < changed.len() {
+        let piece = &changed[offset..(offset + (4 << 20)).min(changed.len())];
+        match stowage_integration_tests::put_chunk(
+            mesh.channel(),
+            &alice,
+            &id,
+            offset as u64,
+            piece,
+        )
+        .await
+        {
+            Ok(session) => offset = session.offset as usize,
+            // The killed CLI's stream holds the session until the server sees its connection
+            // gone (ABORTED), and a chunk it had in flight may be recorded after the offset
+            // was read (FAILED_PRECONDITION): as a client does, read the offset again and go
+            // on from there.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Aborted | tonic::Code::FailedPrecondition
+                ) && patience > 0 =>
             {
-                Err(status) if status.code() == tonic::Code::Aborted && patience > 0 => {
-                    patience -= 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                result => {
-                    result?;
-                    break;
-                }
+                patience -= 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                offset = get_session(mesh.channel(), &alice, &id).await?.offset as usize;
             }
+            Err(status) => return Err(status.into()),
         }
     }
     let finished = stowage_integration_tests::complete(mesh.channel(), &alice, &id).await?;

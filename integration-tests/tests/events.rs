@@ -342,10 +342,32 @@ async fn staged(
     Ok(events)
 }
 
+/// Wakes on every notification of `schema`'s outbox channel (the relay's); returns once it
+/// listens.
+async fn listening(
+    setup: &Setup,
+    schema: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<Arc<tokio::sync::Notify>> {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(stowage_db::listen(
+        stowage_db::PgTarget::parse(&setup.database_url)?,
+        format!("stowage_outbox_{schema}"),
+        Arc::clone(&wake),
+        stop.clone(),
+    ));
+    // The first wake says the LISTEN is in place.
+    tokio::time::timeout(Duration::from_secs(30), wake.notified()).await?;
+    Ok(wake)
+}
+
 #[tokio::test]
 async fn an_upload_announces_itself_once_with_what_it_stored() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let mesh = Mesh::start(&setup).await?;
+    let stop = CancellationToken::new();
+    let files_woken = listening(&setup, "files", &stop).await?;
+    let ingest_woken = listening(&setup, "ingest", &stop).await?;
     let alice = token("alice", &[]);
     let data = stowage_integration_tests::random_bytes(3000);
     let file =
@@ -353,6 +375,12 @@ async fn an_upload_announces_itself_once_with_what_it_stored() -> anyhow::Result
     let events = staged(&setup, &file.id).await?;
     let topics: Vec<&str> = events.iter().map(|(t, ..)| t.as_str()).collect();
     assert_eq!(topics, [topics::FILE_CREATED, topics::UPLOAD_COMPLETED]);
+    // Each staged event woke its relay.
+    for woken in [&files_woken, &ingest_woken] {
+        tokio::time::timeout(Duration::from_secs(10), woken.notified())
+            .await
+            .expect("the outbox's channel was notified");
+    }
 
     let (_, key, created) = &events[0];
     assert_eq!(key, &file.id);
@@ -383,7 +411,7 @@ async fn an_upload_announces_itself_once_with_what_it_stored() -> anyhow::Result
     );
 
     // A retried registration (same id, key and blob) answers with the file and announces
-    // nothing more.
+    // nothing more, nor wakes the relay.
     let service = token("ingest", &["service"]);
     let again = pb::files_client::FilesClient::new(mesh.channel())
         .register_file(authed(
@@ -411,5 +439,35 @@ async fn an_upload_announces_itself_once_with_what_it_stored() -> anyhow::Result
         (file.id.clone(), file.created_at)
     );
     assert_eq!(staged(&setup, &file.id).await?.len(), 2);
-    Ok(())
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), files_woken.notified())
+            .await
+            .is_err(),
+        "a registration that inserted nothing notified the relay"
+    );
+
+    // A session's completion (staged by other code) announces the same fields.
+    let session =
+        stowage_integration_tests::create_session(mesh.channel(), &alice, "b.bin", Some(3000), "")
+            .await?;
+    stowage_integration_tests::put_chunk(mesh.channel(), &alice, &session.id, 0, &data).await?;
+    let second = stowage_integration_tests::complete(mesh.channel(), &alice, &session.id).await?;
+    let events = staged(&setup, &second.id).await?;
+    let (topic, key, completed) = events.last().expect("events of the session");
+    assert_eq!(
+        (topic.as_str(), key),
+        (topics::UPLOAD_COMPLETED, &session.id)
+    );
+    assert_eq!(
+        *completed,
+        serde_json::json!({
+            "upload_id": session.id,
+            "owner_id": "alice",
+            "file_id": second.id,
+            "size_bytes": 3000,
+            "sha256": stowage_integration_tests::sha256(&data),
+        })
+    );
+    stop.cancel();
+    mesh.stop().await
 }

@@ -44,6 +44,33 @@ async fn quarantine(mesh: &Mesh, admin: &str) -> anyhow::Result<Vec<pb::Quaranti
         .files)
 }
 
+/// Topics Media announced for `file_id` (its outbox, published or not), once there are
+/// `count` of them or `PATIENCE` has passed: Media announces an outcome after Files shows it.
+async fn announced(
+    pool: &stowage_db::PgPool,
+    file_id: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let topics: Vec<String> = pool
+            .get()
+            .await?
+            .query(
+                "SELECT topic FROM media.outbox WHERE key = $1 ORDER BY id",
+                &[&file_id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if topics.len() >= count || std::time::Instant::now() > deadline {
+            return Ok(topics);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() -> anyhow::Result<()>
 {
@@ -73,25 +100,10 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         seen.status_reason
     );
     let pool = stowage_db::connect(&setup.database_url, 1)?;
-    let topics = |id: String| {
-        let pool = pool.clone();
-        async move {
-            let rows = pool
-                .get()
-                .await?
-                .query(
-                    "SELECT topic FROM media.outbox WHERE key = $1 ORDER BY id",
-                    &[&id],
-                )
-                .await?;
-            anyhow::Ok(
-                rows.iter()
-                    .map(|r| r.get::<_, String>(0))
-                    .collect::<Vec<_>>(),
-            )
-        }
-    };
-    assert_eq!(topics(infected.id.clone()).await?, ["media.quarantined"]);
+    assert_eq!(
+        announced(&pool, &infected.id, 1).await?,
+        ["media.quarantined"]
+    );
     // Her storage totals count what she can list: not the quarantined file.
     let stats = stowage_integration_tests::files(mesh.channel())
         .storage_stats(authed(pb::StorageStatsRequest::default(), &alice))
@@ -141,7 +153,7 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
     let released = wait_processed(mesh.channel(), &alice, &infected.id, PATIENCE).await?;
     assert_eq!(released.status, pb::FileStatus::Ready as i32);
     assert_eq!(
-        topics(infected.id.clone()).await?,
+        announced(&pool, &infected.id, 2).await?,
         ["media.quarantined", "media.ready"]
     );
     assert!(quarantine(&mesh, &admin).await?.is_empty());
