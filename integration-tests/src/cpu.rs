@@ -2,12 +2,22 @@
 
 /// CPU seconds (user + system) of process `pid`; `None` if it cannot be read (gone).
 pub fn seconds(pid: u32) -> Option<f64> {
+    Some(times(pid)?[..2].iter().sum::<f64>() / clock_ticks())
+}
+
+/// CPU seconds of process `pid` and of the children it has reaped.
+fn seconds_with_reaped(pid: u32) -> Option<f64> {
+    Some(times(pid)?.iter().sum::<f64>() / clock_ticks())
+}
+
+/// utime, stime, cutime and cstime of `pid`, in clock ticks.
+fn times(pid: u32) -> Option<[f64; 4]> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let (_, rest) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let (user, system): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-    Some((user + system) / clock_ticks())
+    let field = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some([field(11)?, field(12)?, field(13)?, field(14)?])
 }
 
 fn clock_ticks() -> f64 {
@@ -17,7 +27,10 @@ fn clock_ticks() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
-/// CPU seconds of every process named `name` (one that exits meanwhile counts nothing).
+/// CPU seconds of every process named `name`, with the children each has reaped: a
+/// PostgreSQL backend or worker that exits moves its time into the postmaster's, so a
+/// difference of two readings still counts it (one that starts and exits between them
+/// counts as well).
 pub fn seconds_of(name: &str) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
@@ -27,7 +40,7 @@ pub fn seconds_of(name: &str) -> f64 {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
         })
-        .filter_map(seconds)
+        .filter_map(seconds_with_reaped)
         .sum()
 }
 

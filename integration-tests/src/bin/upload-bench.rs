@@ -45,15 +45,15 @@ fn median(times: &mut [Duration]) -> Duration {
     times[times.len() / 2]
 }
 
-/// The median of `rates`, and the rates rounded, as the line prints them.
-fn median_rate(rates: &mut [f64]) -> (f64, String) {
-    let shown = rates
+/// The median of `values`, and the values rounded, as the line prints them.
+fn median_of(values: &mut [f64]) -> (f64, String) {
+    let shown = values
         .iter()
         .map(|r| format!("{r:.0}"))
         .collect::<Vec<_>>()
         .join(", ");
-    rates.sort_by(f64::total_cmp);
-    (rates[rates.len() / 2], shown)
+    values.sort_by(f64::total_cmp);
+    (values[values.len() / 2], shown)
 }
 
 fn mbps(bytes: usize, elapsed: Duration) -> f64 {
@@ -215,7 +215,8 @@ impl SmallCpu {
         ])
     }
 
-    /// Runs `workload` (which returns uploads/s), adding what it used to the sums.
+    /// Runs `workload` (which returns uploads/s), adding what it used to the sums, with the
+    /// work it left behind (relays, consumers): counted until the machine is quiet again.
     async fn measure(
         &mut self,
         server: u32,
@@ -225,6 +226,7 @@ impl SmallCpu {
         let start = Instant::now();
         let rate = workload.await?;
         let elapsed = start.elapsed().as_secs_f64();
+        settle("the end of the CPU count").await?;
         let after = Self::read(server)?;
         self.server += after[0] - before[0];
         self.postgres += after[1] - before[1];
@@ -685,9 +687,9 @@ async fn main() -> anyhow::Result<()> {
                 .await?,
         );
     }
-    let (one_shot, one_shot_shown) = median_rate(&mut one_shot_rounds);
-    let (peer_small, peer_shown) = median_rate(&mut peer_rounds);
-    let (latency, _) = median_rate(&mut one_shot_latency);
+    let (one_shot, one_shot_shown) = median_of(&mut one_shot_rounds);
+    let (peer_small, peer_shown) = median_of(&mut peer_rounds);
+    let (latency, _) = median_of(&mut one_shot_latency);
     // The same with a user per client: every hold and charge of one user goes through that
     // user's account row, one transaction at a time.
     settle("the 4 KiB one-shot uploads of many users").await?;
@@ -708,7 +710,7 @@ async fn main() -> anyhow::Result<()> {
         "  mean latency per step         CreateUpload {create:.1} ms, PutChunk {put:.1} ms, CompleteUpload {done:.1} ms"
     );
     println!(
-        "stowage 4 KiB one-shot Upload  {one_shot:>9.1} uploads/s   {:.2} x peer (target >= 3)   mean latency {latency:.1} ms   (median of rounds {one_shot_shown})",
+        "stowage 4 KiB one-shot Upload  {one_shot:>9.1} uploads/s   {:.2} x peer (target >= 3)   mean latency {latency:.1} ms (the rounds' median)   (median of rounds {one_shot_shown})",
         one_shot / peer_small,
     );
     let [server_ms, postgres_ms, machine_ms] = our_cpu.per_upload_ms();
