@@ -321,7 +321,27 @@ impl Lifecycle {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        drop(conn);
         for (user, noticed) in due {
+            // The user's row stays locked from here to the mark, across the trashing: a run
+            // beside this one skips the user instead of trashing the same files at the same
+            // time (and recording a second clean-up), and activity that comes in meanwhile
+            // waits for the mark. A crash before the commit leaves the user due again.
+            let mut conn = self.pool.get().await.map_err(db)?;
+            let tx = conn.transaction().await.map_err(db)?;
+            let claimed = tx
+                .query_opt_cached(
+                    "SELECT 1 FROM lifecycle.activity
+                     WHERE user_id = $1 AND cleaned_at IS NULL AND notice_sent_at = $2
+                     FOR UPDATE SKIP LOCKED",
+                    &[&user, &noticed],
+                )
+                .await
+                .map_err(db)?
+                .is_some();
+            if !claimed {
+                continue;
+            }
             let trashed = match self
                 .files
                 .trash_owner_files(pb::TrashOwnerFilesRequest {
@@ -338,8 +358,6 @@ impl Lifecycle {
                     continue;
                 }
             };
-            let mut conn = self.pool.get().await.map_err(db)?;
-            let tx = conn.transaction().await.map_err(db)?;
             let marked = tx
                 .execute_cached(
                     "UPDATE lifecycle.activity SET cleaned_at = now()
@@ -348,8 +366,9 @@ impl Lifecycle {
                 )
                 .await
                 .map_err(db)?;
-            // Recorded whenever files moved, also when activity that came in meanwhile
-            // ended the notice: the owner finds in their history why their files are in trash.
+            // The row is locked since the claim, so it is marked; recorded also when files
+            // moved without it, to be safe: the owner finds in their history why their files
+            // are in trash.
             if marked == 1 || trashed > 0 {
                 record(
                     &tx,
