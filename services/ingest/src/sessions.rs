@@ -1101,21 +1101,9 @@ impl Sessions {
                 bytes: size,
             })
             .await?;
-        // The state change and its event commit together, on the connection that holds the
+        // The state change and its event in one statement, on the connection that holds the
         // completion lock (a second one could wait forever on a pool its callers exhausted).
-        let tx = conn.transaction().await?;
-        let changed = tx
-            .execute_cached(
-                "UPDATE ingest.uploads SET state = 'completed', updated_at = now()
-                 WHERE id = $1 AND state <> 'completed'",
-                &[&id],
-            )
-            .await?;
-        if changed == 1 {
-            crate::uploads::stage_completed(&tx, id, owner, &file.id, size, Some(&file.sha256))
-                .await?;
-        }
-        tx.commit().await?;
+        crate::uploads::mark_completed(&*conn, id, size, Some(&file.sha256)).await?;
         if !self.staging.is_native() || parts.iter().any(|p| p.pending) {
             self.staging.discard_all(id, None, None, &parts).await;
         }

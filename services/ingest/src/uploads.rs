@@ -2,41 +2,14 @@
 
 use std::sync::LazyLock;
 
-use stowage_db::{Cached, PgPool};
+use stowage_db::{Cached, GenericClient, PgPool};
 use stowage_events::StageParams;
 use uuid::Uuid;
 
 use crate::error::Result;
 
-/// Stages `upload.completed` for upload `id` in `tx`.
-pub(crate) async fn stage_completed(
-    tx: &deadpool_postgres::Transaction<'_>,
-    id: Uuid,
-    owner: &str,
-    file_id: &str,
-    size: u64,
-    sha256: Option<&str>,
-) -> Result<()> {
-    let payload = serde_json::json!({
-        "upload_id": id,
-        "owner_id": owner,
-        "file_id": file_id,
-        "size_bytes": size,
-        "sha256": sha256,
-    });
-    stowage_events::stage(
-        tx,
-        crate::SCHEMA,
-        stowage_events::topics::UPLOAD_COMPLETED,
-        &id.to_string(),
-        &payload,
-    )
-    .await?;
-    Ok(())
-}
-
-/// A one-shot upload's completion in one statement: the row turns `completed` and, if it was
-/// not already, `upload.completed` is staged with the payload [`stage_completed`] gives.
+/// An upload's completion in one statement: the row turns `completed` and, if it was not
+/// already, `upload.completed` is staged (upload and file ids, owner, size, SHA-256).
 /// `$1` id, `$2` size, `$3` SHA-256 (or null); `$4`-`$6` are [`StageParams`]'.
 static COMPLETE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
@@ -56,6 +29,30 @@ static COMPLETE_SQL: LazyLock<String> = LazyLock::new(|| {
         stowage_events::stage_ctes(crate::SCHEMA, "event", 4)
     )
 });
+
+/// Marks upload `id` (one-shot or session) completed on `conn` and, the first time, stages its
+/// `upload.completed` event in the same statement; a second call changes and stages nothing.
+pub(crate) async fn mark_completed(
+    conn: &impl GenericClient,
+    id: Uuid,
+    size: u64,
+    sha256: Option<&str>,
+) -> Result<()> {
+    let notice = StageParams::new(crate::SCHEMA, stowage_events::topics::UPLOAD_COMPLETED);
+    conn.query_one_cached(
+        &COMPLETE_SQL,
+        &[
+            &id,
+            &i64::try_from(size).unwrap_or(i64::MAX),
+            &sha256,
+            &notice.topic,
+            &notice.traceparent,
+            &notice.channel,
+        ],
+    )
+    .await?;
+    Ok(())
+}
 
 /// An upload as recorded.
 #[derive(Clone, Debug)]
@@ -199,23 +196,10 @@ impl Uploads {
     }
 
     /// Marks a one-shot upload completed and, the first time, stages its `upload.completed`
-    /// event in the same transaction (as a session's completion does).
+    /// event in the same statement (see [`mark_completed`]).
     pub async fn complete(&self, id: Uuid, size: u64, sha256: Option<&str>) -> Result<()> {
         let conn = self.pool.get().await?;
-        let notice = StageParams::new(crate::SCHEMA, stowage_events::topics::UPLOAD_COMPLETED);
-        conn.query_one_cached(
-            &COMPLETE_SQL,
-            &[
-                &id,
-                &i64::try_from(size).unwrap_or(i64::MAX),
-                &sha256,
-                &notice.topic,
-                &notice.traceparent,
-                &notice.channel,
-            ],
-        )
-        .await?;
-        Ok(())
+        mark_completed(&conn, id, size, sha256).await
     }
 
     /// Marks a one-shot upload still receiving as alive, so that no sweeper claims it.
