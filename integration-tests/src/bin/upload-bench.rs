@@ -195,6 +195,26 @@ impl Cpu {
     }
 }
 
+/// Uploads made in a timed workload and the seconds it took.
+#[derive(Clone, Copy)]
+struct Round {
+    uploads: u64,
+    seconds: f64,
+}
+
+impl Round {
+    fn since(start: Instant, done: &AtomicU64) -> Self {
+        Self {
+            uploads: done.load(Ordering::Relaxed),
+            seconds: start.elapsed().as_secs_f64(),
+        }
+    }
+
+    fn rate(self) -> f64 {
+        self.uploads as f64 / self.seconds
+    }
+}
+
 /// CPU seconds spent during small uploads, summed over rounds, and the uploads they made.
 #[derive(Default)]
 struct SmallCpu {
@@ -215,24 +235,22 @@ impl SmallCpu {
         ])
     }
 
-    /// Runs `workload` (which returns uploads/s), adding what it used to the sums, with the
-    /// work it left behind (relays, consumers): counted until the machine is quiet again.
+    /// Runs `workload`, adding what it used to the sums, with the work it left behind (relays,
+    /// consumers): counted until the machine is quiet again. Returns its uploads/s.
     async fn measure(
         &mut self,
         server: u32,
-        workload: impl std::future::Future<Output = anyhow::Result<f64>>,
+        workload: impl std::future::Future<Output = anyhow::Result<Round>>,
     ) -> anyhow::Result<f64> {
         let before = Self::read(server)?;
-        let start = Instant::now();
-        let rate = workload.await?;
-        let elapsed = start.elapsed().as_secs_f64();
+        let round = workload.await?;
         settle("the end of the CPU count").await?;
         let after = Self::read(server)?;
         self.server += after[0] - before[0];
         self.postgres += after[1] - before[1];
         self.machine += after[2] - before[2];
-        self.uploads += rate * elapsed;
-        Ok(rate)
+        self.uploads += round.uploads as f64;
+        Ok(round.rate())
     }
 
     /// Milliseconds per upload: server, PostgreSQL, machine.
@@ -283,13 +301,13 @@ impl Steps {
 }
 
 /// 4 KiB uploads for `SMALL_SECONDS` from `CONCURRENCY` clients, client `w` as `users[w %
-/// users.len()]`: uploads/s, and per step the mean latency (sessions: CreateUpload, PutChunk,
+/// users.len()]`: the uploads made, and per step the mean latency (sessions: CreateUpload, PutChunk,
 /// CompleteUpload; one-shot: Upload).
 async fn stowage_small(
     server: &Channel,
     users: &[String],
     one_shot: bool,
-) -> anyhow::Result<(f64, [f64; 3])> {
+) -> anyhow::Result<(Round, [f64; 3])> {
     let done = Arc::new(AtomicU64::new(0));
     let steps = Arc::new(Steps::default());
     let deadline = Instant::now() + Duration::from_secs(SMALL_SECONDS);
@@ -328,11 +346,8 @@ async fn stowage_small(
     for r in futures::future::join_all(workers).await {
         r??;
     }
-    let uploads = done.load(Ordering::Relaxed) as f64;
-    Ok((
-        uploads / start.elapsed().as_secs_f64(),
-        steps.mean_ms(uploads),
-    ))
+    let round = Round::since(start, &done);
+    Ok((round, steps.mean_ms(round.uploads as f64)))
 }
 
 async fn tus_create(
@@ -403,7 +418,7 @@ async fn tus_small(
     http: &reqwest::Client,
     endpoint: &str,
     auth: Option<&str>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Round> {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(SMALL_SECONDS);
     let start = Instant::now();
@@ -426,7 +441,7 @@ async fn tus_small(
     for r in futures::future::join_all(workers).await {
         r??;
     }
-    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    Ok(Round::since(start, &done))
 }
 
 /// Removes what is in `dir`, keeping `dir`.
@@ -659,6 +674,7 @@ async fn main() -> anyhow::Result<()> {
     settle("the 4 KiB sessions").await?;
     let one_user = [alice.clone()];
     let (sessions, session_steps) = stowage_small(&server, &one_user, false).await?;
+    let sessions = sessions.rate();
     // The one-shot uploads and the peer's vary from run to run on a VM: they take turns, and
     // the medians are compared.
     let (mut one_shot_rounds, mut peer_rounds, mut one_shot_latency) =
@@ -672,9 +688,9 @@ async fn main() -> anyhow::Result<()> {
         let mut latency = 0.0;
         let rate = our_cpu
             .measure(server_pid, async {
-                let (rate, steps) = stowage_small(&server, &one_user, true).await?;
+                let (round, steps) = stowage_small(&server, &one_user, true).await?;
                 latency = steps[2];
-                Ok(rate)
+                Ok(round)
             })
             .await?;
         one_shot_rounds.push(rate);
@@ -696,9 +712,11 @@ async fn main() -> anyhow::Result<()> {
     let many_users: Vec<String> = (0..CONCURRENCY)
         .map(|w| token(&format!("bench-{w}"), &[]))
         .collect();
-    let (one_shot_many, _) = stowage_small(&server, &many_users, true).await?;
+    let one_shot_many = stowage_small(&server, &many_users, true).await?.0.rate();
     settle("the 4 KiB tus uploads").await?;
-    let stowage_tus = tus_small(&http, &format!("{base}/tus"), Some(&auth)).await?;
+    let stowage_tus = tus_small(&http, &format!("{base}/tus"), Some(&auth))
+        .await?
+        .rate();
     settle("the raw 4 KiB files").await?;
     let durable_files = tokio::task::block_in_place(|| durable_small_files(&dir))?;
     let [create, put, done] = session_steps;
