@@ -217,6 +217,52 @@ where
     Ok(())
 }
 
+/// Topics Media announced for `file_id` (its outbox, published or not), once there are
+/// `count` of them or [`PATIENCE`] has passed: Media announces an outcome after Files shows
+/// it, so a test that saw the status waits here for the announcement.
+pub async fn media_announced(
+    pool: &stowage_db::PgPool,
+    file_id: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let topics: Vec<String> = pool
+            .get()
+            .await?
+            .query(
+                "SELECT topic FROM media.outbox WHERE key = $1 ORDER BY id",
+                &[&file_id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if topics.len() >= count || tokio::time::Instant::now() > deadline {
+            return Ok(topics);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until none of Media's jobs is running: a job's state is recorded after its handler
+/// returns, which is after Files shows the file's new status.
+pub async fn media_jobs_settled(pool: &stowage_db::PgPool) -> anyhow::Result<()> {
+    eventually(PATIENCE, "Media's jobs done running", || async {
+        let running: i64 = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM media.jobs WHERE state = 'running'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(running == 0)
+    })
+    .await
+}
+
 /// Peak resident memory of this process so far (VmHWM), in bytes; 0 where unknown.
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -237,6 +237,16 @@ async fn expired_trash_is_purged_once_even_by_two_runs_at_once() -> anyhow::Resu
     .await?;
     let picture = wait_processed(mesh.channel(), &alice, &old_picture.id, PATIENCE).await?;
     assert!(!picture.variants.is_empty());
+    // Files charges the variants right after it shows the file processed.
+    let all = [&picture, &old_data, &recent, &kept]
+        .iter()
+        .map(|f| f.size_bytes)
+        .sum::<u64>()
+        + picture.variants.iter().map(|v| v.size_bytes).sum::<u64>();
+    stowage_integration_tests::eventually(PATIENCE, "the variants charged", || async {
+        Ok(usage(mesh.channel(), &alice).await?.used_bytes == all)
+    })
+    .await?;
     for file in [&old_picture, &old_data, &recent] {
         files(mesh.channel())
             .delete_file(authed(

@@ -6,8 +6,8 @@ use std::{io::Cursor, process::Command, time::Duration};
 
 use image::{DynamicImage, GenericImageView, ImageFormat, Rgba, RgbaImage};
 use stowage_integration_tests::{
-    complete, create_session, download_variant, put_chunk, random_bytes, upload, usage,
-    wait_processed,
+    complete, create_session, download_variant, media_announced, media_jobs_settled, put_chunk,
+    random_bytes, upload, usage, wait_processed,
 };
 use stowage_proto::v1::{self as pb, files_client::FilesClient, media_client::MediaClient};
 use stowage_testkit::{Mesh, Setup, authed, token};
@@ -108,20 +108,6 @@ fn is_blue(p: Rgba<u8>) -> bool {
     p[2] > 150 && p[0] < 100
 }
 
-/// Topics Media announced for `file_id` (its outbox, published or not).
-async fn announced(setup: &Setup, file_id: &str) -> anyhow::Result<Vec<String>> {
-    let pool = stowage_db::connect(&setup.database_url, 1)?;
-    let rows = pool
-        .get()
-        .await?
-        .query(
-            "SELECT topic FROM media.outbox WHERE key = $1 ORDER BY id",
-            &[&file_id],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
 async fn variant_image(mesh: &Mesh, token: &str, file: &pb::File, name: &str) -> DynamicImage {
     let (header, bytes) = download_variant(mesh.channel(), token, &file.id, name)
         .await
@@ -139,6 +125,7 @@ async fn variant_image(mesh: &Mesh, token: &str, file: &pb::File, name: &str) ->
 async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let mesh = Mesh::start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
     let alice = token("alice", &[]);
     let dir = tempfile::tempdir()?;
 
@@ -194,7 +181,7 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         );
         assert_eq!((file.width, file.height), (*width, *height), "{name}");
         assert_eq!(
-            announced(&setup, &file.id).await?,
+            media_announced(&pool, &file.id, 1).await?,
             ["media.ready"],
             "{name}"
         );
@@ -296,10 +283,11 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         variant_bytes += file.variants.iter().map(|v| v.size_bytes).sum::<u64>();
     }
     assert!(variant_bytes > 0);
-    assert_eq!(
-        usage(mesh.channel(), &alice).await?.used_bytes,
-        stored + variant_bytes
-    );
+    // Files charges a file's variants right after it shows the file processed.
+    stowage_integration_tests::eventually(PATIENCE, "originals and variants charged", || async {
+        Ok(usage(mesh.channel(), &alice).await?.used_bytes == stored + variant_bytes)
+    })
+    .await?;
 
     // Variants follow their source: trashed with it, back with it, purged with it.
     let photo = &uploaded[0];
@@ -454,15 +442,19 @@ async fn files_media_has_no_work_for_are_ready_at_once_without_a_job() -> anyhow
         .collect();
     assert_eq!(jobs, [format!("process:{}", lying.id)]);
     for id in &ids[..3] {
-        assert_eq!(announced(&setup, id).await?, Vec::<String>::new());
+        assert_eq!(media_announced(&pool, id, 0).await?, Vec::<String>::new());
     }
-    assert_eq!(announced(&setup, &lying.id).await?, ["media.failed"]);
+    assert_eq!(
+        media_announced(&pool, &lying.id, 1).await?,
+        ["media.failed"]
+    );
     mesh.stop().await
 }
 
 #[tokio::test]
 async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
     let mesh = Mesh::start(&setup).await?;
     let mallory = token("mallory", &[]);
     let admin = token("root", &["admin"]);
@@ -508,7 +500,11 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
         );
         assert!(!file.status_reason.is_empty(), "{name}: no reason");
         assert!(file.variants.is_empty(), "{name}: {:?}", file.variants);
-        assert_eq!(announced(&setup, id).await?, ["media.failed"], "{name}");
+        assert_eq!(
+            media_announced(&pool, id, 1).await?,
+            ["media.failed"],
+            "{name}"
+        );
         println!("{name}: {}", file.status_reason);
     }
     // Nothing fetched over the network.
@@ -532,7 +528,9 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
         fine.status_reason
     );
 
-    // Admins see the failures as dead jobs with their reasons, and can run one again.
+    // Admins see the failures as dead jobs with their reasons, and can run one again. (A
+    // job's state is recorded after Files shows its file's.)
+    media_jobs_settled(&pool).await?;
     let mut media = MediaClient::new(mesh.channel());
     let dead = media
         .list_jobs(authed(
@@ -665,6 +663,9 @@ async fn a_file_whose_runs_never_come_back_fails_instead_of_looping() -> anyhow:
         0,
         "a run that came back is not counted"
     );
+    // Its job is recorded done after Files shows the file ready; a reprocess before would
+    // find it still running and start nothing.
+    media_jobs_settled(&pool).await?;
 
     // As three runs that were killed would have left it.
     let media = token("media", &["service"]);
@@ -709,6 +710,7 @@ async fn a_file_whose_runs_never_come_back_fails_instead_of_looping() -> anyhow:
         Ok(unfinished().await? == 0)
     })
     .await?;
+    media_jobs_settled(&pool).await?;
     MediaClient::new(mesh.channel())
         .retry_job(authed(pb::RetryJobRequest { job_id: job.id }, &admin))
         .await?;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use stowage::Role;
-use stowage_integration_tests::{download, files, sample, scrape, upload, wait_processed};
+use stowage_integration_tests::{
+    download, eventually, files, media_announced, sample, scrape, upload, wait_processed,
+};
 use stowage_proto::v1::{self as pb, media_client::MediaClient};
 use stowage_testkit::{EICAR, LocalClamd, Mesh, Processes, Setup, authed, channel, token};
 use tonic::Code;
@@ -44,33 +46,6 @@ async fn quarantine(mesh: &Mesh, admin: &str) -> anyhow::Result<Vec<pb::Quaranti
         .files)
 }
 
-/// Topics Media announced for `file_id` (its outbox, published or not), once there are
-/// `count` of them or `PATIENCE` has passed: Media announces an outcome after Files shows it.
-async fn announced(
-    pool: &stowage_db::PgPool,
-    file_id: &str,
-    count: usize,
-) -> anyhow::Result<Vec<String>> {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let topics: Vec<String> = pool
-            .get()
-            .await?
-            .query(
-                "SELECT topic FROM media.outbox WHERE key = $1 ORDER BY id",
-                &[&file_id],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if topics.len() >= count || std::time::Instant::now() > deadline {
-            return Ok(topics);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() -> anyhow::Result<()>
 {
@@ -101,7 +76,7 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
     );
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     assert_eq!(
-        announced(&pool, &infected.id, 1).await?,
+        media_announced(&pool, &infected.id, 1).await?,
         ["media.quarantined"]
     );
     // Her storage totals count what she can list: not the quarantined file.
@@ -153,7 +128,7 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
     let released = wait_processed(mesh.channel(), &alice, &infected.id, PATIENCE).await?;
     assert_eq!(released.status, pb::FileStatus::Ready as i32);
     assert_eq!(
-        announced(&pool, &infected.id, 2).await?,
+        media_announced(&pool, &infected.id, 2).await?,
         ["media.quarantined", "media.ready"]
     );
     assert!(quarantine(&mesh, &admin).await?.is_empty());
@@ -227,14 +202,16 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         Err(Code::FailedPrecondition)
     );
     // The scan's failed attempts are retried, as Prometheus sees it.
-    let metrics = scrape(&mesh).await?;
-    let retried = sample(
-        &metrics,
-        "stowage_jobs_retried_total",
-        &["queue=\"media\"", "kind=\"media.process\""],
-    )
-    .unwrap_or(0.0);
-    assert!(retried >= 1.0, "no retried media job counted:\n{metrics}");
+    eventually(PATIENCE, "a retried media job counted", || async {
+        let metrics = scrape(&mesh).await?;
+        let retried = sample(
+            &metrics,
+            "stowage_jobs_retried_total",
+            &["queue=\"media\"", "kind=\"media.process\""],
+        );
+        Ok(retried.unwrap_or(0.0) >= 1.0)
+    })
+    .await?;
     // ...and finish once it is back.
     let _clamd = LocalClamd::start_on(port).await?;
     let done = wait_processed(mesh.channel(), &alice, &waiting.id, PATIENCE).await?;

@@ -583,18 +583,18 @@ async fn expired_sessions_are_swept_and_cannot_complete() -> anyhow::Result<()> 
         let s = create_session(mesh.channel(), &alice, "late.bin", Some(2 << 20), "").await?;
         put_chunk(mesh.channel(), &alice, &s.id, 0, &random_bytes(1 << 20)).await?;
         assert_eq!(usage(mesh.channel(), &alice).await?.reserved_bytes, 2 << 20);
-        tokio::time::sleep(Duration::from_millis(2000)).await;
-        let account = usage(mesh.channel(), &alice).await?;
-        assert_eq!(
-            (account.used_bytes, account.reserved_bytes),
-            (0, 0),
-            "reservation released"
-        );
-        assert!(
-            mesh.stored_objects("").await?.is_empty(),
-            "staging gone: {:?}",
-            mesh.stored_objects("").await?
-        );
+        // The sweep marks the session expired, then releases its hold and removes its
+        // staging: both are waited for.
+        eventually(
+            PATIENCE,
+            "the hold released and the staging gone",
+            || async {
+                let account = usage(mesh.channel(), &alice).await?;
+                assert_eq!(account.used_bytes, 0, "nothing charged");
+                Ok(account.reserved_bytes == 0 && mesh.stored_objects("").await?.is_empty())
+            },
+        )
+        .await?;
         let state = get_session(mesh.channel(), &alice, &s.id).await?.state;
         assert_eq!(state, pb::UploadState::Expired as i32);
         let late = complete(mesh.channel(), &alice, &s.id)

@@ -121,17 +121,29 @@ async fn one_upload_is_one_trace_across_processes() -> anyhow::Result<()> {
         let media_job = spans
             .iter()
             .any(|s| s.service == "stowage-media" && s.name == "job");
+        let set_variants = spans
+            .iter()
+            .any(|s| s.service == "stowage-files" && s.name.contains("SetVariants"));
+        // Each process exports on a timer of its own: a Quota or Files span can arrive before
+        // the span it hangs under, which is waited for too.
+        let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        let parents_here = spans
+            .iter()
+            .filter(|s| s.service == "stowage-quota" || s.service == "stowage-files")
+            .all(|s| ids.contains(s.parent_span_id.as_str()));
         if ["stowage-ingest", "stowage-quota", "stowage-files"]
             .iter()
             .all(|s| services.contains(s))
             && media_job
+            && set_variants
+            && parents_here
             && let Some(event) = event
         {
             break (spans, event);
         }
         assert!(
             Instant::now() < deadline,
-            "trace incomplete after 30 s: services {services:?}, event {event:?}"
+            "trace incomplete after 30 s: services {services:?}, event {event:?}: {spans:#?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
