@@ -201,6 +201,25 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
     let done = tus(&http, Method::HEAD, &url, &alice).send().await?;
     assert_eq!(done.status(), 200);
     assert_eq!(done.headers()["upload-offset"].to_str()?, "100");
+    assert!(
+        !done.headers().contains_key("upload-expires"),
+        "a finished upload has nothing left to expire"
+    );
+
+    // Creation: one length header, not both; each metadata key once.
+    let both = tus(&http, Method::POST, &base, &alice)
+        .header("upload-length", "10")
+        .header("upload-defer-length", "1")
+        .send()
+        .await?;
+    assert_eq!(both.status(), 400);
+    let twice = tus(&http, Method::POST, &base, &alice)
+        .header("upload-length", "10")
+        .header("upload-metadata", "filename YS50eHQ=,filename Yi50eHQ=")
+        .send()
+        .await?;
+    assert_eq!(twice.status(), 400);
+    assert!(twice.text().await?.contains("twice"));
 
     // Termination.
     let doomed = tus(&http, Method::POST, &base, &alice)
@@ -212,12 +231,44 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         mesh.addr,
         doomed.headers()["location"].to_str()?
     );
-    let deleted = tus(&http, Method::DELETE, &doomed_url, &alice)
+    // A PATCH without bytes is checked as one with bytes; a deferred length above the limit
+    // is too large.
+    let empty = |offset: &str| {
+        tus(&http, Method::PATCH, &doomed_url, &alice)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset)
+    };
+    let empty_wrong = empty("5").send().await?;
+    assert_eq!(empty_wrong.status(), 409);
+    assert_eq!(empty_wrong.headers()["upload-offset"].to_str()?, "0");
+    let huge = empty("0")
+        .header("upload-length", (1u64 << 60).to_string())
+        .send()
+        .await?;
+    assert_eq!(huge.status(), 413);
+    // Clients that cannot send PATCH or DELETE say which they mean.
+    let overridden = tus(&http, Method::POST, &doomed_url, &alice)
+        .header("x-http-method-override", "PATCH")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .body(b"abc".to_vec())
+        .send()
+        .await?;
+    assert_eq!(overridden.status(), 204);
+    assert_eq!(overridden.headers()["upload-offset"].to_str()?, "3");
+    let deleted = tus(&http, Method::POST, &doomed_url, &alice)
+        .header("x-http-method-override", "DELETE")
         .send()
         .await?;
     assert_eq!(deleted.status(), 204);
     let gone = tus(&http, Method::HEAD, &doomed_url, &alice).send().await?;
     assert_eq!(gone.status(), 410);
+    // Terminated, it stays gone: a second DELETE and a PATCH without bytes say so.
+    let again = tus(&http, Method::DELETE, &doomed_url, &alice)
+        .send()
+        .await?;
+    assert_eq!(again.status(), 410);
+    assert_eq!(empty("3").send().await?.status(), 410);
     mesh.stop().await
 }
 
@@ -367,6 +418,78 @@ async fn a_creation_with_the_whole_file_whose_completion_fails_is_not_lost() -> 
     assert_eq!(listed.files.len(), 1);
     let held = usage(mesh.channel(), &alice).await?;
     assert_eq!((held.used_bytes, held.reserved_bytes), (1000, 0));
+    mesh.stop().await
+}
+
+/// The request that carried the last byte failed before the completion began (here the
+/// database refused the move to `completing`): the client, which takes an offset equal to the
+/// length for a finished upload, asks HEAD on its next try, and HEAD completes it.
+#[tokio::test]
+async fn an_upload_whose_last_request_failed_before_completing_completes_on_head()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let bearer = format!("Bearer {alice}");
+    let http = reqwest::Client::new();
+    let created = tus(
+        &http,
+        Method::POST,
+        &format!("http://{}/tus", mesh.addr),
+        &bearer,
+    )
+    .header("upload-length", "1000")
+    .header("upload-metadata", "filename bGFzdC5iaW4=")
+    .send()
+    .await?;
+    assert_eq!(created.status(), 201);
+    let url = format!(
+        "http://{}{}",
+        mesh.addr,
+        created.headers()["location"].to_str()?
+    );
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .batch_execute(
+            "ALTER TABLE ingest.uploads ADD CONSTRAINT test_refuses \
+             CHECK (state <> 'completing') NOT VALID",
+        )
+        .await?;
+    let data = random_bytes(1000);
+    let last = tus(&http, Method::PATCH, &url, &bearer)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .body(data.clone())
+        .send()
+        .await?;
+    assert_eq!(last.status(), 500, "{:?}", last.text().await);
+    let files = || async {
+        anyhow::Ok(
+            stowage_integration_tests::files(mesh.channel())
+                .list_files(authed(pb::ListFilesRequest::default(), &alice))
+                .await?
+                .into_inner()
+                .files,
+        )
+    };
+    assert!(files().await?.is_empty(), "not completed yet");
+
+    pool.get()
+        .await?
+        .batch_execute("ALTER TABLE ingest.uploads DROP CONSTRAINT test_refuses")
+        .await?;
+    let head = tus(&http, Method::HEAD, &url, &bearer).send().await?;
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["upload-offset"].to_str()?, "1000");
+    let listed = files().await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].display_name.as_str(), listed[0].sha256.as_str()),
+        ("last.bin", sha256(&data).as_str())
+    );
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (1000, 0));
     mesh.stop().await
 }
 

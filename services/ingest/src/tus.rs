@@ -48,7 +48,7 @@ struct Tus {
 const HELD_KIB: usize = 256 << 10;
 /// Most of it one user holds at once: four users' stalled bodies fill it, not one user's.
 const USER_HELD_KIB: usize = HELD_KIB / 4;
-/// How long a checksummed PATCH waits for room before it is told to retry.
+/// How long a PATCH body waits for room before it is told to retry.
 const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The tus routes under `base` (e.g. `/tus`); a session's URL also opens to the signed links
@@ -96,7 +96,9 @@ fn error_response(error: Error) -> Response {
         Error::WrongOffset { .. } => StatusCode::CONFLICT,
         Error::ChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
         Error::SessionNotFound => StatusCode::NOT_FOUND,
-        Error::SessionState(s) if s == "expired" || s == "aborted" => StatusCode::GONE,
+        Error::SessionState(s) if matches!(s.as_str(), "expired" | "aborted" | "failed") => {
+            StatusCode::GONE
+        }
         Error::SessionState(_) | Error::Incomplete { .. } | Error::InProgress => {
             StatusCode::CONFLICT
         }
@@ -203,17 +205,22 @@ async fn options(State(tus): State<Tus>) -> Response {
 /// Longest `Upload-Metadata` accepted, kept with the session.
 const MAX_METADATA_LEN: usize = 4096;
 
-/// Parses `Upload-Metadata`: comma-separated `key base64value` pairs.
+/// Parses `Upload-Metadata`: comma-separated `key base64value` pairs, each key once.
 fn parse_metadata(value: &str) -> Result<HashMap<String, String>, String> {
     let mut out = HashMap::new();
     for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, encoded) = pair.split_once(' ').unwrap_or((pair, ""));
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("Upload-Metadata: {key:?} is not a key"));
+        }
         let decoded = STANDARD
             .decode(encoded.trim())
             .map_err(|_| format!("Upload-Metadata: value of {key:?} is not base64"))?;
         let text = String::from_utf8(decoded)
             .map_err(|_| format!("Upload-Metadata: value of {key:?} is not UTF-8"))?;
-        out.insert(key.to_owned(), text);
+        if out.insert(key.to_owned(), text).is_some() {
+            return Err(format!("Upload-Metadata: {key:?} is given twice"));
+        }
     }
     Ok(out)
 }
@@ -245,10 +252,41 @@ fn meta_from(map: &HashMap<String, String>) -> pb::UploadMetadata {
     }
 }
 
+/// `Upload-Expires` of a session still open (a finished one has nothing left to expire).
 fn expires(session: &Session) -> Option<String> {
     session
         .expires_at
+        .filter(|_| session.state == "open")
         .map(|at| at.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+}
+
+/// A session whose every byte arrived but whose completion did not run (the request that
+/// carried the last byte failed or was cut off before it began) completes now: a tus client
+/// takes an offset equal to the length for a finished upload and never sends anything again.
+async fn finish_received(tus: &Tus, caller: &Identity, session: Session) -> Result<Session, Error> {
+    if session.state == "open" && !session.is_expired() && session.size == Some(session.offset) {
+        tus.sessions.complete(session.id, &caller.user_id).await?;
+        return tus.sessions.get(session.id, &caller.user_id).await;
+    }
+    Ok(session)
+}
+
+/// Refuses a PATCH that sent no bytes to a session that cannot take them, or at another
+/// offset than its own, as one with bytes would be.
+fn check_patch(session: &Session, offset: u64) -> Result<(), Error> {
+    if session.state == "open" && session.is_expired() {
+        return Err(Error::SessionState("expired".into()));
+    }
+    if matches!(session.state.as_str(), "aborted" | "expired" | "failed") {
+        return Err(Error::SessionState(session.state.clone()));
+    }
+    if session.offset != offset {
+        return Err(Error::WrongOffset {
+            expected: session.offset,
+            got: offset,
+        });
+    }
+    Ok(())
 }
 
 async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Response {
@@ -263,7 +301,13 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
         header_str(&headers, "upload-length"),
         header_str(&headers, "upload-defer-length"),
     ) {
-        (Some(v), _) => match v.parse::<u64>() {
+        (Some(_), Some(_)) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "Upload-Length and Upload-Defer-Length: give one, not both",
+            );
+        }
+        (Some(v), None) => match v.parse::<u64>() {
             Ok(n) => Some(n),
             Err(_) => return refuse(StatusCode::BAD_REQUEST, "Upload-Length: not a number"),
         },
@@ -279,6 +323,13 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
         return refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             "Upload-Length: above Tus-Max-Size",
+        );
+    }
+    if headers.contains_key("upload-metadata") && header_str(&headers, "upload-metadata").is_none()
+    {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Upload-Metadata: only visible ASCII (values are base64)",
         );
     }
     let raw_metadata = header_str(&headers, "upload-metadata").unwrap_or_default();
@@ -359,6 +410,22 @@ async fn resource(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // Clients that cannot send PATCH or DELETE (some proxies, old browsers) POST with the
+    // method they mean in X-HTTP-Method-Override, which tus servers must honour.
+    let method = match header_str(&headers, "x-http-method-override") {
+        Some(meant) if method == axum::http::Method::POST => {
+            match axum::http::Method::from_bytes(meant.trim().to_ascii_uppercase().as_bytes()) {
+                Ok(m) => m,
+                Err(_) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "X-HTTP-Method-Override: not a method",
+                    );
+                }
+            }
+        }
+        _ => method,
+    };
     if method == axum::http::Method::OPTIONS {
         return options(State(tus)).await;
     }
@@ -399,6 +466,10 @@ async fn resource(
                 refuse(StatusCode::GONE, "upload expired")
             }
             Ok(s) => {
+                let s = match finish_received(&tus, &caller, s).await {
+                    Ok(s) => s,
+                    Err(e) => return error_response(e),
+                };
                 let mut r =
                     tus_response(StatusCode::OK).header("upload-offset", s.offset.to_string());
                 if !s.meta.tus_metadata.is_empty() {
@@ -435,6 +506,12 @@ async fn resource(
                 Ok(l) => l,
                 Err(_) => return refuse(StatusCode::BAD_REQUEST, "Upload-Length: not a number"),
             };
+            if length.is_some_and(|l| l > tus.sessions.settings().max_file_size) {
+                return refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Upload-Length: above Tus-Max-Size",
+                );
+            }
             match write_body(&tus, &caller, id, offset, length, &headers, body).await {
                 Ok(s) => {
                     let mut r = tus_response(StatusCode::NO_CONTENT)
@@ -448,12 +525,25 @@ async fn resource(
                 Err(e) => error_response(e),
             }
         }
-        "DELETE" => match tus.sessions.abort(id, &caller.user_id).await {
-            Ok(_) => tus_response(StatusCode::NO_CONTENT)
-                .body(Body::empty())
-                .unwrap_or_else(|_| StatusCode::NO_CONTENT.into_response()),
-            Err(e) => error_response(e),
-        },
+        "DELETE" => {
+            match tus
+                .sessions
+                .get(id, &caller.user_id)
+                .await
+                .and_then(|s| match s.state.as_str() {
+                    // Terminated before (or ended otherwise): gone, as for any later request.
+                    "aborted" | "expired" | "failed" => Err(Error::SessionState(s.state)),
+                    _ => Ok(()),
+                }) {
+                Err(e) => error_response(e),
+                Ok(()) => match tus.sessions.abort(id, &caller.user_id).await {
+                    Ok(_) => tus_response(StatusCode::NO_CONTENT)
+                        .body(Body::empty())
+                        .unwrap_or_else(|_| StatusCode::NO_CONTENT.into_response()),
+                    Err(e) => error_response(e),
+                },
+            }
+        }
         _ => refuse(
             StatusCode::METHOD_NOT_ALLOWED,
             "use HEAD, PATCH, DELETE or OPTIONS",
@@ -480,6 +570,9 @@ fn parse_checksum(headers: &HeaderMap) -> Result<Option<Checksum>, Error> {
         )),
     }
 }
+
+/// How long a PATCH body may send nothing before it is taken as cut off.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long a PATCH body may pause before its session is let go (a fast client's packets come
 /// far closer; a slow one then holds no database connection while it sends).
@@ -518,29 +611,20 @@ async fn write_body(
             });
         }
     }
-    // Room for the whole body, taken at once (a request holding part of its room while it
-    // waits for more could wait on others doing the same, for ever).
-    let _held = if checksum.is_some() {
-        let declared = header_str(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
-        let bytes = declared
-            .unwrap_or(settings.max_chunk)
-            .min(settings.max_chunk);
-        // A request that finds no room in time (its user's share, then the process's) is
-        // told to come back.
-        match tus
-            .held
-            .take(&caller.user_id, bytes.div_ceil(1024), HELD_WAIT)
-            .await
-        {
-            Some(permit) => Some(permit),
-            None => {
-                return Err(Error::Unavailable(
-                    "too many checksummed bodies held at once; retry".into(),
-                ));
-            }
-        }
-    } else {
-        None
+    // Room for what the body can hold in memory (all of it when checksummed, a chunk
+    // otherwise), taken at once: a request holding part of its room while it waits for more
+    // could wait on others doing the same, for ever. A request that finds no room in time (its
+    // user's share, then the process's) is told to come back.
+    let declared = header_str(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
+    let bytes = declared.unwrap_or(piece).min(piece);
+    let Some(_held) = tus
+        .held
+        .take(&caller.user_id, bytes.div_ceil(1024), HELD_WAIT)
+        .await
+    else {
+        return Err(Error::Unavailable(
+            "too many PATCH bodies held in memory at once; retry".into(),
+        ));
     };
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
@@ -555,7 +639,11 @@ async fn write_body(
                 Ok(next) => next,
                 Err(_) => {
                     writer.pause().await?;
-                    stream.next().await
+                    // A body that stops for good is cut off (what arrived is kept), so it
+                    // holds its room and connection no longer.
+                    tokio::time::timeout(BODY_IDLE, stream.next())
+                        .await
+                        .unwrap_or_else(|_| Some(Err(axum::Error::new("the body stalled"))))
                 }
             };
             let done = match next {
@@ -628,11 +716,11 @@ async fn write_body(
                 )
                 .await?
         }
-        (None, None) => tus.sessions.get(id, &caller.user_id).await?,
+        (None, None) => {
+            let session = tus.sessions.get(id, &caller.user_id).await?;
+            check_patch(&session, offset)?;
+            session
+        }
     };
-    if session.size == Some(session.offset) && session.state == "open" {
-        tus.sessions.complete(id, &caller.user_id).await?;
-        return tus.sessions.get(id, &caller.user_id).await;
-    }
-    Ok(session)
+    finish_received(tus, caller, session).await
 }

@@ -474,6 +474,7 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
                 header("upload-metadata"),
                 header("upload-checksum"),
                 header("upload-defer-length"),
+                header("x-http-method-override"),
             ])
             .expose_headers([
                 header("grpc-status"),
@@ -484,8 +485,16 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
                 header("location"),
                 header("upload-offset"),
                 header("upload-length"),
+                header("upload-metadata"),
+                header("upload-defer-length"),
+                header("upload-expires"),
                 header("tus-resumable"),
+                header("tus-version"),
+                header("tus-extension"),
+                header("tus-max-size"),
+                header("tus-checksum-algorithm"),
                 header("retry-after"),
+                header("content-disposition"),
             ])
             .max_age(Duration::from_secs(3600)),
     ))
