@@ -68,7 +68,9 @@ async fn signed_urls_serve_ranges_etags_and_expire() -> anyhow::Result<()> {
         .map(|v| v.to_str().unwrap_or_default().to_owned())
         .unwrap_or_default();
     assert!(
-        disposition.starts_with("attachment; filename*=UTF-8''report%202026"),
+        disposition.starts_with(
+            "attachment; filename=\"report 2026.pdf.bin\"; filename*=UTF-8''report%202026"
+        ),
         "{disposition}"
     );
     assert_eq!(
@@ -146,6 +148,9 @@ async fn signed_urls_serve_ranges_etags_and_expire() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(cached.status(), 304);
+    // Kept by the browser, but asked about again before each use (a trashed file or an
+    // expired link is not served from its cache); the 304 says so as the 200 did.
+    assert_eq!(cached.headers()["cache-control"], "private, no-cache");
     // As a proxy that compressed the body asks again: the tag weakened, still the same.
     let weakened = http
         .get(&url)
@@ -238,6 +243,14 @@ async fn a_rebuilt_variant_has_a_new_entity_tag() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let first = http.get(&url).send().await?;
     let etag = first.headers()["etag"].to_str()?.to_owned();
+    // Saved under a name of its own type, not the original's.
+    assert!(
+        first.headers()["content-disposition"]
+            .to_str()?
+            .contains("filename=\"pic_tiny.webp\""),
+        "{:?}",
+        first.headers()["content-disposition"]
+    );
     assert_eq!(first.bytes().await?.as_ref(), b"aaaa");
     files().set_variants(set(b'w')).await?;
     let again = http.get(&url).header("if-none-match", &etag).send().await?;

@@ -280,6 +280,56 @@ fn requested_range(
     }
 }
 
+/// Browsers keep a download but ask again before each use (a 304 while its bytes are the
+/// same): a link that expired, or a file trashed or quarantined since, is not served from
+/// their cache.
+const CACHE_CONTROL: &str = "private, no-cache";
+
+/// The name a download is saved under: the file's own, or for a variant the file's name
+/// without its extension, the variant's name and the extension of the variant's type
+/// (`clip_poster_jpeg.jpg` for the poster of `clip.mov`, not `clip.mov`).
+fn download_name(display_name: &str, variant: &str, mime_type: &str) -> String {
+    if variant.is_empty() {
+        return display_name.to_owned();
+    }
+    let stem = display_name
+        .rsplit_once('.')
+        .map_or(display_name, |(stem, _)| stem);
+    let extension = match mime_type {
+        "image/jpeg" => Some("jpg"),
+        "image/webp" => Some("webp"),
+        "image/png" => Some("png"),
+        "image/gif" => Some("gif"),
+        "image/avif" => Some("avif"),
+        "video/mp4" => Some("mp4"),
+        "video/webm" => Some("webm"),
+        "audio/mpeg" => Some("mp3"),
+        _ => None,
+    };
+    match extension {
+        Some(ext) => format!("{stem}_{variant}.{ext}"),
+        None => format!("{stem}_{variant}"),
+    }
+}
+
+/// `Content-Disposition` with `name`: in UTF-8 (RFC 8187) for clients that read it, and
+/// before it a plain ASCII form for those that do not (RFC 6266, 4.3), with what it cannot
+/// carry replaced by `_`.
+fn content_disposition(attachment: bool, name: &str) -> String {
+    let ascii: String = name
+        .chars()
+        .map(|c| match c {
+            ' ' | '!' | '#'..='[' | ']'..='~' => c,
+            _ => '_',
+        })
+        .collect();
+    format!(
+        "{}; filename=\"{ascii}\"; filename*=UTF-8''{}",
+        if attachment { "attachment" } else { "inline" },
+        percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+    )
+}
+
 async fn serve_signed(
     method: axum::http::Method,
     State(state): State<HttpState>,
@@ -321,9 +371,13 @@ async fn serve_signed(
                 .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == target.etag)
         })
     {
+        // The headers a 200 would have that say how to cache it (RFC 9110, 15.4.5).
         return (
             StatusCode::NOT_MODIFIED,
-            [(header::ETAG, target.etag.clone())],
+            [
+                (header::ETAG, target.etag.clone()),
+                (header::CACHE_CONTROL, CACHE_CONTROL.to_owned()),
+            ],
         )
             .into_response();
     }
@@ -340,13 +394,9 @@ async fn serve_signed(
     };
     let attachment = query.dl.as_deref() == Some("1")
         || (variant.is_empty() && is_active_content(&target.mime_type));
-    let disposition = format!(
-        "{}; filename*=UTF-8''{}",
-        if attachment { "attachment" } else { "inline" },
-        percent_encoding::utf8_percent_encode(
-            &file.display_name,
-            percent_encoding::NON_ALPHANUMERIC
-        )
+    let disposition = content_disposition(
+        attachment,
+        &download_name(&file.display_name, variant, &target.mime_type),
     );
     // A type that cannot be a header value (a service registered it unchecked) is served as
     // bytes, not as an error.
@@ -361,7 +411,7 @@ async fn serve_signed(
         .header(header::CONTENT_DISPOSITION, disposition)
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .header(header::CONTENT_SECURITY_POLICY, "sandbox")
-        .header(header::CACHE_CONTROL, "private, max-age=300");
+        .header(header::CACHE_CONTROL, CACHE_CONTROL);
     if status == StatusCode::PARTIAL_CONTENT {
         response = response.header(
             header::CONTENT_RANGE,
@@ -408,6 +458,28 @@ pub fn url_ttl(requested_seconds: u32, max: Duration) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_variant_is_saved_under_a_name_of_its_own_type() {
+        assert_eq!(download_name("clip.mov", "", "video/quicktime"), "clip.mov");
+        assert_eq!(
+            download_name("clip.mov", "poster_jpeg", "image/jpeg"),
+            "clip_poster_jpeg.jpg"
+        );
+        assert_eq!(
+            download_name("notes", "preview", "application/x-unknown"),
+            "notes_preview"
+        );
+    }
+
+    #[test]
+    fn the_disposition_has_an_ascii_name_and_the_exact_one() {
+        assert_eq!(
+            content_disposition(true, "Résumé \"final\".pdf"),
+            "attachment; filename=\"R_sum_ _final_.pdf\"; filename*=UTF-8''R%C3%A9sum%C3%A9%20%22final%22%2Epdf"
+        );
+        assert!(content_disposition(false, "a\\b").starts_with("inline; filename=\"a_b\""));
+    }
 
     #[test]
     fn an_unasked_url_lifetime_is_an_hour_within_the_maximum() {
