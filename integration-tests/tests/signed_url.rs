@@ -257,6 +257,35 @@ async fn a_rebuilt_variant_has_a_new_entity_tag() -> anyhow::Result<()> {
     assert_eq!(again.status(), 200);
     assert_ne!(again.headers()["etag"].to_str()?, etag);
     assert_eq!(again.bytes().await?.as_ref(), b"wwww");
+    // A page of files (and of trash) carries each one's variants: a gallery needs no GetFile
+    // per file for its thumbnails.
+    let shown = |files: &[pb::File]| -> Vec<(String, Vec<u8>)> {
+        files
+            .iter()
+            .flat_map(|f| &f.variants)
+            .map(|v| (v.name.clone(), v.inline_data.clone()))
+            .collect()
+    };
+    let listed = files()
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(shown(&listed), [("tiny".to_owned(), b"wwww".to_vec())]);
+    files()
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: file.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    let trash = files()
+        .list_trash(authed(pb::ListTrashRequest::default(), &alice))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(shown(&trash), [("tiny".to_owned(), b"wwww".to_vec())]);
     mesh.stop().await
 }
 

@@ -462,7 +462,9 @@ impl Catalog {
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect();
         let rows = conn.query(&sql, &refs).await?;
-        Ok(rows.iter().map(FileRecord::from_row).collect())
+        let mut files: Vec<FileRecord> = rows.iter().map(FileRecord::from_row).collect();
+        with_variants(&conn, &mut files).await?;
+        Ok(files)
     }
 
     /// Renames, re-tags or (un)favourites a file that is not in trash.
@@ -642,7 +644,9 @@ impl Catalog {
                 .await?
             }
         };
-        Ok(rows.iter().map(FileRecord::from_row).collect())
+        let mut files: Vec<FileRecord> = rows.iter().map(FileRecord::from_row).collect();
+        with_variants(&conn, &mut files).await?;
+        Ok(files)
     }
 
     /// Files of every owner in trash since before `before`, oldest first, after `after`.
@@ -1046,6 +1050,36 @@ async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Resu
         .map(VariantRecord::from_row)
         .collect();
     Ok(file)
+}
+
+/// Fills in the variants of a page of `files`, in one statement (a gallery shows a page of
+/// thumbnails without a GetFile per file).
+async fn with_variants(conn: &impl GenericClient, files: &mut [FileRecord]) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = files.iter().map(|f| f.id).collect();
+    let rows = conn
+        .query_cached(
+            concat!(
+                "SELECT file_id, ",
+                variant_columns!(),
+                " FROM files.variants WHERE file_id = ANY($1) ORDER BY file_id, name"
+            ),
+            &[&ids],
+        )
+        .await?;
+    let mut by_file: HashMap<Uuid, Vec<VariantRecord>> = HashMap::new();
+    for row in &rows {
+        by_file
+            .entry(row.get("file_id"))
+            .or_default()
+            .push(VariantRecord::from_row(row));
+    }
+    for file in files {
+        file.variants = by_file.remove(&file.id).unwrap_or_default();
+    }
+    Ok(())
 }
 
 /// What an UpdateFile changes (unset fields: unchanged).
