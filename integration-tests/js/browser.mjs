@@ -255,6 +255,18 @@ try {
     };
   }, { ...api, fileId: report.grpcWeb.fileId });
 
+  // 8b. A form's two files in one UploadFiles call (unary, so grpc-web can send it).
+  report.form = await page.evaluate(async ({ api, token }) => {
+    const stowage = Stowage.createStowage({ baseUrl: api, token });
+    const { results } = await stowage.ingest.uploadFiles({
+      files: [
+        { metadata: { displayName: 'form one.bin', tags: ['form'] }, data: pattern(3000, 5) },
+        { metadata: { displayName: 'form two.bin', tags: ['form'] }, data: pattern(5000, 6) },
+      ],
+    });
+    return results.map((r) => ({ fileId: r.file?.id ?? '', code: r.code }));
+  }, api);
+
   // 9. A page at an origin Stowage does not allow: the browser refuses to make its calls.
   const foreign = await browser.newPage();
   await foreign.goto(config.foreign, { waitUntil: 'load' });

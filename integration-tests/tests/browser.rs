@@ -304,8 +304,19 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
         sha256(&first[100..200])
     );
 
+    // 8b. Two files in one UploadFiles call: both stored, byte for byte.
+    let mut form_bytes = 0;
+    for (i, (len, seed)) in [(3000, 5), (5000, 6)].into_iter().enumerate() {
+        let result = &report["form"][i];
+        assert_eq!(result["code"].as_u64(), Some(0), "{report}");
+        let file_id = result["fileId"].as_str().unwrap_or_default();
+        let (_, stored) = download(ch.clone(), &alice, file_id, None).await?;
+        assert!(stored == pattern(len, seed), "form file {i} differs");
+        form_bytes += len as u64;
+    }
+
     // 9. The page at another origin was stopped by the browser (its preflight found no
-    // permission), so nothing reached Ingest: alice holds exactly the six files.
+    // permission), so nothing reached Ingest: alice holds exactly the eight files.
     assert_eq!(text(&report, &["foreign", "code"]), "Unknown", "{report}");
     assert!(
         text(&report, &["foreign", "message"]).contains("Failed to fetch"),
@@ -319,7 +330,8 @@ async fn a_browser_uploads_and_downloads_through_grpc_web_tus_links_and_signed_u
                 + second.len() as u64
                 + 10
                 + third.len() as u64
-                + fourth.len() as u64,
+                + fourth.len() as u64
+                + form_bytes,
             0
         )
     );

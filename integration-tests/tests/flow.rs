@@ -479,3 +479,118 @@ async fn files_are_listed_by_kind_and_favourite_and_tags_add_up() -> anyhow::Res
     assert_eq!(kept.tags.len(), 16, "nothing changed by the refusals");
     mesh.stop().await
 }
+
+/// A form's files in one UploadFiles call: each stored or refused on its own (one over the
+/// quota, one without a name), the rest stored byte for byte and charged once; a repeated
+/// call with a file's key answers with the file stored under it; a call of no files or of
+/// more than ten is refused whole.
+#[tokio::test]
+async fn several_files_in_one_call_are_each_stored_or_refused() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(10_000);
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let file = |name: &str, data: &[u8], key: &str| pb::UploadFile {
+        metadata: Some(pb::UploadMetadata {
+            display_name: name.to_owned(),
+            tags: vec!["form".to_owned()],
+            ..Default::default()
+        }),
+        data: data.to_vec().into(),
+        idempotency_key: key.to_owned(),
+    };
+    let call = |files: Vec<pb::UploadFile>| {
+        let mut ingest = stowage_integration_tests::ingest(mesh.channel());
+        let alice = alice.clone();
+        async move {
+            ingest
+                .upload_files(authed(pb::UploadFilesRequest { files }, &alice))
+                .await
+        }
+    };
+    let (a, b, big) = (
+        b"some words".repeat(300),
+        random_bytes(4000),
+        random_bytes(11_000),
+    );
+    let results = call(vec![
+        file("a.txt", &a, "form-1-a"),
+        file("b.bin", &b, ""),
+        file("big.bin", &big, ""),
+        file("", b"nameless", ""),
+    ])
+    .await?
+    .into_inner()
+    .results;
+    assert_eq!(results.len(), 4);
+    let stored: Vec<&pb::File> = results[..2]
+        .iter()
+        .filter_map(|r| r.file.as_ref())
+        .collect();
+    assert_eq!(
+        stored
+            .iter()
+            .map(|f| (f.display_name.as_str(), f.size_bytes, f.tags.clone()))
+            .collect::<Vec<_>>(),
+        [
+            ("a.txt", 3000, vec!["form".to_owned()]),
+            ("b.bin", 4000, vec!["form".to_owned()])
+        ]
+    );
+    assert!(
+        results[..2]
+            .iter()
+            .all(|r| r.code == 0 && r.message.is_empty())
+    );
+    assert_eq!(
+        (
+            results[2].file.is_none(),
+            tonic::Code::from(results[2].code)
+        ),
+        (true, tonic::Code::ResourceExhausted),
+        "{}",
+        results[2].message
+    );
+    assert_eq!(
+        tonic::Code::from(results[3].code),
+        tonic::Code::InvalidArgument
+    );
+    assert!(
+        results[3]
+            .message
+            .starts_with("files[3].metadata.display_name"),
+        "{}",
+        results[3].message
+    );
+    for (f, data) in stored.iter().zip([&a, &b]) {
+        let (_, bytes) = download(mesh.channel(), &alice, &f.id, None).await?;
+        assert!(bytes == *data, "{} differs", f.display_name);
+        assert_eq!(f.sha256, sha256(data));
+    }
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (7000, 0));
+
+    // Sent again (its answer lost): the same file, charged once.
+    let again = call(vec![file("a.txt", &a, "form-1-a")])
+        .await?
+        .into_inner()
+        .results;
+    assert_eq!(again[0].file.as_ref().map(|f| &f.id), Some(&stored[0].id));
+    for files in [Vec::new(), vec![file("x.bin", b"x", ""); 11]] {
+        let refused = call(files).await.expect_err("refused whole");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(
+            refused.message().starts_with("files:"),
+            "{}",
+            refused.message()
+        );
+    }
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner()
+        .files;
+    assert_eq!(listed.len(), 2);
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (7000, 0));
+    mesh.stop().await
+}

@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // and sliced out of a larger buffer without one on the client.
         .bytes(".stowage.v1.Chunk.data")
         .bytes(".stowage.v1.UploadRequest.data")
+        .bytes(".stowage.v1.UploadFile.data")
         .bytes(".stowage.v1.GetScreenshotResponse.data")
         .compile_fds(fds)?;
     Ok(())

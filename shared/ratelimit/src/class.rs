@@ -60,7 +60,8 @@ pub fn classify_grpc_path(path: &str) -> Class {
     match (service, method) {
         (
             "stowage.v1.Ingest",
-            "Upload" | "CreateUpload" | "WriteChunks" | "PutChunk" | "CompleteUpload"
+            "Upload" | "UploadFiles" | "CreateUpload" | "WriteChunks" | "PutChunk"
+                | "CompleteUpload"
             | "AppendEvents",
         ) => Class::Upload,
         ("stowage.v1.Files", "Download" | "GetDownloadUrl")
