@@ -603,6 +603,16 @@ async fn outside_lists_names_and_keys_are_bounded_by_field() -> anyhow::Result<(
             .map(drop),
         "variants.size_bytes",
     );
+    // Inline bytes go out with every listing of the file: a placeholder, not a picture.
+    refused(
+        files()
+            .set_variants(set(vec![stowage_integration_tests::inline_variant(
+                "thumb", 1025, 1,
+            )]))
+            .await
+            .map(drop),
+        "variants.inline_data",
+    );
     let nothing = pb::Variant {
         storage_key: String::new(),
         ..one(10)

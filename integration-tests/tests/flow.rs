@@ -584,6 +584,14 @@ async fn several_files_in_one_call_are_each_stored_or_refused() -> anyhow::Resul
             refused.message()
         );
     }
+    let twice = call(vec![file("c.bin", b"c", "k"), file("d.bin", b"d", "k")])
+        .await
+        .expect_err("one key for two files");
+    assert!(
+        twice.message().starts_with("files.idempotency_key"),
+        "{}",
+        twice.message()
+    );
     let listed = stowage_integration_tests::files(mesh.channel())
         .list_files(authed(pb::ListFilesRequest::default(), &alice))
         .await?

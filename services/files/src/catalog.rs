@@ -1036,24 +1036,12 @@ async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Resu
         .await?
         .ok_or(Error::NotFound)?;
     let mut file = FileRecord::from_row(&row);
-    file.variants = conn
-        .query_cached(
-            concat!(
-                "SELECT ",
-                variant_columns!(),
-                " FROM files.variants WHERE file_id = $1 ORDER BY name"
-            ),
-            &[&id],
-        )
-        .await?
-        .iter()
-        .map(VariantRecord::from_row)
-        .collect();
+    with_variants(conn, std::slice::from_mut(&mut file)).await?;
     Ok(file)
 }
 
-/// Fills in the variants of a page of `files`, in one statement (a gallery shows a page of
-/// thumbnails without a GetFile per file).
+/// Fills in the variants of `files` (one, or a page of them) in one statement: a gallery
+/// shows a page of thumbnails without a GetFile per file.
 async fn with_variants(conn: &impl GenericClient, files: &mut [FileRecord]) -> Result<()> {
     if files.is_empty() {
         return Ok(());

@@ -294,6 +294,7 @@ fn download_name(display_name: &str, variant: &str, mime_type: &str) -> String {
     }
     let stem = display_name
         .rsplit_once('.')
+        .filter(|(stem, _)| !stem.is_empty())
         .map_or(display_name, |(stem, _)| stem);
     let extension = match mime_type {
         "image/jpeg" => Some("jpg"),
@@ -314,12 +315,12 @@ fn download_name(display_name: &str, variant: &str, mime_type: &str) -> String {
 
 /// `Content-Disposition` with `name`: in UTF-8 (RFC 8187) for clients that read it, and
 /// before it a plain ASCII form for those that do not (RFC 6266, 4.3), with what it cannot
-/// carry replaced by `_`.
+/// carry replaced by `_` (and `%`, which some browsers would decode there).
 fn content_disposition(attachment: bool, name: &str) -> String {
     let ascii: String = name
         .chars()
         .map(|c| match c {
-            ' ' | '!' | '#'..='[' | ']'..='~' => c,
+            ' ' | '!' | '#' | '$' | '&'..='[' | ']'..='~' => c,
             _ => '_',
         })
         .collect();
@@ -470,6 +471,10 @@ mod tests {
             download_name("notes", "preview", "application/x-unknown"),
             "notes_preview"
         );
+        assert_eq!(
+            download_name(".env", "thumb", "image/webp"),
+            ".env_thumb.webp"
+        );
     }
 
     #[test]
@@ -479,6 +484,9 @@ mod tests {
             "attachment; filename=\"R_sum_ _final_.pdf\"; filename*=UTF-8''R%C3%A9sum%C3%A9%20%22final%22%2Epdf"
         );
         assert!(content_disposition(false, "a\\b").starts_with("inline; filename=\"a_b\""));
+        assert!(
+            content_disposition(false, "100%.txt").starts_with("inline; filename=\"100_.txt\"")
+        );
     }
 
     #[test]

@@ -154,6 +154,9 @@ fn viewer(caller: &Identity) -> Viewer<'_> {
     }
 }
 
+/// Most bytes a variant keeps inline.
+const MAX_INLINE_BYTES: usize = 1024;
+
 /// Most variants one SetVariants records.
 const MAX_VARIANTS: usize = 32;
 /// Longest object store key a service may name.
@@ -544,6 +547,14 @@ impl files_server::Files for FilesGrpc {
                     return Err(invalid_argument(
                         "variants.size_bytes",
                         "differs from the length of inline_data",
+                    ));
+                }
+                // Inline bytes are a placeholder (a thumbhash, some dozens of bytes), sent with
+                // every listing of the file: a picture goes to the store.
+                if v.inline_data.len() > MAX_INLINE_BYTES {
+                    return Err(invalid_argument(
+                        "variants.inline_data",
+                        format!("must be at most {MAX_INLINE_BYTES} bytes; store larger ones"),
                     ));
                 }
                 if v.inline_data.is_empty() && v.storage_key.is_empty() {

@@ -566,52 +566,7 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::UploadFilesResponse>, Status> {
         let caller = identity(&request)?;
         let files = request.into_inner().files;
-        if files.is_empty() || files.len() > MAX_FILES_PER_CALL {
-            return Err(stowage_runtime::status::invalid_argument(
-                "files",
-                format!("1 to {MAX_FILES_PER_CALL} files per call"),
-            ));
-        }
-        // Each as its own one-shot upload, side by side: one refused (over the quota, a bad
-        // name) leaves the others stored.
-        let uploads = files.into_iter().enumerate().map(|(i, file)| {
-            let owner = caller.user_id.as_str();
-            async move {
-                let header = pb::UploadHeader {
-                    size_bytes: file.data.len() as u64,
-                    metadata: file.metadata,
-                    idempotency_key: file.idempotency_key,
-                };
-                let messages = [
-                    pb::upload_request::Part::Header(header),
-                    pb::upload_request::Part::Data(file.data),
-                ]
-                .map(|part| Ok(pb::UploadRequest { part: Some(part) }));
-                match self
-                    .uploader
-                    .upload(owner, futures::stream::iter(messages))
-                    .await
-                {
-                    Ok(file) => pb::UploadFileResult {
-                        file: Some(file),
-                        ..Default::default()
-                    },
-                    Err(error) => {
-                        let status = Status::from(error);
-                        pb::UploadFileResult {
-                            file: None,
-                            code: status.code() as i32,
-                            // Upload's fields are its header's; here they are the file's.
-                            message: status
-                                .message()
-                                .replacen("header.size_bytes", &format!("files[{i}].data"), 1)
-                                .replacen("header.", &format!("files[{i}]."), 1),
-                        }
-                    }
-                }
-            }
-        });
-        let results = futures::future::join_all(uploads).await;
+        let results = self.uploader.upload_files(&caller.user_id, files).await?;
         Ok(Response::new(pb::UploadFilesResponse { results }))
     }
 }
@@ -622,9 +577,6 @@ fn stream_owner<T>(request: &Request<T>) -> Result<Option<String>, Status> {
     let caller = identity(request)?;
     Ok((!caller.is_privileged()).then_some(caller.user_id))
 }
-
-/// Most files one UploadFiles call carries.
-const MAX_FILES_PER_CALL: usize = 10;
 
 /// Most streams one subscription names.
 const MAX_SUBSCRIBED_STREAMS: usize = 100;

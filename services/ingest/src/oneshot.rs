@@ -141,7 +141,74 @@ struct Received {
     sha256: String,
 }
 
+/// Most files one UploadFiles call carries.
+pub const MAX_FILES_PER_CALL: usize = 10;
+
 impl Uploader {
+    /// Stores `files` of `owner` (an UploadFiles call), each as its own one-shot upload, side
+    /// by side: one refused (over the quota, a bad name) leaves the others stored. The results
+    /// are in the files' order. The call is refused whole only when it is malformed: no files,
+    /// more than [`MAX_FILES_PER_CALL`], or one idempotency key given twice.
+    pub async fn upload_files(
+        &self,
+        owner: &str,
+        files: Vec<pb::UploadFile>,
+    ) -> Result<Vec<pb::UploadFileResult>> {
+        if files.is_empty() || files.len() > MAX_FILES_PER_CALL {
+            return Err(Error::invalid(
+                "files",
+                format!("1 to {MAX_FILES_PER_CALL} files per call"),
+            ));
+        }
+        let mut keys = std::collections::HashSet::new();
+        if files
+            .iter()
+            .any(|f| !f.idempotency_key.is_empty() && !keys.insert(f.idempotency_key.as_str()))
+        {
+            return Err(Error::invalid(
+                "files.idempotency_key",
+                "is given to two files of the call",
+            ));
+        }
+        let uploads = files.into_iter().enumerate().map(|(i, file)| async move {
+            let header = pb::UploadHeader {
+                size_bytes: file.data.len() as u64,
+                metadata: file.metadata,
+                idempotency_key: file.idempotency_key,
+            };
+            let messages = [Part::Header(header), Part::Data(file.data)]
+                .map(|part| Ok(pb::UploadRequest { part: Some(part) }));
+            match self.upload(owner, futures::stream::iter(messages)).await {
+                Ok(file) => pb::UploadFileResult {
+                    file: Some(file),
+                    ..Default::default()
+                },
+                Err(error) => {
+                    let status = match error {
+                        // Upload names its header's fields; these are the file's.
+                        Error::InvalidArgument { field, reason } => {
+                            let field = match field.strip_prefix("header.").unwrap_or(field) {
+                                "size_bytes" => "data",
+                                other => other,
+                            };
+                            stowage_runtime::status::invalid_argument(
+                                &format!("files[{i}].{field}"),
+                                reason,
+                            )
+                        }
+                        other => Status::from(other),
+                    };
+                    pb::UploadFileResult {
+                        file: None,
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    }
+                }
+            }
+        });
+        Ok(futures::future::join_all(uploads).await)
+    }
+
     /// Runs a one-shot upload from `stream` for `owner`.
     pub async fn upload<S>(&self, owner: &str, mut stream: S) -> Result<pb::File>
     where

@@ -250,6 +250,13 @@ impl Session {
         self.expires_at.is_some_and(|at| at < Utc::now())
     }
 
+    /// Whether the session is gone for its client: ended without a file (aborted, expired,
+    /// failed), or still open past its expiry. One completing or completed is not.
+    pub fn is_gone(&self) -> bool {
+        matches!(self.state.as_str(), "aborted" | "expired" | "failed")
+            || (self.state == "open" && self.is_expired())
+    }
+
     /// The proto form.
     pub fn to_proto(&self) -> pb::UploadSession {
         let state = match self.state.as_str() {
@@ -946,6 +953,14 @@ impl Sessions {
         {
             tracing::warn!(%upload, %status, "reservation release failed; it expires on its own");
         }
+    }
+
+    /// [`complete`](Self::complete), run to its end even if its caller stops waiting (a client
+    /// that hangs up would otherwise leave it between two steps, for the sweeper to finish).
+    pub async fn complete_to_end(&self, id: Uuid, owner: &str) -> Result<pb::File> {
+        let (sessions, owner) = (self.clone(), owner.to_owned());
+        self.run_to_end(async move { sessions.complete(id, &owner).await })
+            .await
     }
 
     /// Verifies, places, registers and charges the upload. Calling it again after a crash at

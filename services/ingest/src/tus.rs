@@ -39,16 +39,17 @@ struct Tus {
     /// Signed links to one session, taken instead of a token on its URL.
     links: Option<UploadLinks>,
     base: String,
-    /// KiB of checksummed bodies held in memory at once (they are verified whole before
-    /// anything is kept); a body waits for room, slowing its client.
+    /// KiB of PATCH bodies held in memory at once: checksummed ones whole (verified before
+    /// anything is kept; such a body waits for room, slowing its client), others a chunk each
+    /// (or a small piece when there is no room).
     held: Arc<room::Room>,
 }
 
-/// Most KiB of checksummed PATCH bodies held in memory at once, across all requests.
+/// Most KiB of PATCH bodies held in memory at once, across all requests.
 const HELD_KIB: usize = 256 << 10;
 /// Most of it one user holds at once: four users' stalled bodies fill it, not one user's.
 const USER_HELD_KIB: usize = HELD_KIB / 4;
-/// How long a PATCH body waits for room before it is told to retry.
+/// How long a checksummed PATCH body waits for room before it is told to retry.
 const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The tus routes under `base` (e.g. `/tus`); a session's URL also opens to the signed links
@@ -265,7 +266,9 @@ fn expires(session: &Session) -> Option<String> {
 /// takes an offset equal to the length for a finished upload and never sends anything again.
 async fn finish_received(tus: &Tus, caller: &Identity, session: Session) -> Result<Session, Error> {
     if session.state == "open" && !session.is_expired() && session.size == Some(session.offset) {
-        tus.sessions.complete(session.id, &caller.user_id).await?;
+        tus.sessions
+            .complete_to_end(session.id, &caller.user_id)
+            .await?;
         return tus.sessions.get(session.id, &caller.user_id).await;
     }
     Ok(session)
@@ -274,11 +277,13 @@ async fn finish_received(tus: &Tus, caller: &Identity, session: Session) -> Resu
 /// Refuses a PATCH that sent no bytes to a session that cannot take them, or at another
 /// offset than its own, as one with bytes would be.
 fn check_patch(session: &Session, offset: u64) -> Result<(), Error> {
-    if session.state == "open" && session.is_expired() {
-        return Err(Error::SessionState("expired".into()));
-    }
-    if matches!(session.state.as_str(), "aborted" | "expired" | "failed") {
-        return Err(Error::SessionState(session.state.clone()));
+    if session.is_gone() {
+        let state = if session.state == "open" {
+            "expired"
+        } else {
+            &session.state
+        };
+        return Err(Error::SessionState(state.to_owned()));
     }
     if session.offset != offset {
         return Err(Error::WrongOffset {
@@ -459,12 +464,7 @@ async fn resource(
         "HEAD" => match tus.sessions.get(id, &caller.user_id).await {
             // Gone: ended, or still open past its expiry. One completing or completed is
             // there whatever the time, so its client does not send it again.
-            Ok(s)
-                if (s.state == "open" && s.is_expired())
-                    || matches!(s.state.as_str(), "aborted" | "expired" | "failed") =>
-            {
-                refuse(StatusCode::GONE, "upload expired")
-            }
+            Ok(s) if s.is_gone() => refuse(StatusCode::GONE, "upload expired"),
             Ok(s) => {
                 let s = match finish_received(&tus, &caller, s).await {
                     Ok(s) => s,
@@ -571,6 +571,10 @@ fn parse_checksum(headers: &HeaderMap) -> Result<Option<Checksum>, Error> {
     }
 }
 
+/// Bytes a PATCH body without checksum holds before they are written, when the room for a
+/// whole chunk is taken.
+const SMALL_PIECE: usize = 256 << 10;
+
 /// How long a PATCH body may send nothing before it is taken as cut off.
 const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -592,39 +596,53 @@ async fn write_body(
 ) -> Result<Session, Error> {
     let checksum = parse_checksum(headers)?;
     let settings = tus.sessions.settings().clone();
-    let piece = if checksum.is_some() {
-        settings.max_chunk
-    } else {
-        settings.chunk_size_hint as usize
-    };
     if checksum.is_some() {
         // The body is held whole before it is verified: not for someone else's session, a
-        // closed one or the wrong offset.
+        // closed or expired one, or the wrong offset.
         let session = tus.sessions.get(id, &caller.user_id).await?;
+        check_patch(&session, offset)?;
         if session.state != "open" {
             return Err(Error::SessionState(session.state));
         }
-        if session.offset != offset {
-            return Err(Error::WrongOffset {
-                expected: session.offset,
-                got: offset,
-            });
-        }
     }
-    // Room for what the body can hold in memory (all of it when checksummed, a chunk
-    // otherwise), taken at once: a request holding part of its room while it waits for more
-    // could wait on others doing the same, for ever. A request that finds no room in time (its
-    // user's share, then the process's) is told to come back.
+    // Room for what the body holds in memory, taken at once: a request holding part of its
+    // room while it waits for more could wait on others doing the same, for ever.
     let declared = header_str(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
-    let bytes = declared.unwrap_or(piece).min(piece);
-    let Some(_held) = tus
-        .held
-        .take(&caller.user_id, bytes.div_ceil(1024), HELD_WAIT)
-        .await
-    else {
-        return Err(Error::Unavailable(
-            "too many PATCH bodies held in memory at once; retry".into(),
-        ));
+    let (piece, held) = if checksum.is_some() {
+        // All of it, until verified. A request that finds no room in time (its user's share,
+        // then the process's) is told to come back.
+        let bytes = declared
+            .unwrap_or(settings.max_chunk)
+            .min(settings.max_chunk);
+        match tus
+            .held
+            .take(&caller.user_id, bytes.div_ceil(1024), HELD_WAIT)
+            .await
+        {
+            Some(permit) => (settings.max_chunk, Some(permit)),
+            None => {
+                return Err(Error::Unavailable(
+                    "too many checksummed bodies held at once; retry".into(),
+                ));
+            }
+        }
+    } else {
+        // A chunk's worth, written as it fills; without room at once, the body goes to disk
+        // in small pieces instead, never waiting and holding little.
+        let chunk = settings.chunk_size_hint as usize;
+        let bytes = declared.unwrap_or(chunk).min(chunk);
+        match tus
+            .held
+            .take(
+                &caller.user_id,
+                bytes.div_ceil(1024),
+                std::time::Duration::ZERO,
+            )
+            .await
+        {
+            Some(permit) => (chunk, Some(permit)),
+            None => (SMALL_PIECE.min(chunk), None),
+        }
     };
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
@@ -695,6 +713,7 @@ async fn write_body(
         }
     }
     .await;
+    drop(held);
     let recorded = writer.settle(written).await?;
     if let Some(why) = cut_off {
         tracing::info!(upload_id = %id, offset = at, why, "tus body cut off; kept what arrived");

@@ -1,6 +1,6 @@
-//! Room for checksummed PATCH bodies, which are held in memory whole until verified: a bound
-//! across the process, and a share of it per user, so that one user's stalled bodies cannot
-//! keep every other user waiting.
+//! Room for PATCH bodies held in memory (checksummed ones whole until verified, others a chunk
+//! at a time): a bound across the process, and a share of it per user, so that one user's
+//! stalled bodies cannot keep every other user waiting.
 
 use std::{
     collections::HashMap,
