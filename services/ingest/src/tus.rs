@@ -392,7 +392,11 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
         }
     } else if session.size == Some(0) {
         // An empty file is complete as soon as it exists.
-        if let Err(e) = tus.sessions.complete(session.id, &caller.user_id).await {
+        if let Err(e) = tus
+            .sessions
+            .complete_to_end(session.id, &caller.user_id)
+            .await
+        {
             return error_response(e);
         }
     }
