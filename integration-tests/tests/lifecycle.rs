@@ -1586,6 +1586,17 @@ async fn stuck_files_are_processed_again_and_ephemeral_blobs_go_when_done() -> a
             &service,
         ))
         .await?;
+    let long = client
+        .ack_ephemeral(authed(
+            pb::AckEphemeralRequest {
+                storage_keys: vec!["k".repeat(1025)],
+            },
+            &service,
+        ))
+        .await
+        .expect_err("a key longer than any store key");
+    assert_eq!(long.code(), tonic::Code::InvalidArgument);
+    assert!(long.message().starts_with("storage_keys"), "{long:?}");
     let run = run_now(&mesh, "ephemeral_cleanup", false).await?;
     assert_eq!(run.acted, 1);
     assert_eq!(

@@ -721,6 +721,18 @@ async fn an_expired_hold_is_charged_at_commit_even_past_the_limit() -> anyhow::R
     assert_eq!(usage(mesh.channel(), &fay).await?.reserved_bytes, 0);
     // Its bytes are free again, and another upload holds most of them.
     quota.reserve(authed(reserve(700, 600), &service)).await?;
+    // More than it held is not charged past the limit.
+    let more = quota
+        .commit(authed(
+            pb::CommitRequest {
+                reservation_id: lapsing.id.clone(),
+                bytes: 601,
+            },
+            &service,
+        ))
+        .await
+        .expect_err("more than the lapsed hold, past the limit");
+    assert_eq!(more.code(), Code::ResourceExhausted, "{more:?}");
     for _ in 0..2 {
         quota
             .commit(authed(

@@ -175,6 +175,12 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         if keys.is_empty() || keys.len() > 1000 {
             return Err(invalid_argument("storage_keys", "must hold 1..=1000 keys"));
         }
+        if keys.iter().any(|k| k.is_empty() || k.len() > 1024) {
+            return Err(invalid_argument(
+                "storage_keys",
+                "each key must be 1..=1024 bytes",
+            ));
+        }
         let acknowledged = self.lifecycle.ack_ephemeral(&keys).await?;
         Ok(Response::new(pb::AckEphemeralResponse { acknowledged }))
     }

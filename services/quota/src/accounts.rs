@@ -324,10 +324,11 @@ impl Quota {
 
     /// Turns a reservation into `bytes` of usage. Committing again returns the first commit.
     ///
-    /// An expired hold is still committed, even past the limit: the upload finished within its
-    /// hold (its completion began in time), its file is stored and registered, and refusing
-    /// the charge would leave it stored for free, or lose it. The user is then over the
-    /// limit, as after a lowered limit, until files go. The whole commit is one
+    /// An expired hold is still committed up to its bytes, even past the limit: the upload
+    /// finished within its hold (its completion began in time), its file is stored and
+    /// registered, and refusing the charge would leave it stored for free, or lose it. The
+    /// user is then over the limit, as after a lowered limit, until files go. More than it
+    /// held is checked against the limit, as for a hold still held. The whole commit is one
     /// statement (`COMMIT_SQL`), so the account row is locked only while PostgreSQL
     /// runs it, never across a round trip: a user's parallel uploads queue for microseconds.
     pub async fn commit(&self, reservation_id: Uuid, bytes: u64) -> Result<(Reservation, Account)> {
@@ -363,9 +364,16 @@ impl Quota {
                         available: account.available_bytes() + reservation.bytes,
                     })
                 }
-                // A lapsed hold is committed whatever the limit; the statement cannot have
-                // refused one (another call changing it meanwhile shows in the state above).
-                ReservationState::Expired => Err(Error::WrongState("expired".into())),
+                // A lapsed hold is committed whatever the limit up to its bytes; more than
+                // that must fit, as for a held one.
+                ReservationState::Expired => {
+                    let account =
+                        Account::from_row(&account_row(&conn, &reservation.user_id).await?);
+                    Err(Error::Exhausted {
+                        requested: bytes,
+                        available: account.available_bytes().max(reservation.bytes),
+                    })
+                }
             };
         };
         Ok((Reservation::from_row(&row), Account::from_row(&row)))
@@ -880,7 +888,7 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH r AS (
              SELECT id, user_id, CASE WHEN state = 'held' THEN bytes ELSE 0 END AS held,
-                    state = 'expired' AS lapsed
+                    state = 'expired' AS lapsed, bytes AS hold
              FROM quota.reservations
              WHERE id = $1 AND state IN ('held', 'expired') FOR UPDATE),
          account AS (
@@ -889,7 +897,7 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
                  used_bytes = a.used_bytes + $2::bigint, updated_at = now()
              FROM r
              WHERE a.user_id = r.user_id
-               AND (r.lapsed OR $2::bigint <= r.held
+               AND ((r.lapsed AND $2::bigint <= r.hold) OR $2::bigint <= r.held
                     OR a.used_bytes::numeric + a.reserved_bytes - r.held + $2::bigint <= a.limit_bytes)
              RETURNING a.*),
          done AS (
