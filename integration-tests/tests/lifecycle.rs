@@ -61,7 +61,7 @@ async fn schedules_off(channel: Channel, database_url: &str) -> anyhow::Result<(
                 pb::SetScheduleRequest {
                     name: schedule.name,
                     interval_seconds: 0,
-                    enabled: false,
+                    enabled: Some(false),
                 },
                 &admin,
             ))
@@ -527,7 +527,7 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
             pb::SetScheduleRequest {
                 name: "trash_purge".into(),
                 interval_seconds: 120,
-                enabled: false,
+                enabled: Some(false),
             },
             &admin,
         ))
@@ -536,12 +536,34 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
         .schedule
         .expect("schedule");
     assert_eq!((changed.interval_seconds, changed.enabled), (120, false));
+    // Enabled again, then a new interval alone: it keeps running.
+    for (interval_seconds, enabled) in [(0, Some(true)), (180, None)] {
+        client
+            .set_schedule(authed(
+                pb::SetScheduleRequest {
+                    name: "trash_purge".into(),
+                    interval_seconds,
+                    enabled,
+                },
+                &admin,
+            ))
+            .await?;
+    }
+    let kept = client
+        .list_schedules(authed(pb::ListSchedulesRequest {}, &admin))
+        .await?
+        .into_inner()
+        .schedules
+        .into_iter()
+        .find(|s| s.name == "trash_purge")
+        .expect("trash_purge");
+    assert_eq!((kept.interval_seconds, kept.enabled), (180, true));
     let unknown = client
         .set_schedule(authed(
             pb::SetScheduleRequest {
                 name: "nope".into(),
                 interval_seconds: 0,
-                enabled: true,
+                enabled: Some(true),
             },
             &admin,
         ))

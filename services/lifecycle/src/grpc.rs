@@ -242,19 +242,25 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
             }
             other => jobs_error(other),
         };
+        let mut changed = None;
         if req.interval_seconds > 0 {
-            queue
-                .set_interval(
-                    &req.name,
-                    std::time::Duration::from_secs(req.interval_seconds),
-                )
-                .await
-                .map_err(known)?;
+            let interval = std::time::Duration::from_secs(req.interval_seconds);
+            changed = Some(
+                queue
+                    .set_interval(&req.name, interval)
+                    .await
+                    .map_err(known)?,
+            );
         }
-        let s = queue
-            .set_enabled(&req.name, req.enabled)
-            .await
-            .map_err(known)?;
+        if let Some(enabled) = req.enabled {
+            changed = Some(queue.set_enabled(&req.name, enabled).await.map_err(known)?);
+        }
+        let Some(s) = changed else {
+            return Err(invalid_argument(
+                "enabled",
+                "nothing to change: give interval_seconds, enabled or both",
+            ));
+        };
         Ok(Response::new(pb::SetScheduleResponse {
             schedule: Some(schedule_to_proto(s)),
         }))
