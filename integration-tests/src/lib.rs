@@ -245,22 +245,35 @@ pub async fn media_announced(
     }
 }
 
+/// How many of Media's jobs are running now.
+pub async fn media_jobs_running(pool: &stowage_db::PgPool) -> anyhow::Result<i64> {
+    Ok(pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM media.jobs WHERE state = 'running'",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// Waits until none of Media's jobs is running: a job's state is recorded after its handler
 /// returns, which is after Files shows the file's new status.
 pub async fn media_jobs_settled(pool: &stowage_db::PgPool) -> anyhow::Result<()> {
     eventually(PATIENCE, "Media's jobs done running", || async {
-        let running: i64 = pool
-            .get()
-            .await?
-            .query_one(
-                "SELECT count(*) FROM media.jobs WHERE state = 'running'",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(running == 0)
+        Ok(media_jobs_running(pool).await? == 0)
     })
     .await
+}
+
+/// The first page of `token`'s files (ListFiles with no filter).
+pub async fn listed_files(channel: Channel, token: &str) -> Result<Vec<pb::File>, Status> {
+    Ok(files(channel)
+        .list_files(authed(pb::ListFilesRequest::default(), token))
+        .await?
+        .into_inner()
+        .files)
 }
 
 /// Peak resident memory of this process so far (VmHWM), in bytes; 0 where unknown.

@@ -146,15 +146,7 @@ async fn a_file_changed_under_a_resumed_upload_is_refused_whole() -> anyhow::Res
         stderr.contains("changed while it was being uploaded"),
         "{stderr}"
     );
-    let files = || async {
-        anyhow::Ok(
-            stowage_integration_tests::files(mesh.channel())
-                .list_files(authed(pb::ListFilesRequest::default(), &alice))
-                .await?
-                .into_inner()
-                .files,
-        )
-    };
+    let files = || stowage_integration_tests::listed_files(mesh.channel(), &alice);
     assert!(files().await?.is_empty(), "nothing spliced was kept");
     let account = stowage_integration_tests::usage(mesh.channel(), &alice).await?;
     assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0));

@@ -592,11 +592,7 @@ async fn several_files_in_one_call_are_each_stored_or_refused() -> anyhow::Resul
         "{}",
         twice.message()
     );
-    let listed = stowage_integration_tests::files(mesh.channel())
-        .list_files(authed(pb::ListFilesRequest::default(), &alice))
-        .await?
-        .into_inner()
-        .files;
+    let listed = stowage_integration_tests::listed_files(mesh.channel(), &alice).await?;
     assert_eq!(listed.len(), 2);
     let account = usage(mesh.channel(), &alice).await?;
     assert_eq!((account.used_bytes, account.reserved_bytes), (7000, 0));

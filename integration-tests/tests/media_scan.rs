@@ -263,16 +263,7 @@ async fn a_media_worker_killed_mid_job_leaves_no_duplicates_and_no_orphans() -> 
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let running: i64 = pool
-            .get()
-            .await?
-            .query_one(
-                "SELECT count(*) FROM media.jobs WHERE state = 'running'",
-                &[],
-            )
-            .await?
-            .get(0);
-        if running > 0 {
+        if stowage_integration_tests::media_jobs_running(&pool).await? > 0 {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "no job ever ran");

@@ -266,11 +266,7 @@ async fn a_rebuilt_variant_has_a_new_entity_tag() -> anyhow::Result<()> {
             .map(|v| (v.name.clone(), v.inline_data.clone()))
             .collect()
     };
-    let listed = files()
-        .list_files(authed(pb::ListFilesRequest::default(), &alice))
-        .await?
-        .into_inner()
-        .files;
+    let listed = stowage_integration_tests::listed_files(mesh.channel(), &alice).await?;
     assert_eq!(shown(&listed), [("tiny".to_owned(), b"wwww".to_vec())]);
     files()
         .delete_file(authed(

@@ -464,15 +464,7 @@ async fn an_upload_whose_last_request_failed_before_completing_completes_on_head
         .send()
         .await?;
     assert_eq!(last.status(), 500, "{:?}", last.text().await);
-    let files = || async {
-        anyhow::Ok(
-            stowage_integration_tests::files(mesh.channel())
-                .list_files(authed(pb::ListFilesRequest::default(), &alice))
-                .await?
-                .into_inner()
-                .files,
-        )
-    };
+    let files = || stowage_integration_tests::listed_files(mesh.channel(), &alice);
     assert!(files().await?.is_empty(), "not completed yet");
 
     pool.get()
