@@ -575,8 +575,8 @@ fn parse_checksum(headers: &HeaderMap) -> Result<Option<Checksum>, Error> {
     }
 }
 
-/// Bytes a PATCH body without checksum holds before they are written, when the room for a
-/// whole chunk is taken.
+/// Bytes a PATCH body without checksum holds before they are written when there is no room
+/// for a whole chunk at once.
 const SMALL_PIECE: usize = 256 << 10;
 
 /// How long a PATCH body may send nothing before it is taken as cut off.
