@@ -148,7 +148,7 @@ impl Uploader {
     /// Stores `files` of `owner` (an UploadFiles call), each as its own one-shot upload, side
     /// by side: one refused (over the quota, a bad name) leaves the others stored. The results
     /// are in the files' order. The call is refused whole only when it is malformed: no files,
-    /// more than [`MAX_FILES_PER_CALL`], or one idempotency key given twice.
+    /// more than `MAX_FILES_PER_CALL`, or one idempotency key given twice.
     pub async fn upload_files(
         &self,
         owner: &str,

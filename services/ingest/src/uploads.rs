@@ -196,7 +196,7 @@ impl Uploads {
     }
 
     /// Marks a one-shot upload completed and, the first time, stages its `upload.completed`
-    /// event in the same statement (see [`mark_completed`]).
+    /// event in the same statement (see `mark_completed`).
     pub async fn complete(&self, id: Uuid, size: u64, sha256: Option<&str>) -> Result<()> {
         let conn = self.pool.get().await?;
         mark_completed(&conn, id, size, sha256).await
