@@ -369,6 +369,75 @@ async fn a_purge_of_trash_listed_earlier_keeps_a_file_restored_meanwhile() -> an
     mesh.stop().await
 }
 
+/// A completion that registered its file and then stalled past its hold's life (the hold
+/// lapsed, uncommitted) is not a drift: a repair would charge the file, and the commit that
+/// follows would charge it again.
+#[tokio::test]
+async fn a_file_whose_lapsed_hold_is_still_to_be_committed_is_not_repaired() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = reconciling(&setup, Duration::from_secs(1)).await?;
+    let service = token("stowage-internal", &["service"]);
+    // As Ingest does it: the hold, the file registered, and (after the stall) the commit.
+    let hold = quota(mesh.channel())
+        .reserve(authed(
+            pb::ReserveRequest {
+                user_id: "carol".into(),
+                bytes: 5000,
+                ttl_seconds: 1,
+                idempotency_key: String::new(),
+            },
+            &service,
+        ))
+        .await?
+        .into_inner()
+        .reservation
+        .unwrap_or_default();
+    let file_id = uuid::Uuid::now_v7();
+    files(mesh.channel())
+        .register_file(authed(
+            pb::RegisterFileRequest {
+                owner_id: "carol".into(),
+                file_id: file_id.to_string(),
+                display_name: "stalled.bin".into(),
+                kind: pb::FileKind::Other as i32,
+                mime_type: "application/octet-stream".into(),
+                size_bytes: 5000,
+                sha256: "00".repeat(32),
+                storage_key: format!("users/carol/other/2026/12/{file_id}.bin"),
+                status: pb::FileStatus::Ready as i32,
+                idempotency_key: file_id.to_string(),
+                ..Default::default()
+            },
+            &service,
+        ))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    quota(mesh.channel())
+        .expire_reservations(authed(pb::ExpireReservationsRequest::default(), &service))
+        .await?;
+    let carol = token("carol", &[]);
+    assert_eq!(usage(mesh.channel(), &carol).await?.reserved_bytes, 0);
+    let run = run_now(&mesh, "usage_reconcile", false).await?;
+    assert_eq!((run.acted, run.failed), (0, 0), "{run:?}");
+    quota(mesh.channel())
+        .commit(authed(
+            pb::CommitRequest {
+                reservation_id: hold.id,
+                bytes: 5000,
+            },
+            &service,
+        ))
+        .await?;
+    let account = usage(mesh.channel(), &carol).await?;
+    assert_eq!(
+        (account.used_bytes, account.reserved_bytes),
+        (5000, 0),
+        "charged once"
+    );
+    assert_eq!(run_now(&mesh, "usage_reconcile", false).await?.acted, 0);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyhow::Result<()> {
     let setup = Setup::new().await?;

@@ -787,7 +787,8 @@ impl Lifecycle {
                     user_id: account.user_id,
                     used: account.used_bytes,
                     reserved: account.reserved_bytes,
-                    // Looked at in the second look.
+                    // Looked at in the second look (which must find them 0 too).
+                    lapsed: 0,
                     moving: 0,
                 });
             }
@@ -804,6 +805,7 @@ impl Lifecycle {
                 stored,
                 used: 0,
                 reserved: 0,
+                lapsed: 0,
                 moving: 0,
             });
         }

@@ -32,6 +32,9 @@ pub(crate) struct Observed {
     pub used: u64,
     /// Bytes Quota holds for uploads in flight.
     pub reserved: u64,
+    /// Bytes of holds that lapsed lately uncommitted: an upload whose completion began in
+    /// time (its file registered) may still commit them.
+    pub lapsed: u64,
     /// Files whose variant charge is in flight (Quota charged, Files not yet recorded); 0
     /// where not looked at.
     pub moving: u64,
@@ -45,9 +48,10 @@ impl Observed {
     }
 
     /// Whether this looks like a drift worth a second look: usage differs, and no upload is
-    /// between its reservation and its commit, no variant charge between its two steps.
+    /// between its reservation and its commit (its hold held, or lapsed lately: a commit can
+    /// still come), no variant charge between its two steps.
     pub fn drifted(&self) -> bool {
-        self.reserved == 0 && self.moving == 0 && self.stored != self.used
+        self.reserved == 0 && self.lapsed == 0 && self.moving == 0 && self.stored != self.used
     }
 }
 
@@ -65,19 +69,19 @@ impl Lifecycle {
             .owners
             .first()
             .map_or((0, 0), |o| (o.stored_bytes, o.charges_in_flight));
-        let account = self
+        let usage = self
             .quota
             .get_usage(pb::GetUsageRequest {
                 user_id: user_id.to_owned(),
             })
-            .await?
-            .account
-            .unwrap_or_default();
+            .await?;
+        let account = usage.account.unwrap_or_default();
         Ok(Observed {
             user_id: user_id.to_owned(),
             stored,
             used: account.used_bytes,
             reserved: account.reserved_bytes,
+            lapsed: usage.lapsed_bytes,
             moving,
         })
     }

@@ -198,6 +198,23 @@ impl Quota {
         Ok(Account::from_row(&row))
     }
 
+    /// Bytes of `user_id`'s holds that lapsed in the last day and were neither committed nor
+    /// released: an upload whose completion began in time may still commit them.
+    pub async fn lapsed_bytes(&self, user_id: &str) -> Result<u64> {
+        check_user("user_id", user_id)?;
+        let conn = self.pool.get().await?;
+        let bytes: i64 = conn
+            .query_one_cached(
+                "SELECT COALESCE(sum(bytes), 0)::bigint FROM quota.reservations
+                 WHERE user_id = $1 AND state = 'expired'
+                   AND expires_at > now() - interval '1 day'",
+                &[&user_id],
+            )
+            .await?
+            .get(0);
+        Ok(u64::try_from(bytes).unwrap_or(0))
+    }
+
     /// Holds `bytes` of `user_id`'s quota for `ttl` (default when `None`).
     ///
     /// The hold is one conditional `UPDATE` on the account row: PostgreSQL re-checks the

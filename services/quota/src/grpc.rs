@@ -87,8 +87,10 @@ impl quota_server::Quota for QuotaGrpc {
             req.user_id
         };
         let account = self.quota.account(&user).await?;
+        let lapsed_bytes = self.quota.lapsed_bytes(&user).await?;
         Ok(Response::new(pb::GetUsageResponse {
             account: Some(account.into()),
+            lapsed_bytes,
         }))
     }
 
