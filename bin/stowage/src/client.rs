@@ -215,9 +215,15 @@ impl Client {
             match written {
                 Ok(_) => break,
                 // Still held by a writer that is gone (this command killed mid-upload and
-                // run again at once): the server lets go when it notices. Go on from where
-                // it stands then.
-                Err(s) if s.code() == tonic::Code::Aborted && held < HELD_RETRIES => {
+                // run again at once): the server lets go when it notices. Or that writer's
+                // last chunk was recorded after this run read the offset, and the server
+                // refuses the stale one, naming its own. Go on from where it stands then.
+                Err(s)
+                    if (s.code() == tonic::Code::Aborted
+                        || (s.code() == tonic::Code::FailedPrecondition
+                            && s.metadata().contains_key("upload-offset")))
+                        && held < HELD_RETRIES =>
+                {
                     held += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(200 * held)).await;
                     offset = ingest
