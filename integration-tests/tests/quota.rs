@@ -96,6 +96,24 @@ async fn parallel_reservations_stop_exactly_at_the_limit() -> anyhow::Result<()>
         again.id, granted[0],
         "a full account still answers a retried key with its first reservation"
     );
+    // The key used again for another amount is refused, naming the field.
+    let other = quota
+        .reserve(authed(
+            pb::ReserveRequest {
+                user_id: "bob".into(),
+                bytes: 999,
+                ttl_seconds: 600,
+                idempotency_key: "r0".into(),
+            },
+            &service,
+        ))
+        .await
+        .expect_err("another amount under a used key");
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    assert!(
+        other.message().starts_with("idempotency_key:") && other.message().contains("1000"),
+        "{other:?}"
+    );
     // As many bytes as a size can say: refused as too many, like any other.
     let huge = quota
         .reserve(authed(
@@ -296,6 +314,37 @@ async fn release_gives_bytes_back_and_debit_counts_once() -> anyhow::Result<()> 
     }
     let account = usage(mesh.channel(), &token("carol", &[])).await?;
     assert_eq!(account.used_bytes, 3000, "one debit of 2000, not two");
+    // The key again for another amount, or for a charge, is refused and moves nothing.
+    let other = quota
+        .debit(authed(
+            pb::DebitRequest {
+                user_id: "carol".into(),
+                bytes: 2500,
+                idempotency_key: "purge:x".into(),
+                reason: "test".into(),
+            },
+            &service,
+        ))
+        .await
+        .expect_err("another amount under a used key");
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    assert!(other.message().starts_with("idempotency_key:"), "{other:?}");
+    let other = quota
+        .charge(authed(
+            pb::ChargeRequest {
+                user_id: "carol".into(),
+                bytes: 2000,
+                idempotency_key: "purge:x".into(),
+                reason: "test".into(),
+            },
+            &service,
+        ))
+        .await
+        .expect_err("a charge under a debit's key");
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    assert!(other.message().contains("debit"), "{other:?}");
+    let account = usage(mesh.channel(), &token("carol", &[])).await?;
+    assert_eq!(account.used_bytes, 3000, "neither moved the usage");
 
     // Keys are per user: the same key for another user is another movement.
     for user in ["carol", "dan"] {

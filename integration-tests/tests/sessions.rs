@@ -836,11 +836,12 @@ async fn a_retried_create_finishes_a_session_left_without_its_hold() -> anyhow::
     let mesh = Mesh::start(&setup).await?;
     let alice = token("alice", &[]);
     let data = random_bytes(50_000);
-    let create = || async {
-        ingest(mesh.channel())
+    let (mesh_ref, alice_ref) = (&mesh, &alice);
+    let create_of = |size: u64| async move {
+        ingest(mesh_ref.channel())
             .create_upload(authed(
                 pb::CreateUploadRequest {
-                    size_bytes: Some(50_000),
+                    size_bytes: Some(size),
                     metadata: Some(pb::UploadMetadata {
                         display_name: "retried.bin".into(),
                         ..Default::default()
@@ -848,11 +849,12 @@ async fn a_retried_create_finishes_a_session_left_without_its_hold() -> anyhow::
                     idempotency_key: "create-once".into(),
                     ..Default::default()
                 },
-                &alice,
+                alice_ref,
             ))
             .await
             .map(|r| r.into_inner().session.unwrap_or_default())
     };
+    let create = || create_of(50_000);
     let first = create().await?;
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     pool.get()
@@ -862,8 +864,18 @@ async fn a_retried_create_finishes_a_session_left_without_its_hold() -> anyhow::
             &[&first.id],
         )
         .await?;
+    // The key again for another size is the caller's mistake: refused, nothing changed.
+    let other = create_of(60_000)
+        .await
+        .expect_err("another size under the key");
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    assert!(
+        other.message().starts_with("idempotency_key:") && other.message().contains("50000"),
+        "{other:?}"
+    );
     let again = create().await?;
     assert_eq!(again.id, first.id);
+    assert_eq!(again.size_bytes, Some(50_000));
     put_chunk(mesh.channel(), &alice, &again.id, 0, &data).await?;
     let file = complete(mesh.channel(), &alice, &again.id).await?;
     assert_eq!(file.sha256, sha256(&data));

@@ -521,6 +521,14 @@ impl Sessions {
                     "was used by a one-shot upload",
                 ));
             }
+            if let (Some(asked), Some(declared)) = (size, existing.size)
+                && asked != declared
+            {
+                return Err(Error::invalid(
+                    "idempotency_key",
+                    format!("was used for an upload of {declared} bytes, not {asked}"),
+                ));
+            }
             if existing.reservation_id.is_none() && existing.state == "open" {
                 // The first call stopped between the row and its hold (a crash, an error after
                 // Quota answered): the hold is asked for again, under the same key, so Quota

@@ -220,7 +220,7 @@ impl Quota {
     /// The hold is one conditional `UPDATE` on the account row: PostgreSQL re-checks the
     /// condition after waiting for the row lock, so concurrent reservations are serialised and
     /// the sum of holds plus usage never passes the limit. A repeated `idempotency_key` returns
-    /// the first reservation.
+    /// the first reservation; the same key for another amount is refused (`idempotency_key`).
     pub async fn reserve(
         &self,
         user_id: &str,
@@ -245,7 +245,7 @@ impl Quota {
             return Ok(granted);
         }
         // A used key returns its reservation as it is, even when no more would fit.
-        if let Some(existing) = find_by_key(&conn, user_id, idempotency_key).await? {
+        if let Some(existing) = find_by_key(&conn, user_id, idempotency_key, amount).await? {
             let account = account_row(&conn, user_id).await?;
             return Ok((existing, Account::from_row(&account)));
         }
@@ -267,7 +267,7 @@ impl Quota {
             return Ok(granted);
         }
         // A concurrent call with the same key may have won meanwhile.
-        if let Some(existing) = find_by_key(&conn, user_id, idempotency_key).await? {
+        if let Some(existing) = find_by_key(&conn, user_id, idempotency_key, amount).await? {
             let account = account_row(&conn, user_id).await?;
             return Ok((existing, Account::from_row(&account)));
         }
@@ -491,12 +491,29 @@ impl Quota {
         };
         let inserted = tx
             .execute_cached(
-                "INSERT INTO quota.ledger (user_id, delta_bytes, kind, idempotency_key, reason)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idempotency_key) DO NOTHING",
-                &[&user_id, &delta, &kind, &idempotency_key, &reason],
+                "INSERT INTO quota.ledger (user_id, delta_bytes, asked_bytes, kind, idempotency_key, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (user_id, idempotency_key) DO NOTHING",
+                &[&user_id, &delta, &amount, &kind, &idempotency_key, &reason],
             )
             .await?;
         if inserted == 0 {
+            // Done before under this key: the same movement again is answered with the account
+            // as it is; another amount or kind under the key is a caller's mistake, refused.
+            let first = tx
+                .query_one_cached(
+                    "SELECT kind, asked_bytes FROM quota.ledger
+                     WHERE user_id = $1 AND idempotency_key = $2",
+                    &[&user_id, &idempotency_key],
+                )
+                .await?;
+            let (first_kind, asked): (&str, Option<i64>) = (first.get(0), first.get(1));
+            if first_kind != kind || asked.is_some_and(|asked| asked != amount) {
+                let what = asked.map_or_else(String::new, |a| format!(" of {a} bytes"));
+                return Err(Error::invalid(
+                    "idempotency_key",
+                    format!("was used for a {first_kind}{what}, not a {kind} of {amount} bytes"),
+                ));
+            }
             let account = account_row(&tx, user_id).await?;
             tx.commit().await?;
             return Ok(Account::from_row(&account));
@@ -789,8 +806,9 @@ impl Hold<'_> {
                      WHERE user_id = $2 AND used_bytes::numeric + reserved_bytes + $3::bigint <= limit_bytes
                      RETURNING *),
                  held AS (
-                     INSERT INTO quota.reservations (id, user_id, bytes, state, idempotency_key, expires_at)
-                     SELECT $1, $2, $3, 'held', $4, now() + make_interval(secs => $5) FROM account
+                     INSERT INTO quota.reservations
+                         (id, user_id, bytes, asked_bytes, state, idempotency_key, expires_at)
+                     SELECT $1, $2, $3, $3, 'held', $4, now() + make_interval(secs => $5) FROM account
                      RETURNING *)
                  SELECT h.id, h.user_id, h.bytes, h.state, h.committed_bytes, h.expires_at,
                         a.limit_bytes, a.used_bytes, a.reserved_bytes, a.created_at, a.updated_at
@@ -812,10 +830,13 @@ impl Hold<'_> {
     }
 }
 
+/// The reservation made under `key`, if any. The key used before for another amount is
+/// refused: answering with the first reservation would hold what the caller did not ask for.
 async fn find_by_key(
     conn: &impl GenericClient,
     user_id: &str,
     key: Option<&str>,
+    amount: i64,
 ) -> Result<Option<Reservation>> {
     let Some(key) = key else { return Ok(None) };
     let row = conn
@@ -823,12 +844,19 @@ async fn find_by_key(
             concat!(
                 "SELECT ",
                 reservation_columns!(),
-                " FROM quota.reservations WHERE user_id = $1 AND idempotency_key = $2"
+                ", asked_bytes FROM quota.reservations WHERE user_id = $1 AND idempotency_key = $2"
             ),
             &[&user_id, &key],
         )
         .await?;
-    Ok(row.as_ref().map(Reservation::from_row))
+    let Some(row) = row else { return Ok(None) };
+    match row.get::<_, Option<i64>>("asked_bytes") {
+        Some(asked) if asked != amount => Err(Error::invalid(
+            "idempotency_key",
+            format!("was used for a reservation of {asked} bytes, not {amount}"),
+        )),
+        _ => Ok(Some(Reservation::from_row(&row))),
+    }
 }
 
 /// Reservation `id` as it is now (unlocked: to say why a statement did not apply).
