@@ -1,7 +1,7 @@
 //! A 256 MiB upload whose chunks go round-robin to three Ingest replicas, one of which is
 //! killed in the middle of a chunk; the client resumes from GetUpload on a survivor. On local
-//! disk and S3 (moto) with real processes and SIGKILL, and on the in-memory store with
-//! in-process replicas whose runtime is torn down at once.
+//! disk, S3 (moto) and Azure Blob Storage (Azurite) with real processes and SIGKILL, and on
+//! the in-memory store with in-process replicas whose runtime is torn down at once.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -145,6 +145,12 @@ async fn three_ingest_processes_one_killed_local_disk() -> anyhow::Result<()> {
 #[tokio::test]
 async fn three_ingest_processes_one_killed_s3() -> anyhow::Result<()> {
     let setup = Setup::s3().await?;
+    with_processes(setup).await
+}
+
+#[tokio::test]
+async fn three_ingest_processes_one_killed_azure() -> anyhow::Result<()> {
+    let setup = Setup::azure().await?;
     with_processes(setup).await
 }
 

@@ -7,12 +7,14 @@
 //! | `file:///var/lib/stowage` | local disk under that directory (created if missing); writes flushed to the disk before they return |
 //! | `memory://` | in-process memory (tests, throwaway dev) |
 //! | `s3://bucket[/prefix]` | S3 or an S3-compatible server; credentials, region and endpoint from the standard `AWS_*` variables |
+//! | `az://container[/prefix]` | Azure Blob Storage; account, credentials and endpoint from the standard `AZURE_*` variables (`AZURE_STORAGE_USE_EMULATOR=true` for Azurite) |
 
 use std::{path::PathBuf, sync::Arc};
 
 pub use object_store::{ObjectStore, multipart::MultipartStore, path::Path as ObjectPath};
 use object_store::{
-    aws::AmazonS3Builder, local::LocalFileSystem, memory::InMemory, prefix::PrefixStore,
+    aws::AmazonS3Builder, azure::MicrosoftAzureBuilder, local::LocalFileSystem, memory::InMemory,
+    prefix::PrefixStore,
 };
 
 pub mod keys;
@@ -45,8 +47,8 @@ pub struct Blobs {
     pub store: Arc<dyn ObjectStore>,
     /// Root directory when the store is on local disk (for free-space figures).
     pub local_root: Option<PathBuf>,
-    /// The same store's native multipart API, where it has one (S3, memory). `None` for local
-    /// disk and for prefixed S3 stores: their uploads stage part objects instead.
+    /// The same store's native multipart API, where it has one (S3, Azure, memory). `None` for
+    /// local disk and for prefixed cloud stores: their uploads stage part objects instead.
     pub multipart: Option<Arc<dyn MultipartStore>>,
     /// The URL the store was built from, for logs.
     pub url: String,
@@ -59,6 +61,14 @@ impl std::fmt::Debug for Blobs {
             .field("native_multipart", &self.multipart.is_some())
             .finish()
     }
+}
+
+/// The bucket (or container) a cloud store's URL names as its host.
+fn bucket_of<'a>(parsed: &'a url::Url, url: &str) -> Result<&'a str, BlobError> {
+    parsed
+        .host_str()
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| BlobError::Url(format!("{url:?} names no bucket")))
 }
 
 impl Blobs {
@@ -106,32 +116,42 @@ impl Blobs {
                 })
             }
             "s3" => {
-                let bucket = parsed
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| BlobError::Url(format!("{url:?} names no bucket")))?;
-                let s3 = Arc::new(
-                    AmazonS3Builder::from_env()
-                        .with_bucket_name(bucket)
-                        .build()?,
-                );
-                let prefix = parsed.path().trim_matches('/');
-                let (store, multipart): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) =
-                    if prefix.is_empty() {
-                        (Arc::clone(&s3) as Arc<dyn ObjectStore>, Some(s3))
-                    } else {
-                        (Arc::new(PrefixStore::new(Arc::clone(&s3), prefix)), None)
-                    };
-                Ok(Self {
-                    store,
-                    local_root: None,
-                    multipart,
-                    url: url.to_owned(),
-                })
+                let s3 = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket_of(&parsed, url)?)
+                    .build()?;
+                Ok(Self::cloud(Arc::new(s3), &parsed, url))
+            }
+            "az" => {
+                let azure = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket_of(&parsed, url)?)
+                    .build()?;
+                Ok(Self::cloud(Arc::new(azure), &parsed, url))
             }
             other => Err(BlobError::Url(format!(
-                "unsupported scheme {other:?} in {url:?} (use file://, memory:// or s3://)"
+                "unsupported scheme {other:?} in {url:?} (use file://, memory://, s3:// or az://)"
             ))),
+        }
+    }
+
+    /// A cloud store under the URL's path as a key prefix, if it has one. Only an unprefixed
+    /// store offers its multipart API: a multipart upload's key is not passed through the
+    /// prefix, so prefixed stores stage part objects as local disk does.
+    fn cloud<S>(store: Arc<S>, parsed: &url::Url, url: &str) -> Self
+    where
+        S: ObjectStore + MultipartStore,
+    {
+        let prefix = parsed.path().trim_matches('/');
+        let (store, multipart): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) =
+            if prefix.is_empty() {
+                (Arc::clone(&store) as Arc<dyn ObjectStore>, Some(store))
+            } else {
+                (Arc::new(PrefixStore::new(store, prefix)), None)
+            };
+        Self {
+            store,
+            local_root: None,
+            multipart,
+            url: url.to_owned(),
         }
     }
 

@@ -32,7 +32,7 @@ pub struct Config {
     pub database_url: Option<String>,
     /// `REDIS_URL`: Redis; `stowage dev` starts a throwaway server when unset.
     pub redis_url: Option<String>,
-    /// `STOWAGE_BLOB_URL`: object store (`file://`, `memory://`, `s3://`).
+    /// `STOWAGE_BLOB_URL`: object store (`file://`, `memory://`, `s3://`, `az://`).
     pub blob_url: String,
     /// `STOWAGE_PUBLIC_URL`: base of signed download URLs (default `http://{addr}`).
     pub public_url: Option<String>,

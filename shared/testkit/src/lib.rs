@@ -181,10 +181,10 @@ pub struct Setup {
     pub blob_dir: Option<tempfile::TempDir>,
     /// Default quota limit, if not the built-in one.
     pub default_limit: Option<u64>,
-    /// Extra environment of spawned processes (S3 endpoint and credentials).
+    /// Extra environment of spawned processes (the store server's endpoint and credentials).
     pub env: Vec<(String, String)>,
-    /// The S3-compatible server, kept alive with the setup.
-    pub s3: Option<S3Server>,
+    /// The S3-compatible or Azure-compatible server, kept alive with the setup.
+    pub store_server: Option<StoreServer>,
 }
 
 impl Setup {
@@ -200,7 +200,7 @@ impl Setup {
             blob_dir: Some(dir),
             default_limit: None,
             env: Vec::new(),
-            s3: None,
+            store_server: None,
         })
     }
 
@@ -213,22 +213,31 @@ impl Setup {
             blob_dir: None,
             default_limit: None,
             env: Vec::new(),
-            s3: None,
+            store_server: None,
         })
     }
 
     /// A fresh database and a bucket on a fresh S3-compatible server (moto). Only processes
     /// spawned by [`Processes`] can reach it: its settings travel in their environment.
     pub async fn s3() -> anyhow::Result<Self> {
-        let server = S3Server::start().await?;
+        Self::on(StoreServer::moto().await?).await
+    }
+
+    /// A fresh database and a container on a fresh Azure Blob Storage emulator (Azurite).
+    /// Only processes spawned by [`Processes`] can reach it, as with [`Setup::s3`].
+    pub async fn azure() -> anyhow::Result<Self> {
+        Self::on(StoreServer::azurite().await?).await
+    }
+
+    async fn on(server: StoreServer) -> anyhow::Result<Self> {
         Ok(Self {
             database_url: fresh_database().await?,
             redis_url: servers().await.redis_url.clone(),
-            blob_url: format!("s3://{}", server.bucket),
+            blob_url: server.blob_url.clone(),
             blob_dir: None,
             default_limit: None,
-            env: server.env(),
-            s3: Some(server),
+            env: server.env.clone(),
+            store_server: Some(server),
         })
     }
 
@@ -611,19 +620,25 @@ fn spawn(
     })
 }
 
-/// An S3-compatible server (moto, from PyPI) on a free port, with one bucket.
+/// A cloud store's server on a free port with one bucket (or container): moto's S3 server
+/// (PyPI) or Azurite's Blob service (npm, in integration-tests/js), both kept in memory.
 #[derive(Debug)]
-pub struct S3Server {
+pub struct StoreServer {
     child: Child,
-    /// Endpoint URL.
-    pub endpoint: String,
-    /// The bucket.
-    pub bucket: String,
+    /// `STOWAGE_BLOB_URL` of the bucket.
+    pub blob_url: String,
+    /// What a process needs in its environment to reach the server.
+    pub env: Vec<(String, String)>,
 }
 
-impl S3Server {
+/// Azurite's well-known development account and key (published in Azure's documentation).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+impl StoreServer {
     /// Starts `moto_server` and creates a bucket.
-    pub async fn start() -> anyhow::Result<Self> {
+    pub async fn moto() -> anyhow::Result<Self> {
         let port = stowage_local::free_port()?;
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -636,46 +651,135 @@ impl S3Server {
                 "moto_server not found (scripts/setup installs it: pip install 'moto[server]')",
             )?;
         let endpoint = format!("http://127.0.0.1:{port}");
-        let bucket = format!("b{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let created = tokio::process::Command::new("curl")
-                .args(["-sf", "-X", "PUT", &format!("{endpoint}/{bucket}")])
-                .output()
-                .await;
-            if matches!(created, Ok(ref o) if o.status.success()) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("moto_server did not answer within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Ok(Self {
-            child,
-            endpoint,
-            bucket,
+        let bucket = fresh_bucket_name();
+        let url = format!("{endpoint}/{bucket}");
+        until_created("moto_server", || {
+            vec!["-X".into(), "PUT".into(), url.clone()]
         })
-    }
-
-    /// The `AWS_*` variables a process needs to use this server.
-    pub fn env(&self) -> Vec<(String, String)> {
-        [
-            ("AWS_ENDPOINT", self.endpoint.as_str()),
+        .await?;
+        let env = [
+            ("AWS_ENDPOINT", endpoint.as_str()),
             ("AWS_ALLOW_HTTP", "true"),
             ("AWS_ACCESS_KEY_ID", "testing"),
             ("AWS_SECRET_ACCESS_KEY", "testing"),
             ("AWS_REGION", "us-east-1"),
             ("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+        ];
+        Ok(Self {
+            child,
+            blob_url: format!("s3://{bucket}"),
+            env: owned(&env),
+        })
+    }
+
+    /// Starts Azurite's Blob service and creates a container (a request signed with the
+    /// emulator's shared key, as any Azure client signs it).
+    pub async fn azurite() -> anyhow::Result<Self> {
+        let port = stowage_local::free_port()?;
+        let azurite = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../integration-tests/js/node_modules/.bin/azurite-blob");
+        let child = Command::new(&azurite)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args(["--inMemoryPersistence", "--skipApiVersionCheck", "--silent"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "{} not found (scripts/setup installs it)",
+                    azurite.display()
+                )
+            })?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let container = fresh_bucket_name();
+        let url = format!("{endpoint}/{AZURITE_ACCOUNT}/{container}?restype=container");
+        let resource =
+            format!("/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}\nrestype:container");
+        until_created("azurite", || {
+            let date = chrono::Utc::now()
+                .format("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string();
+            let version = "2021-08-06";
+            let to_sign = format!(
+                "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}"
+            );
+            let signature = shared_key_signature(&to_sign);
+            [
+                "-X".to_owned(),
+                "PUT".to_owned(),
+                "-H".to_owned(),
+                format!("x-ms-date: {date}"),
+                "-H".to_owned(),
+                format!("x-ms-version: {version}"),
+                "-H".to_owned(),
+                format!("Authorization: SharedKey {AZURITE_ACCOUNT}:{signature}"),
+                "-H".to_owned(),
+                "Content-Length: 0".to_owned(),
+                url.clone(),
+            ]
+            .into()
+        })
+        .await?;
+        let env = [
+            ("AZURE_STORAGE_USE_EMULATOR", "true"),
+            ("AZURITE_BLOB_STORAGE_URL", endpoint.as_str()),
+        ];
+        Ok(Self {
+            child,
+            blob_url: format!("az://{container}"),
+            env: owned(&env),
+        })
     }
 
     /// Stops the server.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+/// Azure's shared-key signature of `to_sign` with Azurite's key: base64 of its HMAC-SHA256.
+fn shared_key_signature(to_sign: &str) -> String {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use hmac::{Hmac, KeyInit, Mac};
+    let key = STANDARD
+        .decode(AZURITE_KEY)
+        .expect("Azurite's key is base64");
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(to_sign.as_bytes());
+    STANDARD.encode(mac.finalize().into_bytes())
+}
+
+fn fresh_bucket_name() -> String {
+    format!("b{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Runs `curl -sf {args()}` until it succeeds (the server is up and made the bucket), for at
+/// most 30 s; `args` is called for each try (a signed request carries its time).
+async fn until_created(server: &str, args: impl Fn() -> Vec<String>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let created = tokio::process::Command::new("curl")
+            .arg("-sf")
+            .args(args())
+            .output()
+            .await;
+        if matches!(created, Ok(ref o) if o.status.success()) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{server} did not create a bucket within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
