@@ -9,7 +9,9 @@ use stowage_integration_tests::{
     complete, create_session, download_variant, media_announced, media_jobs_settled, put_chunk,
     random_bytes, upload, usage, wait_processed,
 };
-use stowage_proto::v1::{self as pb, files_client::FilesClient, media_client::MediaClient};
+use stowage_proto::v1::{
+    self as pb, files_client::FilesClient, media_client::MediaClient, quota_client::QuotaClient,
+};
 use stowage_testkit::{Mesh, Setup, authed, token};
 use tonic::Code;
 
@@ -721,6 +723,73 @@ async fn a_file_whose_runs_never_come_back_fails_instead_of_looping() -> anyhow:
         pb::FileStatus::Ready as i32,
         "{}",
         again.status_reason
+    );
+    mesh.stop().await
+}
+
+/// A run whose SetVariants recorded the variants and then could not charge them (Quota was
+/// unavailable: here the step is left begun and unmade, as that failure leaves it) is retried;
+/// the retry finds the file ready and has Files finish the charge: usage counts the variants.
+#[tokio::test]
+async fn a_retried_run_finishes_the_variant_charge_its_first_run_could_not_make()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let file = upload(mesh.channel(), &alice, "photo.jpg", &rotated_photo(), &[]).await?;
+    let done = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    assert_eq!(done.status, pb::FileStatus::Ready as i32);
+    let variant_bytes: u64 = done.variants.iter().map(|v| v.size_bytes).sum();
+    assert!(variant_bytes > 0);
+    let charged = file.size_bytes + variant_bytes;
+    stowage_integration_tests::eventually(PATIENCE, "the variants charged", || async {
+        Ok(usage(mesh.channel(), &alice).await?.used_bytes == charged)
+    })
+    .await?;
+    media_jobs_settled(&pool).await?;
+
+    // Undo the charge in Quota and leave Files' step begun, not made, as a Quota that failed
+    // under SetVariants would; then the job runs again, as a retry of that run would.
+    QuotaClient::new(mesh.channel())
+        .debit(authed(
+            pb::DebitRequest {
+                user_id: "alice".into(),
+                bytes: variant_bytes,
+                idempotency_key: "test:charge-never-made".into(),
+                reason: "test".into(),
+            },
+            &token("files", &["service"]),
+        ))
+        .await?;
+    let conn = pool.get().await?;
+    conn.execute(
+        "UPDATE files.files SET variant_charge_pending = variant_bytes_charged,
+                variant_bytes_charged = 0, variant_charge_moves = variant_charge_moves + 1
+          WHERE id = $1::text::uuid",
+        &[&file.id],
+    )
+    .await?;
+    assert_eq!(
+        usage(mesh.channel(), &alice).await?.used_bytes,
+        file.size_bytes
+    );
+    conn.execute(
+        "UPDATE media.jobs SET state = 'queued', run_at = now()
+          WHERE payload->>'file_id' = $1",
+        &[&file.id],
+    )
+    .await?;
+    drop(conn);
+    stowage_integration_tests::eventually(PATIENCE, "the retry charging the variants", || async {
+        Ok(usage(mesh.channel(), &alice).await?.used_bytes == charged)
+    })
+    .await?;
+    media_jobs_settled(&pool).await?;
+    assert_eq!(
+        usage(mesh.channel(), &alice).await?.used_bytes,
+        charged,
+        "charged once more, not twice"
     );
     mesh.stop().await
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use stowage::Role;
 use stowage_integration_tests::{
-    download, eventually, files, media_announced, sample, scrape, upload, wait_processed,
+    download, eventually, files, media_announced, media_jobs_settled, sample, scrape, upload,
+    wait_processed,
 };
 use stowage_proto::v1::{self as pb, media_client::MediaClient};
 use stowage_testkit::{EICAR, LocalClamd, Mesh, Processes, Setup, authed, channel, token};
@@ -36,6 +37,21 @@ async fn listed(mesh: &Mesh, token: &str) -> anyhow::Result<Vec<String>> {
         .into_iter()
         .map(|f| f.id)
         .collect())
+}
+
+/// Sets `file_id`'s status in Files as Media does (keeping its variants and reason).
+async fn set_status(mesh: &Mesh, file_id: &str, status: pb::FileStatus) -> anyhow::Result<()> {
+    files(mesh.channel())
+        .set_variants(authed(
+            pb::SetVariantsRequest {
+                file_id: file_id.to_owned(),
+                status: status as i32,
+                ..Default::default()
+            },
+            &token("media", &["service"]),
+        ))
+        .await?;
+    Ok(())
 }
 
 async fn quarantine(mesh: &Mesh, admin: &str) -> anyhow::Result<Vec<pb::QuarantinedFile>> {
@@ -134,6 +150,31 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
     assert!(quarantine(&mesh, &admin).await?.is_empty());
     let (_, bytes) = download(mesh.channel(), &alice, &infected.id, None).await?;
     assert_eq!(bytes, EICAR);
+
+    // A row an earlier run left held (it failed before telling Files) goes once a later scan
+    // of the file is clean: the list shows only files that are quarantined.
+    pool.get()
+        .await?
+        .execute(
+            "INSERT INTO media.quarantine (file_id, owner_id, signature)
+             VALUES ($1::text::uuid, 'alice', 'Stale.Signature')",
+            &[&clean.id],
+        )
+        .await?;
+    assert_eq!(quarantine(&mesh, &admin).await?.len(), 1);
+    media_jobs_settled(&pool).await?;
+    set_status(&mesh, &clean.id, pb::FileStatus::Processing).await?;
+    MediaClient::new(mesh.channel())
+        .reprocess(authed(
+            pb::ReprocessRequest {
+                file_id: clean.id.clone(),
+            },
+            &admin,
+        ))
+        .await?;
+    let rescanned = wait_processed(mesh.channel(), &alice, &clean.id, PATIENCE).await?;
+    assert_eq!(rescanned.status, pb::FileStatus::Ready as i32);
+    assert!(quarantine(&mesh, &admin).await?.is_empty());
 
     // Another one, purged by an admin: row and bytes gone.
     let second = upload(mesh.channel(), &alice, "again.com", EICAR, &[]).await?;
@@ -360,6 +401,32 @@ async fn a_release_files_could_not_take_goes_through_when_tried_again() -> anyho
     };
 
     let pool = stowage_db::connect(&setup.database_url, 1)?;
+    // While the file's run is still at it (its verdict not yet in Files), a release would be
+    // overtaken by that verdict: refused until the file is quarantined.
+    media_jobs_settled(&pool).await?;
+    set_status(&mesh, &infected.id, pb::FileStatus::Processing).await?;
+    let set_job = |state: &'static str| {
+        let (pool, id) = (pool.clone(), infected.id.clone());
+        async move {
+            pool.get()
+                .await?
+                .execute(
+                    "UPDATE media.jobs SET state = $2, run_at = now() + interval '1 hour'
+                      WHERE payload->>'file_id' = $1",
+                    &[&id, &state],
+                )
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    set_job("queued").await?;
+    let early = release().await.expect_err("a run still at it");
+    assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
+    assert!(early.message().contains("still being scanned"), "{early:?}");
+    assert_eq!(quarantine(&mesh, &admin).await?.len(), 1, "still held");
+    set_job("succeeded").await?;
+    set_status(&mesh, &infected.id, pb::FileStatus::Quarantined).await?;
+
     let mut blocker = pool.get().await?;
     let lock = blocker.transaction().await?;
     lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")

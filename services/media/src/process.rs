@@ -261,16 +261,18 @@ impl Media {
             return Ok(None);
         };
         let conn = self.pool.get().await.map_err(JobError::retry)?;
-        let released = conn
+        // `Some(true)`: released by an admin; `Some(false)`: held by an earlier run (which
+        // may not have told Files before it failed).
+        let released: Option<bool> = conn
             .query_opt_cached(
-                "SELECT 1 FROM media.quarantine WHERE file_id = $1 AND released_at IS NOT NULL",
+                "SELECT released_at IS NOT NULL FROM media.quarantine WHERE file_id = $1",
                 &[&file_id],
             )
             .await
             .map_err(JobError::retry)?
-            .is_some();
+            .map(|row| row.get(0));
         drop(conn);
-        if released {
+        if released == Some(true) {
             tracing::info!(%file_id, "released by an admin; not scanned again");
             return Ok(None);
         }
@@ -282,7 +284,23 @@ impl Media {
         let reader =
             tokio_util::io::StreamReader::new(source.into_stream().map_err(std::io::Error::other));
         let signature = match scanner.scan(reader).await {
-            Ok(Verdict::Clean) => return Ok(None),
+            Ok(Verdict::Clean) => {
+                if released == Some(false) {
+                    // Held by an earlier run, clean now (new signatures, a larger size limit):
+                    // a row left held would list a file that is not quarantined.
+                    self.pool
+                        .get()
+                        .await
+                        .map_err(JobError::retry)?
+                        .execute_cached(
+                            "DELETE FROM media.quarantine WHERE file_id = $1 AND released_at IS NULL",
+                            &[&file_id],
+                        )
+                        .await
+                        .map_err(JobError::retry)?;
+                }
+                return Ok(None);
+            }
             Ok(Verdict::Infected(signature)) => signature,
             // Too big or malformed for the scanner: held back, an admin decides.
             Err(ScanError::Refused(why)) => format!("unscannable: {why}"),
@@ -696,6 +714,22 @@ impl Media {
             return Ok(());
         }
         let file_id = Uuid::parse_str(&file.id).map_err(JobError::permanent)?;
+        // The earlier run's SetVariants may have recorded the variants and then failed to
+        // charge them (Quota unavailable): recording nothing more lets Files finish the charge,
+        // which it would otherwise never be asked to make again.
+        if !file.variants.is_empty()
+            && !self
+                .set_variants(
+                    &file.id,
+                    &Derived::default(),
+                    pb::FileStatus::Unspecified,
+                    String::new(),
+                )
+                .await?
+        {
+            tracing::info!(%file_id, "file purged before its announcement");
+            return Ok(());
+        }
         let names: Vec<String> = file.variants.iter().map(|v| v.name.clone()).collect();
         self.announce(file, file_id, status, &file.status_reason, &names)
             .await
