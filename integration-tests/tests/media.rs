@@ -153,6 +153,11 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         "-f lavfi -i sine=frequency=440:duration=1.5 -c:a libmp3lame",
         &dir.path().join("tone.mp3"),
     );
+    // A voice memo in an MP4 (sniffed as video/mp4): a sound, not a video without a picture.
+    let voice = ffmpeg(
+        "-f lavfi -i sine=frequency=300:duration=1.2 -c:a aac -f mp4",
+        &dir.path().join("voice.mp4"),
+    );
     let photo = rotated_photo();
 
     // (name, bytes, upright width, height, codec, duration ms)
@@ -164,6 +169,7 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
         ("animation.gif", gif, 320, 240, "gif", 0),
         ("clip.mp4", mp4, 640, 360, "h264", 2000),
         ("tone.mp3", mp3, 0, 0, "mp3", 1500),
+        ("voice.mp4", voice, 0, 0, "aac", 1200),
     ];
     let mut stored = 0;
     let mut uploaded = Vec::new();
@@ -193,6 +199,12 @@ async fn photos_videos_and_sounds_end_ready_with_variants() -> anyhow::Result<()
             "{name}: duration {} ms, expected about {duration}",
             file.duration_ms
         );
+        if *name == "voice.mp4" {
+            assert_eq!(
+                file.mime_type, "video/mp4",
+                "sniffed as a video, processed as a sound"
+            );
+        }
         let names: Vec<&str> = file.variants.iter().map(|v| v.name.as_str()).collect();
         if *width == 0 {
             assert!(names.is_empty(), "{name}: {names:?}");

@@ -105,7 +105,7 @@ impl Clamd {
 
     /// Checks that the daemon answers (`zPING` → `PONG`).
     pub async fn ping(&self) -> Result<(), ScanError> {
-        self.bounded(async {
+        self.bounded(self.timeout, async {
             match &self.endpoint {
                 Endpoint::Tcp { host, port } => ping_on(connect_tcp(host, *port).await?).await,
                 Endpoint::Unix(path) => ping_on(connect_unix(path).await?).await,
@@ -114,10 +114,15 @@ impl Clamd {
         .await
     }
 
-    /// Streams `reader` to the daemon (`zINSTREAM`) and returns its verdict. The input is
-    /// sent as it is read, never held whole; reading it counts against the timeout.
-    pub async fn scan<R: AsyncRead + Unpin + Send>(&self, reader: R) -> Result<Verdict, ScanError> {
-        self.bounded(async {
+    /// Streams `reader` (`size` bytes) to the daemon (`zINSTREAM`) and returns its verdict.
+    /// The input is sent as it is read, never held whole; reading it counts against the time
+    /// allowed, which grows with the size (see [`scan_allowance`]).
+    pub async fn scan<R: AsyncRead + Unpin + Send>(
+        &self,
+        reader: R,
+        size: u64,
+    ) -> Result<Verdict, ScanError> {
+        self.bounded(scan_allowance(self.timeout, size), async {
             match &self.endpoint {
                 Endpoint::Tcp { host, port } => {
                     scan_on(connect_tcp(host, *port).await?, reader).await
@@ -130,17 +135,26 @@ impl Clamd {
 
     async fn bounded<T>(
         &self,
+        allowed: Duration,
         call: impl Future<Output = Result<T, ScanError>>,
     ) -> Result<T, ScanError> {
-        tokio::time::timeout(self.timeout, call)
+        tokio::time::timeout(allowed, call)
             .await
             .unwrap_or_else(|_| {
                 Err(ScanError::Unavailable(format!(
-                    "no answer within {:?}",
-                    self.timeout
+                    "no answer within {allowed:?}"
                 )))
             })
     }
+}
+
+/// Slowest pace a scan is allowed, in bytes per second: a file of several GB is streamed and
+/// scanned for minutes, and a fixed bound would time it out on every try.
+pub const SCAN_BYTES_PER_SECOND: u64 = 20_000_000;
+
+/// Time allowed to scan `size` bytes: `timeout`, plus one second per 20 MB.
+pub fn scan_allowance(timeout: Duration, size: u64) -> Duration {
+    timeout + Duration::from_secs(size / SCAN_BYTES_PER_SECOND)
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, ScanError> {

@@ -283,7 +283,7 @@ impl Media {
             .map_err(JobError::retry)?;
         let reader =
             tokio_util::io::StreamReader::new(source.into_stream().map_err(std::io::Error::other));
-        let signature = match scanner.scan(reader).await {
+        let signature = match scanner.scan(reader, file.size_bytes).await {
             Ok(Verdict::Clean) => {
                 if released == Some(false) {
                     // Held by an earlier run, clean now (new signatures, a larger size limit):
@@ -550,9 +550,8 @@ impl Media {
             Err(ToolError::Unreadable(why)) => return Ok(Outcome::Failed(why)),
             Err(e @ ToolError::Unavailable(_)) => return Err(JobError::retry(e)),
         };
-        if is_video && !probe.has_video {
-            return Ok(Outcome::Failed("no video stream in the file".into()));
-        }
+        // A "video" with sound only (a voice memo in an MP4) is a sound: its length and codec,
+        // no poster (ffprobe found neither stream: refused above).
         let mut derived = Derived {
             width: probe.width,
             height: probe.height,
@@ -596,7 +595,9 @@ impl Media {
             // An unknown length (0: some recorded WebM) could be any length: not transcoded.
             if is_video
                 && (1..=TRANSCODE_MAX_MS).contains(&probe.duration_ms)
-                && let Some(variant) = self.transcoded(file, &path, dir.path()).await?
+                && let Some(variant) = self
+                    .transcoded(file, &path, probe.duration_ms, dir.path())
+                    .await?
             {
                 derived.variants.push(variant);
             }
@@ -610,6 +611,7 @@ impl Media {
         &self,
         file: &pb::File,
         input: &std::path::Path,
+        input_ms: u64,
         dir: &std::path::Path,
     ) -> Result<Option<pb::Variant>, JobError> {
         let tools = &self.settings.tools;
@@ -626,6 +628,13 @@ impl Media {
                 return Ok(None);
             }
         };
+        // ffmpeg stops at its size bound with a valid file and success: a copy that ends
+        // early is not the video, and is not kept.
+        if crate::video::cut_short(input_ms, probe.duration_ms) {
+            tracing::warn!(file_id = %file.id, input_ms, output_ms = probe.duration_ms,
+                "web video reached its size bound before the end; the file keeps its poster");
+            return Ok(None);
+        }
         let bytes = tokio::fs::read(&output).await.map_err(JobError::retry)?;
         let size = bytes.len() as u64;
         let key = variant_key(

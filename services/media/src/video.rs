@@ -260,7 +260,7 @@ impl Tools {
             .args(["-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k"])
             .args(["-movflags", "+faststart", "-f", "mp4", "-y"])
             // A bound on what it writes (a 720p copy of two minutes is a few dozen MB): a
-            // copy cut off there fails its probe and is not kept.
+            // copy cut off there ends early, and is not kept (see `cut_short`).
             .args(["-fs", &WEB_VIDEO_MAX_BYTES.to_string()])
             .arg(output);
         self.run("ffmpeg", command).await?;
@@ -270,6 +270,13 @@ impl Tools {
 
 /// Most bytes ffmpeg writes for a web copy; it is read into memory to be stored.
 pub const WEB_VIDEO_MAX_BYTES: u64 = 256 << 20;
+
+/// Whether a copy `output_ms` long of a video `input_ms` long ends early (more than a second
+/// short: streams of one file differ by a few frames, and a copy cut at its size bound by
+/// far more).
+pub fn cut_short(input_ms: u64, output_ms: u64) -> bool {
+    output_ms.saturating_add(1000) < input_ms
+}
 
 /// Reads `from` to its end, keeping its first `keep` bytes; and whether more came.
 async fn read_capped(
@@ -285,6 +292,15 @@ async fn read_capped(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_is_cut_short_only_when_it_ends_more_than_a_second_early() {
+        assert!(!cut_short(120_000, 120_000));
+        assert!(!cut_short(120_000, 119_040), "a few frames short");
+        assert!(!cut_short(2_000, 2_100), "a little longer");
+        assert!(cut_short(120_000, 45_000), "stopped at the size bound");
+        assert!(cut_short(120_000, 0));
+    }
 
     fn shell() -> Tools {
         Tools {

@@ -35,7 +35,10 @@ async fn eicar_is_infected() {
     let clamd = clamd().await;
     let scanner = client(&clamd, TIMEOUT);
     scanner.ping().await.expect("PONG");
-    let verdict = scanner.scan(EICAR).await.expect("a verdict");
+    let verdict = scanner
+        .scan(EICAR, EICAR.len() as u64)
+        .await
+        .expect("a verdict");
     assert!(infected_with_eicar(&verdict), "{verdict:?}");
 }
 
@@ -45,7 +48,7 @@ async fn random_bytes_are_clean() {
     let mut bytes = vec![0u8; 5 * 1024 * 1024];
     rand::rng().fill_bytes(&mut bytes);
     let verdict = client(&clamd, TIMEOUT)
-        .scan(bytes.as_slice())
+        .scan(bytes.as_slice(), bytes.len() as u64)
         .await
         .expect("a verdict");
     assert_eq!(verdict, Verdict::Clean);
@@ -60,7 +63,7 @@ async fn a_stream_past_the_limit_is_refused() {
     let scanner = client(&clamd, TIMEOUT);
     let max = LocalClamd::STREAM_MAX_LENGTH;
     for len in [max + 1, max * 2] {
-        let result = scanner.scan(tokio::io::repeat(0).take(len)).await;
+        let result = scanner.scan(tokio::io::repeat(0).take(len), len).await;
         assert!(
             matches!(&result, Err(ScanError::Refused(m)) if m.contains("size limit exceeded")),
             "{len} bytes: {result:?}\n{}",
@@ -68,7 +71,10 @@ async fn a_stream_past_the_limit_is_refused() {
         );
     }
     // The refusals concerned those inputs only.
-    let verdict = scanner.scan(EICAR).await.expect("a verdict");
+    let verdict = scanner
+        .scan(EICAR, EICAR.len() as u64)
+        .await
+        .expect("a verdict");
     assert!(infected_with_eicar(&verdict), "{verdict:?}");
 }
 
@@ -78,7 +84,7 @@ async fn a_stream_at_the_limit_is_scanned() {
     let clamd = clamd().await;
     let at_limit = tokio::io::repeat(0).take(LocalClamd::STREAM_MAX_LENGTH);
     let verdict = client(&clamd, TIMEOUT)
-        .scan(at_limit)
+        .scan(at_limit, LocalClamd::STREAM_MAX_LENGTH)
         .await
         .expect("a verdict");
     assert_eq!(verdict, Verdict::Clean);
@@ -91,12 +97,15 @@ async fn a_stopped_scanner_is_unavailable_and_a_restarted_one_scans_again() {
     let timeout = Duration::from_secs(2);
     let scanner = client(&clamd, timeout);
     assert!(infected_with_eicar(
-        &scanner.scan(EICAR).await.expect("a verdict")
+        &scanner
+            .scan(EICAR, EICAR.len() as u64)
+            .await
+            .expect("a verdict")
     ));
 
     clamd.stop().await.expect("clamd stops");
     let started = Instant::now();
-    let result = scanner.scan(EICAR).await;
+    let result = scanner.scan(EICAR, EICAR.len() as u64).await;
     assert!(
         matches!(result, Err(ScanError::Unavailable(_))),
         "{result:?}"
@@ -108,7 +117,10 @@ async fn a_stopped_scanner_is_unavailable_and_a_restarted_one_scans_again() {
     ));
 
     let clamd = LocalClamd::start_on(port).await.expect("clamd restarts");
-    let verdict = scanner.scan(EICAR).await.expect("a verdict after restart");
+    let verdict = scanner
+        .scan(EICAR, EICAR.len() as u64)
+        .await
+        .expect("a verdict after restart");
     assert!(infected_with_eicar(&verdict), "{verdict:?}");
     clamd.stop().await.expect("clamd stops");
 }
@@ -130,7 +142,7 @@ async fn a_silent_scanner_times_out() {
     let timeout = Duration::from_millis(500);
     let scanner = Clamd::new(&format!("tcp://{addr}"), timeout).expect("valid url");
     let started = Instant::now();
-    let result = scanner.scan(EICAR).await;
+    let result = scanner.scan(EICAR, EICAR.len() as u64).await;
     let elapsed = started.elapsed();
     assert!(
         matches!(result, Err(ScanError::Unavailable(_))),
@@ -156,7 +168,7 @@ async fn a_failing_input_is_an_input_error() {
     }
     let clamd = clamd().await;
     let input = tokio::io::repeat(0).take(1024 * 1024).chain(Broken);
-    let result = client(&clamd, TIMEOUT).scan(input).await;
+    let result = client(&clamd, TIMEOUT).scan(input, 1024 * 1024).await;
     assert!(matches!(result, Err(ScanError::Input(_))), "{result:?}");
 }
 

@@ -225,7 +225,8 @@ pub struct MediaConfig {
     /// clamd to scan every new file with (`tcp://host:3310` or `unix:///run/clamd.ctl`).
     /// While set, files in processing are not served and infected files are quarantined.
     pub clamd_url: Option<String>,
-    /// Longest wait for one scan.
+    /// Longest wait for one scan, plus one second per 20 MB of the file (a large file is
+    /// streamed and scanned for longer); the job's own time limit still bounds the run.
     #[serde(with = "humantime_serde")]
     pub scan_timeout: Duration,
     /// Jobs one Media process runs at once.
