@@ -651,11 +651,28 @@ fn start_media(
         .map(|url| Clamd::new(url, settings.scan_timeout))
         .transpose()
         .context("STOWAGE_MEDIA__CLAMD_URL")?;
-    // Working directories of jobs a killed process left (an emptyDir outlives the container).
-    let swept = Media::sweep_work_dirs(&std::env::temp_dir(), settings.job_timeout * 2);
-    if swept > 0 {
-        tracing::info!(swept, "left-over media working directories removed");
-    }
+    // Working directories of jobs a killed process left (an emptyDir outlives the container),
+    // at start and then every job timeout: a process restarted at once finds its own left-overs
+    // still too young, and they would otherwise hold their space until the next restart.
+    let older_than = settings.job_timeout * 2;
+    let shutdown = background.shutdown().clone();
+    let every = settings.job_timeout;
+    background.spawn("media-work-dir-sweeper", async move {
+        loop {
+            let swept = tokio::task::spawn_blocking(move || {
+                Media::sweep_work_dirs(&std::env::temp_dir(), older_than)
+            })
+            .await
+            .unwrap_or(0);
+            if swept > 0 {
+                tracing::info!(swept, "left-over media working directories removed");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
     let media = Arc::new(Media::new(
         pool.clone(),
         queue.clone(),

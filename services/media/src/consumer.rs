@@ -78,6 +78,11 @@ impl EventHandler for FileEvents {
                     .await?;
                 tx.execute_cached("DELETE FROM media.outcomes WHERE file_id = $1", &[&id])
                     .await?;
+                tx.execute_cached(
+                    "DELETE FROM media.unfinished_runs WHERE file_id = $1",
+                    &[&id],
+                )
+                .await?;
             }
             _ => {}
         }

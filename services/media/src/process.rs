@@ -741,7 +741,13 @@ impl Media {
         }
         let names: Vec<String> = file.variants.iter().map(|v| v.name.clone()).collect();
         self.announce(file, file_id, status, &file.status_reason, &names)
-            .await
+            .await?;
+        if status == pb::FileStatus::Failed {
+            // Dead, as the run that failed it would have left it: ListJobs shows it with the
+            // reason, and RetryJob runs it again.
+            return Err(JobError::permanent(file.status_reason.clone()));
+        }
+        Ok(())
     }
 
     async fn announce(
