@@ -805,3 +805,40 @@ async fn a_retried_run_finishes_the_variant_charge_its_first_run_could_not_make(
     );
     mesh.stop().await
 }
+
+/// A video whose run has too little of its time limit left for a web copy (here a limit of
+/// 35 s, 30 of which are kept for storing the copy) keeps its poster and thumbnails and is
+/// ready, rather than being cut off mid-transcode and retried until it fails.
+#[tokio::test]
+async fn a_video_with_no_time_left_for_its_web_copy_keeps_its_poster() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |config| {
+        config.media.job_timeout = Duration::from_secs(35);
+        config.media.tool_timeout = Duration::from_secs(20);
+    })
+    .await?;
+    let alice = token("alice", &[]);
+    let dir = tempfile::tempdir()?;
+    let clip = ffmpeg(
+        "-f lavfi -i testsrc=duration=2:size=320x240:rate=25 -pix_fmt yuv420p -c:v libx264",
+        &dir.path().join("clip.mp4"),
+    );
+    let file = upload(mesh.channel(), &alice, "clip.mp4", &clip, &[]).await?;
+    let done = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    assert_eq!(
+        done.status,
+        pb::FileStatus::Ready as i32,
+        "{}",
+        done.status_reason
+    );
+    let names: Vec<&str> = done.variants.iter().map(|v| v.name.as_str()).collect();
+    assert!(names.contains(&"poster_jpeg"), "{names:?}");
+    assert!(names.contains(&"thumb_256_jpeg"), "{names:?}");
+    assert!(!names.contains(&"video_720_mp4"), "{names:?}");
+    assert!(
+        done.duration_ms.abs_diff(2000) <= 100,
+        "{}",
+        done.duration_ms
+    );
+    mesh.stop().await
+}

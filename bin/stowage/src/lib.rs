@@ -694,6 +694,7 @@ fn start_media(
                 memory: settings.tool_memory.as_u64(),
             },
             decode_slots: settings.concurrency,
+            job_timeout: settings.job_timeout,
         },
     ));
     let handler: Arc<dyn stowage_jobs::Handler> = media.clone();

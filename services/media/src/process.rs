@@ -40,7 +40,15 @@ pub struct MediaSettings {
     pub tools: Tools,
     /// Image decodes at once (a bounded pool off the async runtime).
     pub decode_slots: usize,
+    /// A run's time limit (the queue's job timeout): a transcode is given what is left of it.
+    pub job_timeout: Duration,
 }
+
+/// Time a run keeps after its transcode, to probe and store the copy and record the file.
+const AFTER_TRANSCODE: Duration = Duration::from_secs(30);
+
+/// Shortest transcode worth starting: with less time left the video keeps its poster only.
+const MIN_TRANSCODE: Duration = Duration::from_secs(10);
 
 /// Media's processing core, shared by the job handler and the admin API.
 pub struct Media {
@@ -180,6 +188,7 @@ impl Media {
 
     /// Runs the job of `file_id`.
     async fn process(&self, file_id: Uuid) -> Result<(), JobError> {
+        let started = tokio::time::Instant::now();
         let Some(file) = self.get_file(file_id).await? else {
             tracing::info!(%file_id, "file gone before processing; nothing to do");
             return Ok(());
@@ -211,8 +220,8 @@ impl Media {
                 } else {
                     let derived = match plan {
                         Plan::Image => self.image(&file).await,
-                        Plan::Video => self.video(&file, true).await,
-                        _ => self.video(&file, false).await,
+                        Plan::Video => self.video(&file, true, started).await,
+                        _ => self.video(&file, false, started).await,
                     };
                     // Came back, well or not: not a run that stopped the worker.
                     self.run_returned(file_id).await?;
@@ -517,7 +526,12 @@ impl Media {
 
     /// Probes a video or a sound, and for a video makes its poster, its thumbnails and, up to
     /// [`TRANSCODE_MAX_MS`] long, a browser-ready MP4.
-    async fn video(&self, file: &pb::File, is_video: bool) -> Result<Outcome, JobError> {
+    async fn video(
+        &self,
+        file: &pb::File,
+        is_video: bool,
+        started: tokio::time::Instant,
+    ) -> Result<Outcome, JobError> {
         if file.size_bytes > self.settings.max_video_size {
             return Ok(Outcome::Failed(format!(
                 "{} bytes is above the {}-byte limit of video and audio processing",
@@ -596,7 +610,7 @@ impl Media {
             if is_video
                 && (1..=TRANSCODE_MAX_MS).contains(&probe.duration_ms)
                 && let Some(variant) = self
-                    .transcoded(file, &path, probe.duration_ms, dir.path())
+                    .transcoded(file, &path, probe.duration_ms, dir.path(), started)
                     .await?
             {
                 derived.variants.push(variant);
@@ -613,10 +627,23 @@ impl Media {
         input: &std::path::Path,
         input_ms: u64,
         dir: &std::path::Path,
+        started: tokio::time::Instant,
     ) -> Result<Option<pb::Variant>, JobError> {
         let tools = &self.settings.tools;
+        // What is left of the run after the scan, the copy, the probe and the poster, less
+        // what storing the copy needs: a slow transcode ends in time for the poster to be
+        // kept, rather than the run being cut off and retried until the file fails.
+        let left = self
+            .settings
+            .job_timeout
+            .saturating_sub(started.elapsed())
+            .saturating_sub(AFTER_TRANSCODE);
+        if left < MIN_TRANSCODE {
+            tracing::warn!(file_id = %file.id, ?left, "no time left for a web video; the file keeps its poster");
+            return Ok(None);
+        }
         let output = dir.join("web.mp4");
-        let made = match tools.transcode(input, &output).await {
+        let made = match tools.transcode(input, &output, left).await {
             Ok(()) => tools.probe(&output).await,
             Err(e) => Err(e),
         };

@@ -153,7 +153,16 @@ impl Tools {
     }
 
     /// Runs `command`, returns its stdout (at most [`MAX_OUTPUT`] bytes) or why it failed.
-    async fn run(&self, what: &str, mut command: Command) -> Result<Vec<u8>, ToolError> {
+    async fn run(&self, what: &str, command: Command) -> Result<Vec<u8>, ToolError> {
+        self.run_for(what, command, self.timeout).await
+    }
+
+    async fn run_for(
+        &self,
+        what: &str,
+        mut command: Command,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ToolError> {
         let mut child = command
             .spawn()
             .map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
@@ -182,12 +191,9 @@ impl Tools {
             Ok::<_, ToolError>((status, out, err))
         };
         // On timeout the future is dropped, and with it the child (kill_on_drop).
-        let (status, out, err) =
-            tokio::time::timeout(self.timeout, collect)
-                .await
-                .map_err(|_| {
-                    ToolError::Unreadable(format!("{what} took longer than {:?}", self.timeout))
-                })??;
+        let (status, out, err) = tokio::time::timeout(timeout, collect)
+            .await
+            .map_err(|_| ToolError::Unreadable(format!("{what} took longer than {timeout:?}")))??;
         if !status.success() {
             let detail = String::from_utf8_lossy(&err);
             let detail = detail
@@ -242,8 +248,13 @@ impl Tools {
 impl Tools {
     /// Transcodes the local file `input` into `output`: an MP4 that plays in every browser
     /// (H.264 in yuv420p, AAC when the input has sound, the index first for streaming), at
-    /// most 720 px high, upright.
-    pub async fn transcode(&self, input: &Path, output: &Path) -> Result<(), ToolError> {
+    /// most 720 px high, upright; given `timeout` at most (and never more than the tools').
+    pub async fn transcode(
+        &self,
+        input: &Path,
+        output: &Path,
+        timeout: Duration,
+    ) -> Result<(), ToolError> {
         let mut command = self.command(&self.ffmpeg);
         command
             .args(["-nostdin", "-v", "error", "-protocol_whitelist", "file"])
@@ -263,7 +274,8 @@ impl Tools {
             // copy cut off there ends early, and is not kept (see `cut_short`).
             .args(["-fs", &WEB_VIDEO_MAX_BYTES.to_string()])
             .arg(output);
-        self.run("ffmpeg", command).await?;
+        self.run_for("ffmpeg", command, timeout.min(self.timeout))
+            .await?;
         Ok(())
     }
 }
