@@ -105,6 +105,10 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         .send()
         .await?;
     assert_eq!(old.status(), 412);
+    // A method the collection does not take: refused, as a tus response still.
+    let get = tus(&http, Method::GET, &base, &alice).send().await?;
+    assert_eq!(get.status(), 405);
+    assert_eq!(get.headers()["tus-resumable"], "1.0.0");
 
     let created = tus(&http, Method::POST, &base, &alice)
         .header("upload-length", "100")

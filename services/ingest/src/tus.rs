@@ -65,6 +65,9 @@ pub fn routes(
         .route(&base, post(create).options(options))
         .route(&format!("{base}/"), post(create).options(options))
         .route(&format!("{base}/{{id}}"), any(resource))
+        // Responses made by the router itself (a method the collection does not take) carry
+        // the version too, as tus asks of every response.
+        .layer(axum::middleware::map_response(with_tus_version))
         .with_state(Tus {
             sessions,
             verifier,
@@ -72,6 +75,14 @@ pub fn routes(
             base,
             held: Arc::new(room::Room::new(HELD_KIB, USER_HELD_KIB)),
         })
+}
+
+async fn with_tus_version(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .entry("tus-resumable")
+        .or_insert(HeaderValue::from_static(TUS_VERSION));
+    response
 }
 
 fn tus_response(status: StatusCode) -> axum::http::response::Builder {

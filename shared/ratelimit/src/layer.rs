@@ -109,15 +109,27 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let grpc = is_grpc(request.headers());
+        let tus = request.headers().contains_key(TUS_RESUMABLE);
         Box::pin(async move {
-            match limiter.check(class, &subjects).await {
-                Decision::Allowed => inner.call(request).await,
-                Decision::Limited { retry_after } => Ok(limited(grpc, class, retry_after)),
-                Decision::Unavailable => Ok(unavailable(grpc)),
+            let mut refused = match limiter.check(class, &subjects).await {
+                Decision::Allowed => return inner.call(request).await,
+                Decision::Limited { retry_after } => limited(grpc, class, retry_after),
+                Decision::Unavailable => unavailable(grpc),
+            };
+            if tus {
+                // tus 1.0 asks for its version on every response but OPTIONS'.
+                refused
+                    .headers_mut()
+                    .insert(TUS_RESUMABLE, HeaderValue::from_static(TUS_VERSION));
             }
+            Ok(refused)
         })
     }
 }
+
+/// Header of tus 1.0 requests and responses, and the version Stowage speaks.
+const TUS_RESUMABLE: &str = "tus-resumable";
+const TUS_VERSION: &str = "1.0.0";
 
 /// gRPC and grpc-web (`application/grpc`, `application/grpc+proto`, `application/grpc-web…`).
 fn is_grpc(headers: &HeaderMap) -> bool {

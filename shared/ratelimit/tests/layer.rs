@@ -278,11 +278,20 @@ async fn fail_closed_without_redis_answers_unavailable_and_503() {
     assert_eq!(response.headers()["grpc-status"], "14");
     assert!(response.headers().get("x-reached").is_none());
 
-    let plain = request("/tus", "application/offset+octet-stream");
+    let plain = request("/v1/blobs/x", "application/octet-stream");
     let response = service.ready().await.unwrap().call(plain).await.unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
     assert!(response.headers().get("x-reached").is_none());
+    assert!(response.headers().get("tus-resumable").is_none());
+
+    // A tus request's refusal names the protocol's version, as tus asks of every response.
+    let mut tus = request("/tus", "application/offset+octet-stream");
+    tus.headers_mut()
+        .insert("tus-resumable", http::HeaderValue::from_static("1.0.0"));
+    let response = service.ready().await.unwrap().call(tus).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["tus-resumable"], "1.0.0");
 
     // What the classifier leaves out never waits for Redis.
     let health = request("/grpc.health.v1.Health/Check", "application/grpc");
