@@ -308,3 +308,53 @@ async fn storage_stats_list_the_largest_files_of_one_user_or_of_everyone() -> an
     assert!(printed.starts_with("5 files"), "{printed}");
     mesh.stop().await
 }
+
+/// `stowage get` writes the file under its name in the current directory, byte-exact; a file
+/// of that name is not replaced without `--force`, while `-o PATH` names the target outright.
+/// Nothing but the file is left in the directory.
+#[tokio::test]
+async fn get_writes_the_file_and_replaces_one_only_when_told() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(300_000);
+    let file = upload(mesh.channel(), &alice, "report.pdf", &data, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    // tokio's Command: the mesh answers on this test's own runtime meanwhile.
+    let get = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+        cmd.args(["get", &file.id, "--addr", &format!("http://{}", mesh.addr)])
+            .args(args)
+            .env("STOWAGE_TOKEN", &alice)
+            .current_dir(dir.path())
+            .kill_on_drop(true);
+        async move { cmd.output().await }
+    };
+    let first = get(&[]).await?;
+    assert!(first.status.success(), "{first:?}");
+    let target = dir.path().join("report.pdf");
+    assert_eq!(sha256(&std::fs::read(&target)?), sha256(&data));
+
+    std::fs::write(&target, b"mine")?;
+    let refused = get(&[]).await?;
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--force"),
+        "{refused:?}"
+    );
+    assert_eq!(std::fs::read(&target)?, b"mine", "left as it was");
+
+    let forced = get(&["--force"]).await?;
+    assert!(forced.status.success(), "{forced:?}");
+    assert_eq!(sha256(&std::fs::read(&target)?), sha256(&data));
+    std::fs::write(dir.path().join("named.bin"), b"old")?;
+    let named = get(&["-o", "named.bin"]).await?;
+    assert!(named.status.success(), "{named:?}");
+    assert_eq!(std::fs::read(dir.path().join("named.bin"))?, data);
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    left.sort();
+    assert_eq!(left, ["named.bin", "report.pdf"], "no partial files");
+    mesh.stop().await
+}

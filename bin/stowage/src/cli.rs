@@ -92,9 +92,12 @@ enum Command {
     Get {
         /// File id.
         id: String,
-        /// Output path (`-` for stdout; default: the file's name).
+        /// Output path (`-` for stdout; default: the file's name, in the current directory).
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Replace a file of the default name that exists already.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -344,9 +347,14 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Get {
             id,
             output,
+            force,
             endpoint,
         } => {
-            let file = endpoint.client().await?.get(&id, output.as_deref()).await?;
+            let file = endpoint
+                .client()
+                .await?
+                .get(&id, output.as_deref(), force)
+                .await?;
             eprintln!(
                 "{}  {}  sha256 ok",
                 file.display_name,

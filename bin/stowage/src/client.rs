@@ -2,6 +2,7 @@
 
 use std::{
     path::Path,
+    path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -337,8 +338,11 @@ impl Client {
         Ok(response.into_inner().files)
     }
 
-    /// Downloads a file to `out` (or stdout for `-`), checking its SHA-256.
-    pub async fn get(&self, id: &str, out: Option<&Path>) -> anyhow::Result<pb::File> {
+    /// Downloads a file to `out` (or stdout for `-`; by default a file named as the stored one
+    /// in the current directory, never replacing one there unless `force`), checking its
+    /// SHA-256. The bytes go to a temporary file beside the target, renamed over it only once
+    /// they are all there and their digest is right: a broken download leaves nothing behind.
+    pub async fn get(&self, id: &str, out: Option<&Path>, force: bool) -> anyhow::Result<pb::File> {
         let mut stream = self
             .files()
             .download(self.request(pb::DownloadRequest {
@@ -355,19 +359,36 @@ impl Client {
             .context("empty download")?;
         let header = first.header.context("download without header")?;
         let file = header.file.context("download without file")?;
-        let target = match out {
-            Some(p) => p.to_path_buf(),
-            None => std::path::PathBuf::from(sanitize(&file.display_name)),
+        // A name the server chose (a file someone uploaded through a link, say) never
+        // replaces a file of the user's without `--force`; a path the user gave does.
+        let (target, replace) = match out {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(sanitize(&file.display_name)), force),
         };
-        let mut writer: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if target.as_os_str() == "-"
-        {
-            Box::new(tokio::io::stdout())
+        let to_stdout = target.as_os_str() == "-";
+        if !to_stdout && !replace && target.exists() {
+            bail!(
+                "{} exists; give --force to replace it, or -o PATH",
+                target.display()
+            );
+        }
+        let partial = if to_stdout {
+            None
         } else {
-            Box::new(
-                tokio::fs::File::create(&target)
-                    .await
-                    .with_context(|| format!("cannot create {}", target.display()))?,
+            let dir = match target.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            Some(
+                tempfile::Builder::new()
+                    .prefix(".stowage-get-")
+                    .tempfile_in(dir)
+                    .with_context(|| format!("cannot write in {}", dir.display()))?,
             )
+        };
+        let mut writer: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match &partial {
+            None => Box::new(tokio::io::stdout()),
+            Some(partial) => Box::new(tokio::fs::File::from_std(partial.reopen()?)),
         };
         let mut hasher = Sha256::new();
         while let Some(message) = stream.message().await.map_err(status)? {
@@ -375,9 +396,21 @@ impl Client {
             writer.write_all(&message.data).await?;
         }
         writer.flush().await?;
+        drop(writer);
         let digest = hex::encode(hasher.finalize());
         if digest != file.sha256 {
             bail!("checksum mismatch: got {digest}, expected {}", file.sha256);
+        }
+        if let Some(partial) = partial {
+            partial.as_file().sync_all()?;
+            let placed = if replace {
+                partial.persist(&target).map(drop)
+            } else {
+                partial.persist_noclobber(&target).map(drop)
+            };
+            placed
+                .map_err(|e| e.error)
+                .with_context(|| format!("cannot place the download at {}", target.display()))?;
         }
         Ok(file)
     }
