@@ -117,6 +117,58 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// Resume state is kept per server and user: the same file sent by another user is another
+/// upload that leaves the first one's session in place; and a state file cut short (a crash
+/// while it was written) starts a new upload instead of failing every run.
+#[tokio::test]
+async fn resume_state_is_per_user_and_a_broken_one_starts_afresh() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let (alice, bob) = (token("alice", &[]), token("bob", &[]));
+    let (dir, path, data) = workspace(160 << 20)?;
+    let state = dir.join("state");
+    let session_id = kill_midway(
+        upload_command(&mesh, &path, &state, &alice),
+        &state,
+        &mesh,
+        &alice,
+    )
+    .await?;
+
+    let by_bob = upload_command(&mesh, &path, &state, &bob).output().await?;
+    assert!(by_bob.status.success(), "{by_bob:?}");
+    assert!(
+        !String::from_utf8_lossy(&by_bob.stderr).contains("resuming"),
+        "{by_bob:?}"
+    );
+    let remembered: Vec<String> = std::fs::read_dir(state.join("stowage/uploads"))?
+        .map(|e| std::fs::read_to_string(e?.path()))
+        .collect::<std::io::Result<_>>()?;
+    assert_eq!(
+        remembered,
+        std::slice::from_ref(&session_id),
+        "alice's session still remembered"
+    );
+
+    for entry in std::fs::read_dir(state.join("stowage/uploads"))? {
+        std::fs::write(entry?.path(), "")?;
+    }
+    let again = upload_command(&mesh, &path, &state, &alice)
+        .output()
+        .await?;
+    assert!(again.status.success(), "{again:?}");
+    for who in [&alice, &bob] {
+        let listed = stowage_integration_tests::files(mesh.channel())
+            .list_files(authed(pb::ListFilesRequest::default(), who))
+            .await?
+            .into_inner();
+        assert_eq!(listed.files.len(), 1);
+        assert_eq!(listed.files[0].sha256, sha256(&data));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    mesh.stop().await
+}
+
 /// A file changed between an interrupted run and the next (same size, same modification
 /// time, so the next run takes it for the same file) is not stored spliced: the run fails
 /// saying so, keeps nothing, and the one after uploads the new contents. And a session the
@@ -356,5 +408,53 @@ async fn get_writes_the_file_and_replaces_one_only_when_told() -> anyhow::Result
         .collect::<std::io::Result<_>>()?;
     left.sort();
     assert_eq!(left, ["named.bin", "report.pdf"], "no partial files");
+    mesh.stop().await
+}
+
+/// `stowage ls --trash` lists all of the trash, past its first page; with a filter it says
+/// that trash is listed whole.
+#[tokio::test]
+async fn ls_trash_lists_every_page() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let files = stowage_integration_tests::files(mesh.channel());
+    let mut trashed = Vec::new();
+    for i in 0..205 {
+        let file = upload(mesh.channel(), &alice, &format!("f{i}.txt"), b"x", &[]).await?;
+        files
+            .clone()
+            .delete_file(authed(
+                pb::DeleteFileRequest {
+                    file_id: file.id.clone(),
+                },
+                &alice,
+            ))
+            .await?;
+        trashed.push(file.id);
+    }
+    let ls = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+        cmd.args(["ls", "--addr", &format!("http://{}", mesh.addr)])
+            .args(args)
+            .env("STOWAGE_TOKEN", &alice)
+            .kill_on_drop(true);
+        async move { cmd.output().await }
+    };
+    let listed = ls(&["--trash"]).await?;
+    assert!(listed.status.success(), "{listed:?}");
+    let mut ids: Vec<String> = String::from_utf8(listed.stdout)?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    ids.sort();
+    trashed.sort();
+    assert_eq!(ids, trashed);
+    let filtered = ls(&["--trash", "--kind", "image"]).await?;
+    assert!(!filtered.status.success(), "{filtered:?}");
+    assert!(
+        String::from_utf8_lossy(&filtered.stderr).contains("--trash lists all"),
+        "{filtered:?}"
+    );
     mesh.stop().await
 }

@@ -308,8 +308,13 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = endpoint.client().await?;
             if trash {
-                crate::client::print_files(&client.trash().await?);
-                return Ok(());
+                // Trash is listed most recently deleted first, without filters.
+                if kind.is_some() || !tag.is_empty() || name.is_some() || sort != "created" || asc {
+                    anyhow::bail!(
+                        "--trash lists all of the trash: it takes no --kind, --tag, --name, --sort or --asc"
+                    );
+                }
+                return client.trash(crate::client::print_files).await;
             }
             let kind = match kind.as_deref() {
                 None => pb::FileKind::Unspecified,

@@ -24,6 +24,8 @@ const CHUNK: usize = 1 << 20;
 pub struct Client {
     channel: Channel,
     token: MetadataValue<tonic::metadata::Ascii>,
+    /// The server and the user, which resumable uploads are remembered for.
+    scope: String,
 }
 
 impl Client {
@@ -39,9 +41,14 @@ impl Client {
             .connect()
             .await
             .with_context(|| format!("cannot reach Stowage at {addr}"))?;
+        let scope = format!("{addr}\0{}", token_subject(token));
         let token = MetadataValue::try_from(format!("Bearer {token}"))
             .context("STOWAGE_TOKEN is not a valid token")?;
-        Ok(Self { channel, token })
+        Ok(Self {
+            channel,
+            token,
+            scope,
+        })
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -74,7 +81,7 @@ impl Client {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "upload".into());
-        let state = resume_state_path(path, &meta)?;
+        let state = resume_state_path(path, &meta, &self.scope)?;
         let mut ingest =
             IngestClient::new(self.channel.clone()).max_encoding_message_size(32 << 20);
         let session = match std::fs::read_to_string(&state).ok() {
@@ -91,7 +98,22 @@ impl Client {
                         || s.state == pb::UploadState::Completing as i32
                         || s.state == pb::UploadState::Completed as i32
                 }),
-                Err(s) if s.code() == tonic::Code::NotFound => None,
+                // Gone, or not an upload id at all (a state file cut short by a crash): a new
+                // session, as for a first run.
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::NotFound | tonic::Code::InvalidArgument
+                    ) =>
+                {
+                    None
+                }
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    bail!(
+                        "the server refused the token ({}); check STOWAGE_TOKEN",
+                        s.message()
+                    )
+                }
                 Err(s) => {
                     return Err(anyhow::anyhow!(
                         "cannot look up the upload of {} to resume it ({}); run the same \
@@ -126,10 +148,7 @@ impl Client {
                     .into_inner()
                     .session
                     .context("server sent no session")?;
-                if let Some(dir) = state.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                std::fs::write(&state, &created.id)?;
+                remember(&state, &created.id)?;
                 created
             }
         };
@@ -328,14 +347,25 @@ impl Client {
             .into_inner())
     }
 
-    /// Lists trash.
-    pub async fn trash(&self) -> anyhow::Result<Vec<pb::File>> {
-        let response = self
-            .files()
-            .list_trash(self.request(pb::ListTrashRequest::default()))
-            .await
-            .map_err(status)?;
-        Ok(response.into_inner().files)
+    /// Lists trash, all of it, a page at a time (`print` is called with each).
+    pub async fn trash(&self, mut print: impl FnMut(&[pb::File])) -> anyhow::Result<()> {
+        let mut request = pb::ListTrashRequest {
+            page_size: 200,
+            ..Default::default()
+        };
+        loop {
+            let page = self
+                .files()
+                .list_trash(self.request(request.clone()))
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&page.files);
+            if page.next_page_token.is_empty() {
+                return Ok(());
+            }
+            request.page_token = page.next_page_token;
+        }
     }
 
     /// Downloads a file to `out` (or stdout for `-`; by default a file named as the stored one
@@ -481,9 +511,40 @@ async fn sha256_of(path: &Path) -> anyhow::Result<String> {
     .await?
 }
 
-/// Where the session of an upload of `path` is remembered: one file per (path, size,
-/// modification time) under `$XDG_STATE_HOME/stowage/uploads` (or `~/.local/state/...`).
-fn resume_state_path(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<std::path::PathBuf> {
+/// Writes `id` to `state` whole or not at all (a temporary file renamed over it), so that a
+/// crash never leaves a state file cut short.
+fn remember(state: &Path, id: &str) -> anyhow::Result<()> {
+    let dir = state.parent().context("state file without a directory")?;
+    std::fs::create_dir_all(dir)?;
+    let mut partial = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut partial, id.as_bytes())?;
+    partial.as_file().sync_all()?;
+    partial.persist(state).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Who `token` speaks for: its `sub` claim when it is a JWT (read, not verified: it only
+/// keeps one user's resumable uploads apart from another's), else a digest of the token.
+fn token_subject(token: &str) -> String {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok())
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+        .and_then(|claims| claims.get("sub")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+/// Where the session of an upload of `path` is remembered: one file per (server and user,
+/// path, size, modification time) under `$XDG_STATE_HOME/stowage/uploads` (or
+/// `~/.local/state/...`). The same file sent to another server, or as another user, is another
+/// upload, and does not take the place of the first one's session.
+fn resume_state_path(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    scope: &str,
+) -> anyhow::Result<std::path::PathBuf> {
     let canonical = std::fs::canonicalize(path)?;
     let modified = meta
         .modified()
@@ -492,7 +553,7 @@ fn resume_state_path(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<st
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     let key = hex::encode(Sha256::digest(format!(
-        "{}\0{}\0{modified}",
+        "{scope}\0{}\0{}\0{modified}",
         canonical.display(),
         meta.len()
     )));
