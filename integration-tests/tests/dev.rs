@@ -1,5 +1,6 @@
 //! `stowage dev`, the README's first command: starts its own PostgreSQL and Redis, prints the
-//! address, the store and a token that works, and stops cleanly on SIGTERM.
+//! address, the store and a token that works, refuses a second one on its address or its data
+//! directory with the reason, and stops cleanly when its terminal hangs up.
 
 use std::{process::Stdio, time::Duration};
 
@@ -82,12 +83,34 @@ async fn stowage_dev_runs_everything_and_the_printed_token_works() -> anyhow::Re
     let usage = String::from_utf8_lossy(&usage.stdout);
     assert!(usage.contains("27 B used of 10.0 GiB"), "{usage}");
 
+    // A second one: on the same address it says the address is taken; on the same data
+    // directory, that its PostgreSQL is already running there.
+    let second = |addr: &str| {
+        tokio::process::Command::new(binary().expect("binary"))
+            .args(["dev", "--addr", addr, "--data-dir"])
+            .arg(dir.join("data"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "off")
+            .kill_on_drop(true)
+            .output()
+    };
+    let same_addr = second(&addr).await?;
+    assert!(!same_addr.status.success());
+    let why = String::from_utf8_lossy(&same_addr.stderr);
+    assert!(why.contains("another `stowage dev`"), "{why}");
+    let same_dir = second("127.0.0.1:0").await?;
+    assert!(!same_dir.status.success());
+    let why = String::from_utf8_lossy(&same_dir.stderr);
+    assert!(why.contains("postmaster"), "{why}");
+
+    // The terminal closed: it drains and stops its servers as on SIGTERM.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(dev.id().unwrap_or_default())?),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
     )?;
     let status = tokio::time::timeout(Duration::from_secs(30), dev.wait()).await??;
-    assert!(status.success(), "clean exit after SIGTERM");
+    assert!(status.success(), "clean exit after SIGHUP");
     // Its PostgreSQL stopped with it.
     assert!(
         !dir.join("data/postgres/postmaster.pid").exists(),

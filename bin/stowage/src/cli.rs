@@ -25,9 +25,10 @@ pub struct Cli {
 enum Command {
     /// Runs all five services on one port with embedded defaults.
     Dev {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        addr: String,
+        /// Address to listen on (default: `STOWAGE_ADDR` or the configuration's `addr`, else
+        /// 127.0.0.1:7070).
+        #[arg(long)]
+        addr: Option<String>,
         /// Where blobs, the dev database and the dev secret live.
         #[arg(long, default_value = ".stowage")]
         data_dir: PathBuf,
@@ -201,13 +202,23 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let mut config = Config::load_with(
                 config_file,
                 |f| f.merge(dev::defaults(&data_dir, &secret)),
-                |f| f.merge(Serialized::default("addr", &addr)),
+                |f| match &addr {
+                    Some(addr) => f.merge(Serialized::default("addr", addr)),
+                    None => f,
+                },
             )?;
             let telemetry = telemetry::init("stowage-dev", config.log_format);
-            let servers = dev::start_servers(&mut config, &data_dir).await?;
+            // The address first: taken, nothing else is started for nothing.
             let listener = tokio::net::TcpListener::bind(config.addr)
                 .await
-                .with_context(|| format!("--addr: cannot listen on {}", config.addr))?;
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (is another `stowage dev` running? \
+                         give another address: --addr 127.0.0.1:0 picks a free port)",
+                        config.addr
+                    )
+                })?;
+            let servers = dev::start_servers(&mut config, &data_dir).await?;
             let token = Minter::from_config(&config.auth)
                 .map(|m| m.mint("dev", &[], Duration::from_secs(30 * 24 * 3600)))
                 .unwrap_or_default();

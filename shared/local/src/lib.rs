@@ -81,7 +81,9 @@ fn command(program: &str, user: Option<&User>) -> Command {
     if let Some(user) = user {
         cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
     }
-    cmd.stdin(Stdio::null());
+    // A process group of its own: Ctrl-C at the terminal reaches only us, and we stop the
+    // server once the services using it have drained, not under them.
+    cmd.stdin(Stdio::null()).process_group(0);
     cmd
 }
 
@@ -175,7 +177,7 @@ impl LocalPostgres {
             cmd.args(["-c", setting]);
         }
         let child = cmd.spawn()?;
-        let server = Self {
+        let mut server = Self {
             child,
             port,
             data_dir: data_dir.to_owned(),
@@ -184,7 +186,7 @@ impl LocalPostgres {
         Ok(server)
     }
 
-    async fn wait_ready(&self) -> Result<(), LocalError> {
+    async fn wait_ready(&mut self) -> Result<(), LocalError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
@@ -193,11 +195,26 @@ impl LocalPostgres {
             {
                 return Ok(());
             }
+            // Ended already (another server on the same directory, say): its log says why,
+            // now rather than at the deadline.
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(LocalError::Failed {
+                    what: "postgres",
+                    detail: format!("exited ({status}): {}", self.log_tail()),
+                });
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let log = std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
         tracing::error!(%log, "postgres did not start");
         Err(LocalError::Timeout("postgres"))
+    }
+
+    /// The last lines of the server's log.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(3).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     }
 
     /// URL of database `db`.
@@ -272,6 +289,7 @@ pub fn redis_command(port: u16) -> Command {
         .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .process_group(0)
         .kill_on_drop(true);
     command
 }
