@@ -187,7 +187,8 @@ async fn file_created_survives_a_redis_restart_and_is_applied_once() -> anyhow::
     Ok(())
 }
 
-/// Records like [`Recorder`], but fails the first `failures` times it meets `poison`.
+/// Records like [`Recorder`], but fails the first `failures` times it meets `poison`: the
+/// first of them by panicking, as a handler's bug would.
 struct Flaky {
     inner: Recorder,
     poison: std::sync::Mutex<String>,
@@ -203,11 +204,11 @@ impl EventHandler for Flaky {
     ) -> Result<(), HandlerError> {
         let poisoned = self.poison.lock().map(|p| *p == event.key).unwrap_or(false);
         if poisoned
-            && self
+            && let Ok(left) = self
                 .failures
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
         {
+            assert!(left < 2, "poisoned, and the handler panics");
             return Err(HandlerError("poisoned".into()));
         }
         self.inner.handle(event, tx).await
@@ -226,7 +227,7 @@ async fn a_failing_event_holds_back_only_itself_and_the_rest_of_its_read_apply_o
         .batch_execute("CREATE TABLE probe.applied (grp text, file_id uuid, times int NOT NULL, PRIMARY KEY (grp, file_id))")
         .await?;
     // Twenty events wait in the stream before the group reads, so that its first read holds
-    // them all; the eleventh fails twice.
+    // them all; the eleventh fails twice, the first time by a panic.
     let service = token("svc", &["service"]);
     let mut files = stowage_integration_tests::files(mesh.channel());
     let mut created = Vec::new();

@@ -151,6 +151,12 @@ impl Consumer {
                 Err(error) if error.details().starts_with("NOGROUP") => {
                     if let Err(error) = self.create_groups(&streams).await {
                         tracing::warn!(%error, group = %self.group, "cannot create consumer groups");
+                        // Not at once again (a read-only replica, memory full): a pause, as
+                        // after any failed read.
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
                     }
                 }
                 Err(error) => {
@@ -248,7 +254,7 @@ impl Consumer {
         }
         if events.len() > 1 {
             let batch: Vec<&Event> = events.iter().map(|(_, _, event)| event).collect();
-            match self.apply_together(&batch).await {
+            match self.apply_guarded(&batch).await {
                 Ok(applied) => {
                     for ((_, _, event), applied) in events.iter().zip(applied) {
                         self.count_applied(event, applied);
@@ -313,7 +319,7 @@ impl Consumer {
     }
 
     async fn process_event(&self, stream: &str, id: &str, event: &Event) {
-        match self.apply_together(&[event]).await {
+        match self.apply_guarded(&[event]).await {
             Ok(applied) => {
                 let [applied] = applied[..] else {
                     unreachable!("one result per event")
@@ -331,6 +337,16 @@ impl Consumer {
 
     /// Applies `events` in one transaction: one dedupe insert for all, the handler for each
     /// one not applied before (once, even if a read holds it twice), one commit.
+    /// [`Self::apply_together`], with a handler's panic turned into its failure: the events
+    /// stay pending and are retried like any other failure, and the consumer keeps running.
+    async fn apply_guarded(&self, events: &[&Event]) -> Result<Vec<Applied>, HandlerError> {
+        use futures::FutureExt;
+        std::panic::AssertUnwindSafe(self.apply_together(events))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(HandlerError("handler panicked".to_owned())))
+    }
+
     async fn apply_together(&self, events: &[&Event]) -> Result<Vec<Applied>, HandlerError> {
         let mut conn = self.connection().await?;
         let tx = conn.transaction().await?;

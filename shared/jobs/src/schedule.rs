@@ -219,20 +219,28 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Fires each due schedule of `names`; one that fails does not keep the others from
+    /// firing (the first error is returned once every one was tried).
     async fn fire_due(&self, names: &[String]) -> Result<(), Error> {
+        let mut first_error = None;
         for name in names {
-            if let Some((tick, enqueued)) = fire(&self.queue, name).await? {
-                tracing::info!(
+            match fire(&self.queue, name).await {
+                Ok(Some((tick, enqueued))) => tracing::info!(
                     queue = %self.queue.schema(),
                     schedule = %name,
                     %tick,
                     job_id = %enqueued.id,
                     created = enqueued.created,
                     "schedule fired"
-                );
+                ),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(queue = %self.queue.schema(), schedule = %name, %error, "schedule did not fire");
+                    first_error.get_or_insert(error);
+                }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Seconds until the next tick of `names` (negative when overdue).

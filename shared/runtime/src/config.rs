@@ -609,8 +609,11 @@ impl Config {
         self.rate_limit
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
-        if self.events.stream_max_len < 1000 {
-            return fail("STOWAGE_EVENTS__STREAM_MAX_LEN", "must be at least 1000");
+        if self.events.stream_max_len < 1000 || self.events.stream_max_len > 1_000_000_000 {
+            return fail(
+                "STOWAGE_EVENTS__STREAM_MAX_LEN",
+                "must be between 1000 and 1000000000",
+            );
         }
         if self.events.namespace.is_empty()
             || self.events.namespace.len() > 64
@@ -770,6 +773,41 @@ impl Config {
                 "must be above zero and at most half of STOWAGE_MAX_MESSAGE_SIZE",
             );
         }
+        // Zero would make a loop spin, or every call fail at once.
+        for (name, value, least) in [
+            (
+                "STOWAGE_INGEST__SWEEP_INTERVAL",
+                self.ingest.sweep_interval,
+                Duration::from_millis(100),
+            ),
+            (
+                "STOWAGE_QUOTA__RESERVATION_TTL",
+                self.quota.reservation_ttl,
+                Duration::from_secs(60),
+            ),
+            (
+                "STOWAGE_INGEST__STREAMS__REDELIVER_AFTER",
+                self.ingest.streams.redeliver_after,
+                Duration::from_secs(1),
+            ),
+        ] {
+            if value < least {
+                return fail(name, &format!("must be at least {least:?}"));
+            }
+        }
+        if self.ingest.streams.grace > self.ingest.streams.window * 10 {
+            return fail(
+                "STOWAGE_INGEST__STREAMS__GRACE",
+                "must be at most 10 windows (STOWAGE_INGEST__STREAMS__WINDOW)",
+            );
+        }
+        if self
+            .peers
+            .timeout
+            .is_some_and(|t| t < Duration::from_millis(100))
+        {
+            return fail("STOWAGE_PEERS__TIMEOUT", "must be at least 100 ms");
+        }
         // Signed links carry their expiry in whole seconds, as a u32 lifetime is asked for.
         if self.files.max_url_ttl < Duration::from_secs(1)
             || self.files.max_url_ttl > Duration::from_secs(u64::from(u32::MAX))
@@ -921,6 +959,36 @@ mod tests {
         refused_naming(&config, "STOWAGE_EVENTS__REPLAY_WINDOW");
         config.events.replay_window = REPLAY_WINDOW_MAX;
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn zero_intervals_and_absurd_bounds_are_refused_by_name() {
+        type BreakIt = fn(&mut Config);
+        let cases: [(&str, BreakIt); 6] = [
+            ("STOWAGE_INGEST__SWEEP_INTERVAL", |c| {
+                c.ingest.sweep_interval = Duration::ZERO;
+            }),
+            ("STOWAGE_QUOTA__RESERVATION_TTL", |c| {
+                c.quota.reservation_ttl = Duration::ZERO;
+            }),
+            ("STOWAGE_INGEST__STREAMS__REDELIVER_AFTER", |c| {
+                c.ingest.streams.redeliver_after = Duration::ZERO;
+            }),
+            ("STOWAGE_INGEST__STREAMS__GRACE", |c| {
+                c.ingest.streams.grace = Duration::from_secs(7 * 24 * 3600);
+            }),
+            ("STOWAGE_PEERS__TIMEOUT", |c| {
+                c.peers.timeout = Some(Duration::ZERO);
+            }),
+            ("STOWAGE_EVENTS__STREAM_MAX_LEN", |c| {
+                c.events.stream_max_len = u64::MAX;
+            }),
+        ];
+        for (name, break_it) in cases {
+            let mut config = valid();
+            break_it(&mut config);
+            refused_naming(&config, name);
+        }
     }
 
     #[test]
