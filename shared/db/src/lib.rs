@@ -50,10 +50,14 @@ pub enum DbError {
 /// Builds a pool for `url` with at most `max_size` connections, over TLS when the URL sets
 /// `sslmode=require` (see [`PgTarget`]).
 ///
-/// Connections are checked before reuse, so a restarted server costs one failed check, not a
-/// failed request.
+/// A connection its server closed (a restart) is not reused. One whose peer went silent (a
+/// failover, a cut network) is found dead by TCP keepalives within about a minute, and a write
+/// left unacknowledged for a minute drops it: a call or a background loop waiting on it fails
+/// and tries again on a new connection instead of hanging for the kernel's two hours. Values
+/// the URL sets itself are kept.
 pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let (pg_config, tls) = PgTarget::parse(url)?.into_parts();
+    let (mut pg_config, tls) = PgTarget::parse(url)?.into_parts();
+    watch_liveness(&mut pg_config);
     let manager = Manager::from_config(
         pg_config,
         tls,
@@ -68,6 +72,20 @@ pub fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
         .create_timeout(Some(Duration::from_secs(5)))
         .recycle_timeout(Some(Duration::from_secs(5)))
         .build()?)
+}
+
+/// Keepalives after 30 s of silence (every 10 s, 3 tries) and a 60 s bound on unacknowledged
+/// writes, unless the URL set them (tokio-postgres' keepalive default is two hours).
+fn watch_liveness(config: &mut tokio_postgres::Config) {
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 3600) {
+        config
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(60));
+    }
 }
 
 /// Applies `runner`'s migrations to `schema`, creating the schema first.
@@ -121,4 +139,24 @@ pub async fn ping(pool: &Pool) -> Result<(), DbError> {
     let conn = pool.get().await?;
     conn.simple_query("SELECT 1").await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    use std::{str::FromStr, time::Duration};
+
+    #[test]
+    fn silent_connections_are_probed_unless_the_url_says_otherwise() {
+        let mut plain = tokio_postgres::Config::from_str("postgres://u@h/db").expect("url");
+        super::watch_liveness(&mut plain);
+        assert_eq!(plain.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(plain.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        let mut own = tokio_postgres::Config::from_str(
+            "postgres://u@h/db?keepalives_idle=300&tcp_user_timeout=5",
+        )
+        .expect("url");
+        super::watch_liveness(&mut own);
+        assert_eq!(own.get_keepalives_idle(), Duration::from_secs(300));
+        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+    }
 }
