@@ -458,3 +458,34 @@ async fn ls_trash_lists_every_page() -> anyhow::Result<()> {
     );
     mesh.stop().await
 }
+
+/// `stowage token` signs with the secret of the configuration file the services read (not
+/// only the environment's or the dev one): its token is accepted by a mesh of that secret.
+#[tokio::test]
+async fn token_signs_with_the_configured_secret() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nhs256_secret = \"{}\"\n",
+            stowage_testkit::TEST_SECRET
+        ),
+    )?;
+    let minted = tokio::process::Command::new(binary()?)
+        .arg("--config")
+        .arg(&config)
+        .args(["token", "--user", "carol", "--data-dir"])
+        .arg(dir.path().join("no-dev-data"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .await?;
+    assert!(minted.status.success(), "{minted:?}");
+    let carol = String::from_utf8(minted.stdout)?.trim().to_owned();
+    let usage = stowage_integration_tests::usage(mesh.channel(), &carol).await?;
+    assert_eq!(usage.used_bytes, 0);
+    mesh.stop().await
+}

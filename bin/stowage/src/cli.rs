@@ -270,20 +270,23 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|why| anyhow::anyhow!("--user: {why}"))?;
             let ttl = humantime::parse_duration(&ttl)
                 .with_context(|| format!("--ttl: {ttl:?} is not like 30d, 24h, 15m"))?;
-            let secret = match std::env::var("STOWAGE_AUTH__HS256_SECRET") {
-                Ok(secret) => secret,
-                Err(_) => {
+            // The configuration's auth section (file and STOWAGE_AUTH__*), as the services
+            // read it; without a secret there, the dev secret `stowage dev` made.
+            let auth = Config::load_for_migrations(config_file)?.auth;
+            let secret = match auth.hs256_secret {
+                Some(secret) => secret,
+                None => {
                     let path = data_dir.join("dev-secret");
                     std::fs::read_to_string(&path)
-                        .with_context(|| format!("STOWAGE_AUTH__HS256_SECRET is unset and {} does not exist (run `stowage dev` first)", path.display()))?
+                        .with_context(|| format!("no HS256 secret is configured (STOWAGE_AUTH__HS256_SECRET) and {} does not exist (run `stowage dev` first)", path.display()))?
                         .trim()
                         .to_owned()
                 }
             };
             let minter = Minter::from_config(&AuthConfig {
                 hs256_secret: Some(secret),
-                issuer: std::env::var("STOWAGE_AUTH__ISSUER").ok(),
-                audience: std::env::var("STOWAGE_AUTH__AUDIENCE").ok(),
+                issuer: auth.issuer,
+                audience: auth.audience,
                 ..AuthConfig::default()
             })
             .context("no secret")?;
