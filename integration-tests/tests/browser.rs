@@ -381,5 +381,35 @@ async fn the_typescript_client_works_from_node() -> anyhow::Result<()> {
         (file.display_name.as_str(), file.tags),
         ("from node.bin", vec!["node".to_owned()])
     );
+    assert_eq!(number(&report, &["wholeBytes"]), size);
+    // A digest the bytes do not have: the upload is refused at completion.
+    assert_eq!(text(&report, &["refused"]), "InvalidArgument", "{report}");
+
+    // The stored bytes changed behind Files' back (same length): a whole download says so.
+    let stored_file = files(mesh.channel())
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: file.id.clone(),
+            },
+            &token("files", &["service"]),
+        ))
+        .await?
+        .into_inner()
+        .file
+        .unwrap_or_default();
+    let blob_dir = setup.blob_dir.as_ref().expect("a local store").path();
+    std::fs::write(
+        blob_dir.join(&stored_file.storage_key),
+        pattern(data.len(), 8),
+    )?;
+    let out = node(
+        "ts-client-node.mjs",
+        &[api.as_ref(), "--download".as_ref(), file.id.as_ref()],
+        &[("STOWAGE_TOKEN", &bob)],
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
+    let report: Value = serde_json::from_str(&out)?;
+    assert_eq!(text(&report, &["outcome"]), "DataLoss", "{report}");
     Ok(())
 }

@@ -20,9 +20,17 @@ export interface UploadOptions {
   /**
    * The id of a session to go on with (one `onSession` was given). It is used when it can
    * still go on and was for a file of this name and size; otherwise (expired, aborted, swept,
-   * another file) a new session is started, and `onSession` tells its id.
+   * another file) a new session is started, and `onSession` tells its id. Keep the id under a
+   * key that changes with the file's contents (its name, size and `lastModified`), or give
+   * `sha256`: a file of the same name and size changed in between would otherwise go on where
+   * the other one stopped.
    */
   resume?: string;
+  /**
+   * The whole file's lowercase hex SHA-256, when the app has it: the server refuses to
+   * complete an upload whose bytes do not match (a different file resumed, say).
+   */
+  sha256?: string;
   /** Bytes per PutChunk: the server's hint by default, at most `MAX_PUT_CHUNK`. */
   chunkSize?: number;
   /** A key that makes a repeated creation return the first session. */
@@ -35,6 +43,11 @@ export interface UploadOptions {
   signal?: AbortSignal;
   /** Tries per chunk when the network or the server fails (4 by default). */
   attempts?: number;
+  /**
+   * Milliseconds one chunk may take before it is tried again (60 000 by default): a stalled
+   * connection fails the chunk instead of holding the upload for ever.
+   */
+  chunkTimeoutMs?: number;
 }
 
 /** A finished upload. */
@@ -73,6 +86,7 @@ export async function upload(stowage: Stowage, data: Blob, options: UploadOption
             displayName: options.name,
             tags: options.tags ?? [],
             declaredMimeType: options.mimeType ?? data.type,
+            expectedSha256: options.sha256 ?? "",
           },
           idempotencyKey: options.idempotencyKey ?? "",
         },
@@ -105,7 +119,7 @@ export async function upload(stowage: Stowage, data: Blob, options: UploadOption
             sizeBytes: session.sizeBytes === undefined ? size : undefined,
           },
         },
-        { signal },
+        { signal, timeoutMs: options.chunkTimeoutMs ?? 60_000 },
       );
       session = required(put.session);
       sent += bytes.length;
@@ -199,7 +213,17 @@ export async function download(stowage: Stowage, fileId: string, options: Downlo
   if (BigInt(received) !== header.length) {
     throw new ConnectError(`received ${received} bytes of ${header.length}`, Code.DataLoss);
   }
-  return { header, blob: new Blob(parts, { type: header.mimeType }) };
+  const blob = new Blob(parts, { type: header.mimeType });
+  // The whole original is checked against the digest it was stored with (where the page can
+  // hash: a secure context); a range or a variant has no digest to check against.
+  const expected = header.file?.sha256;
+  if (!range && !options.variant && expected) {
+    const got = await sha256Hex(new Uint8Array(await blob.arrayBuffer()));
+    if (got && got !== expected) {
+      throw new ConnectError(`the bytes received hash to ${got}, not ${expected}`, Code.DataLoss);
+    }
+  }
+  return { header, blob };
 }
 
 /**
