@@ -1032,3 +1032,32 @@ async fn lapsed_holds_past_one_batch_are_all_expired() -> anyhow::Result<()> {
     }
     mesh.stop().await
 }
+
+/// Reading the usage of a user who never stored anything answers as for a new account (the
+/// default limit, nothing used) and creates no account: reads do not write.
+#[tokio::test]
+async fn reading_an_unused_account_creates_nothing() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(5_000_000);
+    let mesh = Mesh::start(&setup).await?;
+    let account = usage(mesh.channel(), &token("newcomer", &[])).await?;
+    assert_eq!(
+        (
+            account.limit_bytes,
+            account.used_bytes,
+            account.reserved_bytes
+        ),
+        (5_000_000, 0, 0)
+    );
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let rows: i64 = pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM quota.accounts WHERE user_id = 'newcomer'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(rows, 0);
+    mesh.stop().await
+}

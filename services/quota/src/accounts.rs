@@ -189,30 +189,41 @@ impl Quota {
         Ok(())
     }
 
-    /// The account of `user_id`, created with the default limit on first use.
-    pub async fn account(&self, user_id: &str) -> Result<Account> {
+    /// The account of `user_id` as it is (one never used reads as new: the default limit,
+    /// nothing used; a read creates nothing), and the bytes of its holds that lapsed in the
+    /// last day and were neither committed nor released: an upload whose completion began in
+    /// time may still commit them. One statement.
+    pub async fn usage(&self, user_id: &str) -> Result<(Account, u64)> {
         check_user("user_id", user_id)?;
         let conn = self.pool.get().await?;
-        self.ensure_account(&conn, user_id).await?;
-        let row = account_row(&conn, user_id).await?;
-        Ok(Account::from_row(&row))
-    }
-
-    /// Bytes of `user_id`'s holds that lapsed in the last day and were neither committed nor
-    /// released: an upload whose completion began in time may still commit them.
-    pub async fn lapsed_bytes(&self, user_id: &str) -> Result<u64> {
-        check_user("user_id", user_id)?;
-        let conn = self.pool.get().await?;
-        let bytes: i64 = conn
-            .query_one_cached(
-                "SELECT COALESCE(sum(bytes), 0)::bigint FROM quota.reservations
-                 WHERE user_id = $1 AND state = 'expired'
-                   AND expires_at > now() - interval '1 day'",
+        let row = conn
+            .query_opt_cached(
+                concat!(
+                    "SELECT ",
+                    account_columns!(),
+                    ", (SELECT COALESCE(sum(bytes), 0)::bigint FROM quota.reservations
+                        WHERE user_id = $1 AND state = 'expired'
+                          AND expires_at > now() - interval '1 day') AS lapsed
+                     FROM quota.accounts WHERE user_id = $1"
+                ),
                 &[&user_id],
             )
-            .await?
-            .get(0);
-        Ok(u64::try_from(bytes).unwrap_or(0))
+            .await?;
+        Ok(match row {
+            Some(row) => (Account::from_row(&row), to_u64(row.get("lapsed"))),
+            None => {
+                let now = Utc::now();
+                let unused = Account {
+                    user_id: user_id.to_owned(),
+                    limit_bytes: self.default_limit,
+                    used_bytes: 0,
+                    reserved_bytes: 0,
+                    created_at: now,
+                    updated_at: now,
+                };
+                (unused, 0)
+            }
+        })
     }
 
     /// Holds `bytes` of `user_id`'s quota for `ttl` (default when `None`).

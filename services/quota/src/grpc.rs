@@ -86,8 +86,7 @@ impl quota_server::Quota for QuotaGrpc {
             }
             req.user_id
         };
-        let account = self.quota.account(&user).await?;
-        let lapsed_bytes = self.quota.lapsed_bytes(&user).await?;
+        let (account, lapsed_bytes) = self.quota.usage(&user).await?;
         Ok(Response::new(pb::GetUsageResponse {
             account: Some(account.into()),
             lapsed_bytes,
