@@ -79,6 +79,14 @@ async fn signed_urls_serve_ranges_etags_and_expire() -> anyhow::Result<()> {
             .map(|v| v.as_bytes().to_vec()),
         Some(b"application/octet-stream".to_vec())
     );
+    // When the bytes were stored, to the second, as an HTTP date.
+    let created = file.created_at.as_ref().map_or(0, |t| t.seconds);
+    let modified = chrono::DateTime::from_timestamp(created, 0)
+        .map(|t| t.format("%a, %d %b %Y %H:%M:%S GMT").to_string());
+    assert_eq!(
+        full.headers()["last-modified"].to_str().ok(),
+        modified.as_deref()
+    );
     assert_eq!(full.bytes().await?.as_ref(), data.as_slice());
 
     let part = http

@@ -46,6 +46,8 @@ pub struct Target {
     pub mime_type: String,
     /// Strong validator.
     pub etag: String,
+    /// When these bytes were stored (`Last-Modified`), where known.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Picks the original (`variant` empty) or the named variant of `file`. While a scanner is
@@ -64,6 +66,8 @@ pub fn target(file: &FileRecord, variant: &str, hold_unscanned: bool) -> Result<
             size: file.size_bytes,
             mime_type: file.mime_type.clone(),
             etag: format!("\"{}\"", file.sha256),
+            // A file's bytes never change after its upload.
+            modified: Some(file.created_at),
         });
     }
     if !variant_name_ok(variant) {
@@ -88,7 +92,13 @@ pub fn target(file: &FileRecord, variant: &str, hold_unscanned: bool) -> Result<
             v.size_bytes,
             v.written_at.map_or(0, |at| at.timestamp_micros())
         ),
+        modified: v.written_at,
     })
+}
+
+/// `at` as an HTTP date (RFC 9110, 5.6.7: IMF-fixdate).
+fn http_date(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
 }
 
 /// Resolves a requested `offset` / `length` against an object of `size` bytes.
@@ -413,6 +423,9 @@ async fn serve_signed(
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .header(header::CONTENT_SECURITY_POLICY, "sandbox")
         .header(header::CACHE_CONTROL, CACHE_CONTROL);
+    if let Some(modified) = target.modified {
+        response = response.header(header::LAST_MODIFIED, http_date(modified));
+    }
     if status == StatusCode::PARTIAL_CONTENT {
         response = response.header(
             header::CONTENT_RANGE,
@@ -459,6 +472,14 @@ pub fn url_ttl(requested_seconds: u32, max: Duration) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_are_written_as_http_asks() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-05T01:02:03.456Z")
+            .expect("date")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(super::http_date(at), "Sat, 05 Dec 2026 01:02:03 GMT");
+    }
 
     #[test]
     fn a_variant_is_saved_under_a_name_of_its_own_type() {
