@@ -332,8 +332,8 @@ impl Staging {
         Ok(())
     }
 
-    /// Completes native upload `id` at `key` from its parts; held-back bytes (or, for an empty
-    /// file, nothing) become its last part.
+    /// Completes native upload `id` at `key` from its parts; held-back bytes become its last
+    /// part, and an empty file is put as an empty object.
     async fn complete_native(
         &self,
         mp: &dyn MultipartStore,
@@ -354,6 +354,15 @@ impl Staging {
         if !pending.is_empty() || ids.is_empty() {
             let mut buf = BytesMut::new();
             self.read_pending(upload, &pending, &mut buf).await?;
+            if ids.is_empty() && buf.is_empty() {
+                // An empty file: a plain empty object. Azure refuses an empty block, and no
+                // store needs a multipart upload for nothing.
+                self.store.put(key, PutPayload::default()).await?;
+                if let Err(error) = mp.abort_multipart(key, &id).await {
+                    tracing::debug!(%upload, %error, "multipart upload of an empty file not aborted; the store's rule ends it");
+                }
+                return Ok(());
+            }
             let part = mp
                 .put_part(key, &id, ids.len(), PutPayload::from(buf.freeze()))
                 .await?;
