@@ -403,11 +403,35 @@ async fn get_writes_the_file_and_replaces_one_only_when_told() -> anyhow::Result
     let named = get(&["-o", "named.bin"]).await?;
     assert!(named.status.success(), "{named:?}");
     assert_eq!(std::fs::read(dir.path().join("named.bin"))?, data);
+    // Made with the mode any new file gets here (the umask's), not a temporary file's 0600.
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let reference = dir.path().join("reference");
+    std::fs::File::create(&reference)?;
+    let mode = |p: &std::path::Path| -> std::io::Result<u32> {
+        Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+    };
+    assert_eq!(mode(&target)?, mode(&reference)?);
+    std::fs::remove_file(&reference)?;
+    // Through a link, the file it names gets the bytes and the link stays; a device is
+    // written to, not replaced.
+    std::os::unix::fs::symlink("named.bin", dir.path().join("link.bin"))?;
+    std::fs::write(dir.path().join("named.bin"), b"old")?;
+    let linked = get(&["-o", "link.bin"]).await?;
+    assert!(linked.status.success(), "{linked:?}");
+    assert!(std::fs::symlink_metadata(dir.path().join("link.bin"))?.is_symlink());
+    assert_eq!(std::fs::read(dir.path().join("named.bin"))?, data);
+    let discarded = get(&["-o", "/dev/null"]).await?;
+    assert!(discarded.status.success(), "{discarded:?}");
+    assert!(std::fs::metadata("/dev/null")?.file_type().is_char_device());
     let mut left: Vec<String> = std::fs::read_dir(dir.path())?
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
     left.sort();
-    assert_eq!(left, ["named.bin", "report.pdf"], "no partial files");
+    assert_eq!(
+        left,
+        ["link.bin", "named.bin", "report.pdf"],
+        "no partial files"
+    );
     mesh.stop().await
 }
 

@@ -218,6 +218,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                         config.addr
                     )
                 })?;
+            // Listening for signals from here on: a Ctrl-C while the databases start is not
+            // the default death that would leave them running.
+            let shutdown = stowage_runtime::tasks::shutdown_on_signals();
             let servers = dev::start_servers(&mut config, &data_dir).await?;
             let token = Minter::from_config(&config.auth)
                 .map(|m| m.mint("dev", &[], Duration::from_secs(30 * 24 * 3600)))
@@ -230,7 +233,6 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             };
             // Printed once the services answer, not before migrations have run.
             stowage_runtime::tasks::spawn("dev-banner", banner.print_when_ready());
-            let shutdown = stowage_runtime::tasks::shutdown_on_signals();
             let result = crate::serve(&Role::ALL, config, listener, shutdown).await;
             servers.stop().await;
             telemetry.shutdown();

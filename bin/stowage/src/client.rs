@@ -395,30 +395,21 @@ impl Client {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(sanitize(&file.display_name)), force),
         };
-        let to_stdout = target.as_os_str() == "-";
-        if !to_stdout && !replace && target.exists() {
+        if target.as_os_str() != "-" && !replace && target.exists() {
             bail!(
                 "{} exists; give --force to replace it, or -o PATH",
                 target.display()
             );
         }
-        let partial = if to_stdout {
-            None
-        } else {
-            let dir = match target.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            Some(
-                tempfile::Builder::new()
-                    .prefix(".stowage-get-")
-                    .tempfile_in(dir)
-                    .with_context(|| format!("cannot write in {}", dir.display()))?,
-            )
-        };
-        let mut writer: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match &partial {
-            None => Box::new(tokio::io::stdout()),
-            Some(partial) => Box::new(tokio::fs::File::from_std(partial.reopen()?)),
+        let sink = Sink::for_target(&target)?;
+        let mut writer: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match &sink {
+            Sink::Stdout => Box::new(tokio::io::stdout()),
+            Sink::Direct(path) => Box::new(
+                tokio::fs::File::create(path)
+                    .await
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+            ),
+            Sink::Atomic { partial, .. } => Box::new(tokio::fs::File::from_std(partial.reopen()?)),
         };
         let mut hasher = Sha256::new();
         while let Some(message) = stream.message().await.map_err(status)? {
@@ -431,7 +422,7 @@ impl Client {
         if digest != file.sha256 {
             bail!("checksum mismatch: got {digest}, expected {}", file.sha256);
         }
-        if let Some(partial) = partial {
+        if let Sink::Atomic { partial, target } = sink {
             partial.as_file().sync_all()?;
             let placed = if replace {
                 partial.persist(&target).map(drop)
@@ -509,6 +500,56 @@ async fn sha256_of(path: &Path) -> anyhow::Result<String> {
         }
     })
     .await?
+}
+
+/// Where a download's bytes go.
+enum Sink {
+    /// Standard output (`-o -`).
+    Stdout,
+    /// Straight into an existing file that is not a regular one (`/dev/null`, a FIFO), or
+    /// one in a directory we cannot write to: nothing to rename over.
+    Direct(PathBuf),
+    /// A temporary file beside `target` (through a symlink, beside what it points to),
+    /// renamed over it once complete and verified.
+    Atomic {
+        partial: tempfile::NamedTempFile,
+        target: PathBuf,
+    },
+}
+
+impl Sink {
+    fn for_target(target: &Path) -> anyhow::Result<Self> {
+        if target.as_os_str() == "-" {
+            return Ok(Self::Stdout);
+        }
+        let existing = std::fs::metadata(target).ok();
+        if existing.as_ref().is_some_and(|m| !m.is_file()) {
+            return Ok(Self::Direct(target.to_path_buf()));
+        }
+        // A link is written through: the file it names is replaced, the link stays.
+        let target = if existing.is_some() {
+            std::fs::canonicalize(target)?
+        } else {
+            target.to_path_buf()
+        };
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        // Created with the mode of any new file (0666 less the umask), not a temporary
+        // file's 0600.
+        let made = tempfile::Builder::new()
+            .prefix(".stowage-get-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .tempfile_in(&dir);
+        match made {
+            Ok(partial) => Ok(Self::Atomic { partial, target }),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && existing.is_some() => {
+                Ok(Self::Direct(target))
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot write in {}", dir.display())),
+        }
+    }
 }
 
 /// Writes `id` to `state` whole or not at all (a temporary file renamed over it), so that a

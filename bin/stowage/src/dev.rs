@@ -96,7 +96,7 @@ pub fn defaults(data_dir: &Path, secret: &str) -> figment::Figment {
 pub async fn start_servers(config: &mut Config, data_dir: &Path) -> anyhow::Result<DevServers> {
     let mut servers = DevServers::default();
     if config.database_url.is_none() {
-        let pg = LocalPostgres::start(&data_dir.join("postgres"), true)
+        let pg = LocalPostgres::start_for_dev(&data_dir.join("postgres"))
             .await
             .context("starting PostgreSQL")?;
         pg.create_database("stowage").await?;
@@ -104,7 +104,9 @@ pub async fn start_servers(config: &mut Config, data_dir: &Path) -> anyhow::Resu
         servers.postgres = Some(pg);
     }
     if config.redis_url.is_none() {
-        let redis = LocalRedis::start().await.context("starting Redis")?;
+        let redis = LocalRedis::start_for_dev()
+            .await
+            .context("starting Redis")?;
         config.redis_url = Some(redis.url());
         servers.redis = Some(redis);
     }

@@ -44,8 +44,9 @@ export interface UploadOptions {
   /** Tries per chunk when the network or the server fails (4 by default). */
   attempts?: number;
   /**
-   * Milliseconds one chunk may take before it is tried again (60 000 by default): a stalled
-   * connection fails the chunk instead of holding the upload for ever.
+   * Milliseconds one chunk may take before it is tried again: a stalled connection fails the
+   * chunk instead of holding the upload for ever. By default 60 s, or a slow link's time
+   * for the chunk at 16 KB/s when that is longer (4 MiB: about 4.4 minutes).
    */
   chunkTimeoutMs?: number;
 }
@@ -119,7 +120,7 @@ export async function upload(stowage: Stowage, data: Blob, options: UploadOption
             sizeBytes: session.sizeBytes === undefined ? size : undefined,
           },
         },
-        { signal, timeoutMs: options.chunkTimeoutMs ?? 60_000 },
+        { signal, timeoutMs: options.chunkTimeoutMs ?? Math.max(60_000, bytes.length / 16) },
       );
       session = required(put.session);
       sent += bytes.length;

@@ -1,6 +1,5 @@
--- What a call asked for under its idempotency key, so that the key used again for another
--- amount (or another kind of movement) is refused instead of answered with the first effect.
--- A reservation's `bytes` changes with Resize and a debit's `delta_bytes` is capped at the
--- usage, so neither can say it. NULL on rows from before: those keys are not checked.
+-- What a reservation asked for under its idempotency key, so that the key used again for
+-- another amount is refused instead of answered with the first hold. `bytes` changes with
+-- Resize, so it cannot say. NULL on rows from before: those keys are not checked.
+-- (One table per migration: each ALTER takes its table's lock for a moment, never both.)
 ALTER TABLE reservations ADD COLUMN asked_bytes bigint;
-ALTER TABLE ledger ADD COLUMN asked_bytes bigint;

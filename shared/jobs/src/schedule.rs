@@ -22,6 +22,9 @@ const MAX_INTERVAL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Shortest sleep of a scheduler between two looks at its schedules.
 const MIN_WAIT: Duration = Duration::from_millis(10);
 
+/// Least wait after a schedule failed to fire.
+const FAILED_WAIT: Duration = Duration::from_secs(5);
+
 /// A job to enqueue every `interval`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schedule {
@@ -161,14 +164,16 @@ impl Scheduler {
         }
         tracing::info!(queue = %self.queue.schema(), schedules = ?names, "scheduler started");
         loop {
-            let wait = match self.fire_due(&names).await {
-                Ok(()) => self.next_due(&names).await,
-                Err(error) => Err(error),
+            // A schedule that failed stays due: the others' next ticks still set the wait,
+            // but not sooner than a pause, or the failing one would be tried in a tight loop.
+            let least = match self.fire_due(&names).await {
+                Ok(()) => MIN_WAIT,
+                Err(_) => FAILED_WAIT.min(idle_poll),
             };
-            let wait = match wait {
+            let wait = match self.next_due(&names).await {
                 Ok(Some(seconds)) => Duration::try_from_secs_f64(seconds.max(0.0))
                     .unwrap_or(idle_poll)
-                    .clamp(MIN_WAIT, idle_poll),
+                    .clamp(least, idle_poll),
                 Ok(None) => idle_poll,
                 Err(error) => {
                     tracing::warn!(queue = %self.queue.schema(), %error, "cannot fire schedules");

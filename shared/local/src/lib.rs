@@ -81,9 +81,7 @@ fn command(program: &str, user: Option<&User>) -> Command {
     if let Some(user) = user {
         cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
     }
-    // A process group of its own: Ctrl-C at the terminal reaches only us, and we stop the
-    // server once the services using it have drained, not under them.
-    cmd.stdin(Stdio::null()).process_group(0);
+    cmd.stdin(Stdio::null());
     cmd
 }
 
@@ -108,6 +106,23 @@ impl LocalPostgres {
         data_dir: &Path,
         durable: bool,
         settings: &[&str],
+    ) -> Result<Self, LocalError> {
+        Self::spawn(data_dir, durable, settings, false).await
+    }
+
+    /// `stowage dev`'s server: durable, in a process group of its own, so that Ctrl-C at the
+    /// terminal reaches only `stowage dev`, which stops the server once the services using it
+    /// have drained, not under them. (Test servers stay in the group of the run, which a
+    /// Ctrl-C then ends whole.)
+    pub async fn start_for_dev(data_dir: &Path) -> Result<Self, LocalError> {
+        Self::spawn(data_dir, true, &[], true).await
+    }
+
+    async fn spawn(
+        data_dir: &Path,
+        durable: bool,
+        settings: &[&str],
+        own_group: bool,
     ) -> Result<Self, LocalError> {
         for bin in ["initdb", "postgres"] {
             if !on_path(bin) {
@@ -150,12 +165,21 @@ impl LocalPostgres {
             }
         }
         let port = free_port()?;
-        let log = std::fs::File::create(data_dir.join("server.log"))?;
+        // Appended to, never truncated: a second server tried on a directory whose server runs
+        // must not cut that one's log (nor read its lines as its own reason).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("server.log"))?;
+        let log_start = log.metadata()?.len();
         if let Some(user) = &user {
             chown(&data_dir.join("server.log"), Some(user.uid), Some(user.gid))
                 .map_err(std::io::Error::from)?;
         }
         let mut cmd = command("postgres", user.as_ref());
+        if own_group {
+            cmd.process_group(0);
+        }
         cmd.arg("-D")
             .arg(data_dir)
             .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k", ""])
@@ -182,11 +206,12 @@ impl LocalPostgres {
             port,
             data_dir: data_dir.to_owned(),
         };
-        server.wait_ready().await?;
+        server.wait_ready(log_start).await?;
         Ok(server)
     }
 
-    async fn wait_ready(&mut self) -> Result<(), LocalError> {
+    /// Waits until the server answers; `log_start` is where its own lines begin in the log.
+    async fn wait_ready(&mut self, log_start: u64) -> Result<(), LocalError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
@@ -200,7 +225,7 @@ impl LocalPostgres {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(LocalError::Failed {
                     what: "postgres",
-                    detail: format!("exited ({status}): {}", self.log_tail()),
+                    detail: format!("exited ({status}): {}", self.log_tail(log_start)),
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -210,10 +235,14 @@ impl LocalPostgres {
         Err(LocalError::Timeout("postgres"))
     }
 
-    /// The last lines of the server's log.
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().rev().take(3).collect();
+    /// The last lines this server wrote to the log (from byte `from`).
+    fn log_tail(&self, from: u64) -> String {
+        let log = std::fs::read(self.data_dir.join("server.log")).unwrap_or_default();
+        let own = log
+            .get(usize::try_from(from).unwrap_or(0)..)
+            .unwrap_or_default();
+        let own = String::from_utf8_lossy(own);
+        let lines: Vec<&str> = own.lines().rev().take(3).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     }
 
@@ -289,7 +318,6 @@ pub fn redis_command(port: u16) -> Command {
         .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .process_group(0)
         .kill_on_drop(true);
     command
 }
@@ -300,14 +328,26 @@ impl LocalRedis {
         Self::start_on(free_port()?).await
     }
 
+    /// `stowage dev`'s server, in a process group of its own (see
+    /// [`LocalPostgres::start_for_dev`]).
+    pub async fn start_for_dev() -> Result<Self, LocalError> {
+        Self::spawn(free_port()?, true).await
+    }
+
     /// Starts `redis-server` on `port` (tests restart a server where clients expect it).
     pub async fn start_on(port: u16) -> Result<Self, LocalError> {
+        Self::spawn(port, false).await
+    }
+
+    async fn spawn(port: u16, own_group: bool) -> Result<Self, LocalError> {
         if !on_path("redis-server") {
             return Err(LocalError::Missing("redis-server"));
         }
-        let child = redis_command(port)
-            .args(["--protected-mode", "yes"])
-            .spawn()?;
+        let mut command = redis_command(port);
+        if own_group {
+            command.process_group(0);
+        }
+        let child = command.args(["--protected-mode", "yes"]).spawn()?;
         let server = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
