@@ -1226,7 +1226,25 @@ async fn an_observer_sees_sealed_batches_and_holds_nothing_back() -> anyhow::Res
             .is_empty()
     );
     drop((from_now, from_start));
-    mesh.stop().await
+    // A tail whose server goes away says so by its exit status, for a script to start it
+    // again.
+    let mut tail = tokio::process::Command::new(stowage_testkit::binary()?)
+        .args(["events", "tail", "--from-start", "--addr"])
+        .arg(format!("http://{}", mesh.addr))
+        .env("STOWAGE_TOKEN", &erin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    // Subscribed once it prints the batches kept from the start.
+    let stdout = tail.stdout.take().expect("piped");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await??;
+    assert!(first.is_some(), "the tail printed the kept batches");
+    mesh.stop().await?;
+    let status = tokio::time::timeout(Duration::from_secs(30), tail.wait()).await??;
+    assert!(!status.success(), "{status:?}");
+    Ok(())
 }
 
 /// The next batch of a subscription, within 10 s.

@@ -295,7 +295,8 @@ impl Client {
 
     /// Follows the sealed batches of the caller's event streams (`streams`, or all of them)
     /// as an observer, from `cursor` (empty: from now on; "0": from the oldest kept), and
-    /// prints each event; returns when the server ends the stream.
+    /// prints each event. The server ending the stream (it is shutting down) is an error, so
+    /// that a script following events sees the tail stopped and can start it again.
     pub async fn tail_events(&self, streams: Vec<String>, cursor: String) -> anyhow::Result<()> {
         let request = pb::SubscribeBatchesRequest {
             stream_ids: streams,
@@ -317,7 +318,7 @@ impl Client {
                 println!("{}", event_line(&batch.stream_id, event));
             }
         }
-        Ok(())
+        bail!("the server ended the subscription (shutting down?); run again to go on")
     }
 
     /// Storage totals (of everyone with `all_users`, an admin's right) and the `largest` files.
