@@ -190,6 +190,19 @@ pub fn quota(channel: Channel) -> QuotaClient<Channel> {
     QuotaClient::new(channel)
 }
 
+/// Moves file `id` to the trash as the holder of `token`.
+pub async fn trash(channel: Channel, token: &str, id: &str) -> Result<(), Status> {
+    files(channel)
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: id.to_owned(),
+            },
+            token,
+        ))
+        .await?;
+    Ok(())
+}
+
 /// The caller's account.
 pub async fn usage(channel: Channel, token: &str) -> Result<pb::Account, Status> {
     let response = QuotaClient::new(channel)

@@ -442,19 +442,10 @@ async fn ls_trash_lists_every_page() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let mesh = Mesh::start(&setup).await?;
     let alice = token("alice", &[]);
-    let files = stowage_integration_tests::files(mesh.channel());
     let mut trashed = Vec::new();
     for i in 0..205 {
         let file = upload(mesh.channel(), &alice, &format!("f{i}.txt"), b"x", &[]).await?;
-        files
-            .clone()
-            .delete_file(authed(
-                pb::DeleteFileRequest {
-                    file_id: file.id.clone(),
-                },
-                &alice,
-            ))
-            .await?;
+        stowage_integration_tests::trash(mesh.channel(), &alice, &file.id).await?;
         trashed.push(file.id);
     }
     let ls = |args: &[&str]| {

@@ -1102,14 +1102,7 @@ async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing
             &[],
         )
         .await?;
-        files(files_channel.clone())
-            .delete_file(authed(
-                pb::DeleteFileRequest {
-                    file_id: file.id.clone(),
-                },
-                &alice,
-            ))
-            .await?;
+        stowage_integration_tests::trash(files_channel.clone(), &alice, &file.id).await?;
         trashed.push(file.id);
     }
     let pool = stowage_db::connect(&setup.database_url, 2)?;

@@ -65,8 +65,8 @@ pub fn routes(
         .route(&base, post(create).options(options))
         .route(&format!("{base}/"), post(create).options(options))
         .route(&format!("{base}/{{id}}"), any(resource))
-        // Responses made by the router itself (a method the collection does not take) carry
-        // the version too, as tus asks of every response.
+        // Every response names the version, as tus asks: ours and the router's own (a method
+        // the collection does not take).
         .layer(axum::middleware::map_response(with_tus_version))
         .with_state(Tus {
             sessions,
@@ -85,10 +85,11 @@ async fn with_tus_version(mut response: Response) -> Response {
     response
 }
 
+/// A response of the tus endpoint (`Tus-Resumable` is added to every one by the router's
+/// layer, [`with_tus_version`]).
 fn tus_response(status: StatusCode) -> axum::http::response::Builder {
     Response::builder()
         .status(status)
-        .header("tus-resumable", TUS_VERSION)
         .header(header::CACHE_CONTROL, "no-store")
 }
 
