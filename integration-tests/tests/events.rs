@@ -472,3 +472,459 @@ async fn an_upload_announces_itself_once_with_what_it_stored() -> anyhow::Result
     stop.cancel();
     mesh.stop().await
 }
+
+/// A producer and consumer groups of the test's own: schema `probe` (outbox, dedupe table,
+/// and `probe.applied`, what [`Recorder`] writes) in `setup`'s database, over `redis`.
+struct Probe {
+    database_url: String,
+    namespace: String,
+    pool: stowage_db::PgPool,
+    redis: fred::clients::Client,
+}
+
+impl Probe {
+    async fn new(setup: &Setup, redis_url: &str) -> anyhow::Result<Self> {
+        let pool = stowage_db::connect(&setup.database_url, 4)?;
+        stowage_events::migrate(&pool, "probe").await?;
+        pool.get()
+            .await?
+            .batch_execute("CREATE TABLE probe.applied (grp text, file_id uuid, times int NOT NULL, PRIMARY KEY (grp, file_id))")
+            .await?;
+        Ok(Self {
+            database_url: setup.database_url.clone(),
+            namespace: setup.namespace(),
+            pool,
+            redis: stowage_runtime::redis::connect(redis_url).await?,
+        })
+    }
+
+    fn stream(&self, topic: &str) -> String {
+        stowage_events::stream_key(&self.namespace, topic)
+    }
+
+    /// Stages `n` events of `topic`, each keyed by a fresh uuid (returned).
+    async fn stage(&self, topic: &str, n: i64) -> anyhow::Result<HashSet<uuid::Uuid>> {
+        let rows = self
+            .pool
+            .get()
+            .await?
+            .query(
+                "INSERT INTO probe.outbox (topic, key, payload)
+                 SELECT $1, gen_random_uuid()::text, '{}'::jsonb FROM generate_series(1, $2::bigint)
+                 RETURNING key",
+                &[&topic, &n],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0).parse())
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Outbox rows matching `condition`.
+    async fn outbox_count(&self, condition: &str) -> anyhow::Result<i64> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_one(
+                &format!("SELECT count(*) FROM probe.outbox WHERE {condition}"),
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Waits until the relay has published every staged event.
+    async fn all_published(&self) -> anyhow::Result<()> {
+        stowage_integration_tests::eventually(Duration::from_secs(60), "all published", || async {
+            Ok(self.outbox_count("published_at IS NULL").await? == 0)
+        })
+        .await
+    }
+
+    /// The relay, settling every 200 ms, its streams capped near `max_len` entries.
+    fn relay(
+        &self,
+        max_len: u64,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let relay = stowage_events::Relay::new(
+            self.pool.clone(),
+            &self.database_url,
+            "probe",
+            self.redis.clone(),
+            stowage_events::RelaySettings {
+                stream_max_len: max_len,
+                settle_every: Duration::from_millis(200),
+                idle_poll: Duration::from_millis(100),
+                namespace: self.namespace.clone(),
+                ..stowage_events::RelaySettings::default()
+            },
+        )?;
+        Ok(tokio::spawn(relay.run(stop.clone())))
+    }
+
+    /// A member of `group` reading `topic`.
+    fn consumer(
+        &self,
+        group: &str,
+        topic: &str,
+        handler: Arc<dyn EventHandler>,
+        settings: ConsumerSettings,
+        stop: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let consumer = Consumer::new(
+            &self.redis,
+            self.pool.clone(),
+            "probe",
+            group,
+            &[topic],
+            handler,
+            ConsumerSettings {
+                block: Duration::from_millis(200),
+                namespace: self.namespace.clone(),
+                ..settings
+            },
+        );
+        tokio::spawn(consumer.run(stop.clone()))
+    }
+
+    /// `(file_id, times)` of what `group` applied.
+    async fn applied(&self, group: &str) -> anyhow::Result<Vec<(uuid::Uuid, i32)>> {
+        let rows = self
+            .pool
+            .get()
+            .await?
+            .query(
+                "SELECT file_id, times FROM probe.applied WHERE grp = $1",
+                &[&group],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Waits until `group` has applied `keys`, and asserts it applied each of them once and
+    /// nothing else.
+    async fn all_applied_once(
+        &self,
+        group: &str,
+        keys: &HashSet<uuid::Uuid>,
+    ) -> anyhow::Result<()> {
+        let want = keys.len();
+        stowage_integration_tests::eventually(
+            Duration::from_secs(90),
+            &format!("{want} events applied by {group}"),
+            || async { Ok(self.applied(group).await?.len() >= want) },
+        )
+        .await?;
+        let applied = self.applied(group).await?;
+        let ids: HashSet<uuid::Uuid> = applied.iter().map(|(id, _)| *id).collect();
+        assert_eq!(&ids, keys, "{group} applied exactly the staged events");
+        let twice = applied.iter().filter(|(_, times)| *times != 1).count();
+        assert_eq!(twice, 0, "{group}: {twice} events applied more than once");
+        Ok(())
+    }
+}
+
+fn recorder(group: &'static str) -> Arc<Recorder> {
+    Arc::new(Recorder {
+        group,
+        deliveries: AtomicUsize::new(0),
+    })
+}
+
+#[tokio::test]
+async fn a_group_behind_the_length_cap_applies_every_event_and_streams_keep_only_what_groups_need()
+-> anyhow::Result<()> {
+    use fred::interfaces::StreamsInterface;
+    let setup = Setup::new().await?;
+    let probe = Probe::new(&setup, &setup.redis_url).await?;
+    let topic = "probe.capped";
+    let stream = probe.stream(topic);
+    // The group exists before anything is published, and reads only once all of it is.
+    probe
+        .redis
+        .xgroup_create::<(), _, _, _>(stream.as_str(), "slow", "0", true)
+        .await?;
+    let stop = CancellationToken::new();
+    let relay = probe.relay(1000, &stop)?;
+    let keys = probe.stage(topic, 5000).await?;
+    probe.all_published().await?;
+    let length: u64 = probe.redis.xlen(stream.as_str()).await?;
+    assert!(
+        length < 2000,
+        "the cap keeps the stream near 1000 entries, not {length}: most were cut unread"
+    );
+
+    let consumer = probe.consumer(
+        "slow",
+        topic,
+        recorder("slow"),
+        ConsumerSettings::default(),
+        &stop,
+    );
+    probe.all_applied_once("slow", &keys).await?;
+    // Once the group has everything, every row is settled and the stream trimmed to what
+    // the group still needs (nothing; `MINID ~` leaves at most a part-filled node).
+    stowage_integration_tests::eventually(
+        Duration::from_secs(30),
+        "rows settled, stream trimmed",
+        || async {
+            let length: u64 = probe.redis.xlen(stream.as_str()).await?;
+            Ok(probe.outbox_count("settled_at IS NULL").await? == 0 && length <= 100)
+        },
+    )
+    .await?;
+    stop.cancel();
+    relay.await?;
+    consumer.await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn events_redis_lost_by_restarting_from_an_older_snapshot_are_published_again()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    // A Redis of this test's own that keeps a snapshot only when told (SAVE).
+    let dir = tempfile::tempdir()?;
+    let port = stowage_local::free_port()?;
+    let start_redis = || -> anyhow::Result<tokio::process::Child> {
+        Ok(stowage_local::redis_command(port)
+            .args(["--dir", &dir.path().display().to_string()])
+            .spawn()?)
+    };
+    let mut server = start_redis()?;
+    let url = format!("redis://127.0.0.1:{port}");
+    stowage_integration_tests::eventually(Duration::from_secs(10), "redis up", || async {
+        Ok(stowage_runtime::redis::connect(&url).await.is_ok())
+    })
+    .await?;
+    let probe = Probe::new(&setup, &url).await?;
+    let topic = "probe.snapshot";
+    let stop = CancellationToken::new();
+    let relay = probe.relay(1_000_000, &stop)?;
+    let reading = CancellationToken::new();
+    let consumer = probe.consumer(
+        "g",
+        topic,
+        recorder("g"),
+        ConsumerSettings::default(),
+        &reading,
+    );
+    let mut keys = probe.stage(topic, 100).await?;
+    probe.all_applied_once("g", &keys).await?;
+    // The snapshot holds the first hundred (and the relay's epoch key); the next hundred are
+    // published while the group does not read, and are in no snapshot.
+    use fred::interfaces::ClientLike;
+    let _: fred::types::Value = probe
+        .redis
+        .custom(fred::cmd!("SAVE"), Vec::<String>::new())
+        .await?;
+    reading.cancel();
+    consumer.await?;
+    keys.extend(probe.stage(topic, 100).await?);
+    probe.all_published().await?;
+    // Killed: it comes back from the snapshot, its epoch key there, the last hundred gone.
+    server.kill().await?;
+    let mut server = start_redis()?;
+    let reading = CancellationToken::new();
+    let consumer = probe.consumer(
+        "g",
+        topic,
+        recorder("g"),
+        ConsumerSettings::default(),
+        &reading,
+    );
+    probe.all_applied_once("g", &keys).await?;
+    reading.cancel();
+    stop.cancel();
+    consumer.await?;
+    relay.await?;
+    server.kill().await?;
+    Ok(())
+}
+
+/// Fails every event keyed `refused` with a reason; records the rest as [`Recorder`] does.
+struct Refuses {
+    inner: Recorder,
+    refused: uuid::Uuid,
+}
+
+#[async_trait]
+impl EventHandler for Refuses {
+    async fn handle(
+        &self,
+        event: &Event,
+        tx: &stowage_db::Transaction<'_>,
+    ) -> Result<(), HandlerError> {
+        if event.key == self.refused.to_string() {
+            return Err(HandlerError(format!("refused {}", event.key)));
+        }
+        self.inner.handle(event, tx).await
+    }
+}
+
+#[tokio::test]
+async fn an_event_that_fails_every_attempt_is_set_aside_as_a_dead_letter_and_acknowledged()
+-> anyhow::Result<()> {
+    use fred::interfaces::StreamsInterface;
+    let setup = Setup::new().await?;
+    let probe = Probe::new(&setup, &setup.redis_url).await?;
+    let topic = "probe.poison";
+    let stop = CancellationToken::new();
+    let relay = probe.relay(1_000_000, &stop)?;
+    let mut keys = probe.stage(topic, 20).await?;
+    let refused = *keys.iter().next().expect("staged");
+    keys.remove(&refused);
+    let handler = Arc::new(Refuses {
+        inner: Recorder {
+            group: "g",
+            deliveries: AtomicUsize::new(0),
+        },
+        refused,
+    });
+    let consumer = probe.consumer(
+        "g",
+        topic,
+        handler,
+        ConsumerSettings {
+            claim_idle: Duration::from_millis(300),
+            max_attempts: 3,
+            ..ConsumerSettings::default()
+        },
+        &stop,
+    );
+    probe.all_applied_once("g", &keys).await?;
+    let conn = probe.pool.get().await?;
+    stowage_integration_tests::eventually(Duration::from_secs(30), "a dead letter", || async {
+        Ok(conn
+            .query_opt("SELECT 1 FROM probe.dead_events", &[])
+            .await?
+            .is_some())
+    })
+    .await?;
+    let dead = conn
+        .query_one(
+            "SELECT consumer, event_id, topic, key, failures, last_error FROM probe.dead_events",
+            &[],
+        )
+        .await?;
+    assert_eq!(dead.get::<_, String>(0), "g");
+    assert_eq!(dead.get::<_, String>(2), topic);
+    assert_eq!(dead.get::<_, String>(3), refused.to_string());
+    assert_eq!(dead.get::<_, i32>(4), 3, "three attempts");
+    assert_eq!(dead.get::<_, String>(5), format!("refused {refused}"));
+    let staged: uuid::Uuid = conn
+        .query_one(
+            "SELECT event_id FROM probe.outbox WHERE key = $1",
+            &[&refused.to_string()],
+        )
+        .await?
+        .get(0);
+    assert_eq!(dead.get::<_, uuid::Uuid>(1), staged);
+    let counting: i64 = conn
+        .query_one("SELECT count(*) FROM probe.event_failures", &[])
+        .await?
+        .get(0);
+    assert_eq!(counting, 0, "the failure count went with the dead letter");
+    // Acknowledged: nothing pending for the group, and the event never applied.
+    let stream = probe.stream(topic);
+    let summary: fred::types::Value = probe.redis.xpending(stream.as_str(), "g", ()).await?;
+    assert_eq!(
+        summary.into_array().first().and_then(|v| v.as_i64()),
+        Some(0)
+    );
+    assert!(
+        probe
+            .applied("g")
+            .await?
+            .iter()
+            .all(|(id, _)| *id != refused),
+        "the refused event was not applied"
+    );
+    stop.cancel();
+    relay.await?;
+    consumer.await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn members_of_a_group_that_are_gone_are_forgotten_unless_they_hold_deliveries()
+-> anyhow::Result<()> {
+    use fred::interfaces::StreamsInterface;
+    let setup = Setup::new().await?;
+    let probe = Probe::new(&setup, &setup.redis_url).await?;
+    let topic = "probe.members";
+    let stream = probe.stream(topic);
+    let stop = CancellationToken::new();
+    let relay = probe.relay(1_000_000, &stop)?;
+    probe
+        .redis
+        .xgroup_create::<(), _, _, _>(stream.as_str(), "g", "0", true)
+        .await?;
+    probe.stage(topic, 1).await?;
+    probe.all_published().await?;
+    // Two members of processes that died: one had read nothing, one holds the delivery.
+    let _: fred::types::Value = probe
+        .redis
+        .xreadgroup(
+            "g",
+            "idle-ghost",
+            Some(1),
+            None,
+            false,
+            stream.as_str(),
+            "0",
+        )
+        .await?;
+    let _: fred::types::Value = probe
+        .redis
+        .xreadgroup(
+            "g",
+            "holding-ghost",
+            Some(1),
+            None,
+            false,
+            stream.as_str(),
+            ">",
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let consumer = probe.consumer(
+        "g",
+        topic,
+        recorder("g"),
+        ConsumerSettings {
+            // Long enough that the held delivery is not claimed meanwhile.
+            claim_idle: Duration::from_secs(600),
+            forget_members_after: Duration::from_secs(1),
+            ..ConsumerSettings::default()
+        },
+        &stop,
+    );
+    let members = || async {
+        let members: Vec<std::collections::HashMap<String, fred::types::Value>> =
+            probe.redis.xinfo_consumers(stream.as_str(), "g").await?;
+        let mut names: Vec<String> = members
+            .iter()
+            .filter_map(|m| m.get("name").and_then(|v| v.as_string()))
+            .collect();
+        names.sort();
+        anyhow::Ok(names)
+    };
+    stowage_integration_tests::eventually(
+        Duration::from_secs(20),
+        "idle-ghost forgotten",
+        || async { Ok(!members().await?.contains(&"idle-ghost".to_owned())) },
+    )
+    .await?;
+    // The live member is listed only once a read gave it something (Redis 7.0).
+    let left = members().await?;
+    assert!(
+        left.contains(&"holding-ghost".to_owned()),
+        "the member holding a delivery stays: {left:?}"
+    );
+    stop.cancel();
+    relay.await?;
+    consumer.await?;
+    Ok(())
+}

@@ -582,6 +582,7 @@ fn start_lifecycle(
                 Arc::new(ActivityEvents::new(config.lifecycle.recheck_debounce)),
                 ConsumerSettings {
                     claim_idle: config.events.claim_idle,
+                    max_attempts: config.events.max_attempts,
                     namespace: config.events.namespace.clone(),
                     ..ConsumerSettings::default()
                 },
@@ -716,6 +717,7 @@ fn start_media(
                 Arc::new(FileEvents::new(queue)),
                 ConsumerSettings {
                     claim_idle: config.events.claim_idle,
+                    max_attempts: config.events.max_attempts,
                     namespace: config.events.namespace.clone(),
                     ..ConsumerSettings::default()
                 },

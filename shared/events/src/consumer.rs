@@ -25,7 +25,11 @@ pub struct HandlerError(pub String);
 
 impl From<tokio_postgres::Error> for HandlerError {
     fn from(error: tokio_postgres::Error) -> Self {
-        Self(format!("database: {error}"))
+        // The server's own message: "db error" alone says nothing in a dead letter.
+        match error.as_db_error() {
+            Some(db) => Self(format!("database: {}", db.message())),
+            None => Self(format!("database: {error}")),
+        }
     }
 }
 
@@ -62,6 +66,12 @@ pub struct ConsumerSettings {
     pub claim_idle: Duration,
     /// How long applied event ids are remembered (longer than any replay).
     pub dedupe_retention: Duration,
+    /// Failed attempts at one event (while the database takes the count) after which it is
+    /// set aside in `dead_events` and acknowledged.
+    pub max_attempts: u32,
+    /// Time without reading after which another member of the group, holding no deliveries,
+    /// is taken for a process that is gone and removed (a live one reads every `block`).
+    pub forget_members_after: Duration,
     /// Prefix of the Redis keys (as the relay's).
     pub namespace: String,
 }
@@ -73,6 +83,8 @@ impl Default for ConsumerSettings {
             block: Duration::from_secs(2),
             claim_idle: Duration::from_secs(30),
             dedupe_retention: Duration::from_secs(7 * 24 * 3600),
+            max_attempts: 10,
+            forget_members_after: Duration::from_secs(3600),
             namespace: crate::DEFAULT_NAMESPACE.to_owned(),
         }
     }
@@ -179,6 +191,7 @@ impl Consumer {
                 last_housekeeping = tokio::time::Instant::now();
                 self.observe_lag(&streams).await;
                 self.prune_dedupe().await;
+                self.forget_gone_members(&streams).await;
             }
         }
     }
@@ -328,11 +341,83 @@ impl Consumer {
                 self.ack(stream, id).await;
             }
             Err(error) => {
-                // Left pending: claimed again after `claim_idle`.
-                tracing::warn!(%error, event_id = %event.id, topic = %event.topic, "event not applied, will be retried");
                 metrics::counter!("stowage_events_failed_total", "topic" => event.topic.clone(), "group" => self.group.clone()).increment(1);
+                match self.count_failure(event, &error).await {
+                    Ok(true) => {
+                        tracing::error!(%error, event_id = %event.id, topic = %event.topic, group = %self.group, attempts = self.settings.max_attempts, "event failed on every attempt, set aside in dead_events");
+                        metrics::counter!("stowage_events_dead_total", "topic" => event.topic.clone(), "group" => self.group.clone()).increment(1);
+                        self.ack(stream, id).await;
+                    }
+                    // Left pending: claimed again after `claim_idle`.
+                    Ok(false) => {
+                        tracing::warn!(%error, event_id = %event.id, topic = %event.topic, "event not applied, will be retried");
+                    }
+                    Err(count_error) => {
+                        tracing::warn!(%error, %count_error, event_id = %event.id, topic = %event.topic, "event not applied (failure not counted), will be retried");
+                    }
+                }
             }
         }
+    }
+
+    /// Counts a failed attempt at `event`; at the last one the event moves to `dead_events`
+    /// (returns `true`: it is to be acknowledged). The count lives in the database, so only
+    /// attempts that failed while the database answered count: an outage does not use them up.
+    /// A later delivery of a dead event (a replay) gets its attempts afresh.
+    async fn count_failure(
+        &self,
+        event: &Event,
+        error: &HandlerError,
+    ) -> Result<bool, HandlerError> {
+        let conn = self.connection().await?;
+        let attempts = i32::try_from(self.settings.max_attempts).unwrap_or(i32::MAX);
+        let reason: String = error.0.chars().take(2000).collect();
+        let row = conn
+            .query_one_cached(
+                &format!(
+                    "WITH counted AS (
+                         INSERT INTO {0}.event_failures AS f (consumer, event_id, failures, last_error)
+                         VALUES ($1, $2, 1, $3)
+                         ON CONFLICT (consumer, event_id) DO UPDATE
+                             SET failures = f.failures + 1, last_error = excluded.last_error, failed_at = now()
+                         RETURNING failures),
+                     buried AS (
+                         INSERT INTO {0}.dead_events AS d
+                             (consumer, event_id, topic, key, payload, traceparent, occurred_at, failures, last_error)
+                         SELECT $1, $2, $5, $6, $7, $8, $9, failures, $3 FROM counted WHERE failures >= $4
+                         ON CONFLICT (consumer, event_id) DO UPDATE
+                             SET failures = d.failures + excluded.failures, last_error = excluded.last_error, dead_at = now()
+                         RETURNING 1)
+                     SELECT EXISTS (SELECT 1 FROM buried)",
+                    self.schema
+                ),
+                &[
+                    &self.group,
+                    &event.id,
+                    &reason,
+                    &attempts,
+                    &event.topic,
+                    &event.key,
+                    &event.payload,
+                    &event.traceparent,
+                    &event.occurred_at,
+                ],
+            )
+            .await?;
+        let buried: bool = row.get(0);
+        if buried {
+            // Apart: a statement cannot delete the row its own upsert changed. Left behind,
+            // the count is pruned with the others; a replayed event meets a full count.
+            conn.execute_cached(
+                &format!(
+                    "DELETE FROM {}.event_failures WHERE consumer = $1 AND event_id = $2",
+                    self.schema
+                ),
+                &[&self.group, &event.id],
+            )
+            .await?;
+        }
+        Ok(buried)
     }
 
     /// Applies `events` in one transaction: one dedupe insert for all, the handler for each
@@ -481,6 +566,47 @@ impl Consumer {
         }
     }
 
+    /// Removes members of the group that hold no deliveries and have not read for
+    /// `forget_members_after`: processes that are gone (every process joins under a name of
+    /// its own, so names would pile up with every restart).
+    async fn forget_gone_members(&self, streams: &[String]) {
+        let gone_after =
+            i64::try_from(self.settings.forget_members_after.as_millis()).unwrap_or(i64::MAX);
+        for stream in streams {
+            let Ok(members) = self
+                .redis
+                .xinfo_consumers::<Vec<HashMap<String, Value>>, _, _>(
+                    stream.as_str(),
+                    self.group.as_str(),
+                )
+                .await
+            else {
+                continue;
+            };
+            for member in members {
+                let number = |k: &str| member.get(k).and_then(Value::as_i64).unwrap_or(0);
+                let Some(name) = member.get("name").and_then(Value::as_string) else {
+                    continue;
+                };
+                if name == self.name || number("pending") > 0 || number("idle") < gone_after {
+                    continue;
+                }
+                match self
+                    .redis
+                    .xgroup_delconsumer::<i64, _, _, _>(
+                        stream.as_str(),
+                        self.group.as_str(),
+                        name.as_str(),
+                    )
+                    .await
+                {
+                    Ok(_) => tracing::debug!(stream, member = name, "removed a gone group member"),
+                    Err(error) => tracing::debug!(%error, stream, "group member not removed"),
+                }
+            }
+        }
+    }
+
     async fn prune_dedupe(&self) {
         let keep = chrono::Duration::from_std(self.settings.dedupe_retention)
             .unwrap_or(chrono::Duration::days(7));
@@ -499,6 +625,18 @@ impl Consumer {
             .await
         {
             tracing::warn!(%error, "dedupe prune failed");
+        }
+        // Failures of events that since applied, or were never delivered again; dead letters
+        // an operator left for a month.
+        if let Err(error) = conn
+            .batch_execute(&format!(
+                "DELETE FROM {0}.event_failures WHERE failed_at < now() - interval '7 days';
+                 DELETE FROM {0}.dead_events WHERE dead_at < now() - interval '30 days';",
+                self.schema
+            ))
+            .await
+        {
+            tracing::warn!(%error, "failure records prune failed");
         }
     }
 }

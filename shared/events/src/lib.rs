@@ -2,24 +2,29 @@
 //!
 //! A producer writes an event into its own schema's `outbox` in the transaction that makes the
 //! change ([`stage`]); a [`Relay`] publishes unpublished rows to Redis Streams (one stream per
-//! topic, bounded length) and marks them sent. Consumers read through consumer groups
-//! ([`Consumer`]), apply each event in a PostgreSQL transaction that also records its id
-//! (duplicates are skipped), then acknowledge; deliveries left pending by a crashed consumer
-//! are claimed by another.
+//! topic) and marks them sent. Consumers read through consumer groups ([`Consumer`]), apply
+//! each event in a PostgreSQL transaction that also records its id (duplicates are skipped),
+//! then acknowledge; deliveries left pending by a crashed consumer are claimed by another, and
+//! an event that keeps failing is set aside as a dead letter after its last attempt.
 //!
-//! Redis holds nothing that cannot be rebuilt: when a relay finds that Redis has lost its data
-//! (restart without persistence), it publishes again what it sent within the replay window, and
-//! the consumers' dedupe turns the repeats into no-ops.
+//! Redis holds nothing that cannot be rebuilt. The relay records where each event went and
+//! marks it settled once every group has acknowledged it; streams are trimmed to what some
+//! group still needs. When Redis has lost its data (a restart without persistence, a failover
+//! to a replica that lagged, a restart from an older snapshot) or cut entries a group had not
+//! read, the relay publishes again what was not settled (and, after a restart, everything
+//! within the replay window), and the consumers' dedupe turns the repeats into no-ops.
 
 mod consumer;
 mod event;
 mod outbox;
 mod relay;
+mod settle;
 
 pub use consumer::{Consumer, ConsumerSettings, EventHandler, HandlerError};
 pub use event::{DEFAULT_NAMESPACE, Event, stream_key};
 pub use outbox::{StageParams, stage, stage_ctes};
 pub use relay::{Relay, RelayError, RelaySettings};
+pub use settle::Settled;
 
 /// Topics published by Stowage services.
 pub mod topics {

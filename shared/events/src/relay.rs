@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Event, event::stream_key};
+use crate::{Event, event::stream_key, settle::EntryId};
 use stowage_db::Cached;
 
 /// How often, at most, a relay counts its unpublished rows for the lag gauges.
@@ -39,8 +39,12 @@ pub enum RelayError {
 pub struct RelaySettings {
     /// Rows published per pass.
     pub batch: usize,
-    /// Approximate length each stream is trimmed to (`XADD MAXLEN ~`).
+    /// Approximate length each stream is cut to (`XADD MAXLEN ~`), a bound on Redis' memory
+    /// when a group falls far behind; streams are otherwise trimmed to what every group has
+    /// acknowledged.
     pub stream_max_len: u64,
+    /// How often the relay settles what the groups acknowledged and checks for lost entries.
+    pub settle_every: Duration,
     /// Longest sleep while idle (notifications usually wake it first).
     pub idle_poll: Duration,
     /// How far back events are published again when Redis has lost its data.
@@ -56,6 +60,7 @@ impl Default for RelaySettings {
         Self {
             batch: 500,
             stream_max_len: 1_000_000,
+            settle_every: Duration::from_secs(1),
             idle_poll: Duration::from_secs(1),
             replay_window: Duration::from_secs(3600),
             retention: Duration::from_secs(7 * 24 * 3600),
@@ -67,11 +72,11 @@ impl Default for RelaySettings {
 /// Publishes one schema's outbox.
 #[derive(Clone)]
 pub struct Relay {
-    pool: Pool,
+    pub(crate) pool: Pool,
     listen: stowage_db::PgTarget,
-    schema: String,
-    redis: Client,
-    settings: RelaySettings,
+    pub(crate) schema: String,
+    pub(crate) redis: Client,
+    pub(crate) settings: RelaySettings,
 }
 
 impl Relay {
@@ -104,10 +109,27 @@ impl Relay {
         ));
         let mut last_prune = tokio::time::Instant::now();
         let mut last_lag: Option<tokio::time::Instant> = None;
+        let mut last_settle: Option<tokio::time::Instant> = None;
+        let mut settle_failures = 0u32;
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
+            let settle = last_settle.is_none_or(|at| at.elapsed() >= self.settings.settle_every);
             let pass = async {
                 self.replay_if_redis_forgot().await?;
+                if settle {
+                    last_settle = Some(tokio::time::Instant::now());
+                    // Publishing does not wait on settling: a failure is reported, and the
+                    // next pass tries again.
+                    match self.settle().await {
+                        Ok(_) => settle_failures = 0,
+                        Err(error) => {
+                            settle_failures = settle_failures.saturating_add(1);
+                            if settle_failures == 1 {
+                                tracing::warn!(schema = %self.schema, %error, "outbox settling failed, retrying");
+                            }
+                        }
+                    }
+                }
                 self.publish_pending().await
             };
             let outcome = tokio::select! {
@@ -160,7 +182,7 @@ impl Relay {
     }
 
     /// Key of the advisory lock publishers of this schema take (`hashtext` of it).
-    fn publish_lock(&self) -> String {
+    pub(crate) fn publish_lock(&self) -> String {
         format!("stowage-outbox:{}", self.schema)
     }
 
@@ -219,20 +241,36 @@ impl Relay {
             ids.push(row.get::<_, i64>(0));
             topics.push(event.topic);
         }
+        let mut entries_ms = Vec::with_capacity(rows.len());
+        let mut entries_seq = Vec::with_capacity(rows.len());
         for result in pipeline.try_all::<Value>().await {
             // Rows stay unpublished; entries that did get in are repeated next pass, which
             // consumers dedupe.
-            result?;
+            let entry: EntryId = result?
+                .as_string()
+                .and_then(|id| id.parse().ok())
+                .ok_or_else(|| {
+                    fred::error::Error::new(fred::error::ErrorKind::Protocol, "XADD gave no id")
+                })?;
+            entries_ms.push(entry.ms);
+            entries_seq.push(entry.seq);
         }
-        // Planned afresh each time, not cached: the outbox keeps published rows for the
-        // replay window, and a plan cached while it was small (before its first ANALYZE) walks
-        // every row instead of the primary key, 1 ms per batch at a few thousand rows.
+        // Marks the rows with their entries and counts the entries added to each stream (see
+        // `settle`). Planned afresh each time, not cached: the outbox keeps published rows for
+        // the replay window, and a plan cached while it was small (before its first ANALYZE)
+        // walks every row instead of the primary key, 1 ms per batch at a few thousand rows.
         tx.execute(
             &format!(
-                "UPDATE {}.outbox SET published_at = now() WHERE id = ANY($1)",
+                "WITH marked AS (
+                     UPDATE {0}.outbox o SET published_at = now(), stream_ms = e.ms, stream_seq = e.seq
+                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS e(id, ms, seq)
+                     WHERE o.id = e.id RETURNING o.topic)
+                 INSERT INTO {0}.outbox_streams AS s (topic, added)
+                 SELECT topic, count(*) FROM marked GROUP BY topic
+                 ON CONFLICT (topic) DO UPDATE SET added = s.added + excluded.added",
                 self.schema
             ),
-            &[&ids],
+            &[&ids, &entries_ms, &entries_seq],
         )
         .await?;
         tx.commit().await?;
@@ -243,7 +281,8 @@ impl Relay {
     }
 
     /// When Redis has no record of this schema's epoch key, it lost its data (or never saw
-    /// this relay): everything published within the replay window goes out again.
+    /// this relay): everything published within the replay window, and everything not yet
+    /// acknowledged by every group, goes out again.
     async fn replay_if_redis_forgot(&self) -> Result<(), RelayError> {
         let key = format!("{}:events:epoch:{}", self.settings.namespace, self.schema);
         let present: i64 = self.redis.exists(&key).await?;
@@ -261,16 +300,26 @@ impl Relay {
             &[&self.publish_lock()],
         )
         .await?;
+        // Also what no group had acknowledged yet, however old; and the streams start again
+        // from no entries, as Redis counts them.
         let replayed = tx
             .execute_cached(
                 &format!(
-                    "UPDATE {}.outbox SET published_at = NULL
-                     WHERE published_at > now() - ($1::float8 * interval '1 second')",
-                    self.schema
+                    "UPDATE {}.outbox SET published_at = NULL, stream_ms = NULL, stream_seq = NULL
+                     WHERE published_at > now() - ($1::float8 * interval '1 second')
+                        OR (settled_at IS NULL AND stream_ms IS NOT NULL
+                            AND created_at > now() - interval '{}')",
+                    self.schema,
+                    crate::settle::REQUEUE_HORIZON
                 ),
                 &[&pg_interval(window)],
             )
             .await?;
+        tx.execute_cached(
+            &format!("UPDATE {}.outbox_streams SET added = 0", self.schema),
+            &[],
+        )
+        .await?;
         tx.commit().await?;
         // Set only after the rows are queued again: a crash in between replays twice, never
         // zero times.
@@ -286,7 +335,7 @@ impl Relay {
             .await?;
         if replayed > 0 {
             tracing::info!(schema = %self.schema, replayed, "redis has no record of recent events, publishing them again");
-            metrics::counter!("stowage_events_replayed_total", "schema" => self.schema.clone())
+            metrics::counter!("stowage_events_replayed_total", "schema" => self.schema.clone(), "reason" => "restart")
                 .increment(replayed);
         }
         Ok(())

@@ -160,6 +160,9 @@ pub struct EventsConfig {
     /// another consumer takes it over.
     #[serde(with = "humantime_serde")]
     pub claim_idle: Duration,
+    /// `STOWAGE_EVENTS__MAX_ATTEMPTS`: failed attempts at one event after which a consumer
+    /// sets it aside in its schema's `dead_events` (attempts come every `claim_idle`).
+    pub max_attempts: u32,
     /// Prefix of the Redis keys of this mesh (`{namespace}:events:{topic}`), so several meshes
     /// can share one Redis.
     pub namespace: String,
@@ -171,6 +174,7 @@ impl Default for EventsConfig {
             stream_max_len: 1_000_000,
             replay_window: Duration::from_secs(3600),
             claim_idle: Duration::from_secs(30),
+            max_attempts: 10,
             namespace: "stowage".into(),
         }
     }
@@ -631,6 +635,9 @@ impl Config {
         if self.events.claim_idle < Duration::from_secs(1) {
             return fail("STOWAGE_EVENTS__CLAIM_IDLE", "must be at least 1 s");
         }
+        if !(1..=1000).contains(&self.events.max_attempts) {
+            return fail("STOWAGE_EVENTS__MAX_ATTEMPTS", "must be between 1 and 1000");
+        }
         // Consumers remember applied events for 7 days: what is published again must be
         // younger, or it would be applied twice.
         if self.events.replay_window < Duration::from_secs(60)
@@ -964,7 +971,7 @@ mod tests {
     #[test]
     fn zero_intervals_and_absurd_bounds_are_refused_by_name() {
         type BreakIt = fn(&mut Config);
-        let cases: [(&str, BreakIt); 6] = [
+        let cases: [(&str, BreakIt); 7] = [
             ("STOWAGE_INGEST__SWEEP_INTERVAL", |c| {
                 c.ingest.sweep_interval = Duration::ZERO;
             }),
@@ -982,6 +989,9 @@ mod tests {
             }),
             ("STOWAGE_EVENTS__STREAM_MAX_LEN", |c| {
                 c.events.stream_max_len = u64::MAX;
+            }),
+            ("STOWAGE_EVENTS__MAX_ATTEMPTS", |c| {
+                c.events.max_attempts = 0;
             }),
         ];
         for (name, break_it) in cases {
