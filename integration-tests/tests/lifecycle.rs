@@ -2307,3 +2307,60 @@ async fn a_new_change_brings_a_retried_recheck_under_the_cap_again() -> anyhow::
     .await?;
     mesh.stop().await
 }
+
+/// History is kept `history_retention_days` (730 by default): `history_prune` deletes older
+/// events (a dry run only counts them), and a retention of 0 keeps everything.
+#[tokio::test]
+async fn history_older_than_its_retention_goes() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    conn.batch_execute(
+        "INSERT INTO lifecycle.history (user_id, event, at, dedupe_key) VALUES
+             ('hana', 'activity', now() - interval '800 days', 'a'),
+             ('hana', 'notice_sent', now() - interval '731 days', 'b'),
+             ('hana', 'activity', now() - interval '700 days', 'c'),
+             ('ivo', 'activity', now() - interval '1 day', 'd');",
+    )
+    .await?;
+    let keys = || async {
+        let rows = conn
+            .query(
+                "SELECT dedupe_key FROM lifecycle.history WHERE user_id IN ('hana', 'ivo') ORDER BY dedupe_key",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(rows.iter().map(|r| r.get(0)).collect::<Vec<String>>())
+    };
+    set_policy(&mesh, |p| p.history_retention_days = 0).await?;
+    assert_eq!(run_now(&mesh, "history_prune", false).await?.acted, 0);
+    assert_eq!(keys().await?, ["a", "b", "c", "d"], "0 keeps everything");
+
+    set_policy(&mesh, |p| p.history_retention_days = 730).await?;
+    let dry = run_now(&mesh, "history_prune", true).await?;
+    assert_eq!(dry.acted, 2);
+    assert_eq!(
+        keys().await?,
+        ["a", "b", "c", "d"],
+        "a dry run deletes nothing"
+    );
+    assert_eq!(run_now(&mesh, "history_prune", false).await?.acted, 2);
+    assert_eq!(keys().await?, ["c", "d"]);
+
+    let refused = LifecycleClient::new(mesh.channel())
+        .set_policy(authed(
+            pb::SetPolicyRequest {
+                policy: Some(pb::Policy {
+                    history_retention_days: 7,
+                    ..stowage_lifecycle::Policy::default().to_proto()
+                }),
+            },
+            &token("root", &["admin"]),
+        ))
+        .await
+        .expect_err("a week is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("policy.history_retention_days"));
+    mesh.stop().await
+}

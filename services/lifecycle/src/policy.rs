@@ -46,6 +46,9 @@ pub struct Policy {
     pub stuck_processing_minutes: u32,
     /// Ephemeral blobs kept per owner after acknowledgement or expiry (dev; 0 in production).
     pub ephemeral_keep_last: u32,
+    /// Days history events are kept; 0 keeps them for good. A policy stored before this
+    /// field existed reads as the default.
+    pub history_retention_days: u32,
 }
 
 impl Default for Policy {
@@ -60,6 +63,7 @@ impl Default for Policy {
             gc_safety_minutes: 60,
             stuck_processing_minutes: 60,
             ephemeral_keep_last: 0,
+            history_retention_days: 730,
         }
     }
 }
@@ -113,6 +117,14 @@ impl Policy {
                 1000,
             ),
         ];
+        // Under 30 days, and the notice a user got could be gone before their grace ends.
+        if self.history_retention_days != 0 && !(30..=36500).contains(&self.history_retention_days)
+        {
+            return Err((
+                "policy.history_retention_days",
+                "must be 0 (kept for good) or between 30 and 36500",
+            ));
+        }
         for (field, value, min, max) in checks {
             if !(min..=max).contains(&value) {
                 return Err((field, "out of range (see the API documentation)"));
@@ -136,6 +148,7 @@ impl Policy {
             gc_safety_minutes: self.gc_safety_minutes,
             stuck_processing_minutes: self.stuck_processing_minutes,
             ephemeral_keep_last: self.ephemeral_keep_last,
+            history_retention_days: self.history_retention_days,
         }
     }
 
@@ -158,6 +171,7 @@ impl Policy {
             gc_safety_minutes: p.gc_safety_minutes,
             stuck_processing_minutes: p.stuck_processing_minutes,
             ephemeral_keep_last: p.ephemeral_keep_last,
+            history_retention_days: p.history_retention_days,
         };
         policy.validate()?;
         Ok(policy)
@@ -173,6 +187,21 @@ mod tests {
         let policy = Policy::default();
         assert_eq!(policy.validate(), Ok(()));
         assert_eq!(Policy::from_proto(&policy.to_proto()), Ok(policy));
+    }
+
+    #[test]
+    fn history_retention_is_zero_for_good_or_at_least_thirty_days() {
+        let mut p = Policy::default().to_proto();
+        p.history_retention_days = 0;
+        assert_eq!(
+            Policy::from_proto(&p).map(|p| p.history_retention_days),
+            Ok(0)
+        );
+        p.history_retention_days = 29;
+        assert_eq!(
+            Policy::from_proto(&p).map(|_| ()).map_err(|(f, _)| f),
+            Err("policy.history_retention_days")
+        );
     }
 
     #[test]

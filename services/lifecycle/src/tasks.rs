@@ -18,6 +18,9 @@ use crate::{
 
 /// Longest report of a dry run.
 const MAX_REPORT: usize = 1000;
+
+/// History events one `history_prune` run deletes at most.
+const HISTORY_PRUNE_MAX: u64 = 1_000_000;
 /// Items fetched per page from another service.
 const PAGE: u32 = 500;
 
@@ -130,7 +133,7 @@ pub struct Task {
 }
 
 /// Every scheduled job.
-pub const TASKS: [Task; 9] = [
+pub const TASKS: [Task; 10] = [
     Task {
         name: "stuck_processing",
         interval: Duration::from_secs(15 * 60),
@@ -166,6 +169,10 @@ pub const TASKS: [Task; 9] = [
     Task {
         name: "usage_reconcile",
         interval: Duration::from_secs(6 * 3600),
+    },
+    Task {
+        name: "history_prune",
+        interval: Duration::from_secs(24 * 3600),
     },
 ];
 
@@ -209,6 +216,7 @@ impl Lifecycle {
             "inactivity" => self.inactivity(policy, dry_run).await,
             "stuck_processing" => self.stuck_processing(policy, dry_run).await,
             "ephemeral_cleanup" => self.ephemeral_cleanup(policy, dry_run).await,
+            "history_prune" => self.history_prune(policy, dry_run).await,
             other => Err(stowage_runtime::status::invalid_argument(
                 "name",
                 format!("no scheduled job {other:?}"),
@@ -634,6 +642,54 @@ impl Lifecycle {
                 return Ok(tally);
             }
             page_token = page.next_page_token;
+        }
+    }
+
+    /// History events older than `history_retention_days` are deleted (none when it is 0), a
+    /// batch per statement so no statement holds many rows locked; a run stops after
+    /// `HISTORY_PRUNE_MAX` and the next goes on.
+    async fn history_prune(&self, policy: &Policy, dry_run: bool) -> Result<Tally, tonic::Status> {
+        if policy.history_retention_days == 0 {
+            return Ok(Tally::default());
+        }
+        let days = i32::try_from(policy.history_retention_days).unwrap_or(i32::MAX);
+        let conn = self.pool.get().await.map_err(crate::db)?;
+        let mut tally = Tally::default();
+        if dry_run {
+            let row = conn
+                .query_one(
+                    "SELECT count(*), min(at)::text FROM lifecycle.history
+                     WHERE at < now() - make_interval(days => $1)",
+                    &[&days],
+                )
+                .await
+                .map_err(crate::db)?;
+            let old = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+            tally.examined = old;
+            tally.acted = old;
+            if let Some(oldest) = row.get::<_, Option<String>>(1) {
+                tally
+                    .report
+                    .push(format!("{old} history events, the oldest of {oldest}"));
+            }
+            return Ok(tally);
+        }
+        loop {
+            let removed = conn
+                .execute(
+                    "DELETE FROM lifecycle.history WHERE id IN (
+                         SELECT id FROM lifecycle.history
+                         WHERE at < now() - make_interval(days => $1)
+                         LIMIT 10000)",
+                    &[&days],
+                )
+                .await
+                .map_err(crate::db)?;
+            tally.examined += removed;
+            tally.acted += removed;
+            if removed < 10_000 || tally.acted >= HISTORY_PRUNE_MAX {
+                return Ok(tally);
+            }
         }
     }
 
