@@ -547,6 +547,7 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
         [
             "blob_gc",
             "ephemeral_cleanup",
+            "history_prune",
             "inactivity",
             "orphan_uploads",
             "reservations_expire",
@@ -2362,5 +2363,89 @@ async fn history_older_than_its_retention_goes() -> anyhow::Result<()> {
         .expect_err("a week is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("policy.history_retention_days"));
+    mesh.stop().await
+}
+
+/// A recheck is claimed, not deleted, while it runs: one a process claimed and then died with
+/// (its lease over) runs again and repairs, and leaves no row behind.
+#[tokio::test]
+async fn a_recheck_whose_process_died_runs_again_after_its_lease() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.lifecycle.reconcile_settle = Duration::from_millis(200);
+        c.peers.timeout = Some(Duration::from_secs(30));
+    })
+    .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let jo = token("jo", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    upload(mesh.channel(), &jo, "j.bin", &random_bytes(1000), &[]).await?;
+    events_consumed(&conn, 1).await?;
+    let rechecks = || async {
+        let n: i64 = conn
+            .query_one("SELECT count(*) FROM lifecycle.rechecks", &[])
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    stowage_integration_tests::eventually(PATIENCE, "the upload's recheck done", || async {
+        Ok(rechecks().await? == 0)
+    })
+    .await?;
+    // While a recheck runs (its recount waits: Files' table is locked), its row stays,
+    // claimed: a process dying now would leave it, not lose it.
+    conn.execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'jo'",
+        &[],
+    )
+    .await?;
+    let used = || async {
+        let used: i64 = conn
+            .query_one(
+                "SELECT used_bytes FROM quota.accounts WHERE user_id = 'jo'",
+                &[],
+            )
+            .await?
+            .get(0);
+        anyhow::Ok(used)
+    };
+    let locker = stowage_db::connect(&setup.database_url, 1)?;
+    let mut blocker = locker.get().await?;
+    let lock = blocker.transaction().await?;
+    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    conn.execute(
+        "INSERT INTO lifecycle.rechecks (user_id, due_at) VALUES ('jo', now())",
+        &[],
+    )
+    .await?;
+    stowage_integration_tests::eventually(PATIENCE, "the recheck claimed", || async {
+        Ok(conn
+            .query_opt(
+                "SELECT 1 FROM lifecycle.rechecks WHERE user_id = 'jo' AND claim IS NOT NULL",
+                &[],
+            )
+            .await?
+            .is_some())
+    })
+    .await?;
+    lock.rollback().await?;
+    stowage_integration_tests::eventually(PATIENCE, "repaired, row gone", || async {
+        Ok(used().await? == 1000 && rechecks().await? == 0)
+    })
+    .await?;
+
+    // The row a dead process's claim leaves once its lease is over runs again.
+    conn.batch_execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'jo';
+         INSERT INTO lifecycle.rechecks (user_id, due_at, first_at, claim)
+         VALUES ('jo', now() - interval '1 second', now() - interval '5 minutes', gen_random_uuid());",
+    )
+    .await?;
+    stowage_integration_tests::eventually(PATIENCE, "repaired again, row gone", || async {
+        Ok(used().await? == 1000 && rechecks().await? == 0)
+    })
+    .await?;
     mesh.stop().await
 }

@@ -19,6 +19,8 @@ use crate::{Lifecycle, db, policy::Policy, tasks::Tally, usage::repair_key};
 pub const NOTICE_TOPIC: &str = "lifecycle.notice";
 /// Longest a recheck waits under a steady stream of events.
 const MAX_DEBOUNCE_WAIT: &str = "10 seconds";
+/// How long a running recheck is claimed: past it, one whose process died runs again.
+const RECHECK_LEASE: &str = "5 minutes";
 /// Attempts of a recheck whose recount fails before it is left to the next reconcile.
 const RECHECK_ATTEMPTS: i32 = 6;
 /// Wait before the second attempt of a failed recheck; doubled for each one after (5 s to
@@ -66,9 +68,11 @@ pub(crate) async fn request_recheck(
             "INSERT INTO lifecycle.rechecks (user_id, due_at)
              SELECT user_id, now() + make_interval(secs => $2) FROM unnest($1::text[]) AS u (user_id)
              ON CONFLICT (user_id) DO UPDATE SET due_at = excluded.due_at,
-                 -- A retry waiting for its backoff becomes a fresh recheck of this burst.
-                 attempts = 0,
-                 first_at = CASE WHEN rechecks.attempts > 0 THEN now() ELSE rechecks.first_at END",
+                 -- A retry waiting for its backoff, or a recheck running, is followed by a
+                 -- fresh recheck of this burst.
+                 attempts = 0, claim = NULL,
+                 first_at = CASE WHEN rechecks.attempts > 0 OR rechecks.claim IS NOT NULL
+                                 THEN now() ELSE rechecks.first_at END",
             &[&users, &secs],
         )
         .await?;
@@ -387,55 +391,76 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Runs the rechecks whose burst ended; returns how many ran.
+    /// Runs the rechecks whose burst ended; returns how many ran. Each is claimed for
+    /// `RECHECK_LEASE` and deleted once done, so one a dead process held runs again.
     pub async fn run_due_rechecks(&self) -> Result<usize, tonic::Status> {
         let conn = self.pool.get().await.map_err(db)?;
-        let due: Vec<(String, i32)> = conn
+        let due: Vec<(String, i32, uuid::Uuid)> = conn
             .query_cached(
                 &format!(
-                    "DELETE FROM lifecycle.rechecks WHERE user_id IN (
+                    "UPDATE lifecycle.rechecks
+                     SET claim = gen_random_uuid(), due_at = now() + interval '{RECHECK_LEASE}'
+                     WHERE user_id IN (
                          SELECT user_id FROM lifecycle.rechecks
                          WHERE due_at <= now()
-                            OR (attempts = 0 AND first_at <= now() - interval '{MAX_DEBOUNCE_WAIT}')
+                            OR (claim IS NULL AND attempts = 0
+                                AND first_at <= now() - interval '{MAX_DEBOUNCE_WAIT}')
                          LIMIT 100 FOR UPDATE SKIP LOCKED)
-                     RETURNING user_id, attempts"
+                     RETURNING user_id, attempts, claim"
                 ),
                 &[],
             )
             .await
             .map_err(db)?
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         drop(conn);
         let mut seen = Vec::with_capacity(due.len());
-        for (user, attempts) in &due {
+        for (user, attempts, claim) in &due {
             metrics::counter!("stowage_lifecycle_rechecks_total").increment(1);
-            match self.observe_usage(user).await {
-                Ok(observed) => {
-                    // Not worth losing the other rechecks for: the next change announces.
-                    if let Err(status) = self.announce_usage(&observed).await {
-                        tracing::warn!(user, %status, "usage measured but not announced");
-                    }
-                    seen.push(observed);
-                }
+            let outcome = self.observe_usage(user).await;
+            // Done, or given up: the claim goes (unless a new request replaced it). To be
+            // retried: it waits for its backoff, unclaimed.
+            let retry_in = match &outcome {
                 Err(status) if *attempts + 1 < RECHECK_ATTEMPTS => {
-                    // Again after a backoff (unless an event asked for one meanwhile).
                     let wait = RECHECK_BACKOFF.as_secs_f64() * 2f64.powi(*attempts);
                     tracing::warn!(user, %status, retry_in_s = wait, "recheck failed; retried");
-                    let conn = self.pool.get().await.map_err(db)?;
-                    conn.execute_cached(
-                        "INSERT INTO lifecycle.rechecks (user_id, due_at, attempts)
-                         VALUES ($1, now() + make_interval(secs => $2), $3)
-                         ON CONFLICT (user_id) DO NOTHING",
-                        &[user, &wait, &(attempts + 1)],
-                    )
-                    .await
-                    .map_err(db)?;
+                    Some(wait)
                 }
                 Err(status) => {
                     tracing::warn!(user, %status, attempts = attempts + 1, "recheck failed; the next reconcile covers it");
+                    None
                 }
+                Ok(_) => None,
+            };
+            let conn = self.pool.get().await.map_err(db)?;
+            let settled = match retry_in {
+                Some(wait) => {
+                    conn.execute_cached(
+                        "UPDATE lifecycle.rechecks
+                         SET claim = NULL, due_at = now() + make_interval(secs => $3), attempts = $4
+                         WHERE user_id = $1 AND claim = $2",
+                        &[user, claim, &wait, &(attempts + 1)],
+                    )
+                    .await
+                }
+                None => {
+                    conn.execute_cached(
+                        "DELETE FROM lifecycle.rechecks WHERE user_id = $1 AND claim = $2",
+                        &[user, claim],
+                    )
+                    .await
+                }
+            };
+            settled.map_err(db)?;
+            drop(conn);
+            if let Ok(observed) = outcome {
+                // Not worth losing the other rechecks for: the next change announces.
+                if let Err(status) = self.announce_usage(&observed).await {
+                    tracing::warn!(user, %status, "usage measured but not announced");
+                }
+                seen.push(observed);
             }
         }
         let mut tally = Tally::default();
