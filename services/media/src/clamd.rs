@@ -122,15 +122,42 @@ impl Clamd {
         reader: R,
         size: u64,
     ) -> Result<Verdict, ScanError> {
-        self.bounded(scan_allowance(self.timeout, size), async {
-            match &self.endpoint {
-                Endpoint::Tcp { host, port } => {
-                    scan_on(connect_tcp(host, *port).await?, reader).await
+        self.scan_within(reader, size, Duration::MAX).await
+    }
+
+    /// [`Self::scan`], given at most `left` (what a job has left of its time limit) when that
+    /// is shorter than the size's allowance but not than the scanner's timeout. A scan cut
+    /// short by `left` is refused for good: it would be cut short again on every try (a file
+    /// too large to scan in a job's time).
+    pub async fn scan_within<R: AsyncRead + Unpin + Send>(
+        &self,
+        reader: R,
+        size: u64,
+        left: Duration,
+    ) -> Result<Verdict, ScanError> {
+        let allowance = scan_allowance(self.timeout, size);
+        // Only the size's share of the allowance is cut: a job whose time is shorter than the
+        // scanner's own timeout is a setting to mend, and its scans are not refused for it.
+        let cut_by_job = left >= self.timeout && left < allowance;
+        let bound = if cut_by_job { left } else { allowance };
+        let result = self
+            .bounded(bound, async {
+                match &self.endpoint {
+                    Endpoint::Tcp { host, port } => {
+                        scan_on(connect_tcp(host, *port).await?, reader).await
+                    }
+                    Endpoint::Unix(path) => scan_on(connect_unix(path).await?, reader).await,
                 }
-                Endpoint::Unix(path) => scan_on(connect_unix(path).await?, reader).await,
+            })
+            .await;
+        match result {
+            Err(ScanError::Unavailable(why)) if cut_by_job && why.starts_with(NO_ANSWER) => {
+                Err(ScanError::Refused(format!(
+                    "{size} bytes not scanned within the {left:?} left of the job's time limit"
+                )))
             }
-        })
-        .await
+            other => other,
+        }
     }
 
     async fn bounded<T>(
@@ -140,13 +167,12 @@ impl Clamd {
     ) -> Result<T, ScanError> {
         tokio::time::timeout(allowed, call)
             .await
-            .unwrap_or_else(|_| {
-                Err(ScanError::Unavailable(format!(
-                    "no answer within {allowed:?}"
-                )))
-            })
+            .unwrap_or_else(|_| Err(ScanError::Unavailable(format!("{NO_ANSWER} {allowed:?}"))))
     }
 }
+
+/// How a scan or ping that ran out of time is reported.
+const NO_ANSWER: &str = "no answer within";
 
 /// Slowest pace a scan is allowed, in bytes per second: a file of several GB is streamed and
 /// scanned for minutes, and a fixed bound would time it out on every try.

@@ -44,6 +44,9 @@ pub struct MediaSettings {
     pub job_timeout: Duration,
 }
 
+/// Time a run keeps after its scan for the rest of its work and to record the verdict.
+const AFTER_SCAN: Duration = Duration::from_secs(30);
+
 /// Time a run keeps after its transcode, to probe and store the copy and record the file.
 const AFTER_TRANSCODE: Duration = Duration::from_secs(30);
 
@@ -197,7 +200,7 @@ impl Media {
             // Finished by an earlier run whose announcement may not have been written.
             return self.announce_existing(&file).await;
         }
-        if let Some(outcome) = self.scan(&file, file_id).await? {
+        if let Some(outcome) = self.scan(&file, file_id, started).await? {
             return self.finish(&file, file_id, outcome).await;
         }
         let outcome = match plan(&file.mime_type, &file.display_name, file.size_bytes) {
@@ -265,7 +268,12 @@ impl Media {
     /// Scans the file when a scanner is configured and the file was not released by an
     /// admin. `Some` ends the run (quarantined); a scanner that cannot answer retries the job
     /// and leaves the file in processing.
-    async fn scan(&self, file: &pb::File, file_id: Uuid) -> Result<Option<Outcome>, JobError> {
+    async fn scan(
+        &self,
+        file: &pb::File,
+        file_id: Uuid,
+        started: tokio::time::Instant,
+    ) -> Result<Option<Outcome>, JobError> {
         let Some(scanner) = &self.scanner else {
             return Ok(None);
         };
@@ -292,7 +300,14 @@ impl Media {
             .map_err(JobError::retry)?;
         let reader =
             tokio_util::io::StreamReader::new(source.into_stream().map_err(std::io::Error::other));
-        let signature = match scanner.scan(reader, file.size_bytes).await {
+        // A file too large to scan in what is left of the job's time is refused (held for an
+        // admin) instead of being cut off and retried until its job is dead.
+        let left = self
+            .settings
+            .job_timeout
+            .saturating_sub(started.elapsed())
+            .saturating_sub(AFTER_SCAN);
+        let signature = match scanner.scan_within(reader, file.size_bytes, left).await {
             Ok(Verdict::Clean) => {
                 if released == Some(false) {
                     // Held by an earlier run, clean now (new signatures, a larger size limit):

@@ -191,3 +191,49 @@ async fn ping_over_a_unix_socket() {
     scanner.ping().await.expect("PONG over the unix socket");
     server.await.expect("stand-in done");
 }
+
+/// A scan that cannot finish in what is left of its job's time (here an input that stalls,
+/// as a file far larger than the time allows would) is refused for good, not reported as a
+/// scanner to try again; within the scanner's own timeout it stays a retry.
+#[tokio::test]
+async fn a_scan_past_the_jobs_time_is_refused_not_retried() {
+    struct Stalled;
+    impl AsyncRead for Stalled {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+    let clamd = clamd().await;
+    let timeout = Duration::from_millis(500);
+    let scanner = client(&clamd, timeout);
+    // 10 GB: 500 s allowed by size, 1 s left of the job.
+    let size = 10_000_000_000;
+    let started = Instant::now();
+    let result = scanner
+        .scan_within(Stalled, size, Duration::from_secs(1))
+        .await;
+    assert!(
+        matches!(&result, Err(ScanError::Refused(m)) if m.contains("job's time limit")),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "bounded by what was left"
+    );
+    // Less left than the scanner's own timeout: a setting, not the file; tried again.
+    let result = scanner
+        .scan_within(
+            tokio::io::repeat(0).take(1024).chain(Stalled),
+            1024,
+            Duration::from_millis(100),
+        )
+        .await;
+    assert!(
+        matches!(result, Err(ScanError::Unavailable(_))),
+        "{result:?}"
+    );
+}

@@ -230,7 +230,8 @@ pub struct MediaConfig {
     /// While set, files in processing are not served and infected files are quarantined.
     pub clamd_url: Option<String>,
     /// Longest wait for one scan, plus one second per 20 MB of the file (a large file is
-    /// streamed and scanned for longer); the job's own time limit still bounds the run.
+    /// streamed and scanned for longer), but no more than the job's time limit leaves: a
+    /// file too large for that is held as unscannable.
     #[serde(with = "humantime_serde")]
     pub scan_timeout: Duration,
     /// Jobs one Media process runs at once.
