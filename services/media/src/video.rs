@@ -194,6 +194,16 @@ impl Tools {
         let (status, out, err) = tokio::time::timeout(timeout, collect)
             .await
             .map_err(|_| ToolError::Unreadable(format!("{what} took longer than {timeout:?}")))??;
+        // Killed outright: by the kernel's OOM killer when the machine ran short of memory
+        // (a tool over its own limit fails its allocation instead), not by the input; tried
+        // again, within the job's attempts.
+        if std::os::unix::process::ExitStatusExt::signal(&status)
+            == Some(nix::sys::signal::Signal::SIGKILL as i32)
+        {
+            return Err(ToolError::Unavailable(format!(
+                "{what}: killed ({status}), the machine may be short of memory"
+            )));
+        }
         if !status.success() {
             let detail = String::from_utf8_lossy(&err);
             let detail = detail
@@ -337,6 +347,23 @@ mod tests {
             Err(ToolError::Unreadable(why)) => assert!(why.contains("wrote more than"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_tool_killed_outright_is_tried_again_and_one_that_crashes_is_not() {
+        let tools = shell();
+        let mut killed = tools.command("sh");
+        killed.args(["-c", "kill -KILL $$"]);
+        match tools.run("killed", killed).await {
+            Err(ToolError::Unavailable(why)) => assert!(why.contains("killed"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let mut crashed = tools.command("sh");
+        crashed.args(["-c", "kill -SEGV $$"]);
+        assert!(matches!(
+            tools.run("crashed", crashed).await,
+            Err(ToolError::Unreadable(_))
+        ));
     }
 
     #[test]
