@@ -541,10 +541,12 @@ impl Probe {
         .await
     }
 
-    /// The relay, settling every 200 ms, its streams capped near `max_len` entries.
+    /// The relay, settling every 200 ms, its streams capped near `max_len` entries and
+    /// keeping `window` of them (also its replay window).
     fn relay(
         &self,
         max_len: u64,
+        window: Duration,
         stop: &CancellationToken,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let relay = stowage_events::Relay::new(
@@ -554,6 +556,7 @@ impl Probe {
             self.redis.clone(),
             stowage_events::RelaySettings {
                 stream_max_len: max_len,
+                replay_window: window,
                 settle_every: Duration::from_millis(200),
                 idle_poll: Duration::from_millis(100),
                 namespace: self.namespace.clone(),
@@ -646,7 +649,7 @@ async fn a_group_behind_the_length_cap_applies_every_event_and_streams_keep_only
         .xgroup_create::<(), _, _, _>(stream.as_str(), "slow", "0", true)
         .await?;
     let stop = CancellationToken::new();
-    let relay = probe.relay(1000, &stop)?;
+    let relay = probe.relay(1000, Duration::from_secs(2), &stop)?;
     let keys = probe.stage(topic, 5000).await?;
     probe.all_published().await?;
     let length: u64 = probe.redis.xlen(stream.as_str()).await?;
@@ -701,7 +704,7 @@ async fn events_redis_lost_by_restarting_from_an_older_snapshot_are_published_ag
     let probe = Probe::new(&setup, &url).await?;
     let topic = "probe.snapshot";
     let stop = CancellationToken::new();
-    let relay = probe.relay(1_000_000, &stop)?;
+    let relay = probe.relay(1_000_000, Duration::from_secs(3600), &stop)?;
     let reading = CancellationToken::new();
     let consumer = probe.consumer(
         "g",
@@ -771,7 +774,7 @@ async fn an_event_that_fails_every_attempt_is_set_aside_as_a_dead_letter_and_ack
     let probe = Probe::new(&setup, &setup.redis_url).await?;
     let topic = "probe.poison";
     let stop = CancellationToken::new();
-    let relay = probe.relay(1_000_000, &stop)?;
+    let relay = probe.relay(1_000_000, Duration::from_secs(3600), &stop)?;
     let mut keys = probe.stage(topic, 20).await?;
     let refused = *keys.iter().next().expect("staged");
     keys.remove(&refused);
@@ -826,13 +829,13 @@ async fn an_event_that_fails_every_attempt_is_set_aside_as_a_dead_letter_and_ack
         .await?
         .get(0);
     assert_eq!(counting, 0, "the failure count went with the dead letter");
-    // Acknowledged: nothing pending for the group, and the event never applied.
+    // Acknowledged (just after): nothing pending for the group, and the event never applied.
     let stream = probe.stream(topic);
-    let summary: fred::types::Value = probe.redis.xpending(stream.as_str(), "g", ()).await?;
-    assert_eq!(
-        summary.into_array().first().and_then(|v| v.as_i64()),
-        Some(0)
-    );
+    stowage_integration_tests::eventually(Duration::from_secs(10), "nothing pending", || async {
+        let summary: fred::types::Value = probe.redis.xpending(stream.as_str(), "g", ()).await?;
+        Ok(summary.into_array().first().and_then(|v| v.as_i64()) == Some(0))
+    })
+    .await?;
     assert!(
         probe
             .applied("g")
@@ -856,7 +859,7 @@ async fn members_of_a_group_that_are_gone_are_forgotten_unless_they_hold_deliver
     let topic = "probe.members";
     let stream = probe.stream(topic);
     let stop = CancellationToken::new();
-    let relay = probe.relay(1_000_000, &stop)?;
+    let relay = probe.relay(1_000_000, Duration::from_secs(3600), &stop)?;
     probe
         .redis
         .xgroup_create::<(), _, _, _>(stream.as_str(), "g", "0", true)
@@ -926,5 +929,45 @@ async fn members_of_a_group_that_are_gone_are_forgotten_unless_they_hold_deliver
     stop.cancel();
     relay.await?;
     consumer.await?;
+    Ok(())
+}
+
+/// A group created after the others have acknowledged everything (a new service, or one back
+/// later than the others after a Redis restart) still reads the replay window's events: the
+/// stream keeps them, acknowledged or not.
+#[tokio::test]
+async fn a_group_created_late_reads_what_the_others_acknowledged() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let probe = Probe::new(&setup, &setup.redis_url).await?;
+    let topic = "probe.late";
+    let stop = CancellationToken::new();
+    let relay = probe.relay(1_000_000, Duration::from_secs(3600), &stop)?;
+    let first = probe.consumer(
+        "first",
+        topic,
+        recorder("first"),
+        ConsumerSettings::default(),
+        &stop,
+    );
+    let keys = probe.stage(topic, 300).await?;
+    probe.all_applied_once("first", &keys).await?;
+    stowage_integration_tests::eventually(Duration::from_secs(30), "all settled", || async {
+        Ok(probe.outbox_count("settled_at IS NULL").await? == 0)
+    })
+    .await?;
+    // Settled, and trimmed as far as the stream would be.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = probe.consumer(
+        "late",
+        topic,
+        recorder("late"),
+        ConsumerSettings::default(),
+        &stop,
+    );
+    probe.all_applied_once("late", &keys).await?;
+    stop.cancel();
+    relay.await?;
+    first.await?;
+    late.await?;
     Ok(())
 }

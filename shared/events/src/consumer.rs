@@ -18,6 +18,10 @@ use tracing::Instrument;
 use crate::{Event, event::stream_key, relay::pg_interval};
 use stowage_db::Cached;
 
+/// Removes member ARGV[2] of group ARGV[1] of stream KEYS[1] if it holds no deliveries.
+const FORGET_IF_EMPTY: &str = "if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then \
+     return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end return -1";
+
 /// Why a handler did not apply an event; it stays pending and is delivered again.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -369,10 +373,11 @@ impl Consumer {
         event: &Event,
         error: &HandlerError,
     ) -> Result<bool, HandlerError> {
-        let conn = self.connection().await?;
+        let mut conn = self.connection().await?;
+        let tx = conn.transaction().await?;
         let attempts = i32::try_from(self.settings.max_attempts).unwrap_or(i32::MAX);
         let reason: String = error.0.chars().take(2000).collect();
-        let row = conn
+        let row = tx
             .query_one_cached(
                 &format!(
                     "WITH counted AS (
@@ -406,9 +411,9 @@ impl Consumer {
             .await?;
         let buried: bool = row.get(0);
         if buried {
-            // Apart: a statement cannot delete the row its own upsert changed. Left behind,
-            // the count is pruned with the others; a replayed event meets a full count.
-            conn.execute_cached(
+            // Apart (a statement cannot delete the row its own upsert changed), in the same
+            // transaction: a replayed event gets its attempts afresh.
+            tx.execute_cached(
                 &format!(
                     "DELETE FROM {}.event_failures WHERE consumer = $1 AND event_id = $2",
                     self.schema
@@ -417,6 +422,7 @@ impl Consumer {
             )
             .await?;
         }
+        tx.commit().await?;
         Ok(buried)
     }
 
@@ -591,12 +597,14 @@ impl Consumer {
                 if name == self.name || number("pending") > 0 || number("idle") < gone_after {
                     continue;
                 }
+                // Checked again and removed in one step: a member that woke meanwhile and
+                // took deliveries keeps them (removing it would drop them from the group).
                 match self
                     .redis
-                    .xgroup_delconsumer::<i64, _, _, _>(
-                        stream.as_str(),
-                        self.group.as_str(),
-                        name.as_str(),
+                    .eval::<i64, _, _, _>(
+                        FORGET_IF_EMPTY,
+                        vec![stream.as_str()],
+                        vec![self.group.as_str(), name.as_str()],
                     )
                     .await
                 {

@@ -47,7 +47,8 @@ pub struct RelaySettings {
     pub settle_every: Duration,
     /// Longest sleep while idle (notifications usually wake it first).
     pub idle_poll: Duration,
-    /// How far back events are published again when Redis has lost its data.
+    /// How far back events are published again when Redis has lost its data, and how long
+    /// streams keep acknowledged entries for groups created late.
     pub replay_window: Duration,
     /// How long published rows are kept (at least the replay window).
     pub retention: Duration,
@@ -187,7 +188,8 @@ impl Relay {
     }
 
     /// Publishes one batch of unpublished rows; returns how many. Only one relay of a schema
-    /// publishes at a time (an advisory lock), which keeps each stream in outbox order.
+    /// publishes at a time (an advisory lock), which keeps each stream in outbox order (except
+    /// for what is published again: see [`crate::Settled`]).
     pub async fn publish_pending(&self) -> Result<usize, RelayError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
@@ -305,7 +307,8 @@ impl Relay {
         let replayed = tx
             .execute_cached(
                 &format!(
-                    "UPDATE {}.outbox SET published_at = NULL, stream_ms = NULL, stream_seq = NULL
+                    "UPDATE {}.outbox
+                     SET published_at = NULL, stream_ms = NULL, stream_seq = NULL, settled_at = NULL
                      WHERE published_at > now() - ($1::float8 * interval '1 second')
                         OR (settled_at IS NULL AND stream_ms IS NOT NULL
                             AND created_at > now() - interval '{}')",

@@ -4,17 +4,21 @@
 //! Each pass, per topic this schema publishes and under the publishers' lock (so no entry is
 //! being added meanwhile), the relay reads the stream's state and:
 //! - compares how many entries Redis says were ever added to the stream with how many the
-//!   relays added: fewer in Redis means entries were lost (a failover to a replica that lagged,
-//!   a restart from an older snapshot, a deleted stream), so every row not yet settled goes out
-//!   again;
+//!   relays added, and the newest unsettled row's entry with the last id Redis gave: fewer in
+//!   Redis, or a row past its last id, means entries were lost (a failover to a replica that
+//!   lagged, a restart from an older snapshot, a deleted stream), so every row not yet settled
+//!   goes out again;
 //! - marks settled the rows whose entries every group has acknowledged (below the oldest
-//!   pending or undelivered entry of the slowest group), then trims the stream to there, so
-//!   Redis keeps what some group still needs and no more;
+//!   pending or undelivered entry of the slowest group; all of them when no group reads the
+//!   topic), then trims the stream to there, but keeps the replay window's entries for groups
+//!   created late;
 //! - publishes again the rows not settled whose entries are gone from the front of the stream
 //!   (cut by the length cap while a group was far behind), once the stream has room again;
 //!   such rows are never settled, since rows are settled before their entries are trimmed.
 //!
-//! Consumers dedupe, so anything published twice is applied once.
+//! Consumers dedupe, so anything published twice is applied once. What is published again
+//! comes after later events of its topic: consumers must not rely on a topic's order. Only
+//! rows staged within [`REQUEUE_HORIZON`] are published again (consumers remember 7 days).
 
 use std::{collections::HashMap, fmt, str::FromStr};
 
@@ -67,17 +71,20 @@ impl fmt::Display for EntryId {
 /// What one stream looks like to the relay.
 #[derive(Debug)]
 struct StreamState {
-    /// Entries ever added to the stream (Redis 7's `entries-added`).
-    added: i64,
-    /// Entries in it now.
-    length: i64,
+    /// Entries ever added to the stream (Redis 7's `entries-added`; `None` before 7).
+    added: Option<i64>,
+    /// The id of the last entry ever added.
+    last: EntryId,
+    /// Entries the slowest group has still to acknowledge (not yet delivered, or pending).
+    needed: i64,
     /// Every entry before this one is gone: its first entry, or past its last id when empty.
     front: EntryId,
     /// Entries before this have been acknowledged by every group; `None` without groups.
     settled_below: Option<EntryId>,
 }
 
-/// What a settling pass did, for tests and logs.
+/// What a settling pass did, for tests and logs. Rows published again come after later
+/// events of their topic: a consumer must not rely on a topic's order.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Settled {
     /// Rows marked settled.
@@ -127,11 +134,15 @@ impl Relay {
                 .map_err(protocol)?,
             _ => last.next(),
         };
-        // Without the count (Redis before 7) nothing can be said to be lost.
-        let added = number_field(&info, "entries-added").unwrap_or(i64::MAX);
+        let added = number_field(&info, "entries-added");
         let groups: Vec<HashMap<String, Value>> = self.redis.xinfo_groups(key).await?;
         let mut settled_below: Option<EntryId> = None;
+        let mut needed = 0;
         for group in &groups {
+            // `lag` is nil when Redis cannot tell (entries deleted in between): the stream.
+            let owed = number_field(group, "lag").unwrap_or(length)
+                + number_field(group, "pending").unwrap_or(0);
+            needed = needed.max(owed);
             let name = group
                 .get("name")
                 .and_then(Value::as_string)
@@ -148,7 +159,8 @@ impl Relay {
         }
         Ok(Some(StreamState {
             added,
-            length,
+            last,
+            needed,
             front,
             settled_below,
         }))
@@ -159,11 +171,18 @@ impl Relay {
     pub async fn settle(&self) -> Result<Settled, RelayError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
-        tx.execute_cached(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            &[&self.publish_lock()],
-        )
-        .await?;
+        // Under the publishers' lock, so no entry is being added meanwhile; a pass another
+        // relay is publishing through is skipped rather than waited for.
+        let locked: bool = tx
+            .query_one_cached(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                &[&self.publish_lock()],
+            )
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(Settled::default());
+        }
         let topics = tx
             .query_cached(
                 &format!("SELECT topic, added FROM {}.outbox_streams", self.schema),
@@ -176,13 +195,33 @@ impl Relay {
             let (topic, added): (String, i64) = (row.get(0), row.get(1));
             let key = stream_key(&self.settings.namespace, &topic);
             let state = self.stream_state(&key).await?;
-            let counted = state.as_ref().map_or(0, |s| s.added);
-            if counted < added {
-                let lost = self.requeue(&tx, &topic, None).await?;
-                tracing::warn!(schema = %self.schema, topic, added, counted, lost, "redis has lost entries of a stream, publishing again what some group had not acknowledged");
-                done.lost += lost;
+            let lost = match &state {
+                None => added > 0,
+                // Fewer entries than were added, or a row whose entry is past the last id
+                // Redis knows: the count alone misses a loss a failed publish's surplus covers.
+                Some(state) => {
+                    state.added.is_some_and(|counted| counted < added)
+                        || self
+                            .newest_unsettled(&tx, &topic)
+                            .await?
+                            .is_some_and(|newest| newest > state.last)
+                }
+            };
+            if lost {
+                let requeued = self.requeue(&tx, &topic, None).await?;
+                tracing::warn!(schema = %self.schema, topic, added, counted = ?state.as_ref().map(|s| s.added), requeued, "redis has lost entries of a stream, publishing again what some group had not acknowledged");
+                done.lost += requeued;
             }
-            if counted != added {
+            // From here on the relays count from what Redis counts (without a count, Redis
+            // before 7, nothing is said to be lost by it).
+            let counted = match &state {
+                None => Some(0),
+                Some(state) => state.added,
+            };
+            if let Some(counted) = counted.filter(|c| *c != added) {
+                if counted > added {
+                    tracing::debug!(schema = %self.schema, topic, added, counted, "redis counts entries a failed publish added");
+                }
                 tx.execute_cached(
                     &format!(
                         "UPDATE {}.outbox_streams SET added = $2 WHERE topic = $1",
@@ -193,11 +232,9 @@ impl Relay {
                 .await?;
             }
             let Some(state) = state else { continue };
-            let Some(below) = state.settled_below else {
-                // No group reads this topic: nothing is acknowledged, and only the length
-                // cap bounds the stream.
-                continue;
-            };
+            // Without groups nobody waits on an entry: all are settled (a group created later
+            // reads what the stream still holds), and only the length cap bounds the stream.
+            let below = state.settled_below.unwrap_or(state.last.next());
             // Rows before the stream's front that are not settled lost their entries to the
             // length cap before some group read them (settled rows are marked before their
             // entries are trimmed): they are never settled, but published again.
@@ -219,18 +256,29 @@ impl Relay {
                     ],
                 )
                 .await?;
-            // While the stream is near its cap, the cap may still be cutting; they go, oldest
-            // first, as the stream has room under half its cap (publishing them into a full
-            // stream would only cut others).
-            let room = self.cap_room() - state.length;
-            if counted >= added && room > 0 {
+            if state.settled_below.is_none() {
+                continue;
+            }
+            // While a group is behind by close to the cap, the cap may still be cutting; they
+            // go, oldest first, as what the groups still need leaves room under half the cap
+            // (publishing them before would only cut others).
+            let room = self.cap_room() - state.needed;
+            if !lost && room > 0 {
                 let cut = self.requeue(&tx, &topic, Some((state.front, room))).await?;
                 if cut > 0 {
                     tracing::warn!(schema = %self.schema, topic, cut, "a group was behind the stream's length cap, publishing again what it missed");
                 }
                 done.cut += cut;
             }
-            trims.push((key, below));
+            // The stream keeps the replay window's entries, acknowledged or not: a group
+            // created late (a new service, or one back after the others following a Redis
+            // restart) reads them from the stream.
+            let kept_from = EntryId {
+                ms: chrono::Utc::now().timestamp_millis()
+                    - i64::try_from(self.settings.replay_window.as_millis()).unwrap_or(i64::MAX),
+                seq: 0,
+            };
+            trims.push((key, below.min(kept_from)));
         }
         tx.commit().await?;
         // Only once the rows are marked: a trimmed entry is never one a row still waits on.
@@ -245,6 +293,29 @@ impl Relay {
             }
         }
         Ok(done)
+    }
+
+    /// The entry of `topic`'s newest row not yet settled.
+    async fn newest_unsettled(
+        &self,
+        tx: &Transaction<'_>,
+        topic: &str,
+    ) -> Result<Option<EntryId>, RelayError> {
+        Ok(tx
+            .query_opt_cached(
+                &format!(
+                    "SELECT stream_ms, stream_seq FROM {}.outbox
+                     WHERE topic = $1 AND settled_at IS NULL AND stream_ms IS NOT NULL
+                     ORDER BY stream_ms DESC, stream_seq DESC LIMIT 1",
+                    self.schema
+                ),
+                &[&topic],
+            )
+            .await?
+            .map(|row| EntryId {
+                ms: row.get(0),
+                seq: row.get(1),
+            }))
     }
 
     /// Length under which a stream has room to take back what its cap cut.

@@ -150,10 +150,12 @@ pub const REPLAY_WINDOW_MAX: Duration = Duration::from_secs(24 * 3600);
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventsConfig {
-    /// `STOWAGE_EVENTS__STREAM_MAX_LEN`: approximate length each topic's stream is trimmed to.
+    /// `STOWAGE_EVENTS__STREAM_MAX_LEN`: approximate length a topic's stream is cut to when a
+    /// group falls this far behind (streams are otherwise trimmed to what the groups need).
     pub stream_max_len: u64,
     /// `STOWAGE_EVENTS__REPLAY_WINDOW`: how far back events are published again when Redis
-    /// has lost its data.
+    /// has lost its data, and how long streams keep acknowledged entries for groups created
+    /// late.
     #[serde(with = "humantime_serde")]
     pub replay_window: Duration,
     /// `STOWAGE_EVENTS__CLAIM_IDLE`: how long a delivery may stay unacknowledged before
