@@ -2143,6 +2143,29 @@ async fn a_run_whose_caller_hangs_up_is_recorded_as_stopped() -> anyhow::Result<
     mesh.stop().await
 }
 
+/// Rechecks waiting or running.
+async fn pending_rechecks(conn: &impl stowage_db::GenericClient) -> anyhow::Result<i64> {
+    Ok(conn
+        .query_one("SELECT count(*) FROM lifecycle.rechecks", &[])
+        .await?
+        .get(0))
+}
+
+/// Uploads a 1,000-byte file as `user` and waits until its recheck is done: an account with
+/// usage and no recheck pending.
+async fn uploaded_and_rechecked(
+    mesh: &Mesh,
+    conn: &impl stowage_db::GenericClient,
+    user: &str,
+) -> anyhow::Result<()> {
+    upload(mesh.channel(), user, "r.bin", &random_bytes(1000), &[]).await?;
+    events_consumed(conn, 1).await?;
+    stowage_integration_tests::eventually(PATIENCE, "the upload's recheck done", || async {
+        Ok(pending_rechecks(conn).await? == 0)
+    })
+    .await
+}
+
 /// A recheck whose recount fails (here Files cannot answer in time: its table is locked) is
 /// tried again after a backoff, and repairs the drift once Files answers; not left to the
 /// next reconcile, hours later.
@@ -2159,16 +2182,7 @@ async fn a_failed_recheck_is_tried_again_and_repairs() -> anyhow::Result<()> {
     let ivy = token("ivy", &[]);
     let pool = stowage_db::connect(&setup.database_url, 2)?;
     let conn = pool.get().await?;
-    upload(mesh.channel(), &ivy, "i.bin", &random_bytes(1000), &[]).await?;
-    events_consumed(&conn, 1).await?;
-    stowage_integration_tests::eventually(PATIENCE, "the upload's recheck done", || async {
-        let n: i64 = conn
-            .query_one("SELECT count(*) FROM lifecycle.rechecks", &[])
-            .await?
-            .get(0);
-        Ok(n == 0)
-    })
-    .await?;
+    uploaded_and_rechecked(&mesh, &conn, &ivy).await?;
     // A drift, and a recheck asked for while Files cannot answer.
     conn.execute(
         "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'ivy'",
@@ -2380,19 +2394,8 @@ async fn a_recheck_whose_process_died_runs_again_after_its_lease() -> anyhow::Re
     let jo = token("jo", &[]);
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let conn = pool.get().await?;
-    upload(mesh.channel(), &jo, "j.bin", &random_bytes(1000), &[]).await?;
-    events_consumed(&conn, 1).await?;
-    let rechecks = || async {
-        let n: i64 = conn
-            .query_one("SELECT count(*) FROM lifecycle.rechecks", &[])
-            .await?
-            .get(0);
-        anyhow::Ok(n)
-    };
-    stowage_integration_tests::eventually(PATIENCE, "the upload's recheck done", || async {
-        Ok(rechecks().await? == 0)
-    })
-    .await?;
+    uploaded_and_rechecked(&mesh, &conn, &jo).await?;
+    let rechecks = || pending_rechecks(&conn);
     // While a recheck runs (its recount waits: Files' table is locked), its row stays,
     // claimed: a process dying now would leave it, not lose it.
     conn.execute(

@@ -187,20 +187,27 @@ impl Relay {
         format!("stowage-outbox:{}", self.schema)
     }
 
+    /// Takes the publishers' lock for `tx` if no other relay of the schema holds it.
+    pub(crate) async fn try_publish_lock(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<bool, RelayError> {
+        Ok(tx
+            .query_one_cached(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                &[&self.publish_lock()],
+            )
+            .await?
+            .get(0))
+    }
+
     /// Publishes one batch of unpublished rows; returns how many. Only one relay of a schema
     /// publishes at a time (an advisory lock), which keeps each stream in outbox order (except
     /// for what is published again: see [`crate::Settled`]).
     pub async fn publish_pending(&self) -> Result<usize, RelayError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
-        let locked: bool = tx
-            .query_one_cached(
-                "SELECT pg_try_advisory_xact_lock(hashtext($1))",
-                &[&self.publish_lock()],
-            )
-            .await?
-            .get(0);
-        if !locked {
+        if !self.try_publish_lock(&tx).await? {
             return Ok(0);
         }
         let limit = i64::try_from(self.settings.batch).unwrap_or(i64::MAX);

@@ -173,14 +173,7 @@ impl Relay {
         let tx = conn.transaction().await?;
         // Under the publishers' lock, so no entry is being added meanwhile; a pass another
         // relay is publishing through is skipped rather than waited for.
-        let locked: bool = tx
-            .query_one_cached(
-                "SELECT pg_try_advisory_xact_lock(hashtext($1))",
-                &[&self.publish_lock()],
-            )
-            .await?
-            .get(0);
-        if !locked {
+        if !self.try_publish_lock(&tx).await? {
             return Ok(Settled::default());
         }
         let topics = tx
