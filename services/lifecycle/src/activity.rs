@@ -500,9 +500,21 @@ impl Lifecycle {
         let conn = self.pool.get().await.map_err(db)?;
         let rows = conn
             .query_cached(
-                "SELECT DISTINCT ON (user_id) * FROM lifecycle.history
-                 WHERE $1::text IS NULL OR user_id > $1
-                 ORDER BY user_id, at DESC, id DESC LIMIT $2",
+                // One index probe per user (the next user id, then that user's newest
+                // event), not a walk through every event of the users on the page and of
+                // those before it. User ids are never empty, so '' is before all of them.
+                "WITH RECURSIVE users (user_id) AS (
+                     (SELECT user_id FROM lifecycle.history
+                      WHERE user_id > coalesce($1::text, '') ORDER BY user_id LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT h.user_id FROM lifecycle.history h
+                             WHERE h.user_id > u.user_id ORDER BY h.user_id LIMIT 1)
+                     FROM users u WHERE u.user_id IS NOT NULL)
+                 SELECT latest.* FROM (SELECT user_id FROM users WHERE user_id IS NOT NULL LIMIT $2) page
+                 CROSS JOIN LATERAL (
+                     SELECT * FROM lifecycle.history h WHERE h.user_id = page.user_id
+                     ORDER BY at DESC, id DESC LIMIT 1) latest
+                 ORDER BY latest.user_id",
                 &[&after, &limit],
             )
             .await
@@ -521,8 +533,10 @@ impl Lifecycle {
         let (at, id) = before.unzip();
         let rows = conn
             .query_cached(
+                // A range on the index, so a later page does not walk the pages before it.
                 "SELECT id, user_id, event, at, detail FROM lifecycle.history
-                 WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (at, id) < ($2, $3))
+                 WHERE user_id = $1
+                   AND (at, id) < (coalesce($2::timestamptz, 'infinity'), coalesce($3::bigint, 0))
                  ORDER BY at DESC, id DESC LIMIT $4",
                 &[&user, &at, &id, &limit],
             )
