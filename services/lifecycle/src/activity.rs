@@ -169,8 +169,8 @@ impl Lifecycle {
                 .map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
-        // The live session state, for whoever asks (Redis holds only what can be rebuilt:
-        // the history above has every change).
+        // The live session state, for whoever asks (the history above records each change,
+        // for as long as the policy keeps it).
         if let Some(redis) = &self.redis {
             use fred::interfaces::KeysInterface;
             let redis_key = format!("{}:lifecycle:session:{user}", self.namespace);
@@ -417,55 +417,70 @@ impl Lifecycle {
             .collect();
         drop(conn);
         let mut seen = Vec::with_capacity(due.len());
+        let mut done = Vec::with_capacity(due.len());
         for (user, attempts, claim) in &due {
             metrics::counter!("stowage_lifecycle_rechecks_total").increment(1);
-            let outcome = self.observe_usage(user).await;
-            // Done, or given up: the claim goes (unless a new request replaced it). To be
-            // retried: it waits for its backoff, unclaimed.
-            let retry_in = match &outcome {
+            match self.observe_usage(user).await {
+                Ok(observed) => {
+                    // Not worth losing the other rechecks for: the next change announces.
+                    if let Err(status) = self.announce_usage(&observed).await {
+                        tracing::warn!(user, %status, "usage measured but not announced");
+                    }
+                    seen.push(observed);
+                    done.push((user, claim));
+                }
                 Err(status) if *attempts + 1 < RECHECK_ATTEMPTS => {
+                    // Again after a backoff, unclaimed (unless a new request replaced it).
                     let wait = RECHECK_BACKOFF.as_secs_f64() * 2f64.powi(*attempts);
                     tracing::warn!(user, %status, retry_in_s = wait, "recheck failed; retried");
-                    Some(wait)
+                    let retried = async {
+                        self.pool
+                            .get()
+                            .await
+                            .map_err(db)?
+                            .execute_cached(
+                                "UPDATE lifecycle.rechecks
+                                 SET claim = NULL, due_at = now() + make_interval(secs => $3),
+                                     attempts = $4
+                                 WHERE user_id = $1 AND claim = $2",
+                                &[user, claim, &wait, &(attempts + 1)],
+                            )
+                            .await
+                            .map_err(db)
+                    };
+                    if let Err(status) = retried.await {
+                        tracing::warn!(user, %status, "recheck retry not recorded; runs again when its claim ends");
+                    }
                 }
                 Err(status) => {
                     tracing::warn!(user, %status, attempts = attempts + 1, "recheck failed; the next reconcile covers it");
-                    None
+                    done.push((user, claim));
                 }
-                Ok(_) => None,
-            };
-            let conn = self.pool.get().await.map_err(db)?;
-            let settled = match retry_in {
-                Some(wait) => {
-                    conn.execute_cached(
-                        "UPDATE lifecycle.rechecks
-                         SET claim = NULL, due_at = now() + make_interval(secs => $3), attempts = $4
-                         WHERE user_id = $1 AND claim = $2",
-                        &[user, claim, &wait, &(attempts + 1)],
-                    )
-                    .await
-                }
-                None => {
-                    conn.execute_cached(
-                        "DELETE FROM lifecycle.rechecks WHERE user_id = $1 AND claim = $2",
-                        &[user, claim],
-                    )
-                    .await
-                }
-            };
-            settled.map_err(db)?;
-            drop(conn);
-            if let Ok(observed) = outcome {
-                // Not worth losing the other rechecks for: the next change announces.
-                if let Err(status) = self.announce_usage(&observed).await {
-                    tracing::warn!(user, %status, "usage measured but not announced");
-                }
-                seen.push(observed);
             }
         }
         let mut tally = Tally::default();
         self.repair_settled(seen, &repair_key("recheck"), false, &mut tally)
             .await;
+        // Only now, with the repairs made: a process that dies before leaves the claims to
+        // end and the rechecks to run again. A claim a new request replaced stays.
+        let users: Vec<&str> = done.iter().map(|(u, _)| u.as_str()).collect();
+        let claims: Vec<uuid::Uuid> = done.iter().map(|(_, c)| **c).collect();
+        let cleared = async {
+            self.pool
+                .get()
+                .await
+                .map_err(db)?
+                .execute_cached(
+                    "DELETE FROM lifecycle.rechecks r USING unnest($1::text[], $2::uuid[]) AS d (user_id, claim)
+                     WHERE r.user_id = d.user_id AND r.claim = d.claim",
+                    &[&users, &claims],
+                )
+                .await
+                .map_err(db)
+        };
+        if let Err(status) = cleared.await {
+            tracing::warn!(%status, "finished rechecks not cleared; they run again when their claims end");
+        }
         Ok(due.len())
     }
 

@@ -47,7 +47,9 @@ pub struct Policy {
     /// Ephemeral blobs kept per owner after acknowledgement or expiry (dev; 0 in production).
     pub ephemeral_keep_last: u32,
     /// Days history events are kept; 0 keeps them for good. A policy stored before this
-    /// field existed reads as the default.
+    /// field existed keeps them for good too, as one set without it over the API does (the
+    /// default, 730, is for installations with no policy set).
+    #[serde(default)]
     pub history_retention_days: u32,
 }
 
@@ -117,12 +119,18 @@ impl Policy {
                 1000,
             ),
         ];
-        // Under 30 days, and the notice a user got could be gone before their grace ends.
-        if self.history_retention_days != 0 && !(30..=36500).contains(&self.history_retention_days)
+        // Shorter than the grace or the trash retention, and the notice a user got, or the
+        // record of why their files went to the trash, could be gone while it still matters.
+        let days = self.history_retention_days;
+        if days != 0
+            && (!(30..=36500).contains(&days)
+                || u64::from(days) * 24 <= u64::from(self.notice_grace_hours)
+                || days < self.trash_retention_days)
         {
             return Err((
                 "policy.history_retention_days",
-                "must be 0 (kept for good) or between 30 and 36500",
+                "must be 0 (kept for good) or between 30 and 36500, longer than the notice grace \
+                 and at least the trash retention",
             ));
         }
         for (field, value, min, max) in checks {
@@ -197,11 +205,24 @@ mod tests {
             Policy::from_proto(&p).map(|p| p.history_retention_days),
             Ok(0)
         );
-        p.history_retention_days = 29;
-        assert_eq!(
-            Policy::from_proto(&p).map(|_| ()).map_err(|(f, _)| f),
-            Err("policy.history_retention_days")
-        );
+        for (days, grace, trash) in [(29, 72, 30), (30, 24 * 30, 30), (60, 72, 90)] {
+            p.history_retention_days = days;
+            p.notice_grace_hours = grace;
+            p.trash_retention_days = trash;
+            assert_eq!(
+                Policy::from_proto(&p).map(|_| ()).map_err(|(f, _)| f),
+                Err("policy.history_retention_days"),
+                "{days} days, grace {grace} h, trash {trash} days"
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_stored_before_history_retention_keeps_history() {
+        let stored = serde_json::json!({ "trash_retention_days": 30 });
+        let policy: Policy = serde_json::from_value(stored).expect("reads");
+        assert_eq!(policy.history_retention_days, 0);
+        assert_eq!(policy.inactivity_days, Policy::default().inactivity_days);
     }
 
     #[test]

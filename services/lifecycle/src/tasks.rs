@@ -666,11 +666,12 @@ impl Lifecycle {
                 .map_err(crate::db)?;
             let old = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
             tally.examined = old;
-            tally.acted = old;
+            // What one run would delete; the rest goes in the runs after it.
+            tally.acted = old.min(HISTORY_PRUNE_MAX);
             if let Some(oldest) = row.get::<_, Option<String>>(1) {
-                tally
-                    .report
-                    .push(format!("{old} history events, the oldest of {oldest}"));
+                tally.report.push(format!(
+                    "{old} history events, the oldest of {oldest}; a run deletes {HISTORY_PRUNE_MAX} at most"
+                ));
             }
             return Ok(tally);
         }

@@ -7,7 +7,14 @@
 //! `INSTREAM size limit exceeded. ERROR` and closes the connection while we may still be
 //! writing, so a failed write is followed by an attempt to read that answer.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -140,18 +147,41 @@ impl Clamd {
         // scanner's own timeout is a setting to mend, and its scans are not refused for it.
         let cut_by_job = left >= self.timeout && left < allowance;
         let bound = if cut_by_job { left } else { allowance };
+        let sent = Arc::new(AtomicU64::new(0));
+        let reader = Counted {
+            inner: reader,
+            read: Arc::clone(&sent),
+        };
         let result = self
             .bounded(bound, async {
-                match &self.endpoint {
-                    Endpoint::Tcp { host, port } => {
-                        scan_on(connect_tcp(host, *port).await?, reader).await
+                // A scanner that does not take the connection is down, however large the file.
+                let connecting = async {
+                    match &self.endpoint {
+                        Endpoint::Tcp { host, port } => {
+                            connect_tcp(host, *port).await.map(Connection::Tcp)
+                        }
+                        Endpoint::Unix(path) => connect_unix(path).await.map(Connection::Unix),
                     }
-                    Endpoint::Unix(path) => scan_on(connect_unix(path).await?, reader).await,
+                };
+                let conn = tokio::time::timeout(self.timeout, connecting)
+                    .await
+                    .map_err(|_| {
+                        ScanError::Unavailable(format!("no connection within {:?}", self.timeout))
+                    })??;
+                match conn {
+                    Connection::Tcp(conn) => scan_on(conn, reader).await,
+                    Connection::Unix(conn) => scan_on(conn, reader).await,
                 }
             })
             .await;
+        // Refused only when the scan was moving (a steady 1 MB/s at least) yet could not get
+        // through the file: a stall (the scanner paused, the store stopped sending) is tried
+        // again like any scanner that does not answer.
+        let moving = sent.load(Ordering::Relaxed) >= bound.as_secs().saturating_mul(1_000_000);
         match result {
-            Err(ScanError::Unavailable(why)) if cut_by_job && why.starts_with(NO_ANSWER) => {
+            Err(ScanError::Unavailable(why))
+                if cut_by_job && moving && why.starts_with(NO_ANSWER) =>
+            {
                 Err(ScanError::Refused(format!(
                     "{size} bytes not scanned within the {left:?} left of the job's time limit"
                 )))
@@ -168,6 +198,32 @@ impl Clamd {
         tokio::time::timeout(allowed, call)
             .await
             .unwrap_or_else(|_| Err(ScanError::Unavailable(format!("{NO_ANSWER} {allowed:?}"))))
+    }
+}
+
+/// A connection to the daemon.
+enum Connection {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// A reader that counts what was read from it.
+struct Counted<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let added = (buf.filled().len() - before) as u64;
+        self.read.fetch_add(added, Ordering::Relaxed);
+        polled
     }
 }
 

@@ -226,8 +226,13 @@ impl Media {
                         Plan::Video => self.video(&file, true, started).await,
                         _ => self.video(&file, false, started).await,
                     };
-                    // Came back, well or not: not a run that stopped the worker.
-                    self.run_returned(file_id).await?;
+                    // Came back, well or not: not a run that stopped the worker; unless a tool
+                    // was killed outright, which counts as one (the OOM killer would take the
+                    // worker next), so a file killed every time fails after a few runs.
+                    let killed = matches!(&derived, Err(JobError::Retry(why)) if why.starts_with(crate::video::KILLED));
+                    if !killed {
+                        self.run_returned(file_id).await?;
+                    }
                     derived?
                 }
             }
@@ -577,7 +582,9 @@ impl Media {
         let probe = match tools.probe(&path).await {
             Ok(p) => p,
             Err(ToolError::Unreadable(why)) => return Ok(Outcome::Failed(why)),
-            Err(e @ ToolError::Unavailable(_)) => return Err(JobError::retry(e)),
+            Err(e @ (ToolError::Unavailable(_) | ToolError::Killed(_))) => {
+                return Err(JobError::retry(e));
+            }
         };
         // A "video" with sound only (a voice memo in an MP4) is a sound: its length and codec,
         // no poster (ffprobe found neither stream: refused above).
@@ -594,7 +601,9 @@ impl Media {
             let frame = match tools.poster(&path, at).await {
                 Ok(f) => f,
                 Err(ToolError::Unreadable(why)) => return Ok(Outcome::Failed(why)),
-                Err(e @ ToolError::Unavailable(_)) => return Err(JobError::retry(e)),
+                Err(e @ (ToolError::Unavailable(_) | ToolError::Killed(_))) => {
+                    return Err(JobError::retry(e));
+                }
             };
             let poster = bytes::Bytes::from(frame);
             match self.render(poster.clone(), imaging::process).await? {
@@ -665,6 +674,10 @@ impl Media {
         let probe = match made {
             Ok(probe) => probe,
             Err(e @ ToolError::Unavailable(_)) => return Err(JobError::retry(e)),
+            Err(e @ ToolError::Killed(_)) => {
+                tracing::warn!(file_id = %file.id, error = %e, "no web video made; the file keeps its poster");
+                return Ok(None);
+            }
             Err(ToolError::Unreadable(why)) => {
                 tracing::warn!(file_id = %file.id, %why, "no web video made; the file keeps its poster");
                 return Ok(None);

@@ -22,7 +22,15 @@ pub enum ToolError {
     /// The tool could not run (missing binary, out of processes); worth a retry.
     #[error("cannot run {0}")]
     Unavailable(String),
+    /// The tool was killed outright (SIGKILL: the kernel's OOM killer when the machine ran
+    /// short of memory): worth a retry, but a run that ends so counts as one that did not
+    /// come back, so a file that is killed every time fails after a few.
+    #[error("{KILLED}: {0}")]
+    Killed(String),
 }
+
+/// How a [`ToolError::Killed`] reads.
+pub const KILLED: &str = "killed by SIGKILL";
 
 /// How to run ffprobe and ffmpeg.
 #[derive(Clone, Debug)]
@@ -200,8 +208,8 @@ impl Tools {
         if std::os::unix::process::ExitStatusExt::signal(&status)
             == Some(nix::sys::signal::Signal::SIGKILL as i32)
         {
-            return Err(ToolError::Unavailable(format!(
-                "{what}: killed ({status}), the machine may be short of memory"
+            return Err(ToolError::Killed(format!(
+                "{what} ({status}): the machine may be short of memory"
             )));
         }
         if !status.success() {
@@ -355,7 +363,7 @@ mod tests {
         let mut killed = tools.command("sh");
         killed.args(["-c", "kill -KILL $$"]);
         match tools.run("killed", killed).await {
-            Err(ToolError::Unavailable(why)) => assert!(why.contains("killed"), "{why}"),
+            Err(e @ ToolError::Killed(_)) => assert!(e.to_string().starts_with(KILLED), "{e}"),
             other => panic!("{other:?}"),
         }
         let mut crashed = tools.command("sh");

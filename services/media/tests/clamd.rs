@@ -192,9 +192,9 @@ async fn ping_over_a_unix_socket() {
     server.await.expect("stand-in done");
 }
 
-/// A scan that cannot finish in what is left of its job's time (here an input that stalls,
-/// as a file far larger than the time allows would) is refused for good, not reported as a
-/// scanner to try again; within the scanner's own timeout it stays a retry.
+/// A scan that cannot finish in what is left of its job's time while it moves (here 6.5 MB/s
+/// of a 10 GB file) is refused for good, not reported as a scanner to try again; one that
+/// stalls (nothing read), or has less left than the scanner's own timeout, stays a retry.
 #[tokio::test]
 async fn a_scan_past_the_jobs_time_is_refused_not_retried() {
     struct Stalled;
@@ -210,19 +210,36 @@ async fn a_scan_past_the_jobs_time_is_refused_not_retried() {
     let clamd = clamd().await;
     let timeout = Duration::from_millis(500);
     let scanner = client(&clamd, timeout);
-    // 10 GB: 500 s allowed by size, 1 s left of the job.
+    // 10 GB: 500 s allowed by size, 2 s left of the job. 64 KiB every 10 ms.
     let size = 10_000_000_000;
+    let (mut writer, slow) = tokio::io::duplex(1 << 20);
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let piece = vec![0u8; 64 * 1024];
+        while writer.write_all(&piece).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
     let started = Instant::now();
     let result = scanner
-        .scan_within(Stalled, size, Duration::from_secs(1))
+        .scan_within(slow, size, Duration::from_secs(2))
         .await;
     assert!(
         matches!(&result, Err(ScanError::Refused(m)) if m.contains("job's time limit")),
         "{result:?}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(4),
         "bounded by what was left"
+    );
+    feeder.abort();
+    // Stalled from the start: the scanner or the store, not the file's size.
+    let result = scanner
+        .scan_within(Stalled, size, Duration::from_secs(1))
+        .await;
+    assert!(
+        matches!(result, Err(ScanError::Unavailable(_))),
+        "{result:?}"
     );
     // Less left than the scanner's own timeout: a setting, not the file; tried again.
     let result = scanner

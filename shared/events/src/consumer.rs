@@ -608,6 +608,11 @@ impl Consumer {
                     )
                     .await
                 {
+                    Ok(-1) => tracing::debug!(
+                        stream,
+                        member = name,
+                        "a gone member took deliveries meanwhile; kept"
+                    ),
                     Ok(_) => tracing::debug!(stream, member = name, "removed a gone group member"),
                     Err(error) => tracing::debug!(%error, stream, "group member not removed"),
                 }

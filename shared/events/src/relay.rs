@@ -78,6 +78,8 @@ pub struct Relay {
     pub(crate) schema: String,
     pub(crate) redis: Client,
     pub(crate) settings: RelaySettings,
+    /// Settling passes skipped in a row because another relay was publishing.
+    pub(crate) settle_skipped: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Relay {
@@ -96,6 +98,7 @@ impl Relay {
             schema: schema.to_owned(),
             redis,
             settings,
+            settle_skipped: Arc::default(),
         })
     }
 

@@ -20,7 +20,7 @@
 //! comes after later events of its topic: consumers must not rely on a topic's order. Only
 //! rows staged within [`REQUEUE_HORIZON`] are published again (consumers remember 7 days).
 
-use std::{collections::HashMap, fmt, str::FromStr};
+use std::{collections::HashMap, fmt, str::FromStr, sync::atomic::Ordering};
 
 use deadpool_postgres::Transaction;
 use fred::prelude::*;
@@ -31,6 +31,10 @@ use stowage_db::Cached;
 /// How old (since staged) an event may be and still be published again when not settled:
 /// well within the 7 days consumers remember what they applied, so a repeat is still known.
 pub(crate) const REQUEUE_HORIZON: &str = "6 days";
+
+/// Passes skipped because another relay held the publishers' lock after which a pass waits
+/// for it.
+const SETTLE_WAITS_AFTER: u32 = 10;
 
 /// A stream entry id: milliseconds and sequence number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -173,9 +177,19 @@ impl Relay {
         let tx = conn.transaction().await?;
         // Under the publishers' lock, so no entry is being added meanwhile; a pass another
         // relay is publishing through is skipped rather than waited for.
-        if !self.try_publish_lock(&tx).await? {
+        if self.settle_skipped.load(Ordering::Relaxed) >= SETTLE_WAITS_AFTER {
+            // Skipped too often (other relays publish all the time): this pass waits its turn.
+            tx.execute_cached(
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                &[&self.publish_lock()],
+            )
+            .await?;
+        } else if !self.try_publish_lock(&tx).await? {
+            self.settle_skipped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("stowage_events_settle_skipped_total", "schema" => self.schema.clone()).increment(1);
             return Ok(Settled::default());
         }
+        self.settle_skipped.store(0, Ordering::Relaxed);
         let topics = tx
             .query_cached(
                 &format!("SELECT topic, added FROM {}.outbox_streams", self.schema),
@@ -299,6 +313,7 @@ impl Relay {
                 &format!(
                     "SELECT stream_ms, stream_seq FROM {}.outbox
                      WHERE topic = $1 AND settled_at IS NULL AND stream_ms IS NOT NULL
+                       AND created_at > now() - interval '{REQUEUE_HORIZON}'
                      ORDER BY stream_ms DESC, stream_seq DESC LIMIT 1",
                     self.schema
                 ),
