@@ -2452,3 +2452,68 @@ async fn a_recheck_whose_process_died_runs_again_after_its_lease() -> anyhow::Re
     .await?;
     mesh.stop().await
 }
+
+/// UserEvents pages through a user's history newest first, each event once, also when
+/// several share one time (they follow their ids).
+#[tokio::test]
+async fn user_events_pages_through_events_of_the_same_time_once_each() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .batch_execute(
+            "INSERT INTO lifecycle.history (user_id, event, at, dedupe_key) VALUES
+                 ('pia', 'session_up', '2026-01-01T10:00:00Z', 'a'),
+                 ('pia', 'session_up', '2026-01-01T11:00:00Z', 'b'),
+                 ('pia', 'session_down', '2026-01-01T11:00:00Z', 'c'),
+                 ('pia', 'session_up', '2026-01-01T11:00:00Z', 'd'),
+                 ('pia', 'session_down', '2026-01-01T12:00:00Z', 'e'),
+                 ('quin', 'session_up', '2026-01-01T11:00:00Z', 'x');",
+        )
+        .await?;
+    let admin = token("root", &["admin"]);
+    let mut client = LifecycleClient::new(mesh.channel());
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .user_events(authed(
+                pb::UserEventsRequest {
+                    user_id: "pia".into(),
+                    page_size: 2,
+                    page_token: page_token.clone(),
+                },
+                &admin,
+            ))
+            .await?
+            .into_inner();
+        assert!(page.events.len() <= 2);
+        seen.extend(
+            page.events
+                .iter()
+                .map(|e| (e.event.clone(), e.at.map_or(0, |t| t.seconds))),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let at = |hour: u32| {
+        chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
+            .and_then(|d| d.and_hms_opt(hour, 0, 0))
+            .map_or(0, |t| t.and_utc().timestamp())
+    };
+    // Newest first; the three of 11:00 by id, the last inserted first.
+    assert_eq!(
+        seen,
+        [
+            ("session_down".to_owned(), at(12)),
+            ("session_up".to_owned(), at(11)),
+            ("session_down".to_owned(), at(11)),
+            ("session_up".to_owned(), at(11)),
+            ("session_up".to_owned(), at(10)),
+        ]
+    );
+    mesh.stop().await
+}
