@@ -2403,16 +2403,7 @@ async fn a_recheck_whose_process_died_runs_again_after_its_lease() -> anyhow::Re
         &[],
     )
     .await?;
-    let used = || async {
-        let used: i64 = conn
-            .query_one(
-                "SELECT used_bytes FROM quota.accounts WHERE user_id = 'jo'",
-                &[],
-            )
-            .await?
-            .get(0);
-        anyhow::Ok(used)
-    };
+    let used = || async { anyhow::Ok(usage(mesh.channel(), &jo).await?.used_bytes) };
     let locker = stowage_db::connect(&setup.database_url, 1)?;
     let mut blocker = locker.get().await?;
     let lock = blocker.transaction().await?;
