@@ -568,6 +568,9 @@ impl Quota {
         let (mut ids, mut count) = (Vec::new(), 0u64);
         loop {
             // Reservations first, then their accounts: the order commits and releases take.
+            // The accounts are locked in user order before any is updated: two sweeps at once
+            // take disjoint reservations (SKIP LOCKED) but may share accounts, and taking those
+            // in the order a join happens to produce could deadlock the two.
             let rows = conn
                 .query_cached(
                     "WITH expired AS (
@@ -579,10 +582,15 @@ impl Quota {
                          RETURNING id, user_id, bytes
                      ), per_user AS (
                          SELECT user_id, sum(bytes)::bigint AS bytes FROM expired GROUP BY user_id
+                     ), locked AS MATERIALIZED (
+                         SELECT user_id FROM quota.accounts
+                         WHERE user_id IN (SELECT user_id FROM per_user)
+                         ORDER BY user_id FOR UPDATE
                      ), released AS (
                          UPDATE quota.accounts a
                          SET reserved_bytes = a.reserved_bytes - p.bytes, updated_at = now()
-                         FROM per_user p WHERE a.user_id = p.user_id
+                         FROM per_user p JOIN locked l USING (user_id)
+                         WHERE a.user_id = p.user_id
                      )
                      SELECT id FROM expired",
                     &[&EXPIRE_BATCH],
