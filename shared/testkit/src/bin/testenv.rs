@@ -23,7 +23,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let pg = match LocalPostgres::start(&dir.path().join("pg"), false).await {
+    // More server settings for a measurement (`name=value;name=value`), say
+    // `shared_preload_libraries=pg_stat_statements` to see where a benchmark's time goes.
+    let extra = std::env::var("STOWAGE_TESTENV_PG_SETTINGS").unwrap_or_default();
+    let settings: Vec<&str> = extra.split(';').filter(|s| !s.is_empty()).collect();
+    let pg = match LocalPostgres::start_with(&dir.path().join("pg"), false, &settings).await {
         Ok(pg) => pg,
         Err(e) => {
             eprintln!("cannot start PostgreSQL: {e}");
