@@ -2444,6 +2444,97 @@ async fn a_recheck_whose_process_died_runs_again_after_its_lease() -> anyhow::Re
     mesh.stop().await
 }
 
+/// A change announced while the user's recheck runs asks for a recheck of its own: the one
+/// running, once done, clears only its own claim, so the new request stays and runs after it.
+#[tokio::test]
+async fn a_recheck_requested_while_one_runs_is_kept_and_runs_after_it() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.lifecycle.reconcile_settle = Duration::from_millis(200);
+        // Long enough that the new request waits for the test to bring it forward.
+        c.lifecycle.recheck_debounce = Duration::from_secs(120);
+        c.peers.timeout = Some(Duration::from_secs(30));
+    })
+    .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let jo = token("jo", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    // The upload's own recheck waits the debounce: brought forward.
+    upload(mesh.channel(), &jo, "r.bin", &random_bytes(1000), &[]).await?;
+    events_consumed(&conn, 1).await?;
+    conn.execute("UPDATE lifecycle.rechecks SET due_at = now()", &[])
+        .await?;
+    stowage_integration_tests::eventually(PATIENCE, "the upload's recheck done", || async {
+        Ok(pending_rechecks(&conn).await? == 0)
+    })
+    .await?;
+    let used = || async { anyhow::Ok(usage(mesh.channel(), &jo).await?.used_bytes) };
+    let claim = || async {
+        anyhow::Ok(
+            conn.query_opt(
+                "SELECT claim IS NOT NULL FROM lifecycle.rechecks WHERE user_id = 'jo'",
+                &[],
+            )
+            .await?
+            .map(|r| r.get::<_, bool>(0)),
+        )
+    };
+    conn.execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'jo'",
+        &[],
+    )
+    .await?;
+    // A recheck runs and waits on its recount (Files' table is locked).
+    let locker = stowage_db::connect(&setup.database_url, 1)?;
+    let mut blocker = locker.get().await?;
+    let lock = blocker.transaction().await?;
+    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    conn.execute(
+        "INSERT INTO lifecycle.rechecks (user_id, due_at) VALUES ('jo', now())",
+        &[],
+    )
+    .await?;
+    stowage_integration_tests::eventually(PATIENCE, "the recheck claimed", || async {
+        Ok(claim().await? == Some(true))
+    })
+    .await?;
+    // Meanwhile Files announces a change of jo's (staged in its outbox, which the lock leaves
+    // writable): Lifecycle's consumer asks for a recheck, replacing the running one's claim.
+    let payload = serde_json::json!({"owner_id": "jo", "file_id": uuid::Uuid::now_v7()});
+    stowage_events::stage(
+        &conn,
+        "files",
+        stowage_events::topics::FILE_RESTORED,
+        "jo",
+        &payload,
+    )
+    .await?;
+    stowage_integration_tests::eventually(PATIENCE, "the new request recorded", || async {
+        Ok(claim().await? == Some(false))
+    })
+    .await?;
+    lock.rollback().await?;
+    // The running recheck repairs and ends; the request made meanwhile is still there.
+    stowage_integration_tests::eventually(PATIENCE, "the running recheck's repair", || async {
+        Ok(used().await? == 1000)
+    })
+    .await?;
+    assert_eq!(claim().await?, Some(false), "the request made meanwhile");
+    // It runs (brought forward) and repairs what changed since.
+    conn.batch_execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'jo';
+         UPDATE lifecycle.rechecks SET due_at = now() WHERE user_id = 'jo';",
+    )
+    .await?;
+    stowage_integration_tests::eventually(PATIENCE, "repaired again, row gone", || async {
+        Ok(used().await? == 1000 && pending_rechecks(&conn).await? == 0)
+    })
+    .await?;
+    mesh.stop().await
+}
+
 /// UserEvents pages through a user's history newest first, each event once, also when
 /// several share one time (they follow their ids).
 #[tokio::test]
