@@ -76,6 +76,25 @@ fn video_stream(video: &[u8], dir: &std::path::Path) -> anyhow::Result<String> {
         .args(["-of", "csv=p=0"])
         .arg(&path)
         .output()?;
+    // A display matrix, if any, follows on the line: not asked for here.
+    let line = String::from_utf8_lossy(&probe.stdout);
+    Ok(line.trim().split(',').take(4).collect::<Vec<_>>().join(","))
+}
+
+/// The rotation of the display matrix of `video`'s first video stream, as ffprobe prints it.
+fn stream_rotation(video: &[u8], dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join("rotated.mp4");
+    std::fs::write(&path, video)?;
+    let probe = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0"])
+        .args([
+            "-show_entries",
+            "stream_side_data=rotation",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(&path)
+        .output()?;
     Ok(String::from_utf8_lossy(&probe.stdout).trim().to_owned())
 }
 
@@ -648,6 +667,62 @@ async fn odd_sized_videos_get_even_web_mp4s_at_most_720p() -> anyhow::Result<()>
             "{tags}"
         );
     }
+    mesh.stop().await
+}
+
+/// A phone video shot upright is stored sideways with a rotation in its display matrix: its
+/// size, poster, thumbnail and web copy are upright, as a player shows it (the frame's top
+/// red, its bottom blue; turned a quarter counter-clockwise, as the matrix says: left red,
+/// right blue).
+#[tokio::test]
+async fn a_video_with_a_rotation_is_described_and_shown_upright() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let dir = tempfile::tempdir()?;
+    let sideways = dir.path().join("sideways.mp4");
+    ffmpeg(
+        "-f lavfi -i color=c=red:size=320x180:duration=1:rate=10 \
+         -vf drawbox=x=0:y=90:w=320:h=90:color=blue:t=fill -pix_fmt yuv420p -c:v libx264",
+        &sideways,
+    );
+    // The matrix is written when the stream is copied (ffmpeg 5's mov muxer).
+    let clip = ffmpeg(
+        &format!(
+            "-i {} -c copy -metadata:s:v:0 rotate=90",
+            sideways.display()
+        ),
+        &dir.path().join("upright.mp4"),
+    );
+    assert_eq!(video_stream(&clip, dir.path())?, "h264,320,180,yuv420p");
+    assert!(
+        stream_rotation(&clip, dir.path())? == "90",
+        "the clip has no display matrix"
+    );
+    let file = upload(mesh.channel(), &alice, "upright.mp4", &clip, &[]).await?;
+    let file = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+    assert_eq!(
+        file.status,
+        pb::FileStatus::Ready as i32,
+        "{}",
+        file.status_reason
+    );
+    assert_eq!((file.width, file.height), (180, 320));
+    for name in ["poster_jpeg", "thumb_256_jpeg"] {
+        let image = variant_image(&mesh, &alice, &file, name).await;
+        let (w, h) = (image.width(), image.height());
+        assert!(h > w, "{name}: {w}x{h} is not upright");
+        let (left, right) = (
+            image.get_pixel(w / 4, h / 2),
+            image.get_pixel(3 * w / 4, h / 2),
+        );
+        assert!(
+            is_red(left) && is_blue(right),
+            "{name}: left {left:?}, right {right:?}"
+        );
+    }
+    let (_, web) = download_variant(mesh.channel(), &alice, &file.id, "video_720_mp4").await?;
+    assert_eq!(video_stream(&web, dir.path())?, "h264,180,320,yuv420p");
     mesh.stop().await
 }
 
