@@ -971,3 +971,102 @@ async fn a_group_created_late_reads_what_the_others_acknowledged() -> anyhow::Re
     late.await?;
     Ok(())
 }
+
+/// A process listens for every channel of a database on one connection (each listening
+/// backend is woken by every notification of its database): all of a mesh's relays and job
+/// workers share one. Each channel wakes only its own waiters; after the connection is cut,
+/// every waiter is woken once it is back and notifications reach them again; the connection
+/// closes when the last waiter stops.
+#[tokio::test]
+async fn a_process_listens_on_one_connection_per_database() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    let listeners = || async {
+        let rows = conn
+            .query(
+                "SELECT pid, query FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = $1",
+                &[&stowage_db::LISTENER_APPLICATION_NAME],
+            )
+            .await?;
+        anyhow::Ok(
+            rows.iter()
+                .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>(),
+        )
+    };
+    // Five relays and two job queues (Media's, Lifecycle's), one connection.
+    let found = listeners().await?;
+    assert_eq!(found.len(), 1, "{found:?}");
+    mesh.stop().await?;
+    stowage_integration_tests::eventually(
+        Duration::from_secs(10),
+        "the mesh's listener gone",
+        || async { Ok(listeners().await?.is_empty()) },
+    )
+    .await?;
+
+    let stop = CancellationToken::new();
+    let (a, b) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    for (channel, wake) in [("probe_a", &a), ("probe_b", &b)] {
+        tokio::spawn(stowage_db::listen(
+            stowage_db::PgTarget::parse(&setup.database_url)?,
+            channel.to_owned(),
+            Arc::clone(wake),
+            stop.clone(),
+        ));
+        // The first wake says the LISTEN is in place.
+        tokio::time::timeout(Duration::from_secs(10), wake.notified()).await?;
+    }
+    let woken = |wake: &Arc<tokio::sync::Notify>, within: u64| {
+        let wake = Arc::clone(wake);
+        async move {
+            tokio::time::timeout(Duration::from_millis(within), wake.notified())
+                .await
+                .is_ok()
+        }
+    };
+    // Any wake left from the start is taken.
+    woken(&a, 200).await;
+    woken(&b, 200).await;
+    conn.execute("SELECT pg_notify('probe_a', '')", &[]).await?;
+    assert!(woken(&a, 5000).await, "probe_a's waiter woken");
+    assert!(!woken(&b, 500).await, "probe_b's waiter left asleep");
+    conn.execute("SELECT pg_notify('probe_b', '')", &[]).await?;
+    assert!(woken(&b, 5000).await, "probe_b's waiter woken");
+    let found = listeners().await?;
+    assert_eq!(found.len(), 1, "{found:?}");
+
+    // Cut: both are woken once it listens again (what was sent meanwhile is lost), and it
+    // carries notifications again.
+    conn.execute("SELECT pg_terminate_backend($1)", &[&found[0].0])
+        .await?;
+    assert!(
+        woken(&a, 10_000).await && woken(&b, 10_000).await,
+        "woken on reconnection"
+    );
+    conn.execute("SELECT pg_notify('probe_b', '')", &[]).await?;
+    assert!(
+        woken(&b, 5000).await,
+        "probe_b's waiter woken after the reconnection"
+    );
+    let found = listeners().await?;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].1.contains("probe_a") && found[0].1.contains("probe_b"),
+        "{found:?}"
+    );
+
+    stop.cancel();
+    stowage_integration_tests::eventually(
+        Duration::from_secs(10),
+        "the listener closed",
+        || async { Ok(listeners().await?.is_empty()) },
+    )
+    .await
+}

@@ -9,7 +9,7 @@ mod listen;
 mod target;
 pub mod tls;
 pub use cached::{Cached, Params};
-pub use listen::listen;
+pub use listen::{LISTENER_APPLICATION_NAME, listen};
 pub use target::{PgConnection, PgTarget};
 
 use std::time::Duration;

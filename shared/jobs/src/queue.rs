@@ -53,13 +53,8 @@ impl Queue {
     ) -> Result<Self, Error> {
         config.validate()?;
         check_schema(schema)?;
-        let mut listen = stowage_db::PgTarget::parse(database_url)
+        let listen = stowage_db::PgTarget::parse(database_url)
             .map_err(|e| Error::invalid("database_url", format!("{e}")))?;
-        listen
-            .config_mut()
-            .application_name("stowage-jobs-listener")
-            // A listener mostly waits: keepalives notice a peer that vanished without a word.
-            .keepalives_idle(Duration::from_secs(60));
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,

@@ -312,7 +312,7 @@ async fn a_notification_wakes_an_idle_worker_even_after_its_connection_dropped()
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database()
-                   AND application_name = 'stowage-jobs-listener' AND query LIKE 'LISTEN%'",
+                   AND application_name = 'stowage-listener' AND query LIKE 'LISTEN%'",
                 &[],
             )
             .await
@@ -346,7 +346,7 @@ async fn a_notification_wakes_an_idle_worker_even_after_its_connection_dropped()
         .query_one(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
              WHERE datname = current_database()
-               AND application_name = 'stowage-jobs-listener') t",
+               AND application_name = 'stowage-listener') t",
             &[],
         )
         .await
