@@ -690,8 +690,6 @@ impl Media {
                 "web video reached its size bound before the end; the file keeps its poster");
             return Ok(None);
         }
-        let bytes = tokio::fs::read(&output).await.map_err(JobError::retry)?;
-        let size = bytes.len() as u64;
         let key = variant_key(
             &file.owner_id,
             created_at(file),
@@ -699,10 +697,13 @@ impl Media {
             "video_720",
             "mp4",
         );
-        self.store
-            .put(&ObjectPath::from(key.as_str()), PutPayload::from(bytes))
-            .await
-            .map_err(JobError::retry)?;
+        let size = put_file(
+            self.store.as_ref(),
+            &ObjectPath::from(key.as_str()),
+            &output,
+        )
+        .await
+        .map_err(JobError::retry)?;
         Ok(Some(pb::Variant {
             name: "video_720_mp4".into(),
             mime_type: "video/mp4".into(),
@@ -877,11 +878,93 @@ impl Handler for Media {
     }
 }
 
+/// Pieces a file is stored in by [`put_file`].
+const PUT_PIECE: usize = 8 << 20;
+
+/// Stores the file at `path` under `key` piece by piece (a web copy can be hundreds of MB:
+/// never whole in memory); returns its size. A failure leaves nothing under `key`.
+async fn put_file(
+    store: &dyn ObjectStore,
+    key: &ObjectPath,
+    path: &std::path::Path,
+) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    use tokio::io::AsyncReadExt;
+    let mut input = tokio::fs::File::open(path).await?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(
+        store.put_multipart(key).await?,
+        PUT_PIECE,
+    );
+    let mut size = 0u64;
+    let copied: Result<(), Box<dyn std::error::Error + Send + Sync>> = async {
+        loop {
+            let mut piece = bytes::BytesMut::with_capacity(PUT_PIECE);
+            while piece.len() < PUT_PIECE {
+                if input.read_buf(&mut piece).await? == 0 {
+                    break;
+                }
+            }
+            if piece.is_empty() {
+                return Ok(());
+            }
+            size += piece.len() as u64;
+            writer.wait_for_capacity(2).await?;
+            writer.put(piece.freeze());
+        }
+    }
+    .await;
+    match copied {
+        Ok(()) => {
+            writer.finish().await?;
+            Ok(size)
+        }
+        Err(error) => {
+            let _ = writer.abort().await;
+            Err(error)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
+
+    /// A file of several pieces and one of none are stored byte for byte; one that cannot be
+    /// read leaves nothing under its key.
+    #[tokio::test]
+    async fn a_file_is_stored_piece_by_piece_whole() {
+        let store = object_store::memory::InMemory::new();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data: Vec<u8> = (0..PUT_PIECE * 2 + 12_345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        for (name, bytes) in [("big.mp4", &data[..]), ("empty.mp4", &[][..])] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).expect("file");
+            let key = ObjectPath::from(name);
+            let size = put_file(&store, &key, &path).await.expect("stored");
+            assert_eq!(size, bytes.len() as u64, "{name}");
+            let stored = store
+                .get(&key)
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("bytes");
+            assert!(stored[..] == *bytes, "{name}: the stored bytes differ");
+        }
+        let gone = ObjectPath::from("gone.mp4");
+        assert!(
+            put_file(&store, &gone, &dir.path().join("nothing"))
+                .await
+                .is_err()
+        );
+        assert!(
+            store.head(&gone).await.is_err(),
+            "nothing stored under the key"
+        );
+    }
 
     #[test]
     fn only_old_working_directories_of_media_are_swept() {
