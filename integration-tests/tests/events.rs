@@ -1070,3 +1070,35 @@ async fn a_process_listens_on_one_connection_per_database() -> anyhow::Result<()
     )
     .await
 }
+
+/// A relay prunes published rows past the outbox's retention (7 days) when it starts, not
+/// only ten minutes into its run, whether every group acknowledged them or not (those it
+/// counts as dropped); a recent row stays.
+#[tokio::test]
+async fn a_relay_prunes_rows_past_retention_from_its_first_pass() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let probe = Probe::new(&setup, &setup.redis_url).await?;
+    let keys: Vec<uuid::Uuid> = probe.stage("probe.pruned", 3).await?.into_iter().collect();
+    let conn = probe.pool.get().await?;
+    conn.execute(
+        "UPDATE probe.outbox SET created_at = now() - interval '8 days',
+                published_at = now() - interval '8 days', stream_ms = 1, stream_seq = 0,
+                settled_at = CASE WHEN key = $1 THEN now() - interval '8 days' END
+         WHERE key IN ($1, $2)",
+        &[&keys[0].to_string(), &keys[1].to_string()],
+    )
+    .await?;
+    let stop = CancellationToken::new();
+    let relay = probe.relay(1000, Duration::from_secs(60), &stop)?;
+    stowage_integration_tests::eventually(Duration::from_secs(30), "old rows pruned", || async {
+        Ok(probe.outbox_count("true").await? == 1)
+    })
+    .await?;
+    assert_eq!(
+        probe.outbox_count(&format!("key = '{}'", keys[2])).await?,
+        1
+    );
+    stop.cancel();
+    relay.await?;
+    Ok(())
+}

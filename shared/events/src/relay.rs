@@ -111,7 +111,9 @@ impl Relay {
             Arc::clone(&wake),
             shutdown.child_token(),
         ));
-        let mut last_prune = tokio::time::Instant::now();
+        // The first pass prunes too: a relay restarted more often than every ten minutes
+        // would otherwise never prune.
+        let mut last_prune: Option<tokio::time::Instant> = None;
         let mut last_lag: Option<tokio::time::Instant> = None;
         let mut last_settle: Option<tokio::time::Instant> = None;
         let mut settle_failures = 0u32;
@@ -161,8 +163,8 @@ impl Relay {
                     tracing::debug!(%error, "outbox lag not measured");
                 }
             }
-            if last_prune.elapsed() > Duration::from_secs(600) {
-                last_prune = tokio::time::Instant::now();
+            if last_prune.is_none_or(|at| at.elapsed() > Duration::from_secs(600)) {
+                last_prune = Some(tokio::time::Instant::now());
                 if let Err(error) = self.prune().await {
                     tracing::warn!(%error, "outbox prune failed");
                 }
@@ -377,16 +379,30 @@ impl Relay {
         let keep = self.settings.retention.max(self.settings.replay_window);
         let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(7));
         let conn = self.pool.get().await?;
-        let removed = conn
-            .execute_cached(
+        // Rows some group never acknowledged go too (a group no one reads any more, or a
+        // Redis loss older than the replay horizon): counted, and said, as events dropped.
+        let row = conn
+            .query_one_cached(
                 &format!(
-                    "DELETE FROM {}.outbox WHERE published_at < now() - ($1::float8 * interval '1 second')",
+                    "WITH gone AS (
+                         DELETE FROM {}.outbox WHERE published_at < now() - ($1::float8 * interval '1 second')
+                         RETURNING topic, settled_at IS NULL AS unsettled)
+                     SELECT count(*), count(*) FILTER (WHERE unsettled),
+                            COALESCE(array_agg(DISTINCT topic) FILTER (WHERE unsettled), '{{}}')
+                     FROM gone",
                     self.schema
                 ),
                 &[&pg_interval(keep)],
             )
             .await?;
+        let (removed, unsettled, topics): (i64, i64, Vec<String>) =
+            (row.get(0), row.get(1), row.get(2));
         tracing::debug!(schema = %self.schema, removed, "pruned published outbox rows");
+        if unsettled > 0 {
+            tracing::warn!(schema = %self.schema, unsettled, ?topics, "pruned outbox rows that some consumer group never acknowledged: those events are dropped for it (a group no one reads any more can be removed with XGROUP DESTROY)");
+            metrics::counter!("stowage_events_dropped_total", "schema" => self.schema.clone())
+                .increment(unsettled.unsigned_abs());
+        }
         Ok(())
     }
 }
