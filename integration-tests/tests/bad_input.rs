@@ -668,6 +668,35 @@ async fn outside_lists_names_and_keys_are_bounded_by_field() -> anyhow::Result<(
         .await
         .map(drop);
     refused(set_policy, "stuck_processing_minutes");
+
+    // The privileged listings too: an owner id no account can have, a key no store takes.
+    let usage_of = files()
+        .usage_by_owner(authed(
+            pb::UsageByOwnerRequest {
+                owner_id: "o".repeat(129),
+                ..Default::default()
+            },
+            &media,
+        ))
+        .await
+        .map(drop);
+    refused(usage_of, "owner_id");
+    let long_key = vec!["k".to_owned(), "k".repeat(1025)];
+    let found = files()
+        .find_keys(authed(
+            pb::FindKeysRequest {
+                keys: long_key.clone(),
+            },
+            &media,
+        ))
+        .await
+        .map(drop);
+    refused(found, "keys");
+    let in_use = ingest()
+        .find_upload_keys(authed(pb::FindUploadKeysRequest { keys: long_key }, &media))
+        .await
+        .map(drop);
+    refused(in_use, "keys");
     mesh.stop().await
 }
 

@@ -628,6 +628,10 @@ impl files_server::Files for FilesGrpc {
         let fingerprint = paging::fingerprint(&("usage_by_owner", &req.owner_id));
         let after: Option<String> = paging::decode(&req.page_token, &fingerprint)?;
         let only = (!req.owner_id.is_empty()).then_some(req.owner_id.as_str());
+        if let Some(owner) = only {
+            stowage_blob::keys::validate_user_id(owner)
+                .map_err(|why| invalid_argument("owner_id", why))?;
+        }
         let mut owners = self
             .catalog
             .usage_by_owner(only, after.as_deref(), size + 1)
@@ -658,9 +662,8 @@ impl files_server::Files for FilesGrpc {
     ) -> Result<Response<pb::FindKeysResponse>, Status> {
         identity(&request)?.require_privileged()?;
         let keys = request.into_inner().keys;
-        if keys.is_empty() || keys.len() > 1000 {
-            return Err(invalid_argument("keys", "must hold 1..=1000 keys"));
-        }
+        stowage_blob::keys::validate_key_list(&keys)
+            .map_err(|why| invalid_argument("keys", why))?;
         let referenced = self.catalog.find_keys(&keys).await?;
         Ok(Response::new(pb::FindKeysResponse { referenced }))
     }

@@ -277,12 +277,8 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::FindUploadKeysResponse>, Status> {
         identity(&request)?.require_privileged()?;
         let keys = request.into_inner().keys;
-        if keys.is_empty() || keys.len() > 1000 {
-            return Err(stowage_runtime::status::invalid_argument(
-                "keys",
-                "must hold 1..=1000 keys",
-            ));
-        }
+        stowage_blob::keys::validate_key_list(&keys)
+            .map_err(|why| stowage_runtime::status::invalid_argument("keys", why))?;
         let in_use = self.uploader.uploads.keys_in_use(&keys).await?;
         Ok(Response::new(pb::FindUploadKeysResponse { in_use }))
     }

@@ -27,6 +27,24 @@ pub fn validate_user_id(user_id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Longest object key (S3's bound; ours are far shorter).
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Checks a list of keys a privileged caller asks about: 1..=1000 of them, each 1..=1024
+/// bytes. The error names what is wrong, for the caller's `keys` field.
+pub fn validate_key_list(keys: &[String]) -> Result<(), String> {
+    if keys.is_empty() || keys.len() > 1000 {
+        return Err("must hold 1..=1000 keys".into());
+    }
+    if let Some(i) = keys
+        .iter()
+        .position(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
+    {
+        return Err(format!("keys[{i}] must be 1..={MAX_KEY_LEN} bytes"));
+    }
+    Ok(())
+}
+
 /// Key of an original: `users/{user}/{kind}/{yyyy}/{mm}/{file_id}.{ext}`.
 ///
 /// `user` must have passed [`validate_user_id`]; `kind` and `ext` come from the sniffer.
@@ -56,6 +74,22 @@ pub fn staging_part(upload_id: &str, part: u32) -> Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_lists_are_bounded_in_number_and_length() {
+        let keys = |n: usize, len: usize| vec!["k".repeat(len); n];
+        assert!(validate_key_list(&keys(1000, 1024)).is_ok());
+        assert!(validate_key_list(&keys(0, 10)).is_err());
+        assert!(validate_key_list(&keys(1001, 10)).is_err());
+        let mut long = keys(3, 10);
+        long[2] = "k".repeat(1025);
+        assert_eq!(
+            validate_key_list(&long),
+            Err("keys[2] must be 1..=1024 bytes".into())
+        );
+        long[1] = String::new();
+        assert!(validate_key_list(&long).unwrap_err().starts_with("keys[1]"));
+    }
 
     #[test]
     fn user_ids_are_strict() {
