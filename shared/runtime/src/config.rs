@@ -91,6 +91,10 @@ pub struct ConnectionsConfig {
     /// `STOWAGE_CONNECTIONS__MAX`: connections open at once; past it, new ones wait to be
     /// accepted until one closes.
     pub max: usize,
+    /// `STOWAGE_CONNECTIONS__PER_ADDRESS`: connections one client address may hold open at
+    /// once; past it, its new ones are closed at once (0: no bound, for a service reached
+    /// only through a proxy that opens more than this).
+    pub per_address: usize,
     /// `STOWAGE_CONNECTIONS__STREAM_WINDOW`: HTTP/2 receive window of one call, what a peer
     /// may send before the service reads it (larger: faster uploads on fast links).
     pub stream_window: ByteSize,
@@ -103,6 +107,7 @@ impl Default for ConnectionsConfig {
     fn default() -> Self {
         Self {
             max: 10_000,
+            per_address: 1_000,
             // hyper's default, 1 MiB, kept one upload stream of 8 MiB chunks at about 170 MB/s
             // on loopback, its client waiting for window updates; 4 MiB: about 300.
             stream_window: ByteSize::mib(4),
@@ -613,6 +618,12 @@ impl Config {
         if self.connections.max == 0 {
             return fail("STOWAGE_CONNECTIONS__MAX", "must be at least 1");
         }
+        if self.connections.per_address > self.connections.max {
+            return fail(
+                "STOWAGE_CONNECTIONS__PER_ADDRESS",
+                "must be at most STOWAGE_CONNECTIONS__MAX (0: no bound)",
+            );
+        }
         self.rate_limit
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
@@ -925,6 +936,9 @@ mod tests {
         let mut config = valid();
         config.connections.max = 0;
         refused_naming(&config, "STOWAGE_CONNECTIONS__MAX");
+        let mut config = valid();
+        config.connections.per_address = config.connections.max + 1;
+        refused_naming(&config, "STOWAGE_CONNECTIONS__PER_ADDRESS");
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! Accepted connections, at most a configured number open at once: past it, new ones wait in
 //! the listen backlog until one closes, instead of each taking memory and file descriptors.
+//! One address may hold only so many of them: past that, its new connections are closed at
+//! once, so that one client cannot take every place.
 
 use std::{
+    collections::HashMap,
+    net::IpAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -24,6 +28,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 pub struct LimitedConnection {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
 }
 
 impl Drop for LimitedConnection {
@@ -32,33 +37,96 @@ impl Drop for LimitedConnection {
     }
 }
 
-/// Connections accepted from `listener`, at most `max` open at once.
+/// Open connections per address.
+type Addresses = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One of an address's places, given back when dropped.
+struct AddressSlot {
+    addresses: Addresses,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    /// A place for `ip` if it holds fewer than `most`.
+    fn take(addresses: &Addresses, ip: IpAddr, most: usize) -> Option<Self> {
+        let mut open = addresses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(ip).or_default();
+        if *count >= most {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            addresses: Arc::clone(addresses),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .addresses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Connections accepted from `listener`, at most `max` open at once and `per_address` (0:
+/// no such bound) from one address.
 pub fn limited(
     listener: TcpListener,
     max: usize,
+    per_address: usize,
 ) -> impl Stream<Item = std::io::Result<LimitedConnection>> {
     let slots = Arc::new(Semaphore::new(max.max(1)));
-    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
-        // The semaphore is never closed.
-        let slot = Arc::clone(&slots).acquire_owned().await.ok()?;
-        let accepted = match listener.accept().await {
-            Ok((stream, _)) => {
-                // Small gRPC messages go out at once.
-                let _ = stream.set_nodelay(true);
-                metrics::gauge!("stowage_connections_open").increment(1.0);
-                Ok(LimitedConnection {
-                    stream,
-                    _slot: slot,
-                })
-            }
-            Err(error) => {
-                tracing::warn!(%error, "accepting a connection failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                Err(error)
-            }
-        };
-        Some((accepted, (listener, slots)))
-    })
+    let addresses = Addresses::default();
+    futures::stream::unfold(
+        (listener, slots, addresses),
+        move |(listener, slots, addresses)| async move {
+            // The semaphore is never closed.
+            let slot = Arc::clone(&slots).acquire_owned().await.ok()?;
+            let accepted = loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let address = if per_address == 0 {
+                            None
+                        } else if let Some(held) =
+                            AddressSlot::take(&addresses, peer.ip(), per_address)
+                        {
+                            Some(held)
+                        } else {
+                            tracing::debug!(address = %peer.ip(), per_address, "connection refused: its address holds too many");
+                            metrics::counter!("stowage_connections_refused_total").increment(1);
+                            drop(stream);
+                            continue;
+                        };
+                        // Small gRPC messages go out at once.
+                        let _ = stream.set_nodelay(true);
+                        metrics::gauge!("stowage_connections_open").increment(1.0);
+                        break Ok(LimitedConnection {
+                            stream,
+                            _slot: slot,
+                            _address: address,
+                        });
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        break Err(error);
+                    }
+                }
+            };
+            Some((accepted, (listener, slots, addresses)))
+        },
+    )
 }
 
 impl Connected for LimitedConnection {
@@ -118,7 +186,7 @@ mod tests {
     async fn past_the_limit_a_connection_waits_until_one_closes() -> anyhow::Result<()> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let mut incoming = Box::pin(limited(listener, 2));
+        let mut incoming = Box::pin(limited(listener, 2, 0));
         let _a = TcpStream::connect(addr).await?;
         let _b = TcpStream::connect(addr).await?;
         let _c = TcpStream::connect(addr).await?;
@@ -131,6 +199,48 @@ mod tests {
         drop(first);
         let third = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await?;
         assert!(matches!(third, Some(Ok(_))));
+        Ok(())
+    }
+
+    /// An address past its share has its new connections closed at once; another address is
+    /// still taken, and a place given back is taken again.
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share() -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let mut incoming = Box::pin(limited(listener, 100, 2));
+        let here = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let (_a, _b) = (
+            TcpStream::connect(here).await?,
+            TcpStream::connect(here).await?,
+        );
+        let first = incoming.next().await.transpose()?;
+        let second = incoming.next().await.transpose()?;
+        assert!(first.is_some() && second.is_some());
+        // The third from 127.0.0.1 is closed by the server: it reads the end at once.
+        let mut third = TcpStream::connect(here).await?;
+        // Another address (127.0.0.2, loopback too, as the client's own) is still taken.
+        let other = tokio::net::TcpSocket::new_v4()?;
+        other.bind(std::net::SocketAddr::from(([127, 0, 0, 2], 0)))?;
+        let _d = other.connect(here).await?;
+        let taken = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await?;
+        let taken = taken.transpose()?.expect("a connection");
+        assert_eq!(
+            taken.connect_info().remote_addr().map(|a| a.ip()),
+            Some(std::net::IpAddr::from([127, 0, 0, 2]))
+        );
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf)).await?;
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the third connection was kept: {read:?}"
+        );
+        // One of the first two closes: 127.0.0.1 has a place again.
+        drop(first);
+        let _e = TcpStream::connect(here).await?;
+        let again = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await?;
+        assert!(matches!(again, Some(Ok(_))));
         Ok(())
     }
 }

@@ -411,7 +411,11 @@ impl GrpcServer {
             .layer(stowage_telemetry::RpcTelemetryLayer::new(grpc_methods()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
-                crate::incoming::limited(listener, self.connections.max),
+                crate::incoming::limited(
+                    listener,
+                    self.connections.max,
+                    self.connections.per_address,
+                ),
                 async move {
                     drain.cancelled().await;
                 },
