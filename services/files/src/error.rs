@@ -29,10 +29,6 @@ pub enum Error {
     /// The file is not in a state that allows the call.
     #[error("{0}")]
     FailedPrecondition(&'static str),
-    /// Not servable yet, soon without anyone doing anything (a scan under way): worth a
-    /// retry after a moment.
-    #[error("{0}")]
-    NotYet(&'static str),
     /// A registration conflicts with an existing file.
     #[error("storage key already registered to another file")]
     AlreadyExists,
@@ -68,7 +64,6 @@ impl From<Error> for Status {
             Error::RangeNotSatisfiable { .. } => Status::out_of_range(error.to_string()),
             Error::NotFound | Error::VariantNotFound(_) => Status::not_found(error.to_string()),
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
-            Error::NotYet(why) => Status::unavailable(why),
             Error::AlreadyExists => Status::already_exists(error.to_string()),
             Error::Db(ref e) => database_failed("file metadata", e),
             Error::Pool(ref e) => database_failed("file metadata", e),
