@@ -1035,7 +1035,9 @@ async fn lapsed_holds_past_one_batch_are_all_expired() -> anyhow::Result<()> {
 
 /// Sweeps that run at once (every Quota replica has one, and Lifecycle schedules another)
 /// take disjoint holds but share accounts: each lapsed hold is expired by one of them, none
-/// fails on the other's locks, and every account gets back exactly what it held.
+/// fails on the other's locks, and every account gets back exactly what it held. (The
+/// accounts are locked in user order; the order the join happened to take them in before
+/// was the same in every sweep here, so this does not show a deadlock without that.)
 #[tokio::test]
 async fn sweeps_at_once_expire_every_hold_once_without_deadlock() -> anyhow::Result<()> {
     let setup = Setup::new().await?.with_default_limit(1 << 30);

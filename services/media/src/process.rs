@@ -882,7 +882,9 @@ impl Handler for Media {
 const PUT_PIECE: usize = 8 << 20;
 
 /// Stores the file at `path` under `key` piece by piece (a web copy can be hundreds of MB:
-/// never whole in memory); returns its size. A failure leaves nothing under `key`.
+/// never whole in memory); returns its size. A failure leaves nothing under `key`, and the
+/// pieces sent are let go (unless the job itself is cut off mid-way: a store's rule for
+/// unfinished multipart uploads, or the orphan sweep on local disk, removes those).
 async fn put_file(
     store: &dyn ObjectStore,
     key: &ObjectPath,
@@ -912,6 +914,11 @@ async fn put_file(
         }
     }
     .await;
+    // Every piece sent before completing: a failed one can still be aborted.
+    let copied = match copied {
+        Ok(()) => writer.wait_for_capacity(0).await.map_err(Into::into),
+        Err(error) => Err(error),
+    };
     match copied {
         Ok(()) => {
             writer.finish().await?;

@@ -38,9 +38,11 @@ pub fn validate_key_list(keys: &[String]) -> Result<(), String> {
     }
     if let Some(i) = keys
         .iter()
-        .position(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
+        .position(|k| k.is_empty() || k.len() > MAX_KEY_LEN || k.contains('\0'))
     {
-        return Err(format!("keys[{i}] must be 1..={MAX_KEY_LEN} bytes"));
+        return Err(format!(
+            "keys[{i}] must be 1..={MAX_KEY_LEN} bytes, without NUL"
+        ));
     }
     Ok(())
 }
@@ -85,8 +87,10 @@ mod tests {
         long[2] = "k".repeat(1025);
         assert_eq!(
             validate_key_list(&long),
-            Err("keys[2] must be 1..=1024 bytes".into())
+            Err("keys[2] must be 1..=1024 bytes, without NUL".into())
         );
+        long[2] = "a\0b".into();
+        assert!(validate_key_list(&long).unwrap_err().starts_with("keys[2]"));
         long[1] = String::new();
         assert!(validate_key_list(&long).unwrap_err().starts_with("keys[1]"));
     }

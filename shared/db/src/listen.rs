@@ -21,6 +21,7 @@ use tokio::sync::{
 };
 use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{PgTarget, target::PgConnection};
 
@@ -41,6 +42,12 @@ pub async fn listen(
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
+    // Names are made by code (`stowage_outbox_{schema}`), but one that PostgreSQL would
+    // refuse or shorten would cut every other channel's connection, or never match.
+    if channel.is_empty() || channel.len() > 63 || channel.contains(['"', '\0']) {
+        tracing::error!(%channel, "not a channel name one can LISTEN to (1 to 63 bytes, no quotes)");
+        return;
+    }
     target
         .config_mut()
         .application_name(LISTENER_APPLICATION_NAME)
@@ -66,8 +73,10 @@ pub async fn listen(
                 () = hub.closed() => {}
             }
         }
-        if stop.is_cancelled() {
-            return;
+        // Not at once: on a runtime shutting down a new hub ends as soon as it starts.
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(FIRST_RECONNECT_DELAY) => {}
         }
     }
 }
@@ -92,7 +101,9 @@ fn hub(key: &str, target: &PgTarget) -> UnboundedSender<Command> {
     hubs.retain(|_, hub| hub.strong_count() > 0);
     let (hub, commands) = unbounded_channel();
     hubs.insert(key.to_owned(), hub.downgrade());
-    tokio::spawn(run(target.clone(), commands));
+    tokio::spawn(
+        run(target.clone(), commands).instrument(tracing::info_span!("task", name = "pg-listener")),
+    );
     hub
 }
 
@@ -209,7 +220,9 @@ async fn session(
     // The connection yields the notifications and must be polled for statements to complete:
     // a task of its own does both, and ends when `client` is dropped.
     let (notes_tx, mut notes) = unbounded_channel();
-    tokio::spawn(pump(connection, notes_tx));
+    tokio::spawn(
+        pump(connection, notes_tx).instrument(tracing::info_span!("task", name = "pg-listener-io")),
+    );
     let all: String = channels
         .0
         .keys()

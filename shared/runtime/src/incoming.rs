@@ -46,9 +46,24 @@ struct AddressSlot {
     ip: IpAddr,
 }
 
+/// The address a connection counts against: an IPv6 host usually holds a whole /64, so its
+/// /64 is one address (an IPv4-mapped one is its IPv4 address).
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
+
 impl AddressSlot {
     /// A place for `ip` if it holds fewer than `most`.
     fn take(addresses: &Addresses, ip: IpAddr, most: usize) -> Option<Self> {
+        let ip = counted_as(ip);
         let mut open = addresses
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -200,6 +215,19 @@ mod tests {
         let third = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await?;
         assert!(matches!(third, Some(Ok(_))));
         Ok(())
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(counted_as(a), counted_as(b));
+        assert_ne!(counted_as(a), counted_as(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(counted_as(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(counted_as(v4), v4);
     }
 
     /// An address past its share has its new connections closed at once; another address is
