@@ -2143,6 +2143,57 @@ async fn a_run_whose_caller_hangs_up_is_recorded_as_stopped() -> anyhow::Result<
     mesh.stop().await
 }
 
+/// Adds 7 bytes to `user`'s recorded usage, locks Files' table and asks for `user`'s
+/// recheck; returns once the recheck is claimed (running, its recount waiting on the lock).
+/// The connection returned holds the lock: `ROLLBACK` on it lets the recount go on.
+async fn recheck_waiting_on_files(
+    setup: &Setup,
+    conn: &impl stowage_db::GenericClient,
+    user: &str,
+) -> anyhow::Result<stowage_db::Connection> {
+    conn.execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = $1",
+        &[&user],
+    )
+    .await?;
+    let lock = stowage_db::connect(&setup.database_url, 1)?.get().await?;
+    lock.batch_execute("BEGIN; LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    conn.execute(
+        "INSERT INTO lifecycle.rechecks (user_id, due_at) VALUES ($1, now())",
+        &[&user],
+    )
+    .await?;
+    stowage_integration_tests::eventually(PATIENCE, "the recheck claimed", || async {
+        Ok(conn
+            .query_opt(
+                "SELECT 1 FROM lifecycle.rechecks WHERE user_id = $1 AND claim IS NOT NULL",
+                &[&user],
+            )
+            .await?
+            .is_some())
+    })
+    .await?;
+    Ok(lock)
+}
+
+/// A mesh for the recheck tests, its schedules off: repairs settle after 200 ms, rechecks
+/// wait `debounce` after the last request, and calls to other services `peer_timeout`.
+async fn recheck_mesh(
+    setup: &Setup,
+    debounce: Duration,
+    peer_timeout: Duration,
+) -> anyhow::Result<Mesh> {
+    let mesh = Mesh::start_with(setup, |c| {
+        c.lifecycle.reconcile_settle = Duration::from_millis(200);
+        c.lifecycle.recheck_debounce = debounce;
+        c.peers.timeout = Some(peer_timeout);
+    })
+    .await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
+    Ok(mesh)
+}
+
 /// Rechecks waiting or running.
 async fn pending_rechecks(conn: &impl stowage_db::GenericClient) -> anyhow::Result<i64> {
     Ok(conn
@@ -2172,13 +2223,7 @@ async fn uploaded_and_rechecked(
 #[tokio::test]
 async fn a_failed_recheck_is_tried_again_and_repairs() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.lifecycle.reconcile_settle = Duration::from_millis(200);
-        c.lifecycle.recheck_debounce = Duration::from_secs(1);
-        c.peers.timeout = Some(Duration::from_secs(1));
-    })
-    .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let mesh = recheck_mesh(&setup, Duration::from_secs(1), Duration::from_secs(1)).await?;
     let ivy = token("ivy", &[]);
     let pool = stowage_db::connect(&setup.database_url, 2)?;
     let conn = pool.get().await?;
@@ -2385,12 +2430,7 @@ async fn history_older_than_its_retention_goes() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_recheck_whose_process_died_runs_again_after_its_lease() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.lifecycle.reconcile_settle = Duration::from_millis(200);
-        c.peers.timeout = Some(Duration::from_secs(30));
-    })
-    .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    let mesh = recheck_mesh(&setup, Duration::from_secs(1), Duration::from_secs(30)).await?;
     let jo = token("jo", &[]);
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let conn = pool.get().await?;
@@ -2398,33 +2438,9 @@ async fn a_recheck_whose_process_died_runs_again_after_its_lease() -> anyhow::Re
     let rechecks = || pending_rechecks(&conn);
     // While a recheck runs (its recount waits: Files' table is locked), its row stays,
     // claimed: a process dying now would leave it, not lose it.
-    conn.execute(
-        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'jo'",
-        &[],
-    )
-    .await?;
     let used = || async { anyhow::Ok(usage(mesh.channel(), &jo).await?.used_bytes) };
-    let locker = stowage_db::connect(&setup.database_url, 1)?;
-    let mut blocker = locker.get().await?;
-    let lock = blocker.transaction().await?;
-    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
-        .await?;
-    conn.execute(
-        "INSERT INTO lifecycle.rechecks (user_id, due_at) VALUES ('jo', now())",
-        &[],
-    )
-    .await?;
-    stowage_integration_tests::eventually(PATIENCE, "the recheck claimed", || async {
-        Ok(conn
-            .query_opt(
-                "SELECT 1 FROM lifecycle.rechecks WHERE user_id = 'jo' AND claim IS NOT NULL",
-                &[],
-            )
-            .await?
-            .is_some())
-    })
-    .await?;
-    lock.rollback().await?;
+    let lock = recheck_waiting_on_files(&setup, &conn, "jo").await?;
+    lock.batch_execute("ROLLBACK").await?;
     stowage_integration_tests::eventually(PATIENCE, "repaired, row gone", || async {
         Ok(used().await? == 1000 && rechecks().await? == 0)
     })
@@ -2449,14 +2465,8 @@ async fn a_recheck_whose_process_died_runs_again_after_its_lease() -> anyhow::Re
 #[tokio::test]
 async fn a_recheck_requested_while_one_runs_is_kept_and_runs_after_it() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start_with(&setup, |c| {
-        c.lifecycle.reconcile_settle = Duration::from_millis(200);
-        // Long enough that the new request waits for the test to bring it forward.
-        c.lifecycle.recheck_debounce = Duration::from_secs(120);
-        c.peers.timeout = Some(Duration::from_secs(30));
-    })
-    .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    // A debounce long enough that the new request waits for the test to bring it forward.
+    let mesh = recheck_mesh(&setup, Duration::from_secs(120), Duration::from_secs(30)).await?;
     let jo = token("jo", &[]);
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let conn = pool.get().await?;
@@ -2480,26 +2490,7 @@ async fn a_recheck_requested_while_one_runs_is_kept_and_runs_after_it() -> anyho
             .map(|r| r.get::<_, bool>(0)),
         )
     };
-    conn.execute(
-        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'jo'",
-        &[],
-    )
-    .await?;
-    // A recheck runs and waits on its recount (Files' table is locked).
-    let locker = stowage_db::connect(&setup.database_url, 1)?;
-    let mut blocker = locker.get().await?;
-    let lock = blocker.transaction().await?;
-    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
-        .await?;
-    conn.execute(
-        "INSERT INTO lifecycle.rechecks (user_id, due_at) VALUES ('jo', now())",
-        &[],
-    )
-    .await?;
-    stowage_integration_tests::eventually(PATIENCE, "the recheck claimed", || async {
-        Ok(claim().await? == Some(true))
-    })
-    .await?;
+    let lock = recheck_waiting_on_files(&setup, &conn, "jo").await?;
     // Meanwhile Files announces a change of jo's (staged in its outbox, which the lock leaves
     // writable): Lifecycle's consumer asks for a recheck, replacing the running one's claim.
     let payload = serde_json::json!({"owner_id": "jo", "file_id": uuid::Uuid::now_v7()});
@@ -2515,7 +2506,7 @@ async fn a_recheck_requested_while_one_runs_is_kept_and_runs_after_it() -> anyho
         Ok(claim().await? == Some(false))
     })
     .await?;
-    lock.rollback().await?;
+    lock.batch_execute("ROLLBACK").await?;
     // The running recheck repairs and ends; the request made meanwhile is still there.
     stowage_integration_tests::eventually(PATIENCE, "the running recheck's repair", || async {
         Ok(used().await? == 1000)

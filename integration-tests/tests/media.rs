@@ -121,6 +121,25 @@ fn ffmpeg(args: &str, out: &std::path::Path) -> Vec<u8> {
     std::fs::read(out).expect("ffmpeg output")
 }
 
+/// Uploads `bytes` as `name` for `token`'s user and waits until Media made the file ready
+/// (its reason shown otherwise).
+async fn uploaded_ready(
+    mesh: &Mesh,
+    token: &str,
+    name: &str,
+    bytes: &[u8],
+) -> anyhow::Result<pb::File> {
+    let file = upload(mesh.channel(), token, name, bytes, &[]).await?;
+    let file = wait_processed(mesh.channel(), token, &file.id, PATIENCE).await?;
+    assert_eq!(
+        file.status,
+        pb::FileStatus::Ready as i32,
+        "{name}: {}",
+        file.status_reason
+    );
+    Ok(file)
+}
+
 fn is_red(p: Rgba<u8>) -> bool {
     p[0] > 150 && p[2] < 100
 }
@@ -553,14 +572,7 @@ async fn hostile_files_fail_with_a_reason_and_the_worker_keeps_serving() -> anyh
         &DynamicImage::ImageRgba8(RgbaImage::from_pixel(64, 48, Rgba([1, 2, 3, 255]))),
         ImageFormat::Png,
     );
-    let fine = upload(mesh.channel(), &mallory, "fine.png", &fine, &[]).await?;
-    let fine = wait_processed(mesh.channel(), &mallory, &fine.id, PATIENCE).await?;
-    assert_eq!(
-        fine.status,
-        pb::FileStatus::Ready as i32,
-        "{}",
-        fine.status_reason
-    );
+    uploaded_ready(&mesh, &mallory, "fine.png", &fine).await?;
 
     // Admins see the failures as dead jobs with their reasons, and can run one again. (A
     // job's state is recorded after Files shows its file's.)
@@ -699,14 +711,7 @@ async fn a_video_with_a_rotation_is_described_and_shown_upright() -> anyhow::Res
         stream_rotation(&clip, dir.path())? == "90",
         "the clip has no display matrix"
     );
-    let file = upload(mesh.channel(), &alice, "upright.mp4", &clip, &[]).await?;
-    let file = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
-    assert_eq!(
-        file.status,
-        pb::FileStatus::Ready as i32,
-        "{}",
-        file.status_reason
-    );
+    let file = uploaded_ready(&mesh, &alice, "upright.mp4", &clip).await?;
     assert_eq!((file.width, file.height), (180, 320));
     for name in ["poster_jpeg", "thumb_256_jpeg"] {
         let image = variant_image(&mesh, &alice, &file, name).await;
