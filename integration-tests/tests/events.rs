@@ -1089,10 +1089,12 @@ async fn a_process_listens_on_one_connection_per_database() -> anyhow::Result<()
 
 /// A relay prunes published rows past the outbox's retention (7 days) when it starts, not
 /// only ten minutes into its run, whether every group acknowledged them or not (those it
-/// counts as dropped); a recent row stays.
+/// counts as dropped, as an operator sees on /metrics); a recent row stays.
 #[tokio::test]
 async fn a_relay_prunes_rows_past_retention_from_its_first_pass() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
+    // Its /metrics shows what this process (the probe's relay too) counts.
+    let mesh = Mesh::start(&setup).await?;
     let probe = Probe::new(&setup, &setup.redis_url).await?;
     let keys: Vec<uuid::Uuid> = probe.stage("probe.pruned", 3).await?.into_iter().collect();
     let conn = probe.pool.get().await?;
@@ -1114,7 +1116,15 @@ async fn a_relay_prunes_rows_past_retention_from_its_first_pass() -> anyhow::Res
         probe.outbox_count(&format!("key = '{}'", keys[2])).await?,
         1
     );
+    // One of the two pruned was never acknowledged by every group.
+    let metrics = stowage_integration_tests::scrape(&mesh).await?;
+    let dropped = stowage_integration_tests::sample(
+        &metrics,
+        "stowage_events_dropped_total",
+        &["schema=\"probe\""],
+    );
+    assert_eq!(dropped, Some(1.0), "{metrics}");
     stop.cancel();
     relay.await?;
-    Ok(())
+    mesh.stop().await
 }
