@@ -883,8 +883,9 @@ const PUT_PIECE: usize = 8 << 20;
 
 /// Stores the file at `path` under `key` piece by piece (a web copy can be hundreds of MB:
 /// never whole in memory); returns its size. A failure leaves nothing under `key`, and the
-/// pieces sent are let go (unless the job itself is cut off mid-way: a store's rule for
-/// unfinished multipart uploads, or the orphan sweep on local disk, removes those).
+/// pieces sent are let go (`finish` aborts the upload itself when its last piece or the
+/// completion fails), unless the job itself is cut off mid-way: a store's rule for unfinished
+/// multipart uploads, or the sweep of old temporaries on local disk, removes those.
 async fn put_file(
     store: &dyn ObjectStore,
     key: &ObjectPath,
@@ -914,11 +915,6 @@ async fn put_file(
         }
     }
     .await;
-    // Every piece sent before completing: a failed one can still be aborted.
-    let copied = match copied {
-        Ok(()) => writer.wait_for_capacity(0).await.map_err(Into::into),
-        Err(error) => Err(error),
-    };
     match copied {
         Ok(()) => {
             writer.finish().await?;

@@ -32,6 +32,9 @@ pub enum RelayError {
     /// Redis failed or is unreachable; the rows stay unpublished.
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    /// The schema's name cannot be one (it goes into SQL and a channel name).
+    #[error("schema {0:?}: 1 to 40 lowercase letters, digits or _, starting with a letter")]
+    Schema(String),
 }
 
 /// How a relay behaves.
@@ -92,6 +95,9 @@ impl Relay {
         redis: Client,
         settings: RelaySettings,
     ) -> Result<Self, RelayError> {
+        if !is_schema_name(schema) {
+            return Err(RelayError::Schema(schema.to_owned()));
+        }
         Ok(Self {
             pool,
             listen: stowage_db::PgTarget::parse(database_url)?,
@@ -184,7 +190,8 @@ impl Relay {
                 }
             }
         }
-        listener.abort();
+        // Its stop is a child of `shutdown`: it leaves the shared listening connection.
+        let _ = listener.await;
     }
 
     /// Key of the advisory lock publishers of this schema take (`hashtext` of it).
@@ -415,4 +422,27 @@ pub(crate) fn channel(schema: &str) -> String {
 /// Seconds of `d`, for `$n::float8 * interval '1 second'`.
 pub(crate) fn pg_interval(d: chrono::Duration) -> f64 {
     d.num_milliseconds() as f64 / 1000.0
+}
+
+/// Whether `schema` can name a schema here: it goes into SQL unquoted and, as
+/// `stowage_outbox_{schema}`, into a channel name of at most 63 bytes.
+fn is_schema_name(schema: &str) -> bool {
+    schema.len() <= 40
+        && schema.starts_with(|c: char| c.is_ascii_lowercase())
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod schema_tests {
+    #[test]
+    fn schema_names_fit_sql_and_channels() {
+        for good in ["ingest", "probe", "a1_b", &"s".repeat(40)] {
+            assert!(super::is_schema_name(good), "{good}");
+        }
+        for bad in ["", "1st", "Files", "a-b", "a\"b", "x;drop", &"s".repeat(41)] {
+            assert!(!super::is_schema_name(bad), "{bad}");
+        }
+    }
 }

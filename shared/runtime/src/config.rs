@@ -91,9 +91,9 @@ pub struct ConnectionsConfig {
     /// `STOWAGE_CONNECTIONS__MAX`: connections open at once; past it, new ones wait to be
     /// accepted until one closes.
     pub max: usize,
-    /// `STOWAGE_CONNECTIONS__PER_ADDRESS`: connections one client address may hold open at
-    /// once; past it, its new ones are closed at once (0: no bound, for a service reached
-    /// only through a proxy that opens more than this).
+    /// `STOWAGE_CONNECTIONS__PER_ADDRESS`: connections one client address (an IPv6 /64) may
+    /// hold open at once; past it, its new ones are closed at once (0: no bound, for a
+    /// service reached only through a proxy that opens more than this).
     pub per_address: usize,
     /// `STOWAGE_CONNECTIONS__STREAM_WINDOW`: HTTP/2 receive window of one call, what a peer
     /// may send before the service reads it (larger: faster uploads on fast links).
