@@ -222,15 +222,14 @@ impl Media {
                     return finished;
                 } else {
                     let derived = match plan {
-                        Plan::Image => self.image(&file).await,
+                        Plan::Image => self.image(&file).await.map_err(Stopped::from),
                         Plan::Video => self.video(&file, true, started).await,
                         _ => self.video(&file, false, started).await,
                     };
                     // Came back, well or not: not a run that stopped the worker; unless a tool
                     // was killed outright, which counts as one (the OOM killer would take the
                     // worker next), so a file killed every time fails after a few runs.
-                    let killed = matches!(&derived, Err(JobError::Retry(why)) if why.starts_with(crate::video::KILLED));
-                    if !killed {
+                    if !matches!(derived, Err(Stopped::Killed(_))) {
                         self.run_returned(file_id).await?;
                     }
                     derived?
@@ -551,7 +550,7 @@ impl Media {
         file: &pb::File,
         is_video: bool,
         started: tokio::time::Instant,
-    ) -> Result<Outcome, JobError> {
+    ) -> Result<Outcome, Stopped> {
         if file.size_bytes > self.settings.max_video_size {
             return Ok(Outcome::Failed(format!(
                 "{} bytes is above the {}-byte limit of video and audio processing",
@@ -582,9 +581,7 @@ impl Media {
         let probe = match tools.probe(&path).await {
             Ok(p) => p,
             Err(ToolError::Unreadable(why)) => return Ok(Outcome::Failed(why)),
-            Err(e @ (ToolError::Unavailable(_) | ToolError::Killed(_))) => {
-                return Err(JobError::retry(e));
-            }
+            Err(e) => return Err(e.into()),
         };
         // A "video" with sound only (a voice memo in an MP4) is a sound: its length and codec,
         // no poster (ffprobe found neither stream: refused above).
@@ -601,9 +598,7 @@ impl Media {
             let frame = match tools.poster(&path, at).await {
                 Ok(f) => f,
                 Err(ToolError::Unreadable(why)) => return Ok(Outcome::Failed(why)),
-                Err(e @ (ToolError::Unavailable(_) | ToolError::Killed(_))) => {
-                    return Err(JobError::retry(e));
-                }
+                Err(e) => return Err(e.into()),
             };
             let poster = bytes::Bytes::from(frame);
             match self.render(poster.clone(), imaging::process).await? {
@@ -875,6 +870,42 @@ impl Handler for Media {
             .and_then(|s| Uuid::parse_str(s).ok())
             .ok_or_else(|| JobError::permanent("payload.file_id: missing or not a UUID"))?;
         self.process(file_id).await
+    }
+}
+
+/// Why a run's work on a file stopped short of an outcome.
+#[derive(Debug)]
+enum Stopped {
+    /// As any job fails (retried, or dead with its reason).
+    Job(JobError),
+    /// A tool was killed outright (see [`ToolError::Killed`]): retried, and counted as a run
+    /// that did not come back.
+    Killed(ToolError),
+}
+
+impl From<JobError> for Stopped {
+    fn from(error: JobError) -> Self {
+        Self::Job(error)
+    }
+}
+
+/// A tool that could not run is a retry; one killed outright is [`Stopped::Killed`]. (An
+/// unreadable file is an outcome, not a stop: callers take it first.)
+impl From<ToolError> for Stopped {
+    fn from(error: ToolError) -> Self {
+        match error {
+            ToolError::Killed(_) => Self::Killed(error),
+            other => Self::Job(JobError::retry(other)),
+        }
+    }
+}
+
+impl From<Stopped> for JobError {
+    fn from(stopped: Stopped) -> Self {
+        match stopped {
+            Stopped::Job(error) => error,
+            Stopped::Killed(error) => JobError::retry(error),
+        }
     }
 }
 

@@ -30,7 +30,7 @@ pub enum ToolError {
 }
 
 /// How a [`ToolError::Killed`] reads.
-pub const KILLED: &str = "killed by SIGKILL";
+const KILLED: &str = "killed by SIGKILL";
 
 /// How to run ffprobe and ffmpeg.
 #[derive(Clone, Debug)]
