@@ -2,7 +2,7 @@
 //! and the protocol's answers to bad requests, checked with plain HTTP.
 
 use reqwest::Method;
-use stowage_integration_tests::{random_bytes, sha256, usage};
+use stowage_integration_tests::{PATIENCE, eventually, random_bytes, sha256, usage};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
 
@@ -273,6 +273,63 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         .await?;
     assert_eq!(again.status(), 410);
     assert_eq!(empty("3").send().await?.status(), 410);
+    // DELETEs racing on one upload: all wait on its row, held here; when it is let go, one
+    // terminates the upload and no other says it did.
+    let raced = tus(&http, Method::POST, &base, &alice)
+        .header("upload-length", "10")
+        .send()
+        .await?;
+    let raced_path = raced.headers()["location"].to_str()?.to_owned();
+    let raced_url = format!("http://{}{raced_path}", mesh.addr);
+    let raced_id = raced_path.rsplit('/').next().unwrap_or_default();
+    let mut blocker = pool.get().await?;
+    let row = blocker.transaction().await?;
+    row.execute(
+        "SELECT 1 FROM ingest.uploads WHERE id = $1::text::uuid FOR UPDATE",
+        &[&raced_id],
+    )
+    .await?;
+    let deletes: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(tus(&http, Method::DELETE, &raced_url, &alice).send()))
+        .collect();
+    let watcher = stowage_db::connect(&setup.database_url, 1)?;
+    eventually(PATIENCE, "the four DELETEs wait on the row", || async {
+        let waiting: i64 = watcher
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%ingest.uploads%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(waiting == 4)
+    })
+    .await?;
+    row.commit().await?;
+    let mut statuses = Vec::new();
+    for delete in deletes {
+        statuses.push(delete.await??.status().as_u16());
+    }
+    // A loser that found the winner still holding the upload's writer lock is told it is
+    // busy (423, worth a retry), the others that it is gone.
+    statuses.sort();
+    assert_eq!(statuses[0], 204, "one DELETE terminates it: {statuses:?}");
+    assert!(
+        statuses[1..].iter().all(|s| matches!(s, 410 | 423)),
+        "the others find it gone or busy: {statuses:?}"
+    );
+    let gone = tus(&http, Method::DELETE, &raced_url, &alice)
+        .send()
+        .await?;
+    assert_eq!(gone.status(), 410);
+    // A finished upload cannot be terminated: its file stays.
+    let finished = tus(&http, Method::DELETE, &url, &alice).send().await?;
+    assert_eq!(finished.status(), 409);
+    let still = tus(&http, Method::HEAD, &url, &alice).send().await?;
+    assert_eq!(still.status(), 200);
     mesh.stop().await
 }
 

@@ -219,6 +219,13 @@ pub struct Session {
     chunk_size_hint: u32,
 }
 
+/// What ending a session found: the session, and whether this call ended it (not an earlier
+/// one).
+struct Ended {
+    session: Session,
+    now: bool,
+}
+
 impl Session {
     fn from_row(row: &Row, chunk_size_hint: u32) -> Self {
         let meta: serde_json::Value = row.get("metadata");
@@ -1143,17 +1150,35 @@ impl Sessions {
         response.file.ok_or(Error::Internal("no file in response"))
     }
 
-    /// Abandons a session: staging removed, reservation released.
+    /// Abandons a session: staging removed, reservation released. Idempotent: a session
+    /// that ended before is returned as it is.
     pub async fn abort(&self, id: Uuid, owner: &str) -> Result<Session> {
-        self.end(id, owner, "aborted").await
+        Ok(self.end(id, owner, "aborted").await?.session)
     }
 
-    async fn end(&self, id: Uuid, owner: &str, state: &str) -> Result<Session> {
+    /// Abandons a session once, as tus termination does: a session that ended before (by an
+    /// earlier or a concurrent termination, or by expiry) is refused with its state.
+    pub async fn terminate(&self, id: Uuid, owner: &str) -> Result<Session> {
+        match self.end(id, owner, "aborted").await? {
+            Ended { session, now: true } => Ok(session),
+            Ended {
+                session,
+                now: false,
+            } => Err(Error::SessionState(session.state)),
+        }
+    }
+
+    async fn end(&self, id: Uuid, owner: &str, state: &str) -> Result<Ended> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let session = self.lock(&tx, id, owner, true).await?;
         match session.state.as_str() {
-            "aborted" | "expired" | "failed" => return Ok(session),
+            "aborted" | "expired" | "failed" => {
+                return Ok(Ended {
+                    session,
+                    now: false,
+                });
+            }
             // Past the point of no return: the sweeper or a retried Complete finishes it.
             "completed" | "registered" | "completing" => {
                 return Err(Error::SessionState(session.state.clone()));
@@ -1205,7 +1230,10 @@ impl Sessions {
         if let Some(reservation) = session.reservation_id {
             self.release(reservation, id).await;
         }
-        Ok(Session::from_row(&row, self.settings.chunk_size_hint))
+        Ok(Ended {
+            session: Session::from_row(&row, self.settings.chunk_size_hint),
+            now: true,
+        })
     }
 
     /// Removes objects under `staging/` older than `max_age` whose upload is not live (no row,
@@ -1296,8 +1324,8 @@ impl Sessions {
             }
             // Locked (someone is writing right now) or finished meanwhile: not abandoned.
             match self.end(id, &owner, "expired").await {
-                Ok(session) if session.state == "expired" => ended.push(id),
-                Ok(_) => {}
+                Ok(Ended { now: true, .. }) => ended.push(id),
+                Ok(Ended { now: false, .. }) => {}
                 Err(error) => {
                     failed += 1;
                     tracing::info!(upload_id = %id, %error, "idle sweep skipped a session");
@@ -1324,7 +1352,9 @@ impl Sessions {
         for row in rows {
             let (id, owner): (Uuid, String) = (row.get(0), row.get(1));
             match self.end(id, &owner, "expired").await {
-                Ok(_) => swept += 1,
+                Ok(Ended { now: true, .. }) => swept += 1,
+                // Ended meanwhile (by its owner or another replica's sweep).
+                Ok(Ended { now: false, .. }) => {}
                 Err(error) => {
                     tracing::warn!(upload_id = %id, %error, "expiry sweep skipped a session")
                 }

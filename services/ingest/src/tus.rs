@@ -541,25 +541,14 @@ async fn resource(
                 Err(e) => error_response(e),
             }
         }
-        "DELETE" => {
-            match tus
-                .sessions
-                .get(id, &caller.user_id)
-                .await
-                .and_then(|s| match s.state.as_str() {
-                    // Terminated before (or ended otherwise): gone, as for any later request.
-                    "aborted" | "expired" | "failed" => Err(Error::SessionState(s.state)),
-                    _ => Ok(()),
-                }) {
-                Err(e) => error_response(e),
-                Ok(()) => match tus.sessions.abort(id, &caller.user_id).await {
-                    Ok(_) => tus_response(StatusCode::NO_CONTENT)
-                        .body(Body::empty())
-                        .unwrap_or_else(|_| StatusCode::NO_CONTENT.into_response()),
-                    Err(e) => error_response(e),
-                },
-            }
-        }
+        // Terminated before, by a concurrent DELETE, or ended otherwise: gone (410), as for any
+        // later request; completed: 409.
+        "DELETE" => match tus.sessions.terminate(id, &caller.user_id).await {
+            Ok(_) => tus_response(StatusCode::NO_CONTENT)
+                .body(Body::empty())
+                .unwrap_or_else(|_| StatusCode::NO_CONTENT.into_response()),
+            Err(e) => error_response(e),
+        },
         _ => refuse(
             StatusCode::METHOD_NOT_ALLOWED,
             "use HEAD, PATCH, DELETE or OPTIONS",
