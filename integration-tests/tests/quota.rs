@@ -811,6 +811,81 @@ async fn an_expired_hold_is_charged_at_commit_even_past_the_limit() -> anyhow::R
     mesh.stop().await
 }
 
+/// A hold released after it lapsed (Ingest's sweep ending a session after Quota's expired
+/// its hold) is released: no longer lapsed (usage repair waits on lapsed bytes), and no
+/// commit takes it afterwards. The bytes were given back once, by the expiry.
+#[tokio::test]
+async fn a_lapsed_hold_released_afterwards_is_no_longer_lapsed() -> anyhow::Result<()> {
+    let setup = Setup::new().await?.with_default_limit(1000);
+    let mesh = Mesh::start(&setup).await?;
+    let service = token("ingest", &["service"]);
+    let mut quota = stowage_integration_tests::quota(mesh.channel());
+    let lapsing = quota
+        .reserve(authed(
+            pb::ReserveRequest {
+                user_id: "gus".into(),
+                bytes: 600,
+                ttl_seconds: 1,
+                idempotency_key: String::new(),
+            },
+            &service,
+        ))
+        .await?
+        .into_inner()
+        .reservation
+        .unwrap_or_default();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    quota
+        .expire_reservations(authed(pb::ExpireReservationsRequest::default(), &service))
+        .await?;
+    let gus = token("gus", &[]);
+    let before = quota
+        .get_usage(authed(pb::GetUsageRequest::default(), &gus))
+        .await?
+        .into_inner();
+    assert_eq!(before.lapsed_bytes, 600);
+    for _ in 0..2 {
+        let released = quota
+            .release(authed(
+                pb::ReleaseRequest {
+                    reservation_id: lapsing.id.clone(),
+                },
+                &service,
+            ))
+            .await?
+            .into_inner()
+            .reservation
+            .unwrap_or_default();
+        assert_eq!(released.state(), pb::ReservationState::Released);
+    }
+    let after = quota
+        .get_usage(authed(pb::GetUsageRequest::default(), &gus))
+        .await?
+        .into_inner();
+    let account = after.account.unwrap_or_default();
+    assert_eq!(
+        (
+            after.lapsed_bytes,
+            account.used_bytes,
+            account.reserved_bytes
+        ),
+        (0, 0, 0)
+    );
+    let late = quota
+        .commit(authed(
+            pb::CommitRequest {
+                reservation_id: lapsing.id.clone(),
+                bytes: 600,
+            },
+            &service,
+        ))
+        .await
+        .expect_err("a released hold is not committed");
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    assert_eq!(usage(mesh.channel(), &gus).await?.used_bytes, 0);
+    mesh.stop().await
+}
+
 /// A mesh where Erin has uploaded one file of 1,000 bytes.
 async fn erin_with_a_file(setup: &Setup) -> anyhow::Result<(Mesh, pb::File)> {
     let mesh = Mesh::start(setup).await?;

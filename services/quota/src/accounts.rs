@@ -407,16 +407,19 @@ impl Quota {
         Ok((Reservation::from_row(&row), Account::from_row(&row)))
     }
 
-    /// Gives a held reservation's bytes back; releasing twice is a no-op.
+    /// Gives a held reservation's bytes back; releasing twice is a no-op. A hold that lapsed
+    /// first (its bytes given back by the expiry) is marked released all the same: its
+    /// holder gave it up, so it no longer counts as lapsed (one a late commit may still take).
     pub async fn release(&self, reservation_id: Uuid) -> Result<Reservation> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let reservation = locked_reservation(&tx, reservation_id).await?;
-        match reservation.state {
-            ReservationState::Released | ReservationState::Expired => return Ok(reservation),
+        let held = match reservation.state {
+            ReservationState::Released => return Ok(reservation),
             ReservationState::Committed => return Err(Error::WrongState("committed".into())),
-            ReservationState::Held => {}
-        }
+            ReservationState::Expired => 0,
+            ReservationState::Held => reservation.bytes,
+        };
         let row = tx
             .query_one_cached(
                 concat!(
@@ -427,12 +430,14 @@ impl Quota {
                 &[&reservation_id, &ReservationState::Released.as_str()],
             )
             .await?;
-        tx.execute_cached(
-            "UPDATE quota.accounts SET reserved_bytes = reserved_bytes - $2, updated_at = now()
-             WHERE user_id = $1",
-            &[&reservation.user_id, &to_i64("bytes", reservation.bytes)?],
-        )
-        .await?;
+        if held > 0 {
+            tx.execute_cached(
+                "UPDATE quota.accounts SET reserved_bytes = reserved_bytes - $2, updated_at = now()
+                 WHERE user_id = $1",
+                &[&reservation.user_id, &to_i64("bytes", held)?],
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(Reservation::from_row(&row))
     }
