@@ -816,6 +816,11 @@ impl Config {
                 return fail(name, &format!("must be at least {least:?}"));
             }
         }
+        // Quota refuses longer holds; with a longer default every hold asked without a
+        // lifetime (one-shot uploads) would be refused, naming a field its caller never sent.
+        if self.quota.reservation_ttl > Duration::from_secs(7 * 24 * 3600) {
+            return fail("STOWAGE_QUOTA__RESERVATION_TTL", "must be at most 7 days");
+        }
         if self.ingest.streams.grace > self.ingest.streams.window * 10 {
             return fail(
                 "STOWAGE_INGEST__STREAMS__GRACE",
@@ -988,12 +993,15 @@ mod tests {
     #[test]
     fn zero_intervals_and_absurd_bounds_are_refused_by_name() {
         type BreakIt = fn(&mut Config);
-        let cases: [(&str, BreakIt); 7] = [
+        let cases: [(&str, BreakIt); 8] = [
             ("STOWAGE_INGEST__SWEEP_INTERVAL", |c| {
                 c.ingest.sweep_interval = Duration::ZERO;
             }),
             ("STOWAGE_QUOTA__RESERVATION_TTL", |c| {
                 c.quota.reservation_ttl = Duration::ZERO;
+            }),
+            ("STOWAGE_QUOTA__RESERVATION_TTL", |c| {
+                c.quota.reservation_ttl = Duration::from_secs(7 * 24 * 3600 + 1);
             }),
             ("STOWAGE_INGEST__STREAMS__REDELIVER_AFTER", |c| {
                 c.ingest.streams.redeliver_after = Duration::ZERO;
