@@ -185,6 +185,20 @@ pub fn files(channel: Channel) -> FilesClient<Channel> {
     FilesClient::new(channel)
 }
 
+/// Where file `id`'s original is stored, as Files tells a service (end users are not told).
+pub async fn storage_key(channel: Channel, id: &str) -> Result<String, Status> {
+    let file = files(channel)
+        .get_file(authed(
+            stowage_proto::v1::GetFileRequest { file_id: id.into() },
+            &stowage_testkit::token("files", &["service"]),
+        ))
+        .await?
+        .into_inner()
+        .file
+        .ok_or_else(|| Status::internal("no file"))?;
+    Ok(file.storage_key)
+}
+
 /// Quota client.
 pub fn quota(channel: Channel) -> QuotaClient<Channel> {
     QuotaClient::new(channel)

@@ -975,7 +975,7 @@ async fn a_gc_run_out_of_time_stops_and_the_next_goes_on() -> anyhow::Result<()>
         )
         .await?;
         wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
-        keys.push(file.storage_key);
+        keys.push(stowage_integration_tests::storage_key(mesh.channel(), &file.id).await?);
     }
     keys.sort();
     let pool = stowage_db::connect(&setup.database_url, 1)?;

@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use stowage_proto::v1::{self as pb, ingest_server};
-use stowage_runtime::{identity, status::parse_uuid};
+use stowage_runtime::{Identity, identity, status::parse_uuid};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -89,6 +89,18 @@ fn chunk_in(chunk: Option<pb::Chunk>) -> Result<ChunkIn, Status> {
         checksum,
         size: chunk.size_bytes,
     })
+}
+
+/// A file as its caller may see it: Files answers Ingest (a service) with the store's keys,
+/// which end users are not shown (as Files does not show them).
+fn as_seen_by(caller: &Identity, mut file: pb::File) -> pb::File {
+    if !caller.is_privileged() {
+        file.storage_key.clear();
+        for variant in &mut file.variants {
+            variant.storage_key.clear();
+        }
+    }
+    file
 }
 
 fn session(s: crate::sessions::Session) -> Option<pb::UploadSession> {
@@ -530,7 +542,7 @@ impl ingest_server::Ingest for IngestGrpc {
         let id = parse_uuid("upload_id", &request.get_ref().upload_id)?;
         let file = self.sessions.complete(id, &caller.user_id).await?;
         Ok(Response::new(pb::CompleteUploadResponse {
-            file: Some(file),
+            file: Some(as_seen_by(&caller, file)),
         }))
     }
 
@@ -553,7 +565,9 @@ impl ingest_server::Ingest for IngestGrpc {
         let caller = identity(&request)?;
         let stream = request.into_inner();
         let file = self.uploader.upload(&caller.user_id, stream).await?;
-        Ok(Response::new(pb::UploadResponse { file: Some(file) }))
+        Ok(Response::new(pb::UploadResponse {
+            file: Some(as_seen_by(&caller, file)),
+        }))
     }
 
     async fn upload_files(
@@ -562,7 +576,10 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::UploadFilesResponse>, Status> {
         let caller = identity(&request)?;
         let files = request.into_inner().files;
-        let results = self.uploader.upload_files(&caller.user_id, files).await?;
+        let mut results = self.uploader.upload_files(&caller.user_id, files).await?;
+        for result in &mut results {
+            result.file = result.file.take().map(|f| as_seen_by(&caller, f));
+        }
         Ok(Response::new(pb::UploadFilesResponse { results }))
     }
 }
