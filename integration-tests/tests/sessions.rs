@@ -606,6 +606,73 @@ async fn expired_sessions_are_swept_and_cannot_complete() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The idle sweep reads its candidates without locking them: a session written to after it
+/// was read (its client resumed) is alive, and the sweep leaves it.
+#[tokio::test]
+async fn an_idle_session_written_to_while_the_sweep_runs_is_left_alone() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(2 << 20);
+    let s = create_session(mesh.channel(), &alice, "resumed.bin", Some(2 << 20), "").await?;
+    put_chunk(mesh.channel(), &alice, &s.id, 0, &data[..1 << 20]).await?;
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let set_written = |at: &'static str| {
+        format!("UPDATE ingest.uploads SET updated_at = {at} WHERE id = $1::text::uuid")
+    };
+    pool.get()
+        .await?
+        .execute(&set_written("now() - interval '3 hours'"), &[&s.id])
+        .await?;
+    // The client's write holds the row while the sweep reads its candidates.
+    let mut writer = pool.get().await?;
+    let write = writer.transaction().await?;
+    write
+        .execute(
+            "SELECT 1 FROM ingest.uploads WHERE id = $1::text::uuid FOR UPDATE",
+            &[&s.id],
+        )
+        .await?;
+    let mut sweeper = ingest(mesh.channel());
+    let sweep = tokio::spawn(async move {
+        sweeper
+            .sweep_uploads(authed(
+                pb::SweepUploadsRequest {
+                    idle_seconds: 3600,
+                    ..Default::default()
+                },
+                &token("lifecycle", &["service"]),
+            ))
+            .await
+    });
+    let watcher = pool.get().await?;
+    eventually(PATIENCE, "the sweep waits on the session", || async {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%AS writable%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(waiting > 0)
+    })
+    .await?;
+    write.execute(&set_written("now()"), &[&s.id]).await?;
+    write.commit().await?;
+    let swept = sweep.await??.into_inner();
+    assert!(swept.examined >= 1, "{swept:?}");
+    assert!(swept.upload_ids.is_empty(), "{swept:?}");
+    let state = get_session(mesh.channel(), &alice, &s.id).await?.state;
+    assert_eq!(state, pb::UploadState::Open as i32);
+    put_chunk(mesh.channel(), &alice, &s.id, 1 << 20, &data[1 << 20..]).await?;
+    let file = complete(mesh.channel(), &alice, &s.id).await?;
+    let (_, bytes) = download(mesh.channel(), &alice, &file.id, None).await?;
+    assert!(bytes == data, "the file is not the bytes sent");
+    mesh.stop().await
+}
+
 /// While its length is deferred, a session holds quota for what it has received, grown in
 /// place: a user cannot stage past their limit before saying how long the file is, and can
 /// still use all of it.

@@ -1153,13 +1153,13 @@ impl Sessions {
     /// Abandons a session: staging removed, reservation released. Idempotent: a session
     /// that ended before is returned as it is.
     pub async fn abort(&self, id: Uuid, owner: &str) -> Result<Session> {
-        Ok(self.end(id, owner, "aborted").await?.session)
+        Ok(self.end(id, owner, "aborted", None).await?.session)
     }
 
     /// Abandons a session once, as tus termination does: a session that ended before (by an
     /// earlier or a concurrent termination, or by expiry) is refused with its state.
     pub async fn terminate(&self, id: Uuid, owner: &str) -> Result<Session> {
-        match self.end(id, owner, "aborted").await? {
+        match self.end(id, owner, "aborted", None).await? {
             Ended { session, now: true } => Ok(session),
             Ended {
                 session,
@@ -1168,7 +1168,16 @@ impl Sessions {
         }
     }
 
-    async fn end(&self, id: Uuid, owner: &str, state: &str) -> Result<Ended> {
+    /// Ends session `id` as `state`. An expiry (`state` "expired") ends it only if, under
+    /// its lock, it is still past its expiry or, with `idle_secs`, idle that long: a sweep
+    /// reads its candidates unlocked, and a client may have resumed since.
+    async fn end(
+        &self,
+        id: Uuid,
+        owner: &str,
+        state: &str,
+        idle_secs: Option<f64>,
+    ) -> Result<Ended> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let session = self.lock(&tx, id, owner, true).await?;
@@ -1186,15 +1195,26 @@ impl Sessions {
             _ => {}
         }
         let parts = self.parts(&tx, id).await?;
-        let row = tx
-            .query_one_cached(
+        let Some(row) = tx
+            .query_opt_cached(
                 concat!(
-                    "UPDATE ingest.uploads SET state = $2, updated_at = now() WHERE id = $1 RETURNING ",
+                    "UPDATE ingest.uploads SET state = $2, updated_at = now()
+                     WHERE id = $1
+                       AND ($2 <> 'expired' OR expires_at < now()
+                            OR updated_at < now() - make_interval(secs => $3))
+                     RETURNING ",
                     session_columns!()
                 ),
-                &[&id, &state],
+                &[&id, &state, &idle_secs],
             )
-            .await?;
+            .await?
+        else {
+            // Written to since the sweep read it: alive.
+            return Ok(Ended {
+                session,
+                now: false,
+            });
+        };
         tx.execute_cached(
             "DELETE FROM ingest.upload_parts WHERE upload_id = $1",
             &[&id],
@@ -1322,8 +1342,11 @@ impl Sessions {
                 ended.push(id);
                 continue;
             }
-            // Locked (someone is writing right now) or finished meanwhile: not abandoned.
-            match self.end(id, &owner, "expired").await {
+            // Written to or finished meanwhile: not abandoned.
+            match self
+                .end(id, &owner, "expired", Some(idle_secs as f64))
+                .await
+            {
                 Ok(Ended { now: true, .. }) => ended.push(id),
                 Ok(Ended { now: false, .. }) => {}
                 Err(error) => {
@@ -1351,7 +1374,7 @@ impl Sessions {
         let mut swept = 0;
         for row in rows {
             let (id, owner): (Uuid, String) = (row.get(0), row.get(1));
-            match self.end(id, &owner, "expired").await {
+            match self.end(id, &owner, "expired", None).await {
                 Ok(Ended { now: true, .. }) => swept += 1,
                 // Ended meanwhile (by its owner or another replica's sweep).
                 Ok(Ended { now: false, .. }) => {}
