@@ -518,6 +518,16 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
         Some(Some("11"))
     );
 
+    // Sequence numbers past what can be stored (2^63 - 1), or counted.
+    let mut past = frame("desk", u64::MAX - 1, u64::MAX);
+    past.first_seq = u64::MAX;
+    past.events[1] = with_shot(u64::MAX, 10_000);
+    refused(
+        append_one(mesh.channel(), &alice, past).await,
+        tonic::Code::InvalidArgument,
+        "first_seq",
+    );
+
     let mut oversize = frame("desk", 11, 13);
     oversize.events[0] = with_shot(11, 10_000);
     oversize.events[2].payload = vec![1u8; (1 << 20) + 1];

@@ -245,6 +245,13 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
     let empty_wrong = empty("5").send().await?;
     assert_eq!(empty_wrong.status(), 409);
     assert_eq!(empty_wrong.headers()["upload-offset"].to_str()?, "0");
+    // An offset with no room for the bytes after it is as wrong as any other.
+    let past_any = empty(&u64::MAX.to_string())
+        .body(b"abc".to_vec())
+        .send()
+        .await?;
+    assert_eq!(past_any.status(), 409);
+    assert_eq!(past_any.headers()["upload-offset"].to_str()?, "0");
     let huge = empty("0")
         .header("upload-length", (1u64 << 60).to_string())
         .send()

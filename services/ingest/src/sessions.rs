@@ -727,6 +727,7 @@ impl Sessions {
         let tx = conn.transaction().await?;
         let mut session = self.lock(&tx, id, owner, false).await?;
         check_open_at(&session, session.offset, chunk.offset)?;
+        // The offset is the session's: no overflow.
         let end = chunk.offset + chunk.data.len() as u64;
         match (session.size, chunk.size) {
             (Some(declared), Some(given)) if declared != given => {

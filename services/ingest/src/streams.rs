@@ -531,6 +531,13 @@ impl EventStreams {
         if frame.events.is_empty() || frame.events.len() > MAX_FRAME_EVENTS {
             return Err(Error::invalid("events", "must hold 1..=10000 events"));
         }
+        // Sequence numbers are stored as PostgreSQL bigints.
+        if frame.first_seq > i64::MAX as u64 - frame.events.len() as u64 {
+            return Err(Error::invalid(
+                "first_seq",
+                "leaves no room for the frame's events (sequence numbers end at 2^63 - 1)",
+            ));
+        }
         // Every event is checked before anything is stored.
         for event in &frame.events {
             self.check_event(event)?;

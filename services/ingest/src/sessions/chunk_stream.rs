@@ -175,7 +175,9 @@ async fn write_held(
     chunk: ChunkIn,
 ) -> Result<()> {
     let id = held.session.id;
-    let end = chunk.offset + chunk.data.len() as u64;
+    // The client's offset, not checked yet: one past any length is refused below as a wrong
+    // offset (saturated, it still is).
+    let end = chunk.offset.saturating_add(chunk.data.len() as u64);
     if held.session.key.is_none()
         || chunk.size.is_some()
         || chunk.data.is_empty()
@@ -248,7 +250,16 @@ async fn hold(held: Option<Held>, sessions: &Sessions, id: Uuid, owner: &str) ->
         drop(conn.pooled());
         return Err(Error::Busy);
     }
-    let session = sessions.read(conn.get()?, id, owner).await?;
+    let session = match sessions.read(conn.get()?, id, owner).await {
+        Ok(session) => session,
+        Err(error) => {
+            // No such session of this owner (or the read failed): let go at once, so that a
+            // caller guessing ids neither costs a connection nor keeps a writer waiting.
+            let mut conn = conn;
+            let _ = conn.release().await;
+            return Err(error);
+        }
+    };
     Ok(Held {
         conn,
         session,
