@@ -30,6 +30,17 @@ use crate::error::{Error, Result};
 /// Smallest native part that is not the last one (the S3 minimum).
 pub const MIN_NATIVE_PART: usize = 5 * 1024 * 1024;
 
+/// Most parts of one native multipart upload (S3's and GCS's limit; Azure's is 50,000).
+const MAX_NATIVE_PARTS: u64 = 10_000;
+
+/// Smallest native part, other than the last, of an upload of at most `size` bytes: S3's
+/// 5 MiB, or more when 10,000 parts of that would not hold it (over ~48.8 GiB). Chunks are
+/// held back and merged until a part reaches it, so no upload needs more parts than a store
+/// takes.
+pub fn min_native_part(size: u64) -> u64 {
+    (MIN_NATIVE_PART as u64).max(size.div_ceil(MAX_NATIVE_PARTS - 1))
+}
+
 /// A staged part as recorded in `ingest.upload_parts`.
 #[derive(Clone, Debug)]
 pub struct Part {
@@ -63,6 +74,8 @@ pub struct Target<'a> {
     pub key: &'a ObjectPath,
     /// Native multipart upload id, when the store has one.
     pub multipart_id: Option<&'a str>,
+    /// Smallest native part but the last ([`min_native_part`] of the most it may hold).
+    pub min_part: u64,
 }
 
 /// Staging over the process's object store.
@@ -198,6 +211,7 @@ impl Staging {
             upload,
             key,
             multipart_id,
+            min_part,
         } = target;
         let next = parts.iter().map(|p| p.number + 1).max().unwrap_or(0);
         let (Some(mp), Some(id)) = (&self.multipart, multipart_id) else {
@@ -205,7 +219,7 @@ impl Staging {
         };
         let pending: Vec<&Part> = parts.iter().filter(|p| p.pending).collect();
         let pending_size: u64 = pending.iter().map(|p| p.size).sum();
-        if !last && (pending_size + data.len() as u64) < MIN_NATIVE_PART as u64 {
+        if !last && (pending_size + data.len() as u64) < min_part {
             return self.put_part_object(upload, next, start, data, true).await;
         }
         // Merge what was held back (under one minimum part, so bounded) with this chunk.
@@ -856,6 +870,33 @@ fn io_error(e: std::io::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every part but the last is at least the minimum, so an upload of `size` bytes makes at
+    /// most size / minimum + 1 parts: never more than 10,000, and parts stay at S3's 5 MiB
+    /// while that is enough.
+    #[test]
+    fn no_upload_needs_more_native_parts_than_a_store_takes() {
+        const GIB: u64 = 1 << 30;
+        let five_mib = MIN_NATIVE_PART as u64;
+        for size in [
+            0,
+            1,
+            five_mib,
+            9_999 * five_mib,
+            9_999 * five_mib + 1,
+            50 * GIB,
+            5 << 40,
+        ] {
+            let min = min_native_part(size);
+            assert!(
+                size / min < MAX_NATIVE_PARTS,
+                "{size} bytes: {min}-byte parts"
+            );
+            assert!(min >= five_mib);
+        }
+        assert_eq!(min_native_part(9_999 * five_mib), five_mib);
+        assert!(min_native_part(9_999 * five_mib + 1) > five_mib);
+    }
 
     /// A place among the writer threads.
     fn writer() -> Option<tokio::sync::OwnedSemaphorePermit> {
