@@ -439,7 +439,8 @@ fn parse_report(text: &str) -> anyhow::Result<Report> {
 
 /// A creation that carries the whole file, whose completion fails (here Files refuses it):
 /// the client still learns the upload's URL and that nothing is left to send, so it does not
-/// send the file again as a second upload; the completion, retried, makes one file.
+/// send the file again as a second upload; the completion, retried, makes one file. The same
+/// for the creation of an empty file.
 #[tokio::test]
 async fn a_creation_with_the_whole_file_whose_completion_fails_is_not_lost() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
@@ -452,7 +453,7 @@ async fn a_creation_with_the_whole_file_whose_completion_fails_is_not_lost() -> 
         .await?
         .batch_execute(
             "ALTER TABLE files.files ADD CONSTRAINT test_refuses \
-             CHECK (display_name <> 'whole.bin') NOT VALID",
+             CHECK (display_name NOT IN ('whole.bin', 'empty.bin')) NOT VALID",
         )
         .await?;
     let data = random_bytes(1000);
@@ -472,6 +473,20 @@ async fn a_creation_with_the_whole_file_whose_completion_fails_is_not_lost() -> 
     assert_eq!(created.headers()["upload-offset"].to_str()?, "1000");
     let location = created.headers()["location"].to_str()?.to_owned();
     let id = location.rsplit('/').next().unwrap_or_default().to_owned();
+    // The same for an empty file, complete as soon as it is created.
+    let empty = tus(
+        &http,
+        Method::POST,
+        &format!("http://{}/tus", mesh.addr),
+        &bearer,
+    )
+    .header("upload-length", "0")
+    .header("upload-metadata", "filename ZW1wdHkuYmlu")
+    .send()
+    .await?;
+    assert_eq!(empty.status(), 201);
+    let empty_location = empty.headers()["location"].to_str()?.to_owned();
+    let empty_id = empty_location.rsplit('/').next().unwrap_or_default();
 
     pool.get()
         .await?
@@ -479,11 +494,13 @@ async fn a_creation_with_the_whole_file_whose_completion_fails_is_not_lost() -> 
         .await?;
     let file = stowage_integration_tests::complete(mesh.channel(), &alice, &id).await?;
     assert_eq!(file.sha256, sha256(&data));
+    let nothing = stowage_integration_tests::complete(mesh.channel(), &alice, empty_id).await?;
+    assert_eq!(nothing.size_bytes, 0);
     let listed = stowage_integration_tests::files(mesh.channel())
         .list_files(authed(pb::ListFilesRequest::default(), &alice))
         .await?
         .into_inner();
-    assert_eq!(listed.files.len(), 1);
+    assert_eq!(listed.files.len(), 2);
     let held = usage(mesh.channel(), &alice).await?;
     assert_eq!((held.used_bytes, held.reserved_bytes), (1000, 0));
     mesh.stop().await

@@ -373,44 +373,23 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
         Err(e) => return error_response(e),
     };
     let has_body = header_str(&headers, "content-type") == Some("application/offset+octet-stream");
-    if has_body {
-        match write_body(&tus, &caller, session.id, 0, None, &headers, body).await {
-            Ok(s) => session = s,
-            Err(e) => {
-                // The client never learns the upload's URL: do not leave it holding quota.
-                if tus
-                    .sessions
-                    .abort(session.id, &caller.user_id)
-                    .await
-                    .is_ok()
-                {
-                    return error_response(e);
-                }
-                // Unless every byte arrived and the completion began, which cannot be undone:
-                // a retry or the sweeper finishes it. The client learns the URL and that
-                // nothing is left to send, rather than send the file again as another one.
-                match tus.sessions.get(session.id, &caller.user_id).await {
-                    Ok(s)
-                        if matches!(
-                            s.state.as_str(),
-                            "completing" | "registered" | "completed"
-                        ) =>
-                    {
-                        session = s
-                    }
-                    _ => return error_response(e),
-                }
-            }
-        }
+    let written = if has_body {
+        write_body(&tus, &caller, session.id, 0, None, &headers, body).await
     } else if session.size == Some(0) {
         // An empty file is complete as soon as it exists.
-        if let Err(e) = tus
-            .sessions
+        tus.sessions
             .complete_to_end(session.id, &caller.user_id)
             .await
-        {
-            return error_response(e);
-        }
+            .map(|_| session.clone())
+    } else {
+        Ok(session.clone())
+    };
+    match written {
+        Ok(s) => session = s,
+        Err(e) => match after_failed_creation(&tus, &caller, session.id).await {
+            Some(s) => session = s,
+            None => return error_response(e),
+        },
     }
     let mut response = tus_response(StatusCode::CREATED)
         .header(header::LOCATION, format!("{}/{}", tus.base, session.id))
@@ -421,6 +400,22 @@ async fn create(State(tus): State<Tus>, headers: HeaderMap, body: Body) -> Respo
     response
         .body(Body::empty())
         .unwrap_or_else(|_| StatusCode::CREATED.into_response())
+}
+
+/// What is left of upload `id` whose creation request failed after it was created. The
+/// client never learns its URL from an error: it is aborted, not left holding quota (`None`).
+/// Unless every byte arrived and the completion began, which cannot be undone (a retry or the
+/// sweeper finishes it): then the session, so that the client learns the URL and that nothing
+/// is left to send, rather than send the file again as another one.
+async fn after_failed_creation(tus: &Tus, caller: &Identity, id: Uuid) -> Option<Session> {
+    if tus.sessions.abort(id, &caller.user_id).await.is_ok() {
+        return None;
+    }
+    tus.sessions
+        .get(id, &caller.user_id)
+        .await
+        .ok()
+        .filter(|s| matches!(s.state.as_str(), "completing" | "registered" | "completed"))
 }
 
 async fn resource(
