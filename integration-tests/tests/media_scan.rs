@@ -125,6 +125,20 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
         Err(Code::NotFound)
     );
 
+    // No signed link serves it, not even one an admin asks for (a link is anyone's who has it).
+    let link = stowage_integration_tests::files(mesh.channel())
+        .get_download_url(authed(
+            pb::GetDownloadUrlRequest {
+                file_id: infected.id.clone(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .expect_err("no link to a quarantined file");
+    assert_eq!(link.code(), Code::FailedPrecondition, "{link:?}");
+    assert!(link.message().contains("quarantined"), "{link:?}");
+
     // Admins list it and release it: processed without a second scan, then visible.
     let held = quarantine(&mesh, &admin).await?;
     assert_eq!(held.len(), 1);

@@ -964,32 +964,57 @@ impl Catalog {
         Ok(())
     }
 
-    /// The `limit` largest of the files [`totals`](Self::totals) counts, largest first.
-    pub async fn largest(&self, owner: Option<&str>, limit: i64) -> Result<Vec<FileRecord>> {
-        let conn = self.pool.get().await?;
-        let rows = conn
-            .query_cached(
-                concat!(
-                    "SELECT ",
-                    file_columns!(),
-                    " FROM files.files
+    /// Totals of `owner` (or everyone) and the `largest` largest of the files they count,
+    /// largest first, all read from one snapshot (files landing or going meanwhile are in
+    /// every figure or in none). An owner's totals count what the owner can list
+    /// (quarantined files are hidden from them); everyone's count every file.
+    pub async fn stats(
+        &self,
+        owner: Option<&str>,
+        largest: i64,
+    ) -> Result<(Totals, Vec<FileRecord>)> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let totals = totals(&tx, owner).await?;
+        let largest = if largest > 0 {
+            largest_files(&tx, owner, largest).await?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await?;
+        Ok((totals, largest))
+    }
+}
+
+async fn largest_files(
+    conn: &impl GenericClient,
+    owner: Option<&str>,
+    limit: i64,
+) -> Result<Vec<FileRecord>> {
+    let rows = conn
+        .query_cached(
+            concat!(
+                "SELECT ",
+                file_columns!(),
+                " FROM files.files
                      WHERE $1::text IS NULL OR (owner_id = $1 AND status <> 'quarantined')
                      ORDER BY size_bytes DESC, id LIMIT $2::bigint"
-                ),
-                &[&owner, &limit],
-            )
-            .await?;
-        Ok(rows.iter().map(FileRecord::from_row).collect())
-    }
+            ),
+            &[&owner, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(FileRecord::from_row).collect())
+}
 
-    /// Totals of `owner` (or everyone).
-    /// An owner's totals count what the owner can list (quarantined files are hidden from
-    /// them); everyone's count every file.
-    pub async fn totals(&self, owner: Option<&str>) -> Result<Totals> {
-        let conn = self.pool.get().await?;
-        let row = conn
-            .query_one_cached(
-                "SELECT COALESCE(sum(size_bytes), 0)::bigint AS total,
+async fn totals(conn: &impl GenericClient, owner: Option<&str>) -> Result<Totals> {
+    let row = conn
+        .query_one_cached(
+            "SELECT COALESCE(sum(size_bytes), 0)::bigint AS total,
                         count(*) AS files,
                         count(*) FILTER (WHERE deleted_at IS NOT NULL) AS trashed,
                         (SELECT COALESCE(sum(v.size_bytes), 0)::bigint FROM files.variants v
@@ -998,28 +1023,27 @@ impl Catalog {
                             AS variant_bytes
                  FROM files.files
                  WHERE $1::text IS NULL OR (owner_id = $1 AND status <> 'quarantined')",
-                &[&owner],
-            )
-            .await?;
-        let by_kind = conn
-            .query_cached(
-                "SELECT kind, count(*) FROM files.files
+            &[&owner],
+        )
+        .await?;
+    let by_kind = conn
+        .query_cached(
+            "SELECT kind, count(*) FROM files.files
                  WHERE $1::text IS NULL OR (owner_id = $1 AND status <> 'quarantined')
                  GROUP BY kind ORDER BY kind",
-                &[&owner],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get::<_, String>(0), to_u64(r.get(1))))
-            .collect();
-        Ok(Totals {
-            total_bytes: to_u64(row.get("total")),
-            file_count: to_u64(row.get("files")),
-            variant_bytes: to_u64(row.get("variant_bytes")),
-            trashed_count: to_u64(row.get("trashed")),
-            by_kind,
-        })
-    }
+            &[&owner],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), to_u64(r.get(1))))
+        .collect();
+    Ok(Totals {
+        total_bytes: to_u64(row.get("total")),
+        file_count: to_u64(row.get("files")),
+        variant_bytes: to_u64(row.get("variant_bytes")),
+        trashed_count: to_u64(row.get("trashed")),
+        by_kind,
+    })
 }
 
 async fn get_on(conn: &impl GenericClient, id: Uuid, viewer: Viewer<'_>) -> Result<FileRecord> {

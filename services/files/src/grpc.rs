@@ -482,6 +482,14 @@ impl files_server::Files for FilesGrpc {
         if file.deleted_at.is_some() {
             return Err(Error::FailedPrecondition("file is in trash; restore it first").into());
         }
+        // Only admins and services see it, and a link is a bearer's: the link would serve
+        // it to anyone who has it, so it serves it to no one.
+        if file.status == FileStatus::Quarantined {
+            return Err(Error::FailedPrecondition(
+                "file is quarantined: no link serves it (Download with the admin scope does)",
+            )
+            .into());
+        }
         download::target(&file, &req.variant, self.catalog.holds_unscanned())?;
         let expires_at =
             Utc::now() + chrono::Duration::seconds(i64::try_from(ttl.as_secs()).unwrap_or(3600));
@@ -739,11 +747,7 @@ impl files_server::Files for FilesGrpc {
         } else {
             Some(caller.user_id.as_str())
         };
-        let totals = self.catalog.totals(owner).await?;
-        let largest = match req.largest {
-            0 => Vec::new(),
-            n => self.catalog.largest(owner, i64::from(n)).await?,
-        };
+        let (totals, largest) = self.catalog.stats(owner, i64::from(req.largest)).await?;
         Ok(Response::new(pb::StorageStatsResponse {
             total_bytes: totals.total_bytes,
             file_count: totals.file_count,
