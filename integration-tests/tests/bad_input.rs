@@ -444,6 +444,20 @@ async fn a_registration_naming_two_files_already_exists() -> anyhow::Result<()> 
             .await
             .expect_err("names two files");
         assert_eq!(mixed.code(), Code::AlreadyExists, "{mixed:?}");
+        assert!(mixed.message().starts_with("file_id:"), "{mixed:?}");
+    }
+    // Each conflict names what is another file's: the key, or the blob.
+    let fresh = uuid::Uuid::now_v7().to_string();
+    for (request, field) in [
+        (request(&fresh, "key-2", &fresh), "idempotency_key"),
+        (request(&fresh, "key-9", &second), "storage_key"),
+    ] {
+        let taken = files()
+            .register_file(authed(request, &service))
+            .await
+            .expect_err("another file's");
+        assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+        assert!(taken.message().starts_with(field), "{field}: {taken:?}");
     }
     // Fields a registrant may get wrong are named, and nothing is registered.
     let third = uuid::Uuid::now_v7().to_string();

@@ -377,7 +377,10 @@ impl Catalog {
             Some(file) if file.storage_key == new.storage_key && file.owner_id == new.owner_id => {
                 Ok(file)
             }
-            _ => Err(Error::AlreadyExists),
+            Some(file) if file.id == new.id => Err(Error::AlreadyExists("file_id")),
+            Some(_) => Err(Error::AlreadyExists("idempotency_key")),
+            // Neither the id nor the key: the blob is another file's.
+            None => Err(Error::AlreadyExists("storage_key")),
         }
     }
 

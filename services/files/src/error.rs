@@ -29,9 +29,10 @@ pub enum Error {
     /// The file is not in a state that allows the call.
     #[error("{0}")]
     FailedPrecondition(&'static str),
-    /// A registration conflicts with an existing file.
-    #[error("storage key already registered to another file")]
-    AlreadyExists,
+    /// A registration conflicts with an existing file through this field (`file_id`,
+    /// `idempotency_key` or `storage_key`).
+    #[error("{0}: already registered to another file")]
+    AlreadyExists(&'static str),
     /// PostgreSQL failed.
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
@@ -64,7 +65,7 @@ impl From<Error> for Status {
             Error::RangeNotSatisfiable { .. } => Status::out_of_range(error.to_string()),
             Error::NotFound | Error::VariantNotFound(_) => Status::not_found(error.to_string()),
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
-            Error::AlreadyExists => Status::already_exists(error.to_string()),
+            Error::AlreadyExists(_) => Status::already_exists(error.to_string()),
             Error::Db(ref e) => database_failed("file metadata", e),
             Error::Pool(ref e) => database_failed("file metadata", e),
             Error::Store(object_store::Error::NotFound { ref path, .. }) => {
