@@ -224,6 +224,17 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
         .await?;
     assert_eq!(twice.status(), 400);
     assert!(twice.text().await?.contains("twice"));
+    let long_name = tus(&http, Method::POST, &base, &alice)
+        .header("upload-length", "10")
+        .header(
+            "upload-metadata",
+            format!("filename {}", base64_of("n".repeat(300).as_bytes())),
+        )
+        .send()
+        .await?;
+    assert_eq!(long_name.status(), 400);
+    let said = long_name.text().await?;
+    assert!(said.starts_with("Upload-Metadata filename:"), "{said}");
 
     // Termination.
     let doomed = tus(&http, Method::POST, &base, &alice)
@@ -245,6 +256,11 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
     let empty_wrong = empty("5").send().await?;
     assert_eq!(empty_wrong.status(), 409);
     assert_eq!(empty_wrong.headers()["upload-offset"].to_str()?, "0");
+    // Named as the client sent it, not as the gRPC field.
+    assert_eq!(
+        empty_wrong.text().await?.trim_end(),
+        "Upload-Offset: expected 0, got 5"
+    );
     // An offset with no room for the bytes after it is as wrong as any other.
     let past_any = empty(&u64::MAX.to_string())
         .body(b"abc".to_vec())

@@ -162,7 +162,7 @@ fn error_response(error: Error) -> Response {
                 _ => "temporarily unavailable".to_owned(),
             }
         }
-        other => other.to_string(),
+        other => in_tus_terms(other),
     };
     let mut response = refuse(status, message);
     if let Error::WrongOffset { expected, .. } = error
@@ -171,6 +171,34 @@ fn error_response(error: Error) -> Response {
         response.headers_mut().insert("upload-offset", v);
     }
     response
+}
+
+/// `error`'s message with what a tus client sent named as it sent it (headers, metadata keys,
+/// the body), not as the gRPC fields the shared implementation checks.
+fn in_tus_terms(error: &Error) -> String {
+    match error {
+        Error::InvalidArgument { field, reason } => {
+            let named = match *field {
+                "size_bytes" | "chunk.size_bytes" => "Upload-Length",
+                "chunk.offset" => "Upload-Offset",
+                "chunk.data" => "the request body",
+                "metadata.display_name" => "Upload-Metadata filename",
+                "metadata.declared_mime_type" => "Upload-Metadata filetype",
+                "metadata.tags" => "Upload-Metadata tags",
+                "metadata.expected_sha256" => "Upload-Metadata sha256",
+                "metadata.package_name" => "Upload-Metadata package",
+                other => other,
+            };
+            format!("{named}: {reason}")
+        }
+        Error::WrongOffset { expected, got } => {
+            format!("Upload-Offset: expected {expected}, got {got}")
+        }
+        Error::Busy => {
+            "another request is writing this upload; ask HEAD for its offset and retry".into()
+        }
+        other => other.to_string(),
+    }
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
