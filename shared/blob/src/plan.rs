@@ -20,7 +20,14 @@ pub enum Plan {
 }
 
 /// Image types the decoders handle.
-const IMAGE_TYPES: &[&str] = &["image/jpeg", "image/png", "image/webp", "image/gif"];
+const IMAGE_TYPES: &[&str] = &[
+    "image/jpeg",
+    "image/png",
+    "image/webp",
+    "image/gif",
+    "image/tiff",
+    "image/bmp",
+];
 
 /// Video containers handed to ffprobe / ffmpeg (the demuxer whitelist matches them).
 const VIDEO_TYPES: &[&str] = &[
@@ -102,6 +109,8 @@ mod tests {
     fn sniffed_types_decide() {
         assert_eq!(plan("image/jpeg", "a.bin", 10), Plan::Image);
         assert_eq!(plan("image/png", "a", 10), Plan::Image);
+        assert_eq!(plan("image/tiff", "scan.tif", 10), Plan::Image);
+        assert_eq!(plan("image/bmp", "old.bmp", 10), Plan::Image);
         assert_eq!(plan("video/mp4", "clip.mp4", 10), Plan::Video);
         assert_eq!(plan("audio/mpeg", "song.mp3", 10), Plan::Audio);
         assert_eq!(plan("application/pdf", "doc.pdf", 10), Plan::Plain);

@@ -62,7 +62,11 @@ pub(super) fn decode(
     }
     match image::guess_format(bytes) {
         Ok(
-            format @ (image::ImageFormat::Png | image::ImageFormat::Gif | image::ImageFormat::WebP),
+            format @ (image::ImageFormat::Png
+            | image::ImageFormat::Gif
+            | image::ImageFormat::WebP
+            | image::ImageFormat::Tiff
+            | image::ImageFormat::Bmp),
         ) => raster::decode(bytes, format, limits),
         Ok(other) => Err(ImageError::Unsupported(format!(
             "{} is not decoded",

@@ -1,4 +1,4 @@
-//! PNG, GIF and WebP through the `image` crate, under its limits and ours.
+//! PNG, GIF, WebP, TIFF and BMP through the `image` crate, under its limits and ours.
 
 use std::io::Cursor;
 
@@ -8,7 +8,8 @@ use image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 use super::decode::{Decoded, check_alloc, check_dimensions};
 use super::{DecodeLimits, ImageError};
 
-/// Decodes a PNG, GIF (its first frame) or WebP (its first frame if animated) at full size.
+/// Decodes a PNG, GIF (its first frame), WebP (its first frame if animated), TIFF (its first
+/// page) or BMP at full size.
 pub(super) fn decode(
     bytes: &[u8],
     format: ImageFormat,
@@ -18,6 +19,8 @@ pub(super) fn decode(
         ImageFormat::Png => "png",
         ImageFormat::Gif => "gif",
         ImageFormat::WebP => "webp",
+        ImageFormat::Tiff => "tiff",
+        ImageFormat::Bmp => "bmp",
         other => {
             return Err(ImageError::Unsupported(format!(
                 "{} is not decoded",

@@ -418,6 +418,47 @@ fn progressive_grey_and_cmyk_jpegs_decode() {
     assert_colour(&decode_variant(&processed.variants[0]), 100, 100, RED);
 }
 
+/// Scans and old bitmaps: TIFF (8 and 16 bits a channel) and BMP render as the others do.
+#[test]
+fn tiff_and_bmp_render_their_variants() {
+    let halves = |x: u32| if x < 300 { RED } else { BLUE };
+    let rgb8 = image::RgbImage::from_fn(600, 300, |x, _| image::Rgb(halves(x)));
+    let rgb16: image::ImageBuffer<image::Rgb<u16>, Vec<u16>> =
+        image::ImageBuffer::from_fn(600, 300, |x, _| {
+            image::Rgb(halves(x).map(|c| u16::from(c) * 257))
+        });
+    let encode = |image: DynamicImage, format: image::ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    for (bytes, format) in [
+        (
+            encode(
+                DynamicImage::ImageRgb8(rgb8.clone()),
+                image::ImageFormat::Tiff,
+            ),
+            "tiff",
+        ),
+        (
+            encode(DynamicImage::ImageRgb16(rgb16), image::ImageFormat::Tiff),
+            "tiff",
+        ),
+        (
+            encode(DynamicImage::ImageRgb8(rgb8), image::ImageFormat::Bmp),
+            "bmp",
+        ),
+    ] {
+        let processed = process(&bytes, &DecodeLimits::default()).unwrap();
+        assert_eq!(processed.format, format);
+        assert_eq!((processed.width, processed.height), (600, 300));
+        assert_eq!(sizes(&processed)[0], ("thumb_256_jpeg", 256, 128));
+        let thumb = decode_variant(variant(&processed, "thumb_256_jpeg"));
+        assert_colour(&thumb, 40, 64, RED);
+        assert_colour(&thumb, 215, 64, BLUE);
+    }
+}
+
 #[test]
 fn png_alpha_is_kept_in_webp_and_flattened_on_white_in_jpeg() {
     // Left half opaque red, right half fully transparent.
