@@ -1326,6 +1326,67 @@ async fn a_thousand_quiet_users_get_one_notice_each_spread_over_the_grace_window
     mesh.stop().await
 }
 
+/// A user whose worker session is up is not inactive, however long since it came up; once it
+/// goes down they are, if quiet long enough. A report seen before (a retry) or older than the
+/// state (out of order) does not bring a session that went down back up.
+#[tokio::test]
+async fn a_user_with_a_session_up_gets_no_inactivity_notice() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let admin = token("root", &["admin"]);
+    let mut client = LifecycleClient::new(mesh.channel());
+    let days_ago = |days: i64| {
+        Some(stowage_runtime::time::timestamp(
+            chrono::Utc::now() - chrono::Duration::days(days),
+        ))
+    };
+    let report = |user: &str, kind: pb::ActivityKind, days: i64, key: &str| {
+        authed(
+            pb::RecordActivityRequest {
+                user_id: user.into(),
+                kind: kind as i32,
+                at: days_ago(days),
+                idempotency_key: key.into(),
+            },
+            &admin,
+        )
+    };
+    use pb::ActivityKind::{Login, SessionDown, SessionUp};
+    for (user, kind, days, key) in [
+        ("worker", SessionUp, 400, "w1"),
+        ("idle", Login, 400, ""),
+        ("late", SessionUp, 402, "l1"),
+        ("late", SessionDown, 401, "l1"),
+        ("late", SessionUp, 402, "l1"), // the first report again
+        ("late", SessionUp, 403, "l0"), // older than the down
+    ] {
+        client
+            .record_activity(report(user, kind, days, key))
+            .await?;
+    }
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    let noticed = || async {
+        let rows = conn
+            .query(
+                "SELECT user_id FROM lifecycle.activity WHERE notice_due_at IS NOT NULL
+                 ORDER BY user_id",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(rows.iter().map(|r| r.get(0)).collect::<Vec<String>>())
+    };
+    run_now(&mesh, "inactivity", false).await?;
+    assert_eq!(noticed().await?, ["idle", "late"]);
+    // Down 399 days ago: quiet since, so noticed on the next run.
+    client
+        .record_activity(report("worker", SessionDown, 399, "w1"))
+        .await?;
+    run_now(&mesh, "inactivity", false).await?;
+    assert_eq!(noticed().await?, ["idle", "late", "worker"]);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     let setup = Setup::new().await?;

@@ -163,15 +163,33 @@ impl Lifecycle {
         let mut conn = self.pool.get().await.map_err(db)?;
         let tx = conn.transaction().await.map_err(db)?;
         touch(&tx, &[user], &[at]).await.map_err(db)?;
-        if kind != pb::ActivityKind::Login {
-            record(&tx, user, event, at, &serde_json::json!({}), &key)
+        // A report seen before (a retry) changes no state: a retried "up" arriving after its
+        // "down" must not bring the session back up.
+        let first_report = kind != pb::ActivityKind::Login
+            && record(&tx, user, event, at, &serde_json::json!({}), &key)
                 .await
                 .map_err(db)?;
+        let mut changed = false;
+        if first_report {
+            // A report older than the state it would replace (out of order) changes nothing.
+            let sql = if kind == pb::ActivityKind::SessionUp {
+                "UPDATE lifecycle.activity
+                 SET session_up_at = greatest(session_up_at, $2)
+                 WHERE user_id = $1 AND NOT EXISTS (
+                     SELECT 1 FROM lifecycle.history
+                     WHERE user_id = $1 AND event = 'session_down' AND at > $2)"
+            } else {
+                "UPDATE lifecycle.activity SET session_up_at = NULL
+                 WHERE user_id = $1 AND session_up_at <= $2"
+            };
+            changed = tx.execute_cached(sql, &[&user, &at]).await.map_err(db)? == 1;
         }
         tx.commit().await.map_err(db)?;
-        // The live session state, for whoever asks (the history above records each change,
-        // for as long as the policy keeps it).
-        if let Some(redis) = &self.redis {
+        // The live session state, for whoever asks quickly (PostgreSQL's column decides; the
+        // history above records each change, for as long as the policy keeps it).
+        if let Some(redis) = &self.redis
+            && changed
+        {
             use fred::interfaces::KeysInterface;
             let redis_key = format!("{}:lifecycle:session:{user}", self.namespace);
             let result: Result<(), fred::error::Error> = match kind {
@@ -186,7 +204,8 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// The inactivity task: users quiet for `inactivity_days` get a notice time spread evenly
+    /// The inactivity task: users quiet for `inactivity_days` (and no worker session up) get a
+    /// notice time spread evenly
     /// over the grace window (not all in the same minute); notices whose time has come are
     /// sent once (an event for the mailer and a history entry, in one transaction).
     pub(crate) async fn inactivity(
@@ -200,7 +219,7 @@ impl Lifecycle {
         let quiet: Vec<String> = conn
             .query_cached(
                 "SELECT user_id FROM lifecycle.activity
-                 WHERE notice_due_at IS NULL
+                 WHERE notice_due_at IS NULL AND session_up_at IS NULL
                    AND last_active_at < now() - make_interval(secs => $1)
                  ORDER BY user_id LIMIT $2",
                 &[&quiet_days, &BATCH],
@@ -225,6 +244,7 @@ impl Lifecycle {
                 "UPDATE lifecycle.activity a SET notice_due_at = now() + make_interval(secs => s.offset_s)
                  FROM unnest($1::text[], $2::float8[]) AS s(user_id, offset_s)
                  WHERE a.user_id = s.user_id AND a.notice_due_at IS NULL
+                   AND a.session_up_at IS NULL
                    AND a.last_active_at < now() - make_interval(secs => $3)",
                 &[&quiet, &offsets, &quiet_days],
             )
@@ -235,11 +255,12 @@ impl Lifecycle {
             return Ok(tally);
         }
         // Users marked under an earlier policy who are not quiet long enough under this one
-        // (the inactivity period was raised): no notice.
+        // (the inactivity period was raised), or whose session came up since: no notice.
         conn.execute_cached(
             "UPDATE lifecycle.activity SET notice_due_at = NULL
              WHERE notice_due_at IS NOT NULL AND notice_sent_at IS NULL
-               AND last_active_at >= now() - make_interval(secs => $1)",
+               AND (last_active_at >= now() - make_interval(secs => $1)
+                    OR session_up_at IS NOT NULL)",
             &[&quiet_days],
         )
         .await
@@ -255,6 +276,7 @@ impl Lifecycle {
                      WHERE user_id IN (
                          SELECT user_id FROM lifecycle.activity
                          WHERE notice_due_at <= now() AND notice_sent_at IS NULL
+                           AND session_up_at IS NULL
                            AND last_active_at < now() - make_interval(secs => $2)
                          ORDER BY notice_due_at LIMIT 500 FOR UPDATE SKIP LOCKED)
                      RETURNING user_id, last_active_at, notice_due_at, clean_after",
@@ -316,7 +338,7 @@ impl Lifecycle {
                 "SELECT user_id, notice_sent_at FROM lifecycle.activity
                  WHERE coalesce(clean_after, notice_sent_at + make_interval(secs => $1)) < now()
                    AND notice_sent_at IS NOT NULL AND cleaned_at IS NULL
-                   AND notice_action = 'trash'
+                   AND notice_action = 'trash' AND session_up_at IS NULL
                  LIMIT 1000",
                 &[&grace],
             )
@@ -337,6 +359,7 @@ impl Lifecycle {
                 .query_opt_cached(
                     "SELECT 1 FROM lifecycle.activity
                      WHERE user_id = $1 AND cleaned_at IS NULL AND notice_sent_at = $2
+                       AND session_up_at IS NULL
                      FOR UPDATE SKIP LOCKED",
                     &[&user, &noticed],
                 )
