@@ -763,5 +763,21 @@ async fn an_upload_the_disk_has_no_room_for_is_refused_before_anything_is_held()
     let account = usage(mesh.channel(), &alice).await?;
     assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0));
     assert!(setup.stored_objects("users").is_empty());
+    // Operators see why: the health detail says the store is short of room.
+    stowage_integration_tests::eventually(
+        stowage_integration_tests::PATIENCE,
+        "the store reported short of room",
+        || async {
+            let detail: serde_json::Value = reqwest::get(format!("http://{}/healthz", mesh.addr))
+                .await?
+                .json()
+                .await?;
+            let said = detail["checks"]["store_space"].as_str().unwrap_or_default();
+            Ok(detail["status"] == "degraded"
+                && said.starts_with("degraded")
+                && said.contains("uploads are refused"))
+        },
+    )
+    .await?;
     mesh.stop().await
 }

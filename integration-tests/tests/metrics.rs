@@ -54,6 +54,19 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         "status code label"
     );
 
+    // Room on the local-disk store, as the filesystem reports it.
+    let (available, capacity) = (
+        sample(&text, "stowage_store_available_bytes", &[]),
+        sample(&text, "stowage_store_capacity_bytes", &[]),
+    );
+    let blob_dir = setup.blob_dir.as_ref().expect("a local store").path();
+    let space = stowage_blob::space(blob_dir).expect("statvfs");
+    assert_eq!(capacity, Some(space.total as f64));
+    assert!(
+        available.is_some_and(|a| a > 0.0 && a <= space.total as f64),
+        "{available:?} of {capacity:?}"
+    );
+
     // An upload: bytes in, a file.created published by the outbox relay, lag back to 0.
     let received = sample(&text, "stowage_rpc_received_bytes_total", &[]).unwrap_or(0.0);
     // A picture of noise (over 300 KB), so Media has work to do with it.

@@ -131,6 +131,28 @@ fn outbox_schema(role: Role) -> Option<&'static str> {
 
 /// Keys of signed download URLs and upload links: configured, or derived from the HS256
 /// secret; with the key being rotated out, when set.
+/// Room on a local-disk store, checked with readiness: `stowage_store_available_bytes` and
+/// `stowage_store_capacity_bytes` for dashboards and alerts, and degraded (in `/healthz`)
+/// while uploads are refused for want of `min_free` bytes (0: never).
+fn store_space_probe(blobs: Blobs, min_free: u64) -> DegradedProbe {
+    DegradedProbe {
+        name: "store_space",
+        check: Box::new(move || {
+            let Some(space) = blobs.space() else {
+                return Some("the store's filesystem cannot be read".to_owned());
+            };
+            metrics::gauge!("stowage_store_available_bytes").set(space.available as f64);
+            metrics::gauge!("stowage_store_capacity_bytes").set(space.total as f64);
+            (min_free > 0 && space.available < min_free).then(|| {
+                format!(
+                    "{} bytes free, under STOWAGE_INGEST__MIN_FREE ({min_free}): uploads are refused",
+                    space.available
+                )
+            })
+        }),
+    }
+}
+
 fn signing_keys(config: &Config) -> anyhow::Result<SigningKeys> {
     let previous = config
         .url_signing_key_previous
@@ -477,7 +499,7 @@ pub async fn serve_with(
             "REDIS_URL unset: events stay in the outboxes until a relay can publish them"
         );
     }
-    let degraded = limiter
+    let mut degraded: Vec<DegradedProbe> = limiter
         .map(|limiter| DegradedProbe {
             name: "rate_limiter",
             check: Box::new(move || {
@@ -494,6 +516,12 @@ pub async fn serve_with(
         })
         .into_iter()
         .collect();
+    if blobs.local_root.is_some() {
+        degraded.push(store_space_probe(
+            blobs.clone(),
+            config.ingest.min_free.as_u64(),
+        ));
+    }
     server.watch_readiness(&background, dependencies, degraded);
     match config.metrics_addr {
         None => {

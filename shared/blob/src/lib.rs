@@ -159,12 +159,35 @@ impl Blobs {
     pub fn available_bytes(&self) -> Option<u64> {
         free_bytes(self.local_root.as_ref()?)
     }
+
+    /// Free and total bytes of the filesystem holding a local store; `None` for remote
+    /// stores (their providers report their own).
+    pub fn space(&self) -> Option<Space> {
+        space(self.local_root.as_ref()?)
+    }
+}
+
+/// Room on a filesystem, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space {
+    /// Free for unprivileged writers.
+    pub available: u64,
+    /// The whole filesystem.
+    pub total: u64,
 }
 
 /// Free bytes (for unprivileged writers) of the filesystem holding `path`.
 pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    space(path).map(|s| s.available)
+}
+
+/// Free and total bytes of the filesystem holding `path`.
+pub fn space(path: &std::path::Path) -> Option<Space> {
     let stat = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
+    Some(Space {
+        available: stat.blocks_available().saturating_mul(stat.fragment_size()),
+        total: stat.blocks().saturating_mul(stat.fragment_size()),
+    })
 }
 
 /// A file a local-disk write keeps until it is complete: `{name}#{digits}` (the name the store
