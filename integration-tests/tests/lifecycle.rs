@@ -2245,9 +2245,20 @@ async fn recheck_mesh(
     debounce: Duration,
     peer_timeout: Duration,
 ) -> anyhow::Result<Mesh> {
+    recheck_mesh_trying(setup, debounce, peer_timeout, 6).await
+}
+
+/// [`recheck_mesh`] whose rechecks make at most `attempts`.
+async fn recheck_mesh_trying(
+    setup: &Setup,
+    debounce: Duration,
+    peer_timeout: Duration,
+    attempts: u32,
+) -> anyhow::Result<Mesh> {
     let mesh = Mesh::start_with(setup, |c| {
         c.lifecycle.reconcile_settle = Duration::from_millis(200);
         c.lifecycle.recheck_debounce = debounce;
+        c.lifecycle.recheck_attempts = attempts;
         c.peers.timeout = Some(peer_timeout);
     })
     .await?;
@@ -2320,6 +2331,53 @@ async fn a_failed_recheck_is_tried_again_and_repairs() -> anyhow::Result<()> {
         Ok(usage(mesh.channel(), &ivy).await?.used_bytes == 1000)
     })
     .await?;
+    mesh.stop().await
+}
+
+/// A recheck that fails as often as `STOWAGE_LIFECYCLE__RECHECK_ATTEMPTS` allows (here two)
+/// is left to the next reconcile: gone while Files still cannot answer, the drift unrepaired.
+/// (With six attempts it waits 5 + 10 + 20 + 40 s: the test then fails at its patience.)
+#[tokio::test]
+async fn a_recheck_out_of_attempts_is_left_to_the_reconcile() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh =
+        recheck_mesh_trying(&setup, Duration::from_secs(1), Duration::from_secs(1), 2).await?;
+    let ivy = token("ivy", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let conn = pool.get().await?;
+    uploaded_and_rechecked(&mesh, &conn, &ivy).await?;
+    conn.execute(
+        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'ivy'",
+        &[],
+    )
+    .await?;
+    let mut blocker = pool.get().await?;
+    let lock = blocker.transaction().await?;
+    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    conn.execute(
+        "INSERT INTO lifecycle.rechecks (user_id, due_at) VALUES ('ivy', now())",
+        &[],
+    )
+    .await?;
+    stowage_integration_tests::eventually(PATIENCE, "the recheck failed once", || async {
+        let n: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM lifecycle.rechecks WHERE user_id = 'ivy' AND attempts = 1",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(n == 1)
+    })
+    .await?;
+    // The second attempt, 5 s later, is its last.
+    stowage_integration_tests::eventually(PATIENCE, "the recheck given up", || async {
+        Ok(pending_rechecks(&conn).await? == 0)
+    })
+    .await?;
+    lock.rollback().await?;
+    assert_eq!(usage(mesh.channel(), &ivy).await?.used_bytes, 1007);
     mesh.stop().await
 }
 

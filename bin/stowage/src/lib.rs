@@ -597,7 +597,8 @@ fn start_lifecycle(
     .with_local_root(blobs.local_root.clone())
     .with_reconcile_settle(config.lifecycle.reconcile_settle)
     .with_gc_batch(config.lifecycle.gc_batch)
-    .with_gc_time(config.lifecycle.gc_time);
+    .with_gc_time(config.lifecycle.gc_time)
+    .with_rechecks(&config.lifecycle);
     match redis {
         Some(redis) => {
             lifecycle = lifecycle.with_redis(redis.clone(), &config.events.namespace);

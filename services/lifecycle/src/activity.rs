@@ -9,6 +9,7 @@ use std::{
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
+use futures::StreamExt;
 use stowage_db::{Cached, GenericClient};
 use stowage_events::{Event, EventHandler, HandlerError, topics};
 use stowage_proto::v1 as pb;
@@ -21,11 +22,42 @@ pub const NOTICE_TOPIC: &str = "lifecycle.notice";
 const MAX_DEBOUNCE_WAIT: &str = "10 seconds";
 /// How long a running recheck is claimed: past it, one whose process died runs again.
 const RECHECK_LEASE: &str = "5 minutes";
-/// Attempts of a recheck whose recount fails before it is left to the next reconcile.
-const RECHECK_ATTEMPTS: i32 = 6;
-/// Wait before the second attempt of a failed recheck; doubled for each one after (5 s to
-/// 80 s).
-const RECHECK_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
+/// Rechecks claimed per pass.
+const RECHECK_BATCH: i64 = 100;
+
+/// How failed rechecks are retried, and how many run at once.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RecheckSettings {
+    /// Attempts before a recheck is left to the next reconcile.
+    attempts: i32,
+    /// Wait before the second attempt.
+    backoff: std::time::Duration,
+    /// Each later wait is the one before times this.
+    factor: f64,
+    /// Rechecks run at once.
+    concurrency: usize,
+}
+
+impl From<&stowage_runtime::config::LifecycleConfig> for RecheckSettings {
+    fn from(config: &stowage_runtime::config::LifecycleConfig) -> Self {
+        Self {
+            attempts: i32::try_from(config.recheck_attempts).unwrap_or(i32::MAX),
+            backoff: config.recheck_backoff,
+            factor: config.recheck_backoff_factor,
+            concurrency: config.recheck_concurrency.max(1),
+        }
+    }
+}
+
+/// What one recheck (its user and claim) came to.
+pub(crate) enum Rechecked {
+    /// Measured: repaired with the others, then cleared.
+    Seen(crate::usage::Observed, String, uuid::Uuid),
+    /// Failed for the last time: cleared, left to the reconcile.
+    GaveUp(String, uuid::Uuid),
+    /// Failed, tried again later (or left to its claim's end).
+    Retried,
+}
 /// Users given a notice time per pass.
 const BATCH: i64 = 10_000;
 
@@ -428,7 +460,7 @@ impl Lifecycle {
                          WHERE due_at <= now()
                             OR (claim IS NULL AND attempts = 0
                                 AND first_at <= now() - interval '{MAX_DEBOUNCE_WAIT}')
-                         LIMIT 100 FOR UPDATE SKIP LOCKED)
+                         LIMIT {RECHECK_BATCH} FOR UPDATE SKIP LOCKED)
                      RETURNING user_id, attempts, claim"
                 ),
                 &[],
@@ -439,46 +471,22 @@ impl Lifecycle {
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         drop(conn);
+        let settings = self.rechecks;
+        let outcomes: Vec<Rechecked> = futures::stream::iter(due.iter().cloned())
+            .map(|(user, attempts, claim)| self.recheck(settings, user, attempts, claim))
+            .buffer_unordered(settings.concurrency)
+            .collect()
+            .await;
         let mut seen = Vec::with_capacity(due.len());
         let mut done = Vec::with_capacity(due.len());
-        for (user, attempts, claim) in &due {
-            metrics::counter!("stowage_lifecycle_rechecks_total").increment(1);
-            match self.observe_usage(user).await {
-                Ok(observed) => {
-                    // Not worth losing the other rechecks for: the next change announces.
-                    if let Err(status) = self.announce_usage(&observed).await {
-                        tracing::warn!(user, %status, "usage measured but not announced");
-                    }
+        for outcome in outcomes {
+            match outcome {
+                Rechecked::Seen(observed, user, claim) => {
                     seen.push(observed);
                     done.push((user, claim));
                 }
-                Err(status) if *attempts + 1 < RECHECK_ATTEMPTS => {
-                    // Again after a backoff, unclaimed (unless a new request replaced it).
-                    let wait = RECHECK_BACKOFF.as_secs_f64() * 2f64.powi(*attempts);
-                    tracing::warn!(user, %status, retry_in_s = wait, "recheck failed; retried");
-                    let retried = async {
-                        self.pool
-                            .get()
-                            .await
-                            .map_err(db)?
-                            .execute_cached(
-                                "UPDATE lifecycle.rechecks
-                                 SET claim = NULL, due_at = now() + make_interval(secs => $3),
-                                     attempts = $4
-                                 WHERE user_id = $1 AND claim = $2",
-                                &[user, claim, &wait, &(attempts + 1)],
-                            )
-                            .await
-                            .map_err(db)
-                    };
-                    if let Err(status) = retried.await {
-                        tracing::warn!(user, %status, "recheck retry not recorded; runs again when its claim ends");
-                    }
-                }
-                Err(status) => {
-                    tracing::warn!(user, %status, attempts = attempts + 1, "recheck failed; the next reconcile covers it");
-                    done.push((user, claim));
-                }
+                Rechecked::GaveUp(user, claim) => done.push((user, claim)),
+                Rechecked::Retried => {}
             }
         }
         let mut tally = Tally::default();
@@ -487,7 +495,7 @@ impl Lifecycle {
         // Only now, with the repairs made: a process that dies before leaves the claims to
         // end and the rechecks to run again. A claim a new request replaced stays.
         let users: Vec<&str> = done.iter().map(|(u, _)| u.as_str()).collect();
-        let claims: Vec<uuid::Uuid> = done.iter().map(|(_, c)| **c).collect();
+        let claims: Vec<uuid::Uuid> = done.iter().map(|(_, c)| *c).collect();
         let cleared = async {
             self.pool
                 .get()
@@ -505,6 +513,54 @@ impl Lifecycle {
             tracing::warn!(%status, "finished rechecks not cleared; they run again when their claims end");
         }
         Ok(due.len())
+    }
+
+    /// Measures `user` for a recheck claimed with `claim`, its `attempts`-th try: on a
+    /// failure it is tried again after a backoff, unless that was its last attempt.
+    async fn recheck(
+        &self,
+        settings: RecheckSettings,
+        user: String,
+        attempts: i32,
+        claim: uuid::Uuid,
+    ) -> Rechecked {
+        metrics::counter!("stowage_lifecycle_rechecks_total").increment(1);
+        let status = match self.observe_usage(&user).await {
+            Ok(observed) => {
+                // Not worth losing the other rechecks for: the next change announces.
+                if let Err(status) = self.announce_usage(&observed).await {
+                    tracing::warn!(user, %status, "usage measured but not announced");
+                }
+                return Rechecked::Seen(observed, user, claim);
+            }
+            Err(status) => status,
+        };
+        if attempts + 1 >= settings.attempts {
+            tracing::warn!(user, %status, attempts = attempts + 1, "recheck failed; the next reconcile covers it");
+            return Rechecked::GaveUp(user, claim);
+        }
+        // Again after a backoff, unclaimed (unless a new request replaced it).
+        let wait = settings.backoff.as_secs_f64() * settings.factor.powi(attempts);
+        tracing::warn!(user, %status, retry_in_s = wait, "recheck failed; retried");
+        let retried = async {
+            self.pool
+                .get()
+                .await
+                .map_err(db)?
+                .execute_cached(
+                    "UPDATE lifecycle.rechecks
+                     SET claim = NULL, due_at = now() + make_interval(secs => $3),
+                         attempts = $4
+                     WHERE user_id = $1 AND claim = $2",
+                    &[&user, &claim, &wait, &(attempts + 1)],
+                )
+                .await
+                .map_err(db)
+        };
+        if let Err(status) = retried.await {
+            tracing::warn!(user, %status, "recheck retry not recorded; runs again when its claim ends");
+        }
+        Rechecked::Retried
     }
 
     /// Tells subscribers what `observed` found (`usage.measured`): a user's size after their

@@ -116,6 +116,8 @@ pub struct Lifecycle {
     gc_batch: u64,
     /// How long each of `blob_gc`'s ways may go on in one run.
     gc_time: std::time::Duration,
+    /// Retries and concurrency of the per-user rechecks.
+    rechecks: activity::RecheckSettings,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -153,7 +155,15 @@ impl Lifecycle {
             settle: usage::DEFAULT_SETTLE,
             gc_batch: defaults.gc_batch,
             gc_time: defaults.gc_time,
+            rechecks: activity::RecheckSettings::from(&defaults),
         }
+    }
+
+    /// How failed rechecks are retried (attempts, first wait, factor) and how many run at
+    /// once, from the process's settings.
+    pub fn with_rechecks(mut self, config: &stowage_runtime::config::LifecycleConfig) -> Self {
+        self.rechecks = activity::RecheckSettings::from(config);
+        self
     }
 
     /// How many blobs, and then files, one `blob_gc` run looks at; the next run goes on where

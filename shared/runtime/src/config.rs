@@ -202,6 +202,18 @@ pub struct LifecycleConfig {
     /// A user's recheck runs this long after the last file event of a burst.
     #[serde(with = "humantime_serde")]
     pub recheck_debounce: Duration,
+    /// `STOWAGE_LIFECYCLE__RECHECK_ATTEMPTS`: attempts of a recheck whose recount fails
+    /// before it is left to the next reconcile (1..=20).
+    pub recheck_attempts: u32,
+    /// `STOWAGE_LIFECYCLE__RECHECK_BACKOFF`: wait before a failed recheck's second attempt
+    /// (5 s to 1 h).
+    #[serde(with = "humantime_serde")]
+    pub recheck_backoff: Duration,
+    /// `STOWAGE_LIFECYCLE__RECHECK_BACKOFF_FACTOR`: each later wait is the one before times
+    /// this (1 to 10).
+    pub recheck_backoff_factor: f64,
+    /// `STOWAGE_LIFECYCLE__RECHECK_CONCURRENCY`: rechecks a process runs at once (1..=64).
+    pub recheck_concurrency: usize,
     /// A drifted account is looked at again this long later, and repaired only if nothing
     /// moved: a recount between two steps of a purge or an upload is not a drift.
     #[serde(with = "humantime_serde")]
@@ -219,6 +231,10 @@ impl Default for LifecycleConfig {
     fn default() -> Self {
         Self {
             recheck_debounce: Duration::from_secs(1),
+            recheck_attempts: 6,
+            recheck_backoff: Duration::from_secs(5),
+            recheck_backoff_factor: 2.0,
+            recheck_concurrency: 4,
             reconcile_settle: Duration::from_secs(2),
             gc_batch: 1_000_000,
             gc_time: Duration::from_secs(10 * 60),
@@ -699,6 +715,23 @@ impl Config {
                 "must fit in one message (at most STOWAGE_MAX_MESSAGE_SIZE)",
             );
         }
+        if !(1..=20).contains(&self.lifecycle.recheck_attempts) {
+            return fail("STOWAGE_LIFECYCLE__RECHECK_ATTEMPTS", "must be 1 to 20");
+        }
+        if self.lifecycle.recheck_backoff < Duration::from_secs(5)
+            || self.lifecycle.recheck_backoff > Duration::from_secs(3600)
+        {
+            return fail("STOWAGE_LIFECYCLE__RECHECK_BACKOFF", "must be 5 s to 1 h");
+        }
+        if !(1.0..=10.0).contains(&self.lifecycle.recheck_backoff_factor) {
+            return fail(
+                "STOWAGE_LIFECYCLE__RECHECK_BACKOFF_FACTOR",
+                "must be 1 to 10",
+            );
+        }
+        if !(1..=64).contains(&self.lifecycle.recheck_concurrency) {
+            return fail("STOWAGE_LIFECYCLE__RECHECK_CONCURRENCY", "must be 1 to 64");
+        }
         if self.lifecycle.recheck_debounce < Duration::from_millis(100)
             || self.lifecycle.recheck_debounce > Duration::from_secs(3600)
         {
@@ -993,7 +1026,19 @@ mod tests {
     #[test]
     fn zero_intervals_and_absurd_bounds_are_refused_by_name() {
         type BreakIt = fn(&mut Config);
-        let cases: [(&str, BreakIt); 8] = [
+        let cases: [(&str, BreakIt); 12] = [
+            ("STOWAGE_LIFECYCLE__RECHECK_ATTEMPTS", |c| {
+                c.lifecycle.recheck_attempts = 0;
+            }),
+            ("STOWAGE_LIFECYCLE__RECHECK_BACKOFF", |c| {
+                c.lifecycle.recheck_backoff = Duration::from_secs(1);
+            }),
+            ("STOWAGE_LIFECYCLE__RECHECK_BACKOFF_FACTOR", |c| {
+                c.lifecycle.recheck_backoff_factor = f64::NAN;
+            }),
+            ("STOWAGE_LIFECYCLE__RECHECK_CONCURRENCY", |c| {
+                c.lifecycle.recheck_concurrency = 0;
+            }),
             ("STOWAGE_INGEST__SWEEP_INTERVAL", |c| {
                 c.ingest.sweep_interval = Duration::ZERO;
             }),
