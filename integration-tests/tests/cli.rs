@@ -474,6 +474,90 @@ async fn ls_trash_lists_every_page() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// `stowage cleanup` runs Lifecycle's clean-up jobs now for an admin: a dry run reports what
+/// it would remove and removes nothing; a run removes it; a user without the scope is refused.
+#[tokio::test]
+async fn cleanup_runs_the_clean_up_jobs_now() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let file = upload(mesh.channel(), &alice, "old.bin", &random_bytes(500), &[]).await?;
+    stowage_integration_tests::trash(mesh.channel(), &alice, &file.id).await?;
+    // In trash for longer than the retention (30 days).
+    stowage_db::connect(&setup.database_url, 1)?
+        .get()
+        .await?
+        .execute(
+            "UPDATE files.files SET deleted_at = now() - interval '31 days' WHERE id = $1::text::uuid",
+            &[&file.id],
+        )
+        .await?;
+    let cleanup = |who: &str, args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+        cmd.args(["cleanup", "--addr", &format!("http://{}", mesh.addr)])
+            .args(args)
+            .env("STOWAGE_TOKEN", who)
+            .kill_on_drop(true);
+        async move { cmd.output().await }
+    };
+    let trash_left = || async {
+        let trash = stowage_integration_tests::files(mesh.channel())
+            .list_trash(authed(pb::ListTrashRequest::default(), &alice))
+            .await?
+            .into_inner();
+        anyhow::Ok(trash.files.len())
+    };
+    let root = token("root", &["admin"]);
+    let dry = cleanup(&root, &["trash_purge", "--dry-run"]).await?;
+    assert!(dry.status.success(), "{dry:?}");
+    let said = String::from_utf8(dry.stdout)?;
+    assert!(
+        said.starts_with("trash_purge: looked at 1, 1 to act on, 0 failed"),
+        "{said}"
+    );
+    assert!(said.contains(&file.id), "{said}");
+    assert_eq!(trash_left().await?, 1);
+
+    let denied = cleanup(&alice, &[]).await?;
+    assert!(!denied.status.success(), "{denied:?}");
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("admin"),
+        "{denied:?}"
+    );
+
+    let run = cleanup(&root, &[]).await?;
+    assert!(run.status.success(), "{run:?}");
+    let said = String::from_utf8(run.stdout)?;
+    let jobs: Vec<&str> = said
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    assert_eq!(
+        jobs,
+        [
+            "orphan_uploads",
+            "staging_cleanup",
+            "reservations_expire",
+            "trash_purge",
+            "blob_gc",
+            "ephemeral_cleanup"
+        ]
+    );
+    assert!(
+        said.contains("trash_purge: looked at 1, 1 acted on, 0 failed"),
+        "{said}"
+    );
+    assert_eq!(trash_left().await?, 0);
+    assert_eq!(
+        stowage_integration_tests::usage(mesh.channel(), &alice)
+            .await?
+            .used_bytes,
+        0
+    );
+    mesh.stop().await
+}
+
 /// `stowage token` signs with the secret of the configuration file the services read (not
 /// only the environment's or the dev one): its token is accepted by a mesh of that secret.
 #[tokio::test]

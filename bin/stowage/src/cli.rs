@@ -140,7 +140,33 @@ enum Command {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Runs Lifecycle's clean-up jobs now, one after another, and prints what each did (needs
+    /// the admin scope): by default those that remove data nobody needs any more.
+    Cleanup {
+        /// Jobs to run (any of `stowage cleanup --list`); default: orphan_uploads,
+        /// staging_cleanup, reservations_expire, trash_purge, blob_gc, ephemeral_cleanup.
+        jobs: Vec<String>,
+        /// Only report what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        /// List the jobs with their schedules instead.
+        #[arg(long, conflicts_with_all = ["jobs", "dry_run"])]
+        list: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
+
+/// What `stowage cleanup` runs when no job is named: the jobs that remove what nobody needs
+/// (not the reconcile, the notices or the reprocessing).
+const CLEANUP_JOBS: [&str; 6] = [
+    "orphan_uploads",
+    "staging_cleanup",
+    "reservations_expire",
+    "trash_purge",
+    "blob_gc",
+    "ephemeral_cleanup",
+];
 
 #[derive(Debug, Subcommand)]
 enum EventsCommand {
@@ -419,6 +445,61 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let stats = endpoint.client().await?.stats(all, largest).await?;
             print_stats(&stats);
+            Ok(())
+        }
+        Command::Cleanup {
+            jobs,
+            dry_run,
+            list,
+            endpoint,
+        } => {
+            let client = endpoint.client().await?;
+            if list {
+                for schedule in client.schedules().await? {
+                    println!(
+                        "{:<20} every {:<10} {}",
+                        schedule.name,
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            schedule.interval_seconds
+                        ))
+                        .to_string(),
+                        if schedule.enabled {
+                            "enabled"
+                        } else {
+                            "disabled"
+                        }
+                    );
+                }
+                return Ok(());
+            }
+            let jobs = if jobs.is_empty() {
+                CLEANUP_JOBS.map(str::to_owned).to_vec()
+            } else {
+                jobs
+            };
+            let mut failed = false;
+            for job in jobs {
+                let run = client.run_now(&job, dry_run).await?;
+                println!(
+                    "{job}: looked at {}, {} {}, {} failed{}",
+                    run.examined,
+                    run.acted,
+                    if run.dry_run { "to act on" } else { "acted on" },
+                    run.failed,
+                    if run.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (error: {})", run.error)
+                    }
+                );
+                for line in &run.report {
+                    println!("  {line}");
+                }
+                failed |= run.failed > 0 || !run.error.is_empty();
+            }
+            if failed {
+                anyhow::bail!("some clean-up failed (see above; ListRuns keeps each run)");
+            }
             Ok(())
         }
         Command::Usage { endpoint } => {

@@ -1,4 +1,4 @@
-//! Client commands: `upload`, `ls`, `get`, `rm`, `restore`, `usage`.
+//! Client commands: `upload`, `ls`, `get`, `rm`, `restore`, `usage`, `stats`, `cleanup`.
 
 use std::{
     path::Path,
@@ -11,7 +11,8 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use stowage_proto::v1::{
-    self as pb, files_client::FilesClient, ingest_client::IngestClient, quota_client::QuotaClient,
+    self as pb, files_client::FilesClient, ingest_client::IngestClient,
+    lifecycle_client::LifecycleClient, quota_client::QuotaClient,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
@@ -57,6 +58,10 @@ impl Client {
             .metadata_mut()
             .insert("authorization", self.token.clone());
         request
+    }
+
+    fn lifecycle(&self) -> LifecycleClient<Channel> {
+        LifecycleClient::new(self.channel.clone())
     }
 
     fn files(&self) -> FilesClient<Channel> {
@@ -333,6 +338,31 @@ impl Client {
             .await
             .map_err(status)?
             .into_inner())
+    }
+
+    /// Runs Lifecycle's job `name` now and returns the finished run.
+    pub async fn run_now(&self, name: &str, dry_run: bool) -> anyhow::Result<pb::Run> {
+        self.lifecycle()
+            .run_now(self.request(pb::RunNowRequest {
+                name: name.to_owned(),
+                dry_run,
+            }))
+            .await
+            .map_err(status)?
+            .into_inner()
+            .run
+            .context("no run in the answer")
+    }
+
+    /// Lifecycle's schedules.
+    pub async fn schedules(&self) -> anyhow::Result<Vec<pb::Schedule>> {
+        Ok(self
+            .lifecycle()
+            .list_schedules(self.request(pb::ListSchedulesRequest {}))
+            .await
+            .map_err(status)?
+            .into_inner()
+            .schedules)
     }
 
     /// Lists files.
