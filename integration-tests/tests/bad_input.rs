@@ -781,3 +781,72 @@ async fn an_upload_the_disk_has_no_room_for_is_refused_before_anything_is_held()
     .await?;
     mesh.stop().await
 }
+
+/// With `STOWAGE_INGEST__ALLOWED_TYPES`, content of another type (sniffed from its first
+/// bytes, whatever its name says) is refused through every door, naming the field that
+/// carried it; a session whose first bytes are refused ends, its hold given back; nothing is
+/// stored. Content of a type taken uploads as before.
+#[tokio::test]
+async fn content_of_a_type_not_taken_is_refused_through_every_door() -> anyhow::Result<()> {
+    use stowage_integration_tests::{create_session, get_session, put_chunk, write_chunks};
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.allowed_types = vec!["image/*".into(), "application/pdf".into()];
+    })
+    .await?;
+    let alice = token("alice", &[]);
+    let refused = |status: tonic::Status, field: &str| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with(&format!("{field}: the content is text/plain")),
+            "{status:?}"
+        );
+    };
+    let words = b"plain words, named as a picture".to_vec();
+    refused(
+        upload(mesh.channel(), &alice, "a.png", &words, &[])
+            .await
+            .expect_err("one-shot"),
+        "data",
+    );
+    for door in ["PutChunk", "WriteChunks"] {
+        let s = create_session(
+            mesh.channel(),
+            &alice,
+            "b.png",
+            Some(words.len() as u64),
+            "",
+        )
+        .await?;
+        let written = match door {
+            "PutChunk" => put_chunk(mesh.channel(), &alice, &s.id, 0, &words).await,
+            _ => write_chunks(mesh.channel(), &alice, &s.id, vec![(0, words.clone())]).await,
+        };
+        refused(written.expect_err(door), "chunk.data");
+        let ended = get_session(mesh.channel(), &alice, &s.id).await?;
+        assert_eq!(ended.state, pb::UploadState::Aborted as i32, "{door}");
+    }
+    let tus = reqwest::Client::new()
+        .post(format!("http://{}/tus", mesh.addr))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", words.len().to_string())
+        .header("content-type", "application/offset+octet-stream")
+        .header("authorization", format!("Bearer {alice}"))
+        .body(words.clone())
+        .send()
+        .await?;
+    assert_eq!(tus.status(), 415);
+    assert!(tus.text().await?.contains("text/plain"));
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0));
+    assert!(setup.stored_objects("users").is_empty());
+
+    // A picture is taken.
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(4, 4).write_to(&mut png, image::ImageFormat::Png)?;
+    let file = upload(mesh.channel(), &alice, "c.png", png.get_ref(), &[]).await?;
+    assert_eq!(file.mime_type, "image/png");
+    mesh.stop().await
+}

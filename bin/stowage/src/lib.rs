@@ -10,8 +10,8 @@ use stowage_events::{Consumer, ConsumerSettings};
 use stowage_events::{Relay, RelaySettings};
 use stowage_files::{Catalog, FilesGrpc, UrlSigner};
 use stowage_ingest::{
-    EventStreams, IngestGrpc, Registration, SessionSettings, Sessions, Staging, StreamSettings,
-    Uploader, Uploads,
+    AllowedTypes, EventStreams, IngestGrpc, Registration, SessionSettings, Sessions, Staging,
+    StreamSettings, Uploader, Uploads,
 };
 use stowage_jobs::{Queue, QueueConfig, Scheduler, Worker};
 use stowage_lifecycle::{ActivityEvents, Lifecycle, LifecycleGrpc};
@@ -311,6 +311,7 @@ pub async fn serve_with(
             shutdown: shutdown.clone(),
             local_root: blobs.local_root.clone(),
             registration,
+            allowed: AllowedTypes::new(config.ingest.allowed_types.clone()),
             // The sweeper below takes one-shot uploads idle for the session TTL as abandoned.
             touch_every: stowage_ingest::TOUCH_EVERY_MAX.min(config.ingest.session_ttl / 2),
         };
@@ -328,6 +329,7 @@ pub async fn serve_with(
                 max_chunk: usize::try_from(config.ingest.max_chunk.as_u64()).unwrap_or(64 << 20),
                 min_free: config.ingest.min_free.as_u64(),
                 registration,
+                allowed: AllowedTypes::new(config.ingest.allowed_types.clone()),
             },
         );
         let links =

@@ -13,6 +13,17 @@ pub enum Error {
         /// Why it is refused.
         reason: String,
     },
+    /// The file's content (sniffed from its first bytes) is of a type the deployment does not
+    /// take (`STOWAGE_INGEST__ALLOWED_TYPES`).
+    #[error("{field}: the content is {mime}; this deployment takes {allowed}")]
+    TypeNotAllowed {
+        /// Field that carried the first bytes.
+        field: &'static str,
+        /// What the bytes are.
+        mime: String,
+        /// The types taken, as configured.
+        allowed: String,
+    },
     /// An upload with the same idempotency key is still running.
     #[error("an upload with this idempotency_key is in progress")]
     InProgress,
@@ -112,6 +123,14 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
             Error::InvalidArgument { field, reason } => {
+                stowage_runtime::status::invalid_argument(field, reason)
+            }
+            Error::TypeNotAllowed { field, .. } => {
+                let reason = error.to_string();
+                let reason = reason
+                    .strip_prefix(field)
+                    .and_then(|r| r.strip_prefix(": "))
+                    .unwrap_or(&reason);
                 stowage_runtime::status::invalid_argument(field, reason)
             }
             Error::InProgress => Status::aborted(error.to_string()),

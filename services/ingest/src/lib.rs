@@ -17,7 +17,7 @@ pub use grpc::IngestGrpc;
 pub use links::{MAX_LINK_SECONDS, UploadLinks};
 pub use oneshot::{TOUCH_EVERY_MAX, Uploader};
 pub use sessions::{Checksum, ChunkIn, ChunkStream, Meta, Session, SessionSettings, Sessions};
-pub use sniff::{Registration, Sniffed, sniff};
+pub use sniff::{AllowedTypes, Registration, Sniffed, sniff};
 pub use staging::{MIN_NATIVE_PART, Staging};
 pub use streams::{EventStreams, StreamSettings};
 pub use tus::routes as tus_routes;

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     sessions::Meta,
-    sniff::{Registration, SNIFF_LEN, Sniffed, sniff},
+    sniff::{AllowedTypes, Registration, SNIFF_LEN, Sniffed, sniff},
     uploads::{NewUpload, UploadRow, Uploads},
 };
 
@@ -50,6 +50,8 @@ pub struct Uploader {
     pub local_root: Option<std::path::PathBuf>,
     /// What status new files are registered with.
     pub registration: Registration,
+    /// The content types taken.
+    pub allowed: AllowedTypes,
     /// How often an upload still receiving marks its row as alive: under half the idle time
     /// after which any sweep takes it for abandoned (see [`TOUCH_EVERY_MAX`]).
     pub touch_every: std::time::Duration,
@@ -257,6 +259,8 @@ impl Uploader {
         let upload_id = Uuid::now_v7();
         let file_id = Uuid::now_v7();
         let sniffed = sniff(&head.bytes, &header.meta.display_name);
+        // Refused before anything is held or stored.
+        self.allowed.check(&sniffed, "data")?;
         let now = Utc::now();
         let key = keys::original(
             owner,

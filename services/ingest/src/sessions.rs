@@ -66,7 +66,7 @@ pub use chunk_stream::ChunkStream;
 
 use crate::{
     error::{Error, Result},
-    sniff::{Registration, SNIFF_LEN, sniff},
+    sniff::{AllowedTypes, Registration, SNIFF_LEN, sniff},
     staging::{Part, Staging, Target},
 };
 
@@ -85,6 +85,8 @@ pub struct SessionSettings {
     pub min_free: u64,
     /// What status new files are registered with.
     pub registration: Registration,
+    /// The content types taken (checked on a session's first bytes).
+    pub allowed: AllowedTypes,
 }
 
 /// What a client said about the file at creation.
@@ -684,12 +686,25 @@ impl Sessions {
     /// Appends one chunk at its offset. Once called, the write runs to its end even if the
     /// caller goes away (see `run_to_end`).
     pub async fn write_chunk(&self, id: Uuid, owner: &str, chunk: ChunkIn) -> Result<Session> {
-        let (sessions, owner) = (self.clone(), owner.to_owned());
-        self.run_to_end(async move {
-            let mut conn = sessions.pool.get().await?;
-            sessions.write_chunk_on(&mut conn, id, &owner, chunk).await
-        })
-        .await
+        let (sessions, writer) = (self.clone(), owner.to_owned());
+        let written = self
+            .run_to_end(async move {
+                let mut conn = sessions.pool.get().await?;
+                sessions.write_chunk_on(&mut conn, id, &writer, chunk).await
+            })
+            .await;
+        if let Err(Error::TypeNotAllowed { .. }) = &written {
+            self.abort_refused(id, owner).await;
+        }
+        written
+    }
+
+    /// Ends a session whose first bytes are of a type the deployment does not take: no later
+    /// chunk can change what the file is, so its hold goes now rather than at its expiry.
+    pub(crate) async fn abort_refused(&self, id: Uuid, owner: &str) {
+        if let Err(error) = self.abort(id, owner).await {
+            tracing::info!(upload_id = %id, %error, "session of a refused type left to expire");
+        }
     }
 
     /// Refuses a chunk ending at `end`, past the session's length (or the largest file).
@@ -762,6 +777,9 @@ impl Sessions {
             Some(k) => ObjectPath::from(k.as_str()),
             None => {
                 let head = &chunk.data[..chunk.data.len().min(SNIFF_LEN)];
+                self.settings
+                    .allowed
+                    .check(&sniff(head, &session.meta.display_name), "chunk.data")?;
                 self.choose_key(&tx, &mut session, head).await?
             }
         };

@@ -18,6 +18,43 @@ pub struct Sniffed {
     pub extension: String,
 }
 
+/// The content types a deployment takes (`STOWAGE_INGEST__ALLOWED_TYPES`): exact types
+/// (`application/pdf`) and families (`image/*`); none listed takes every type.
+#[derive(Clone, Debug, Default)]
+pub struct AllowedTypes(Vec<String>);
+
+impl AllowedTypes {
+    /// Takes the types matching `patterns` (lowercase, as the configuration checks them).
+    pub fn new(patterns: Vec<String>) -> Self {
+        Self(patterns)
+    }
+
+    /// Refuses content sniffed as `sniffed` unless it is taken, naming `field` (where its
+    /// first bytes came).
+    pub fn check(&self, sniffed: &Sniffed, field: &'static str) -> crate::error::Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mime = sniffed.mime_type.split(';').next().unwrap_or("").trim();
+        let family = mime.split('/').next().unwrap_or("");
+        let taken = self
+            .0
+            .iter()
+            .any(|pattern| match pattern.strip_suffix("/*") {
+                Some(wanted) => wanted == family,
+                None => pattern == mime,
+            });
+        if taken {
+            return Ok(());
+        }
+        Err(crate::error::Error::TypeNotAllowed {
+            field,
+            mime: mime.to_owned(),
+            allowed: self.0.join(", "),
+        })
+    }
+}
+
 /// What status a new file is registered with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Registration {
@@ -102,6 +139,34 @@ pub fn sniff(head: &[u8], display_name: &str) -> Sniffed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_types_match_exact_types_and_families_without_parameters() {
+        let allowed = AllowedTypes::new(vec!["image/*".into(), "text/plain".into()]);
+        let png = sniff(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "a.png");
+        assert!(allowed.check(&png, "data").is_ok());
+        // `text/plain; charset=utf-8`: its parameters do not count.
+        assert!(
+            allowed
+                .check(&sniff(b"some words", "notes.txt"), "data")
+                .is_ok()
+        );
+        let refused = allowed
+            .check(&sniff(b"%PDF-1.7\n", "doc.pdf"), "chunk.data")
+            .unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "chunk.data: the content is application/pdf; this deployment takes image/*, text/plain"
+        );
+        // A family is a whole family, not a prefix: `image/*` does not take `imagex/...`.
+        let imagex = Sniffed {
+            mime_type: "imagex/thing".into(),
+            kind: "other",
+            extension: "bin".into(),
+        };
+        assert!(allowed.check(&imagex, "data").is_err());
+        assert!(AllowedTypes::default().check(&imagex, "data").is_ok());
+    }
 
     #[test]
     fn only_files_media_works_on_start_in_processing() {

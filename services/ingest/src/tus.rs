@@ -106,6 +106,7 @@ fn error_response(error: Error) -> Response {
             StatusCode::PAYLOAD_TOO_LARGE
         }
         Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
+        Error::TypeNotAllowed { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Error::WrongOffset { .. } => StatusCode::CONFLICT,
         Error::ChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
         Error::SessionNotFound => StatusCode::NOT_FOUND,
@@ -193,6 +194,9 @@ fn in_tus_terms(error: &Error) -> String {
         }
         Error::WrongOffset { expected, got } => {
             format!("Upload-Offset: expected {expected}, got {got}")
+        }
+        Error::TypeNotAllowed { mime, allowed, .. } => {
+            format!("the request body: the content is {mime}; this deployment takes {allowed}")
         }
         Error::Busy => {
             "another request is writing this upload; ask HEAD for its offset and retry".into()

@@ -392,6 +392,11 @@ pub struct IngestConfig {
     /// `STOWAGE_INGEST__MIN_FREE`: free space a local-disk store keeps; an upload that would
     /// leave less is refused (RESOURCE_EXHAUSTED). 0 turns the check off.
     pub min_free: ByteSize,
+    /// `STOWAGE_INGEST__ALLOWED_TYPES`: comma-separated MIME types (`image/png`) or families
+    /// (`image/*`) a file's content may have, as sniffed from its first bytes; empty (the
+    /// default) takes every type.
+    #[serde(deserialize_with = "comma_list")]
+    pub allowed_types: Vec<String>,
     /// `STOWAGE_INGEST__SESSION_TTL`: how long an unfinished resumable upload lives.
     #[serde(with = "humantime_serde")]
     pub session_ttl: Duration,
@@ -488,6 +493,7 @@ impl Default for IngestConfig {
             max_file_size: ByteSize::gib(50),
             part_size: ByteSize::mib(8),
             min_free: ByteSize::gib(1),
+            allowed_types: Vec::new(),
             session_ttl: Duration::from_secs(24 * 3600),
             chunk_size: ByteSize::mib(8),
             max_chunk: ByteSize::mib(64),
@@ -715,6 +721,17 @@ impl Config {
                 "must fit in one message (at most STOWAGE_MAX_MESSAGE_SIZE)",
             );
         }
+        if let Some(bad) = self
+            .ingest
+            .allowed_types
+            .iter()
+            .find(|t| !is_type_pattern(t))
+        {
+            return fail(
+                "STOWAGE_INGEST__ALLOWED_TYPES",
+                &format!("{bad:?} is not a MIME type (type/subtype) or family (type/*)"),
+            );
+        }
         if !(1..=20).contains(&self.lifecycle.recheck_attempts) {
             return fail("STOWAGE_LIFECYCLE__RECHECK_ATTEMPTS", "must be 1 to 20");
         }
@@ -927,6 +944,20 @@ fn describe(error: figment::Error) -> ConfigError {
     ConfigError(lines.join("; "))
 }
 
+/// `type/subtype` or `type/*`, in lowercase MIME token characters.
+fn is_type_pattern(pattern: &str) -> bool {
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$&-^_.+".contains(&b))
+    };
+    match pattern.split_once('/') {
+        Some((family, "*")) => token(family),
+        Some((family, subtype)) => token(family) && token(subtype),
+        None => false,
+    }
+}
+
 /// Accepts `"a,b"` (environment) or `["a", "b"]` (TOML).
 fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
@@ -1026,7 +1057,13 @@ mod tests {
     #[test]
     fn zero_intervals_and_absurd_bounds_are_refused_by_name() {
         type BreakIt = fn(&mut Config);
-        let cases: [(&str, BreakIt); 12] = [
+        let cases: [(&str, BreakIt); 14] = [
+            ("STOWAGE_INGEST__ALLOWED_TYPES", |c| {
+                c.ingest.allowed_types = vec!["image".into()];
+            }),
+            ("STOWAGE_INGEST__ALLOWED_TYPES", |c| {
+                c.ingest.allowed_types = vec!["Image/PNG".into()];
+            }),
             ("STOWAGE_LIFECYCLE__RECHECK_ATTEMPTS", |c| {
                 c.lifecycle.recheck_attempts = 0;
             }),

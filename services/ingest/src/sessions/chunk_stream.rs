@@ -124,6 +124,11 @@ impl ChunkStream {
             })
             .await?;
         self.held = Some(held);
+        if let Err(Error::TypeNotAllowed { .. }) = &written {
+            // Let go first: the abort waits for no writer.
+            let _ = self.pause().await;
+            self.sessions.abort_refused(self.id, &self.owner).await;
+        }
         written
     }
 
