@@ -34,9 +34,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim AS runtime
 
-# ca-certificates: TLS to S3, the JWKS endpoint, etc. ffmpeg: used by media.
+# ca-certificates: TLS to S3, the JWKS endpoint, etc. ffmpeg and heif-convert (libheif-examples): used by media.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates ffmpeg \
+ && apt-get install -y --no-install-recommends ca-certificates ffmpeg libheif-examples \
  && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 stowage \

@@ -731,6 +731,85 @@ async fn a_video_with_a_rotation_is_described_and_shown_upright() -> anyhow::Res
     mesh.stop().await
 }
 
+/// Phones' HEIC photos and AVIF pictures are converted by libheif and get the variants any
+/// picture gets, described as what they are; a damaged one fails with a reason.
+#[tokio::test]
+async fn heic_and_avif_pictures_get_variants() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let dir = tempfile::tempdir()?;
+    let halves = RgbaImage::from_fn(320, 180, |_, y| {
+        if y < 90 {
+            Rgba([255, 0, 0, 255])
+        } else {
+            Rgba([0, 0, 255, 255])
+        }
+    });
+    let png = dir.path().join("halves.png");
+    std::fs::write(
+        &png,
+        encode(&DynamicImage::ImageRgba8(halves), ImageFormat::Png),
+    )?;
+    let heif_enc = |args: &[&str], out: &str| -> anyhow::Result<Vec<u8>> {
+        let out = dir.path().join(out);
+        let status = Command::new("heif-enc")
+            .args(args)
+            .arg("-o")
+            .arg(&out)
+            .arg(&png)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("heif-enc runs (scripts/setup installs libheif-examples)");
+        assert!(status.success(), "heif-enc {args:?} failed");
+        Ok(std::fs::read(out)?)
+    };
+    let heic = heif_enc(&["-q", "90"], "IMG_0001.HEIC")?;
+    let avif = heif_enc(&["-A", "-q", "90"], "photo.avif")?;
+    for (name, bytes, mime, codec) in [
+        ("IMG_0001.HEIC", &heic, "image/heif", "heif"),
+        ("photo.avif", &avif, "image/avif", "avif"),
+    ] {
+        let file = uploaded_ready(&mesh, &alice, name, bytes).await?;
+        assert_eq!(
+            (file.mime_type.as_str(), file.kind),
+            (mime, pb::FileKind::Image as i32),
+            "{name}"
+        );
+        assert_eq!(
+            (file.width, file.height, file.codec.as_str()),
+            (320, 180, codec)
+        );
+        let thumb = variant_image(&mesh, &alice, &file, "thumb_256_jpeg").await;
+        let (w, h) = (thumb.width(), thumb.height());
+        assert_eq!((w, h), (256, 144), "{name}");
+        let (top, bottom) = (
+            thumb.get_pixel(w / 2, h / 4),
+            thumb.get_pixel(w / 2, 3 * h / 4),
+        );
+        assert!(
+            is_red(top) && is_blue(bottom),
+            "{name}: top {top:?}, bottom {bottom:?}"
+        );
+    }
+    let damaged = upload(
+        mesh.channel(),
+        &alice,
+        "cut.heic",
+        &heic[..heic.len() / 2],
+        &[],
+    )
+    .await?;
+    let damaged = wait_processed(mesh.channel(), &alice, &damaged.id, PATIENCE).await?;
+    assert_eq!(damaged.status, pb::FileStatus::Failed as i32, "{damaged:?}");
+    assert!(
+        damaged.status_reason.contains("heif-convert"),
+        "{}",
+        damaged.status_reason
+    );
+    mesh.stop().await
+}
+
 /// A file whose processing started three times and never came back (each run killed the
 /// worker, or ran out of time) fails with a reason on the next run instead of being tried
 /// for ever; a run that comes back leaves no count behind.

@@ -724,6 +724,7 @@ fn start_media(
             tools: Tools {
                 ffprobe: settings.ffprobe.clone(),
                 ffmpeg: settings.ffmpeg.clone(),
+                heif_convert: settings.heif_convert.clone(),
                 timeout: settings.tool_timeout,
                 memory: settings.tool_memory.as_u64(),
             },

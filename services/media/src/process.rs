@@ -223,6 +223,7 @@ impl Media {
                 } else {
                     let derived = match plan {
                         Plan::Image => self.image(&file).await.map_err(Stopped::from),
+                        Plan::Heif => self.heif(&file).await,
                         Plan::Video => self.video(&file, true, started).await,
                         _ => self.video(&file, false, started).await,
                     };
@@ -404,6 +405,44 @@ impl Media {
             )));
         }
         let bytes = self.read_all(&file.storage_key, limit).await?;
+        self.image_from(file, bytes).await
+    }
+
+    /// A HEIF / HEIC (a phone's photo) or AVIF picture: libheif converts it to PNG in a
+    /// private directory (under the tools' time and memory limits), whose variants are then
+    /// rendered as any image's; the file is described as what it is, not as the PNG.
+    async fn heif(&self, file: &pb::File) -> Result<Outcome, Stopped> {
+        let limit = self.settings.limits.max_input;
+        if file.size_bytes > limit {
+            return Ok(Outcome::Failed(format!(
+                "image of {} bytes is above the {limit}-byte decode limit",
+                file.size_bytes
+            )));
+        }
+        let (dir, path) = self.copied_to_work_dir(file).await?;
+        let png = match self.settings.tools.heif_to_png(&path, dir.path()).await {
+            Ok(png) => png,
+            Err(ToolError::Unreadable(why)) => return Ok(Outcome::Failed(why)),
+            Err(e) => return Err(e.into()),
+        };
+        drop(dir);
+        let outcome = self.image_from(file, bytes::Bytes::from(png)).await?;
+        Ok(match outcome {
+            Outcome::Ready(mut derived) => {
+                derived.codec = if file.mime_type.starts_with("image/avif") {
+                    "avif"
+                } else {
+                    "heif"
+                }
+                .to_owned();
+                Outcome::Ready(derived)
+            }
+            other => other,
+        })
+    }
+
+    /// The variants of the picture `bytes` of `file`.
+    async fn image_from(&self, file: &pb::File, bytes: bytes::Bytes) -> Result<Outcome, JobError> {
         // Without a scanner, a large JPEG's thumbnails are rendered and recorded first (a
         // fraction of the whole time), and the owner's lists show them while the preview renders.
         // With one, Files serves no variant of a file still processing: all in one decode.
@@ -543,21 +582,12 @@ impl Media {
         })
     }
 
-    /// Probes a video or a sound, and for a video makes its poster, its thumbnails and, up to
-    /// [`TRANSCODE_MAX_MS`] long, a browser-ready MP4.
-    async fn video(
+    /// `file` copied into a private directory of its own (the tools read this one file and
+    /// nothing else), removed when the directory is dropped.
+    async fn copied_to_work_dir(
         &self,
         file: &pb::File,
-        is_video: bool,
-        started: tokio::time::Instant,
-    ) -> Result<Outcome, Stopped> {
-        if file.size_bytes > self.settings.max_video_size {
-            return Ok(Outcome::Failed(format!(
-                "{} bytes is above the {}-byte limit of video and audio processing",
-                file.size_bytes, self.settings.max_video_size
-            )));
-        }
-        // A private directory: the tools read this one file and nothing else.
+    ) -> Result<(tempfile::TempDir, std::path::PathBuf), JobError> {
         let dir = tempfile::Builder::new()
             .prefix(WORK_DIR_PREFIX)
             .tempdir()
@@ -576,7 +606,24 @@ impl Media {
             out.write_all(&chunk).await.map_err(JobError::retry)?;
         }
         out.flush().await.map_err(JobError::retry)?;
-        drop(out);
+        Ok((dir, path))
+    }
+
+    /// Probes a video or a sound, and for a video makes its poster, its thumbnails and, up to
+    /// [`TRANSCODE_MAX_MS`] long, a browser-ready MP4.
+    async fn video(
+        &self,
+        file: &pb::File,
+        is_video: bool,
+        started: tokio::time::Instant,
+    ) -> Result<Outcome, Stopped> {
+        if file.size_bytes > self.settings.max_video_size {
+            return Ok(Outcome::Failed(format!(
+                "{} bytes is above the {}-byte limit of video and audio processing",
+                file.size_bytes, self.settings.max_video_size
+            )));
+        }
+        let (dir, path) = self.copied_to_work_dir(file).await?;
         let tools = &self.settings.tools;
         let probe = match tools.probe(&path).await {
             Ok(p) => p,

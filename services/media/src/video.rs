@@ -39,6 +39,8 @@ pub struct Tools {
     pub ffprobe: String,
     /// ffmpeg binary.
     pub ffmpeg: String,
+    /// libheif's heif-convert binary.
+    pub heif_convert: String,
     /// Longest run.
     pub timeout: Duration,
     /// Address-space limit in bytes, applied with `prlimit` when it is installed.
@@ -264,6 +266,27 @@ impl Tools {
 }
 
 impl Tools {
+    /// The local HEIF / HEIC or AVIF picture `input` as a PNG (its primary picture, upright:
+    /// libheif applies the file's rotation and mirroring), written to `dir` and read back.
+    /// A file of several pictures (a burst) gives its first.
+    pub async fn heif_to_png(&self, input: &Path, dir: &Path) -> Result<Vec<u8>, ToolError> {
+        let output = dir.join("picture.png");
+        let mut command = self.command(&self.heif_convert);
+        command.arg("--quiet").arg(input).arg(&output);
+        self.run("heif-convert", command).await?;
+        // One picture: `picture.png`; several: `picture-1.png`, `picture-2.png`, ...
+        for written in [output, dir.join("picture-1.png")] {
+            match tokio::fs::read(&written).await {
+                Ok(png) => return Ok(png),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ToolError::Unavailable(format!("heif-convert: {e}"))),
+            }
+        }
+        Err(ToolError::Unreadable(
+            "heif-convert wrote no picture".to_owned(),
+        ))
+    }
+
     /// Transcodes the local file `input` into `output`: an MP4 that plays in every browser
     /// (H.264 in yuv420p, AAC when the input has sound, the index first for streaming), at
     /// most 720 px high, upright; given `timeout` at most (and never more than the tools').
@@ -336,6 +359,7 @@ mod tests {
         Tools {
             ffprobe: "sh".into(),
             ffmpeg: "sh".into(),
+            heif_convert: "sh".into(),
             timeout: Duration::from_secs(20),
             memory: 0,
         }

@@ -9,6 +9,8 @@
 pub enum Plan {
     /// Decode as an image and render variants.
     Image,
+    /// Convert (HEIF / HEIC, AVIF) to PNG with libheif, then as an image.
+    Heif,
     /// Probe with ffprobe and take a poster frame.
     Video,
     /// Probe with ffprobe (duration, codec).
@@ -28,6 +30,9 @@ const IMAGE_TYPES: &[&str] = &[
     "image/tiff",
     "image/bmp",
 ];
+
+/// Image types libheif converts first: phones' HEIC photos, AVIF.
+const HEIF_TYPES: &[&str] = &["image/heif", "image/heic", "image/avif"];
 
 /// Video containers handed to ffprobe / ffmpeg (the demuxer whitelist matches them).
 const VIDEO_TYPES: &[&str] = &[
@@ -78,6 +83,9 @@ pub fn plan(mime_type: &str, name: &str, size: u64) -> Plan {
     if IMAGE_TYPES.contains(&mime.as_str()) {
         return Plan::Image;
     }
+    if HEIF_TYPES.contains(&mime.as_str()) {
+        return Plan::Heif;
+    }
     if VIDEO_TYPES.contains(&mime.as_str()) {
         return Plan::Video;
     }
@@ -111,6 +119,8 @@ mod tests {
         assert_eq!(plan("image/png", "a", 10), Plan::Image);
         assert_eq!(plan("image/tiff", "scan.tif", 10), Plan::Image);
         assert_eq!(plan("image/bmp", "old.bmp", 10), Plan::Image);
+        assert_eq!(plan("image/heif", "IMG_0001.HEIC", 10), Plan::Heif);
+        assert_eq!(plan("image/avif", "a.avif", 10), Plan::Heif);
         assert_eq!(plan("video/mp4", "clip.mp4", 10), Plan::Video);
         assert_eq!(plan("audio/mpeg", "song.mp3", 10), Plan::Audio);
         assert_eq!(plan("application/pdf", "doc.pdf", 10), Plan::Plain);

@@ -285,6 +285,9 @@ pub struct MediaConfig {
     pub ffmpeg: String,
     /// ffprobe binary.
     pub ffprobe: String,
+    /// `STOWAGE_MEDIA__HEIF_CONVERT`: libheif's `heif-convert`, which turns HEIF / HEIC and
+    /// AVIF pictures into PNG for their variants.
+    pub heif_convert: String,
 }
 
 impl Default for MediaConfig {
@@ -305,6 +308,7 @@ impl Default for MediaConfig {
             tool_memory: ByteSize::gib(2),
             ffmpeg: "ffmpeg".into(),
             ffprobe: "ffprobe".into(),
+            heif_convert: "heif-convert".into(),
         }
     }
 }
