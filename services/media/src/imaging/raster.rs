@@ -51,6 +51,13 @@ pub(super) fn decode(
         _ => u64::from(width) * u64::from(height) * 4,
     };
     check_alloc(decoder.total_bytes().saturating_add(conversion), limits)?;
+    // What the decoder allocates beside its output (a TIFF's strips, say) comes out of what
+    // the conversion leaves: the whole decode stays within the allocation limit.
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_width);
+    decoder_limits.max_image_height = Some(limits.max_height);
+    decoder_limits.max_alloc = Some(limits.max_alloc.saturating_sub(conversion));
+    decoder.set_limits(decoder_limits).map_err(from_image)?;
     // A damaged EXIF block is no reason to refuse a picture that decodes.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
 

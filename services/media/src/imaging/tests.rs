@@ -703,7 +703,8 @@ fn svg_html_and_other_formats_are_unsupported() {
         br#"<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>"#,
         br#"<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>"#,
         b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>",
-        b"BM\x3e\0\0\0\0\0\0\0\x3e\0\0\0\x28\0\0\0",
+        // An icon (ICO), a format not decoded.
+        b"\0\0\x01\0\x01\0\x10\x10\0\0\x01\0\x20\0",
         b"%PDF-1.7\n",
     ];
     for bytes in inputs {
