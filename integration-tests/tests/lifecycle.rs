@@ -1387,6 +1387,58 @@ async fn a_user_with_a_session_up_gets_no_inactivity_notice() -> anyhow::Result<
     mesh.stop().await
 }
 
+/// Sessions reported before their state had a column (Lifecycle's V10): on upgrade each user's
+/// latest session report decides, so a session up then stays up, and its user is not noticed.
+#[tokio::test]
+async fn sessions_reported_before_the_upgrade_keep_their_state() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    stowage_db::migrate(
+        &pool,
+        stowage_lifecycle::SCHEMA,
+        stowage_lifecycle::migrations().set_target(stowage_db::MigrationTarget::Version(9)),
+    )
+    .await?;
+    pool.get()
+        .await?
+        .batch_execute(
+            "INSERT INTO lifecycle.activity (user_id, last_active_at) VALUES
+                 ('up', now() - interval '400 days'), ('down', now() - interval '400 days'),
+                 ('never', now() - interval '400 days');
+             INSERT INTO lifecycle.history (user_id, event, at, dedupe_key) VALUES
+                 ('up', 'session_down', now() - interval '402 days', 'a'),
+                 ('up', 'session_up', now() - interval '400 days', 'b'),
+                 ('down', 'session_up', now() - interval '401 days', 'c'),
+                 ('down', 'session_down', now() - interval '400 days', 'c');",
+        )
+        .await?;
+    let mesh = start(&setup).await?;
+    let conn = pool.get().await?;
+    let up: Vec<String> = conn
+        .query(
+            "SELECT user_id FROM lifecycle.activity WHERE session_up_at IS NOT NULL",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(up, ["up"]);
+    run_now(&mesh, "inactivity", false).await?;
+    let noticed: Vec<String> = conn
+        .query(
+            "SELECT user_id FROM lifecycle.activity WHERE notice_due_at IS NOT NULL
+             ORDER BY user_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(noticed, ["down", "never"]);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
@@ -2289,69 +2341,20 @@ async fn uploaded_and_rechecked(
     .await
 }
 
-/// A recheck whose recount fails (here Files cannot answer in time: its table is locked) is
-/// tried again after a backoff, and repairs the drift once Files answers; not left to the
-/// next reconcile, hours later.
-#[tokio::test]
-async fn a_failed_recheck_is_tried_again_and_repairs() -> anyhow::Result<()> {
-    let setup = Setup::new().await?;
-    let mesh = recheck_mesh(&setup, Duration::from_secs(1), Duration::from_secs(1)).await?;
-    let ivy = token("ivy", &[]);
-    let pool = stowage_db::connect(&setup.database_url, 2)?;
-    let conn = pool.get().await?;
-    uploaded_and_rechecked(&mesh, &conn, &ivy).await?;
-    // A drift, and a recheck asked for while Files cannot answer.
+/// Ivy's upload of 1,000 bytes, rechecked; then her usage drifted by 7 bytes and a recheck
+/// asked for while Files cannot answer (its table locked by the transaction returned, on
+/// `blocker`), which has failed once.
+async fn ivy_drifted_with_a_failed_recheck<'a>(
+    mesh: &Mesh,
+    conn: &impl stowage_db::GenericClient,
+    blocker: &'a mut stowage_db::Connection,
+) -> anyhow::Result<stowage_db::Transaction<'a>> {
+    uploaded_and_rechecked(mesh, conn, &token("ivy", &[])).await?;
     conn.execute(
         "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'ivy'",
         &[],
     )
     .await?;
-    let mut blocker = pool.get().await?;
-    let lock = blocker.transaction().await?;
-    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
-        .await?;
-    conn.execute(
-        "INSERT INTO lifecycle.rechecks (user_id, due_at) VALUES ('ivy', now())",
-        &[],
-    )
-    .await?;
-    stowage_integration_tests::eventually(PATIENCE, "the recheck failed once", || async {
-        let n: i64 = conn
-            .query_one(
-                "SELECT count(*) FROM lifecycle.rechecks WHERE user_id = 'ivy' AND attempts >= 1",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(n == 1)
-    })
-    .await?;
-    lock.rollback().await?;
-    stowage_integration_tests::eventually(PATIENCE, "the drift repaired", || async {
-        Ok(usage(mesh.channel(), &ivy).await?.used_bytes == 1000)
-    })
-    .await?;
-    mesh.stop().await
-}
-
-/// A recheck that fails as often as `STOWAGE_LIFECYCLE__RECHECK_ATTEMPTS` allows (here two)
-/// is left to the next reconcile: gone while Files still cannot answer, the drift unrepaired.
-/// (With six attempts it waits 5 + 10 + 20 + 40 s: the test then fails at its patience.)
-#[tokio::test]
-async fn a_recheck_out_of_attempts_is_left_to_the_reconcile() -> anyhow::Result<()> {
-    let setup = Setup::new().await?;
-    let mesh =
-        recheck_mesh_trying(&setup, Duration::from_secs(1), Duration::from_secs(1), 2).await?;
-    let ivy = token("ivy", &[]);
-    let pool = stowage_db::connect(&setup.database_url, 2)?;
-    let conn = pool.get().await?;
-    uploaded_and_rechecked(&mesh, &conn, &ivy).await?;
-    conn.execute(
-        "UPDATE quota.accounts SET used_bytes = used_bytes + 7 WHERE user_id = 'ivy'",
-        &[],
-    )
-    .await?;
-    let mut blocker = pool.get().await?;
     let lock = blocker.transaction().await?;
     lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
         .await?;
@@ -2371,6 +2374,42 @@ async fn a_recheck_out_of_attempts_is_left_to_the_reconcile() -> anyhow::Result<
         Ok(n == 1)
     })
     .await?;
+    Ok(lock)
+}
+
+/// A recheck whose recount fails (here Files cannot answer in time: its table is locked) is
+/// tried again after a backoff, and repairs the drift once Files answers; not left to the
+/// next reconcile, hours later.
+#[tokio::test]
+async fn a_failed_recheck_is_tried_again_and_repairs() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = recheck_mesh(&setup, Duration::from_secs(1), Duration::from_secs(1)).await?;
+    let ivy = token("ivy", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let conn = pool.get().await?;
+    let mut blocker = pool.get().await?;
+    let lock = ivy_drifted_with_a_failed_recheck(&mesh, &conn, &mut blocker).await?;
+    lock.rollback().await?;
+    stowage_integration_tests::eventually(PATIENCE, "the drift repaired", || async {
+        Ok(usage(mesh.channel(), &ivy).await?.used_bytes == 1000)
+    })
+    .await?;
+    mesh.stop().await
+}
+
+/// A recheck that fails as often as `STOWAGE_LIFECYCLE__RECHECK_ATTEMPTS` allows (here two)
+/// is left to the next reconcile: gone while Files still cannot answer, the drift unrepaired.
+/// (With six attempts it waits 5 + 10 + 20 + 40 s: the test then fails at its patience.)
+#[tokio::test]
+async fn a_recheck_out_of_attempts_is_left_to_the_reconcile() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh =
+        recheck_mesh_trying(&setup, Duration::from_secs(1), Duration::from_secs(1), 2).await?;
+    let ivy = token("ivy", &[]);
+    let pool = stowage_db::connect(&setup.database_url, 2)?;
+    let conn = pool.get().await?;
+    let mut blocker = pool.get().await?;
+    let lock = ivy_drifted_with_a_failed_recheck(&mesh, &conn, &mut blocker).await?;
     // The second attempt, 5 s later, is its last.
     stowage_integration_tests::eventually(PATIENCE, "the recheck given up", || async {
         Ok(pending_rechecks(&conn).await? == 0)

@@ -201,7 +201,6 @@ impl Lifecycle {
             && record(&tx, user, event, at, &serde_json::json!({}), &key)
                 .await
                 .map_err(db)?;
-        let mut changed = false;
         if first_report {
             // A report older than the state it would replace (out of order) changes nothing.
             let sql = if kind == pb::ActivityKind::SessionUp {
@@ -214,32 +213,41 @@ impl Lifecycle {
                 "UPDATE lifecycle.activity SET session_up_at = NULL
                  WHERE user_id = $1 AND session_up_at <= $2"
             };
-            changed = tx.execute_cached(sql, &[&user, &at]).await.map_err(db)? == 1;
+            tx.execute_cached(sql, &[&user, &at]).await.map_err(db)?;
         }
-        tx.commit().await.map_err(db)?;
-        // The live session state, for whoever asks quickly (PostgreSQL's column decides; the
-        // history above records each change, for as long as the policy keeps it).
+        // The live session state for whoever asks quickly, as PostgreSQL now has it: written
+        // while the user's row is locked (by `touch`), so two reports write it in the order
+        // they commit. (A commit failing after it leaves Redis one report ahead until the next.)
         if let Some(redis) = &self.redis
-            && changed
+            && kind != pb::ActivityKind::Login
         {
             use fred::interfaces::KeysInterface;
+            let up: bool = tx
+                .query_one_cached(
+                    "SELECT session_up_at IS NOT NULL FROM lifecycle.activity WHERE user_id = $1",
+                    &[&user],
+                )
+                .await
+                .map_err(db)?
+                .get(0);
             let redis_key = format!("{}:lifecycle:session:{user}", self.namespace);
-            let result: Result<(), fred::error::Error> = match kind {
-                pb::ActivityKind::SessionUp => redis.set(&redis_key, "up", None, None, false).await,
-                pb::ActivityKind::SessionDown => redis.del(&redis_key).await,
-                _ => Ok(()),
+            let result: Result<(), fred::error::Error> = if up {
+                redis.set(&redis_key, "up", None, None, false).await
+            } else {
+                redis.del(&redis_key).await
             };
             if let Err(error) = result {
                 tracing::warn!(user, %error, "session state not written to Redis");
             }
         }
+        tx.commit().await.map_err(db)?;
         Ok(())
     }
 
     /// The inactivity task: users quiet for `inactivity_days` (and no worker session up) get a
-    /// notice time spread evenly
-    /// over the grace window (not all in the same minute); notices whose time has come are
-    /// sent once (an event for the mailer and a history entry, in one transaction).
+    /// notice time spread evenly over the grace window (not all in the same minute); notices
+    /// whose time has come are sent once (an event for the mailer and a history entry, in one
+    /// transaction).
     pub(crate) async fn inactivity(
         &self,
         policy: &Policy,
@@ -540,7 +548,8 @@ impl Lifecycle {
             return Rechecked::GaveUp(user, claim);
         }
         // Again after a backoff, unclaimed (unless a new request replaced it).
-        let wait = settings.backoff.as_secs_f64() * settings.factor.powi(attempts);
+        // An hour at most, whatever the factor and attempts make of it.
+        let wait = (settings.backoff.as_secs_f64() * settings.factor.powi(attempts)).min(3600.0);
         tracing::warn!(user, %status, retry_in_s = wait, "recheck failed; retried");
         let retried = async {
             self.pool

@@ -40,8 +40,14 @@ mod embedded {
 
 /// Applies Lifecycle's migrations: its own tables and the job queue's.
 pub async fn migrate(pool: &PgPool) -> Result<(), stowage_db::DbError> {
-    stowage_db::migrate(pool, SCHEMA, embedded::migrations::runner()).await?;
+    stowage_db::migrate(pool, SCHEMA, migrations()).await?;
     stowage_jobs::migrate(pool, SCHEMA).await
+}
+
+/// Lifecycle's own migrations, for [`stowage_db::migrate`]: a test of an upgrade applies those
+/// of an earlier release (`set_target`), writes rows as it did, and starts the service on them.
+pub fn migrations() -> stowage_db::MigrationRunner {
+    embedded::migrations::runner()
 }
 
 /// The schedules of every task, at their default intervals.
