@@ -843,10 +843,61 @@ async fn content_of_a_type_not_taken_is_refused_through_every_door() -> anyhow::
     assert_eq!((account.used_bytes, account.reserved_bytes), (0, 0));
     assert!(setup.stored_objects("users").is_empty());
 
-    // A picture is taken.
+    // A first chunk too short to tell the type is refused as such; the session stays open.
+    let s = create_session(mesh.channel(), &alice, "d.png", Some(20_000), "").await?;
+    let short = put_chunk(mesh.channel(), &alice, &s.id, 0, &random_bytes(100))
+        .await
+        .expect_err("too short to tell");
+    assert_eq!(short.code(), Code::InvalidArgument, "{short:?}");
+    assert!(
+        short
+            .message()
+            .starts_with("chunk.data: a first chunk carries at least 8192 bytes"),
+        "{short:?}"
+    );
+    let open = get_session(mesh.channel(), &alice, &s.id).await?;
+    assert_eq!((open.state, open.offset), (pb::UploadState::Open as i32, 0));
+    stowage_integration_tests::ingest(mesh.channel())
+        .abort_upload(authed(
+            pb::AbortUploadRequest {
+                upload_id: s.id.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+
+    // A picture is taken; in a batch, the file refused is named by its place.
     let mut png = std::io::Cursor::new(Vec::new());
     image::RgbImage::new(4, 4).write_to(&mut png, image::ImageFormat::Png)?;
     let file = upload(mesh.channel(), &alice, "c.png", png.get_ref(), &[]).await?;
     assert_eq!(file.mime_type, "image/png");
+    let batch = [("e.png", words.clone()), ("f.png", png.get_ref().clone())].map(|(name, data)| {
+        pb::UploadFile {
+            metadata: Some(pb::UploadMetadata {
+                display_name: name.into(),
+                ..Default::default()
+            }),
+            data: data.into(),
+            idempotency_key: String::new(),
+        }
+    });
+    let results = stowage_integration_tests::ingest(mesh.channel())
+        .upload_files(authed(
+            pb::UploadFilesRequest {
+                files: batch.to_vec(),
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .results;
+    assert_eq!(results[0].code, Code::InvalidArgument as i32, "{results:?}");
+    assert!(
+        results[0]
+            .message
+            .starts_with("files[0].data: the content is text/plain"),
+        "{results:?}"
+    );
+    assert!(results[1].file.is_some(), "{results:?}");
     mesh.stop().await
 }

@@ -198,6 +198,12 @@ impl Uploader {
                                 reason,
                             )
                         }
+                        Error::TypeNotAllowed { mime, allowed, .. } => {
+                            stowage_runtime::status::invalid_argument(
+                                &format!("files[{i}].data"),
+                                format!("the content is {mime}; this deployment takes {allowed}"),
+                            )
+                        }
                         other => Status::from(other),
                     };
                     pb::UploadFileResult {

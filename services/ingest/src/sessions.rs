@@ -686,23 +686,28 @@ impl Sessions {
     /// Appends one chunk at its offset. Once called, the write runs to its end even if the
     /// caller goes away (see `run_to_end`).
     pub async fn write_chunk(&self, id: Uuid, owner: &str, chunk: ChunkIn) -> Result<Session> {
-        let (sessions, writer) = (self.clone(), owner.to_owned());
-        let written = self
-            .run_to_end(async move {
-                let mut conn = sessions.pool.get().await?;
-                sessions.write_chunk_on(&mut conn, id, &writer, chunk).await
-            })
-            .await;
-        if let Err(Error::TypeNotAllowed { .. }) = &written {
-            self.abort_refused(id, owner).await;
-        }
-        written
+        let (sessions, owner) = (self.clone(), owner.to_owned());
+        self.run_to_end(async move {
+            let mut conn = sessions.pool.get().await?;
+            let written = sessions.write_chunk_on(&mut conn, id, &owner, chunk).await;
+            drop(conn);
+            if let Err(Error::TypeNotAllowed { .. }) = &written {
+                sessions.abort_refused(id, &owner).await;
+            }
+            written
+        })
+        .await
     }
 
     /// Ends a session whose first bytes are of a type the deployment does not take: no later
     /// chunk can change what the file is, so its hold goes now rather than at its expiry.
+    /// Runs to its end if its caller goes away.
     pub(crate) async fn abort_refused(&self, id: Uuid, owner: &str) {
-        if let Err(error) = self.abort(id, owner).await {
+        let (sessions, owner) = (self.clone(), owner.to_owned());
+        let aborted = self
+            .run_to_end(async move { sessions.abort(id, &owner).await })
+            .await;
+        if let Err(error) = aborted {
             tracing::info!(upload_id = %id, %error, "session of a refused type left to expire");
         }
     }
@@ -717,6 +722,28 @@ impl Sessions {
             ));
         }
         Ok(())
+    }
+
+    /// With content types restricted, a session's first chunk decides its type: it must carry
+    /// the bytes sniffing looks at (8 KiB, or the whole file when shorter), so that what is
+    /// checked is what completion will find; then its type must be one taken.
+    fn check_first_chunk(&self, session: &Session, chunk: &ChunkIn, end: u64) -> Result<()> {
+        if self.settings.allowed.is_empty() {
+            return Ok(());
+        }
+        if chunk.data.len() < SNIFF_LEN && session.size != Some(end) {
+            return Err(Error::invalid(
+                "chunk.data",
+                format!(
+                    "a first chunk carries at least {SNIFF_LEN} bytes (or the whole file) while \
+                     content types are restricted"
+                ),
+            ));
+        }
+        let head = &chunk.data[..chunk.data.len().min(SNIFF_LEN)];
+        self.settings
+            .allowed
+            .check(&sniff(head, &session.meta.display_name), "chunk.data")
     }
 
     /// Refuses a chunk larger than the setting.
@@ -767,6 +794,9 @@ impl Sessions {
             tx.commit().await?;
             return Ok(session);
         }
+        if session.key.is_none() {
+            self.check_first_chunk(&session, &chunk, end)?;
+        }
         check_checksum(&chunk).await?;
         let hasher = hasher_from(session.hash_state.as_deref())?;
         if Self::needs_more_held(&session, end) {
@@ -777,9 +807,6 @@ impl Sessions {
             Some(k) => ObjectPath::from(k.as_str()),
             None => {
                 let head = &chunk.data[..chunk.data.len().min(SNIFF_LEN)];
-                self.settings
-                    .allowed
-                    .check(&sniff(head, &session.meta.display_name), "chunk.data")?;
                 self.choose_key(&tx, &mut session, head).await?
             }
         };
@@ -1041,6 +1068,9 @@ impl Sessions {
                 }
                 if session.key.is_none() {
                     // Nothing was ever written: an empty file.
+                    self.settings
+                        .allowed
+                        .check(&sniff(&[], &session.meta.display_name), "chunk.data")?;
                     self.choose_key(&tx, &mut session, &[]).await?;
                 }
                 tx.execute_cached(

@@ -29,6 +29,11 @@ impl AllowedTypes {
         Self(patterns)
     }
 
+    /// Whether every type is taken.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Refuses content sniffed as `sniffed` unless it is taken, naming `field` (where its
     /// first bytes came).
     pub fn check(&self, sniffed: &Sniffed, field: &'static str) -> crate::error::Result<()> {

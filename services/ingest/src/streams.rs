@@ -532,7 +532,7 @@ impl EventStreams {
             return Err(Error::invalid("events", "must hold 1..=10000 events"));
         }
         // Sequence numbers are stored as PostgreSQL bigints.
-        if frame.first_seq > i64::MAX as u64 - frame.events.len() as u64 {
+        if frame.first_seq - 1 > i64::MAX as u64 - frame.events.len() as u64 {
             return Err(Error::invalid(
                 "first_seq",
                 "leaves no room for the frame's events (sequence numbers end at 2^63 - 1)",

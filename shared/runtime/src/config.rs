@@ -725,6 +725,10 @@ impl Config {
                 "must fit in one message (at most STOWAGE_MAX_MESSAGE_SIZE)",
             );
         }
+        // S3's largest object; parts of an upload that large are already 525 MiB each.
+        if self.ingest.max_file_size.as_u64() > 5 << 40 {
+            return fail("STOWAGE_INGEST__MAX_FILE_SIZE", "must be at most 5 TiB");
+        }
         if let Some(bad) = self
             .ingest
             .allowed_types
@@ -1061,7 +1065,10 @@ mod tests {
     #[test]
     fn zero_intervals_and_absurd_bounds_are_refused_by_name() {
         type BreakIt = fn(&mut Config);
-        let cases: [(&str, BreakIt); 14] = [
+        let cases: [(&str, BreakIt); 15] = [
+            ("STOWAGE_INGEST__MAX_FILE_SIZE", |c| {
+                c.ingest.max_file_size = ByteSize::b((5 << 40) + 1);
+            }),
             ("STOWAGE_INGEST__ALLOWED_TYPES", |c| {
                 c.ingest.allowed_types = vec!["image".into()];
             }),
