@@ -129,11 +129,10 @@ fn outbox_schema(role: Role) -> Option<&'static str> {
     }
 }
 
-/// Keys of signed download URLs and upload links: configured, or derived from the HS256
-/// secret; with the key being rotated out, when set.
-/// Room on a local-disk store, checked with readiness: `stowage_store_available_bytes` and
-/// `stowage_store_capacity_bytes` for dashboards and alerts, and degraded (in `/healthz`)
-/// while uploads are refused for want of `min_free` bytes (0: never).
+/// Room on a local-disk store, checked with readiness by the processes that take uploads:
+/// `stowage_store_available_bytes`, `_capacity_bytes` and `_min_free_bytes` for dashboards
+/// and alerts, and degraded (in `/healthz`) while less than `min_free` bytes are free, where
+/// every upload is refused (0: never).
 fn store_space_probe(blobs: Blobs, min_free: u64) -> DegradedProbe {
     DegradedProbe {
         name: "store_space",
@@ -143,6 +142,7 @@ fn store_space_probe(blobs: Blobs, min_free: u64) -> DegradedProbe {
             };
             metrics::gauge!("stowage_store_available_bytes").set(space.available as f64);
             metrics::gauge!("stowage_store_capacity_bytes").set(space.total as f64);
+            metrics::gauge!("stowage_store_min_free_bytes").set(min_free as f64);
             (min_free > 0 && space.available < min_free).then(|| {
                 format!(
                     "{} bytes free, under STOWAGE_INGEST__MIN_FREE ({min_free}): uploads are refused",
@@ -153,6 +153,8 @@ fn store_space_probe(blobs: Blobs, min_free: u64) -> DegradedProbe {
     }
 }
 
+/// Keys of signed download URLs and upload links: configured, or derived from the HS256
+/// secret; with the key being rotated out, when set.
 fn signing_keys(config: &Config) -> anyhow::Result<SigningKeys> {
     let previous = config
         .url_signing_key_previous
@@ -518,7 +520,7 @@ pub async fn serve_with(
         })
         .into_iter()
         .collect();
-    if blobs.local_root.is_some() {
+    if blobs.local_root.is_some() && roles.contains(&Role::Ingest) {
         degraded.push(store_space_probe(
             blobs.clone(),
             config.ingest.min_free.as_u64(),
