@@ -673,6 +673,91 @@ async fn an_idle_session_written_to_while_the_sweep_runs_is_left_alone() -> anyh
     mesh.stop().await
 }
 
+/// On S3 (moto), an expired session leaves nothing behind: its native multipart upload is
+/// aborted (S3 keeps and bills the parts of one never ended), its held-back bytes under
+/// `staging/` are deleted, its hold is given back, and it cannot complete.
+#[tokio::test]
+async fn an_expired_session_on_s3_leaves_no_multipart_upload_or_staging() -> anyhow::Result<()> {
+    let mut setup = Setup::s3().await?;
+    for (name, value) in [
+        ("STOWAGE_INGEST__SESSION_TTL", "6s"),
+        ("STOWAGE_INGEST__SWEEP_INTERVAL", "300ms"),
+    ] {
+        setup.env.push((name.into(), value.into()));
+    }
+    let endpoint = setup
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let bucket = setup.blob_url.trim_start_matches("s3://").to_owned();
+    let processes = stowage_testkit::Processes::all(&setup).await?;
+    let addr = processes.addr(stowage::Role::Ingest);
+    let alice = token("alice", &[]);
+    let s = create_session(
+        stowage_testkit::channel(addr),
+        &alice,
+        "late.bin",
+        Some(12 << 20),
+        "",
+    )
+    .await?;
+    // A native part (over 5 MiB), then a chunk held back under staging/ until more comes.
+    let data = random_bytes(7 << 20);
+    write_chunks(
+        stowage_testkit::channel(addr),
+        &alice,
+        &s.id,
+        vec![
+            (0, data[..6 << 20].to_vec()),
+            (6 << 20, data[6 << 20..].to_vec()),
+        ],
+    )
+    .await?;
+    // What the bucket holds, asked of S3 itself: unfinished multipart uploads, staging keys.
+    let http = reqwest::Client::new();
+    let left = || async {
+        let uploads = http
+            .get(format!("{endpoint}/{bucket}?uploads"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let staged = http
+            .get(format!("{endpoint}/{bucket}?list-type=2&prefix=staging/"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        anyhow::Ok((
+            uploads.matches("<UploadId>").count(),
+            staged.matches("<Key>").count(),
+        ))
+    };
+    assert_eq!(
+        left().await?,
+        (1, 1),
+        "one upload under way, one chunk held back"
+    );
+    assert_eq!(
+        usage(stowage_testkit::channel(addr), &alice)
+            .await?
+            .reserved_bytes,
+        12 << 20
+    );
+    eventually(PATIENCE, "the expired session's traces gone", || async {
+        let account = usage(stowage_testkit::channel(addr), &alice).await?;
+        Ok(left().await? == (0, 0) && account.reserved_bytes == 0)
+    })
+    .await?;
+    let late = complete(stowage_testkit::channel(addr), &alice, &s.id)
+        .await
+        .expect_err("expired");
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    Ok(())
+}
+
 /// While its length is deferred, a session holds quota for what it has received, grown in
 /// place: a user cannot stage past their limit before saying how long the file is, and can
 /// still use all of it.
