@@ -1539,6 +1539,86 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// What an admin does to a user is in that user's history, naming the admin: a limit set
+/// (with the one before) and a file purged. A purge by a service (retention) is not, nor are
+/// the admin's doings the user's activity.
+#[tokio::test]
+async fn an_admins_doings_are_in_the_users_history() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = start(&setup).await?;
+    let (hal, root) = (token("hal", &[]), token("root", &["admin"]));
+    let kept = upload(mesh.channel(), &hal, "kept.bin", &random_bytes(100), &[]).await?;
+    let doomed = upload(mesh.channel(), &hal, "doomed.bin", &random_bytes(100), &[]).await?;
+    let default_limit = usage(mesh.channel(), &hal).await?.limit_bytes;
+    let quota_client = quota(mesh.channel());
+    for limit in [5_000, 7_000] {
+        quota_client
+            .clone()
+            .set_limit(authed(
+                pb::SetLimitRequest {
+                    user_id: "hal".into(),
+                    limit_bytes: limit,
+                },
+                &root,
+            ))
+            .await?;
+    }
+    let purge = |file: &pb::File, who: &str| {
+        let request = authed(
+            pb::PurgeFileRequest {
+                file_id: file.id.clone(),
+                ..Default::default()
+            },
+            who,
+        );
+        let mut client = files(mesh.channel());
+        async move { client.purge_file(request).await }
+    };
+    purge(&doomed, &root).await?;
+    purge(&kept, &token("lifecycle", &["service"])).await?;
+    let history = || async {
+        let events = LifecycleClient::new(mesh.channel())
+            .user_events(authed(pb::UserEventsRequest::default(), &hal))
+            .await?
+            .into_inner()
+            .events;
+        anyhow::Ok(
+            events
+                .into_iter()
+                .map(|e| {
+                    let detail: serde_json::Value =
+                        serde_json::from_str(&e.detail_json).unwrap_or_default();
+                    (e.event, detail)
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    eventually(PATIENCE, "three admin actions in hal's history", || async {
+        Ok(history().await?.len() >= 3)
+    })
+    .await?;
+    let mut seen = history().await?;
+    seen.sort_by_key(|(event, detail)| (event.clone(), detail["limit_bytes"].as_u64()));
+    assert_eq!(
+        seen,
+        [
+            (
+                "file_purged_by_admin".to_owned(),
+                serde_json::json!({ "admin": "root", "file_id": doomed.id })
+            ),
+            (
+                "limit_set".to_owned(),
+                serde_json::json!({ "admin": "root", "limit_bytes": 5000, "previous_limit_bytes": default_limit })
+            ),
+            (
+                "limit_set".to_owned(),
+                serde_json::json!({ "admin": "root", "limit_bytes": 7000, "previous_limit_bytes": 5000 })
+            ),
+        ]
+    );
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn history_is_deduplicated_and_ordered() -> anyhow::Result<()> {
     let setup = Setup::new().await?;

@@ -753,7 +753,8 @@ impl Catalog {
         Ok(rows.iter().map(FileRecord::from_row).collect())
     }
 
-    /// Deletes the row of a file (and its variants) and records `file.purged`.
+    /// Deletes the row of a file (and its variants) and records `file.purged` (naming the
+    /// `admin` who asked, if one did).
     ///
     /// Owners may only purge what is in trash; with `trashed_before`, anyone only what has been
     /// in trash since before then. Returns what the caller must still remove from the store.
@@ -762,6 +763,7 @@ impl Catalog {
         id: Uuid,
         viewer: Viewer<'_>,
         trashed_before: Option<DateTime<Utc>>,
+        admin: Option<&str>,
     ) -> Result<Purged> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
@@ -815,13 +817,11 @@ impl Catalog {
             Viewer::Owner(_) => BY_OWNER,
             Viewer::Privileged => BY_SYSTEM,
         };
-        outbox(
-            &tx,
-            "file.purged",
-            &file,
-            json!({ "keys": keys, "freed_bytes": bytes, "by": by }),
-        )
-        .await?;
+        let mut detail = json!({ "keys": keys, "freed_bytes": bytes, "by": by });
+        if let Some(admin) = admin {
+            detail["admin"] = json!(admin);
+        }
+        outbox(&tx, "file.purged", &file, detail).await?;
         tx.commit().await?;
         Ok(Purged {
             owner_id: file.owner_id,

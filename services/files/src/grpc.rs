@@ -413,12 +413,17 @@ impl files_server::Files for FilesGrpc {
             Viewer::Owner(owner) => Some(owner.to_owned()),
             Viewer::Privileged => None,
         };
+        // An admin's purge is recorded with who did it (the owner's history says so).
+        let admin = caller.admin.then(|| caller.user_id.clone());
         let purged = tokio::spawn(
             async move {
                 let viewer = viewer_owner
                     .as_deref()
                     .map_or(Viewer::Privileged, Viewer::Owner);
-                let purged = this.catalog.delete_row(id, viewer, trashed_before).await?;
+                let purged = this
+                    .catalog
+                    .delete_row(id, viewer, trashed_before, admin.as_deref())
+                    .await?;
                 this.after_purge(id, &purged).await;
                 Ok::<_, Error>(purged)
             }

@@ -662,13 +662,14 @@ impl ActivityEvents {
 
     /// Topics this handler reads. Not `upload.completed`: every upload that completes has
     /// made its `file.created` first, with the same owner and moment, so reading both would
-    /// only record the same activity twice.
+    /// only record the same activity twice. `quota.limit_set` only for the user's history.
     pub const TOPICS: &'static [&'static str] = &[
         topics::FILE_CREATED,
         topics::FILE_DELETED,
         topics::FILE_RESTORED,
         topics::FILE_PURGED,
         topics::FILE_DOWNLOADED,
+        topics::QUOTA_LIMIT_SET,
     ];
 }
 
@@ -678,7 +679,7 @@ impl ActivityEvents {
 fn fold(events: &[&Event]) -> (BTreeMap<String, DateTime<Utc>>, BTreeSet<String>) {
     let mut active: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
     let mut recheck = BTreeSet::new();
-    for event in events {
+    for event in events.iter().filter(|e| e.topic.starts_with("file.")) {
         let Some(user) = event
             .payload
             .get("owner_id")
@@ -726,7 +727,45 @@ impl EventHandler for ActivityEvents {
             let users: Vec<&str> = recheck.iter().map(String::as_str).collect();
             request_recheck(tx, &users, self.debounce).await?;
         }
+        for event in events {
+            if let Some((user, name, detail)) = admin_action(event) {
+                // Once per event, however often it is delivered.
+                record(
+                    tx,
+                    user,
+                    name,
+                    event.occurred_at,
+                    &detail,
+                    &event.id.to_string(),
+                )
+                .await?;
+            }
+        }
         Ok(true)
+    }
+}
+
+/// What an admin did to a user, for that user's history: the user, the history event and
+/// its detail (who did it, and to what). `None` for the user's own doings and the services'.
+fn admin_action(event: &Event) -> Option<(&str, &'static str, serde_json::Value)> {
+    let text = |field: &str| event.payload.get(field).and_then(serde_json::Value::as_str);
+    let admin = text("admin")?;
+    match event.topic.as_str() {
+        topics::FILE_PURGED => Some((
+            text("owner_id")?,
+            "file_purged_by_admin",
+            serde_json::json!({ "admin": admin, "file_id": text("file_id") }),
+        )),
+        topics::QUOTA_LIMIT_SET => Some((
+            text("user_id")?,
+            "limit_set",
+            serde_json::json!({
+                "admin": admin,
+                "limit_bytes": event.payload.get("limit_bytes"),
+                "previous_limit_bytes": event.payload.get("previous_limit_bytes"),
+            }),
+        )),
+        _ => None,
     }
 }
 

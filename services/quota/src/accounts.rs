@@ -691,11 +691,19 @@ impl Quota {
     }
 
     /// Sets a user's limit.
-    pub async fn set_limit(&self, user_id: &str, limit_bytes: u64) -> Result<Account> {
+    pub async fn set_limit(&self, user_id: &str, limit_bytes: u64, admin: &str) -> Result<Account> {
         check_user("user_id", user_id)?;
         let limit = to_i64("limit_bytes", limit_bytes)?;
-        let conn = self.pool.get().await?;
-        let row = conn
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let previous: Option<i64> = tx
+            .query_opt_cached(
+                "SELECT limit_bytes FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
+                &[&user_id],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let row = tx
             .query_one_cached(
                 concat!(
                     "INSERT INTO quota.accounts (user_id, limit_bytes) VALUES ($1, $2)
@@ -706,6 +714,23 @@ impl Quota {
                 &[&user_id, &limit],
             )
             .await?;
+        // Who changed it, for the user's history (an admin's doing, not the user's activity).
+        let payload = serde_json::json!({
+            "user_id": user_id,
+            "limit_bytes": limit_bytes,
+            "previous_limit_bytes": previous,
+            "admin": admin,
+            "by": "system",
+        });
+        stowage_events::stage(
+            &tx,
+            crate::SCHEMA,
+            stowage_events::topics::QUOTA_LIMIT_SET,
+            user_id,
+            &payload,
+        )
+        .await?;
+        tx.commit().await?;
         Ok(Account::from_row(&row))
     }
 

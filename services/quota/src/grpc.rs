@@ -210,9 +210,13 @@ impl quota_server::Quota for QuotaGrpc {
         &self,
         request: Request<pb::SetLimitRequest>,
     ) -> Result<Response<pb::SetLimitResponse>, Status> {
-        identity(&request)?.require_admin()?;
+        let caller = identity(&request)?;
+        caller.require_admin()?;
         let req = request.into_inner();
-        let account = self.quota.set_limit(&req.user_id, req.limit_bytes).await?;
+        let account = self
+            .quota
+            .set_limit(&req.user_id, req.limit_bytes, &caller.user_id)
+            .await?;
         Ok(Response::new(pb::SetLimitResponse {
             account: Some(account.into()),
         }))

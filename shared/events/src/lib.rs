@@ -47,6 +47,9 @@ pub mod topics {
     pub const BATCH_SEALED: &str = "batch.sealed";
     /// An account's usage crossed a notice threshold (Quota).
     pub const QUOTA_THRESHOLD_CROSSED: &str = "quota.threshold_crossed";
+    /// An admin set an account's limit (Quota): `user_id`, `limit_bytes`,
+    /// `previous_limit_bytes` (null for a new account), `admin`.
+    pub const QUOTA_LIMIT_SET: &str = "quota.limit_set";
     /// A file's derivatives are ready (Media).
     pub const MEDIA_READY: &str = "media.ready";
     /// A file could not be processed (Media).
