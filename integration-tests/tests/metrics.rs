@@ -54,6 +54,15 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         "status code label"
     );
 
+    // The health detail answers at /health too, as at /healthz.
+    for path in ["healthz", "health"] {
+        let detail: serde_json::Value = reqwest::get(format!("http://{}/{path}", mesh.addr))
+            .await?
+            .json()
+            .await?;
+        assert_eq!(detail["status"], "serving", "/{path}: {detail}");
+    }
+
     // Room on the local-disk store, as the filesystem reports it.
     let (available, capacity) = (
         sample(&text, "stowage_store_available_bytes", &[]),

@@ -274,21 +274,22 @@ impl GrpcServer {
             "status": "starting"
         })));
         let shown = std::sync::Arc::clone(&detail);
-        self.http = std::mem::take(&mut self.http).route(
-            "/healthz",
-            axum::routing::get(move || {
-                let shown = std::sync::Arc::clone(&shown);
-                async move {
-                    let body = shown.read().map(|d| d.clone()).unwrap_or_default();
-                    let code = if body["status"] == "not_serving" || body["status"] == "starting" {
-                        http::StatusCode::SERVICE_UNAVAILABLE
-                    } else {
-                        http::StatusCode::OK
-                    };
-                    (code, axum::Json(body))
-                }
-            }),
-        );
+        let show = move || {
+            let shown = std::sync::Arc::clone(&shown);
+            async move {
+                let body = shown.read().map(|d| d.clone()).unwrap_or_default();
+                let code = if body["status"] == "not_serving" || body["status"] == "starting" {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    http::StatusCode::OK
+                };
+                (code, axum::Json(body))
+            }
+        };
+        // `/health` too, where load balancers and uptime checks look by default.
+        self.http = std::mem::take(&mut self.http)
+            .route("/healthz", axum::routing::get(show.clone()))
+            .route("/health", axum::routing::get(show));
         background.spawn("readiness", async move {
             let mut last: Option<bool> = None;
             let mut last_problems: Vec<String> = Vec::new();
