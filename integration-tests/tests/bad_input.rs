@@ -857,6 +857,18 @@ async fn content_of_a_type_not_taken_is_refused_through_every_door() -> anyhow::
     );
     let open = get_session(mesh.channel(), &alice, &s.id).await?;
     assert_eq!((open.state, open.offset), (pb::UploadState::Open as i32, 0));
+    // Through tus, a bad request (not a body too large).
+    let short = reqwest::Client::new()
+        .patch(format!("http://{}/tus/{}", mesh.addr, s.id))
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .header("authorization", format!("Bearer {alice}"))
+        .body(random_bytes(100))
+        .send()
+        .await?;
+    assert_eq!(short.status(), 400);
+    assert!(short.text().await?.contains("at least 8192 bytes"));
     stowage_integration_tests::ingest(mesh.channel())
         .abort_upload(authed(
             pb::AbortUploadRequest {

@@ -1574,8 +1574,9 @@ async fn an_admins_doings_are_in_the_users_history() -> anyhow::Result<()> {
         let mut client = files(mesh.channel());
         async move { client.purge_file(request).await }
     };
-    purge(&doomed, &root).await?;
+    // The service's first: read before the admin's, from the same stream.
     purge(&kept, &token("lifecycle", &["service"])).await?;
+    purge(&doomed, &root).await?;
     let history = || async {
         let events = LifecycleClient::new(mesh.channel())
             .user_events(authed(pb::UserEventsRequest::default(), &hal))
@@ -1594,7 +1595,8 @@ async fn an_admins_doings_are_in_the_users_history() -> anyhow::Result<()> {
         )
     };
     eventually(PATIENCE, "three admin actions in hal's history", || async {
-        Ok(history().await?.len() >= 3)
+        let seen = history().await?;
+        Ok(seen.len() >= 3 && seen.iter().any(|(e, _)| e == "file_purged_by_admin"))
     })
     .await?;
     let mut seen = history().await?;

@@ -158,12 +158,43 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
     let released = wait_processed(mesh.channel(), &alice, &infected.id, PATIENCE).await?;
     assert_eq!(released.status, pb::FileStatus::Ready as i32);
     assert_eq!(
-        media_announced(&pool, &infected.id, 2).await?,
-        ["media.quarantined", "media.ready"]
+        media_announced(&pool, &infected.id, 3).await?,
+        [
+            "media.quarantined",
+            "media.quarantine_released",
+            "media.ready"
+        ]
     );
     assert!(quarantine(&mesh, &admin).await?.is_empty());
     let (_, bytes) = download(mesh.channel(), &alice, &infected.id, None).await?;
     assert_eq!(bytes, EICAR);
+    // Her history says what happened to it, and which admin released it.
+    let history = || async {
+        let events = stowage_proto::v1::lifecycle_client::LifecycleClient::new(mesh.channel())
+            .user_events(authed(pb::UserEventsRequest::default(), &alice))
+            .await?
+            .into_inner()
+            .events;
+        anyhow::Ok(
+            events
+                .into_iter()
+                .map(|e| (e.event, e.detail_json))
+                .collect::<Vec<_>>(),
+        )
+    };
+    stowage_integration_tests::eventually(PATIENCE, "the quarantine in her history", || async {
+        Ok(history().await?.len() >= 2)
+    })
+    .await?;
+    let seen = history().await?;
+    let (released, quarantined) = (&seen[0], &seen[1]);
+    assert_eq!(released.0, "quarantine_released_by_admin", "{seen:?}");
+    assert!(released.1.contains(r#""admin":"root""#), "{seen:?}");
+    assert_eq!(quarantined.0, "file_quarantined", "{seen:?}");
+    assert!(
+        quarantined.1.contains("EICAR") && quarantined.1.contains(&infected.id),
+        "{seen:?}"
+    );
 
     // A row an earlier run left held (it failed before telling Files) goes once a later scan
     // of the file is clean: the list shows only files that are quarantined.

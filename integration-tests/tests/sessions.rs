@@ -680,7 +680,7 @@ async fn an_idle_session_written_to_while_the_sweep_runs_is_left_alone() -> anyh
 async fn an_expired_session_on_s3_leaves_no_multipart_upload_or_staging() -> anyhow::Result<()> {
     let mut setup = Setup::s3().await?;
     for (name, value) in [
-        ("STOWAGE_INGEST__SESSION_TTL", "6s"),
+        ("STOWAGE_INGEST__SESSION_TTL", "1h"),
         ("STOWAGE_INGEST__SWEEP_INTERVAL", "300ms"),
     ] {
         setup.env.push((name.into(), value.into()));
@@ -746,6 +746,16 @@ async fn an_expired_session_on_s3_leaves_no_multipart_upload_or_staging() -> any
             .reserved_bytes,
         12 << 20
     );
+    // Past its expiry now.
+    stowage_db::connect(&setup.database_url, 1)?
+        .get()
+        .await?
+        .execute(
+            "UPDATE ingest.uploads SET expires_at = now() - interval '1 second'
+             WHERE id = $1::text::uuid",
+            &[&s.id],
+        )
+        .await?;
     eventually(PATIENCE, "the expired session's traces gone", || async {
         let account = usage(stowage_testkit::channel(addr), &alice).await?;
         Ok(left().await? == (0, 0) && account.reserved_bytes == 0)

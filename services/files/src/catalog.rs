@@ -818,7 +818,7 @@ impl Catalog {
             Viewer::Privileged => BY_SYSTEM,
         };
         let mut detail = json!({ "keys": keys, "freed_bytes": bytes, "by": by });
-        if let Some(admin) = admin {
+        if let Some(admin) = admin.filter(|admin| *admin != file.owner_id) {
             detail["admin"] = json!(admin);
         }
         outbox(&tx, "file.purged", &file, detail).await?;

@@ -413,8 +413,9 @@ impl files_server::Files for FilesGrpc {
             Viewer::Owner(owner) => Some(owner.to_owned()),
             Viewer::Privileged => None,
         };
-        // An admin's purge is recorded with who did it (the owner's history says so).
-        let admin = caller.admin.then(|| caller.user_id.clone());
+        // An admin's purge is recorded with who did it (the owner's history says so); a
+        // service's (retention) is routine.
+        let admin = (caller.admin && !caller.service).then(|| caller.user_id.clone());
         let purged = tokio::spawn(
             async move {
                 let viewer = viewer_owner

@@ -24,6 +24,14 @@ pub enum Error {
         /// The types taken, as configured.
         allowed: String,
     },
+    /// With content types restricted, a session's first chunk is too short to tell its type.
+    #[error(
+        "chunk.data: a first chunk carries at least {needed} bytes (or the whole file) while content types are restricted"
+    )]
+    FirstChunkTooShort {
+        /// Bytes the type is decided by.
+        needed: usize,
+    },
     /// An upload with the same idempotency key is still running.
     #[error("an upload with this idempotency_key is in progress")]
     InProgress,
@@ -133,6 +141,13 @@ impl From<Error> for Status {
                     .unwrap_or(&reason);
                 stowage_runtime::status::invalid_argument(field, reason)
             }
+            Error::FirstChunkTooShort { needed } => stowage_runtime::status::invalid_argument(
+                "chunk.data",
+                format!(
+                    "a first chunk carries at least {needed} bytes (or the whole file) while \
+                     content types are restricted"
+                ),
+            ),
             Error::InProgress => Status::aborted(error.to_string()),
             Error::ShuttingDown => Status::unavailable(error.to_string()),
             Error::Stream(status) => status,

@@ -732,13 +732,7 @@ impl Sessions {
             return Ok(());
         }
         if chunk.data.len() < SNIFF_LEN && session.size != Some(end) {
-            return Err(Error::invalid(
-                "chunk.data",
-                format!(
-                    "a first chunk carries at least {SNIFF_LEN} bytes (or the whole file) while \
-                     content types are restricted"
-                ),
-            ));
+            return Err(Error::FirstChunkTooShort { needed: SNIFF_LEN });
         }
         let head = &chunk.data[..chunk.data.len().min(SNIFF_LEN)];
         self.settings

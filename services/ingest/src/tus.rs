@@ -107,6 +107,7 @@ fn error_response(error: Error) -> Response {
         }
         Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
         Error::TypeNotAllowed { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Error::FirstChunkTooShort { .. } => StatusCode::BAD_REQUEST,
         Error::WrongOffset { .. } => StatusCode::CONFLICT,
         Error::ChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
         Error::SessionNotFound => StatusCode::NOT_FOUND,
@@ -195,6 +196,10 @@ fn in_tus_terms(error: &Error) -> String {
         Error::WrongOffset { expected, got } => {
             format!("Upload-Offset: expected {expected}, got {got}")
         }
+        Error::FirstChunkTooShort { needed } => format!(
+            "the request body: a first one carries at least {needed} bytes (or the whole file) \
+             while content types are restricted"
+        ),
         Error::TypeNotAllowed { mime, allowed, .. } => {
             format!("the request body: the content is {mime}; this deployment takes {allowed}")
         }

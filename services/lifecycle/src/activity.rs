@@ -662,7 +662,7 @@ impl ActivityEvents {
 
     /// Topics this handler reads. Not `upload.completed`: every upload that completes has
     /// made its `file.created` first, with the same owner and moment, so reading both would
-    /// only record the same activity twice. `quota.limit_set` only for the user's history.
+    /// only record the same activity twice. Quota's and Media's only for the user's history.
     pub const TOPICS: &'static [&'static str] = &[
         topics::FILE_CREATED,
         topics::FILE_DELETED,
@@ -670,6 +670,8 @@ impl ActivityEvents {
         topics::FILE_PURGED,
         topics::FILE_DOWNLOADED,
         topics::QUOTA_LIMIT_SET,
+        topics::MEDIA_QUARANTINED,
+        topics::MEDIA_QUARANTINE_RELEASED,
     ];
 }
 
@@ -728,29 +730,40 @@ impl EventHandler for ActivityEvents {
             request_recheck(tx, &users, self.debounce).await?;
         }
         for event in events {
-            if let Some((user, name, detail)) = admin_action(event) {
-                // Once per event, however often it is delivered.
-                record(
-                    tx,
-                    user,
-                    name,
-                    event.occurred_at,
-                    &detail,
-                    &event.id.to_string(),
-                )
-                .await?;
+            if let Some((user, name, detail)) = history_entry(event) {
+                // When it happened, as its service says (after the lock it took), else when
+                // it was committed; once per event, however often it is delivered.
+                let at = event
+                    .payload
+                    .get("at")
+                    .and_then(|at| serde_json::from_value(at.clone()).ok())
+                    .unwrap_or(event.occurred_at);
+                record(tx, user, name, at, &detail, &event.id.to_string()).await?;
             }
         }
         Ok(true)
     }
 }
 
-/// What an admin did to a user, for that user's history: the user, the history event and
-/// its detail (who did it, and to what). `None` for the user's own doings and the services'.
-fn admin_action(event: &Event) -> Option<(&str, &'static str, serde_json::Value)> {
+/// What was done to a user's account or files that the user should be able to read about:
+/// what an admin did (naming the admin) and what the virus scanner held back. The user, the
+/// history event and its detail; `None` for the user's own doings and the services' routine.
+fn history_entry(event: &Event) -> Option<(&str, &'static str, serde_json::Value)> {
     let text = |field: &str| event.payload.get(field).and_then(serde_json::Value::as_str);
+    if event.topic == topics::MEDIA_QUARANTINED {
+        return Some((
+            text("owner_id")?,
+            "file_quarantined",
+            serde_json::json!({ "file_id": text("file_id"), "reason": text("reason") }),
+        ));
+    }
     let admin = text("admin")?;
     match event.topic.as_str() {
+        topics::MEDIA_QUARANTINE_RELEASED => Some((
+            text("owner_id")?,
+            "quarantine_released_by_admin",
+            serde_json::json!({ "admin": admin, "file_id": text("file_id") }),
+        )),
         topics::FILE_PURGED => Some((
             text("owner_id")?,
             "file_purged_by_admin",

@@ -236,16 +236,35 @@ impl Media {
             })
             .await?
             .file;
-        // A release that raced this one recorded it already: the same outcome.
-        self.pool
-            .get()
-            .await?
+        // A release that raced this one recorded it already: the same outcome. The one that
+        // records it announces who released the file, for its owner's history.
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        let released = tx
             .execute_cached(
                 "UPDATE media.quarantine SET released_at = now(), released_by = $2
                  WHERE file_id = $1 AND released_at IS NULL",
                 &[&file_id, &admin],
             )
             .await?;
+        if let (1, Some(file)) = (released, &file) {
+            let payload = serde_json::json!({
+                "file_id": file_id,
+                "owner_id": file.owner_id,
+                "admin": admin,
+                "by": "system",
+            });
+            stowage_events::stage(
+                &tx,
+                crate::SCHEMA,
+                stowage_events::topics::MEDIA_QUARANTINE_RELEASED,
+                &file.id,
+                &payload,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        drop(conn);
         delete_outcome(&self.pool, file_id, "quarantined").await?;
         self.reprocess(file_id).await?;
         tracing::info!(%file_id, admin, "quarantined file released");

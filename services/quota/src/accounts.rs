@@ -696,30 +696,35 @@ impl Quota {
         let limit = to_i64("limit_bytes", limit_bytes)?;
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
-        let previous: Option<i64> = tx
-            .query_opt_cached(
-                "SELECT limit_bytes FROM quota.accounts WHERE user_id = $1 FOR UPDATE",
+        // The account exists (with the default limit, as GetUsage showed it) and is locked:
+        // two changes at once each name the limit the other left.
+        self.ensure_account(&tx, user_id).await?;
+        let locked = tx
+            .query_one_cached(
+                "SELECT limit_bytes, clock_timestamp() FROM quota.accounts
+                 WHERE user_id = $1 FOR UPDATE",
                 &[&user_id],
             )
-            .await?
-            .map(|r| r.get(0));
+            .await?;
+        let (previous, at): (i64, DateTime<Utc>) = (locked.get(0), locked.get(1));
         let row = tx
             .query_one_cached(
                 concat!(
-                    "INSERT INTO quota.accounts (user_id, limit_bytes) VALUES ($1, $2)
-                     ON CONFLICT (user_id) DO UPDATE SET limit_bytes = $2, updated_at = now()
-                     RETURNING ",
+                    "UPDATE quota.accounts SET limit_bytes = $2, updated_at = now()
+                     WHERE user_id = $1 RETURNING ",
                     account_columns!()
                 ),
                 &[&user_id, &limit],
             )
             .await?;
-        // Who changed it, for the user's history (an admin's doing, not the user's activity).
+        // Who changed it, for the user's history (an admin's doing, not the user's activity);
+        // `at` is when the lock was had, so changes read in that order.
         let payload = serde_json::json!({
             "user_id": user_id,
             "limit_bytes": limit_bytes,
             "previous_limit_bytes": previous,
             "admin": admin,
+            "at": at,
             "by": "system",
         });
         stowage_events::stage(

@@ -56,6 +56,8 @@ pub mod topics {
     pub const MEDIA_FAILED: &str = "media.failed";
     /// A file was quarantined by the scanner (Media).
     pub const MEDIA_QUARANTINED: &str = "media.quarantined";
+    /// An admin released a quarantined file (Media): `file_id`, `owner_id`, `admin`.
+    pub const MEDIA_QUARANTINE_RELEASED: &str = "media.quarantine_released";
     /// A user's storage was measured after their files changed (Lifecycle's debounced
     /// recheck, at most one per user every 10 s): bytes stored, charged and held.
     pub const USAGE_MEASURED: &str = "usage.measured";
