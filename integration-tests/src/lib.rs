@@ -228,6 +228,54 @@ pub async fn usage(channel: Channel, token: &str) -> Result<pb::Account, Status>
         .ok_or_else(|| Status::internal("no account"))
 }
 
+/// Waits until `count` statements whose text contains `text` wait for a lock in the database
+/// of `pool` (a test holding a lock sees its victims queue up before letting go).
+pub async fn lock_waiters(pool: &stowage_db::PgPool, text: &str, count: i64) -> anyhow::Result<()> {
+    let pattern = format!("%{text}%");
+    eventually(
+        PATIENCE,
+        &format!("{count} waiting on a lock: {text}"),
+        || async {
+            let waiting: i64 = pool
+                .get()
+                .await?
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE $1",
+                    &[&pattern],
+                )
+                .await?
+                .get(0);
+            Ok(waiting >= count)
+        },
+    )
+    .await
+}
+
+/// A user's history as `UserEvents` gives it to them, newest first: each event's name and
+/// detail.
+pub async fn user_history(
+    channel: Channel,
+    token: &str,
+) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    let events = stowage_proto::v1::lifecycle_client::LifecycleClient::new(channel)
+        .user_events(authed(
+            stowage_proto::v1::UserEventsRequest::default(),
+            token,
+        ))
+        .await?
+        .into_inner()
+        .events;
+    Ok(events
+        .into_iter()
+        .map(|e| {
+            let detail = serde_json::from_str(&e.detail_json).unwrap_or_default();
+            (e.event, detail)
+        })
+        .collect())
+}
+
 /// Polls `check` every 100 ms until it holds; an error naming `what` after `patience`.
 pub async fn eventually<F, Fut>(patience: Duration, what: &str, mut check: F) -> anyhow::Result<()>
 where

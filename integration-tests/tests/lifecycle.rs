@@ -1026,21 +1026,8 @@ async fn an_overtaken_gc_run_leaves_the_cursor_where_the_other_put_it() -> anyho
         tx.execute("LOCK TABLE lifecycle.gc_cursors IN EXCLUSIVE MODE", &[])
             .await?;
         let run = tokio::spawn(run_now_on(mesh.channel(), "blob_gc".into(), false));
-        eventually(PATIENCE, "the run waits to write its cursor", || async {
-            let waiting: i64 = pool
-                .get()
-                .await?
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'
-                       AND query LIKE '%gc_cursors%'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            Ok(waiting > 0)
-        })
-        .await?;
+        // The run waits to write its cursor.
+        stowage_integration_tests::lock_waiters(&pool, "gc_cursors", 1).await?;
         tx.execute(
             "INSERT INTO lifecycle.gc_cursors (part, position) VALUES ('blob_gc/objects', $1)
              ON CONFLICT (part) DO UPDATE SET position = $1",
@@ -1577,23 +1564,7 @@ async fn an_admins_doings_are_in_the_users_history() -> anyhow::Result<()> {
     // The service's first: read before the admin's, from the same stream.
     purge(&kept, &token("lifecycle", &["service"])).await?;
     purge(&doomed, &root).await?;
-    let history = || async {
-        let events = LifecycleClient::new(mesh.channel())
-            .user_events(authed(pb::UserEventsRequest::default(), &hal))
-            .await?
-            .into_inner()
-            .events;
-        anyhow::Ok(
-            events
-                .into_iter()
-                .map(|e| {
-                    let detail: serde_json::Value =
-                        serde_json::from_str(&e.detail_json).unwrap_or_default();
-                    (e.event, detail)
-                })
-                .collect::<Vec<_>>(),
-        )
-    };
+    let history = || stowage_integration_tests::user_history(mesh.channel(), &hal);
     eventually(PATIENCE, "three admin actions in hal's history", || async {
         let seen = history().await?;
         Ok(seen.len() >= 3 && seen.iter().any(|(e, _)| e == "file_purged_by_admin"))

@@ -169,19 +169,7 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
     let (_, bytes) = download(mesh.channel(), &alice, &infected.id, None).await?;
     assert_eq!(bytes, EICAR);
     // Her history says what happened to it, and which admin released it.
-    let history = || async {
-        let events = stowage_proto::v1::lifecycle_client::LifecycleClient::new(mesh.channel())
-            .user_events(authed(pb::UserEventsRequest::default(), &alice))
-            .await?
-            .into_inner()
-            .events;
-        anyhow::Ok(
-            events
-                .into_iter()
-                .map(|e| (e.event, e.detail_json))
-                .collect::<Vec<_>>(),
-        )
-    };
+    let history = || stowage_integration_tests::user_history(mesh.channel(), &alice);
     stowage_integration_tests::eventually(PATIENCE, "the quarantine in her history", || async {
         Ok(history().await?.len() >= 2)
     })
@@ -189,10 +177,13 @@ async fn infected_files_are_quarantined_and_a_scanner_outage_holds_files_back() 
     let seen = history().await?;
     let (released, quarantined) = (&seen[0], &seen[1]);
     assert_eq!(released.0, "quarantine_released_by_admin", "{seen:?}");
-    assert!(released.1.contains(r#""admin":"root""#), "{seen:?}");
+    assert_eq!(released.1["admin"], "root", "{seen:?}");
     assert_eq!(quarantined.0, "file_quarantined", "{seen:?}");
+    assert_eq!(quarantined.1["file_id"], infected.id.as_str(), "{seen:?}");
     assert!(
-        quarantined.1.contains("EICAR") && quarantined.1.contains(&infected.id),
+        quarantined.1["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("EICAR")),
         "{seen:?}"
     );
 

@@ -645,20 +645,8 @@ async fn an_idle_session_written_to_while_the_sweep_runs_is_left_alone() -> anyh
             ))
             .await
     });
-    let watcher = pool.get().await?;
-    eventually(PATIENCE, "the sweep waits on the session", || async {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE '%AS writable%'",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(waiting > 0)
-    })
-    .await?;
+    // The sweep waits on the session.
+    stowage_integration_tests::lock_waiters(&pool, "AS writable", 1).await?;
     write.execute(&set_written("now()"), &[&s.id]).await?;
     write.commit().await?;
     let swept = sweep.await??.into_inner();

@@ -2,7 +2,7 @@
 //! and the protocol's answers to bad requests, checked with plain HTTP.
 
 use reqwest::Method;
-use stowage_integration_tests::{PATIENCE, eventually, random_bytes, sha256, usage};
+use stowage_integration_tests::{random_bytes, sha256, usage};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
 
@@ -315,22 +315,9 @@ async fn tus_refuses_bad_requests_with_the_protocol_codes() -> anyhow::Result<()
     let deletes: Vec<_> = (0..4)
         .map(|_| tokio::spawn(tus(&http, Method::DELETE, &raced_url, &alice).send()))
         .collect();
+    // The four DELETEs wait on the row.
     let watcher = stowage_db::connect(&setup.database_url, 1)?;
-    eventually(PATIENCE, "the four DELETEs wait on the row", || async {
-        let waiting: i64 = watcher
-            .get()
-            .await?
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE '%ingest.uploads%'",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(waiting == 4)
-    })
-    .await?;
+    stowage_integration_tests::lock_waiters(&watcher, "ingest.uploads", 4).await?;
     row.commit().await?;
     let mut statuses = Vec::new();
     for delete in deletes {
