@@ -733,9 +733,9 @@ impl EventHandler for ActivityEvents {
             if let Some((user, name, detail)) = history_entry(event) {
                 // When it happened, as its service says (after the lock it took), else when
                 // it was committed; once per event, however often it is delivered.
-                let at = event
-                    .payload
-                    .get("at")
+                let at = (event.topic == topics::QUOTA_LIMIT_SET)
+                    .then(|| event.payload.get("at"))
+                    .flatten()
                     .and_then(|at| serde_json::from_value(at.clone()).ok())
                     .unwrap_or(event.occurred_at);
                 record(tx, user, name, at, &detail, &event.id.to_string()).await?;
@@ -751,6 +751,9 @@ impl EventHandler for ActivityEvents {
 fn history_entry(event: &Event) -> Option<(&str, &'static str, serde_json::Value)> {
     let text = |field: &str| event.payload.get(field).and_then(serde_json::Value::as_str);
     if event.topic == topics::MEDIA_QUARANTINED {
+        // Only those announced for it: older ones (replayed when this group first reads the
+        // topic) may have been released without a record.
+        event.payload.get("history")?;
         return Some((
             text("owner_id")?,
             "file_quarantined",
@@ -795,6 +798,49 @@ mod tests {
             traceparent: None,
             occurred_at: DateTime::from_timestamp(at_s, 0).expect("in range"),
         }
+    }
+
+    #[test]
+    fn what_others_did_goes_to_the_users_history_and_nothing_else_does() {
+        let quarantined = |marked: bool| {
+            let mut payload = serde_json::json!({
+                "file_id": "f1", "owner_id": "ann", "reason": "Eicar-Signature",
+            });
+            if marked {
+                payload["history"] = serde_json::json!(true);
+            }
+            event(topics::MEDIA_QUARANTINED, payload, 10)
+        };
+        let recorded = quarantined(true);
+        assert_eq!(
+            history_entry(&recorded),
+            Some((
+                "ann",
+                "file_quarantined",
+                serde_json::json!({ "file_id": "f1", "reason": "Eicar-Signature" })
+            ))
+        );
+        // Announced before the owner's history took them: replayed, not recorded.
+        assert_eq!(history_entry(&quarantined(false)), None);
+        let own_purge = event(
+            topics::FILE_PURGED,
+            serde_json::json!({ "file_id": "f2", "owner_id": "ann", "by": "owner" }),
+            10,
+        );
+        assert_eq!(history_entry(&own_purge), None);
+        let limit = event(
+            topics::QUOTA_LIMIT_SET,
+            serde_json::json!({
+                "user_id": "ann", "limit_bytes": 10, "previous_limit_bytes": 5,
+                "admin": "root", "at": "2026-12-05T10:00:00.5Z",
+            }),
+            10,
+        );
+        let (user, name, detail) = history_entry(&limit).expect("recorded");
+        assert_eq!(
+            (user, name, &detail["admin"]),
+            ("ann", "limit_set", &serde_json::json!("root"))
+        );
     }
 
     #[test]

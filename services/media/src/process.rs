@@ -873,13 +873,18 @@ impl Media {
             .await
             .map_err(JobError::retry)?;
         if inserted == 1 {
-            let payload = serde_json::json!({
+            let mut payload = serde_json::json!({
                 "file_id": file_id,
                 "owner_id": file.owner_id,
                 "status": name,
                 "reason": reason,
                 "variants": variants,
             });
+            if status == pb::FileStatus::Quarantined {
+                // For the owner's history (Lifecycle). Quarantines announced before it (a new
+                // consumer group replays them) were released without saying so: not recorded.
+                payload["history"] = serde_json::json!(true);
+            }
             stowage_events::stage(&tx, crate::SCHEMA, topic, &file.id, &payload)
                 .await
                 .map_err(JobError::retry)?;
