@@ -119,6 +119,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// The field and reason of a refusal of what a file's bytes are (its type, or too few
+    /// bytes to tell it), as the message says them: `None` for other errors.
+    pub(crate) fn content_refusal(&self) -> Option<(&'static str, String)> {
+        let field = match self {
+            Error::TypeNotAllowed { field, .. } => *field,
+            Error::FirstChunkTooShort { .. } => "chunk.data",
+            _ => return None,
+        };
+        let message = self.to_string();
+        let reason = message
+            .strip_prefix(field)
+            .and_then(|r| r.strip_prefix(": "))
+            .unwrap_or(&message);
+        Some((field, reason.to_owned()))
+    }
+
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Self::InvalidArgument {
             field,
@@ -133,21 +149,10 @@ impl From<Error> for Status {
             Error::InvalidArgument { field, reason } => {
                 stowage_runtime::status::invalid_argument(field, reason)
             }
-            Error::TypeNotAllowed { field, .. } => {
-                let reason = error.to_string();
-                let reason = reason
-                    .strip_prefix(field)
-                    .and_then(|r| r.strip_prefix(": "))
-                    .unwrap_or(&reason);
+            Error::TypeNotAllowed { .. } | Error::FirstChunkTooShort { .. } => {
+                let (field, reason) = error.content_refusal().unwrap_or_default();
                 stowage_runtime::status::invalid_argument(field, reason)
             }
-            Error::FirstChunkTooShort { needed } => stowage_runtime::status::invalid_argument(
-                "chunk.data",
-                format!(
-                    "a first chunk carries at least {needed} bytes (or the whole file) while \
-                     content types are restricted"
-                ),
-            ),
             Error::InProgress => Status::aborted(error.to_string()),
             Error::ShuttingDown => Status::unavailable(error.to_string()),
             Error::Stream(status) => status,

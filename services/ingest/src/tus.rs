@@ -196,12 +196,9 @@ fn in_tus_terms(error: &Error) -> String {
         Error::WrongOffset { expected, got } => {
             format!("Upload-Offset: expected {expected}, got {got}")
         }
-        Error::FirstChunkTooShort { needed } => format!(
-            "the request body: a first one carries at least {needed} bytes (or the whole file) \
-             while content types are restricted"
-        ),
-        Error::TypeNotAllowed { mime, allowed, .. } => {
-            format!("the request body: the content is {mime}; this deployment takes {allowed}")
+        Error::TypeNotAllowed { .. } | Error::FirstChunkTooShort { .. } => {
+            let (_, reason) = error.content_refusal().unwrap_or_default();
+            format!("the request body: {reason}")
         }
         Error::Busy => {
             "another request is writing this upload; ask HEAD for its offset and retry".into()

@@ -396,15 +396,24 @@ impl Media {
         }
     }
 
-    async fn image(&self, file: &pb::File) -> Result<Outcome, JobError> {
+    /// The failure of a picture too large to decode at all, before any byte is read.
+    fn over_decode_limit(&self, file: &pb::File) -> Option<Outcome> {
         let limit = self.settings.limits.max_input;
-        if file.size_bytes > limit {
-            return Ok(Outcome::Failed(format!(
+        (file.size_bytes > limit).then(|| {
+            Outcome::Failed(format!(
                 "image of {} bytes is above the {limit}-byte decode limit",
                 file.size_bytes
-            )));
+            ))
+        })
+    }
+
+    async fn image(&self, file: &pb::File) -> Result<Outcome, JobError> {
+        if let Some(failed) = self.over_decode_limit(file) {
+            return Ok(failed);
         }
-        let bytes = self.read_all(&file.storage_key, limit).await?;
+        let bytes = self
+            .read_all(&file.storage_key, self.settings.limits.max_input)
+            .await?;
         self.image_from(file, bytes).await
     }
 
@@ -412,12 +421,8 @@ impl Media {
     /// private directory (under the tools' time and memory limits), whose variants are then
     /// rendered as any image's; the file is described as what it is, not as the PNG.
     async fn heif(&self, file: &pb::File) -> Result<Outcome, Stopped> {
-        let limit = self.settings.limits.max_input;
-        if file.size_bytes > limit {
-            return Ok(Outcome::Failed(format!(
-                "image of {} bytes is above the {limit}-byte decode limit",
-                file.size_bytes
-            )));
+        if let Some(failed) = self.over_decode_limit(file) {
+            return Ok(failed);
         }
         let (dir, path) = self.copied_to_work_dir(file).await?;
         let png = match self.settings.tools.heif_to_png(&path, dir.path()).await {
