@@ -847,9 +847,7 @@ impl Sessions {
                     key,
                     multipart_id: session.multipart_id.as_deref(),
                     // A deferred length may grow to the limit.
-                    min_part: crate::staging::min_native_part(
-                        session.size.unwrap_or(self.settings.max_file_size),
-                    ),
+                    max_size: session.size.unwrap_or(self.settings.max_file_size),
                 },
                 &parts,
                 chunk.offset,

@@ -33,12 +33,35 @@ pub const MIN_NATIVE_PART: usize = 5 * 1024 * 1024;
 /// Most parts of one native multipart upload (S3's and GCS's limit; Azure's is 50,000).
 const MAX_NATIVE_PARTS: u64 = 10_000;
 
-/// Smallest native part, other than the last, of an upload of at most `size` bytes: S3's
-/// 5 MiB, or more when 10,000 parts of that would not hold it (over ~48.8 GiB). Chunks are
-/// held back and merged until a part reaches it, so no upload needs more parts than a store
-/// takes.
-pub fn min_native_part(size: u64) -> u64 {
-    (MIN_NATIVE_PART as u64).max(size.div_ceil(MAX_NATIVE_PARTS - 1))
+/// Size native parts may grow to (past S3's 5 MiB) to keep an upload within the 10,000 parts
+/// a store takes; for uploads over 150 GiB, 5/4 of their even share instead.
+const NATIVE_PART_ROOM: u64 = 16 * 1024 * 1024;
+
+/// Smallest next native part, other than the last, of an upload of at most `max_size` bytes
+/// that has `parts` native parts holding `covered` bytes so far. Chunks are held back and
+/// merged until a part reaches it, so no upload needs more parts than a store takes.
+///
+/// Parts stay at S3's 5 MiB while the rest of the largest upload would still fit in the parts
+/// left at [`NATIVE_PART_ROOM`] (or 5/4 of the even share, for uploads over 150 GiB) each;
+/// past that point each takes at least an even share of what is left. What is left thus
+/// always fits in the parts left at that room each, so no part but the last needs more than
+/// the room, and a part is at most the room plus a chunk. Chunks of 5 MiB are each a part of
+/// their own through the first 48 GiB of a 50 GiB upload, and 2.3% of them are held back in
+/// all (an even share from the start, 5.37 MB, held every other chunk back to be read again).
+pub fn min_native_part(max_size: u64, parts: u64, covered: u64) -> u64 {
+    let floor = MIN_NATIVE_PART as u64;
+    // Parts still to come, the last one included.
+    let left = MAX_NATIVE_PARTS.saturating_sub(parts);
+    if left <= 1 {
+        return u64::MAX;
+    }
+    let room = NATIVE_PART_ROOM.max(max_size.div_ceil(MAX_NATIVE_PARTS - 1).saturating_mul(5) / 4);
+    let remaining = max_size.saturating_sub(covered);
+    if remaining.saturating_sub(floor) <= (left - 1).saturating_mul(room) {
+        floor
+    } else {
+        floor.max(remaining.div_ceil(left))
+    }
 }
 
 /// A staged part as recorded in `ingest.upload_parts`.
@@ -74,8 +97,9 @@ pub struct Target<'a> {
     pub key: &'a ObjectPath,
     /// Native multipart upload id, when the store has one.
     pub multipart_id: Option<&'a str>,
-    /// Smallest native part but the last ([`min_native_part`] of the most it may hold).
-    pub min_part: u64,
+    /// The most the upload may hold (its declared length, or the limit while it is deferred),
+    /// which decides how small its native parts may be ([`min_native_part`]).
+    pub max_size: u64,
 }
 
 /// Staging over the process's object store.
@@ -211,7 +235,7 @@ impl Staging {
             upload,
             key,
             multipart_id,
-            min_part,
+            max_size,
         } = target;
         let next = parts.iter().map(|p| p.number + 1).max().unwrap_or(0);
         let (Some(mp), Some(id)) = (&self.multipart, multipart_id) else {
@@ -219,6 +243,12 @@ impl Staging {
         };
         let pending: Vec<&Part> = parts.iter().filter(|p| p.pending).collect();
         let pending_size: u64 = pending.iter().map(|p| p.size).sum();
+        let native = parts.iter().filter(|p| !p.pending);
+        let min_part = min_native_part(
+            max_size,
+            native.clone().count() as u64,
+            native.map(|p| p.size).sum(),
+        );
         if !last && (pending_size + data.len() as u64) < min_part {
             return self.put_part_object(upload, next, start, data, true).await;
         }
@@ -871,31 +901,66 @@ fn io_error(e: std::io::Error) -> Error {
 mod tests {
     use super::*;
 
-    /// Every part but the last is at least the minimum, so an upload of `size` bytes makes at
-    /// most size / minimum + 1 parts: never more than 10,000, and parts stay at S3's 5 MiB
-    /// while that is enough.
+    /// Parts made from chunks of `chunk` bytes of an upload of `total` bytes that may hold
+    /// `max_size`, as `write_part` makes them (the last chunk takes what is held back), and
+    /// how many chunks were held back to be read again.
+    fn parts_of(max_size: u64, total: u64, chunk: u64) -> (Vec<u64>, u64) {
+        let (mut parts, mut held, mut pending, mut offset) = (Vec::new(), 0, 0, 0);
+        while offset < total {
+            let size = chunk.min(total - offset);
+            let min = min_native_part(max_size, parts.len() as u64, offset - pending);
+            offset += size;
+            if offset < total && pending + size < min {
+                pending += size;
+                held += 1;
+            } else {
+                parts.push(pending + size);
+                pending = 0;
+            }
+        }
+        (parts, held)
+    }
+
+    /// However chunks come, an upload makes at most 10,000 native parts, each but the last of
+    /// S3's 5 MiB at least, none much larger than it must be; and chunks of 5 MiB are parts of
+    /// their own, without being held back, through the first 48 GiB of the default 50 GiB.
     #[test]
     fn no_upload_needs_more_native_parts_than_a_store_takes() {
+        const MIB: u64 = 1 << 20;
         const GIB: u64 = 1 << 30;
-        let five_mib = MIN_NATIVE_PART as u64;
-        for size in [
-            0,
-            1,
-            five_mib,
-            9_999 * five_mib,
-            9_999 * five_mib + 1,
+        for max_size in [
+            9_999 * 5 * MIB,
+            9_999 * 5 * MIB + 1,
             50 * GIB,
+            200 * GIB,
             5 << 40,
         ] {
-            let min = min_native_part(size);
-            assert!(
-                size / min < MAX_NATIVE_PARTS,
-                "{size} bytes: {min}-byte parts"
-            );
-            assert!(min >= five_mib);
+            let room = NATIVE_PART_ROOM.max(max_size.div_ceil(MAX_NATIVE_PARTS - 1) * 5 / 4);
+            for chunk in [5 * MIB, 5 * MIB + 1, 8 * MIB, 64 * MIB] {
+                let (parts, _) = parts_of(max_size, max_size, chunk);
+                let context = format!("{max_size} bytes in chunks of {chunk}");
+                assert!(
+                    parts.len() as u64 <= MAX_NATIVE_PARTS,
+                    "{context}: {}",
+                    parts.len()
+                );
+                assert_eq!(parts.iter().sum::<u64>(), max_size, "{context}");
+                let (last, others) = parts.split_last().unwrap();
+                assert!(others.iter().all(|&p| p >= 5 * MIB), "{context}");
+                assert!(
+                    others.iter().all(|&p| p < room + chunk),
+                    "{context}: {} over {room}",
+                    others.iter().max().unwrap()
+                );
+                assert!(*last < room + chunk, "{context}: last part {last}");
+            }
         }
-        assert_eq!(min_native_part(9_999 * five_mib), five_mib);
-        assert!(min_native_part(9_999 * five_mib + 1) > five_mib);
+        let (parts, held) = parts_of(50 * GIB, 48 * GIB, 5 * MIB);
+        assert_eq!((parts.len() as u64, held), (48 * GIB / (5 * MIB) + 1, 0));
+        let (_, held) = parts_of(50 * GIB, 50 * GIB, 5 * MIB);
+        assert!(held * 100 < 3 * 10_240, "{held} of 10,240 chunks held back");
+        // A small upload is one part whatever its limit.
+        assert_eq!(parts_of(50 * GIB, 1000, 5 * MIB), (vec![1000], 0));
     }
 
     /// A place among the writer threads.
