@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{
     ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart, multipart::MultipartStore,
     path::Path as ObjectPath,
@@ -119,6 +119,9 @@ pub struct Staging {
 /// direct piece): past them, a chunk is written by the thread that hashes it, piece after
 /// piece, as it would be on a busy machine anyway.
 const MAX_WRITER_THREADS: usize = 32;
+
+/// Held-back chunks read at once when they are merged into a native part.
+const PENDING_READS: usize = 16;
 
 fn part_object(upload: Uuid, number: i32) -> ObjectPath {
     keys::staging_part(&upload.to_string(), u32::try_from(number).unwrap_or(0))
@@ -362,16 +365,27 @@ impl Staging {
         }
     }
 
-    /// Appends the bytes held back in `pending` (under one minimum part in all) to `buf`.
+    /// Appends the bytes held back in `pending` (under one minimum part in all) to `buf`,
+    /// reading [`PENDING_READS`] of them at a time: a client sending small chunks leaves
+    /// thousands of them.
     async fn read_pending(
         &self,
         upload: Uuid,
         pending: &[&Part],
         buf: &mut BytesMut,
     ) -> Result<()> {
-        for p in pending {
-            let held = self.store.get(&part_object(upload, p.number)).await?;
-            buf.extend_from_slice(&held.bytes().await?);
+        let paths: Vec<ObjectPath> = pending
+            .iter()
+            .map(|p| part_object(upload, p.number))
+            .collect();
+        let mut held = futures::stream::iter(paths)
+            .map(|path| {
+                let store = Arc::clone(&self.store);
+                async move { Ok::<_, Error>(store.get(&path).await?.bytes().await?) }
+            })
+            .buffered(PENDING_READS);
+        while let Some(bytes) = held.try_next().await? {
+            buf.extend_from_slice(&bytes);
         }
         Ok(())
     }
