@@ -444,7 +444,7 @@ async fn a_release_files_could_not_take_goes_through_when_tried_again() -> anyho
 
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     // While the file's run is still at it (its verdict not yet in Files), a release would be
-    // overtaken by that verdict: refused until the file is quarantined.
+    // overtaken by that verdict: refused until the job is done.
     media_jobs_settled(&pool).await?;
     set_status(&mesh, &infected.id, pb::FileStatus::Processing).await?;
     let set_job = |state: &'static str| {
@@ -464,10 +464,15 @@ async fn a_release_files_could_not_take_goes_through_when_tried_again() -> anyho
     set_job("queued").await?;
     let early = release().await.expect_err("a run still at it");
     assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
-    assert!(early.message().contains("still being scanned"), "{early:?}");
+    assert!(early.message().contains("queued or running"), "{early:?}");
+    assert_eq!(quarantine(&mesh, &admin).await?.len(), 1, "still held");
+    // Nor while a run an admin retried is at it, though Files says quarantined: that run
+    // would end without processing the released file again.
+    set_status(&mesh, &infected.id, pb::FileStatus::Quarantined).await?;
+    let retried = release().await.expect_err("a retried run at it");
+    assert_eq!(retried.code(), Code::FailedPrecondition, "{retried:?}");
     assert_eq!(quarantine(&mesh, &admin).await?.len(), 1, "still held");
     set_job("succeeded").await?;
-    set_status(&mesh, &infected.id, pb::FileStatus::Quarantined).await?;
 
     let mut blocker = pool.get().await?;
     let lock = blocker.transaction().await?;

@@ -207,25 +207,17 @@ impl Media {
         if held.is_none() {
             return Err(Error::NotFound(format!("quarantined file {file_id}")));
         }
-        // The row is written before Files is told: a run still at it (its verdict not yet in
-        // Files) would set the file quarantined after this release, with the row released and
-        // nothing left to release it by. A file not quarantined in Files whose job is over is
-        // a release that stopped half-way, and is finished.
-        let status = self
-            .files
-            .get_file(pb::GetFileRequest {
-                file_id: file_id.to_string(),
-            })
-            .await?
-            .file
-            .map(|f| f.status);
-        if status != Some(pb::FileStatus::Quarantined as i32) {
-            let job = self.queue.get_by_key(&job_key(&file_id)).await;
-            if matches!(job, Ok(ref job) if !job.state.is_requeueable()) {
-                return Err(Error::FailedPrecondition(format!(
-                    "file {file_id} is still being scanned; release it once it is quarantined"
-                )));
-            }
+        // Refused while the file's job is queued or running. A run still scanning (its row
+        // written, its verdict not yet in Files) would set the file quarantined after this
+        // release, with the row released and nothing left to release it by; a run an admin
+        // retried, having read the file quarantined, would announce that again and end,
+        // leaving the file in processing with no job to finish it. A file not quarantined in
+        // Files whose job is over is a release that stopped half-way, and is finished.
+        let job = self.queue.get_by_key(&job_key(&file_id)).await;
+        if matches!(job, Ok(ref job) if !job.state.is_requeueable()) {
+            return Err(Error::FailedPrecondition(format!(
+                "file {file_id} has a media job queued or running; release it once that job is done"
+            )));
         }
         let file = self
             .files
