@@ -435,6 +435,57 @@ async fn a_slow_writer_slows_clients_down_and_memory_stays_under_the_ceiling() -
     mesh.stop().await
 }
 
+/// A frame PostgreSQL refuses (for a check Ingest does not make; here a constraint the test
+/// adds) does not take the frames written with it down: they are written one by one, the
+/// good ones acknowledged, the refused one refused for good, not to be sent again.
+#[tokio::test]
+async fn a_frame_the_database_refuses_does_not_fail_the_frames_written_with_it()
+-> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start_with(&setup, |c| {
+        // Long enough for both frames below to wait for the same write.
+        c.ingest.streams.write_delay = Duration::from_millis(300);
+    })
+    .await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    pool.get()
+        .await?
+        .batch_execute(
+            "ALTER TABLE ingest.event_segments ADD CONSTRAINT modern
+                CHECK (min_ts IS NULL OR min_ts >= '1900-01-01')",
+        )
+        .await?;
+    let alice = token("alice", &[]);
+    let mut old = frame("desk", 3, 4);
+    old.events[1].timestamp = Some(prost_types::Timestamp {
+        seconds: -15_000_000_000, // 1494
+        nanos: 0,
+    });
+    let mut answers = IngestClient::new(mesh.channel())
+        .append_events(authed(
+            futures::stream::iter([frame("desk", 1, 2), old]),
+            &alice,
+        ))
+        .await?
+        .into_inner();
+    let first = answers.next().await.expect("an answer")?;
+    assert_eq!(first.durable_seq, 2);
+    let refused = answers
+        .next()
+        .await
+        .expect("an answer")
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("events"), "{refused:?}");
+    drop(answers);
+    // The stream goes on from the last good frame.
+    assert_eq!(
+        append_one(mesh.channel(), &alice, frame("desk", 3, 4)).await?,
+        4
+    );
+    mesh.stop().await
+}
+
 /// Waits until at least `n` batches are sealed.
 async fn batches_sealed(setup: &Setup, n: i64) -> anyhow::Result<()> {
     let pool = stowage_db::connect(&setup.database_url, 1)?;
@@ -535,6 +586,20 @@ async fn bad_frames_get_a_clear_status_and_store_nothing() -> anyhow::Result<()>
         append_one(mesh.channel(), &alice, oversize).await,
         tonic::Code::InvalidArgument,
         "events.payload",
+    );
+
+    // A time chrono takes but PostgreSQL does not (7500 BC): refused here, not by the
+    // statement that writes every user's frames of the moment together.
+    let mut ancient = frame("desk", 11, 12);
+    ancient.events[0] = with_shot(11, 10_000);
+    ancient.events[1].timestamp = Some(prost_types::Timestamp {
+        seconds: -300_000_000_000,
+        nanos: 0,
+    });
+    refused(
+        append_one(mesh.channel(), &alice, ancient).await,
+        tonic::Code::InvalidArgument,
+        "events.timestamp",
     );
 
     let mut big_shot = frame("desk", 11, 12);

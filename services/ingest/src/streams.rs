@@ -477,6 +477,21 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Whether PostgreSQL refused a statement for the data in it (SQLSTATE classes 22, data
+/// exception, and 23, integrity constraint violation), not for its own state.
+fn refused_data(error: &tokio_postgres::Error) -> bool {
+    error
+        .code()
+        .is_some_and(|code| matches!(&code.code()[..2], "22" | "23"))
+}
+
+/// PostgreSQL's own message for `error`.
+fn db_message(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map_or_else(|| error.to_string(), |e| e.message().to_owned())
+}
+
 fn timestamp_of(event: &pb::Event) -> Option<DateTime<Utc>> {
     stowage_runtime::time::from_timestamp(event.timestamp.as_ref()?)
 }
@@ -596,7 +611,10 @@ impl EventStreams {
             return Err(Error::invalid("events.type", "is longer than 64 bytes"));
         }
         if timestamp_of(event).is_none() {
-            return Err(Error::invalid("events.timestamp", "is required"));
+            return Err(Error::invalid(
+                "events.timestamp",
+                "is required, in years 1 to 9999",
+            ));
         }
         match event.screenshot.as_ref().and_then(|s| s.source.as_ref()) {
             Some(pb::screenshot::Source::InlineData(data))
@@ -709,6 +727,25 @@ impl EventStreams {
             let started = std::time::Instant::now();
             let outcomes: Vec<Written> = match self.write(&batch).await {
                 Ok(outcomes) => outcomes,
+                // PostgreSQL refused something in the data itself (each frame is checked
+                // before it is queued, so this is a check missing): each frame is written
+                // alone, so that one frame cannot keep every other user's out for good.
+                Err(Error::Db(error)) if batch.len() > 1 && refused_data(&error) => {
+                    tracing::error!(%error, frames = batch.len(), "event batch refused; frames written one by one");
+                    let mut outcomes = Vec::with_capacity(batch.len());
+                    for frame in &batch {
+                        outcomes.push(match self.write(std::slice::from_ref(frame)).await {
+                            Ok(mut one) => one.pop().unwrap_or(Err(Error::Internal("no outcome"))),
+                            // Refused alone: sending it again would not help.
+                            Err(Error::Db(error)) if refused_data(&error) => Err(Error::invalid(
+                                "events",
+                                format!("refused by the database: {}", db_message(&error)),
+                            )),
+                            Err(error) => Err(Error::Unavailable(error.to_string())),
+                        });
+                    }
+                    outcomes
+                }
                 Err(error) => {
                     tracing::warn!(%error, frames = batch.len(), "event write failed; clients resend");
                     batch
