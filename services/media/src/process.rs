@@ -118,8 +118,29 @@ fn created_at(file: &pb::File) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
+/// Why a call to a peer failed: tried again, unless the peer refused what was asked (then a
+/// retry would be refused too, and the job ends with the reason).
 fn retry_status(what: &str, status: &tonic::Status) -> JobError {
-    JobError::retry(format!("{what}: {} {}", status.code(), status.message()))
+    let why = format!("{what}: {} {}", status.code(), status.message());
+    if status.code() == Code::InvalidArgument {
+        JobError::permanent(why)
+    } else {
+        JobError::retry(why)
+    }
+}
+
+/// Most characters of a file's status reason (what Files takes).
+const MAX_STATUS_REASON: usize = 1024;
+
+/// `reason` cut to what Files takes, with an ellipsis when cut (a decoder's message may list a
+/// whole header).
+fn status_reason(reason: String) -> String {
+    if reason.chars().count() <= MAX_STATUS_REASON {
+        return reason;
+    }
+    let mut cut: String = reason.chars().take(MAX_STATUS_REASON - 1).collect();
+    cut.push('…');
+    cut
 }
 
 impl Media {
@@ -771,8 +792,12 @@ impl Media {
     ) -> Result<(), JobError> {
         let (status, reason, derived) = match outcome {
             Outcome::Ready(d) => (pb::FileStatus::Ready, String::new(), d),
-            Outcome::Failed(r) => (pb::FileStatus::Failed, r, Derived::default()),
-            Outcome::Quarantined(s) => (pb::FileStatus::Quarantined, s, Derived::default()),
+            Outcome::Failed(r) => (pb::FileStatus::Failed, status_reason(r), Derived::default()),
+            Outcome::Quarantined(s) => (
+                pb::FileStatus::Quarantined,
+                status_reason(s),
+                Derived::default(),
+            ),
         };
         let variant_names: Vec<String> = derived.variants.iter().map(|v| v.name.clone()).collect();
         let stored_keys: Vec<String> = derived
@@ -1020,6 +1045,29 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
+
+    /// A decoder's message that lists a whole header is cut to what Files takes (it refused
+    /// the outcome, and the job retried it until dead, leaving the file processing); a peer's
+    /// refusal of the request ends the job, anything else is tried again.
+    #[test]
+    fn reasons_fit_files_and_refusals_are_not_retried() {
+        assert_eq!(status_reason("short".into()), "short");
+        let exact = "é".repeat(MAX_STATUS_REASON);
+        assert_eq!(status_reason(exact.clone()), exact);
+        let long = status_reason(format!("bits per sample {:?}", vec![8u8; 600]));
+        assert_eq!(long.chars().count(), MAX_STATUS_REASON);
+        assert!(long.starts_with("bits per sample [8, 8") && long.ends_with('…'));
+        let refused = tonic::Status::invalid_argument("status_reason: too long");
+        assert!(matches!(
+            retry_status("Files.SetVariants", &refused),
+            JobError::Permanent(_)
+        ));
+        let down = tonic::Status::unavailable("no route");
+        assert!(matches!(
+            retry_status("Files.SetVariants", &down),
+            JobError::Retry(_)
+        ));
+    }
 
     /// A file of several pieces and one of none are stored byte for byte; one that cannot be
     /// read leaves nothing under its key.

@@ -143,6 +143,29 @@ pub fn parse_probe(json: &[u8]) -> Result<Probe, ToolError> {
     })
 }
 
+/// The absolute paths among `command`'s arguments, each with what stands for it in a message
+/// (its file name), and their directories (with their slash, for nothing); longest first.
+fn path_args(command: &Command) -> Vec<(String, String)> {
+    let mut paths: Vec<(String, String)> = command
+        .as_std()
+        .get_args()
+        .filter_map(|arg| arg.to_str())
+        .filter(|arg| arg.starts_with('/'))
+        .flat_map(|arg| {
+            let path = Path::new(arg);
+            let name = path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            let dir = path
+                .parent()
+                .map(|d| (format!("{}/", d.display()), String::new()));
+            std::iter::once((arg.to_owned(), name)).chain(dir)
+        })
+        .collect();
+    paths.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    paths
+}
+
 impl Tools {
     fn command(&self, program: &str) -> Command {
         let mut command = if self.memory > 0 && Path::new("/usr/bin/prlimit").exists() {
@@ -173,6 +196,7 @@ impl Tools {
         mut command: Command,
         timeout: Duration,
     ) -> Result<Vec<u8>, ToolError> {
+        let paths = path_args(&command);
         let mut child = command
             .spawn()
             .map_err(|e| ToolError::Unavailable(format!("{what}: {e}")))?;
@@ -221,6 +245,10 @@ impl Tools {
                 .rev()
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("");
+            // The reason goes to the file's owner: without this machine's paths.
+            let detail = paths
+                .iter()
+                .fold(detail.to_owned(), |d, (path, name)| d.replace(path, name));
             return Err(ToolError::Unreadable(format!(
                 "{what} failed ({status}): {}",
                 detail.chars().take(300).collect::<String>()
@@ -377,6 +405,28 @@ mod tests {
         flood.args(["-c", &format!("head -c {} /dev/zero", MAX_OUTPUT + 1)]);
         match tools.run("flood", flood).await {
             Err(ToolError::Unreadable(why)) => assert!(why.contains("wrote more than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A tool's complaint names its input as the tool was given it: the reason, which its
+    /// owner reads, says `input`, not where this machine keeps it.
+    #[tokio::test]
+    async fn a_failing_tool_s_reason_has_no_path_of_this_machine() {
+        let tools = shell();
+        let mut failing = tools.command("sh");
+        failing.args([
+            "-c",
+            "echo \"$1: Invalid data found; wrote $2 in ${1%/*}/\" >&2; exit 1",
+            "sh",
+            "/tmp/stowage-media-x1/input",
+            "/tmp/stowage-media-x1/out.png",
+        ]);
+        match tools.run("ffprobe", failing).await {
+            Err(ToolError::Unreadable(why)) => assert_eq!(
+                why,
+                "ffprobe failed (exit status: 1): input: Invalid data found; wrote out.png in "
+            ),
             other => panic!("{other:?}"),
         }
     }
