@@ -50,6 +50,7 @@ const VIDEO_TYPES: &[&str] = &[
 const AUDIO_TYPES: &[&str] = &[
     "audio/mpeg",
     "audio/ogg",
+    "audio/opus",
     "audio/x-flac",
     "audio/x-wav",
     "audio/aac",
@@ -57,11 +58,13 @@ const AUDIO_TYPES: &[&str] = &[
     "audio/x-m4a",
 ];
 
-/// Extensions that promise an image, a video or a sound.
+/// Extensions that promise an image, a video or a sound. Not `.ts` (TypeScript sources as
+/// often as MPEG transport streams, which the sniffer does not know) nor `.m3u8` (a playlist is
+/// text): files so named are kept as they are.
 const MEDIA_EXTENSIONS: &[&str] = &[
     "jpg", "jpeg", "jpe", "png", "gif", "webp", "bmp", "tif", "tiff", "heic", "heif", "avif",
-    "mp4", "m4v", "mov", "mkv", "webm", "avi", "flv", "mpg", "mpeg", "ts", "m3u8", "mp3", "m4a",
-    "aac", "ogg", "oga", "opus", "flac", "wav",
+    "mp4", "m4v", "mov", "mkv", "webm", "avi", "flv", "mpg", "mpeg", "mp3", "m4a", "aac", "ogg",
+    "oga", "opus", "flac", "wav",
 ];
 
 /// Decides the work for a file of `size` bytes, sniffed as `mime_type`, named `name`.
@@ -112,6 +115,20 @@ fn extension(name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ogg Opus (sniffed as audio/opus) is audio; TypeScript and playlists are text kept as
+    /// they are (both ended failed, "the name says .ts but the content is text/plain").
+    #[test]
+    fn opus_is_audio_and_typescript_is_text() {
+        assert_eq!(plan("audio/opus", "memo.ogg", 10), Plan::Audio);
+        assert_eq!(plan("audio/opus", "memo.opus", 10), Plan::Audio);
+        assert_eq!(
+            plan("text/plain; charset=utf-8", "index.ts", 10),
+            Plan::Plain
+        );
+        assert_eq!(plan("application/octet-stream", "clip.ts", 10), Plan::Plain);
+        assert_eq!(plan("text/plain", "live.m3u8", 10), Plan::Plain);
+    }
 
     #[test]
     fn sniffed_types_decide() {
