@@ -878,22 +878,55 @@ async fn a_file_whose_runs_never_come_back_fails_instead_of_looping() -> anyhow:
         "{}",
         failed.status_reason
     );
-    // Failed, it counts afresh: an admin's RetryJob (say once the worker has more memory)
-    // processes it.
+    // Failed, it counts afresh: an admin's Reprocess (say once the worker has more memory)
+    // processes it, as RetryJob does (the run found the failure recorded and ended dead again).
     stowage_integration_tests::eventually(PATIENCE, "the count forgotten", || async {
         Ok(unfinished().await? == 0)
     })
     .await?;
     media_jobs_settled(&pool).await?;
-    MediaClient::new(mesh.channel())
-        .retry_job(authed(pb::RetryJobRequest { job_id: job.id }, &admin))
-        .await?;
+    let reprocess = || {
+        let request = authed(
+            pb::ReprocessRequest {
+                file_id: file.id.clone(),
+            },
+            &admin,
+        );
+        let mut media = MediaClient::new(mesh.channel());
+        async move {
+            anyhow::Ok(
+                media
+                    .reprocess(request)
+                    .await?
+                    .into_inner()
+                    .job
+                    .unwrap_or_default(),
+            )
+        }
+    };
+    reprocess().await?;
     let again = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
     assert_eq!(
         again.status,
         pb::FileStatus::Ready as i32,
         "{}",
         again.status_reason
+    );
+    // A job waiting for its next attempt keeps its count: Lifecycle reprocesses files long in
+    // processing every 15 minutes, and a job given its attempts back each time never ends.
+    media_jobs_settled(&pool).await?;
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE media.jobs SET state = 'failed', attempts = 5, run_at = now() + interval '1 hour'
+              WHERE id = $1::text::uuid",
+            &[&job.id],
+        )
+        .await?;
+    let waiting = reprocess().await?;
+    assert_eq!(
+        (waiting.state, waiting.attempts),
+        (pb::JobState::Failed as i32, 5)
     );
     mesh.stop().await
 }

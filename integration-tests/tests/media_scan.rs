@@ -473,6 +473,18 @@ async fn a_release_files_could_not_take_goes_through_when_tried_again() -> anyho
     assert_eq!(retried.code(), Code::FailedPrecondition, "{retried:?}");
     assert_eq!(quarantine(&mesh, &admin).await?.len(), 1, "still held");
     set_job("succeeded").await?;
+    // Nor when the job cannot be read (it may be running).
+    pool.get()
+        .await?
+        .batch_execute("ALTER TABLE media.jobs RENAME TO jobs_away")
+        .await?;
+    let unknown = release().await;
+    pool.get()
+        .await?
+        .batch_execute("ALTER TABLE media.jobs_away RENAME TO jobs")
+        .await?;
+    assert!(unknown.is_err(), "{unknown:?}");
+    assert_eq!(quarantine(&mesh, &admin).await?.len(), 1, "still held");
 
     let mut blocker = pool.get().await?;
     let lock = blocker.transaction().await?;

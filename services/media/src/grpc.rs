@@ -171,12 +171,20 @@ impl Media {
         Ok(self.queue.requeue(job_id).await?)
     }
 
-    /// Runs `file_id`'s job again, or enqueues it when it never was; a job queued or running
-    /// is left as it is.
+    /// Runs `file_id`'s job again when it is over (a file failed for good back to processing
+    /// first, as [`retry`](Self::retry) does), or enqueues it when it never was. A job queued,
+    /// running or waiting for its next attempt is left as it is: Lifecycle asks this of files
+    /// long in processing, and a job given its attempts back each time would never end.
     async fn reprocess(&self, file_id: Uuid) -> Result<Job> {
-        match self.queue.requeue_key(&job_key(&file_id)).await {
+        match self.queue.get_by_key(&job_key(&file_id)).await {
+            Ok(job) if job.state.is_over() => match self.retry(job.id).await {
+                // Claimed again meanwhile.
+                Err(Error::Jobs(stowage_jobs::Error::NotRequeueable { id, .. })) => {
+                    Ok(self.queue.get(id).await?)
+                }
+                other => other,
+            },
             Ok(job) => Ok(job),
-            Err(stowage_jobs::Error::NotRequeueable { id, .. }) => Ok(self.queue.get(id).await?),
             Err(stowage_jobs::Error::JobNotFound(_)) => {
                 let mut job = stowage_jobs::NewJob::new(
                     crate::PROCESS_JOB,
@@ -207,17 +215,22 @@ impl Media {
         if held.is_none() {
             return Err(Error::NotFound(format!("quarantined file {file_id}")));
         }
-        // Refused while the file's job is queued or running. A run still scanning (its row
-        // written, its verdict not yet in Files) would set the file quarantined after this
-        // release, with the row released and nothing left to release it by; a run an admin
-        // retried, having read the file quarantined, would announce that again and end,
-        // leaving the file in processing with no job to finish it. A file not quarantined in
-        // Files whose job is over is a release that stopped half-way, and is finished.
-        let job = self.queue.get_by_key(&job_key(&file_id)).await;
-        if matches!(job, Ok(ref job) if !job.state.is_requeueable()) {
-            return Err(Error::FailedPrecondition(format!(
-                "file {file_id} has a media job queued or running; release it once that job is done"
-            )));
+        // Refused until the file's job is over (not queued, running or waiting to be tried
+        // again). A run still scanning (its row written, its verdict not yet in Files) would
+        // set the file quarantined after this release, with the row released and nothing left
+        // to release it by; a run an admin retried, having read the file quarantined, would
+        // announce that again and end, leaving the file in processing with no job to finish
+        // it. A file not quarantined in Files whose job is over is a release that stopped
+        // half-way, and is finished.
+        match self.queue.get_by_key(&job_key(&file_id)).await {
+            Ok(job) if !job.state.is_over() => {
+                return Err(Error::FailedPrecondition(format!(
+                    "file {file_id} has a media job queued or running; release it once that job is done"
+                )));
+            }
+            Ok(_) | Err(stowage_jobs::Error::JobNotFound(_)) => {}
+            // Not known: the job may be running.
+            Err(e) => return Err(e.into()),
         }
         let file = self
             .files

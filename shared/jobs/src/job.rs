@@ -34,6 +34,12 @@ impl JobState {
         }
     }
 
+    /// Whether a job in this state is over: succeeded or dead. A failed job is not: it waits
+    /// for its next attempt.
+    pub fn is_over(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Dead)
+    }
+
     /// Every state, in lifecycle order.
     pub const ALL: [Self; 5] = [
         Self::Queued,
