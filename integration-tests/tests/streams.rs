@@ -346,7 +346,7 @@ async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screens
                 })
                 .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         };
-        Ok(lag("g1") == Some(0.0) && lag("g2") == Some(1.0))
+        Ok(lag("bob/g1") == Some(0.0) && lag("bob/g2") == Some(1.0))
     })
     .await?;
     // Inline screenshots came back inline.
@@ -993,7 +993,9 @@ async fn two_users_streams_of_one_name_are_two_streams() -> anyhow::Result<()> {
     );
     batches_sealed(&setup, 2).await?;
     let want = |n: u64| [("desk".to_owned(), n)].into();
-    let (ann_seqs, ann_batches) = drain(mesh.channel(), &ann, "g", "", &want(5)).await?;
+    // Ann names her group as a service names its own: it is hers (ann/svc), and what she
+    // reads and acknowledges is not taken from the service's group.
+    let (ann_seqs, ann_batches) = drain(mesh.channel(), &ann, "svc", "", &want(5)).await?;
     assert_eq!(ann_seqs["desk"], (1..=5).collect::<Vec<u64>>());
     assert!(ann_batches.iter().all(|b| b.stream_id == "desk"));
     // Ann's group is behind on nothing: Ben's batch, unread, is not of a stream it reads.
@@ -1002,7 +1004,7 @@ async fn two_users_streams_of_one_name_are_two_streams() -> anyhow::Result<()> {
         let text = reqwest::get(&metrics).await?.text().await?;
         Ok(text
             .lines()
-            .any(|l| l.starts_with("stowage_stream_consumer_lag_batches{group=\"g\"} 0")))
+            .any(|l| l.starts_with("stowage_stream_consumer_lag_batches{group=\"ann/svc\"} 0")))
     })
     .await?;
     let (ben_seqs, _) = drain(mesh.channel(), &ben, "h", "", &want(3)).await?;
@@ -1014,6 +1016,20 @@ async fn two_users_streams_of_one_name_are_two_streams() -> anyhow::Result<()> {
     let (all, _) = drain(mesh.channel(), &service, "svc", "", &both).await?;
     assert_eq!(all["ann/desk"].len(), 5);
     assert_eq!(all["ben/desk"].len(), 3);
+    // A service's group is named without '/': those are users' groups.
+    let mut client = IngestClient::new(mesh.channel());
+    let refused = client
+        .ack_batch(authed(
+            pb::AckBatchRequest {
+                consumer_group: "ann/svc".into(),
+                batch_id: uuid::Uuid::new_v4().to_string(),
+            },
+            &service,
+        ))
+        .await
+        .expect_err("a user's group");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("consumer_group"), "{refused:?}");
     mesh.stop().await
 }
 

@@ -160,14 +160,16 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<tonic::codegen::BoxStream<pb::SubscribeBatchesResponse>>, Status> {
         let owner = stream_owner(&request)?;
         let req = request.into_inner();
-        if !req.observe {
-            check_consumer_group(&req.consumer_group)?;
+        let group = if !req.observe {
+            consumer_group(owner.as_deref(), &req.consumer_group)?
         } else if !req.consumer_group.is_empty() {
             return Err(stowage_runtime::status::invalid_argument(
                 "consumer_group",
                 "must be empty when observing",
             ));
-        }
+        } else {
+            String::new()
+        };
         if req.stream_ids.len() > MAX_SUBSCRIBED_STREAMS {
             return Err(stowage_runtime::status::invalid_argument(
                 "stream_ids",
@@ -215,13 +217,7 @@ impl ingest_server::Ingest for IngestGrpc {
                         .await
                 } else {
                     streams
-                        .claim_batches(
-                            owner.as_deref(),
-                            &req.consumer_group,
-                            member,
-                            after,
-                            &req.stream_ids,
-                        )
+                        .claim_batches(owner.as_deref(), &group, member, after, &req.stream_ids)
                         .await
                 };
                 let batches = match batches {
@@ -259,12 +255,9 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::AckBatchResponse>, Status> {
         let owner = stream_owner(&request)?;
         let req = request.into_inner();
-        check_consumer_group(&req.consumer_group)?;
+        let group = consumer_group(owner.as_deref(), &req.consumer_group)?;
         let batch = parse_uuid("batch_id", &req.batch_id)?;
-        let deleted = self
-            .streams()?
-            .ack(owner.as_deref(), &req.consumer_group, batch)
-            .await?;
+        let deleted = self.streams()?.ack(owner.as_deref(), &group, batch).await?;
         Ok(Response::new(pb::AckBatchResponse {
             screenshots_deleted: deleted,
         }))
@@ -594,13 +587,24 @@ fn stream_owner<T>(request: &Request<T>) -> Result<Option<String>, Status> {
 /// Most streams one subscription names.
 const MAX_SUBSCRIBED_STREAMS: usize = 100;
 
-/// A consumer group is named by 1..=128 bytes without control characters.
-fn check_consumer_group(group: &str) -> Result<(), Status> {
+/// The consumer group `group` of a caller who reads `owner`'s streams (`None`: a service or
+/// admin, who reads everyone's), as it is kept: a user's groups are their own,
+/// `{owner}/{group}`, so that a user naming a group as a service's does not take or
+/// acknowledge that service's batches. A group is named by 1..=128 bytes without control
+/// characters, and a service's or admin's without `/`.
+fn consumer_group(owner: Option<&str>, group: &str) -> Result<String, Status> {
     if group.is_empty() || group.len() > 128 || group.chars().any(char::is_control) {
         return Err(stowage_runtime::status::invalid_argument(
             "consumer_group",
             "must be 1..=128 bytes without control characters",
         ));
     }
-    Ok(())
+    match owner {
+        Some(owner) => Ok(format!("{owner}/{group}")),
+        None if group.contains('/') => Err(stowage_runtime::status::invalid_argument(
+            "consumer_group",
+            "of a service or admin has no '/' (users' groups are kept as {owner}/{group})",
+        )),
+        None => Ok(group.to_owned()),
+    }
 }
