@@ -435,6 +435,56 @@ async fn get_writes_the_file_and_replaces_one_only_when_told() -> anyhow::Result
     mesh.stop().await
 }
 
+/// `stowage get` stopped by Ctrl-C (SIGINT) midway leaves nothing behind: no partial file
+/// (a hidden one beside the target stayed), no target; it exits as a shell reports SIGINT.
+#[tokio::test]
+async fn get_interrupted_leaves_no_partial_file() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(48 << 20);
+    let file = upload(mesh.channel(), &alice, "film.mkv", &data, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let get = tokio::process::Command::new(binary()?)
+        .args(["get", &file.id, "--addr", &format!("http://{}", mesh.addr)])
+        .env("STOWAGE_TOKEN", &alice)
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(get.id().unwrap_or_default())?);
+    let names = || -> std::io::Result<Vec<String>> {
+        std::fs::read_dir(dir.path())?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Stopped as soon as its partial file is there, so that it cannot finish meanwhile.
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "the download never began");
+        if names()?.iter().any(|n| n.starts_with(".stowage-get-")) {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let partial = std::fs::metadata(
+        dir.path().join(
+            names()?
+                .into_iter()
+                .find(|n| n.starts_with(".stowage-get-"))
+                .expect("partial"),
+        ),
+    )?;
+    assert!(partial.len() < data.len() as u64, "stopped midway");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    let out = tokio::time::timeout(Duration::from_secs(30), get.wait_with_output()).await??;
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert_eq!(names()?, Vec::<String>::new(), "nothing left");
+    mesh.stop().await
+}
+
 /// `stowage ls --trash` lists all of the trash, past its first page; with a filter it says
 /// that trash is listed whole.
 #[tokio::test]

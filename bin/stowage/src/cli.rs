@@ -212,12 +212,26 @@ impl Endpoint {
 pub async fn run(cli: Cli) -> ExitCode {
     match execute(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        // As a shell reports a command SIGINT ended: 128 + 2.
+        Err(error) if error.is::<Interrupted>() => ExitCode::from(130),
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// A command stopped by Ctrl-C (SIGINT) after it cleaned up.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
     let config_file = cli.config.as_deref();
@@ -397,11 +411,16 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             force,
             endpoint,
         } => {
-            let file = endpoint
-                .client()
-                .await?
-                .get(&id, output.as_deref(), force)
-                .await?;
+            let client = endpoint.client().await?;
+            // Interrupted, the download is dropped, and with it its partial file (a signal
+            // left to kill the process would leave it behind).
+            let file = tokio::select! {
+                file = client.get(&id, output.as_deref(), force) => file?,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("interrupted; nothing written");
+                    return Err(Interrupted.into());
+                }
+            };
             eprintln!(
                 "{}  {}  sha256 ok",
                 file.display_name,

@@ -440,7 +440,9 @@ impl Client {
                     .await
                     .with_context(|| format!("cannot write {}", path.display()))?,
             ),
-            Sink::Atomic { partial, .. } => Box::new(tokio::fs::File::from_std(partial.reopen()?)),
+            Sink::Atomic { partial, .. } | Sink::Copied { partial, .. } => {
+                Box::new(tokio::fs::File::from_std(partial.reopen()?))
+            }
         };
         let mut hasher = Sha256::new();
         while let Some(message) = stream.message().await.map_err(status)? {
@@ -453,16 +455,24 @@ impl Client {
         if digest != file.sha256 {
             bail!("checksum mismatch: got {digest}, expected {}", file.sha256);
         }
-        if let Sink::Atomic { partial, target } = sink {
-            partial.as_file().sync_all()?;
-            let placed = if replace {
-                partial.persist(&target).map(drop)
-            } else {
-                partial.persist_noclobber(&target).map(drop)
-            };
-            placed
-                .map_err(|e| e.error)
-                .with_context(|| format!("cannot place the download at {}", target.display()))?;
+        match sink {
+            Sink::Atomic { partial, target } => {
+                partial.as_file().sync_all()?;
+                let placed = if replace {
+                    partial.persist(&target).map(drop)
+                } else {
+                    partial.persist_noclobber(&target).map(drop)
+                };
+                placed.map_err(|e| e.error).with_context(|| {
+                    format!("cannot place the download at {}", target.display())
+                })?;
+            }
+            Sink::Copied { partial, target } => {
+                tokio::fs::copy(partial.path(), &target)
+                    .await
+                    .with_context(|| format!("cannot write {}", target.display()))?;
+            }
+            Sink::Stdout | Sink::Direct(_) => {}
         }
         Ok(file)
     }
@@ -537,12 +547,19 @@ async fn sha256_of(path: &Path) -> anyhow::Result<String> {
 enum Sink {
     /// Standard output (`-o -`).
     Stdout,
-    /// Straight into an existing file that is not a regular one (`/dev/null`, a FIFO), or
-    /// one in a directory we cannot write to: nothing to rename over.
+    /// Straight into an existing file that is not a regular one (`/dev/null`, a FIFO):
+    /// nothing to rename over.
     Direct(PathBuf),
     /// A temporary file beside `target` (through a symlink, beside what it points to),
     /// renamed over it once complete and verified.
     Atomic {
+        partial: tempfile::NamedTempFile,
+        target: PathBuf,
+    },
+    /// An existing file in a directory we cannot write to: the download goes to a temporary
+    /// file of the system's, and is copied over the file once complete and verified (written
+    /// into straight away, a broken download would leave the file cut short).
+    Copied {
         partial: tempfile::NamedTempFile,
         target: PathBuf,
     },
@@ -576,7 +593,11 @@ impl Sink {
         match made {
             Ok(partial) => Ok(Self::Atomic { partial, target }),
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && existing.is_some() => {
-                Ok(Self::Direct(target))
+                let partial = tempfile::Builder::new()
+                    .prefix(".stowage-get-")
+                    .tempfile()
+                    .context("cannot make a temporary file for the download")?;
+                Ok(Self::Copied { partial, target })
             }
             Err(e) => Err(e).with_context(|| format!("cannot write in {}", dir.display())),
         }
