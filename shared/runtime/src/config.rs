@@ -52,7 +52,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// `STOWAGE_MAX_MESSAGE_SIZE`: largest gRPC message accepted (default 16 MiB, room for an 8 MiB chunk).
     pub max_message_size: ByteSize,
-    /// `STOWAGE_DB_POOL_SIZE`: PostgreSQL connections per process.
+    /// `STOWAGE_DB_POOL_SIZE`: PostgreSQL connections per pool (a process keeps one per service
+    /// it serves and one of its own, each opened as needed).
     pub db_pool_size: usize,
     /// `STOWAGE_LOG_FORMAT`: `text` or `json`.
     pub log_format: LogFormat,
