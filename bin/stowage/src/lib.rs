@@ -585,6 +585,10 @@ fn start_lifecycle(
             // A run pages through every user: minutes, not seconds.
             job_timeout: stowage_runtime::config::LIFECYCLE_JOB_TIMEOUT,
             visibility_timeout: stowage_runtime::config::LIFECYCLE_JOB_TIMEOUT * 2,
+            // Runs are idempotent and may take half an hour: one still running 20 s after a
+            // SIGTERM is handed back well within the pod's 60 s grace, not left claimed (and
+            // its schedule's ticks skipped) for the hour its claim would last.
+            drain: std::time::Duration::from_secs(20),
             ..QueueConfig::default()
         },
     )

@@ -159,6 +159,28 @@ pub(crate) async fn finish(
     })
 }
 
+/// Gives a claimed job back, unfinished, to be run at once by any worker, its attempt not
+/// counted (its worker is stopping); `false` when the claim was no longer this worker's.
+pub(crate) async fn hand_back(queue: &Queue, claimed: &Claimed) -> Result<bool, Error> {
+    let conn = queue.pool().get().await?;
+    let stmt = conn
+        .prepare_cached(&queue.sql(
+            "UPDATE {schema}.jobs SET
+                 state = 'queued', attempts = greatest(attempts - 1, 0), run_at = now(),
+                 claim = NULL, locked_until = NULL, locked_by = NULL, updated_at = now()
+             WHERE id = $1 AND claim = $2",
+        ))
+        .await?;
+    let handed = conn
+        .execute(&stmt, &[&claimed.job.id, &claimed.claim])
+        .await?
+        == 1;
+    if handed {
+        queue.notify_in(&conn).await?;
+    }
+    Ok(handed)
+}
+
 async fn fail(
     conn: &impl GenericClient,
     queue: &Queue,

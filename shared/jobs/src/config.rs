@@ -29,6 +29,11 @@ pub struct QueueConfig {
     /// How long succeeded jobs are kept (for `ListJobs` and their keys, which refuse a second
     /// job while the first is kept) before the workers delete them.
     pub keep_succeeded: Duration,
+    /// How long a stopping worker lets its running jobs go on. Those still running then are
+    /// stopped and handed back: queued again at once for another worker, the attempt not
+    /// counted. Shorter than the process's grace before it is killed, or a long job's claim
+    /// outlives its worker and the job waits for the claim to lapse.
+    pub drain: Duration,
 }
 
 impl Default for QueueConfig {
@@ -42,6 +47,7 @@ impl Default for QueueConfig {
             max_attempts: 5,
             idle_poll: Duration::from_secs(5),
             keep_succeeded: Duration::from_secs(7 * 24 * 3600),
+            drain: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -56,6 +62,7 @@ impl QueueConfig {
             ("job_timeout", self.job_timeout),
             ("idle_poll", self.idle_poll),
             ("keep_succeeded", self.keep_succeeded),
+            ("drain", self.drain),
         ];
         for (field, value) in positive {
             if value.is_zero() {

@@ -126,8 +126,9 @@ impl Worker {
         &self.name
     }
 
-    /// Runs jobs until `shutdown`; then stops claiming, lets running jobs finish (each is
-    /// bounded by `job_timeout`) and returns.
+    /// Runs jobs until `shutdown`; then stops claiming, lets running jobs finish for up to
+    /// `drain` (each is bounded by `job_timeout` too), hands back those still running, and
+    /// returns.
     ///
     /// Between claims an idle worker sleeps until a notification of a new job, the next
     /// job's due time, or `idle_poll`, whichever comes first. Database errors are logged
@@ -145,6 +146,8 @@ impl Worker {
         let handlers = Arc::new(self.handlers);
         let wake = Arc::new(Notify::new());
         let helpers = CancellationToken::new();
+        // Cancelled when running jobs are to be handed back.
+        let abandon = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(
             stowage_db::listen(
@@ -236,7 +239,15 @@ impl Worker {
                     claimed.job.traceparent.as_deref(),
                 );
                 tasks.spawn(
-                    execute(queue.clone(), handler, claimed, permit, wake.clone()).instrument(span),
+                    execute(
+                        queue.clone(),
+                        handler,
+                        claimed,
+                        permit,
+                        wake.clone(),
+                        abandon.clone(),
+                    )
+                    .instrument(span),
                 );
             }
             if more {
@@ -262,7 +273,19 @@ impl Worker {
         tracing::info!(queue = %schema, worker = %self.name, running, "job worker stopping");
         helpers.cancel();
         tasks.close();
-        tasks.wait().await;
+        if tokio::time::timeout(config.drain, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                queue = %schema,
+                worker = %self.name,
+                drain = ?config.drain,
+                "jobs still running are handed back to run elsewhere"
+            );
+            abandon.cancel();
+            tasks.wait().await;
+        }
         tracing::info!(queue = %schema, worker = %self.name, "job worker stopped");
     }
 }
@@ -274,20 +297,39 @@ async fn execute(
     claimed: Claimed,
     permit: OwnedSemaphorePermit,
     wake: Arc<Notify>,
+    abandon: CancellationToken,
 ) {
     let job = &claimed.job;
     let timeout = queue.config().job_timeout;
     let started = Instant::now();
-    let result = match handler {
-        Some(handler) => {
-            let run = tokio::time::timeout(timeout, handler.run(job));
-            match AssertUnwindSafe(run).catch_unwind().await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_elapsed)) => Err(JobError::Retry(format!("timed out after {timeout:?}"))),
-                Err(_panic) => Err(JobError::Retry("handler panicked".to_owned())),
+    let run = async {
+        match handler {
+            Some(handler) => {
+                let run = tokio::time::timeout(timeout, handler.run(job));
+                match AssertUnwindSafe(run).catch_unwind().await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(_elapsed)) => {
+                        Err(JobError::Retry(format!("timed out after {timeout:?}")))
+                    }
+                    Err(_panic) => Err(JobError::Retry("handler panicked".to_owned())),
+                }
             }
+            None => Err(JobError::Retry(format!("no handler for kind {}", job.kind))),
         }
-        None => Err(JobError::Retry(format!("no handler for kind {}", job.kind))),
+    };
+    let result = tokio::select! {
+        result = run => result,
+        // The run is dropped where it stands, as a killed process would leave it (handlers
+        // are idempotent), but its claim is given back now rather than when it lapses.
+        () = abandon.cancelled() => {
+            match claim::hand_back(&queue, &claimed).await {
+                Ok(true) => tracing::info!("job handed back: it runs again at once elsewhere"),
+                Ok(false) => tracing::warn!("job not handed back: its claim had lapsed"),
+                Err(error) => tracing::warn!(%error, "job not handed back; it runs again once its claim lapses"),
+            }
+            drop(permit);
+            return;
+        }
     };
     let took = started.elapsed();
     let error = result.as_ref().err().map(|e| truncate(&e.to_string()));

@@ -165,3 +165,60 @@ async fn a_killed_workers_job_runs_again_after_the_visibility_timeout() {
         "taken again late: {waited}"
     );
 }
+
+/// A worker told to stop lets its running job go on for `drain`, then hands it back: queued
+/// again at once, the attempt not counted, so another worker runs it now rather than once the
+/// claim (here 10 s) lapses.
+#[tokio::test]
+async fn a_stopping_worker_hands_back_the_jobs_still_running_after_its_drain() {
+    let config = QueueConfig {
+        drain: Duration::from_millis(500),
+        ..common::fast_config()
+    };
+    let (queue, _url) = common::fresh_queue(config).await;
+    let id = queue
+        .enqueue(NewJob::new(KIND, "long", json!({})))
+        .await
+        .unwrap()
+        .id;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let long: Arc<dyn Handler> = handler_fn({
+        let started = started.clone();
+        move |_job| {
+            let started = started.clone();
+            async move {
+                started.notify_one();
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            }
+        }
+    });
+    let (shutdown, worker) = spawn_worker(&queue, vec![(KIND, long)]);
+    tokio::time::timeout(Duration::from_secs(30), started.notified())
+        .await
+        .expect("the job starts");
+    let stopping = std::time::Instant::now();
+    shutdown.cancel();
+    worker.await.unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "stopped after its drain"
+    );
+    let handed = queue.get(id).await.unwrap();
+    assert_eq!(
+        (handed.state, handed.attempts, handed.locked_by),
+        (JobState::Queued, 0, None)
+    );
+
+    let quick: Arc<dyn Handler> = handler_fn(|_job| async { Ok(()) });
+    let (shutdown, worker) = spawn_worker(&queue, vec![(KIND, quick)]);
+    eventually(
+        Duration::from_secs(5),
+        "another worker to run it",
+        || async { (queue.get(id).await.unwrap().state == JobState::Succeeded).then_some(()) },
+    )
+    .await;
+    shutdown.cancel();
+    worker.await.unwrap();
+    assert_eq!(queue.get(id).await.unwrap().attempts, 1);
+}
