@@ -333,15 +333,31 @@ impl Queue {
     /// Jobs per state (every state present, zero included) and how long the longest-waiting
     /// due job (queued, or failed with its retry time passed) has waited past its `run_at`.
     pub async fn depth(&self) -> Result<(BTreeMap<JobState, u64>, Duration), Error> {
+        self.depth_counting(true).await
+    }
+
+    /// [`depth`](Self::depth), counting succeeded jobs only when `succeeded` (they are most
+    /// of the table, kept for days; the others are read through `jobs_by_state_created`'s
+    /// ranges). Without them, their count is absent from the map.
+    pub(crate) async fn depth_counting(
+        &self,
+        succeeded: bool,
+    ) -> Result<(BTreeMap<JobState, u64>, Duration), Error> {
         let conn = self.inner.pool.get().await?;
         let counts = conn
-            .prepare_cached(
-                &self.sql("SELECT state, count(*) AS jobs FROM {schema}.jobs GROUP BY state"),
-            )
+            .prepare_cached(&self.sql(
+                "SELECT state, count(*) AS jobs FROM {schema}.jobs
+                 WHERE state IN ('queued', 'running', 'failed', 'dead')
+                    OR ($1 AND state = 'succeeded')
+                 GROUP BY state",
+            ))
             .await?;
-        let mut depth: BTreeMap<JobState, u64> =
-            JobState::ALL.into_iter().map(|state| (state, 0)).collect();
-        for row in conn.query(&counts, &[]).await? {
+        let mut depth: BTreeMap<JobState, u64> = JobState::ALL
+            .into_iter()
+            .filter(|state| succeeded || *state != JobState::Succeeded)
+            .map(|state| (state, 0))
+            .collect();
+        for row in conn.query(&counts, &[&succeeded]).await? {
             let state: String = row.try_get("state")?;
             let state = state.parse().map_err(|_| Error::Corrupt {
                 column: "state",

@@ -24,6 +24,13 @@ use crate::{
 const MIN_WAIT: Duration = Duration::from_millis(200);
 /// How often a worker refreshes the depth gauges.
 const DEPTH_REFRESH: Duration = Duration::from_secs(5);
+
+/// Refreshes of the depth between two counts of succeeded jobs, when there are
+/// [`MANY_SUCCEEDED`] of them or more.
+const SUCCEEDED_EVERY: u64 = 12;
+
+/// Succeeded jobs past which counting them every time costs more than the gauge is worth.
+const MANY_SUCCEEDED: u64 = 10_000;
 /// Longest time between two purges of succeeded jobs.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// Longest error message kept in `last_error`.
@@ -399,9 +406,18 @@ fn truncate(error: &str) -> String {
 
 /// Keeps the depth gauges fresh until `stop`.
 async fn refresh_depth(queue: Queue, stop: CancellationToken) {
-    loop {
-        match queue.depth().await {
-            Ok((depth, oldest)) => metrics::record_depth(queue.schema(), &depth, oldest),
+    let mut succeeded_before = 0;
+    for round in 0u64.. {
+        // Succeeded jobs (days of them) are counted once a minute when they are many, the
+        // others every time.
+        let succeeded = succeeded_before < MANY_SUCCEEDED || round % SUCCEEDED_EVERY == 0;
+        match queue.depth_counting(succeeded).await {
+            Ok((depth, oldest)) => {
+                if let Some(n) = depth.get(&JobState::Succeeded) {
+                    succeeded_before = *n;
+                }
+                metrics::record_depth(queue.schema(), &depth, oldest);
+            }
             Err(error) => {
                 tracing::debug!(queue = %queue.schema(), %error, "cannot read queue depth")
             }
