@@ -215,6 +215,8 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         "stowage_usage_drift_bytes",
         // Counted when the virus scanner does not answer.
         "stowage_media_scan_unavailable_total",
+        // Counted when a consumer cannot read its streams.
+        "stowage_events_read_failures_total",
     ];
     let shipped = ["alerts.yaml", "dashboard.json"]
         .map(|f| {

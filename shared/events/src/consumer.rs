@@ -177,8 +177,12 @@ impl Consumer {
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        tracing::warn!(%error, group = %self.group, "event read failed, retrying");
+                    metrics::counter!("stowage_events_read_failures_total", "group" => self.group.clone())
+                        .increment(1);
+                    // The first, then every hundredth (about every 8 minutes): a read that
+                    // never succeeds is not silent.
+                    if failures % 100 == 1 {
+                        tracing::warn!(%error, group = %self.group, failures, "event read failed, retrying");
                     }
                     tokio::select! {
                         () = shutdown.cancelled() => break,

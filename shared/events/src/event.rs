@@ -22,9 +22,18 @@ pub struct Event {
     pub occurred_at: DateTime<Utc>,
 }
 
-/// The Redis stream that carries `topic` in `namespace` (`{namespace}:events:{topic}`).
+/// The Redis stream that carries `topic` in `namespace`: `{<namespace>}:events:<topic>`, the
+/// namespace in braces so that on Redis Cluster every stream of a namespace is in one hash
+/// slot, and a consumer reads all of its topics in one `XREADGROUP` (streams in several slots
+/// made every read fail with CROSSSLOT). Changing this name is taken for a Redis that lost its
+/// data ([`epoch_key`] moves with it): relays publish the replay window again.
 pub fn stream_key(namespace: &str, topic: &str) -> String {
-    format!("{namespace}:events:{topic}")
+    format!("{{{namespace}}}:events:{topic}")
+}
+
+/// The key whose absence tells the relay of `schema` that Redis lost its streams.
+pub fn epoch_key(namespace: &str, schema: &str) -> String {
+    format!("{{{namespace}}}:events:epoch:{schema}")
 }
 
 /// Namespace of the keys of a mesh when nothing else is configured.
@@ -62,6 +71,30 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every stream of a namespace, and the relays' epoch keys, hash to one Redis Cluster slot
+    /// (one `XREADGROUP` reads several topics); two namespaces may differ.
+    #[test]
+    fn a_namespace_s_keys_share_one_cluster_slot() {
+        let slot = |key: String| fred::types::Key::from(key).cluster_hash();
+        let topics = [
+            crate::topics::FILE_CREATED,
+            crate::topics::FILE_PURGED,
+            crate::topics::MEDIA_READY,
+            crate::topics::QUOTA_LIMIT_SET,
+            crate::topics::BATCH_SEALED,
+        ];
+        let first = slot(stream_key("stowage", topics[0]));
+        for topic in topics {
+            assert_eq!(slot(stream_key("stowage", topic)), first, "{topic}");
+        }
+        assert_eq!(slot(epoch_key("stowage", "files")), first);
+        assert_eq!(
+            stream_key("stowage", "file.created"),
+            "{stowage}:events:file.created"
+        );
+        assert_ne!(slot(stream_key("other", topics[0])), first);
+    }
 
     #[test]
     fn fields_round_trip() {

@@ -305,7 +305,7 @@ impl Relay {
     /// this relay): everything published within the replay window, and everything not yet
     /// acknowledged by every group, goes out again.
     async fn replay_if_redis_forgot(&self) -> Result<(), RelayError> {
-        let key = format!("{}:events:epoch:{}", self.settings.namespace, self.schema);
+        let key = crate::event::epoch_key(&self.settings.namespace, &self.schema);
         let present: i64 = self.redis.exists(&key).await?;
         if present > 0 {
             return Ok(());
