@@ -277,3 +277,49 @@ async fn provider_tokens_verify_against_its_key_set_and_a_new_key_is_taken_up() 
     .await?;
     mesh.stop().await
 }
+
+/// Services in processes of their own present the token STOWAGE_SERVICE_TOKEN_FILE holds, and
+/// the one it holds next once the file changes (a renewed token, for tokens that expire): a
+/// token without the service scope written there makes Ingest's calls to Quota refused, the
+/// service token written back makes them work again, without a restart.
+#[tokio::test]
+async fn services_present_the_token_their_file_holds_now() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("service-token");
+    let write = |token: &str, at_secs: u64| -> anyhow::Result<()> {
+        std::fs::write(&path, token)?;
+        std::fs::File::options()
+            .write(true)
+            .open(&path)?
+            .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(at_secs))?;
+        Ok(())
+    };
+    write(&token("stowage-svc", &["service"]), 1_000)?;
+    let mut setup = Setup::new().await?;
+    setup.env.push((
+        "STOWAGE_SERVICE_TOKEN_FILE".into(),
+        path.display().to_string(),
+    ));
+    let processes = stowage_testkit::Processes::split(&setup).await?;
+    let ingest = stowage_testkit::channel(processes.addr(stowage::Role::Ingest));
+    let alice = token("alice", &[]);
+    upload(ingest.clone(), &alice, "a.txt", b"first", &[]).await?;
+
+    write(&token("stowage-svc", &[]), 2_000)?;
+    stowage_integration_tests::eventually(Duration::from_secs(30), "calls refused", || async {
+        let refused = upload(ingest.clone(), &alice, "b.txt", b"second", &[]).await;
+        Ok(
+            matches!(refused, Err(s) if s.code() == Code::PermissionDenied
+                && s.message().contains("service scope")),
+        )
+    })
+    .await?;
+    write(&token("stowage-svc", &["service"]), 3_000)?;
+    stowage_integration_tests::eventually(Duration::from_secs(30), "calls taken again", || async {
+        Ok(upload(ingest.clone(), &alice, "c.txt", b"third", &[])
+            .await
+            .is_ok())
+    })
+    .await?;
+    Ok(())
+}

@@ -78,15 +78,32 @@ fn service_auth(
     verifier: &Verifier,
     roles: &[Role],
 ) -> anyhow::Result<ServiceAuth> {
-    if let Some(token) = &config.service_token {
+    let check = |variable: &str, token: &str| -> anyhow::Result<()> {
         let identity = verifier.verify(token).map_err(|e| {
-            anyhow::anyhow!("STOWAGE_SERVICE_TOKEN: not a token this deployment accepts ({e})")
+            anyhow::anyhow!("{variable}: not a token this deployment accepts ({e})")
         })?;
         anyhow::ensure!(
             identity.service,
-            "STOWAGE_SERVICE_TOKEN: the token lacks the \"service\" scope"
+            "{variable}: the token lacks the \"service\" scope"
         );
+        Ok(())
+    };
+    if let Some(token) = &config.service_token {
+        check("STOWAGE_SERVICE_TOKEN", token)?;
+        if let Some(expires) = expiry(token) {
+            // Read once: past its expiry every call between services is refused.
+            tracing::warn!(%expires, "STOWAGE_SERVICE_TOKEN expires; give a token that something renews through STOWAGE_SERVICE_TOKEN_FILE");
+        }
         return Ok(ServiceAuth::Static(token.clone()));
+    }
+    if let Some(path) = &config.service_token_file {
+        let file = stowage_runtime::mesh::TokenFile::open(
+            path,
+            stowage_runtime::mesh::TokenFile::LOOK_EVERY,
+        )
+        .with_context(|| format!("STOWAGE_SERVICE_TOKEN_FILE: cannot read {}", path.display()))?;
+        check("STOWAGE_SERVICE_TOKEN_FILE", &file.token())?;
+        return Ok(ServiceAuth::File(Arc::new(file)));
     }
     if let Some(minter) = Minter::from_config(&config.auth) {
         return Ok(ServiceAuth::Mint(minter));
@@ -99,6 +116,21 @@ fn service_auth(
          no STOWAGE_AUTH__HS256_SECRET can mint their tokens"
     );
     Ok(ServiceAuth::Static(String::new()))
+}
+
+/// When `token` (a JWT, verified already) expires, if it says.
+fn expiry(token: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(unverified_claims(token)?.get("exp")?.as_i64()?, 0)
+}
+
+/// The claims of JWT `token`, read without checking its signature: only for what needs no
+/// trust (a verified token's expiry, whose sessions a client keeps apart).
+pub(crate) fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let payload = URL_SAFE_NO_PAD
+        .decode(token.split('.').nth(1)?.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&payload).ok()
 }
 
 /// Applies the migrations of `roles`' schemas.

@@ -46,6 +46,9 @@ pub struct Config {
     /// `STOWAGE_SERVICE_TOKEN`: bearer token services present to each other over gRPC when
     /// tokens cannot be minted locally (JWKS mode).
     pub service_token: Option<String>,
+    /// `STOWAGE_SERVICE_TOKEN_FILE`: a file holding that token, read again whenever it
+    /// changes (a mounted Secret that something renews), for tokens that expire.
+    pub service_token_file: Option<std::path::PathBuf>,
     /// `STOWAGE_CORS_ORIGINS`: comma-separated origins allowed to call over grpc-web; `*` for
     /// any.
     #[serde(deserialize_with = "comma_list")]
@@ -128,6 +131,7 @@ impl Default for Config {
             url_signing_key: None,
             url_signing_key_previous: None,
             service_token: None,
+            service_token_file: None,
             cors_origins: Vec::new(),
             max_message_size: ByteSize::mib(16),
             db_pool_size: 16,
@@ -810,6 +814,12 @@ impl Config {
         if self.db_pool_size == 0 {
             return fail("STOWAGE_DB_POOL_SIZE", "must be at least 1");
         }
+        if self.service_token.is_some() && self.service_token_file.is_some() {
+            return fail(
+                "STOWAGE_SERVICE_TOKEN_FILE",
+                "give the token or a file that holds it, not both",
+            );
+        }
         if self.quota.default_limit.as_u64() == 0 {
             return fail("STOWAGE_QUOTA__DEFAULT_LIMIT", "must be above zero");
         }
@@ -1066,7 +1076,11 @@ mod tests {
     #[test]
     fn zero_intervals_and_absurd_bounds_are_refused_by_name() {
         type BreakIt = fn(&mut Config);
-        let cases: [(&str, BreakIt); 15] = [
+        let cases: [(&str, BreakIt); 16] = [
+            ("STOWAGE_SERVICE_TOKEN_FILE", |c| {
+                c.service_token = Some("a token".into());
+                c.service_token_file = Some("/run/secrets/token".into());
+            }),
             ("STOWAGE_INGEST__MAX_FILE_SIZE", |c| {
                 c.ingest.max_file_size = ByteSize::b((5 << 40) + 1);
             }),

@@ -36,6 +36,9 @@ pub enum ServiceAuth {
     Mint(Minter),
     /// Present a fixed token (`STOWAGE_SERVICE_TOKEN`, JWKS deployments).
     Static(String),
+    /// Present the token a file holds, read again when it changes
+    /// (`STOWAGE_SERVICE_TOKEN_FILE`).
+    File(Arc<TokenFile>),
 }
 
 impl ServiceAuth {
@@ -45,6 +48,7 @@ impl ServiceAuth {
                 minter.mint(SERVICE_SUBJECT, &["service"], Duration::from_secs(300))
             }
             Self::Static(token) => token.clone(),
+            Self::File(file) => file.token(),
         }
     }
 
@@ -57,6 +61,80 @@ impl ServiceAuth {
         inject_trace_context(request.metadata_mut());
         Ok(request)
     }
+}
+
+/// A token kept in a file that something outside renews (a Kubernetes Secret mounted as a
+/// volume is updated in place): looked at again at most every [`TokenFile::LOOK_EVERY`], and
+/// read again when its modification time changed. A read that fails keeps the token before.
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    every: Duration,
+    held: std::sync::Mutex<HeldToken>,
+}
+
+struct HeldToken {
+    token: String,
+    modified: Option<std::time::SystemTime>,
+    looked: std::time::Instant,
+}
+
+impl TokenFile {
+    /// How often the file is looked at.
+    pub const LOOK_EVERY: Duration = Duration::from_secs(10);
+
+    /// The token in `path`, read now; looked at again every `every`.
+    pub fn open(path: &std::path::Path, every: Duration) -> std::io::Result<Self> {
+        let modified = std::fs::metadata(path)?.modified().ok();
+        let token = read_token(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            every,
+            held: std::sync::Mutex::new(HeldToken {
+                token,
+                modified,
+                looked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// The token, read again first if the file changed since it was last read.
+    pub fn token(&self) -> String {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.looked.elapsed() >= self.every {
+            held.looked = std::time::Instant::now();
+            let modified = std::fs::metadata(&self.path)
+                .ok()
+                .and_then(|m| m.modified().ok());
+            if modified != held.modified {
+                match read_token(&self.path) {
+                    Ok(token) => {
+                        tracing::info!(path = %self.path.display(), "service token read again");
+                        held.token = token;
+                        held.modified = modified;
+                    }
+                    Err(error) => tracing::warn!(
+                        path = %self.path.display(), %error,
+                        "service token file not read; the token before is used"
+                    ),
+                }
+            }
+        }
+        held.token.clone()
+    }
+}
+
+fn read_token(path: &std::path::Path) -> std::io::Result<String> {
+    let token = std::fs::read_to_string(path)?.trim().to_owned();
+    if token.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the file is empty",
+        ));
+    }
+    Ok(token)
 }
 
 /// Carries the current span's W3C trace context to the callee, which continues the trace.
@@ -245,5 +323,44 @@ peer! {
         fn sweep_staging(SweepStagingRequest) -> SweepStagingResponse;
         /// Which keys unfinished uploads name.
         fn find_upload_keys(FindUploadKeysRequest) -> FindUploadKeysResponse;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A renewed token is presented once the file changes; an emptied or vanished file
+    /// leaves the token before in use; a file that is no token is refused at once.
+    #[test]
+    fn a_token_file_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("token");
+        let write = |text: &str, at_secs: u64| {
+            std::fs::write(&path, text).expect("write");
+            let at = std::time::UNIX_EPOCH + Duration::from_secs(at_secs);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(at))
+                .expect("mtime");
+        };
+        write("first\n", 1_000);
+        let file = TokenFile::open(&path, Duration::ZERO).expect("opens");
+        assert_eq!(file.token(), "first");
+        write("second", 2_000);
+        assert_eq!(file.token(), "second");
+        write("  ", 3_000);
+        assert_eq!(file.token(), "second", "an empty file is not a token");
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(file.token(), "second");
+        write("third", 4_000);
+        assert_eq!(file.token(), "third");
+        // Looked at only so often.
+        let slow = TokenFile::open(&path, Duration::from_secs(3600)).expect("opens");
+        write("fourth", 5_000);
+        assert_eq!(slow.token(), "third");
+        write("", 6_000);
+        assert!(TokenFile::open(&path, Duration::ZERO).is_err());
     }
 }
