@@ -113,6 +113,9 @@ enum Applied {
     Before,
 }
 
+/// Reads of stuck events (each of up to `batch` entries) per stream and claim pass.
+const MAX_CLAIM_READS: usize = 100;
+
 impl Consumer {
     /// A consumer of `topics` in group `group`. It opens its own Redis connection (a blocking
     /// read holds a connection) with `redis`'s settings.
@@ -309,12 +312,6 @@ impl Consumer {
                 self.ack(stream, id).await;
                 None
             }
-        }
-    }
-
-    async fn process(&self, stream: &str, id: &str, fields: &HashMap<String, String>) {
-        if let Some(event) = self.parse(stream, id, fields).await {
-            self.process_event(stream, id, &event).await;
         }
     }
 
@@ -529,26 +526,43 @@ impl Consumer {
     async fn claim_stuck(&self, streams: &[String]) {
         let idle = u64::try_from(self.settings.claim_idle.as_millis()).unwrap_or(30_000);
         for stream in streams {
-            let claimed = self
-                .redis
-                .xautoclaim_values::<String, String, String, _, _, _, _>(
-                    stream.as_str(),
-                    self.group.as_str(),
-                    self.name.as_str(),
-                    idle,
-                    "0-0",
-                    Some(self.settings.batch),
-                    false,
-                )
-                .await;
-            match claimed {
-                Ok((_, entries)) => {
-                    for (id, fields) in entries {
-                        tracing::info!(stream, id, "claimed a stuck event");
-                        self.process(stream, &id, &fields).await;
+            // Through the whole pending list (a database outage leaves every event read
+            // meanwhile in it), a read at a time and applied together, up to a bound per pass
+            // so that new events are read in between.
+            let mut cursor = "0-0".to_owned();
+            for _ in 0..MAX_CLAIM_READS {
+                let claimed = self
+                    .redis
+                    .xautoclaim_values::<String, String, String, _, _, _, _>(
+                        stream.as_str(),
+                        self.group.as_str(),
+                        self.name.as_str(),
+                        idle,
+                        cursor.as_str(),
+                        Some(self.settings.batch),
+                        false,
+                    )
+                    .await;
+                match claimed {
+                    Ok((next, entries)) => {
+                        if !entries.is_empty() {
+                            tracing::info!(stream, events = entries.len(), "claimed stuck events");
+                            let entries = entries
+                                .into_iter()
+                                .map(|(id, fields)| (stream.clone(), id, fields))
+                                .collect();
+                            self.process_read(entries).await;
+                        }
+                        if next == "0-0" {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, stream, "claim of stuck events failed");
+                        break;
                     }
                 }
-                Err(error) => tracing::debug!(%error, stream, "claim of stuck events failed"),
             }
         }
     }
