@@ -384,6 +384,33 @@ async fn the_typescript_client_works_from_node() -> anyhow::Result<()> {
     assert_eq!(number(&report, &["wholeBytes"]), size);
     // A digest the bytes do not have: the upload is refused at completion.
     assert_eq!(text(&report, &["refused"]), "InvalidArgument", "{report}");
+    // Another file of the same name and size, resumed with its own digest: a new session,
+    // the file stored is that one, and the first session is aborted (its hold given back).
+    assert_ne!(
+        text(&report, &["edited", "sessionId"]),
+        text(&report, &["edited", "firstId"])
+    );
+    assert_eq!(
+        text(&report, &["edited", "sha256"]),
+        text(&report, &["edited", "expected"])
+    );
+    assert_eq!(
+        number(&report, &["edited", "firstState"]),
+        pb::UploadState::Aborted as u64,
+        "{report}"
+    );
+    // Three seconds without network after the first chunk, then on to the end.
+    assert_eq!(
+        text(&report, &["outage", "sha256"]),
+        text(&report, &["outage", "expected"])
+    );
+    // Asked to slow down once: the chunk is sent again after the wait (three chunks, four
+    // PutChunk requests).
+    assert_eq!(
+        text(&report, &["slowed", "sha256"]),
+        text(&report, &["slowed", "expected"])
+    );
+    assert_eq!(number(&report, &["slowed", "putChunks"]), 4, "{report}");
 
     // The stored bytes changed behind Files' back (same length): a whole download says so.
     let stored_file = files(mesh.channel())

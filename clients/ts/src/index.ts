@@ -41,9 +41,13 @@ export interface StowageOptions {
   timeoutMs?: number;
 }
 
-/** A client for each of Stowage's services. */
+/**
+ * A client for each of Stowage's services. Ingest's client-streaming calls (`writeChunks`,
+ * `upload`, `appendEvents`) are left out: a browser's fetch cannot stream a request body, so
+ * they would always fail; `putChunk`, `uploadFiles` and the `upload` helper carry uploads.
+ */
 export interface Stowage {
-  ingest: Client<typeof Ingest>;
+  ingest: Omit<Client<typeof Ingest>, "writeChunks" | "upload" | "appendEvents">;
   files: Client<typeof Files>;
   quota: Client<typeof Quota>;
   media: Client<typeof Media>;

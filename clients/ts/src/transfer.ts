@@ -19,11 +19,12 @@ export interface UploadOptions {
   mimeType?: string;
   /**
    * The id of a session to go on with (one `onSession` was given). It is used when it can
-   * still go on and was for a file of this name and size; otherwise (expired, aborted, swept,
-   * another file) a new session is started, and `onSession` tells its id. Keep the id under a
-   * key that changes with the file's contents (its name, size and `lastModified`), or give
-   * `sha256`: a file of the same name and size changed in between would otherwise go on where
-   * the other one stopped.
+   * still go on and was for a file of this name and size (and of this `sha256`, when given);
+   * otherwise (expired, aborted, swept, another file) a new session is started, and
+   * `onSession` tells its id. A session still open for another file is aborted, giving back
+   * the quota it held. Keep the id under a key that changes with the file's contents (its
+   * name, size and `lastModified`), or give `sha256`: a file of the same name and size changed
+   * in between would otherwise go on where the other one stopped.
    */
   resume?: string;
   /**
@@ -41,7 +42,12 @@ export interface UploadOptions {
   onProgress?: (received: number, total: number) => void;
   /** Stops the upload; the session stays, to be resumed. */
   signal?: AbortSignal;
-  /** Tries per chunk when the network or the server fails (4 by default). */
+  /**
+   * Tries per call when the network or the server fails (8 by default), waiting 0.5 s, then
+   * twice as long each time up to 15 s (about a minute in all); while the browser says it is
+   * offline, and while the server asks to slow down (RESOURCE_EXHAUSTED with `retry-after`),
+   * the upload waits without counting tries.
+   */
   attempts?: number;
   /**
    * Milliseconds one chunk may take before it is tried again: a stalled connection fails the
@@ -69,12 +75,12 @@ export interface Uploaded {
  */
 export async function upload(stowage: Stowage, data: Blob, options: UploadOptions): Promise<Uploaded> {
   const { signal } = options;
-  const attempts = options.attempts ?? 4;
+  const attempts = options.attempts ?? 8;
   const patiently = <T>(call: () => Promise<T>) => retried(call, attempts, signal);
   const size = BigInt(data.size);
   let session: UploadSession;
   const resumed = options.resume
-    ? await patiently(() => resumable(stowage, options.resume ?? "", data, options.name, signal))
+    ? await patiently(() => resumable(stowage, options.resume ?? "", data, options, signal))
     : undefined;
   if (resumed) {
     session = resumed;
@@ -132,11 +138,13 @@ export async function upload(stowage: Stowage, data: Blob, options: UploadOption
         throw error;
       }
       if (!refused) {
-        failures += 1;
-        if (failures >= attempts) {
-          throw error;
+        if (counted(error)) {
+          failures += 1;
+          if (failures >= attempts) {
+            throw error;
+          }
         }
-        await sleep(100 * 2 ** failures, signal);
+        await pause(error, failures, signal);
       }
       // The chunk may have arrived with its answer lost, or another writer went ahead: go on
       // from where the server is. Refused at an offset the server still reports, the chunk
@@ -155,7 +163,11 @@ export async function upload(stowage: Stowage, data: Blob, options: UploadOption
   // Completing is idempotent: asked again after a lost answer, it returns the same file.
   const id = session.id;
   const completed = await patiently(() => stowage.ingest.completeUpload({ uploadId: id }, { signal }));
-  return { file: required(completed.file), sessionId: id, sent };
+  const file = required(completed.file);
+  if (options.sha256 && file.sha256 && file.sha256 !== options.sha256) {
+    throw new ConnectError(`the stored file hashes to ${file.sha256}, not ${options.sha256}`, Code.DataLoss);
+  }
+  return { file, sessionId: id, sent };
 }
 
 /** What to download. */
@@ -168,6 +180,11 @@ export interface DownloadOptions {
   onProgress?: (received: number, total: number | undefined) => void;
   /** Stops the download. */
   signal?: AbortSignal;
+  /**
+   * Milliseconds the whole download may take (none by default, whatever `createStowage`'s
+   * `timeoutMs` says for other calls: a large file takes as long as the network needs).
+   */
+  timeoutMs?: number;
 }
 
 /** A downloaded file. */
@@ -197,7 +214,7 @@ export async function download(stowage: Stowage, fileId: string, options: Downlo
         length: range.length === undefined ? undefined : BigInt(range.length),
       },
     },
-    { signal: options.signal },
+    { signal: options.signal, timeoutMs: options.timeoutMs ?? 0 },
   );
   for await (const message of stream) {
     header ??= message.header;
@@ -215,6 +232,8 @@ export async function download(stowage: Stowage, fileId: string, options: Downlo
     throw new ConnectError(`received ${received} bytes of ${header.length}`, Code.DataLoss);
   }
   const blob = new Blob(parts, { type: header.mimeType });
+  // The blob has its own copy: the parts go before the bytes are read again to be hashed.
+  parts.length = 0;
   // The whole original is checked against the digest it was stored with (where the page can
   // hash: a secure context); a range or a variant has no digest to check against.
   const expected = header.file?.sha256;
@@ -229,14 +248,16 @@ export async function download(stowage: Stowage, fileId: string, options: Downlo
 
 /**
  * The session `id` when `data` can go on in it: one still open (or completing, or completed)
- * for a file of this name and size. `undefined` for a session that is gone (expired, aborted,
- * swept) or was for another file: the upload starts a new one.
+ * for a file of this name and size, and of this SHA-256 when the options give one.
+ * `undefined` for a session that is gone (expired, aborted, swept) or was for another file:
+ * the upload starts a new one, and one still open for another file is aborted (its quota
+ * given back).
  */
 async function resumable(
   stowage: Stowage,
   id: string,
   data: Blob,
-  name: string,
+  options: UploadOptions,
   signal: AbortSignal | undefined,
 ): Promise<UploadSession | undefined> {
   let session: UploadSession;
@@ -252,24 +273,89 @@ async function resumable(
   const size = BigInt(data.size);
   const live = [UploadState.OPEN, UploadState.COMPLETING, UploadState.COMPLETED].includes(session.state);
   const same =
-    session.metadata?.displayName === name &&
-    (session.sizeBytes === undefined ? session.offset <= size : session.sizeBytes === size);
-  return live && same ? session : undefined;
+    session.metadata?.displayName === options.name &&
+    (session.sizeBytes === undefined ? session.offset <= size : session.sizeBytes === size) &&
+    (!options.sha256 || session.metadata?.expectedSha256 === options.sha256);
+  if (live && same) {
+    return session;
+  }
+  if (session.state === UploadState.OPEN) {
+    await stowage.ingest.abortUpload({ uploadId: id }, { signal });
+  }
+  return undefined;
 }
 
 /** Runs `call` until it passes, fails for good (not transient), or `attempts` are spent. */
 async function retried<T>(call: () => Promise<T>, attempts: number, signal: AbortSignal | undefined): Promise<T> {
-  for (let tries = 1; ; tries++) {
+  let tries = 0;
+  for (;;) {
     try {
       return await call();
     } catch (reason) {
       const error = ConnectError.from(reason);
-      if (signal?.aborted || !transient(error) || tries >= attempts) {
+      if (signal?.aborted || !transient(error)) {
         throw error;
       }
-      await sleep(100 * 2 ** tries, signal);
+      if (counted(error)) {
+        tries += 1;
+        if (tries >= attempts) {
+          throw error;
+        }
+      }
+      await pause(error, tries, signal);
     }
   }
+}
+
+/** Most seconds a server's `retry-after` is waited for. */
+const MAX_RETRY_AFTER_S = 60;
+
+/** The seconds the server asked to wait before calling again, when it did. */
+function retryAfter(error: ConnectError): number | undefined {
+  const value = Number(error.metadata.get("retry-after") ?? Number.NaN);
+  return error.code === Code.ResourceExhausted && Number.isFinite(value) && value >= 0
+    ? Math.min(value, MAX_RETRY_AFTER_S)
+    : undefined;
+}
+
+/** Whether the browser says it has no network (a failure then is not the server's). */
+function offline(): boolean {
+  return globalThis.navigator?.onLine === false;
+}
+
+/** Whether a failure counts against the tries: not while offline, nor when asked to wait. */
+function counted(error: ConnectError): boolean {
+  return retryAfter(error) === undefined && !offline();
+}
+
+/**
+ * Waits before the next try after `error`: what the server asked for; while offline, until
+ * the browser is online again (or 15 s, to look again); otherwise 0.5 s doubling with each of
+ * the `tries` so far, up to 15 s, less a random part so that clients do not return together.
+ */
+async function pause(error: ConnectError, tries: number, signal: AbortSignal | undefined): Promise<void> {
+  const asked = retryAfter(error);
+  if (asked !== undefined) {
+    return sleep(asked * 1000, signal);
+  }
+  if (offline()) {
+    return Promise.race([sleep(15_000, signal), online(signal)]);
+  }
+  const backoff = Math.min(500 * 2 ** Math.max(tries - 1, 0), 15_000);
+  return sleep(backoff * (0.75 + Math.random() * 0.25), signal);
+}
+
+/** Resolves when the browser comes back online. */
+function online(signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    const back = () => {
+      globalThis.removeEventListener?.("online", back);
+      signal?.removeEventListener("abort", back);
+      resolve();
+    };
+    globalThis.addEventListener?.("online", back, { once: true });
+    signal?.addEventListener("abort", back, { once: true });
+  });
 }
 
 async function sessionOf(stowage: Stowage, uploadId: string, signal: AbortSignal | undefined): Promise<UploadSession> {
@@ -285,8 +371,9 @@ function required<T>(value: T | undefined): T {
 
 /**
  * Failures another try may get past: the server unavailable or busy (another writer on the
- * session), a deadline passed, or the request lost on the network (fetch rejects with a
- * TypeError, which arrives as UNKNOWN).
+ * session), a deadline passed, a rate limit that says when to come back (RESOURCE_EXHAUSTED
+ * with `retry-after`; a quota refusal has none), or the request lost on the network (fetch
+ * rejects with a TypeError, which arrives as UNKNOWN).
  */
 function transient(error: ConnectError): boolean {
   switch (error.code) {
@@ -294,6 +381,8 @@ function transient(error: ConnectError): boolean {
     case Code.DeadlineExceeded:
     case Code.Aborted:
       return true;
+    case Code.ResourceExhausted:
+      return retryAfter(error) !== undefined;
     case Code.Unknown:
       return error.cause instanceof TypeError;
     default:
@@ -315,7 +404,7 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
     const stop = () => {
       clearTimeout(timer);
-      reject(signal?.reason);
+      reject(ConnectError.from(signal?.reason ?? new Error("aborted"), Code.Canceled));
     };
     const timer = setTimeout(() => {
       signal?.removeEventListener("abort", stop);
