@@ -485,6 +485,93 @@ async fn get_interrupted_leaves_no_partial_file() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// `stowage get -o FILE` of a file the user may write in a directory they may not (so no
+/// temporary file beside it): a download that fails leaves the file as it was, one that
+/// succeeds replaces its bytes and keeps its owner and mode. Run as `nobody` when the test
+/// runs as root (root writes anywhere).
+#[tokio::test]
+async fn get_into_a_file_of_a_directory_not_ours_keeps_it_whole() -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let data = random_bytes(3 << 20);
+    let file = upload(mesh.channel(), &alice, "report.bin", &data, &[]).await?;
+    let root = nix::unistd::geteuid().is_root();
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked)?;
+    let target = locked.join("kept.bin");
+    std::fs::write(&target, b"old")?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o664))?;
+    if root {
+        nix::unistd::chown(&target, Some(nobody), None)?;
+    }
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555))?;
+    let get = || {
+        let mut cmd = if root {
+            let mut cmd = tokio::process::Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(binary().expect("binary"));
+            cmd
+        } else {
+            tokio::process::Command::new(binary().expect("binary"))
+        };
+        cmd.args([
+            "get",
+            &file.id,
+            "--addr",
+            &format!("http://{}", mesh.addr),
+            "-o",
+        ])
+        .arg(&target)
+        .env("STOWAGE_TOKEN", &alice)
+        .current_dir(dir.path())
+        .kill_on_drop(true);
+        async move { cmd.output().await }
+    };
+    // The stored bytes changed behind Files' back: the download fails its checksum.
+    let stored = stowage_integration_tests::files(mesh.channel())
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: file.id.clone(),
+            },
+            &token("files", &["service"]),
+        ))
+        .await?
+        .into_inner()
+        .file
+        .unwrap_or_default();
+    let blob = setup
+        .blob_dir
+        .as_ref()
+        .expect("a local store")
+        .path()
+        .join(&stored.storage_key);
+    std::fs::write(&blob, random_bytes(data.len()))?;
+    let failed = get().await?;
+    assert!(!failed.status.success(), "{failed:?}");
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("checksum mismatch"),
+        "{failed:?}"
+    );
+    assert_eq!(std::fs::read(&target)?, b"old", "left as it was");
+
+    std::fs::write(&blob, &data)?;
+    let done = get().await?;
+    assert!(done.status.success(), "{done:?}");
+    assert!(std::fs::read(&target)? == data, "replaced byte for byte");
+    let meta = std::fs::metadata(&target)?;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o664);
+    if root {
+        assert_eq!(meta.uid(), nobody.as_raw());
+    }
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755))?;
+    mesh.stop().await
+}
+
 /// `stowage ls --trash` lists all of the trash, past its first page; with a filter it says
 /// that trash is listed whole.
 #[tokio::test]

@@ -417,7 +417,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let file = tokio::select! {
                 file = client.get(&id, output.as_deref(), force) => file?,
                 _ = tokio::signal::ctrl_c() => {
-                    eprintln!("interrupted; nothing written");
+                    eprintln!("interrupted");
                     return Err(Interrupted.into());
                 }
             };

@@ -468,9 +468,19 @@ impl Client {
                 })?;
             }
             Sink::Copied { partial, target } => {
-                tokio::fs::copy(partial.path(), &target)
+                // Into the file as it is (its owner and mode kept: `fs::copy` would give it the
+                // temporary file's 0600, and fail after truncating a file not ours).
+                let mut into = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(&target)
                     .await
                     .with_context(|| format!("cannot write {}", target.display()))?;
+                let mut from = tokio::fs::File::from_std(partial.reopen()?);
+                tokio::io::copy(&mut from, &mut into)
+                    .await
+                    .with_context(|| format!("cannot write {}", target.display()))?;
+                into.sync_all().await?;
             }
             Sink::Stdout | Sink::Direct(_) => {}
         }
@@ -593,6 +603,11 @@ impl Sink {
         match made {
             Ok(partial) => Ok(Self::Atomic { partial, target }),
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && existing.is_some() => {
+                // Writable, or nothing is fetched.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&target)
+                    .with_context(|| format!("cannot write {}", target.display()))?;
                 let partial = tempfile::Builder::new()
                     .prefix(".stowage-get-")
                     .tempfile()
