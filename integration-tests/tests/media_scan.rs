@@ -464,7 +464,10 @@ async fn a_release_files_could_not_take_goes_through_when_tried_again() -> anyho
     set_job("queued").await?;
     let early = release().await.expect_err("a run still at it");
     assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
-    assert!(early.message().contains("queued or running"), "{early:?}");
+    assert!(
+        early.message().contains("queued, running or waiting"),
+        "{early:?}"
+    );
     assert_eq!(quarantine(&mesh, &admin).await?.len(), 1, "still held");
     // Nor while a run an admin retried is at it, though Files says quarantined: that run
     // would end without processing the released file again.

@@ -97,13 +97,13 @@ fn service_auth(
         return Ok(ServiceAuth::Static(token.clone()));
     }
     if let Some(path) = &config.service_token_file {
-        let file = stowage_runtime::mesh::TokenFile::open(
+        let file = stowage_runtime::mesh::TokenFile::watch(
             path,
             stowage_runtime::mesh::TokenFile::LOOK_EVERY,
         )
         .with_context(|| format!("STOWAGE_SERVICE_TOKEN_FILE: cannot read {}", path.display()))?;
         check("STOWAGE_SERVICE_TOKEN_FILE", &file.token())?;
-        return Ok(ServiceAuth::File(Arc::new(file)));
+        return Ok(ServiceAuth::File(file));
     }
     if let Some(minter) = Minter::from_config(&config.auth) {
         return Ok(ServiceAuth::Mint(minter));
@@ -112,8 +112,8 @@ fn service_auth(
     // stay in process) can do without a token.
     anyhow::ensure!(
         roles.len() == Role::ALL.len(),
-        "STOWAGE_SERVICE_TOKEN: required when services call each other over the network and \
-         no STOWAGE_AUTH__HS256_SECRET can mint their tokens"
+        "STOWAGE_SERVICE_TOKEN or STOWAGE_SERVICE_TOKEN_FILE: required when services call each \
+         other over the network and no STOWAGE_AUTH__HS256_SECRET can mint their tokens"
     );
     Ok(ServiceAuth::Static(String::new()))
 }

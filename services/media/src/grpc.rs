@@ -225,7 +225,7 @@ impl Media {
         match self.queue.get_by_key(&job_key(&file_id)).await {
             Ok(job) if !job.state.is_over() => {
                 return Err(Error::FailedPrecondition(format!(
-                    "file {file_id} has a media job queued or running; release it once that job is done"
+                    "file {file_id} has a media job queued, running or waiting to be tried again; release it once that job is done"
                 )));
             }
             Ok(_) | Err(stowage_jobs::Error::JobNotFound(_)) => {}

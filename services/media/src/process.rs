@@ -806,10 +806,27 @@ impl Media {
             .filter(|v| !v.storage_key.is_empty())
             .map(|v| v.storage_key.clone())
             .collect();
-        if !self
+        let recorded = match self
             .set_variants(&file_id.to_string(), &derived, status, reason.clone())
-            .await?
+            .await
         {
+            // Files refused the outcome itself: the file fails with that (in a form Files
+            // takes) rather than staying in processing, where Lifecycle would run its job again
+            // for ever. What was stored for it is left to blob_gc.
+            Err(JobError::Permanent(why)) if status != pb::FileStatus::Failed => {
+                tracing::error!(%file_id, %why, "Files refused the outcome; the file fails");
+                self.set_variants(
+                    &file_id.to_string(),
+                    &Derived::default(),
+                    pb::FileStatus::Failed,
+                    status_reason(format!("processing's outcome was refused: {why}")),
+                )
+                .await?;
+                return Err(JobError::Permanent(why));
+            }
+            other => other?,
+        };
+        if !recorded {
             // Purged while we worked: what we stored belongs to nobody.
             for key in &stored_keys {
                 if let Err(error) = self.store.delete(&ObjectPath::from(key.as_str())).await {

@@ -64,65 +64,81 @@ impl ServiceAuth {
 }
 
 /// A token kept in a file that something outside renews (a Kubernetes Secret mounted as a
-/// volume is updated in place): looked at again at most every [`TokenFile::LOOK_EVERY`], and
-/// read again when its modification time changed. A read that fails keeps the token before.
+/// volume is updated in place): a task looks at the file every [`TokenFile::LOOK_EVERY`], off
+/// the runtime's threads, and reads it again when its modification time changed. A read that
+/// fails keeps the token before.
 pub struct TokenFile {
     path: std::path::PathBuf,
-    every: Duration,
-    held: std::sync::Mutex<HeldToken>,
+    held: std::sync::RwLock<HeldToken>,
 }
 
 struct HeldToken {
     token: String,
     modified: Option<std::time::SystemTime>,
-    looked: std::time::Instant,
 }
 
 impl TokenFile {
     /// How often the file is looked at.
     pub const LOOK_EVERY: Duration = Duration::from_secs(10);
 
-    /// The token in `path`, read now; looked at again every `every`.
-    pub fn open(path: &std::path::Path, every: Duration) -> std::io::Result<Self> {
+    /// The token in `path`, read now, and looked at again every `every` by a task of the
+    /// current runtime for as long as the returned value lives.
+    pub fn watch(path: &std::path::Path, every: Duration) -> std::io::Result<Arc<Self>> {
         let modified = std::fs::metadata(path)?.modified().ok();
         let token = read_token(path)?;
-        Ok(Self {
+        let file = Arc::new(Self {
             path: path.to_path_buf(),
-            every,
-            held: std::sync::Mutex::new(HeldToken {
-                token,
-                modified,
-                looked: std::time::Instant::now(),
-            }),
-        })
+            held: std::sync::RwLock::new(HeldToken { token, modified }),
+        });
+        let watched = Arc::downgrade(&file);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(file) = watched.upgrade() else {
+                    return;
+                };
+                let _ = tokio::task::spawn_blocking(move || file.look()).await;
+            }
+        });
+        Ok(file)
     }
 
-    /// The token, read again first if the file changed since it was last read.
+    /// The token as last read.
     pub fn token(&self) -> String {
-        let mut held = self
+        self.held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .token
+            .clone()
+    }
+
+    /// Reads the file again if it changed since it was last read.
+    fn look(&self) {
+        let modified = std::fs::metadata(&self.path)
+            .ok()
+            .and_then(|m| m.modified().ok());
+        let before = self
             .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if held.looked.elapsed() >= self.every {
-            held.looked = std::time::Instant::now();
-            let modified = std::fs::metadata(&self.path)
-                .ok()
-                .and_then(|m| m.modified().ok());
-            if modified != held.modified {
-                match read_token(&self.path) {
-                    Ok(token) => {
-                        tracing::info!(path = %self.path.display(), "service token read again");
-                        held.token = token;
-                        held.modified = modified;
-                    }
-                    Err(error) => tracing::warn!(
-                        path = %self.path.display(), %error,
-                        "service token file not read; the token before is used"
-                    ),
-                }
-            }
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .modified;
+        if modified == before {
+            return;
         }
-        held.token.clone()
+        match read_token(&self.path) {
+            Ok(token) => {
+                tracing::info!(path = %self.path.display(), "service token read again");
+                *self
+                    .held
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    HeldToken { token, modified };
+            }
+            Err(error) => tracing::warn!(
+                path = %self.path.display(), %error,
+                "service token file not read; the token before is used"
+            ),
+        }
     }
 }
 
@@ -332,8 +348,8 @@ mod tests {
 
     /// A renewed token is presented once the file changes; an emptied or vanished file
     /// leaves the token before in use; a file that is no token is refused at once.
-    #[test]
-    fn a_token_file_is_read_again_when_it_changes() {
+    #[tokio::test]
+    async fn a_token_file_is_read_again_when_it_changes() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("token");
         let write = |text: &str, at_secs: u64| {
@@ -345,22 +361,35 @@ mod tests {
                 .and_then(|f| f.set_modified(at))
                 .expect("mtime");
         };
+        // Until the file's token is `want`, or panics after 5 s.
+        async fn presents(file: &TokenFile, want: &str) {
+            for _ in 0..500 {
+                if file.token() == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("presents {:?}, not {want:?}", file.token());
+        }
         write("first\n", 1_000);
-        let file = TokenFile::open(&path, Duration::ZERO).expect("opens");
+        let file = TokenFile::watch(&path, Duration::from_millis(10)).expect("opens");
         assert_eq!(file.token(), "first");
         write("second", 2_000);
-        assert_eq!(file.token(), "second");
+        presents(&file, "second").await;
         write("  ", 3_000);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(file.token(), "second", "an empty file is not a token");
         std::fs::remove_file(&path).expect("remove");
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(file.token(), "second");
         write("third", 4_000);
-        assert_eq!(file.token(), "third");
+        presents(&file, "third").await;
         // Looked at only so often.
-        let slow = TokenFile::open(&path, Duration::from_secs(3600)).expect("opens");
+        let slow = TokenFile::watch(&path, Duration::from_secs(3600)).expect("opens");
         write("fourth", 5_000);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(slow.token(), "third");
         write("", 6_000);
-        assert!(TokenFile::open(&path, Duration::ZERO).is_err());
+        assert!(TokenFile::watch(&path, Duration::ZERO).is_err());
     }
 }
