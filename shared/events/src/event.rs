@@ -26,7 +26,7 @@ pub struct Event {
 /// namespace in braces so that on Redis Cluster every stream of a namespace is in one hash
 /// slot, and a consumer reads all of its topics in one `XREADGROUP` (streams in several slots
 /// made every read fail with CROSSSLOT). Changing this name is taken for a Redis that lost its
-/// data ([`epoch_key`] moves with it): relays publish the replay window again.
+/// data (`epoch_key` moves with it): relays publish the replay window again.
 pub fn stream_key(namespace: &str, topic: &str) -> String {
     format!("{{{namespace}}}:events:{topic}")
 }
