@@ -722,10 +722,10 @@ fn start_media(
         .transpose()
         .context("STOWAGE_MEDIA__CLAMD_URL")?;
     // Working directories of jobs a killed process left (an emptyDir outlives the container),
-    // at start and then every job timeout: a process restarted at once finds its own left-overs
-    // still too young, and they would otherwise hold their space until the next restart.
-    // At least an hour old: the directory may be shared with Media processes whose own job
-    // timeout is longer, and their live directories are not this one's to remove.
+    // at start and then every job timeout: those whose lock no process holds. Those of an
+    // older release, without a lock, when at least an hour old: the directory may be shared
+    // with Media processes whose own job timeout is longer, and their live directories are
+    // not this one's to remove.
     let older_than = (settings.job_timeout * 2).max(std::time::Duration::from_secs(3600));
     let shutdown = background.shutdown().clone();
     let every = settings.job_timeout;

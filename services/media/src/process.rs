@@ -145,25 +145,41 @@ fn status_reason(reason: String) -> String {
 
 impl Media {
     /// Deletes the working directories of jobs that ended without cleaning up (the process
-    /// was killed): those in `dir` made longer than `older_than` ago, which no running job
-    /// of any process sharing `dir` can still use. Returns how many.
+    /// was killed) in `dir`: those whose lock no process holds (a running job holds its own;
+    /// one made within the last minute is left, its lock perhaps not yet taken), and those
+    /// without a lock made longer than `older_than` ago. Returns how many.
     pub fn sweep_work_dirs(dir: &std::path::Path, older_than: std::time::Duration) -> usize {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return 0;
         };
         let mut swept = 0;
         for entry in entries.flatten() {
-            let stale = entry
+            if !entry
                 .file_name()
                 .to_string_lossy()
                 .starts_with(WORK_DIR_PREFIX)
-                && entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|at| at.elapsed().ok())
-                    .is_some_and(|age| age > older_than);
-            if stale && std::fs::remove_dir_all(entry.path()).is_ok() {
+            {
+                continue;
+            }
+            let age = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|at| at.elapsed().ok())
+                .unwrap_or_default();
+            let path = entry.path();
+            // Held while the directory goes, so that no job can take it meanwhile.
+            let (abandoned, _held) = match std::fs::File::open(path.join(WORK_DIR_LOCK)) {
+                Ok(lock) => {
+                    match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    {
+                        Ok(held) => (age > WORK_DIR_LOCK_GRACE, Some(held)),
+                        Err(_) => (false, None),
+                    }
+                }
+                Err(_) => (age > older_than, None),
+            };
+            if abandoned && std::fs::remove_dir_all(&path).is_ok() {
                 swept += 1;
             }
         }
@@ -613,11 +629,8 @@ impl Media {
     async fn copied_to_work_dir(
         &self,
         file: &pb::File,
-    ) -> Result<(tempfile::TempDir, std::path::PathBuf), JobError> {
-        let dir = tempfile::Builder::new()
-            .prefix(WORK_DIR_PREFIX)
-            .tempdir()
-            .map_err(JobError::retry)?;
+    ) -> Result<(WorkDir, std::path::PathBuf), JobError> {
+        let dir = WorkDir::new().map_err(JobError::retry)?;
         let path = dir.path().join("input");
         let source = self
             .store
@@ -953,6 +966,35 @@ fn status_name(status: pb::FileStatus) -> &'static str {
 /// Name prefix of a job's working directory (under the system's temporary directory).
 const WORK_DIR_PREFIX: &str = "stowage-media-";
 
+/// The file in a working directory its job holds locked (`flock`) while it runs.
+const WORK_DIR_LOCK: &str = "lock";
+
+/// Age under which a working directory whose lock is free is left: its job may have made it
+/// and not yet taken the lock.
+const WORK_DIR_LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A job's working directory, removed when dropped, and locked until then: the sweeper
+/// removes one whose lock no process holds (its job's process was killed) at once, not after
+/// an hour, so that a restarted container's left-overs do not fill the volume they share.
+struct WorkDir {
+    dir: tempfile::TempDir,
+    _held: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl WorkDir {
+    fn new() -> std::io::Result<Self> {
+        let dir = tempfile::Builder::new().prefix(WORK_DIR_PREFIX).tempdir()?;
+        let lock = std::fs::File::create(dir.path().join(WORK_DIR_LOCK))?;
+        let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| std::io::Error::from(errno))?;
+        Ok(Self { dir, _held: held })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
 /// Runs of one file's processing that may start making its variants and never come back
 /// (killed worker, job out of time) before the file fails: a file that kills the worker is
 /// not tried for ever (Lifecycle's sweep of stuck files would start its job again each time).
@@ -1123,26 +1165,48 @@ mod tests {
     }
 
     #[test]
-    fn only_old_working_directories_of_media_are_swept() {
+    fn only_abandoned_working_directories_of_media_are_swept() {
         let parent = tempfile::tempdir().expect("temp dir");
-        let make = |name: &str, age: Duration| {
+        let make = |name: &str, age: Duration, lock: bool| {
             let dir = parent.path().join(name);
             std::fs::create_dir(&dir).expect("dir");
             std::fs::write(dir.join("input"), b"video").expect("file");
+            if lock {
+                std::fs::write(dir.join(WORK_DIR_LOCK), b"").expect("lock");
+            }
             std::fs::File::open(&dir)
                 .and_then(|d| d.set_modified(SystemTime::now() - age))
                 .expect("mtime");
             dir
         };
-        let hour = Duration::from_secs(3600);
-        let left = make("stowage-media-left", hour);
-        let running = make("stowage-media-running", Duration::ZERO);
-        let other = make("someone-else", hour);
+        let (hour, minutes) = (Duration::from_secs(3600), Duration::from_secs(120));
+        // Left by a killed process: a lock nobody holds, a few minutes old.
+        let killed = make("stowage-media-killed", minutes, true);
+        // A running job's, however old.
+        let running = make("stowage-media-running", hour, true);
+        let held = nix::fcntl::Flock::lock(
+            std::fs::File::open(running.join(WORK_DIR_LOCK)).expect("open"),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .expect("held");
+        // Just made, its lock perhaps not yet taken.
+        let new = make("stowage-media-new", Duration::ZERO, true);
+        // Without a lock (an older release's): by age alone.
+        let old = make("stowage-media-old", hour, false);
+        let young = make("stowage-media-young", minutes, false);
+        let other = make("someone-else", hour, true);
         assert_eq!(
             Media::sweep_work_dirs(parent.path(), Duration::from_secs(600)),
-            1
+            2
         );
-        assert!(!left.exists());
-        assert!(running.exists() && other.exists());
+        assert!(!killed.exists() && !old.exists());
+        assert!(running.exists() && new.exists() && young.exists() && other.exists());
+        drop(held);
+        // A live job's own directory goes with it, lock and all.
+        let dir = WorkDir::new().expect("work dir");
+        let path = dir.path().to_path_buf();
+        assert!(path.join(WORK_DIR_LOCK).exists());
+        drop(dir);
+        assert!(!path.exists());
     }
 }
