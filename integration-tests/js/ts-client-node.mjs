@@ -56,7 +56,12 @@ await upload(stowage, new Blob([first]), {
 }).catch((e) => {
   if (!stop.signal.aborted) throw e;
 });
-const edited = await upload(stowage, new Blob([second]), { name: 'edited.bin', resume: firstId, sha256: sha256(second) });
+// (The digest given in uppercase: the server keeps it lowercase.)
+const edited = await upload(stowage, new Blob([second]), {
+  name: 'edited.bin',
+  resume: firstId,
+  sha256: sha256(second).toUpperCase(),
+});
 const { session: left } = await stowage.ingest.getUpload({ uploadId: firstId });
 
 // The network gone for 3 s after the first chunk (every request fails as fetch does

@@ -401,7 +401,8 @@ impl Client {
 
     /// Downloads a file to `out` (or stdout for `-`; by default a file named as the stored one
     /// in the current directory, never replacing one there unless `force`), checking its
-    /// SHA-256. The bytes go to a temporary file beside the target, renamed over it only once
+    /// SHA-256. The bytes go to a temporary file beside the target (or, in a directory the
+    /// user cannot write to, the system's), renamed over it (or copied into it) only once
     /// they are all there and their digest is right: a broken download leaves nothing behind.
     pub async fn get(&self, id: &str, out: Option<&Path>, force: bool) -> anyhow::Result<pb::File> {
         let mut stream = self
@@ -468,19 +469,21 @@ impl Client {
                 })?;
             }
             Sink::Copied { partial, target } => {
-                // Into the file as it is (its owner and mode kept: `fs::copy` would give it the
-                // temporary file's 0600, and fail after truncating a file not ours).
-                let mut into = tokio::fs::OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(&target)
-                    .await
-                    .with_context(|| format!("cannot write {}", target.display()))?;
-                let mut from = tokio::fs::File::from_std(partial.reopen()?);
-                tokio::io::copy(&mut from, &mut into)
-                    .await
-                    .with_context(|| format!("cannot write {}", target.display()))?;
-                into.sync_all().await?;
+                // In a blocking task, which Ctrl-C does not cut short (the runtime waits for it
+                // before the process ends): a copy stopped half-way would leave the file cut
+                // short. Should it fail (a full disk), the verified download is kept, and named.
+                tokio::task::spawn_blocking(move || match copy_into(&partial, &target) {
+                    Ok(()) => Ok(()),
+                    Err(e) => match partial.keep() {
+                        Ok((_, kept)) => Err(anyhow::anyhow!(
+                            "cannot write {}: {e}; the verified download is kept at {}",
+                            target.display(),
+                            kept.display()
+                        )),
+                        Err(_) => Err(anyhow::anyhow!("cannot write {}: {e}", target.display())),
+                    },
+                })
+                .await??;
             }
             Sink::Stdout | Sink::Direct(_) => {}
         }
@@ -617,6 +620,18 @@ impl Sink {
             Err(e) => Err(e).with_context(|| format!("cannot write in {}", dir.display())),
         }
     }
+}
+
+/// Writes what `partial` holds into the existing file `target` as it is (its owner and mode
+/// kept: `fs::copy` would give it the temporary file's 0600, and fail after truncating a file
+/// not ours).
+fn copy_into(partial: &tempfile::NamedTempFile, target: &Path) -> std::io::Result<()> {
+    let mut into = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(target)?;
+    std::io::copy(&mut partial.reopen()?, &mut into)?;
+    into.sync_all()
 }
 
 /// Writes `id` to `state` whole or not at all (a temporary file renamed over it), so that a

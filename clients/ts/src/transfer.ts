@@ -75,6 +75,8 @@ export interface Uploaded {
  */
 export async function upload(stowage: Stowage, data: Blob, options: UploadOptions): Promise<Uploaded> {
   const { signal } = options;
+  // The server keeps digests in lowercase hex, however given.
+  options = { ...options, sha256: options.sha256?.toLowerCase() };
   const attempts = options.attempts ?? 8;
   const patiently = <T>(call: () => Promise<T>) => retried(call, attempts, signal);
   const size = BigInt(data.size);

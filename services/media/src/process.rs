@@ -146,8 +146,8 @@ fn status_reason(reason: String) -> String {
 impl Media {
     /// Deletes the working directories of jobs that ended without cleaning up (the process
     /// was killed) in `dir`: those whose lock no process holds (a running job holds its own;
-    /// one made within the last minute is left, its lock perhaps not yet taken), and those
-    /// without a lock made longer than `older_than` ago. Returns how many.
+    /// one whose lock file was made in the last 10 s is left, perhaps not yet taken), and
+    /// those without a lock made longer than `older_than` ago. Returns how many.
     pub fn sweep_work_dirs(dir: &std::path::Path, older_than: std::time::Duration) -> usize {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return 0;
@@ -161,23 +161,27 @@ impl Media {
             {
                 continue;
             }
-            let age = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|at| at.elapsed().ok())
-                .unwrap_or_default();
+            let age = |path: &std::path::Path| {
+                std::fs::metadata(path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|at| at.elapsed().ok())
+                    .unwrap_or_default()
+            };
             let path = entry.path();
-            // Held while the directory goes, so that no job can take it meanwhile.
-            let (abandoned, _held) = match std::fs::File::open(path.join(WORK_DIR_LOCK)) {
+            let lock_path = path.join(WORK_DIR_LOCK);
+            // Held while the directory goes, so that no job can take it meanwhile. The lock
+            // file is written once, when made: its age, not the directory's (which moves with
+            // every file a job writes), says whether its job may not have taken it yet.
+            let (abandoned, _held) = match std::fs::File::open(&lock_path) {
                 Ok(lock) => {
                     match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
                     {
-                        Ok(held) => (age > WORK_DIR_LOCK_GRACE, Some(held)),
+                        Ok(held) => (age(&lock_path) > WORK_DIR_LOCK_GRACE, Some(held)),
                         Err(_) => (false, None),
                     }
                 }
-                Err(_) => (age > older_than, None),
+                Err(_) => (age(&path) > older_than, None),
             };
             if abandoned && std::fs::remove_dir_all(&path).is_ok() {
                 swept += 1;
@@ -823,19 +827,14 @@ impl Media {
             .set_variants(&file_id.to_string(), &derived, status, reason.clone())
             .await
         {
-            // Files refused the outcome itself: the file fails with that (in a form Files
-            // takes) rather than staying in processing, where Lifecycle would run its job again
-            // for ever. What was stored for it is left to blob_gc.
-            Err(JobError::Permanent(why)) if status != pb::FileStatus::Failed => {
-                tracing::error!(%file_id, %why, "Files refused the outcome; the file fails");
-                self.set_variants(
-                    &file_id.to_string(),
-                    &Derived::default(),
-                    pb::FileStatus::Failed,
-                    status_reason(format!("processing's outcome was refused: {why}")),
-                )
-                .await?;
-                return Err(JobError::Permanent(why));
+            // Files refused the variants: the file fails with that, recorded and announced as
+            // any failure, rather than staying in processing, where Lifecycle would run its job
+            // again for ever. What was stored for it is left to blob_gc. (A quarantine refused
+            // stays a retried error: it must not become a file that can be downloaded.)
+            Err(JobError::Permanent(why)) if status == pb::FileStatus::Ready => {
+                tracing::error!(%file_id, %why, "Files refused the variants; the file fails");
+                let failed = Outcome::Failed(format!("processing's outcome was refused: {why}"));
+                return Box::pin(self.finish(file, file_id, failed)).await;
             }
             other => other?,
         };
@@ -969,9 +968,9 @@ const WORK_DIR_PREFIX: &str = "stowage-media-";
 /// The file in a working directory its job holds locked (`flock`) while it runs.
 const WORK_DIR_LOCK: &str = "lock";
 
-/// Age under which a working directory whose lock is free is left: its job may have made it
-/// and not yet taken the lock.
-const WORK_DIR_LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Age of its lock file under which a working directory whose lock is free is left: its job
+/// may have made it and not yet taken the lock.
+const WORK_DIR_LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A job's working directory, removed when dropped, and locked until then: the sweeper
 /// removes one whose lock no process holds (its job's process was killed) at once, not after
@@ -1170,12 +1169,17 @@ mod tests {
         let make = |name: &str, age: Duration, lock: bool| {
             let dir = parent.path().join(name);
             std::fs::create_dir(&dir).expect("dir");
+            let aged = if lock {
+                let lock = dir.join(WORK_DIR_LOCK);
+                std::fs::write(&lock, b"").expect("lock");
+                lock
+            } else {
+                dir.clone()
+            };
+            // Written just now: a lock-holding directory itself is young (its job was at work).
             std::fs::write(dir.join("input"), b"video").expect("file");
-            if lock {
-                std::fs::write(dir.join(WORK_DIR_LOCK), b"").expect("lock");
-            }
-            std::fs::File::open(&dir)
-                .and_then(|d| d.set_modified(SystemTime::now() - age))
+            std::fs::File::open(&aged)
+                .and_then(|f| f.set_modified(SystemTime::now() - age))
                 .expect("mtime");
             dir
         };

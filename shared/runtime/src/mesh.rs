@@ -81,9 +81,17 @@ impl TokenFile {
     /// How often the file is looked at.
     pub const LOOK_EVERY: Duration = Duration::from_secs(10);
 
-    /// The token in `path`, read now, and looked at again every `every` by a task of the
-    /// current runtime for as long as the returned value lives.
+    /// The token in `path`, read now, and looked at again every `every` (at least a second
+    /// in use; tests may go lower) by a task of the current runtime for as long as the
+    /// returned value lives. Refused outside a Tokio runtime, and for a zero `every`.
     pub fn watch(path: &std::path::Path, every: Duration) -> std::io::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+        if every.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a token file is looked at every so often, not without pause",
+            ));
+        }
         let modified = std::fs::metadata(path)?.modified().ok();
         let token = read_token(path)?;
         let file = Arc::new(Self {
@@ -91,7 +99,8 @@ impl TokenFile {
             held: std::sync::RwLock::new(HeldToken { token, modified }),
         });
         let watched = Arc::downgrade(&file);
-        tokio::spawn(async move {
+        // Ends within `every` of the last holder's drop.
+        runtime.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(file) = watched.upgrade() else {
@@ -390,6 +399,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(slow.token(), "third");
         write("", 6_000);
+        assert!(TokenFile::watch(&path, Duration::from_secs(1)).is_err());
+        write("fifth", 7_000);
         assert!(TokenFile::watch(&path, Duration::ZERO).is_err());
     }
 }
