@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use stowage_integration_tests::{download, files, js_dir, node, sha256, usage};
+use stowage_integration_tests::{download, files, js_dir, node, sha256, storage_key, usage};
 use stowage_proto::v1 as pb;
 use stowage_testkit::{Mesh, Setup, authed, token};
 
@@ -413,20 +413,9 @@ async fn the_typescript_client_works_from_node() -> anyhow::Result<()> {
     assert_eq!(number(&report, &["slowed", "putChunks"]), 4, "{report}");
 
     // The stored bytes changed behind Files' back (same length): a whole download says so.
-    let stored_file = files(mesh.channel())
-        .get_file(authed(
-            pb::GetFileRequest {
-                file_id: file.id.clone(),
-            },
-            &token("files", &["service"]),
-        ))
-        .await?
-        .into_inner()
-        .file
-        .unwrap_or_default();
     let blob_dir = setup.blob_dir.as_ref().expect("a local store").path();
     std::fs::write(
-        blob_dir.join(&stored_file.storage_key),
+        blob_dir.join(storage_key(mesh.channel(), &file.id).await?),
         pattern(data.len(), 8),
     )?;
     let out = node(

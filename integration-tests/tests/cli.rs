@@ -533,23 +533,12 @@ async fn get_into_a_file_of_a_directory_not_ours_keeps_it_whole() -> anyhow::Res
         async move { cmd.output().await }
     };
     // The stored bytes changed behind Files' back: the download fails its checksum.
-    let stored = stowage_integration_tests::files(mesh.channel())
-        .get_file(authed(
-            pb::GetFileRequest {
-                file_id: file.id.clone(),
-            },
-            &token("files", &["service"]),
-        ))
-        .await?
-        .into_inner()
-        .file
-        .unwrap_or_default();
     let blob = setup
         .blob_dir
         .as_ref()
         .expect("a local store")
         .path()
-        .join(&stored.storage_key);
+        .join(stowage_integration_tests::storage_key(mesh.channel(), &file.id).await?);
     std::fs::write(&blob, random_bytes(data.len()))?;
     let failed = get().await?;
     assert!(!failed.status.success(), "{failed:?}");
