@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use stowage_integration_tests::{get_session, random_bytes, sha256, upload};
 use stowage_proto::v1 as pb;
+use stowage_ratelimit::Rule;
 use stowage_testkit::{Mesh, Setup, authed, binary, token};
 
 /// Runs `cmd` (a `stowage upload`) until the server holds some of the file, then kills it
@@ -566,7 +567,12 @@ async fn get_into_a_file_of_a_directory_not_ours_keeps_it_whole() -> anyhow::Res
 #[tokio::test]
 async fn ls_trash_lists_every_page() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = Mesh::start(&setup).await?;
+    // 205 uploads as fast as they go: past the default per-user burst (100, then 50/s) on a
+    // quick machine, which answered the last ones RESOURCE_EXHAUSTED.
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.rate_limit.user.upload = Rule::new(10_000.0, 10_000);
+    })
+    .await?;
     let alice = token("alice", &[]);
     let mut trashed = Vec::new();
     for i in 0..205 {
