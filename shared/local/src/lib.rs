@@ -195,6 +195,11 @@ impl LocalPostgres {
                 "synchronous_commit=off",
                 "-c",
                 "full_page_writes=off",
+                // A throwaway server's WAL is only crash recovery it will never do: keep it
+                // to ~256 MB (1 GB by default, on a test machine's disk beside gigabytes of
+                // build).
+                "-c",
+                "max_wal_size=256MB",
             ]);
         }
         for setting in settings {

@@ -106,23 +106,73 @@ fn redis_pid(redis: &LocalRedis) -> String {
     format!("$(pgrep -f 'redis-server .*:{}' | head -1)", redis.port())
 }
 
-/// Creates an empty database for one test and returns its URL.
+/// Creates an empty database for one test and returns its URL. The database stays until the
+/// shared server stops; a [`Setup`]'s is dropped with it.
 pub async fn fresh_database() -> anyhow::Result<String> {
-    let servers = servers().await;
-    let (client, conn) =
-        tokio_postgres::connect(&servers.postgres_admin_url, tokio_postgres::NoTls).await?;
+    Ok(TestDatabase::create().await?.keep())
+}
+
+/// A test's own database, dropped with this value (and whatever is still connected to it):
+/// each is ~10 MB once migrated, gigabytes over a whole run on one shared server.
+#[derive(Debug)]
+struct TestDatabase {
+    url: String,
+    name: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    async fn create() -> anyhow::Result<Self> {
+        let admin_url = servers().await.postgres_admin_url.clone();
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        admin_execute(&admin_url, &format!("CREATE DATABASE {name}")).await?;
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .context("database url without a path")?;
+        Ok(Self {
+            url: format!("{base}/{name}"),
+            name,
+            admin_url,
+        })
+    }
+
+    /// The URL, the database no longer dropped.
+    fn keep(mut self) -> String {
+        self.name.clear();
+        std::mem::take(&mut self.url)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
+        let admin_url = std::mem::take(&mut self.admin_url);
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // On a thread of its own: a drop inside a runtime cannot block on that runtime.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(admin_execute(&admin_url, &statement))
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("test database {} left: {e:#}", self.name),
+            Err(_) => eprintln!("test database {} left: the drop panicked", self.name),
+        }
+    }
+}
+
+async fn admin_execute(admin_url: &str, statement: &str) -> anyhow::Result<()> {
+    let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
     let driver = tokio::spawn(conn);
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
+    client.batch_execute(statement).await?;
     drop(client);
     let _ = driver.await;
-    let (base, _) = servers
-        .postgres_admin_url
-        .rsplit_once('/')
-        .context("database url without a path")?;
-    Ok(format!("{base}/{name}"))
+    Ok(())
 }
 
 /// A token for `user` with `scopes`, valid for an hour.
@@ -185,6 +235,8 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// The S3-compatible or Azure-compatible server, kept alive with the setup.
     pub store_server: Option<StoreServer>,
+    /// Drops the database with the setup (declared last: dropped after the store server).
+    _database: TestDatabase,
 }
 
 impl Setup {
@@ -193,27 +245,31 @@ impl Setup {
         let dir = tempfile::Builder::new()
             .prefix("stowage-blobs-")
             .tempdir()?;
+        let database = TestDatabase::create().await?;
         Ok(Self {
-            database_url: fresh_database().await?,
+            database_url: database.url.clone(),
             redis_url: servers().await.redis_url.clone(),
             blob_url: format!("file://{}", dir.path().display()),
             blob_dir: Some(dir),
             default_limit: None,
             env: Vec::new(),
             store_server: None,
+            _database: database,
         })
     }
 
     /// A fresh database and an in-memory store (in-process meshes only).
     pub async fn memory() -> anyhow::Result<Self> {
+        let database = TestDatabase::create().await?;
         Ok(Self {
-            database_url: fresh_database().await?,
+            database_url: database.url.clone(),
             redis_url: servers().await.redis_url.clone(),
             blob_url: "memory://".into(),
             blob_dir: None,
             default_limit: None,
             env: Vec::new(),
             store_server: None,
+            _database: database,
         })
     }
 
@@ -230,14 +286,16 @@ impl Setup {
     }
 
     async fn on(server: StoreServer) -> anyhow::Result<Self> {
+        let database = TestDatabase::create().await?;
         Ok(Self {
-            database_url: fresh_database().await?,
+            database_url: database.url.clone(),
             redis_url: servers().await.redis_url.clone(),
             blob_url: server.blob_url.clone(),
             blob_dir: None,
             default_limit: None,
             env: server.env.clone(),
             store_server: Some(server),
+            _database: database,
         })
     }
 
