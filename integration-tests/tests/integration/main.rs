@@ -18,6 +18,7 @@ mod metrics;
 mod operations;
 mod quota;
 mod rate_limit;
+mod redis_cluster;
 mod replicas;
 mod sessions;
 mod shutdown;

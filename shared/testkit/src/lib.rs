@@ -1,12 +1,14 @@
 //! Test kit: real PostgreSQL and Redis (started once per test run by `stowage-testenv`, or
 //! once per test process when run without it), a fresh database per test, an in-process mesh
 //! and a harness that runs the real `stowage` binary, one process per service; a throwaway
-//! ClamAV daemon for the tests that scan.
+//! ClamAV daemon for the tests that scan, and a Redis Cluster for those that need one.
 
 mod clamd;
 pub use clamd::{EICAR, EICAR_SIGNATURE, LocalClamd};
 mod otlp;
 pub use otlp::{OtlpCollector, RecordedSpan};
+mod redis_cluster;
+pub use redis_cluster::LocalRedisCluster;
 
 use std::{
     net::SocketAddr,
