@@ -189,8 +189,8 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
     )
     .await?;
 
-    // A clean-up run is counted per job and outcome.
-    let runs = ["job=\"orphan_uploads\"", "outcome=\"ok\""];
+    // A clean-up run is counted per task and outcome.
+    let runs = ["task=\"orphan_uploads\"", "outcome=\"ok\""];
     let before = sample(&scrape(&mesh).await?, "stowage_cleanup_runs_total", &runs).unwrap_or(0.0);
     LifecycleClient::new(mesh.channel())
         .run_now(authed(
@@ -213,6 +213,7 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
     let only_with_trouble = [
         // Set by a usage reconciliation run.
         "stowage_usage_drift_bytes",
+        "stowage_usage_reconciled_timestamp_seconds",
         // Counted when the virus scanner does not answer.
         "stowage_media_scan_unavailable_total",
         // Counted when a consumer cannot read its streams.
@@ -227,6 +228,14 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         .map(std::fs::read_to_string);
     for file in shipped {
         let file = file?;
+        // Prometheus sets `job` (the scrape job) on every series and renames a `job` of ours:
+        // an expression that groups or selects by it never means one of our labels.
+        for job in ["by (job", "job)", "{job=", ", job", "{{job}}", "labels.job"] {
+            assert!(
+                !file.contains(job),
+                "k8s/monitoring uses the label job ({job})"
+            );
+        }
         let mut rest = file.as_str();
         while let Some(at) = rest.find("stowage_") {
             let name: String = rest[at..]

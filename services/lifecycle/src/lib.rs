@@ -348,7 +348,8 @@ impl Lifecycle {
         let started = std::time::Instant::now();
         let outcome = self.run_task(name, &policy, dry_run).await;
         unfinished.pool = None;
-        metrics::histogram!("stowage_cleanup_run_seconds", "job" => name.to_owned())
+        // `task`, not `job`: Prometheus sets `job` on every target itself (and would rename ours).
+        metrics::histogram!("stowage_cleanup_run_seconds", "task" => name.to_owned())
             .record(started.elapsed().as_secs_f64());
         let (tally, error) = match &outcome {
             Ok(t) => (t.clone(), String::new()),
@@ -374,7 +375,7 @@ impl Lifecycle {
             )
             .await
             .map_err(db)?;
-        metrics::counter!("stowage_cleanup_runs_total", "job" => name.to_owned(), "outcome" => if error.is_empty() { "ok" } else { "error" })
+        metrics::counter!("stowage_cleanup_runs_total", "task" => name.to_owned(), "outcome" => if error.is_empty() { "ok" } else { "error" })
             .increment(1);
         tracing::info!(run_id = %id, name, dry_run, examined = tally.examined, acted = tally.acted, failed = tally.failed, error, "lifecycle run finished");
         outcome?;

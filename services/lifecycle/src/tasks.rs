@@ -877,7 +877,15 @@ impl Lifecycle {
         let drift = self
             .repair_settled(seen, &repair_key("reconcile"), dry_run, &mut tally)
             .await;
-        metrics::gauge!("stowage_usage_drift_bytes").set(drift as f64);
+        if !dry_run {
+            // With its time: of the replicas, the one that reconciled last is believed (each
+            // keeps the figure of its own last run).
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            metrics::gauge!("stowage_usage_drift_bytes").set(drift as f64);
+            metrics::gauge!("stowage_usage_reconciled_timestamp_seconds").set(now.as_secs_f64());
+        }
         Ok(tally)
     }
 }

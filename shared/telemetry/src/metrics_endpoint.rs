@@ -15,6 +15,12 @@ const SECONDS_BUCKETS: &[f64] = &[
 /// Buckets of clean-up runs, which take from a moment to half an hour.
 const LONG_RUN_BUCKETS: &[f64] = &[0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0];
 
+/// Buckets of jobs: an image's Media job takes a second or less, a video's up to 5 min, a
+/// Lifecycle run up to half an hour (the seconds buckets stop at a minute).
+const JOB_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0,
+];
+
 /// Installs the recorder once per process; later calls return the same handle. `None` when
 /// another recorder was installed first (then metrics go there).
 pub fn install_recorder() -> Option<&'static PrometheusHandle> {
@@ -28,6 +34,13 @@ pub fn install_recorder() -> Option<&'static PrometheusHandle> {
                         "stowage_cleanup_run_seconds".into(),
                     ),
                     LONG_RUN_BUCKETS,
+                )
+                .ok()?
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        "stowage_job_duration_seconds".into(),
+                    ),
+                    JOB_BUCKETS,
                 )
                 .ok()?;
             match builder.install_recorder() {
