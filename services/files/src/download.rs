@@ -325,8 +325,11 @@ fn download_name(display_name: &str, variant: &str, mime_type: &str) -> String {
 
 /// `Content-Disposition` with `name`: in UTF-8 (RFC 8187) for clients that read it, and
 /// before it a plain ASCII form for those that do not (RFC 6266, 4.3), with what it cannot
-/// carry replaced by `_` (and `%`, which some browsers would decode there).
+/// carry replaced by `_` (and `%`, which some browsers would decode there). Bidirectional
+/// controls are left out of the saved name: `invoice\u{202E}fdp.exe` shows as `invoiceexe.pdf`
+/// but runs as the `.exe` it is.
 fn content_disposition(attachment: bool, name: &str) -> String {
+    let name: String = name.chars().filter(|c| !is_bidi_control(*c)).collect();
     let ascii: String = name
         .chars()
         .map(|c| match c {
@@ -337,8 +340,14 @@ fn content_disposition(attachment: bool, name: &str) -> String {
     format!(
         "{}; filename=\"{ascii}\"; filename*=UTF-8''{}",
         if attachment { "attachment" } else { "inline" },
-        percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+        percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
     )
+}
+
+/// Marks and overrides of the Unicode bidirectional algorithm (embeddings, overrides,
+/// isolates, the left-to-right, right-to-left and Arabic letter marks).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 async fn serve_signed(
@@ -507,6 +516,10 @@ mod tests {
         assert!(content_disposition(false, "a\\b").starts_with("inline; filename=\"a_b\""));
         assert!(
             content_disposition(false, "100%.txt").starts_with("inline; filename=\"100_.txt\"")
+        );
+        assert_eq!(
+            content_disposition(true, "invoice\u{202E}fdp.exe"),
+            "attachment; filename=\"invoicefdp.exe\"; filename*=UTF-8''invoicefdp%2Eexe"
         );
     }
 

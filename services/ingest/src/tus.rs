@@ -157,7 +157,12 @@ fn error_response(error: Error) -> Response {
     };
     let message = match &error {
         Error::Peer(s) => s.message().to_owned(),
-        Error::Db(_) | Error::Pool(_) | Error::Store(_) | Error::Internal(_) => {
+        // Said in the log, not to the client: the text names keys and inner states.
+        Error::Db(_)
+        | Error::Pool(_)
+        | Error::Store(_)
+        | Error::Internal(_)
+        | Error::Corrupt(_) => {
             tracing::error!(%error, "tus request failed");
             match status {
                 StatusCode::INTERNAL_SERVER_ERROR => "internal error".to_owned(),

@@ -583,6 +583,12 @@ impl Config {
         {
             return fail("STOWAGE_AUTH__HS256_SECRET", "must be at least 16 bytes");
         }
+        if let Some(origin) = self.cors_origins.iter().find(|o| !is_origin(o)) {
+            return Err(ConfigError(format!(
+                "STOWAGE_CORS_ORIGINS: {origin:?} is not an origin (scheme://host[:port], no \
+                 path or trailing slash, which a browser never sends; or * for any)"
+            )));
+        }
         if self.auth.jwks_url.is_some() && self.auth.audience.is_none() {
             return fail(
                 "STOWAGE_AUTH__AUDIENCE",
@@ -996,6 +1002,20 @@ fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>,
     })
 }
 
+/// Whether `value` is an origin as a browser sends it in `Origin`: `scheme://host[:port]`
+/// over http(s), or `*`. `null` (sandboxed frames, `file:` and `data:` pages) is none: allowing
+/// it would let any such page call.
+fn is_origin(value: &str) -> bool {
+    if value == "*" {
+        return true;
+    }
+    url::Url::parse(value).is_ok_and(|url| {
+        matches!(url.scheme(), "http" | "https")
+            && url.host().is_some()
+            && url.origin().ascii_serialization() == value
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1027,6 +1047,28 @@ mod tests {
         let mut config = valid();
         config.connections.per_address = config.connections.max + 1;
         refused_naming(&config, "STOWAGE_CONNECTIONS__PER_ADDRESS");
+    }
+
+    #[test]
+    fn cors_origins_must_be_origins() {
+        let mut config = valid();
+        config.cors_origins = vec![
+            "https://app.example.com".into(),
+            "http://localhost:5173".into(),
+            "*".into(),
+        ];
+        assert!(config.validate().is_ok());
+        for bad in [
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "null",
+            "app.example.com",
+            "file:///tmp",
+            "HTTPS://APP.example.com",
+        ] {
+            config.cors_origins = vec![bad.into()];
+            refused_naming(&config, "STOWAGE_CORS_ORIGINS");
+        }
     }
 
     #[test]
