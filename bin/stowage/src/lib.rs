@@ -561,7 +561,7 @@ pub async fn serve_with(
     server.watch_readiness(&background, dependencies, degraded);
     match config.metrics_addr {
         None => {
-            server.merge_http(stowage_runtime::server::metrics_routes());
+            server.merge_http(stowage_runtime::server::public_metrics_routes());
         }
         Some(addr) => {
             let listener = TcpListener::bind(addr)

@@ -300,3 +300,52 @@ async fn invented_paths_make_no_new_series() -> anyhow::Result<()> {
     );
     mesh.stop().await
 }
+
+/// On the API's port, what operators read is for this machine alone: through a proxy (or
+/// from elsewhere) `/metrics` is refused, saying how to scrape it, and `/healthz` shows its
+/// status without the checks' detail (database errors, whether rate limits are off).
+#[tokio::test]
+async fn metrics_and_health_detail_stay_on_this_machine() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}{path}", mesh.addr);
+
+    let local = client.get(url("/metrics")).send().await?;
+    assert_eq!(local.status(), 200);
+    assert!(local.text().await?.contains("stowage_rpc_requests_total"));
+    for (header, value) in [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+    ] {
+        let proxied = client
+            .get(url("/metrics"))
+            .header(header, value)
+            .send()
+            .await?;
+        assert_eq!(proxied.status(), 403, "{header}");
+        assert!(proxied.text().await?.contains("STOWAGE_METRICS_ADDR"));
+    }
+
+    let health: serde_json::Value = client.get(url("/healthz")).send().await?.json().await?;
+    assert!(
+        health["checks"].as_object().is_some_and(|c| !c.is_empty()),
+        "{health}"
+    );
+    let proxied = client
+        .get(url("/healthz"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await?;
+    assert_eq!(proxied.status(), 200);
+    let proxied: serde_json::Value = proxied.json().await?;
+    assert_eq!(
+        proxied
+            .as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["status".to_owned()]),
+        "{proxied}"
+    );
+    assert!(proxied["status"].is_string());
+    mesh.stop().await
+}

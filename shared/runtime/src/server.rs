@@ -10,7 +10,7 @@ use tonic::{
     body::Body,
     server::NamedService,
     service::{Routes, RoutesBuilder, interceptor::InterceptedService},
-    transport::Server,
+    transport::{Server, server::TcpConnectInfo},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tonic_web::GrpcWebLayer;
@@ -101,6 +101,47 @@ pub fn metrics_routes() -> axum::Router {
             )
         }),
     )
+}
+
+/// `GET /metrics` on the port that serves the API (no `STOWAGE_METRICS_ADDR`): for this
+/// machine alone (see [`from_this_machine`]). The series name users (their consumer groups),
+/// the store's capacity and free space, what fails and how often; others get 403 saying how
+/// to scrape from elsewhere.
+pub fn public_metrics_routes() -> axum::Router {
+    stowage_telemetry::install_recorder();
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(
+            |connect: Option<axum::Extension<TcpConnectInfo>>, headers: http::HeaderMap| async move {
+                use axum::response::IntoResponse;
+                if !from_this_machine(connect.as_ref().map(|c| &c.0), &headers) {
+                    return (
+                        http::StatusCode::FORBIDDEN,
+                        "metrics are served on this port to this machine only; set \
+                         STOWAGE_METRICS_ADDR to scrape them from elsewhere\n",
+                    )
+                        .into_response();
+                }
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    stowage_telemetry::render_metrics(),
+                )
+                    .into_response()
+            },
+        ),
+    )
+}
+
+/// Whether a request to the API's port comes from this machine itself and not through a
+/// proxy (which may be on this machine too): what operators read (metrics, the detail of
+/// `/healthz`) is shown there only to such callers.
+fn from_this_machine(connect: Option<&TcpConnectInfo>, headers: &http::HeaderMap) -> bool {
+    let loopback = connect
+        .and_then(TcpConnectInfo::remote_addr)
+        .is_some_and(|addr| addr.ip().is_loopback());
+    loopback
+        && !headers.contains_key("x-forwarded-for")
+        && !headers.contains_key(http::header::FORWARDED)
 }
 
 /// Serves [`metrics_routes`] alone on `listener` until `shutdown`.
@@ -274,15 +315,22 @@ impl GrpcServer {
             "status": "starting"
         })));
         let shown = std::sync::Arc::clone(&detail);
-        let show = move || {
+        // The status for anyone (load balancers, uptime checks); the checks' detail (errors
+        // of the database and Redis, whether rate limits are off, free space) for this
+        // machine only.
+        let show = move |connect: Option<axum::Extension<TcpConnectInfo>>,
+                         headers: http::HeaderMap| {
             let shown = std::sync::Arc::clone(&shown);
             async move {
-                let body = shown.read().map(|d| d.clone()).unwrap_or_default();
+                let mut body = shown.read().map(|d| d.clone()).unwrap_or_default();
                 let code = if body["status"] == "not_serving" || body["status"] == "starting" {
                     http::StatusCode::SERVICE_UNAVAILABLE
                 } else {
                     http::StatusCode::OK
                 };
+                if !from_this_machine(connect.as_ref().map(|c| &c.0), &headers) {
+                    body = serde_json::json!({ "status": body["status"] });
+                }
                 (code, axum::Json(body))
             }
         };
