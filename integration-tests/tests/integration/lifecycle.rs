@@ -438,6 +438,55 @@ async fn a_file_whose_lapsed_hold_is_still_to_be_committed_is_not_repaired() -> 
     mesh.stop().await
 }
 
+/// Reconciliation pages through Quota's accounts and, beside each page, Files' owners between
+/// its ids (a page at a time held, not every owner): drifts on the first, a middle and the last
+/// page are repaired, and so is an owner with files whose account is gone.
+#[tokio::test]
+async fn usage_is_reconciled_page_by_page_of_accounts() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = reconciling(&setup, Duration::from_secs(1)).await?;
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    // 2,500 quiet accounts: three pages of a thousand.
+    conn.execute(
+        "INSERT INTO quota.accounts (user_id, limit_bytes)
+         SELECT 'u' || lpad(i::text, 4, '0'), 1000000 FROM generate_series(0, 2499) i",
+        &[],
+    )
+    .await?;
+    let owners = ["u0500x", "u0999z", "u1500x", "zz-last"];
+    for (i, owner) in owners.iter().enumerate() {
+        let bytes = random_bytes(1_000 + i);
+        upload(mesh.channel(), &token(owner, &[]), "f.bin", &bytes, &[]).await?;
+    }
+    for owner in ["u0500x", "u1500x", "zz-last"] {
+        conn.execute(
+            "UPDATE quota.accounts SET used_bytes = used_bytes + 777 WHERE user_id = $1",
+            &[&owner],
+        )
+        .await?;
+    }
+    conn.batch_execute(
+        "DELETE FROM quota.ledger WHERE user_id = 'u0999z';
+         DELETE FROM quota.reservations WHERE user_id = 'u0999z';
+         DELETE FROM quota.accounts WHERE user_id = 'u0999z';",
+    )
+    .await?;
+
+    let run = run_now(&mesh, "usage_reconcile", false).await?;
+    assert_eq!((run.acted, run.failed), (4, 0), "{run:?}");
+    assert!(run.examined >= 2_503, "{run:?}");
+    for (i, owner) in owners.iter().enumerate() {
+        assert_eq!(
+            usage(mesh.channel(), &token(owner, &[])).await?.used_bytes,
+            1_000 + i as u64,
+            "{owner}"
+        );
+    }
+    assert_eq!(run_now(&mesh, "usage_reconcile", false).await?.acted, 0);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyhow::Result<()> {
     let setup = Setup::new().await?;

@@ -677,12 +677,14 @@ impl Catalog {
         Ok(rows.iter().map(FileRecord::from_row).collect())
     }
 
-    /// Per owner after `after` (by id): bytes stored (originals, trash included, plus the
-    /// variant bytes charged), file count, and files whose variant charge is in flight.
+    /// Per owner after `after` and up to `until` (by id): bytes stored (originals, trash
+    /// included, plus the variant bytes charged), file count, and files whose variant charge
+    /// is in flight.
     pub async fn usage_by_owner(
         &self,
         only: Option<&str>,
         after: Option<&str>,
+        until: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(String, u64, u64, u64)>> {
         let conn = self.pool.get().await?;
@@ -696,8 +698,9 @@ impl Catalog {
                             AS moving
                  FROM files.files
                  WHERE ($1::text IS NULL OR owner_id > $1) AND ($3::text IS NULL OR owner_id = $3)
+                   AND ($4::text IS NULL OR owner_id <= $4)
                  GROUP BY owner_id ORDER BY owner_id LIMIT $2",
-                &[&after, &limit, &only],
+                &[&after, &limit, &only, &until],
             )
             .await?;
         Ok(rows

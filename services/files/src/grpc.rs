@@ -639,16 +639,36 @@ impl files_server::Files for FilesGrpc {
         identity(&request)?.require_privileged()?;
         let req = request.into_inner();
         let size = page_size(req.page_size, 100, 1000)?;
-        let fingerprint = paging::fingerprint(&("usage_by_owner", &req.owner_id));
-        let after: Option<String> = paging::decode(&req.page_token, &fingerprint)?;
-        let only = (!req.owner_id.is_empty()).then_some(req.owner_id.as_str());
-        if let Some(owner) = only {
-            stowage_blob::keys::validate_user_id(owner)
-                .map_err(|why| invalid_argument("owner_id", why))?;
+        let fingerprint = paging::fingerprint(&(
+            "usage_by_owner",
+            &req.owner_id,
+            &req.after_owner_id,
+            &req.until_owner_id,
+        ));
+        let token_after: Option<String> = paging::decode(&req.page_token, &fingerprint)?;
+        let non_empty = |id: &str| (!id.is_empty()).then(|| id.to_owned());
+        for (field, id) in [
+            ("owner_id", &req.owner_id),
+            ("after_owner_id", &req.after_owner_id),
+            ("until_owner_id", &req.until_owner_id),
+        ] {
+            if !id.is_empty() {
+                stowage_blob::keys::validate_user_id(id)
+                    .map_err(|why| invalid_argument(field, why))?;
+            }
         }
+        let only = non_empty(&req.owner_id);
+        // A page token is always past the range's start.
+        let after = token_after.or_else(|| non_empty(&req.after_owner_id));
+        let until = non_empty(&req.until_owner_id);
         let mut owners = self
             .catalog
-            .usage_by_owner(only, after.as_deref(), size + 1)
+            .usage_by_owner(
+                only.as_deref(),
+                after.as_deref(),
+                until.as_deref(),
+                size + 1,
+            )
             .await?;
         let next_page_token =
             paging::finish_page(&mut owners, size, &fingerprint, |(owner, ..)| {

@@ -800,15 +800,13 @@ impl Lifecycle {
         Ok(tally)
     }
 
-    /// Every user's usage recounted from Files (originals, trash included, plus charged
-    /// variants) and set in Quota where it drifted and holds still (see [`crate::usage`]),
-    /// with a ledger entry saying so. Accounts with an upload in flight (bytes reserved) are
-    /// left for the next run: their files and their usage may be between two steps of a
-    /// commit.
-    async fn usage_reconcile(&self, dry_run: bool) -> Result<Tally, tonic::Status> {
-        // Every owner with files and their bytes (about 100 bytes each: some 100 MB for a
-        // million owners). Files and Quota list by id in their database's collation, which this
-        // process cannot compare in, so the two listings are not merged page by page.
+    /// Bytes stored per owner whose id is after `after` and up to `until` (empty: no bound),
+    /// from Files' usage listing.
+    async fn stored_between(
+        &self,
+        after: &str,
+        until: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>, tonic::Status> {
         let mut stored = std::collections::BTreeMap::new();
         let mut page_token = String::new();
         loop {
@@ -818,28 +816,50 @@ impl Lifecycle {
                     page_size: 1000,
                     page_token: page_token.clone(),
                     owner_id: String::new(),
+                    after_owner_id: after.to_owned(),
+                    until_owner_id: until.to_owned(),
                 })
                 .await?;
             for owner in page.owners {
                 stored.insert(owner.owner_id, owner.stored_bytes);
             }
             if page.next_page_token.is_empty() {
-                break;
+                return Ok(stored);
             }
             page_token = page.next_page_token;
         }
+    }
+
+    /// Every user's usage recounted from Files (originals, trash included, plus charged
+    /// variants) and set in Quota where it drifted and holds still (see [`crate::usage`]),
+    /// with a ledger entry saying so. Accounts with an upload in flight (bytes reserved) are
+    /// left for the next run: their files and their usage may be between two steps of a
+    /// commit.
+    async fn usage_reconcile(&self, dry_run: bool) -> Result<Tally, tonic::Status> {
+        // Quota's accounts page by page, and beside each page Files' owners between the
+        // previous page's last id and this one's: only a page's worth of owners is held at a
+        // time, whatever the number of users. Ranges are cut in each service's own collation:
+        // should the two differ, an owner may fall beside another page than its account, and
+        // looks drifted on both sides; the second look, user by user, finds the truth.
         let mut tally = Tally::default();
         let mut seen = Vec::new();
-        let mut page_token = String::new();
+        let mut accounts_token = String::new();
+        let mut after = String::new();
         loop {
             let page = self
                 .quota
                 .list_accounts(pb::ListAccountsRequest {
                     min_used_percent: 0.0,
                     page_size: 1000,
-                    page_token: page_token.clone(),
+                    page_token: accounts_token.clone(),
                 })
                 .await?;
+            let last = page.next_page_token.is_empty();
+            let until = match (last, page.accounts.last()) {
+                (false, Some(account)) => account.user_id.clone(),
+                _ => String::new(),
+            };
+            let mut stored = self.stored_between(&after, &until).await?;
             for account in page.accounts {
                 tally.examined += 1;
                 let observed = Observed {
@@ -857,22 +877,23 @@ impl Lifecycle {
                     seen.push(observed);
                 }
             }
-            if page.next_page_token.is_empty() {
+            // Owners with files but no account: their usage is 0 where it should not be.
+            for (user_id, stored) in stored {
+                tally.examined += 1;
+                seen.push(Observed {
+                    user_id,
+                    stored,
+                    used: 0,
+                    reserved: 0,
+                    lapsed: 0,
+                    moving: 0,
+                });
+            }
+            if last {
                 break;
             }
-            page_token = page.next_page_token;
-        }
-        // Owners with files but no account: their usage is 0 where it should not be.
-        for (user_id, stored) in stored {
-            tally.examined += 1;
-            seen.push(Observed {
-                user_id,
-                stored,
-                used: 0,
-                reserved: 0,
-                lapsed: 0,
-                moving: 0,
-            });
+            accounts_token = page.next_page_token;
+            after = until;
         }
         let drift = self
             .repair_settled(seen, &repair_key("reconcile"), dry_run, &mut tally)

@@ -62,8 +62,8 @@ impl Lifecycle {
             .files
             .usage_by_owner(pb::UsageByOwnerRequest {
                 page_size: 1,
-                page_token: String::new(),
                 owner_id: user_id.to_owned(),
+                ..Default::default()
             })
             .await?
             .owners
