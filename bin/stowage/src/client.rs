@@ -699,10 +699,14 @@ fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
-/// A display name made safe to use as a local file name.
+/// A display name made safe to use as a local file name (no directories, no control or
+/// bidirectional characters).
 fn sanitize(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or("download");
-    let cleaned: String = base.chars().filter(|c| !c.is_control()).collect();
+    let cleaned: String = base
+        .chars()
+        .filter(|c| !c.is_control() && !stowage_runtime::validate::is_bidi_control(*c))
+        .collect();
     match cleaned.as_str() {
         "" | "." | ".." => "download".into(),
         _ => cleaned,
@@ -792,7 +796,11 @@ pub fn print_files(files: &[pb::File]) {
             kind,
             human(f.size_bytes),
             created,
+            // As it would be saved: a bidirectional override would turn the line around.
             f.display_name
+                .chars()
+                .filter(|c| !stowage_runtime::validate::is_bidi_control(*c))
+                .collect::<String>()
         );
     }
 }
@@ -800,6 +808,16 @@ pub fn print_files(files: &[pb::File]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A saved file's name is the display name's last part, without control or bidirectional
+    /// characters.
+    #[test]
+    fn saved_names_keep_no_directories_or_bidirectional_controls() {
+        assert_eq!(sanitize("../x/invoice\u{202E}fdp.exe"), "invoicefdp.exe");
+        assert_eq!(sanitize("a\\b\u{7}.txt"), "b.txt");
+        assert_eq!(sanitize("\u{2067}.."), "download");
+        assert_eq!(sanitize("Résumé.pdf"), "Résumé.pdf");
+    }
 
     /// What a producer put in an event reaches the terminal as text, never as escapes.
     #[test]

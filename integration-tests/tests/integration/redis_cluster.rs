@@ -10,14 +10,14 @@ use stowage_ratelimit::Rule;
 use stowage_testkit::{LocalRedisCluster, Mesh, Setup, token};
 use tonic::Code;
 
-/// The keys the node on `port` holds that match `pattern`.
-async fn keys_on(port: u16, pattern: &str) -> anyhow::Result<Vec<String>> {
+/// What `redis-cli` prints for `args` sent to the node on `port`, a line each.
+async fn redis_cli(port: u16, args: &[&str]) -> anyhow::Result<Vec<String>> {
     let out = tokio::process::Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--scan"])
-        .args(["--pattern", pattern])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
         .output()
         .await?;
-    anyhow::ensure!(out.status.success(), "redis-cli --scan on {port}");
+    anyhow::ensure!(out.status.success(), "redis-cli {args:?} on {port}");
     Ok(String::from_utf8(out.stdout)?
         .lines()
         .map(str::to_owned)
@@ -71,23 +71,20 @@ async fn the_mesh_runs_on_a_redis_cluster() -> anyhow::Result<()> {
     })
     .await?;
 
-    // The streams and their epoch keys sit on one node: one slot for the namespace.
+    // The streams and their epoch keys share one slot (so one node).
     let pattern = format!("*{}*:events:*", setup.namespace());
-    let mut holders = Vec::new();
+    let mut slots = std::collections::BTreeMap::new();
     for port in cluster.ports() {
-        let keys = keys_on(*port, &pattern).await?;
-        if !keys.is_empty() {
-            holders.push((*port, keys));
+        for key in redis_cli(*port, &["--scan", "--pattern", &pattern]).await? {
+            let slot = redis_cli(*port, &["CLUSTER", "KEYSLOT", &key]).await?;
+            slots.insert(key, (slot, *port));
         }
     }
-    assert_eq!(
-        holders.len(),
-        1,
-        "event keys spread over nodes: {holders:?}"
-    );
+    assert!(slots.len() >= 3, "streams of several topics: {slots:?}");
+    let first = slots.values().next().cloned();
     assert!(
-        holders[0].1.len() >= 2,
-        "streams of several topics: {holders:?}"
+        slots.values().all(|s| Some(s) == first.as_ref()),
+        "event keys in several slots: {slots:?}"
     );
 
     // Rate limits live in the cluster too: bob's third download in a row waits.

@@ -325,11 +325,13 @@ fn download_name(display_name: &str, variant: &str, mime_type: &str) -> String {
 
 /// `Content-Disposition` with `name`: in UTF-8 (RFC 8187) for clients that read it, and
 /// before it a plain ASCII form for those that do not (RFC 6266, 4.3), with what it cannot
-/// carry replaced by `_` (and `%`, which some browsers would decode there). Bidirectional
-/// controls are left out of the saved name: `invoice\u{202E}fdp.exe` shows as `invoiceexe.pdf`
-/// but runs as the `.exe` it is.
+/// carry replaced by `_` (and `%`, which some browsers would decode there), and without
+/// bidirectional controls ([`stowage_runtime::validate::is_bidi_control`]).
 fn content_disposition(attachment: bool, name: &str) -> String {
-    let name: String = name.chars().filter(|c| !is_bidi_control(*c)).collect();
+    let name: String = name
+        .chars()
+        .filter(|c| !stowage_runtime::validate::is_bidi_control(*c))
+        .collect();
     let ascii: String = name
         .chars()
         .map(|c| match c {
@@ -342,12 +344,6 @@ fn content_disposition(attachment: bool, name: &str) -> String {
         if attachment { "attachment" } else { "inline" },
         percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
     )
-}
-
-/// Marks and overrides of the Unicode bidirectional algorithm (embeddings, overrides,
-/// isolates, the left-to-right, right-to-left and Arabic letter marks).
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 async fn serve_signed(

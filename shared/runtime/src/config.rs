@@ -584,9 +584,13 @@ impl Config {
             return fail("STOWAGE_AUTH__HS256_SECRET", "must be at least 16 bytes");
         }
         if let Some(origin) = self.cors_origins.iter().find(|o| !is_origin(o)) {
+            let hint = normal_origin(origin)
+                .map(|o| format!("; a browser sends {o:?}"))
+                .unwrap_or_default();
             return Err(ConfigError(format!(
-                "STOWAGE_CORS_ORIGINS: {origin:?} is not an origin (scheme://host[:port], no \
-                 path or trailing slash, which a browser never sends; or * for any)"
+                "STOWAGE_CORS_ORIGINS: {origin:?} is not an origin as a browser sends it \
+                 (scheme://host[:port], no path, no trailing slash, not null; or * for \
+                 any){hint}"
             )));
         }
         if self.auth.jwks_url.is_some() && self.auth.audience.is_none() {
@@ -1002,18 +1006,30 @@ fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>,
     })
 }
 
-/// Whether `value` is an origin as a browser sends it in `Origin`: `scheme://host[:port]`
-/// over http(s), or `*`. `null` (sandboxed frames, `file:` and `data:` pages) is none: allowing
-/// it would let any such page call.
+/// Whether `value` is an origin as a browser sends it in `Origin`: `scheme://host[:port]` in
+/// its normal form (an http(s) origin lowercased, without its scheme's default port; an
+/// extension's or an app's, `chrome-extension://<id>` or `capacitor://localhost`, as written),
+/// or `*`. `null` (sandboxed frames, `file:` and `data:` pages) is none: allowing it would let
+/// any such page call.
 fn is_origin(value: &str) -> bool {
-    if value == "*" {
-        return true;
+    value == "*" || normal_origin(value).as_deref() == Some(value)
+}
+
+/// The form of `value` a browser would send as its origin, if it names one.
+fn normal_origin(value: &str) -> Option<String> {
+    let url = url::Url::parse(value).ok()?;
+    let bare = url.username().is_empty()
+        && url.password().is_none()
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.host().is_some();
+    if !bare {
+        return None;
     }
-    url::Url::parse(value).is_ok_and(|url| {
-        matches!(url.scheme(), "http" | "https")
-            && url.host().is_some()
-            && url.origin().ascii_serialization() == value
-    })
+    match url.scheme() {
+        "http" | "https" => (url.path() == "/").then(|| url.origin().ascii_serialization()),
+        _ => url.path().is_empty().then(|| url.as_str().to_owned()),
+    }
 }
 
 #[cfg(test)]
@@ -1055,19 +1071,39 @@ mod tests {
         config.cors_origins = vec![
             "https://app.example.com".into(),
             "http://localhost:5173".into(),
+            "http://[::1]:8080".into(),
+            "chrome-extension://abcdefghijklmnop".into(),
+            "capacitor://localhost".into(),
             "*".into(),
         ];
-        assert!(config.validate().is_ok());
-        for bad in [
-            "https://app.example.com/",
-            "https://app.example.com/path",
-            "null",
-            "app.example.com",
-            "file:///tmp",
-            "HTTPS://APP.example.com",
+        assert!(config.validate().is_ok(), "{:?}", config.validate());
+        for (bad, hint) in [
+            ("https://app.example.com/", Some("https://app.example.com")),
+            ("https://app.example.com/path", None),
+            (
+                "https://app.example.com:443",
+                Some("https://app.example.com"),
+            ),
+            ("HTTPS://APP.example.com", Some("https://app.example.com")),
+            ("https://user@app.example.com", None),
+            ("null", None),
+            ("app.example.com", None),
+            ("file:///tmp", None),
+            ("chrome-extension://abc/page.html", None),
         ] {
             config.cors_origins = vec![bad.into()];
             refused_naming(&config, "STOWAGE_CORS_ORIGINS");
+            let error = config
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            if let Some(hint) = hint {
+                assert!(
+                    error.contains(&format!("a browser sends {hint:?}")),
+                    "{error}"
+                );
+            }
         }
     }
 

@@ -104,7 +104,7 @@ pub fn metrics_routes() -> axum::Router {
 }
 
 /// `GET /metrics` on the port that serves the API (no `STOWAGE_METRICS_ADDR`): for this
-/// machine alone (see [`from_this_machine`]). The series name users (their consumer groups),
+/// machine alone (loopback, no proxy headers). The series name users (their consumer groups),
 /// the store's capacity and free space, what fails and how often; others get 403 saying how
 /// to scrape from elsewhere.
 pub fn public_metrics_routes() -> axum::Router {
@@ -134,14 +134,23 @@ pub fn public_metrics_routes() -> axum::Router {
 
 /// Whether a request to the API's port comes from this machine itself and not through a
 /// proxy (which may be on this machine too): what operators read (metrics, the detail of
-/// `/healthz`) is shown there only to such callers.
+/// `/healthz`) is shown there only to such callers. A proxy that says nothing of itself (a
+/// TCP forwarder) cannot be told apart: `STOWAGE_METRICS_ADDR` is the way behind one.
 fn from_this_machine(connect: Option<&TcpConnectInfo>, headers: &http::HeaderMap) -> bool {
+    // `::ffff:127.0.0.1` on a dual-stack listener is loopback too.
     let loopback = connect
         .and_then(TcpConnectInfo::remote_addr)
-        .is_some_and(|addr| addr.ip().is_loopback());
-    loopback
-        && !headers.contains_key("x-forwarded-for")
-        && !headers.contains_key(http::header::FORWARDED)
+        .is_some_and(|addr| addr.ip().to_canonical().is_loopback());
+    let proxied = [
+        "x-forwarded-for",
+        "forwarded",
+        "x-real-ip",
+        "via",
+        "x-forwarded-host",
+    ]
+    .iter()
+    .any(|name| headers.contains_key(*name));
+    loopback && !proxied
 }
 
 /// Serves [`metrics_routes`] alone on `listener` until `shutdown`.

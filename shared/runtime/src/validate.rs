@@ -23,6 +23,17 @@ pub fn display_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Marks and overrides of the Unicode bidirectional algorithm (embeddings, overrides,
+/// isolates, the left-to-right, right-to-left and Arabic letter marks): a name keeps them as
+/// its owner gave it, but a file saved under it leaves them out (`invoice\u{202E}fdp.exe`
+/// shows as `invoiceexe.pdf` and runs as the `.exe` it is).
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 /// Tags are trimmed, deduplicated and checked: at most 32, each 1..=64 characters without
 /// control characters.
 pub fn tags(tags: &[String]) -> Result<Vec<String>, String> {

@@ -152,12 +152,15 @@ impl Drop for TestDatabase {
         }
         let admin_url = std::mem::take(&mut self.admin_url);
         let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        // On a thread of its own: a drop inside a runtime cannot block on that runtime.
+        // On a thread of its own: a drop inside a runtime cannot block on that runtime. A
+        // server that does not answer leaves the database rather than hang the test.
         let dropped = std::thread::spawn(move || {
+            let dropping = admin_execute(&admin_url, &statement);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(admin_execute(&admin_url, &statement))
+                .block_on(async { tokio::time::timeout(Duration::from_secs(30), dropping).await })
+                .context("no answer in 30 s")?
         })
         .join();
         match dropped {

@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 pub struct LocalRedisCluster {
     ports: Vec<u16>,
     _nodes: Vec<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl LocalRedisCluster {
@@ -26,19 +26,20 @@ impl LocalRedisCluster {
         let mut ports = Vec::new();
         for i in 0..3 {
             let port = stowage_local::free_port()?;
-            // The bus port is named: port + 10000, Redis's default, may not exist.
+            // The bus port is named (Redis 7's `--cluster-port`): port + 10000, Redis's
+            // default, may not exist.
             let bus = stowage_local::free_port()?;
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir(&node_dir)?;
             let child = stowage_local::redis_command(port)
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus.to_string(),
-                ])
-                .args(["--cluster-node-timeout", "5000", "--dir"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-port", &bus.to_string()])
+                .args(["--cluster-node-timeout", "5000"])
+                .arg("--dir")
                 .arg(&node_dir)
+                // What says why a node stopped, shown when it does not come up.
+                .arg("--logfile")
+                .arg(node_dir.join("redis.log"))
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .context("redis-server (scripts/setup installs it)")?;
@@ -48,7 +49,7 @@ impl LocalRedisCluster {
         let cluster = Self {
             ports,
             _nodes: nodes,
-            _dir: dir,
+            dir,
         };
         for port in &cluster.ports {
             cluster.wait_for(*port, "PING", "PONG").await?;
@@ -58,13 +59,17 @@ impl LocalRedisCluster {
             .arg("create")
             .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
+            .kill_on_drop(true)
+            .output();
+        let create = tokio::time::timeout(Duration::from_secs(30), create)
             .await
+            .with_context(|| format!("redis-cli --cluster create hung{}", cluster.logs()))?
             .context("redis-cli")?;
         ensure!(
             create.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&create.stdout)
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&create.stdout),
+            cluster.logs()
         );
         for port in &cluster.ports {
             cluster
@@ -82,17 +87,36 @@ impl LocalRedisCluster {
             let reply = Command::new("redis-cli")
                 .args(["-h", "127.0.0.1", "-p", &port.to_string()])
                 .args(command.split_whitespace())
-                .output()
+                .kill_on_drop(true)
+                .output();
+            let answered = tokio::time::timeout(Duration::from_secs(2), reply)
                 .await
-                .context("redis-cli")?;
-            if String::from_utf8_lossy(&reply.stdout).contains(expected) {
+                .ok()
+                .transpose()
+                .context("redis-cli")?
+                .is_some_and(|r| String::from_utf8_lossy(&r.stdout).contains(expected));
+            if answered {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("redis node {port}: {command} never answered {expected}");
+                bail!(
+                    "redis node {port}: {command} never answered {expected}{}",
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The nodes' logs, to say why one did not come up.
+    fn logs(&self) -> String {
+        (0..self.ports.len())
+            .map(|i| {
+                let log = self.dir.path().join(format!("node{i}/redis.log"));
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                format!("\n--- node{i} ---\n{}", text.trim_end())
+            })
+            .collect()
     }
 
     /// The URL that names every node (`redis-cluster://first?node=second&node=third`).
