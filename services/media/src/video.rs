@@ -349,7 +349,7 @@ impl Tools {
     }
 }
 
-/// Most bytes ffmpeg writes for a web copy; it is read into memory to be stored.
+/// Most bytes ffmpeg writes for a web copy (stored from its file in 8 MiB pieces).
 pub const WEB_VIDEO_MAX_BYTES: u64 = 256 << 20;
 
 /// Whether a copy `output_ms` long of a video `input_ms` long ends early (more than a second
