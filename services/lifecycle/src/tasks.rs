@@ -854,11 +854,13 @@ impl Lifecycle {
                     page_token: accounts_token.clone(),
                 })
                 .await?;
-            let last = page.next_page_token.is_empty();
-            let until = match (last, page.accounts.last()) {
+            // The last page takes every owner after the one before it. (A page without
+            // accounts but with a next one cannot bound a range: taken as the last.)
+            let until = match (page.next_page_token.is_empty(), page.accounts.last()) {
                 (false, Some(account)) => account.user_id.clone(),
                 _ => String::new(),
             };
+            let last = until.is_empty();
             let mut stored = self.stored_between(&after, &until).await?;
             for account in page.accounts {
                 tally.examined += 1;
