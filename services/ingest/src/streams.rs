@@ -162,6 +162,23 @@ struct Inner {
 /// Consumer groups given lag series at each measurement, those furthest behind.
 const LAG_GROUPS: usize = 50;
 
+/// Consumer groups one process ever gives lag series (the exporter never forgets a series):
+/// users who make group after group fall behind cannot grow the scrape without bound.
+const LAG_SERIES_MAX: usize = 500;
+
+/// Whether `group` gets a lag series: it has one already, or fewer than `max` groups were
+/// ever given one (`reported`, which it then joins).
+fn admit_series(reported: &mut std::collections::HashSet<String>, group: &str, max: usize) -> bool {
+    if reported.contains(group) {
+        return true;
+    }
+    if reported.len() >= max {
+        return false;
+    }
+    reported.insert(group.to_owned());
+    true
+}
+
 /// How many subscriptions each owner has open.
 type OpenPerOwner = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
 
@@ -916,7 +933,8 @@ impl EventStreams {
     /// sealed in the last day that it has not acknowledged, and the age of the oldest. Group
     /// names are the callers', so only the [`LAG_GROUPS`] furthest behind get series; one
     /// that drops out of them is set to 0 (so the series a process keeps grow only with the
-    /// groups that were ever that far behind).
+    /// groups that were ever that far behind), and past [`LAG_SERIES_MAX`] groups a process
+    /// gives no new group a series (until it restarts).
     async fn measure_consumer_lag(&self) -> Result<()> {
         let conn = self.inner.pool.get().await?;
         let groups = conn
@@ -950,14 +968,27 @@ impl EventStreams {
             metrics::gauge!("stowage_stream_consumer_lag_seconds", "group" => gone.clone())
                 .set(0.0);
         }
+        let mut unreported = 0;
         for row in &groups {
             let group: String = row.get(0);
+            if !admit_series(&mut reported, &group, LAG_SERIES_MAX) {
+                unreported += 1;
+                continue;
+            }
             metrics::gauge!("stowage_stream_consumer_lag_batches", "group" => group.clone())
                 .set(row.get::<_, i64>(1) as f64);
             metrics::gauge!("stowage_stream_consumer_lag_seconds", "group" => group)
                 .set(row.get::<_, f64>(2));
         }
-        reported.extend(now);
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if unreported > 0 && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                unreported,
+                limit = LAG_SERIES_MAX,
+                "consumer groups behind without a lag series: this process gave {LAG_SERIES_MAX} \
+                 groups one already"
+            );
+        }
         Ok(())
     }
 
@@ -1754,6 +1785,17 @@ fn without_inline_screenshots(object: &[u8], codec: EventCodec) -> Result<Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the bound no new group gets a series; those that have one keep it.
+    #[test]
+    fn lag_series_are_given_to_a_bounded_number_of_groups() {
+        let mut reported = std::collections::HashSet::new();
+        assert!(admit_series(&mut reported, "ann/a", 2));
+        assert!(admit_series(&mut reported, "bob/b", 2));
+        assert!(!admit_series(&mut reported, "cat/c", 2));
+        assert!(admit_series(&mut reported, "ann/a", 2));
+        assert_eq!(reported.len(), 2);
+    }
 
     fn event(seq: u64, payload: usize) -> pb::Event {
         pb::Event {
