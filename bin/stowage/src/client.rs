@@ -703,9 +703,9 @@ fn status(s: tonic::Status) -> anyhow::Error {
 /// bidirectional characters).
 fn sanitize(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or("download");
-    let cleaned: String = base
+    let cleaned: String = stowage_runtime::validate::without_bidi_controls(base)
         .chars()
-        .filter(|c| !c.is_control() && !stowage_runtime::validate::is_bidi_control(*c))
+        .filter(|c| !c.is_control())
         .collect();
     match cleaned.as_str() {
         "" | "." | ".." => "download".into(),
@@ -797,10 +797,7 @@ pub fn print_files(files: &[pb::File]) {
             human(f.size_bytes),
             created,
             // As it would be saved: a bidirectional override would turn the line around.
-            f.display_name
-                .chars()
-                .filter(|c| !stowage_runtime::validate::is_bidi_control(*c))
-                .collect::<String>()
+            stowage_runtime::validate::without_bidi_controls(&f.display_name)
         );
     }
 }

@@ -328,10 +328,7 @@ fn download_name(display_name: &str, variant: &str, mime_type: &str) -> String {
 /// carry replaced by `_` (and `%`, which some browsers would decode there), and without
 /// bidirectional controls ([`stowage_runtime::validate::is_bidi_control`]).
 fn content_disposition(attachment: bool, name: &str) -> String {
-    let name: String = name
-        .chars()
-        .filter(|c| !stowage_runtime::validate::is_bidi_control(*c))
-        .collect();
+    let name = stowage_runtime::validate::without_bidi_controls(name);
     let ascii: String = name
         .chars()
         .map(|c| match c {

@@ -903,11 +903,9 @@ impl Lifecycle {
         if !dry_run {
             // With its time: of the replicas, the one that reconciled last is believed (each
             // keeps the figure of its own last run).
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
             metrics::gauge!("stowage_usage_drift_bytes").set(drift as f64);
-            metrics::gauge!("stowage_usage_reconciled_timestamp_seconds").set(now.as_secs_f64());
+            metrics::gauge!("stowage_usage_reconciled_timestamp_seconds")
+                .set(Utc::now().timestamp() as f64);
         }
         Ok(tally)
     }

@@ -34,6 +34,12 @@ pub fn is_bidi_control(c: char) -> bool {
     )
 }
 
+/// `name` without its bidirectional controls ([`is_bidi_control`]), as a file is saved or a
+/// name is shown in a terminal.
+pub fn without_bidi_controls(name: &str) -> String {
+    name.chars().filter(|c| !is_bidi_control(*c)).collect()
+}
+
 /// Tags are trimmed, deduplicated and checked: at most 32, each 1..=64 characters without
 /// control characters.
 pub fn tags(tags: &[String]) -> Result<Vec<String>, String> {

@@ -250,56 +250,46 @@ impl Setup {
         let dir = tempfile::Builder::new()
             .prefix("stowage-blobs-")
             .tempdir()?;
-        let database = TestDatabase::create().await?;
-        Ok(Self {
-            database_url: database.url.clone(),
-            redis_url: servers().await.redis_url.clone(),
-            blob_url: format!("file://{}", dir.path().display()),
-            blob_dir: Some(dir),
-            default_limit: None,
-            env: Vec::new(),
-            store_server: None,
-            _database: database,
-        })
+        Self::with_store(format!("file://{}", dir.path().display()), Some(dir), None).await
     }
 
     /// A fresh database and an in-memory store (in-process meshes only).
     pub async fn memory() -> anyhow::Result<Self> {
-        let database = TestDatabase::create().await?;
-        Ok(Self {
-            database_url: database.url.clone(),
-            redis_url: servers().await.redis_url.clone(),
-            blob_url: "memory://".into(),
-            blob_dir: None,
-            default_limit: None,
-            env: Vec::new(),
-            store_server: None,
-            _database: database,
-        })
+        Self::with_store("memory://".into(), None, None).await
     }
 
     /// A fresh database and a bucket on a fresh S3-compatible server (moto). Only processes
     /// spawned by [`Processes`] can reach it: its settings travel in their environment.
     pub async fn s3() -> anyhow::Result<Self> {
-        Self::on(StoreServer::moto().await?).await
+        let server = StoreServer::moto().await?;
+        Self::with_store(server.blob_url.clone(), None, Some(server)).await
     }
 
     /// A fresh database and a container on a fresh Azure Blob Storage emulator (Azurite).
     /// Only processes spawned by [`Processes`] can reach it, as with [`Setup::s3`].
     pub async fn azure() -> anyhow::Result<Self> {
-        Self::on(StoreServer::azurite().await?).await
+        let server = StoreServer::azurite().await?;
+        Self::with_store(server.blob_url.clone(), None, Some(server)).await
     }
 
-    async fn on(server: StoreServer) -> anyhow::Result<Self> {
+    /// A fresh database beside the store at `blob_url` (its directory, or its server).
+    async fn with_store(
+        blob_url: String,
+        blob_dir: Option<tempfile::TempDir>,
+        store_server: Option<StoreServer>,
+    ) -> anyhow::Result<Self> {
         let database = TestDatabase::create().await?;
         Ok(Self {
             database_url: database.url.clone(),
             redis_url: servers().await.redis_url.clone(),
-            blob_url: server.blob_url.clone(),
-            blob_dir: None,
+            blob_url,
+            blob_dir,
             default_limit: None,
-            env: server.env.clone(),
-            store_server: Some(server),
+            env: store_server
+                .as_ref()
+                .map(|s| s.env.clone())
+                .unwrap_or_default(),
+            store_server,
             _database: database,
         })
     }
