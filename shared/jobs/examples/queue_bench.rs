@@ -15,7 +15,7 @@ use std::{
 
 use serde_json::json;
 use stowage_jobs::{Handler, JobState, NewJob, Queue, QueueConfig, Worker, handler_fn};
-use stowage_local::LocalPostgres;
+use stowage_local::{LocalPostgres, ScratchDatabase};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -37,11 +37,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
             url
         }
     };
-    let url = fresh_database(&admin_url).await?;
+    // Dropped at the end, with what the rounds left in it.
+    let database = ScratchDatabase::create(&admin_url).await?;
+    let url = database.url();
     println!("{jobs} jobs per round, no-op handler, concurrency 3 per worker");
     for workers in [1, 3] {
-        round(&url, jobs, workers).await?;
+        round(url, jobs, workers).await?;
     }
+    drop(database);
     if let Some((pg, _dir)) = local {
         pg.stop().await;
     }
@@ -98,19 +101,4 @@ async fn round(url: &str, jobs: u64, workers: usize) -> Result<(), Box<dyn Error
         jobs as f64 / took.as_secs_f64()
     );
     Ok(())
-}
-
-async fn fresh_database(admin_url: &str) -> Result<String, Box<dyn Error>> {
-    let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
-    let driver = tokio::spawn(conn);
-    let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
-    drop(client);
-    driver.await??;
-    let (base, _) = admin_url
-        .rsplit_once('/')
-        .ok_or("database url without a path")?;
-    Ok(format!("{base}/{name}"))
 }

@@ -70,7 +70,8 @@ async fn child_worker_until_killed() {
 
 #[tokio::test]
 async fn a_killed_workers_job_runs_again_after_the_visibility_timeout() {
-    let url = common::fresh_database().await;
+    let database = common::fresh_database().await;
+    let url = database.url().to_owned();
     let parent_config = QueueConfig {
         visibility_timeout: Duration::from_secs(2),
         job_timeout: Duration::from_secs(1),
@@ -175,7 +176,7 @@ async fn a_stopping_worker_hands_back_the_jobs_still_running_after_its_drain() {
         drain: Duration::from_millis(500),
         ..common::fast_config()
     };
-    let (queue, _url) = common::fresh_queue(config).await;
+    let (queue, _database) = common::fresh_queue(config).await;
     let id = queue
         .enqueue(NewJob::new(KIND, "long", json!({})))
         .await

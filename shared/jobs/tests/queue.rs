@@ -25,7 +25,7 @@ async fn state_of(queue: &Queue, id: Uuid) -> JobState {
 
 #[tokio::test]
 async fn one_key_is_one_job() {
-    let (queue, _) = fresh_queue(fast_config()).await;
+    let (queue, _database) = fresh_queue(fast_config()).await;
     let first = queue
         .enqueue(NewJob::new("thumbnail", "file-1", json!({"n": 1})))
         .await
@@ -64,7 +64,8 @@ async fn one_key_is_one_job() {
 
 #[tokio::test]
 async fn three_workers_run_each_of_200_jobs_exactly_once() {
-    let (queue, url) = fresh_queue(fast_config()).await;
+    let (queue, database) = fresh_queue(fast_config()).await;
+    let url = database.url();
     let runs: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
     let mut ids = Vec::new();
     for i in 0..100 {
@@ -80,7 +81,7 @@ async fn three_workers_run_each_of_200_jobs_exactly_once() {
     let mut per_worker = Vec::new();
     for _ in 0..3 {
         // Each worker has its own pool, as separate replicas would.
-        let replica = common::queue_at(&url, fast_config()).await;
+        let replica = common::queue_at(url, fast_config()).await;
         let ran = Arc::new(AtomicU32::new(0));
         let (runs, ran_here) = (runs.clone(), ran.clone());
         let handler = handler_fn(move |job| {
@@ -146,7 +147,7 @@ async fn a_failing_job_backs_off_exponentially_then_is_dead() {
         backoff_cap: Duration::from_secs(60),
         ..fast_config()
     };
-    let (queue, _) = fresh_queue(config).await;
+    let (queue, _database) = fresh_queue(config).await;
     let started: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let times = started.clone();
     let handler = handler_fn(move |_job| {
@@ -188,7 +189,7 @@ async fn a_failing_job_backs_off_exponentially_then_is_dead() {
 
 #[tokio::test]
 async fn a_permanent_error_is_dead_at_once_and_an_operator_can_requeue_it() {
-    let (queue, _) = fresh_queue(fast_config()).await;
+    let (queue, _database) = fresh_queue(fast_config()).await;
     let runs = Arc::new(AtomicU32::new(0));
     let counter = runs.clone();
     let handler = handler_fn(move |job| {
@@ -259,7 +260,7 @@ async fn a_job_over_its_timeout_fails() {
         visibility_timeout: Duration::from_secs(5),
         ..fast_config()
     };
-    let (queue, _) = fresh_queue(config).await;
+    let (queue, _database) = fresh_queue(config).await;
     let handler = handler_fn(|_job| async {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Ok(())
@@ -296,7 +297,8 @@ async fn a_notification_wakes_an_idle_worker_even_after_its_connection_dropped()
         idle_poll: Duration::from_secs(30),
         ..fast_config()
     };
-    let (queue, url) = fresh_queue(config).await;
+    let (queue, database) = fresh_queue(config).await;
+    let url = database.url();
     let (ran_tx, mut ran_rx) = tokio::sync::mpsc::unbounded_channel();
     let handler = handler_fn(move |job| {
         let ran_tx = ran_tx.clone();
@@ -306,7 +308,7 @@ async fn a_notification_wakes_an_idle_worker_even_after_its_connection_dropped()
         }
     });
     let (shutdown, worker) = spawn_worker(&queue, vec![("wake", handler)]);
-    let admin = client(&url).await;
+    let admin = client(url).await;
     let listening = || async {
         let row = admin
             .query_one(
@@ -380,7 +382,7 @@ async fn shutdown_lets_the_running_job_finish_and_claims_nothing_more() {
         concurrency: 1,
         ..fast_config()
     };
-    let (queue, _) = fresh_queue(config).await;
+    let (queue, _database) = fresh_queue(config).await;
     let finished = Arc::new(AtomicBool::new(false));
     let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
     let done = finished.clone();
@@ -426,7 +428,8 @@ async fn shutdown_lets_the_running_job_finish_and_claims_nothing_more() {
 
 #[tokio::test]
 async fn a_worker_whose_claim_was_taken_over_cannot_overwrite_the_newer_state() {
-    let (queue, url) = fresh_queue(fast_config()).await;
+    let (queue, database) = fresh_queue(fast_config()).await;
+    let url = database.url();
     let release = Arc::new(AtomicBool::new(false));
     let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
     let gate = release.clone();
@@ -451,7 +454,7 @@ async fn a_worker_whose_claim_was_taken_over_cannot_overwrite_the_newer_state() 
         .expect("the job starts")
         .unwrap();
     // What another worker's claim does once this one's lapsed: a new token, a new attempt.
-    let admin = client(&url).await;
+    let admin = client(url).await;
     admin
         .execute(
             &format!(
@@ -478,7 +481,7 @@ async fn a_worker_whose_claim_was_taken_over_cannot_overwrite_the_newer_state() 
 
 #[tokio::test]
 async fn jobs_list_newest_first_in_pages_and_enqueue_follows_the_callers_transaction() {
-    let (queue, _) = fresh_queue(fast_config()).await;
+    let (queue, _database) = fresh_queue(fast_config()).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
@@ -550,7 +553,7 @@ async fn workers_delete_succeeded_jobs_kept_long_enough_and_nothing_else() {
         keep_succeeded: Duration::from_secs(1),
         ..fast_config()
     };
-    let (queue, _) = fresh_queue(config).await;
+    let (queue, _database) = fresh_queue(config).await;
     let handler = handler_fn(|job| async move {
         match job.key.as_str() {
             "bad" => Err(JobError::permanent("hostile input")),

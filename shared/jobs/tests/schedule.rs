@@ -69,7 +69,8 @@ fn finish_jobs(url: &str) -> tokio::task::JoinHandle<()> {
 /// instead of piling up runs of the same work; once it is done, the next tick runs.
 #[tokio::test]
 async fn a_tick_passes_while_the_last_run_is_unfinished() {
-    let (queue, url) = fresh_queue(fast_config()).await;
+    let (queue, database) = fresh_queue(fast_config()).await;
+    let url = database.url();
     let schedules = [Schedule::new(
         "sweep",
         Duration::from_secs(1),
@@ -82,8 +83,8 @@ async fn a_tick_passes_while_the_last_run_is_unfinished() {
         Duration::from_millis(3200),
     )
     .await;
-    assert_eq!(keys(&url, "sweep").await.len(), 1, "one run, still queued");
-    client(&url)
+    assert_eq!(keys(url, "sweep").await.len(), 1, "one run, still queued");
+    client(url)
         .await
         .execute(
             &format!("UPDATE {SCHEMA}.jobs SET state = 'succeeded'"),
@@ -98,7 +99,7 @@ async fn a_tick_passes_while_the_last_run_is_unfinished() {
     )
     .await;
     assert_eq!(
-        keys(&url, "sweep").await.len(),
+        keys(url, "sweep").await.len(),
         2,
         "the next tick after it ran"
     );
@@ -106,11 +107,12 @@ async fn a_tick_passes_while_the_last_run_is_unfinished() {
 
 #[tokio::test]
 async fn three_replicas_enqueue_one_job_per_tick() {
-    let (first, url) = fresh_queue(fast_config()).await;
+    let (first, database) = fresh_queue(fast_config()).await;
+    let url = database.url();
     let queues = vec![
         first,
-        queue_at(&url, fast_config()).await,
-        queue_at(&url, fast_config()).await,
+        queue_at(url, fast_config()).await,
+        queue_at(url, fast_config()).await,
     ];
     let schedules = [Schedule::new(
         "heartbeat",
@@ -120,13 +122,13 @@ async fn three_replicas_enqueue_one_job_per_tick() {
     )];
     // Each tick's job done at once, as a worker would (a tick passes while its last run is
     // still to finish: see below).
-    let finisher = finish_jobs(&url);
+    let finisher = finish_jobs(url);
     let started = std::time::Instant::now();
     run_schedulers(&queues, &schedules, Duration::from_millis(5200)).await;
     let elapsed = started.elapsed().as_secs_f64();
     finisher.abort();
 
-    let keys = keys(&url, "beat").await;
+    let keys = keys(url, "beat").await;
     let ticks: Vec<i64> = keys
         .iter()
         .map(|key| {
@@ -152,7 +154,8 @@ async fn three_replicas_enqueue_one_job_per_tick() {
 
 #[tokio::test]
 async fn ticks_missed_during_downtime_run_once() {
-    let (queue, url) = fresh_queue(fast_config()).await;
+    let (queue, database) = fresh_queue(fast_config()).await;
+    let url = database.url();
     let hourly = [Schedule::new(
         "reconcile",
         Duration::from_secs(3600),
@@ -170,7 +173,7 @@ async fn ticks_missed_during_downtime_run_once() {
     assert_eq!(next.timestamp() % 3600, 0);
 
     // Five hours of downtime (and no job from the first start, should it have met a tick).
-    client(&url)
+    client(url)
         .await
         .batch_execute(&format!(
             "UPDATE {SCHEMA}.schedules SET next_run_at = now() - interval '5 hours';
@@ -185,7 +188,7 @@ async fn ticks_missed_during_downtime_run_once() {
     )
     .await;
 
-    let keys = keys(&url, "reconcile").await;
+    let keys = keys(url, "reconcile").await;
     assert_eq!(keys.len(), 1, "{keys:?}");
     let now = queue.now().await.unwrap();
     let latest_tick = now.timestamp() - now.timestamp() % 3600;
@@ -198,7 +201,8 @@ async fn ticks_missed_during_downtime_run_once() {
 
 #[tokio::test]
 async fn operators_can_pause_retime_and_run_a_schedule_now() {
-    let (queue, url) = fresh_queue(fast_config()).await;
+    let (queue, database) = fresh_queue(fast_config()).await;
+    let url = database.url();
     let schedules = [
         Schedule::new("purge-trash", Duration::from_secs(3600), "purge", json!({})),
         Schedule::new("fast", Duration::from_secs(1), "fast", json!({})),
@@ -231,14 +235,14 @@ async fn operators_can_pause_retime_and_run_a_schedule_now() {
     let paused = queue.set_enabled("fast", false).await.unwrap();
     assert!(!paused.enabled);
     // The first run may have crossed a tick of "fast" before the pause.
-    let fired_before_pause = keys(&url, "fast").await;
+    let fired_before_pause = keys(url, "fast").await;
     run_schedulers(
         std::slice::from_ref(&queue),
         &schedules,
         Duration::from_millis(2500),
     )
     .await;
-    assert_eq!(keys(&url, "fast").await, fired_before_pause);
+    assert_eq!(keys(url, "fast").await, fired_before_pause);
     let after_restart = queue.list_schedules().await.unwrap();
     assert!(!after_restart[0].enabled);
     assert_eq!(after_restart[1].interval, Duration::from_secs(7200));
@@ -254,7 +258,7 @@ async fn operators_can_pause_retime_and_run_a_schedule_now() {
     let second = queue.run_now("purge-trash").await.unwrap();
     assert!(first.created && second.created);
     assert_ne!(first.id, second.id);
-    let keys = keys(&url, "purge").await;
+    let keys = keys(url, "purge").await;
     assert_eq!(keys.len(), 2);
     assert!(keys.iter().all(|k| k.starts_with("purge-trash@manual-")));
 

@@ -15,6 +15,9 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::{Pid, User, chown},
 };
+mod scratch;
+
+pub use scratch::ScratchDatabase;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -263,29 +266,17 @@ impl LocalPostgres {
 
     /// Creates database `db` unless it exists.
     pub async fn create_database(&self, db: &str) -> Result<(), LocalError> {
-        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .map_err(|e| LocalError::Failed {
-                what: "connect",
-                detail: e.to_string(),
-            })?;
-        let driver = tokio::spawn(conn);
+        let (client, driver) = connect(&self.url("postgres")).await?;
         let exists = client
             .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
             .await
-            .map_err(|e| LocalError::Failed {
-                what: "query",
-                detail: e.to_string(),
-            })?
+            .map_err(|e| failed("query", e))?
             .is_some();
         if !exists {
             client
                 .batch_execute(&format!("CREATE DATABASE \"{}\"", db.replace('"', "")))
                 .await
-                .map_err(|e| LocalError::Failed {
-                    what: "create database",
-                    detail: e.to_string(),
-                })?;
+                .map_err(|e| failed("create database", e))?;
         }
         drop(client);
         let _ = driver.await;
@@ -377,6 +368,37 @@ impl LocalRedis {
     /// Stops the server.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+/// A client of the database at `url`, and the task driving its connection (ends once the
+/// client is dropped).
+async fn connect(
+    url: &str,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), LocalError> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| failed("connect", e))?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((client, driver))
+}
+
+/// Runs `statement` (one or more, no parameters) on the database at `url`; a failure says it
+/// was `what`.
+async fn execute(url: &str, what: &'static str, statement: &str) -> Result<(), LocalError> {
+    let (client, driver) = connect(url).await?;
+    let executed = client.batch_execute(statement).await;
+    drop(client);
+    let _ = driver.await;
+    executed.map_err(|e| failed(what, e))
+}
+
+fn failed(what: &'static str, e: tokio_postgres::Error) -> LocalError {
+    LocalError::Failed {
+        what,
+        detail: e.to_string(),
     }
 }
 

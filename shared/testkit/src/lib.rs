@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use stowage::Role;
-use stowage_local::{LocalPostgres, LocalRedis};
+use stowage_local::{LocalPostgres, LocalRedis, ScratchDatabase};
 pub use stowage_runtime::Minter;
 use stowage_runtime::{Config, config::AuthConfig};
 use tokio::{
@@ -111,73 +111,12 @@ fn redis_pid(redis: &LocalRedis) -> String {
 /// Creates an empty database for one test and returns its URL. The database stays until the
 /// shared server stops; a [`Setup`]'s is dropped with it.
 pub async fn fresh_database() -> anyhow::Result<String> {
-    Ok(TestDatabase::create().await?.keep())
+    Ok(scratch_database().await?.keep())
 }
 
-/// A test's own database, dropped with this value (and whatever is still connected to it):
-/// each is ~10 MB once migrated, gigabytes over a whole run on one shared server.
-#[derive(Debug)]
-struct TestDatabase {
-    url: String,
-    name: String,
-    admin_url: String,
-}
-
-impl TestDatabase {
-    async fn create() -> anyhow::Result<Self> {
-        let admin_url = servers().await.postgres_admin_url.clone();
-        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        admin_execute(&admin_url, &format!("CREATE DATABASE {name}")).await?;
-        let (base, _) = admin_url
-            .rsplit_once('/')
-            .context("database url without a path")?;
-        Ok(Self {
-            url: format!("{base}/{name}"),
-            name,
-            admin_url,
-        })
-    }
-
-    /// The URL, the database no longer dropped.
-    fn keep(mut self) -> String {
-        self.name.clear();
-        std::mem::take(&mut self.url)
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        if self.name.is_empty() {
-            return;
-        }
-        let admin_url = std::mem::take(&mut self.admin_url);
-        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        // On a thread of its own: a drop inside a runtime cannot block on that runtime. A
-        // server that does not answer leaves the database rather than hang the test.
-        let dropped = std::thread::spawn(move || {
-            let dropping = admin_execute(&admin_url, &statement);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async { tokio::time::timeout(Duration::from_secs(30), dropping).await })
-                .context("no answer in 30 s")?
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("test database {} left: {e:#}", self.name),
-            Err(_) => eprintln!("test database {} left: the drop panicked", self.name),
-        }
-    }
-}
-
-async fn admin_execute(admin_url: &str, statement: &str) -> anyhow::Result<()> {
-    let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
-    let driver = tokio::spawn(conn);
-    client.batch_execute(statement).await?;
-    drop(client);
-    let _ = driver.await;
-    Ok(())
+/// An empty database on the shared server, dropped with the value.
+async fn scratch_database() -> anyhow::Result<ScratchDatabase> {
+    Ok(ScratchDatabase::create(&servers().await.postgres_admin_url).await?)
 }
 
 /// A token for `user` with `scopes`, valid for an hour.
@@ -241,7 +180,7 @@ pub struct Setup {
     /// The S3-compatible or Azure-compatible server, kept alive with the setup.
     pub store_server: Option<StoreServer>,
     /// Drops the database with the setup (declared last: dropped after the store server).
-    _database: TestDatabase,
+    _database: ScratchDatabase,
 }
 
 impl Setup {
@@ -278,9 +217,9 @@ impl Setup {
         blob_dir: Option<tempfile::TempDir>,
         store_server: Option<StoreServer>,
     ) -> anyhow::Result<Self> {
-        let database = TestDatabase::create().await?;
+        let database = scratch_database().await?;
         Ok(Self {
-            database_url: database.url.clone(),
+            database_url: database.url().to_owned(),
             redis_url: servers().await.redis_url.clone(),
             blob_url,
             blob_dir,

@@ -12,7 +12,7 @@ use std::{
 };
 
 use stowage_jobs::{Handler, Queue, QueueConfig, Worker};
-use stowage_local::LocalPostgres;
+use stowage_local::{LocalPostgres, ScratchDatabase};
 use tokio::{sync::OnceCell, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -63,22 +63,11 @@ async fn start_server() -> String {
     url
 }
 
-/// Creates an empty database and returns its URL.
-pub async fn fresh_database() -> String {
-    let admin = admin_url().await;
-    let (client, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls)
+/// An empty database, dropped with the value.
+pub async fn fresh_database() -> ScratchDatabase {
+    ScratchDatabase::create(admin_url().await)
         .await
-        .expect("connect to the admin database");
-    let driver = tokio::spawn(conn);
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create database");
-    drop(client);
-    let _ = driver.await;
-    let (base, _) = admin.rsplit_once('/').expect("url with a database");
-    format!("{base}/{name}")
+        .expect("create database")
 }
 
 /// Settings that keep tests quick: short backoff and timeouts.
@@ -102,10 +91,11 @@ pub async fn queue_at(url: &str, config: QueueConfig) -> Queue {
     Queue::new(pool, url, SCHEMA, config).expect("valid queue")
 }
 
-/// A queue on a fresh database, and the database's URL.
-pub async fn fresh_queue(config: QueueConfig) -> (Queue, String) {
-    let url = fresh_database().await;
-    (queue_at(&url, config).await, url)
+/// A queue on a fresh database, and the database (dropped with it: keep it as long as the
+/// queue).
+pub async fn fresh_queue(config: QueueConfig) -> (Queue, ScratchDatabase) {
+    let database = fresh_database().await;
+    (queue_at(database.url(), config).await, database)
 }
 
 /// A worker running in the background until the returned token is cancelled.
