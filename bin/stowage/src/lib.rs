@@ -264,7 +264,10 @@ pub async fn serve_with(
     server.with_connections(config.connections.clone());
     let limiter = match &redis {
         Some(redis) if config.rate_limit.enabled => {
-            let limiter = Limiter::new(redis.clone(), config.rate_limit.clone());
+            // Under the mesh's namespace, as its streams: meshes sharing a Redis keep their
+            // own buckets (`stowage:rl:…` by default, as before namespaces applied).
+            let prefix = format!("{}:rl", config.events.namespace);
+            let limiter = Limiter::with_prefix(redis.clone(), config.rate_limit.clone(), prefix);
             server.limit_rate(limiter.clone(), &config.ingest.tus_path);
             Some(limiter)
         }

@@ -83,3 +83,44 @@ async fn a_burst_over_the_limit_is_refused_with_retry_after_and_others_are_unaff
     );
     mesh.stop().await
 }
+
+#[tokio::test]
+async fn meshes_sharing_a_redis_keep_their_own_buckets() -> anyhow::Result<()> {
+    use fred::interfaces::ClientLike;
+    let redis = LocalRedis::start().await?;
+    let (first, second) = (Setup::new().await?, Setup::new().await?);
+    let start = |setup| {
+        let url = redis.url();
+        Mesh::start_with(setup, |c| {
+            c.redis_url = Some(url);
+            c.rate_limit.user.list = Rule::new(0.01, 3);
+        })
+    };
+    let (a, b) = (start(&first).await?, start(&second).await?);
+    let alice = token("alice", &[]);
+    for mesh in [&a, &b] {
+        // Each mesh's alice has her whole burst, whatever she did on the other.
+        for call in 0..3 {
+            list(mesh, &alice)
+                .await
+                .map_err(|e| anyhow::anyhow!("call {call} within the burst: {e:?}"))?;
+        }
+        let refused = list(mesh, &alice).await.expect_err("past the burst");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    }
+    let client = stowage_runtime::redis::connect(&redis.url()).await?;
+    let keys: Vec<String> = client.custom(fred::cmd!("KEYS"), vec!["*"]).await?;
+    for setup in [&first, &second] {
+        let prefix = format!("{}:rl:", setup.namespace());
+        assert!(
+            keys.iter().any(|k| k.starts_with(&prefix)),
+            "no bucket under {prefix}: {keys:?}"
+        );
+    }
+    assert!(
+        !keys.iter().any(|k| k.starts_with("stowage:rl:")),
+        "a bucket outside the meshes' namespaces: {keys:?}"
+    );
+    a.stop().await?;
+    b.stop().await
+}
