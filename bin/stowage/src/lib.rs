@@ -820,8 +820,11 @@ fn spawn_sweeper(
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(interval) => {}
             }
-            if let Err(error) = sessions.sweep_expired(100).await {
+            if let Err(error) = sessions.sweep_expired(100, false).await {
                 tracing::warn!(%error, "upload sweep failed");
+            }
+            if let Err(error) = sessions.finish_interrupted(100).await {
+                tracing::warn!(%error, "interrupted completions not finished");
             }
             if let Err(error) = uploader.sweep_abandoned(abandoned_after).await {
                 tracing::warn!(%error, "abandoned upload sweep failed");

@@ -108,7 +108,7 @@ async fn sql(setup: &Setup, statement: &str, id: &str) -> anyhow::Result<u64> {
 }
 
 #[tokio::test]
-async fn abandoned_sessions_are_swept_and_sessions_in_use_are_not() -> anyhow::Result<()> {
+async fn expired_sessions_are_swept_and_idle_ones_live_until_their_expiry() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     let mesh = start(&setup).await?;
     let alice = token("alice", &[]);
@@ -118,21 +118,31 @@ async fn abandoned_sessions_are_swept_and_sessions_in_use_are_not() -> anyhow::R
     put_chunk(mesh.channel(), &alice, &abandoned.id, 0, &data[..100_000]).await?;
     put_chunk(mesh.channel(), &alice, &active.id, 0, &data[..100_000]).await?;
     assert_eq!(usage(mesh.channel(), &alice).await?.reserved_bytes, 600_000);
-    // Nobody wrote to the first one for three hours (policy: two).
+    // The first one is past its expiry; nobody wrote to the second for three hours (the
+    // policy's orphan_upload_hours is two), but its client was told it lives for 24.
     let moved = sql(
         &setup,
-        "UPDATE ingest.uploads SET updated_at = now() - interval '3 hours' WHERE id = $1",
+        "UPDATE ingest.uploads SET expires_at = now() - interval '1 minute',
+                updated_at = now() - interval '1 day' WHERE id = $1",
         &abandoned.id,
     )
     .await?;
     assert_eq!(moved, 1);
+    let idle = sql(
+        &setup,
+        "UPDATE ingest.uploads SET updated_at = now() - interval '3 hours' WHERE id = $1",
+        &active.id,
+    )
+    .await?;
+    assert_eq!(idle, 1);
 
-    // A dry run lists it and changes nothing.
+    // A dry run lists the expired one and changes nothing.
     let dry = run_now(&mesh, "orphan_uploads", true).await?;
     assert_eq!(dry.acted, 1);
     assert_eq!(dry.report, [format!("upload {}", abandoned.id)]);
-    let still = get_session(mesh.channel(), &alice, &abandoned.id).await?;
-    assert_eq!(still.state, pb::UploadState::Open as i32);
+    assert_eq!(usage(mesh.channel(), &alice).await?.reserved_bytes, 600_000);
+    let staged = setup.stored_objects(&format!("staging/{}", abandoned.id));
+    assert!(!staged.is_empty(), "a dry run removed the staging");
 
     let run = run_now(&mesh, "orphan_uploads", false).await?;
     assert_eq!((run.acted, run.failed, run.dry_run), (1, 0, false));
@@ -147,7 +157,12 @@ async fn abandoned_sessions_are_swept_and_sessions_in_use_are_not() -> anyhow::R
         Err(Code::FailedPrecondition)
     );
 
-    // The session in use finishes intact.
+    // The idle session resumes where it was and finishes intact.
+    let resumed = get_session(mesh.channel(), &alice, &active.id).await?;
+    assert_eq!(
+        (resumed.state, resumed.offset),
+        (pb::UploadState::Open as i32, 100_000)
+    );
     put_chunk(
         mesh.channel(),
         &alice,

@@ -338,15 +338,16 @@ impl ingest_server::Ingest for IngestGrpc {
             }
             n => i64::from(n),
         };
-        let idle = std::time::Duration::from_secs(req.idle_seconds);
+        // Sessions end at the expiry their clients were told, not before.
         let (mut examined, ended, mut failed) = self
             .sessions
-            .sweep_idle(idle, limit, req.dry_run)
+            .sweep_expired(limit, req.dry_run)
             .await
             .map_err(Status::from)?;
         let mut upload_ids: Vec<String> = ended.iter().map(ToString::to_string).collect();
         if !req.dry_run {
             // One-shot uploads whose connection died long ago (their bytes never completed).
+            let idle = std::time::Duration::from_secs(req.idle_seconds);
             match self.uploader.sweep_abandoned(idle).await {
                 Ok(n) => examined += n as u64,
                 Err(error) => {
@@ -355,9 +356,9 @@ impl ingest_server::Ingest for IngestGrpc {
                 }
             }
             // Completions interrupted by a crash are finished, not abandoned.
-            if let Err(error) = self.sessions.sweep_expired(limit).await {
+            if let Err(error) = self.sessions.finish_interrupted(limit).await {
                 failed += 1;
-                tracing::warn!(%error, "expired sessions not swept");
+                tracing::warn!(%error, "interrupted completions not finished");
             }
         }
         upload_ids.sort();

@@ -1198,13 +1198,13 @@ impl Sessions {
     /// Abandons a session: staging removed, reservation released. Idempotent: a session
     /// that ended before is returned as it is.
     pub async fn abort(&self, id: Uuid, owner: &str) -> Result<Session> {
-        Ok(self.end(id, owner, "aborted", None).await?.session)
+        Ok(self.end(id, owner, "aborted").await?.session)
     }
 
     /// Abandons a session once, as tus termination does: a session that ended before (by an
     /// earlier or a concurrent termination, or by expiry) is refused with its state.
     pub async fn terminate(&self, id: Uuid, owner: &str) -> Result<Session> {
-        match self.end(id, owner, "aborted", None).await? {
+        match self.end(id, owner, "aborted").await? {
             Ended { session, now: true } => Ok(session),
             Ended {
                 session,
@@ -1214,15 +1214,8 @@ impl Sessions {
     }
 
     /// Ends session `id` as `state`. An expiry (`state` "expired") ends it only if, under
-    /// its lock, it is still past its expiry or, with `idle_secs`, idle that long: a sweep
-    /// reads its candidates unlocked, and a client may have resumed since.
-    async fn end(
-        &self,
-        id: Uuid,
-        owner: &str,
-        state: &str,
-        idle_secs: Option<f64>,
-    ) -> Result<Ended> {
+    /// its lock, it is still past its expiry: a sweep reads its candidates unlocked.
+    async fn end(&self, id: Uuid, owner: &str, state: &str) -> Result<Ended> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         let session = self.lock(&tx, id, owner, true).await?;
@@ -1244,17 +1237,15 @@ impl Sessions {
             .query_opt_cached(
                 concat!(
                     "UPDATE ingest.uploads SET state = $2, updated_at = now()
-                     WHERE id = $1
-                       AND ($2 <> 'expired' OR expires_at < now()
-                            OR updated_at < now() - make_interval(secs => $3))
+                     WHERE id = $1 AND ($2 <> 'expired' OR expires_at < now())
                      RETURNING ",
                     session_columns!()
                 ),
-                &[&id, &state, &idle_secs],
+                &[&id, &state],
             )
             .await?
         else {
-            // Written to since the sweep read it: alive.
+            // Not past its expiry.
             return Ok(Ended {
                 session,
                 now: false,
@@ -1359,23 +1350,19 @@ impl Sessions {
         Ok((examined, keys, removed, failed))
     }
 
-    /// Ends open sessions nobody wrote to for `idle` (or past their expiry), at most
-    /// `limit`; with `dry_run` only lists them. Returns (examined, ended ids, failures).
-    pub async fn sweep_idle(
-        &self,
-        idle: Duration,
-        limit: i64,
-        dry_run: bool,
-    ) -> Result<(u64, Vec<Uuid>, u64)> {
-        let idle_secs = i64::try_from(idle.as_secs()).unwrap_or(i64::MAX);
+    /// Ends open sessions past their expiry (staging removed, reservation released), at most
+    /// `limit`; with `dry_run` only lists them. A session lives until the `expires_at` its
+    /// client was told, however long nobody writes to it: a tab reopened or a laptop woken
+    /// hours later resumes. Safe on any number of replicas (rows being written are skipped).
+    /// Returns (examined, ended ids, failures).
+    pub async fn sweep_expired(&self, limit: i64, dry_run: bool) -> Result<(u64, Vec<Uuid>, u64)> {
         let conn = self.pool.get().await?;
         let rows = conn
             .query_cached(
                 "SELECT id, owner_id FROM ingest.uploads
-                 WHERE resumable AND state = 'open'
-                   AND (updated_at < now() - make_interval(secs => $1) OR expires_at < now())
-                 ORDER BY updated_at LIMIT $2",
-                &[&(idle_secs as f64), &limit],
+                 WHERE resumable AND state = 'open' AND expires_at < now()
+                 ORDER BY expires_at LIMIT $1",
+                &[&limit],
             )
             .await?;
         drop(conn);
@@ -1387,47 +1374,26 @@ impl Sessions {
                 ended.push(id);
                 continue;
             }
-            // Written to or finished meanwhile: not abandoned.
-            match self
-                .end(id, &owner, "expired", Some(idle_secs as f64))
-                .await
-            {
+            match self.end(id, &owner, "expired").await {
                 Ok(Ended { now: true, .. }) => ended.push(id),
+                // Ended meanwhile (by its owner or another replica's sweep).
                 Ok(Ended { now: false, .. }) => {}
                 Err(error) => {
                     failed += 1;
-                    tracing::info!(upload_id = %id, %error, "idle sweep skipped a session");
+                    tracing::warn!(upload_id = %id, %error, "expiry sweep skipped a session");
                 }
             }
+        }
+        if !ended.is_empty() && !dry_run {
+            tracing::info!(expired = ended.len(), "expired upload sessions ended");
         }
         Ok((examined, ended, failed))
     }
 
-    /// Expires open sessions past their expiry: staging removed, reservation released.
-    /// Safe on any number of replicas (rows being written are skipped). Returns how many.
-    pub async fn sweep_expired(&self, limit: i64) -> Result<usize> {
-        let conn = self.pool.get().await?;
-        let rows = conn
-            .query_cached(
-                "SELECT id, owner_id FROM ingest.uploads
-                 WHERE resumable AND state = 'open' AND expires_at < now()
-                 ORDER BY expires_at LIMIT $1",
-                &[&limit],
-            )
-            .await?;
-        drop(conn);
-        let mut swept = 0;
-        for row in rows {
-            let (id, owner): (Uuid, String) = (row.get(0), row.get(1));
-            match self.end(id, &owner, "expired", None).await {
-                Ok(Ended { now: true, .. }) => swept += 1,
-                // Ended meanwhile (by its owner or another replica's sweep).
-                Ok(Ended { now: false, .. }) => {}
-                Err(error) => {
-                    tracing::warn!(upload_id = %id, %error, "expiry sweep skipped a session")
-                }
-            }
-        }
+    /// Finishes completions a crash interrupted (at most `limit`): a session past the point
+    /// of no return is completed, never abandoned. Returns how many.
+    pub async fn finish_interrupted(&self, limit: i64) -> Result<usize> {
+        let mut finished = 0;
         let conn = self.pool.get().await?;
         let stuck = conn
             .query_cached(
@@ -1442,15 +1408,15 @@ impl Sessions {
         for row in stuck {
             let (id, owner): (Uuid, String) = (row.get(0), row.get(1));
             match self.finish(id, &owner).await {
-                Ok(_) => swept += 1,
+                Ok(_) => finished += 1,
                 Err(error) => {
                     tracing::warn!(upload_id = %id, %error, "could not finish an interrupted completion")
                 }
             }
         }
-        if swept > 0 {
-            tracing::info!(swept, "expired or interrupted upload sessions handled");
+        if finished > 0 {
+            tracing::info!(finished, "interrupted upload completions finished");
         }
-        Ok(swept)
+        Ok(finished)
     }
 }

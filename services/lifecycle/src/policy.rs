@@ -30,7 +30,8 @@ impl InactivityAction {
 pub struct Policy {
     /// Days a file stays in trash before it is purged.
     pub trash_retention_days: u32,
-    /// Hours without a write after which an unfinished upload is abandoned.
+    /// Hours without a write after which an unfinished one-shot upload is abandoned
+    /// (resumable sessions end at the expiry their clients were told).
     pub orphan_upload_hours: u32,
     /// Hours after which staging data without a live session is removed.
     pub staging_max_age_hours: u32,

@@ -224,9 +224,9 @@ impl Lifecycle {
         }
     }
 
-    /// Sessions nobody wrote to for `orphan_upload_hours`: staging removed, reservation
-    /// released, session expired (Ingest does it; a session being written is locked and
-    /// skipped).
+    /// Sessions past their expiry and one-shot uploads nobody wrote to for
+    /// `orphan_upload_hours`: staging removed, reservation released, session expired (Ingest
+    /// does it; a session being written is locked and skipped).
     async fn orphan_uploads(&self, policy: &Policy, dry_run: bool) -> Result<Tally, tonic::Status> {
         let swept = self
             .ingest
