@@ -48,9 +48,34 @@ pub enum LocalError {
     Io(#[from] std::io::Error),
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, for a server started next. Picked at random below the range
+/// the kernel gives outgoing connections their ports from: the port is free now but bound
+/// only later, by another process, and meanwhile any connection made on the machine could
+/// take a port of that range (seen in tests: a server failing on "Address already in use",
+/// its port then answered by someone else). Two callers can still pick the same port in that
+/// window; at random among some 20,000 that is rare.
 pub fn free_port() -> std::io::Result<u16> {
+    const LOWEST: u32 = 10_000;
+    let below = ephemeral_ports_start();
+    if below > LOWEST + 1_000 {
+        for _ in 0..64 {
+            let pick = uuid::Uuid::new_v4().as_u128() % u128::from(below - LOWEST);
+            let port = u16::try_from(u128::from(LOWEST) + pick).unwrap_or(0);
+            if port != 0 && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The first port of the kernel's range for outgoing connections (Linux's default 32768).
+fn ephemeral_ports_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+        .min(u32::from(u16::MAX))
 }
 
 fn on_path(binary: &str) -> bool {
