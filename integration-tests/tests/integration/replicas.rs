@@ -8,9 +8,11 @@ use std::{net::SocketAddr, time::Duration};
 use nix::sys::signal::Signal;
 use stowage::Role;
 use stowage_integration_tests::{
-    complete, create_session, download, get_session, random_bytes, sha256, usage, write_chunks,
+    complete, create_session, download, get_session, ingest as ingest_client, random_bytes, sha256,
+    usage, write_chunks,
 };
-use stowage_testkit::{Processes, Replica, Setup, channel, token, wait_serving};
+use stowage_proto::v1 as pb;
+use stowage_testkit::{Processes, Replica, Setup, authed, channel, token, wait_serving};
 use tonic::Code;
 
 const SIZE: usize = 256 << 20;
@@ -46,21 +48,9 @@ async fn upload_through_a_crash(
         let end = (offset + CHUNK).min(SIZE);
         let piece = data[offset..end].to_vec();
         if !killed && r == 1 && offset >= 64 << 20 {
-            let target = channel(ingest[1]);
-            let (who, id) = (alice.clone(), s.id.clone());
-            let in_flight = tokio::spawn(async move {
-                write_chunks(target, &who, &id, vec![(offset as u64, piece)]).await
-            });
-            tokio::time::sleep(Duration::from_millis(15)).await;
-            kill();
+            offset = cut_mid_chunk(ingest, &alice, &s.id, offset, &piece, kill).await?;
             killed = true;
             alive[1] = false;
-            let outcome = in_flight.await?;
-            assert!(
-                outcome.is_err() || outcome.is_ok(),
-                "either way the session decides"
-            );
-            offset = resume_offset(ingest[0], &alice, &s.id).await?;
             continue;
         }
         let mut attempts = 0;
@@ -107,6 +97,55 @@ async fn upload_through_a_crash(
         "charged once, exactly"
     );
     Ok(())
+}
+
+/// Sends `piece` (at `offset`) to replica 1 as one `WriteChunks` call of two halves, and
+/// `kill`s the replica once the first half is recorded and the second is sent, the call
+/// still open (so it can never be acknowledged). Returns the offset a survivor gives then:
+/// the first half kept, the second whole or not at all.
+async fn cut_mid_chunk(
+    ingest: &[SocketAddr],
+    token: &str,
+    id: &str,
+    offset: usize,
+    piece: &[u8],
+    kill: &mut (dyn FnMut() + Send),
+) -> anyhow::Result<usize> {
+    let half = piece.len() / 2;
+    let message = |at: usize, data: &[u8], first: bool| pb::WriteChunksRequest {
+        upload_id: if first { id.to_owned() } else { String::new() },
+        chunk: Some(pb::Chunk {
+            offset: at as u64,
+            data: bytes::Bytes::copy_from_slice(data),
+            ..Default::default()
+        }),
+    };
+    let (sender, messages) = futures::channel::mpsc::unbounded();
+    sender.unbounded_send(message(offset, &piece[..half], true))?;
+    let mut client = ingest_client(channel(ingest[1]));
+    let request = authed(messages, token);
+    let call = tokio::spawn(async move { client.write_chunks(request).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while resume_offset(ingest[0], token, id).await? < offset + half {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the first half was not recorded in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sender.unbounded_send(message(offset + half, &piece[half..], false))?;
+    kill();
+    let cut = call.await?;
+    assert!(cut.is_err(), "a call cut by SIGKILL was answered: {cut:?}");
+    drop(sender);
+    let after = resume_offset(ingest[0], token, id).await?;
+    assert!(
+        after == offset + half || after == offset + piece.len(),
+        "offset {after} after a kill while {}..{} was being written: a chunk is kept whole or not at all",
+        offset + half,
+        offset + piece.len()
+    );
+    Ok(after)
 }
 
 async fn resume_offset(addr: SocketAddr, token: &str, id: &str) -> anyhow::Result<usize> {
