@@ -506,7 +506,8 @@ async fn usage_is_reconciled_page_by_page_of_accounts() -> anyhow::Result<()> {
 async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
     // Only the runs repair here: per-user rechecks wait an hour.
-    let mesh = reconciling(&setup, Duration::from_secs(1)).await?;
+    const SETTLE: Duration = Duration::from_secs(5);
+    let mesh = reconciling(&setup, SETTLE).await?;
     let (alice, bob) = (token("alice", &[]), token("bob", &[]));
     upload(mesh.channel(), &alice, "a.bin", &random_bytes(70_000), &[]).await?;
     upload(mesh.channel(), &bob, "b.bin", &random_bytes(30_000), &[]).await?;
@@ -547,11 +548,27 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
     assert_eq!(run_now(&mesh, "usage_reconcile", false).await?.acted, 0);
 
     // A purge caught between its two steps (row gone, debit not yet made) is not a drift: the
-    // run looks again after the settle time (1 s here) and finds it healed.
+    // run looks again after the settle time and finds it healed. The debit comes once the run
+    // has had a second for its first look (two accounts) and well within the settle time.
     conn.execute("DELETE FROM files.files WHERE owner_id = 'bob'", &[])
         .await?;
     let run = tokio::spawn(run_now_on(mesh.channel(), "usage_reconcile".into(), false));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    eventually(PATIENCE, "the run under way", || async {
+        let runs = LifecycleClient::new(mesh.channel())
+            .list_runs(authed(
+                pb::ListRunsRequest {
+                    name: "usage_reconcile".into(),
+                    ..Default::default()
+                },
+                &token("root", &["admin"]),
+            ))
+            .await?
+            .into_inner()
+            .runs;
+        Ok(runs.iter().any(|r| r.finished_at.is_none()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let service = token("stowage-internal", &["service"]);
     quota(mesh.channel())
         .debit(authed(
@@ -566,6 +583,14 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
         .await?;
     let run = run.await??;
     assert_eq!((run.acted, run.failed), (0, 0), "{run:?}");
+    // It saw bob drifted at its first look: only then does it wait the settle time.
+    let took = |r: &pb::Run| -> Option<i64> {
+        Some(r.finished_at.as_ref()?.seconds - r.started_at.as_ref()?.seconds)
+    };
+    assert!(
+        took(&run).is_some_and(|secs| secs >= SETTLE.as_secs() as i64 - 1),
+        "the run did not wait for a second look: {run:?}"
+    );
     assert_eq!(usage(mesh.channel(), &bob).await?.used_bytes, 0);
     let bob_repairs: i64 = conn
         .query_one(
@@ -1493,7 +1518,11 @@ async fn sessions_reported_before_the_upgrade_keep_their_state() -> anyhow::Resu
 #[tokio::test]
 async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = start(&setup).await?;
+    // A recheck runs DEBOUNCE after the last file event of a user's burst: long enough that
+    // the 100 deletions' events (relayed, then consumed) never leave such a gap between them.
+    const DEBOUNCE: Duration = Duration::from_secs(3);
+    let mesh = Mesh::start_with(&setup, |c| c.lifecycle.recheck_debounce = DEBOUNCE).await?;
+    schedules_off(mesh.channel(), &setup.database_url).await?;
     let alice = token("alice", &[]);
     let mut ids = Vec::new();
     for i in 0..100 {
@@ -1516,8 +1545,13 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
         &[],
     )
     .unwrap_or(0.0);
+    let deadline = std::time::Instant::now() + PATIENCE;
     loop {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the uploads' recheck did not settle: {settled} rechecks"
+        );
+        tokio::time::sleep(DEBOUNCE + Duration::from_millis(500)).await;
         let now = sample(
             &scrape(&mesh).await?,
             "stowage_lifecycle_rechecks_total",
@@ -1538,7 +1572,6 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
             &[],
         )
         .await?;
-    let started = std::time::Instant::now();
     let deletions = ids.iter().map(|id| {
         let mut client = files(mesh.channel());
         let request = authed(
@@ -1552,17 +1585,12 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     for result in futures::future::join_all(deletions).await {
         result?;
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
     eventually(PATIENCE, "usage repaired", || async {
         Ok(usage(mesh.channel(), &alice).await?.used_bytes == 10_000)
     })
     .await?;
     // Quiet for longer than the debounce: exactly one more recheck ran.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(DEBOUNCE + Duration::from_secs(2)).await;
     assert_eq!(
         sample(
             &scrape(&mesh).await?,
