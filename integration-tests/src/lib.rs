@@ -292,6 +292,60 @@ where
     Ok(())
 }
 
+/// Turns every Lifecycle schedule off, as an operator can, once the scheduler has recorded
+/// them, and waits until no scheduled job is left to run. Ticks fall on the wall clock's grid
+/// (every minute for two of them), so a tick could otherwise run a job in the middle of a test
+/// that counts what its own runs did.
+pub async fn lifecycle_schedules_off(channel: Channel, database_url: &str) -> anyhow::Result<()> {
+    let admin = stowage_testkit::token("root", &["admin"]);
+    let client = stowage_proto::v1::lifecycle_client::LifecycleClient::new(channel);
+    let list = || {
+        let mut client = client.clone();
+        let admin = admin.clone();
+        async move {
+            anyhow::Ok(
+                client
+                    .list_schedules(authed(pb::ListSchedulesRequest {}, &admin))
+                    .await?
+                    .into_inner()
+                    .schedules,
+            )
+        }
+    };
+    eventually(
+        Duration::from_secs(60),
+        "Lifecycle's schedules recorded",
+        || async { Ok(list().await?.len() == stowage_lifecycle::TASKS.len()) },
+    )
+    .await?;
+    for schedule in list().await? {
+        client
+            .clone()
+            .set_schedule(authed(
+                pb::SetScheduleRequest {
+                    name: schedule.name,
+                    interval_seconds: 0,
+                    enabled: Some(false),
+                },
+                &admin,
+            ))
+            .await?;
+    }
+    let pool = stowage_db::connect(database_url, 1)?;
+    let conn = pool.get().await?;
+    eventually(Duration::from_secs(60), "no scheduled Lifecycle job pending", || async {
+        let pending: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM lifecycle.jobs WHERE state IN ('queued', 'running', 'failed')",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(pending == 0)
+    })
+    .await
+}
+
 /// Topics Media announced for `file_id` (its outbox, published or not), once there are
 /// `count` of them or [`PATIENCE`] has passed: Media announces an outcome after Files shows
 /// it, so a test that saw the status waits here for the announcement.

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use stowage_integration_tests::{
-    complete, create_session, eventually, files, get_session, put_chunk, quota, random_bytes,
-    sample, scrape, upload, usage, wait_processed,
+    complete, create_session, eventually, files, get_session, lifecycle_schedules_off, put_chunk,
+    quota, random_bytes, sample, scrape, upload, usage, wait_processed,
 };
 use stowage_proto::v1::{self as pb, lifecycle_client::LifecycleClient};
 use stowage_testkit::{Mesh, Setup, authed, token};
@@ -30,62 +30,10 @@ async fn run_now_on(channel: Channel, name: String, dry_run: bool) -> anyhow::Re
         .expect("run"))
 }
 
-/// Turns every Lifecycle schedule off, as an operator can, once the scheduler has recorded
-/// them, and waits until no scheduled job is left to run. Ticks fall on the wall clock's grid
-/// (every minute for two of them), so a tick could otherwise run a job in the middle of a test
-/// that counts what its own runs did.
-async fn schedules_off(channel: Channel, database_url: &str) -> anyhow::Result<()> {
-    let admin = token("root", &["admin"]);
-    let client = LifecycleClient::new(channel);
-    let list = || {
-        let mut client = client.clone();
-        let admin = admin.clone();
-        async move {
-            anyhow::Ok(
-                client
-                    .list_schedules(authed(pb::ListSchedulesRequest {}, &admin))
-                    .await?
-                    .into_inner()
-                    .schedules,
-            )
-        }
-    };
-    eventually(PATIENCE, "Lifecycle's schedules recorded", || async {
-        Ok(list().await?.len() == stowage_lifecycle::TASKS.len())
-    })
-    .await?;
-    for schedule in list().await? {
-        client
-            .clone()
-            .set_schedule(authed(
-                pb::SetScheduleRequest {
-                    name: schedule.name,
-                    interval_seconds: 0,
-                    enabled: Some(false),
-                },
-                &admin,
-            ))
-            .await?;
-    }
-    let pool = stowage_db::connect(database_url, 1)?;
-    let conn = pool.get().await?;
-    eventually(PATIENCE, "no scheduled Lifecycle job pending", || async {
-        let pending: i64 = conn
-            .query_one(
-                "SELECT count(*) FROM lifecycle.jobs WHERE state IN ('queued', 'running', 'failed')",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(pending == 0)
-    })
-    .await
-}
-
 /// The mesh, with Lifecycle's schedules off (the test runs each job itself).
 async fn start(setup: &Setup) -> anyhow::Result<Mesh> {
     let mesh = Mesh::start(setup).await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     Ok(mesh)
 }
 
@@ -97,7 +45,7 @@ async fn reconciling(setup: &Setup, settle: Duration) -> anyhow::Result<Mesh> {
         c.lifecycle.recheck_debounce = Duration::from_secs(3600);
     })
     .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     Ok(mesh)
 }
 
@@ -939,7 +887,7 @@ async fn gc_covers_a_store_over_several_runs_each_going_on_where_the_last_stoppe
     use object_store::{ObjectStoreExt, path::Path};
     let setup = Setup::memory().await?;
     let mesh = Mesh::start_with(&setup, |c| c.lifecycle.gc_batch = 2).await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     let alice = token("alice", &[]);
     let admin = token("root", &["admin"]);
     let mut ids = Vec::new();
@@ -1050,7 +998,7 @@ async fn objects_cursor(pool: &stowage_db::PgPool) -> anyhow::Result<Option<Stri
 async fn a_gc_run_out_of_time_stops_and_the_next_goes_on() -> anyhow::Result<()> {
     let setup = Setup::memory().await?;
     let mesh = Mesh::start_with(&setup, |c| c.lifecycle.gc_time = Duration::ZERO).await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     let alice = token("alice", &[]);
     let mut keys = Vec::new();
     for i in 0..3 {
@@ -1089,7 +1037,7 @@ async fn a_gc_run_out_of_time_stops_and_the_next_goes_on() -> anyhow::Result<()>
 async fn an_overtaken_gc_run_leaves_the_cursor_where_the_other_put_it() -> anyhow::Result<()> {
     let setup = Setup::memory().await?;
     let mesh = Mesh::start_with(&setup, |c| c.lifecycle.gc_batch = 2).await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     let alice = token("alice", &[]);
     for i in 0..3 {
         let name = format!("f{i}.bin");
@@ -1154,7 +1102,7 @@ async fn lifecycle_killed_mid_purge_finishes_on_the_next_run_and_deletes_nothing
         setup.env.push((variable.into(), value.into()));
     }
     let mut processes = Processes::split(&setup).await?;
-    schedules_off(
+    lifecycle_schedules_off(
         channel(processes.addr(Role::Lifecycle)),
         &setup.database_url,
     )
@@ -1522,7 +1470,7 @@ async fn a_burst_of_deletions_costs_one_recheck() -> anyhow::Result<()> {
     // the 100 deletions' events (relayed, then consumed) never leave such a gap between them.
     const DEBOUNCE: Duration = Duration::from_secs(3);
     let mesh = Mesh::start_with(&setup, |c| c.lifecycle.recheck_debounce = DEBOUNCE).await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     let alice = token("alice", &[]);
     let mut ids = Vec::new();
     for i in 0..100 {
@@ -2459,7 +2407,7 @@ async fn recheck_mesh_trying(
         c.peers.timeout = Some(peer_timeout);
     })
     .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     Ok(mesh)
 }
 
@@ -2639,7 +2587,7 @@ async fn a_new_change_brings_a_retried_recheck_under_the_cap_again() -> anyhow::
         c.lifecycle.recheck_debounce = Duration::from_secs(60);
     })
     .await?;
-    schedules_off(mesh.channel(), &setup.database_url).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let conn = pool.get().await?;
     conn.execute(
