@@ -283,6 +283,7 @@ async fn page_tokens_and_ranges_are_checked() -> anyhow::Result<()> {
         ))
         .await;
     let status = bad_id.expect_err("bad id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
         status.message().starts_with("file_id"),
         "{}",

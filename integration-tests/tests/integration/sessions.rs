@@ -508,8 +508,13 @@ async fn two_writers_on_one_session_never_both_succeed() -> anyhow::Result<()> {
         "",
     )
     .await?;
-    let mut offset = 0;
+    let (mut offset, mut rounds) = (0, 0);
     while offset < data.len() {
+        rounds += 1;
+        anyhow::ensure!(
+            rounds <= 200,
+            "no progress past offset {offset} in 200 rounds"
+        );
         let part = &data[offset..offset + chunk];
         let attempts =
             (0..2).map(|_| put_chunk(mesh.channel(), &alice, &s.id, offset as u64, part));

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use stowage::Role;
-use stowage_integration_tests::{download, random_bytes, sha256, usage};
+use stowage_integration_tests::{PATIENCE, download, random_bytes, sha256, usage};
 use stowage_proto::v1::{self as pb, ingest_client::IngestClient, upload_request::Part};
 use stowage_testkit::{Processes, Setup, authed, channel, token};
 
@@ -130,9 +130,11 @@ async fn sigkill_mid_upload_is_cleaned_up_by_the_sweeper() -> anyhow::Result<()>
     for chunk in data.chunks(1 << 20).take(20) {
         tx.send(data_message(chunk)).await?;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let held = usage(channel(processes.addr(Role::Quota)), &alice).await?;
-    assert_eq!(held.reserved_bytes, 64 << 20, "the upload holds its quota");
+    let quota = channel(processes.addr(Role::Quota));
+    stowage_integration_tests::eventually(PATIENCE, "the upload holds its quota", || async {
+        Ok(usage(quota.clone(), &alice).await?.reserved_bytes == 64 << 20)
+    })
+    .await?;
     processes.process(Role::Ingest).signal(Signal::SIGKILL)?;
     assert!(upload.await?.is_err());
     drop(processes);

@@ -201,21 +201,55 @@ async fn acknowledged_events_survive_a_kill_and_appear_once_in_order() -> anyhow
         "{acked:?}"
     );
 
-    // More frames in flight when Ingest is SIGKILLed.
-    let in_flight = frames_upto(&acked, PER_STREAM * 3 / 4);
-    let mut during = acked.clone();
-    let sending = tokio::spawn({
-        let (ingest, alice) = (ingest.clone(), alice.clone());
-        async move {
-            append(ingest, &alice, in_flight, &mut during).await;
-            during
+    // More frames in flight when Ingest is SIGKILLed: the kill comes as soon as the first of
+    // them is acknowledged, with the call open and the last quarter just sent.
+    let (feed, frames) = futures::channel::mpsc::unbounded();
+    let (before_kill, with_kill) = (
+        frames_upto(&acked, PER_STREAM * 5 / 8),
+        frames_upto(
+            &streams
+                .iter()
+                .map(|s| (s.clone(), PER_STREAM * 5 / 8))
+                .collect(),
+            PER_STREAM * 3 / 4,
+        ),
+    );
+    for f in before_kill {
+        feed.unbounded_send(f)?;
+    }
+    let mut answers = IngestClient::new(ingest.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+        .append_events(authed(frames, &alice))
+        .await?
+        .into_inner();
+    let mut acked_before_kill = acked.clone();
+    let mut note = |answer: pb::AppendEventsResponse| {
+        let entry = acked_before_kill.entry(answer.stream_id).or_default();
+        *entry = (*entry).max(answer.durable_seq);
+        answer.durable_seq
+    };
+    while let Some(answer) = answers.next().await {
+        if note(answer?) > PER_STREAM / 2 {
+            break;
         }
-    });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    for f in with_kill {
+        feed.unbounded_send(f)?;
+    }
     processes
         .process(Role::Ingest)
         .signal(nix::sys::signal::Signal::SIGKILL)?;
-    let acked_before_kill = sending.await?;
+    while let Some(Ok(answer)) = answers.next().await {
+        note(answer);
+    }
+    drop(feed);
+    assert!(
+        streams.iter().any(|s| acked_before_kill
+            .get(s)
+            .is_some_and(|&seq| seq > PER_STREAM / 2)),
+        "{acked_before_kill:?}"
+    );
     println!("acknowledged when Ingest was killed: {acked_before_kill:?}");
     processes.restart(&setup, Role::Ingest).await?;
 
@@ -247,8 +281,8 @@ async fn acknowledged_events_survive_a_kill_and_appear_once_in_order() -> anyhow
 }
 
 #[tokio::test]
-async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screenshots()
--> anyhow::Result<()> {
+async fn windows_seal_groups_get_each_batch_once_and_acks_delete_screenshots() -> anyhow::Result<()>
+{
     let setup = Setup::new().await?;
     let mesh = half_second_windows(&setup, 1).await?;
     let bob = token("bob", &[]);
@@ -285,17 +319,14 @@ async fn windows_seal_on_time_groups_get_each_batch_once_and_acks_delete_screens
         "large screenshots go to the store: {screens:?}"
     );
 
-    // All three windows sealed on time (each 500 ms, sealed 200 ms after its end).
+    // All three windows sealed (each 500 ms, sealed 200 ms after its end).
     batches_sealed(&setup, 3).await?;
     // The group gets every event once, in order.
     let want: HashMap<String, u64> = [("desk".to_owned(), 30)].into();
     let (seqs, batches) = drain(mesh.channel(), &bob, "g1", "", &want).await?;
     assert_eq!(seqs["desk"], (1..=30).collect::<Vec<u64>>());
-    assert!(
-        batches.len() >= 3,
-        "one batch per window: {}",
-        batches.len()
-    );
+    // The appends came 600 ms apart: each in a window of its own.
+    assert_eq!(batches.len(), 3, "one batch per window: {batches:?}");
     // Each sealed batch was announced (batch.sealed, in the seal's transaction).
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let announced: Vec<(String, i64)> = pool
@@ -421,11 +452,14 @@ async fn a_slow_writer_slows_clients_down_and_memory_stays_under_the_ceiling() -
             break;
         }
     }
-    // Every frame acknowledged: slowed to the writer's pace, not failed.
+    // Every frame acknowledged: slowed to the writer's pace, not failed. Each write takes at
+    // most what the 16 MiB ceiling holds, and 500 ms: 150 MB need at least eight of them.
     assert_eq!(durable, FRAMES * EVENTS);
-    println!(
-        "150 MB through a writer delayed 500 ms per write: {:?}",
-        started.elapsed()
+    let took = started.elapsed();
+    println!("150 MB through a writer delayed 500 ms per write: {took:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "150 MB went through a writer of 500 ms per write in {took:?}: not held back"
     );
     // The server never held much more than its 16 MiB ceiling (plus a write and HTTP/2
     // windows), far from the 150 MB sent.

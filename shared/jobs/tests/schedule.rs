@@ -13,7 +13,8 @@ use serde_json::json;
 use stowage_jobs::{Error, Queue, Schedule, Scheduler};
 use tokio_util::sync::CancellationToken;
 
-/// Runs one scheduler of `schedules` per queue for `how_long`, then stops them all.
+/// Runs one scheduler of `schedules` per queue for `how_long` once they are recorded (which
+/// a loaded machine may take a while to do), then stops them all.
 async fn run_schedulers(queues: &[Queue], schedules: &[Schedule], how_long: Duration) {
     let shutdown = CancellationToken::new();
     let handles: Vec<_> = queues
@@ -23,6 +24,15 @@ async fn run_schedulers(queues: &[Queue], schedules: &[Schedule], how_long: Dura
             tokio::spawn(scheduler.run(shutdown.clone()))
         })
         .collect();
+    let names = |listed: Vec<stowage_jobs::ScheduleInfo>| listed.into_iter().map(|s| s.name);
+    let recorded = common::eventually(Duration::from_secs(30), "schedules recorded", || async {
+        let listed: Vec<String> = names(queues[0].list_schedules().await.ok()?).collect();
+        schedules
+            .iter()
+            .all(|s| listed.contains(&s.name))
+            .then_some(())
+    });
+    recorded.await;
     tokio::time::sleep(how_long).await;
     shutdown.cancel();
     for handle in handles {

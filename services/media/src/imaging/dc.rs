@@ -1038,7 +1038,11 @@ mod tests {
         }
         // Most damage is caught (a bad code, a marker, an interval too short or too long), some
         // is not: libjpeg-turbo cannot tell those apart from a real picture either.
-        assert!(decoded < 500, "{decoded} of 500 damaged files decoded");
+        // Some damage still decodes, so the sizes above were checked.
+        assert!(
+            (1..500).contains(&decoded),
+            "{decoded} of 500 damaged files decoded"
+        );
     }
 
     #[test]
@@ -1047,13 +1051,17 @@ mod tests {
         let pixels = picture(size.0, size.1, 3, 6);
         let baseline = encode(&pixels, size, false, SamplingFactor::R_4_2_0, Some(2), 90);
         let scan_start = Frame::parse(&baseline).unwrap().scan_start;
+        let mut decoded = 0;
         for damaged in damaged(&baseline, 2..scan_start, 3, 2000, 7) {
             // Whatever the header now declares, the output is whole.
             if let Some(eighth) = decode(&damaged) {
+                decoded += 1;
                 let (w, h) = (eighth.width as usize, eighth.height as usize);
                 assert_eq!(eighth.rgb.len(), w * h * 3);
             }
         }
+        // Some damage still decodes, so the check above ran.
+        assert!(decoded > 0, "none of 2000 damaged headers decoded");
     }
 
     #[test]
