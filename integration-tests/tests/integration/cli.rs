@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use stowage_integration_tests::{get_session, random_bytes, sha256, upload};
+use stowage_integration_tests::{download, get_session, random_bytes, sha256, upload, usage};
 use stowage_proto::v1 as pb;
 use stowage_ratelimit::Rule;
 use stowage_testkit::{Mesh, Setup, authed, binary, token};
@@ -108,6 +108,14 @@ async fn upload_resumes_after_the_cli_is_killed() -> anyhow::Result<()> {
         .into_inner();
     assert_eq!(listed.files.len(), 1, "one file, not two");
     assert_eq!(listed.files[0].sha256, sha256(&data));
+    let (_, stored) = download(mesh.channel(), &alice, &listed.files[0].id, None).await?;
+    assert!(stored == data, "the stored bytes are not the file's");
+    let account = usage(mesh.channel(), &alice).await?;
+    assert_eq!(
+        (account.used_bytes, account.reserved_bytes),
+        (data.len() as u64, 0),
+        "charged once, nothing held"
+    );
     assert!(
         std::fs::read_dir(state.join("stowage/uploads"))?
             .next()

@@ -546,21 +546,31 @@ mod tests {
     fn signatures_bind_file_variant_and_expiry() {
         let signer = UrlSigner::new(SigningKeys::new(b"k", None), "http://x".into());
         let id = Uuid::now_v7();
-        let url = signer.sign(&id, "", 100, false);
-        let sig = url.split("sig=").nth(1).unwrap().to_owned();
-        let ok = SignedQuery {
-            exp: 100,
-            sig: sig.clone(),
-            variant: None,
-            dl: None,
+        let sig_of = |url: String| {
+            let after = url.split("sig=").nth(1).unwrap().to_owned();
+            after.split('&').next().unwrap().to_owned()
         };
-        assert!(signer.verify(&id, &ok));
-        let later = SignedQuery {
-            exp: 101,
-            sig,
-            variant: None,
-            dl: None,
+        let query = |exp: i64, sig: &str, variant: Option<&str>, dl: Option<&str>| SignedQuery {
+            exp,
+            sig: sig.to_owned(),
+            variant: variant.map(str::to_owned),
+            dl: dl.map(str::to_owned),
         };
-        assert!(!signer.verify(&id, &later));
+        let sig = sig_of(signer.sign(&id, "", 100, false));
+        assert!(signer.verify(&id, &query(100, &sig, None, None)));
+        // Not past its expiry, nor for another file, a variant of this one, or as an
+        // attachment.
+        assert!(!signer.verify(&id, &query(101, &sig, None, None)));
+        assert!(!signer.verify(&Uuid::now_v7(), &query(100, &sig, None, None)));
+        assert!(!signer.verify(&id, &query(100, &sig, Some("thumb_256_webp"), None)));
+        assert!(!signer.verify(&id, &query(100, &sig, None, Some("1"))));
+        // A variant's own link, and an attachment's, are good for them alone.
+        let thumb = sig_of(signer.sign(&id, "thumb_256_webp", 100, false));
+        assert!(signer.verify(&id, &query(100, &thumb, Some("thumb_256_webp"), None)));
+        assert!(!signer.verify(&id, &query(100, &thumb, None, None)));
+        assert!(!signer.verify(&id, &query(100, &thumb, Some("preview_webp"), None)));
+        let attachment = sig_of(signer.sign(&id, "", 100, true));
+        assert!(signer.verify(&id, &query(100, &attachment, None, Some("1"))));
+        assert!(!signer.verify(&id, &query(100, &attachment, None, None)));
     }
 }
