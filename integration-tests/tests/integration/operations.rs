@@ -169,6 +169,21 @@ async fn redis_that_comes_up_after_the_process_is_used() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // And used: an upload's file.created reaches the stream (it waited in the outbox).
+    let alice = stowage_testkit::token("alice", &[]);
+    stowage_integration_tests::upload(mesh.channel(), &alice, "a.txt", b"hello", &[]).await?;
+    let client = stowage_runtime::redis::connect(&redis.url()).await?;
+    let stream =
+        stowage_events::stream_key(&setup.namespace(), stowage_events::topics::FILE_CREATED);
+    stowage_integration_tests::eventually(Duration::from_secs(30), "file.created in Redis", || {
+        let (client, stream) = (client.clone(), stream.clone());
+        async move {
+            use fred::interfaces::StreamsInterface;
+            let published: u64 = client.xlen(stream.as_str()).await?;
+            Ok(published >= 1)
+        }
+    })
+    .await?;
     mesh.stop().await?;
     redis.stop().await;
     Ok(())
