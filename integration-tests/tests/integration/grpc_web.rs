@@ -109,3 +109,51 @@ async fn grpc_web_unary_calls_work_with_cors() -> anyhow::Result<()> {
     );
     mesh.stop().await
 }
+
+/// Events from a browser: PutEvents over grpc-web stores a frame, drops one sent again, names
+/// a refused field as the request holds it, and a consumer gets every event once.
+#[tokio::test]
+async fn grpc_web_puts_event_frames() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = crate::streams::half_second_windows(&setup, 0).await?;
+    let http = reqwest::Client::builder().http1_only().build()?;
+    let web = token("webuser", &[]);
+    let url = format!("http://{}/stowage.v1.Ingest/PutEvents", mesh.addr);
+    let put = |frame: pb::AppendEventsRequest| {
+        let request = http
+            .post(&url)
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("authorization", format!("Bearer {web}"))
+            .body(self::frame(&pb::PutEventsRequest { frame: Some(frame) }));
+        async move {
+            let response = request.send().await?;
+            assert_eq!(response.status(), 200);
+            // A refusal comes in the headers alone (trailers-only) or in the trailers.
+            let headers: String = ["grpc-status", "grpc-message"]
+                .iter()
+                .filter_map(|h| {
+                    let value = response.headers().get(*h)?.to_str().ok()?;
+                    Some(format!("{h}:{value}\r\n"))
+                })
+                .collect();
+            let (data, trailers) = unframe(&response.bytes().await?);
+            anyhow::Ok((data, headers + &trailers))
+        }
+    };
+    for ((first, last), durable) in [((1, 3), 3), ((4, 6), 6), ((1, 3), 6)] {
+        let (data, trailers) = put(crate::streams::frame("clicks", first, last)).await?;
+        assert!(trailers.contains("grpc-status:0"), "{trailers}");
+        let answer = pb::PutEventsResponse::decode(data.as_slice())?;
+        assert_eq!(answer.durable_seq, durable, "after seqs {first}..={last}");
+    }
+    let (_, trailers) = put(crate::streams::frame("clicks", 0, 1)).await?;
+    assert!(
+        trailers.contains("grpc-status:3") && trailers.contains("frame.first_seq"),
+        "{trailers}"
+    );
+    let want = [("clicks".to_owned(), 6)].into();
+    let (seqs, _) = crate::streams::drain(mesh.channel(), &web, "web", "", &want).await?;
+    assert_eq!(seqs["clicks"], (1..=6).collect::<Vec<u64>>());
+    mesh.stop().await
+}

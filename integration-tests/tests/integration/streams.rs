@@ -33,7 +33,7 @@ fn event(seq: u64, screenshot: Option<Vec<u8>>) -> pb::Event {
     }
 }
 
-fn frame(stream: &str, first: u64, last: u64) -> pb::AppendEventsRequest {
+pub(crate) fn frame(stream: &str, first: u64, last: u64) -> pb::AppendEventsRequest {
     pb::AppendEventsRequest {
         stream_id: stream.to_owned(),
         first_seq: first,
@@ -43,7 +43,7 @@ fn frame(stream: &str, first: u64, last: u64) -> pb::AppendEventsRequest {
 
 /// A mesh sealing windows of 500 ms 200 ms after their end, storing screenshots over 1 KiB,
 /// and keeping the newest `keep` stored screenshots of a stream after acknowledgement.
-async fn half_second_windows(setup: &Setup, keep: usize) -> anyhow::Result<Mesh> {
+pub(crate) async fn half_second_windows(setup: &Setup, keep: usize) -> anyhow::Result<Mesh> {
     Mesh::start_with(setup, |c| {
         c.ingest.streams.window = Duration::from_millis(500);
         c.ingest.streams.grace = Duration::from_millis(200);
@@ -84,7 +84,7 @@ async fn append(
 
 /// Reads batches of `group` (acknowledging each) until `want` events per stream arrived;
 /// returns each stream's seqs in delivery order and the last cursor.
-async fn drain(
+pub(crate) async fn drain(
     channel: Channel,
     token: &str,
     group: &str,

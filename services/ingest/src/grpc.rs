@@ -154,6 +154,35 @@ impl ingest_server::Ingest for IngestGrpc {
         Ok(Response::new(Box::pin(out)))
     }
 
+    async fn put_events(
+        &self,
+        request: Request<pb::PutEventsRequest>,
+    ) -> Result<Response<pb::PutEventsResponse>, Status> {
+        let owner = identity(&request)?.user_id;
+        let streams = self.streams()?.clone();
+        let frame = request
+            .into_inner()
+            .frame
+            .ok_or_else(|| stowage_runtime::status::invalid_argument("frame", "is required"))?;
+        // Fields are named as this request holds them.
+        let named = |error: Error| match error {
+            Error::InvalidArgument { field, reason } => {
+                stowage_runtime::status::invalid_argument(&format!("frame.{field}"), reason)
+            }
+            other => Status::from(other),
+        };
+        let durable = streams
+            .submit(&owner, frame)
+            .await
+            .map_err(named)?
+            .await
+            .map_err(|_| Status::unavailable("writer stopped; re-send"))?
+            .map_err(named)?;
+        Ok(Response::new(pb::PutEventsResponse {
+            durable_seq: durable,
+        }))
+    }
+
     async fn subscribe_batches(
         &self,
         request: Request<pb::SubscribeBatchesRequest>,

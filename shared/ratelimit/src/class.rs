@@ -62,7 +62,7 @@ pub fn classify_grpc_path(path: &str) -> Class {
             "stowage.v1.Ingest",
             "Upload" | "UploadFiles" | "CreateUpload" | "WriteChunks" | "PutChunk"
                 | "CompleteUpload"
-            | "AppendEvents",
+            | "AppendEvents" | "PutEvents",
         ) => Class::Upload,
         ("stowage.v1.Files", "Download" | "GetDownloadUrl")
         | ("stowage.v1.Ingest", "GetScreenshot") => Class::Download,
@@ -117,6 +117,7 @@ mod tests {
             ("/stowage.v1.Ingest/WriteChunks", Class::Upload),
             ("/stowage.v1.Ingest/PutChunk", Class::Upload),
             ("/stowage.v1.Ingest/AppendEvents", Class::Upload),
+            ("/stowage.v1.Ingest/PutEvents", Class::Upload),
             ("/stowage.v1.Ingest/GetUpload", Class::Other),
             ("/stowage.v1.Files/Download", Class::Download),
             ("/stowage.v1.Files/GetDownloadUrl", Class::Download),
