@@ -275,11 +275,13 @@ pub async fn serve_with(
     };
 
     let quota_local = roles.contains(&Role::Quota).then(|| {
-        Arc::new(QuotaGrpc::new(Quota::new(
+        let quota = Quota::new(
             quota_pool.clone(),
             config.quota.default_limit.as_u64(),
             config.quota.reservation_ttl,
-        )))
+        );
+        spawn_usage_gauges(&background, quota.clone());
+        Arc::new(QuotaGrpc::new(quota))
     });
     let quota_api = || -> anyhow::Result<Arc<dyn QuotaApi>> {
         Ok(match &quota_local {
@@ -802,10 +804,38 @@ fn start_media(
     Ok(media)
 }
 
+/// How often Quota's process reads the totals of every account for its gauges.
+const USAGE_GAUGES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Every minute, the bytes stored and held over all accounts, and how many accounts there are
+/// and are full, as gauges (`stowage_stored_bytes`, `stowage_reserved_bytes`,
+/// `stowage_quota_accounts`, `stowage_quota_accounts_full`): one read of the accounts table,
+/// by each Quota replica (the same figures; dashboards take the `max`).
+fn spawn_usage_gauges(background: &Background, quota: stowage_quota::Quota) {
+    let shutdown = background.shutdown().clone();
+    background.spawn("usage-gauges", async move {
+        loop {
+            match quota.stats().await {
+                Ok(stats) => {
+                    metrics::gauge!("stowage_stored_bytes").set(stats.used as f64);
+                    metrics::gauge!("stowage_reserved_bytes").set(stats.reserved as f64);
+                    metrics::gauge!("stowage_quota_accounts").set(stats.accounts as f64);
+                    metrics::gauge!("stowage_quota_accounts_full").set(stats.full as f64);
+                }
+                Err(error) => tracing::warn!(%error, "usage totals not read for the gauges"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(USAGE_GAUGES_INTERVAL) => {}
+            }
+        }
+    });
+}
+
 /// Every `interval`, sweeps expired upload sessions and one-shot uploads abandoned for
-/// longer than `abandoned_after`, so that their holds come back within a minute of their end.
-/// Lifecycle's `orphan_uploads` (every 15 min, `Ingest.SweepUploads`) is the other sweep: it
-/// ends sessions idle for hours long before their expiry, and does the same for one-shots.
+/// longer than `abandoned_after`, so that their holds come back within a minute of their end,
+/// and finishes completions a crash interrupted. Lifecycle's `orphan_uploads` (every 15 min,
+/// `Ingest.SweepUploads`) is the other sweep, with the policy's idle time for one-shots.
 fn spawn_sweeper(
     background: &Background,
     sessions: Sessions,

@@ -259,6 +259,32 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// The bytes stored and held over every account are gauges, read by Quota's process when it
+/// starts and every minute after.
+#[tokio::test]
+async fn bytes_stored_and_held_are_gauges() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let (alice, bob) = (token("alice", &[]), token("bob", &[]));
+    upload(mesh.channel(), &alice, "a.bin", &random_bytes(70_000), &[]).await?;
+    upload(mesh.channel(), &bob, "b.bin", &random_bytes(30_000), &[]).await?;
+    stowage_integration_tests::create_session(mesh.channel(), &bob, "c.bin", Some(5_000), "")
+        .await?;
+    mesh.stop().await?;
+    // A process started now reads them at once.
+    let mesh = Mesh::start(&setup).await?;
+    eventually(Duration::from_secs(30), "usage gauges", || async {
+        let text = scrape(&mesh).await?;
+        Ok(
+            sample(&text, "stowage_stored_bytes", &[]) == Some(100_000.0)
+                && sample(&text, "stowage_reserved_bytes", &[]) == Some(5_000.0)
+                && sample(&text, "stowage_quota_accounts", &[]) == Some(2.0),
+        )
+    })
+    .await?;
+    mesh.stop().await
+}
+
 /// Made-up paths do not make metric series (kept for the life of the process): a gRPC call to
 /// no method is `unknown`, an HTTP request no route serves is `/other`, an invented verb is
 /// `OTHER`.
