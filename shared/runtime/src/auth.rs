@@ -183,6 +183,14 @@ impl Verifier {
             }
             None => None,
         };
+        if hs256.is_some() && jwks.is_some() {
+            tracing::warn!(
+                "STOWAGE_AUTH__HS256_SECRET and STOWAGE_AUTH__JWKS_URL are both set: tokens signed \
+                 with the secret are accepted beside the identity provider's, so whoever holds it \
+                 can sign any user's token, an admin's too; unset the secret once every client \
+                 uses the provider (services then present STOWAGE_SERVICE_TOKEN)"
+            );
+        }
         Ok(Self {
             hs256,
             jwks,
