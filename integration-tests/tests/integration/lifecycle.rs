@@ -2842,3 +2842,55 @@ async fn user_events_pages_through_events_of_the_same_time_once_each() -> anyhow
     );
     mesh.stop().await
 }
+
+/// A screenshot stored for a frame that never committed (a process that died between the two,
+/// a frame refused and its screenshot not removed then) is removed by the staging clean-up once
+/// a day old; one an event names stays.
+#[tokio::test]
+async fn stray_event_screenshots_go_with_the_staging_cleanup() -> anyhow::Result<()> {
+    use object_store::{ObjectStoreExt, PutPayload, path::Path};
+    let setup = Setup::new().await?;
+    let mesh = crate::streams::half_second_windows(&setup, 0).await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
+    let bob = token("bob", &[]);
+    let shot = vec![7u8; 4096];
+    let mut acked = std::collections::HashMap::new();
+    let frame = pb::AppendEventsRequest {
+        stream_id: "desk".into(),
+        first_seq: 1,
+        events: vec![crate::streams::event(1, Some(shot.clone()))],
+    };
+    crate::streams::append(mesh.channel(), &bob, vec![frame], &mut acked).await;
+    assert_eq!(acked.get("desk"), Some(&1));
+    let named = setup.stored_objects("events/bob/desk/screens");
+    assert_eq!(named.len(), 1, "{named:?}");
+    let stray = format!(
+        "events/bob/desk/screens/000000000002-{}.bin",
+        uuid::Uuid::new_v4().simple()
+    );
+    mesh.blobs
+        .store
+        .put(&Path::from(stray.as_str()), PutPayload::from(shot.clone()))
+        .await?;
+    for key in setup.stored_objects("events/bob/desk/screens") {
+        age(&setup, &key, Duration::from_secs(25 * 3600))?;
+    }
+
+    let dry = run_now(&mesh, "staging_cleanup", true).await?;
+    assert_eq!(dry.report, [format!("staging {stray}")], "{dry:?}");
+    let run = run_now(&mesh, "staging_cleanup", false).await?;
+    assert_eq!((run.acted, run.failed), (1, 0), "{run:?}");
+    assert_eq!(setup.stored_objects("events/bob/desk/screens"), named);
+    // The one its event names is still served.
+    let served = stowage_integration_tests::ingest(mesh.channel())
+        .get_screenshot(authed(
+            pb::GetScreenshotRequest {
+                storage_key: named[0].clone(),
+            },
+            &bob,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(served.data, shot);
+    mesh.stop().await
+}

@@ -13,7 +13,7 @@ use tonic::{Code, transport::Channel};
 const PER_STREAM: u64 = 100_000;
 const FRAME: u64 = 2_000;
 
-fn event(seq: u64, screenshot: Option<Vec<u8>>) -> pb::Event {
+pub(crate) fn event(seq: u64, screenshot: Option<Vec<u8>>) -> pb::Event {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -55,7 +55,7 @@ pub(crate) async fn half_second_windows(setup: &Setup, keep: usize) -> anyhow::R
 
 /// Sends `frames` on one AppendEvents call and records every acknowledgement in `acked`
 /// until the server stops answering (or answered them all).
-async fn append(
+pub(crate) async fn append(
     channel: Channel,
     token: &str,
     frames: Vec<pb::AppendEventsRequest>,

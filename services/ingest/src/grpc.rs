@@ -329,14 +329,22 @@ impl ingest_server::Ingest for IngestGrpc {
                 "must be at least 3600",
             ));
         }
-        let (examined, keys, removed, failed) = self
+        let max_age = std::time::Duration::from_secs(req.max_age_seconds);
+        let (mut examined, mut keys, mut removed, mut failed) = self
             .sessions
-            .sweep_staging(
-                std::time::Duration::from_secs(req.max_age_seconds),
-                req.dry_run,
-            )
+            .sweep_staging(max_age, req.dry_run)
             .await
             .map_err(Status::from)?;
+        if let Some(streams) = &self.streams {
+            let (seen, stray, gone, failures) = streams
+                .sweep_stray_screenshots(max_age, req.dry_run)
+                .await
+                .map_err(Status::from)?;
+            examined += seen;
+            keys.extend(stray.into_iter().take(1000usize.saturating_sub(keys.len())));
+            removed += gone;
+            failed += failures;
+        }
         Ok(Response::new(pb::SweepStagingResponse {
             examined,
             keys,

@@ -992,6 +992,96 @@ impl EventStreams {
         Ok(())
     }
 
+    /// Removes stored screenshots older than `max_age` that no segment or batch names (stored
+    /// for a frame that was then refused, or by a process that died before the frame's commit,
+    /// and not removed then); with `dry_run` only lists them. Looks at a thousand at a time.
+    /// Returns (examined, keys listed (at most 1000), removed or removable, failures).
+    pub async fn sweep_stray_screenshots(
+        &self,
+        max_age: Duration,
+        dry_run: bool,
+    ) -> Result<(u64, Vec<String>, u64, u64)> {
+        use futures::StreamExt;
+        let cutoff =
+            Utc::now() - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::days(1));
+        let prefix = ObjectPath::from("events");
+        let mut listing = self.inner.store.list(Some(&prefix));
+        let mut sweep = StraySweep::default();
+        let mut page = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            if meta.last_modified >= cutoff {
+                continue;
+            }
+            let key = meta.location.to_string();
+            if let Some((stream, _)) = screenshot_parts(&key) {
+                sweep.examined += 1;
+                page.push((stream.to_owned(), key));
+            }
+            if page.len() == 1000 {
+                self.sweep_stray_page(std::mem::take(&mut page), dry_run, &mut sweep)
+                    .await?;
+            }
+        }
+        self.sweep_stray_page(page, dry_run, &mut sweep).await?;
+        Ok((sweep.examined, sweep.keys, sweep.removed, sweep.failed))
+    }
+
+    /// Removes (or lists) those of `page`'s screenshots (stream, key) no row names.
+    async fn sweep_stray_page(
+        &self,
+        page: Vec<(String, String)>,
+        dry_run: bool,
+        sweep: &mut StraySweep,
+    ) -> Result<()> {
+        let mut by_stream: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (stream, key) in page {
+            by_stream.entry(stream).or_default().push(key);
+        }
+        let conn = self.inner.pool.get().await?;
+        for (stream, keys) in by_stream {
+            // Keys stored before streams were named per owner carry the old name.
+            let named: std::collections::HashSet<String> = conn
+                .query_cached(
+                    "WITH s AS (
+                         SELECT COALESCE((SELECT stream_id FROM ingest.event_stream_old_names
+                                          WHERE old_name = $1), $1) AS id)
+                     SELECT k FROM ingest.event_batches b, s, unnest(b.screenshots || b.spared) k
+                      WHERE b.stream_id = s.id AND k = ANY($2)
+                     UNION
+                     SELECT k FROM ingest.event_segments g, s, unnest(g.screenshots) k
+                      WHERE g.stream_id = s.id AND k = ANY($2)",
+                    &[&stream, &keys],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            for key in keys.into_iter().filter(|k| !named.contains(k)) {
+                if !dry_run {
+                    match self
+                        .inner
+                        .store
+                        .delete(&ObjectPath::from(key.as_str()))
+                        .await
+                    {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(error) => {
+                            sweep.failed += 1;
+                            tracing::warn!(key, %error, "stray screenshot not removed");
+                            continue;
+                        }
+                    }
+                }
+                sweep.removed += 1;
+                if sweep.keys.len() < 1000 {
+                    sweep.keys.push(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes the batches sealed more than the retention ago (objects first, then rows), at
     /// most 500 per call; returns how many.
     pub async fn expire_batches(&self) -> Result<usize> {
@@ -1515,10 +1605,7 @@ impl EventStreams {
                 "must be a screenshot key an event carries (events/{owner}/{stream}/screens/...)",
             )
         };
-        let (stream, name) = key
-            .strip_prefix("events/")
-            .and_then(|rest| rest.rsplit_once("/screens/"))
-            .ok_or_else(invalid)?;
+        let (stream, name) = screenshot_parts(key).ok_or_else(invalid)?;
         let name_ok = !name.is_empty()
             && name
                 .bytes()
@@ -1780,6 +1867,22 @@ fn without_inline_screenshots(object: &[u8], codec: EventCodec) -> Result<Option
         push_block(&mut rewritten, &compress(&raw, codec))?;
     }
     Ok(Some((rewritten, count)))
+}
+
+/// What a sweep of stray screenshots found.
+#[derive(Default)]
+struct StraySweep {
+    examined: u64,
+    keys: Vec<String>,
+    removed: u64,
+    failed: u64,
+}
+
+/// The stream and the name a stored screenshot's key holds
+/// (`events/{stream}/screens/{seq}-{id}.bin`, the stream `{owner}/{name}`, or an older name
+/// without its owner), if it is one's.
+fn screenshot_parts(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix("events/")?.rsplit_once("/screens/")
 }
 
 #[cfg(test)]
