@@ -44,7 +44,8 @@ export interface StowageOptions {
 /**
  * A client for each of Stowage's services. Ingest's client-streaming calls (`writeChunks`,
  * `upload`, `appendEvents`) are left out: a browser's fetch cannot stream a request body, so
- * they would always fail; `putChunk`, `uploadFiles` and the `upload` helper carry uploads.
+ * they would always fail; `putChunk`, `uploadFiles` and the `upload` helper carry uploads, and
+ * `putEvents` event frames.
  */
 export interface Stowage {
   ingest: Omit<Client<typeof Ingest>, "writeChunks" | "upload" | "appendEvents">;

@@ -58,7 +58,12 @@ async fn sql(setup: &Setup, statement: &str, id: &str) -> anyhow::Result<u64> {
 #[tokio::test]
 async fn expired_sessions_are_swept_and_idle_ones_live_until_their_expiry() -> anyhow::Result<()> {
     let setup = Setup::new().await?;
-    let mesh = start(&setup).await?;
+    // Only Lifecycle's run sweeps here: Ingest's own expiry sweep waits an hour.
+    let mesh = Mesh::start_with(&setup, |c| {
+        c.ingest.sweep_interval = Duration::from_secs(3600)
+    })
+    .await?;
+    lifecycle_schedules_off(mesh.channel(), &setup.database_url).await?;
     let alice = token("alice", &[]);
     let data = random_bytes(300_000);
     let abandoned = create_session(mesh.channel(), &alice, "a.bin", Some(300_000), "").await?;
@@ -497,27 +502,18 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
     assert_eq!(run_now(&mesh, "usage_reconcile", false).await?.acted, 0);
 
     // A purge caught between its two steps (row gone, debit not yet made) is not a drift: the
-    // run looks again after the settle time and finds it healed. The debit comes once the run
-    // has had a second for its first look (two accounts) and well within the settle time.
+    // run looks again after the settle time and finds it healed. The run's first look is held
+    // on Files' table (after it read bob's account, 30,000 used) while the debit is made.
     conn.execute("DELETE FROM files.files WHERE owner_id = 'bob'", &[])
         .await?;
+    let lock_pool = stowage_db::connect(&setup.database_url, 2)?;
+    let mut locker = lock_pool.get().await?;
+    let lock = locker.transaction().await?;
+    lock.batch_execute("LOCK TABLE files.files IN ACCESS EXCLUSIVE MODE")
+        .await?;
     let run = tokio::spawn(run_now_on(mesh.channel(), "usage_reconcile".into(), false));
-    eventually(PATIENCE, "the run under way", || async {
-        let runs = LifecycleClient::new(mesh.channel())
-            .list_runs(authed(
-                pb::ListRunsRequest {
-                    name: "usage_reconcile".into(),
-                    ..Default::default()
-                },
-                &token("root", &["admin"]),
-            ))
-            .await?
-            .into_inner()
-            .runs;
-        Ok(runs.iter().any(|r| r.finished_at.is_none()))
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    stowage_integration_tests::lock_waiters(&lock_pool, "GROUP BY owner_id ORDER BY owner_id", 1)
+        .await?;
     let service = token("stowage-internal", &["service"]);
     quota(mesh.channel())
         .debit(authed(
@@ -530,6 +526,7 @@ async fn drifted_usage_is_repaired_and_correct_accounts_are_untouched() -> anyho
             &service,
         ))
         .await?;
+    lock.rollback().await?;
     let run = run.await??;
     assert_eq!((run.acted, run.failed), (0, 0), "{run:?}");
     // It saw bob drifted at its first look: only then does it wait the settle time.
@@ -2860,8 +2857,18 @@ async fn stray_event_screenshots_go_with_the_staging_cleanup() -> anyhow::Result
         first_seq: 1,
         events: vec![crate::streams::event(1, Some(shot.clone()))],
     };
-    crate::streams::append(mesh.channel(), &bob, vec![frame], &mut acked).await;
+    // And a stream called "screens", whose sealed batch lives at events/bob/screens/{date}/.
+    let other = pb::AppendEventsRequest {
+        stream_id: "screens".into(),
+        first_seq: 1,
+        events: vec![crate::streams::event(1, None)],
+    };
+    crate::streams::append(mesh.channel(), &bob, vec![frame, other], &mut acked).await;
     assert_eq!(acked.get("desk"), Some(&1));
+    assert_eq!(acked.get("screens"), Some(&1));
+    crate::streams::batches_sealed(&setup, 2).await?;
+    let batches = setup.stored_objects("events/bob/screens");
+    assert_eq!(batches.len(), 1, "{batches:?}");
     let named = setup.stored_objects("events/bob/desk/screens");
     assert_eq!(named.len(), 1, "{named:?}");
     let stray = format!(
@@ -2872,7 +2879,7 @@ async fn stray_event_screenshots_go_with_the_staging_cleanup() -> anyhow::Result
         .store
         .put(&Path::from(stray.as_str()), PutPayload::from(shot.clone()))
         .await?;
-    for key in setup.stored_objects("events/bob/desk/screens") {
+    for key in setup.stored_objects("events/bob") {
         age(&setup, &key, Duration::from_secs(25 * 3600))?;
     }
 
@@ -2881,6 +2888,7 @@ async fn stray_event_screenshots_go_with_the_staging_cleanup() -> anyhow::Result
     let run = run_now(&mesh, "staging_cleanup", false).await?;
     assert_eq!((run.acted, run.failed), (1, 0), "{run:?}");
     assert_eq!(setup.stored_objects("events/bob/desk/screens"), named);
+    assert_eq!(setup.stored_objects("events/bob/screens"), batches);
     // The one its event names is still served.
     let served = stowage_integration_tests::ingest(mesh.channel())
         .get_screenshot(authed(

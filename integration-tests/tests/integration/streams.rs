@@ -325,8 +325,13 @@ async fn windows_seal_groups_get_each_batch_once_and_acks_delete_screenshots() -
     let want: HashMap<String, u64> = [("desk".to_owned(), 30)].into();
     let (seqs, batches) = drain(mesh.channel(), &bob, "g1", "", &want).await?;
     assert_eq!(seqs["desk"], (1..=30).collect::<Vec<u64>>());
-    // The appends came 600 ms apart: each in a window of its own.
-    assert_eq!(batches.len(), 3, "one batch per window: {batches:?}");
+    // At least one batch per window (an append that commits after its window's grace goes
+    // into a batch of its own).
+    assert!(
+        batches.len() >= 3,
+        "one batch per window: {}",
+        batches.len()
+    );
     // Each sealed batch was announced (batch.sealed, in the seal's transaction).
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     let announced: Vec<(String, i64)> = pool
@@ -521,7 +526,7 @@ async fn a_frame_the_database_refuses_does_not_fail_the_frames_written_with_it()
 }
 
 /// Waits until at least `n` batches are sealed.
-async fn batches_sealed(setup: &Setup, n: i64) -> anyhow::Result<()> {
+pub(crate) async fn batches_sealed(setup: &Setup, n: i64) -> anyhow::Result<()> {
     let pool = stowage_db::connect(&setup.database_url, 1)?;
     stowage_integration_tests::eventually(
         Duration::from_secs(10),

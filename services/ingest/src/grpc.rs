@@ -164,20 +164,17 @@ impl ingest_server::Ingest for IngestGrpc {
             .into_inner()
             .frame
             .ok_or_else(|| stowage_runtime::status::invalid_argument("frame", "is required"))?;
-        // Fields are named as this request holds them.
-        let named = |error: Error| match error {
-            Error::InvalidArgument { field, reason } => {
-                stowage_runtime::status::invalid_argument(&format!("frame.{field}"), reason)
-            }
-            other => Status::from(other),
-        };
-        let durable = streams
-            .submit(&owner, frame)
-            .await
-            .map_err(named)?
-            .await
-            .map_err(|_| Status::unavailable("writer stopped; re-send"))?
-            .map_err(named)?;
+        // On a task of its own: a caller that goes away mid-call must not cut the frame off
+        // between storing its screenshots and handing it to the writer (or forgetting them).
+        let durable = tokio::spawn(async move {
+            let answer = streams.submit(&owner, frame).await.map_err(frame_status)?;
+            answer
+                .await
+                .map_err(|_| Status::unavailable("writer stopped; re-send"))?
+                .map_err(frame_status)
+        })
+        .await
+        .map_err(|_| Status::internal("the frame's task failed"))??;
         Ok(Response::new(pb::PutEventsResponse {
             durable_seq: durable,
         }))
@@ -336,14 +333,19 @@ impl ingest_server::Ingest for IngestGrpc {
             .await
             .map_err(Status::from)?;
         if let Some(streams) = &self.streams {
-            let (seen, stray, gone, failures) = streams
-                .sweep_stray_screenshots(max_age, req.dry_run)
-                .await
-                .map_err(Status::from)?;
-            examined += seen;
-            keys.extend(stray.into_iter().take(1000usize.saturating_sub(keys.len())));
-            removed += gone;
-            failed += failures;
+            // The staging sweep's work stands whatever becomes of this one.
+            match streams.sweep_stray_screenshots(max_age, req.dry_run).await {
+                Ok((seen, stray, gone, failures)) => {
+                    examined += seen;
+                    keys.extend(stray.into_iter().take(1000usize.saturating_sub(keys.len())));
+                    removed += gone;
+                    failed += failures;
+                }
+                Err(error) => {
+                    failed += 1;
+                    tracing::warn!(%error, "stray screenshots not swept");
+                }
+            }
         }
         Ok(Response::new(pb::SweepStagingResponse {
             examined,
@@ -644,5 +646,16 @@ fn consumer_group(owner: Option<&str>, group: &str) -> Result<String, Status> {
             "of a service or admin has no '/' (users' groups are kept as {owner}/{group})",
         )),
         None => Ok(group.to_owned()),
+    }
+}
+
+/// An error of a frame sent in a `PutEventsRequest`, a refused field named as the request
+/// holds it (`frame.first_seq`).
+fn frame_status(error: Error) -> Status {
+    match error {
+        Error::InvalidArgument { field, reason } => {
+            stowage_runtime::status::invalid_argument(&format!("frame.{field}"), reason)
+        }
+        other => Status::from(other),
     }
 }

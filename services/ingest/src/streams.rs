@@ -993,8 +993,12 @@ impl EventStreams {
     }
 
     /// Removes stored screenshots older than `max_age` that no segment or batch names (stored
-    /// for a frame that was then refused, or by a process that died before the frame's commit,
-    /// and not removed then); with `dry_run` only lists them. Looks at a thousand at a time.
+    /// for a frame that was then refused and not removed, or by a process that died before the
+    /// frame committed); with `dry_run` only lists them. Looks at up to 500 streams picked at
+    /// random, listing only their screenshots, for at most 15 s: every stream comes up in turn
+    /// over the hourly runs. A stream that never stored a frame has no row to be picked by;
+    /// neither is one that still has segments from before V4 (their screenshots are named only
+    /// inside their data).
     /// Returns (examined, keys listed (at most 1000), removed or removable, failures).
     pub async fn sweep_stray_screenshots(
         &self,
@@ -1002,81 +1006,107 @@ impl EventStreams {
         dry_run: bool,
     ) -> Result<(u64, Vec<String>, u64, u64)> {
         use futures::StreamExt;
+        let started = std::time::Instant::now();
         let cutoff =
             Utc::now() - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::days(1));
-        let prefix = ObjectPath::from("events");
-        let mut listing = self.inner.store.list(Some(&prefix));
+        let conn = self.inner.pool.get().await?;
+        let streams = conn
+            .query_cached(
+                "SELECT s.stream_id,
+                        ARRAY(SELECT o.old_name FROM ingest.event_stream_old_names o
+                               WHERE o.stream_id = s.stream_id)
+                 FROM ingest.event_streams s
+                 WHERE NOT EXISTS (SELECT 1 FROM ingest.event_segments g
+                                    WHERE g.stream_id = s.stream_id AND g.min_ts IS NULL)
+                 ORDER BY random() LIMIT $1",
+                &[&STRAY_STREAMS_PER_SWEEP],
+            )
+            .await?;
+        drop(conn);
         let mut sweep = StraySweep::default();
-        let mut page = Vec::new();
-        while let Some(meta) = listing.next().await {
-            let meta = meta?;
-            if meta.last_modified >= cutoff {
-                continue;
+        for row in streams {
+            if started.elapsed() > STRAY_SWEEP_TIME {
+                break;
             }
-            let key = meta.location.to_string();
-            if let Some((stream, _)) = screenshot_parts(&key) {
-                sweep.examined += 1;
-                page.push((stream.to_owned(), key));
-            }
-            if page.len() == 1000 {
-                self.sweep_stray_page(std::mem::take(&mut page), dry_run, &mut sweep)
+            let stream: String = row.get(0);
+            let old_names: Vec<String> = row.get(1);
+            for name in std::iter::once(&stream).chain(&old_names) {
+                let prefix = ObjectPath::from(format!("events/{name}/screens"));
+                let mut listing = self.inner.store.list(Some(&prefix));
+                let mut page = Vec::new();
+                while let Some(meta) = listing.next().await {
+                    let meta = meta?;
+                    let key = meta.location.to_string();
+                    if meta.last_modified >= cutoff || screenshot_stream(&key).is_none() {
+                        continue;
+                    }
+                    sweep.examined += 1;
+                    page.push(key);
+                    if page.len() == 1000 {
+                        self.sweep_stray_page(
+                            &stream,
+                            std::mem::take(&mut page),
+                            dry_run,
+                            &mut sweep,
+                        )
+                        .await?;
+                    }
+                }
+                self.sweep_stray_page(&stream, page, dry_run, &mut sweep)
                     .await?;
             }
         }
-        self.sweep_stray_page(page, dry_run, &mut sweep).await?;
         Ok((sweep.examined, sweep.keys, sweep.removed, sweep.failed))
     }
 
-    /// Removes (or lists) those of `page`'s screenshots (stream, key) no row names.
+    /// Removes (or lists) those of `keys`, screenshots of `stream`, that none of its segments
+    /// or batches names.
     async fn sweep_stray_page(
         &self,
-        page: Vec<(String, String)>,
+        stream: &str,
+        keys: Vec<String>,
         dry_run: bool,
         sweep: &mut StraySweep,
     ) -> Result<()> {
-        let mut by_stream: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for (stream, key) in page {
-            by_stream.entry(stream).or_default().push(key);
+        if keys.is_empty() {
+            return Ok(());
         }
-        let conn = self.inner.pool.get().await?;
-        for (stream, keys) in by_stream {
-            // Keys stored before streams were named per owner carry the old name.
-            let named: std::collections::HashSet<String> = conn
-                .query_cached(
-                    "WITH s AS (
-                         SELECT COALESCE((SELECT stream_id FROM ingest.event_stream_old_names
-                                          WHERE old_name = $1), $1) AS id)
-                     SELECT k FROM ingest.event_batches b, s, unnest(b.screenshots || b.spared) k
-                      WHERE b.stream_id = s.id AND k = ANY($2)
-                     UNION
-                     SELECT k FROM ingest.event_segments g, s, unnest(g.screenshots) k
-                      WHERE g.stream_id = s.id AND k = ANY($2)",
-                    &[&stream, &keys],
-                )
-                .await?
-                .iter()
-                .map(|row| row.get(0))
-                .collect();
-            for key in keys.into_iter().filter(|k| !named.contains(k)) {
-                if !dry_run {
-                    match self
-                        .inner
-                        .store
-                        .delete(&ObjectPath::from(key.as_str()))
-                        .await
-                    {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(error) => {
-                            sweep.failed += 1;
-                            tracing::warn!(key, %error, "stray screenshot not removed");
-                            continue;
-                        }
+        let named: std::collections::HashSet<String> = self
+            .inner
+            .pool
+            .get()
+            .await?
+            .query_cached(
+                "SELECT k FROM ingest.event_batches b, unnest(b.screenshots || b.spared) k
+                  WHERE b.stream_id = $1 AND k = ANY($2)
+                 UNION
+                 SELECT k FROM ingest.event_segments g, unnest(g.screenshots) k
+                  WHERE g.stream_id = $1 AND k = ANY($2)",
+                &[&stream, &keys],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for key in keys.into_iter().filter(|k| !named.contains(k)) {
+            if !dry_run {
+                match self
+                    .inner
+                    .store
+                    .delete(&ObjectPath::from(key.as_str()))
+                    .await
+                {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(error) => {
+                        sweep.failed += 1;
+                        tracing::warn!(key, %error, "stray screenshot not removed");
+                        continue;
                     }
                 }
-                sweep.removed += 1;
-                if sweep.keys.len() < 1000 {
-                    sweep.keys.push(key);
-                }
+            }
+            sweep.removed += 1;
+            if sweep.keys.len() < 1000 {
+                sweep.keys.push(key);
             }
         }
         Ok(())
@@ -1605,16 +1635,7 @@ impl EventStreams {
                 "must be a screenshot key an event carries (events/{owner}/{stream}/screens/...)",
             )
         };
-        let (stream, name) = screenshot_parts(key).ok_or_else(invalid)?;
-        let name_ok = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
-        let legacy = match stream.split_once('/') {
-            Some(_) if name_ok && validate_stream_key(stream).is_ok() => false,
-            None if name_ok && validate_stream_id(stream).is_ok() => true,
-            _ => return Err(invalid()),
-        };
+        let (stream, legacy) = screenshot_stream(key).ok_or_else(invalid)?;
         let conn = self.inner.pool.get().await?;
         // A key from before streams were per owner names the stream by its old name, which
         // V9 recorded with the key it became: that stream's owner, nobody else's `desk`.
@@ -1869,6 +1890,13 @@ fn without_inline_screenshots(object: &[u8], codec: EventCodec) -> Result<Option
     Ok(Some((rewritten, count)))
 }
 
+/// Streams a sweep of stray screenshots looks at (picked at random).
+const STRAY_STREAMS_PER_SWEEP: i64 = 500;
+
+/// The longest a sweep of stray screenshots goes on to another stream: it runs inside
+/// `SweepStaging`, a call with the mesh's 30 s deadline.
+const STRAY_SWEEP_TIME: Duration = Duration::from_secs(15);
+
 /// What a sweep of stray screenshots found.
 #[derive(Default)]
 struct StraySweep {
@@ -1878,11 +1906,24 @@ struct StraySweep {
     failed: u64,
 }
 
-/// The stream and the name a stored screenshot's key holds
-/// (`events/{stream}/screens/{seq}-{id}.bin`, the stream `{owner}/{name}`, or an older name
-/// without its owner), if it is one's.
-fn screenshot_parts(key: &str) -> Option<(&str, &str)> {
-    key.strip_prefix("events/")?.rsplit_once("/screens/")
+/// The stream a stored screenshot's key names, and whether by its name from before streams
+/// were per owner: `events/{owner}/{stream}/screens/{seq}-{id}.bin`, or
+/// `events/{stream}/screens/...` then. None for any other key, a batch object's
+/// (`events/{owner}/{stream}/{yyyy}/...`) among them, whatever its stream is called.
+fn screenshot_stream(key: &str) -> Option<(&str, bool)> {
+    let (stream, name) = key.strip_prefix("events/")?.rsplit_once("/screens/")?;
+    let name_ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
+    if !name_ok {
+        return None;
+    }
+    match stream.split_once('/') {
+        Some(_) if validate_stream_key(stream).is_ok() => Some((stream, false)),
+        None if validate_stream_id(stream).is_ok() => Some((stream, true)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,8 @@ pub struct Policy {
     /// Hours without a write after which an unfinished one-shot upload is abandoned
     /// (resumable sessions end at the expiry their clients were told).
     pub orphan_upload_hours: u32,
-    /// Hours after which staging data without a live session is removed.
+    /// Hours after which staging data without a live session, and a stored event screenshot
+    /// no event names, is removed.
     pub staging_max_age_hours: u32,
     /// Days without activity after which a user gets a notice.
     pub inactivity_days: u32,

@@ -293,8 +293,9 @@ impl Lifecycle {
         }
     }
 
-    /// Staging data older than `staging_max_age_hours` that no live session owns (Ingest
-    /// decides what is live; it owns the sessions).
+    /// Staging data older than `staging_max_age_hours` that no live session owns, and stored
+    /// event screenshots that old that no event names (Ingest decides what is live; it owns
+    /// the sessions and the streams).
     async fn staging_cleanup(
         &self,
         policy: &Policy,

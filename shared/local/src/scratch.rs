@@ -18,6 +18,10 @@ impl ScratchDatabase {
     /// Creates a database with a new name on the server whose `postgres` database (or another
     /// one to connect to) is at `admin_url`.
     pub async fn create(admin_url: &str) -> Result<Self, LocalError> {
+        let (base, _) = admin_url.rsplit_once('/').ok_or(LocalError::Failed {
+            what: "create database",
+            detail: format!("{admin_url} has no database path"),
+        })?;
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
         execute(
             admin_url,
@@ -25,10 +29,6 @@ impl ScratchDatabase {
             &format!("CREATE DATABASE {name}"),
         )
         .await?;
-        let (base, _) = admin_url.rsplit_once('/').ok_or(LocalError::Failed {
-            what: "create database",
-            detail: format!("{admin_url} has no database path"),
-        })?;
         Ok(Self {
             url: format!("{base}/{name}"),
             owned: Some((name, admin_url.to_owned())),

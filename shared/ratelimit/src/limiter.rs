@@ -139,7 +139,8 @@ impl Limiter {
         Self::with_prefix(client, limits, DEFAULT_KEY_PREFIX)
     }
 
-    /// Like [`Limiter::new`], with keys under `prefix` (tests use one each).
+    /// Like [`Limiter::new`], with keys under `prefix` (a mesh's namespace's; tests use one
+    /// each).
     pub fn with_prefix(client: Client, limits: Limits, prefix: impl Into<String>) -> Self {
         metrics::gauge!("stowage_rate_limiter_degraded").set(0.0);
         Self {

@@ -175,8 +175,9 @@ pub struct EventsConfig {
     /// `STOWAGE_EVENTS__MAX_ATTEMPTS`: failed attempts at one event after which a consumer
     /// sets it aside in its schema's `dead_events` (attempts come every `claim_idle`).
     pub max_attempts: u32,
-    /// Prefix of the Redis keys of this mesh, in braces (`{<namespace>}:events:<topic>`: one
-    /// Redis Cluster slot), so several meshes can share one Redis.
+    /// Prefix of the Redis keys of this mesh, so several meshes can share one Redis: of the
+    /// event streams, in braces (`{<namespace>}:events:<topic>`: one Redis Cluster slot), and
+    /// of the rate-limit buckets (`<namespace>:rl:...`).
     pub namespace: String,
 }
 
