@@ -259,12 +259,20 @@ pub(crate) fn validate_stream_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// Deletes `key` from `store`; gone already is fine.
+async fn delete_object(store: &dyn ObjectStore, key: &str) -> object_store::Result<()> {
+    match store.delete(&ObjectPath::from(key)).await {
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        deleted => deleted,
+    }
+}
+
 /// Deletes `keys` from `store` (gone already is fine); returns how many are gone.
 async fn delete_objects(store: &dyn ObjectStore, keys: &[String]) -> u32 {
     let mut gone = 0;
     for key in keys {
-        match store.delete(&ObjectPath::from(key.as_str())).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => gone += 1,
+        match delete_object(store, key).await {
+            Ok(()) => gone += 1,
             Err(error) => tracing::warn!(key, %error, "screenshot not deleted"),
         }
     }
@@ -1089,20 +1097,10 @@ impl EventStreams {
             .map(|row| row.get(0))
             .collect();
         for key in keys.into_iter().filter(|k| !named.contains(k)) {
-            if !dry_run {
-                match self
-                    .inner
-                    .store
-                    .delete(&ObjectPath::from(key.as_str()))
-                    .await
-                {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(error) => {
-                        sweep.failed += 1;
-                        tracing::warn!(key, %error, "stray screenshot not removed");
-                        continue;
-                    }
-                }
+            if !dry_run && let Err(error) = delete_object(self.inner.store.as_ref(), &key).await {
+                sweep.failed += 1;
+                tracing::warn!(key, %error, "stray screenshot not removed");
+                continue;
             }
             sweep.removed += 1;
             if sweep.keys.len() < 1000 {
@@ -1131,17 +1129,9 @@ impl EventStreams {
             let key: String = row.get(1);
             let screenshots: Vec<String> = row.get(2);
             for key in screenshots.iter().chain([&key]) {
-                match self
-                    .inner
-                    .store
-                    .delete(&ObjectPath::from(key.as_str()))
-                    .await
-                {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(error) => {
-                        tracing::warn!(key, %error, "expired batch not deleted; later");
-                        continue 'batches;
-                    }
+                if let Err(error) = delete_object(self.inner.store.as_ref(), key).await {
+                    tracing::warn!(key, %error, "expired batch not deleted; later");
+                    continue 'batches;
                 }
             }
             gone.push(row.get::<_, Uuid>(0));
