@@ -2857,18 +2857,32 @@ async fn stray_event_screenshots_go_with_the_staging_cleanup() -> anyhow::Result
         first_seq: 1,
         events: vec![crate::streams::event(1, Some(shot.clone()))],
     };
-    // And a stream called "screens", whose sealed batch lives at events/bob/screens/{date}/.
+    // And a stream called "screens", whose sealed batch lives at events/bob/screens/{date}/
+    // and its screenshot at events/bob/screens/screens/: under the prefix of a stream whose
+    // old name (from before streams were per owner) was "bob", as recorded below.
     let other = pb::AppendEventsRequest {
         stream_id: "screens".into(),
         first_seq: 1,
-        events: vec![crate::streams::event(1, None)],
+        events: vec![crate::streams::event(1, Some(shot.clone()))],
     };
     crate::streams::append(mesh.channel(), &bob, vec![frame, other], &mut acked).await;
     assert_eq!(acked.get("desk"), Some(&1));
     assert_eq!(acked.get("screens"), Some(&1));
     crate::streams::batches_sealed(&setup, 2).await?;
-    let batches = setup.stored_objects("events/bob/screens");
-    assert_eq!(batches.len(), 1, "{batches:?}");
+    let screens_stream = setup.stored_objects("events/bob/screens");
+    assert_eq!(
+        screens_stream.len(),
+        2,
+        "a batch and a screenshot: {screens_stream:?}"
+    );
+    stowage_db::connect(&setup.database_url, 1)?
+        .get()
+        .await?
+        .execute(
+            "INSERT INTO ingest.event_stream_old_names (old_name, stream_id) VALUES ('bob', 'bob/desk')",
+            &[],
+        )
+        .await?;
     let named = setup.stored_objects("events/bob/desk/screens");
     assert_eq!(named.len(), 1, "{named:?}");
     let stray = format!(
@@ -2888,7 +2902,7 @@ async fn stray_event_screenshots_go_with_the_staging_cleanup() -> anyhow::Result
     let run = run_now(&mesh, "staging_cleanup", false).await?;
     assert_eq!((run.acted, run.failed), (1, 0), "{run:?}");
     assert_eq!(setup.stored_objects("events/bob/desk/screens"), named);
-    assert_eq!(setup.stored_objects("events/bob/screens"), batches);
+    assert_eq!(setup.stored_objects("events/bob/screens"), screens_stream);
     // The one its event names is still served.
     let served = stowage_integration_tests::ingest(mesh.channel())
         .get_screenshot(authed(

@@ -1013,7 +1013,6 @@ impl EventStreams {
         max_age: Duration,
         dry_run: bool,
     ) -> Result<(u64, Vec<String>, u64, u64)> {
-        use futures::StreamExt;
         let started = std::time::Instant::now();
         let cutoff =
             Utc::now() - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::days(1));
@@ -1031,40 +1030,64 @@ impl EventStreams {
             )
             .await?;
         drop(conn);
+        let deadline = started + STRAY_SWEEP_TIME;
         let mut sweep = StraySweep::default();
         for row in streams {
-            if started.elapsed() > STRAY_SWEEP_TIME {
+            if std::time::Instant::now() > deadline {
                 break;
             }
             let stream: String = row.get(0);
             let old_names: Vec<String> = row.get(1);
             for name in std::iter::once(&stream).chain(&old_names) {
-                let prefix = ObjectPath::from(format!("events/{name}/screens"));
-                let mut listing = self.inner.store.list(Some(&prefix));
-                let mut page = Vec::new();
-                while let Some(meta) = listing.next().await {
-                    let meta = meta?;
-                    let key = meta.location.to_string();
-                    if meta.last_modified >= cutoff || screenshot_stream(&key).is_none() {
-                        continue;
-                    }
-                    sweep.examined += 1;
-                    page.push(key);
-                    if page.len() == 1000 {
-                        self.sweep_stray_page(
-                            &stream,
-                            std::mem::take(&mut page),
-                            dry_run,
-                            &mut sweep,
-                        )
-                        .await?;
-                    }
+                // A stream that fails is counted, and the next one looked at.
+                if let Err(error) = self
+                    .sweep_stray_name(&stream, name, cutoff, deadline, dry_run, &mut sweep)
+                    .await
+                {
+                    sweep.failed += 1;
+                    tracing::warn!(stream, %error, "stray screenshots of a stream not swept");
                 }
-                self.sweep_stray_page(&stream, page, dry_run, &mut sweep)
-                    .await?;
             }
         }
         Ok((sweep.examined, sweep.keys, sweep.removed, sweep.failed))
+    }
+
+    /// Sweeps the screenshots stored under `name` (`stream` itself, or a name it had before
+    /// streams were per owner) older than `cutoff`, until `deadline`.
+    async fn sweep_stray_name(
+        &self,
+        stream: &str,
+        name: &str,
+        cutoff: DateTime<Utc>,
+        deadline: std::time::Instant,
+        dry_run: bool,
+        sweep: &mut StraySweep,
+    ) -> Result<()> {
+        use futures::StreamExt;
+        let prefix = ObjectPath::from(format!("events/{name}/screens"));
+        let mut listing = self.inner.store.list(Some(&prefix));
+        let mut page = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let key = meta.location.to_string();
+            // Only this name's screenshots: an old name can be a user id, under which that
+            // user's stream called "screens" keeps its own (events/{user}/screens/screens/).
+            if meta.last_modified < cutoff
+                && screenshot_stream(&key).is_some_and(|(named, _)| named == name)
+            {
+                sweep.examined += 1;
+                page.push(key);
+            }
+            let late = std::time::Instant::now() > deadline;
+            if page.len() == 1000 || late {
+                self.sweep_stray_page(stream, std::mem::take(&mut page), dry_run, sweep)
+                    .await?;
+            }
+            if late {
+                return Ok(());
+            }
+        }
+        self.sweep_stray_page(stream, page, dry_run, sweep).await
     }
 
     /// Removes (or lists) those of `keys`, screenshots of `stream`, that none of its segments
@@ -1919,6 +1942,35 @@ fn screenshot_stream(key: &str) -> Option<(&str, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn screenshot_keys_are_told_from_batch_objects_whatever_the_stream_is_called() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let shot = |stream: &str| format!("events/{stream}/screens/000000000042-{id}.bin");
+        assert_eq!(
+            screenshot_stream(&shot("alice/desk")),
+            Some(("alice/desk", false))
+        );
+        assert_eq!(screenshot_stream(&shot("desk")), Some(("desk", true)));
+        // A stream called "screens": its screenshots are its own, its batches are not
+        // screenshots of a stream named after its owner.
+        assert_eq!(
+            screenshot_stream(&shot("alice/screens")),
+            Some(("alice/screens", false))
+        );
+        for other in [
+            "events/alice/screens/2026/12/05/0123456789abcdef.evb".to_owned(),
+            "events/screens/2026/12/05/0123456789abcdef.evb".to_owned(),
+            "events/alice/desk/2026/12/05/0123456789abcdef.evb".to_owned(),
+            format!("events/alice/desk/screens/sub/{id}.bin"),
+            format!("events/alice/desk/screens/a%2Fb-{id}.bin"),
+            "events/alice/desk/screens/".to_owned(),
+            format!("users/alice/image/2026/12/{id}.png"),
+            format!("events/a/b/c/screens/1-{id}.bin"),
+        ] {
+            assert_eq!(screenshot_stream(&other), None, "{other}");
+        }
+    }
 
     /// Past the bound no new group gets a series; those that have one keep it.
     #[test]
