@@ -55,18 +55,37 @@ pub enum LocalError {
 /// its port then answered by someone else). Two callers can still pick the same port in that
 /// window; at random among some 20,000 that is rare.
 pub fn free_port() -> std::io::Result<u16> {
+    Ok(port_held()?.local_addr()?.port())
+}
+
+/// `n` different free ports, as [`free_port`] picks them (each held while the next is picked,
+/// so one call never gives the same port twice).
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| port_held())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect()
+}
+
+/// A listener on a port picked as [`free_port`] says.
+fn port_held() -> std::io::Result<TcpListener> {
     const LOWEST: u32 = 10_000;
     let below = ephemeral_ports_start();
     if below > LOWEST + 1_000 {
         for _ in 0..64 {
             let pick = uuid::Uuid::new_v4().as_u128() % u128::from(below - LOWEST);
             let port = u16::try_from(u128::from(LOWEST) + pick).unwrap_or(0);
-            if port != 0 && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return Ok(port);
+            if port == 0 {
+                continue;
+            }
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+                return Ok(listener);
             }
         }
     }
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    TcpListener::bind("127.0.0.1:0")
 }
 
 /// The first port of the kernel's range for outgoing connections (Linux's default 32768).

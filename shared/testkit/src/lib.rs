@@ -453,15 +453,11 @@ impl Processes {
 
     /// One process per service, with `ingest_replicas` Ingest processes.
     pub async fn cluster(setup: &Setup, ingest_replicas: usize) -> anyhow::Result<Self> {
-        let ports: Vec<(Role, SocketAddr)> = Role::ALL
-            .iter()
-            .map(|r| {
-                Ok((
-                    *r,
-                    SocketAddr::from(([127, 0, 0, 1], stowage_local::free_port()?)),
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        // Every port of the cluster picked at once, so no two processes get the same one.
+        let mut free = stowage_local::free_ports(Role::ALL.len() + ingest_replicas.max(1) - 1)?
+            .into_iter()
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+        let ports: Vec<(Role, SocketAddr)> = Role::ALL.iter().copied().zip(free.by_ref()).collect();
         let peer = |role: Role| {
             ports
                 .iter()
@@ -480,8 +476,7 @@ impl Processes {
         for (role, addr) in &ports {
             processes.push(spawn(setup, &[*role], *addr, &peers)?);
         }
-        for _ in 1..ingest_replicas {
-            let addr = SocketAddr::from(([127, 0, 0, 1], stowage_local::free_port()?));
+        for addr in free {
             processes.push(spawn(setup, &[Role::Ingest], addr, &peers)?);
         }
         let this = Self {
