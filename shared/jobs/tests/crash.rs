@@ -47,13 +47,9 @@ async fn record_start(url: &str, job_id: uuid::Uuid, attempt: u32, worker: &str)
         .unwrap();
 }
 
-/// Not a test of its own: the worker process the crash test starts (and kills), run by it
-/// with `--ignored`.
-#[tokio::test]
-#[ignore = "the worker process of a_killed_workers_job_runs_again_after_the_visibility_timeout"]
-async fn child_worker_until_killed() {
-    let url = std::env::var(CHILD_DATABASE_ENV)
-        .expect("run by the crash test, which names the database in the environment");
+/// The worker process the crash test starts (this test binary again, running the same test
+/// with the database named in its environment), until the test kills it.
+async fn child_worker_until_killed(url: String) {
     let queue = queue_at(&url, child_config()).await;
     let handler_url = url.clone();
     let handler: Arc<dyn Handler> = handler_fn(move |job| {
@@ -72,6 +68,9 @@ async fn child_worker_until_killed() {
 
 #[tokio::test]
 async fn a_killed_workers_job_runs_again_after_the_visibility_timeout() {
+    if let Ok(url) = std::env::var(CHILD_DATABASE_ENV) {
+        return child_worker_until_killed(url).await;
+    }
     let database = common::fresh_database().await;
     let url = database.url().to_owned();
     let parent_config = QueueConfig {
@@ -99,8 +98,7 @@ async fn a_killed_workers_job_runs_again_after_the_visibility_timeout() {
     let mut child = tokio::process::Command::new(exe)
         .args([
             "--exact",
-            "child_worker_until_killed",
-            "--ignored",
+            "a_killed_workers_job_runs_again_after_the_visibility_timeout",
             "--nocapture",
         ])
         .env(CHILD_DATABASE_ENV, &url)
