@@ -13,10 +13,11 @@ use stowage_ingest::{
     AllowedTypes, EventStreams, IngestGrpc, Registration, SessionSettings, Sessions, Staging,
     StreamSettings, Uploader, Uploads,
 };
-use stowage_jobs::{Queue, QueueConfig, Scheduler, Worker};
+use stowage_jobs::{Queue, QueueConfig, Schedule, Scheduler, Worker};
 use stowage_lifecycle::{ActivityEvents, Lifecycle, LifecycleGrpc};
 use stowage_media::{
-    FileEvents, Media, MediaGrpc, MediaSettings, clamd::Clamd, imaging::DecodeLimits, video::Tools,
+    FileEvents, Media, MediaGrpc, MediaSettings, clamd::Clamd, imaging::DecodeLimits, rescan,
+    video::Tools,
 };
 use stowage_quota::{Quota, QuotaGrpc};
 use stowage_ratelimit::Limiter;
@@ -773,14 +774,36 @@ fn start_media(
             },
             decode_slots: settings.concurrency,
             job_timeout: settings.job_timeout,
+            rescan_window: settings.rescan_window,
         },
     ));
     let handler: Arc<dyn stowage_jobs::Handler> = media.clone();
+    let rescans = media.rescan_handler();
     let worker = Worker::new(
         queue.clone(),
-        HashMap::from([(stowage_media::PROCESS_JOB.to_owned(), handler)]),
+        HashMap::from([
+            (stowage_media::PROCESS_JOB.to_owned(), handler),
+            (rescan::RESCAN_CHECK_JOB.to_owned(), rescans.clone()),
+            (rescan::RESCAN_JOB.to_owned(), rescans),
+        ]),
     );
     background.spawn("media-worker", worker.run(background.shutdown().clone()));
+    if settings.clamd_url.is_some() && !settings.rescan_window.is_zero() {
+        let scheduler = Scheduler::new(
+            queue.clone(),
+            vec![Schedule::new(
+                rescan::RESCAN_SCHEDULE,
+                settings.rescan_interval,
+                rescan::RESCAN_CHECK_JOB,
+                serde_json::json!({}),
+            )],
+        )
+        .context("STOWAGE_MEDIA__RESCAN_INTERVAL")?;
+        background.spawn(
+            "media-rescan-scheduler",
+            scheduler.run(background.shutdown().clone()),
+        );
+    }
     match redis {
         Some(redis) => {
             let consumer = Consumer::new(

@@ -504,3 +504,189 @@ async fn a_release_files_could_not_take_goes_through_when_tried_again() -> anyho
     assert!(quarantine(&mesh, &admin).await?.is_empty());
     mesh.stop().await
 }
+
+/// `(scanner, scanned_at)` of `file_id`'s last clean scan as Media recorded it.
+async fn recorded_scan(
+    pool: &stowage_db::PgPool,
+    file_id: &str,
+) -> anyhow::Result<Option<(String, chrono::DateTime<chrono::Utc>)>> {
+    Ok(pool
+        .get()
+        .await?
+        .query_opt(
+            "SELECT scanner, scanned_at FROM media.scans WHERE file_id = $1::text::uuid",
+            &[&file_id],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// Files of Media's re-scan jobs, oldest first.
+async fn rescanned(pool: &stowage_db::PgPool) -> anyhow::Result<Vec<String>> {
+    Ok(pool
+        .get()
+        .await?
+        .query(
+            "SELECT payload->>'file_id' FROM media.jobs WHERE kind = 'media.rescan'
+             ORDER BY created_at",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+#[tokio::test]
+async fn files_that_scanned_clean_are_scanned_again_when_signatures_change() -> anyhow::Result<()> {
+    let clamd = LocalClamd::start().await?;
+    let setup = Setup::new().await?;
+    let url = clamd.url();
+    let mesh = Mesh::start_with(&setup, |config| {
+        config.media.clamd_url = Some(url);
+        config.media.scan_timeout = Duration::from_secs(5);
+        // The check runs every second here (hourly by default).
+        config.media.rescan_interval = Duration::from_secs(1);
+    })
+    .await?;
+    let alice = token("alice", &[]);
+    let admin = token("root", &["admin"]);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+
+    // Three files scan clean; each scan is recorded with what clamd reports it scans with.
+    let payload: &[u8] = b"MZ pretend this is a dropper that nobody recognises yet";
+    let macro_doc: &[u8] = b"a document whose macro is recognised a day later";
+    let dropper = upload(mesh.channel(), &alice, "setup.exe", payload, &[]).await?;
+    let doc = upload(mesh.channel(), &alice, "invoice.doc", macro_doc, &[]).await?;
+    let notes = upload(mesh.channel(), &alice, "notes.txt", b"only words", &[]).await?;
+    for file in [&dropper, &doc, &notes] {
+        let seen = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+        assert_eq!(seen.status, pb::FileStatus::Ready as i32, "{seen:?}");
+    }
+    let version = clamd.version().await?;
+    assert!(version.starts_with("ClamAV "), "{version}");
+    // (Recorded before the run tells Files the file is ready.)
+    let mut recorded = Vec::new();
+    for file in [&dropper, &doc, &notes] {
+        let (scanner, at) = recorded_scan(&pool, &file.id).await?.expect("recorded");
+        assert_eq!(scanner, version);
+        recorded.push(at);
+    }
+
+    // A signature update that finds the dropper. With ClamAV's own databases its version is
+    // part of what clamd reports, and the dropper's scan was made before it: as recorded here
+    // (a database of one's own, as the test's, leaves the report as it is).
+    clamd.add_signature("Stowage-Test-Dropper", payload).await?;
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE media.scans SET scanner = 'ClamAV 1.4.5/27479/Wed Dec  2 08:00:00 2026'
+             WHERE file_id = $1::text::uuid",
+            &[&dropper.id],
+        )
+        .await?;
+    // The next check re-scans it, finds it, and it is quarantined as any infected upload.
+    let dropper_id = dropper.id.clone();
+    eventually(PATIENCE, "the dropper quarantined", || async {
+        let seen = wait_processed(mesh.channel(), &admin, &dropper_id, PATIENCE).await?;
+        Ok(seen.status == pb::FileStatus::Quarantined as i32)
+    })
+    .await?;
+    let held = wait_processed(mesh.channel(), &admin, &dropper.id, PATIENCE).await?;
+    assert!(
+        held.status_reason.contains("Stowage-Test-Dropper"),
+        "{}",
+        held.status_reason
+    );
+    assert_eq!(
+        owner_sees(&mesh, &alice, &dropper.id).await.map(|_| ()),
+        Err(Code::NotFound)
+    );
+    assert_eq!(
+        media_announced(&pool, &dropper.id, 2).await?,
+        ["media.ready", "media.quarantined"]
+    );
+    let held = quarantine(&mesh, &admin).await?;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        held[0].signature, "Stowage-Test-Dropper.UNOFFICIAL",
+        "{held:?}"
+    );
+    // Counted for the alert on it (StowageRescanFoundMalware).
+    let metrics = scrape(&mesh).await?;
+    assert_eq!(
+        sample(&metrics, "stowage_media_rescans_found_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&metrics, "stowage_media_rescans_queued_total", &[]),
+        Some(1.0)
+    );
+    // Only the file scanned with other signatures was scanned again, once.
+    media_jobs_settled(&pool).await?;
+    assert_eq!(rescanned(&pool).await?, std::slice::from_ref(&dropper.id));
+    for (file, at) in [(&doc, recorded[1]), (&notes, recorded[2])] {
+        assert_eq!(
+            recorded_scan(&pool, &file.id).await?,
+            Some((version.clone(), at)),
+            "{} scanned again",
+            file.display_name
+        );
+    }
+
+    // A database of one's own changed again: the report stays the same, so an admin asks.
+    clamd.add_signature("Stowage-Test-Macro", macro_doc).await?;
+    let mut media = MediaClient::new(mesh.channel());
+    let refused = media
+        .rescan(authed(pb::RescanRequest::default(), &alice))
+        .await
+        .expect_err("alice is no admin");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let bad = media
+        .rescan(authed(
+            pb::RescanRequest {
+                uploaded_after: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1,
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect_err("no such time");
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("uploaded_after"), "{bad:?}");
+    let asked = media
+        .rescan(authed(pb::RescanRequest::default(), &admin))
+        .await?
+        .into_inner();
+    // Every file of the window with a clean scan recorded (the dropper's is the one from
+    // before; quarantined, it is left as it is).
+    assert_eq!(asked.files, 3);
+    let doc_id = doc.id.clone();
+    eventually(PATIENCE, "the document quarantined", || async {
+        let seen = wait_processed(mesh.channel(), &admin, &doc_id, PATIENCE).await?;
+        Ok(seen.status == pb::FileStatus::Quarantined as i32)
+    })
+    .await?;
+    media_jobs_settled(&pool).await?;
+    let notes_scan = recorded_scan(&pool, &notes.id).await?.expect("recorded");
+    assert_eq!(notes_scan.0, version);
+    assert!(notes_scan.1 > recorded[2], "the notes were scanned again");
+    let seen = wait_processed(mesh.channel(), &alice, &notes.id, PATIENCE).await?;
+    assert_eq!(seen.status, pb::FileStatus::Ready as i32);
+    assert_eq!(
+        download(mesh.channel(), &alice, &notes.id, None).await?.1,
+        b"only words"
+    );
+    let jobs = rescanned(&pool).await?;
+    assert_eq!(
+        (
+            jobs.len(),
+            jobs.iter().filter(|id| **id == dropper.id).count()
+        ),
+        (3, 1),
+        "the quarantined dropper is not scanned again: {jobs:?}"
+    );
+    mesh.stop().await
+}

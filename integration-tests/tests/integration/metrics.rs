@@ -216,6 +216,8 @@ async fn metrics_move_when_work_is_done() -> anyhow::Result<()> {
         "stowage_usage_reconciled_timestamp_seconds",
         // Counted when the virus scanner does not answer.
         "stowage_media_scan_unavailable_total",
+        // Counted when new signatures find a file that scanned clean (media_scan's re-scans).
+        "stowage_media_rescans_found_total",
         // Counted when a consumer cannot read its streams.
         "stowage_events_read_failures_total",
     ];

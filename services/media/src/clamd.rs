@@ -1,4 +1,5 @@
-//! A client of ClamAV's daemon, `clamd`: `zPING` and `zINSTREAM` over TCP or a Unix socket.
+//! A client of ClamAV's daemon, `clamd`: `zPING`, `zVERSION` and `zINSTREAM` over TCP or a
+//! Unix socket.
 //!
 //! The protocol (clamd(8)): a command is `z` + name + NUL, and clamd answers with one
 //! NUL-terminated line. `INSTREAM` is followed by chunks framed as a 4-byte big-endian length
@@ -112,10 +113,39 @@ impl Clamd {
 
     /// Checks that the daemon answers (`zPING` → `PONG`).
     pub async fn ping(&self) -> Result<(), ScanError> {
+        let reply = self.command(b"zPING\0").await?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(ScanError::Unavailable(format!(
+                "unexpected answer to PING: {reply:?}"
+            )))
+        }
+    }
+
+    /// What the daemon scans with (`zVERSION`): `ClamAV 1.4.6/27480/Thu Dec  4 09:27:00 2026`
+    /// with ClamAV's own databases (engine / their version / their date), the engine alone
+    /// (`ClamAV 1.4.6`) with databases of one's own only. It changes when the signatures it
+    /// loaded or the engine do, except with databases of one's own.
+    pub async fn version(&self) -> Result<String, ScanError> {
+        let reply = self.command(b"zVERSION\0").await?;
+        if reply.starts_with("ClamAV ") {
+            Ok(reply)
+        } else {
+            Err(ScanError::Unavailable(format!(
+                "unexpected answer to VERSION: {reply:?}"
+            )))
+        }
+    }
+
+    /// Sends `command` (`z` + name + NUL) and returns the answer.
+    async fn command(&self, command: &'static [u8]) -> Result<String, ScanError> {
         self.bounded(self.timeout, async {
             match &self.endpoint {
-                Endpoint::Tcp { host, port } => ping_on(connect_tcp(host, *port).await?).await,
-                Endpoint::Unix(path) => ping_on(connect_unix(path).await?).await,
+                Endpoint::Tcp { host, port } => {
+                    command_on(connect_tcp(host, *port).await?, command).await
+                }
+                Endpoint::Unix(path) => command_on(connect_unix(path).await?, command).await,
             }
         })
         .await
@@ -260,18 +290,14 @@ fn unavailable(what: &str, e: &std::io::Error) -> ScanError {
     ScanError::Unavailable(format!("{what}: {e}"))
 }
 
-async fn ping_on<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S) -> Result<(), ScanError> {
-    conn.write_all(b"zPING\0")
+async fn command_on<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: S,
+    command: &[u8],
+) -> Result<String, ScanError> {
+    conn.write_all(command)
         .await
         .map_err(|e| unavailable("send", &e))?;
-    let reply = read_reply(&mut conn).await?;
-    if reply == "PONG" {
-        Ok(())
-    } else {
-        Err(ScanError::Unavailable(format!(
-            "unexpected answer to PING: {reply:?}"
-        )))
-    }
+    read_reply(&mut conn).await
 }
 
 async fn scan_on<S, R>(mut conn: S, mut reader: R) -> Result<Verdict, ScanError>

@@ -10,7 +10,7 @@ use crate::{PROCESS_JOB, job_key};
 use stowage_db::Cached;
 
 /// Turns `file.created` of a file in processing into a processing job, and forgets a purged
-/// file's quarantine row.
+/// file's quarantine, outcome and scan rows.
 #[derive(Clone, Debug)]
 pub struct FileEvents {
     queue: Queue,
@@ -77,6 +77,8 @@ impl EventHandler for FileEvents {
                 tx.execute_cached("DELETE FROM media.quarantine WHERE file_id = $1", &[&id])
                     .await?;
                 tx.execute_cached("DELETE FROM media.outcomes WHERE file_id = $1", &[&id])
+                    .await?;
+                tx.execute_cached("DELETE FROM media.scans WHERE file_id = $1", &[&id])
                     .await?;
                 tx.execute_cached(
                     "DELETE FROM media.unfinished_runs WHERE file_id = $1",

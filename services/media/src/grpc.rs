@@ -1,4 +1,4 @@
-//! The Media gRPC service (admin): jobs, queue depth, quarantine.
+//! The Media gRPC service (admin): jobs, queue depth, quarantine, re-scans.
 
 use std::sync::Arc;
 
@@ -175,7 +175,7 @@ impl Media {
     /// first, as [`retry`](Self::retry) does), or enqueues it when it never was. A job queued,
     /// running or waiting for its next attempt is left as it is: Lifecycle asks this of files
     /// long in processing, and a job given its attempts back each time would never end.
-    async fn reprocess(&self, file_id: Uuid) -> Result<Job> {
+    pub(crate) async fn reprocess(&self, file_id: Uuid) -> Result<Job> {
         match self.queue.get_by_key(&job_key(&file_id)).await {
             Ok(job) if job.state.is_over() => match self.retry(job.id).await {
                 // Claimed again meanwhile.
@@ -405,6 +405,23 @@ impl media_server::Media for MediaGrpc {
         Ok(Response::new(pb::ReprocessResponse {
             job: Some(job_to_proto(&job)),
         }))
+    }
+
+    async fn rescan(
+        &self,
+        request: Request<pb::RescanRequest>,
+    ) -> Result<Response<pb::RescanResponse>, Status> {
+        identity(&request)?.require_admin()?;
+        let uploaded_after = match &request.get_ref().uploaded_after {
+            None => None,
+            Some(at) => Some(
+                stowage_runtime::time::from_timestamp(at)
+                    .ok_or_else(|| Error::invalid("uploaded_after", "not a valid time"))?,
+            ),
+        };
+        let files = self.media.mark_for_rescan(uploaded_after).await?;
+        tracing::info!(files, ?uploaded_after, "re-scan asked for");
+        Ok(Response::new(pb::RescanResponse { files }))
     }
 
     async fn release_quarantined(

@@ -6,7 +6,8 @@
 //! scanner is configured, decodes within limits off the async runtime (images in process,
 //! video and audio with ffprobe / ffmpeg as bounded subprocesses), stores the variants under
 //! the owner's `variants/` prefix and hands them to `Files.SetVariants` with the file's final
-//! status, then announces `media.ready`, `media.failed` or `media.quarantined`.
+//! status, then announces `media.ready`, `media.failed` or `media.quarantined`. Files that
+//! scanned clean are scanned again when the scanner's signatures change ([`rescan`]).
 
 pub mod clamd;
 mod consumer;
@@ -14,6 +15,7 @@ mod error;
 mod grpc;
 pub mod imaging;
 mod process;
+pub mod rescan;
 pub mod video;
 
 pub use consumer::FileEvents;

@@ -42,6 +42,9 @@ pub struct MediaSettings {
     pub decode_slots: usize,
     /// A run's time limit (the queue's job timeout): a transcode is given what is left of it.
     pub job_timeout: Duration,
+    /// Files uploaded this long ago or less are scanned again when the scanner's signatures
+    /// change (see [`crate::rescan`]); zero: never.
+    pub rescan_window: Duration,
 }
 
 /// Time a run keeps after its scan for the rest of its work and to record the verdict.
@@ -59,8 +62,8 @@ pub struct Media {
     pub(crate) queue: Queue,
     pub(crate) files: Arc<dyn FilesApi>,
     store: Arc<dyn ObjectStore>,
-    scanner: Option<Clamd>,
-    settings: MediaSettings,
+    pub(crate) scanner: Option<Clamd>,
+    pub(crate) settings: MediaSettings,
     decode_slots: Arc<Semaphore>,
 }
 
@@ -71,6 +74,13 @@ impl std::fmt::Debug for Media {
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// A scan of a stored file: the verdict, and the scanner's version before it (empty when
+/// re-scans are off).
+pub(crate) struct Scanned {
+    pub(crate) verdict: Result<Verdict, ScanError>,
+    pub(crate) scanner: String,
 }
 
 /// How a run ends for the file.
@@ -120,7 +130,7 @@ fn created_at(file: &pb::File) -> DateTime<Utc> {
 
 /// Why a call to a peer failed: tried again, unless the peer refused what was asked (then a
 /// retry would be refused too, and the job ends with the reason).
-fn retry_status(what: &str, status: &tonic::Status) -> JobError {
+pub(crate) fn retry_status(what: &str, status: &tonic::Status) -> JobError {
     let why = format!("{what}: {} {}", status.code(), status.message());
     if status.code() == Code::InvalidArgument {
         JobError::permanent(why)
@@ -216,7 +226,7 @@ impl Media {
         &self.queue
     }
 
-    async fn get_file(&self, file_id: Uuid) -> Result<Option<pb::File>, JobError> {
+    pub(crate) async fn get_file(&self, file_id: Uuid) -> Result<Option<pb::File>, JobError> {
         match self
             .files
             .get_file(pb::GetFileRequest {
@@ -323,38 +333,16 @@ impl Media {
         let Some(scanner) = &self.scanner else {
             return Ok(None);
         };
-        let conn = self.pool.get().await.map_err(JobError::retry)?;
-        // `Some(true)`: released by an admin; `Some(false)`: held by an earlier run (which
-        // may not have told Files before it failed).
-        let released: Option<bool> = conn
-            .query_opt_cached(
-                "SELECT released_at IS NOT NULL FROM media.quarantine WHERE file_id = $1",
-                &[&file_id],
-            )
-            .await
-            .map_err(JobError::retry)?
-            .map(|row| row.get(0));
-        drop(conn);
+        let released = self.released(file_id).await?;
         if released == Some(true) {
             tracing::info!(%file_id, "released by an admin; not scanned again");
             return Ok(None);
         }
-        let source = self
-            .store
-            .get(&ObjectPath::from(file.storage_key.as_str()))
-            .await
-            .map_err(JobError::retry)?;
-        let reader =
-            tokio_util::io::StreamReader::new(source.into_stream().map_err(std::io::Error::other));
-        // A file too large to scan in what is left of the job's time is refused (held for an
-        // admin) instead of being cut off and retried until its job is dead.
-        let left = self
-            .settings
-            .job_timeout
-            .saturating_sub(started.elapsed())
-            .saturating_sub(AFTER_SCAN);
-        let signature = match scanner.scan_within(reader, file.size_bytes, left).await {
+        let scanned = self.scan_stored(scanner, file, started).await?;
+        let signature = match scanned.verdict {
             Ok(Verdict::Clean) => {
+                self.record_clean_scan(file, file_id, &scanned.scanner)
+                    .await?;
                 if released == Some(false) {
                     // Held by an earlier run, clean now (new signatures, a larger size limit):
                     // a row left held would list a file that is not quarantined.
@@ -390,6 +378,86 @@ impl Media {
         .await
         .map_err(JobError::retry)?;
         Ok(Some(Outcome::Quarantined(signature)))
+    }
+
+    /// `Some(true)`: `file_id` was released from quarantine by an admin; `Some(false)`: it
+    /// is held (by a run that may not have told Files before it failed); `None`: neither.
+    pub(crate) async fn released(&self, file_id: Uuid) -> Result<Option<bool>, JobError> {
+        Ok(self
+            .pool
+            .get()
+            .await
+            .map_err(JobError::retry)?
+            .query_opt_cached(
+                "SELECT released_at IS NOT NULL FROM media.quarantine WHERE file_id = $1",
+                &[&file_id],
+            )
+            .await
+            .map_err(JobError::retry)?
+            .map(|row| row.get(0)))
+    }
+
+    /// Streams the stored `file` to `scanner` within what is left of the run's time. A file
+    /// too large to scan in that time is refused (held for an admin) instead of being cut
+    /// off and retried until its job is dead. When re-scans are on, the scanner's version is
+    /// read first: signatures that change during the scan make it look older, never newer.
+    pub(crate) async fn scan_stored(
+        &self,
+        scanner: &Clamd,
+        file: &pb::File,
+        started: tokio::time::Instant,
+    ) -> Result<Scanned, JobError> {
+        let version = if self.settings.rescan_window.is_zero() {
+            String::new()
+        } else {
+            match scanner.version().await {
+                Ok(version) => version,
+                Err(error) => {
+                    metrics::counter!("stowage_media_scan_unavailable_total").increment(1);
+                    return Err(JobError::retry(error));
+                }
+            }
+        };
+        let source = self
+            .store
+            .get(&ObjectPath::from(file.storage_key.as_str()))
+            .await
+            .map_err(JobError::retry)?;
+        let reader =
+            tokio_util::io::StreamReader::new(source.into_stream().map_err(std::io::Error::other));
+        let left = self
+            .settings
+            .job_timeout
+            .saturating_sub(started.elapsed())
+            .saturating_sub(AFTER_SCAN);
+        Ok(Scanned {
+            verdict: scanner.scan_within(reader, file.size_bytes, left).await,
+            scanner: version,
+        })
+    }
+
+    /// Records that `file` scanned clean with `scanner` (its version), for re-scans.
+    pub(crate) async fn record_clean_scan(
+        &self,
+        file: &pb::File,
+        file_id: Uuid,
+        scanner: &str,
+    ) -> Result<(), JobError> {
+        if self.settings.rescan_window.is_zero() {
+            return Ok(());
+        }
+        self.pool
+            .get()
+            .await
+            .map_err(JobError::retry)?
+            .execute_cached(
+                "INSERT INTO media.scans (file_id, uploaded_at, scanner) VALUES ($1, $2, $3)
+                 ON CONFLICT (file_id) DO UPDATE SET scanner = $3, scanned_at = now()",
+                &[&file_id, &created_at(file), &scanner],
+            )
+            .await
+            .map_err(JobError::retry)?;
+        Ok(())
     }
 
     async fn read_all(&self, key: &str, limit: u64) -> Result<bytes::Bytes, JobError> {

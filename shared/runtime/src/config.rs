@@ -294,6 +294,14 @@ pub struct MediaConfig {
     /// `STOWAGE_MEDIA__HEIF_CONVERT`: libheif's `heif-convert`, which turns HEIF / HEIC and
     /// AVIF pictures into PNG for their variants.
     pub heif_convert: String,
+    /// `STOWAGE_MEDIA__RESCAN_WINDOW`: files uploaded this long ago or less are scanned again
+    /// when clamd's signatures change; `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub rescan_window: Duration,
+    /// `STOWAGE_MEDIA__RESCAN_INTERVAL`: how often Media asks clamd whether its signatures
+    /// changed (and queues the re-scans when they did).
+    #[serde(with = "humantime_serde")]
+    pub rescan_interval: Duration,
 }
 
 impl Default for MediaConfig {
@@ -315,6 +323,8 @@ impl Default for MediaConfig {
             ffmpeg: "ffmpeg".into(),
             ffprobe: "ffprobe".into(),
             heif_convert: "heif-convert".into(),
+            rescan_window: Duration::from_secs(3 * 24 * 3600),
+            rescan_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -811,6 +821,17 @@ impl Config {
                 "must be shorter than STOWAGE_MEDIA__JOB_TIMEOUT",
             );
         }
+        if self.media.rescan_interval < Duration::from_secs(1)
+            || self.media.rescan_interval > Duration::from_secs(7 * 24 * 3600)
+        {
+            return fail(
+                "STOWAGE_MEDIA__RESCAN_INTERVAL",
+                "must be between 1 s and 7 days",
+            );
+        }
+        if self.media.rescan_window > Duration::from_secs(366 * 24 * 3600) {
+            return fail("STOWAGE_MEDIA__RESCAN_WINDOW", "must be at most 366 days");
+        }
         if self.media.max_pixels < 1_000_000 {
             return fail("STOWAGE_MEDIA__MAX_PIXELS", "must be at least 1000000");
         }
@@ -1050,6 +1071,21 @@ mod tests {
             error.as_deref().is_some_and(|e| e.contains(var)),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn rescan_settings_out_of_range_are_refused_by_name() {
+        let mut config = valid();
+        config.media.rescan_interval = Duration::from_millis(500);
+        refused_naming(&config, "STOWAGE_MEDIA__RESCAN_INTERVAL");
+        config.media.rescan_interval = Duration::from_secs(8 * 24 * 3600);
+        refused_naming(&config, "STOWAGE_MEDIA__RESCAN_INTERVAL");
+        config.media.rescan_interval = Duration::from_secs(60);
+        config.media.rescan_window = Duration::from_secs(400 * 24 * 3600);
+        refused_naming(&config, "STOWAGE_MEDIA__RESCAN_WINDOW");
+        // Zero turns re-scans off.
+        config.media.rescan_window = Duration::ZERO;
+        assert!(config.validate().is_ok());
     }
 
     #[test]

@@ -113,6 +113,42 @@ impl LocalClamd {
         self.port
     }
 
+    /// What the daemon answers to `zVERSION` (`ClamAV 1.4.6` with databases of one's own).
+    pub async fn version(&self) -> anyhow::Result<String> {
+        exchange(self.port, b"zVERSION\0").await
+    }
+
+    /// Adds a signature named `name` (reported with `.UNOFFICIAL` appended) that matches
+    /// exactly `data`, as a signature update would, and returns once the daemon finds it in
+    /// `data`. The version the daemon reports does not change (databases of one's own).
+    pub async fn add_signature(&self, name: &str, data: &[u8]) -> anyhow::Result<()> {
+        std::fs::write(
+            self.dir.path().join(format!("{name}.hdb")),
+            hash_signature(name, data),
+        )?;
+        let reply = exchange(self.port, b"zRELOAD\0").await?;
+        anyhow::ensure!(reply == "RELOADING", "clamd answered RELOAD with {reply:?}");
+        let expected = format!("stream: {name}.UNOFFICIAL FOUND");
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            // During the reload clamd scans with the old signatures, or answers an error.
+            let mut command = b"zINSTREAM\0".to_vec();
+            command.extend_from_slice(&u32::try_from(data.len())?.to_be_bytes());
+            command.extend_from_slice(data);
+            command.extend_from_slice(&0u32.to_be_bytes());
+            if exchange(self.port, &command).await.ok().as_deref() == Some(expected.as_str()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "clamd did not find {name} within {START_DEADLINE:?} of its reload:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Kills the daemon and waits for it to exit.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.child.kill().await?;
@@ -134,11 +170,29 @@ fn clamd_binary() -> Option<PathBuf> {
 
 /// A hash signature (`.hdb`, `MD5:SIZE:NAME`) matching exactly the EICAR file.
 fn eicar_signature() -> String {
-    format!(
-        "{}:{}:{EICAR_SIGNATURE}\n",
-        hex::encode(Md5::digest(EICAR)),
-        EICAR.len()
-    )
+    hash_signature(EICAR_SIGNATURE, EICAR)
+}
+
+/// A hash signature (`.hdb`, `MD5:SIZE:NAME`) matching exactly `data`.
+fn hash_signature(name: &str, data: &[u8]) -> String {
+    format!("{}:{}:{name}\n", hex::encode(Md5::digest(data)), data.len())
+}
+
+/// Sends `command` on a connection of its own and returns the NUL-terminated answer.
+async fn exchange(port: u16, command: &[u8]) -> anyhow::Result<String> {
+    let talk = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(command).await?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await?;
+        anyhow::Ok(reply)
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), talk).await??;
+    let end = reply
+        .iter()
+        .position(|&b| b == 0)
+        .context("clamd's answer did not end with NUL")?;
+    Ok(String::from_utf8(reply[..end].to_vec())?)
 }
 
 fn config_text(dir: &Path, port: u16) -> String {
