@@ -342,14 +342,33 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             endpoint,
         } => {
             let client = endpoint.client().await?;
-            for path in paths {
-                let file = client.upload(&path, &tag, false).await?;
-                println!(
+            // Several files: those a failed run finished are not stored again when the same
+            // command is run again.
+            let mut run = if paths.len() > 1 {
+                Some(crate::client::UploadRun::open(&client, &paths)?)
+            } else {
+                None
+            };
+            for (index, path) in paths.iter().enumerate() {
+                if let Some(line) = run.as_ref().and_then(|r| r.finished(index)) {
+                    eprintln!("{} was uploaded by the run before", path.display());
+                    println!("{line}");
+                    continue;
+                }
+                let file = client.upload(path, &tag, false).await?;
+                let line = format!(
                     "{}  {}  {}",
                     file.id,
                     crate::client::human(file.size_bytes),
                     file.display_name
                 );
+                println!("{line}");
+                if let Some(run) = run.as_mut() {
+                    run.record(index, &line)?;
+                }
+            }
+            if let Some(run) = run {
+                run.finish();
             }
             Ok(())
         }

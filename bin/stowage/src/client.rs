@@ -153,7 +153,15 @@ impl Client {
                     .into_inner()
                     .session
                     .context("server sent no session")?;
-                remember(&state, &created.id)?;
+                if let Err(e) = remember(&state, &created.id) {
+                    // Not resumable: its hold is given back now, not at its expiry.
+                    let _ = ingest
+                        .abort_upload(self.request(pb::AbortUploadRequest {
+                            upload_id: created.id.clone(),
+                        }))
+                        .await;
+                    return Err(e);
+                }
                 created
             }
         };
@@ -604,7 +612,20 @@ impl Sink {
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
             .tempfile_in(&dir);
         match made {
-            Ok(partial) => Ok(Self::Atomic { partial, target }),
+            Ok(partial) => {
+                // A file replaced keeps who may read it (a private file stays private) and,
+                // where we may set it, its owner and group.
+                if let Some(existing) = &existing {
+                    std::fs::set_permissions(partial.path(), existing.permissions())
+                        .with_context(|| format!("cannot write in {}", dir.display()))?;
+                    let _ = std::os::unix::fs::chown(
+                        partial.path(),
+                        Some(std::os::unix::fs::MetadataExt::uid(existing)),
+                        Some(std::os::unix::fs::MetadataExt::gid(existing)),
+                    );
+                }
+                Ok(Self::Atomic { partial, target })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && existing.is_some() => {
                 // Writable, or nothing is fetched.
                 std::fs::OpenOptions::new()
@@ -634,16 +655,24 @@ fn copy_into(partial: &tempfile::NamedTempFile, target: &Path) -> std::io::Resul
     into.sync_all()
 }
 
-/// Writes `id` to `state` whole or not at all (a temporary file renamed over it), so that a
+/// Writes `text` to `state` whole or not at all (a temporary file renamed over it), so that a
 /// crash never leaves a state file cut short.
-fn remember(state: &Path, id: &str) -> anyhow::Result<()> {
+fn remember(state: &Path, text: &str) -> anyhow::Result<()> {
     let dir = state.parent().context("state file without a directory")?;
-    std::fs::create_dir_all(dir)?;
-    let mut partial = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut partial, id.as_bytes())?;
-    partial.as_file().sync_all()?;
-    partial.persist(state).map_err(|e| e.error)?;
-    Ok(())
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut partial = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut partial, text.as_bytes())?;
+        partial.as_file().sync_all()?;
+        partial.persist(state).map_err(|e| e.error)?;
+        Ok(())
+    };
+    write().with_context(|| {
+        format!(
+            "cannot keep the upload's state in {} (set XDG_STATE_HOME to a writable directory)",
+            dir.display()
+        )
+    })
 }
 
 /// Who `token` speaks for: its `sub` claim when it is a JWT (read, not verified: it only
@@ -663,25 +692,104 @@ fn resume_state_path(
     meta: &std::fs::Metadata,
     scope: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
-    let canonical = std::fs::canonicalize(path)?;
+    Ok(state_dir()?
+        .join("uploads")
+        .join(&upload_identity(path, meta, scope)?[..32]))
+}
+
+/// One upload of `path` as it is now: a digest of the server and user, the path, the size
+/// and the modification time.
+fn upload_identity(path: &Path, meta: &std::fs::Metadata, scope: &str) -> anyhow::Result<String> {
+    let canonical =
+        std::fs::canonicalize(path).with_context(|| format!("cannot open {}", path.display()))?;
     let modified = meta
         .modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    let key = hex::encode(Sha256::digest(format!(
+    Ok(hex::encode(Sha256::digest(format!(
         "{scope}\0{}\0{}\0{modified}",
         canonical.display(),
         meta.len()
-    )));
+    ))))
+}
+
+/// `$XDG_STATE_HOME/stowage` (or `~/.local/state/stowage`).
+fn state_dir() -> anyhow::Result<PathBuf> {
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state"))
         })
         .context("neither XDG_STATE_HOME nor HOME is set")?;
-    Ok(base.join("stowage/uploads").join(&key[..32]))
+    Ok(base.join("stowage"))
+}
+
+/// What a run of `stowage upload` over several files finished, kept until the whole run
+/// succeeds: a file's own resume state goes with its completion, so the same command run
+/// again after a failure would otherwise store the files done before a second time. One
+/// record per set of files (as they are now), server and user, under
+/// `$XDG_STATE_HOME/stowage/runs`; each line is a file's identity and what was printed for it.
+pub struct UploadRun {
+    state: PathBuf,
+    done: Vec<(String, String)>,
+    identities: Vec<String>,
+}
+
+impl UploadRun {
+    /// The record of uploading `paths`, with what an earlier run of the same files finished.
+    pub fn open(client: &Client, paths: &[PathBuf]) -> anyhow::Result<Self> {
+        let identities = paths
+            .iter()
+            .map(|path| {
+                let meta = std::fs::metadata(path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                upload_identity(path, &meta, &client.scope)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let run = hex::encode(Sha256::digest(identities.join("\n")));
+        let state = state_dir()?.join("runs").join(&run[..32]);
+        let done = std::fs::read_to_string(&state)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(id, line)| (id.to_owned(), line.to_owned()))
+            .collect();
+        Ok(Self {
+            state,
+            done,
+            identities,
+        })
+    }
+
+    /// What was printed for the `index`th file when an earlier run uploaded it.
+    pub fn finished(&self, index: usize) -> Option<&str> {
+        let identity = self.identities.get(index)?;
+        self.done
+            .iter()
+            .find(|(id, _)| id == identity)
+            .map(|(_, line)| line.as_str())
+    }
+
+    /// Records that the `index`th file is uploaded, with what was printed for it.
+    pub fn record(&mut self, index: usize, line: &str) -> anyhow::Result<()> {
+        let identity = self.identities.get(index).context("no such file")?;
+        self.done
+            .push((identity.clone(), line.replace(['\t', '\n'], " ")));
+        let text: String = self
+            .done
+            .iter()
+            .map(|(id, line)| format!("{id}\t{line}\n"))
+            .collect();
+        remember(&self.state, &text)
+    }
+
+    /// The whole run succeeded: its record goes (the same files uploaded later are new
+    /// uploads).
+    pub fn finish(self) {
+        let _ = std::fs::remove_file(&self.state);
+    }
 }
 
 /// Times an upload waits for a session another (gone) writer still holds, 0.2 s longer each.
@@ -708,7 +816,8 @@ fn sanitize(name: &str) -> String {
         .filter(|c| !c.is_control())
         .collect();
     match cleaned.as_str() {
-        "" | "." | ".." => "download".into(),
+        // "-" would be standard output.
+        "" | "." | ".." | "-" => "download".into(),
         _ => cleaned,
     }
 }

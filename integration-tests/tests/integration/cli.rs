@@ -178,6 +178,89 @@ async fn resume_state_is_per_user_and_a_broken_one_starts_afresh() -> anyhow::Re
     mesh.stop().await
 }
 
+/// `stowage upload` of several files that fails part-way (here the second is over the
+/// user's quota), run again, does not store the files the first run finished a second time;
+/// once it succeeded, its record is gone.
+#[tokio::test]
+async fn several_files_run_again_after_a_failure_are_each_stored_once() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let admin = token("root", &["admin"]);
+    let limit = |bytes: u64| {
+        let mut quota = stowage_integration_tests::quota(mesh.channel());
+        let admin = admin.clone();
+        async move {
+            quota
+                .set_limit(authed(
+                    pb::SetLimitRequest {
+                        user_id: "alice".into(),
+                        limit_bytes: bytes,
+                    },
+                    &admin,
+                ))
+                .await
+        }
+    };
+    limit(150_000).await?;
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let sizes = [("a.bin", 100_000), ("b.bin", 100_000), ("c.bin", 10_000)];
+    for (name, size) in sizes {
+        std::fs::write(dir.path().join(name), random_bytes(size))?;
+    }
+    let run = || {
+        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+        cmd.args(["upload", "--addr", &format!("http://{}", mesh.addr)])
+            .args(sizes.map(|(name, _)| dir.path().join(name)))
+            .env("STOWAGE_TOKEN", &alice)
+            .env("XDG_STATE_HOME", &state)
+            .kill_on_drop(true);
+        async move { cmd.output().await }
+    };
+    let first = run().await?;
+    assert!(!first.status.success(), "{first:?}");
+    let printed = String::from_utf8(first.stdout)?;
+    assert_eq!(printed.lines().count(), 1, "{printed}");
+    assert!(printed.contains("a.bin"), "{printed}");
+
+    limit(1_000_000).await?;
+    let second = run().await?;
+    assert!(second.status.success(), "{second:?}");
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("a.bin was uploaded by the run before"),
+        "{second:?}"
+    );
+    let lines: Vec<String> = String::from_utf8(second.stdout)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(
+        lines[0],
+        printed.trim_end(),
+        "the first file as the first run printed it"
+    );
+    let listed = stowage_integration_tests::files(mesh.channel())
+        .list_files(authed(pb::ListFilesRequest::default(), &alice))
+        .await?
+        .into_inner();
+    let mut names: Vec<&str> = listed
+        .files
+        .iter()
+        .map(|f| f.display_name.as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["a.bin", "b.bin", "c.bin"]);
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 210_000);
+    assert_eq!(
+        std::fs::read_dir(state.join("stowage/runs"))?.count(),
+        0,
+        "the run's record goes once it succeeded"
+    );
+    mesh.stop().await
+}
+
 /// A file changed between an interrupted run and the next (same size, same modification
 /// time, so the next run takes it for the same file) is not stored spliced: the run fails
 /// saying so, keeps nothing, and the one after uploads the new contents. And a session the
@@ -408,12 +491,24 @@ async fn get_writes_the_file_and_replaces_one_only_when_told() -> anyhow::Result
     let forced = get(&["--force"]).await?;
     assert!(forced.status.success(), "{forced:?}");
     assert_eq!(sha256(&std::fs::read(&target)?), sha256(&data));
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    // A private file replaced stays private.
     std::fs::write(dir.path().join("named.bin"), b"old")?;
+    std::fs::set_permissions(
+        dir.path().join("named.bin"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
     let named = get(&["-o", "named.bin"]).await?;
     assert!(named.status.success(), "{named:?}");
     assert_eq!(std::fs::read(dir.path().join("named.bin"))?, data);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("named.bin"))?
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
     // Made with the mode any new file gets here (the umask's), not a temporary file's 0600.
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let reference = dir.path().join("reference");
     std::fs::File::create(&reference)?;
     let mode = |p: &std::path::Path| -> std::io::Result<u32> {
