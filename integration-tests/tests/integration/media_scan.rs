@@ -10,7 +10,9 @@ use stowage_integration_tests::{
     wait_processed,
 };
 use stowage_proto::v1::{self as pb, media_client::MediaClient};
-use stowage_testkit::{EICAR, LocalClamd, Mesh, Processes, Setup, authed, channel, token};
+use stowage_testkit::{
+    EICAR, LocalClamd, Mesh, Processes, SIGNATURE_VERSION, Setup, authed, channel, token,
+};
 use tonic::Code;
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -505,36 +507,93 @@ async fn a_release_files_could_not_take_goes_through_when_tried_again() -> anyho
     mesh.stop().await
 }
 
-/// `(scanner, scanned_at)` of `file_id`'s last clean scan as Media recorded it.
+/// `(scanner, signature version, scanned_at)` of `file_id`'s last clean scan as Media
+/// recorded it.
 async fn recorded_scan(
     pool: &stowage_db::PgPool,
     file_id: &str,
-) -> anyhow::Result<Option<(String, chrono::DateTime<chrono::Utc>)>> {
+) -> anyhow::Result<Option<(String, Option<i64>, chrono::DateTime<chrono::Utc>)>> {
     Ok(pool
         .get()
         .await?
         .query_opt(
-            "SELECT scanner, scanned_at FROM media.scans WHERE file_id = $1::text::uuid",
+            "SELECT scanner, signatures, scanned_at FROM media.scans
+             WHERE file_id = $1::text::uuid",
             &[&file_id],
         )
         .await?
-        .map(|r| (r.get(0), r.get(1))))
+        .map(|r| (r.get(0), r.get(1), r.get(2))))
 }
 
-/// Files of Media's re-scan jobs, oldest first.
+/// Files of Media's re-scan jobs that ran, sorted.
 async fn rescanned(pool: &stowage_db::PgPool) -> anyhow::Result<Vec<String>> {
-    Ok(pool
+    let mut files: Vec<String> = pool
         .get()
         .await?
         .query(
-            "SELECT payload->>'file_id' FROM media.jobs WHERE kind = 'media.rescan'
-             ORDER BY created_at",
+            "SELECT payload->>'file_id' FROM media.jobs
+             WHERE kind = 'media.rescan' AND state = 'succeeded'",
             &[],
         )
         .await?
         .iter()
         .map(|r| r.get(0))
-        .collect())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Waits until two more checks for re-scans ran to the end, and the jobs they queued.
+async fn two_more_checks(pool: &stowage_db::PgPool) -> anyhow::Result<()> {
+    let ended = || async {
+        let count: i64 = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM media.jobs
+                 WHERE kind = 'media.rescan_check' AND state = 'succeeded'",
+                &[],
+            )
+            .await?
+            .get(0);
+        anyhow::Ok(count)
+    };
+    let before = ended().await?;
+    eventually(PATIENCE, "two more re-scan checks", || async {
+        Ok(ended().await? >= before + 2)
+    })
+    .await?;
+    media_jobs_settled(pool).await
+}
+
+async fn wait_status(
+    mesh: &Mesh,
+    admin: &str,
+    file_id: &str,
+    status: pb::FileStatus,
+) -> anyhow::Result<pb::File> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let seen = files(mesh.channel())
+            .get_file(authed(
+                pb::GetFileRequest {
+                    file_id: file_id.to_owned(),
+                },
+                admin,
+            ))
+            .await?
+            .into_inner()
+            .file
+            .unwrap_or_default();
+        if seen.status == status as i32 {
+            return Ok(seen);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{file_id} not {status:?} after {PATIENCE:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -553,9 +612,10 @@ async fn files_that_scanned_clean_are_scanned_again_when_signatures_change() -> 
     let admin = token("root", &["admin"]);
     let pool = stowage_db::connect(&setup.database_url, 1)?;
 
-    // Three files scan clean; each scan is recorded with what clamd reports it scans with.
+    // Three files scan clean; each scan is recorded with what clamd reports it scans with
+    // (before the run tells Files the file is ready).
     let payload: &[u8] = b"MZ pretend this is a dropper that nobody recognises yet";
-    let macro_doc: &[u8] = b"a document whose macro is recognised a day later";
+    let macro_doc: &[u8] = b"a document whose macro only our own signatures know";
     let dropper = upload(mesh.channel(), &alice, "setup.exe", payload, &[]).await?;
     let doc = upload(mesh.channel(), &alice, "invoice.doc", macro_doc, &[]).await?;
     let notes = upload(mesh.channel(), &alice, "notes.txt", b"only words", &[]).await?;
@@ -564,35 +624,25 @@ async fn files_that_scanned_clean_are_scanned_again_when_signatures_change() -> 
         assert_eq!(seen.status, pb::FileStatus::Ready as i32, "{seen:?}");
     }
     let version = clamd.version().await?;
-    assert!(version.starts_with("ClamAV "), "{version}");
-    // (Recorded before the run tells Files the file is ready.)
-    let mut recorded = Vec::new();
+    let first = SIGNATURE_VERSION as i64;
+    assert!(version.contains(&format!("/{first}/")), "{version}");
     for file in [&dropper, &doc, &notes] {
-        let (scanner, at) = recorded_scan(&pool, &file.id).await?.expect("recorded");
-        assert_eq!(scanner, version);
-        recorded.push(at);
+        let (scanner, signatures, _) = recorded_scan(&pool, &file.id).await?.expect("recorded");
+        assert_eq!(
+            (scanner.as_str(), signatures),
+            (version.as_str(), Some(first))
+        );
     }
+    // Nothing newer: the checks queue nothing.
+    two_more_checks(&pool).await?;
+    assert!(rescanned(&pool).await?.is_empty());
 
-    // A signature update that finds the dropper. With ClamAV's own databases its version is
-    // part of what clamd reports, and the dropper's scan was made before it: as recorded here
-    // (a database of one's own, as the test's, leaves the report as it is).
-    clamd.add_signature("Stowage-Test-Dropper", payload).await?;
-    pool.get()
-        .await?
-        .execute(
-            "UPDATE media.scans SET scanner = 'ClamAV 1.4.5/27479/Wed Dec  2 08:00:00 2026'
-             WHERE file_id = $1::text::uuid",
-            &[&dropper.id],
-        )
+    // freshclam brings signatures that know the dropper: every file scanned with the older
+    // ones is scanned again; the dropper is found and quarantined as any infected upload.
+    clamd
+        .update_signatures(SIGNATURE_VERSION + 1, "Stowage-Test-Dropper", payload)
         .await?;
-    // The next check re-scans it, finds it, and it is quarantined as any infected upload.
-    let dropper_id = dropper.id.clone();
-    eventually(PATIENCE, "the dropper quarantined", || async {
-        let seen = wait_processed(mesh.channel(), &admin, &dropper_id, PATIENCE).await?;
-        Ok(seen.status == pb::FileStatus::Quarantined as i32)
-    })
-    .await?;
-    let held = wait_processed(mesh.channel(), &admin, &dropper.id, PATIENCE).await?;
+    let held = wait_status(&mesh, &admin, &dropper.id, pb::FileStatus::Quarantined).await?;
     assert!(
         held.status_reason.contains("Stowage-Test-Dropper"),
         "{}",
@@ -606,12 +656,34 @@ async fn files_that_scanned_clean_are_scanned_again_when_signatures_change() -> 
         media_announced(&pool, &dropper.id, 2).await?,
         ["media.ready", "media.quarantined"]
     );
-    let held = quarantine(&mesh, &admin).await?;
-    assert_eq!(held.len(), 1, "{held:?}");
+    let listed = quarantine(&mesh, &admin).await?;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].signature, "Stowage-Test-Dropper.UNOFFICIAL");
+    for file in [&doc, &notes] {
+        let id = file.id.clone();
+        let pool = &pool;
+        eventually(
+            PATIENCE,
+            "scanned again with the new signatures",
+            || async {
+                Ok(recorded_scan(pool, &id)
+                    .await?
+                    .is_some_and(|s| s.1 == Some(first + 1)))
+            },
+        )
+        .await?;
+        let seen = wait_processed(mesh.channel(), &alice, &file.id, PATIENCE).await?;
+        assert_eq!(seen.status, pb::FileStatus::Ready as i32);
+    }
     assert_eq!(
-        held[0].signature, "Stowage-Test-Dropper.UNOFFICIAL",
-        "{held:?}"
+        recorded_scan(&pool, &dropper.id).await?,
+        None,
+        "out of re-scans"
     );
+    two_more_checks(&pool).await?;
+    let mut all = vec![dropper.id.clone(), doc.id.clone(), notes.id.clone()];
+    all.sort();
+    assert_eq!(rescanned(&pool).await?, all, "each file once");
     // Counted for the alert on it (StowageRescanFoundMalware).
     let metrics = scrape(&mesh).await?;
     assert_eq!(
@@ -620,22 +692,14 @@ async fn files_that_scanned_clean_are_scanned_again_when_signatures_change() -> 
     );
     assert_eq!(
         sample(&metrics, "stowage_media_rescans_queued_total", &[]),
-        Some(1.0)
+        Some(3.0)
     );
-    // Only the file scanned with other signatures was scanned again, once.
-    media_jobs_settled(&pool).await?;
-    assert_eq!(rescanned(&pool).await?, std::slice::from_ref(&dropper.id));
-    for (file, at) in [(&doc, recorded[1]), (&notes, recorded[2])] {
-        assert_eq!(
-            recorded_scan(&pool, &file.id).await?,
-            Some((version.clone(), at)),
-            "{} scanned again",
-            file.display_name
-        );
-    }
 
-    // A database of one's own changed again: the report stays the same, so an admin asks.
+    // A database of our own that knows the document changes no version: no re-scan...
     clamd.add_signature("Stowage-Test-Macro", macro_doc).await?;
+    two_more_checks(&pool).await?;
+    assert_eq!(rescanned(&pool).await?.len(), 3);
+    // ...until an admin asks for one, of every file of the window scanned clean.
     let mut media = MediaClient::new(mesh.channel());
     let refused = media
         .rescan(authed(pb::RescanRequest::default(), &alice))
@@ -656,37 +720,41 @@ async fn files_that_scanned_clean_are_scanned_again_when_signatures_change() -> 
         .expect_err("no such time");
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
     assert!(bad.message().contains("uploaded_after"), "{bad:?}");
+    // (A record of the quarantined dropper, as one left by a run that stopped half-way: its
+    // re-scan leaves the file as it is.)
+    pool.get()
+        .await?
+        .execute(
+            "INSERT INTO media.scans (file_id, uploaded_at, scanner, signatures)
+             VALUES ($1::text::uuid, now(), 'ClamAV 1.4.6', NULL)",
+            &[&dropper.id],
+        )
+        .await?;
+    let notes_before = recorded_scan(&pool, &notes.id).await?.expect("recorded").2;
     let asked = media
         .rescan(authed(pb::RescanRequest::default(), &admin))
         .await?
         .into_inner();
-    // Every file of the window with a clean scan recorded (the dropper's is the one from
-    // before; quarantined, it is left as it is).
     assert_eq!(asked.files, 3);
-    let doc_id = doc.id.clone();
-    eventually(PATIENCE, "the document quarantined", || async {
-        let seen = wait_processed(mesh.channel(), &admin, &doc_id, PATIENCE).await?;
-        Ok(seen.status == pb::FileStatus::Quarantined as i32)
+    wait_status(&mesh, &admin, &doc.id, pb::FileStatus::Quarantined).await?;
+    let notes_id = notes.id.clone();
+    eventually(PATIENCE, "the notes scanned again", || async {
+        Ok(recorded_scan(&pool, &notes_id)
+            .await?
+            .is_some_and(|s| s.2 > notes_before))
     })
     .await?;
     media_jobs_settled(&pool).await?;
-    let notes_scan = recorded_scan(&pool, &notes.id).await?.expect("recorded");
-    assert_eq!(notes_scan.0, version);
-    assert!(notes_scan.1 > recorded[2], "the notes were scanned again");
-    let seen = wait_processed(mesh.channel(), &alice, &notes.id, PATIENCE).await?;
-    assert_eq!(seen.status, pb::FileStatus::Ready as i32);
+    assert_eq!(recorded_scan(&pool, &dropper.id).await?, None);
+    assert_eq!(
+        media_announced(&pool, &dropper.id, 2).await?,
+        ["media.ready", "media.quarantined"],
+        "the quarantined dropper is not announced again"
+    );
+    assert_eq!(rescanned(&pool).await?.len(), 6);
     assert_eq!(
         download(mesh.channel(), &alice, &notes.id, None).await?.1,
         b"only words"
-    );
-    let jobs = rescanned(&pool).await?;
-    assert_eq!(
-        (
-            jobs.len(),
-            jobs.iter().filter(|id| **id == dropper.id).count()
-        ),
-        (3, 1),
-        "the quarantined dropper is not scanned again: {jobs:?}"
     );
     mesh.stop().await
 }

@@ -1,12 +1,20 @@
 -- The last clean scan of each file uploaded within the re-scan window, and what made it:
--- clamd's VERSION (engine / signature version / date). When clamd reports another, the
--- files scanned with the old one are scanned again (`media.rescan`); '' asks for it
--- whatever clamd reports (Media.Rescan).
+-- clamd's VERSION (engine / signature version / date) and the signature version in it
+-- (NULL when clamd reports none: databases of one's own only). A file scanned with older
+-- signatures than clamd has now, or asked for by an admin after its scan began (Media.Rescan),
+-- is scanned again (`media.rescan`); `queued_at` is when its job was queued.
 CREATE TABLE scans (
     file_id     uuid PRIMARY KEY,
     uploaded_at timestamptz NOT NULL,
     scanner     text NOT NULL,
-    scanned_at  timestamptz NOT NULL DEFAULT now()
+    signatures  bigint,
+    scanned_at  timestamptz NOT NULL DEFAULT now(),
+    asked_at    timestamptz,
+    queued_at   timestamptz
 );
 
-CREATE INDEX scans_by_upload ON scans (uploaded_at DESC, file_id DESC);
+-- Files a check looks at, newest first.
+CREATE INDEX scans_to_check ON scans (uploaded_at DESC, file_id DESC) WHERE queued_at IS NULL;
+-- Files whose re-scan was queued long ago (its job dead or lost) and files out of the window.
+CREATE INDEX scans_queued ON scans (queued_at) WHERE queued_at IS NOT NULL;
+CREATE INDEX scans_by_upload ON scans (uploaded_at);

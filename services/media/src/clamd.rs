@@ -257,6 +257,12 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
     }
 }
 
+/// The version of the signatures in what [`Clamd::version`] answers
+/// (`ClamAV 1.4.6/27480/...` → 27480); `None` when it names none (databases of one's own).
+pub fn signature_version(version: &str) -> Option<i64> {
+    version.split('/').nth(1)?.trim().parse().ok()
+}
+
 /// How a scan or ping that ran out of time is reported.
 const NO_ANSWER: &str = "no answer within";
 
@@ -471,6 +477,17 @@ mod tests {
             let err = Clamd::new(bad, t).expect_err(bad);
             assert!(err.to_string().contains(bad), "{err}");
         }
+    }
+
+    #[test]
+    fn signature_versions_are_read_from_version_answers() {
+        assert_eq!(
+            signature_version("ClamAV 1.4.6/27480/Thu Dec  4 09:27:00 2026"),
+            Some(27480)
+        );
+        assert_eq!(signature_version("ClamAV 1.4.6"), None);
+        assert_eq!(signature_version("ClamAV 1.4.6/x/date"), None);
+        assert_eq!(signature_version(""), None);
     }
 
     #[test]

@@ -123,14 +123,16 @@ impl Media {
             .collect())
     }
 
-    /// Runs a job again. A file that failed for good goes back to processing, so the run
-    /// does the work again instead of finding it finished.
+    /// Runs a job again. A file whose processing failed for good goes back to processing,
+    /// so the run does the work again instead of finding it finished.
     async fn retry(&self, job_id: Uuid) -> Result<Job> {
         let job = self.queue.get(job_id).await?;
+        // A processing job's file; a re-scan's is left as it is (the re-scan reads it).
         let file_id = job
             .payload
             .get("file_id")
             .and_then(serde_json::Value::as_str)
+            .filter(|_| job.kind == crate::PROCESS_JOB)
             .map(str::to_owned);
         // Only a job that is over runs again: one queued or running is refused before the
         // file is touched.
@@ -278,7 +280,11 @@ impl Media {
 }
 
 /// Forgets that `file_id` was announced with `status`, so the next run announces again.
-async fn delete_outcome(pool: &stowage_db::PgPool, file_id: Uuid, status: &str) -> Result<()> {
+pub(crate) async fn delete_outcome(
+    pool: &stowage_db::PgPool,
+    file_id: Uuid,
+    status: &str,
+) -> Result<()> {
     pool.get()
         .await?
         .execute_cached(

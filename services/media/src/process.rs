@@ -76,11 +76,16 @@ impl std::fmt::Debug for Media {
     }
 }
 
-/// A scan of a stored file: the verdict, and the scanner's version before it (empty when
-/// re-scans are off).
+/// A scan of a stored file: the verdict, and what scanned it, as read before it began
+/// (empty when re-scans are off).
 pub(crate) struct Scanned {
     pub(crate) verdict: Result<Verdict, ScanError>,
+    /// clamd's VERSION.
     pub(crate) scanner: String,
+    /// The signature version in it.
+    pub(crate) signatures: Option<i64>,
+    /// When the scan began.
+    pub(crate) began: DateTime<Utc>,
 }
 
 /// How a run ends for the file.
@@ -341,8 +346,7 @@ impl Media {
         let scanned = self.scan_stored(scanner, file, started).await?;
         let signature = match scanned.verdict {
             Ok(Verdict::Clean) => {
-                self.record_clean_scan(file, file_id, &scanned.scanner)
-                    .await?;
+                self.record_clean_scan(file, file_id, &scanned).await?;
                 if released == Some(false) {
                     // Held by an earlier run, clean now (new signatures, a larger size limit):
                     // a row left held would list a file that is not quarantined.
@@ -407,6 +411,7 @@ impl Media {
         file: &pb::File,
         started: tokio::time::Instant,
     ) -> Result<Scanned, JobError> {
+        let began = Utc::now();
         let version = if self.settings.rescan_window.is_zero() {
             String::new()
         } else {
@@ -432,16 +437,19 @@ impl Media {
             .saturating_sub(AFTER_SCAN);
         Ok(Scanned {
             verdict: scanner.scan_within(reader, file.size_bytes, left).await,
+            signatures: crate::clamd::signature_version(&version),
             scanner: version,
+            began,
         })
     }
 
-    /// Records that `file` scanned clean with `scanner` (its version), for re-scans.
+    /// Records that `file` scanned clean (see [`Scanned`]), for re-scans: an admin's request
+    /// made after the scan began stays, and so the file is scanned again.
     pub(crate) async fn record_clean_scan(
         &self,
         file: &pb::File,
         file_id: Uuid,
-        scanner: &str,
+        scanned: &Scanned,
     ) -> Result<(), JobError> {
         if self.settings.rescan_window.is_zero() {
             return Ok(());
@@ -451,9 +459,18 @@ impl Media {
             .await
             .map_err(JobError::retry)?
             .execute_cached(
-                "INSERT INTO media.scans (file_id, uploaded_at, scanner) VALUES ($1, $2, $3)
-                 ON CONFLICT (file_id) DO UPDATE SET scanner = $3, scanned_at = now()",
-                &[&file_id, &created_at(file), &scanner],
+                "INSERT INTO media.scans (file_id, uploaded_at, scanner, signatures)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (file_id) DO UPDATE SET scanner = $3, signatures = $4,
+                     scanned_at = now(), queued_at = NULL,
+                     asked_at = CASE WHEN scans.asked_at < $5 THEN NULL ELSE scans.asked_at END",
+                &[
+                    &file_id,
+                    &created_at(file),
+                    &scanned.scanner,
+                    &scanned.signatures,
+                    &scanned.began,
+                ],
             )
             .await
             .map_err(JobError::retry)?;

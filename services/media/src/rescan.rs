@@ -1,17 +1,20 @@
 //! Re-scans: files scanned clean are scanned again when the scanner's signatures change.
 //!
 //! Malware is often recognised days after it spreads: a file that scanned clean at upload
-//! may be found by the next signature update. Each clean scan is recorded with the
-//! scanner's version (`zVERSION`: engine, signature version and date) in `media.scans`;
+//! may be found by the next signature update. Each clean scan is recorded in `media.scans`
+//! with what clamd said it scans with (`zVERSION`: engine, signature version, their date);
 //! the `media.rescan` schedule (`media.rescan_check` jobs, every
-//! `STOWAGE_MEDIA__RESCAN_INTERVAL`) reads the version clamd reports now and queues a
-//! `media.rescan` job for each file uploaded within `STOWAGE_MEDIA__RESCAN_WINDOW` whose
-//! last scan was made with another. A file found now goes back to processing, whose run
-//! scans it again and quarantines it as any infected upload (the one path to quarantine,
-//! with its guards against a concurrent release). Databases of one's own do not change
-//! the version clamd reports: an admin asks for a re-scan with `Media.Rescan`.
+//! `STOWAGE_MEDIA__RESCAN_INTERVAL`) reads the signature version clamd reports now and queues
+//! a `media.rescan` job for each file uploaded within `STOWAGE_MEDIA__RESCAN_WINDOW` that was
+//! scanned with older ones. A file found now goes back to processing, whose run scans it
+//! again and quarantines it as any infected upload (the one path to quarantine, with its
+//! guards against a concurrent release). Databases of one's own do not change the version
+//! clamd reports: an admin asks for a re-scan with `Media.Rescan`.
+//!
+//! Re-scans run in a worker of their own, one at a time, so that a wave of them after an
+//! update never holds new uploads back.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -22,32 +25,36 @@ use uuid::Uuid;
 
 use crate::{
     Media,
-    clamd::{ScanError, Verdict},
+    clamd::{ScanError, Verdict, signature_version},
     error::{Error, Result},
+    grpc::delete_outcome,
     process::retry_status,
 };
 
 /// Name of the schedule that looks for files to scan again.
 pub const RESCAN_SCHEDULE: &str = "media.rescan";
-/// Kind of the job that looks for files scanned with other signatures and queues their
+/// Kind of the job that looks for files scanned with older signatures and queues their
 /// re-scans.
 pub const RESCAN_CHECK_JOB: &str = "media.rescan_check";
 /// Kind of the job that scans one file again.
 pub const RESCAN_JOB: &str = "media.rescan";
 
-/// Files looked at per query of a check.
+/// Files queued per transaction of a check.
 const CHECK_PAGE: i64 = 1000;
 
-/// Most re-scans one check queues; files past them (the oldest) are queued by the next
-/// check, as those queued now are recorded with the new version when they ran.
+/// Most re-scans one check queues; the rest (the oldest files) wait for the next check.
 const MAX_QUEUED_PER_CHECK: u64 = 50_000;
 
 /// Rows of files out of the window deleted per statement.
 const PRUNE_BATCH: i64 = 10_000;
 
+/// A re-scan queued this long ago and not done (its job dead after a long scanner outage,
+/// or lost) is queued again.
+const STALE_QUEUED: Duration = Duration::from_secs(24 * 3600);
+
 impl Media {
     /// Whether re-scans run here: a scanner, and a window.
-    fn rescans_on(&self) -> bool {
+    pub fn rescans_on(&self) -> bool {
         self.scanner.is_some() && !self.settings.rescan_window.is_zero()
     }
 
@@ -59,15 +66,17 @@ impl Media {
     }
 
     /// A check: forgets the scans of files that left the window, then queues a re-scan of
-    /// every file in it whose last clean scan was made with another version than clamd's
-    /// now. Returns how many jobs it queued.
+    /// every file in it scanned with older signatures than clamd reports now, or asked for
+    /// by an admin, newest first. Returns how many it queued.
     pub async fn queue_rescans(&self) -> Result<u64, JobError> {
         let Some(scanner) = self.scanner.as_ref().filter(|_| self.rescans_on()) else {
             return Ok(0);
         };
         let version = scanner.version().await.map_err(JobError::retry)?;
+        let current = signature_version(&version);
         let window_start = self.window_start();
-        let conn = self.pool.get().await.map_err(JobError::retry)?;
+        let stale = Utc::now() - chrono::Duration::from_std(STALE_QUEUED).unwrap_or_default();
+        let mut conn = self.pool.get().await.map_err(JobError::retry)?;
         loop {
             let pruned = conn
                 .execute_cached(
@@ -81,64 +90,56 @@ impl Media {
                 break;
             }
         }
+        conn.execute_cached(
+            "UPDATE media.scans SET queued_at = NULL WHERE queued_at < $1",
+            &[&stale],
+        )
+        .await
+        .map_err(JobError::retry)?;
         let mut queued = 0;
-        let mut after: Option<(DateTime<Utc>, Uuid)> = None;
-        'pages: loop {
-            let rows = match after {
-                None => {
-                    conn.query_cached(
-                        "SELECT file_id, uploaded_at, scanned_at FROM media.scans
-                         WHERE uploaded_at >= $1 AND scanner <> $2
-                         ORDER BY uploaded_at DESC, file_id DESC LIMIT $3",
-                        &[&window_start, &version, &CHECK_PAGE],
-                    )
-                    .await
-                }
-                Some((at, id)) => {
-                    conn.query_cached(
-                        "SELECT file_id, uploaded_at, scanned_at FROM media.scans
-                         WHERE uploaded_at >= $1 AND scanner <> $2
-                           AND (uploaded_at, file_id) < ($4, $5)
-                         ORDER BY uploaded_at DESC, file_id DESC LIMIT $3",
-                        &[&window_start, &version, &CHECK_PAGE, &at, &id],
-                    )
-                    .await
-                }
+        while queued < MAX_QUEUED_PER_CHECK {
+            // A page at a time, each in a transaction: the jobs exist exactly when their rows
+            // say so, and a check running beside this one takes other rows.
+            let tx = conn.transaction().await.map_err(JobError::retry)?;
+            let due: Vec<Uuid> = tx
+                .query_cached(
+                    "SELECT file_id FROM media.scans
+                     WHERE queued_at IS NULL AND uploaded_at >= $1
+                       AND (signatures < $2::bigint OR asked_at IS NOT NULL)
+                     ORDER BY uploaded_at DESC, file_id DESC LIMIT $3
+                     FOR UPDATE SKIP LOCKED",
+                    &[&window_start, &current, &CHECK_PAGE],
+                )
+                .await
+                .map_err(JobError::retry)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            if due.is_empty() {
+                break;
             }
-            .map_err(JobError::retry)?;
-            for row in &rows {
-                let file_id: Uuid = row.get(0);
-                let scanned_at: DateTime<Utc> = row.get(2);
-                // One job per file and scan: a file scanned since (by its re-scan) gets a new
-                // one at the next change, and a check finding it again meanwhile does not.
+            let at = Utc::now();
+            for file_id in &due {
+                // One job per queueing: a file queued again (its job dead, an admin's request)
+                // gets a new one.
                 let job = NewJob::new(
                     RESCAN_JOB,
-                    format!("rescan:{file_id}:{}", scanned_at.timestamp_micros()),
+                    format!("rescan:{file_id}:{}", at.timestamp_micros()),
                     serde_json::json!({ "file_id": file_id }),
                 );
-                if self
-                    .queue
-                    .enqueue_in(&conn, job)
+                self.queue
+                    .enqueue_in(&tx, job)
                     .await
-                    .map_err(JobError::retry)?
-                    .created
-                {
-                    queued += 1;
-                    if queued >= MAX_QUEUED_PER_CHECK {
-                        tracing::info!(
-                            queued,
-                            "re-scans queued up to the most per check; the next check queues the rest"
-                        );
-                        break 'pages;
-                    }
-                }
+                    .map_err(JobError::retry)?;
             }
-            match rows.last() {
-                Some(last) if rows.len() as i64 == CHECK_PAGE => {
-                    after = Some((last.get(1), last.get(0)));
-                }
-                _ => break,
-            }
+            tx.execute_cached(
+                "UPDATE media.scans SET queued_at = $2 WHERE file_id = ANY($1)",
+                &[&due, &at],
+            )
+            .await
+            .map_err(JobError::retry)?;
+            tx.commit().await.map_err(JobError::retry)?;
+            queued += due.len() as u64;
         }
         if queued > 0 {
             tracing::info!(queued, scanner = %version, "files queued to be scanned again with the scanner's current signatures");
@@ -147,37 +148,44 @@ impl Media {
         Ok(queued)
     }
 
-    /// Scans `file_id` again. A file in processing is scanned by its run, one quarantined or
-    /// released by an admin is left as it is. Found now, the file goes back to processing
-    /// and its processing job runs again: that run scans it and quarantines it.
+    /// Scans `file_id` again. A file in processing is scanned by its run (started again if
+    /// it has none); one quarantined or released by an admin leaves re-scans. Found now, the
+    /// file goes back to processing and its processing job runs again: that run scans it
+    /// and quarantines it.
     async fn rescan(&self, file_id: Uuid) -> Result<(), JobError> {
         let started = tokio::time::Instant::now();
         let Some(scanner) = &self.scanner else {
             return Ok(());
         };
-        let Some(file) = self.get_file(file_id).await? else {
-            self.pool
-                .get()
-                .await
-                .map_err(JobError::retry)?
-                .execute_cached("DELETE FROM media.scans WHERE file_id = $1", &[&file_id])
-                .await
-                .map_err(JobError::retry)?;
-            return Ok(());
+        let file = match self.get_file(file_id).await? {
+            Some(file) if self.released(file_id).await?.is_none() => file,
+            // Gone, held or released: not scanned again.
+            _ => return self.forget_scan(file_id).await,
         };
-        let scannable = [pb::FileStatus::Ready as i32, pb::FileStatus::Failed as i32];
-        if !scannable.contains(&file.status) || self.released(file_id).await?.is_some() {
-            return Ok(());
+        let status = pb::FileStatus::try_from(file.status).unwrap_or_default();
+        match status {
+            pb::FileStatus::Ready | pb::FileStatus::Failed => {}
+            pb::FileStatus::Processing => {
+                // Its run scans it (one whose start was lost is started: idempotent).
+                self.reprocess(file_id).await.map_err(JobError::retry)?;
+                return Ok(());
+            }
+            pb::FileStatus::Quarantined | pb::FileStatus::Unspecified => {
+                return self.forget_scan(file_id).await;
+            }
         }
         let scanned = self.scan_stored(scanner, &file, started).await?;
         match scanned.verdict {
-            Ok(Verdict::Clean) => {
-                self.record_clean_scan(&file, file_id, &scanned.scanner)
-                    .await
-            }
+            Ok(Verdict::Clean) => self.record_clean_scan(&file, file_id, &scanned).await,
             Ok(Verdict::Infected(signature)) => {
                 tracing::warn!(%file_id, owner = %file.owner_id, signature, "a file that scanned clean is found by the scanner's new signatures; processed again to quarantine it");
                 metrics::counter!("stowage_media_rescans_found_total").increment(1);
+                // Announced again after a release, as a file quarantined at upload is.
+                for announced in ["ready", "failed"] {
+                    delete_outcome(&self.pool, file_id, announced)
+                        .await
+                        .map_err(JobError::retry)?;
+                }
                 self.files
                     .set_variants(pb::SetVariantsRequest {
                         file_id: file.id.clone(),
@@ -187,12 +195,26 @@ impl Media {
                     .await
                     .map_err(|s| retry_status("Files.SetVariants", &s))?;
                 self.reprocess(file_id).await.map_err(JobError::retry)?;
-                Ok(())
+                // Its run records it again if it scans clean then.
+                self.forget_scan(file_id).await
             }
             // Scannable when it was scanned (a lower limit since?): it stays as it is, and
-            // its scan as recorded, so the next change of signatures tries it again.
+            // counts as tried with these signatures; the next ones try it again.
             Err(ScanError::Refused(why)) => {
                 tracing::warn!(%file_id, %why, "a re-scan was refused by the scanner; the file stays as it is");
+                self.pool
+                    .get()
+                    .await
+                    .map_err(JobError::retry)?
+                    .execute_cached(
+                        "UPDATE media.scans SET signatures = greatest(signatures, $2),
+                             queued_at = NULL,
+                             asked_at = CASE WHEN asked_at < $3 THEN NULL ELSE asked_at END
+                         WHERE file_id = $1",
+                        &[&file_id, &scanned.signatures, &scanned.began],
+                    )
+                    .await
+                    .map_err(JobError::retry)?;
                 Ok(())
             }
             Err(error @ ScanError::Input(_)) => Err(JobError::retry(error)),
@@ -203,9 +225,21 @@ impl Media {
         }
     }
 
-    /// Marks every file uploaded within the window, or at or after `uploaded_after` when
-    /// that is later, to be scanned again whatever scanned it, and queues a check that queues
-    /// their re-scans. Returns how many files were marked.
+    /// `file_id` leaves re-scans.
+    async fn forget_scan(&self, file_id: Uuid) -> Result<(), JobError> {
+        self.pool
+            .get()
+            .await
+            .map_err(JobError::retry)?
+            .execute_cached("DELETE FROM media.scans WHERE file_id = $1", &[&file_id])
+            .await
+            .map_err(JobError::retry)?;
+        Ok(())
+    }
+
+    /// Asks for a re-scan of every file uploaded within the window, or at or after
+    /// `uploaded_after` when that is later, whatever scanned it, and queues a check that
+    /// queues them. Returns how many files were marked.
     pub(crate) async fn mark_for_rescan(
         &self,
         uploaded_after: Option<DateTime<Utc>>,
@@ -225,8 +259,8 @@ impl Media {
         let tx = conn.transaction().await?;
         let marked = tx
             .execute_cached(
-                "UPDATE media.scans SET scanner = '' WHERE uploaded_at >= $1",
-                &[&since],
+                "UPDATE media.scans SET asked_at = $2, queued_at = NULL WHERE uploaded_at >= $1",
+                &[&since, &Utc::now()],
             )
             .await?;
         self.queue

@@ -1,6 +1,8 @@
 //! A throwaway ClamAV daemon whose only signature is the EICAR test file, made on the spot:
 //! no signature download, so it starts offline and in well under the time a real database
-//! takes to load.
+//! takes to load. The signature is in a `daily.cud` (ClamAV's own database format, unsigned),
+//! so the daemon reports a signature version as it does with ClamAV's databases, and a test
+//! can update its signatures as freshclam would ([`LocalClamd::update_signatures`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -22,6 +24,9 @@ pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS
 /// Name of the signature [`LocalClamd`] loads for [`EICAR`]. clamd reports it with
 /// `.UNOFFICIAL` appended, as it does every signature outside ClamAV's own databases.
 pub const EICAR_SIGNATURE: &str = "Stowage-Test-EICAR";
+
+/// Signature version of the database the daemon starts with.
+pub const SIGNATURE_VERSION: u64 = 27000;
 
 /// How long [`LocalClamd::start`] waits for the daemon to answer PING.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -53,7 +58,10 @@ impl LocalClamd {
         let dir = tempfile::Builder::new()
             .prefix("stowage-clamd-")
             .tempdir()?;
-        std::fs::write(dir.path().join("stowage-test.hdb"), eicar_signature())?;
+        std::fs::write(
+            dir.path().join("daily.cud"),
+            daily_database(SIGNATURE_VERSION, &eicar_signature())?,
+        )?;
         let config = dir.path().join("clamd.conf");
         std::fs::write(&config, config_text(dir.path(), port))?;
         let child = Command::new(&binary)
@@ -118,14 +126,41 @@ impl LocalClamd {
         exchange(self.port, b"zVERSION\0").await
     }
 
-    /// Adds a signature named `name` (reported with `.UNOFFICIAL` appended) that matches
-    /// exactly `data`, as a signature update would, and returns once the daemon finds it in
-    /// `data`. The version the daemon reports does not change (databases of one's own).
+    /// Updates the daemon's signatures as freshclam would: its database becomes `version`
+    /// with EICAR's signature and one named `name` that matches exactly `data`. Returns once
+    /// the daemon reports `version` and finds `name` in `data`.
+    pub async fn update_signatures(
+        &self,
+        version: u64,
+        name: &str,
+        data: &[u8],
+    ) -> anyhow::Result<()> {
+        let signatures = eicar_signature() + &hash_signature(name, data);
+        std::fs::write(
+            self.dir.path().join("daily.cud"),
+            daily_database(version, &signatures)?,
+        )?;
+        self.reload_until_found(name, data).await?;
+        let reported = self.version().await?;
+        anyhow::ensure!(
+            reported.contains(&format!("/{version}/")),
+            "clamd reports {reported:?} after the update to {version}"
+        );
+        Ok(())
+    }
+
+    /// Adds a database of one's own (`.hdb`) with a signature named `name` (reported with
+    /// `.UNOFFICIAL` appended) that matches exactly `data`, and returns once the daemon finds
+    /// it in `data`. The version the daemon reports does not change.
     pub async fn add_signature(&self, name: &str, data: &[u8]) -> anyhow::Result<()> {
         std::fs::write(
             self.dir.path().join(format!("{name}.hdb")),
             hash_signature(name, data),
         )?;
+        self.reload_until_found(name, data).await
+    }
+
+    async fn reload_until_found(&self, name: &str, data: &[u8]) -> anyhow::Result<()> {
         let reply = exchange(self.port, b"zRELOAD\0").await?;
         anyhow::ensure!(reply == "RELOADING", "clamd answered RELOAD with {reply:?}");
         let expected = format!("stream: {name}.UNOFFICIAL FOUND");
@@ -176,6 +211,48 @@ fn eicar_signature() -> String {
 /// A hash signature (`.hdb`, `MD5:SIZE:NAME`) matching exactly `data`.
 fn hash_signature(name: &str, data: &[u8]) -> String {
     format!("{}:{}:{name}\n", hex::encode(Md5::digest(data)), data.len())
+}
+
+/// A `daily.cud`: ClamAV's database format unsigned (which clamd loads without ClamAV's
+/// signature), of signature version `version`, holding the hash signatures `hdb`. A 512-byte
+/// header (`ClamAV-VDB:date:version:signatures:engine level:MD5 of the rest:signature:
+/// builder:time`), then a gzipped tar of the signatures and a `daily.info` that repeats the
+/// header and gives each file's size and SHA-256.
+fn daily_database(version: u64, hdb: &str) -> anyhow::Result<Vec<u8>> {
+    let built = 1_796_457_600; // 2026-12-05 00:00 UTC
+    let count = hdb.lines().count();
+    let head = |md5: &str| {
+        format!("ClamAV-VDB:05 Dec 2026 00-00 +0000:{version}:{count}:90:{md5}:X:stowage:{built}")
+    };
+    let info = format!(
+        "{}\ndaily.hdb:{}:{}\n",
+        head("X"),
+        hdb.len(),
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(hdb.as_bytes()))
+    );
+    let mut archive = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for (name, data) in [
+        ("COPYING", "Stowage's test signatures\n".as_bytes()),
+        ("daily.info", info.as_bytes()),
+        ("daily.hdb", hdb.as_bytes()),
+    ] {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        archive.append_data(&mut header, name, data)?;
+    }
+    let body = archive.into_inner()?.finish()?;
+    let mut database = format!("{:<512}", head(&hex::encode(Md5::digest(&body)))).into_bytes();
+    anyhow::ensure!(
+        database.len() == 512,
+        "database header longer than 512 bytes"
+    );
+    database.extend_from_slice(&body);
+    Ok(database)
 }
 
 /// Sends `command` on a connection of its own and returns the NUL-terminated answer.

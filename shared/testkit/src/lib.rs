@@ -4,7 +4,7 @@
 //! ClamAV daemon for the tests that scan, and a Redis Cluster for those that need one.
 
 mod clamd;
-pub use clamd::{EICAR, EICAR_SIGNATURE, LocalClamd};
+pub use clamd::{EICAR, EICAR_SIGNATURE, LocalClamd, SIGNATURE_VERSION};
 mod otlp;
 pub use otlp::{OtlpCollector, RecordedSpan};
 mod redis_cluster;
