@@ -12,7 +12,7 @@ use stowage_runtime::{
     mesh::QuotaApi,
     paging,
     status::{invalid_argument, page_size, parse_time, parse_uuid},
-    time::{from_timestamp, timestamp},
+    time::timestamp,
     validate,
 };
 use tonic::{Request, Response, Status};
@@ -181,10 +181,13 @@ impl files_server::Files for FilesGrpc {
         validate::display_name(&req.display_name)
             .map_err(|why| invalid_argument("display_name", why))?;
         let tags = validate::tags(&req.tags).map_err(|why| invalid_argument("tags", why))?;
-        if req.storage_key.is_empty() || req.storage_key.len() > MAX_KEY_BYTES {
+        if req.storage_key.is_empty()
+            || req.storage_key.len() > MAX_KEY_BYTES
+            || req.storage_key.chars().any(char::is_control)
+        {
             return Err(invalid_argument(
                 "storage_key",
-                format!("must be 1..={MAX_KEY_BYTES} bytes"),
+                format!("must be 1..={MAX_KEY_BYTES} bytes without control characters"),
             ));
         }
         validate::idempotency_key(&req.idempotency_key)
@@ -268,10 +271,12 @@ impl files_server::Files for FilesGrpc {
                 "listing quarantined files needs the admin scope",
             ));
         }
-        if req.name_contains.chars().count() > validate::MAX_NAME_CHARS {
+        if req.name_contains.chars().count() > validate::MAX_NAME_CHARS
+            || req.name_contains.chars().any(char::is_control)
+        {
             return Err(invalid_argument(
                 "name_contains",
-                "must be at most 255 characters",
+                "must be at most 255 characters without control characters",
             ));
         }
         validate::label(&req.package_name).map_err(|why| invalid_argument("package_name", why))?;
@@ -524,10 +529,10 @@ impl files_server::Files for FilesGrpc {
                 format!("at most {MAX_VARIANTS} in one call"),
             ));
         }
-        if req.status_reason.chars().count() > 1024 {
+        if req.status_reason.chars().count() > 1024 || req.status_reason.contains('\0') {
             return Err(invalid_argument(
                 "status_reason",
-                "must be at most 1024 characters",
+                "must be at most 1024 characters, without NUL",
             ));
         }
         validate::label(&req.codec).map_err(|why| invalid_argument("codec", why))?;
@@ -543,10 +548,12 @@ impl files_server::Files for FilesGrpc {
                 }
                 validate::label(&v.mime_type)
                     .map_err(|why| invalid_argument("variants.mime_type", why))?;
-                if v.storage_key.len() > MAX_KEY_BYTES {
+                if v.storage_key.len() > MAX_KEY_BYTES
+                    || v.storage_key.chars().any(char::is_control)
+                {
                     return Err(invalid_argument(
                         "variants.storage_key",
-                        format!("must be at most {MAX_KEY_BYTES} bytes"),
+                        format!("must be at most {MAX_KEY_BYTES} bytes without control characters"),
                     ));
                 }
                 if i64::try_from(v.size_bytes).is_err() {
@@ -614,11 +621,9 @@ impl files_server::Files for FilesGrpc {
     ) -> Result<Response<pb::ListExpiredTrashResponse>, Status> {
         identity(&request)?.require_privileged()?;
         let req = request.into_inner();
-        let before = req
-            .deleted_before
-            .as_ref()
-            .and_then(from_timestamp)
-            .ok_or_else(|| invalid_argument("deleted_before", "is required"))?;
+        let before =
+            stowage_runtime::status::parse_time("deleted_before", req.deleted_before.as_ref())?
+                .ok_or_else(|| invalid_argument("deleted_before", "is required"))?;
         let size = page_size(req.page_size, 100, 1000)?;
         let fingerprint = paging::fingerprint(&("expired_trash", before));
         let after: Option<(DateTime<Utc>, Uuid)> = paging::decode(&req.page_token, &fingerprint)?;
@@ -708,11 +713,9 @@ impl files_server::Files for FilesGrpc {
     ) -> Result<Response<pb::ListOriginalsResponse>, Status> {
         identity(&request)?.require_privileged()?;
         let req = request.into_inner();
-        let before = req
-            .created_before
-            .as_ref()
-            .and_then(from_timestamp)
-            .ok_or_else(|| invalid_argument("created_before", "is required"))?;
+        let before =
+            stowage_runtime::status::parse_time("created_before", req.created_before.as_ref())?
+                .ok_or_else(|| invalid_argument("created_before", "is required"))?;
         let size = page_size(req.page_size, 100, 1000)?;
         if req.status != 0 && FileStatus::from_proto(req.status).is_none() {
             return Err(invalid_argument("status", "unknown status"));

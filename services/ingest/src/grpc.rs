@@ -320,10 +320,10 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::SweepStagingResponse>, Status> {
         identity(&request)?.require_privileged()?;
         let req = request.into_inner();
-        if req.max_age_seconds < 3600 {
+        if !(3600..=MAX_SWEEP_AGE_SECONDS).contains(&req.max_age_seconds) {
             return Err(stowage_runtime::status::invalid_argument(
                 "max_age_seconds",
-                "must be at least 3600",
+                format!("must be 3600..={MAX_SWEEP_AGE_SECONDS}"),
             ));
         }
         let max_age = std::time::Duration::from_secs(req.max_age_seconds);
@@ -361,10 +361,10 @@ impl ingest_server::Ingest for IngestGrpc {
     ) -> Result<Response<pb::SweepUploadsResponse>, Status> {
         identity(&request)?.require_privileged()?;
         let req = request.into_inner();
-        if req.idle_seconds < 60 {
+        if !(60..=MAX_SWEEP_IDLE_SECONDS).contains(&req.idle_seconds) {
             return Err(stowage_runtime::status::invalid_argument(
                 "idle_seconds",
-                "must be at least 60",
+                format!("must be 60..={MAX_SWEEP_IDLE_SECONDS}"),
             ));
         }
         let limit = match req.limit {
@@ -656,6 +656,19 @@ fn frame_status(error: Error) -> Status {
         Error::InvalidArgument { field, reason } => {
             stowage_runtime::status::invalid_argument(&format!("frame.{field}"), reason)
         }
+        Error::SeqGap { .. } => {
+            let mut status = Status::from(error);
+            let message = format!("frame.{}", status.message());
+            let metadata = std::mem::take(status.metadata_mut());
+            status = Status::with_metadata(status.code(), message, metadata);
+            status
+        }
         other => Status::from(other),
     }
 }
+
+/// Oldest staging a sweep may be asked to keep: ten years (a larger age is not a sweep).
+const MAX_SWEEP_AGE_SECONDS: u64 = 10 * 366 * 24 * 3600;
+
+/// Longest idle time a sweep of one-shot uploads may be given: thirty days.
+const MAX_SWEEP_IDLE_SECONDS: u64 = 30 * 24 * 3600;

@@ -14,6 +14,21 @@ use uuid::Uuid;
 
 use crate::{HistoryEvent, Lifecycle, Policy, RunRecord};
 
+/// Oldest activity RecordActivity takes, in days.
+const MAX_ACTIVITY_AGE_DAYS: i64 = 30;
+
+/// A task or schedule name as a caller gives it: short and printable (it is echoed in
+/// errors), else refused by `field` before any lookup.
+fn check_name(field: &str, name: &str) -> Result<(), Status> {
+    if name.len() > 64 || name.chars().any(char::is_control) {
+        return Err(invalid_argument(
+            field,
+            "must be at most 64 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
 /// The tonic service of Lifecycle.
 #[derive(Clone, Debug)]
 pub struct LifecycleGrpc {
@@ -111,6 +126,8 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
             caller.user_id.clone()
         } else {
             caller.require_admin()?;
+            stowage_blob::keys::validate_user_id(&req.user_id)
+                .map_err(|why| invalid_argument("user_id", why))?;
             req.user_id.clone()
         };
         let size = page_size(req.page_size, 100, 1000)?;
@@ -147,8 +164,12 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
                  of 1..=1024 bytes, outside users/",
             ));
         }
-        if req.owner.is_empty() || req.owner.len() > 200 {
-            return Err(invalid_argument("owner", "must be 1..=200 bytes"));
+        if req.owner.is_empty() || req.owner.len() > 200 || req.owner.chars().any(char::is_control)
+        {
+            return Err(invalid_argument(
+                "owner",
+                "must be 1..=200 bytes without control characters",
+            ));
         }
         if !(1..=30 * 24 * 3600).contains(&req.ttl_seconds) {
             return Err(invalid_argument("ttl_seconds", "must be 1..=2592000"));
@@ -175,10 +196,13 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         if keys.is_empty() || keys.len() > 1000 {
             return Err(invalid_argument("storage_keys", "must hold 1..=1000 keys"));
         }
-        if keys.iter().any(|k| k.is_empty() || k.len() > 1024) {
+        if keys
+            .iter()
+            .any(|k| k.is_empty() || k.len() > 1024 || k.chars().any(char::is_control))
+        {
             return Err(invalid_argument(
                 "storage_keys",
-                "each key must be 1..=1024 bytes",
+                "each key must be 1..=1024 bytes without control characters",
             ));
         }
         let acknowledged = self.lifecycle.ack_ephemeral(&keys).await?;
@@ -201,6 +225,14 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         };
         if at > Utc::now() + chrono::Duration::minutes(5) {
             return Err(invalid_argument("at", "is in the future"));
+        }
+        // A user's last activity set years back would make them inactive at once (notices,
+        // their files trashed under that policy).
+        if at < Utc::now() - chrono::Duration::days(MAX_ACTIVITY_AGE_DAYS) {
+            return Err(invalid_argument(
+                "at",
+                format!("is more than {MAX_ACTIVITY_AGE_DAYS} days ago"),
+            ));
         }
         stowage_runtime::validate::idempotency_key(&req.idempotency_key)
             .map_err(|why| invalid_argument("idempotency_key", why))?;
@@ -232,6 +264,7 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
     ) -> Result<Response<pb::SetScheduleResponse>, Status> {
         identity(&request)?.require_admin()?;
         let req = request.into_inner();
+        check_name("name", &req.name)?;
         let queue = self.lifecycle.queue();
         let known = |e: stowage_jobs::Error| match e {
             stowage_jobs::Error::ScheduleNotFound(_) => {
@@ -272,6 +305,7 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
     ) -> Result<Response<pb::RunNowResponse>, Status> {
         identity(&request)?.require_admin()?;
         let req = request.into_inner();
+        check_name("name", &req.name)?;
         let run = self.lifecycle.execute(&req.name, req.dry_run).await?;
         Ok(Response::new(pb::RunNowResponse {
             run: Some(run_to_proto(&run)),
@@ -284,6 +318,7 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         identity(&request)?.require_admin()?;
         let req = request.into_inner();
+        check_name("name", &req.name)?;
         let size = page_size(req.page_size, 100, 1000)?;
         let fingerprint = paging::fingerprint(&("runs", &req.name));
         let before: Option<(DateTime<Utc>, Uuid)> = paging::decode(&req.page_token, &fingerprint)?;

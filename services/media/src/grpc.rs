@@ -418,13 +418,10 @@ impl media_server::Media for MediaGrpc {
         request: Request<pb::RescanRequest>,
     ) -> Result<Response<pb::RescanResponse>, Status> {
         identity(&request)?.require_admin()?;
-        let uploaded_after = match &request.get_ref().uploaded_after {
-            None => None,
-            Some(at) => Some(
-                stowage_runtime::time::from_timestamp(at)
-                    .ok_or_else(|| Error::invalid("uploaded_after", "not a valid time"))?,
-            ),
-        };
+        let uploaded_after = stowage_runtime::status::parse_time(
+            "uploaded_after",
+            request.get_ref().uploaded_after.as_ref(),
+        )?;
         let files = self.media.mark_for_rescan(uploaded_after).await?;
         tracing::info!(files, ?uploaded_after, "re-scan asked for");
         Ok(Response::new(pb::RescanResponse { files }))

@@ -150,6 +150,12 @@ const MAX_STATUS_REASON: usize = 1024;
 /// `reason` cut to what Files takes, with an ellipsis when cut (a decoder's message may list a
 /// whole header).
 fn status_reason(reason: String) -> String {
+    // A tool's message may hold anything; Files takes no NUL.
+    let reason = if reason.contains('\0') {
+        reason.replace('\0', "")
+    } else {
+        reason
+    };
     if reason.chars().count() <= MAX_STATUS_REASON {
         return reason;
     }

@@ -477,8 +477,11 @@ impl Quota {
     ) -> Result<Account> {
         check_user("user_id", user_id)?;
         check_ledger_key(idempotency_key)?;
-        if reason.chars().count() > 255 {
-            return Err(Error::invalid("reason", "must be at most 255 characters"));
+        if reason.chars().count() > 255 || reason.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "reason",
+                "must be at most 255 characters without control characters",
+            ));
         }
         let amount = to_i64("bytes", bytes)?;
         let mut conn = self.pool.get().await?;
