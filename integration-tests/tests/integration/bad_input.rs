@@ -985,6 +985,78 @@ async fn control_characters_ages_and_names_from_outside_are_refused_by_field() -
     refused(charged, "reason");
     assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 0);
 
+    // A key of a charge is not a recount's: refused, not answered "no drift".
+    let mut quota = stowage_integration_tests::quota(mesh.channel());
+    quota
+        .charge(authed(
+            pb::ChargeRequest {
+                user_id: "alice".into(),
+                bytes: 10,
+                idempotency_key: "charge-2".into(),
+                reason: "thumbnails".into(),
+            },
+            &service,
+        ))
+        .await?;
+    let reconciled = quota
+        .reconcile(authed(
+            pb::ReconcileRequest {
+                user_id: "alice".into(),
+                actual_bytes: 0,
+                idempotency_key: "charge-2".into(),
+                expected_used_bytes: None,
+            },
+            &service,
+        ))
+        .await
+        .map(drop);
+    refused(reconciled, "idempotency_key");
+    assert_eq!(usage(mesh.channel(), &alice).await?.used_bytes, 10);
+
+    // Sizes whose sums PostgreSQL could not hold, and dimensions past what is stored.
+    let file =
+        stowage_integration_tests::upload(mesh.channel(), &alice, "a.bin", b"abc", &[]).await?;
+    let media = token("media", &["service"]);
+    let variants = |variant: pb::Variant, width: u32| pb::SetVariantsRequest {
+        file_id: file.id.clone(),
+        variants: vec![variant],
+        width,
+        ..Default::default()
+    };
+    let huge = pb::Variant {
+        name: "thumb".into(),
+        mime_type: "image/webp".into(),
+        size_bytes: 1 << 62,
+        storage_key: format!("users/alice/variants/2026/12/{}_thumb.webp", file.id),
+        ..Default::default()
+    };
+    let set = files()
+        .set_variants(authed(variants(huge.clone(), 0), &media))
+        .await
+        .map(drop);
+    refused(set, "variants.size_bytes");
+    let fine = pb::Variant {
+        size_bytes: 10,
+        ..huge
+    };
+    let set = files()
+        .set_variants(authed(variants(fine, 3_000_000_000), &media))
+        .await
+        .map(drop);
+    refused(set, "width");
+    let stored = files()
+        .get_file(authed(
+            pb::GetFileRequest {
+                file_id: file.id.clone(),
+            },
+            &alice,
+        ))
+        .await?
+        .into_inner()
+        .file
+        .unwrap_or_default();
+    assert!(stored.variants.is_empty(), "{stored:?}");
+
     let swept = ingest()
         .sweep_staging(authed(
             pb::SweepStagingRequest {

@@ -159,6 +159,11 @@ pub struct Catalog {
     downloads: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
+/// Most bytes one file (or one of its variants) may hold: a pebibyte. Sizes come from
+/// services, but sums of them must stay within PostgreSQL's bigint (a storage total, a file's
+/// variants), which sizes near `i64::MAX` would overflow.
+pub const MAX_FILE_BYTES: u64 = 1 << 50;
+
 /// Downloads announce activity at most this often per owner (per process).
 const DOWNLOAD_EVENT_EVERY: Duration = Duration::from_secs(60);
 /// Owners remembered for that; the memory is dropped past it.
@@ -312,6 +317,12 @@ impl Catalog {
     /// Records a new file and its `file.created` event. A retry with the same idempotency
     /// key returns the file recorded the first time.
     pub async fn register(&self, new: NewFile) -> Result<FileRecord> {
+        if new.size_bytes > MAX_FILE_BYTES {
+            return Err(Error::invalid(
+                "size_bytes",
+                format!("is beyond the {MAX_FILE_BYTES} bytes a file may hold"),
+            ));
+        }
         let size = i64::try_from(new.size_bytes)
             .map_err(|_| Error::invalid("size_bytes", "is too large"))?;
         // While a scanner is configured nothing is ready before its scan, whatever the

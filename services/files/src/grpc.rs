@@ -536,6 +536,14 @@ impl files_server::Files for FilesGrpc {
             ));
         }
         validate::label(&req.codec).map_err(|why| invalid_argument("codec", why))?;
+        for (field, value) in [("width", req.width), ("height", req.height)] {
+            if i32::try_from(value).is_err() {
+                return Err(invalid_argument(field, "must be at most 2147483647"));
+            }
+        }
+        if i64::try_from(req.duration_ms).is_err() {
+            return Err(invalid_argument("duration_ms", "is too large"));
+        }
         let variants: Vec<VariantRecord> = req
             .variants
             .into_iter()
@@ -556,10 +564,16 @@ impl files_server::Files for FilesGrpc {
                         format!("must be at most {MAX_KEY_BYTES} bytes without control characters"),
                     ));
                 }
-                if i64::try_from(v.size_bytes).is_err() {
+                if v.size_bytes > crate::catalog::MAX_FILE_BYTES {
                     return Err(invalid_argument(
                         "variants.size_bytes",
                         "is beyond what a file can hold",
+                    ));
+                }
+                if i32::try_from(v.width).is_err() || i32::try_from(v.height).is_err() {
+                    return Err(invalid_argument(
+                        "variants.width",
+                        "width and height must be at most 2147483647",
                     ));
                 }
                 // Downloads send `size_bytes` as the length of what they serve: the bytes

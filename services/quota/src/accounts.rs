@@ -646,11 +646,18 @@ impl Quota {
         // expected usage is compared: the repair itself moved it).
         let done = tx
             .query_opt_cached(
-                "SELECT 1 FROM quota.ledger WHERE user_id = $1 AND idempotency_key = $2",
+                "SELECT kind FROM quota.ledger WHERE user_id = $1 AND idempotency_key = $2",
                 &[&user_id, &idempotency_key],
             )
             .await?;
-        if done.is_some() {
+        if let Some(done) = done {
+            let kind: &str = done.get(0);
+            if kind != "reconcile" {
+                return Err(Error::invalid(
+                    "idempotency_key",
+                    format!("was used by a {kind}, not a recount"),
+                ));
+            }
             tx.commit().await?;
             return Ok((0, Account::from_row(&row)));
         }
