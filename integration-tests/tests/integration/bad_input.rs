@@ -917,7 +917,7 @@ async fn content_of_a_type_not_taken_is_refused_through_every_door() -> anyhow::
 
 /// Fields found unchecked by a review of every handler: each refused by name (before, a NUL
 /// reached PostgreSQL and came back INTERNAL, an age of 10^13 s panicked a sweep, a login in
-/// year 1 made its user inactive at once), and nothing recorded for them.
+/// 1970 made its user inactive at once), and nothing recorded for them.
 #[tokio::test]
 async fn control_characters_ages_and_names_from_outside_are_refused_by_field() -> anyhow::Result<()>
 {
@@ -1080,10 +1080,8 @@ async fn control_characters_ages_and_names_from_outside_are_refused_by_field() -
         .map(drop);
     refused(swept, "idle_seconds");
 
-    let long_ago = prost_types::Timestamp {
-        seconds: -62_135_596_800, // 0001-01-01
-        nanos: 0,
-    };
+    // A time left at zero (1970).
+    let long_ago = prost_types::Timestamp::default();
     let recorded = lifecycle()
         .record_activity(authed(
             pb::RecordActivityRequest {

@@ -2916,3 +2916,78 @@ async fn stray_event_screenshots_go_with_the_staging_cleanup() -> anyhow::Result
     assert_eq!(served.data, shot);
     mesh.stop().await
 }
+
+/// Trashing every file of an owner (the inactivity policy's last step) goes a thousand files
+/// per transaction: 2,500 files are all trashed, each announced once, in three transactions.
+#[tokio::test]
+async fn trashing_all_of_an_owners_files_goes_a_thousand_per_transaction() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let service = token("stowage-internal", &["service"]);
+    let registered: Vec<anyhow::Result<()>> = futures::stream::iter(0..2500)
+        .map(|_| {
+            let mut files = stowage_integration_tests::files(mesh.channel());
+            let service = service.clone();
+            async move {
+                let id = uuid::Uuid::new_v4();
+                files
+                    .register_file(authed(
+                        pb::RegisterFileRequest {
+                            owner_id: "carol".into(),
+                            file_id: id.to_string(),
+                            display_name: format!("{id}.txt"),
+                            kind: pb::FileKind::Document as i32,
+                            mime_type: "text/plain".into(),
+                            size_bytes: 1,
+                            sha256: "00".repeat(32),
+                            storage_key: format!("users/carol/document/2026/12/{id}.txt"),
+                            status: pb::FileStatus::Ready as i32,
+                            idempotency_key: id.to_string(),
+                            ..Default::default()
+                        },
+                        &service,
+                    ))
+                    .await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    registered
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()?;
+    let trashed = stowage_integration_tests::files(mesh.channel())
+        .trash_owner_files(authed(
+            pb::TrashOwnerFilesRequest {
+                owner_id: "carol".into(),
+                ..Default::default()
+            },
+            &service,
+        ))
+        .await?
+        .into_inner()
+        .trashed;
+    assert_eq!(trashed, 2500);
+    let pool = stowage_db::connect(&setup.database_url, 1)?;
+    let conn = pool.get().await?;
+    // Each transaction stamps its files with its own start time (now()).
+    let row = conn
+        .query_one(
+            "SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(DISTINCT deleted_at)
+             FROM files.files WHERE owner_id = 'carol'",
+            &[],
+        )
+        .await?;
+    let (left, transactions): (i64, i64) = (row.get(0), row.get(1));
+    let events: i64 = conn
+        .query_one(
+            "SELECT count(DISTINCT key) FROM files.outbox WHERE topic = 'file.deleted'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!((left, events, transactions), (0, 2500, 3));
+    mesh.stop().await
+}

@@ -159,6 +159,9 @@ pub struct Catalog {
     downloads: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
+/// Files [`Catalog::trash_all`] moves per transaction.
+const TRASH_BATCH: i64 = 1000;
+
 /// Most bytes one file (or one of its variants) may hold: a pebibyte. Sizes come from
 /// services, but sums of them must stay within PostgreSQL's bigint (a storage total, a file's
 /// variants), which sizes near `i64::MAX` would overflow.
@@ -550,33 +553,43 @@ impl Catalog {
         self.set_trashed(id, owner, true).await
     }
 
-    /// Moves every live file of `owner` to trash, each with its `file.deleted` event, in one
-    /// transaction; returns how many.
+    /// Moves every live file of `owner` created before `created_before` (or before this call)
+    /// to trash, each with its `file.deleted` event, a thousand per transaction (an owner of a
+    /// million files is not one transaction); returns how many.
     pub async fn trash_all(
         &self,
         owner: &str,
         created_before: Option<DateTime<Utc>>,
     ) -> Result<u64> {
+        let before = created_before.unwrap_or_else(Utc::now);
         let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await?;
-        let rows = tx
-            .query_cached(
-                concat!(
-                    "UPDATE files.files SET deleted_at = now(), updated_at = now()
-                 WHERE owner_id = $1 AND deleted_at IS NULL AND status <> 'quarantined'
-                   AND ($2::timestamptz IS NULL OR created_at < $2)
-                 RETURNING ",
-                    file_columns!()
-                ),
-                &[&owner, &created_before],
-            )
-            .await?;
-        for row in &rows {
-            let file = FileRecord::from_row(row);
-            outbox(&tx, "file.deleted", &file, json!({ "by": BY_SYSTEM })).await?;
+        let mut trashed = 0;
+        loop {
+            let tx = conn.transaction().await?;
+            let rows = tx
+                .query_cached(
+                    concat!(
+                        "UPDATE files.files SET deleted_at = now(), updated_at = now()
+                     WHERE id IN (SELECT id FROM files.files
+                                  WHERE owner_id = $1 AND deleted_at IS NULL
+                                    AND status <> 'quarantined' AND created_at < $2
+                                  LIMIT $3 FOR UPDATE)
+                     RETURNING ",
+                        file_columns!()
+                    ),
+                    &[&owner, &before, &TRASH_BATCH],
+                )
+                .await?;
+            for row in &rows {
+                let file = FileRecord::from_row(row);
+                outbox(&tx, "file.deleted", &file, json!({ "by": BY_SYSTEM })).await?;
+            }
+            tx.commit().await?;
+            trashed += rows.len() as u64;
+            if (rows.len() as i64) < TRASH_BATCH {
+                return Ok(trashed);
+            }
         }
-        tx.commit().await?;
-        Ok(rows.len() as u64)
     }
 
     /// Brings a file back from trash (a second call changes nothing).

@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use crate::{HistoryEvent, Lifecycle, Policy, RunRecord};
 
-/// Oldest activity RecordActivity takes, in days.
-const MAX_ACTIVITY_AGE_DAYS: i64 = 30;
+/// Earliest activity RecordActivity takes: 2000-01-01.
+const EARLIEST_ACTIVITY: DateTime<Utc> = DateTime::from_timestamp_nanos(946_684_800_000_000_000);
 
 /// A task or schedule name as a caller gives it: short and printable (it is echoed in
 /// errors), else refused by `field` before any lookup.
@@ -226,12 +226,13 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         if at > Utc::now() + chrono::Duration::minutes(5) {
             return Err(invalid_argument("at", "is in the future"));
         }
-        // A user's last activity set years back would make them inactive at once (notices,
-        // their files trashed under that policy).
-        if at < Utc::now() - chrono::Duration::days(MAX_ACTIVITY_AGE_DAYS) {
+        // A zero time (1970) or year 1 would make a user without activity inactive at once
+        // (notices, their files trashed under that policy). Activity imported from an older
+        // system may be years old, so only times before any such system are refused.
+        if at < EARLIEST_ACTIVITY {
             return Err(invalid_argument(
                 "at",
-                format!("is more than {MAX_ACTIVITY_AGE_DAYS} days ago"),
+                "is before 2000 (a time left unset?)",
             ));
         }
         stowage_runtime::validate::idempotency_key(&req.idempotency_key)
