@@ -627,6 +627,10 @@ impl Banner {
         println!("  data:         {}", self.data);
         println!("  dev token (user \"dev\", 30 days):");
         println!("    export STOWAGE_TOKEN={}", self.token);
+        // Client commands go to 127.0.0.1:7070 unless told otherwise.
+        if self.addr.to_string() != "127.0.0.1:7070" {
+            println!("    export STOWAGE_ENDPOINT=http://{}", self.addr);
+        }
         println!("  try: stowage upload ./some-file && stowage ls && stowage usage");
     }
 }

@@ -30,18 +30,34 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `addr` (`http://host:port`) with `token`.
+    /// Connects to `addr` (`http://host:port`, or `https://host` through a TLS front such as
+    /// an ingress, verified against the system's roots or `SSL_CERT_FILE`) with `token`.
     pub async fn connect(addr: &str, token: &str) -> anyhow::Result<Self> {
         let addr = if addr.contains("://") {
             addr.to_owned()
         } else {
             format!("http://{addr}")
         };
-        let channel = tonic::transport::Endpoint::from_shared(addr.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach Stowage at {addr}"))?;
+        let mut endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
+            .with_context(|| format!("{addr} is not an address (http://host:port)"))?
+            .connect_timeout(Duration::from_secs(5));
+        if addr.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+                .context("TLS settings")?;
+        } else if !addr.starts_with("http://") {
+            bail!("{addr}: give an http:// or https:// address");
+        }
+        let channel = endpoint.connect().await.map_err(|e| {
+            // The cause (a certificate refused, a connection refused) is what a user acts on.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                why = format!("{why}: {cause}");
+                source = cause.source();
+            }
+            anyhow::anyhow!("cannot reach Stowage at {addr} ({why})")
+        })?;
         let scope = format!("{addr}\0{}", token_subject(token));
         let token = MetadataValue::try_from(format!("Bearer {token}"))
             .context("STOWAGE_TOKEN is not a valid token")?;

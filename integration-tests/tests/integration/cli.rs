@@ -823,3 +823,77 @@ async fn token_signs_with_the_configured_secret() -> anyhow::Result<()> {
     assert_eq!(usage.used_bytes, 0);
     mesh.stop().await
 }
+
+/// A TLS front (as an ingress is) before `backend`, with a certificate for `localhost` signed
+/// by a CA made here; returns its port and the CA's PEM.
+async fn tls_front(backend: std::net::SocketAddr) -> anyhow::Result<(u16, String)> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let cert =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &issuer)?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert.pem().as_bytes())?],
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut back) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+            });
+        }
+    });
+    Ok((port, ca.pem()))
+}
+
+/// The CLI reaches Stowage through a TLS front (`https://`), checking its certificate against
+/// the system's roots or `SSL_CERT_FILE`: a front whose certificate chains to no root it
+/// trusts is refused, saying so.
+#[tokio::test]
+async fn the_cli_speaks_tls_to_a_front_it_trusts_only() -> anyhow::Result<()> {
+    let setup = Setup::new().await?;
+    let mesh = Mesh::start(&setup).await?;
+    let alice = token("alice", &[]);
+    let file = upload(mesh.channel(), &alice, "report.pdf", b"%PDF-1.4 words", &[]).await?;
+    let (port, ca) = tls_front(mesh.addr).await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("ca.pem"), ca)?;
+    let ls = |roots: &str| {
+        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+        cmd.args(["ls", "--addr", &format!("https://localhost:{port}")])
+            .env("STOWAGE_TOKEN", &alice)
+            .env("SSL_CERT_FILE", dir.path().join(roots))
+            .kill_on_drop(true);
+        async move { cmd.output().await }
+    };
+    let listed = ls("ca.pem").await?;
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&file.id),
+        "{listed:?}"
+    );
+    // Roots without the front's CA (the system's own here stand for any other).
+    std::fs::write(dir.path().join("other.pem"), tls_front(mesh.addr).await?.1)?;
+    let refused = ls("other.pem").await?;
+    assert!(!refused.status.success(), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("certificate"), "{said}");
+    mesh.stop().await
+}

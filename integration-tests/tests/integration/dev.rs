@@ -42,6 +42,13 @@ async fn stowage_dev_runs_everything_and_the_printed_token_works() -> anyhow::Re
     .await??;
     let text = banner.join("\n");
     assert!(text.contains(&format!("http://{addr}")), "{text}");
+    // Not the address client commands take by default: the banner says how to point them.
+    let endpoint = lines.next_line().await?.unwrap_or_default();
+    assert_eq!(
+        endpoint.trim(),
+        format!("export STOWAGE_ENDPOINT=http://{addr}"),
+        "{text}"
+    );
     assert!(
         text.contains("object store: file://") && text.contains("/data/blobs"),
         "{text}"
