@@ -343,29 +343,31 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = endpoint.client().await?;
             // Several files: those a failed run finished are not stored again when the same
-            // command is run again.
+            // command is run again (unless they are gone from the server since).
             let mut run = if paths.len() > 1 {
-                Some(crate::client::UploadRun::open(&client, &paths)?)
+                Some(crate::client::UploadRun::open(&client, &paths, &tag)?)
             } else {
                 None
             };
             for (index, path) in paths.iter().enumerate() {
-                if let Some(line) = run.as_ref().and_then(|r| r.finished(index)) {
-                    eprintln!("{} was uploaded by the run before", path.display());
+                let earlier = run
+                    .as_ref()
+                    .and_then(|r| r.finished(index))
+                    .map(|(id, line)| (id.to_owned(), line.to_owned()));
+                if let Some((id, line)) = earlier
+                    && client.still_stored(&id).await?
+                {
+                    eprintln!("{} was uploaded already, as {id}", path.display());
                     println!("{line}");
                     continue;
                 }
-                let file = client.upload(path, &tag, false).await?;
-                let line = format!(
-                    "{}  {}  {}",
-                    file.id,
-                    crate::client::human(file.size_bytes),
-                    file.display_name
-                );
-                println!("{line}");
-                if let Some(run) = run.as_mut() {
-                    run.record(index, &line)?;
-                }
+                let file = client
+                    .upload_then(path, &tag, false, |file| match run.as_mut() {
+                        Some(run) => run.record(index, file, &crate::client::file_line(file)),
+                        None => Ok(()),
+                    })
+                    .await?;
+                println!("{}", crate::client::file_line(&file));
             }
             if let Some(run) = run {
                 run.finish();

@@ -93,6 +93,19 @@ impl Client {
         tags: &[String],
         quiet: bool,
     ) -> anyhow::Result<pb::File> {
+        self.upload_then(path, tags, quiet, |_| Ok(())).await
+    }
+
+    /// [`Self::upload`], with `done` told of the file before the upload's resume state goes:
+    /// a run over several files records it there, so that no moment is left where neither
+    /// says the file is uploaded.
+    pub async fn upload_then(
+        &self,
+        path: &Path,
+        tags: &[String],
+        quiet: bool,
+        done: impl FnOnce(&pb::File) -> anyhow::Result<()>,
+    ) -> anyhow::Result<pb::File> {
         let file = tokio::fs::File::open(path)
             .await
             .with_context(|| format!("cannot open {}", path.display()))?;
@@ -318,8 +331,24 @@ impl Client {
             Err(s) => return Err(status(s)),
         };
         bar.finish();
+        done(&file)?;
         let _ = std::fs::remove_file(&state);
         Ok(file)
+    }
+
+    /// Whether `file_id` is still one of the caller's files, out of the trash.
+    pub async fn still_stored(&self, file_id: &str) -> anyhow::Result<bool> {
+        match self
+            .files()
+            .get_file(self.request(pb::GetFileRequest {
+                file_id: file_id.to_owned(),
+            }))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().file.is_some_and(|f| f.deleted_at.is_none())),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(status(s)),
+        }
     }
 
     /// Follows the sealed batches of the caller's event streams (`streams`, or all of them)
@@ -745,17 +774,30 @@ fn state_dir() -> anyhow::Result<PathBuf> {
 /// What a run of `stowage upload` over several files finished, kept until the whole run
 /// succeeds: a file's own resume state goes with its completion, so the same command run
 /// again after a failure would otherwise store the files done before a second time. One
-/// record per set of files (as they are now), server and user, under
-/// `$XDG_STATE_HOME/stowage/runs`; each line is a file's identity and what was printed for it.
+/// record per set of files (as they are now), tags, server and user, under
+/// `$XDG_STATE_HOME/stowage/runs`, for as long as a session lives (a day); each line is a
+/// file's identity, the id it was stored under and what was printed for it.
 pub struct UploadRun {
     state: PathBuf,
-    done: Vec<(String, String)>,
+    done: Vec<Finished>,
     identities: Vec<String>,
 }
 
+/// A file an earlier run finished.
+#[derive(Clone)]
+struct Finished {
+    identity: String,
+    file_id: String,
+    line: String,
+}
+
+/// How long a run's record is taken to describe the same run: a session's life.
+const RUN_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
+
 impl UploadRun {
-    /// The record of uploading `paths`, with what an earlier run of the same files finished.
-    pub fn open(client: &Client, paths: &[PathBuf]) -> anyhow::Result<Self> {
+    /// The record of uploading `paths` with `tags`, with what an earlier run of the same
+    /// files finished.
+    pub fn open(client: &Client, paths: &[PathBuf], tags: &[String]) -> anyhow::Result<Self> {
         let identities = paths
             .iter()
             .map(|path| {
@@ -764,14 +806,33 @@ impl UploadRun {
                 upload_identity(path, &meta, &client.scope)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let run = hex::encode(Sha256::digest(identities.join("\n")));
+        let run = hex::encode(Sha256::digest(format!(
+            "{}\0{}",
+            identities.join("\n"),
+            tags.join("\n")
+        )));
         let state = state_dir()?.join("runs").join(&run[..32]);
-        let done = std::fs::read_to_string(&state)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .map(|(id, line)| (id.to_owned(), line.to_owned()))
-            .collect();
+        let fresh = std::fs::metadata(&state)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|age| age < RUN_RECORD_TTL);
+        let done = if fresh {
+            std::fs::read_to_string(&state)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let mut fields = l.splitn(3, '\t');
+                    Some(Finished {
+                        identity: fields.next()?.to_owned(),
+                        file_id: fields.next()?.to_owned(),
+                        line: fields.next()?.to_owned(),
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             state,
             done,
@@ -779,24 +840,28 @@ impl UploadRun {
         })
     }
 
-    /// What was printed for the `index`th file when an earlier run uploaded it.
-    pub fn finished(&self, index: usize) -> Option<&str> {
+    /// The id and the printed line of the `index`th file, when an earlier run uploaded it.
+    pub fn finished(&self, index: usize) -> Option<(&str, &str)> {
         let identity = self.identities.get(index)?;
         self.done
             .iter()
-            .find(|(id, _)| id == identity)
-            .map(|(_, line)| line.as_str())
+            .find(|f| &f.identity == identity)
+            .map(|f| (f.file_id.as_str(), f.line.as_str()))
     }
 
-    /// Records that the `index`th file is uploaded, with what was printed for it.
-    pub fn record(&mut self, index: usize, line: &str) -> anyhow::Result<()> {
+    /// Records that the `index`th file is uploaded as `file`, printed as `line`.
+    pub fn record(&mut self, index: usize, file: &pb::File, line: &str) -> anyhow::Result<()> {
         let identity = self.identities.get(index).context("no such file")?;
-        self.done
-            .push((identity.clone(), line.replace(['\t', '\n'], " ")));
+        self.done.retain(|f| &f.identity != identity);
+        self.done.push(Finished {
+            identity: identity.clone(),
+            file_id: file.id.clone(),
+            line: line.replace(['\t', '\n'], " "),
+        });
         let text: String = self
             .done
             .iter()
-            .map(|(id, line)| format!("{id}\t{line}\n"))
+            .map(|f| format!("{}\t{}\t{}\n", f.identity, f.file_id, f.line))
             .collect();
         remember(&self.state, &text)
     }
@@ -806,6 +871,16 @@ impl UploadRun {
     pub fn finish(self) {
         let _ = std::fs::remove_file(&self.state);
     }
+}
+
+/// The line `stowage upload` prints for `file`.
+pub fn file_line(file: &pb::File) -> String {
+    format!(
+        "{}  {}  {}",
+        file.id,
+        human(file.size_bytes),
+        file.display_name
+    )
 }
 
 /// Times an upload waits for a session another (gone) writer still holds, 0.2 s longer each.

@@ -783,31 +783,31 @@ fn start_media(
         HashMap::from([(stowage_media::PROCESS_JOB.to_owned(), handler)]),
     );
     background.spawn("media-worker", worker.run(background.shutdown().clone()));
-    // Re-scans in a worker of their own, one at a time: a wave of them after a signature
-    // update never holds new uploads back, nor takes all of clamd.
-    let rescans = media.rescan_handler();
-    let rescan_queue = Queue::new(
-        pool.clone(),
-        database_url,
-        stowage_media::SCHEMA,
-        QueueConfig {
-            concurrency: 1,
-            ..queue.config().clone()
-        },
-    )
-    .context("STOWAGE_MEDIA__*: bad queue settings")?;
-    let rescan_worker = Worker::new(
-        rescan_queue,
-        HashMap::from([
-            (rescan::RESCAN_CHECK_JOB.to_owned(), rescans.clone()),
-            (rescan::RESCAN_JOB.to_owned(), rescans),
-        ]),
-    );
-    background.spawn(
-        "media-rescan-worker",
-        rescan_worker.run(background.shutdown().clone()),
-    );
     if media.rescans_on() {
+        // Re-scans in a worker of their own, one at a time: a wave of them after a signature
+        // update never holds new uploads back, nor takes all of clamd.
+        let rescans = media.rescan_handler();
+        let rescan_queue = Queue::new(
+            pool.clone(),
+            database_url,
+            stowage_media::SCHEMA,
+            QueueConfig {
+                concurrency: 1,
+                ..queue.config().clone()
+            },
+        )
+        .context("STOWAGE_MEDIA__*: bad queue settings")?;
+        let rescan_worker = Worker::new(
+            rescan_queue,
+            HashMap::from([
+                (rescan::RESCAN_CHECK_JOB.to_owned(), rescans.clone()),
+                (rescan::RESCAN_JOB.to_owned(), rescans),
+            ]),
+        );
+        background.spawn(
+            "media-rescan-worker",
+            rescan_worker.run(background.shutdown().clone()),
+        );
         // Shown from the start: an alert on their increase sees the first one.
         metrics::counter!("stowage_media_rescans_queued_total").increment(0);
         metrics::counter!("stowage_media_rescans_found_total").increment(0);

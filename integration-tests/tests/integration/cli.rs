@@ -228,7 +228,7 @@ async fn several_files_run_again_after_a_failure_are_each_stored_once() -> anyho
     let second = run().await?;
     assert!(second.status.success(), "{second:?}");
     assert!(
-        String::from_utf8_lossy(&second.stderr).contains("a.bin was uploaded by the run before"),
+        String::from_utf8_lossy(&second.stderr).contains("a.bin was uploaded already"),
         "{second:?}"
     );
     let lines: Vec<String> = String::from_utf8(second.stdout)?
@@ -258,6 +258,42 @@ async fn several_files_run_again_after_a_failure_are_each_stored_once() -> anyho
         0,
         "the run's record goes once it succeeded"
     );
+
+    // A file the failed run finished and the user deleted since is uploaded again.
+    limit(400_000).await?;
+    std::fs::write(dir.path().join("d.bin"), random_bytes(1_000))?;
+    std::fs::write(dir.path().join("e.bin"), random_bytes(300_000))?;
+    let again = || {
+        let mut cmd = tokio::process::Command::new(binary().expect("binary"));
+        cmd.args(["upload", "--addr", &format!("http://{}", mesh.addr)])
+            .args(["d.bin", "e.bin"].map(|name| dir.path().join(name)))
+            .env("STOWAGE_TOKEN", &alice)
+            .env("XDG_STATE_HOME", &state)
+            .kill_on_drop(true);
+        async move { cmd.output().await }
+    };
+    let failed = again().await?;
+    assert!(!failed.status.success(), "{failed:?}");
+    let first_d = String::from_utf8(failed.stdout)?;
+    let first_d = first_d
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    stowage_integration_tests::files(mesh.channel())
+        .delete_file(authed(
+            pb::DeleteFileRequest {
+                file_id: first_d.clone(),
+            },
+            &alice,
+        ))
+        .await?;
+    limit(1_000_000).await?;
+    let done = again().await?;
+    assert!(done.status.success(), "{done:?}");
+    let printed = String::from_utf8(done.stdout)?;
+    assert_eq!(printed.lines().count(), 2, "{printed}");
+    assert!(!printed.contains(&first_d), "d.bin stored anew: {printed}");
     mesh.stop().await
 }
 
@@ -889,7 +925,7 @@ async fn the_cli_speaks_tls_to_a_front_it_trusts_only() -> anyhow::Result<()> {
         String::from_utf8_lossy(&listed.stdout).contains(&file.id),
         "{listed:?}"
     );
-    // Roots without the front's CA (the system's own here stand for any other).
+    // Roots without the front's CA: another CA's.
     std::fs::write(dir.path().join("other.pem"), tls_front(mesh.addr).await?.1)?;
     let refused = ls("other.pem").await?;
     assert!(!refused.status.success(), "{refused:?}");

@@ -726,8 +726,8 @@ async fn files_that_scanned_clean_are_scanned_again_when_signatures_change() -> 
         .await?
         .execute(
             "INSERT INTO media.scans (file_id, uploaded_at, scanner, signatures)
-             VALUES ($1::text::uuid, now(), 'ClamAV 1.4.6', NULL)",
-            &[&dropper.id],
+             VALUES ($1::text::uuid, now(), 'ClamAV 1.4.6', $2)",
+            &[&dropper.id, &(first + 1)],
         )
         .await?;
     let notes_before = recorded_scan(&pool, &notes.id).await?.expect("recorded").2;

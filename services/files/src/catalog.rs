@@ -561,8 +561,12 @@ impl Catalog {
         owner: &str,
         created_before: Option<DateTime<Utc>>,
     ) -> Result<u64> {
-        let before = created_before.unwrap_or_else(Utc::now);
         let mut conn = self.pool.get().await?;
+        // The database's clock, which stamps `created_at`.
+        let before: DateTime<Utc> = match created_before {
+            Some(before) => before,
+            None => conn.query_one_cached("SELECT now()", &[]).await?.get(0),
+        };
         let mut trashed = 0;
         loop {
             let tx = conn.transaction().await?;

@@ -155,13 +155,14 @@ impl lifecycle_server::Lifecycle for LifecycleGrpc {
         if !plain
             || req.storage_key.is_empty()
             || req.storage_key.len() > 1024
+            || req.storage_key.chars().any(char::is_control)
             || req.storage_key == "users"
             || req.storage_key.starts_with("users/")
         {
             return Err(invalid_argument(
                 "storage_key",
                 "must be a plain store key (no empty, . or .. segments, no leading or trailing /) \
-                 of 1..=1024 bytes, outside users/",
+                 of 1..=1024 bytes without control characters, outside users/",
             ));
         }
         if req.owner.is_empty() || req.owner.len() > 200 || req.owner.chars().any(char::is_control)

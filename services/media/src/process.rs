@@ -417,12 +417,21 @@ impl Media {
         file: &pb::File,
         started: tokio::time::Instant,
     ) -> Result<Scanned, JobError> {
-        let began = Utc::now();
-        let version = if self.settings.rescan_window.is_zero() {
-            String::new()
+        let (began, version) = if self.settings.rescan_window.is_zero() {
+            (Utc::now(), String::new())
         } else {
+            // The database's clock, which an admin's request for a re-scan is stamped with.
+            let began: DateTime<Utc> = self
+                .pool
+                .get()
+                .await
+                .map_err(JobError::retry)?
+                .query_one_cached("SELECT now()", &[])
+                .await
+                .map_err(JobError::retry)?
+                .get(0);
             match scanner.version().await {
-                Ok(version) => version,
+                Ok(version) => (began, version),
                 Err(error) => {
                     metrics::counter!("stowage_media_scan_unavailable_total").increment(1);
                     return Err(JobError::retry(error));
@@ -457,7 +466,10 @@ impl Media {
         file_id: Uuid,
         scanned: &Scanned,
     ) -> Result<(), JobError> {
-        if self.settings.rescan_window.is_zero() {
+        let uploaded_at = created_at(file);
+        let window = chrono::Duration::from_std(self.settings.rescan_window).unwrap_or_default();
+        // Off, or uploaded before the window (a file reprocessed long after): not kept.
+        if window.is_zero() || uploaded_at < Utc::now() - window {
             return Ok(());
         }
         self.pool
@@ -468,11 +480,11 @@ impl Media {
                 "INSERT INTO media.scans (file_id, uploaded_at, scanner, signatures)
                  VALUES ($1, $2, $3, $4)
                  ON CONFLICT (file_id) DO UPDATE SET scanner = $3, signatures = $4,
-                     scanned_at = now(), queued_at = NULL,
+                     scanned_at = now(), queued_at = NULL, job_key = NULL,
                      asked_at = CASE WHEN scans.asked_at < $5 THEN NULL ELSE scans.asked_at END",
                 &[
                     &file_id,
-                    &created_at(file),
+                    &uploaded_at,
                     &scanned.scanner,
                     &scanned.signatures,
                     &scanned.began,

@@ -48,9 +48,13 @@ const MAX_QUEUED_PER_CHECK: u64 = 50_000;
 /// Rows of files out of the window deleted per statement.
 const PRUNE_BATCH: i64 = 10_000;
 
-/// A re-scan queued this long ago and not done (its job dead after a long scanner outage,
-/// or lost) is queued again.
+/// A re-scan queued this long ago whose job is over and the file not scanned since (the job
+/// dead after a long scanner outage, or lost) is queued again.
 const STALE_QUEUED: Duration = Duration::from_secs(24 * 3600);
+
+/// Time between two re-scans a check queues: at most ten a second fall due, which one
+/// worker per replica takes one at a time.
+pub const RESCAN_PACE: Duration = Duration::from_millis(100);
 
 impl Media {
     /// Whether re-scans run here: a scanner, and a window.
@@ -66,8 +70,9 @@ impl Media {
     }
 
     /// A check: forgets the scans of files that left the window, then queues a re-scan of
-    /// every file in it scanned with older signatures than clamd reports now, or asked for
-    /// by an admin, newest first. Returns how many it queued.
+    /// every file in it scanned with older signatures than clamd reports now (or with none
+    /// reported), or asked for by an admin, newest first, spread out at [`RESCAN_PACE`].
+    /// Returns how many it queued.
     pub async fn queue_rescans(&self) -> Result<u64, JobError> {
         let Some(scanner) = self.scanner.as_ref().filter(|_| self.rescans_on()) else {
             return Ok(0);
@@ -90,56 +95,71 @@ impl Media {
                 break;
             }
         }
+        // Queued long ago and its job over (dead in a long scanner outage) or gone: again.
         conn.execute_cached(
-            "UPDATE media.scans SET queued_at = NULL WHERE queued_at < $1",
+            "UPDATE media.scans s SET queued_at = NULL, job_key = NULL
+             WHERE queued_at < $1
+               AND NOT EXISTS (SELECT 1 FROM media.jobs j WHERE j.key = s.job_key
+                                 AND j.state IN ('queued', 'running', 'failed'))",
             &[&stale],
         )
         .await
         .map_err(JobError::retry)?;
-        let mut queued = 0;
+        let start = Utc::now();
+        let pace = chrono::Duration::from_std(RESCAN_PACE).unwrap_or_default();
+        let mut queued: u64 = 0;
+        let mut after: Option<(DateTime<Utc>, Uuid)> = None;
         while queued < MAX_QUEUED_PER_CHECK {
             // A page at a time, each in a transaction: the jobs exist exactly when their rows
             // say so, and a check running beside this one takes other rows.
             let tx = conn.transaction().await.map_err(JobError::retry)?;
-            let due: Vec<Uuid> = tx
+            let (after_at, after_id) = after.unwrap_or((Utc::now(), Uuid::max()));
+            let due: Vec<(Uuid, DateTime<Utc>)> = tx
                 .query_cached(
-                    "SELECT file_id FROM media.scans
+                    "SELECT file_id, uploaded_at FROM media.scans
                      WHERE queued_at IS NULL AND uploaded_at >= $1
-                       AND (signatures < $2::bigint OR asked_at IS NOT NULL)
+                       AND (uploaded_at, file_id) < ($4, $5)
+                       AND (coalesce(signatures, -1) < $2::bigint OR asked_at IS NOT NULL)
                      ORDER BY uploaded_at DESC, file_id DESC LIMIT $3
                      FOR UPDATE SKIP LOCKED",
-                    &[&window_start, &current, &CHECK_PAGE],
+                    &[&window_start, &current, &CHECK_PAGE, &after_at, &after_id],
                 )
                 .await
                 .map_err(JobError::retry)?
                 .iter()
-                .map(|row| row.get(0))
+                .map(|row| (row.get(0), row.get(1)))
                 .collect();
-            if due.is_empty() {
+            let Some(&(last_id, last_at)) = due.last() else {
                 break;
-            }
-            let at = Utc::now();
-            for file_id in &due {
+            };
+            after = Some((last_at, last_id));
+            let mut keys = Vec::with_capacity(due.len());
+            let mut ids = Vec::with_capacity(due.len());
+            for (file_id, _) in &due {
                 // One job per queueing: a file queued again (its job dead, an admin's request)
-                // gets a new one.
-                let job = NewJob::new(
-                    RESCAN_JOB,
-                    format!("rescan:{file_id}:{}", at.timestamp_micros()),
-                    serde_json::json!({ "file_id": file_id }),
-                );
+                // gets a new one. Due one after another, so that a wave of them never stands
+                // as a backlog before the worker (and its alert) nor takes clamd whole.
+                let key = format!("rescan:{file_id}:{}", start.timestamp_micros());
+                let mut job =
+                    NewJob::new(RESCAN_JOB, &key, serde_json::json!({ "file_id": file_id }));
+                job.run_at = Some(start + pace * i32::try_from(queued).unwrap_or(i32::MAX));
                 self.queue
                     .enqueue_in(&tx, job)
                     .await
                     .map_err(JobError::retry)?;
+                keys.push(key);
+                ids.push(*file_id);
+                queued += 1;
             }
             tx.execute_cached(
-                "UPDATE media.scans SET queued_at = $2 WHERE file_id = ANY($1)",
-                &[&due, &at],
+                "UPDATE media.scans s SET queued_at = $3, job_key = q.key
+                 FROM unnest($1::uuid[], $2::text[]) AS q(file_id, key)
+                 WHERE s.file_id = q.file_id",
+                &[&ids, &keys, &start],
             )
             .await
             .map_err(JobError::retry)?;
             tx.commit().await.map_err(JobError::retry)?;
-            queued += due.len() as u64;
         }
         if queued > 0 {
             tracing::info!(queued, scanner = %version, "files queued to be scanned again with the scanner's current signatures");
@@ -157,6 +177,29 @@ impl Media {
         let Some(scanner) = &self.scanner else {
             return Ok(());
         };
+        // Still to do? Not for a file scanned since (a second job for it), out of the window
+        // or out of re-scans.
+        let row = self
+            .pool
+            .get()
+            .await
+            .map_err(JobError::retry)?
+            .query_opt_cached(
+                "SELECT signatures, asked_at IS NOT NULL FROM media.scans
+                 WHERE file_id = $1 AND uploaded_at >= $2",
+                &[&file_id, &self.window_start()],
+            )
+            .await
+            .map_err(JobError::retry)?;
+        let Some(row) = row else {
+            return Ok(());
+        };
+        let (signatures, asked): (Option<i64>, bool) = (row.get(0), row.get(1));
+        let current = signature_version(&scanner.version().await.map_err(JobError::retry)?);
+        let older = current.is_some_and(|current| signatures.unwrap_or(-1) < current);
+        if !asked && !older {
+            return Ok(());
+        }
         let file = match self.get_file(file_id).await? {
             Some(file) if self.released(file_id).await?.is_none() => file,
             // Gone, held or released: not scanned again.
@@ -208,7 +251,7 @@ impl Media {
                     .map_err(JobError::retry)?
                     .execute_cached(
                         "UPDATE media.scans SET signatures = greatest(signatures, $2),
-                             queued_at = NULL,
+                             queued_at = NULL, job_key = NULL,
                              asked_at = CASE WHEN asked_at < $3 THEN NULL ELSE asked_at END
                          WHERE file_id = $1",
                         &[&file_id, &scanned.signatures, &scanned.began],
@@ -239,7 +282,8 @@ impl Media {
 
     /// Asks for a re-scan of every file uploaded within the window, or at or after
     /// `uploaded_after` when that is later, whatever scanned it, and queues a check that
-    /// queues them. Returns how many files were marked.
+    /// queues them (a file already queued is scanned by the job it has, which begins after
+    /// this request). Returns how many files were marked.
     pub(crate) async fn mark_for_rescan(
         &self,
         uploaded_after: Option<DateTime<Utc>>,
@@ -259,8 +303,8 @@ impl Media {
         let tx = conn.transaction().await?;
         let marked = tx
             .execute_cached(
-                "UPDATE media.scans SET asked_at = $2, queued_at = NULL WHERE uploaded_at >= $1",
-                &[&since, &Utc::now()],
+                "UPDATE media.scans SET asked_at = now() WHERE uploaded_at >= $1",
+                &[&since],
             )
             .await?;
         self.queue

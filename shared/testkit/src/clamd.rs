@@ -121,7 +121,7 @@ impl LocalClamd {
         self.port
     }
 
-    /// What the daemon answers to `zVERSION` (`ClamAV 1.4.6` with databases of one's own).
+    /// What the daemon answers to `zVERSION` (`ClamAV 1.4.6/27000/Sat Dec  5 00:00:00 2026`).
     pub async fn version(&self) -> anyhow::Result<String> {
         exchange(self.port, b"zVERSION\0").await
     }
@@ -219,7 +219,7 @@ fn hash_signature(name: &str, data: &[u8]) -> String {
 /// builder:time`), then a gzipped tar of the signatures and a `daily.info` that repeats the
 /// header and gives each file's size and SHA-256.
 fn daily_database(version: u64, hdb: &str) -> anyhow::Result<Vec<u8>> {
-    let built = 1_796_457_600; // 2026-12-05 00:00 UTC
+    let built = 1_796_428_800; // 2026-12-05 00:00 UTC
     let count = hdb.lines().count();
     let head = |md5: &str| {
         format!("ClamAV-VDB:05 Dec 2026 00-00 +0000:{version}:{count}:90:{md5}:X:stowage:{built}")
