@@ -1106,14 +1106,17 @@ const MAX_UNFINISHED_RUNS: i32 = 3;
 #[async_trait]
 impl Handler for Media {
     async fn run(&self, job: &Job) -> Result<(), JobError> {
-        let file_id = job
-            .payload
-            .get("file_id")
-            .and_then(serde_json::Value::as_str)
-            .and_then(|s| Uuid::parse_str(s).ok())
-            .ok_or_else(|| JobError::permanent("payload.file_id: missing or not a UUID"))?;
-        self.process(file_id).await
+        self.process(payload_file_id(job)?).await
     }
+}
+
+/// The file a job of Media is about (`payload.file_id`).
+pub(crate) fn payload_file_id(job: &Job) -> Result<Uuid, JobError> {
+    job.payload
+        .get("file_id")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| JobError::permanent("payload.file_id: missing or not a UUID"))
 }
 
 /// Why a run's work on a file stopped short of an outcome.

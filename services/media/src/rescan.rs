@@ -28,7 +28,7 @@ use crate::{
     clamd::{ScanError, Verdict, signature_version},
     error::{Error, Result},
     grpc::delete_outcome,
-    process::retry_status,
+    process::{payload_file_id, retry_status},
 };
 
 /// Name of the schedule that looks for files to scan again.
@@ -335,12 +335,6 @@ impl Handler for Rescans {
         if job.kind == RESCAN_CHECK_JOB {
             return self.0.queue_rescans().await.map(|_| ());
         }
-        let file_id = job
-            .payload
-            .get("file_id")
-            .and_then(serde_json::Value::as_str)
-            .and_then(|s| Uuid::parse_str(s).ok())
-            .ok_or_else(|| JobError::permanent("payload.file_id: missing or not a UUID"))?;
-        self.0.rescan(file_id).await
+        self.0.rescan(payload_file_id(job)?).await
     }
 }
