@@ -466,6 +466,19 @@ async fn files_media_has_no_work_for_are_ready_at_once_without_a_job() -> anyhow
             file.display_name
         );
     }
+    // Nothing was scanned, so there is nothing to scan again: an admin asking is told why.
+    let rescan = stowage_proto::v1::media_client::MediaClient::new(mesh.channel())
+        .rescan(authed(
+            pb::RescanRequest::default(),
+            &token("root", &["admin"]),
+        ))
+        .await
+        .expect_err("no scanner");
+    assert_eq!(rescan.code(), Code::FailedPrecondition, "{rescan:?}");
+    assert!(
+        rescan.message().contains("STOWAGE_MEDIA__CLAMD_URL"),
+        "{rescan:?}"
+    );
     // Random bytes named .jpg promise an image the bytes do not hold: Media refuses them.
     let lying = upload(
         mesh.channel(),
