@@ -52,8 +52,10 @@ pub enum LocalError {
 /// the kernel gives outgoing connections their ports from: the port is free now but bound
 /// only later, by another process, and meanwhile any connection made on the machine could
 /// take a port of that range (seen in tests: a server failing on "Address already in use",
-/// its port then answered by someone else). Two callers can still pick the same port in that
-/// window; at random among some 20,000 that is rare.
+/// its port then answered by someone else). And reserved for this process's life against
+/// every other process picking ports this way (a lock on a file per port, see [`reserve`]):
+/// two test processes never pick the same port, and a server a test restarts on its port
+/// finds it still its own.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(port_held()?.local_addr()?.port())
 }
@@ -80,12 +82,46 @@ fn port_held() -> std::io::Result<TcpListener> {
             if port == 0 {
                 continue;
             }
-            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port))
+                && reserve(port)
+            {
                 return Ok(listener);
             }
         }
     }
     TcpListener::bind("127.0.0.1:0")
+}
+
+/// Locks of the ports this process picked, held until it exits (the kernel lets go of them
+/// then, however it ends).
+static RESERVED: std::sync::Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Reserves `port` for this process against others that pick ports with [`free_port`]: an
+/// exclusive lock on `{temp}/stowage-ports/{port}`. False when another process holds it (or
+/// the lock cannot be taken, which is taken as held).
+fn reserve(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("stowage-ports");
+    let file = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+    });
+    let Ok(file) = file else {
+        return false;
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => {
+            RESERVED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(held);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// The first port of the kernel's range for outgoing connections (Linux's default 32768).
@@ -455,4 +491,27 @@ async fn ping(addr: SocketAddr) -> bool {
     }
     let mut buf = [0u8; 7];
     stream.read_exact(&mut buf).await.is_ok() && (&buf == b"+PONG\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_port_picked_is_reserved_for_this_process() {
+        let port = super::free_port().expect("a port");
+        // Held already, by this process's own lock: not picked again, by it or another.
+        assert!(!super::reserve(port));
+        let more = super::free_ports(20).expect("ports");
+        assert!(!more.contains(&port));
+        let child = std::process::Command::new("flock")
+            .args(["--nonblock", "--exclusive"])
+            .arg(
+                std::env::temp_dir()
+                    .join("stowage-ports")
+                    .join(port.to_string()),
+            )
+            .arg("true")
+            .status()
+            .expect("flock(1)");
+        assert!(!child.success(), "another process took the lock of {port}");
+    }
 }
