@@ -775,8 +775,9 @@ fn state_dir() -> anyhow::Result<PathBuf> {
 /// succeeds: a file's own resume state goes with its completion, so the same command run
 /// again after a failure would otherwise store the files done before a second time. One
 /// record per set of files (as they are now), tags, server and user, under
-/// `$XDG_STATE_HOME/stowage/runs`, for as long as a session lives (a day); each line is a
-/// file's identity, the id it was stored under and what was printed for it.
+/// `$XDG_STATE_HOME/stowage/runs`; each line is a file's identity, the id it was stored under
+/// and what was printed for it. A file recorded there is skipped only while the server still
+/// holds it, out of the trash; records of runs never finished go after a month.
 pub struct UploadRun {
     state: PathBuf,
     done: Vec<Finished>,
@@ -791,8 +792,8 @@ struct Finished {
     line: String,
 }
 
-/// How long a run's record is taken to describe the same run: a session's life.
-const RUN_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Records of runs older than this (never finished) are removed.
+const RUN_RECORD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl UploadRun {
     /// The record of uploading `paths` with `tags`, with what an earlier run of the same
@@ -811,28 +812,30 @@ impl UploadRun {
             identities.join("\n"),
             tags.join("\n")
         )));
-        let state = state_dir()?.join("runs").join(&run[..32]);
-        let fresh = std::fs::metadata(&state)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|at| at.elapsed().ok())
-            .is_some_and(|age| age < RUN_RECORD_TTL);
-        let done = if fresh {
-            std::fs::read_to_string(&state)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| {
-                    let mut fields = l.splitn(3, '\t');
-                    Some(Finished {
-                        identity: fields.next()?.to_owned(),
-                        file_id: fields.next()?.to_owned(),
-                        line: fields.next()?.to_owned(),
-                    })
+        let runs = state_dir()?.join("runs");
+        for old in std::fs::read_dir(&runs).into_iter().flatten().flatten() {
+            let age = old
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|at| at.elapsed().ok());
+            if age.is_some_and(|age| age > RUN_RECORD_TTL) {
+                let _ = std::fs::remove_file(old.path());
+            }
+        }
+        let state = runs.join(&run[..32]);
+        let done = std::fs::read_to_string(&state)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut fields = l.splitn(3, '\t');
+                Some(Finished {
+                    identity: fields.next()?.to_owned(),
+                    file_id: fields.next()?.to_owned(),
+                    line: fields.next()?.to_owned(),
                 })
-                .collect()
-        } else {
-            Vec::new()
-        };
+            })
+            .collect();
         Ok(Self {
             state,
             done,

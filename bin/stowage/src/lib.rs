@@ -775,6 +775,7 @@ fn start_media(
             decode_slots: settings.concurrency,
             job_timeout: settings.job_timeout,
             rescan_window: settings.rescan_window,
+            rescan_interval: settings.rescan_interval,
         },
     ));
     let handler: Arc<dyn stowage_jobs::Handler> = media.clone();
@@ -783,31 +784,32 @@ fn start_media(
         HashMap::from([(stowage_media::PROCESS_JOB.to_owned(), handler)]),
     );
     background.spawn("media-worker", worker.run(background.shutdown().clone()));
+    // Re-scans in a worker of their own, one at a time: a wave of them after a signature
+    // update never holds new uploads back, nor takes all of clamd. Started with re-scans off
+    // too: jobs queued while they were on end (as no-ops) instead of standing due for ever.
+    let rescans = media.rescan_handler();
+    let rescan_queue = Queue::new(
+        pool.clone(),
+        database_url,
+        stowage_media::SCHEMA,
+        QueueConfig {
+            concurrency: 1,
+            ..queue.config().clone()
+        },
+    )
+    .context("STOWAGE_MEDIA__*: bad queue settings")?;
+    let rescan_worker = Worker::new(
+        rescan_queue,
+        HashMap::from([
+            (rescan::RESCAN_CHECK_JOB.to_owned(), rescans.clone()),
+            (rescan::RESCAN_JOB.to_owned(), rescans),
+        ]),
+    );
+    background.spawn(
+        "media-rescan-worker",
+        rescan_worker.run(background.shutdown().clone()),
+    );
     if media.rescans_on() {
-        // Re-scans in a worker of their own, one at a time: a wave of them after a signature
-        // update never holds new uploads back, nor takes all of clamd.
-        let rescans = media.rescan_handler();
-        let rescan_queue = Queue::new(
-            pool.clone(),
-            database_url,
-            stowage_media::SCHEMA,
-            QueueConfig {
-                concurrency: 1,
-                ..queue.config().clone()
-            },
-        )
-        .context("STOWAGE_MEDIA__*: bad queue settings")?;
-        let rescan_worker = Worker::new(
-            rescan_queue,
-            HashMap::from([
-                (rescan::RESCAN_CHECK_JOB.to_owned(), rescans.clone()),
-                (rescan::RESCAN_JOB.to_owned(), rescans),
-            ]),
-        );
-        background.spawn(
-            "media-rescan-worker",
-            rescan_worker.run(background.shutdown().clone()),
-        );
         // Shown from the start: an alert on their increase sees the first one.
         metrics::counter!("stowage_media_rescans_queued_total").increment(0);
         metrics::counter!("stowage_media_rescans_found_total").increment(0);

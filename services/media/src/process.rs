@@ -45,6 +45,8 @@ pub struct MediaSettings {
     /// Files uploaded this long ago or less are scanned again when the scanner's signatures
     /// change (see [`crate::rescan`]); zero: never.
     pub rescan_window: Duration,
+    /// How often re-scans are looked for.
+    pub rescan_interval: Duration,
 }
 
 /// Time a run keeps after its scan for the rest of its work and to record the verdict.

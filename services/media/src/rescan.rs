@@ -42,7 +42,8 @@ pub const RESCAN_JOB: &str = "media.rescan";
 /// Files queued per transaction of a check.
 const CHECK_PAGE: i64 = 1000;
 
-/// Most re-scans one check queues; the rest (the oldest files) wait for the next check.
+/// Most re-scans one check queues, and no more than fall due (at [`RESCAN_PACE`]) before the
+/// next; the rest (the oldest files) wait for the next check.
 const MAX_QUEUED_PER_CHECK: u64 = 50_000;
 
 /// Rows of files out of the window deleted per statement.
@@ -53,7 +54,8 @@ const PRUNE_BATCH: i64 = 10_000;
 const STALE_QUEUED: Duration = Duration::from_secs(24 * 3600);
 
 /// Time between two re-scans a check queues: at most ten a second fall due, which one
-/// worker per replica takes one at a time.
+/// worker per replica takes one at a time (slower scans fall behind: a backlog then says
+/// re-scans cannot keep up).
 pub const RESCAN_PACE: Duration = Duration::from_millis(100);
 
 impl Media {
@@ -95,10 +97,11 @@ impl Media {
                 break;
             }
         }
-        // Queued long ago and its job over (dead in a long scanner outage) or gone: again.
+        // Queued long ago, or asked for by an admin since, and its job over without a scan
+        // (dead in a long scanner outage) or gone: queued again.
         conn.execute_cached(
             "UPDATE media.scans s SET queued_at = NULL, job_key = NULL
-             WHERE queued_at < $1
+             WHERE (queued_at < $1 OR asked_at > queued_at)
                AND NOT EXISTS (SELECT 1 FROM media.jobs j WHERE j.key = s.job_key
                                  AND j.state IN ('queued', 'running', 'failed'))",
             &[&stale],
@@ -109,16 +112,19 @@ impl Media {
         let pace = chrono::Duration::from_std(RESCAN_PACE).unwrap_or_default();
         let mut queued: u64 = 0;
         let mut after: Option<(DateTime<Utc>, Uuid)> = None;
-        while queued < MAX_QUEUED_PER_CHECK {
+        // No more than fall due before the next check: waves do not pile up.
+        let most = (self.settings.rescan_interval.as_millis() / RESCAN_PACE.as_millis().max(1))
+            .clamp(1, u128::from(MAX_QUEUED_PER_CHECK)) as u64;
+        while queued < most {
             // A page at a time, each in a transaction: the jobs exist exactly when their rows
             // say so, and a check running beside this one takes other rows.
             let tx = conn.transaction().await.map_err(JobError::retry)?;
-            let (after_at, after_id) = after.unwrap_or((Utc::now(), Uuid::max()));
+            let (after_at, after_id) = (after.map(|a| a.0), after.map(|a| a.1));
             let due: Vec<(Uuid, DateTime<Utc>)> = tx
                 .query_cached(
                     "SELECT file_id, uploaded_at FROM media.scans
                      WHERE queued_at IS NULL AND uploaded_at >= $1
-                       AND (uploaded_at, file_id) < ($4, $5)
+                       AND ($4::timestamptz IS NULL OR (uploaded_at, file_id) < ($4, $5::uuid))
                        AND (coalesce(signatures, -1) < $2::bigint OR asked_at IS NOT NULL)
                      ORDER BY uploaded_at DESC, file_id DESC LIMIT $3
                      FOR UPDATE SKIP LOCKED",
@@ -172,7 +178,7 @@ impl Media {
     /// it has none); one quarantined or released by an admin leaves re-scans. Found now, the
     /// file goes back to processing and its processing job runs again: that run scans it
     /// and quarantines it.
-    async fn rescan(&self, file_id: Uuid) -> Result<(), JobError> {
+    async fn rescan(&self, file_id: Uuid, job_key: &str) -> Result<(), JobError> {
         let started = tokio::time::Instant::now();
         let Some(scanner) = &self.scanner else {
             return Ok(());
@@ -198,6 +204,18 @@ impl Media {
         let current = signature_version(&scanner.version().await.map_err(JobError::retry)?);
         let older = current.is_some_and(|current| signatures.unwrap_or(-1) < current);
         if !asked && !older {
+            // Free for the next check (this job's mark, not a later one's).
+            self.pool
+                .get()
+                .await
+                .map_err(JobError::retry)?
+                .execute_cached(
+                    "UPDATE media.scans SET queued_at = NULL, job_key = NULL
+                     WHERE file_id = $1 AND job_key = $2",
+                    &[&file_id, &job_key],
+                )
+                .await
+                .map_err(JobError::retry)?;
             return Ok(());
         }
         let file = match self.get_file(file_id).await? {
@@ -335,6 +353,6 @@ impl Handler for Rescans {
         if job.kind == RESCAN_CHECK_JOB {
             return self.0.queue_rescans().await.map(|_| ());
         }
-        self.0.rescan(payload_file_id(job)?).await
+        self.0.rescan(payload_file_id(job)?, &job.key).await
     }
 }

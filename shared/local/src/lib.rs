@@ -98,19 +98,27 @@ static RESERVED: std::sync::Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> =
     std::sync::Mutex::new(Vec::new());
 
 /// Reserves `port` for this process against others that pick ports with [`free_port`]: an
-/// exclusive lock on `{temp}/stowage-ports/{port}`. False when another process holds it (or
-/// the lock cannot be taken, which is taken as held).
+/// exclusive lock on `{temp}/stowage-ports/{port}` (a directory every user may write in, as
+/// the temp dir itself; a lock needs only reading). False when another process holds it; a
+/// lock that cannot be had at all (no such directory for us) reserves nothing and lets the
+/// port be taken as it is.
 fn reserve(port: u16) -> bool {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = std::env::temp_dir().join("stowage-ports");
-    let file = std::fs::create_dir_all(&dir).and_then(|()| {
+    if !dir.is_dir() && std::fs::create_dir(&dir).is_ok() {
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
+    }
+    let path = dir.join(port.to_string());
+    let file = std::fs::File::open(&path).or_else(|_| {
         std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(port.to_string()))
+            .mode(0o666)
+            .open(&path)
     });
     let Ok(file) = file else {
-        return false;
+        return true;
     };
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(held) => {
@@ -120,7 +128,8 @@ fn reserve(port: u16) -> bool {
                 .push(held);
             true
         }
-        Err(_) => false,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => false,
+        Err(_) => true,
     }
 }
 
@@ -500,10 +509,9 @@ mod tests {
         let port = super::free_port().expect("a port");
         // Held already, by this process's own lock: not picked again, by it or another.
         assert!(!super::reserve(port));
-        let more = super::free_ports(20).expect("ports");
-        assert!(!more.contains(&port));
+        // flock(1) exits with 75 when the lock is held (and only then).
         let child = std::process::Command::new("flock")
-            .args(["--nonblock", "--exclusive"])
+            .args(["--nonblock", "--exclusive", "--conflict-exit-code", "75"])
             .arg(
                 std::env::temp_dir()
                     .join("stowage-ports")
@@ -512,6 +520,10 @@ mod tests {
             .arg("true")
             .status()
             .expect("flock(1)");
-        assert!(!child.success(), "another process took the lock of {port}");
+        assert_eq!(
+            child.code(),
+            Some(75),
+            "another process took the lock of {port}"
+        );
     }
 }
