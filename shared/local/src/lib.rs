@@ -53,7 +53,7 @@ pub enum LocalError {
 /// only later, by another process, and meanwhile any connection made on the machine could
 /// take a port of that range (seen in tests: a server failing on "Address already in use",
 /// its port then answered by someone else). And reserved for this process's life against
-/// every other process picking ports this way (a lock on a file per port, see [`reserve`]):
+/// every other process picking ports this way (a lock on a file per port under the temp dir):
 /// two test processes never pick the same port, and a server a test restarts on its port
 /// finds it still its own.
 pub fn free_port() -> std::io::Result<u16> {
