@@ -48,16 +48,11 @@ impl Client {
         } else if !addr.starts_with("http://") {
             bail!("{addr}: give an http:// or https:// address");
         }
-        let channel = endpoint.connect().await.map_err(|e| {
-            // The cause (a certificate refused, a connection refused) is what a user acts on.
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                why = format!("{why}: {cause}");
-                source = cause.source();
-            }
-            anyhow::anyhow!("cannot reach Stowage at {addr} ({why})")
-        })?;
+        // Printed with its causes (a certificate refused, a connection refused).
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach Stowage at {addr}"))?;
         let scope = format!("{addr}\0{}", token_subject(token));
         let token = MetadataValue::try_from(format!("Bearer {token}"))
             .context("STOWAGE_TOKEN is not a valid token")?;

@@ -1039,6 +1039,9 @@ impl EventStreams {
             let stream: String = row.get(0);
             let old_names: Vec<String> = row.get(1);
             for name in std::iter::once(&stream).chain(&old_names) {
+                if std::time::Instant::now() > deadline {
+                    break;
+                }
                 // A stream that fails is counted, and the next one looked at.
                 if let Err(error) = self
                     .sweep_stray_name(&stream, name, cutoff, deadline, dry_run, &mut sweep)

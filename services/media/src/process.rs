@@ -78,16 +78,26 @@ impl std::fmt::Debug for Media {
     }
 }
 
-/// A scan of a stored file: the verdict, and what scanned it, as read before it began
-/// (empty when re-scans are off).
-pub(crate) struct Scanned {
-    pub(crate) verdict: Result<Verdict, ScanError>,
-    /// clamd's VERSION.
+/// What scans with, read before a scan begins (see [`Media::read_scanner`]).
+pub(crate) struct Seen {
+    /// clamd's VERSION; empty when re-scans are off.
     pub(crate) scanner: String,
-    /// The signature version in it.
-    pub(crate) signatures: Option<i64>,
-    /// When the scan began.
+    /// When the scan began, by the database's clock (which an admin's request for a re-scan
+    /// is stamped with).
     pub(crate) began: DateTime<Utc>,
+}
+
+impl Seen {
+    /// The signature version in [`Self::scanner`].
+    pub(crate) fn signatures(&self) -> Option<i64> {
+        crate::clamd::signature_version(&self.scanner)
+    }
+}
+
+/// A scanner that does not answer: counted, and the job tried again later.
+pub(crate) fn scanner_unavailable(error: ScanError) -> JobError {
+    metrics::counter!("stowage_media_scan_unavailable_total").increment(1);
+    JobError::retry(error)
 }
 
 /// How a run ends for the file.
@@ -351,10 +361,10 @@ impl Media {
             tracing::info!(%file_id, "released by an admin; not scanned again");
             return Ok(None);
         }
-        let scanned = self.scan_stored(scanner, file, started).await?;
-        let signature = match scanned.verdict {
+        let seen = self.read_scanner(scanner).await?;
+        let signature = match self.scan_stored(scanner, file, started).await? {
             Ok(Verdict::Clean) => {
-                self.record_clean_scan(file, file_id, &scanned).await?;
+                self.record_clean_scan(file, file_id, &seen).await?;
                 if released == Some(false) {
                     // Held by an earlier run, clean now (new signatures, a larger size limit):
                     // a row left held would list a file that is not quarantined.
@@ -375,10 +385,7 @@ impl Media {
             // Too big or malformed for the scanner: held back, an admin decides.
             Err(ScanError::Refused(why)) => format!("unscannable: {why}"),
             Err(error @ ScanError::Input(_)) => return Err(JobError::retry(error)),
-            Err(error @ ScanError::Unavailable(_)) => {
-                metrics::counter!("stowage_media_scan_unavailable_total").increment(1);
-                return Err(JobError::retry(error));
-            }
+            Err(error @ ScanError::Unavailable(_)) => return Err(scanner_unavailable(error)),
         };
         let conn = self.pool.get().await.map_err(JobError::retry)?;
         conn.execute_cached(
@@ -409,37 +416,37 @@ impl Media {
             .map(|row| row.get(0)))
     }
 
+    /// What `scanner` scans with now, read before a scan (when re-scans are on): signatures
+    /// that change during the scan make it look older, never newer.
+    pub(crate) async fn read_scanner(&self, scanner: &Clamd) -> Result<Seen, JobError> {
+        if self.settings.rescan_window.is_zero() {
+            return Ok(Seen {
+                scanner: String::new(),
+                began: Utc::now(),
+            });
+        }
+        let began: DateTime<Utc> = self
+            .pool
+            .get()
+            .await
+            .map_err(JobError::retry)?
+            .query_one_cached("SELECT now()", &[])
+            .await
+            .map_err(JobError::retry)?
+            .get(0);
+        let scanner = scanner.version().await.map_err(scanner_unavailable)?;
+        Ok(Seen { scanner, began })
+    }
+
     /// Streams the stored `file` to `scanner` within what is left of the run's time. A file
     /// too large to scan in that time is refused (held for an admin) instead of being cut
-    /// off and retried until its job is dead. When re-scans are on, the scanner's version is
-    /// read first: signatures that change during the scan make it look older, never newer.
+    /// off and retried until its job is dead.
     pub(crate) async fn scan_stored(
         &self,
         scanner: &Clamd,
         file: &pb::File,
         started: tokio::time::Instant,
-    ) -> Result<Scanned, JobError> {
-        let (began, version) = if self.settings.rescan_window.is_zero() {
-            (Utc::now(), String::new())
-        } else {
-            // The database's clock, which an admin's request for a re-scan is stamped with.
-            let began: DateTime<Utc> = self
-                .pool
-                .get()
-                .await
-                .map_err(JobError::retry)?
-                .query_one_cached("SELECT now()", &[])
-                .await
-                .map_err(JobError::retry)?
-                .get(0);
-            match scanner.version().await {
-                Ok(version) => (began, version),
-                Err(error) => {
-                    metrics::counter!("stowage_media_scan_unavailable_total").increment(1);
-                    return Err(JobError::retry(error));
-                }
-            }
-        };
+    ) -> Result<Result<Verdict, ScanError>, JobError> {
         let source = self
             .store
             .get(&ObjectPath::from(file.storage_key.as_str()))
@@ -452,21 +459,16 @@ impl Media {
             .job_timeout
             .saturating_sub(started.elapsed())
             .saturating_sub(AFTER_SCAN);
-        Ok(Scanned {
-            verdict: scanner.scan_within(reader, file.size_bytes, left).await,
-            signatures: crate::clamd::signature_version(&version),
-            scanner: version,
-            began,
-        })
+        Ok(scanner.scan_within(reader, file.size_bytes, left).await)
     }
 
-    /// Records that `file` scanned clean (see [`Scanned`]), for re-scans: an admin's request
-    /// made after the scan began stays, and so the file is scanned again.
+    /// Records that `file` scanned clean with what `seen` says, for re-scans: an admin's
+    /// request made after the scan began stays, and so the file is scanned again.
     pub(crate) async fn record_clean_scan(
         &self,
         file: &pb::File,
         file_id: Uuid,
-        scanned: &Scanned,
+        seen: &Seen,
     ) -> Result<(), JobError> {
         let uploaded_at = created_at(file);
         let window = chrono::Duration::from_std(self.settings.rescan_window).unwrap_or_default();
@@ -487,9 +489,9 @@ impl Media {
                 &[
                     &file_id,
                     &uploaded_at,
-                    &scanned.scanner,
-                    &scanned.signatures,
-                    &scanned.began,
+                    &seen.scanner,
+                    &seen.signatures(),
+                    &seen.began,
                 ],
             )
             .await

@@ -28,7 +28,7 @@ use crate::{
     clamd::{ScanError, Verdict, signature_version},
     error::{Error, Result},
     grpc::delete_outcome,
-    process::{payload_file_id, retry_status},
+    process::{payload_file_id, retry_status, scanner_unavailable},
 };
 
 /// Name of the schedule that looks for files to scan again.
@@ -79,7 +79,7 @@ impl Media {
         let Some(scanner) = self.scanner.as_ref().filter(|_| self.rescans_on()) else {
             return Ok(0);
         };
-        let version = scanner.version().await.map_err(JobError::retry)?;
+        let version = scanner.version().await.map_err(scanner_unavailable)?;
         let current = signature_version(&version);
         let window_start = self.window_start();
         let stale = Utc::now() - chrono::Duration::from_std(STALE_QUEUED).unwrap_or_default();
@@ -201,8 +201,10 @@ impl Media {
             return Ok(());
         };
         let (signatures, asked): (Option<i64>, bool) = (row.get(0), row.get(1));
-        let current = signature_version(&scanner.version().await.map_err(JobError::retry)?);
-        let older = current.is_some_and(|current| signatures.unwrap_or(-1) < current);
+        let seen = self.read_scanner(scanner).await?;
+        let older = seen
+            .signatures()
+            .is_some_and(|current| signatures.unwrap_or(-1) < current);
         if !asked && !older {
             // Free for the next check (this job's mark, not a later one's).
             self.pool
@@ -235,9 +237,8 @@ impl Media {
                 return self.forget_scan(file_id).await;
             }
         }
-        let scanned = self.scan_stored(scanner, &file, started).await?;
-        match scanned.verdict {
-            Ok(Verdict::Clean) => self.record_clean_scan(&file, file_id, &scanned).await,
+        match self.scan_stored(scanner, &file, started).await? {
+            Ok(Verdict::Clean) => self.record_clean_scan(&file, file_id, &seen).await,
             Ok(Verdict::Infected(signature)) => {
                 tracing::warn!(%file_id, owner = %file.owner_id, signature, "a file that scanned clean is found by the scanner's new signatures; processed again to quarantine it");
                 metrics::counter!("stowage_media_rescans_found_total").increment(1);
@@ -272,17 +273,14 @@ impl Media {
                              queued_at = NULL, job_key = NULL,
                              asked_at = CASE WHEN asked_at < $3 THEN NULL ELSE asked_at END
                          WHERE file_id = $1",
-                        &[&file_id, &scanned.signatures, &scanned.began],
+                        &[&file_id, &seen.signatures(), &seen.began],
                     )
                     .await
                     .map_err(JobError::retry)?;
                 Ok(())
             }
             Err(error @ ScanError::Input(_)) => Err(JobError::retry(error)),
-            Err(error @ ScanError::Unavailable(_)) => {
-                metrics::counter!("stowage_media_scan_unavailable_total").increment(1);
-                Err(JobError::retry(error))
-            }
+            Err(error @ ScanError::Unavailable(_)) => Err(scanner_unavailable(error)),
         }
     }
 

@@ -73,15 +73,13 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
 
 /// A listener on a port picked as [`free_port`] says.
 fn port_held() -> std::io::Result<TcpListener> {
-    const LOWEST: u32 = 10_000;
+    const LOWEST: u16 = 10_000;
     let below = ephemeral_ports_start();
     if below > LOWEST + 1_000 {
         for _ in 0..64 {
-            let pick = uuid::Uuid::new_v4().as_u128() % u128::from(below - LOWEST);
-            let port = u16::try_from(u128::from(LOWEST) + pick).unwrap_or(0);
-            if port == 0 {
-                continue;
-            }
+            // Below `below - LOWEST`, itself a u16: the cast keeps every bit.
+            let pick = (uuid::Uuid::new_v4().as_u128() % u128::from(below - LOWEST)) as u16;
+            let port = LOWEST + pick;
             if let Ok(listener) = TcpListener::bind(("127.0.0.1", port))
                 && reserve(port)
             {
@@ -134,12 +132,15 @@ fn reserve(port: u16) -> bool {
 }
 
 /// The first port of the kernel's range for outgoing connections (Linux's default 32768).
-fn ephemeral_ports_start() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768)
-        .min(u32::from(u16::MAX))
+fn ephemeral_ports_start() -> u16 {
+    // Read once: free_ports picks several in a row.
+    static START: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *START.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768)
+    })
 }
 
 fn on_path(binary: &str) -> bool {

@@ -294,17 +294,9 @@ fn config_text(dir: &Path, port: u16) -> String {
 }
 
 async fn ping(port: u16) -> bool {
-    let exchange = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        stream.write_all(b"zPING\0").await.ok()?;
-        let mut reply = [0u8; 5];
-        stream.read_exact(&mut reply).await.ok()?;
-        Some(reply)
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), exchange).await,
-        Ok(Some(reply)) if &reply == b"PONG\0"
-    )
+    exchange(port, b"zPING\0")
+        .await
+        .is_ok_and(|reply| reply == "PONG")
 }
 
 #[cfg(test)]
