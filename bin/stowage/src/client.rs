@@ -179,11 +179,7 @@ impl Client {
                     .context("server sent no session")?;
                 if let Err(e) = remember(&state, &created.id) {
                     // Not resumable: its hold is given back now, not at its expiry.
-                    let _ = ingest
-                        .abort_upload(self.request(pb::AbortUploadRequest {
-                            upload_id: created.id.clone(),
-                        }))
-                        .await;
+                    self.abort(&created.id).await;
                     return Err(e);
                 }
                 created
@@ -311,11 +307,7 @@ impl Client {
             Err(s) if refuses_field(&s, "metadata.expected_sha256") => {
                 // The bytes sent before and after an interruption are of two versions of the
                 // file. Nothing of it is kept: the next run starts over.
-                let _ = ingest
-                    .abort_upload(self.request(pb::AbortUploadRequest {
-                        upload_id: session.id.clone(),
-                    }))
-                    .await;
+                self.abort(&session.id).await;
                 let _ = std::fs::remove_file(&state);
                 anyhow::bail!(
                     "{} changed while it was being uploaded; nothing was kept, run the same \
@@ -329,6 +321,34 @@ impl Client {
         done(&file)?;
         let _ = std::fs::remove_file(&state);
         Ok(file)
+    }
+
+    /// Ends session `id`, giving its hold back, as best it can: a refusal that may pass (the
+    /// session busy with a stream the server has not yet seen end, a rate limit, the server
+    /// unreachable for a moment) is asked again a few times, as a write is; left ended or
+    /// not, the session's expiry gives the hold back at last.
+    async fn abort(&self, id: &str) {
+        let mut ingest = IngestClient::new(self.channel.clone());
+        for held in 1..=HELD_RETRIES {
+            let aborted = ingest
+                .abort_upload(self.request(pb::AbortUploadRequest {
+                    upload_id: id.to_owned(),
+                }))
+                .await;
+            match aborted {
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Aborted
+                            | tonic::Code::Unavailable
+                            | tonic::Code::ResourceExhausted
+                    ) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * held)).await;
+                }
+                _ => return,
+            }
+        }
     }
 
     /// Whether `file_id` is still one of the caller's files, out of the trash.
